@@ -1,0 +1,125 @@
+"""Checkpoint -> ONNX (-> TensorRT) -> model repository, with the spec that describes it all.
+
+    from sdtrt.export import export_model
+    spec = export_model("models/default", "repos/default")
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sdtrt.export.checkpoint import Checkpoint, load_checkpoint
+from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, UNET_BATCH, descriptors, dim_ranges
+from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
+from sdtrt.errors import UsageError
+from sdtrt.request import request_fields
+from sdtrt.spec import ComponentSpec, ModelSpec
+
+log = logging.getLogger("sdtrt.export")
+
+TOKENIZER_DIR = "tokenizer/1/clip_tokenizer"
+
+
+def onnx_path(component: str) -> str:
+    """Where a component's ONNX lives in the repository: Triton's <model>/<version>/model.onnx layout."""
+    return f"{component}/1/model.onnx"
+
+
+def export_model(
+    model: str | Path,
+    out: str | Path,
+    *,
+    config: str | Path | None = None,
+    max_batch: int = 4,
+    min_size: int = 64,
+    max_size: int = 1024,
+    max_chunks: int = 3,
+    progress: bool = True,
+    report=print,
+) -> ModelSpec:
+    """Export every network of ``model`` to ONNX under ``out`` and write the spec; returns the spec."""
+    ckpt = load_checkpoint(model, config)
+    pipe = ckpt.pipe
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    native = int(pipe.unet.config.sample_size) * factor
+    if min_size % factor or max_size % factor or not 0 < min_size <= native <= max_size:
+        raise UsageError(
+            f"--min-size {min_size} / --max-size {max_size} must be multiples of {factor} around the model's "
+            f"native size {native}"
+        )
+    if max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {max_batch}")
+    text_max_length = int(pipe.tokenizer.model_max_length)
+    if text_max_length > 10_000:  # a tokenizer folder without model_max_length: CLIP's window is the text model's
+        text_max_length = int(pipe.text_encoder.config.max_position_embeddings)
+    dims = dim_ranges(max_batch=max_batch, min_size=min_size, native_size=native, max_size=max_size,
+                      vae_scale_factor=factor, text_max_length=text_max_length, max_chunks=max_chunks)
+
+    repo = Path(out)
+    repo.mkdir(parents=True, exist_ok=True)
+    # Verify at the smallest sizes (fast even for SD-sized weights) and at an odd, non-square, 2-chunk shape.
+    lo_h, lo_w = dims[LATENT_H].min, dims[LATENT_W].min
+    check_dims = [
+        {BATCH: 1, UNET_BATCH: 2, LATENT_H: lo_h, LATENT_W: lo_w + 1, CONTEXT: text_max_length},
+        {BATCH: 2, UNET_BATCH: 3, LATENT_H: lo_h + 2, LATENT_W: lo_w,
+         CONTEXT: min(2 * text_max_length, dims[CONTEXT].max)},
+    ]
+    components = {}
+    descs = descriptors(pipe, text_max_length)
+    bar = tqdm(total=3 * len(descs), desc="export", unit="stage", disable=not progress)
+    for desc in descs:
+        path = repo / onnx_path(desc.name)
+        bar.set_postfix_str(f"{desc.name}: torch -> ONNX")
+        export_onnx(desc, path)
+        bar.update()
+        bar.set_postfix_str(f"{desc.name}: onnx.checker")
+        check_onnx(path)
+        bar.update()
+        bar.set_postfix_str(f"{desc.name}: onnxruntime vs torch")
+        err = verify_onnx(desc, path, check_dims)
+        bar.update()
+        report(f"{desc.name}: {path} (opset {OPSET}); onnxruntime vs torch max abs error {err:.2e}")
+        components[desc.name] = ComponentSpec(desc.name, onnx_path(desc.name), OPSET, desc.inputs, desc.outputs)
+    bar.close()
+
+    pipe.tokenizer.save_pretrained(str(repo / TOKENIZER_DIR))
+    spec = build_spec(ckpt, components, dims, factor, native, min_size, max_size, max_batch, text_max_length)
+    path = spec.save(repo)
+    report(f"spec: {path}")
+    return spec
+
+
+def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max_size, max_batch, text_max_length) -> ModelSpec:
+    pipe = ckpt.pipe
+    return ModelSpec(
+        model_name=ckpt.name,
+        source=ckpt.source,
+        source_hash=ckpt.sha256,
+        latent_channels=int(pipe.unet.config.in_channels),
+        vae_scale_factor=factor,
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
+        scheduler_config=_jsonable(dict(pipe.scheduler.config)),
+        tokenizer=TOKENIZER_DIR,
+        text_max_length=text_max_length,
+        text_hidden_size=int(pipe.text_encoder.config.hidden_size),
+        dims=dims,
+        components=components,
+        request=request_fields(native, min_size, max_size, factor, max_batch),
+    )
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+__all__ = ["export_model", "load_checkpoint", "onnx_path"]

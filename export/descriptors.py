@@ -1,0 +1,141 @@
+"""Model descriptors: for each exported network, its torch wrapper, tensor names, dtypes and dynamic dims.
+
+As in TensorRT's demo/Diffusion, these are kept apart from the code that runs engines and from the
+pipeline: the exporter turns them into ONNX files and into the spec, and everything downstream reads
+the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from sdtrt.spec import DimRange, TensorSpec
+
+# Dynamic dimension names, shared by every descriptor (their ranges live in the spec's "dims").
+BATCH = "batch"  # images in a request (text encoder rows, VAE batch)
+UNET_BATCH = "unet_batch"  # U-Net rows: 2x images with guidance (uncond + cond), from several requests when batched
+LATENT_H = "latent_height"
+LATENT_W = "latent_width"
+CONTEXT = "context_length"  # text positions seen by the U-Net: 77 per 75-token prompt chunk
+
+OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6+ and onnxruntime 1.14+ parse it
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    name: str
+    module: torch.nn.Module
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    make_inputs: Callable[[dict[str, int]], tuple[torch.Tensor, ...]]  # sample inputs for given dim sizes
+    trace_dims: dict[str, int]  # the sizes the exporter traces at (see UNet: odd latent sizes on purpose)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*self.inputs, *self.outputs)
+        }
+
+
+class TextEncoder(torch.nn.Module):
+    """CLIP text model: int32 token ids (TensorRT-friendly) -> last hidden state."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.long(), return_dict=False)[0]
+
+
+class UNet(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoder(torch.nn.Module):
+    """Scaled latents in, images in [-1, 1] out (the 1/scaling_factor is applied by the pipeline, as in diffusers)."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+def dim_ranges(
+    *, max_batch: int, min_size: int, native_size: int, max_size: int, vae_scale_factor: int, text_max_length: int, max_chunks: int
+) -> dict[str, DimRange]:
+    """Optimisation-profile ranges (and request limits) of every dynamic dim, from the model's size limits."""
+    f = vae_scale_factor
+    return {
+        BATCH: DimRange(1, 1, max_batch),
+        UNET_BATCH: DimRange(1, 2, 2 * max_batch),
+        LATENT_H: DimRange(min_size // f, native_size // f, max_size // f),
+        LATENT_W: DimRange(min_size // f, native_size // f, max_size // f),
+        CONTEXT: DimRange(text_max_length, text_max_length, text_max_length * max_chunks),
+    }
+
+
+def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
+    """The networks of a StableDiffusionPipeline, in pipeline order."""
+    latent_channels = pipe.unet.config.in_channels
+    hidden = pipe.text_encoder.config.hidden_size
+    cross = pipe.unet.config.cross_attention_dim
+    vocab = pipe.text_encoder.config.vocab_size
+    out_channels = pipe.vae.config.out_channels
+
+    def text_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        return (torch.randint(0, vocab, (d[BATCH], text_max_length), dtype=torch.int32),)
+
+    def unet_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        n = d[UNET_BATCH]
+        return (
+            torch.randn(n, latent_channels, d[LATENT_H], d[LATENT_W]),
+            torch.rand(n) * 999.0,
+            torch.randn(n, d[CONTEXT], cross),
+        )
+
+    def vae_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(d[BATCH], latent_channels, d[LATENT_H], d[LATENT_W]),)
+
+    return [
+        Descriptor(
+            name="text_encoder",
+            module=TextEncoder(pipe.text_encoder),
+            inputs=(TensorSpec("input_ids", "int32", (BATCH, text_max_length)),),
+            outputs=(TensorSpec("text_embeddings", "float32", (BATCH, text_max_length, hidden)),),
+            make_inputs=text_inputs,
+            trace_dims={BATCH: 2},
+        ),
+        Descriptor(
+            name="unet",
+            module=UNet(pipe.unet),
+            inputs=(
+                TensorSpec("sample", "float32", (UNET_BATCH, latent_channels, LATENT_H, LATENT_W)),
+                TensorSpec("timestep", "float32", (UNET_BATCH,)),
+                TensorSpec("encoder_hidden_states", "float32", (UNET_BATCH, CONTEXT, cross)),
+            ),
+            outputs=(TensorSpec("noise_pred", "float32", (UNET_BATCH, latent_channels, LATENT_H, LATENT_W)),),
+            make_inputs=unet_inputs,
+            # diffusers' U-Net picks its upsampling code in Python from the traced size: at sizes its down/up path
+            # divides evenly it bakes in "x2", which breaks other sizes. Tracing at odd sizes records the general
+            # path (upsample to the skip connection's size), so the ONNX accepts every multiple of 8 pixels.
+            trace_dims={UNET_BATCH: 2, LATENT_H: 9, LATENT_W: 11, CONTEXT: text_max_length},
+        ),
+        Descriptor(
+            name="vae_decoder",
+            module=VaeDecoder(pipe.vae),
+            inputs=(TensorSpec("latent", "float32", (BATCH, latent_channels, LATENT_H, LATENT_W)),),
+            outputs=(TensorSpec("images", "float32", (BATCH, out_channels, "image_height", "image_width")),),
+            make_inputs=vae_inputs,
+            trace_dims={BATCH: 1, LATENT_H: 8, LATENT_W: 8},
+        ),
+    ]

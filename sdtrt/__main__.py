@@ -1,0 +1,3 @@
+from sdtrt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""The embedded default model: a small Stable-Diffusion-shaped diffusers pipeline built offline.
+
+Same architecture family and wiring as SD 1.x (CLIP text model with CLIP's real tokenizer, a cross-attention
+U-Net with 4 latent channels, a 4-level VAE so 8 pixels per latent cell, SD 1.x's scheduler config), but tiny
+and randomly initialised from a fixed seed, so that it builds in a second, byte-identically every time, and
+a 64x64 image takes well under a second on two CPU cores. It draws abstract patterns, not pictures: use a
+real checkpoint (`sdtrt export path/to/model`) for those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from sdtrt.clip_vocab import write_clip_tokenizer
+
+SEED = 20241125
+
+# SD 1.x's scheduler config (PNDM, scaled-linear betas), as shipped with the v1-5 checkpoint.
+SD1_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    clip_sample=False,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=77,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+UNET_CONFIG = dict(
+    sample_size=64,  # latent cells, so 512 px native, like SD 1.x
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
+VAE_CONFIG = dict(
+    sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(32, 32, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    scaling_factor=0.18215,
+)
+
+
+def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None) -> Path:
+    """Write the default model as an ordinary diffusers folder and return its path."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    write_clip_tokenizer(out / "tokenizer", clip_bpe)
+    tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+
+    # Each component gets its own fixed seed so that changing one config leaves the others' weights alone.
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
+    torch.manual_seed(SEED + 1)
+    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    torch.manual_seed(SEED + 2)
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(SD1_SCHEDULER),  # from_config keeps clip_sample for DDIM
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def weights_digest(model_dir: str | Path) -> dict[str, str]:
+    """sha256 of every weight file in a diffusers folder, by relative path (for reproducibility checks)."""
+    root = Path(model_dir)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.safetensors"))
+    }

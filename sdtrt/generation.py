@@ -1,0 +1,37 @@
+"""What a txt2img run gives back, and the infotext that describes each image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdtrt.infotext import build_infotext
+from sdtrt.request import Txt2ImgRequest
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # [N, H, W, 3] uint8
+    seeds: list[int]  # seed of each image (request seed + i)
+    infotexts: list[str]  # AUTOMATIC1111 infotext of each image
+
+
+def infotexts(request: Txt2ImgRequest, seeds: list[int], model_name: str, model_hash: str) -> list[str]:
+    """One infotext per image, with that image's own seed (as A1111 writes them)."""
+    return [
+        build_infotext(
+            request.prompt,
+            request.negative_prompt,
+            {
+                "Steps": request.steps,
+                "Sampler": request.sampler,
+                "CFG scale": request.guidance_scale,
+                "Seed": seed,
+                "Size": f"{request.width}x{request.height}",
+                "Model hash": model_hash,
+                "Model": model_name,
+            },
+        )
+        for seed in seeds
+    ]

@@ -1,0 +1,81 @@
+"""The in-process reference runner: txt2img from an exported repository with onnxruntime, no server.
+
+It runs the same steps, in the same order, as the served pipeline (tokenizer -> text encoder -> scheduler
+loop with the U-Net -> VAE decoder -> postprocess), so served images can be checked against it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sdtrt.denoise import denoise, prepare_latents
+from sdtrt.generation import Generation, infotexts
+from sdtrt.images import to_uint8
+from sdtrt.request import Txt2ImgRequest, validate
+from sdtrt.samplers import make_scheduler
+from sdtrt.seeds import image_seeds, initial_noise, make_generators, resolve_seed
+from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
+from sdtrt.text import load_tokenizer, tokenize
+
+
+class OnnxNetwork:
+    """One exported network in an onnxruntime session, fed and read by the spec's tensor names."""
+
+    def __init__(self, repo: Path, component: ComponentSpec, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.component = component
+        self.session = ort.InferenceSession(str(repo / component.onnx), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        feed = {}
+        for spec, array in zip(self.component.inputs, arrays):
+            feed[spec.name] = np.ascontiguousarray(array, dtype=spec.dtype)
+        return self.session.run([self.component.outputs[0].name], feed)[0]
+
+
+class LocalPipeline:
+    def __init__(self, repo_dir: str | Path, threads: int = 0):
+        self.repo = Path(repo_dir)
+        self.spec: ModelSpec = load_spec(self.repo)
+        self.tokenizer = load_tokenizer(self.repo / self.spec.tokenizer, self.spec.text_max_length)
+        self.text_encoder = OnnxNetwork(self.repo, self.spec.component("text_encoder"), threads)
+        self.unet_net = OnnxNetwork(self.repo, self.spec.component("unet"), threads)
+        self.vae_decoder = OnnxNetwork(self.repo, self.spec.component("vae_decoder"), threads)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids = tokenize(self.tokenizer, prompts, self.spec.text_max_length)
+        return torch.from_numpy(self.text_encoder(ids))
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.unet_net(sample.numpy(), timestep.numpy(), context.numpy()))
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self.vae_decoder((latents / self.spec.vae_scaling_factor).numpy()))
+
+    def txt2img(self, request: Txt2ImgRequest, on_step: Callable[[int, int], None] | None = None) -> Generation:
+        request = validate(request, self.spec)
+        seed = resolve_seed(request.seed)
+        request = Txt2ImgRequest(**{**request.as_dict(), "seed": seed})
+        seeds = image_seeds(seed, request.batch_size)
+        generators = make_generators(seeds)
+
+        n = request.batch_size
+        cond, uncond = self.encode_text([request.prompt, request.negative_prompt]).split(1)
+        guided = request.guidance_scale > 1.0
+        context = torch.cat([uncond] * n + [cond] * n) if guided else torch.cat([cond] * n)
+
+        f = self.spec.vae_scale_factor
+        scheduler = make_scheduler(request.sampler, self.spec.scheduler_config)
+        noise = initial_noise(generators, self.spec.latent_channels, request.height // f, request.width // f)
+        latents = prepare_latents(scheduler, noise, request.steps)
+        latents = denoise(scheduler, self.unet, latents, context, request.guidance_scale, generators, on_step)
+
+        images = self.decode(latents)
+        return Generation(images, seeds, infotexts(request, seeds, self.spec.model_name, self.spec.model_hash))

@@ -1,0 +1,197 @@
+"""The model spec: the one file that records every fact about an exported model.
+
+`sdtrt export` writes it (``sdtrt_spec.json`` at the root of the model repository) and every
+later reader -- the reference runner, the Triton config generator, the server models, the client
+and the tests -- loads it with :func:`load_spec` instead of restating tensor names, shapes, dtypes,
+latent geometry or request limits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from sdtrt.errors import UsageError
+
+SPEC_FILENAME = "sdtrt_spec.json"
+SPEC_VERSION = 1
+
+# A dimension is either a fixed size or the name of a dynamic dimension listed in ModelSpec.dims.
+DimValue = Union[int, str]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int32", ...
+    shape: tuple[DimValue, ...]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TensorSpec":
+        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """Optimisation-profile range of one dynamic dimension (also the limit enforced on requests)."""
+
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One exported network (text encoder, U-Net, VAE decoder) and its I/O signature."""
+
+    name: str
+    onnx: str  # path relative to the repository root
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, f"{self.name} input")
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, f"{self.name} output")
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> "ComponentSpec":
+        return cls(
+            name=name,
+            onnx=data["onnx"],
+            opset=data["opset"],
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One request field: its wire dtype, default and allowed values."""
+
+    name: str
+    dtype: str  # "string", "int64", "int32", "float32"
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    multiple_of: int | None = None
+    choices: tuple[str, ...] | None = None
+
+    def allowed(self) -> str:
+        """Human-readable description of the allowed values, used in every error message."""
+        if self.choices is not None:
+            return "one of: " + ", ".join(repr(c) for c in self.choices)
+        parts = []
+        if self.multiple_of:
+            parts.append(f"a multiple of {self.multiple_of}")
+        if self.minimum is not None and self.maximum is not None:
+            parts.append(f"from {_num(self.minimum)} to {_num(self.maximum)}")
+        elif self.minimum is not None:
+            parts.append(f">= {_num(self.minimum)}")
+        elif self.maximum is not None:
+            parts.append(f"<= {_num(self.maximum)}")
+        kind = "an integer" if self.dtype.startswith("int") else "a number" if self.dtype.startswith("float") else "text"
+        return " ".join([kind] + parts)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "FieldSpec":
+        data = dict(data)
+        if data.get("choices") is not None:
+            data["choices"] = tuple(data["choices"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_name: str
+    source: str
+    source_hash: str  # sha256 hex of the checkpoint (A1111's "Model hash" is its first 10 characters)
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent cell
+    vae_scaling_factor: float  # latents are divided by this before decoding
+    prediction_type: str
+    scheduler_config: dict[str, Any]
+    tokenizer: str  # tokenizer folder, relative to the repository root
+    text_max_length: int  # token ids per CLIP chunk (77 for SD)
+    text_hidden_size: int
+    dims: dict[str, DimRange]
+    components: dict[str, ComponentSpec]
+    request: dict[str, FieldSpec]
+    spec_version: int = SPEC_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_hash(self) -> str:
+        return self.source_hash[:10]
+
+    def component(self, name: str) -> ComponentSpec:
+        try:
+            return self.components[name]
+        except KeyError:
+            raise UsageError(f"the spec has no component {name!r}; it has {sorted(self.components)}") from None
+
+    def field(self, name: str) -> FieldSpec:
+        try:
+            return self.request[name]
+        except KeyError:
+            raise UsageError(f"the spec has no request field {name!r}; it has {sorted(self.request)}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["components"] = {
+            name: {k: v for k, v in asdict(c).items() if k != "name"} for name, c in self.components.items()
+        }
+        data["request"] = [asdict(f) for f in self.request.values()]
+        return data
+
+    def save(self, repo_dir: Path) -> Path:
+        path = Path(repo_dir) / SPEC_FILENAME
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ModelSpec":
+        data = dict(data)
+        if data.get("spec_version") != SPEC_VERSION:
+            raise UsageError(
+                f"spec_version {data.get('spec_version')!r} is not supported (this sdtrt reads {SPEC_VERSION}); "
+                "re-run `sdtrt export` with this version of sdtrt"
+            )
+        data["dims"] = {k: DimRange(**v) for k, v in data["dims"].items()}
+        data["components"] = {k: ComponentSpec.from_json(k, v) for k, v in data["components"].items()}
+        data["request"] = {f["name"]: FieldSpec.from_json(f) for f in data["request"]}
+        return cls(**data)
+
+
+def load_spec(repo_dir: str | Path) -> ModelSpec:
+    """Read the spec of an exported model repository, with an error that says how to make one."""
+    repo = Path(repo_dir)
+    if not repo.is_dir():
+        raise UsageError(f"REPO_DIR {str(repo)!r} does not exist; create it with `sdtrt export MODEL_DIR --out {repo}`")
+    path = repo / SPEC_FILENAME
+    if not path.is_file():
+        raise UsageError(
+            f"REPO_DIR {str(repo)!r} has no {SPEC_FILENAME}: it is not an sdtrt export. "
+            f"Run `sdtrt export MODEL_DIR --out {repo}` first"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); re-run `sdtrt export`") from None
+    return ModelSpec.from_json(data)
+
+
+def _by_name(tensors: tuple[TensorSpec, ...], name: str, what: str) -> TensorSpec:
+    for t in tensors:
+        if t.name == name:
+            return t
+    raise UsageError(f"no {what} named {name!r}; known: {[t.name for t in tensors]}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)

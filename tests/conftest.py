@@ -1,0 +1,44 @@
+"""Shared fixtures: the default model and its export are built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory) -> Path:
+    from sdtrt.default_model import build_default_model
+
+    return build_default_model(tmp_path_factory.mktemp("models") / "default")
+
+
+@pytest.fixture(scope="session")
+def exported_repo(default_model, tmp_path_factory) -> Path:
+    from sdtrt.export import export_model
+
+    out = tmp_path_factory.mktemp("repos") / "default"
+    export_model(default_model, out, progress=False, report=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipe(default_model):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def local_pipeline(exported_repo):
+    from sdtrt.local import LocalPipeline
+
+    return LocalPipeline(exported_repo)

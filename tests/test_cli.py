@@ -1,0 +1,101 @@
+"""The sdtrt command line: help, the PNG it writes, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from sdtrt.cli import main
+from sdtrt.infotext import parse_infotext
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "sdtrt", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("init-default", "export", "txt2img", "samplers"):
+        assert command in result.stdout
+
+
+def test_txt2img_help_documents_every_field_with_range_and_default():
+    result = subprocess.run([sys.executable, "-m", "sdtrt", "txt2img", "--help"], capture_output=True, text=True)
+    text = " ".join(result.stdout.split())
+    assert "from 1 to 150 (default: 20)" in text
+    assert "a multiple of 8 from 64 to 1024 (default: the model's native size)" in text
+    assert "--cfg-scale" in text and "--negative-prompt" in text and "--batch-size" in text
+
+
+def test_txt2img_writes_numbered_pngs_with_infotext(capsys, exported_repo, tmp_path):
+    args = ["txt2img", "a red fox", "--negative-prompt", "blurry, dark", "--steps", "5", "--sampler", "DPM++ 2M Karras",
+            "--cfg-scale", "6.5", "--seed", "42", "--width", "64", "--height", "96", "--batch-size", "2",
+            "--local", str(exported_repo), "--out", str(tmp_path)]
+    code, out, _ = run(capsys, *args)
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00001-42.png", "00002-43.png"]
+    with Image.open(tmp_path / "00002-43.png") as im:
+        assert im.size == (64, 96)
+        prompt, negative, params = parse_infotext(im.info["parameters"])
+    assert (prompt, negative) == ("a red fox", "blurry, dark")
+    assert params["Steps"] == "5" and params["Sampler"] == "DPM++ 2M Karras" and params["CFG scale"] == "6.5"
+    assert params["Seed"] == "43" and params["Size"] == "64x96" and params["Model"] == "default"
+    assert len(params["Model hash"]) == 10
+    code, _, _ = run(capsys, *args)  # a second run never overwrites
+    assert code == 0 and len(list(tmp_path.iterdir())) == 4
+
+
+@pytest.mark.parametrize(
+    "flags,field,allowed",
+    [
+        (["--width", "500"], "width", "a multiple of 8 from 64 to 1024"),
+        (["--height", "2048"], "height", "a multiple of 8 from 64 to 1024"),
+        (["--steps", "0"], "steps", "from 1 to 150"),
+        (["--batch-size", "9"], "batch_size", "from 1 to 4"),
+        (["--cfg-scale", "-1"], "guidance_scale", "from 0 to 30"),
+    ],
+)
+def test_bad_settings_name_the_field_and_range(capsys, exported_repo, tmp_path, flags, field, allowed):
+    code, _, err = run(capsys, "txt2img", "x", "--local", str(exported_repo), "--out", str(tmp_path), *flags)
+    assert code == 2
+    assert f"invalid {field}=" in err and allowed in err
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
+
+
+def test_unknown_sampler_lists_valid_ones(capsys, exported_repo):
+    with pytest.raises(SystemExit) as exc:
+        main(["txt2img", "x", "--local", str(exported_repo), "--sampler", "Euler b"])
+    assert exc.value.code == 2
+    assert "DPM++ 2M Karras" in capsys.readouterr().err
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    code, _, err = run(capsys, "export", str(tmp_path / "nope"), "--out", str(tmp_path / "repo"))
+    assert code == 2 and "MODEL_DIR" in err and "does not exist" in err
+
+
+def test_non_diffusers_folder(capsys, tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "readme.txt").write_text("hi")
+    code, _, err = run(capsys, "export", str(tmp_path / "junk"), "--out", str(tmp_path / "repo"))
+    assert code == 2 and "not a diffusers folder" in err and "model_index.json" in err
+
+
+def test_empty_repo_dir(capsys, tmp_path):
+    code, _, err = run(capsys, "txt2img", "x", "--local", str(tmp_path))
+    assert code == 2 and "REPO_DIR" in err and "sdtrt export" in err
+
+
+def test_samplers_lists_the_table(capsys):
+    code, out, _ = run(capsys, "samplers")
+    assert code == 0
+    assert "Euler a" in out and "EulerAncestralDiscreteScheduler" in out
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines()}
+    assert rows["DPM++ 2M Karras"][-2:] == ["DPMSolverMultistepScheduler", "use_karras_sigmas=True"]
+    assert len(rows) == 16

@@ -1,0 +1,38 @@
+"""The embedded default model: an ordinary, reproducible diffusers folder with CLIP's real tokenizer."""
+
+from __future__ import annotations
+
+from sdtrt.default_model import build_default_model, weights_digest
+
+
+def test_build_is_byte_identical(default_model, tmp_path):
+    again = build_default_model(tmp_path / "again")
+    first, second = weights_digest(default_model), weights_digest(again)
+    assert set(first) == {
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    }
+    assert first == second
+
+
+def test_loads_as_a_plain_diffusers_pipeline(default_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True)
+    assert pipe.unet.config.in_channels == 4
+    assert pipe.vae_scale_factor == 8
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_tokenizer_has_clips_real_ids_and_pads_to_77(default_model):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(default_model / "tokenizer"))
+    ids = tok("a photograph of an astronaut riding a horse", padding="max_length", truncation=True).input_ids
+    # The ids every SD 1.x checkpoint sees for this prompt (OpenAI CLIP ViT-L/14 vocabulary).
+    assert ids[:10] == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+    assert len(ids) == 77 and ids[10:] == [49407] * 67
+    long = tok(" ".join(["cat"] * 200), padding="max_length", truncation=True).input_ids
+    assert len(long) == 77 and long[-1] == 49407
+    assert len(tok.get_vocab()) == 49408

@@ -1,0 +1,60 @@
+"""ONNX export: each component checks out with onnx.checker and matches its torch module in onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, UNET_BATCH, descriptors
+from sdtrt.spec import SPEC_FILENAME, load_spec
+
+SHAPES = [  # square, non-square, odd latent sizes, two prompt chunks, several images
+    {BATCH: 1, UNET_BATCH: 2, LATENT_H: 8, LATENT_W: 8, CONTEXT: 77},
+    {BATCH: 2, UNET_BATCH: 4, LATENT_H: 12, LATENT_W: 8, CONTEXT: 154},
+    {BATCH: 1, UNET_BATCH: 1, LATENT_H: 13, LATENT_W: 9, CONTEXT: 77},
+]
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder"])
+def test_onnx_matches_torch(name, exported_repo, diffusers_pipe):
+    spec = load_spec(exported_repo)
+    component = spec.component(name)
+    path = exported_repo / component.onnx
+    onnx.checker.check_model(str(path), full_check=True)
+    desc = next(d for d in descriptors(diffusers_pipe, spec.text_max_length) if d.name == name)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [t.name for t in component.inputs]
+    assert [o.name for o in session.get_outputs()] == [t.name for t in component.outputs]
+    for dims in SHAPES:
+        torch.manual_seed(1)
+        inputs = desc.make_inputs(dims)
+        with torch.no_grad():
+            expected = desc.module(*inputs).numpy()
+        actual = session.run(None, {t.name: x.numpy() for t, x in zip(component.inputs, inputs)})[0]
+        assert actual.shape == expected.shape
+        assert np.abs(actual - expected).max() < 1e-4, dims
+
+
+def test_spec_records_the_models_facts(exported_repo, default_model):
+    raw = json.loads((exported_repo / SPEC_FILENAME).read_text())
+    spec = load_spec(exported_repo)
+    assert raw["spec_version"] == 1
+    assert spec.latent_channels == 4 and spec.vae_scale_factor == 8
+    assert spec.vae_scaling_factor == pytest.approx(0.18215)
+    assert spec.prediction_type == "epsilon"
+    assert spec.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert spec.text_max_length == 77 and spec.text_hidden_size == 32
+    assert len(spec.source_hash) == 64 and spec.model_hash == spec.source_hash[:10]
+    assert spec.component("unet").input("timestep").shape == ("unet_batch",)
+    assert spec.component("text_encoder").input("input_ids").dtype == "int32"
+    assert spec.dims["latent_height"].max == 1024 // 8 and spec.dims["context_length"].max == 3 * 77
+    width = spec.field("width")
+    assert (width.default, width.minimum, width.maximum, width.multiple_of) == (512, 64, 1024, 8)
+    assert "Euler a" in spec.field("sampler").choices
+    for component in spec.components.values():
+        assert (exported_repo / component.onnx).is_file()

@@ -1,0 +1,60 @@
+"""The in-process onnxruntime runner against diffusers' own StableDiffusionPipeline: same folder, seed, settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
+from sdtrt.request import Txt2ImgRequest
+
+CASES = [
+    # (sampler, width, height, batch): square and non-square sizes, several images per request
+    ("Euler a", 64, 64, 2),
+    ("Euler a", 96, 64, 1),
+    ("DPM++ 2M Karras", 64, 64, 1),
+    ("DPM++ 2M Karras", 64, 112, 2),
+    ("DDIM", 64, 64, 1),
+    ("DDIM", 80, 64, 1),
+    ("Euler", 64, 64, 1),
+    ("DPM++ 2M", 64, 64, 1),
+    ("PLMS", 64, 64, 1),
+]
+
+
+@pytest.mark.parametrize("sampler,width,height,batch", CASES)
+def test_matches_diffusers(sampler, width, height, batch, local_pipeline, diffusers_pipe):
+    settings = dict(prompt="a lighthouse on a cliff, oil painting", negative_prompt="blurry, low quality",
+                    sampler=sampler, steps=12, cfg=7.5, seed=1234, width=width, height=height)
+    expected = diffusers_images(diffusers_pipe, batch_size=batch, **settings)
+    result = local_pipeline.txt2img(Txt2ImgRequest(
+        prompt=settings["prompt"], negative_prompt=settings["negative_prompt"], sampler=sampler, steps=12,
+        guidance_scale=7.5, seed=1234, width=width, height=height, batch_size=batch))
+    assert result.images.shape == (batch, height, width, 3)
+    assert result.seeds == [1234 + i for i in range(batch)]
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+    assert result.images.std() > 1.0  # a real picture, not a blank
+
+
+def test_guidance_off_matches_diffusers(local_pipeline, diffusers_pipe):
+    expected = diffusers_images(diffusers_pipe, prompt="a cat", sampler="Euler", steps=8, cfg=1.0, seed=7,
+                                width=64, height=64)
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat", sampler="Euler", steps=8, guidance_scale=1.0,
+                                                   seed=7, width=64, height=64))
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+
+
+def test_seed_changes_the_picture_and_is_reproducible(local_pipeline):
+    request = dict(prompt="a cat", steps=6, width=64, height=64)
+    a = local_pipeline.txt2img(Txt2ImgRequest(seed=1, **request)).images
+    b = local_pipeline.txt2img(Txt2ImgRequest(seed=1, **request)).images
+    c = local_pipeline.txt2img(Txt2ImgRequest(seed=2, **request)).images
+    assert (a == b).all()
+    assert max_diff(a, c) > 10
+
+
+def test_random_seed_is_reported_and_reproduces(local_pipeline):
+    first = local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=4, width=64, height=64, seed=-1))
+    assert 0 <= first.seeds[0] < 2**32
+    again = local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=4, width=64, height=64, seed=first.seeds[0]))
+    assert (first.images == again.images).all()
+    assert f"Seed: {first.seeds[0]}," in first.infotexts[0]
