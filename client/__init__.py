@@ -1,0 +1,5 @@
+"""Clients of a running sdtrt server: the library (:class:`Client`) and, later, the Gradio page."""
+
+from sdtrt.client.client import DEFAULT_URLS, PROTOCOLS, Client, ServerError
+
+__all__ = ["Client", "ServerError", "PROTOCOLS", "DEFAULT_URLS"]

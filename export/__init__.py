@@ -15,6 +15,8 @@ from sdtrt.export.checkpoint import Checkpoint, load_checkpoint
 from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, UNET_BATCH, descriptors, dim_ranges
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.errors import UsageError
+from sdtrt.model_repository.build import write_repository
+from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.request import request_fields
 from sdtrt.spec import ComponentSpec, ModelSpec
 
@@ -37,10 +39,11 @@ def export_model(
     min_size: int = 64,
     max_size: int = 1024,
     max_chunks: int = 3,
+    serving: ServingOptions = ServingOptions(),
     progress: bool = True,
     report=print,
 ) -> ModelSpec:
-    """Export every network of ``model`` to ONNX under ``out`` and write the spec; returns the spec."""
+    """Export every network of ``model`` to ONNX under ``out``, write the spec and the Triton configs."""
     ckpt = load_checkpoint(model, config)
     pipe = ckpt.pipe
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -89,6 +92,8 @@ def export_model(
     spec = build_spec(ckpt, components, dims, factor, native, min_size, max_size, max_batch, text_max_length)
     path = spec.save(repo)
     report(f"spec: {path}")
+    write_repository(repo, spec, serving)
+    report(f"Triton model repository: {repo} (networks on the {serving.backend!r} backend)")
     return spec
 
 

@@ -15,8 +15,9 @@ want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing into $VENV (first run: a few minutes)"
   # torch first: with torch==2.13.0 already present pip keeps the CPU build instead of pulling a CUDA one.
-  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" torch==2.13.0
-  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" -e "$ROOT[dev]"
+  # (grep drops pip's notes about this machine's local index folders; real errors still show.)
+  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)
+  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" -e "$ROOT[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
   "$VENV/bin/pip" check
   echo "$want" >"$stamp"
 fi

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from sdtrt import __version__
 from sdtrt.errors import SdtrtError
+from sdtrt.model_repository.configs import NETWORK_BACKENDS
 from sdtrt.request import Txt2ImgRequest, request_fields
 from sdtrt.samplers import SAMPLERS
 
@@ -32,9 +33,10 @@ TXT2IMG_FLAGS = {
 
 EPILOG_MAIN = """\
 typical session:
-  sdtrt init-default --out models/default        # build the small offline demo model
-  sdtrt export models/default --out repos/default  # ONNX + spec (+ Triton model repository)
-  sdtrt txt2img "a lighthouse at dawn" --local repos/default --seed 42 --out outputs/
+  sdtrt init-default --out models/default          # build the small offline demo model
+  sdtrt export models/default --out repos/default  # ONNX + spec + Triton model repository
+  sdtrt serve -m repos/default                     # tritonserver; Ctrl-C stops it
+  sdtrt txt2img "a lighthouse at dawn" --seed 42 --out outputs/   # in another shell
 """
 
 
@@ -82,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=64, help="smallest width/height in pixels")
     p.add_argument("--max-size", type=int, default=1024, help="largest width/height in pixels")
     p.add_argument("--max-chunks", type=int, default=3, help="longest prompt, in 75-token chunks")
+    p.add_argument("--backend", choices=NETWORK_BACKENDS, default="python",
+                   help="how Triton runs the networks: python = onnxruntime in the Python backend (any tritonserver, "
+                   "incl. the pip one); onnxruntime = Triton's ONNX Runtime backend; tensorrt = TensorRT plans")
+    p.add_argument("--scheduler-instances", type=int, default=4,
+                   help="denoising loops run at once; their U-Net steps are batched together")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("txt2img", help="generate images from a prompt",
@@ -91,10 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, name in TXT2IMG_FLAGS.items():
         kwargs = {"choices": list(SAMPLERS), "metavar": "NAME"} if name == "sampler" else {}
         p.add_argument(flag, dest=name, type=_type_for(name), default=None, help=_field_help(name), **kwargs)
-    p.add_argument("--local", type=Path, metavar="REPO_DIR", required=True,
-                   help="run the exported repository in-process with onnxruntime")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None,
+                       help="a running `sdtrt serve` (default: localhost:8001 for grpc, localhost:8000 for http)")
+    where.add_argument("--local", type=Path, metavar="REPO_DIR",
+                       help="instead of a server, run the exported repository in this process with onnxruntime")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="how to talk to --url (default: grpc)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default: outputs/)")
     p.set_defaults(func=cmd_txt2img)
+
+    p = sub.add_parser("serve", help="run tritonserver on an exported model repository",
+                       description="Start tritonserver on REPO_DIR, wait until every model is ready, and serve until "
+                       "Ctrl-C or SIGTERM (then stop it cleanly, stubs included). Arguments after `--` go to "
+                       "tritonserver as they are, e.g. `sdtrt serve -m repos/default -- --log-verbose=1`.")
+    p.add_argument("-m", "--model-repository", type=Path, required=True, metavar="REPO_DIR",
+                   help="an `sdtrt export` output folder")
+    p.add_argument("--http-port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="(default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
+    p.add_argument("--log-file", type=Path, default=None, help="server log (default: REPO_DIR/../tritonserver-PORT.log)")
+    p.add_argument("--tritonserver", type=Path, default=None,
+                   help="a tritonserver binary (default: $SDTRT_TRITONSERVER, else the one in the nvidia-pytriton wheel)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load (default: %(default)s)")
+    p.set_defaults(func=cmd_serve, triton_args=[])
+
+    p = sub.add_parser("perf-analyzer", add_help=False,
+                       help="run Triton's perf_analyzer (from the tritonclient wheel) with the libraries it needs",
+                       description="All arguments go to perf_analyzer. Each exported model has an input file: "
+                       "sdtrt perf-analyzer -m txt2img --input-data REPO_DIR/txt2img/perf_input.json "
+                       "-u localhost:8001 -i grpc --concurrency-range 1:4")
+    p.add_argument("perf_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_perf_analyzer)
 
     p = sub.add_parser("samplers", help="list the sampler names and the diffusers scheduler behind each")
     p.set_defaults(func=cmd_samplers)
@@ -112,21 +148,32 @@ def cmd_init_default(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sdtrt.export import export_model
 
-    spec = export_model(args.model, args.out, config=args.config, max_batch=args.max_batch,
-                        min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks)
+    from sdtrt.model_repository.configs import ServingOptions
+
+    serving = ServingOptions(backend=args.backend, scheduler_instances=args.scheduler_instances)
+    spec = export_model(args.model, args.out, config=args.config, max_batch=args.max_batch, min_size=args.min_size,
+                        max_size=args.max_size, max_chunks=args.max_chunks, serving=serving)
     print(f"exported {spec.model_name} [{spec.model_hash}] to {args.out}")
     return 0
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
+    from sdtrt.outputs import save_png
+
+    settings = {name: getattr(args, name) for name in TXT2IMG_FLAGS.values() if getattr(args, name) is not None}
+    result = _txt2img_local(args, settings) if args.local else _txt2img_served(args, settings)
+    for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+        print(save_png(image, seed, info, args.out))
+    return 0
+
+
+def _txt2img_local(args: argparse.Namespace, settings: dict):
     from tqdm.auto import tqdm
 
     from sdtrt.local import LocalPipeline
-    from sdtrt.outputs import save_png
     from sdtrt.request import validate
     from sdtrt.spec import load_spec
 
-    settings = {name: getattr(args, name) for name in TXT2IMG_FLAGS.values() if getattr(args, name) is not None}
     request = validate(Txt2ImgRequest(prompt=args.prompt, **settings), load_spec(args.local))  # fail before any work
     pipeline = LocalPipeline(args.local)
     with tqdm(total=request.steps, desc="sampling", unit="step") as bar:
@@ -134,10 +181,51 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        result = pipeline.txt2img(request, on_step=on_step)
-    for image, seed, info in zip(result.images, result.seeds, result.infotexts):
-        print(save_png(image, seed, info, args.out))
+        return pipeline.txt2img(request, on_step=on_step)
+
+
+def _txt2img_served(args: argparse.Namespace, settings: dict):
+    from sdtrt.client import Client
+
+    with Client(args.url, protocol=args.protocol) as client:
+        return client.txt2img(args.prompt, **settings)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from sdtrt.model_repository.server import TritonServer
+
+    server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
+                          binary=args.tritonserver, extra_args=list(args.triton_args))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting tritonserver on {args.model_repository} (log: {server.log_file or 'next to the repository'})",
+          flush=True)
+    server.start(timeout=args.timeout)
+    print(f"ready: grpc {server.url}  http {server.http_url}  metrics {args.host}:{args.metrics_port}/metrics\n"
+          f"try:   sdtrt txt2img \"a red fox in snow\" --url {server.url}\n"
+          "Ctrl-C stops the server.", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if server.process is None or server.process.poll() is not None:
+                print(f"tritonserver exited unexpectedly:\n{server.log_tail()}", file=sys.stderr)
+                return 1
+    finally:
+        code = server.stop()
+    print(f"tritonserver stopped (exit code {code})", flush=True)
     return 0
+
+
+def cmd_perf_analyzer(args: argparse.Namespace) -> int:
+    from sdtrt.model_repository.perf import perf_analyzer_command
+
+    command, env = perf_analyzer_command(args.perf_args)
+    os.execvpe(command[0], command, env)
+    return 1  # not reached
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
@@ -150,7 +238,18 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sdtrt never downloads weights
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["perf-analyzer"] and argv[1:2] not in (["-h"], ["--help"]):  # every argument is perf_analyzer's
+        return cmd_perf_analyzer(argparse.Namespace(perf_args=argv[1:]))
+    passthrough: list[str] = []
+    if "--" in argv:  # `sdtrt serve ... -- <tritonserver flags>`
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if passthrough:
+        if args.command != "serve":
+            build_parser().error("arguments after `--` are only for `sdtrt serve` (they go to tritonserver)")
+        args.triton_args = passthrough
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -10,7 +10,10 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from sdtrt.samplers import step_kwargs
+from sdtrt.request import Txt2ImgRequest
+from sdtrt.samplers import make_scheduler, step_kwargs
+from sdtrt.seeds import image_seeds, initial_noise, make_generators
+from sdtrt.spec import ModelSpec
 
 
 class UNet(Protocol):
@@ -52,3 +55,34 @@ def denoise(
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return latents
+
+
+def guidance_context(uncond: torch.Tensor, cond: torch.Tensor, images: int, guidance_scale: float) -> torch.Tensor:
+    """U-Net context for ``images`` images of one prompt: [uncond x N, cond x N] with guidance, [cond x N] without."""
+    if guidance_scale > 1.0:
+        return torch.cat([uncond] * images + [cond] * images)
+    return torch.cat([cond] * images)
+
+
+def txt2img_latents(
+    spec: ModelSpec,
+    request: Txt2ImgRequest,
+    uncond: torch.Tensor,
+    cond: torch.Tensor,
+    unet: UNet,
+    on_step: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Everything between the text encoder and the VAE for a validated request with a resolved seed.
+
+    Returns the final latents already divided by the VAE scaling factor (the decoder's input) and the
+    seed of each image.
+    """
+    seeds = image_seeds(request.seed, request.batch_size)
+    generators = make_generators(seeds)
+    f = spec.vae_scale_factor
+    scheduler = make_scheduler(request.sampler, spec.scheduler_config)
+    noise = initial_noise(generators, spec.latent_channels, request.height // f, request.width // f)
+    latents = prepare_latents(scheduler, noise, request.steps)
+    context = guidance_context(uncond, cond, request.batch_size, request.guidance_scale)
+    latents = denoise(scheduler, unet, latents, context, request.guidance_scale, generators, on_step)
+    return latents / spec.vae_scaling_factor, seeds

@@ -12,12 +12,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sdtrt.denoise import denoise, prepare_latents
+from sdtrt.denoise import txt2img_latents
 from sdtrt.generation import Generation, infotexts
 from sdtrt.images import to_uint8
 from sdtrt.request import Txt2ImgRequest, validate
-from sdtrt.samplers import make_scheduler
-from sdtrt.seeds import image_seeds, initial_noise, make_generators, resolve_seed
+from sdtrt.seeds import resolve_seed
 from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
 from sdtrt.text import load_tokenizer, tokenize
 
@@ -56,26 +55,13 @@ class LocalPipeline:
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.unet_net(sample.numpy(), timestep.numpy(), context.numpy()))
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        return to_uint8(self.vae_decoder((latents / self.spec.vae_scaling_factor).numpy()))
+    def decode(self, decoder_latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self.vae_decoder(decoder_latents.numpy()))
 
     def txt2img(self, request: Txt2ImgRequest, on_step: Callable[[int, int], None] | None = None) -> Generation:
         request = validate(request, self.spec)
-        seed = resolve_seed(request.seed)
-        request = Txt2ImgRequest(**{**request.as_dict(), "seed": seed})
-        seeds = image_seeds(seed, request.batch_size)
-        generators = make_generators(seeds)
-
-        n = request.batch_size
-        cond, uncond = self.encode_text([request.prompt, request.negative_prompt]).split(1)
-        guided = request.guidance_scale > 1.0
-        context = torch.cat([uncond] * n + [cond] * n) if guided else torch.cat([cond] * n)
-
-        f = self.spec.vae_scale_factor
-        scheduler = make_scheduler(request.sampler, self.spec.scheduler_config)
-        noise = initial_noise(generators, self.spec.latent_channels, request.height // f, request.width // f)
-        latents = prepare_latents(scheduler, noise, request.steps)
-        latents = denoise(scheduler, self.unet, latents, context, request.guidance_scale, generators, on_step)
-
+        request = Txt2ImgRequest(**{**request.as_dict(), "seed": resolve_seed(request.seed)})
+        uncond, cond = self.encode_text([request.negative_prompt, request.prompt]).split(1)  # as the tokenizer model
+        latents, seeds = txt2img_latents(self.spec, request, uncond, cond, self.unet, on_step)
         images = self.decode(latents)
         return Generation(images, seeds, infotexts(request, seeds, self.spec.model_name, self.spec.model_hash))

@@ -96,7 +96,7 @@ class FieldSpec:
         elif self.maximum is not None:
             parts.append(f"<= {_num(self.maximum)}")
         kind = "an integer" if self.dtype.startswith("int") else "a number" if self.dtype.startswith("float") else "text"
-        return " ".join([kind] + parts)
+        return ", ".join([kind] + parts)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "FieldSpec":

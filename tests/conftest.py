@@ -42,3 +42,17 @@ def local_pipeline(exported_repo):
     from sdtrt.local import LocalPipeline
 
     return LocalPipeline(exported_repo)
+
+
+@pytest.fixture(scope="session")
+def server(exported_repo, tmp_path_factory):
+    """A real tritonserver on the exported repository, on free loopback ports, for the whole session."""
+    from servers import free_ports
+
+    from sdtrt.model_repository.server import TritonServer
+
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    triton = TritonServer(exported_repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log)
+    with triton:
+        yield triton

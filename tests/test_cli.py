@@ -28,8 +28,8 @@ def test_help_lists_the_commands():
 def test_txt2img_help_documents_every_field_with_range_and_default():
     result = subprocess.run([sys.executable, "-m", "sdtrt", "txt2img", "--help"], capture_output=True, text=True)
     text = " ".join(result.stdout.split())
-    assert "from 1 to 150 (default: 20)" in text
-    assert "a multiple of 8 from 64 to 1024 (default: the model's native size)" in text
+    assert "an integer, from 1 to 150 (default: 20)" in text
+    assert "an integer, a multiple of 8, from 64 to 1024 (default: the model's native size)" in text
     assert "--cfg-scale" in text and "--negative-prompt" in text and "--batch-size" in text
 
 
@@ -54,11 +54,11 @@ def test_txt2img_writes_numbered_pngs_with_infotext(capsys, exported_repo, tmp_p
 @pytest.mark.parametrize(
     "flags,field,allowed",
     [
-        (["--width", "500"], "width", "a multiple of 8 from 64 to 1024"),
-        (["--height", "2048"], "height", "a multiple of 8 from 64 to 1024"),
+        (["--width", "500"], "width", "an integer, a multiple of 8, from 64 to 1024"),
+        (["--height", "2048"], "height", "an integer, a multiple of 8, from 64 to 1024"),
         (["--steps", "0"], "steps", "from 1 to 150"),
         (["--batch-size", "9"], "batch_size", "from 1 to 4"),
-        (["--cfg-scale", "-1"], "guidance_scale", "from 0 to 30"),
+        (["--cfg-scale", "-1"], "guidance_scale", "a number, from 0 to 30"),
     ],
 )
 def test_bad_settings_name_the_field_and_range(capsys, exported_repo, tmp_path, flags, field, allowed):

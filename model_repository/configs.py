@@ -1,0 +1,172 @@
+"""config.pbtxt generation: every Triton config is derived from the spec, never kept by hand.
+
+One generator, three backends for the networks (text encoder, U-Net, VAE decoder):
+  * ``python``      - onnxruntime inside a Python-backend model (runs anywhere, incl. the pip tritonserver)
+  * ``onnxruntime`` - ``platform: "onnxruntime_onnx"`` (NVIDIA's Triton server image)
+  * ``tensorrt``    - ``platform: "tensorrt_plan"`` (GPU, engines built by ``sdtrt export --format trt``)
+The tokenizer, scheduler loop and postprocess are always Python-backend models; ``txt2img`` is the ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from sdtrt.spec import ComponentSpec, ModelSpec, TensorSpec
+
+NETWORK_BACKENDS = ("python", "onnxruntime", "tensorrt")
+NETWORKS = ("text_encoder", "unet", "vae_decoder")
+PIPELINE = "txt2img"
+
+# numpy dtype names (spec) and request-field dtypes -> Triton wire types
+DTYPES = {
+    "float32": mc.TYPE_FP32,
+    "float16": mc.TYPE_FP16,
+    "int32": mc.TYPE_INT32,
+    "int64": mc.TYPE_INT64,
+    "uint8": mc.TYPE_UINT8,
+    "string": mc.TYPE_STRING,
+}
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    backend: str = "python"
+    scheduler_instances: int = 4  # denoising loops that run at once; their U-Net calls are batched together
+    unet_queue_delay_us: int = 2000  # how long the U-Net batcher waits for more requests' steps
+    network_instances: int = 1
+
+
+# Internal tensors of the ensemble, named once here and used by both sides of each step.
+# name -> (dtype, dims); dims are what the ensemble sees (full shapes, no implicit batch dim).
+TOKEN_IDS = "token_ids"  # [2, 77]: row 0 negative prompt (uncond), row 1 prompt (cond)
+EMBEDDINGS = "text_embeddings"
+DECODER_LATENTS = "decoder_latents"  # final latents divided by the VAE scaling factor
+DECODED = "decoded"  # VAE output in [-1, 1]
+IMAGES = "images"
+SEEDS = "seeds"
+
+
+def _tensor(message, name: str, dtype: str, dims: list[int]) -> None:
+    t = message.add()
+    t.name = name
+    t.data_type = DTYPES[dtype]
+    t.dims.extend(dims)
+
+
+def _dims(tensor: TensorSpec, batched: bool) -> list[int]:
+    shape = tensor.shape[1:] if batched else tensor.shape
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOptions) -> mc.ModelConfig:
+    """A network with an implicit batch dim (the spec's first dim) and dynamic batching."""
+    batch_dim = component.inputs[0].shape[0]
+    config = mc.ModelConfig(name=component.name, max_batch_size=spec.dims[batch_dim].max)
+    if options.backend == "python":
+        config.backend = "python"
+    elif options.backend == "onnxruntime":
+        config.platform = "onnxruntime_onnx"
+    elif options.backend == "tensorrt":
+        config.platform = "tensorrt_plan"
+    else:
+        raise ValueError(f"backend must be one of {NETWORK_BACKENDS}, got {options.backend!r}")
+    for spec_list, message in ((component.inputs, config.input), (component.outputs, config.output)):
+        for tensor in spec_list:
+            dims = _dims(tensor, batched=True)
+            _tensor(message, tensor.name, tensor.dtype, dims or [1])
+            if not dims:  # per-row scalar (the U-Net timestep): Triton needs a dim, the network has none
+                message[-1].reshape.SetInParent()
+    config.dynamic_batching.max_queue_delay_microseconds = (
+        options.unet_queue_delay_us if component.name == "unet" else 0
+    )
+    kind = mc.ModelInstanceGroup.KIND_GPU if options.backend == "tensorrt" else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(count=options.network_instances, kind=kind)
+    if options.backend == "python":
+        config.parameters["onnx_file"].string_value = "model.onnx"
+    return config
+
+
+def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
+    config = mc.ModelConfig(name="tokenizer", backend="python", max_batch_size=0)
+    for name in ("prompt", "negative_prompt"):
+        _tensor(config.input, name, "string", [1])
+        config.input[-1].optional = True
+    _tensor(config.output, TOKEN_IDS, "int32", [2, spec.text_max_length])
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    return config
+
+
+SCHEDULER_FIELDS = ("seed", "steps", "guidance_scale", "sampler", "width", "height", "batch_size")
+
+
+def scheduler_config(spec: ModelSpec, options: ServingOptions) -> mc.ModelConfig:
+    config = mc.ModelConfig(name="scheduler", backend="python", max_batch_size=0)
+    _tensor(config.input, EMBEDDINGS, "float32", [2, spec.text_max_length, spec.text_hidden_size])
+    for name in SCHEDULER_FIELDS:
+        field = spec.field(name)
+        _tensor(config.input, name, field.dtype, [1])
+        config.input[-1].optional = True  # missing fields take the spec's default
+    _tensor(config.output, DECODER_LATENTS, "float32", [-1, spec.latent_channels, -1, -1])
+    _tensor(config.output, SEEDS, "int64", [-1])
+    config.instance_group.add(count=options.scheduler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    return config
+
+
+def postprocess_config(spec: ModelSpec) -> mc.ModelConfig:
+    channels = spec.component("vae_decoder").outputs[0].shape[1]
+    config = mc.ModelConfig(name="postprocess", backend="python", max_batch_size=0)
+    _tensor(config.input, DECODED, "float32", [-1, channels, -1, -1])
+    _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    return config
+
+
+def ensemble_config(spec: ModelSpec) -> mc.ModelConfig:
+    """txt2img: tokenizer -> text_encoder -> scheduler (U-Net loop via BLS) -> vae_decoder -> postprocess."""
+    config = mc.ModelConfig(name=PIPELINE, platform="ensemble", max_batch_size=0)
+    for field in spec.request.values():
+        _tensor(config.input, field.name, field.dtype, [1])
+        # Every field is optional, defaulting from the spec (an empty prompt is valid, as in A1111). This also
+        # spares users Triton's ensemble message for a missing required input ("unexpected deadlock").
+        config.input[-1].optional = True
+    channels = spec.component("vae_decoder").outputs[0].shape[1]
+    _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
+    _tensor(config.output, SEEDS, "int64", [-1])
+    # Clients read the spec from here (one source: the same JSON export wrote).
+    config.parameters["sdtrt_spec"].string_value = json.dumps(spec.to_json(), separators=(",", ":"))
+
+    text = spec.component("text_encoder")
+    vae = spec.component("vae_decoder")
+
+    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+        s = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        s.input_map.update(inputs)
+        s.output_map.update(outputs)
+
+    step("tokenizer", {"prompt": "prompt", "negative_prompt": "negative_prompt"}, {TOKEN_IDS: TOKEN_IDS})
+    step("text_encoder", {text.inputs[0].name: TOKEN_IDS}, {text.outputs[0].name: EMBEDDINGS})
+    step("scheduler", {EMBEDDINGS: EMBEDDINGS, **{f: f for f in SCHEDULER_FIELDS}},
+         {DECODER_LATENTS: DECODER_LATENTS, SEEDS: SEEDS})
+    step("vae_decoder", {vae.inputs[0].name: DECODER_LATENTS}, {vae.outputs[0].name: DECODED})
+    step("postprocess", {DECODED: DECODED}, {IMAGES: IMAGES})
+    return config
+
+
+def all_configs(spec: ModelSpec, options: ServingOptions) -> list[mc.ModelConfig]:
+    return [
+        tokenizer_config(spec),
+        *(network_config(spec, spec.component(name), options) for name in NETWORKS),
+        scheduler_config(spec, options),
+        postprocess_config(spec),
+        ensemble_config(spec),
+    ]
+
+
+def to_pbtxt(config: mc.ModelConfig) -> str:
+    return "# Generated by `sdtrt export` from sdtrt_spec.json; edit the spec or the generator, not this file.\n" + (
+        text_format.MessageToString(config)
+    )

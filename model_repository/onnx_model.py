@@ -1,0 +1,75 @@
+"""Triton models ``text_encoder``, ``unet``, ``vae_decoder`` on the Python backend: onnxruntime on the exported ONNX.
+
+Used where Triton's own onnxruntime backend is absent (the pip tritonserver); on NVIDIA's server image the same
+networks are served by ``platform: "onnxruntime_onnx"`` or ``"tensorrt_plan"`` from the same spec. Requests that
+Triton's dynamic batcher gathered are run as ONE onnxruntime call and split back in order, each response going
+to the request that sent it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+from sdtrt.model_repository.triton_io import JsonLog, error_response, model_spec
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.log = JsonLog(args["model_name"])
+        self.component = model_spec(args).component(args["model_name"])
+        onnx_file = config["parameters"]["onnx_file"]["string_value"]
+        path = Path(args["model_repository"]) / args["model_version"] / onnx_file
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.output_names = [t.name for t in self.component.outputs]
+        self.log.info("ready", onnx=str(path), inputs=[t.name for t in self.component.inputs])
+
+    def _inputs(self, request) -> list[np.ndarray]:
+        arrays = []
+        for tensor in self.component.inputs:
+            array = pb_utils.get_input_tensor_by_name(request, tensor.name).as_numpy()
+            if len(tensor.shape) == 1:  # per-row scalar sent as [N, 1]
+                array = array.reshape(-1)
+            arrays.append(array.astype(tensor.dtype, copy=False))
+        return arrays
+
+    def execute(self, requests):
+        start = time.perf_counter()
+        responses: list = [None] * len(requests)
+        # Gather requests whose non-batch shapes agree; each group is one onnxruntime call.
+        groups: dict[tuple, list[tuple[int, list[np.ndarray]]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                arrays = self._inputs(request)
+            except Exception as exc:
+                responses[i] = error_response(f"{self.component.name}: {exc}")
+                continue
+            key = tuple(a.shape[1:] for a in arrays)
+            groups.setdefault(key, []).append((i, arrays))
+        for members in groups.values():
+            feed = {
+                t.name: np.concatenate([arrays[k] for _, arrays in members]) for k, t in enumerate(self.component.inputs)
+            }
+            try:
+                outputs = self.session.run(self.output_names, feed)
+            except Exception as exc:
+                self.log.error("run_failed", error=str(exc), shapes={k: list(v.shape) for k, v in feed.items()})
+                for i, _ in members:
+                    responses[i] = error_response(f"{self.component.name}: {exc}")
+                continue
+            offset = 0
+            for i, arrays in members:
+                n = arrays[0].shape[0]
+                tensors = [pb_utils.Tensor(name, out[offset:offset + n]) for name, out in zip(self.output_names, outputs)]
+                responses[i] = pb_utils.InferenceResponse(tensors)
+                offset += n
+        rows = sum(arrays[0].shape[0] for members in groups.values() for _, arrays in members)
+        self.log.verbose("batch", requests=len(requests), groups=len(groups), rows=rows,
+                         ms=round(1000 * (time.perf_counter() - start), 2))
+        return responses

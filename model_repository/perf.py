@@ -1,0 +1,87 @@
+"""perf_analyzer against the ensemble and each model: its input data (from the spec) and its environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from sdtrt.clip_vocab import cache_dir
+from sdtrt.errors import UsageError
+from sdtrt.model_repository.configs import DECODED, EMBEDDINGS, PIPELINE, SCHEDULER_FIELDS
+from sdtrt.model_repository.server import pytriton_home
+from sdtrt.spec import ModelSpec
+
+PERF_INPUT = "perf_input.json"  # written into each model's folder (Triton ignores files there)
+PERF_PROMPT = "a lighthouse on a cliff at dawn, oil painting"
+
+
+def _zeros(shape: list[int]) -> dict[str, Any]:
+    count = 1
+    for d in shape:
+        count *= d
+    return {"content": [0.0] * count, "shape": shape}
+
+
+def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
+    """perf_analyzer --input-data JSON for every model, at the model's native size, one image, 20 steps."""
+    fields = {name: field.default for name, field in spec.request.items()}
+    fields.update(prompt=PERF_PROMPT, seed=42, steps=20)
+    txt2img = {name: [value] for name, value in fields.items()}
+    native = spec.field("width").default // spec.vae_scale_factor
+    dims = {"batch": 1, "unet_batch": 1, "latent_height": native, "latent_width": native,
+            "context_length": spec.text_max_length}
+
+    def network(name: str) -> dict[str, Any]:
+        data = {}
+        for tensor in spec.component(name).inputs:
+            shape = [d if isinstance(d, int) else dims[d] for d in tensor.shape[1:]] or [1]
+            data[tensor.name] = _zeros(shape)
+            if tensor.dtype.startswith("int"):  # token ids: BOS, EOS, then padding
+                data[tensor.name]["content"] = [49406, 49407] + [49407] * (len(data[tensor.name]["content"]) - 2)
+        return data
+
+    channels = spec.component("vae_decoder").outputs[0].shape[1]
+    return {
+        PIPELINE: {"data": [txt2img]},
+        "tokenizer": {"data": [{"prompt": [PERF_PROMPT], "negative_prompt": [""]}]},
+        **{name: {"data": [network(name)]} for name in ("text_encoder", "unet", "vae_decoder")},
+        "scheduler": {"data": [{EMBEDDINGS: _zeros([2, spec.text_max_length, spec.text_hidden_size]),
+                                **{f: txt2img[f] for f in SCHEDULER_FIELDS}}]},
+        "postprocess": {"data": [{DECODED: _zeros([1, channels, native * spec.vae_scale_factor,
+                                                   native * spec.vae_scale_factor])}]},
+    }
+
+
+def write_perf_inputs(repo: Path, spec: ModelSpec) -> list[Path]:
+    paths = []
+    for model, data in perf_inputs(spec).items():
+        path = Path(repo) / model / PERF_INPUT
+        path.write_text(json.dumps(data))
+        paths.append(path)
+    return paths
+
+
+def perf_analyzer_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The perf_analyzer binary from the tritonclient wheel, with the two shared libraries it needs.
+
+    It links libb64.so.0d and libcudart.so.12; the nvidia-pytriton wheel bundles both under hashed names,
+    so we link them under their real names in a cache folder put on LD_LIBRARY_PATH.
+    """
+    binary = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
+    if not Path(binary).is_file():
+        raise UsageError("perf_analyzer not found: it comes with tritonclient[all]==2.50.0 (scripts/setup.sh)")
+    env = dict(os.environ)
+    home = pytriton_home()
+    libs = home.parent.parent / "nvidia_pytriton.libs" if home else Path("/nonexistent")
+    links = cache_dir() / "perf_analyzer_libs"
+    links.mkdir(parents=True, exist_ok=True)
+    for pattern, name in (("libb64-*.so.0d", "libb64.so.0d"), ("libcudart-*.so.12*", "libcudart.so.12")):
+        found = sorted(libs.glob(pattern))
+        if found and not (links / name).exists():
+            (links / name).symlink_to(found[0])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(links), env.get("LD_LIBRARY_PATH", "")) if p)
+    return [binary, *args], env

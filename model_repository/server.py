@@ -1,0 +1,171 @@
+"""Start, health-check and stop a real ``tritonserver`` on a model repository.
+
+On a machine without NVIDIA's container, the server is the one shipped in the ``nvidia-pytriton`` wheel
+(Triton 2.51, Python backend only), which the Python-backend models here are written for. Elsewhere, pass
+``binary=`` (``--tritonserver``) or set ``SDTRT_TRITONSERVER``, e.g. ``/opt/tritonserver/bin/tritonserver``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.spec import SPEC_FILENAME
+
+log = logging.getLogger("sdtrt.server")
+
+
+def pytriton_home() -> Path | None:
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    home = Path(pytriton.__file__).parent / "tritonserver"
+    return home if (home / "bin" / "tritonserver").is_file() else None
+
+
+def ensure_python_stub(home: Path) -> None:
+    """The wheel ships one Python-backend stub per Python version; the backend loads the one beside it."""
+    stub = home / "backends" / "python" / "triton_python_backend_stub"
+    if stub.is_file():
+        return
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    source = home / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not source.is_file():
+        raise SdtrtError(f"nvidia-pytriton has no Python-backend stub for Python {version} ({source})")
+    shutil.copy2(source, stub)
+
+
+@dataclass
+class TritonServer:
+    model_repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_file: Path | None = None
+    binary: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    process: subprocess.Popen | None = None
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        env = dict(os.environ)
+        binary = self.binary or (Path(os.environ["SDTRT_TRITONSERVER"]) if os.environ.get("SDTRT_TRITONSERVER") else None)
+        args: list[str] = []
+        if binary is None:
+            home = pytriton_home()
+            if home is None:
+                raise UsageError(
+                    "no tritonserver found: install sdtrt's dependencies (scripts/setup.sh), or pass "
+                    "--tritonserver /path/to/tritonserver (or set SDTRT_TRITONSERVER)"
+                )
+            ensure_python_stub(home)
+            binary = home / "bin" / "tritonserver"
+            args += [f"--backend-directory={home / 'backends'}", f"--cache-directory={home / 'caches'}"]
+            # The stub embeds libpython: point it at this interpreter's, and put this environment first on
+            # PATH so that the models import this environment's packages (sdtrt, onnxruntime, diffusers).
+            libdir = sysconfig.get_config_var("LIBDIR") or ""
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        args = [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            "--allow-gpu-metrics=false",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            *args,
+            *self.extra_args,
+        ]
+        return args, env
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        repo = Path(self.model_repository)
+        if not (repo / SPEC_FILENAME).is_file():
+            raise UsageError(
+                f"--model-repository {str(repo)!r} is not an sdtrt export (no {SPEC_FILENAME}); "
+                f"run `sdtrt export MODEL_DIR --out {repo}` first"
+            )
+        args, env = self.command()
+        log_path = self.log_file or repo.parent / f"tritonserver-{self.http_port}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file = log_path
+        log.info("starting %s (log: %s)", " ".join(args), log_path)
+        with open(log_path, "ab") as out:
+            # Own process group: stopping it also reaps the Python-backend stubs, never leaving orphans.
+            self.process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise SdtrtError(f"tritonserver exited with code {self.process.returncode} while starting:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise SdtrtError(f"tritonserver was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_file is None or not Path(self.log_file).exists():
+            return ""
+        return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton then unloads models and exits), SIGKILL after ``timeout``; then reap the group."""
+        if self.process is None:
+            return None
+        proc, self.process = self.process, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %.0f s; killing it", timeout)
+                proc.kill()
+                proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # any stub still alive in the group
+        except ProcessLookupError:
+            pass
+        return proc.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

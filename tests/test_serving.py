@@ -1,0 +1,204 @@
+"""The served pipeline: a real tritonserver, real gRPC/HTTP, checked against diffusers and the local runner."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
+from sdtrt.client import Client, ServerError
+from sdtrt.errors import InvalidRequest
+from sdtrt.request import Txt2ImgRequest
+from sdtrt.spec import load_spec
+
+MODELS = ["tokenizer", "text_encoder", "unet", "scheduler", "vae_decoder", "postprocess", "txt2img"]
+
+
+def clients(server):
+    return {"grpc": Client(server.url, "grpc"), "http": Client(server.http_url, "http")}
+
+
+def test_health_and_metadata(server, exported_repo):
+    spec = load_spec(exported_repo)
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/health/live") as r:
+        assert r.status == 200
+    grpc = grpcclient.InferenceServerClient(server.url)
+    http = httpclient.InferenceServerClient(server.http_url)
+    assert grpc.is_server_live() and grpc.is_server_ready() and http.is_server_ready()
+    for model in MODELS:
+        assert grpc.is_model_ready(model) and http.is_model_ready(model), model
+    meta = grpc.get_model_metadata("txt2img", as_json=True)
+    inputs = {i["name"]: i["datatype"] for i in meta["inputs"]}
+    wire = {"string": "BYTES", "int64": "INT64", "int32": "INT32", "float32": "FP32"}
+    assert inputs == {name: wire[f.dtype] for name, f in spec.request.items()}
+    assert {o["name"] for o in meta["outputs"]} == {"images", "seeds"}
+    unet = http.get_model_metadata("unet")
+    assert [i["name"] for i in unet["inputs"]] == [t.name for t in spec.component("unet").inputs]
+    config = http.get_model_config("unet")
+    assert config["max_batch_size"] == spec.dims["unet_batch"].max
+    assert "dynamic_batching" in config
+    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics") as r:
+        assert "nv_inference_request_success" in r.read().decode()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("sampler,width,height,batch", [("Euler a", 64, 64, 2), ("DPM++ 2M Karras", 96, 64, 1)])
+def test_served_image_matches_local_runner_and_diffusers(server, local_pipeline, diffusers_pipe, protocol, sampler,
+                                                         width, height, batch):
+    settings = dict(negative_prompt="blurry", sampler=sampler, steps=10, guidance_scale=7.0, seed=31337,
+                    width=width, height=height, batch_size=batch)
+    served = clients(server)[protocol].txt2img("a tiny robot watering plants", **settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(prompt="a tiny robot watering plants", **settings))
+    reference = diffusers_images(diffusers_pipe, prompt="a tiny robot watering plants", negative_prompt="blurry",
+                                 sampler=sampler, steps=10, cfg=7.0, seed=31337, width=width, height=height,
+                                 batch_size=batch)
+    assert served.images.shape == (batch, height, width, 3) and served.images.dtype == np.uint8
+    assert served.seeds == [31337 + i for i in range(batch)]
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    assert max_diff(served.images, reference) <= MAX_PIXEL_DIFF
+    assert served.infotexts == local.infotexts
+
+
+def test_random_seed_is_returned(server):
+    client = Client(server.url)
+    first = client.txt2img("a cat", seed=-1, steps=3, width=64, height=64)
+    again = client.txt2img("a cat", seed=first.seeds[0], steps=3, width=64, height=64)
+    assert 0 <= first.seeds[0] < 2**32
+    assert (first.images == again.images).all()
+
+
+def raw_infer(server, fields: dict, protocol: str = "grpc"):
+    """Send fields exactly as given (no client-side checks), the way curl or perf_analyzer would."""
+    module, url = (grpcclient, server.url) if protocol == "grpc" else (httpclient, server.http_url)
+    inputs = []
+    for name, (value, wire) in fields.items():
+        array = np.array([value.encode() if wire == "BYTES" else value],
+                         dtype={"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[wire])
+        tensor = module.InferInput(name, [1], wire)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return module.InferenceServerClient(url).infer("txt2img", inputs)
+
+
+GOOD = {"prompt": ("a cat", "BYTES"), "steps": (2, "INT32"), "width": (64, "INT32"), "height": (64, "INT32")}
+
+BAD = [
+    ({"width": (500, "INT32")}, "invalid width=500: width must be an integer, a multiple of 8, from 64 to 1024"),
+    ({"height": (2048, "INT32")}, "invalid height=2048: height must be an integer, a multiple of 8, from 64 to 1024"),
+    ({"steps": (0, "INT32")}, "invalid steps=0: steps must be an integer, from 1 to 150"),
+    ({"steps": (151, "INT32")}, "invalid steps=151: steps must be an integer, from 1 to 150"),
+    ({"batch_size": (5, "INT32")}, "invalid batch_size=5: batch_size must be an integer, from 1 to 4"),
+    ({"guidance_scale": (31.0, "FP32")}, "invalid guidance_scale=31.0: guidance_scale must be a number, from 0 to 30"),
+    ({"guidance_scale": (float("nan"), "FP32")}, "invalid guidance_scale=nan"),
+    ({"seed": (-2, "INT64")}, "invalid seed=-2: seed must be an integer, from -1 to 4294967295"),
+    ({"sampler": ("Euler b", "BYTES")}, "invalid sampler='Euler b': sampler must be one of: 'Euler a', 'Euler'"),
+    ({"width": (64.0, "FP32")}, "width"),  # wrong wire type: Triton itself names the input
+]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("bad,message", BAD, ids=[next(iter(b)) + str(i) for i, (b, _) in enumerate(BAD)])
+def test_bad_input_is_refused_by_name_and_the_server_keeps_serving(server, protocol, bad, message):
+    with pytest.raises(InferenceServerException) as exc:
+        raw_infer(server, {**GOOD, **bad}, protocol)
+    assert message in str(exc.value)
+    good = raw_infer(server, GOOD, protocol)
+    assert good.as_numpy("images").shape == (1, 64, 64, 3)
+
+
+def test_missing_prompt_is_the_empty_prompt(server):
+    seeded = {**GOOD, "seed": (3, "INT64")}
+    missing = raw_infer(server, {k: v for k, v in seeded.items() if k != "prompt"}).as_numpy("images")
+    empty = raw_infer(server, {**seeded, "prompt": ("", "BYTES")}).as_numpy("images")
+    assert (missing == empty).all()
+
+
+def test_wrong_shape_is_refused_by_name(server):
+    prompt = grpcclient.InferInput("prompt", [2], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"a", b"b"], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as exc:
+        grpcclient.InferenceServerClient(server.url).infer("txt2img", [prompt])
+    assert "prompt" in str(exc.value) and "shape" in str(exc.value)
+    assert raw_infer(server, GOOD).as_numpy("seeds").shape == (1,)
+
+
+def test_client_checks_settings_before_sending(server):
+    client = Client(server.url)
+    with pytest.raises(InvalidRequest) as exc:
+        client.txt2img("a cat", width=65)
+    assert exc.value.field == "width" and "multiple of 8" in str(exc.value)
+    with pytest.raises(ServerError) as exc:
+        Client("127.0.0.1:1").txt2img("a cat")
+    assert "sdtrt serve" in str(exc.value)
+
+
+def test_defaults_come_from_the_spec(server, exported_repo):
+    spec = load_spec(exported_repo)
+    # Only a prompt and a small size: everything else takes the spec's defaults on the server.
+    response = raw_infer(server, {"prompt": ("a cat", "BYTES"), "width": (64, "INT32"), "height": (64, "INT32"),
+                                  "steps": (2, "INT32")})
+    assert response.as_numpy("images").shape == (spec.field("batch_size").default, 64, 64, 3)
+    assert Client(server.url).request("x").width == spec.field("width").default == 512
+
+
+REQUESTS = [  # 8 different requests: prompts, seeds, sizes, samplers, batch sizes, guidance on and off
+    dict(prompt="a red fox", sampler="Euler a", seed=1, width=64, height=64, batch_size=1, guidance_scale=7.0),
+    dict(prompt="a blue whale", sampler="DPM++ 2M Karras", seed=2, width=64, height=64, batch_size=2, guidance_scale=5.0),
+    dict(prompt="a green frog", sampler="DDIM", seed=3, width=96, height=64, batch_size=1, guidance_scale=7.5),
+    dict(prompt="a yellow bird", sampler="Euler", seed=4, width=64, height=80, batch_size=1, guidance_scale=1.0),
+    dict(prompt="a purple cat", sampler="Euler a", seed=5, width=64, height=64, batch_size=1, guidance_scale=9.0),
+    dict(prompt="an orange car", sampler="DPM++ 2M", seed=6, width=64, height=64, batch_size=1, guidance_scale=7.0),
+    dict(prompt="a white house", sampler="PLMS", seed=7, width=80, height=64, batch_size=2, guidance_scale=6.0),
+    dict(prompt="a black dog", sampler="Euler a", seed=8, width=64, height=64, batch_size=1, guidance_scale=7.0),
+]
+
+
+def test_concurrent_clients_each_get_their_own_image(server, diffusers_pipe):
+    expected = [
+        diffusers_images(diffusers_pipe, prompt=r["prompt"], sampler=r["sampler"], steps=8, cfg=r["guidance_scale"],
+                         seed=r["seed"], width=r["width"], height=r["height"], batch_size=r["batch_size"])
+        for r in REQUESTS
+    ]
+    grpc, http = Client(server.url, "grpc"), Client(server.http_url, "http")
+
+    def send(i: int):
+        r = dict(REQUESTS[i])
+        return (grpc if i % 2 else http).txt2img(r.pop("prompt"), steps=8, **r)
+
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        results = list(pool.map(send, range(len(REQUESTS))))
+    for request, result, reference in zip(REQUESTS, results, expected):
+        assert result.seeds == [request["seed"] + i for i in range(request["batch_size"])]
+        assert max_diff(result.images, reference) <= MAX_PIXEL_DIFF, request
+
+
+def test_unet_batches_steps_of_concurrent_requests(server):
+    """Triton's dynamic batcher merged U-Net calls from different denoising loops (so fewer executions than calls)."""
+    stats = grpcclient.InferenceServerClient(server.url).get_inference_statistics("unet", as_json=True)
+    model = stats["model_stats"][0]
+    assert int(model["inference_count"]) > int(model["execution_count"]) > 0
+
+
+def test_asyncio_client(server):
+    client = Client(server.url, "grpc")
+
+    async def main():
+        return await asyncio.gather(*(client.atxt2img("a cat", seed=s, steps=3, width=64, height=64) for s in (1, 2, 1)))
+
+    a, b, c = asyncio.run(main())
+    assert (a.images == c.images).all() and max_diff(a.images, b.images) > 0
+    assert a.seeds == [1] and b.seeds == [2]
+
+
+def test_served_config_carries_the_spec(server, exported_repo):
+    config = httpclient.InferenceServerClient(server.http_url).get_model_config("txt2img")
+    served = json.loads(config["parameters"]["sdtrt_spec"]["string_value"])
+    assert served == json.loads((exported_repo / "sdtrt_spec.json").read_text())
