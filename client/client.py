@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -118,7 +119,7 @@ class Client:
     def _result(self, request: Txt2ImgRequest, response) -> Generation:
         images = response.as_numpy(IMAGES)
         seeds = [int(s) for s in response.as_numpy(SEEDS)]
-        request = Txt2ImgRequest(**{**request.as_dict(), "seed": seeds[0]})
+        request = replace(request, seed=seeds[0])
         return Generation(images, seeds, infotexts(request, seeds, self.spec.model_name, self.spec.model_hash))
 
     def _timeout_kwargs(self) -> dict[str, Any]:

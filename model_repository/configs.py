@@ -100,7 +100,8 @@ def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
     return config
 
 
-SCHEDULER_FIELDS = ("seed", "steps", "guidance_scale", "sampler", "width", "height", "batch_size")
+# Every request field but the prompts (which the tokenizer takes) goes to the scheduler.
+SCHEDULER_FIELDS = ("seed", "steps", "guidance_scale", "sampler", "schedule_type", "width", "height", "batch_size")
 
 
 def scheduler_config(spec: ModelSpec, options: ServingOptions) -> mc.ModelConfig:

@@ -8,6 +8,7 @@ own scheduler object, generators and response, so images never cross between req
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 import triton_python_backend_utils as pb_utils
@@ -16,7 +17,7 @@ from sdtrt.denoise import txt2img_latents
 from sdtrt.errors import InvalidRequest
 from sdtrt.model_repository.configs import DECODER_LATENTS, EMBEDDINGS, SCHEDULER_FIELDS, SEEDS
 from sdtrt.model_repository.triton_io import JsonLog, error_response, model_spec, scalar
-from sdtrt.request import Txt2ImgRequest, check_value
+from sdtrt.request import Txt2ImgRequest, validate
 from sdtrt.seeds import resolve_seed
 
 
@@ -36,13 +37,9 @@ class TritonPythonModel:
 
     def settings(self, request) -> Txt2ImgRequest:
         """Every scheduler field, defaulted from the spec when absent and checked against its limits."""
-        values = {}
-        for name in SCHEDULER_FIELDS:
-            field = self.spec.field(name)
-            value = scalar(request, name)
-            values[name] = check_value(field, field.default if value is None else value)
-        values["seed"] = resolve_seed(values["seed"])
-        return Txt2ImgRequest(prompt="", **values)
+        values = {name: scalar(request, name) for name in SCHEDULER_FIELDS}
+        settings = validate(Txt2ImgRequest(prompt="", **values), self.spec)
+        return replace(settings, seed=resolve_seed(settings.seed))
 
     def unet_for(self, request):
         def unet(sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

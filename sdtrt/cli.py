@@ -24,6 +24,7 @@ TXT2IMG_FLAGS = {
     "--negative-prompt": "negative_prompt",
     "--steps": "steps",
     "--sampler": "sampler",
+    "--schedule-type": "schedule_type",
     "--cfg-scale": "guidance_scale",
     "--seed": "seed",
     "--width": "width",
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "infotext. With --local the exported ONNX runs in this process (the reference runner).")
     p.add_argument("prompt", help="what to draw")
     for flag, name in TXT2IMG_FLAGS.items():
-        kwargs = {"choices": list(SAMPLERS), "metavar": "NAME"} if name == "sampler" else {}
+        choices = _DOC_FIELDS[name].choices
+        kwargs = {"choices": list(choices), "metavar": "NAME"} if choices else {}
         p.add_argument(flag, dest=name, type=_type_for(name), default=None, help=_field_help(name), **kwargs)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", default=None,
@@ -229,10 +231,18 @@ def cmd_perf_analyzer(args: argparse.Namespace) -> int:
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
+    from sdtrt.samplers import SCHEDULE_TYPES, supported_schedules
+
     width = max(len(n) for n in SAMPLERS)
     for s in SAMPLERS.values():
-        extra = " ".join(f"{k}={v}" for k, v in s.overrides.items())
+        config = {**s.overrides, **SCHEDULE_TYPES[s.schedule]}
+        extra = " ".join(f"{k}={v}" for k, v in config.items())
         print(f"{s.name:<{width}}  {s.scheduler} {extra}".rstrip())
+    print("\nschedule types (--schedule-type; 'Automatic' keeps the sampler's own):")
+    for name, config in SCHEDULE_TYPES.items():
+        usable = [s for s in SAMPLERS if name in supported_schedules(s)]
+        detail = " ".join(f"{k}={v}" for k, v in config.items()) or "the sampler's default"
+        print(f"  {name:<12} {detail}; with {len(usable)} of {len(SAMPLERS)} samplers")
     return 0
 
 

@@ -80,7 +80,7 @@ def txt2img_latents(
     seeds = image_seeds(request.seed, request.batch_size)
     generators = make_generators(seeds)
     f = spec.vae_scale_factor
-    scheduler = make_scheduler(request.sampler, spec.scheduler_config)
+    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
     noise = initial_noise(generators, spec.latent_channels, request.height // f, request.width // f)
     latents = prepare_latents(scheduler, noise, request.steps)
     context = guidance_context(uncond, cond, request.batch_size, request.guidance_scale)

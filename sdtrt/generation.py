@@ -26,6 +26,7 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model_name: str, model_
             {
                 "Steps": request.steps,
                 "Sampler": request.sampler,
+                "Schedule type": None if request.schedule_type == "Automatic" else request.schedule_type,
                 "CFG scale": request.guidance_scale,
                 "Seed": seed,
                 "Size": f"{request.width}x{request.height}",

@@ -6,6 +6,7 @@ loop with the U-Net -> VAE decoder -> postprocess), so served images can be chec
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +61,7 @@ class LocalPipeline:
 
     def txt2img(self, request: Txt2ImgRequest, on_step: Callable[[int, int], None] | None = None) -> Generation:
         request = validate(request, self.spec)
-        request = Txt2ImgRequest(**{**request.as_dict(), "seed": resolve_seed(request.seed)})
+        request = replace(request, seed=resolve_seed(request.seed))
         uncond, cond = self.encode_text([request.negative_prompt, request.prompt]).split(1)  # as the tokenizer model
         latents, seeds = txt2img_latents(self.spec, request, uncond, cond, self.unet, on_step)
         images = self.decode(latents)

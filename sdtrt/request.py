@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sdtrt.errors import InvalidRequest
-from sdtrt.samplers import DEFAULT_SAMPLER, sampler_names
+from sdtrt.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, resolve, sampler_names
 from sdtrt.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.spec import FieldSpec, ModelSpec
 
@@ -27,6 +27,7 @@ class Txt2ImgRequest:
     steps: int = 20
     guidance_scale: float = 7.0
     sampler: str = DEFAULT_SAMPLER
+    schedule_type: str = DEFAULT_SCHEDULE
     width: int | None = None  # None: the model's native size
     height: int | None = None
     batch_size: int = 1
@@ -46,6 +47,8 @@ def request_fields(native_size: int, min_size: int, max_size: int, size_multiple
         FieldSpec("guidance_scale", "float32", 7.0, "classifier-free guidance (CFG) scale; <= 1 turns guidance off",
                   minimum=0.0, maximum=MAX_GUIDANCE),
         FieldSpec("sampler", "string", DEFAULT_SAMPLER, "AUTOMATIC1111 sampler name", choices=sampler_names()),
+        FieldSpec("schedule_type", "string", DEFAULT_SCHEDULE,
+                  "noise schedule (A1111's 'Schedule type'); Automatic = the sampler's own", choices=tuple(SCHEDULE_TYPES)),
         FieldSpec("width", "int32", native_size, "image width in pixels", minimum=min_size, maximum=max_size,
                   multiple_of=size_multiple),
         FieldSpec("height", "int32", native_size, "image height in pixels", minimum=min_size, maximum=max_size,
@@ -89,4 +92,5 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     for name, value in request.as_dict().items():
         field = spec.field(name)
         values[name] = check_value(field, field.default if value is None else value)
+    resolve(values["sampler"], values["schedule_type"])  # not every sampler follows every schedule
     return Txt2ImgRequest(**values)

@@ -1,7 +1,9 @@
-"""AUTOMATIC1111 sampler names -> diffusers scheduler classes, in one table.
+"""AUTOMATIC1111 sampler names and schedule types -> diffusers scheduler classes, in one table.
 
 Every sampler is a diffusers scheduler object built from the checkpoint's own scheduler config
 (``ModelSpec.scheduler_config``) plus the overrides below; sdtrt never implements a sampler itself.
+A1111's older combined names ("DPM++ 2M Karras") are the base sampler with a schedule type; newer A1111
+sends the schedule type separately ("scheduler": "Karras"), which ``schedule_type`` takes.
 """
 
 from __future__ import annotations
@@ -18,27 +20,38 @@ class Sampler:
     name: str  # as AUTOMATIC1111 spells it
     scheduler: str  # diffusers class name
     overrides: dict[str, Any] = field(default_factory=dict)
+    schedule: str = "Automatic"  # the schedule type a combined name implies ("Karras" in "DPM++ 2M Karras")
 
 
-_KARRAS = {"use_karras_sigmas": True}
+# A1111 schedule type -> the diffusers config that gives it (diffusers' "A1111 / k-diffusion" equivalents).
+SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
+    "Automatic": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+}
+DEFAULT_SCHEDULE = "Automatic"
+
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
+
+
+def _with_karras(name: str, scheduler: str, overrides: dict[str, Any] | None = None) -> list[Sampler]:
+    overrides = overrides or {}
+    return [Sampler(name, scheduler, overrides), Sampler(f"{name} Karras", scheduler, overrides, "Karras")]
+
 
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in [
         Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
         Sampler("Euler", "EulerDiscreteScheduler"),
-        Sampler("LMS", "LMSDiscreteScheduler"),
-        Sampler("LMS Karras", "LMSDiscreteScheduler", _KARRAS),
+        *_with_karras("LMS", "LMSDiscreteScheduler"),
         Sampler("Heun", "HeunDiscreteScheduler"),
-        Sampler("DPM2", "KDPM2DiscreteScheduler"),
-        Sampler("DPM2 Karras", "KDPM2DiscreteScheduler", _KARRAS),
-        Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler"),
-        Sampler("DPM2 a Karras", "KDPM2AncestralDiscreteScheduler", _KARRAS),
-        Sampler("DPM++ 2M", "DPMSolverMultistepScheduler"),
-        Sampler("DPM++ 2M Karras", "DPMSolverMultistepScheduler", _KARRAS),
-        Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SDE),
-        Sampler("DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler", {**_SDE, **_KARRAS}),
+        *_with_karras("DPM2", "KDPM2DiscreteScheduler"),
+        *_with_karras("DPM2 a", "KDPM2AncestralDiscreteScheduler"),
+        *_with_karras("DPM++ 2M", "DPMSolverMultistepScheduler"),
+        *_with_karras("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SDE),
+        *_with_karras("DPM++ SDE", "DPMSolverSDEScheduler"),
         Sampler("DDIM", "DDIMScheduler"),
         Sampler("PLMS", "PNDMScheduler"),
         Sampler("UniPC", "UniPCMultistepScheduler"),
@@ -52,16 +65,48 @@ def sampler_names() -> tuple[str, ...]:
     return tuple(SAMPLERS)
 
 
-def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
-    """A fresh diffusers scheduler for one request (schedulers keep per-run state)."""
+def _scheduler_class(sampler: Sampler):
+    import diffusers  # heavy: imported on first use so that `sdtrt --help` stays fast
+
+    return getattr(diffusers, sampler.scheduler)
+
+
+def supported_schedules(name: str) -> tuple[str, ...]:
+    """The schedule types this sampler's diffusers class can follow (its __init__ takes the setting)."""
+    params = inspect.signature(_scheduler_class(SAMPLERS[name]).__init__).parameters
+    return tuple(t for t, config in SCHEDULE_TYPES.items() if all(k in params for k in config))
+
+
+def resolve(name: str, schedule_type: str = DEFAULT_SCHEDULE) -> tuple[Sampler, str]:
+    """(sampler, effective schedule type); an explicit schedule type wins over a combined name's."""
     try:
         sampler = SAMPLERS[name]
     except KeyError:
         raise InvalidRequest("sampler", name, "one of: " + ", ".join(repr(n) for n in SAMPLERS)) from None
-    import diffusers  # heavy: imported on first use so that `sdtrt --help` stays fast
+    if schedule_type not in SCHEDULE_TYPES:
+        raise InvalidRequest("schedule_type", schedule_type, "one of: " + ", ".join(repr(t) for t in SCHEDULE_TYPES))
+    effective = sampler.schedule if schedule_type == DEFAULT_SCHEDULE else schedule_type
+    allowed = supported_schedules(name)
+    if effective not in allowed:
+        raise InvalidRequest("schedule_type", schedule_type,
+                             f"one of: {', '.join(repr(t) for t in allowed)} with sampler {name!r}")
+    return sampler, effective
 
-    cls = getattr(diffusers, sampler.scheduler)
-    return cls.from_config(base_config, **sampler.overrides)
+
+def make_scheduler(
+    name: str, base_config: dict[str, Any], schedule_type: str = DEFAULT_SCHEDULE, seeds: list[int] | None = None
+) -> Any:
+    """A fresh diffusers scheduler for one request (schedulers keep per-run state).
+
+    ``seeds`` (one per image) seed DPM++ SDE's Brownian tree, one tree per image, as A1111 does; the other
+    samplers draw their noise from the per-image generators passed to ``step`` instead.
+    """
+    sampler, effective = resolve(name, schedule_type)
+    cls = _scheduler_class(sampler)
+    overrides = {**sampler.overrides, **SCHEDULE_TYPES[effective]}
+    if seeds is not None and "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
+        overrides["noise_sampler_seed"] = list(seeds)
+    return cls.from_config(base_config, **overrides)
 
 
 def step_kwargs(scheduler: Any, generators: list[Any], eta: float = 0.0) -> dict[str, Any]:

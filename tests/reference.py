@@ -8,32 +8,57 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
+import diffusers as d
 
+# A1111 name -> diffusers scheduler, as diffusers' documentation lists the equivalents.
+_K = {"use_karras_sigmas": True}
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
 REFERENCE_SCHEDULERS = {
-    "Euler a": lambda cfg: EulerAncestralDiscreteScheduler.from_config(cfg),
-    "Euler": lambda cfg: EulerDiscreteScheduler.from_config(cfg),
-    "DPM++ 2M": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg),
-    "DPM++ 2M Karras": lambda cfg: DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True),
-    "DDIM": lambda cfg: DDIMScheduler.from_config(cfg),
-    "PLMS": lambda cfg: PNDMScheduler.from_config(cfg),
+    "Euler a": (d.EulerAncestralDiscreteScheduler, {}),
+    "Euler": (d.EulerDiscreteScheduler, {}),
+    "LMS": (d.LMSDiscreteScheduler, {}),
+    "LMS Karras": (d.LMSDiscreteScheduler, _K),
+    "Heun": (d.HeunDiscreteScheduler, {}),
+    "DPM2": (d.KDPM2DiscreteScheduler, {}),
+    "DPM2 Karras": (d.KDPM2DiscreteScheduler, _K),
+    "DPM2 a": (d.KDPM2AncestralDiscreteScheduler, {}),
+    "DPM2 a Karras": (d.KDPM2AncestralDiscreteScheduler, _K),
+    "DPM++ 2M": (d.DPMSolverMultistepScheduler, {}),
+    "DPM++ 2M Karras": (d.DPMSolverMultistepScheduler, _K),
+    "DPM++ 2M SDE": (d.DPMSolverMultistepScheduler, _SDE),
+    "DPM++ 2M SDE Karras": (d.DPMSolverMultistepScheduler, {**_SDE, **_K}),
+    "DPM++ SDE": (d.DPMSolverSDEScheduler, {}),
+    "DPM++ SDE Karras": (d.DPMSolverSDEScheduler, _K),
+    "DDIM": (d.DDIMScheduler, {}),
+    "PLMS": (d.PNDMScheduler, {}),
+    "UniPC": (d.UniPCMultistepScheduler, {}),
 }
+REFERENCE_SCHEDULES = {
+    "Automatic": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+}
+
+
+def reference_scheduler(sampler: str, config, seed: int, schedule_type: str = "Automatic"):
+    cls, kwargs = REFERENCE_SCHEDULERS[sampler]
+    kwargs = {**kwargs, **REFERENCE_SCHEDULES[schedule_type]}
+    if cls is d.DPMSolverSDEScheduler:  # its Brownian tree is seeded with the image's seed
+        kwargs["noise_sampler_seed"] = seed
+    return cls.from_config(config, **kwargs)
+
 
 MAX_PIXEL_DIFF = 2  # out of 255: the acceptance tolerance for every served/exported image
 
 
-def diffusers_images(pipe, *, prompt, negative_prompt="", sampler, steps, cfg, seed, width, height, batch_size=1):
+def diffusers_images(pipe, *, prompt, negative_prompt="", sampler, steps, cfg, seed, width, height, batch_size=1,
+                     schedule_type="Automatic"):
     """[N, H, W, 3] uint8 from diffusers, one call per image with generator seed+i (the README's seed contract)."""
     original = pipe.scheduler
     images = []
     for i in range(batch_size):
-        pipe.scheduler = REFERENCE_SCHEDULERS[sampler](original.config)
+        pipe.scheduler = reference_scheduler(sampler, original.config, seed + i, schedule_type)
         out = pipe(
             prompt,
             negative_prompt=negative_prompt,

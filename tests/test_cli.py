@@ -96,6 +96,9 @@ def test_samplers_lists_the_table(capsys):
     code, out, _ = run(capsys, "samplers")
     assert code == 0
     assert "Euler a" in out and "EulerAncestralDiscreteScheduler" in out
-    rows = {line.split("  ")[0]: line.split() for line in out.splitlines()}
+    table, schedules = out.split("\n\n")
+    rows = {line.split("  ")[0]: line.split() for line in table.splitlines()}
     assert rows["DPM++ 2M Karras"][-2:] == ["DPMSolverMultistepScheduler", "use_karras_sigmas=True"]
-    assert len(rows) == 16
+    assert rows["DPM++ SDE"][-1] == "DPMSolverSDEScheduler"
+    assert len(rows) == 18
+    assert "SGM Uniform  timestep_spacing=trailing; with 18 of 18 samplers" in schedules

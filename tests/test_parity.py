@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
+from reference import MAX_PIXEL_DIFF, REFERENCE_SCHEDULERS, diffusers_images, max_diff
+from sdtrt.samplers import SAMPLERS
 from sdtrt.request import Txt2ImgRequest
 
 CASES = [
@@ -33,6 +34,43 @@ def test_matches_diffusers(sampler, width, height, batch, local_pipeline, diffus
     assert result.seeds == [1234 + i for i in range(batch)]
     assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
     assert result.images.std() > 1.0  # a real picture, not a blank
+
+
+def test_reference_table_covers_every_sampler():
+    assert set(REFERENCE_SCHEDULERS) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_matches_diffusers(sampler, local_pipeline, diffusers_pipe):
+    expected = diffusers_images(diffusers_pipe, prompt="a castle in the clouds", negative_prompt="ugly", sampler=sampler,
+                                steps=8, cfg=7.0, seed=99, width=64, height=64, batch_size=2)
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a castle in the clouds", negative_prompt="ugly",
+                                                   sampler=sampler, steps=8, guidance_scale=7.0, seed=99, width=64,
+                                                   height=64, batch_size=2))
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("sampler,schedule", [("Euler", "Karras"), ("DPM++ 2M", "Exponential"), ("Euler a", "SGM Uniform"),
+                                              ("UniPC", "SGM Uniform"), ("DPM++ SDE", "Karras"), ("LMS", "Exponential")])
+def test_schedule_types_match_diffusers(sampler, schedule, local_pipeline, diffusers_pipe):
+    expected = diffusers_images(diffusers_pipe, prompt="a castle", sampler=sampler, schedule_type=schedule, steps=8,
+                                cfg=7.0, seed=5, width=64, height=64)
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a castle", sampler=sampler, schedule_type=schedule, steps=8,
+                                                   guidance_scale=7.0, seed=5, width=64, height=64))
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+    plain = local_pipeline.txt2img(Txt2ImgRequest(prompt="a castle", sampler=sampler, steps=8, guidance_scale=7.0,
+                                                  seed=5, width=64, height=64))
+    assert (plain.images != result.images).any()  # the schedule really changed the sampling
+    assert f"Schedule type: {schedule}" in result.infotexts[0]
+
+
+def test_unsupported_schedule_is_refused_with_the_allowed_ones(local_pipeline):
+    from sdtrt.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as exc:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="Euler a", schedule_type="Karras", width=64, height=64))
+    assert exc.value.field == "schedule_type"
+    assert "'Automatic', 'SGM Uniform' with sampler 'Euler a'" in str(exc.value)
 
 
 def test_guidance_off_matches_diffusers(local_pipeline, diffusers_pipe):

@@ -17,6 +17,7 @@ from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
 from sdtrt.client import Client, ServerError
 from sdtrt.errors import InvalidRequest
 from sdtrt.request import Txt2ImgRequest
+from sdtrt.samplers import SAMPLERS
 from sdtrt.spec import load_spec
 
 MODELS = ["tokenizer", "text_encoder", "unet", "scheduler", "vae_decoder", "postprocess", "txt2img"]
@@ -67,6 +68,15 @@ def test_served_image_matches_local_runner_and_diffusers(server, local_pipeline,
     assert served.infotexts == local.infotexts
 
 
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_served_matches_diffusers(server, diffusers_pipe, sampler):
+    served = Client(server.url).txt2img("a castle in the clouds", negative_prompt="ugly", sampler=sampler, steps=6,
+                                        guidance_scale=7.0, seed=2024, width=64, height=64)
+    reference = diffusers_images(diffusers_pipe, prompt="a castle in the clouds", negative_prompt="ugly",
+                                 sampler=sampler, steps=6, cfg=7.0, seed=2024, width=64, height=64)
+    assert max_diff(served.images, reference) <= MAX_PIXEL_DIFF
+
+
 def test_random_seed_is_returned(server):
     client = Client(server.url)
     first = client.txt2img("a cat", seed=-1, steps=3, width=64, height=64)
@@ -100,6 +110,9 @@ BAD = [
     ({"guidance_scale": (float("nan"), "FP32")}, "invalid guidance_scale=nan"),
     ({"seed": (-2, "INT64")}, "invalid seed=-2: seed must be an integer, from -1 to 4294967295"),
     ({"sampler": ("Euler b", "BYTES")}, "invalid sampler='Euler b': sampler must be one of: 'Euler a', 'Euler'"),
+    ({"schedule_type": ("Karras", "BYTES"), "sampler": ("Euler a", "BYTES")},
+     "invalid schedule_type='Karras': schedule_type must be one of: 'Automatic', 'SGM Uniform' with sampler 'Euler a'"),
+    ({"schedule_type": ("Polyexponential", "BYTES")}, "invalid schedule_type='Polyexponential'"),
     ({"width": (64.0, "FP32")}, "width"),  # wrong wire type: Triton itself names the input
 ]
 
