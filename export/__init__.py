@@ -12,7 +12,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sdtrt.export.checkpoint import Checkpoint, load_checkpoint
-from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, UNET_BATCH, descriptors, dim_ranges
+from sdtrt.export.descriptors import (
+    BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, TEXT_BATCH, UNET_BATCH, descriptors, dim_ranges,
+)
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.errors import UsageError
 from sdtrt.model_repository.build import write_repository
@@ -66,8 +68,8 @@ def export_model(
     # Verify at the smallest sizes (fast even for SD-sized weights) and at an odd, non-square, 2-chunk shape.
     lo_h, lo_w = dims[LATENT_H].min, dims[LATENT_W].min
     check_dims = [
-        {BATCH: 1, UNET_BATCH: 2, LATENT_H: lo_h, LATENT_W: lo_w + 1, CONTEXT: text_max_length},
-        {BATCH: 2, UNET_BATCH: 3, LATENT_H: lo_h + 2, LATENT_W: lo_w,
+        {BATCH: 1, TEXT_BATCH: 2, UNET_BATCH: 2, LATENT_H: lo_h, LATENT_W: lo_w + 1, CONTEXT: text_max_length},
+        {BATCH: 2, TEXT_BATCH: 3, UNET_BATCH: 3, LATENT_H: lo_h + 2, LATENT_W: lo_w,
          CONTEXT: min(2 * text_max_length, dims[CONTEXT].max)},
     ]
     components = {}
@@ -113,7 +115,8 @@ def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max
         text_hidden_size=int(pipe.text_encoder.config.hidden_size),
         dims=dims,
         components=components,
-        request=request_fields(native, min_size, max_size, factor, max_batch),
+        request=request_fields(native, min_size, max_size, factor, max_batch,
+                               clip_layers=int(pipe.text_encoder.config.num_hidden_layers)),
     )
 
 

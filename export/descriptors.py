@@ -15,7 +15,8 @@ import torch
 from sdtrt.spec import DimRange, TensorSpec
 
 # Dynamic dimension names, shared by every descriptor (their ranges live in the spec's "dims").
-BATCH = "batch"  # images in a request (text encoder rows, VAE batch)
+BATCH = "batch"  # images in a request (VAE batch)
+TEXT_BATCH = "text_batch"  # CLIP rows: 75-token chunks of the negative prompt and the prompt
 UNET_BATCH = "unet_batch"  # U-Net rows: 2x images with guidance (uncond + cond), from several requests when batched
 LATENT_H = "latent_height"
 LATENT_W = "latent_width"
@@ -39,15 +40,32 @@ class Descriptor:
         }
 
 
+def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """CLIP's final LayerNorm: under ``text_model`` in transformers 4, on the model itself in transformers 5.
+
+    (diffusers 0.42's own ``clip_skip`` still looks under ``text_model`` and fails with transformers 5.)
+    """
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
 class TextEncoder(torch.nn.Module):
-    """CLIP text model: int32 token ids (TensorRT-friendly) -> last hidden state."""
+    """CLIP text model: int32 token ids (TensorRT-friendly) and a per-row Clip skip -> text embeddings.
+
+    A1111's Clip skip n takes the output of the n-th layer from the end and applies CLIP's final layer norm;
+    n = 1 is the usual last hidden state. Every layer's output is computed anyway, so picking one per row
+    in the graph costs nothing and lets one engine serve every Clip skip.
+    """
 
     def __init__(self, text_encoder: torch.nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.long(), return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
+        out = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)
+        layers = torch.stack(out.hidden_states[1:], dim=1)  # [N, L, T, H], layer outputs before the final norm
+        index = (layers.shape[1] - clip_skip.long()).reshape(-1, 1, 1, 1).expand(-1, 1, *layers.shape[2:])
+        picked = torch.gather(layers, 1, index).squeeze(1)
+        return final_layer_norm(self.text_encoder)(picked)
 
 
 class UNet(torch.nn.Module):
@@ -77,6 +95,7 @@ def dim_ranges(
     f = vae_scale_factor
     return {
         BATCH: DimRange(1, 1, max_batch),
+        TEXT_BATCH: DimRange(1, 2, 2 * max_chunks),
         UNET_BATCH: DimRange(1, 2, 2 * max_batch),
         LATENT_H: DimRange(min_size // f, native_size // f, max_size // f),
         LATENT_W: DimRange(min_size // f, native_size // f, max_size // f),
@@ -92,8 +111,12 @@ def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
     vocab = pipe.text_encoder.config.vocab_size
     out_channels = pipe.vae.config.out_channels
 
+    layers = pipe.text_encoder.config.num_hidden_layers
+
     def text_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
-        return (torch.randint(0, vocab, (d[BATCH], text_max_length), dtype=torch.int32),)
+        n = d[TEXT_BATCH]
+        return (torch.randint(0, vocab, (n, text_max_length), dtype=torch.int32),
+                torch.randint(1, layers + 1, (n,), dtype=torch.int32))
 
     def unet_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n = d[UNET_BATCH]
@@ -110,10 +133,11 @@ def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
         Descriptor(
             name="text_encoder",
             module=TextEncoder(pipe.text_encoder),
-            inputs=(TensorSpec("input_ids", "int32", (BATCH, text_max_length)),),
-            outputs=(TensorSpec("text_embeddings", "float32", (BATCH, text_max_length, hidden)),),
+            inputs=(TensorSpec("input_ids", "int32", (TEXT_BATCH, text_max_length)),
+                    TensorSpec("clip_skip", "int32", (TEXT_BATCH,))),
+            outputs=(TensorSpec("text_embeddings", "float32", (TEXT_BATCH, text_max_length, hidden)),),
             make_inputs=text_inputs,
-            trace_dims={BATCH: 2},
+            trace_dims={TEXT_BATCH: 3},
         ),
         Descriptor(
             name="unet",

@@ -42,8 +42,10 @@ class ServingOptions:
 
 # Internal tensors of the ensemble, named once here and used by both sides of each step.
 # name -> (dtype, dims); dims are what the ensemble sees (full shapes, no implicit batch dim).
-TOKEN_IDS = "token_ids"  # [2, 77]: row 0 negative prompt (uncond), row 1 prompt (cond)
-EMBEDDINGS = "text_embeddings"
+TOKEN_IDS = "token_ids"  # [2k, 77]: the negative prompt's k chunks, then the prompt's k chunks
+TOKEN_WEIGHTS = "token_weights"  # [2k, 77]: A1111 attention weights of those tokens
+CLIP_SKIP_ROWS = "clip_skip_rows"  # [2k, 1]: the request's Clip skip, one per text-encoder row
+EMBEDDINGS = "text_embeddings"  # [2k, 77, H]
 DECODER_LATENTS = "decoder_latents"  # final latents divided by the VAE scaling factor
 DECODED = "decoded"  # VAE output in [-1, 1]
 IMAGES = "images"
@@ -90,24 +92,31 @@ def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOp
     return config
 
 
+# Request fields the tokenizer takes; every other field goes to the scheduler.
+TOKENIZER_FIELDS = ("prompt", "negative_prompt", "clip_skip")
+
+
+def scheduler_fields(spec: ModelSpec) -> tuple[str, ...]:
+    return tuple(name for name in spec.request if name not in TOKENIZER_FIELDS)
+
+
 def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
     config = mc.ModelConfig(name="tokenizer", backend="python", max_batch_size=0)
-    for name in ("prompt", "negative_prompt"):
-        _tensor(config.input, name, "string", [1])
+    for name in TOKENIZER_FIELDS:
+        _tensor(config.input, name, spec.field(name).dtype, [1])
         config.input[-1].optional = True
-    _tensor(config.output, TOKEN_IDS, "int32", [2, spec.text_max_length])
+    _tensor(config.output, TOKEN_IDS, "int32", [-1, spec.text_max_length])
+    _tensor(config.output, TOKEN_WEIGHTS, "float32", [-1, spec.text_max_length])
+    _tensor(config.output, CLIP_SKIP_ROWS, "int32", [-1, 1])
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     return config
 
 
-# Every request field but the prompts (which the tokenizer takes) goes to the scheduler.
-SCHEDULER_FIELDS = ("seed", "steps", "guidance_scale", "sampler", "schedule_type", "width", "height", "batch_size")
-
-
 def scheduler_config(spec: ModelSpec, options: ServingOptions) -> mc.ModelConfig:
     config = mc.ModelConfig(name="scheduler", backend="python", max_batch_size=0)
-    _tensor(config.input, EMBEDDINGS, "float32", [2, spec.text_max_length, spec.text_hidden_size])
-    for name in SCHEDULER_FIELDS:
+    _tensor(config.input, EMBEDDINGS, "float32", [-1, spec.text_max_length, spec.text_hidden_size])
+    _tensor(config.input, TOKEN_WEIGHTS, "float32", [-1, spec.text_max_length])
+    for name in scheduler_fields(spec):
         field = spec.field(name)
         _tensor(config.input, name, field.dtype, [1])
         config.input[-1].optional = True  # missing fields take the spec's default
@@ -148,9 +157,11 @@ def ensemble_config(spec: ModelSpec) -> mc.ModelConfig:
         s.input_map.update(inputs)
         s.output_map.update(outputs)
 
-    step("tokenizer", {"prompt": "prompt", "negative_prompt": "negative_prompt"}, {TOKEN_IDS: TOKEN_IDS})
-    step("text_encoder", {text.inputs[0].name: TOKEN_IDS}, {text.outputs[0].name: EMBEDDINGS})
-    step("scheduler", {EMBEDDINGS: EMBEDDINGS, **{f: f for f in SCHEDULER_FIELDS}},
+    step("tokenizer", {f: f for f in TOKENIZER_FIELDS},
+         {TOKEN_IDS: TOKEN_IDS, TOKEN_WEIGHTS: TOKEN_WEIGHTS, CLIP_SKIP_ROWS: CLIP_SKIP_ROWS})
+    step("text_encoder", {text.inputs[0].name: TOKEN_IDS, text.inputs[1].name: CLIP_SKIP_ROWS},
+         {text.outputs[0].name: EMBEDDINGS})
+    step("scheduler", {EMBEDDINGS: EMBEDDINGS, TOKEN_WEIGHTS: TOKEN_WEIGHTS, **{f: f for f in scheduler_fields(spec)}},
          {DECODER_LATENTS: DECODER_LATENTS, SEEDS: SEEDS})
     step("vae_decoder", {vae.inputs[0].name: DECODER_LATENTS}, {vae.outputs[0].name: DECODED})
     step("postprocess", {DECODED: DECODED}, {IMAGES: IMAGES})

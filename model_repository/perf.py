@@ -11,7 +11,7 @@ from typing import Any
 
 from sdtrt.clip_vocab import cache_dir
 from sdtrt.errors import UsageError
-from sdtrt.model_repository.configs import DECODED, EMBEDDINGS, PIPELINE, SCHEDULER_FIELDS
+from sdtrt.model_repository.configs import DECODED, EMBEDDINGS, PIPELINE, TOKEN_WEIGHTS, TOKENIZER_FIELDS, scheduler_fields
 from sdtrt.model_repository.server import pytriton_home
 from sdtrt.spec import ModelSpec
 
@@ -32,7 +32,7 @@ def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
     fields.update(prompt=PERF_PROMPT, seed=42, steps=20)
     txt2img = {name: [value] for name, value in fields.items()}
     native = spec.field("width").default // spec.vae_scale_factor
-    dims = {"batch": 1, "unet_batch": 1, "latent_height": native, "latent_width": native,
+    dims = {"batch": 1, "text_batch": 1, "unet_batch": 1, "latent_height": native, "latent_width": native,
             "context_length": spec.text_max_length}
 
     def network(name: str) -> dict[str, Any]:
@@ -40,17 +40,21 @@ def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
         for tensor in spec.component(name).inputs:
             shape = [d if isinstance(d, int) else dims[d] for d in tensor.shape[1:]] or [1]
             data[tensor.name] = _zeros(shape)
-            if tensor.dtype.startswith("int"):  # token ids: BOS, EOS, then padding
+            if tensor.name == "input_ids":  # BOS, EOS, then padding
                 data[tensor.name]["content"] = [49406, 49407] + [49407] * (len(data[tensor.name]["content"]) - 2)
+            elif tensor.dtype.startswith("int"):  # per-row settings such as Clip skip: 1
+                data[tensor.name]["content"] = [1] * len(data[tensor.name]["content"])
         return data
 
     channels = spec.component("vae_decoder").outputs[0].shape[1]
     return {
         PIPELINE: {"data": [txt2img]},
-        "tokenizer": {"data": [{"prompt": [PERF_PROMPT], "negative_prompt": [""]}]},
+        "tokenizer": {"data": [{f: txt2img[f] for f in TOKENIZER_FIELDS}]},
         **{name: {"data": [network(name)]} for name in ("text_encoder", "unet", "vae_decoder")},
         "scheduler": {"data": [{EMBEDDINGS: _zeros([2, spec.text_max_length, spec.text_hidden_size]),
-                                **{f: txt2img[f] for f in SCHEDULER_FIELDS}}]},
+                                TOKEN_WEIGHTS: {"content": [1.0] * (2 * spec.text_max_length),
+                                                "shape": [2, spec.text_max_length]},
+                                **{f: txt2img[f] for f in scheduler_fields(spec)}}]},
         "postprocess": {"data": [{DECODED: _zeros([1, channels, native * spec.vae_scale_factor,
                                                    native * spec.vae_scale_factor])}]},
     }

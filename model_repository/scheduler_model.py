@@ -15,8 +15,9 @@ import triton_python_backend_utils as pb_utils
 
 from sdtrt.denoise import txt2img_latents
 from sdtrt.errors import InvalidRequest
-from sdtrt.model_repository.configs import DECODER_LATENTS, EMBEDDINGS, SCHEDULER_FIELDS, SEEDS
+from sdtrt.model_repository.configs import DECODER_LATENTS, EMBEDDINGS, SEEDS, TOKEN_WEIGHTS, scheduler_fields
 from sdtrt.model_repository.triton_io import JsonLog, error_response, model_spec, scalar
+from sdtrt.prompts import apply_weights
 from sdtrt.request import Txt2ImgRequest, validate
 from sdtrt.seeds import resolve_seed
 
@@ -32,12 +33,13 @@ class TritonPythonModel:
         unet = self.spec.component("unet")
         self.unet_inputs = [t.name for t in unet.inputs]
         self.unet_output = unet.outputs[0].name
+        self.fields = scheduler_fields(self.spec)
         torch.set_num_threads(1)  # the loop's own math is tiny; leave the cores to the networks
         self.log.info("ready", instance=args.get("model_instance_name"))
 
     def settings(self, request) -> Txt2ImgRequest:
         """Every scheduler field, defaulted from the spec when absent and checked against its limits."""
-        values = {name: scalar(request, name) for name in SCHEDULER_FIELDS}
+        values = {name: scalar(request, name) for name in self.fields}
         settings = validate(Txt2ImgRequest(prompt="", **values), self.spec)
         return replace(settings, seed=resolve_seed(settings.seed))
 
@@ -59,8 +61,9 @@ class TritonPythonModel:
     def run(self, request) -> "pb_utils.InferenceResponse":
         start = time.perf_counter()
         settings = self.settings(request)
-        embeddings = torch.from_numpy(pb_utils.get_input_tensor_by_name(request, EMBEDDINGS).as_numpy().copy())
-        uncond, cond = embeddings[0:1], embeddings[1:2]
+        embeddings = pb_utils.get_input_tensor_by_name(request, EMBEDDINGS).as_numpy()
+        weights = pb_utils.get_input_tensor_by_name(request, TOKEN_WEIGHTS).as_numpy()
+        uncond, cond = torch.from_numpy(apply_weights(embeddings, weights)).split(1)
         latents, seeds = txt2img_latents(self.spec, settings, uncond, cond, self.unet_for(request))
         self.log.info("sampled", request_id=request.request_id(), sampler=settings.sampler, steps=settings.steps,
                       size=f"{settings.width}x{settings.height}", images=settings.batch_size, seed=settings.seed,

@@ -1,13 +1,20 @@
-"""Triton model ``tokenizer``: prompt and negative prompt -> CLIP token ids [2, 77] (row 0 negative, row 1 prompt)."""
+"""Triton model ``tokenizer``: prompts -> A1111-weighted 75-token chunks for the text encoder.
+
+Outputs [2k, 77] token ids and weights (the negative prompt's k chunks, then the prompt's, padded to the same
+k with empty-prompt chunks) and the request's Clip skip once per row.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.model_repository.configs import TOKEN_IDS
+from sdtrt.errors import InvalidRequest
+from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER_FIELDS
 from sdtrt.model_repository.triton_io import JsonLog, error_response, model_spec, repo_root, scalar
-from sdtrt.text import load_tokenizer, tokenize
+from sdtrt.prompts import prompt_rows
+from sdtrt.request import check_value
+from sdtrt.text import load_tokenizer
 
 
 class TritonPythonModel:
@@ -15,16 +22,28 @@ class TritonPythonModel:
         self.spec = model_spec(args)
         self.log = JsonLog(args["model_name"])
         self.tokenizer = load_tokenizer(repo_root(args) / self.spec.tokenizer, self.spec.text_max_length)
-        self.log.info("ready", tokenizer=self.spec.tokenizer)
+        self.log.info("ready", tokenizer=self.spec.tokenizer, max_chunks=self.spec.max_chunks)
+
+    def run(self, request) -> "pb_utils.InferenceResponse":
+        values = {}
+        for name in TOKENIZER_FIELDS:
+            field, value = self.spec.field(name), scalar(request, name)
+            values[name] = check_value(field, field.default if value is None else value)
+        ids, weights = prompt_rows(self.tokenizer, values["prompt"], values["negative_prompt"], self.spec.max_chunks)
+        skip = np.full((len(ids), 1), values["clip_skip"], dtype=np.int32)
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor(TOKEN_IDS, ids), pb_utils.Tensor(TOKEN_WEIGHTS, weights), pb_utils.Tensor(CLIP_SKIP_ROWS, skip),
+        ])
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                prompt, negative = (scalar(request, name) or "" for name in ("prompt", "negative_prompt"))
-                ids = tokenize(self.tokenizer, [negative, prompt], self.spec.text_max_length)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(TOKEN_IDS, ids.astype(np.int32))]))
+                responses.append(self.run(request))
+            except InvalidRequest as exc:
+                self.log.info("invalid_request", field=exc.field)
+                responses.append(error_response(str(exc), "INVALID_ARG"))
             except Exception as exc:  # a bad request must never take the model down
-                self.log.warn("bad_request", error=str(exc))
+                self.log.error("failed", error=repr(exc))
                 responses.append(error_response(f"tokenizer: {exc}"))
         return responses

@@ -30,6 +30,7 @@ TXT2IMG_FLAGS = {
     "--width": "width",
     "--height": "height",
     "--batch-size": "batch_size",
+    "--clip-skip": "clip_skip",
 }
 
 EPILOG_MAIN = """\

@@ -87,6 +87,7 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None)
     # Each component gets its own fixed seed so that changing one config leaves the others' weights alone.
     torch.manual_seed(SEED)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
+    _trained_like_layer_norms(text_encoder)
     torch.manual_seed(SEED + 1)
     unet = UNet2DConditionModel(**UNET_CONFIG).eval()
     torch.manual_seed(SEED + 2)
@@ -104,6 +105,22 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None)
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def _trained_like_layer_norms(module) -> None:
+    """Give the LayerNorms the non-trivial scales and offsets of a trained CLIP.
+
+    Freshly initialised they are exactly (1, 0), so CLIP's output has zero mean per token and A1111's prompt
+    weighting, which rescales each chunk back to its original mean, would divide by ~0. A trained CLIP's final
+    LayerNorm has learned offsets, and so does this one (drawn from the same fixed seed).
+    """
+    import torch
+
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.LayerNorm):
+                layer.weight.copy_(1.0 + 0.1 * torch.randn_like(layer.weight))
+                layer.bias.copy_(0.3 + 0.1 * torch.randn_like(layer.bias))
 
 
 def weights_digest(model_dir: str | Path) -> dict[str, str]:

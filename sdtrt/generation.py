@@ -32,6 +32,7 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model_name: str, model_
                 "Size": f"{request.width}x{request.height}",
                 "Model hash": model_hash,
                 "Model": model_name,
+                "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             },
         )
         for seed in seeds

@@ -19,7 +19,8 @@ from sdtrt.images import to_uint8
 from sdtrt.request import Txt2ImgRequest, validate
 from sdtrt.seeds import resolve_seed
 from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
-from sdtrt.text import load_tokenizer, tokenize
+from sdtrt.prompts import apply_weights, prompt_rows
+from sdtrt.text import load_tokenizer
 
 
 class OnnxNetwork:
@@ -49,9 +50,12 @@ class LocalPipeline:
         self.unet_net = OnnxNetwork(self.repo, self.spec.component("unet"), threads)
         self.vae_decoder = OnnxNetwork(self.repo, self.spec.component("vae_decoder"), threads)
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        ids = tokenize(self.tokenizer, prompts, self.spec.text_max_length)
-        return torch.from_numpy(self.text_encoder(ids))
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond, cond) U-Net contexts [1, 77k, H] with A1111 weighting, chunking and Clip skip."""
+        ids, weights = prompt_rows(self.tokenizer, request.prompt, request.negative_prompt, self.spec.max_chunks)
+        embeddings = self.text_encoder(ids, np.full(len(ids), request.clip_skip, dtype=np.int32))
+        uncond, cond = torch.from_numpy(apply_weights(embeddings, weights)).split(1)
+        return uncond, cond
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.unet_net(sample.numpy(), timestep.numpy(), context.numpy()))
@@ -62,7 +66,7 @@ class LocalPipeline:
     def txt2img(self, request: Txt2ImgRequest, on_step: Callable[[int, int], None] | None = None) -> Generation:
         request = validate(request, self.spec)
         request = replace(request, seed=resolve_seed(request.seed))
-        uncond, cond = self.encode_text([request.negative_prompt, request.prompt]).split(1)  # as the tokenizer model
+        uncond, cond = self.encode_prompts(request)
         latents, seeds = txt2img_latents(self.spec, request, uncond, cond, self.unet, on_step)
         images = self.decode(latents)
         return Generation(images, seeds, infotexts(request, seeds, self.spec.model_name, self.spec.model_hash))

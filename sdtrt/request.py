@@ -31,12 +31,15 @@ class Txt2ImgRequest:
     width: int | None = None  # None: the model's native size
     height: int | None = None
     batch_size: int = 1
+    clip_skip: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def request_fields(native_size: int, min_size: int, max_size: int, size_multiple: int, max_batch: int) -> dict[str, FieldSpec]:
+def request_fields(
+    native_size: int, min_size: int, max_size: int, size_multiple: int, max_batch: int, clip_layers: int = 12
+) -> dict[str, FieldSpec]:
     """The request table for one model; export stores it in the spec."""
     fields = [
         FieldSpec("prompt", "string", "", "what to draw"),
@@ -54,6 +57,8 @@ def request_fields(native_size: int, min_size: int, max_size: int, size_multiple
         FieldSpec("height", "int32", native_size, "image height in pixels", minimum=min_size, maximum=max_size,
                   multiple_of=size_multiple),
         FieldSpec("batch_size", "int32", 1, "images generated together from one prompt", minimum=1, maximum=max_batch),
+        FieldSpec("clip_skip", "int32", 1, "use the output of CLIP's n-th layer from the end (A1111's Clip skip)",
+                  minimum=1, maximum=min(12, clip_layers)),
     ]
     return {f.name: f for f in fields}
 

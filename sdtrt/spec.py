@@ -129,6 +129,11 @@ class ModelSpec:
     def model_hash(self) -> str:
         return self.source_hash[:10]
 
+    @property
+    def max_chunks(self) -> int:
+        """Longest prompt, in 75-token chunks: the U-Net's context length range allows this many."""
+        return self.dims["context_length"].max // self.text_max_length
+
     def component(self, name: str) -> ComponentSpec:
         try:
             return self.components[name]

@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, UNET_BATCH, descriptors
+from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
 from sdtrt.spec import SPEC_FILENAME, load_spec
 
 SHAPES = [  # square, non-square, odd latent sizes, two prompt chunks, several images
-    {BATCH: 1, UNET_BATCH: 2, LATENT_H: 8, LATENT_W: 8, CONTEXT: 77},
-    {BATCH: 2, UNET_BATCH: 4, LATENT_H: 12, LATENT_W: 8, CONTEXT: 154},
-    {BATCH: 1, UNET_BATCH: 1, LATENT_H: 13, LATENT_W: 9, CONTEXT: 77},
+    {BATCH: 1, TEXT_BATCH: 1, UNET_BATCH: 2, LATENT_H: 8, LATENT_W: 8, CONTEXT: 77},
+    {BATCH: 2, TEXT_BATCH: 4, UNET_BATCH: 4, LATENT_H: 12, LATENT_W: 8, CONTEXT: 154},
+    {BATCH: 1, TEXT_BATCH: 6, UNET_BATCH: 1, LATENT_H: 13, LATENT_W: 9, CONTEXT: 77},
 ]
 
 

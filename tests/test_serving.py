@@ -77,6 +77,26 @@ def test_every_sampler_served_matches_diffusers(server, diffusers_pipe, sampler)
     assert max_diff(served.images, reference) <= MAX_PIXEL_DIFF
 
 
+def test_served_prompt_syntax_long_prompts_and_clip_skip_match_the_local_runner(server, local_pipeline):
+    prompt = "a ((lighthouse)) on a [cliff], (stormy sea:1.4) BREAK " + " ".join(["oil painting"] * 50)  # 3 chunks
+    settings = dict(negative_prompt="(blurry:1.3), " + " ".join(["ugly"] * 80), clip_skip=2, steps=6, seed=77,
+                    width=64, height=64)
+    served = Client(server.url).txt2img(prompt, **settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(prompt=prompt, **settings))
+    uncond, cond = local_pipeline.encode_prompts(Txt2ImgRequest(prompt=prompt, **settings))
+    assert cond.shape[1] == uncond.shape[1] == 3 * 77
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    assert "Clip skip: 2" in served.infotexts[0]
+
+
+def test_120_token_prompt_gives_a_154_token_context(server, local_pipeline):
+    prompt = " ".join(["cat"] * 120)
+    uncond, cond = local_pipeline.encode_prompts(Txt2ImgRequest(prompt=prompt))
+    assert cond.shape[1] == uncond.shape[1] == 154
+    served = Client(server.url).txt2img(prompt, steps=3, width=64, height=64, seed=1)
+    assert served.images.shape == (1, 64, 64, 3) and served.images.std() > 1
+
+
 def test_random_seed_is_returned(server):
     client = Client(server.url)
     first = client.txt2img("a cat", seed=-1, steps=3, width=64, height=64)
@@ -113,6 +133,8 @@ BAD = [
     ({"schedule_type": ("Karras", "BYTES"), "sampler": ("Euler a", "BYTES")},
      "invalid schedule_type='Karras': schedule_type must be one of: 'Automatic', 'SGM Uniform' with sampler 'Euler a'"),
     ({"schedule_type": ("Polyexponential", "BYTES")}, "invalid schedule_type='Polyexponential'"),
+    ({"clip_skip": (3, "INT32")}, "invalid clip_skip=3: clip_skip must be an integer, from 1 to 2"),
+    ({"prompt": (" ".join(["cat"] * 300), "BYTES")}, "invalid prompt='<300 tokens in 4 chunks>': prompt must be at most 3"),
     ({"width": (64.0, "FP32")}, "width"),  # wrong wire type: Triton itself names the input
 ]
 

@@ -1,0 +1,188 @@
+"""AUTOMATIC1111 prompt syntax: attention weights, BREAK, 75-token chunks, and weighted CLIP embeddings.
+
+What A1111 does, and so what sdtrt does:
+  * ``(x)`` multiplies x's weight by 1.1, ``((x))`` by 1.21, ``[x]`` divides it by 1.1, ``(x:1.3)`` sets 1.3
+    (times any enclosing brackets), ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal; unclosed brackets apply
+    to the end of the prompt.
+  * The prompt is tokenized fragment by fragment and cut into chunks of 75 tokens, each sent to CLIP as
+    BOS + 75 tokens (padded) + EOS = 77. A chunk that fills up within 20 tokens after a comma is cut at that
+    comma instead, and ``BREAK`` starts a new chunk.
+  * Each chunk's CLIP output is multiplied token by token by its weights, then rescaled so that its mean is
+    what it was before weighting. The chunks are concatenated: 120 tokens -> 2 chunks -> 154 positions.
+  * The prompt and the negative prompt are padded to the same number of chunks with chunks of the empty
+    prompt, so that both go through the U-Net in one batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdtrt.errors import InvalidRequest
+
+CHUNK_TOKENS = 75  # tokens per chunk between BOS and EOS
+COMMA_BACKTRACK = 20  # A1111's "pad from the last comma within n tokens" default
+ROUND, SQUARE = 1.1, 1 / 1.1
+BREAK = ("BREAK", -1.0)
+
+_TOKEN = re.compile(
+    r"""
+    \\[()\[\]\\]          # an escaped bracket or backslash: literal
+  | \\                    # a lone backslash: literal
+  | \(                    # open round
+  | \[                    # open square
+  | :\s*([+-]?[.\d]+)\s*\)  # ":1.3)" closes a round bracket with an explicit weight
+  | \)                    # close round
+  | \]                    # close square
+  | [^\\()\[\]:]+         # plain text
+  | :                     # a colon that is not a weight
+    """,
+    re.X,
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """A1111's parse: [(text, weight), ...] with equal neighbours merged; BREAK as ("BREAK", -1)."""
+    out: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in out[start:]:
+            piece[1] *= factor
+
+    for match in _TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\") and len(token) == 2:
+            out.append([token[1], 1.0])
+        elif token == "(":
+            round_open.append(len(out))
+        elif token == "[":
+            square_open.append(len(out))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            scale(round_open.pop(), ROUND)
+        elif token == "]" and square_open:
+            scale(square_open.pop(), SQUARE)
+        else:
+            for i, part in enumerate(_BREAK.split(token)):
+                if i > 0:
+                    out.append(list(BREAK))
+                out.append([part, 1.0])
+    for start in round_open:  # unclosed brackets reach the end of the prompt
+        scale(start, ROUND)
+    for start in square_open:
+        scale(start, SQUARE)
+
+    if not out:
+        return [("", 1.0)]
+    merged = [out[0]]
+    for piece in out[1:]:
+        if piece[1] == merged[-1][1]:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [(t, w) for t, w in merged]
+
+
+@dataclass
+class Chunks:
+    ids: np.ndarray  # [k, 77] int32: BOS, 75 tokens (EOS-padded), EOS
+    weights: np.ndarray  # [k, 77] float32: 1.0 on BOS/EOS/padding
+    tokens: int  # prompt tokens before padding (A1111 shows this count)
+
+
+def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt") -> Chunks:
+    """Tokenize a prompt into A1111's weighted 75-token chunks."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    parsed = parse_prompt_attention(text)
+    texts = [t for t, w in parsed if (t, w) != BREAK]
+    token_lists = iter(tokenizer(texts, add_special_tokens=False, truncation=False).input_ids if texts else [])
+
+    chunks_ids: list[list[int]] = []
+    chunks_weights: list[list[float]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+    total = 0
+
+    def close_chunk() -> None:
+        nonlocal ids, weights, last_comma
+        pad = CHUNK_TOKENS - len(ids)
+        chunks_ids.append([bos] + ids + [eos] * pad + [eos])
+        chunks_weights.append([1.0] + weights + [1.0] * pad + [1.0])
+        ids, weights, last_comma = [], [], -1
+
+    for text_part, weight in parsed:
+        if (text_part, weight) == BREAK:
+            close_chunk()
+            continue
+        for token in next(token_lists):
+            total += 1
+            if token == comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1  # move what follows the comma to the next chunk
+                moved_ids, moved_weights = ids[cut:], weights[cut:]
+                ids, weights = ids[:cut], weights[:cut]
+                close_chunk()
+                ids, weights = moved_ids, moved_weights
+            if len(ids) == CHUNK_TOKENS:
+                close_chunk()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks_ids:
+        close_chunk()
+    if len(chunks_ids) > max_chunks:
+        raise InvalidRequest(
+            field, f"<{total} tokens in {len(chunks_ids)} chunks>",
+            f"at most {max_chunks} chunks of {CHUNK_TOKENS} tokens (re-export with a larger --max-chunks for longer prompts)",
+        )
+    return Chunks(np.array(chunks_ids, dtype=np.int32), np.array(chunks_weights, dtype=np.float32), total)
+
+
+def empty_chunk(tokenizer) -> Chunks:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = np.array([[bos] + [eos] * (CHUNK_TOKENS + 1)], dtype=np.int32)
+    return Chunks(ids, np.ones(ids.shape, dtype=np.float32), 0)
+
+
+def pair_chunks(tokenizer, negative: Chunks, prompt: Chunks) -> tuple[np.ndarray, np.ndarray]:
+    """Rows for the text encoder: negative's chunks then the prompt's, both padded to the same count.
+
+    Returns (ids [2k, 77], weights [2k, 77]).
+    """
+    k = max(len(negative.ids), len(prompt.ids))
+    empty = empty_chunk(tokenizer)
+
+    def padded(c: Chunks) -> tuple[np.ndarray, np.ndarray]:
+        extra = k - len(c.ids)
+        return (np.concatenate([c.ids] + [empty.ids] * extra), np.concatenate([c.weights] + [empty.weights] * extra))
+
+    (neg_ids, neg_w), (pos_ids, pos_w) = padded(negative), padded(prompt)
+    return np.concatenate([neg_ids, pos_ids]), np.concatenate([neg_w, pos_w])
+
+
+def prompt_rows(tokenizer, prompt: str, negative_prompt: str, max_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and weights [2k, 77] for the text encoder: the negative prompt's chunks, then the prompt's."""
+    negative = chunk_prompt(tokenizer, negative_prompt, max_chunks, "negative_prompt")
+    return pair_chunks(tokenizer, negative, chunk_prompt(tokenizer, prompt, max_chunks, "prompt"))
+
+
+def apply_weights(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[2k, 77, H] chunk embeddings x [2k, 77] weights -> [2, 77k, H] (negative, prompt).
+
+    Each chunk is weighted token by token and rescaled to its original mean, as A1111 does per chunk.
+    """
+    rows = embeddings.shape[0]
+    z = embeddings.astype(np.float32)
+    original_mean = z.mean(axis=(1, 2), keepdims=True)
+    z = z * weights[:, :, None]
+    z = z * (original_mean / z.mean(axis=(1, 2), keepdims=True))
+    k = rows // 2
+    return z.reshape(2, k * z.shape[1], z.shape[2])
