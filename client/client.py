@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from sdtrt.errors import SdtrtError
-from sdtrt.generation import Generation, infotexts
+from sdtrt.generation import Generation, batch_count, concatenate, infotexts
 from sdtrt.model_repository.configs import IMAGES, PIPELINE, SEEDS
-from sdtrt.request import Txt2ImgRequest, validate
+from sdtrt.request import Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import ModelSpec
 
 PROTOCOLS = ("grpc", "http")
@@ -100,8 +100,11 @@ class Client:
 
     # --- requests ----------------------------------------------------------------------------------------------
     def request(self, prompt: str, **settings: Any) -> Txt2ImgRequest:
-        """A validated request with the served model's defaults filled in (raises InvalidRequest)."""
-        return validate(Txt2ImgRequest(prompt=prompt, **settings), self.spec)
+        """A validated request with the served model's defaults filled in and -1 seeds picked (raises InvalidRequest).
+
+        Seeds are picked here rather than on the server so that the infotext can name the variation seed too.
+        """
+        return resolve_seeds(validate(Txt2ImgRequest(prompt=prompt, **settings), self.spec))
 
     def _inputs(self, module, request: Txt2ImgRequest) -> list:
         inputs = []
@@ -128,10 +131,14 @@ class Client:
         # gRPC takes client_timeout in seconds; the HTTP client's network_timeout is set on the connection.
         return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
 
-    def txt2img(self, prompt: str, **settings: Any) -> Generation:
-        """Generate images; settings are the request fields (negative_prompt, seed, steps, guidance_scale,
-        sampler, width, height, batch_size)."""
+    def txt2img(self, prompt: str, n_iter: int = 1, **settings: Any) -> Generation:
+        """Generate images; settings are the request fields (negative_prompt, seed, steps, guidance_scale, sampler,
+        schedule_type, width, height, batch_size, clip_skip, subseed, subseed_strength). ``n_iter`` batches run
+        one after another with continuing seeds (A1111's batch count)."""
         request = self.request(prompt, **settings)
+        return concatenate([self._generate(r) for r in batch_count(request, n_iter)])
+
+    def _generate(self, request: Txt2ImgRequest) -> Generation:
         module = _module(self.protocol)
         try:
             response = self._client().infer(PIPELINE, self._inputs(module, request), outputs=self._outputs(module),
@@ -140,11 +147,14 @@ class Client:
             raise self._error(exc) from None
         return self._result(request, response)
 
-    async def atxt2img(self, prompt: str, **settings: Any) -> Generation:
+    async def atxt2img(self, prompt: str, n_iter: int = 1, **settings: Any) -> Generation:
         """The asyncio form of :meth:`txt2img` (tritonclient's aio clients, one per call)."""
         if self._spec is None:
             await asyncio.get_running_loop().run_in_executor(None, lambda: self.spec)
         request = self.request(prompt, **settings)
+        return concatenate([await self._agenerate(r) for r in batch_count(request, n_iter)])
+
+    async def _agenerate(self, request: Txt2ImgRequest) -> Generation:
         module = _module(self.protocol)
         client = self._new_client(aio=True)
         try:

@@ -8,7 +8,6 @@ own scheduler object, generators and response, so images never cross between req
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import torch
 import triton_python_backend_utils as pb_utils
@@ -18,8 +17,7 @@ from sdtrt.errors import InvalidRequest
 from sdtrt.model_repository.configs import DECODER_LATENTS, EMBEDDINGS, SEEDS, TOKEN_WEIGHTS, scheduler_fields
 from sdtrt.model_repository.triton_io import JsonLog, error_response, model_spec, scalar
 from sdtrt.prompts import apply_weights
-from sdtrt.request import Txt2ImgRequest, validate
-from sdtrt.seeds import resolve_seed
+from sdtrt.request import Txt2ImgRequest, resolve_seeds, validate
 
 
 class Cancelled(Exception):
@@ -41,7 +39,7 @@ class TritonPythonModel:
         """Every scheduler field, defaulted from the spec when absent and checked against its limits."""
         values = {name: scalar(request, name) for name in self.fields}
         settings = validate(Txt2ImgRequest(prompt="", **values), self.spec)
-        return replace(settings, seed=resolve_seed(settings.seed))
+        return resolve_seeds(settings)
 
     def unet_for(self, request):
         def unet(sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,8 @@ TXT2IMG_FLAGS = {
     "--height": "height",
     "--batch-size": "batch_size",
     "--clip-skip": "clip_skip",
+    "--subseed": "subseed",
+    "--subseed-strength": "subseed_strength",
 }
 
 EPILOG_MAIN = """\
@@ -101,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices = _DOC_FIELDS[name].choices
         kwargs = {"choices": list(choices), "metavar": "NAME"} if choices else {}
         p.add_argument(flag, dest=name, type=_type_for(name), default=None, help=_field_help(name), **kwargs)
+    p.add_argument("--n-iter", type=int, default=1, metavar="N",
+                   help="batch count: N batches one after another, seeds continuing (default: 1)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", default=None,
                        help="a running `sdtrt serve` (default: localhost:8001 for grpc, localhost:8000 for http)")
@@ -173,25 +177,26 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
 def _txt2img_local(args: argparse.Namespace, settings: dict):
     from tqdm.auto import tqdm
 
+    from sdtrt.generation import batch_count, concatenate
     from sdtrt.local import LocalPipeline
-    from sdtrt.request import validate
+    from sdtrt.request import resolve_seeds, validate
     from sdtrt.spec import load_spec
 
     request = validate(Txt2ImgRequest(prompt=args.prompt, **settings), load_spec(args.local))  # fail before any work
+    batches = batch_count(resolve_seeds(request), args.n_iter)
     pipeline = LocalPipeline(args.local)
-    with tqdm(total=request.steps, desc="sampling", unit="step") as bar:
+    with tqdm(total=request.steps * len(batches), desc="sampling", unit="step") as bar:
         def on_step(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+            bar.update(1)
 
-        return pipeline.txt2img(request, on_step=on_step)
+        return concatenate([pipeline.txt2img(r, on_step=on_step) for r in batches])
 
 
 def _txt2img_served(args: argparse.Namespace, settings: dict):
     from sdtrt.client import Client
 
     with Client(args.url, protocol=args.protocol) as client:
-        return client.txt2img(args.prompt, **settings)
+        return client.txt2img(args.prompt, n_iter=args.n_iter, **settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -72,7 +72,7 @@ def txt2img_latents(
     unet: UNet,
     on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Everything between the text encoder and the VAE for a validated request with a resolved seed.
+    """Everything between the text encoder and the VAE for a validated request with resolved seeds.
 
     Returns the final latents already divided by the VAE scaling factor (the decoder's input) and the
     seed of each image.
@@ -81,7 +81,9 @@ def txt2img_latents(
     generators = make_generators(seeds)
     f = spec.vae_scale_factor
     scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
-    noise = initial_noise(generators, spec.latent_channels, request.height // f, request.width // f)
+    subseeds = image_seeds(request.subseed, request.batch_size) if request.subseed_strength > 0 else None
+    noise = initial_noise(generators, spec.latent_channels, request.height // f, request.width // f,
+                          subseeds, request.subseed_strength)
     latents = prepare_latents(scheduler, noise, request.steps)
     context = guidance_context(uncond, cond, request.batch_size, request.guidance_scale)
     latents = denoise(scheduler, unet, latents, context, request.guidance_scale, generators, on_step)

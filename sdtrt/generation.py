@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,7 +33,27 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model_name: str, model_
                 "Model hash": model_hash,
                 "Model": model_name,
                 "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+                "Variation seed": request.subseed + i if request.subseed_strength > 0 else None,
+                "Variation seed strength": request.subseed_strength if request.subseed_strength > 0 else None,
             },
         )
-        for seed in seeds
+        for i, seed in enumerate(seeds)
     ]
+
+
+def batch_count(request: Txt2ImgRequest, n_iter: int) -> list[Txt2ImgRequest]:
+    """A1111's "Batch count": n_iter requests one after another, seeds continuing (seed + j * batch_size)."""
+    if n_iter < 1:
+        from sdtrt.errors import InvalidRequest
+
+        raise InvalidRequest("n_iter", n_iter, "an integer, >= 1")
+    step = request.batch_size
+    return [replace(request, seed=request.seed + j * step, subseed=request.subseed + j * step) for j in range(n_iter)]
+
+
+def concatenate(generations: list[Generation]) -> Generation:
+    return Generation(
+        np.concatenate([g.images for g in generations]),
+        [s for g in generations for s in g.seeds],
+        [t for g in generations for t in g.infotexts],
+    )

@@ -6,7 +6,6 @@ loop with the U-Net -> VAE decoder -> postprocess), so served images can be chec
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,8 +15,7 @@ import torch
 from sdtrt.denoise import txt2img_latents
 from sdtrt.generation import Generation, infotexts
 from sdtrt.images import to_uint8
-from sdtrt.request import Txt2ImgRequest, validate
-from sdtrt.seeds import resolve_seed
+from sdtrt.request import Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
 from sdtrt.prompts import apply_weights, prompt_rows
 from sdtrt.text import load_tokenizer
@@ -65,7 +63,7 @@ class LocalPipeline:
 
     def txt2img(self, request: Txt2ImgRequest, on_step: Callable[[int, int], None] | None = None) -> Generation:
         request = validate(request, self.spec)
-        request = replace(request, seed=resolve_seed(request.seed))
+        request = resolve_seeds(request)
         uncond, cond = self.encode_prompts(request)
         latents, seeds = txt2img_latents(self.spec, request, uncond, cond, self.unet, on_step)
         images = self.decode(latents)

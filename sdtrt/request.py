@@ -7,12 +7,12 @@ CLI validate against the spec's copy, so every error names the field and its all
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from sdtrt.errors import InvalidRequest
 from sdtrt.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, resolve, sampler_names
-from sdtrt.seeds import MAX_SEED, RANDOM_SEED
+from sdtrt.seeds import MAX_SEED, RANDOM_SEED, resolve_seed
 from sdtrt.spec import FieldSpec, ModelSpec
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
@@ -32,6 +32,8 @@ class Txt2ImgRequest:
     height: int | None = None
     batch_size: int = 1
     clip_skip: int = 1
+    subseed: int = RANDOM_SEED
+    subseed_strength: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +61,10 @@ def request_fields(
         FieldSpec("batch_size", "int32", 1, "images generated together from one prompt", minimum=1, maximum=max_batch),
         FieldSpec("clip_skip", "int32", 1, "use the output of CLIP's n-th layer from the end (A1111's Clip skip)",
                   minimum=1, maximum=min(12, clip_layers)),
+        FieldSpec("subseed", "int64", RANDOM_SEED, "variation seed of image 0 (image i uses subseed+i); -1 picks one",
+                  minimum=RANDOM_SEED, maximum=MAX_SEED),
+        FieldSpec("subseed_strength", "float32", 0.0, "how far each image's noise moves towards its variation seed's",
+                  minimum=0.0, maximum=1.0),
     ]
     return {f.name: f for f in fields}
 
@@ -99,3 +105,9 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
         values[name] = check_value(field, field.default if value is None else value)
     resolve(values["sampler"], values["schedule_type"])  # not every sampler follows every schedule
     return Txt2ImgRequest(**values)
+
+
+def resolve_seeds(request: Txt2ImgRequest) -> Txt2ImgRequest:
+    """-1 seeds replaced by random ones (the variation seed only when it is used)."""
+    subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else request.subseed
+    return replace(request, seed=resolve_seed(request.seed), subseed=subseed)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from reference import MAX_PIXEL_DIFF, REFERENCE_SCHEDULERS, diffusers_images, max_diff
+import numpy as np
+import torch
+
+from reference import MAX_PIXEL_DIFF, REFERENCE_SCHEDULERS, diffusers_images, max_diff, reference_scheduler
 from sdtrt.samplers import SAMPLERS
 from sdtrt.request import Txt2ImgRequest
 
@@ -96,3 +99,43 @@ def test_random_seed_is_reported_and_reproduces(local_pipeline):
     again = local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=4, width=64, height=64, seed=first.seeds[0]))
     assert (first.images == again.images).all()
     assert f"Seed: {first.seeds[0]}," in first.infotexts[0]
+
+
+def a1111_slerp(val, low, high):
+    """A1111's slerp (modules/processing.py), restated for the check."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M"])
+def test_variation_seed_matches_diffusers_given_the_same_noise(sampler, local_pipeline, diffusers_pipe):
+    seed, subseed, strength = 10, 500, 0.3
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat", sampler=sampler, steps=8, seed=seed, width=64,
+                                                   height=64, batch_size=2, subseed=subseed, subseed_strength=strength))
+    original = diffusers_pipe.scheduler
+    try:
+        for i in range(2):
+            diffusers_pipe.scheduler = reference_scheduler(sampler, original.config, seed + i)
+            generator = torch.Generator("cpu").manual_seed(seed + i)
+            base = torch.randn((4, 8, 8), generator=generator)  # also advances the generator, as the contract says
+            variation = torch.randn((4, 8, 8), generator=torch.Generator("cpu").manual_seed(subseed + i))
+            latents = a1111_slerp(strength, base, variation)[None]
+            expected = diffusers_pipe("a cat", num_inference_steps=8, guidance_scale=7.0, width=64, height=64,
+                                      latents=latents, generator=generator, output_type="np").images
+            assert max_diff(result.images[i:i + 1], (expected * 255).round().astype(np.uint8)) <= MAX_PIXEL_DIFF
+    finally:
+        diffusers_pipe.scheduler = original
+    assert f"Variation seed: {subseed + 1}, Variation seed strength: 0.3" in result.infotexts[1]
+
+
+def test_variation_strength_one_is_the_variation_seeds_picture(local_pipeline):
+    settings = dict(prompt="a cat", sampler="Euler", steps=6, width=64, height=64)  # Euler: no step noise
+    varied = local_pipeline.txt2img(Txt2ImgRequest(seed=1, subseed=77, subseed_strength=1.0, **settings))
+    plain = local_pipeline.txt2img(Txt2ImgRequest(seed=77, **settings))
+    none = local_pipeline.txt2img(Txt2ImgRequest(seed=1, subseed=77, subseed_strength=0.0, **settings))
+    assert max_diff(varied.images, plain.images) <= MAX_PIXEL_DIFF
+    assert (none.images == local_pipeline.txt2img(Txt2ImgRequest(seed=1, **settings)).images).all()

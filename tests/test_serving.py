@@ -97,6 +97,24 @@ def test_120_token_prompt_gives_a_154_token_context(server, local_pipeline):
     assert served.images.shape == (1, 64, 64, 3) and served.images.std() > 1
 
 
+def test_batch_count_continues_the_seeds(server):
+    client = Client(server.url)
+    counted = client.txt2img("a cat", n_iter=2, batch_size=2, seed=40, steps=3, width=64, height=64)
+    single = client.txt2img("a cat", batch_size=4, seed=40, steps=3, width=64, height=64)
+    assert counted.seeds == single.seeds == [40, 41, 42, 43]
+    assert (counted.images == single.images).all()
+    assert [f"Seed: {s}," in t for s, t in zip(counted.seeds, counted.infotexts)] == [True] * 4
+
+
+def test_served_variation_seeds_match_the_local_runner(server, local_pipeline):
+    settings = dict(steps=5, seed=3, subseed=9, subseed_strength=0.4, width=64, height=64, batch_size=2)
+    served = Client(server.http_url, "http").txt2img("a cat", **settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat", **settings))
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    random_subseed = Client(server.url).txt2img("a cat", steps=2, width=64, height=64, subseed_strength=0.5)
+    assert "Variation seed: " in random_subseed.infotexts[0]
+
+
 def test_random_seed_is_returned(server):
     client = Client(server.url)
     first = client.txt2img("a cat", seed=-1, steps=3, width=64, height=64)
@@ -135,6 +153,7 @@ BAD = [
     ({"schedule_type": ("Polyexponential", "BYTES")}, "invalid schedule_type='Polyexponential'"),
     ({"clip_skip": (3, "INT32")}, "invalid clip_skip=3: clip_skip must be an integer, from 1 to 2"),
     ({"prompt": (" ".join(["cat"] * 300), "BYTES")}, "invalid prompt='<300 tokens in 4 chunks>': prompt must be at most 3"),
+    ({"subseed_strength": (1.5, "FP32")}, "invalid subseed_strength=1.5: subseed_strength must be a number, from 0 to 1"),
     ({"width": (64.0, "FP32")}, "width"),  # wrong wire type: Triton itself names the input
 ]
 
