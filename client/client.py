@@ -22,14 +22,12 @@ import numpy as np
 
 from sdtrt.errors import SdtrtError
 from sdtrt.generation import Generation, batch_count, concatenate, infotexts
-from sdtrt.model_repository.configs import IMAGES, PIPELINE, SEEDS
-from sdtrt.request import Txt2ImgRequest, resolve_seeds, validate
-from sdtrt.spec import ModelSpec
+from sdtrt.model_repository.configs import IMAGES, IMG2IMG, INIT_IMAGE, MASK, PIPELINE, SEEDS
+from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
+from sdtrt.spec import WIRE_DTYPES, ModelSpec
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
-_NUMPY = {"string": np.object_, "int64": np.int64, "int32": np.int32, "float32": np.float32}
-_WIRE = {"string": "BYTES", "int64": "INT64", "int32": "INT32", "float32": "FP32"}
 
 
 class ServerError(SdtrtError):
@@ -99,72 +97,93 @@ class Client:
         return ModelSpec.from_json(json.loads(config["parameters"]["sdtrt_spec"]["string_value"]))
 
     # --- requests ----------------------------------------------------------------------------------------------
-    def request(self, prompt: str, **settings: Any) -> Txt2ImgRequest:
+    def request(self, prompt: str, request_type: type = Txt2ImgRequest, **settings: Any) -> Txt2ImgRequest:
         """A validated request with the served model's defaults filled in and -1 seeds picked (raises InvalidRequest).
 
         Seeds are picked here rather than on the server so that the infotext can name the variation seed too.
         """
-        return resolve_seeds(validate(Txt2ImgRequest(prompt=prompt, **settings), self.spec))
+        return resolve_seeds(validate(request_type(prompt=prompt, **settings), self.spec))
 
-    def _inputs(self, module, request: Txt2ImgRequest) -> list:
+    def _inputs(self, module, request: Txt2ImgRequest, images: dict[str, np.ndarray]) -> list:
         inputs = []
         for name, value in request.as_dict().items():
             field = self.spec.field(name)
-            array = np.array([value.encode("utf-8") if field.dtype == "string" else value], dtype=_NUMPY[field.dtype])
-            tensor = module.InferInput(name, [1], _WIRE[field.dtype])
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
+            string = field.dtype == "string"
+            array = np.array([value.encode("utf-8") if string else value], dtype=np.object_ if string else field.dtype)
+            inputs.append(self._tensor(module, name, array, WIRE_DTYPES[field.dtype]))
+        for name, array in images.items():
+            inputs.append(self._tensor(module, name, np.ascontiguousarray(array, dtype=np.uint8), "UINT8"))
         return inputs
 
-    def _outputs(self, module) -> list:
-        return [module.InferRequestedOutput(IMAGES), module.InferRequestedOutput(SEEDS)]
+    @staticmethod
+    def _tensor(module, name: str, array: np.ndarray, wire: str):
+        tensor = module.InferInput(name, list(array.shape), wire)
+        tensor.set_data_from_numpy(array)
+        return tensor
 
-    def _result(self, request: Txt2ImgRequest, response) -> Generation:
+    def _result(self, request: Txt2ImgRequest, response, inpaint: bool) -> Generation:
         images = response.as_numpy(IMAGES)
         seeds = [int(s) for s in response.as_numpy(SEEDS)]
         request = replace(request, seed=seeds[0])
-        return Generation(images, seeds, infotexts(request, seeds, self.spec.model_name, self.spec.model_hash))
+        return Generation(images, seeds, infotexts(request, seeds, self.spec.model_name, self.spec.model_hash, inpaint))
 
-    def _timeout_kwargs(self) -> dict[str, Any]:
-        if self.timeout is None:
-            return {}
-        # gRPC takes client_timeout in seconds; the HTTP client's network_timeout is set on the connection.
-        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+    def _infer_kwargs(self, module) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"outputs": [module.InferRequestedOutput(IMAGES), module.InferRequestedOutput(SEEDS)]}
+        if self.timeout is not None and self.protocol == "grpc":
+            kwargs["client_timeout"] = self.timeout  # (HTTP: network_timeout is set on the connection)
+        return kwargs
 
-    def txt2img(self, prompt: str, n_iter: int = 1, **settings: Any) -> Generation:
-        """Generate images; settings are the request fields (negative_prompt, seed, steps, guidance_scale, sampler,
-        schedule_type, width, height, batch_size, clip_skip, subseed, subseed_strength). ``n_iter`` batches run
-        one after another with continuing seeds (A1111's batch count)."""
-        request = self.request(prompt, **settings)
-        return concatenate([self._generate(r) for r in batch_count(request, n_iter)])
-
-    def _generate(self, request: Txt2ImgRequest) -> Generation:
+    def _generate(self, model: str, request: Txt2ImgRequest, images: dict[str, np.ndarray]) -> Generation:
         module = _module(self.protocol)
         try:
-            response = self._client().infer(PIPELINE, self._inputs(module, request), outputs=self._outputs(module),
-                                            **self._timeout_kwargs())
+            response = self._client().infer(model, self._inputs(module, request, images), **self._infer_kwargs(module))
         except Exception as exc:
             raise self._error(exc) from None
-        return self._result(request, response)
+        return self._result(request, response, MASK in images)
 
-    async def atxt2img(self, prompt: str, n_iter: int = 1, **settings: Any) -> Generation:
-        """The asyncio form of :meth:`txt2img` (tritonclient's aio clients, one per call)."""
-        if self._spec is None:
-            await asyncio.get_running_loop().run_in_executor(None, lambda: self.spec)
-        request = self.request(prompt, **settings)
-        return concatenate([await self._agenerate(r) for r in batch_count(request, n_iter)])
-
-    async def _agenerate(self, request: Txt2ImgRequest) -> Generation:
+    async def _agenerate(self, model: str, request: Txt2ImgRequest, images: dict[str, np.ndarray]) -> Generation:
         module = _module(self.protocol)
         client = self._new_client(aio=True)
         try:
-            response = await client.infer(PIPELINE, self._inputs(module, request), outputs=self._outputs(module),
-                                          **self._timeout_kwargs())
+            response = await client.infer(model, self._inputs(module, request, images), **self._infer_kwargs(module))
         except Exception as exc:
             raise self._error(exc) from None
         finally:
             await client.close()
-        return self._result(request, response)
+        return self._result(request, response, MASK in images)
+
+    # --- the jobs ----------------------------------------------------------------------------------------------
+    def txt2img(self, prompt: str, n_iter: int = 1, **settings: Any) -> Generation:
+        """Generate images; settings are the request fields (``sdtrt txt2img --help`` lists them with their
+        ranges: negative_prompt, seed, steps, guidance_scale, sampler, schedule_type, width, height, batch_size,
+        clip_skip, subseed, subseed_strength, enable_hr, hr_scale, hr_upscaler, ...). ``n_iter`` batches run one
+        after another with continuing seeds (A1111's batch count)."""
+        request = self.request(prompt, **settings)
+        return concatenate([self._generate(PIPELINE, r, {}) for r in batch_count(request, n_iter)])
+
+    def img2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1, **settings: Any) -> Generation:
+        """Redraw ``init_image`` (PIL image or H x W x 3 uint8 array); with ``mask`` (white = repaint), inpaint.
+        Settings as for txt2img plus denoising_strength, resize_mode, mask_blur, inpaint_full_res(_padding)."""
+        request = self.request(prompt, Img2ImgRequest, **settings)
+        images = _pictures(init_image, mask)
+        return concatenate([self._generate(IMG2IMG, r, images) for r in batch_count(request, n_iter)])
+
+    async def atxt2img(self, prompt: str, n_iter: int = 1, **settings: Any) -> Generation:
+        """The asyncio form of :meth:`txt2img` (tritonclient's aio clients, one per call)."""
+        await self._aspec()
+        request = self.request(prompt, **settings)
+        return concatenate([await self._agenerate(PIPELINE, r, {}) for r in batch_count(request, n_iter)])
+
+    async def aimg2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1,
+                       **settings: Any) -> Generation:
+        await self._aspec()
+        request = self.request(prompt, Img2ImgRequest, **settings)
+        images = _pictures(init_image, mask)
+        return concatenate([await self._agenerate(IMG2IMG, r, images) for r in batch_count(request, n_iter)])
+
+    async def _aspec(self) -> None:
+        if self._spec is None:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: self.spec)
 
     def close(self) -> None:
         client = getattr(self._local, "client", None)
@@ -177,3 +196,18 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _pictures(init_image: Any, mask: Any) -> dict[str, np.ndarray]:
+    """PIL images or arrays -> the uint8 arrays the img2img ensemble takes (RGB H x W x 3, mask H x W)."""
+    from PIL import Image
+
+    def array(picture: Any, mode: str) -> np.ndarray:
+        if isinstance(picture, Image.Image):
+            picture = picture.convert(mode)
+        return np.asarray(picture)
+
+    images = {INIT_IMAGE: array(init_image, "RGB")}
+    if mask is not None:
+        images[MASK] = array(mask, "L")
+    return images

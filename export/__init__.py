@@ -105,7 +105,7 @@ def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max
         model_name=ckpt.name,
         source=ckpt.source,
         source_hash=ckpt.sha256,
-        latent_channels=int(pipe.unet.config.in_channels),
+        latent_channels=int(pipe.vae.config.latent_channels),
         vae_scale_factor=factor,
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),

@@ -21,6 +21,8 @@ UNET_BATCH = "unet_batch"  # U-Net rows: 2x images with guidance (uncond + cond)
 LATENT_H = "latent_height"
 LATENT_W = "latent_width"
 CONTEXT = "context_length"  # text positions seen by the U-Net: 77 per 75-token prompt chunk
+IMAGE_H = "image_height"  # pixels (VAE encoder input)
+IMAGE_W = "image_width"
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6+ and onnxruntime 1.14+ parse it
 
@@ -77,6 +79,20 @@ class UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
+class VaeEncoder(torch.nn.Module):
+    """Images in [-1, 1] -> the latent distribution's parameters (mean and log-variance, stacked on channels).
+
+    Sampling stays outside the graph so that it draws from each image's own generator, as diffusers does.
+    """
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(image, return_dict=False)[0].parameters
+
+
 class VaeDecoder(torch.nn.Module):
     """Scaled latents in, images in [-1, 1] out (the 1/scaling_factor is applied by the pipeline, as in diffusers)."""
 
@@ -99,13 +115,16 @@ def dim_ranges(
         UNET_BATCH: DimRange(1, 2, 2 * max_batch),
         LATENT_H: DimRange(min_size // f, native_size // f, max_size // f),
         LATENT_W: DimRange(min_size // f, native_size // f, max_size // f),
+        IMAGE_H: DimRange(min_size, native_size, max_size),
+        IMAGE_W: DimRange(min_size, native_size, max_size),
         CONTEXT: DimRange(text_max_length, text_max_length, text_max_length * max_chunks),
     }
 
 
 def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
     """The networks of a StableDiffusionPipeline, in pipeline order."""
-    latent_channels = pipe.unet.config.in_channels
+    latent_channels = pipe.vae.config.latent_channels
+    unet_channels = pipe.unet.config.in_channels  # 9 for inpainting U-Nets: latents + mask + masked-image latents
     hidden = pipe.text_encoder.config.hidden_size
     cross = pipe.unet.config.cross_attention_dim
     vocab = pipe.text_encoder.config.vocab_size
@@ -121,13 +140,17 @@ def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
     def unet_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n = d[UNET_BATCH]
         return (
-            torch.randn(n, latent_channels, d[LATENT_H], d[LATENT_W]),
+            torch.randn(n, unet_channels, d[LATENT_H], d[LATENT_W]),
             torch.rand(n) * 999.0,
             torch.randn(n, d[CONTEXT], cross),
         )
 
     def vae_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         return (torch.randn(d[BATCH], latent_channels, d[LATENT_H], d[LATENT_W]),)
+
+    def image_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        return (torch.rand(d[BATCH], pipe.vae.config.in_channels, d[LATENT_H] * f, d[LATENT_W] * f) * 2 - 1,)
 
     return [
         Descriptor(
@@ -143,7 +166,7 @@ def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
             name="unet",
             module=UNet(pipe.unet),
             inputs=(
-                TensorSpec("sample", "float32", (UNET_BATCH, latent_channels, LATENT_H, LATENT_W)),
+                TensorSpec("sample", "float32", (UNET_BATCH, unet_channels, LATENT_H, LATENT_W)),
                 TensorSpec("timestep", "float32", (UNET_BATCH,)),
                 TensorSpec("encoder_hidden_states", "float32", (UNET_BATCH, CONTEXT, cross)),
             ),
@@ -160,6 +183,14 @@ def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
             inputs=(TensorSpec("latent", "float32", (BATCH, latent_channels, LATENT_H, LATENT_W)),),
             outputs=(TensorSpec("images", "float32", (BATCH, out_channels, "image_height", "image_width")),),
             make_inputs=vae_inputs,
+            trace_dims={BATCH: 1, LATENT_H: 8, LATENT_W: 8},
+        ),
+        Descriptor(
+            name="vae_encoder",
+            module=VaeEncoder(pipe.vae),
+            inputs=(TensorSpec("image", "float32", (BATCH, pipe.vae.config.in_channels, IMAGE_H, IMAGE_W)),),
+            outputs=(TensorSpec("latent_parameters", "float32", (BATCH, 2 * latent_channels, LATENT_H, LATENT_W)),),
+            make_inputs=image_inputs,
             trace_dims={BATCH: 1, LATENT_H: 8, LATENT_W: 8},
         ),
     ]

@@ -12,6 +12,7 @@ from sdtrt.spec import ModelSpec
 PYTHON_MODELS = {
     "tokenizer": "tokenizer_model",
     "scheduler": "scheduler_model",
+    "img2img_scheduler": "img2img_model",
     "postprocess": "postprocess_model",
     **{name: "onnx_model" for name in NETWORKS},
 }

@@ -15,21 +15,18 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from sdtrt.spec import ComponentSpec, ModelSpec, TensorSpec
+from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
+from sdtrt.spec import WIRE_DTYPES, ComponentSpec, ModelSpec, TensorSpec
 
 NETWORK_BACKENDS = ("python", "onnxruntime", "tensorrt")
-NETWORKS = ("text_encoder", "unet", "vae_decoder")
+NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PIPELINE = "txt2img"
+IMG2IMG = "img2img"
 
-# numpy dtype names (spec) and request-field dtypes -> Triton wire types
-DTYPES = {
-    "float32": mc.TYPE_FP32,
-    "float16": mc.TYPE_FP16,
-    "int32": mc.TYPE_INT32,
-    "int64": mc.TYPE_INT64,
-    "uint8": mc.TYPE_UINT8,
-    "string": mc.TYPE_STRING,
-}
+
+def config_dtype(dtype: str) -> int:
+    """Spec dtype -> model-config data type (TYPE_STRING is what the wire calls BYTES)."""
+    return mc.TYPE_STRING if dtype == "string" else getattr(mc, "TYPE_" + WIRE_DTYPES[dtype])
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ SEEDS = "seeds"
 def _tensor(message, name: str, dtype: str, dims: list[int]) -> None:
     t = message.add()
     t.name = name
-    t.data_type = DTYPES[dtype]
+    t.data_type = config_dtype(dtype)
     t.dims.extend(dims)
 
 
@@ -92,12 +89,39 @@ def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOp
     return config
 
 
-# Request fields the tokenizer takes; every other field goes to the scheduler.
+# Request fields the tokenizer takes; every other field of a job goes to its scheduler model.
 TOKENIZER_FIELDS = ("prompt", "negative_prompt", "clip_skip")
+INIT_IMAGE = "init_image"  # img2img: [H, W, 3] uint8
+MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img2img
 
 
-def scheduler_fields(spec: ModelSpec) -> tuple[str, ...]:
-    return tuple(name for name in spec.request if name not in TOKENIZER_FIELDS)
+@dataclass(frozen=True)
+class Job:
+    ensemble: str  # the model users call
+    scheduler: str  # the Python model that runs its denoising loop, calling the networks through BLS
+    request_type: type
+    decodes_in_ensemble: bool  # txt2img hands latents to vae_decoder -> postprocess; img2img finishes itself
+
+
+JOBS = {
+    job.ensemble: job
+    for job in (
+        Job(PIPELINE, "scheduler", Txt2ImgRequest, decodes_in_ensemble=True),
+        Job(IMG2IMG, "img2img_scheduler", Img2ImgRequest, decodes_in_ensemble=False),
+    )
+}
+
+
+def scheduler_fields(job: Job) -> tuple[str, ...]:
+    return tuple(name for name in job_fields(job.request_type) if name not in TOKENIZER_FIELDS)
+
+
+def _image_inputs(config: mc.ModelConfig, job: Job) -> None:
+    if job.request_type is Img2ImgRequest:
+        _tensor(config.input, INIT_IMAGE, "uint8", [-1, -1, 3])
+        config.input[-1].optional = True  # checked by the model, which names it (Triton's own message would not)
+        _tensor(config.input, MASK, "uint8", [-1, -1])
+        config.input[-1].optional = True
 
 
 def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
@@ -112,16 +136,23 @@ def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
     return config
 
 
-def scheduler_config(spec: ModelSpec, options: ServingOptions) -> mc.ModelConfig:
-    config = mc.ModelConfig(name="scheduler", backend="python", max_batch_size=0)
+def _outputs(config: mc.ModelConfig, spec: ModelSpec, job: Job) -> None:
+    if job.decodes_in_ensemble:
+        _tensor(config.output, DECODER_LATENTS, "float32", [-1, spec.latent_channels, -1, -1])
+    else:
+        _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, spec.component("vae_decoder").outputs[0].shape[1]])
+    _tensor(config.output, SEEDS, "int64", [-1])
+
+
+def scheduler_config(spec: ModelSpec, job: Job, options: ServingOptions) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=job.scheduler, backend="python", max_batch_size=0)
     _tensor(config.input, EMBEDDINGS, "float32", [-1, spec.text_max_length, spec.text_hidden_size])
     _tensor(config.input, TOKEN_WEIGHTS, "float32", [-1, spec.text_max_length])
-    for name in scheduler_fields(spec):
-        field = spec.field(name)
-        _tensor(config.input, name, field.dtype, [1])
+    for name in scheduler_fields(job):
+        _tensor(config.input, name, spec.field(name).dtype, [1])
         config.input[-1].optional = True  # missing fields take the spec's default
-    _tensor(config.output, DECODER_LATENTS, "float32", [-1, spec.latent_channels, -1, -1])
-    _tensor(config.output, SEEDS, "int64", [-1])
+    _image_inputs(config, job)
+    _outputs(config, spec, job)
     config.instance_group.add(count=options.scheduler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     return config
 
@@ -135,19 +166,20 @@ def postprocess_config(spec: ModelSpec) -> mc.ModelConfig:
     return config
 
 
-def ensemble_config(spec: ModelSpec) -> mc.ModelConfig:
-    """txt2img: tokenizer -> text_encoder -> scheduler (U-Net loop via BLS) -> vae_decoder -> postprocess."""
-    config = mc.ModelConfig(name=PIPELINE, platform="ensemble", max_batch_size=0)
-    for field in spec.request.values():
-        _tensor(config.input, field.name, field.dtype, [1])
+def ensemble_config(spec: ModelSpec, job: Job) -> mc.ModelConfig:
+    """tokenizer -> text_encoder -> the job's scheduler model (U-Net loop via BLS) [-> vae_decoder -> postprocess]."""
+    config = mc.ModelConfig(name=job.ensemble, platform="ensemble", max_batch_size=0)
+    for name in job_fields(job.request_type):
+        _tensor(config.input, name, spec.field(name).dtype, [1])
         # Every field is optional, defaulting from the spec (an empty prompt is valid, as in A1111). This also
         # spares users Triton's ensemble message for a missing required input ("unexpected deadlock").
         config.input[-1].optional = True
+    _image_inputs(config, job)
     channels = spec.component("vae_decoder").outputs[0].shape[1]
     _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
     _tensor(config.output, SEEDS, "int64", [-1])
-    # Clients read the spec from here (one source: the same JSON export wrote).
-    config.parameters["sdtrt_spec"].string_value = json.dumps(spec.to_json(), separators=(",", ":"))
+    if job.ensemble == PIPELINE:  # clients read the spec from here (the same JSON export wrote)
+        config.parameters["sdtrt_spec"].string_value = json.dumps(spec.to_json(), separators=(",", ":"))
 
     text = spec.component("text_encoder")
     vae = spec.component("vae_decoder")
@@ -161,10 +193,14 @@ def ensemble_config(spec: ModelSpec) -> mc.ModelConfig:
          {TOKEN_IDS: TOKEN_IDS, TOKEN_WEIGHTS: TOKEN_WEIGHTS, CLIP_SKIP_ROWS: CLIP_SKIP_ROWS})
     step("text_encoder", {text.inputs[0].name: TOKEN_IDS, text.inputs[1].name: CLIP_SKIP_ROWS},
          {text.outputs[0].name: EMBEDDINGS})
-    step("scheduler", {EMBEDDINGS: EMBEDDINGS, TOKEN_WEIGHTS: TOKEN_WEIGHTS, **{f: f for f in scheduler_fields(spec)}},
-         {DECODER_LATENTS: DECODER_LATENTS, SEEDS: SEEDS})
-    step("vae_decoder", {vae.inputs[0].name: DECODER_LATENTS}, {vae.outputs[0].name: DECODED})
-    step("postprocess", {DECODED: DECODED}, {IMAGES: IMAGES})
+    images = {INIT_IMAGE: INIT_IMAGE, MASK: MASK} if job.request_type is Img2ImgRequest else {}
+    inputs = {EMBEDDINGS: EMBEDDINGS, TOKEN_WEIGHTS: TOKEN_WEIGHTS, **{f: f for f in scheduler_fields(job)}, **images}
+    if job.decodes_in_ensemble:
+        step(job.scheduler, inputs, {DECODER_LATENTS: DECODER_LATENTS, SEEDS: SEEDS})
+        step("vae_decoder", {vae.inputs[0].name: DECODER_LATENTS}, {vae.outputs[0].name: DECODED})
+        step("postprocess", {DECODED: DECODED}, {IMAGES: IMAGES})
+    else:
+        step(job.scheduler, inputs, {IMAGES: IMAGES, SEEDS: SEEDS})
     return config
 
 
@@ -172,9 +208,9 @@ def all_configs(spec: ModelSpec, options: ServingOptions) -> list[mc.ModelConfig
     return [
         tokenizer_config(spec),
         *(network_config(spec, spec.component(name), options) for name in NETWORKS),
-        scheduler_config(spec, options),
+        *(scheduler_config(spec, job, options) for job in JOBS.values()),
         postprocess_config(spec),
-        ensemble_config(spec),
+        *(ensemble_config(spec, job) for job in JOBS.values()),
     ]
 
 

@@ -11,7 +11,10 @@ from typing import Any
 
 from sdtrt.clip_vocab import cache_dir
 from sdtrt.errors import UsageError
-from sdtrt.model_repository.configs import DECODED, EMBEDDINGS, PIPELINE, TOKEN_WEIGHTS, TOKENIZER_FIELDS, scheduler_fields
+from sdtrt.model_repository.configs import (
+    DECODED, EMBEDDINGS, IMG2IMG, INIT_IMAGE, JOBS, PIPELINE, TOKEN_WEIGHTS, TOKENIZER_FIELDS, scheduler_fields,
+)
+from sdtrt.request import Txt2ImgRequest, job_fields
 from sdtrt.model_repository.server import pytriton_home
 from sdtrt.spec import ModelSpec
 
@@ -30,10 +33,14 @@ def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
     """perf_analyzer --input-data JSON for every model, at the model's native size, one image, 20 steps."""
     fields = {name: field.default for name, field in spec.request.items()}
     fields.update(prompt=PERF_PROMPT, seed=42, steps=20)
-    txt2img = {name: [value] for name, value in fields.items()}
+    txt2img = {name: [fields[name]] for name in job_fields(Txt2ImgRequest)}
     native = spec.field("width").default // spec.vae_scale_factor
+    size = native * spec.vae_scale_factor
     dims = {"batch": 1, "text_batch": 1, "unet_batch": 1, "latent_height": native, "latent_width": native,
-            "context_length": spec.text_max_length}
+            "context_length": spec.text_max_length, "image_height": size, "image_width": size}
+    img2img_job = JOBS[IMG2IMG]
+    img2img = {name: [fields[name]] for name in job_fields(img2img_job.request_type)}
+    img2img[INIT_IMAGE] = {"content": [128] * (size * size * 3), "shape": [size, size, 3]}
 
     def network(name: str) -> dict[str, Any]:
         data = {}
@@ -49,12 +56,13 @@ def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
     channels = spec.component("vae_decoder").outputs[0].shape[1]
     return {
         PIPELINE: {"data": [txt2img]},
+        img2img_job.ensemble: {"data": [img2img]},
         "tokenizer": {"data": [{f: txt2img[f] for f in TOKENIZER_FIELDS}]},
-        **{name: {"data": [network(name)]} for name in ("text_encoder", "unet", "vae_decoder")},
+        **{name: {"data": [network(name)]} for name in spec.components},
         "scheduler": {"data": [{EMBEDDINGS: _zeros([2, spec.text_max_length, spec.text_hidden_size]),
                                 TOKEN_WEIGHTS: {"content": [1.0] * (2 * spec.text_max_length),
                                                 "shape": [2, spec.text_max_length]},
-                                **{f: txt2img[f] for f in scheduler_fields(spec)}}]},
+                                **{f: txt2img[f] for f in scheduler_fields(JOBS[PIPELINE])}}]},
         "postprocess": {"data": [{DECODED: _zeros([1, channels, native * spec.vae_scale_factor,
                                                    native * spec.vae_scale_factor])}]},
     }

@@ -64,3 +64,64 @@ class JsonLog:
 
     def error(self, event: str, **fields: Any) -> None:
         self._emit(pb_utils.Logger.log_error, event, **fields)
+
+
+class JobModel:
+    """What the scheduler models share: reading and checking a job's fields, the prompt conditioning, one
+    response per request (errors included), structured logs. Subclasses set ``job`` and write ``run``."""
+
+    job = None  # a sdtrt.model_repository.configs.Job
+
+    def initialize(self, args):
+        import torch
+
+        from sdtrt.model_repository.configs import scheduler_fields
+
+        self.spec = model_spec(args)
+        self.log = JsonLog(args["model_name"])
+        self.fields = scheduler_fields(self.job)
+        torch.set_num_threads(1)  # the loop's own math is small; leave the cores to the networks
+        self.log.info("ready", instance=args.get("model_instance_name"))
+
+    def settings(self, request):
+        """Every field of the job, defaulted from the spec when absent, checked, seeds resolved."""
+        from sdtrt.request import resolve_seeds, validate
+
+        values = {name: scalar(request, name) for name in self.fields}
+        return resolve_seeds(validate(self.job.request_type(prompt="", **values), self.spec))
+
+    def conditioning(self, request):
+        """(uncond, cond) U-Net contexts from the text encoder's chunk embeddings and the tokenizer's weights."""
+        import torch
+
+        from sdtrt.model_repository.configs import EMBEDDINGS, TOKEN_WEIGHTS
+        from sdtrt.prompts import apply_weights
+
+        embeddings = pb_utils.get_input_tensor_by_name(request, EMBEDDINGS).as_numpy()
+        weights = pb_utils.get_input_tensor_by_name(request, TOKEN_WEIGHTS).as_numpy()
+        uncond, cond = torch.from_numpy(apply_weights(embeddings, weights)).split(1)
+        return uncond, cond
+
+    def done(self, request, settings, start: float, **extra: Any) -> None:
+        self.log.info("sampled", request_id=request.request_id(), sampler=settings.sampler, steps=settings.steps,
+                      size=f"{settings.width}x{settings.height}", images=settings.batch_size, seed=settings.seed,
+                      hires=settings.enable_hr, ms=round(1000 * (time.perf_counter() - start), 1), **extra)
+
+    def execute(self, requests):
+        from sdtrt.errors import InvalidRequest
+        from sdtrt.model_repository.bls import Cancelled
+
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self.run(request))
+            except InvalidRequest as exc:
+                self.log.info("invalid_request", field=exc.field)
+                responses.append(error_response(str(exc), "INVALID_ARG"))
+            except Cancelled:
+                self.log.info("cancelled", request_id=request.request_id())
+                responses.append(error_response("request cancelled by the client", "CANCELLED"))
+            except Exception as exc:  # never let one request take the model down
+                self.log.error("failed", error=repr(exc))
+                responses.append(error_response(f"{self.job.scheduler}: {exc}"))
+        return responses

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-bpe", type=Path, default=None,
                    help="CLIP's bpe_simple_vocab_16e6.txt.gz, or the open-clip-torch wheel holding it "
                    "(default: the cache, else fetched from PyPI)")
+    p.add_argument("--inpainting", action="store_true",
+                   help="give the U-Net 9 input channels, like SD inpainting checkpoints")
     p.set_defaults(func=cmd_init_default)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX and write the model spec",
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_init_default(args: argparse.Namespace) -> int:
     from sdtrt.default_model import build_default_model
 
-    path = build_default_model(args.out, args.clip_bpe)
+    path = build_default_model(args.out, args.clip_bpe, inpainting=args.inpainting)
     print(f"default model written to {path}")
     return 0
 

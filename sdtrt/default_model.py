@@ -73,8 +73,12 @@ VAE_CONFIG = dict(
 )
 
 
-def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None) -> Path:
-    """Write the default model as an ordinary diffusers folder and return its path."""
+def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None, inpainting: bool = False) -> Path:
+    """Write the default model as an ordinary diffusers folder and return its path.
+
+    ``inpainting`` gives its U-Net the 9 input channels of SD inpainting checkpoints (latents, mask,
+    masked-image latents), for testing that path; everything else is the same model.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -89,7 +93,7 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
     _trained_like_layer_norms(text_encoder)
     torch.manual_seed(SEED + 1)
-    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, **({"in_channels": 9} if inpainting else {})}).eval()
     torch.manual_seed(SEED + 2)
     vae = AutoencoderKL(**VAE_CONFIG).eval()
 

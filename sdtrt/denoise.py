@@ -1,4 +1,4 @@
-"""The denoising loop, kept visible, shared by the in-process reference runner and the Triton scheduler model.
+"""The denoising loop, kept visible, shared by the in-process reference runner and the Triton scheduler models.
 
 The U-Net is whatever callable it is handed: an onnxruntime session in-process, a BLS call to the ``unet``
 Triton model when served. Uncond and cond go through the U-Net in ONE batched call, as in diffusers.
@@ -10,10 +10,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from sdtrt.request import Txt2ImgRequest
-from sdtrt.samplers import make_scheduler, step_kwargs
-from sdtrt.seeds import image_seeds, initial_noise, make_generators
-from sdtrt.spec import ModelSpec
+from sdtrt.samplers import step_kwargs
 
 
 class UNet(Protocol):
@@ -27,34 +24,13 @@ def prepare_latents(scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Te
     return noise * scheduler.init_noise_sigma
 
 
-def denoise(
-    scheduler: Any,
-    unet: UNet,
-    latents: torch.Tensor,
-    context: torch.Tensor,
-    guidance_scale: float,
-    generators: list[torch.Generator],
-    on_step: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """Run every scheduler step. With guidance, ``context`` is cat([uncond, cond]) and has 2x the images.
-
-    Guidance is off at guidance_scale <= 1, as in diffusers (then ``context`` holds cond only).
-    """
-    guided = guidance_scale > 1.0
-    extra = step_kwargs(scheduler, generators)
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(timesteps):
-        model_input = torch.cat([latents, latents]) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32)
-        noise_pred = unet(model_input, timestep, context)
-        if guided:
-            uncond, cond = noise_pred.chunk(2)
-            noise_pred = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-        if on_step is not None:
-            on_step(i + 1, len(timesteps))
-    return latents
+def strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
+    """img2img's schedule (diffusers' get_timesteps): only the last int(steps * strength) steps are run."""
+    scheduler.set_timesteps(steps)
+    start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
 
 
 def guidance_context(uncond: torch.Tensor, cond: torch.Tensor, images: int, guidance_scale: float) -> torch.Tensor:
@@ -64,27 +40,42 @@ def guidance_context(uncond: torch.Tensor, cond: torch.Tensor, images: int, guid
     return torch.cat([cond] * images)
 
 
-def txt2img_latents(
-    spec: ModelSpec,
-    request: Txt2ImgRequest,
-    uncond: torch.Tensor,
-    cond: torch.Tensor,
+def denoise(
+    scheduler: Any,
     unet: UNet,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    guidance_scale: float,
+    generators: list[torch.Generator],
     on_step: Callable[[int, int], None] | None = None,
-) -> tuple[torch.Tensor, list[int]]:
-    """Everything between the text encoder and the VAE for a validated request with resolved seeds.
+    timesteps: torch.Tensor | None = None,
+    unet_extra: torch.Tensor | None = None,
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run the scheduler's steps (all of them, or ``timesteps``). With guidance, ``context`` is cat([uncond, cond]).
 
-    Returns the final latents already divided by the VAE scaling factor (the decoder's input) and the
-    seed of each image.
+    ``unet_extra`` (inpainting U-Nets: mask and masked-image latents, one row per image) is appended to the
+    U-Net input's channels; ``after_step(i, latents)`` may replace the latents after step i (masked blending).
+    Guidance is off at guidance_scale <= 1, as in diffusers (then ``context`` holds cond only).
     """
-    seeds = image_seeds(request.seed, request.batch_size)
-    generators = make_generators(seeds)
-    f = spec.vae_scale_factor
-    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
-    subseeds = image_seeds(request.subseed, request.batch_size) if request.subseed_strength > 0 else None
-    noise = initial_noise(generators, spec.latent_channels, request.height // f, request.width // f,
-                          subseeds, request.subseed_strength)
-    latents = prepare_latents(scheduler, noise, request.steps)
-    context = guidance_context(uncond, cond, request.batch_size, request.guidance_scale)
-    latents = denoise(scheduler, unet, latents, context, request.guidance_scale, generators, on_step)
-    return latents / spec.vae_scaling_factor, seeds
+    guided = guidance_scale > 1.0
+    extra = step_kwargs(scheduler, generators)
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
+    if unet_extra is not None and guided:
+        unet_extra = torch.cat([unet_extra, unet_extra])
+    for i, t in enumerate(timesteps):
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        if unet_extra is not None:
+            model_input = torch.cat([model_input, unet_extra], dim=1)
+        timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32)
+        noise_pred = unet(model_input, timestep, context)
+        if guided:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (cond - uncond)
+        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        if after_step is not None:
+            latents = after_step(i, latents)
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
+    return latents

@@ -1,4 +1,4 @@
-"""The in-process reference runner: txt2img from an exported repository with onnxruntime, no server.
+"""The in-process reference runner: txt2img and img2img from an exported repository with onnxruntime, no server.
 
 It runs the same steps, in the same order, as the served pipeline (tokenizer -> text encoder -> scheduler
 loop with the U-Net -> VAE decoder -> postprocess), so served images can be checked against it.
@@ -7,17 +7,17 @@ loop with the U-Net -> VAE decoder -> postprocess), so served images can be chec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from sdtrt.denoise import txt2img_latents
 from sdtrt.generation import Generation, infotexts
 from sdtrt.images import to_uint8
-from sdtrt.request import Txt2ImgRequest, resolve_seeds, validate
-from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
+from sdtrt.img2img import finish_images, prepare_images
+from sdtrt.jobs import OnStep, img2img_latents, txt2img_latents
 from sdtrt.prompts import apply_weights, prompt_rows
+from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
+from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
 from sdtrt.text import load_tokenizer
 
 
@@ -44,27 +44,43 @@ class LocalPipeline:
         self.repo = Path(repo_dir)
         self.spec: ModelSpec = load_spec(self.repo)
         self.tokenizer = load_tokenizer(self.repo / self.spec.tokenizer, self.spec.text_max_length)
-        self.text_encoder = OnnxNetwork(self.repo, self.spec.component("text_encoder"), threads)
-        self.unet_net = OnnxNetwork(self.repo, self.spec.component("unet"), threads)
-        self.vae_decoder = OnnxNetwork(self.repo, self.spec.component("vae_decoder"), threads)
+        self.nets = {name: OnnxNetwork(self.repo, component, threads) for name, component in self.spec.components.items()}
+
+    # --- the networks, as the jobs call them ----------------------------------------------------------------
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.nets["unet"](sample.numpy(), timestep.numpy(), context.numpy()))
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.nets["vae_encoder"](images.numpy()))
+
+    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self.nets["vae_decoder"](latents.numpy()))
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[torch.Tensor, torch.Tensor]:
         """(uncond, cond) U-Net contexts [1, 77k, H] with A1111 weighting, chunking and Clip skip."""
         ids, weights = prompt_rows(self.tokenizer, request.prompt, request.negative_prompt, self.spec.max_chunks)
-        embeddings = self.text_encoder(ids, np.full(len(ids), request.clip_skip, dtype=np.int32))
+        embeddings = self.nets["text_encoder"](ids, np.full(len(ids), request.clip_skip, dtype=np.int32))
         uncond, cond = torch.from_numpy(apply_weights(embeddings, weights)).split(1)
         return uncond, cond
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.unet_net(sample.numpy(), timestep.numpy(), context.numpy()))
-
-    def decode(self, decoder_latents: torch.Tensor) -> np.ndarray:
-        return to_uint8(self.vae_decoder(decoder_latents.numpy()))
-
-    def txt2img(self, request: Txt2ImgRequest, on_step: Callable[[int, int], None] | None = None) -> Generation:
-        request = validate(request, self.spec)
-        request = resolve_seeds(request)
+    # --- the jobs --------------------------------------------------------------------------------------------
+    def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None) -> Generation:
+        request = resolve_seeds(validate(request, self.spec))
         uncond, cond = self.encode_prompts(request)
-        latents, seeds = txt2img_latents(self.spec, request, uncond, cond, self.unet, on_step)
-        images = self.decode(latents)
-        return Generation(images, seeds, infotexts(request, seeds, self.spec.model_name, self.spec.model_hash))
+        latents, seeds = txt2img_latents(self.spec, request, uncond, cond, self, on_step)
+        return Generation(self.vae_decode(latents), seeds, self._infotexts(request, seeds))
+
+    def img2img(self, request: Img2ImgRequest, init_image: np.ndarray, mask: np.ndarray | None = None,
+                on_step: OnStep | None = None) -> Generation:
+        request = resolve_seeds(validate(request, self.spec))
+        inputs = prepare_images(init_image, mask, width=request.width, height=request.height,
+                                resize_mode=request.resize_mode, mask_blur=request.mask_blur,
+                                inpaint_full_res=request.inpaint_full_res,
+                                padding=request.inpaint_full_res_padding, vae_scale_factor=self.spec.vae_scale_factor)
+        uncond, cond = self.encode_prompts(request)
+        latents, seeds = img2img_latents(self.spec, request, inputs, uncond, cond, self, on_step)
+        images = finish_images(self.vae_decode(latents), inputs, self.spec.vae_scale_factor)
+        return Generation(images, seeds, self._infotexts(request, seeds, mask is not None))
+
+    def _infotexts(self, request: Txt2ImgRequest, seeds: list[int], inpaint: bool = False) -> list[str]:
+        return infotexts(request, seeds, self.spec.model_name, self.spec.model_hash, inpaint)

@@ -1,4 +1,4 @@
-"""The txt2img request: its fields (names, wire dtypes, defaults, limits) and their validation.
+"""The requests (txt2img, img2img): their fields (names, wire dtypes, defaults, limits) and their validation.
 
 The table is built here once per model at export time and stored in the spec; servers, clients and the
 CLI validate against the spec's copy, so every error names the field and its allowed range the same way.
@@ -7,16 +7,22 @@ CLI validate against the spec's copy, so every error names the field and its all
 from __future__ import annotations
 
 import math
+
+import numpy as np
+import dataclasses
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from sdtrt.errors import InvalidRequest
+from sdtrt.hires import DEFAULT_UPSCALER, HIRES_UPSCALERS
+from sdtrt.img2img import RESIZE_MODES
 from sdtrt.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, resolve, sampler_names
 from sdtrt.seeds import MAX_SEED, RANDOM_SEED, resolve_seed
 from sdtrt.spec import FieldSpec, ModelSpec
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
 MAX_GUIDANCE = 30.0
+DEFAULT_DENOISING = 0.75
 
 
 @dataclass(frozen=True)
@@ -34,9 +40,29 @@ class Txt2ImgRequest:
     clip_skip: int = 1
     subseed: int = RANDOM_SEED
     subseed_strength: float = 0.0
+    denoising_strength: float = DEFAULT_DENOISING  # the hires pass's (txt2img) or the init image's (img2img)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = DEFAULT_UPSCALER
+    hr_second_pass_steps: int = 0  # 0: the same as steps
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Img2ImgRequest(Txt2ImgRequest):
+    """img2img and inpainting settings; the init image and the mask travel beside the request, as arrays."""
+
+    resize_mode: str = "Just resize"
+    mask_blur: int = 4
+    inpaint_full_res: bool = False  # A1111's "Inpaint area: Only masked"
+    inpaint_full_res_padding: int = 32
+
+
+def job_fields(request_type: type) -> tuple[str, ...]:
+    """The request fields a job takes, in order (the dataclass's fields; their facts are in the spec)."""
+    return tuple(f.name for f in dataclasses.fields(request_type))
 
 
 def request_fields(
@@ -65,12 +91,31 @@ def request_fields(
                   minimum=RANDOM_SEED, maximum=MAX_SEED),
         FieldSpec("subseed_strength", "float32", 0.0, "how far each image's noise moves towards its variation seed's",
                   minimum=0.0, maximum=1.0),
+        FieldSpec("denoising_strength", "float32", DEFAULT_DENOISING,
+                  "how much of the init image (img2img) or first pass (hires fix) is redrawn", minimum=0.0, maximum=1.0),
+        FieldSpec("enable_hr", "bool", False, "hires fix: upscale the first pass and redraw it at the larger size"),
+        FieldSpec("hr_scale", "float32", 2.0, "hires fix: upscale factor", minimum=1.0, maximum=4.0),
+        FieldSpec("hr_upscaler", "string", DEFAULT_UPSCALER, "hires fix: upscaler", choices=tuple(HIRES_UPSCALERS)),
+        FieldSpec("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
+                  minimum=0, maximum=MAX_STEPS),
+        FieldSpec("resize_mode", "string", "Just resize", "img2img: how the init image is fitted to width x height",
+                  choices=tuple(RESIZE_MODES)),
+        FieldSpec("mask_blur", "int32", 4, "inpainting: Gaussian blur radius of the mask, in pixels",
+                  minimum=0, maximum=64),
+        FieldSpec("inpaint_full_res", "bool", False,
+                  "inpainting: redraw only the masked area, at full resolution (A1111's 'Only masked')"),
+        FieldSpec("inpaint_full_res_padding", "int32", 32, "inpainting: pixels of context around the masked area",
+                  minimum=0, maximum=256),
     ]
     return {f.name: f for f in fields}
 
 
 def check_value(field: FieldSpec, value: Any) -> Any:
     """Coerce one value to the field's type and check it against the field's limits."""
+    if field.dtype == "bool":
+        if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+            return bool(value)
+        raise InvalidRequest(field.name, value, field.allowed())
     if field.dtype == "string":
         if isinstance(value, bytes):
             value = value.decode("utf-8", errors="replace")
@@ -104,7 +149,17 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
         field = spec.field(name)
         values[name] = check_value(field, field.default if value is None else value)
     resolve(values["sampler"], values["schedule_type"])  # not every sampler follows every schedule
-    return Txt2ImgRequest(**values)
+    checked = type(request)(**values)
+    if checked.enable_hr:
+        from sdtrt.hires import target_size
+
+        width, height = target_size(checked.width, checked.height, checked.hr_scale, spec.vae_scale_factor)
+        largest = spec.field("width").maximum
+        if max(width, height) > largest:
+            raise InvalidRequest("hr_scale", checked.hr_scale,
+                                 f"at most {largest / max(checked.width, checked.height):g} for "
+                                 f"{checked.width}x{checked.height} (the model takes at most {largest:g} pixels a side)")
+    return checked
 
 
 def resolve_seeds(request: Txt2ImgRequest) -> Txt2ImgRequest:

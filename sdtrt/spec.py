@@ -18,6 +18,10 @@ from sdtrt.errors import UsageError
 SPEC_FILENAME = "sdtrt_spec.json"
 SPEC_VERSION = 1
 
+# Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
+WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
+               "float16": "FP16", "float32": "FP32"}
+
 # A dimension is either a fixed size or the name of a dynamic dimension listed in ModelSpec.dims.
 DimValue = Union[int, str]
 
@@ -95,6 +99,8 @@ class FieldSpec:
             parts.append(f">= {_num(self.minimum)}")
         elif self.maximum is not None:
             parts.append(f"<= {_num(self.maximum)}")
+        if self.dtype == "bool":
+            return "true or false"
         kind = "an integer" if self.dtype.startswith("int") else "a number" if self.dtype.startswith("float") else "text"
         return ", ".join([kind] + parts)
 

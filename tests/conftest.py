@@ -56,3 +56,20 @@ def server(exported_repo, tmp_path_factory):
     triton = TritonServer(exported_repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log)
     with triton:
         yield triton
+
+
+@pytest.fixture(scope="session")
+def inpainting_model(tmp_path_factory) -> Path:
+    from sdtrt.default_model import build_default_model
+
+    return build_default_model(tmp_path_factory.mktemp("models") / "inpainting", inpainting=True)
+
+
+@pytest.fixture(scope="session")
+def inpainting_pipeline(inpainting_model, tmp_path_factory):
+    from sdtrt.export import export_model
+    from sdtrt.local import LocalPipeline
+
+    out = tmp_path_factory.mktemp("repos") / "inpainting"
+    export_model(inpainting_model, out, progress=False, report=lambda *_: None)
+    return LocalPipeline(out)

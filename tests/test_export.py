@@ -20,7 +20,7 @@ SHAPES = [  # square, non-square, odd latent sizes, two prompt chunks, several i
 ]
 
 
-@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder"])
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
 def test_onnx_matches_torch(name, exported_repo, diffusers_pipe):
     spec = load_spec(exported_repo)
     component = spec.component(name)

@@ -13,14 +13,18 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
+from PIL import Image
+
+from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff, sample_mask, sample_picture
 from sdtrt.client import Client, ServerError
 from sdtrt.errors import InvalidRequest
-from sdtrt.request import Txt2ImgRequest
+from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
 from sdtrt.samplers import SAMPLERS
-from sdtrt.spec import load_spec
+from sdtrt.request import job_fields
+from sdtrt.spec import WIRE_DTYPES, load_spec
 
-MODELS = ["tokenizer", "text_encoder", "unet", "scheduler", "vae_decoder", "postprocess", "txt2img"]
+MODELS = ["tokenizer", "text_encoder", "unet", "scheduler", "vae_decoder", "vae_encoder", "postprocess", "txt2img",
+          "img2img_scheduler", "img2img"]
 
 
 def clients(server):
@@ -38,8 +42,7 @@ def test_health_and_metadata(server, exported_repo):
         assert grpc.is_model_ready(model) and http.is_model_ready(model), model
     meta = grpc.get_model_metadata("txt2img", as_json=True)
     inputs = {i["name"]: i["datatype"] for i in meta["inputs"]}
-    wire = {"string": "BYTES", "int64": "INT64", "int32": "INT32", "float32": "FP32"}
-    assert inputs == {name: wire[f.dtype] for name, f in spec.request.items()}
+    assert inputs == {name: WIRE_DTYPES[spec.field(name).dtype] for name in job_fields(Txt2ImgRequest)}
     assert {o["name"] for o in meta["outputs"]} == {"images", "seeds"}
     unet = http.get_model_metadata("unet")
     assert [i["name"] for i in unet["inputs"]] == [t.name for t in spec.component("unet").inputs]
@@ -129,7 +132,8 @@ def raw_infer(server, fields: dict, protocol: str = "grpc"):
     inputs = []
     for name, (value, wire) in fields.items():
         array = np.array([value.encode() if wire == "BYTES" else value],
-                         dtype={"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[wire])
+                         dtype={"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32,
+                                "BOOL": np.bool_}[wire])
         tensor = module.InferInput(name, [1], wire)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -154,6 +158,8 @@ BAD = [
     ({"clip_skip": (3, "INT32")}, "invalid clip_skip=3: clip_skip must be an integer, from 1 to 2"),
     ({"prompt": (" ".join(["cat"] * 300), "BYTES")}, "invalid prompt='<300 tokens in 4 chunks>': prompt must be at most 3"),
     ({"subseed_strength": (1.5, "FP32")}, "invalid subseed_strength=1.5: subseed_strength must be a number, from 0 to 1"),
+    ({"hr_upscaler": ("ESRGAN_4x", "BYTES")}, "invalid hr_upscaler='ESRGAN_4x': hr_upscaler must be one of: 'Latent'"),
+    ({"enable_hr": (True, "BOOL"), "hr_scale": (3.0, "FP32"), "width": (512, "INT32")}, "invalid hr_scale=3.0"),
     ({"width": (64.0, "FP32")}, "width"),  # wrong wire type: Triton itself names the input
 ]
 
@@ -256,3 +262,42 @@ def test_served_config_carries_the_spec(server, exported_repo):
     config = httpclient.InferenceServerClient(server.http_url).get_model_config("txt2img")
     served = json.loads(config["parameters"]["sdtrt_spec"]["string_value"])
     assert served == json.loads((exported_repo / "sdtrt_spec.json").read_text())
+
+
+PICTURE = sample_picture(64, 64)
+MASK = sample_mask(64, 64)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_img2img_and_inpainting_match_the_local_runner(server, local_pipeline, protocol):
+    client = clients(server)[protocol]
+    settings = dict(negative_prompt="blurry", steps=8, seed=12, width=64, height=64, batch_size=2,
+                    denoising_strength=0.7, sampler="DPM++ 2M")
+    served = client.img2img("a watercolor", Image.fromarray(PICTURE), **settings)
+    local = local_pipeline.img2img(Img2ImgRequest(prompt="a watercolor", **settings), PICTURE)
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    assert served.infotexts == local.infotexts
+    inpaint = dict(settings, mask_blur=3, inpaint_full_res=True, inpaint_full_res_padding=8)
+    served = client.img2img("a red door", PICTURE, MASK, **inpaint)
+    local = local_pipeline.img2img(Img2ImgRequest(prompt="a red door", **inpaint), PICTURE, MASK)
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    assert "Mask blur: 3, Inpaint area: Only masked" in served.infotexts[0]
+
+
+@pytest.mark.parametrize("upscaler", ["Latent (bicubic)", "Lanczos"])
+def test_served_hires_fix_matches_the_local_runner(server, local_pipeline, upscaler):
+    settings = dict(steps=6, seed=23, width=64, height=64, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler,
+                    denoising_strength=0.55)
+    served = Client(server.url).txt2img("a castle", **settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(prompt="a castle", **settings))
+    assert served.images.shape == (1, 96, 96, 3)
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+
+
+def test_img2img_without_an_image_is_refused_by_name(server):
+    prompt = grpcclient.InferInput("prompt", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as exc:
+        grpcclient.InferenceServerClient(server.url).infer("img2img", [prompt])
+    assert "invalid init_image=None: init_image must be an H x W x 3 uint8 RGB picture" in str(exc.value)
+    assert Client(server.url).img2img("x", PICTURE, steps=2, width=64, height=64).images.shape == (1, 64, 64, 3)

@@ -1,0 +1,39 @@
+"""Triton model ``img2img_scheduler``: img2img and inpainting, calling vae_encoder, unet and vae_decoder via BLS.
+
+It also does the image side (resize mode, mask blur, "only masked" crop, pasting the original back outside
+the mask), so it returns finished uint8 pictures to the ``img2img`` ensemble.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from sdtrt.img2img import finish_images, prepare_images
+from sdtrt.jobs import img2img_latents
+from sdtrt.model_repository.bls import BlsNetworks
+from sdtrt.model_repository.configs import IMAGES, IMG2IMG, INIT_IMAGE, JOBS, MASK, SEEDS
+from sdtrt.model_repository.triton_io import JobModel, optional_input
+
+
+class TritonPythonModel(JobModel):
+    job = JOBS[IMG2IMG]
+
+    def run(self, request) -> "pb_utils.InferenceResponse":
+        start = time.perf_counter()
+        settings = self.settings(request)
+        init_image, mask = optional_input(request, INIT_IMAGE), optional_input(request, MASK)
+        inputs = prepare_images(init_image, mask, width=settings.width, height=settings.height,
+                                resize_mode=settings.resize_mode, mask_blur=settings.mask_blur,
+                                inpaint_full_res=settings.inpaint_full_res,
+                                padding=settings.inpaint_full_res_padding, vae_scale_factor=self.spec.vae_scale_factor)
+        uncond, cond = self.conditioning(request)
+        nets = BlsNetworks(self.spec, request)
+        latents, seeds = img2img_latents(self.spec, settings, inputs, uncond, cond, nets)
+        images = finish_images(nets.vae_decode(latents), inputs, self.spec.vae_scale_factor)
+        self.done(request, settings, start, inpaint=mask is not None)
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor(IMAGES, images), pb_utils.Tensor(SEEDS, np.array(seeds, dtype=np.int64)),
+        ])

@@ -1,0 +1,159 @@
+"""The generation jobs, each a short composition of the shared pieces: seeds, a scheduler, the loop, the VAE.
+
+    txt2img:  noise -> denoise -> [hires fix: upscale -> img2img pass]           -> latents for the decoder
+    img2img:  init image -> VAE sample -> add noise at the strength -> denoise -> latents for the decoder
+    inpaint:  img2img with a mask: blended each step (4-channel U-Nets) or fed to the U-Net (9-channel ones)
+
+Each job consumes every image's generator in the order diffusers' pipelines do (VAE samples, then the noise,
+then the step noise), so the same seed gives diffusers' picture. The networks come in through ``Networks``:
+onnxruntime sessions in-process, BLS calls to the Triton models when served.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from sdtrt.denoise import UNet, denoise, guidance_context, prepare_latents, strength_timesteps
+from sdtrt.errors import InvalidRequest
+from sdtrt.hires import HIRES_UPSCALERS, target_size, upscale_image, upscale_latents
+from sdtrt.img2img import ImageInputs
+from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
+from sdtrt.samplers import make_scheduler
+from sdtrt.seeds import image_seeds, initial_noise, make_generators
+from sdtrt.spec import ModelSpec
+from sdtrt.vae import sample_latents
+
+OnStep = Callable[[int, int], None]
+
+
+class Networks(Protocol):
+    unet: UNet
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> latent distribution parameters [N, 2C, H/8, W/8]."""
+
+    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents already divided by the VAE scaling factor -> uint8 pictures [N, H, W, 3]."""
+
+
+def unet_channels(spec: ModelSpec) -> int:
+    return int(spec.component("unet").input("sample").shape[1])
+
+
+def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, height: int) -> torch.Tensor:
+    f = spec.vae_scale_factor
+    subseeds = image_seeds(request.subseed, request.batch_size) if request.subseed_strength > 0 else None
+    return initial_noise(generators, spec.latent_channels, height // f, width // f, subseeds, request.subseed_strength)
+
+
+def txt2img_latents(
+    spec: ModelSpec,
+    request: Txt2ImgRequest,
+    uncond: torch.Tensor,
+    cond: torch.Tensor,
+    nets: Networks,
+    on_step: OnStep | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """A validated request with resolved seeds -> (latents divided by the VAE scaling factor, seed of each image)."""
+    if unet_channels(spec) != spec.latent_channels:
+        raise InvalidRequest("init_image", None, "an init image and a mask: this is an inpainting model "
+                             f"({unet_channels(spec)}-channel U-Net); use img2img")
+    seeds = image_seeds(request.seed, request.batch_size)
+    generators = make_generators(seeds)
+    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
+    latents = prepare_latents(scheduler, _noise(spec, request, generators, request.width, request.height), request.steps)
+    context = guidance_context(uncond, cond, request.batch_size, request.guidance_scale)
+    latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step)
+    if request.enable_hr:
+        latents = hires_pass(spec, request, latents, context, nets, seeds, on_step)
+    return latents / spec.vae_scaling_factor, seeds
+
+
+def hires_pass(
+    spec: ModelSpec,
+    request: Txt2ImgRequest,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    nets: Networks,
+    seeds: list[int],
+    on_step: OnStep | None,
+) -> torch.Tensor:
+    """Upscale the first pass and redraw it: an img2img pass with fresh generators from the same seeds (as A1111
+    re-seeds its second pass), ``hr_second_pass_steps`` steps and the denoising strength."""
+    upscaler = HIRES_UPSCALERS[request.hr_upscaler]
+    f = spec.vae_scale_factor
+    width, height = target_size(request.width, request.height, request.hr_scale, f)
+    generators = make_generators(seeds)
+    if upscaler.latent_mode is not None:
+        init = upscale_latents(latents, upscaler, width // f, height // f)
+    else:
+        from PIL import Image
+
+        from sdtrt.img2img import to_model_input
+
+        pictures = nets.vae_decode(latents / spec.vae_scaling_factor)
+        resized = [upscale_image(Image.fromarray(p), upscaler, width, height) for p in pictures]
+        init = sample_latents(nets.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
+    steps = request.hr_second_pass_steps or request.steps
+    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
+    timesteps = strength_timesteps(scheduler, steps, request.denoising_strength)
+    if len(timesteps) == 0:
+        return init
+    noise = _noise(spec, request, generators, width, height)
+    latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
+    return denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps)
+
+
+def img2img_latents(
+    spec: ModelSpec,
+    request: Img2ImgRequest,
+    inputs: ImageInputs,
+    uncond: torch.Tensor,
+    cond: torch.Tensor,
+    nets: Networks,
+    on_step: OnStep | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """img2img (no mask) or inpainting (mask) -> (latents divided by the VAE scaling factor, seeds)."""
+    n = request.batch_size
+    seeds = image_seeds(request.seed, n)
+    generators = make_generators(seeds)
+    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
+    timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength)
+    inpaint = inputs.mask is not None
+    nine = unet_channels(spec) == spec.latent_channels * 2 + 1
+    if nine and not inpaint:
+        raise InvalidRequest("mask", None, "a mask: this is an inpainting model (9-channel U-Net)")
+    full_strength = request.denoising_strength == 1.0
+
+    image_latents = None  # diffusers skips this VAE sample only for 9-channel inpainting at full strength
+    if not (inpaint and nine and full_strength):
+        image_latents = sample_latents(nets.vae_encode(inputs.init), generators, spec.vae_scaling_factor)
+    noise = _noise(spec, request, generators, request.width, request.height)
+    if len(timesteps) == 0:  # strength 0: the init image's VAE round trip
+        latents = image_latents
+    elif inpaint and full_strength:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
+
+    unet_extra = after_step = None
+    if inpaint:
+        h, w = latents.shape[-2:]
+        mask = torch.nn.functional.interpolate(inputs.mask, size=(h, w)).repeat(n, 1, 1, 1)
+        masked = sample_latents(nets.vae_encode(inputs.masked), generators, spec.vae_scaling_factor)
+        if nine:
+            unet_extra = torch.cat([mask, masked], dim=1)
+        else:
+            def after_step(i: int, current: torch.Tensor) -> torch.Tensor:
+                proper = image_latents
+                if i < len(timesteps) - 1:  # re-noise the original to the next step's level
+                    proper = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+                return (1 - mask) * proper + mask * current
+
+    context = guidance_context(uncond, cond, n, request.guidance_scale)
+    latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
+                      unet_extra, after_step)
+    return latents / spec.vae_scaling_factor, seeds
