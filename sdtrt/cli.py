@@ -1,4 +1,4 @@
-"""The ``sdtrt`` command line: build the default model, export, generate (and, later, serve)."""
+"""The ``sdtrt`` command line: build the default model, export, serve, generate (client/cli.py), measure."""
 
 from __future__ import annotations
 
@@ -12,28 +12,8 @@ from typing import Sequence
 from sdtrt import __version__
 from sdtrt.errors import SdtrtError
 from sdtrt.model_repository.configs import NETWORK_BACKENDS
-from sdtrt.request import Txt2ImgRequest, request_fields
+from sdtrt.client.cli import add_commands as add_generation_commands
 from sdtrt.samplers import SAMPLERS
-
-# The request table of a typical SD 1.x export, used only to document the flags; a served or exported
-# model's own spec decides the real defaults and limits (e.g. its native size).
-_DOC_FIELDS = request_fields(native_size=512, min_size=64, max_size=1024, size_multiple=8, max_batch=4)
-
-# CLI flag -> request field; flag names follow AUTOMATIC1111 where it has one (--cfg-scale).
-TXT2IMG_FLAGS = {
-    "--negative-prompt": "negative_prompt",
-    "--steps": "steps",
-    "--sampler": "sampler",
-    "--schedule-type": "schedule_type",
-    "--cfg-scale": "guidance_scale",
-    "--seed": "seed",
-    "--width": "width",
-    "--height": "height",
-    "--batch-size": "batch_size",
-    "--clip-skip": "clip_skip",
-    "--subseed": "subseed",
-    "--subseed-strength": "subseed_strength",
-}
 
 EPILOG_MAIN = """\
 typical session:
@@ -42,17 +22,6 @@ typical session:
   sdtrt serve -m repos/default                     # tritonserver; Ctrl-C stops it
   sdtrt txt2img "a lighthouse at dawn" --seed 42 --out outputs/   # in another shell
 """
-
-
-def _field_help(name: str) -> str:
-    f = _DOC_FIELDS[name]
-    default = "the model's native size" if name in ("width", "height") else repr(f.default)
-    return f"{f.help}; {f.allowed()} (default: {default})"
-
-
-def _type_for(name: str):
-    dtype = _DOC_FIELDS[name].dtype
-    return int if dtype.startswith("int") else float if dtype.startswith("float") else str
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,24 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising loops run at once; their U-Net steps are batched together")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("txt2img", help="generate images from a prompt",
-                       description="Generate images from a prompt and save them as PNGs with AUTOMATIC1111 "
-                       "infotext. With --local the exported ONNX runs in this process (the reference runner).")
-    p.add_argument("prompt", help="what to draw")
-    for flag, name in TXT2IMG_FLAGS.items():
-        choices = _DOC_FIELDS[name].choices
-        kwargs = {"choices": list(choices), "metavar": "NAME"} if choices else {}
-        p.add_argument(flag, dest=name, type=_type_for(name), default=None, help=_field_help(name), **kwargs)
-    p.add_argument("--n-iter", type=int, default=1, metavar="N",
-                   help="batch count: N batches one after another, seeds continuing (default: 1)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--url", default=None,
-                       help="a running `sdtrt serve` (default: localhost:8001 for grpc, localhost:8000 for http)")
-    where.add_argument("--local", type=Path, metavar="REPO_DIR",
-                       help="instead of a server, run the exported repository in this process with onnxruntime")
-    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="how to talk to --url (default: grpc)")
-    p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default: outputs/)")
-    p.set_defaults(func=cmd_txt2img)
+    add_generation_commands(sub)
 
     p = sub.add_parser("serve", help="run tritonserver on an exported model repository",
                        description="Start tritonserver on REPO_DIR, wait until every model is ready, and serve until "
@@ -164,41 +116,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                         max_size=args.max_size, max_chunks=args.max_chunks, serving=serving)
     print(f"exported {spec.model_name} [{spec.model_hash}] to {args.out}")
     return 0
-
-
-def cmd_txt2img(args: argparse.Namespace) -> int:
-    from sdtrt.outputs import save_png
-
-    settings = {name: getattr(args, name) for name in TXT2IMG_FLAGS.values() if getattr(args, name) is not None}
-    result = _txt2img_local(args, settings) if args.local else _txt2img_served(args, settings)
-    for image, seed, info in zip(result.images, result.seeds, result.infotexts):
-        print(save_png(image, seed, info, args.out))
-    return 0
-
-
-def _txt2img_local(args: argparse.Namespace, settings: dict):
-    from tqdm.auto import tqdm
-
-    from sdtrt.generation import batch_count, concatenate
-    from sdtrt.local import LocalPipeline
-    from sdtrt.request import resolve_seeds, validate
-    from sdtrt.spec import load_spec
-
-    request = validate(Txt2ImgRequest(prompt=args.prompt, **settings), load_spec(args.local))  # fail before any work
-    batches = batch_count(resolve_seeds(request), args.n_iter)
-    pipeline = LocalPipeline(args.local)
-    with tqdm(total=request.steps * len(batches), desc="sampling", unit="step") as bar:
-        def on_step(done: int, total: int) -> None:
-            bar.update(1)
-
-        return concatenate([pipeline.txt2img(r, on_step=on_step) for r in batches])
-
-
-def _txt2img_served(args: argparse.Namespace, settings: dict):
-    from sdtrt.client import Client
-
-    with Client(args.url, protocol=args.protocol) as client:
-        return client.txt2img(args.prompt, n_iter=args.n_iter, **settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

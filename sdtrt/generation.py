@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sdtrt.infotext import build_infotext
+from sdtrt.infotext import build_infotext, parse_infotext
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
 
 
@@ -48,6 +48,47 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model_name: str, model_
         }
         texts.append(build_infotext(request.prompt, request.negative_prompt, params))
     return texts
+
+
+# A1111 infotext key -> request field, for reading an infotext back (png-info, --from-png).
+INFOTEXT_FIELDS = {
+    "Steps": "steps",
+    "Sampler": "sampler",
+    "Schedule type": "schedule_type",
+    "CFG scale": "guidance_scale",
+    "Seed": "seed",
+    "Denoising strength": "denoising_strength",
+    "Clip skip": "clip_skip",
+    "Variation seed": "subseed",
+    "Variation seed strength": "subseed_strength",
+    "Resize mode": "resize_mode",
+    "Mask blur": "mask_blur",
+    "Masked area padding": "inpaint_full_res_padding",
+    "Hires upscale": "hr_scale",
+    "Hires steps": "hr_second_pass_steps",
+    "Hires upscaler": "hr_upscaler",
+}
+
+
+def settings_from_infotext(text: str) -> dict[str, object]:
+    """Request fields from an A1111 infotext (values as text; validation converts them). Keys sdtrt does not
+    take (ENSD, Lora hashes, ...) are ignored; "Model"/"Model hash" come back under those names."""
+    prompt, negative, params = parse_infotext(text)
+    settings: dict[str, object] = {"prompt": prompt, "negative_prompt": negative}
+    for key, value in params.items():
+        if key in INFOTEXT_FIELDS:
+            settings[INFOTEXT_FIELDS[key]] = value
+    if "Size" in params:
+        width, _, height = params["Size"].partition("x")
+        settings.update(width=width, height=height)
+    if "Hires upscale" in params or "Hires upscaler" in params:
+        settings["enable_hr"] = True
+    if params.get("Inpaint area") == "Only masked":
+        settings["inpaint_full_res"] = True
+    for key in ("Model", "Model hash"):
+        if key in params:
+            settings[key] = params[key]
+    return settings
 
 
 def batch_count(request: Txt2ImgRequest, n_iter: int) -> list[Txt2ImgRequest]:

@@ -124,6 +124,11 @@ def check_value(field: FieldSpec, value: Any) -> Any:
         if field.choices is not None and value not in field.choices:
             raise InvalidRequest(field.name, value, field.allowed())
         return value
+    if isinstance(value, str):  # e.g. read back from an infotext
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidRequest(field.name, value, field.allowed()) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "item"):
         raise InvalidRequest(field.name, value, field.allowed())
     value = value.item() if hasattr(value, "item") else value

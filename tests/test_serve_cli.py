@@ -122,3 +122,52 @@ def test_perf_analyzer_measures_each_model(server, exported_repo, tmp_path, mode
     assert result.returncode == 0, result.stdout + result.stderr
     throughput = [line for line in result.stdout.splitlines() if "Throughput:" in line]
     assert throughput and float(throughput[0].split()[-2]) > 0
+
+
+def test_from_png_regenerates_the_same_pixels(server, tmp_path):
+    first = sdtrt("txt2img", "a (lighthouse:1.2), [fog], oil painting", "--negative-prompt", "blurry, \"dark\"",
+                  "--steps", "5", "--sampler", "DPM++ 2M", "--schedule-type", "Karras", "--cfg-scale", "6.5",
+                  "--seed", "1234", "--width", "64", "--height", "64", "--batch-size", "2", "--clip-skip", "2",
+                  "--subseed", "99", "--subseed-strength", "0.25", "--enable-hr", "--hr-scale", "1.5",
+                  "--hr-upscaler", "Latent (nearest)", "--denoising-strength", "0.5",
+                  "--url", server.url, "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    source = tmp_path / "a" / "00002-1235.png"  # image 1 of the batch: its own seed and variation seed
+    info = sdtrt("png-info", str(source))
+    assert info.returncode == 0
+    assert "Seed: 1235," in info.stdout and "Variation seed: 100," in info.stdout
+    assert "Hires upscale: 1.5, Hires upscaler: Latent (nearest)" in info.stdout
+    assert f"Version: sdtrt " in info.stdout
+    settings = json.loads(sdtrt("png-info", str(source), "--json").stdout)
+    assert settings["prompt"] == "a (lighthouse:1.2), [fog], oil painting"
+    assert settings["negative_prompt"] == 'blurry, "dark"' and settings["enable_hr"] is True
+    again = sdtrt("txt2img", "--from-png", str(source), "--url", server.url, "--out", str(tmp_path / "b"))
+    assert again.returncode == 0, again.stderr
+    regenerated = tmp_path / "b" / "00001-1235.png"
+    with Image.open(source) as a, Image.open(regenerated) as b:
+        assert (np.asarray(a) == np.asarray(b)).all()
+        assert a.info["parameters"] == b.info["parameters"]
+
+
+def test_png_info_on_a_plain_png_says_what_is_missing(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    result = sdtrt("png-info", str(tmp_path / "plain.png"))
+    assert result.returncode == 2 and "no `parameters` text chunk" in result.stderr
+
+
+def test_cli_img2img_and_inpainting_through_the_server(server, tmp_path):
+    from reference import sample_mask, sample_picture
+
+    Image.fromarray(sample_picture(96, 64)).save(tmp_path / "init.png")
+    Image.fromarray(sample_mask(64, 64)).save(tmp_path / "mask.png")
+    result = sdtrt("img2img", "a red door", "--init-image", str(tmp_path / "init.png"), "--mask",
+                   str(tmp_path / "mask.png"), "--resize-mode", "Crop and resize", "--denoising-strength", "0.8",
+                   "--mask-blur", "2", "--steps", "4", "--seed", "5", "--width", "64", "--height", "64",
+                   "--url", server.url, "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "out" / "00001-5.png") as im:
+        assert im.size == (64, 64)
+        text = im.info["parameters"]
+    assert "Denoising strength: 0.8" in text and "Resize mode: Crop and resize" in text and "Mask blur: 2" in text
+    missing = sdtrt("img2img", "x", "--init-image", str(tmp_path / "nope.png"), "--url", server.url)
+    assert missing.returncode == 2 and "nope.png does not exist" in missing.stderr

@@ -1,0 +1,187 @@
+"""The generation commands of the ``sdtrt`` CLI: txt2img, img2img, png-info.
+
+Every request field becomes a flag, documented from the field table (its range and default); flag names follow
+AUTOMATIC1111 where A1111 names it differently (--cfg-scale). They talk to a running server through
+:class:`sdtrt.client.Client`, or run the export in-process with ``--local``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sdtrt.errors import UsageError
+from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields, request_fields
+
+# The request table of a typical SD 1.x export, used only to document the flags; a served or exported
+# model's own spec decides the real defaults and limits (e.g. its native size).
+DOC_FIELDS = request_fields(native_size=512, min_size=64, max_size=1024, size_multiple=8, max_batch=4)
+FLAG_NAMES = {"guidance_scale": "--cfg-scale"}  # A1111's name
+
+
+def flag(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _help(name: str) -> str:
+    f = DOC_FIELDS[name]
+    default = "the model's native size" if name in ("width", "height") else repr(f.default)
+    limits = f"12 at most, and no more than the model's CLIP layers" if name == "clip_skip" else f.allowed()
+    return f"{f.help}; {limits} (default: {default})".replace("%", "%%")
+
+
+def add_field_flags(parser: argparse.ArgumentParser, request_type: type) -> None:
+    group = parser.add_argument_group("generation settings (any not given take the served model's defaults)")
+    for name in job_fields(request_type):
+        if name == "prompt":
+            continue
+        f = DOC_FIELDS[name]
+        if f.dtype == "bool":
+            group.add_argument(flag(name), dest=name, action="store_true", default=None, help=_help(name))
+            continue
+        kind = int if f.dtype.startswith("int") else float if f.dtype.startswith("float") else str
+        extra = {"choices": list(f.choices), "metavar": "NAME"} if f.choices else {}
+        group.add_argument(flag(name), dest=name, type=kind, default=None, help=_help(name), **extra)
+
+
+def add_target_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-iter", type=int, default=1, metavar="N",
+                        help="batch count: N batches one after another, seeds continuing (default: 1)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None,
+                       help="a running `sdtrt serve` (default: localhost:8001 for grpc, localhost:8000 for http)")
+    where.add_argument("--local", type=Path, metavar="REPO_DIR",
+                       help="instead of a server, run the exported repository in this process with onnxruntime")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="how to talk to --url (default: grpc)")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default: outputs/)")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("txt2img", help="generate images from a prompt",
+                       description="Generate images from a prompt and save them as PNGs with AUTOMATIC1111 infotext "
+                       "(00001-<seed>.png, never overwriting). Prompt syntax is A1111's: (word), (word:1.3), [word], "
+                       "BREAK; prompts longer than 75 tokens are split into chunks.")
+    p.add_argument("prompt", nargs="?", default=None, help="what to draw (may come from --from-png instead)")
+    p.add_argument("--from-png", type=Path, metavar="FILE",
+                   help="take every setting from a PNG's A1111 infotext (flags given here override them)")
+    add_field_flags(p, Txt2ImgRequest)
+    add_target_flags(p)
+    p.set_defaults(func=cmd_txt2img)
+
+    p = sub.add_parser("img2img", help="redraw a picture from a prompt; with --mask, inpaint",
+                       description="Redraw --init-image guided by a prompt (denoising strength: how much changes). "
+                       "With --mask (white = repaint) only the masked area is redrawn and the rest is kept.")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--init-image", type=Path, required=True, metavar="FILE", help="the picture to start from")
+    p.add_argument("--mask", type=Path, default=None, metavar="FILE", help="inpainting mask: white = repaint")
+    add_field_flags(p, Img2ImgRequest)
+    add_target_flags(p)
+    p.set_defaults(func=cmd_img2img)
+
+    p = sub.add_parser("png-info", help="print the AUTOMATIC1111 infotext a PNG carries",
+                       description="Print the `parameters` text chunk of a PNG written by sdtrt or A1111.")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print the settings sdtrt reads from it, as JSON")
+    p.set_defaults(func=cmd_png_info)
+
+
+def _settings(args: argparse.Namespace, request_type: type) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in job_fields(request_type)
+            if name != "prompt" and getattr(args, name, None) is not None}
+
+
+def _infotext(path: Path) -> str:
+    from sdtrt.outputs import read_infotext
+
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist")
+    text = read_infotext(path)
+    if not text:
+        raise UsageError(f"{path} has no `parameters` text chunk (not written by sdtrt or AUTOMATIC1111)")
+    return text
+
+
+def _save(result, out: Path) -> int:
+    from sdtrt.outputs import save_png
+
+    for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+        print(save_png(image, seed, info, out))
+    return 0
+
+
+def cmd_txt2img(args: argparse.Namespace) -> int:
+    from sdtrt.generation import settings_from_infotext
+
+    settings = _settings(args, Txt2ImgRequest)
+    prompt = args.prompt
+    if args.from_png:
+        stored = settings_from_infotext(_infotext(args.from_png))
+        model, model_hash = stored.pop("Model", None), stored.pop("Model hash", None)
+        prompt = prompt if prompt is not None else stored.pop("prompt")
+        stored.pop("prompt", None)
+        settings = {**stored, **settings}
+        if model_hash:
+            print(f"settings from {args.from_png} (made with {model} [{model_hash}])", file=sys.stderr)
+    if prompt is None:
+        raise UsageError("give a prompt, or --from-png FILE")
+    return _save(_run(args, "txt2img", prompt, settings), args.out)
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    def picture(path: Path | None, mode: str):
+        if path is None:
+            return None
+        if not path.is_file():
+            raise UsageError(f"{path} does not exist")
+        with Image.open(path) as im:
+            return im.convert(mode)
+
+    images = (picture(args.init_image, "RGB"), picture(args.mask, "L"))
+    return _save(_run(args, "img2img", args.prompt, _settings(args, Img2ImgRequest), images), args.out)
+
+
+def _run(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, Any], images=None):
+    if args.local:
+        return _run_local(args, job, prompt, settings, images)
+    from sdtrt.client import Client
+
+    with Client(args.url, protocol=args.protocol) as client:
+        if job == "txt2img":
+            return client.txt2img(prompt, n_iter=args.n_iter, **settings)
+        return client.img2img(prompt, *images, n_iter=args.n_iter, **settings)
+
+
+def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, Any], images):
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from sdtrt.generation import batch_count, concatenate
+    from sdtrt.local import LocalPipeline
+    from sdtrt.request import resolve_seeds, validate
+    from sdtrt.spec import load_spec
+
+    request_type = Txt2ImgRequest if job == "txt2img" else Img2ImgRequest
+    request = validate(request_type(prompt=prompt, **settings), load_spec(args.local))  # fail before any work
+    batches = batch_count(resolve_seeds(request), args.n_iter)
+    pipeline = LocalPipeline(args.local)
+    with tqdm(desc="sampling", unit="step") as bar:
+        def on_step(done: int, total: int) -> None:
+            bar.update(1)
+
+        if job == "txt2img":
+            return concatenate([pipeline.txt2img(r, on_step=on_step) for r in batches])
+        arrays = [None if im is None else np.asarray(im) for im in images]
+        return concatenate([pipeline.img2img(r, *arrays, on_step=on_step) for r in batches])
+
+
+def cmd_png_info(args: argparse.Namespace) -> int:
+    from sdtrt.generation import settings_from_infotext
+
+    text = _infotext(args.file)
+    print(json.dumps(settings_from_infotext(text), indent=2) if args.json else text)
+    return 0
