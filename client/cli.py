@@ -81,11 +81,62 @@ def add_commands(sub) -> None:
     add_target_flags(p)
     p.set_defaults(func=cmd_img2img)
 
+    p = sub.add_parser("ui", help="the Gradio web page over a running server (default port 7860)",
+                       description="Serve a Gradio page (prompt, sampler, steps, CFG, seed, size, batch; gallery with "
+                       "the infotext) that talks to a running `sdtrt serve`. PNGs are also saved under "
+                       "OUT/txt2img-images/.")
+    _server_flags(p, port=7860)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("api", help="an AUTOMATIC1111-compatible REST API (/sdapi/v1) over a running server",
+                       description="Serve A1111's /sdapi/v1 endpoints (txt2img, img2img, samplers, schedulers, "
+                       "sd-models, options, progress, upscalers) in front of a running `sdtrt serve`; the OpenAPI "
+                       "schema is at /openapi.json and the docs at /docs. Fields sdtrt cannot honour are refused "
+                       "with 422 naming them.")
+    _server_flags(p, port=7861)
+    p.set_defaults(func=cmd_api)
+
     p = sub.add_parser("png-info", help="print the AUTOMATIC1111 infotext a PNG carries",
                        description="Print the `parameters` text chunk of a PNG written by sdtrt or A1111.")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--json", action="store_true", help="print the settings sdtrt reads from it, as JSON")
     p.set_defaults(func=cmd_png_info)
+
+
+def _server_flags(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--url", default=None, help="the `sdtrt serve` to use (default: localhost:8001 grpc)")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="how to talk to --url")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=port, help=f"port to listen on (default: {port})")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="where saved PNGs go (default: outputs/)")
+
+
+def _connected_client(args: argparse.Namespace):
+    from sdtrt.client import Client
+
+    client = Client(args.url, protocol=args.protocol)
+    client.spec  # fail now, with the server's address, if it is not there
+    return client
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from sdtrt.client.ui import serve_ui
+
+    client = _connected_client(args)
+    print(f"sdtrt ui on http://{args.host}:{args.port} (server {client.url})", flush=True)
+    serve_ui(client, args.host, args.port, args.out)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sdtrt.client.a1111_api import create_app
+
+    client = _connected_client(args)
+    print(f"A1111 API on http://{args.host}:{args.port}/sdapi/v1 (docs: /docs; server {client.url})", flush=True)
+    uvicorn.run(create_app(client, args.out), host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def _settings(args: argparse.Namespace, request_type: type) -> dict[str, Any]:

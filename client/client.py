@@ -16,7 +16,7 @@ import asyncio
 import json
 import threading
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -153,20 +153,30 @@ class Client:
         return self._result(request, response, MASK in images)
 
     # --- the jobs ----------------------------------------------------------------------------------------------
-    def txt2img(self, prompt: str, n_iter: int = 1, **settings: Any) -> Generation:
+    def _batches(self, model: str, request: Txt2ImgRequest, images: dict[str, np.ndarray], n_iter: int,
+                 progress: Callable[[int, int], None] | None) -> Generation:
+        results = []
+        for batch in batch_count(request, n_iter):
+            results.append(self._generate(model, batch, images))
+            if progress is not None:
+                progress(len(results), n_iter)
+        return concatenate(results)
+
+    def txt2img(self, prompt: str = "", n_iter: int = 1, progress: Callable[[int, int], None] | None = None,
+                **settings: Any) -> Generation:
         """Generate images; settings are the request fields (``sdtrt txt2img --help`` lists them with their
         ranges: negative_prompt, seed, steps, guidance_scale, sampler, schedule_type, width, height, batch_size,
         clip_skip, subseed, subseed_strength, enable_hr, hr_scale, hr_upscaler, ...). ``n_iter`` batches run one
-        after another with continuing seeds (A1111's batch count)."""
+        after another with continuing seeds (A1111's batch count); ``progress(done, n_iter)`` follows them."""
         request = self.request(prompt, **settings)
-        return concatenate([self._generate(PIPELINE, r, {}) for r in batch_count(request, n_iter)])
+        return self._batches(PIPELINE, request, {}, n_iter, progress)
 
-    def img2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1, **settings: Any) -> Generation:
+    def img2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1,
+                progress: Callable[[int, int], None] | None = None, **settings: Any) -> Generation:
         """Redraw ``init_image`` (PIL image or H x W x 3 uint8 array); with ``mask`` (white = repaint), inpaint.
         Settings as for txt2img plus denoising_strength, resize_mode, mask_blur, inpaint_full_res(_padding)."""
         request = self.request(prompt, Img2ImgRequest, **settings)
-        images = _pictures(init_image, mask)
-        return concatenate([self._generate(IMG2IMG, r, images) for r in batch_count(request, n_iter)])
+        return self._batches(IMG2IMG, request, _pictures(init_image, mask), n_iter, progress)
 
     async def atxt2img(self, prompt: str, n_iter: int = 1, **settings: Any) -> Generation:
         """The asyncio form of :meth:`txt2img` (tritonclient's aio clients, one per call)."""

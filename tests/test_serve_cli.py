@@ -118,7 +118,7 @@ def test_perf_analyzer_measures_each_model(server, exported_repo, tmp_path, mode
         data.write_text(json.dumps(payload))
     result = sdtrt("perf-analyzer", "-m", model, "--input-data", str(data), "-u", server.url, "-i", "grpc",
                    "--measurement-mode", "count_windows", "--measurement-request-count", "3",
-                   "--stability-percentage", "999", "--max-trials", "3", timeout=300)
+                   "--stability-percentage", "999", "--max-trials", "8", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     throughput = [line for line in result.stdout.splitlines() if "Throughput:" in line]
     assert throughput and float(throughput[0].split()[-2]) > 0

@@ -1,0 +1,373 @@
+"""An AUTOMATIC1111-compatible REST gateway (``/sdapi/v1``) in front of a running sdtrt server.
+
+Scripts, bots and plugins written for A1111's API work unchanged: same paths, same request and response JSON
+(images as base64 PNG with the infotext inside, ``parameters`` echoed, ``info`` as A1111's JSON string). A
+field the server cannot honour (face restoration, scripts, refiners, ...) is refused with 422 naming it, never
+silently ignored. It is a thin layer over :class:`sdtrt.client.Client`; no model code runs here.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Body, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from PIL import Image
+
+from sdtrt import __version__
+from sdtrt.client.client import Client, ServerError
+from sdtrt.errors import InvalidRequest
+from sdtrt.generation import Generation
+from sdtrt.hires import HIRES_UPSCALERS
+from sdtrt.img2img import RESIZE_MODES
+from sdtrt.outputs import png_info, save_png
+from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES
+
+# A1111's aliases for its sampler names (k-diffusion function names), as its /samplers endpoint lists them.
+SAMPLER_ALIASES = {
+    "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
+    "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"], "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ SDE": ["k_dpmpp_sde"],
+    "DPM++ 2M SDE": ["k_dpmpp_2m_sde"], "DDIM": ["ddim"], "PLMS": ["plms"], "UniPC": ["unipc"],
+}
+# A1111's scheduler names (its API takes name or label) -> sdtrt schedule types
+SCHEDULER_NAMES = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential",
+                   "sgm_uniform": "SGM Uniform"}
+RESIZE_MODE_NAMES = list(RESIZE_MODES)  # A1111 numbers them 0, 1, 2 in this order
+
+# A1111 request field -> sdtrt request field (the ones sdtrt honours as they are)
+FIELD_MAP = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "subseed": "subseed",
+    "subseed_strength": "subseed_strength", "batch_size": "batch_size", "steps": "steps", "cfg_scale": "guidance_scale",
+    "width": "width", "height": "height", "denoising_strength": "denoising_strength", "enable_hr": "enable_hr",
+    "hr_scale": "hr_scale", "hr_second_pass_steps": "hr_second_pass_steps", "mask_blur": "mask_blur",
+    "inpaint_full_res": "inpaint_full_res", "inpaint_full_res_padding": "inpaint_full_res_padding",
+}
+A1111_NAME = {ours: theirs for theirs, ours in FIELD_MAP.items()} | {
+    "sampler": "sampler_name", "schedule_type": "scheduler", "hr_upscaler": "hr_upscaler",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers", "resize_mode": "resize_mode",
+    "init_image": "init_images", "mask": "mask",
+}
+OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+
+
+class _Request(BaseModel):
+    """Fields common to A1111's txt2img and img2img requests, with A1111's API defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = Field(None, description="not supported: refused when not empty")
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = Field(-1, description="not supported: refused unless -1 or 0")
+    seed_resize_from_w: int = Field(-1, description="not supported: refused unless -1 or 0")
+    sampler_name: str | None = Field(None, description="A1111 sampler name or alias (GET /sdapi/v1/samplers)")
+    sampler_index: str = Field("Euler", description="legacy name of sampler_name, used when that is absent")
+    scheduler: str | None = Field(None, description="Automatic, Karras, Exponential or SGM Uniform")
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = Field(None, description="not supported: refused when true")
+    tiling: bool | None = Field(None, description="not supported: refused when true")
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = Field(None, description="not supported: refused when set")
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = Field(None, description=f"only {', '.join(OPTIONS_HONOURED)}")
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = Field(None, description="fill the settings from an A1111 infotext (fields given win)")
+
+
+class Txt2ImgBody(_Request):
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    firstpass_image: str | None = None
+
+
+class Img2ImgBody(_Request):
+    init_images: list[str] = Field(..., description="base64 pictures; exactly one is supported")
+    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill")
+    image_cfg_scale: float | None = None
+    mask: str | None = Field(None, description="base64 mask: white = repaint")
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = Field(1, description="only 1 (original) is supported")
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+# field -> the value(s) it may have; anything else is refused with 422
+UNSUPPORTED = {
+    "styles": (None, []), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0), "restore_faces": (None, False),
+    "tiling": (None, False), "eta": (None,), "s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_tmax": (None,),
+    "s_tmin": (None, 0.0), "s_noise": (None, 1.0), "refiner_checkpoint": (None, "", "None"),
+    "refiner_switch_at": (None,), "script_name": (None, ""), "script_args": ([],), "alwayson_scripts": ({},),
+    "firstphase_width": (0,), "firstphase_height": (0,), "hr_resize_x": (0,), "hr_resize_y": (0,),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
+    "hr_scheduler": (None, "", "Use same scheduler"), "hr_prompt": ("",), "hr_negative_prompt": ("",),
+    "firstpass_image": (None,), "image_cfg_scale": (None,), "inpainting_fill": (1,), "mask_round": (True,),
+    "initial_noise_multiplier": (None, 1.0), "latent_mask": (None,),
+}
+
+
+def refuse(field: str, message: str) -> HTTPException:
+    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+def decode_image(data: str, field: str, mode: str) -> Image.Image:
+    if "," in data[:100] and data.startswith("data:"):
+        data = data.split(",", 1)[1]
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            return im.convert(mode)
+    except Exception:
+        raise refuse(field, "not a base64-encoded picture (PNG, JPEG or WebP)") from None
+
+
+def encode_png(image: np.ndarray, infotext: str) -> str:
+    pil = Image.fromarray(image)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG", pnginfo=png_info(pil, infotext))
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class Gateway:
+    """The gateway's state: the client, the A1111 options it honours, the current job (for /progress)."""
+
+    def __init__(self, client: Client, outputs: Path | None = None):
+        self.client = client
+        self.outputs = outputs
+        self.clip_skip = 1
+        self.lock = threading.Lock()
+        self.job: dict[str, Any] = {"job_count": 0, "job_no": 0, "job": "", "job_timestamp": "0", "started": None}
+
+    # --- translation ---------------------------------------------------------------------------------------
+    def model_title(self) -> str:
+        spec = self.client.spec
+        return f"{spec.model_name} [{spec.model_hash}]"
+
+    def apply_options(self, options: dict[str, Any], where: str) -> int | None:
+        """Check the honoured A1111 options; returns the Clip skip they set (None if unset)."""
+        clip_skip = None
+        for key, value in options.items():
+            if key == "sd_model_checkpoint":
+                spec = self.client.spec
+                if value not in (self.model_title(), spec.model_name, spec.model_hash, f"{spec.model_name}.safetensors"):
+                    raise refuse(f"{where}.sd_model_checkpoint", f"this server has one model: {self.model_title()!r}")
+            elif key == "CLIP_stop_at_last_layers":
+                clip_skip = value
+            else:
+                raise refuse(f"{where}.{key}", f"not supported; sdtrt honours only {', '.join(OPTIONS_HONOURED)}")
+        return clip_skip
+
+    def settings(self, body: _Request) -> dict[str, Any]:
+        given = body.model_dump(exclude_unset=True)
+        if body.infotext:  # A1111 1.9+: settings from an infotext, explicit fields win
+            from sdtrt.generation import settings_from_infotext
+
+            stored = {A1111_NAME.get(k, k): v for k, v in settings_from_infotext(body.infotext).items()}
+            given = {**{k: v for k, v in stored.items() if k in type(body).model_fields}, **given}
+            body = type(body)(**given)
+        for field, allowed in UNSUPPORTED.items():
+            if field in type(body).model_fields and getattr(body, field) not in allowed:
+                raise refuse(field, f"not supported by sdtrt (allowed: {', '.join(repr(a) for a in allowed)})")
+        settings = {FIELD_MAP[k]: getattr(body, k) for k in FIELD_MAP if k in type(body).model_fields}
+        if settings.get("denoising_strength") is None:
+            settings.pop("denoising_strength")
+        sampler = body.sampler_name or body.sampler_index
+        for name, aliases in SAMPLER_ALIASES.items():
+            if sampler in aliases:
+                sampler = name
+        settings["sampler"] = sampler
+        if body.scheduler is not None:
+            settings["schedule_type"] = SCHEDULER_NAMES.get(body.scheduler.lower().replace(" ", "_"), body.scheduler)
+        if isinstance(body, Txt2ImgBody) and body.hr_upscaler is not None:
+            settings["hr_upscaler"] = body.hr_upscaler
+        clip_skip = self.apply_options(body.override_settings or {}, "override_settings")
+        settings["clip_skip"] = clip_skip if clip_skip is not None else self.clip_skip
+        if isinstance(body, Img2ImgBody):
+            if not 0 <= body.resize_mode < len(RESIZE_MODE_NAMES):
+                raise refuse("resize_mode", "0 (just resize), 1 (crop and resize) or 2 (resize and fill)")
+            settings["resize_mode"] = RESIZE_MODE_NAMES[body.resize_mode]
+            settings["mask_blur"] = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x,
+                                                                                         body.mask_blur_y)
+        return settings
+
+    # --- jobs ----------------------------------------------------------------------------------------------
+    def run(self, kind: str, body: _Request, call) -> dict[str, Any]:
+        settings = self.settings(body)
+        with self.lock:
+            self.job.update(job_count=body.n_iter, job_no=0, job=kind, started=time.time(),
+                            job_timestamp=time.strftime("%Y%m%d%H%M%S"))
+
+        def progress(done: int, total: int) -> None:
+            self.job.update(job_no=done, job_count=total)
+
+        try:
+            result: Generation = call(settings, progress)
+        except InvalidRequest as exc:
+            raise refuse(A1111_NAME.get(exc.field, exc.field), str(exc)) from None
+        except ServerError as exc:
+            raise HTTPException(502, detail=f"the sdtrt server failed: {exc}") from None
+        finally:
+            self.job.update(job_no=self.job["job_count"], started=None)
+        if body.save_images and self.outputs is not None:
+            for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+                save_png(image, seed, info, self.outputs / f"{kind}-images")
+        parameters = body.model_dump()
+        parameters.pop("init_images", None)
+        parameters.pop("mask", None)
+        return {
+            "images": [encode_png(im, info) for im, info in zip(result.images, result.infotexts)]
+            if body.send_images else [],
+            "parameters": parameters,
+            "info": json.dumps(self.info(body, settings, result)),
+        }
+
+    def info(self, body: _Request, settings: dict[str, Any], result: Generation) -> dict[str, Any]:
+        spec = self.client.spec
+        return {
+            "prompt": body.prompt, "all_prompts": [body.prompt] * len(result.seeds),
+            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(result.seeds),
+            "seed": result.seeds[0], "all_seeds": result.seeds,
+            "subseed": body.subseed, "all_subseeds": [body.subseed + i for i in range(len(result.seeds))],
+            "subseed_strength": body.subseed_strength, "width": body.width, "height": body.height,
+            "sampler_name": settings["sampler"], "cfg_scale": body.cfg_scale, "steps": body.steps,
+            "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
+            "sd_model_name": spec.model_name, "sd_model_hash": spec.model_hash, "sd_vae_name": None,
+            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": settings.get("denoising_strength"), "extra_generation_params": {},
+            "index_of_first_image": 0, "infotexts": result.infotexts, "styles": [],
+            "job_timestamp": self.job["job_timestamp"], "clip_skip": settings["clip_skip"],
+            "is_using_inpainting_conditioning": False, "version": f"sdtrt {__version__}",
+        }
+
+
+def create_app(client: Client, outputs: Path | None = None) -> FastAPI:
+    gateway = Gateway(client, outputs)
+    app = FastAPI(title="sdtrt: AUTOMATIC1111-compatible API", version=__version__,
+                  description="The A1111 /sdapi/v1 endpoints a Stable Diffusion server can honour, served by sdtrt.")
+
+    @app.exception_handler(InvalidRequest)
+    async def invalid(_, exc: InvalidRequest):
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": ["body", A1111_NAME.get(exc.field, exc.field)], "msg": str(exc), "type": "value_error"}]})
+
+    @app.post("/sdapi/v1/txt2img", tags=["generation"])
+    def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
+        return gateway.run("txt2img", body, lambda s, progress: client.txt2img(
+            n_iter=body.n_iter, progress=progress, **s))
+
+    @app.post("/sdapi/v1/img2img", tags=["generation"])
+    def img2img(body: Img2ImgBody) -> dict[str, Any]:
+        if len(body.init_images) != 1:
+            raise refuse("init_images", f"exactly one picture (got {len(body.init_images)})")
+        init = decode_image(body.init_images[0], "init_images", "RGB")
+        mask = decode_image(body.mask, "mask", "L") if body.mask else None
+        if mask is not None and body.inpainting_mask_invert:
+            mask = Image.fromarray(255 - np.asarray(mask))
+        return gateway.run("img2img", body, lambda s, progress: client.img2img(
+            s.pop("prompt"), init, mask, n_iter=body.n_iter, progress=progress, **s))
+
+    @app.get("/sdapi/v1/samplers", tags=["info"])
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": name, "aliases": SAMPLER_ALIASES.get(name, []), "options": {}} for name in SAMPLERS]
+
+    @app.get("/sdapi/v1/schedulers", tags=["info"])
+    def schedulers() -> list[dict[str, Any]]:
+        names = {label: name for name, label in SCHEDULER_NAMES.items()}
+        return [{"name": names[label], "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for label in SCHEDULE_TYPES]
+
+    @app.get("/sdapi/v1/latent-upscale-modes", tags=["info"])
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": name} for name, u in HIRES_UPSCALERS.items() if u.latent_mode]
+
+    @app.get("/sdapi/v1/upscalers", tags=["info"])
+    def upscalers() -> list[dict[str, Any]]:
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name, u in HIRES_UPSCALERS.items() if not u.latent_mode]
+
+    @app.get("/sdapi/v1/sd-models", tags=["info"])
+    def sd_models() -> list[dict[str, Any]]:
+        spec = client.spec
+        return [{"title": gateway.model_title(), "model_name": spec.model_name, "hash": spec.model_hash,
+                 "sha256": spec.source_hash, "filename": spec.source, "config": None}]
+
+    @app.get("/sdapi/v1/options", tags=["options"])
+    def get_options() -> dict[str, Any]:
+        return {"sd_model_checkpoint": gateway.model_title(), "sd_checkpoint_hash": client.spec.source_hash,
+                "CLIP_stop_at_last_layers": gateway.clip_skip, "samples_format": "png", "enable_pnginfo": True}
+
+    @app.post("/sdapi/v1/options", tags=["options"])
+    def set_options(options: dict[str, Any] = Body(...)) -> None:
+        clip_skip = gateway.apply_options(options, "options")
+        if clip_skip is not None:
+            field = client.spec.field("clip_skip")
+            if not isinstance(clip_skip, int) or not field.minimum <= clip_skip <= field.maximum:
+                raise refuse("options.CLIP_stop_at_last_layers", f"must be {field.allowed()}")
+            gateway.clip_skip = clip_skip
+
+    @app.get("/sdapi/v1/progress", tags=["info"])
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        job = gateway.job
+        count = max(job["job_count"], 1)
+        running = job["started"] is not None
+        done = job["job_no"] / count if running else 0.0
+        elapsed = time.time() - job["started"] if running else 0.0
+        return {
+            "progress": done,
+            "eta_relative": (elapsed / done - elapsed) if running and done > 0 else 0.0,
+            "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": job["job"],
+                      "job_count": job["job_count"] if running else 0, "job_timestamp": job["job_timestamp"],
+                      "job_no": job["job_no"], "sampling_step": 0, "sampling_steps": 0},
+            "current_image": None,
+            "textinfo": f"batch {job['job_no'] + 1} of {count}" if running else None,
+        }
+
+    return app

@@ -1,0 +1,243 @@
+"""The AUTOMATIC1111-compatible gateway and the Gradio page, against a real server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from reference import sample_mask, sample_picture
+from servers import free_ports
+from sdtrt.client import Client
+from sdtrt.client.a1111_api import create_app
+from sdtrt.infotext import parse_infotext
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def api(server, tmp_path_factory):
+    return TestClient(create_app(Client(server.url), tmp_path_factory.mktemp("api-outputs")))
+
+
+def b64png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def test_txt2img_request_as_a1111_scripts_send_it(api, server):
+    # Field names and shapes as in A1111's API examples (sdapi/v1/txt2img).
+    payload = {"prompt": "a red fox in snow", "negative_prompt": "blurry", "seed": 42, "sampler_name": "DPM++ 2M",
+               "scheduler": "Karras", "batch_size": 2, "n_iter": 1, "steps": 6, "cfg_scale": 7.5, "width": 64,
+               "height": 64, "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    response = api.post("/sdapi/v1/txt2img", json=payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"images", "parameters", "info"} and len(body["images"]) == 2
+    direct = Client(server.url).txt2img("a red fox in snow", negative_prompt="blurry", seed=42, sampler="DPM++ 2M",
+                                        schedule_type="Karras", batch_size=2, steps=6, guidance_scale=7.5, width=64,
+                                        height=64, clip_skip=2)
+    for data, expected, infotext in zip(body["images"], direct.images, direct.infotexts):
+        picture = decode(data)
+        assert (np.asarray(picture) == expected).all()
+        assert picture.info["parameters"] == infotext
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [42, 43] and info["seed"] == 42 and info["clip_skip"] == 2
+    assert info["infotexts"] == direct.infotexts and info["sd_model_hash"] == direct.infotexts[0].split(
+        "Model hash: ")[1][:10]
+    assert body["parameters"]["prompt"] == "a red fox in snow" and body["parameters"]["steps"] == 6
+
+
+def test_minimal_request_and_legacy_sampler_fields(api):
+    # A1111's own README example is {"prompt": ..., "steps": 5}; its API defaults (512x512, sampler_index "Euler").
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "puppy dog", "steps": 2, "width": 64, "height": 64,
+                                                   "sampler_index": "k_euler_a", "seed": 3})
+    assert response.status_code == 200, response.text
+    _, _, params = parse_infotext(decode(response.json()["images"][0]).info["parameters"])
+    assert params["Sampler"] == "Euler a" and params["Steps"] == "2" and params["Seed"] == "3"
+
+
+def test_img2img_and_inpainting_as_a1111_scripts_send_them(api, server):
+    picture, mask = sample_picture(64, 64), sample_mask(64, 64)
+    payload = {"init_images": [b64png(picture)], "mask": b64png(mask), "prompt": "a red door",
+               "denoising_strength": 0.8, "mask_blur": 2, "inpainting_fill": 1, "inpaint_full_res": True,
+               "inpaint_full_res_padding": 16, "resize_mode": 0, "steps": 5, "seed": 9, "width": 64, "height": 64}
+    response = api.post("/sdapi/v1/img2img", json=payload)
+    assert response.status_code == 200, response.text
+    direct = Client(server.url).img2img("a red door", picture, mask, denoising_strength=0.8, mask_blur=2,
+                                        inpaint_full_res=True, inpaint_full_res_padding=16, steps=5, seed=9,
+                                        width=64, height=64, sampler="Euler")
+    assert (np.asarray(decode(response.json()["images"][0])) == direct.images[0]).all()
+    assert "init_images" not in response.json()["parameters"]
+
+
+@pytest.mark.parametrize("field,value", [("restore_faces", True), ("tiling", True), ("script_name", "xyz plot"),
+                                         ("hr_resize_x", 1024), ("styles", ["cinematic"]), ("eta", 0.5),
+                                         ("alwayson_scripts", {"controlnet": {"args": []}})])
+def test_fields_sdtrt_cannot_honour_are_refused_by_name(api, field, value):
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", field: value})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", field]
+
+
+def test_out_of_range_values_name_the_a1111_field(api):
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "cfg_scale": 99, "steps": 2})
+    assert response.status_code == 422
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == ["body", "cfg_scale"] and "from 0 to 30" in detail["msg"]
+    assert api.post("/sdapi/v1/txt2img", json={"prompt": "x", "no_such_field": 1}).status_code == 422
+    response = api.post("/sdapi/v1/img2img", json={"init_images": ["not base64!"], "prompt": "x"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "init_images"]
+
+
+def test_info_endpoints(api, server):
+    samplers = api.get("/sdapi/v1/samplers").json()
+    assert {"name": "Euler a", "aliases": ["k_euler_a", "k_euler_ancestral"], "options": {}} in samplers
+    assert len(samplers) == 18
+    assert [s["label"] for s in api.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Karras", "Exponential",
+                                                                            "SGM Uniform"]
+    models = api.get("/sdapi/v1/sd-models").json()
+    spec = Client(server.url).spec
+    assert models == [{"title": f"{spec.model_name} [{spec.model_hash}]", "model_name": spec.model_name,
+                       "hash": spec.model_hash, "sha256": spec.source_hash, "filename": spec.source, "config": None}]
+    progress = api.get("/sdapi/v1/progress").json()
+    assert set(progress) >= {"progress", "eta_relative", "state", "current_image", "textinfo"}
+    assert api.get("/openapi.json").json()["paths"]["/sdapi/v1/txt2img"]["post"]
+
+
+def test_options_set_clip_skip_and_refuse_what_they_cannot(api):
+    options = api.get("/sdapi/v1/options").json()
+    assert options["CLIP_stop_at_last_layers"] == 1
+    assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2,
+                                               "sd_model_checkpoint": options["sd_model_checkpoint"]}).status_code == 200
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64})
+    assert "Clip skip: 2" in json.loads(response.json()["info"])["infotexts"][0]
+    refused = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "v1-5-pruned.safetensors"})
+    assert refused.status_code == 422 and "this server has one model" in refused.text
+    refused = api.post("/sdapi/v1/options", json={"sd_vae": "vae-ft-mse"})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "options.sd_vae"]
+    assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1}).status_code == 200
+
+
+def test_schema_driven_bad_input_never_breaks_the_gateway(api, server):
+    """schemathesis: invalid bodies for every operation (and valid ones for the cheap GETs) get a 4xx, never a
+    5xx, and responses match the served OpenAPI schema. Bounded: a few examples per operation."""
+    import hypothesis
+    import hypothesis.errors
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", api.app)
+    checked = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        modes = [GenerationMode.NEGATIVE] + ([GenerationMode.POSITIVE] if operation.method.upper() == "GET" else [])
+        for mode in modes:
+            @hypothesis.settings(max_examples=8, deadline=None, derandomize=True, database=None,
+                                 suppress_health_check=list(hypothesis.HealthCheck))
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            def run(case):
+                response = case.call()
+                assert response.status_code < 500, (case.body, response.text)
+
+            try:
+                run()
+            except hypothesis.errors.Unsatisfiable:  # nothing invalid to send (a GET without parameters)
+                continue
+            checked += 1
+    assert checked >= 8
+    assert Client(server.url).txt2img("still serving", steps=2, width=64, height=64).images.shape == (1, 64, 64, 3)
+
+
+def test_sdtrt_api_command_serves_http(server, tmp_path):
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "api", "--url", server.url, "--port", str(port),
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        body = json.dumps({"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1,
+                           "save_images": True}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", data=body,
+                                         headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    result = json.loads(response.read())
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        assert len(result["images"]) == 1
+        assert (tmp_path / "txt2img-images" / "00001-1.png").is_file()  # save_images, as A1111 saves them
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it as root)")
+def test_gradio_page_generates_an_image_in_headless_chromium(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "ui", "--url", server.url, "--port", str(port),
+                             "--out", str(tmp_path / "outputs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            prompt = page.get_by_label("Prompt", exact=True)
+            prompt.wait_for(timeout=60000)
+            prompt.fill("a lighthouse at dawn, oil painting")
+            for label, value in (("Sampling steps", "4"), ("Width", "128"), ("Height", "128"), ("Batch size", "2")):
+                box = page.get_by_label(f"number input for {label}")
+                box.fill(value)
+                box.press("Enter")
+            page.get_by_label("Seed").fill("42")
+            page.get_by_role("button", name="Generate").click()
+            page.locator("button.thumbnail-item img").first.wait_for(timeout=120000)
+            infotext = page.get_by_label("Generation parameters (A1111 infotext)")
+            page.wait_for_function("el => el.value.includes('Steps: 4')", arg=infotext.element_handle(), timeout=30000)
+            assert page.locator("button.thumbnail-item img").count() == 2
+            text = infotext.input_value()
+            assert "Seed: 42," in text and "Size: 128x128" in text
+            page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
+            if os.environ.get("SDTRT_UPDATE_SCREENSHOT"):
+                shutil.copy(tmp_path / "ui.png", Path(__file__).parents[1] / "docs" / "ui.png")
+            browser.close()
+        saved = sorted((tmp_path / "outputs" / "txt2img-images").iterdir())
+        assert [p.name for p in saved] == ["00001-42.png", "00002-43.png"]
+        with Image.open(saved[0]) as im:
+            assert "Seed: 42," in im.info["parameters"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
