@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -21,6 +22,9 @@ from sdtrt.model_repository.build import write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.request import request_fields
 from sdtrt.spec import ComponentSpec, ModelSpec
+
+if TYPE_CHECKING:
+    from sdtrt.export.tensorrt import EngineOptions
 
 log = logging.getLogger("sdtrt.export")
 
@@ -42,10 +46,14 @@ def export_model(
     max_size: int = 1024,
     max_chunks: int = 3,
     serving: ServingOptions = ServingOptions(),
+    engines: "EngineOptions | None" = None,
     progress: bool = True,
     report=print,
 ) -> ModelSpec:
-    """Export every network of ``model`` to ONNX under ``out``, write the spec and the Triton configs."""
+    """Export every network of ``model`` to ONNX under ``out``, write the spec and the Triton configs.
+
+    With ``engines`` (EngineOptions), also build FP16 TensorRT engines and serve the networks with them.
+    """
     ckpt = load_checkpoint(model, config)
     pipe = ckpt.pipe
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -94,8 +102,23 @@ def export_model(
     spec = build_spec(ckpt, components, dims, factor, native, min_size, max_size, max_batch, text_max_length)
     path = spec.save(repo)
     report(f"spec: {path}")
+    if engines is not None:
+        return build_engines_and_configs(repo, spec, engines, serving, report, progress)
     write_repository(repo, spec, serving)
     report(f"Triton model repository: {repo} (networks on the {serving.backend!r} backend)")
+    return spec
+
+
+def build_engines_and_configs(repo: str | Path, spec: ModelSpec, engines: "EngineOptions",
+                              serving: ServingOptions = ServingOptions(), report=print, progress: bool = True) -> ModelSpec:
+    """TensorRT engines for an exported repository, then its Triton configs switched to ``tensorrt_plan``."""
+    from dataclasses import replace
+
+    from sdtrt.export.tensorrt import build_engines
+
+    manifest = build_engines(repo, spec, engines, report, progress)
+    write_repository(repo, spec, replace(serving, backend="tensorrt", engines=manifest))
+    report(f"Triton model repository: {repo} (networks on TensorRT engines)")
     return spec
 
 

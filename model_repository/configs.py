@@ -10,11 +10,12 @@ The tokenizer, scheduler loop and postprocess are always Python-backend models; 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from sdtrt.errors import UsageError
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.spec import WIRE_DTYPES, ComponentSpec, ModelSpec, TensorSpec
 
@@ -35,6 +36,7 @@ class ServingOptions:
     scheduler_instances: int = 4  # denoising loops that run at once; their U-Net calls are batched together
     unet_queue_delay_us: int = 2000  # how long the U-Net batcher waits for more requests' steps
     network_instances: int = 1
+    engines: dict = field(default_factory=dict)  # tensorrt: the engine manifest (sdtrt.export.tensorrt)
 
 
 # Internal tensors of the ensemble, named once here and used by both sides of each step.
@@ -61,6 +63,14 @@ def _dims(tensor: TensorSpec, batched: bool) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in shape]
 
 
+def _static_engine(options: ServingOptions, component: ComponentSpec) -> bool:
+    entry = options.engines.get(component.name) if options.backend == "tensorrt" else None
+    if not entry:
+        return False
+    lo, _, hi = entry["profile"][component.inputs[0].name]
+    return lo[0] == hi[0]
+
+
 def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOptions) -> mc.ModelConfig:
     """A network with an implicit batch dim (the spec's first dim) and dynamic batching."""
     batch_dim = component.inputs[0].shape[0]
@@ -71,6 +81,9 @@ def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOp
         config.platform = "onnxruntime_onnx"
     elif options.backend == "tensorrt":
         config.platform = "tensorrt_plan"
+        if component.name not in options.engines:
+            raise UsageError(f"no TensorRT engine for {component.name}: build them with `sdtrt export ... --format trt`")
+        config.default_model_filename = options.engines[component.name]["file"]  # never a stale model.plan
     else:
         raise ValueError(f"backend must be one of {NETWORK_BACKENDS}, got {options.backend!r}")
     for spec_list, message in ((component.inputs, config.input), (component.outputs, config.output)):
@@ -79,9 +92,10 @@ def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOp
             _tensor(message, tensor.name, tensor.dtype, dims or [1])
             if not dims:  # per-row scalar (the U-Net timestep): Triton needs a dim, the network has none
                 message[-1].reshape.SetInParent()
-    config.dynamic_batching.max_queue_delay_microseconds = (
-        options.unet_queue_delay_us if component.name == "unet" else 0
-    )
+    if not _static_engine(options, component):  # a fixed-batch engine takes requests only as they are
+        config.dynamic_batching.max_queue_delay_microseconds = (
+            options.unet_queue_delay_us if component.name == "unet" else 0
+        )
     kind = mc.ModelInstanceGroup.KIND_GPU if options.backend == "tensorrt" else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(count=options.network_instances, kind=kind)
     if options.backend == "python":

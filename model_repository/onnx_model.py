@@ -26,7 +26,9 @@ class TritonPythonModel:
         self.component = model_spec(args).component(args["model_name"])
         onnx_file = config["parameters"]["onnx_file"]["string_value"]
         path = Path(args["model_repository"]) / args["model_version"] / onnx_file
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # CUDA when this onnxruntime has it (onnxruntime-gpu on a GPU box), else the CPU.
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(path), providers=providers)
         self.output_names = [t.name for t in self.component.outputs]
         self.log.info("ready", onnx=str(path), inputs=[t.name for t in self.component.inputs])
 

@@ -17,7 +17,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first: with torch==2.13.0 already present pip keeps the CPU build instead of pulling a CUDA one.
   # (grep drops pip's notes about this machine's local index folders; real errors still show.)
   "$VENV/bin/pip" install "${PIP_FLAGS[@]}" torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)
-  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" -e "$ROOT[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" -e "$ROOT[dev,triton-cpu]" 2> >(grep -v "is ignored: it is neither" >&2)
   "$VENV/bin/pip" check
   echo "$want" >"$stamp"
 fi

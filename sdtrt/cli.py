@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the cache, else fetched from PyPI)")
     p.add_argument("--inpainting", action="store_true",
                    help="give the U-Net 9 input channels, like SD inpainting checkpoints")
+    p.add_argument("--size", choices=["tiny", "sd15"], default="tiny",
+                   help="tiny (default: seconds on a CPU) or sd15: SD 1.5's real shapes, random weights, for GPU "
+                   "benchmarks without a checkpoint (~4 GB)")
     p.set_defaults(func=cmd_init_default)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX and write the model spec",
@@ -59,12 +62,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=64, help="smallest width/height in pixels")
     p.add_argument("--max-size", type=int, default=1024, help="largest width/height in pixels")
     p.add_argument("--max-chunks", type=int, default=3, help="longest prompt, in 75-token chunks")
-    p.add_argument("--backend", choices=NETWORK_BACKENDS, default="python",
+    p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python",
                    help="how Triton runs the networks: python = onnxruntime in the Python backend (any tritonserver, "
-                   "incl. the pip one); onnxruntime = Triton's ONNX Runtime backend; tensorrt = TensorRT plans")
+                   "incl. the pip one); onnxruntime = Triton's ONNX Runtime backend (TensorRT: --format trt)")
     p.add_argument("--scheduler-instances", type=int, default=4,
                    help="denoising loops run at once; their U-Net steps are batched together")
+    p.add_argument("--format", choices=["onnx", "trt"], default="onnx",
+                   help="trt: also build FP16 TensorRT engines (NVIDIA GPU + `pip install 'sdtrt[gpu]'`) and serve "
+                   "the networks with them")
+    _engine_flags(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-engines", help="build TensorRT engines for an existing export (GPU only)",
+                       description="Build FP16 TensorRT engines from REPO_DIR's ONNX files and switch its Triton "
+                       "configs to tensorrt_plan. Engines are named after the GPU, TensorRT version and profile; "
+                       "existing ones are reused.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("repo", type=Path, metavar="REPO_DIR")
+    p.add_argument("--scheduler-instances", type=int, default=4, help="denoising loops run at once")
+    _engine_flags(p)
+    p.set_defaults(func=cmd_build_engines)
+
+    p = sub.add_parser("configs", help="regenerate an export's Triton configs for another network backend",
+                       description="Rewrite every config.pbtxt of REPO_DIR from its spec, e.g. to serve the ONNX "
+                       "networks with Triton's own onnxruntime backend on NVIDIA's server image.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("repo", type=Path, metavar="REPO_DIR")
+    p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python",
+                   help="how Triton runs the networks (tensorrt: use build-engines)")
+    p.add_argument("--scheduler-instances", type=int, default=4, help="denoising loops run at once")
+    p.set_defaults(func=cmd_configs)
 
     add_generation_commands(sub)
 
@@ -101,8 +127,57 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_init_default(args: argparse.Namespace) -> int:
     from sdtrt.default_model import build_default_model
 
-    path = build_default_model(args.out, args.clip_bpe, inpainting=args.inpainting)
+    path = build_default_model(args.out, args.clip_bpe, inpainting=args.inpainting, size=args.size)
     print(f"default model written to {path}")
+    return 0
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TensorRT engines (--format trt, build-engines)")
+    g.add_argument("--static-size", default=None, metavar="WxH",
+                   help="build for this one resolution only (faster); default: the export's whole size range")
+    g.add_argument("--static-batch", type=int, default=None, metavar="N", help="build for N images per request only")
+    g.add_argument("--refittable", action="store_true", help="allow swapping weights (e.g. a fused LoRA) without a rebuild")
+    g.add_argument("--fp32", action="append", default=[], metavar="NETWORK",
+                   help="keep this network in FP32 (repeatable), e.g. vae_decoder for VAEs that overflow in FP16")
+    g.add_argument("--opt-level", type=int, default=3, choices=range(6), metavar="0-5",
+                   help="TensorRT builder optimisation level")
+
+
+def _engine_options(args: argparse.Namespace):
+    from sdtrt.errors import UsageError
+    from sdtrt.export.tensorrt import EngineOptions
+
+    size = None
+    if args.static_size:
+        try:
+            w, h = (int(v) for v in args.static_size.lower().split("x"))
+        except ValueError:
+            raise UsageError(f"--static-size must look like 512x512, got {args.static_size!r}") from None
+        size = (w, h)
+    return EngineOptions(static_size=size, static_batch=args.static_batch, refittable=args.refittable,
+                         fp32=tuple(args.fp32), optimization_level=args.opt_level)
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from sdtrt.export import build_engines_and_configs
+    from sdtrt.model_repository.configs import ServingOptions
+    from sdtrt.spec import load_spec
+
+    spec = load_spec(args.repo)
+    build_engines_and_configs(args.repo, spec, _engine_options(args), ServingOptions(
+        scheduler_instances=args.scheduler_instances))
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from sdtrt.model_repository.build import write_repository
+    from sdtrt.model_repository.configs import ServingOptions
+    from sdtrt.spec import load_spec
+
+    written = write_repository(args.repo, load_spec(args.repo), ServingOptions(
+        backend=args.backend, scheduler_instances=args.scheduler_instances))
+    print(f"wrote {sum(p.name == 'config.pbtxt' for p in written)} configs under {args.repo} ({args.backend} backend)")
     return 0
 
 
@@ -112,8 +187,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sdtrt.model_repository.configs import ServingOptions
 
     serving = ServingOptions(backend=args.backend, scheduler_instances=args.scheduler_instances)
+    engines = _engine_options(args) if args.format == "trt" else None
     spec = export_model(args.model, args.out, config=args.config, max_batch=args.max_batch, min_size=args.min_size,
-                        max_size=args.max_size, max_chunks=args.max_chunks, serving=serving)
+                        max_size=args.max_size, max_chunks=args.max_chunks, serving=serving, engines=engines)
     print(f"exported {spec.model_name} [{spec.model_hash}] to {args.out}")
     return 0
 

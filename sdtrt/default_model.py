@@ -73,11 +73,38 @@ VAE_CONFIG = dict(
 )
 
 
-def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None, inpainting: bool = False) -> Path:
+# SD 1.5's real shapes (UNet ~860M, CLIP ViT-L/14 text ~123M, VAE ~84M parameters), for benchmarks on a GPU when
+# no checkpoint is at hand: same cost per step as SD 1.5, random weights from the same fixed seed.
+SD15_SHAPES = {
+    "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                 projection_dim=768),
+    "unet": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+}
+SIZES = ("tiny", "sd15")
+
+
+def model_configs(size: str = "tiny", inpainting: bool = False) -> dict[str, dict]:
+    """The text/unet/vae constructor arguments of the default model, tiny or at SD 1.5's shapes."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    scaled = SD15_SHAPES if size == "sd15" else {"text": {}, "unet": {}, "vae": {}}
+    return {
+        "text": {**TEXT_CONFIG, **scaled["text"]},
+        "unet": {**UNET_CONFIG, **scaled["unet"], **({"in_channels": 9} if inpainting else {})},
+        "vae": {**VAE_CONFIG, **scaled["vae"]},
+    }
+
+
+def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None, inpainting: bool = False,
+                        size: str = "tiny") -> Path:
     """Write the default model as an ordinary diffusers folder and return its path.
 
     ``inpainting`` gives its U-Net the 9 input channels of SD inpainting checkpoints (latents, mask,
-    masked-image latents), for testing that path; everything else is the same model.
+    masked-image latents), for testing that path; ``size="sd15"`` scales it to SD 1.5's real shapes.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -89,13 +116,14 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
 
     # Each component gets its own fixed seed so that changing one config leaves the others' weights alone.
+    configs = model_configs(size, inpainting)
     torch.manual_seed(SEED)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text"])).eval()
     _trained_like_layer_norms(text_encoder)
     torch.manual_seed(SEED + 1)
-    unet = UNet2DConditionModel(**{**UNET_CONFIG, **({"in_channels": 9} if inpainting else {})}).eval()
+    unet = UNet2DConditionModel(**configs["unet"]).eval()
     torch.manual_seed(SEED + 2)
-    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    vae = AutoencoderKL(**configs["vae"]).eval()
 
     pipe = StableDiffusionPipeline(
         vae=vae,

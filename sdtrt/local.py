@@ -39,12 +39,40 @@ class OnnxNetwork:
         return self.session.run([self.component.outputs[0].name], feed)[0]
 
 
+class TrtNetwork:
+    """One network as a TensorRT engine (GPU), through polygraphy's runner; same calling convention."""
+
+    def __init__(self, engine_path: Path, component: ComponentSpec):
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        self.component = component
+        self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
+        self.runner.activate()
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        feed = {t.name: np.ascontiguousarray(a, dtype=t.dtype) for t, a in zip(self.component.inputs, arrays)}
+        return np.asarray(self.runner.infer(feed)[self.component.outputs[0].name], dtype=np.float32)
+
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
 class LocalPipeline:
-    def __init__(self, repo_dir: str | Path, threads: int = 0):
+    def __init__(self, repo_dir: str | Path, threads: int = 0, backend: str = "onnxruntime"):
         self.repo = Path(repo_dir)
         self.spec: ModelSpec = load_spec(self.repo)
         self.tokenizer = load_tokenizer(self.repo / self.spec.tokenizer, self.spec.text_max_length)
-        self.nets = {name: OnnxNetwork(self.repo, component, threads) for name, component in self.spec.components.items()}
+        if backend == "tensorrt":
+            from sdtrt.export.tensorrt import check_engine_matches, load_manifest
+
+            manifest = load_manifest(self.repo)
+            self.nets = {}
+            for name, component in self.spec.components.items():
+                check_engine_matches(manifest[name], name)
+                self.nets[name] = TrtNetwork(self.repo / name / "1" / manifest[name]["file"], component)
+        else:
+            self.nets = {name: OnnxNetwork(self.repo, c, threads) for name, c in self.spec.components.items()}
 
     # --- the networks, as the jobs call them ----------------------------------------------------------------
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

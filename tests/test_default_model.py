@@ -36,3 +36,20 @@ def test_tokenizer_has_clips_real_ids_and_pads_to_77(default_model):
     long = tok(" ".join(["cat"] * 200), padding="max_length", truncation=True).input_ids
     assert len(long) == 77 and long[-1] == 49407
     assert len(tok.get_vocab()) == 49408
+
+
+def test_sd15_shapes_have_sd15_parameter_counts():
+    """The benchmark model is SD 1.5-sized: built on the meta device here, so no weights are allocated."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdtrt.default_model import model_configs
+
+    configs = model_configs("sd15")
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**configs["unet"])
+        text = CLIPTextModel(CLIPTextConfig(**configs["text"]))
+        vae = AutoencoderKL(**configs["vae"])
+    millions = [round(sum(p.numel() for p in m.parameters()) / 1e6) for m in (unet, text, vae)]
+    assert millions == [860, 123, 84]  # SD 1.5's U-Net, CLIP ViT-L/14 text model, VAE

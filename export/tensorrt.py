@@ -1,0 +1,183 @@
+"""ONNX -> FP16 TensorRT engines (polygraphy), one per network, with optimisation profiles from the spec.
+
+* Profiles: every dynamic dim of an input gets the spec's (min, opt, max): batch 1..max, latent and image
+  sizes from --min-size..--max-size (opt: the model's native size), text context 77..77*k so long prompts
+  work. ``static_size``/``static_batch`` pin them to one value (faster kernels, one resolution).
+* A timing cache shared by every build (``REPO/trt_timing.cache``) makes rebuilds and the other networks quick.
+* ``refittable`` engines can take new weights (a LoRA fused into the checkpoint) without a rebuild:
+  :func:`refit_engine` reads them from a re-exported ONNX with the same graph.
+* Engine files are named after the network, the GPU, the TensorRT version and a hash of the profile and
+  flags (``unet.NVIDIA-H100-PCIe.trt10.7.0.a1b2c3d4.plan``), and ``trt_engines.json`` records them; the
+  Triton configs and the local runner load exactly those names, so a stale engine is never picked up.
+
+Needs an NVIDIA GPU and the ``tensorrt`` package (``pip install 'sdtrt[gpu]'``); nothing here runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.spec import ComponentSpec, ModelSpec
+
+MANIFEST = "trt_engines.json"
+TIMING_CACHE = "trt_timing.cache"
+# Exported networks and the batch dims whose size follows the number of images (pinned by static_batch).
+IMAGE_BATCH_DIMS = {"batch": 1, "unet_batch": 2}  # U-Net rows are 2 per image with guidance
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    static_size: tuple[int, int] | None = None  # (width, height) in pixels: one resolution only
+    static_batch: int | None = None  # images per request: one batch size only
+    refittable: bool = False  # keep weights refittable (LoRA swaps without a rebuild)
+    fp32: tuple[str, ...] = ()  # networks to keep in FP32 (e.g. "vae_decoder" for VAEs that overflow in FP16)
+    optimization_level: int = 3  # TensorRT's builder optimisation level (0-5; higher builds slower, may run faster)
+    workspace_gib: float | None = None  # cap on the builder's scratch memory
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UsageError(
+            "TensorRT is not installed: on a machine with an NVIDIA GPU run `pip install 'sdtrt[gpu]'` "
+            "(or use the docker/ image, which has it)"
+        ) from None
+    return trt
+
+
+def gpu_name() -> str:
+    """The GPU the engines are built for (TensorRT engines only run on the GPU model they were built on)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        out = None
+    if out is None or out.returncode != 0 or not out.stdout.strip():
+        raise SdtrtError("no NVIDIA GPU found (nvidia-smi failed): TensorRT engines can only be built on a GPU")
+    return out.stdout.strip().splitlines()[0]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def profile_shapes(spec: ModelSpec, component: ComponentSpec, options: EngineOptions) -> dict[str, list[tuple[int, ...]]]:
+    """input name -> [min, opt, max] shapes, from the spec's dim ranges (pinned where the options say)."""
+    ranges = {name: (r.min, r.opt, r.max) for name, r in spec.dims.items()}
+    if options.static_size is not None:
+        width, height = options.static_size
+        f = spec.vae_scale_factor
+        for name, value in (("latent_width", width // f), ("latent_height", height // f), ("image_width", width),
+                            ("image_height", height)):
+            lo, _, hi = ranges[name]
+            if not lo <= value <= hi:
+                raise UsageError(f"--static-size {width}x{height} is outside the export's sizes ({spec.field('width').allowed()})")
+            ranges[name] = (value, value, value)
+    if options.static_batch is not None:
+        for name, rows in IMAGE_BATCH_DIMS.items():
+            ranges[name] = (options.static_batch * rows,) * 3
+    shapes = {}
+    for tensor in component.inputs:
+        picks = [[d if isinstance(d, int) else ranges[d][i] for d in tensor.shape] for i in range(3)]
+        shapes[tensor.name] = [tuple(p) for p in picks]
+    return shapes
+
+
+def engine_filename(component: str, gpu: str, trt_version: str, shapes: dict, fp16: bool, refittable: bool,
+                    level: int) -> str:
+    key = json.dumps({"shapes": shapes, "fp16": fp16, "refit": refittable, "level": level}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return f"{component}.{_slug(gpu)}.trt{trt_version}.{digest}.plan"
+
+
+def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, *, fp16: bool, refittable: bool, level: int,
+                 timing_cache: Path, workspace_gib: float | None) -> None:
+    trt = require_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+
+    profile = Profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    extra = {}
+    if workspace_gib:
+        extra["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(workspace_gib * (1 << 30))}
+    config = CreateConfig(fp16=fp16, profiles=[profile], refittable=refittable, builder_optimization_level=level,
+                          load_timing_cache=str(timing_cache) if timing_cache.exists() else None, **extra)
+    # GroupNorm-heavy networks (U-Net, VAE) parse best with TensorRT's native InstanceNormalization.
+    network = network_from_onnx_path(str(onnx_path), flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM])
+    engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache))
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    save_engine(engine, str(engine_path))
+
+
+def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = EngineOptions(),
+                  report: Callable[[str], None] = print, progress: bool = True) -> dict[str, dict]:
+    """Build (or reuse) an engine per network under ``repo`` and write the manifest; returns it."""
+    from tqdm.auto import tqdm
+
+    trt = require_tensorrt()
+    root = Path(repo)
+    gpu = gpu_name()
+    manifest: dict[str, dict] = {}
+    names = list(spec.components)
+    for name in tqdm(names, desc="TensorRT", unit="engine", disable=not progress):
+        component = spec.component(name)
+        shapes = profile_shapes(spec, component, options)
+        fp16 = name not in options.fp32
+        filename = engine_filename(name, gpu, trt.__version__, shapes, fp16, options.refittable,
+                                   options.optimization_level)
+        path = root / name / "1" / filename
+        if path.is_file():
+            report(f"{name}: reusing {path}")
+        else:
+            report(f"{name}: building {'FP16' if fp16 else 'FP32'} engine for {gpu} (TensorRT {trt.__version__})")
+            build_engine(root / component.onnx, path, shapes, fp16=fp16, refittable=options.refittable,
+                         level=options.optimization_level, timing_cache=root / TIMING_CACHE,
+                         workspace_gib=options.workspace_gib)
+        manifest[name] = {"file": filename, "gpu": gpu, "tensorrt": trt.__version__, "fp16": fp16,
+                          "refittable": options.refittable,
+                          "profile": {k: [list(s) for s in v] for k, v in shapes.items()}, "options": asdict(options)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_manifest(repo: str | Path) -> dict[str, dict]:
+    path = Path(repo) / MANIFEST
+    if not path.is_file():
+        raise UsageError(f"{repo} has no TensorRT engines ({MANIFEST}); build them with `sdtrt export ... --format trt`")
+    return json.loads(path.read_text())
+
+
+def check_engine_matches(entry: dict, component: str) -> None:
+    """Refuse an engine built for another GPU or TensorRT version, with what to do."""
+    trt = require_tensorrt()
+    gpu = gpu_name()
+    if entry["gpu"] != gpu or entry["tensorrt"] != trt.__version__:
+        raise SdtrtError(
+            f"the {component} engine was built for {entry['gpu']} with TensorRT {entry['tensorrt']}, but this is "
+            f"{gpu} with TensorRT {trt.__version__}: rebuild with `sdtrt export ... --format trt`"
+        )
+
+
+def refit_engine(engine_path: Path, onnx_path: Path) -> None:
+    """Swap new weights (same graph, e.g. a fused LoRA) into a refittable engine, in place."""
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    with open(engine_path, "rb") as f:
+        engine = trt.Runtime(logger).deserialize_cuda_engine(f.read())
+    if engine is None or not engine.refittable:
+        raise UsageError(f"{engine_path} is not a refittable engine: build it with --refittable")
+    refitter = trt.Refitter(engine, logger)
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    if not parser.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+        raise SdtrtError(f"refitting {engine_path} from {onnx_path} failed: is it the same network?")
+    with open(engine_path, "wb") as f:
+        f.write(engine.serialize())

@@ -1,0 +1,163 @@
+"""TensorRT: profile and config generation (everywhere) and FP16 engines against onnxruntime (GPU only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from sdtrt.errors import UsageError
+from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
+from sdtrt.export.tensorrt import EngineOptions, engine_filename, profile_shapes
+from sdtrt.model_repository.build import write_repository
+from sdtrt.model_repository.configs import ServingOptions, network_config
+from sdtrt.request import Txt2ImgRequest
+from sdtrt.spec import load_spec
+
+
+def has_gpu() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+GPU_REASON = "needs an NVIDIA GPU and TensorRT (pip install 'sdtrt[gpu]'); this machine has " + (
+    "no NVIDIA GPU" if not has_gpu() else "no tensorrt package")
+gpu = pytest.mark.skipif(not (has_gpu() and importlib.util.find_spec("tensorrt")), reason=GPU_REASON)
+
+
+def test_profiles_come_from_the_spec(exported_repo):
+    spec = load_spec(exported_repo)
+    unet = profile_shapes(spec, spec.component("unet"), EngineOptions())
+    d = spec.dims
+    assert unet["sample"] == [(d[UNET_BATCH].min, 4, d[LATENT_H].min, d[LATENT_W].min),
+                              (d[UNET_BATCH].opt, 4, d[LATENT_H].opt, d[LATENT_W].opt),
+                              (d[UNET_BATCH].max, 4, d[LATENT_H].max, d[LATENT_W].max)]
+    assert unet["encoder_hidden_states"][2] == (d[UNET_BATCH].max, 3 * 77, 32)  # long prompts: 77..77*k
+    assert unet["timestep"][0] == (d[UNET_BATCH].min,)
+    text = profile_shapes(spec, spec.component("text_encoder"), EngineOptions())
+    assert text["input_ids"] == [(1, 77), (2, 77), (d[TEXT_BATCH].max, 77)]
+    static = profile_shapes(spec, spec.component("unet"), EngineOptions(static_size=(512, 384), static_batch=2))
+    assert static["sample"] == [(4, 4, 48, 64)] * 3
+    vae = profile_shapes(spec, spec.component("vae_encoder"), EngineOptions(static_size=(512, 384)))
+    assert vae["image"][0] == (d[BATCH].min, 3, 384, 512) and vae["image"][2] == (d[BATCH].max, 3, 384, 512)
+    with pytest.raises(UsageError, match="static-size 2048x512"):
+        profile_shapes(spec, spec.component("unet"), EngineOptions(static_size=(2048, 512)))
+    assert CONTEXT in spec.dims
+
+
+def test_engine_names_carry_gpu_version_and_profile(exported_repo):
+    spec = load_spec(exported_repo)
+    shapes = profile_shapes(spec, spec.component("unet"), EngineOptions())
+    name = engine_filename("unet", "NVIDIA H100 80GB HBM3", "10.7.0", shapes, True, False, 3)
+    assert name.startswith("unet.NVIDIA-H100-80GB-HBM3.trt10.7.0.") and name.endswith(".plan")
+    other = profile_shapes(spec, spec.component("unet"), EngineOptions(static_size=(512, 512)))
+    assert engine_filename("unet", "NVIDIA H100 80GB HBM3", "10.7.0", other, True, False, 3) != name
+    assert engine_filename("unet", "NVIDIA A100-SXM4-80GB", "10.7.0", shapes, True, False, 3) != name
+    assert engine_filename("unet", "NVIDIA H100 80GB HBM3", "10.8.0", shapes, True, False, 3) != name
+
+
+def fake_manifest(spec, options=EngineOptions()):
+    return {name: {"file": f"{name}.GPU.trt10.7.0.0000.plan", "gpu": "GPU", "tensorrt": "10.7.0",
+                   "profile": {k: [list(s) for s in v] for k, v in profile_shapes(spec, c, options).items()}}
+            for name, c in spec.components.items()}
+
+
+def test_tensorrt_configs_from_the_same_generator(exported_repo, tmp_path):
+    spec = load_spec(exported_repo)
+    options = ServingOptions(backend="tensorrt", engines=fake_manifest(spec))
+    unet = network_config(spec, spec.component("unet"), options)
+    onnx = network_config(spec, spec.component("unet"), ServingOptions(backend="onnxruntime"))
+    assert unet.platform == "tensorrt_plan" and onnx.platform == "onnxruntime_onnx"
+    assert unet.default_model_filename == "unet.GPU.trt10.7.0.0000.plan"
+    assert unet.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert [list(i.dims) for i in unet.input] == [list(i.dims) for i in onnx.input] == [[4, -1, -1], [1], [-1, 32]]
+    assert unet.input[1].HasField("reshape") and unet.max_batch_size == spec.dims[UNET_BATCH].max
+    assert unet.dynamic_batching.max_queue_delay_microseconds > 0
+    static = ServingOptions(backend="tensorrt", engines=fake_manifest(spec, EngineOptions(static_batch=1)))
+    assert not network_config(spec, spec.component("unet"), static).HasField("dynamic_batching")
+    with pytest.raises(UsageError, match="no TensorRT engine for unet"):
+        network_config(spec, spec.component("unet"), ServingOptions(backend="tensorrt"))
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    write_repository(repo, spec, options)
+    config = text_format.Parse((repo / "unet" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.platform == "tensorrt_plan" and not (repo / "unet" / "1" / "model.py").exists()
+    assert (repo / "scheduler" / "1" / "model.py").exists()  # the loop stays a Python model
+
+
+def test_configs_command_switches_to_tritons_onnxruntime_backend(exported_repo, tmp_path, capsys):
+    from sdtrt.cli import main
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    assert main(["configs", str(repo), "--backend", "onnxruntime"]) == 0
+    config = text_format.Parse((repo / "vae_decoder" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.platform == "onnxruntime_onnx" and not (repo / "vae_decoder" / "1" / "model.py").exists()
+
+
+def test_build_engines_without_tensorrt_says_what_to_install(exported_repo, capsys):
+    if importlib.util.find_spec("tensorrt"):
+        pytest.skip("tensorrt is installed here")
+    from sdtrt.cli import main
+
+    assert main(["build-engines", str(exported_repo)]) == 2
+    assert "pip install 'sdtrt[gpu]'" in capsys.readouterr().err
+
+
+# --- on a GPU ----------------------------------------------------------------------------------------------------
+# FP16 keeps 11 significant bits (~5e-4 relative). One network pass accumulates a few such roundings through
+# hundreds of layers, so per-component outputs are held to 2% of their scale. A whole generation feeds the U-Net's
+# FP16 output back through every step, which can move individual pixels a lot on random weights, so the image is
+# held to a mean absolute difference of 3/255 and a PSNR of 30 dB against the FP32 onnxruntime image, the usual
+# bar for "visually identical" FP16 diffusion.
+COMPONENT_TOLERANCE = 2e-2
+IMAGE_MEAN_TOLERANCE = 3.0
+IMAGE_PSNR_DB = 30.0
+
+
+@pytest.fixture(scope="module")
+def trt_repo(default_model, tmp_path_factory):
+    from sdtrt.export import export_model
+    from sdtrt.export.tensorrt import EngineOptions as Options
+
+    out = tmp_path_factory.mktemp("trt") / "default"
+    export_model(default_model, out, max_size=256, progress=False, report=lambda *_: None, engines=Options())
+    return out
+
+
+@gpu
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+def test_tensorrt_matches_onnxruntime_per_component(trt_repo, diffusers_pipe, name):
+    from sdtrt.local import LocalPipeline
+
+    trt = LocalPipeline(trt_repo, backend="tensorrt")
+    ort = LocalPipeline(trt_repo)
+    spec = trt.spec
+    desc = next(d for d in descriptors(diffusers_pipe, spec.text_max_length) if d.name == name)
+    for dims in ({BATCH: 1, TEXT_BATCH: 2, UNET_BATCH: 2, LATENT_H: 8, LATENT_W: 8, CONTEXT: 77},
+                 {BATCH: 2, TEXT_BATCH: 4, UNET_BATCH: 4, LATENT_H: 12, LATENT_W: 16, CONTEXT: 154}):
+        torch.manual_seed(0)
+        arrays = [x.numpy() for x in desc.make_inputs(dims)]
+        expected = ort.nets[name](*arrays)
+        actual = trt.nets[name](*arrays)
+        scale = max(1.0, float(np.abs(expected).max()))
+        assert np.abs(actual - expected).max() <= COMPONENT_TOLERANCE * scale, (name, dims)
+
+
+@gpu
+def test_tensorrt_image_matches_onnxruntime(trt_repo):
+    from sdtrt.local import LocalPipeline
+
+    request = Txt2ImgRequest(prompt="a lighthouse at dawn", steps=20, seed=42, width=128, height=128)
+    fp16 = LocalPipeline(trt_repo, backend="tensorrt").txt2img(request).images.astype(np.float64)
+    fp32 = LocalPipeline(trt_repo).txt2img(request).images.astype(np.float64)
+    mse = np.mean((fp16 - fp32) ** 2)
+    assert np.abs(fp16 - fp32).mean() <= IMAGE_MEAN_TOLERANCE
+    assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) >= IMAGE_PSNR_DB
