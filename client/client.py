@@ -125,7 +125,7 @@ class Client:
         images = response.as_numpy(IMAGES)
         seeds = [int(s) for s in response.as_numpy(SEEDS)]
         request = replace(request, seed=seeds[0])
-        return Generation(images, seeds, infotexts(request, seeds, self.spec.model_name, self.spec.model_hash, inpaint))
+        return Generation(images, seeds, infotexts(request, seeds, self.spec, inpaint))
 
     def _infer_kwargs(self, module) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"outputs": [module.InferRequestedOutput(IMAGES), module.InferRequestedOutput(SEEDS)]}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from sdtrt.export.checkpoint import Checkpoint, load_checkpoint
+from sdtrt.export.checkpoint import Checkpoint, fuse_loras, load_checkpoint, parse_lora
 from sdtrt.export.descriptors import (
     BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, TEXT_BATCH, UNET_BATCH, descriptors, dim_ranges,
 )
@@ -41,6 +41,7 @@ def export_model(
     out: str | Path,
     *,
     config: str | Path | None = None,
+    loras: tuple[str, ...] = (),
     max_batch: int = 4,
     min_size: int = 64,
     max_size: int = 1024,
@@ -54,7 +55,7 @@ def export_model(
 
     With ``engines`` (EngineOptions), also build FP16 TensorRT engines and serve the networks with them.
     """
-    ckpt = load_checkpoint(model, config)
+    ckpt = fuse_loras(load_checkpoint(model, config), [parse_lora(text) for text in loras])
     pipe = ckpt.pipe
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     native = int(pipe.unet.config.sample_size) * factor
@@ -122,6 +123,41 @@ def build_engines_and_configs(repo: str | Path, spec: ModelSpec, engines: "Engin
     return spec
 
 
+def refit_repository(repo: str | Path, model: str | Path, *, config: str | Path | None = None,
+                     loras: tuple[str, ...] = (), report=print) -> ModelSpec:
+    """New weights (another checkpoint of the same architecture, or the same one with LoRAs fused) into an
+    export's refittable TensorRT engines, without rebuilding them; the ONNX files and the spec follow."""
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    from sdtrt.export.tensorrt import load_manifest, refit_engine
+    from sdtrt.spec import load_spec
+
+    root = Path(repo)
+    old = load_spec(root)
+    manifest = load_manifest(root)
+    stiff = [name for name, entry in manifest.items() if not entry.get("refittable")]
+    if stiff:
+        raise UsageError(f"engines {stiff} are not refittable: rebuild them with --refittable first")
+    f = old.vae_scale_factor
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        new = export_model(model, tmp, config=config, loras=loras, max_batch=old.dims["batch"].max,
+                           min_size=old.dims["latent_height"].min * f, max_size=old.dims["latent_height"].max * f,
+                           max_chunks=old.max_chunks, report=report)
+        if [c.inputs for c in new.components.values()] != [c.inputs for c in old.components.values()]:
+            raise UsageError(f"{model} is not the same architecture as the export in {repo}: rebuild instead")
+        for name, entry in manifest.items():
+            report(f"{name}: refitting {entry['file']}")
+            refit_engine(root / name / "1" / entry["file"], Path(tmp) / new.component(name).onnx)
+            for produced in (Path(tmp) / name / "1").glob("model.onnx*"):
+                shutil.move(str(produced), root / name / "1" / produced.name)
+    spec = replace(old, model_name=new.model_name, source=new.source, source_hash=new.source_hash, extra=new.extra)
+    spec.save(root)
+    write_repository(root, spec, ServingOptions(backend="tensorrt", engines=manifest))
+    return spec
+
+
 def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max_size, max_batch, text_max_length) -> ModelSpec:
     pipe = ckpt.pipe
     return ModelSpec(
@@ -140,6 +176,7 @@ def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max
         components=components,
         request=request_fields(native, min_size, max_size, factor, max_batch,
                                clip_layers=int(pipe.text_encoder.config.num_hidden_layers)),
+        extra={"loras": list(ckpt.loras)} if ckpt.loras else {},
     )
 
 

@@ -19,6 +19,7 @@ class Checkpoint:
     name: str  # what A1111 shows as "Model"
     source: str
     sha256: str  # A1111's "Model hash" is the first 10 hex digits
+    loras: tuple[dict, ...] = ()  # fused LoRAs: name, scale, sha256
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -35,6 +36,38 @@ def folder_sha256(root: Path) -> str:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(f"{path.relative_to(root).as_posix()}\0{file_sha256(path)}\n".encode())
     return h.hexdigest()
+
+
+def parse_lora(text: str) -> tuple[Path, float]:
+    """``path[:scale]`` (the scale as in A1111's <lora:name:scale>; default 1) -> (path, scale)."""
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def fuse_loras(ckpt: Checkpoint, loras: list[tuple[Path, float]]) -> Checkpoint:
+    """Fuse LoRA files (A1111/kohya or diffusers format, as diffusers' load_lora_weights reads them) into the
+    weights, each at its scale; the export then bakes them in. The spec records them."""
+    h = hashlib.sha256(ckpt.sha256.encode())
+    fused = []
+    for index, (path, scale) in enumerate(loras):
+        if not path.is_file():
+            raise UsageError(f"--lora {path}: no such file")
+        adapter = f"lora{index}"
+        try:
+            ckpt.pipe.load_lora_weights(str(path), adapter_name=adapter)
+            ckpt.pipe.fuse_lora(lora_scale=scale, adapter_names=[adapter])
+        except Exception as exc:
+            raise UsageError(f"--lora {path} could not be applied to this checkpoint: {exc}") from exc
+        digest = file_sha256(path)
+        h.update(f"{digest}:{scale}".encode())
+        fused.append({"name": path.stem, "scale": scale, "sha256": digest, "file": str(path.resolve())})
+    # The weights differ from the checkpoint's, so the model hash does too; the infotext lists the LoRAs.
+    return Checkpoint(ckpt.pipe, ckpt.name, ckpt.source, h.hexdigest() if fused else ckpt.sha256, tuple(fused))
 
 
 def load_checkpoint(model: str | Path, config: str | Path | None = None) -> Checkpoint:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.errors import InvalidRequest
 from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER_FIELDS
-from sdtrt.model_repository.triton_io import JsonLog, error_response, model_spec, repo_root, scalar
+from sdtrt.model_repository.triton_io import JsonLog, PerRequestModel, model_spec, repo_root, scalar
 from sdtrt.prompts import prompt_rows
 from sdtrt.request import check_value
 from sdtrt.text import load_tokenizer
 
 
-class TritonPythonModel:
+class TritonPythonModel(PerRequestModel):
     def initialize(self, args):
         self.spec = model_spec(args)
         self.log = JsonLog(args["model_name"])
@@ -34,16 +33,3 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse([
             pb_utils.Tensor(TOKEN_IDS, ids), pb_utils.Tensor(TOKEN_WEIGHTS, weights), pb_utils.Tensor(CLIP_SKIP_ROWS, skip),
         ])
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self.run(request))
-            except InvalidRequest as exc:
-                self.log.info("invalid_request", field=exc.field)
-                responses.append(error_response(str(exc), "INVALID_ARG"))
-            except Exception as exc:  # a bad request must never take the model down
-                self.log.error("failed", error=repr(exc))
-                responses.append(error_response(f"tokenizer: {exc}"))
-        return responses

@@ -66,9 +66,39 @@ class JsonLog:
         self._emit(pb_utils.Logger.log_error, event, **fields)
 
 
-class JobModel:
-    """What the scheduler models share: reading and checking a job's fields, the prompt conditioning, one
-    response per request (errors included), structured logs. Subclasses set ``job`` and write ``run``."""
+class PerRequestModel:
+    """One response per request, in order, whatever happens: ``run(request)`` builds it; a bad setting becomes
+    INVALID_ARG naming the field, a cancelled request CANCELLED, anything else INTERNAL, and the model keeps
+    serving. Subclasses set ``self.log`` in ``initialize`` and write ``run``."""
+
+    log: JsonLog
+
+    def run(self, request) -> "pb_utils.InferenceResponse":
+        raise NotImplementedError
+
+    def execute(self, requests):
+        from sdtrt.errors import InvalidRequest
+        from sdtrt.model_repository.bls import Cancelled
+
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self.run(request))
+            except InvalidRequest as exc:
+                self.log.info("invalid_request", field=exc.field)
+                responses.append(error_response(str(exc), "INVALID_ARG"))
+            except Cancelled:
+                self.log.info("cancelled", request_id=request.request_id())
+                responses.append(error_response("request cancelled by the client", "CANCELLED"))
+            except Exception as exc:  # never let one request take the model down
+                self.log.error("failed", error=repr(exc))
+                responses.append(error_response(f"{self.log.model}: {exc}"))
+        return responses
+
+
+class JobModel(PerRequestModel):
+    """What the scheduler models share: reading and checking a job's fields, the prompt conditioning and the
+    structured log line of each request. Subclasses set ``job`` and write ``run``."""
 
     job = None  # a sdtrt.model_repository.configs.Job
 
@@ -106,22 +136,3 @@ class JobModel:
         self.log.info("sampled", request_id=request.request_id(), sampler=settings.sampler, steps=settings.steps,
                       size=f"{settings.width}x{settings.height}", images=settings.batch_size, seed=settings.seed,
                       hires=settings.enable_hr, ms=round(1000 * (time.perf_counter() - start), 1), **extra)
-
-    def execute(self, requests):
-        from sdtrt.errors import InvalidRequest
-        from sdtrt.model_repository.bls import Cancelled
-
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self.run(request))
-            except InvalidRequest as exc:
-                self.log.info("invalid_request", field=exc.field)
-                responses.append(error_response(str(exc), "INVALID_ARG"))
-            except Cancelled:
-                self.log.info("cancelled", request_id=request.request_id())
-                responses.append(error_response("request cancelled by the client", "CANCELLED"))
-            except Exception as exc:  # never let one request take the model down
-                self.log.error("failed", error=repr(exc))
-                responses.append(error_response(f"{self.job.scheduler}: {exc}"))
-        return responses

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR", help="output model repository")
     p.add_argument("--config", type=Path, default=None,
                    help="for a single-file checkpoint: a local diffusers folder of the same architecture")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA into the exported weights at SCALE (default 1); repeatable")
     p.add_argument("--max-batch", type=int, default=4, help="most images per request")
     p.add_argument("--min-size", type=int, default=64, help="smallest width/height in pixels")
     p.add_argument("--max-size", type=int, default=1024, help="largest width/height in pixels")
@@ -81,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler-instances", type=int, default=4, help="denoising loops run at once")
     _engine_flags(p)
     p.set_defaults(func=cmd_build_engines)
+
+    p = sub.add_parser("refit", help="swap new weights (e.g. with a LoRA fused) into refittable engines (GPU only)",
+                       description="Re-export MODEL (plus any --lora) and refit REPO_DIR's TensorRT engines with its "
+                       "weights, without rebuilding; the engines must have been built with --refittable and MODEL "
+                       "must have the same architecture.")
+    p.add_argument("repo", type=Path, metavar="REPO_DIR")
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--config", type=Path, default=None, help="for a single-file checkpoint: its diffusers config folder")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA first; repeatable")
+    p.set_defaults(func=cmd_refit)
 
     p = sub.add_parser("configs", help="regenerate an export's Triton configs for another network backend",
                        description="Rewrite every config.pbtxt of REPO_DIR from its spec, e.g. to serve the ONNX "
@@ -170,6 +182,14 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refit(args: argparse.Namespace) -> int:
+    from sdtrt.export import refit_repository
+
+    spec = refit_repository(args.repo, args.model, config=args.config, loras=tuple(args.lora))
+    print(f"refitted {args.repo} with {spec.model_name} [{spec.model_hash}]")
+    return 0
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     from sdtrt.model_repository.build import write_repository
     from sdtrt.model_repository.configs import ServingOptions
@@ -188,8 +208,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     serving = ServingOptions(backend=args.backend, scheduler_instances=args.scheduler_instances)
     engines = _engine_options(args) if args.format == "trt" else None
-    spec = export_model(args.model, args.out, config=args.config, max_batch=args.max_batch, min_size=args.min_size,
-                        max_size=args.max_size, max_chunks=args.max_chunks, serving=serving, engines=engines)
+    spec = export_model(args.model, args.out, config=args.config, loras=tuple(args.lora), max_batch=args.max_batch,
+                        min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks, serving=serving,
+                        engines=engines)
     print(f"exported {spec.model_name} [{spec.model_hash}] to {args.out}")
     return 0
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from sdtrt.infotext import build_infotext, parse_infotext
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
+from sdtrt.spec import ModelSpec
 
 
 @dataclass
@@ -17,11 +18,11 @@ class Generation:
     infotexts: list[str]  # AUTOMATIC1111 infotext of each image
 
 
-def infotexts(request: Txt2ImgRequest, seeds: list[int], model_name: str, model_hash: str,
-              inpaint: bool = False) -> list[str]:
+def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpaint: bool = False) -> list[str]:
     """One infotext per image, with that image's own seed, the fields in A1111's order; unused ones left out."""
     img2img = isinstance(request, Img2ImgRequest)
     hires = request.enable_hr and not img2img
+    loras = model.extra.get("loras", [])
     texts = []
     for i, seed in enumerate(seeds):
         varied = request.subseed_strength > 0
@@ -32,8 +33,8 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model_name: str, model_
             "CFG scale": request.guidance_scale,
             "Seed": seed,
             "Size": f"{request.width}x{request.height}",
-            "Model hash": model_hash,
-            "Model": model_name,
+            "Model hash": model.model_hash,
+            "Model": model.model_name,
             "Denoising strength": request.denoising_strength if img2img or hires else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Variation seed": request.subseed + i if varied else None,
@@ -45,6 +46,8 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model_name: str, model_
             "Hires upscale": request.hr_scale if hires else None,
             "Hires steps": request.hr_second_pass_steps if hires and request.hr_second_pass_steps else None,
             "Hires upscaler": request.hr_upscaler if hires else None,
+            # LoRAs fused at export, as A1111 lists the ones it applied (name: first 12 digits of their sha256)
+            "Lora hashes": ", ".join(f"{l['name']}: {l['sha256'][:12]}" for l in loras) or None,
         }
         texts.append(build_infotext(request.prompt, request.negative_prompt, params))
     return texts

@@ -111,4 +111,4 @@ class LocalPipeline:
         return Generation(images, seeds, self._infotexts(request, seeds, mask is not None))
 
     def _infotexts(self, request: Txt2ImgRequest, seeds: list[int], inpaint: bool = False) -> list[str]:
-        return infotexts(request, seeds, self.spec.model_name, self.spec.model_hash, inpaint)
+        return infotexts(request, seeds, self.spec, inpaint)

@@ -161,3 +161,45 @@ def test_tensorrt_image_matches_onnxruntime(trt_repo):
     mse = np.mean((fp16 - fp32) ** 2)
     assert np.abs(fp16 - fp32).mean() <= IMAGE_MEAN_TOLERANCE
     assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) >= IMAGE_PSNR_DB
+
+
+def test_refit_needs_refittable_engines(exported_repo, tmp_path):
+    """Refit refuses engines built without --refittable, before touching anything (checked without a GPU)."""
+    import json
+    import shutil as sh
+
+    from sdtrt.export import refit_repository
+
+    repo = tmp_path / "repo"
+    sh.copytree(exported_repo, repo)
+    spec = load_spec(repo)
+    manifest = {name: {**entry, "refittable": False} for name, entry in fake_manifest(spec).items()}
+    (repo / "trt_engines.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="not refittable: rebuild them with --refittable"):
+        refit_repository(repo, spec.source)
+
+
+@gpu
+def test_refit_swaps_in_lora_weights(default_model, tmp_path):
+    """A refittable engine refitted with a LoRA-fused checkpoint gives that checkpoint's engine output."""
+    from sdtrt.export import export_model, refit_repository
+    from sdtrt.export.tensorrt import EngineOptions as Options
+    from sdtrt.local import LocalPipeline
+
+    lora_dir = tmp_path / "lora"
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True)
+    torch.manual_seed(7)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(str(lora_dir), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              weight_name="style.safetensors")
+    repo = tmp_path / "repo"
+    export_model(default_model, repo, max_size=256, progress=False, report=lambda *_: None,
+                 engines=Options(refittable=True))
+    refit_repository(repo, default_model, loras=(str(lora_dir / "style.safetensors"),), report=lambda *_: None)
+    request = Txt2ImgRequest(prompt="a castle", steps=8, seed=1, width=128, height=128)
+    refitted = LocalPipeline(repo, backend="tensorrt").txt2img(request).images.astype(np.float64)
+    reference = LocalPipeline(repo).txt2img(request).images.astype(np.float64)  # the ONNX now carries the LoRA too
+    assert np.abs(refitted - reference).mean() <= IMAGE_MEAN_TOLERANCE
