@@ -23,14 +23,28 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.log = JsonLog(args["model_name"])
-        self.component = model_spec(args).component(args["model_name"])
+        spec = model_spec(args)
+        self.component = spec.component(args["model_name"])
         onnx_file = config["parameters"]["onnx_file"]["string_value"]
         path = Path(args["model_repository"]) / args["model_version"] / onnx_file
         # CUDA when this onnxruntime has it (onnxruntime-gpu on a GPU box), else the CPU.
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        options = ort.SessionOptions()
+        # Idle worker threads must sleep, not spin: the scheduler loops run in other processes between U-Net
+        # calls and need those cores (spinning cost ~2x end-to-end latency on a 2-core machine).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.output_names = [t.name for t in self.component.outputs]
+        self._warm_up(spec)
         self.log.info("ready", onnx=str(path), inputs=[t.name for t in self.component.inputs])
+
+    def _warm_up(self, spec) -> None:
+        """One run at the smallest shapes: onnxruntime's first run sets up kernels and memory (~1 s)."""
+        feed = {}
+        for tensor in self.component.inputs:
+            shape = [d if isinstance(d, int) else spec.dims[d].min for d in tensor.shape]
+            feed[tensor.name] = np.ones(shape, dtype=tensor.dtype)
+        self.session.run(self.output_names, feed)
 
     def _inputs(self, request) -> list[np.ndarray]:
         arrays = []

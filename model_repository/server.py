@@ -26,6 +26,16 @@ from sdtrt.spec import SPEC_FILENAME
 log = logging.getLogger("sdtrt.server")
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: have Linux send it SIGTERM if this process dies, even by SIGKILL, so that a
+    killed `sdtrt serve` (or test run) never leaves a tritonserver and its stubs behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def pytriton_home() -> Path | None:
     try:
         import pytriton
@@ -110,7 +120,8 @@ class TritonServer:
         log.info("starting %s (log: %s)", " ".join(args), log_path)
         with open(log_path, "ab") as out:
             # Own process group: stopping it also reaps the Python-backend stubs, never leaving orphans.
-            self.process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_terminate_with_parent)
         self.wait_ready(timeout)
         return self
 

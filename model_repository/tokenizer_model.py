@@ -21,6 +21,7 @@ class TritonPythonModel(PerRequestModel):
         self.spec = model_spec(args)
         self.log = JsonLog(args["model_name"])
         self.tokenizer = load_tokenizer(repo_root(args) / self.spec.tokenizer, self.spec.text_max_length)
+        prompt_rows(self.tokenizer, "warm up", "", self.spec.max_chunks)  # the first call pays for lazy setup
         self.log.info("ready", tokenizer=self.spec.tokenizer, max_chunks=self.spec.max_chunks)
 
     def run(self, request) -> "pb_utils.InferenceResponse":
