@@ -142,8 +142,8 @@ def refit_repository(repo: str | Path, model: str | Path, *, config: str | Path 
         raise UsageError(f"engines {stiff} are not refittable: rebuild them with --refittable first")
     f = old.vae_scale_factor
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        new = export_model(model, tmp, config=config, loras=loras, max_batch=old.dims["batch"].max,
-                           min_size=old.dims["latent_height"].min * f, max_size=old.dims["latent_height"].max * f,
+        new = export_model(model, tmp, config=config, loras=loras, max_batch=old.dims[BATCH].max,
+                           min_size=old.dims[LATENT_H].min * f, max_size=old.dims[LATENT_H].max * f,
                            max_chunks=old.max_chunks, report=report)
         if [c.inputs for c in new.components.values()] != [c.inputs for c in old.components.values()]:
             raise UsageError(f"{model} is not the same architecture as the export in {repo}: rebuild instead")

@@ -12,17 +12,10 @@ from typing import Callable
 
 import torch
 
-from sdtrt.spec import DimRange, TensorSpec
+from sdtrt.spec import (  # noqa: F401  (the dim names are re-exported for the exporter's users)
+    BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, DimRange, TensorSpec,
+)
 
-# Dynamic dimension names, shared by every descriptor (their ranges live in the spec's "dims").
-BATCH = "batch"  # images in a request (VAE batch)
-TEXT_BATCH = "text_batch"  # CLIP rows: 75-token chunks of the negative prompt and the prompt
-UNET_BATCH = "unet_batch"  # U-Net rows: 2x images with guidance (uncond + cond), from several requests when batched
-LATENT_H = "latent_height"
-LATENT_W = "latent_width"
-CONTEXT = "context_length"  # text positions seen by the U-Net: 77 per 75-token prompt chunk
-IMAGE_H = "image_height"  # pixels (VAE encoder input)
-IMAGE_W = "image_width"
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6+ and onnxruntime 1.14+ parse it
 
@@ -181,7 +174,7 @@ def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
             name="vae_decoder",
             module=VaeDecoder(pipe.vae),
             inputs=(TensorSpec("latent", "float32", (BATCH, latent_channels, LATENT_H, LATENT_W)),),
-            outputs=(TensorSpec("images", "float32", (BATCH, out_channels, "image_height", "image_width")),),
+            outputs=(TensorSpec("images", "float32", (BATCH, out_channels, IMAGE_H, IMAGE_W)),),
             make_inputs=vae_inputs,
             trace_dims={BATCH: 1, LATENT_H: 8, LATENT_W: 8},
         ),

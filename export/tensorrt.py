@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Callable
 
 from sdtrt.errors import SdtrtError, UsageError
-from sdtrt.spec import ComponentSpec, ModelSpec
+from sdtrt.spec import BATCH, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, UNET_BATCH, ComponentSpec, ModelSpec
 
 MANIFEST = "trt_engines.json"
 TIMING_CACHE = "trt_timing.cache"
 # Exported networks and the batch dims whose size follows the number of images (pinned by static_batch).
-IMAGE_BATCH_DIMS = {"batch": 1, "unet_batch": 2}  # U-Net rows are 2 per image with guidance
+IMAGE_BATCH_DIMS = {BATCH: 1, UNET_BATCH: 2}  # U-Net rows are 2 per image with guidance
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,7 @@ def profile_shapes(spec: ModelSpec, component: ComponentSpec, options: EngineOpt
     if options.static_size is not None:
         width, height = options.static_size
         f = spec.vae_scale_factor
-        for name, value in (("latent_width", width // f), ("latent_height", height // f), ("image_width", width),
-                            ("image_height", height)):
+        for name, value in ((LATENT_W, width // f), (LATENT_H, height // f), (IMAGE_W, width), (IMAGE_H, height)):
             lo, _, hi = ranges[name]
             if not lo <= value <= hi:
                 raise UsageError(f"--static-size {width}x{height} is outside the export's sizes ({spec.field('width').allowed()})")

@@ -16,7 +16,9 @@ from sdtrt.model_repository.configs import (
 )
 from sdtrt.request import Txt2ImgRequest, job_fields
 from sdtrt.model_repository.server import pytriton_home
-from sdtrt.spec import ModelSpec
+from sdtrt.spec import (
+    BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, ModelSpec,
+)
 
 PERF_INPUT = "perf_input.json"  # written into each model's folder (Triton ignores files there)
 PERF_PROMPT = "a lighthouse on a cliff at dawn, oil painting"
@@ -36,8 +38,8 @@ def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
     txt2img = {name: [fields[name]] for name in job_fields(Txt2ImgRequest)}
     native = spec.field("width").default // spec.vae_scale_factor
     size = native * spec.vae_scale_factor
-    dims = {"batch": 1, "text_batch": 1, "unet_batch": 1, "latent_height": native, "latent_width": native,
-            "context_length": spec.text_max_length, "image_height": size, "image_width": size}
+    dims = {BATCH: 1, TEXT_BATCH: 1, UNET_BATCH: 1, LATENT_H: native, LATENT_W: native,
+            CONTEXT: spec.text_max_length, IMAGE_H: size, IMAGE_W: size}
     img2img_job = JOBS[IMG2IMG]
     img2img = {name: [fields[name]] for name in job_fields(img2img_job.request_type)}
     img2img[INIT_IMAGE] = {"content": [128] * (size * size * 3), "shape": [size, size, 3]}

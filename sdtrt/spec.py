@@ -22,6 +22,16 @@ SPEC_VERSION = 1
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
                "float16": "FP16", "float32": "FP32"}
 
+# Names of the dynamic dimensions (their ranges are ModelSpec.dims; export/descriptors.py uses them in shapes).
+BATCH = "batch"  # images in a request (VAE batch)
+TEXT_BATCH = "text_batch"  # CLIP rows: 75-token chunks of the negative prompt and the prompt
+UNET_BATCH = "unet_batch"  # U-Net rows: 2x images with guidance (uncond + cond), from several requests when batched
+LATENT_H = "latent_height"
+LATENT_W = "latent_width"
+CONTEXT = "context_length"  # text positions seen by the U-Net: 77 per 75-token prompt chunk
+IMAGE_H = "image_height"  # pixels (VAE encoder input, VAE decoder output)
+IMAGE_W = "image_width"
+
 # A dimension is either a fixed size or the name of a dynamic dimension listed in ModelSpec.dims.
 DimValue = Union[int, str]
 
@@ -138,7 +148,7 @@ class ModelSpec:
     @property
     def max_chunks(self) -> int:
         """Longest prompt, in 75-token chunks: the U-Net's context length range allows this many."""
-        return self.dims["context_length"].max // self.text_max_length
+        return self.dims[CONTEXT].max // self.text_max_length
 
     def component(self, name: str) -> ComponentSpec:
         try:
