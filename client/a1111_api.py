@@ -172,7 +172,7 @@ def decode_image(data: str, field: str, mode: str) -> Image.Image:
 def encode_png(image: np.ndarray, infotext: str) -> str:
     pil = Image.fromarray(image)
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", pnginfo=png_info(pil, infotext))
+    pil.save(buffer, format="PNG", pnginfo=png_info(infotext))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -15,10 +15,12 @@ from typing import Any
 
 from sdtrt.errors import UsageError
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields, request_fields
+from sdtrt.spec import ExportLimits
 
 # The request table of a typical SD 1.x export, used only to document the flags; a served or exported
 # model's own spec decides the real defaults and limits (e.g. its native size).
-DOC_FIELDS = request_fields(native_size=512, min_size=64, max_size=1024, size_multiple=8, max_batch=4)
+DOC_FIELDS = request_fields(native_size=512, min_size=ExportLimits.min_size, max_size=ExportLimits.max_size,
+                            size_multiple=8, max_batch=ExportLimits.max_batch)
 FLAG_NAMES = {"guidance_scale": "--cfg-scale"}  # A1111's name
 
 
@@ -29,7 +31,7 @@ def flag(name: str) -> str:
 def _help(name: str) -> str:
     f = DOC_FIELDS[name]
     default = "the model's native size" if name in ("width", "height") else repr(f.default)
-    limits = f"12 at most, and no more than the model's CLIP layers" if name == "clip_skip" else f.allowed()
+    limits = "12 at most, and no more than the model's CLIP layers" if name == "clip_skip" else f.allowed()
     return f"{f.help}; {limits} (default: {default})".replace("%", "%%")
 
 

@@ -23,11 +23,12 @@ import numpy as np
 from sdtrt.errors import SdtrtError
 from sdtrt.generation import Generation, batch_count, concatenate, infotexts
 from sdtrt.model_repository.configs import IMAGES, IMG2IMG, INIT_IMAGE, MASK, PIPELINE, SEEDS
+from sdtrt.model_repository.server import TritonServer
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import WIRE_DTYPES, ModelSpec
 
 PROTOCOLS = ("grpc", "http")
-DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+DEFAULT_URLS = {"grpc": f"localhost:{TritonServer.grpc_port}", "http": f"localhost:{TritonServer.http_port}"}
 
 
 class ServerError(SdtrtError):
@@ -91,7 +92,7 @@ class Client:
         except Exception as exc:
             raise ServerError(
                 f"cannot reach the {PIPELINE} model at {self.url} ({self.protocol}): {exc}. "
-                "Is `sdtrt serve` running, and is this its gRPC (8001) or HTTP (8000) port?"
+                "Is `sdtrt serve` running, and is this its gRPC (--grpc-port) or HTTP (--http-port) port?"
             ) from None
         config = config.get("config", config)
         return ModelSpec.from_json(json.loads(config["parameters"]["sdtrt_spec"]["string_value"]))

@@ -21,7 +21,7 @@ from sdtrt.errors import UsageError
 from sdtrt.model_repository.build import write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.request import request_fields
-from sdtrt.spec import ComponentSpec, ModelSpec
+from sdtrt.spec import ComponentSpec, ExportLimits, ModelSpec
 
 if TYPE_CHECKING:
     from sdtrt.export.tensorrt import EngineOptions
@@ -42,10 +42,10 @@ def export_model(
     *,
     config: str | Path | None = None,
     loras: tuple[str, ...] = (),
-    max_batch: int = 4,
-    min_size: int = 64,
-    max_size: int = 1024,
-    max_chunks: int = 3,
+    max_batch: int = ExportLimits.max_batch,
+    min_size: int = ExportLimits.min_size,
+    max_size: int = ExportLimits.max_size,
+    max_chunks: int = ExportLimits.max_chunks,
     serving: ServingOptions = ServingOptions(),
     engines: "EngineOptions | None" = None,
     progress: bool = True,

@@ -11,7 +11,9 @@ from typing import Sequence
 
 from sdtrt import __version__
 from sdtrt.errors import SdtrtError
-from sdtrt.model_repository.configs import NETWORK_BACKENDS
+from sdtrt.model_repository.configs import NETWORK_BACKENDS, ServingOptions
+from sdtrt.model_repository.server import TritonServer
+from sdtrt.spec import ExportLimits
 from sdtrt.client.cli import add_commands as add_generation_commands
 from sdtrt.samplers import SAMPLERS
 
@@ -60,14 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a single-file checkpoint: a local diffusers folder of the same architecture")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA into the exported weights at SCALE (default 1); repeatable")
-    p.add_argument("--max-batch", type=int, default=4, help="most images per request")
-    p.add_argument("--min-size", type=int, default=64, help="smallest width/height in pixels")
-    p.add_argument("--max-size", type=int, default=1024, help="largest width/height in pixels")
-    p.add_argument("--max-chunks", type=int, default=3, help="longest prompt, in 75-token chunks")
+    p.add_argument("--max-batch", type=int, default=ExportLimits.max_batch, help="most images per request")
+    p.add_argument("--min-size", type=int, default=ExportLimits.min_size, help="smallest width/height in pixels")
+    p.add_argument("--max-size", type=int, default=ExportLimits.max_size, help="largest width/height in pixels")
+    p.add_argument("--max-chunks", type=int, default=ExportLimits.max_chunks, help="longest prompt, in 75-token chunks")
     p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python",
                    help="how Triton runs the networks: python = onnxruntime in the Python backend (any tritonserver, "
                    "incl. the pip one); onnxruntime = Triton's ONNX Runtime backend (TensorRT: --format trt)")
-    p.add_argument("--scheduler-instances", type=int, default=4,
+    p.add_argument("--scheduler-instances", type=int, default=ServingOptions.scheduler_instances,
                    help="denoising loops run at once; their U-Net steps are batched together")
     p.add_argument("--format", choices=["onnx", "trt"], default="onnx",
                    help="trt: also build FP16 TensorRT engines (NVIDIA GPU + `pip install 'sdtrt[gpu]'`) and serve "
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "configs to tensorrt_plan. Engines are named after the GPU, TensorRT version and profile; "
                        "existing ones are reused.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("repo", type=Path, metavar="REPO_DIR")
-    p.add_argument("--scheduler-instances", type=int, default=4, help="denoising loops run at once")
+    p.add_argument("--scheduler-instances", type=int, default=ServingOptions.scheduler_instances, help="denoising loops run at once")
     _engine_flags(p)
     p.set_defaults(func=cmd_build_engines)
 
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo", type=Path, metavar="REPO_DIR")
     p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python",
                    help="how Triton runs the networks (tensorrt: use build-engines)")
-    p.add_argument("--scheduler-instances", type=int, default=4, help="denoising loops run at once")
+    p.add_argument("--scheduler-instances", type=int, default=ServingOptions.scheduler_instances, help="denoising loops run at once")
     p.set_defaults(func=cmd_configs)
 
     add_generation_commands(sub)
@@ -112,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "tritonserver as they are, e.g. `sdtrt serve -m repos/default -- --log-verbose=1`.")
     p.add_argument("-m", "--model-repository", type=Path, required=True, metavar="REPO_DIR",
                    help="an `sdtrt export` output folder")
-    p.add_argument("--http-port", type=int, default=8000, help="(default: %(default)s)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="(default: %(default)s)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (default: %(default)s)")
+    p.add_argument("--http-port", type=int, default=TritonServer.http_port, help="(default: %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=TritonServer.grpc_port, help="(default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=TritonServer.metrics_port,
+                   help="Prometheus metrics (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
     p.add_argument("--log-file", type=Path, default=None, help="server log (default: REPO_DIR/../tritonserver-PORT.log)")

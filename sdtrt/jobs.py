@@ -49,6 +49,12 @@ def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, hei
     return initial_noise(generators, spec.latent_channels, height // f, width // f, subseeds, request.subseed_strength)
 
 
+def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]):
+    """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state)."""
+    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
+    return make_generators(seeds), scheduler
+
+
 def txt2img_latents(
     spec: ModelSpec,
     request: Txt2ImgRequest,
@@ -62,8 +68,7 @@ def txt2img_latents(
         raise InvalidRequest("init_image", None, "an init image and a mask: this is an inpainting model "
                              f"({unet_channels(spec)}-channel U-Net); use img2img")
     seeds = image_seeds(request.seed, request.batch_size)
-    generators = make_generators(seeds)
-    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
+    generators, scheduler = _pass(spec, request, seeds)
     latents = prepare_latents(scheduler, _noise(spec, request, generators, request.width, request.height), request.steps)
     context = guidance_context(uncond, cond, request.batch_size, request.guidance_scale)
     latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step)
@@ -86,7 +91,7 @@ def hires_pass(
     upscaler = HIRES_UPSCALERS[request.hr_upscaler]
     f = spec.vae_scale_factor
     width, height = target_size(request.width, request.height, request.hr_scale, f)
-    generators = make_generators(seeds)
+    generators, scheduler = _pass(spec, request, seeds)
     if upscaler.latent_mode is not None:
         init = upscale_latents(latents, upscaler, width // f, height // f)
     else:
@@ -98,7 +103,6 @@ def hires_pass(
         resized = [upscale_image(Image.fromarray(p), upscaler, width, height) for p in pictures]
         init = sample_latents(nets.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
     steps = request.hr_second_pass_steps or request.steps
-    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
     timesteps = strength_timesteps(scheduler, steps, request.denoising_strength)
     if len(timesteps) == 0:
         return init
@@ -119,8 +123,7 @@ def img2img_latents(
     """img2img (no mask) or inpainting (mask) -> (latents divided by the VAE scaling factor, seeds)."""
     n = request.batch_size
     seeds = image_seeds(request.seed, n)
-    generators = make_generators(seeds)
-    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
+    generators, scheduler = _pass(spec, request, seeds)
     timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength)
     inpaint = inputs.mask is not None
     nine = unet_channels(spec) == spec.latent_channels * 2 + 1

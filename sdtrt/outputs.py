@@ -11,7 +11,7 @@ from PIL import Image, PngImagePlugin
 _NUMBERED = re.compile(r"^(\d+)-")
 
 
-def png_info(image: Image.Image, infotext: str) -> PngImagePlugin.PngInfo:
+def png_info(infotext: str) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)
     return info
@@ -32,7 +32,7 @@ def save_png(image: np.ndarray, seed: int, infotext: str, out_dir: str | Path) -
         path = out / f"{number:05d}-{seed}.png"
         try:
             with open(path, "xb") as f:  # exclusive create: a concurrent writer makes us take the next number
-                pil.save(f, format="PNG", pnginfo=png_info(pil, infotext))
+                pil.save(f, format="PNG", pnginfo=png_info(infotext))
             return path
         except FileExistsError:
             number += 1

@@ -37,6 +37,16 @@ DimValue = Union[int, str]
 
 
 @dataclass(frozen=True)
+class ExportLimits:
+    """The request limits an export gets unless told otherwise (`sdtrt export --max-batch ...`)."""
+
+    max_batch: int = 4  # images per request
+    min_size: int = 64  # pixels a side
+    max_size: int = 1024
+    max_chunks: int = 3  # longest prompt, in 75-token chunks
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32", "int32", ...
