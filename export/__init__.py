@@ -115,9 +115,11 @@ def build_engines_and_configs(repo: str | Path, spec: ModelSpec, engines: "Engin
     """TensorRT engines for an exported repository, then its Triton configs switched to ``tensorrt_plan``."""
     from dataclasses import replace
 
-    from sdtrt.export.tensorrt import build_engines
+    from sdtrt.export.tensorrt import build_engines, served_spec
 
+    spec = served_spec(spec, engines)  # before building: refuses a static size or batch the export lacks
     manifest = build_engines(repo, spec, engines, report, progress)
+    spec.save(repo)
     write_repository(repo, spec, replace(serving, backend="tensorrt", engines=manifest))
     report(f"Triton model repository: {repo} (networks on TensorRT engines)")
     return spec

@@ -61,6 +61,9 @@ def fuse_loras(ckpt: Checkpoint, loras: list[tuple[Path, float]]) -> Checkpoint:
         try:
             ckpt.pipe.load_lora_weights(str(path), adapter_name=adapter)
             ckpt.pipe.fuse_lora(lora_scale=scale, adapter_names=[adapter])
+            # The fused weights stay in the base layers; the PEFT wrappers must go, or the exported graph (and
+            # its ONNX weight names, which a TensorRT refit matches by name) would differ from the plain one.
+            ckpt.pipe.unload_lora_weights()
         except Exception as exc:
             raise UsageError(f"--lora {path} could not be applied to this checkpoint: {exc}") from exc
         digest = file_sha256(path)

@@ -28,8 +28,11 @@ from sdtrt.spec import BATCH, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, UNET_BATCH, 
 
 MANIFEST = "trt_engines.json"
 TIMING_CACHE = "trt_timing.cache"
-# Exported networks and the batch dims whose size follows the number of images (pinned by static_batch).
-IMAGE_BATCH_DIMS = {BATCH: 1, UNET_BATCH: 2}  # U-Net rows are 2 per image with guidance
+# What --static-batch N fixes, per network: the dims that follow a request's images, as (least, most) rows per
+# image. The VAE decoder takes exactly 1 row per image; the U-Net 2 with guidance (uncond + cond) and 1 without,
+# so its profile keeps that narrow range (tuned for 2N). The VAE encoder keeps the export's range: img2img
+# encodes one init image whatever the batch size, the hires fix every image.
+STATIC_BATCH_ROWS = {"unet": {UNET_BATCH: (1, 2)}, "vae_decoder": {BATCH: (1, 1)}}
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,44 @@ def profile_shapes(spec: ModelSpec, component: ComponentSpec, options: EngineOpt
                 raise UsageError(f"--static-size {width}x{height} is outside the export's sizes ({spec.field('width').allowed()})")
             ranges[name] = (value, value, value)
     if options.static_batch is not None:
-        for name, rows in IMAGE_BATCH_DIMS.items():
-            ranges[name] = (options.static_batch * rows,) * 3
+        n = options.static_batch
+        for name, (least, most) in STATIC_BATCH_ROWS.get(component.name, {}).items():
+            ranges[name] = (n * least, n * most, n * most)
     shapes = {}
     for tensor in component.inputs:
         picks = [[d if isinstance(d, int) else ranges[d][i] for d in tensor.shape] for i in range(3)]
         shapes[tensor.name] = [tuple(p) for p in picks]
     return shapes
+
+
+def served_spec(spec: ModelSpec, options: EngineOptions) -> ModelSpec:
+    """The spec that engines built with ``options`` serve: a static size or batch becomes the only value of the
+    request's width/height (and no hires upscale) or batch_size, so that a request the engines cannot take is
+    refused up front, naming its field, instead of failing inside the loop. The limits are recomputed from the
+    export's dim ranges (never narrowed), so a later build with other options gets its own."""
+    from dataclasses import replace
+
+    from sdtrt.request import request_fields
+
+    image = spec.dims[IMAGE_W]
+    base = request_fields(image.opt, image.min, image.max, spec.vae_scale_factor, spec.dims[BATCH].max,
+                          clip_layers=int(spec.field("clip_skip").maximum))
+    request = {**spec.request, **{name: base[name] for name in ("width", "height", "batch_size", "hr_scale")}}
+
+    def only(name: str, value: float, flag: str) -> None:
+        field = request[name]
+        if not field.minimum <= value <= field.maximum or field.multiple_of and value % field.multiple_of:
+            raise UsageError(f"{flag}: this export's {name} must be {field.allowed()}, got {value:g}")
+        request[name] = replace(field, default=value, minimum=value, maximum=value)
+
+    if options.static_size is not None:
+        width, height = options.static_size
+        only("width", width, f"--static-size {width}x{height}")
+        only("height", height, f"--static-size {width}x{height}")
+        only("hr_scale", 1.0, "--static-size")
+    if options.static_batch is not None:
+        only("batch_size", options.static_batch, f"--static-batch {options.static_batch}")
+    return replace(spec, request=request)
 
 
 def engine_filename(component: str, gpu: str, trt_version: str, shapes: dict, fp16: bool, refittable: bool,

@@ -2,6 +2,13 @@
 
 Each call names the spec's tensors; Triton's dynamic batcher may merge it with calls from other requests.
 A cancelled request stops at its next network call.
+
+Where the data lives: the loop runs on ``device`` (a GPU when its model instance is ``KIND_GPU``, else the
+CPU). Tensors cross into and out of Triton through DLPack, never through NumPy, and every BLS request names
+the memory it wants its outputs in (``preferred_memory``): the loop's device for the U-Net and the VAE
+encoder, so that a TensorRT network's GPU outputs stay on the GPU step after step; the CPU for the decoded
+pictures, which become PNGs. Without that request a ``tensorrt_plan`` model answers in GPU memory, which
+``as_numpy()`` cannot read. CPU and GPU take the same code path; only the memory type differs.
 """
 
 from __future__ import annotations
@@ -18,32 +25,53 @@ class Cancelled(Exception):
     pass
 
 
+def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
+    """Where Triton should put a BLS response's outputs: ``device``'s memory."""
+    if device.type == "cuda":
+        return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device.index or 0)
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+
+def to_triton(name: str, tensor: torch.Tensor) -> "pb_utils.Tensor":
+    """A torch tensor (CPU or GPU) as a Triton tensor, sharing its memory (DLPack needs C order)."""
+    return pb_utils.Tensor.from_dlpack(name, tensor.contiguous())
+
+
+def from_triton(tensor: "pb_utils.Tensor") -> torch.Tensor:
+    """A Triton tensor as a torch tensor on the same device, sharing its memory (DLPack, stream-ordered)."""
+    return torch.from_dlpack(tensor)
+
+
 class BlsNetworks:
-    def __init__(self, spec: ModelSpec, request):
+    def __init__(self, spec: ModelSpec, request, device: torch.device = torch.device("cpu")):
         self.spec = spec
         self.request = request
+        self.device = device
 
-    def _call(self, component: ComponentSpec, *arrays: np.ndarray) -> np.ndarray:
+    def _call(self, component: ComponentSpec, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> torch.Tensor:
         if self.request.is_cancelled():
             raise Cancelled()
-        inputs = []
-        for tensor, array in zip(component.inputs, arrays):
-            if len(tensor.shape) == 1:  # per-row scalars travel as [N, 1] (Triton needs a non-batch dim)
-                array = array.reshape(-1, 1)
-            inputs.append(pb_utils.Tensor(tensor.name, np.ascontiguousarray(array, dtype=tensor.dtype)))
+        tensors = []
+        for spec, value in zip(component.inputs, inputs):
+            value = value.to(device=self.device, dtype=getattr(torch, spec.dtype))
+            if len(spec.shape) == 1:  # per-row scalars travel as [N, 1] (Triton needs a non-batch dim)
+                value = value.reshape(-1, 1)
+            tensors.append(to_triton(spec.name, value))
         output = component.outputs[0].name
         response = pb_utils.InferenceRequest(
-            model_name=component.name, requested_output_names=[output], inputs=inputs
+            model_name=component.name, requested_output_names=[output], inputs=tensors,
+            preferred_memory=preferred_memory(output_device),
         ).exec()
         if response.has_error():
             raise RuntimeError(f"{component.name}: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, output).as_numpy().copy()
+        # A copy on the loop's device: the response's buffer goes back to Triton's pool straight away.
+        return from_triton(pb_utils.get_output_tensor_by_name(response, output)).to(output_device, copy=True)
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._call(self.spec.component("unet"), sample.numpy(), timestep.numpy(), context.numpy()))
+        return self._call(self.spec.component("unet"), (sample, timestep, context), self.device)
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._call(self.spec.component("vae_encoder"), images.numpy()))
+        return self._call(self.spec.component("vae_encoder"), (images,), self.device)
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
-        return to_uint8(self._call(self.spec.component("vae_decoder"), latents.numpy()))
+        return to_uint8(self._call(self.spec.component("vae_decoder"), (latents,), torch.device("cpu")).numpy())

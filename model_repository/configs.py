@@ -58,49 +58,84 @@ def _tensor(message, name: str, dtype: str, dims: list[int]) -> None:
     t.dims.extend(dims)
 
 
-def _dims(tensor: TensorSpec, batched: bool) -> list[int]:
-    shape = tensor.shape[1:] if batched else tensor.shape
-    return [d if isinstance(d, int) else -1 for d in shape]
+def _dims(tensor: TensorSpec, batched: bool, pinned: dict[str, int] | None = None) -> list[int]:
+    """Config dims of a spec tensor: fixed sizes, pinned dynamic dims at their value, the rest -1."""
+    pinned = pinned or {}
+    shape = [d if isinstance(d, int) else pinned.get(d, -1) for d in tensor.shape]
+    return shape[1:] if batched else shape
 
 
-def _static_engine(options: ServingOptions, component: ComponentSpec) -> bool:
-    entry = options.engines.get(component.name) if options.backend == "tensorrt" else None
-    if not entry:
-        return False
-    lo, _, hi = entry["profile"][component.inputs[0].name]
-    return lo[0] == hi[0]
+@dataclass(frozen=True)
+class Batching:
+    """How a network takes batches: Triton's max_batch_size (0: the request's first dim is the engine's own,
+    fixed) and the dynamic dims a built engine fixes (name -> size)."""
+
+    max_batch_size: int
+    pinned: dict[str, int]
+
+
+def engine_batching(spec: ModelSpec, component: ComponentSpec, profile: dict[str, list[list[int]]]) -> Batching:
+    """Read from a TensorRT engine's optimisation profile (``{input: [min, opt, max] shapes}``, as the engine
+    manifest records it): a dim is pinned where min == max. The batch limit is what Triton's TensorRT backend
+    computes from the same profile, the smallest max first dim over the inputs; an engine whose batch dim is
+    pinned takes only that many rows, so Triton must not batch for it (max_batch_size 0, full dims)."""
+    pinned: dict[str, int] = {}
+    for tensor in component.inputs:
+        lo, _, hi = profile[tensor.name]
+        pinned.update({d: lo[i] for i, d in enumerate(tensor.shape) if isinstance(d, str) and lo[i] == hi[i]})
+    batch_dim = component.inputs[0].shape[0]
+    if batch_dim in pinned:
+        return Batching(0, pinned)
+    return Batching(min(profile[t.name][2][0] for t in component.inputs), pinned)
+
+
+def network_batching(spec: ModelSpec, component: ComponentSpec, options: ServingOptions) -> Batching:
+    """onnxruntime takes the spec's whole batch range; a TensorRT engine what its profile was built for."""
+    if options.backend == "tensorrt":
+        if component.name not in options.engines:
+            raise UsageError(f"no TensorRT engine for {component.name}: build them with `sdtrt export ... --format trt`")
+        return engine_batching(spec, component, options.engines[component.name]["profile"])
+    return Batching(spec.dims[component.inputs[0].shape[0]].max, {})
 
 
 def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOptions) -> mc.ModelConfig:
-    """A network with an implicit batch dim (the spec's first dim) and dynamic batching."""
-    batch_dim = component.inputs[0].shape[0]
-    config = mc.ModelConfig(name=component.name, max_batch_size=spec.dims[batch_dim].max)
+    """A network with an implicit batch dim (the spec's first dim) and dynamic batching where requests can
+    share a call; a fixed-batch TensorRT engine gets full shapes and takes requests only as they are."""
+    batching = network_batching(spec, component, options)
+    batched = batching.max_batch_size > 0
+    config = mc.ModelConfig(name=component.name, max_batch_size=batching.max_batch_size)
     if options.backend == "python":
         config.backend = "python"
     elif options.backend == "onnxruntime":
         config.platform = "onnxruntime_onnx"
     elif options.backend == "tensorrt":
         config.platform = "tensorrt_plan"
-        if component.name not in options.engines:
-            raise UsageError(f"no TensorRT engine for {component.name}: build them with `sdtrt export ... --format trt`")
         config.default_model_filename = options.engines[component.name]["file"]  # never a stale model.plan
     else:
         raise ValueError(f"backend must be one of {NETWORK_BACKENDS}, got {options.backend!r}")
     for spec_list, message in ((component.inputs, config.input), (component.outputs, config.output)):
         for tensor in spec_list:
-            dims = _dims(tensor, batched=True)
-            _tensor(message, tensor.name, tensor.dtype, dims or [1])
-            if not dims:  # per-row scalar (the U-Net timestep): Triton needs a dim, the network has none
+            dims = _dims(tensor, batched, batching.pinned)
+            if len(tensor.shape) == 1:
+                # A per-row scalar (the U-Net timestep) travels as [rows, 1]; the network sees [rows].
+                _tensor(message, tensor.name, tensor.dtype, dims + [1])
                 message[-1].reshape.SetInParent()
-    if not _static_engine(options, component):  # a fixed-batch engine takes requests only as they are
+                message[-1].reshape.shape.extend(dims)
+            else:
+                _tensor(message, tensor.name, tensor.dtype, dims)
+    if batching.max_batch_size > 1:  # two requests can share a call
         config.dynamic_batching.max_queue_delay_microseconds = (
             options.unet_queue_delay_us if component.name == "unet" else 0
         )
-    kind = mc.ModelInstanceGroup.KIND_GPU if options.backend == "tensorrt" else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(count=options.network_instances, kind=kind)
+    config.instance_group.add(count=options.network_instances, kind=device_kind(options))
     if options.backend == "python":
         config.parameters["onnx_file"].string_value = "model.onnx"
     return config
+
+
+def device_kind(options: ServingOptions) -> int:
+    """TensorRT engines and the loops that feed them run on the GPU; everything else on the CPU."""
+    return mc.ModelInstanceGroup.KIND_GPU if options.backend == "tensorrt" else mc.ModelInstanceGroup.KIND_CPU
 
 
 # Request fields the tokenizer takes; every other field of a job goes to its scheduler model.
@@ -167,7 +202,8 @@ def scheduler_config(spec: ModelSpec, job: Job, options: ServingOptions) -> mc.M
         config.input[-1].optional = True  # missing fields take the spec's default
     _image_inputs(config, job)
     _outputs(config, spec, job)
-    config.instance_group.add(count=options.scheduler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    # On a GPU the loop's instances are GPU instances: their latents stay on the device between U-Net calls.
+    config.instance_group.add(count=options.scheduler_instances, kind=device_kind(options))
     return config
 
 

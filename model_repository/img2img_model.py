@@ -13,7 +13,6 @@ import triton_python_backend_utils as pb_utils
 
 from sdtrt.img2img import finish_images, prepare_images
 from sdtrt.jobs import img2img_latents
-from sdtrt.model_repository.bls import BlsNetworks
 from sdtrt.model_repository.configs import IMAGES, IMG2IMG, INIT_IMAGE, JOBS, MASK, SEEDS
 from sdtrt.model_repository.triton_io import JobModel, optional_input
 
@@ -30,7 +29,7 @@ class TritonPythonModel(JobModel):
                                 inpaint_full_res=settings.inpaint_full_res,
                                 padding=settings.inpaint_full_res_padding, vae_scale_factor=self.spec.vae_scale_factor)
         uncond, cond = self.conditioning(request)
-        nets = BlsNetworks(self.spec, request)
+        nets = self.networks(request)
         latents, seeds = img2img_latents(self.spec, settings, inputs, uncond, cond, nets)
         images = finish_images(nets.vae_decode(latents), inputs, self.spec.vae_scale_factor)
         self.done(request, settings, start, inpaint=mask is not None)

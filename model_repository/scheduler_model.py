@@ -13,7 +13,6 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from sdtrt.jobs import txt2img_latents
-from sdtrt.model_repository.bls import BlsNetworks
 from sdtrt.model_repository.configs import DECODER_LATENTS, JOBS, PIPELINE, SEEDS
 from sdtrt.model_repository.triton_io import JobModel
 
@@ -25,9 +24,9 @@ class TritonPythonModel(JobModel):
         start = time.perf_counter()
         settings = self.settings(request)
         uncond, cond = self.conditioning(request)
-        latents, seeds = txt2img_latents(self.spec, settings, uncond, cond, BlsNetworks(self.spec, request))
+        latents, seeds = txt2img_latents(self.spec, settings, uncond, cond, self.networks(request))
         self.done(request, settings, start)
         return pb_utils.InferenceResponse([
-            pb_utils.Tensor(DECODER_LATENTS, latents.numpy()),
+            pb_utils.Tensor(DECODER_LATENTS, latents.cpu().numpy()),
             pb_utils.Tensor(SEEDS, torch.tensor(seeds, dtype=torch.int64).numpy()),
         ])

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sdtrt.spec import ModelSpec, load_spec
+
+if TYPE_CHECKING:
+    import torch
 
 
 def repo_root(args: dict[str, str]) -> Path:
@@ -20,6 +23,16 @@ def repo_root(args: dict[str, str]) -> Path:
 
 def model_spec(args: dict[str, str]) -> ModelSpec:
     return load_spec(repo_root(args))
+
+
+def instance_device(args: dict[str, str]) -> "torch.device":
+    """The device a Python model instance works on: its GPU for ``KIND_GPU`` instances (when this torch has
+    CUDA), else the CPU."""
+    import torch
+
+    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+        return torch.device("cuda", int(args.get("model_instance_device_id") or 0))
+    return torch.device("cpu")
 
 
 def optional_input(request, name: str) -> np.ndarray | None:
@@ -110,21 +123,31 @@ class JobModel(PerRequestModel):
         self.spec = model_spec(args)
         self.log = JsonLog(args["model_name"])
         self.fields = scheduler_fields(self.job)
+        self.device = instance_device(args)
+        if args.get("model_instance_kind") == "GPU" and self.device.type == "cpu":
+            self.log.warn("no_cuda", reason="a GPU instance, but this torch has no CUDA: the loop runs on the CPU")
         torch.set_num_threads(1)  # the loop's own math is small; leave the cores to the networks
         self.warm_up()
-        self.log.info("ready", instance=args.get("model_instance_name"))
+        self.log.info("ready", instance=args.get("model_instance_name"), device=str(self.device))
+
+    def networks(self, request):
+        """The networks for one request, called through BLS from this instance's device."""
+        from sdtrt.model_repository.bls import BlsNetworks
+
+        return BlsNetworks(self.spec, request, self.device)
 
     def warm_up(self) -> None:
-        """Import every sampler's scheduler and run one step, so that no request pays for first use (each
-        instance would otherwise make its first request ~2x slower)."""
+        """Import every sampler's scheduler and run one step on this instance's device, so that no request pays
+        for first use (each instance would otherwise make its first request ~2x slower; on a GPU this also
+        creates the CUDA context)."""
         import torch
 
         from sdtrt.samplers import SAMPLERS, make_scheduler, step_kwargs
 
         for name in SAMPLERS:
             scheduler = make_scheduler(name, self.spec.scheduler_config, seeds=[0])
-            scheduler.set_timesteps(2)
-        latents = torch.zeros(1, self.spec.latent_channels, 8, 8)
+            scheduler.set_timesteps(2, device=self.device)
+        latents = torch.zeros(1, self.spec.latent_channels, 8, 8, device=self.device)
         t = scheduler.timesteps[0]
         scheduler.step(scheduler.scale_model_input(latents, t), t, latents,
                        **step_kwargs(scheduler, [torch.Generator().manual_seed(0)]))

@@ -19,14 +19,15 @@ class UNet(Protocol):
 
 
 def prepare_latents(scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """Set the schedule and scale the initial noise. init_noise_sigma is only right after set_timesteps."""
-    scheduler.set_timesteps(steps)
+    """Set the schedule (on the noise's device, as diffusers' pipelines do) and scale the initial noise.
+    init_noise_sigma is only right after set_timesteps."""
+    scheduler.set_timesteps(steps, device=noise.device)
     return noise * scheduler.init_noise_sigma
 
 
-def strength_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
+def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torch.device | None = None) -> torch.Tensor:
     """img2img's schedule (diffusers' get_timesteps): only the last int(steps * strength) steps are run."""
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, device=device)
     start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
@@ -68,7 +69,7 @@ def denoise(
         model_input = scheduler.scale_model_input(model_input, t)
         if unet_extra is not None:
             model_input = torch.cat([model_input, unet_extra], dim=1)
-        timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32)
+        timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32, device=latents.device)
         noise_pred = unet(model_input, timestep, context)
         if guided:
             uncond, cond = noise_pred.chunk(2)

@@ -7,7 +7,7 @@ the tensors are exactly what diffusers' img2img/inpaint pipelines would build fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +30,11 @@ class ImageInputs:
     masked: torch.Tensor | None = None  # init with the repainted area zeroed (the inpainting U-Net's hint)
     overlay_mask: Image.Image | None = None  # the blurred mask at the target size
     crop: tuple[int, int, int, int] | None = None  # "Only masked": the region that was inpainted
+
+    def to(self, device: "torch.device") -> "ImageInputs":
+        """The same inputs with the tensors on ``device`` (the pictures stay PIL images)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, init=move(self.init), mask=move(self.mask), masked=move(self.masked))
 
 
 def _processors(vae_scale_factor: int):

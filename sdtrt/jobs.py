@@ -31,6 +31,7 @@ OnStep = Callable[[int, int], None]
 
 class Networks(Protocol):
     unet: UNet
+    device: torch.device  # where the loop keeps its tensors: the U-Net's inputs and outputs live there
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [-1, 1] -> latent distribution parameters [N, 2C, H/8, W/8]."""
@@ -43,10 +44,13 @@ def unet_channels(spec: ModelSpec) -> int:
     return int(spec.component("unet").input("sample").shape[1])
 
 
-def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, height: int) -> torch.Tensor:
+def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, height: int,
+           device: torch.device) -> torch.Tensor:
+    """Drawn on the CPU from each image's generator (the seed contract), then moved to the loop's device."""
     f = spec.vae_scale_factor
     subseeds = image_seeds(request.subseed, request.batch_size) if request.subseed_strength > 0 else None
-    return initial_noise(generators, spec.latent_channels, height // f, width // f, subseeds, request.subseed_strength)
+    noise = initial_noise(generators, spec.latent_channels, height // f, width // f, subseeds, request.subseed_strength)
+    return noise.to(device)
 
 
 def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]):
@@ -69,8 +73,9 @@ def txt2img_latents(
                              f"({unet_channels(spec)}-channel U-Net); use img2img")
     seeds = image_seeds(request.seed, request.batch_size)
     generators, scheduler = _pass(spec, request, seeds)
-    latents = prepare_latents(scheduler, _noise(spec, request, generators, request.width, request.height), request.steps)
-    context = guidance_context(uncond, cond, request.batch_size, request.guidance_scale)
+    noise = _noise(spec, request, generators, request.width, request.height, nets.device)
+    latents = prepare_latents(scheduler, noise, request.steps)
+    context = guidance_context(uncond, cond, request.batch_size, request.guidance_scale).to(nets.device)
     latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step)
     if request.enable_hr:
         latents = hires_pass(spec, request, latents, context, nets, seeds, on_step)
@@ -103,10 +108,10 @@ def hires_pass(
         resized = [upscale_image(Image.fromarray(p), upscaler, width, height) for p in pictures]
         init = sample_latents(nets.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
     steps = request.hr_second_pass_steps or request.steps
-    timesteps = strength_timesteps(scheduler, steps, request.denoising_strength)
+    timesteps = strength_timesteps(scheduler, steps, request.denoising_strength, init.device)
     if len(timesteps) == 0:
         return init
-    noise = _noise(spec, request, generators, width, height)
+    noise = _noise(spec, request, generators, width, height, init.device)
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
     return denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps)
 
@@ -124,7 +129,8 @@ def img2img_latents(
     n = request.batch_size
     seeds = image_seeds(request.seed, n)
     generators, scheduler = _pass(spec, request, seeds)
-    timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength)
+    timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength, nets.device)
+    inputs = inputs.to(nets.device)
     inpaint = inputs.mask is not None
     nine = unet_channels(spec) == spec.latent_channels * 2 + 1
     if nine and not inpaint:
@@ -134,7 +140,7 @@ def img2img_latents(
     image_latents = None  # diffusers skips this VAE sample only for 9-channel inpainting at full strength
     if not (inpaint and nine and full_strength):
         image_latents = sample_latents(nets.vae_encode(inputs.init), generators, spec.vae_scaling_factor)
-    noise = _noise(spec, request, generators, request.width, request.height)
+    noise = _noise(spec, request, generators, request.width, request.height, nets.device)
     if len(timesteps) == 0:  # strength 0: the init image's VAE round trip
         latents = image_latents
     elif inpaint and full_strength:
@@ -156,7 +162,7 @@ def img2img_latents(
                     proper = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
                 return (1 - mask) * proper + mask * current
 
-    context = guidance_context(uncond, cond, n, request.guidance_scale)
+    context = guidance_context(uncond, cond, n, request.guidance_scale).to(nets.device)
     latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
                       unet_extra, after_step)
     return latents / spec.vae_scaling_factor, seeds

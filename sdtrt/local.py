@@ -59,6 +59,8 @@ BACKENDS = ("onnxruntime", "tensorrt")
 
 
 class LocalPipeline:
+    device = torch.device("cpu")  # the loop's tensors; the networks take and give NumPy arrays
+
     def __init__(self, repo_dir: str | Path, threads: int = 0, backend: str = "onnxruntime"):
         self.repo = Path(repo_dir)
         self.spec: ModelSpec = load_spec(self.repo)

@@ -12,6 +12,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from loras import make_lora
 from sdtrt.errors import UsageError
 from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
 from sdtrt.export.tensorrt import EngineOptions, engine_filename, profile_shapes
@@ -29,7 +30,12 @@ def has_gpu() -> bool:
 
 GPU_REASON = "needs an NVIDIA GPU and TensorRT (pip install 'sdtrt[gpu]'); this machine has " + (
     "no NVIDIA GPU" if not has_gpu() else "no tensorrt package")
-gpu = pytest.mark.skipif(not (has_gpu() and importlib.util.find_spec("tensorrt")), reason=GPU_REASON)
+needs_trt = pytest.mark.skipif(not (has_gpu() and importlib.util.find_spec("tensorrt")), reason=GPU_REASON)
+
+
+def gpu(test):
+    """A GPU test: selected by `pytest -m gpu`, skipped (saying why) where there is no GPU with TensorRT."""
+    return pytest.mark.gpu(needs_trt(test))
 
 
 def test_profiles_come_from_the_spec(exported_repo):
@@ -44,7 +50,9 @@ def test_profiles_come_from_the_spec(exported_repo):
     text = profile_shapes(spec, spec.component("text_encoder"), EngineOptions())
     assert text["input_ids"] == [(1, 77), (2, 77), (d[TEXT_BATCH].max, 77)]
     static = profile_shapes(spec, spec.component("unet"), EngineOptions(static_size=(512, 384), static_batch=2))
-    assert static["sample"] == [(4, 4, 48, 64)] * 3
+    assert static["sample"] == [(2, 4, 48, 64), (4, 4, 48, 64), (4, 4, 48, 64)]  # 2 images: 2 rows, 4 with guidance
+    decoder = profile_shapes(spec, spec.component("vae_decoder"), EngineOptions(static_batch=2))
+    assert decoder["latent"][0][0] == decoder["latent"][2][0] == 2
     vae = profile_shapes(spec, spec.component("vae_encoder"), EngineOptions(static_size=(512, 384)))
     assert vae["image"][0] == (d[BATCH].min, 3, 384, 512) and vae["image"][2] == (d[BATCH].max, 3, 384, 512)
     with pytest.raises(UsageError, match="static-size 2048x512"):
@@ -78,10 +86,7 @@ def test_tensorrt_configs_from_the_same_generator(exported_repo, tmp_path):
     assert unet.default_model_filename == "unet.GPU.trt10.7.0.0000.plan"
     assert unet.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert [list(i.dims) for i in unet.input] == [list(i.dims) for i in onnx.input] == [[4, -1, -1], [1], [-1, 32]]
-    assert unet.input[1].HasField("reshape") and unet.max_batch_size == spec.dims[UNET_BATCH].max
-    assert unet.dynamic_batching.max_queue_delay_microseconds > 0
-    static = ServingOptions(backend="tensorrt", engines=fake_manifest(spec, EngineOptions(static_batch=1)))
-    assert not network_config(spec, spec.component("unet"), static).HasField("dynamic_batching")
+    assert unet.input[1].HasField("reshape") and list(unet.input[1].reshape.shape) == []
     with pytest.raises(UsageError, match="no TensorRT engine for unet"):
         network_config(spec, spec.component("unet"), ServingOptions(backend="tensorrt"))
     repo = tmp_path / "repo"
@@ -89,7 +94,78 @@ def test_tensorrt_configs_from_the_same_generator(exported_repo, tmp_path):
     write_repository(repo, spec, options)
     config = text_format.Parse((repo / "unet" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert config.platform == "tensorrt_plan" and not (repo / "unet" / "1" / "model.py").exists()
-    assert (repo / "scheduler" / "1" / "model.py").exists()  # the loop stays a Python model
+    assert (repo / "scheduler" / "1" / "model.py").exists()  # the loop stays a Python model...
+    scheduler = text_format.Parse((repo / "scheduler" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert scheduler.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU  # ...on the GPU, beside the engines
+    cpu = ServingOptions(backend="python")
+    assert network_config(spec, spec.component("unet"), cpu).instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def triton_would_load(config: mc.ModelConfig, profile: dict) -> bool:
+    """Triton's TensorRT backend's load-time rule (src/model_state.cc, AutoCompleteConfig): max_batch_size may not
+    exceed the smallest max first dim of the engine profile's inputs; with max_batch_size 0 the config gives the
+    engine's full shapes, which must fit every profile's range."""
+    if config.max_batch_size > 0:
+        return config.max_batch_size <= min(hi[0] for _, _, hi in profile.values())
+    for tensor in config.input:
+        lo, _, hi = profile[tensor.name]
+        dims = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+        if len(dims) != len(lo) or any(d != -1 and not a <= d <= b for d, a, b in zip(dims, lo, hi)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("options", [EngineOptions(), EngineOptions(static_batch=2), EngineOptions(static_batch=1),
+                                     EngineOptions(static_size=(128, 96), static_batch=2)],
+                         ids=["dynamic", "static-batch-2", "static-batch-1", "static-size-and-batch"])
+def test_tensorrt_batch_limits_come_from_the_engine_profiles(exported_repo, options):
+    """Each build's configs load under Triton's rule, batch where two requests can share a call, and a fixed-batch
+    engine takes whole requests only (max_batch_size 0, its exact shapes, no dynamic batching)."""
+    spec = load_spec(exported_repo)
+    manifest = fake_manifest(spec, options)
+    serving = ServingOptions(backend="tensorrt", engines=manifest)
+    configs = {name: network_config(spec, spec.component(name), serving) for name in spec.components}
+    for name, config in configs.items():
+        assert triton_would_load(config, manifest[name]["profile"]), name
+        assert config.HasField("dynamic_batching") == (config.max_batch_size > 1), name
+    d = spec.dims
+    assert configs["text_encoder"].max_batch_size == d[TEXT_BATCH].max  # --static-batch leaves the prompt rows
+    assert configs["vae_encoder"].max_batch_size == d[BATCH].max  # img2img encodes 1 image, hires all of them
+    n = options.static_batch
+    if n is None:
+        assert configs["unet"].max_batch_size == d[UNET_BATCH].max and configs["vae_decoder"].max_batch_size == d[BATCH].max
+        return
+    assert configs["unet"].max_batch_size == 2 * n  # n rows without guidance, 2n with
+    decoder = configs["vae_decoder"]
+    w, h = options.static_size or (-1, -1)
+    f = spec.vae_scale_factor
+    assert decoder.max_batch_size == 0 and not decoder.HasField("dynamic_batching")
+    assert list(decoder.input[0].dims) == [n, 4, h // f if h > 0 else -1, w // f if w > 0 else -1]
+    assert list(decoder.output[0].dims)[:2] == [n, 3]
+    if options.static_size:
+        assert list(configs["unet"].input[0].dims) == [4, h // f, w // f]
+
+
+def test_static_engines_narrow_the_requests_they_serve(exported_repo):
+    from sdtrt.errors import InvalidRequest
+    from sdtrt.export.tensorrt import served_spec
+    from sdtrt.request import validate
+
+    spec = load_spec(exported_repo)
+    static = served_spec(spec, EngineOptions(static_size=(128, 96), static_batch=2))
+    assert (static.field("width").default, static.field("height").default, static.field("batch_size").default) == (128, 96, 2)
+    served = validate(Txt2ImgRequest(prompt="a fox", batch_size=None, hr_scale=None), static)  # absent: the spec's default
+    assert (served.width, served.height, served.batch_size) == (128, 96, 2)
+    with pytest.raises(InvalidRequest, match="invalid batch_size=1: batch_size must be an integer, from 2 to 2"):
+        validate(Txt2ImgRequest(prompt="a fox", batch_size=1), static)
+    with pytest.raises(InvalidRequest, match="invalid width=256"):
+        validate(Txt2ImgRequest(prompt="a fox", width=256), static)
+    again = served_spec(static, EngineOptions())  # a later dynamic build serves the export's whole range again
+    assert again.request == spec.request
+    with pytest.raises(UsageError, match="--static-batch 9: this export's batch_size must be an integer, from 1 to 4"):
+        served_spec(spec, EngineOptions(static_batch=9))
+    with pytest.raises(UsageError, match="--static-size 100x96"):
+        served_spec(spec, EngineOptions(static_size=(100, 96)))
 
 
 def test_configs_command_switches_to_tritons_onnxruntime_backend(exported_repo, tmp_path, capsys):
@@ -185,21 +261,40 @@ def test_refit_swaps_in_lora_weights(default_model, tmp_path):
     from sdtrt.export import export_model, refit_repository
     from sdtrt.export.tensorrt import EngineOptions as Options
     from sdtrt.local import LocalPipeline
-
-    lora_dir = tmp_path / "lora"
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True)
-    torch.manual_seed(7)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
-    StableDiffusionPipeline.save_lora_weights(str(lora_dir), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                              weight_name="style.safetensors")
+    lora = make_lora(default_model, tmp_path)
     repo = tmp_path / "repo"
     export_model(default_model, repo, max_size=256, progress=False, report=lambda *_: None,
                  engines=Options(refittable=True))
-    refit_repository(repo, default_model, loras=(str(lora_dir / "style.safetensors"),), report=lambda *_: None)
+    refit_repository(repo, default_model, loras=(str(lora),), report=lambda *_: None)
     request = Txt2ImgRequest(prompt="a castle", steps=8, seed=1, width=128, height=128)
     refitted = LocalPipeline(repo, backend="tensorrt").txt2img(request).images.astype(np.float64)
     reference = LocalPipeline(repo).txt2img(request).images.astype(np.float64)  # the ONNX now carries the LoRA too
     assert np.abs(refitted - reference).mean() <= IMAGE_MEAN_TOLERANCE
+
+
+@gpu
+def test_refit_a_b_a_changes_the_output_and_restores_it_bit_exactly(default_model, diffusers_pipe, tmp_path):
+    """A -> B -> A: refitting a LoRA changes the U-Net engine's output, refitting the plain weights back gives
+    the very bytes the engine gave before (refit replaces weights; nothing else about the engine changes)."""
+    from sdtrt.export import export_model, refit_repository
+    from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
+    from sdtrt.export.tensorrt import EngineOptions
+    from sdtrt.local import LocalPipeline
+    lora = make_lora(default_model, tmp_path)
+    repo = tmp_path / "repo"
+    export_model(default_model, repo, max_size=256, progress=False, report=lambda *_: None,
+                 engines=EngineOptions(refittable=True))
+    desc = next(d for d in descriptors(diffusers_pipe, 77) if d.name == "unet")
+    torch.manual_seed(0)
+    arrays = [x.numpy() for x in desc.make_inputs(
+        {BATCH: 1, TEXT_BATCH: 2, UNET_BATCH: 2, LATENT_H: 16, LATENT_W: 16, CONTEXT: 77})]
+
+    def unet_output() -> np.ndarray:
+        return LocalPipeline(repo, backend="tensorrt").nets["unet"](*arrays)
+
+    a = unet_output()
+    refit_repository(repo, default_model, loras=(f"{lora}:1.0",), report=lambda *_: None)
+    b = unet_output()
+    assert np.abs(b - a).max() > 1e-3  # the LoRA's weights are in the engine
+    refit_repository(repo, default_model, report=lambda *_: None)
+    assert np.array_equal(unet_output(), a)  # and the plain ones are back, bit for bit

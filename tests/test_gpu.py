@@ -1,0 +1,161 @@
+"""GPU checks, all behind the ``gpu`` marker (``pytest -m gpu`` on a GPU host runs every one of them).
+
+* The denoising loop on the GPU (needs only PyTorch with CUDA and diffusers): the served scheduler model runs
+  ``sdtrt.jobs`` with its latents on the GPU between network calls; here the same jobs drive diffusers' own
+  networks on the GPU and must give diffusers' pipeline's picture.
+* The served TensorRT path (needs NVIDIA's tritonserver and TensorRT, e.g. the docker/ image): ``sdtrt export
+  --format trt`` served by tritonserver against diffusers FP16 on the same weights.
+(TensorRT engines against onnxruntime, and refit, are in test_tensorrt.py.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
+from sdtrt.request import Txt2ImgRequest
+
+HAS_CUDA = torch.cuda.is_available()
+TRITONSERVER = os.environ.get("SDTRT_TRITONSERVER", "/opt/tritonserver/bin/tritonserver")
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+pytestmark = pytest.mark.gpu  # every test here; `pytest -m gpu` selects them (and test_tensorrt.py's)
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+needs_trt = pytest.mark.skipif(not (HAS_CUDA and HAS_TENSORRT), reason=(
+    "needs an NVIDIA GPU and TensorRT (pip install 'sdtrt[gpu]', or the docker/ image)"))
+needs_triton = pytest.mark.skipif(not Path(TRITONSERVER).is_file(), reason=(
+    f"needs NVIDIA's tritonserver with the TensorRT backend ({TRITONSERVER}; set SDTRT_TRITONSERVER)"))
+
+# FP16 vs FP16. Both sides run the U-Net in FP16 on the same weights, but not the same kernels (TensorRT fuses and
+# picks its own; diffusers runs PyTorch's SDPA) and sdtrt keeps the latents in FP32 between steps where diffusers
+# keeps FP16. FP16 carries ~3 decimal digits, each step's noise prediction differs by a few 1e-3 of its scale,
+# and 20 steps feed that back through the sampler, so single pixels can move by several levels while the
+# picture stays the same: held to a mean absolute difference of 2/255 and a PSNR of 35 dB (FP16 SD pipelines
+# against each other typically land at 40+ dB; a wrong conditioning, schedule or seed gives under 20 dB).
+FP16_MEAN_TOLERANCE = 2.0
+FP16_PSNR_DB = 35.0
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
+
+
+def assert_fp16_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    mean = np.abs(actual.astype(np.float64) - expected.astype(np.float64)).mean()
+    assert mean <= FP16_MEAN_TOLERANCE and psnr(actual, expected) >= FP16_PSNR_DB, (mean, psnr(actual, expected))
+
+
+@pytest.fixture(scope="module")
+def cuda_pipe(default_model):
+    from diffusers import StableDiffusionPipeline
+
+    def load(dtype):
+        pipe = StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True, dtype=dtype,
+                                                       safety_checker=None).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return load
+
+
+class TorchNetworks:
+    """diffusers' networks on the GPU, behind the interface the jobs call (``sdtrt.jobs.Networks``), as the served
+    loop calls the TensorRT engines: FP32 tensors in and out on the loop's device. Records where inputs were."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.device = pipe.device
+        self.dtype = pipe.unet.dtype
+        self.input_devices: set[str] = set()
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self.input_devices |= {t.device.type for t in (sample, timestep, context)}
+        with torch.no_grad():
+            return self.pipe.unet(sample.to(self.dtype), timestep, encoder_hidden_states=context.to(self.dtype)).sample.float()
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("txt2img without hires fix never encodes")
+
+    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
+        from sdtrt.images import to_uint8
+
+        with torch.no_grad():
+            decoded = self.pipe.vae.decode(latents.to(self.dtype)).sample.float()
+        return to_uint8(decoded.cpu().numpy())
+
+
+def sdtrt_loop_on_gpu(spec, pipe, request: Txt2ImgRequest) -> tuple[np.ndarray, TorchNetworks]:
+    from sdtrt.jobs import txt2img_latents
+    from sdtrt.request import resolve_seeds, validate
+
+    request = resolve_seeds(validate(request, spec))
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(request.prompt, pipe.device, 1, True, negative_prompt=request.negative_prompt)
+    nets = TorchNetworks(pipe)
+    latents, _ = txt2img_latents(spec, request, uncond.float(), cond.float(), nets)
+    assert latents.device.type == "cuda"  # the loop's latents never left the GPU
+    return nets.vae_decode(latents), nets
+
+
+@needs_cuda
+@pytest.mark.parametrize("sampler", ["Euler a", "Euler", "DPM++ 2M Karras"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_denoising_loop_on_the_gpu_gives_diffusers_picture(exported_repo, cuda_pipe, sampler, precision):
+    """sdtrt's loop with the latents on the GPU (as the GPU scheduler instances run it) against diffusers'
+    pipeline on the same GPU, weights, seed and sampler: FP32 exactly as on the CPU, FP16 within FP16's reach."""
+    from sdtrt.spec import load_spec
+
+    pipe = cuda_pipe(torch.float32 if precision == "fp32" else torch.float16)
+    spec = load_spec(exported_repo)
+    request = Txt2ImgRequest(prompt="a lighthouse at dawn", negative_prompt="blurry", sampler=sampler, steps=12,
+                             seed=42, width=128, height=96)
+    ours, nets = sdtrt_loop_on_gpu(spec, pipe, request)
+    assert nets.input_devices == {"cuda"}  # every U-Net call was fed from GPU memory
+    expected = diffusers_images(pipe, prompt=request.prompt, negative_prompt=request.negative_prompt, sampler=sampler,
+                                steps=12, cfg=7.0, seed=42, width=128, height=96)
+    if precision == "fp32":
+        assert max_diff(ours, expected) <= MAX_PIXEL_DIFF
+    else:
+        assert_fp16_close(ours, expected)
+
+
+# --- the served TensorRT path ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trt_server(default_model, tmp_path_factory):
+    from servers import free_ports
+
+    from sdtrt.export import export_model
+    from sdtrt.export.tensorrt import EngineOptions
+    from sdtrt.model_repository.server import TritonServer
+
+    repo = tmp_path_factory.mktemp("trt") / "default"
+    export_model(default_model, repo, max_size=256, progress=False, report=lambda *_: None, engines=EngineOptions())
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, binary=Path(TRITONSERVER),
+                          log_file=repo.parent / "tritonserver.log")
+    with server:
+        yield server
+
+
+@needs_trt
+@needs_triton
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras"])
+def test_served_tensorrt_matches_diffusers_fp16(trt_server, cuda_pipe, sampler):
+    """The whole served path (ensemble, GPU scheduler instances, BLS to tensorrt_plan engines with their outputs
+    kept on the GPU, FP16 engines) against diffusers FP16 on the same weights and seed."""
+    from sdtrt.client import Client
+
+    result = Client(trt_server.url).txt2img("a lighthouse at dawn", negative_prompt="blurry", sampler=sampler,
+                                            steps=20, guidance_scale=7.0, seed=42, width=128, height=128,
+                                            batch_size=2)
+    expected = diffusers_images(cuda_pipe(torch.float16), prompt="a lighthouse at dawn", negative_prompt="blurry",
+                                sampler=sampler, steps=20, cfg=7.0, seed=42, width=128, height=128, batch_size=2)
+    assert result.seeds == [42, 43]
+    assert_fp16_close(result.images, expected)
