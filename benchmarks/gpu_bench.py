@@ -1,24 +1,31 @@
 """sdtrt (TensorRT FP16 behind Triton) vs diffusers PyTorch FP16 on the same GPU, side by side in one run.
 
-    python benchmarks/gpu_bench.py --model MODEL_DIR --repo REPO_DIR      # both (needs tritonserver + TensorRT)
-    python benchmarks/gpu_bench.py --model MODEL_DIR --baseline-only      # diffusers alone (PyTorch, no TensorRT)
+    python3 benchmarks/gpu_bench.py --model MODEL_DIR --repo REPO_DIR      # all (needs tritonserver + TensorRT)
+    python3 benchmarks/gpu_bench.py --model MODEL_DIR --baseline-only      # diffusers alone (PyTorch, no TensorRT)
 
-Measures at 512x512, batch 1 (the published anchors' setting), 20 and 50 steps:
-  * diffusers StableDiffusionPipeline FP16 with SDPA attention, and with torch.compile'd U-Net
-  * sdtrt served: end-to-end latency through the txt2img ensemble, U-Net iterations/s (Triton's own compute
-    statistics for the unet model), images/s with 1, 4 and 16 concurrent clients, GPU memory in use
-and writes the "gpu" section of benchmarks/RESULTS.md, naming the GPU. Published anchors (SD 1.5, 512x512,
-FP16, batch 1): TensorRT 0.75 s for 50 steps on an H100 PCIe; stable-fast 104.6 U-Net it/s on an H100;
-TensorRT 9 with CUDA graphs 0.819 s / 61 it/s on an A100 80G.
+``benchmarks/gpu.sh`` is the one command that prepares the model and engines and runs this. At 512x512, batch 1,
+Euler a, CFG 7 (the published anchors' setting) it measures, for each pipeline:
+  * end-to-end seconds per image at 20 and 50 steps (median of --repeats, after a warm-up);
+  * denoising it/s, the same way for every pipeline: 30 / (seconds at 50 steps - seconds at 20 steps), i.e.
+    the cost of one more step (U-Net on 2 rows + scheduler step + for sdtrt the BLS round trip), with the
+    text encoder, VAE and transfers cancelled out;
+  * GPU memory: diffusers' peak allocation; for sdtrt the server's growth in nvidia-smi's used memory;
+and for the served ensemble, perf_analyzer at concurrency 1/2/4/8/16 (images/s, p50/p99 latency), with failures
+from Triton's own statistics (perf_analyzer stops at a failed request; none ever counts as an image).
+It writes the "gpu" section of benchmarks/RESULTS.md, naming the GPU, its driver and the software versions.
+Published anchors (SD 1.5, 512x512, FP16, batch 1): TensorRT 0.75 s for 50 steps on an H100 PCIe; stable-fast
+104.6 U-Net it/s on an H100; TensorRT 9 with CUDA graphs 0.819 s / 61 it/s on an A100 80G.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
+import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,22 +37,33 @@ from common import median, table, timed, write_section  # noqa: E402
 PROMPT = "a lighthouse on a cliff at dawn, oil painting, highly detailed"
 SIZE = 512
 STEPS = (20, 50)
-CONCURRENCY = (1, 4, 16)
+CONCURRENCY = (1, 2, 4, 8, 16)
+SAMPLER = "Euler a"
+GUIDANCE = 7.0
+SEED = 42
 
 
-def gpu_name() -> str:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
-                         capture_output=True, text=True)
-    return out.stdout.strip() or "unknown GPU"
+def nvidia_smi(query: str) -> list[str]:
+    out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, check=True)
+    return [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
+
+
+def gpu_info() -> dict[str, str]:
+    name, driver, memory = nvidia_smi("name,driver_version,memory.total")
+    return {"gpu": name, "driver": driver, "memory_mib": memory}
 
 
 def gpu_memory_used_mib() -> int:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                         capture_output=True, text=True)
-    return int(out.stdout.strip().splitlines()[0])
+    return int(nvidia_smi("memory.used")[0])
 
 
-def bench_diffusers(model: str, repeats: int, compile_unet: bool) -> dict:
+def denoising_its(result: dict) -> float:
+    """Steps per second of the denoising loop alone: the extra steps over the extra seconds."""
+    return (STEPS[1] - STEPS[0]) / max(result[STEPS[1]] - result[STEPS[0]], 1e-9)
+
+
+def bench_diffusers(model: str, repeats: int, compile_mode: str | None) -> dict:
     import torch
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
@@ -53,102 +71,166 @@ def bench_diffusers(model: str, repeats: int, compile_unet: bool) -> dict:
                                                    safety_checker=None).to("cuda")
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    if compile_unet:
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
+    compile_seconds = 0.0
+    if compile_mode:
+        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True)
     torch.cuda.reset_peak_memory_stats()
-    result = {}
+    result: dict = {}
     for steps in STEPS:
         def run():
-            pipe(PROMPT, num_inference_steps=steps, width=SIZE, height=SIZE, guidance_scale=7.0,
-                 generator=torch.Generator("cuda").manual_seed(42))
+            pipe(PROMPT, num_inference_steps=steps, width=SIZE, height=SIZE, guidance_scale=GUIDANCE,
+                 generator=torch.Generator("cpu").manual_seed(SEED))
             torch.cuda.synchronize()
 
-        result[steps] = median(timed(run, repeats, warmup=2 if compile_unet else 1))
-    # U-Net it/s: the loop's share of a run, from the difference between the two step counts.
-    result["unet_its"] = (STEPS[1] - STEPS[0]) / max(result[STEPS[1]] - result[STEPS[0]], 1e-9)
+        if compile_mode and not compile_seconds:  # the first call compiles; report it, never time it
+            start = time.perf_counter()
+            run()
+            compile_seconds = time.perf_counter() - start
+        result[steps] = median(timed(run, repeats, warmup=2 if compile_mode else 1))
+    result["its"] = denoising_its(result)
     result["memory_mib"] = torch.cuda.max_memory_allocated() // 2**20
-    del pipe
+    if compile_mode:
+        result["compile_s"] = compile_seconds
+    pipe = None  # free its GPU memory before the next pipeline loads
     torch.cuda.empty_cache()
     return result
 
 
-def bench_sdtrt(repo: Path, repeats: int) -> dict:
+def failed_requests(client, model: str) -> int:
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
+    return sum(int(s.get("inference_stats", {}).get("fail", {}).get("count", 0)) for s in stats)  # JSON omits zeros
+
+
+def perf_analyzer(repo: Path, url: str, concurrency: int, out: Path) -> dict:
+    """perf_analyzer on the txt2img ensemble at one concurrency: images/s and latency percentiles (ms)."""
+    from sdtrt.model_repository.configs import PIPELINE
+    from sdtrt.model_repository.perf import PERF_INPUT, perf_analyzer_command
+
+    report = out / f"perf_c{concurrency}.csv"
+    args = ["-m", PIPELINE, "-u", url, "-i", "grpc", "--input-data", str(repo / PIPELINE / PERF_INPUT),
+            "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
+            "--measurement-request-count", str(max(8, 2 * concurrency)), "--stability-percentage", "50",
+            "--percentile", "99", "-f", str(report)]
+    command, env = perf_analyzer_command(args)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not report.is_file():
+        return {"error": (done.stdout + done.stderr).strip().splitlines()[-1:] or ["perf_analyzer failed"]}
+    row = next(csv.DictReader(report.open()))
+    return {"images_s": float(row["Inferences/Second"]), "p50_ms": int(row["p50 latency"]) / 1000,
+            "p99_ms": int(row["p99 latency"]) / 1000}
+
+
+def bench_sdtrt(repo: Path, repeats: int, work: Path) -> tuple[dict, list[list[str]]]:
     import tritonclient.grpc as grpcclient
 
     from sdtrt.client import Client
+    from sdtrt.model_repository.configs import PIPELINE
     from sdtrt.model_repository.server import TritonServer
 
-    if not os.environ.get("SDTRT_TRITONSERVER") and not Path("/opt/tritonserver/bin/tritonserver").exists():
-        raise SystemExit("serving TensorRT engines needs NVIDIA's tritonserver: run inside the docker/ image or set "
-                         "SDTRT_TRITONSERVER")
     binary = Path(os.environ.get("SDTRT_TRITONSERVER", "/opt/tritonserver/bin/tritonserver"))
+    if not binary.is_file():
+        raise SystemExit("serving TensorRT engines needs NVIDIA's tritonserver: run inside the docker/ image or set "
+                         "SDTRT_TRITONSERVER (or pass --baseline-only)")
     idle = gpu_memory_used_mib()
     result: dict = {}
-    with TritonServer(repo, http_port=18000, grpc_port=18001, metrics_port=18002, binary=binary,
-                      log_file=repo.parent / "bench-triton.log") as server:
+    rows = []
+    server = TritonServer(repo, http_port=18000, grpc_port=18001, metrics_port=18002, binary=binary,
+                          log_file=work / "bench-triton.log", extra_args=["--cuda-memory-pool-byte-size=0:268435456"])
+    with server:
         client = Client(server.url)
+        stats = grpcclient.InferenceServerClient(server.url)
         for steps in STEPS:
             result[steps] = median(timed(lambda: client.txt2img(PROMPT, steps=steps, width=SIZE, height=SIZE,
-                                                                seed=42, sampler="Euler a"), repeats))
-        stats = grpcclient.InferenceServerClient(server.url).get_inference_statistics("unet", as_json=True)
-        unet = stats["model_stats"][0]
-        executions = int(unet["execution_count"])
-        compute_ns = sum(int(unet["inference_stats"][k]["ns"]) for k in ("compute_input", "compute_infer",
-                                                                           "compute_output"))
-        result["unet_its"] = executions / (compute_ns / 1e9)
-        for n in CONCURRENCY:
-            def burst():
-                threads = [threading.Thread(target=lambda s=s: client.txt2img(
-                    PROMPT, steps=STEPS[0], width=SIZE, height=SIZE, seed=s)) for s in range(n)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-
-            seconds = median(timed(burst, max(1, repeats // 2)))
-            result[f"c{n}"] = n / seconds
+                                                                seed=SEED, sampler=SAMPLER,
+                                                                guidance_scale=GUIDANCE), repeats))
+        result["its"] = denoising_its(result)
         result["memory_mib"] = gpu_memory_used_mib() - idle
-    return result
+        for n in CONCURRENCY:
+            before = failed_requests(stats, PIPELINE)
+            measured = perf_analyzer(repo, server.url, n, work)
+            failures = failed_requests(stats, PIPELINE) - before
+            if "error" in measured:
+                rows.append([str(n), "-", "-", "-", str(failures), "perf_analyzer: " + measured["error"][0][:120]])
+            else:
+                rows.append([str(n), f"{measured['images_s']:.2f}", f"{measured['p50_ms']:.0f}",
+                             f"{measured['p99_ms']:.0f}", str(failures), ""])
+    return result, rows
+
+
+def versions() -> str:
+    parts = [f"Python {platform.python_version()}"]
+    for module in ("torch", "diffusers", "tensorrt", "tritonclient"):
+        try:
+            parts.append(f"{module} {__import__(module).__version__}")
+        except (ImportError, AttributeError):
+            pass
+    return ", ".join(parts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the diffusers folder both sides load (sdtrt exported it)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="the diffusers folder both sides load; built (SD 1.5-shaped random weights) if missing")
     parser.add_argument("--repo", type=Path, help="the sdtrt export with TensorRT engines (sdtrt export --format trt)")
     parser.add_argument("--baseline-only", action="store_true", help="only diffusers (a machine without TensorRT)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--compile-mode", default="reduce-overhead",
+                        help="torch.compile mode of the compiled baseline's U-Net ('none' skips it)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--results", type=Path, default=None, help="where to write the section (default RESULTS.md)")
     args = parser.parse_args()
     if not args.baseline_only and args.repo is None:
         parser.error("--repo is required unless --baseline-only")
+    if not (args.model / "model_index.json").is_file():
+        from sdtrt.default_model import build_default_model
 
-    gpu = gpu_name()
+        print(f"building SD 1.5-shaped random weights in {args.model}", flush=True)
+        build_default_model(args.model, size="sd15")
+
+    info = gpu_info()
     started = time.strftime("%Y-%m-%d %H:%M")
-    rows = []
-    sdpa = bench_diffusers(args.model, args.repeats, compile_unet=False)
-    runs = {"diffusers FP16 (SDPA)": sdpa}
-    if not args.no_compile:
-        runs["diffusers FP16 (SDPA + torch.compile)"] = bench_diffusers(args.model, args.repeats, compile_unet=True)
+    work = (args.repo or args.model).parent
+    runs = {"diffusers FP16 (SDPA)": bench_diffusers(str(args.model), args.repeats, None)}
+    if args.compile_mode != "none":
+        runs[f"diffusers FP16 (SDPA + torch.compile {args.compile_mode})"] = bench_diffusers(
+            str(args.model), args.repeats, args.compile_mode)
+    perf_rows = []
     if not args.baseline_only:
-        runs["sdtrt TensorRT FP16, served by Triton"] = bench_sdtrt(args.repo, args.repeats)
-    for name, r in runs.items():
-        rows.append([name, f"{r[20]:.3f}", f"{r[50]:.3f}", f"{r['unet_its']:.1f}",
-                     " / ".join(f"{r[f'c{n}']:.2f}" for n in CONCURRENCY) if "c1" in r else "-",
-                     f"{r['memory_mib']}", f"{sdpa[50] / r[50]:.2f}x"])
-    body = f"""## GPU: sdtrt vs diffusers on {gpu}
+        runs["sdtrt TensorRT FP16, served by Triton (gRPC)"], perf_rows = bench_sdtrt(args.repo, args.repeats, work)
+    base = runs["diffusers FP16 (SDPA)"][STEPS[1]]
+    rows = [[name, f"{r[STEPS[0]]:.3f}", f"{r[STEPS[1]]:.3f}", f"{r['its']:.1f}", str(r["memory_mib"]),
+             f"{base / r[STEPS[1]]:.2f}x"] for name, r in runs.items()]
+    compiled = [f"{name}: first call (compile) {r['compile_s']:.0f} s" for name, r in runs.items() if "compile_s" in r]
+    served = (f"""
+Served `txt2img` ensemble under load (perf_analyzer, gRPC, the export's perf input: one image, 20 steps, native
+size). Failures are Triton's own failure count for the ensemble during each measurement (it can count one failed
+request more than once, so read any non-zero value as "requests failed"); perf_analyzer also stops at the first
+failed request, which the note column then shows:
 
-{started}, one run of `benchmarks/gpu_bench.py` on **{gpu}**, model `{args.model}`: 512x512, batch 1, Euler a,
-CFG 7, median of {args.repeats}. Speed-up is diffusers FP16 (SDPA)'s 50-step time divided by each row's.
-U-Net it/s for sdtrt is Triton's own compute time of the unet model (2 rows per step: uncond + cond).
+{table(["concurrency", "images/s", "p50 latency (ms)", "p99 latency (ms)", "failures (Triton)", "note"], perf_rows)}
+""" if perf_rows else """
+sdtrt itself was not measured in this run (`--baseline-only`: this machine has no TensorRT or tritonserver).
+""")
+    body = f"""## GPU: sdtrt vs diffusers on {info['gpu']}
 
-{table(["pipeline", "20 steps (s)", "50 steps (s)", "U-Net it/s", "images/s at 1 / 4 / 16 clients",
-        "GPU memory (MiB)", "speed-up (50 steps)"], rows)}
+{started}, one run of `benchmarks/gpu_bench.py` on **{info['gpu']}** ({info['memory_mib']} MiB, driver
+{info['driver']}), {versions()}. Model `{args.model.name}`: 512x512, batch 1, {SAMPLER}, CFG {GUIDANCE:g},
+median of {args.repeats}. Denoising it/s is 30 / (50-step seconds - 20-step seconds) for every row, so the
+text encoder, VAE and transfers cancel out. Speed-up: diffusers FP16 (SDPA)'s 50-step time over each row's.
 
+{table(["pipeline", "20 steps (s)", "50 steps (s)", "denoising it/s", "GPU memory (MiB)", "speed-up (50 steps)"],
+       rows)}
+
+{"; ".join(compiled) + "." if compiled else ""}
+{served}
 Published anchors (SD 1.5, 512x512, FP16, batch 1): TensorRT 0.75 s / 50 steps on an H100 PCIe; stable-fast
 104.6 U-Net it/s on an H100; TensorRT 9 + CUDA graphs 0.819 s / 61 it/s on an A100 80G.
 """
-    write_section("gpu", body)
+    if args.results:
+        write_section("gpu", body, args.results)
+    else:
+        write_section("gpu", body)
     print(body)
+    print(json.dumps({"gpu": info, "runs": runs}, default=str))
 
 
 if __name__ == "__main__":
