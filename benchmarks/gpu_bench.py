@@ -176,7 +176,8 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="reduce-overhead",
                         help="torch.compile mode of the compiled baseline's U-Net ('none' skips it)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--results", type=Path, default=None, help="where to write the section (default RESULTS.md)")
+    parser.add_argument("--results", type=Path, default=os.environ.get("SDTRT_RESULTS"),
+                        help="the RESULTS.md to write the section into (default $SDTRT_RESULTS, else benchmarks/)")
     args = parser.parse_args()
     if not args.baseline_only and args.repo is None:
         parser.error("--repo is required unless --baseline-only")
@@ -225,10 +226,7 @@ text encoder, VAE and transfers cancel out. Speed-up: diffusers FP16 (SDPA)'s 50
 Published anchors (SD 1.5, 512x512, FP16, batch 1): TensorRT 0.75 s / 50 steps on an H100 PCIe; stable-fast
 104.6 U-Net it/s on an H100; TensorRT 9 + CUDA graphs 0.819 s / 61 it/s on an A100 80G.
 """
-    if args.results:
-        write_section("gpu", body, args.results)
-    else:
-        write_section("gpu", body)
+    write_section("gpu", body, *([args.results] if args.results else []))
     print(body)
     print(json.dumps({"gpu": info, "runs": runs}, default=str))
 

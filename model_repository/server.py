@@ -82,7 +82,9 @@ class TritonServer:
                 )
             ensure_python_stub(home)
             binary = home / "bin" / "tritonserver"
-            args += [f"--backend-directory={home / 'backends'}", f"--cache-directory={home / 'caches'}"]
+            # The wheel's server has no GPU support: its GPU metrics would only log errors.
+            args += [f"--backend-directory={home / 'backends'}", f"--cache-directory={home / 'caches'}",
+                     "--allow-gpu-metrics=false"]
             # The stub embeds libpython: point it at this interpreter's, and put this environment first on
             # PATH so that the models import this environment's packages (sdtrt, onnxruntime, diffusers).
             libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -98,7 +100,6 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--http-address={self.host}",
             f"--grpc-address={self.host}",
-            "--allow-gpu-metrics=false",
             "--strict-readiness=true",
             "--exit-on-error=true",
             *args,

@@ -1,0 +1,143 @@
+"""The GPU image and its compose file, checked without a Docker engine: hadolint, the user it runs as, what the
+build context sends, and that every command compose runs exists in the image."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+COMPOSE = ROOT / "docker" / "compose.yaml"
+# Triton's build creates this user with uid/gid 1000 and asserts it (server repo, build.py, "triton-server").
+BASE_USER_UID = "1000:1000"
+
+
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    lines, current = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        current += " " + line.rstrip("\\").strip() if current else line.rstrip("\\").strip()
+        if not line.endswith("\\"):
+            lines.append(current)
+            current = ""
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def hadolint() -> str | None:
+    return shutil.which("hadolint") or next(
+        (str(p) for p in [Path(sys.executable).parent / "hadolint"] if p.is_file()), None)
+
+
+def test_dockerfile_passes_hadolint():
+    binary = hadolint()
+    if binary is None:
+        pytest.skip("hadolint not installed (it comes with the dev extra: scripts/setup.sh)")
+    done = subprocess.run([binary, str(DOCKERFILE)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_image_runs_as_the_base_images_own_non_root_user():
+    steps = instructions()
+    assert steps[1][0] == "FROM" and steps[0] == ("ARG", "TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.12-py3")
+    text = " ".join(args for _, args in steps)
+    assert not re.search(r"\b(useradd|adduser|usermod|groupadd)\b", text), "the base image's uid 1000 is taken"
+    users = [args for name, args in steps if name == "USER"]
+    assert users[-1] == BASE_USER_UID
+    # the build fails, rather than run as someone else, if the base image's user is not that uid
+    assert '"$(id -u triton-server):$(id -g triton-server)" = "1000:1000"' in text
+    chowned = next(args for name, args in steps if name == "RUN" and "chown" in args)
+    assert all(folder in chowned for folder in ("/models", "/outputs", "/home/triton-server"))
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's matching, enough for these patterns: '**/' matches any depth, a pattern also covers what is under it."""
+    parts = path.split("/")
+    for pattern in patterns:
+        bare = pattern[3:] if pattern.startswith("**/") else pattern
+        candidates = ["/".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)] \
+            if pattern.startswith("**/") else ["/".join(parts[:j]) for j in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatchcase(c, bare) for c in candidates):
+            return True
+    return False
+
+
+def test_build_context_sends_the_sources_and_keeps_models_out():
+    patterns = dockerignore_patterns()
+    for heavy in ("models/sd15/unet/diffusion_pytorch_model.safetensors", "repos/sd15/unet/1/model.onnx", ".venv/bin/python",
+                  ".git/HEAD", "outputs/00001-42.png", "bench-work/repo/trt_engines.json", "sdtrt/__pycache__/x.pyc"):
+        assert ignored(heavy, patterns), heavy
+    copied = [shlex.split(args)[0] for name, args in instructions() if name == "COPY"]
+    assert {"sdtrt", "export", "model_repository", "client", "benchmarks", "tests"} <= set(copied)
+    for source in copied:
+        assert (ROOT / source).exists(), source
+        assert not ignored(source, patterns), source
+        for path in (ROOT / source).rglob("*.py") if (ROOT / source).is_dir() else []:
+            if "__pycache__" not in path.parts:
+                assert not ignored(path.relative_to(ROOT).as_posix(), patterns), path
+
+
+def test_the_clip_vocabulary_baked_into_the_image_is_the_one_sdtrt_reads():
+    from sdtrt.clip_vocab import OPEN_CLIP_WHEEL
+
+    env = " ".join(args for name, args in instructions() if name == "ENV")
+    assert f"SDTRT_CLIP_BPE=/opt/sdtrt/cache/{OPEN_CLIP_WHEEL}" in env
+
+
+def expand(command: str) -> list[str]:
+    """A compose command with ${VAR:-default} replaced by its default."""
+    return shlex.split(re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command))
+
+
+def test_every_compose_command_exists_in_the_image():
+    """Each service runs a real sdtrt command with flags its parser accepts, a script the image copies, or pytest
+    with a marker the project registers."""
+    from sdtrt.cli import build_parser
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    copied = {shlex.split(args)[0] for name, args in instructions() if name == "COPY"}
+    assert {"export", "triton", "bench", "gpu-tests", "ui", "api"} <= set(services)
+    for name, service in services.items():
+        if "command" not in service:
+            continue  # the image's CMD: tritonserver on /models/repo
+        args = expand(service["command"])
+        if args[0] == "sdtrt":
+            build_parser().parse_args(args[1:])  # exits (SystemExit) on an unknown flag
+        elif args[0] == "pytest":
+            markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+            assert any(m.startswith(args[args.index("-m") + 1] + ":") for m in markers), name
+            assert args[-1] in copied
+        else:
+            script = ROOT / args[0]
+            assert script.is_file() and os.access(script, os.X_OK) and args[0].split("/")[0] in copied, name
+    image = next(args for n, args in instructions() if n == "CMD")
+    assert "--cuda-memory-pool-byte-size" in image and "/models/repo" in image
+
+
+def test_gpu_benchmark_says_what_is_missing_without_a_gpu(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    done = subprocess.run([str(ROOT / "benchmarks" / "gpu.sh"), "--baseline-only"], capture_output=True, text=True,
+                          env={**os.environ, "SDTRT_BENCH_DIR": str(tmp_path)})
+    assert done.returncode == 1 and "no NVIDIA GPU here" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing built before the check
