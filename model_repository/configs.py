@@ -255,13 +255,19 @@ def ensemble_config(spec: ModelSpec, job: Job) -> mc.ModelConfig:
 
 
 def all_configs(spec: ModelSpec, options: ServingOptions) -> list[mc.ModelConfig]:
-    return [
+    configs = [
         tokenizer_config(spec),
         *(network_config(spec, spec.component(name), options) for name in NETWORKS),
         *(scheduler_config(spec, job, options) for job in JOBS.values()),
         postprocess_config(spec),
         *(ensemble_config(spec, job) for job in JOBS.values()),
     ]
+    for config in configs:
+        if config.backend == "python":
+            # The Python models read their inputs with as_numpy(): their inputs must arrive in CPU memory, whoever
+            # produced them (a TensorRT network answers in GPU memory). The backend's default, stated.
+            config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "yes"
+    return configs
 
 
 def to_pbtxt(config: mc.ModelConfig) -> str:

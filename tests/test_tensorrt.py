@@ -17,7 +17,7 @@ from sdtrt.errors import UsageError
 from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
 from sdtrt.export.tensorrt import EngineOptions, engine_filename, profile_shapes
 from sdtrt.model_repository.build import write_repository
-from sdtrt.model_repository.configs import ServingOptions, network_config
+from sdtrt.model_repository.configs import ServingOptions, all_configs, network_config
 from sdtrt.request import Txt2ImgRequest
 from sdtrt.spec import load_spec
 
@@ -99,6 +99,10 @@ def test_tensorrt_configs_from_the_same_generator(exported_repo, tmp_path):
     assert scheduler.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU  # ...on the GPU, beside the engines
     cpu = ServingOptions(backend="python")
     assert network_config(spec, spec.component("unet"), cpu).instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    python_models = [c for c in all_configs(spec, options) if c.backend == "python"]
+    assert {c.name for c in python_models} >= {"tokenizer", "scheduler", "img2img_scheduler", "postprocess"}
+    for config in python_models:  # they read inputs with as_numpy(): CPU memory, asked for explicitly
+        assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "yes", config.name
 
 
 def triton_would_load(config: mc.ModelConfig, profile: dict) -> bool:
