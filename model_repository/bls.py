@@ -1,7 +1,7 @@
 """The networks as the jobs see them (``sdtrt.jobs.Networks``), served: BLS calls to the Triton network models.
 
 Each call names the spec's tensors; Triton's dynamic batcher may merge it with calls from other requests.
-A cancelled request stops at its next network call.
+A cancelled request stops at its next network call (the tokenizer, the text encoder, every U-Net step).
 
 Where the data lives: the loop runs on ``device`` (a GPU when its model instance is ``KIND_GPU``, else the
 CPU). Tensors cross into and out of Triton through DLPack, never through NumPy, and every BLS request names
@@ -18,6 +18,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from sdtrt.images import to_uint8
+from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER_FIELDS
+from sdtrt.prompts import contexts
+from sdtrt.request import Txt2ImgRequest
 from sdtrt.spec import ComponentSpec, ModelSpec
 
 
@@ -43,14 +46,27 @@ def from_triton(tensor: "pb_utils.Tensor") -> torch.Tensor:
 
 
 class BlsNetworks:
+    """One request's view of the networks. Every call first checks whether the client has gone (cancelled, or
+    its connection closed): the job model holds the client's own request, so that is seen within one step."""
+
     def __init__(self, spec: ModelSpec, request, device: torch.device = torch.device("cpu")):
         self.spec = spec
         self.request = request
         self.device = device
 
-    def _call(self, component: ComponentSpec, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> torch.Tensor:
+    def _exec(self, model: str, inputs: list, outputs: list[str], memory: torch.device) -> dict[str, torch.Tensor]:
         if self.request.is_cancelled():
             raise Cancelled()
+        response = pb_utils.InferenceRequest(
+            model_name=model, requested_output_names=outputs, inputs=inputs, preferred_memory=preferred_memory(memory),
+        ).exec()
+        if response.has_error():
+            raise RuntimeError(f"{model}: {response.error().message()}")
+        # Copies on ``memory``: the response's buffers go back to Triton's pools straight away.
+        return {name: from_triton(pb_utils.get_output_tensor_by_name(response, name)).to(memory, copy=True)
+                for name in outputs}
+
+    def _call(self, component: ComponentSpec, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> torch.Tensor:
         tensors = []
         for spec, value in zip(component.inputs, inputs):
             value = value.to(device=self.device, dtype=getattr(torch, spec.dtype))
@@ -58,14 +74,19 @@ class BlsNetworks:
                 value = value.reshape(-1, 1)
             tensors.append(to_triton(spec.name, value))
         output = component.outputs[0].name
-        response = pb_utils.InferenceRequest(
-            model_name=component.name, requested_output_names=[output], inputs=tensors,
-            preferred_memory=preferred_memory(output_device),
-        ).exec()
-        if response.has_error():
-            raise RuntimeError(f"{component.name}: {response.error().message()}")
-        # A copy on the loop's device: the response's buffer goes back to Triton's pool straight away.
-        return from_triton(pb_utils.get_output_tensor_by_name(response, output)).to(output_device, copy=True)
+        return self._exec(component.name, tensors, [output], output_device)[output]
+
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond, cond) U-Net contexts: the tokenizer model (A1111 chunks and weights), then the text encoder."""
+        cpu = torch.device("cpu")
+        fields = []
+        for name in TOKENIZER_FIELDS:
+            value, dtype = getattr(request, name), self.spec.field(name).dtype
+            array = np.array([value.encode("utf-8")], dtype=np.object_) if dtype == "string" else np.array([value], dtype=dtype)
+            fields.append(pb_utils.Tensor(name, array))  # strings have no DLPack form
+        tokens = self._exec("tokenizer", fields, [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS], cpu)
+        embeddings = self._call(self.spec.component("text_encoder"), (tokens[TOKEN_IDS], tokens[CLIP_SKIP_ROWS]), cpu)
+        return contexts(embeddings.numpy(), tokens[TOKEN_WEIGHTS].numpy())
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self._call(self.spec.component("unet"), (sample, timestep, context), self.device)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from sdtrt.model_repository.configs import NETWORKS, ServingOptions, all_configs, to_pbtxt
-from sdtrt.model_repository.perf import write_perf_inputs
+from sdtrt.model_repository.configs import GENERATED_HEADER, NETWORKS, ServingOptions, all_configs, to_pbtxt
+from sdtrt.model_repository.perf import PERF_INPUT, write_perf_inputs
 from sdtrt.spec import ModelSpec
 
 # Python-backend model -> the module in this package that implements it.
 PYTHON_MODELS = {
     "tokenizer": "tokenizer_model",
-    "scheduler": "scheduler_model",
-    "img2img_scheduler": "img2img_model",
-    "postprocess": "postprocess_model",
+    "txt2img": "txt2img_model",
+    "img2img": "img2img_model",
     **{name: "onnx_model" for name in NETWORKS},
 }
 
@@ -25,10 +25,13 @@ from sdtrt.model_repository.{module} import TritonPythonModel  # noqa: F401
 
 
 def write_repository(repo: str | Path, spec: ModelSpec, options: ServingOptions = ServingOptions()) -> list[Path]:
-    """(Re)write every config.pbtxt (and model.py for Python-backend models) under ``repo``."""
+    """(Re)write every config.pbtxt (and model.py for Python-backend models) under ``repo``; models an earlier
+    sdtrt generated there and this one no longer has are removed, or Triton would still try to load them."""
     root = Path(repo)
     written = []
-    for config in all_configs(spec, options):
+    configs = all_configs(spec, options)
+    remove_stale_models(root, {config.name for config in configs})
+    for config in configs:
         folder = root / config.name
         (folder / "1").mkdir(parents=True, exist_ok=True)  # Triton needs a version folder, even for ensembles
         path = folder / "config.pbtxt"
@@ -42,3 +45,18 @@ def write_repository(repo: str | Path, spec: ModelSpec, options: ServingOptions 
             entry.unlink()
     written += write_perf_inputs(root, spec)
     return written
+
+
+def remove_stale_models(root: Path, current: set[str]) -> None:
+    """Generated files of models not in ``current`` (e.g. an older layout's), and their folders once empty.
+    Only files sdtrt writes are touched: a folder holding anything else stays, without its config."""
+    for config in root.glob("*/config.pbtxt"):
+        folder = config.parent
+        if folder.name in current or not config.read_text().startswith(GENERATED_HEADER):
+            continue
+        for generated in (config, folder / PERF_INPUT, folder / "1" / "model.py"):
+            generated.unlink(missing_ok=True)
+        shutil.rmtree(folder / "1" / "__pycache__", ignore_errors=True)
+        for empty in (folder / "1", folder):
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()

@@ -1,10 +1,13 @@
 """config.pbtxt generation: every Triton config is derived from the spec, never kept by hand.
 
-One generator, three backends for the networks (text encoder, U-Net, VAE decoder):
+One generator, three backends for the networks (text encoder, U-Net, VAE encoder and decoder):
   * ``python``      - onnxruntime inside a Python-backend model (runs anywhere, incl. the pip tritonserver)
   * ``onnxruntime`` - ``platform: "onnxruntime_onnx"`` (NVIDIA's Triton server image)
   * ``tensorrt``    - ``platform: "tensorrt_plan"`` (GPU, engines built by ``sdtrt export --format trt``)
-The tokenizer, scheduler loop and postprocess are always Python-backend models; ``txt2img`` is the ensemble.
+The tokenizer and the jobs users call (``txt2img``, ``img2img``) are Python-backend models. A job model runs the
+pipeline's stages in order through BLS (tokenizer -> text encoder -> its denoising loop on the U-Net -> VAE
+decoder): it holds the client's own request, so a client that cancels or disconnects stops its loop at the
+next step (Triton cancels only the request the client sent; an ensemble's step already running never hears).
 """
 
 from __future__ import annotations
@@ -34,21 +37,19 @@ def config_dtype(dtype: str) -> int:
 class ServingOptions:
     backend: str = "python"
     scheduler_instances: int = 4  # denoising loops that run at once; their U-Net calls are batched together
+    max_queue: int = 16  # requests a job model holds beyond its running loops; more get UNAVAILABLE (busy, retry)
     unet_queue_delay_us: int = 2000  # how long the U-Net batcher waits for more requests' steps
     network_instances: int = 1
     engines: dict = field(default_factory=dict)  # tensorrt: the engine manifest (sdtrt.export.tensorrt)
 
 
-# Internal tensors of the ensemble, named once here and used by both sides of each step.
-# name -> (dtype, dims); dims are what the ensemble sees (full shapes, no implicit batch dim).
+# The tokenizer's outputs, named once here for the tokenizer model and the job models that call it.
 TOKEN_IDS = "token_ids"  # [2k, 77]: the negative prompt's k chunks, then the prompt's k chunks
 TOKEN_WEIGHTS = "token_weights"  # [2k, 77]: A1111 attention weights of those tokens
 CLIP_SKIP_ROWS = "clip_skip_rows"  # [2k, 1]: the request's Clip skip, one per text-encoder row
-EMBEDDINGS = "text_embeddings"  # [2k, 77, H]
-DECODER_LATENTS = "decoder_latents"  # final latents divided by the VAE scaling factor
-DECODED = "decoded"  # VAE output in [-1, 1]
-IMAGES = "images"
-SEEDS = "seeds"
+# What a job returns.
+IMAGES = "images"  # [N, H, W, 3] uint8
+SEEDS = "seeds"  # [N] int64
 
 
 def _tensor(message, name: str, dtype: str, dims: list[int]) -> None:
@@ -138,7 +139,7 @@ def device_kind(options: ServingOptions) -> int:
     return mc.ModelInstanceGroup.KIND_GPU if options.backend == "tensorrt" else mc.ModelInstanceGroup.KIND_CPU
 
 
-# Request fields the tokenizer takes; every other field of a job goes to its scheduler model.
+# Request fields the tokenizer takes.
 TOKENIZER_FIELDS = ("prompt", "negative_prompt", "clip_skip")
 INIT_IMAGE = "init_image"  # img2img: [H, W, 3] uint8
 MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img2img
@@ -146,31 +147,11 @@ MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img
 
 @dataclass(frozen=True)
 class Job:
-    ensemble: str  # the model users call
-    scheduler: str  # the Python model that runs its denoising loop, calling the networks through BLS
-    request_type: type
-    decodes_in_ensemble: bool  # txt2img hands latents to vae_decoder -> postprocess; img2img finishes itself
+    name: str  # the model users call
+    request_type: type  # its fields (every one an optional [1]-shaped input)
 
 
-JOBS = {
-    job.ensemble: job
-    for job in (
-        Job(PIPELINE, "scheduler", Txt2ImgRequest, decodes_in_ensemble=True),
-        Job(IMG2IMG, "img2img_scheduler", Img2ImgRequest, decodes_in_ensemble=False),
-    )
-}
-
-
-def scheduler_fields(job: Job) -> tuple[str, ...]:
-    return tuple(name for name in job_fields(job.request_type) if name not in TOKENIZER_FIELDS)
-
-
-def _image_inputs(config: mc.ModelConfig, job: Job) -> None:
-    if job.request_type is Img2ImgRequest:
-        _tensor(config.input, INIT_IMAGE, "uint8", [-1, -1, 3])
-        config.input[-1].optional = True  # checked by the model, which names it (Triton's own message would not)
-        _tensor(config.input, MASK, "uint8", [-1, -1])
-        config.input[-1].optional = True
+JOBS = {job.name: job for job in (Job(PIPELINE, Txt2ImgRequest), Job(IMG2IMG, Img2ImgRequest))}
 
 
 def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
@@ -185,72 +166,28 @@ def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
     return config
 
 
-def _outputs(config: mc.ModelConfig, spec: ModelSpec, job: Job) -> None:
-    if job.decodes_in_ensemble:
-        _tensor(config.output, DECODER_LATENTS, "float32", [-1, spec.latent_channels, -1, -1])
-    else:
-        _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, spec.component("vae_decoder").outputs[0].shape[1]])
-    _tensor(config.output, SEEDS, "int64", [-1])
-
-
-def scheduler_config(spec: ModelSpec, job: Job, options: ServingOptions) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=job.scheduler, backend="python", max_batch_size=0)
-    _tensor(config.input, EMBEDDINGS, "float32", [-1, spec.text_max_length, spec.text_hidden_size])
-    _tensor(config.input, TOKEN_WEIGHTS, "float32", [-1, spec.text_max_length])
-    for name in scheduler_fields(job):
-        _tensor(config.input, name, spec.field(name).dtype, [1])
-        config.input[-1].optional = True  # missing fields take the spec's default
-    _image_inputs(config, job)
-    _outputs(config, spec, job)
-    # On a GPU the loop's instances are GPU instances: their latents stay on the device between U-Net calls.
-    config.instance_group.add(count=options.scheduler_instances, kind=device_kind(options))
-    return config
-
-
-def postprocess_config(spec: ModelSpec) -> mc.ModelConfig:
-    channels = spec.component("vae_decoder").outputs[0].shape[1]
-    config = mc.ModelConfig(name="postprocess", backend="python", max_batch_size=0)
-    _tensor(config.input, DECODED, "float32", [-1, channels, -1, -1])
-    _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
-    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
-    return config
-
-
-def ensemble_config(spec: ModelSpec, job: Job) -> mc.ModelConfig:
-    """tokenizer -> text_encoder -> the job's scheduler model (U-Net loop via BLS) [-> vae_decoder -> postprocess]."""
-    config = mc.ModelConfig(name=job.ensemble, platform="ensemble", max_batch_size=0)
+def job_config(spec: ModelSpec, job: Job, options: ServingOptions) -> mc.ModelConfig:
+    """A model users call: every request field as an optional [1] input (absent: the spec's default; an empty
+    prompt is valid, as in A1111), img2img's pictures, and the pictures and seeds out."""
+    config = mc.ModelConfig(name=job.name, backend="python", max_batch_size=0)
     for name in job_fields(job.request_type):
         _tensor(config.input, name, spec.field(name).dtype, [1])
-        # Every field is optional, defaulting from the spec (an empty prompt is valid, as in A1111). This also
-        # spares users Triton's ensemble message for a missing required input ("unexpected deadlock").
         config.input[-1].optional = True
-    _image_inputs(config, job)
+    if job.request_type is Img2ImgRequest:
+        _tensor(config.input, INIT_IMAGE, "uint8", [-1, -1, 3])
+        config.input[-1].optional = True  # checked by the model, which names it (Triton's own message would not)
+        _tensor(config.input, MASK, "uint8", [-1, -1])
+        config.input[-1].optional = True
     channels = spec.component("vae_decoder").outputs[0].shape[1]
     _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
     _tensor(config.output, SEEDS, "int64", [-1])
-    if job.ensemble == PIPELINE:  # clients read the spec from here (the same JSON export wrote)
+    if job.name == PIPELINE:  # clients read the spec from here (the same JSON export wrote)
         config.parameters["sdtrt_spec"].string_value = json.dumps(spec.to_json(), separators=(",", ":"))
-
-    text = spec.component("text_encoder")
-    vae = spec.component("vae_decoder")
-
-    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
-        s = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
-        s.input_map.update(inputs)
-        s.output_map.update(outputs)
-
-    step("tokenizer", {f: f for f in TOKENIZER_FIELDS},
-         {TOKEN_IDS: TOKEN_IDS, TOKEN_WEIGHTS: TOKEN_WEIGHTS, CLIP_SKIP_ROWS: CLIP_SKIP_ROWS})
-    step("text_encoder", {text.inputs[0].name: TOKEN_IDS, text.inputs[1].name: CLIP_SKIP_ROWS},
-         {text.outputs[0].name: EMBEDDINGS})
-    images = {INIT_IMAGE: INIT_IMAGE, MASK: MASK} if job.request_type is Img2ImgRequest else {}
-    inputs = {EMBEDDINGS: EMBEDDINGS, TOKEN_WEIGHTS: TOKEN_WEIGHTS, **{f: f for f in scheduler_fields(job)}, **images}
-    if job.decodes_in_ensemble:
-        step(job.scheduler, inputs, {DECODER_LATENTS: DECODER_LATENTS, SEEDS: SEEDS})
-        step("vae_decoder", {vae.inputs[0].name: DECODER_LATENTS}, {vae.outputs[0].name: DECODED})
-        step("postprocess", {DECODED: DECODED}, {IMAGES: IMAGES})
-    else:
-        step(job.scheduler, inputs, {IMAGES: IMAGES, SEEDS: SEEDS})
+    # On a GPU the loops run on GPU instances: their latents stay on the device between U-Net calls.
+    config.instance_group.add(count=options.scheduler_instances, kind=device_kind(options))
+    # One request per execution (max_batch_size 0); the batcher is here for its queue policy: a bounded wait,
+    # then Triton's UNAVAILABLE ("Exceeds maximum queue size", HTTP 503) instead of an ever longer queue.
+    config.dynamic_batching.default_queue_policy.max_queue_size = options.max_queue
     return config
 
 
@@ -258,9 +195,7 @@ def all_configs(spec: ModelSpec, options: ServingOptions) -> list[mc.ModelConfig
     configs = [
         tokenizer_config(spec),
         *(network_config(spec, spec.component(name), options) for name in NETWORKS),
-        *(scheduler_config(spec, job, options) for job in JOBS.values()),
-        postprocess_config(spec),
-        *(ensemble_config(spec, job) for job in JOBS.values()),
+        *(job_config(spec, job, options) for job in JOBS.values()),
     ]
     for config in configs:
         if config.backend == "python":
@@ -270,7 +205,8 @@ def all_configs(spec: ModelSpec, options: ServingOptions) -> list[mc.ModelConfig
     return configs
 
 
+GENERATED_HEADER = "# Generated by `sdtrt export` from sdtrt_spec.json; edit the spec or the generator, not this file.\n"
+
+
 def to_pbtxt(config: mc.ModelConfig) -> str:
-    return "# Generated by `sdtrt export` from sdtrt_spec.json; edit the spec or the generator, not this file.\n" + (
-        text_format.MessageToString(config)
-    )
+    return GENERATED_HEADER + text_format.MessageToString(config)

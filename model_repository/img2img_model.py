@@ -1,7 +1,8 @@
-"""Triton model ``img2img_scheduler``: img2img and inpainting, calling vae_encoder, unet and vae_decoder via BLS.
+"""Triton model ``img2img``: img2img and inpainting, the job users call, run through BLS like ``txt2img``
+(tokenizer, text encoder, vae_encoder, the loop on unet, vae_decoder).
 
 It also does the image side (resize mode, mask blur, "only masked" crop, pasting the original back outside
-the mask), so it returns finished uint8 pictures to the ``img2img`` ensemble.
+the mask) and returns finished uint8 pictures.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class TritonPythonModel(JobModel):
                                 resize_mode=settings.resize_mode, mask_blur=settings.mask_blur,
                                 inpaint_full_res=settings.inpaint_full_res,
                                 padding=settings.inpaint_full_res_padding, vae_scale_factor=self.spec.vae_scale_factor)
-        uncond, cond = self.conditioning(request)
         nets = self.networks(request)
+        uncond, cond = nets.encode_prompts(settings)
         latents, seeds = img2img_latents(self.spec, settings, inputs, uncond, cond, nets)
         images = finish_images(nets.vae_decode(latents), inputs, self.spec.vae_scale_factor)
         self.done(request, settings, start, inpaint=mask is not None)

@@ -11,10 +11,8 @@ from typing import Any
 
 from sdtrt.clip_vocab import cache_dir
 from sdtrt.errors import UsageError
-from sdtrt.model_repository.configs import (
-    DECODED, EMBEDDINGS, IMG2IMG, INIT_IMAGE, JOBS, PIPELINE, TOKEN_WEIGHTS, TOKENIZER_FIELDS, scheduler_fields,
-)
-from sdtrt.request import Txt2ImgRequest, job_fields
+from sdtrt.model_repository.configs import IMG2IMG, INIT_IMAGE, PIPELINE, TOKENIZER_FIELDS
+from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.model_repository.server import pytriton_home
 from sdtrt.spec import (
     BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, ModelSpec,
@@ -40,8 +38,7 @@ def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
     size = native * spec.vae_scale_factor
     dims = {BATCH: 1, TEXT_BATCH: 1, UNET_BATCH: 1, LATENT_H: native, LATENT_W: native,
             CONTEXT: spec.text_max_length, IMAGE_H: size, IMAGE_W: size}
-    img2img_job = JOBS[IMG2IMG]
-    img2img = {name: [fields[name]] for name in job_fields(img2img_job.request_type)}
+    img2img = {name: [fields[name]] for name in job_fields(Img2ImgRequest)}
     img2img[INIT_IMAGE] = {"content": [128] * (size * size * 3), "shape": [size, size, 3]}
 
     def network(name: str) -> dict[str, Any]:
@@ -55,18 +52,11 @@ def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
                 data[tensor.name]["content"] = [1] * len(data[tensor.name]["content"])
         return data
 
-    channels = spec.component("vae_decoder").outputs[0].shape[1]
     return {
         PIPELINE: {"data": [txt2img]},
-        img2img_job.ensemble: {"data": [img2img]},
+        IMG2IMG: {"data": [img2img]},
         "tokenizer": {"data": [{f: txt2img[f] for f in TOKENIZER_FIELDS}]},
         **{name: {"data": [network(name)]} for name in spec.components},
-        "scheduler": {"data": [{EMBEDDINGS: _zeros([2, spec.text_max_length, spec.text_hidden_size]),
-                                TOKEN_WEIGHTS: {"content": [1.0] * (2 * spec.text_max_length),
-                                                "shape": [2, spec.text_max_length]},
-                                **{f: txt2img[f] for f in scheduler_fields(JOBS[PIPELINE])}}]},
-        "postprocess": {"data": [{DECODED: _zeros([1, channels, native * spec.vae_scale_factor,
-                                                   native * spec.vae_scale_factor])}]},
     }
 
 

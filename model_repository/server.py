@@ -102,6 +102,10 @@ class TritonServer:
             f"--grpc-address={self.host}",
             "--strict-readiness=true",
             "--exit-on-error=true",
+            # Explicit model control (every model loaded at start) lets the healer unload and reload one model
+            # whose stub died; see model_repository/health.py.
+            "--model-control-mode=explicit",
+            "--load-model=*",
             *args,
             *self.extra_args,
         ]

@@ -51,8 +51,14 @@ def scalar(request, name: str) -> Any:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value.item()
 
 
+MAX_ERROR_CHARS = 2000  # far below gRPC's 8 KiB limit on status details, whatever the message echoes
+
+
 def error_response(message: str, code: str = "INTERNAL") -> "pb_utils.InferenceResponse":
-    """A failed response; ``code`` names a pb_utils.TritonError status (INVALID_ARG, CANCELLED, ...)."""
+    """A failed response; ``code`` names a pb_utils.TritonError status (INVALID_ARG, CANCELLED, ...). Messages are
+    cut to MAX_ERROR_CHARS: every response must fit what the protocol can carry."""
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + f"... ({len(message)} characters)"
     error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
@@ -110,19 +116,19 @@ class PerRequestModel:
 
 
 class JobModel(PerRequestModel):
-    """What the scheduler models share: reading and checking a job's fields, the prompt conditioning and the
-    structured log line of each request. Subclasses set ``job`` and write ``run``."""
+    """What the job models (txt2img, img2img) share: reading and checking a job's fields, the networks of one
+    request and its structured log line. Subclasses set ``job`` and write ``run``."""
 
     job = None  # a sdtrt.model_repository.configs.Job
 
     def initialize(self, args):
         import torch
 
-        from sdtrt.model_repository.configs import scheduler_fields
+        from sdtrt.request import job_fields
 
         self.spec = model_spec(args)
         self.log = JsonLog(args["model_name"])
-        self.fields = scheduler_fields(self.job)
+        self.fields = job_fields(self.job.request_type)
         self.device = instance_device(args)
         if args.get("model_instance_kind") == "GPU" and self.device.type == "cpu":
             self.log.warn("no_cuda", reason="a GPU instance, but this torch has no CUDA: the loop runs on the CPU")
@@ -157,19 +163,7 @@ class JobModel(PerRequestModel):
         from sdtrt.request import resolve_seeds, validate
 
         values = {name: scalar(request, name) for name in self.fields}
-        return resolve_seeds(validate(self.job.request_type(prompt="", **values), self.spec))
-
-    def conditioning(self, request):
-        """(uncond, cond) U-Net contexts from the text encoder's chunk embeddings and the tokenizer's weights."""
-        import torch
-
-        from sdtrt.model_repository.configs import EMBEDDINGS, TOKEN_WEIGHTS
-        from sdtrt.prompts import apply_weights
-
-        embeddings = pb_utils.get_input_tensor_by_name(request, EMBEDDINGS).as_numpy()
-        weights = pb_utils.get_input_tensor_by_name(request, TOKEN_WEIGHTS).as_numpy()
-        uncond, cond = torch.from_numpy(apply_weights(embeddings, weights)).split(1)
-        return uncond, cond
+        return resolve_seeds(validate(self.job.request_type(**values), self.spec))
 
     def done(self, request, settings, start: float, **extra: Any) -> None:
         self.log.info("sampled", request_id=request.request_id(), sampler=settings.sampler, steps=settings.steps,

@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run tritonserver on an exported model repository",
                        description="Start tritonserver on REPO_DIR, wait until every model is ready, and serve until "
-                       "Ctrl-C or SIGTERM (then stop it cleanly, stubs included). Arguments after `--` go to "
+                       "Ctrl-C or SIGTERM (then stop it cleanly, stubs included). A model whose Python stub dies is "
+                       "reloaded (readiness is false meanwhile), a server that exits is restarted; each event is a "
+                       "JSON log line. Arguments after `--` go to "
                        "tritonserver as they are, e.g. `sdtrt serve -m repos/default -- --log-verbose=1`.")
     p.add_argument("-m", "--model-repository", type=Path, required=True, metavar="REPO_DIR",
                    help="an `sdtrt export` output folder")
@@ -222,6 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from sdtrt.model_repository.health import Healer
     from sdtrt.model_repository.server import TritonServer
 
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
@@ -233,15 +236,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"starting tritonserver on {args.model_repository} (log: {server.log_file or 'next to the repository'})",
           flush=True)
     server.start(timeout=args.timeout)
+    healer = Healer(server, load_timeout=args.timeout).start()
     print(f"ready: grpc {server.url}  http {server.http_url}  metrics {args.host}:{args.metrics_port}/metrics\n"
           f"try:   sdtrt txt2img \"a red fox in snow\" --url {server.url}\n"
           "Ctrl-C stops the server.", flush=True)
     try:
         while not stop.wait(0.5):
-            if server.process is None or server.process.poll() is not None:
-                print(f"tritonserver exited unexpectedly:\n{server.log_tail()}", file=sys.stderr)
+            if healer.failed.is_set():
+                print(f"tritonserver could not be brought back:\n{server.log_tail()}", file=sys.stderr)
                 return 1
     finally:
+        healer.stop()
         code = server.stop()
     print(f"tritonserver stopped (exit code {code})", flush=True)
     return 0

@@ -15,7 +15,7 @@ from sdtrt.generation import Generation, infotexts
 from sdtrt.images import to_uint8
 from sdtrt.img2img import finish_images, prepare_images
 from sdtrt.jobs import OnStep, img2img_latents, txt2img_latents
-from sdtrt.prompts import apply_weights, prompt_rows
+from sdtrt.prompts import contexts, prompt_rows
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
 from sdtrt.text import load_tokenizer
@@ -90,8 +90,7 @@ class LocalPipeline:
         """(uncond, cond) U-Net contexts [1, 77k, H] with A1111 weighting, chunking and Clip skip."""
         ids, weights = prompt_rows(self.tokenizer, request.prompt, request.negative_prompt, self.spec.max_chunks)
         embeddings = self.nets["text_encoder"](ids, np.full(len(ids), request.clip_skip, dtype=np.int32))
-        uncond, cond = torch.from_numpy(apply_weights(embeddings, weights)).split(1)
-        return uncond, cond
+        return contexts(embeddings, weights)
 
     # --- the jobs --------------------------------------------------------------------------------------------
     def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None) -> Generation:

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sdtrt.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_TOKENS = 75  # tokens per chunk between BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's "pad from the last comma within n tokens" default
@@ -186,3 +190,11 @@ def apply_weights(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
     z = z * (original_mean / z.mean(axis=(1, 2), keepdims=True))
     k = rows // 2
     return z.reshape(2, k * z.shape[1], z.shape[2])
+
+
+def contexts(embeddings: np.ndarray, weights: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(uncond, cond) U-Net contexts [1, 77k, H] from the text encoder's chunk rows and their A1111 weights."""
+    import torch
+
+    uncond, cond = torch.from_numpy(apply_weights(embeddings, weights)).split(1)
+    return uncond, cond

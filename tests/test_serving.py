@@ -23,8 +23,7 @@ from sdtrt.samplers import SAMPLERS
 from sdtrt.request import job_fields
 from sdtrt.spec import WIRE_DTYPES, load_spec
 
-MODELS = ["tokenizer", "text_encoder", "unet", "scheduler", "vae_decoder", "vae_encoder", "postprocess", "txt2img",
-          "img2img_scheduler", "img2img"]
+MODELS = ["tokenizer", "text_encoder", "unet", "vae_decoder", "vae_encoder", "txt2img", "img2img"]
 
 
 def clients(server):

@@ -94,13 +94,13 @@ def test_tensorrt_configs_from_the_same_generator(exported_repo, tmp_path):
     write_repository(repo, spec, options)
     config = text_format.Parse((repo / "unet" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert config.platform == "tensorrt_plan" and not (repo / "unet" / "1" / "model.py").exists()
-    assert (repo / "scheduler" / "1" / "model.py").exists()  # the loop stays a Python model...
-    scheduler = text_format.Parse((repo / "scheduler" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert (repo / "txt2img" / "1" / "model.py").exists()  # the loop stays a Python model...
+    scheduler = text_format.Parse((repo / "txt2img" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert scheduler.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU  # ...on the GPU, beside the engines
     cpu = ServingOptions(backend="python")
     assert network_config(spec, spec.component("unet"), cpu).instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     python_models = [c for c in all_configs(spec, options) if c.backend == "python"]
-    assert {c.name for c in python_models} >= {"tokenizer", "scheduler", "img2img_scheduler", "postprocess"}
+    assert {c.name for c in python_models} >= {"tokenizer", "txt2img", "img2img"}
     for config in python_models:  # they read inputs with as_numpy(): CPU memory, asked for explicitly
         assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "yes", config.name
 

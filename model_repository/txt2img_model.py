@@ -1,0 +1,35 @@
+"""Triton model ``txt2img``: the text-to-image job users call, run in order through BLS: the tokenizer, the text
+encoder, the denoising loop with one call to ``unet`` a step (and the hires fix), the VAE decoder.
+
+Each instance runs one request at a time; several instances (``instance_group``) run several loops, and Triton's
+dynamic batcher on ``unet`` merges their steps into shared U-Net calls. Each request gets its own scheduler
+object, generators and response, so images never cross between requests. Holding the client's request, the
+loop sees a cancelled or vanished client at its next step and stops (``CANCELLED``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from sdtrt.jobs import txt2img_latents
+from sdtrt.model_repository.configs import IMAGES, JOBS, PIPELINE, SEEDS
+from sdtrt.model_repository.triton_io import JobModel
+
+
+class TritonPythonModel(JobModel):
+    job = JOBS[PIPELINE]
+
+    def run(self, request) -> "pb_utils.InferenceResponse":
+        start = time.perf_counter()
+        settings = self.settings(request)
+        nets = self.networks(request)
+        uncond, cond = nets.encode_prompts(settings)
+        latents, seeds = txt2img_latents(self.spec, settings, uncond, cond, nets)
+        images = nets.vae_decode(latents)
+        self.done(request, settings, start)
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor(IMAGES, images), pb_utils.Tensor(SEEDS, np.array(seeds, dtype=np.int64)),
+        ])
