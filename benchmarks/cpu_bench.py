@@ -3,7 +3,7 @@
     python benchmarks/cpu_bench.py [--steps 20] [--size 512] [--repeats 3]
 
 Measures, on the same weights, prompt, seed and settings: diffusers' StableDiffusionPipeline (PyTorch, fp32),
-sdtrt's in-process onnxruntime runner, and sdtrt served by a real tritonserver (gRPC, the whole ensemble), and
+sdtrt's in-process onnxruntime runner, and sdtrt served by a real tritonserver (gRPC, the whole pipeline), and
 writes the "cpu" section of benchmarks/RESULTS.md with the ratios. The default model is tiny, so this measures
 the serving machinery's overhead and onnxruntime vs PyTorch on small networks, not SD 1.5's speed (that is
 benchmarks/gpu.sh's job).

@@ -10,7 +10,7 @@ Euler a, CFG 7 (the published anchors' setting) it measures, for each pipeline:
     the cost of one more step (U-Net on 2 rows + scheduler step + for sdtrt the BLS round trip), with the
     text encoder, VAE and transfers cancelled out;
   * GPU memory: diffusers' peak allocation; for sdtrt the server's growth in nvidia-smi's used memory;
-and for the served ensemble, perf_analyzer at concurrency 1/2/4/8/16 (images/s, p50/p99 latency), with failures
+and for the served txt2img model, perf_analyzer at concurrency 1/2/4/8/16 (images/s, p50/p99 latency), with failures
 from Triton's own statistics (perf_analyzer stops at a failed request; none ever counts as an image).
 It writes the "gpu" section of benchmarks/RESULTS.md, naming the GPU, its driver and the software versions.
 Published anchors (SD 1.5, 512x512, FP16, batch 1): TensorRT 0.75 s for 50 steps on an H100 PCIe; stable-fast
@@ -102,7 +102,7 @@ def failed_requests(client, model: str) -> int:
 
 
 def perf_analyzer(repo: Path, url: str, concurrency: int, out: Path) -> dict:
-    """perf_analyzer on the txt2img ensemble at one concurrency: images/s and latency percentiles (ms)."""
+    """perf_analyzer on the txt2img model at one concurrency: images/s and latency percentiles (ms)."""
     from sdtrt.model_repository.configs import PIPELINE
     from sdtrt.model_repository.perf import PERF_INPUT, perf_analyzer_command
 
@@ -202,10 +202,9 @@ def main() -> None:
              f"{base / r[STEPS[1]]:.2f}x"] for name, r in runs.items()]
     compiled = [f"{name}: first call (compile) {r['compile_s']:.0f} s" for name, r in runs.items() if "compile_s" in r]
     served = (f"""
-Served `txt2img` ensemble under load (perf_analyzer, gRPC, the export's perf input: one image, 20 steps, native
-size). Failures are Triton's own failure count for the ensemble during each measurement (it can count one failed
-request more than once, so read any non-zero value as "requests failed"); perf_analyzer also stops at the first
-failed request, which the note column then shows:
+Served `txt2img` model under load (perf_analyzer, gRPC, the export's perf input: one image, 20 steps, native
+size). Failures are Triton's own count of failed requests for the model during each measurement; perf_analyzer
+also stops at the first failed request, which the note column then shows:
 
 {table(["concurrency", "images/s", "p50 latency (ms)", "p99 latency (ms)", "failures (Triton)", "note"], perf_rows)}
 """ if perf_rows else """

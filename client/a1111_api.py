@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from PIL import Image
 
 from sdtrt import __version__
-from sdtrt.client.client import Client, ServerError
+from sdtrt.client.client import Client, ServerBusy, ServerError
 from sdtrt.errors import InvalidRequest
 from sdtrt.generation import Generation
 from sdtrt.hires import HIRES_UPSCALERS
@@ -252,6 +252,8 @@ class Gateway:
             result: Generation = call(settings, progress)
         except InvalidRequest as exc:
             raise refuse(A1111_NAME.get(exc.field, exc.field), str(exc)) from None
+        except ServerBusy as exc:
+            raise HTTPException(503, detail=str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
         except ServerError as exc:
             raise HTTPException(502, detail=f"the sdtrt server failed: {exc}") from None
         finally:

@@ -1,4 +1,4 @@
-"""A thin client over tritonclient for the ``txt2img`` ensemble, over gRPC or HTTP, from threads or asyncio.
+"""A thin client over tritonclient for the ``txt2img`` and ``img2img`` models, over gRPC or HTTP, from threads or asyncio.
 
     from sdtrt.client import Client
     client = Client("localhost:8001")                      # or Client("localhost:8000", protocol="http")
@@ -6,7 +6,7 @@
     result.images[0]      # H x W x 3 uint8
     result.infotexts[0]   # AUTOMATIC1111 infotext, with that image's seed
 
-The client reads the model's spec from the server (the ensemble's ``sdtrt_spec`` parameter), so defaults and
+The client reads the model's spec from the server (the ``txt2img`` model's ``sdtrt_spec`` parameter), so defaults and
 limits are the served model's own, and a bad setting is refused before anything is sent.
 """
 
@@ -33,6 +33,12 @@ DEFAULT_URLS = {"grpc": f"localhost:{TritonServer.grpc_port}", "http": f"localho
 
 class ServerError(SdtrtError):
     """The server refused or failed a request; the message is the server's own."""
+
+
+class ServerBusy(ServerError):
+    """The job's queue on the server is full (Triton's UNAVAILABLE, HTTP 503): the same request may succeed later."""
+
+    retry_after_s = 5
 
 
 def _module(protocol: str, aio: bool = False):
@@ -72,6 +78,10 @@ class Client:
 
     def _error(self, exc: Exception) -> ServerError:
         message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+        status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
+        if status in ("StatusCode.UNAVAILABLE", "503") and "queue" in (message or ""):
+            return ServerBusy(f"{self.url} ({self.protocol}): the server is busy (its queue for this job is full); "
+                              f"retry in a few seconds. Server said: {message}")
         return ServerError(f"{self.url} ({self.protocol}): {message}")
 
     def is_ready(self) -> bool:
@@ -210,7 +220,7 @@ class Client:
 
 
 def _pictures(init_image: Any, mask: Any) -> dict[str, np.ndarray]:
-    """PIL images or arrays -> the uint8 arrays the img2img ensemble takes (RGB H x W x 3, mask H x W)."""
+    """PIL images or arrays -> the uint8 arrays the img2img model takes (RGB H x W x 3, mask H x W)."""
     from PIL import Image
 
     def array(picture: Any, mode: str) -> np.ndarray:

@@ -46,6 +46,8 @@ def export_model(
     min_size: int = ExportLimits.min_size,
     max_size: int = ExportLimits.max_size,
     max_chunks: int = ExportLimits.max_chunks,
+    max_pixel_steps: int | None = None,
+    max_prompt_chars: int | None = None,
     serving: ServingOptions = ServingOptions(),
     engines: "EngineOptions | None" = None,
     progress: bool = True,
@@ -54,6 +56,8 @@ def export_model(
     """Export every network of ``model`` to ONNX under ``out``, write the spec and the Triton configs.
 
     With ``engines`` (EngineOptions), also build FP16 TensorRT engines and serve the networks with them.
+    ``max_pixel_steps`` (0: none) and ``max_prompt_chars`` are the per-request ceilings the spec records; by
+    default they are sized from max_size, max_batch and max_chunks (see ExportLimits).
     """
     ckpt = fuse_loras(load_checkpoint(model, config), [parse_lora(text) for text in loras])
     pipe = ckpt.pipe
@@ -100,7 +104,11 @@ def export_model(
     bar.close()
 
     pipe.tokenizer.save_pretrained(str(repo / TOKENIZER_DIR))
-    spec = build_spec(ckpt, components, dims, factor, native, min_size, max_size, max_batch, text_max_length)
+    limits = dict(
+        max_pixel_steps=ExportLimits.pixel_steps(max_size, max_batch) if max_pixel_steps is None else max_pixel_steps,
+        max_prompt_chars=ExportLimits.prompt_chars(max_chunks) if max_prompt_chars is None else max_prompt_chars,
+    )
+    spec = build_spec(ckpt, components, dims, factor, native, min_size, max_size, max_batch, text_max_length, **limits)
     path = spec.save(repo)
     report(f"spec: {path}")
     if engines is not None:
@@ -146,7 +154,8 @@ def refit_repository(repo: str | Path, model: str | Path, *, config: str | Path 
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         new = export_model(model, tmp, config=config, loras=loras, max_batch=old.dims[BATCH].max,
                            min_size=old.dims[LATENT_H].min * f, max_size=old.dims[LATENT_H].max * f,
-                           max_chunks=old.max_chunks, report=report)
+                           max_chunks=old.max_chunks, max_pixel_steps=old.max_pixel_steps,
+                           max_prompt_chars=old.field("prompt").max_length, report=report)
         if [c.inputs for c in new.components.values()] != [c.inputs for c in old.components.values()]:
             raise UsageError(f"{model} is not the same architecture as the export in {repo}: rebuild instead")
         for name, entry in manifest.items():
@@ -160,7 +169,8 @@ def refit_repository(repo: str | Path, model: str | Path, *, config: str | Path 
     return spec
 
 
-def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max_size, max_batch, text_max_length) -> ModelSpec:
+def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max_size, max_batch, text_max_length,
+               max_pixel_steps: int, max_prompt_chars: int) -> ModelSpec:
     pipe = ckpt.pipe
     return ModelSpec(
         model_name=ckpt.name,
@@ -177,7 +187,9 @@ def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max
         dims=dims,
         components=components,
         request=request_fields(native, min_size, max_size, factor, max_batch,
-                               clip_layers=int(pipe.text_encoder.config.num_hidden_layers)),
+                               clip_layers=int(pipe.text_encoder.config.num_hidden_layers),
+                               max_prompt_chars=max_prompt_chars),
+        max_pixel_steps=max_pixel_steps,
         extra={"loras": list(ckpt.loras)} if ckpt.loras else {},
     )
 

@@ -105,7 +105,8 @@ def served_spec(spec: ModelSpec, options: EngineOptions) -> ModelSpec:
 
     image = spec.dims[IMAGE_W]
     base = request_fields(image.opt, image.min, image.max, spec.vae_scale_factor, spec.dims[BATCH].max,
-                          clip_layers=int(spec.field("clip_skip").maximum))
+                          clip_layers=int(spec.field("clip_skip").maximum),
+                          max_prompt_chars=spec.field("prompt").max_length)
     request = {**spec.request, **{name: base[name] for name in ("width", "height", "batch_size", "hr_scale")}}
 
     def only(name: str, value: float, flag: str) -> None:

@@ -1,5 +1,5 @@
-"""The Triton model repository: config generation, the Python-backend models, and the server launcher.
+"""The Triton model repository: config generation, the Python-backend models, the server launcher and its healer.
 
-    tokenizer -> text_encoder -> scheduler (U-Net loop via BLS to unet) -> vae_decoder -> postprocess
-                           all chained by the ensemble ``txt2img``
+    txt2img / img2img (Python models users call), through BLS:
+        tokenizer -> text_encoder -> the denoising loop (one unet call a step) -> vae_decoder
 """

@@ -33,7 +33,7 @@ def write_repository(repo: str | Path, spec: ModelSpec, options: ServingOptions 
     remove_stale_models(root, {config.name for config in configs})
     for config in configs:
         folder = root / config.name
-        (folder / "1").mkdir(parents=True, exist_ok=True)  # Triton needs a version folder, even for ensembles
+        (folder / "1").mkdir(parents=True, exist_ok=True)  # Triton needs a version folder
         path = folder / "config.pbtxt"
         path.write_text(to_pbtxt(config))
         written.append(path)

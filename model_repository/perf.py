@@ -1,4 +1,4 @@
-"""perf_analyzer against the ensemble and each model: its input data (from the spec) and its environment."""
+"""perf_analyzer against the job models and each network: its input data (from the spec) and its environment."""
 
 from __future__ import annotations
 

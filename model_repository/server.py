@@ -7,6 +7,7 @@ On a machine without NVIDIA's container, the server is the one shipped in the ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -24,6 +25,8 @@ from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.spec import SPEC_FILENAME
 
 log = logging.getLogger("sdtrt.server")
+
+STDOUT = "-"  # as log_file: tritonserver's log goes to this process's stdout
 
 
 def _terminate_with_parent() -> None:
@@ -119,14 +122,16 @@ class TritonServer:
                 f"run `sdtrt export MODEL_DIR --out {repo}` first"
             )
         args, env = self.command()
-        log_path = self.log_file or repo.parent / f"tritonserver-{self.http_port}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file = log_path
-        log.info("starting %s (log: %s)", " ".join(args), log_path)
-        with open(log_path, "ab") as out:
+        to_stdout = str(self.log_file) == STDOUT  # containers: the log goes where the runtime collects it
+        log_path = None if to_stdout else Path(self.log_file or repo.parent / f"tritonserver-{self.http_port}.log")
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_file = log_path
+        log.info("starting %s (log: %s)", " ".join(args), log_path or "stdout")
+        with open(log_path, "ab") if log_path is not None else contextlib.nullcontext(None) as out:
             # Own process group: stopping it also reaps the Python-backend stubs, never leaving orphans.
-            self.process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=_terminate_with_parent)
+            self.process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                            start_new_session=True, preexec_fn=_terminate_with_parent)
         self.wait_ready(timeout)
         return self
 
@@ -157,7 +162,7 @@ class TritonServer:
         raise SdtrtError(f"tritonserver was not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
-        if self.log_file is None or not Path(self.log_file).exists():
+        if self.log_file is None or str(self.log_file) == STDOUT or not Path(self.log_file).exists():
             return ""
         return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sdtrt import __version__
-from sdtrt.errors import SdtrtError
+from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.model_repository.configs import NETWORK_BACKENDS, ServingOptions
 from sdtrt.model_repository.server import TritonServer
 from sdtrt.spec import ExportLimits
@@ -24,6 +24,18 @@ typical session:
   sdtrt serve -m repos/default                     # tritonserver; Ctrl-C stops it
   sdtrt txt2img "a lighthouse at dawn" --seed 42 --out outputs/   # in another shell
 """
+
+
+def add_serving_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler-instances", type=int, default=ServingOptions.scheduler_instances,
+                   help="denoising loops run at once; their U-Net steps are batched together")
+    p.add_argument("--max-queue", type=int, default=ServingOptions.max_queue,
+                   help="requests waiting for a loop, per job; more are refused as busy (UNAVAILABLE, HTTP 503); "
+                        "0: no limit")
+
+
+def serving_options(args: argparse.Namespace) -> dict:
+    return {"scheduler_instances": args.scheduler_instances, "max_queue": args.max_queue}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,11 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=ExportLimits.min_size, help="smallest width/height in pixels")
     p.add_argument("--max-size", type=int, default=ExportLimits.max_size, help="largest width/height in pixels")
     p.add_argument("--max-chunks", type=int, default=ExportLimits.max_chunks, help="longest prompt, in 75-token chunks")
+    p.add_argument("--max-pixel-steps", type=int, default=None, metavar="N",
+                   help="most width x height x images x steps per request, hires pass included; 0: no ceiling "
+                        f"(default: max-size^2 x max-batch x {ExportLimits.full_batch_steps})")
+    p.add_argument("--max-prompt-chars", type=int, default=None, metavar="N",
+                   help=f"longest prompt in characters (default: max-chunks x 75 x {ExportLimits.chars_per_token})")
     p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python",
                    help="how Triton runs the networks: python = onnxruntime in the Python backend (any tritonserver, "
                    "incl. the pip one); onnxruntime = Triton's ONNX Runtime backend (TensorRT: --format trt)")
-    p.add_argument("--scheduler-instances", type=int, default=ServingOptions.scheduler_instances,
-                   help="denoising loops run at once; their U-Net steps are batched together")
+    add_serving_args(p)
     p.add_argument("--format", choices=["onnx", "trt"], default="onnx",
                    help="trt: also build FP16 TensorRT engines (NVIDIA GPU + `pip install 'sdtrt[gpu]'`) and serve "
                    "the networks with them")
@@ -82,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "configs to tensorrt_plan. Engines are named after the GPU, TensorRT version and profile; "
                        "existing ones are reused.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("repo", type=Path, metavar="REPO_DIR")
-    p.add_argument("--scheduler-instances", type=int, default=ServingOptions.scheduler_instances, help="denoising loops run at once")
+    add_serving_args(p)
     _engine_flags(p)
     p.set_defaults(func=cmd_build_engines)
 
@@ -103,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo", type=Path, metavar="REPO_DIR")
     p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python",
                    help="how Triton runs the networks (tensorrt: use build-engines)")
-    p.add_argument("--scheduler-instances", type=int, default=ServingOptions.scheduler_instances, help="denoising loops run at once")
+    add_serving_args(p)
     p.set_defaults(func=cmd_configs)
 
     add_generation_commands(sub)
@@ -122,11 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus metrics (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
-    p.add_argument("--log-file", type=Path, default=None, help="server log (default: REPO_DIR/../tritonserver-PORT.log)")
+    p.add_argument("--log-file", type=Path, default=None,
+                   help="server log (default: REPO_DIR/../tritonserver-PORT.log; '-': this process's stdout)")
     p.add_argument("--tritonserver", type=Path, default=None,
                    help="a tritonserver binary (default: $SDTRT_TRITONSERVER, else the one in the nvidia-pytriton wheel)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load (default: %(default)s)")
     p.set_defaults(func=cmd_serve, triton_args=[])
+
+    p = sub.add_parser("soak", help="a bounded mixed load for N minutes: requests, errors, latency, server memory",
+                       description="Run a mixed load (txt2img with several samplers and sizes, hires fix, img2img, "
+                       "inpainting, refused and cancelled requests) from several clients for N minutes and report "
+                       "requests and errors by kind, p50/p99 latency and the resident memory of tritonserver and "
+                       "every Python stub at the start and the end. The server must run on this machine.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("-m", "--model-repository", type=Path, metavar="REPO_DIR",
+                       help="start tritonserver on this export (free ports) for the soak, and stop it after")
+    where.add_argument("--url", help="a running server's gRPC address (give --server-pid: its tritonserver process)")
+    p.add_argument("--server-pid", type=int, help="with --url: the tritonserver process id, for its memory")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=4, help="client threads")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("perf-analyzer", add_help=False,
                        help="run Triton's perf_analyzer (from the tritonclient wheel) with the libraries it needs",
@@ -183,7 +215,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.repo)
     build_engines_and_configs(args.repo, spec, _engine_options(args), ServingOptions(
-        scheduler_instances=args.scheduler_instances))
+        **serving_options(args)))
     return 0
 
 
@@ -201,7 +233,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
     from sdtrt.spec import load_spec
 
     written = write_repository(args.repo, load_spec(args.repo), ServingOptions(
-        backend=args.backend, scheduler_instances=args.scheduler_instances))
+        backend=args.backend, **serving_options(args)))
     print(f"wrote {sum(p.name == 'config.pbtxt' for p in written)} configs under {args.repo} ({args.backend} backend)")
     return 0
 
@@ -211,10 +243,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from sdtrt.model_repository.configs import ServingOptions
 
-    serving = ServingOptions(backend=args.backend, scheduler_instances=args.scheduler_instances)
+    serving = ServingOptions(backend=args.backend, **serving_options(args))
     engines = _engine_options(args) if args.format == "trt" else None
     spec = export_model(args.model, args.out, config=args.config, loras=tuple(args.lora), max_batch=args.max_batch,
-                        min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks, serving=serving,
+                        min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks,
+                        max_pixel_steps=args.max_pixel_steps, max_prompt_chars=args.max_prompt_chars, serving=serving,
                         engines=engines)
     print(f"exported {spec.model_name} [{spec.model_hash}] to {args.out}")
     return 0
@@ -250,6 +283,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         code = server.stop()
     print(f"tritonserver stopped (exit code {code})", flush=True)
     return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    import json
+    import socket
+
+    from sdtrt.client import Client
+    from sdtrt.model_repository.server import TritonServer
+    from sdtrt.model_repository.soak import soak
+
+    server = None
+    if args.model_repository is not None:
+        ports = []
+        for _ in range(3):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        server = TritonServer(args.model_repository, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
+        print(f"starting tritonserver on {args.model_repository} for the soak", flush=True)
+        server.start()
+        url, pid = server.url, server.process.pid
+    else:
+        if args.server_pid is None:
+            raise UsageError("--url needs --server-pid (the tritonserver process on this machine, for its memory)")
+        url, pid = args.url, args.server_pid
+    try:
+        print(f"soaking {url} for {args.minutes:g} min with {args.concurrency} clients", flush=True)
+        result = soak(Client(url), pid, args.minutes, args.concurrency)
+    finally:
+        if server is not None:
+            server.stop()
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["errors"] == 0 else 1
 
 
 def cmd_perf_analyzer(args: argparse.Namespace) -> int:

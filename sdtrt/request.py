@@ -66,12 +66,13 @@ def job_fields(request_type: type) -> tuple[str, ...]:
 
 
 def request_fields(
-    native_size: int, min_size: int, max_size: int, size_multiple: int, max_batch: int, clip_layers: int = 12
+    native_size: int, min_size: int, max_size: int, size_multiple: int, max_batch: int, clip_layers: int = 12,
+    max_prompt_chars: int | None = None,
 ) -> dict[str, FieldSpec]:
     """The request table for one model; export stores it in the spec."""
     fields = [
-        FieldSpec("prompt", "string", "", "what to draw"),
-        FieldSpec("negative_prompt", "string", "", "what to steer away from"),
+        FieldSpec("prompt", "string", "", "what to draw", max_length=max_prompt_chars),
+        FieldSpec("negative_prompt", "string", "", "what to steer away from", max_length=max_prompt_chars),
         FieldSpec("seed", "int64", RANDOM_SEED, "seed of image 0; image i uses seed+i; -1 picks one at random",
                   minimum=RANDOM_SEED, maximum=MAX_SEED),
         FieldSpec("steps", "int32", 20, "sampling steps", minimum=1, maximum=MAX_STEPS),
@@ -123,6 +124,8 @@ def check_value(field: FieldSpec, value: Any) -> Any:
             raise InvalidRequest(field.name, value, field.allowed())
         if field.choices is not None and value not in field.choices:
             raise InvalidRequest(field.name, value, field.allowed())
+        if field.max_length is not None and len(value) > field.max_length:
+            raise InvalidRequest(field.name, value, field.allowed())
         return value
     if isinstance(value, str):  # e.g. read back from an infotext
         try:
@@ -164,7 +167,45 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
             raise InvalidRequest("hr_scale", checked.hr_scale,
                                  f"at most {largest / max(checked.width, checked.height):g} for "
                                  f"{checked.width}x{checked.height} (the model takes at most {largest:g} pixels a side)")
+    check_pixel_steps(checked, spec)
     return checked
+
+
+def pixel_steps(request: Txt2ImgRequest, spec: ModelSpec) -> tuple[int, float, int]:
+    """(pixel-steps the request takes as the loops run it, pixel-steps one more step adds, pixel-steps that do not
+    follow ``steps``). img2img runs steps x strength steps; the hires fix adds a pass of (its own steps, or steps)
+    x strength at the upscaled size."""
+    from sdtrt.hires import target_size
+
+    first = request.width * request.height * request.batch_size
+    strength = request.denoising_strength
+    if isinstance(request, Img2ImgRequest):
+        return first * int(request.steps * strength), first * strength, 0
+    total, per_step, fixed = first * request.steps, float(first), 0
+    if request.enable_hr:
+        width, height = target_size(request.width, request.height, request.hr_scale, spec.vae_scale_factor)
+        second = width * height * request.batch_size
+        hires = second * int((request.hr_second_pass_steps or request.steps) * strength)
+        total += hires
+        if request.hr_second_pass_steps:
+            fixed = hires
+        else:
+            per_step += second * strength
+    return total, per_step, fixed
+
+
+def check_pixel_steps(request: Txt2ImgRequest, spec: ModelSpec) -> None:
+    """The spec's ceiling on one request's work, named by the field a user most likely turns down (steps)."""
+    limit = spec.max_pixel_steps
+    total, per_step, fixed = pixel_steps(request, spec)
+    if not limit or total <= limit:
+        return
+    most = int((limit - fixed) // per_step)
+    shape = f"{request.width}x{request.height} x {request.batch_size} image{'s' if request.batch_size > 1 else ''}"
+    shape += " with the hires pass" if request.enable_hr else ""
+    what = f"at most {most} for {shape}" if most >= 1 else f"1 or more, but {shape} is too large even so"
+    raise InvalidRequest("steps", request.steps, f"{what}: this server takes at most {limit:,} pixel-steps a request "
+                         "(width x height x batch_size x steps, hires pass included; lower any of them)")
 
 
 def resolve_seeds(request: Txt2ImgRequest) -> Txt2ImgRequest:

@@ -9,6 +9,7 @@ sends the schedule type separately ("scheduler": "Karras"), which ``schedule_typ
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,10 +66,16 @@ def sampler_names() -> tuple[str, ...]:
     return tuple(SAMPLERS)
 
 
-def _scheduler_class(sampler: Sampler):
-    import diffusers  # heavy: imported on first use so that `sdtrt --help` stays fast
+_IMPORT_LOCK = threading.Lock()
 
-    return getattr(diffusers, sampler.scheduler)
+
+def _scheduler_class(sampler: Sampler):
+    # diffusers is heavy: imported on first use so that `sdtrt --help` stays fast. Its lazy module is not safe
+    # to import from two threads at once (one sees a half-built module), hence the lock.
+    with _IMPORT_LOCK:
+        import diffusers
+
+        return getattr(diffusers, sampler.scheduler)
 
 
 def supported_schedules(name: str) -> tuple[str, ...]:

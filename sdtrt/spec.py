@@ -44,6 +44,17 @@ class ExportLimits:
     min_size: int = 64  # pixels a side
     max_size: int = 1024
     max_chunks: int = 3  # longest prompt, in 75-token chunks
+    # Ceilings that keep one request from holding the server for minutes (refused by name, see request.validate):
+    full_batch_steps: int = 50  # pixel-steps: max_batch images of max_size x max_size may take this many steps
+    chars_per_token: int = 16  # prompt characters: max_chunks x 75 tokens of this many characters (weights, spaces)
+
+    @staticmethod
+    def pixel_steps(max_size: int, max_batch: int) -> int:
+        return max_size * max_size * max_batch * ExportLimits.full_batch_steps
+
+    @staticmethod
+    def prompt_chars(max_chunks: int) -> int:
+        return max_chunks * 75 * ExportLimits.chars_per_token
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,7 @@ class FieldSpec:
     maximum: float | None = None
     multiple_of: int | None = None
     choices: tuple[str, ...] | None = None
+    max_length: int | None = None  # text fields: most characters
 
     def allowed(self) -> str:
         """Human-readable description of the allowed values, used in every error message."""
@@ -121,6 +133,8 @@ class FieldSpec:
             parts.append(f"<= {_num(self.maximum)}")
         if self.dtype == "bool":
             return "true or false"
+        if self.max_length is not None:
+            parts.append(f"at most {self.max_length} characters")
         kind = "an integer" if self.dtype.startswith("int") else "a number" if self.dtype.startswith("float") else "text"
         return ", ".join([kind] + parts)
 
@@ -148,6 +162,7 @@ class ModelSpec:
     dims: dict[str, DimRange]
     components: dict[str, ComponentSpec]
     request: dict[str, FieldSpec]
+    max_pixel_steps: int = 0  # width x height x images x steps (hires pass included) a request may take; 0: no ceiling
     spec_version: int = SPEC_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

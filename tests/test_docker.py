@@ -4,6 +4,7 @@ build context sends, and that every command compose runs exists in the image."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shlex
@@ -130,8 +131,10 @@ def test_every_compose_command_exists_in_the_image():
         else:
             script = ROOT / args[0]
             assert script.is_file() and os.access(script, os.X_OK) and args[0].split("/")[0] in copied, name
-    image = next(args for n, args in instructions() if n == "CMD")
-    assert "--cuda-memory-pool-byte-size" in image and "/models/repo" in image
+    image = json.loads(next(args for n, args in instructions() if n == "CMD"))
+    assert image[0] == "sdtrt" and "--cuda-memory-pool-byte-size=0:268435456" in image  # serve, with its healer
+    separator = image.index("--")
+    build_parser().parse_args(image[1:separator])
 
 
 def test_gpu_benchmark_says_what_is_missing_without_a_gpu(tmp_path):

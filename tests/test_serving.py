@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from PIL import Image
 
+from servers import raw_infer
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff, sample_mask, sample_picture
 from sdtrt.client import Client, ServerError
 from sdtrt.errors import InvalidRequest
@@ -125,20 +126,6 @@ def test_random_seed_is_returned(server):
     assert (first.images == again.images).all()
 
 
-def raw_infer(server, fields: dict, protocol: str = "grpc"):
-    """Send fields exactly as given (no client-side checks), the way curl or perf_analyzer would."""
-    module, url = (grpcclient, server.url) if protocol == "grpc" else (httpclient, server.http_url)
-    inputs = []
-    for name, (value, wire) in fields.items():
-        array = np.array([value.encode() if wire == "BYTES" else value],
-                         dtype={"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32,
-                                "BOOL": np.bool_}[wire])
-        tensor = module.InferInput(name, [1], wire)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return module.InferenceServerClient(url).infer("txt2img", inputs)
-
-
 GOOD = {"prompt": ("a cat", "BYTES"), "steps": (2, "INT32"), "width": (64, "INT32"), "height": (64, "INT32")}
 
 BAD = [
@@ -237,13 +224,6 @@ def test_concurrent_clients_each_get_their_own_image(server, diffusers_pipe):
     for request, result, reference in zip(REQUESTS, results, expected):
         assert result.seeds == [request["seed"] + i for i in range(request["batch_size"])]
         assert max_diff(result.images, reference) <= MAX_PIXEL_DIFF, request
-
-
-def test_unet_batches_steps_of_concurrent_requests(server):
-    """Triton's dynamic batcher merged U-Net calls from different denoising loops (so fewer executions than calls)."""
-    stats = grpcclient.InferenceServerClient(server.url).get_inference_statistics("unet", as_json=True)
-    model = stats["model_stats"][0]
-    assert int(model["inference_count"]) > int(model["execution_count"]) > 0
 
 
 def test_asyncio_client(server):
