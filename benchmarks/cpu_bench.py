@@ -39,7 +39,7 @@ def main() -> None:
     from sdtrt.default_model import build_default_model
     from sdtrt.export import export_model
     from sdtrt.local import LocalPipeline
-    from sdtrt.model_repository.server import TritonServer
+    from sdtrt.app.server import TritonServer
     from sdtrt.request import Txt2ImgRequest
 
     work = Path(tempfile.mkdtemp(prefix="sdtrt-bench-"))

@@ -103,8 +103,9 @@ def failed_requests(client, model: str) -> int:
 
 def perf_analyzer(repo: Path, url: str, concurrency: int, out: Path) -> dict:
     """perf_analyzer on the txt2img model at one concurrency: images/s and latency percentiles (ms)."""
-    from sdtrt.model_repository.configs import PIPELINE
-    from sdtrt.model_repository.perf import PERF_INPUT, perf_analyzer_command
+    from sdtrt.spec import TXT2IMG as PIPELINE
+    from sdtrt.app.server import perf_analyzer_command
+    from sdtrt.model_repository.perf import PERF_INPUT
 
     report = out / f"perf_c{concurrency}.csv"
     args = ["-m", PIPELINE, "-u", url, "-i", "grpc", "--input-data", str(repo / PIPELINE / PERF_INPUT),
@@ -124,8 +125,8 @@ def bench_sdtrt(repo: Path, repeats: int, work: Path) -> tuple[dict, list[list[s
     import tritonclient.grpc as grpcclient
 
     from sdtrt.client import Client
-    from sdtrt.model_repository.configs import PIPELINE
-    from sdtrt.model_repository.server import TritonServer
+    from sdtrt.spec import TXT2IMG as PIPELINE
+    from sdtrt.app.server import TritonServer
 
     binary = Path(os.environ.get("SDTRT_TRITONSERVER", "/opt/tritonserver/bin/tritonserver"))
     if not binary.is_file():

@@ -11,16 +11,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdtrt.errors import UsageError
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields, request_fields
-from sdtrt.spec import ExportLimits
 
-# The request table of a typical SD 1.x export, used only to document the flags; a served or exported
-# model's own spec decides the real defaults and limits (e.g. its native size).
-DOC_FIELDS = request_fields(native_size=512, min_size=ExportLimits.min_size, max_size=ExportLimits.max_size,
-                            size_multiple=8, max_batch=ExportLimits.max_batch)
+if TYPE_CHECKING:
+    from sdtrt.spec import ModelSpec
+
+# The request table's shape (each field's type, choices and help). Its defaults and limits are a model's: the
+# flags document those from the served (--url) or exported (--local) model's spec when one is given.
+FIELD_SHAPES = request_fields(native_size=8, min_size=8, max_size=8, size_multiple=8, max_batch=1)
 FLAG_NAMES = {"guidance_scale": "--cfg-scale"}  # A1111's name
 
 
@@ -28,25 +29,51 @@ def flag(name: str) -> str:
     return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
-def _help(name: str) -> str:
-    f = DOC_FIELDS[name]
-    default = "the model's native size" if name in ("width", "height") else repr(f.default)
-    limits = "12 at most, and no more than the model's CLIP layers" if name == "clip_skip" else f.allowed()
-    return f"{f.help}; {limits} (default: {default})".replace("%", "%%")
+def _help(name: str, spec: "ModelSpec | None") -> str:
+    if spec is None:
+        return FIELD_SHAPES[name].help.replace("%", "%%")
+    f = spec.field(name)
+    return f"{f.help}; {f.allowed()} (default: {f.default!r})".replace("%", "%%")
 
 
-def add_field_flags(parser: argparse.ArgumentParser, request_type: type) -> None:
-    group = parser.add_argument_group("generation settings (any not given take the served model's defaults)")
+def add_field_flags(parser: argparse.ArgumentParser, request_type: type, spec: "ModelSpec | None" = None) -> None:
+    title = (f"generation settings: the ranges and defaults of {spec.model_name} [{spec.model_hash}]" if spec else
+             "generation settings (ranges and defaults are the model's: add --url URL or --local DIR to --help)")
+    group = parser.add_argument_group(title)
     for name in job_fields(request_type):
         if name == "prompt":
             continue
-        f = DOC_FIELDS[name]
+        f = FIELD_SHAPES[name]
         if f.dtype == "bool":
-            group.add_argument(flag(name), dest=name, action="store_true", default=None, help=_help(name))
+            group.add_argument(flag(name), dest=name, action="store_true", default=None, help=_help(name, spec))
             continue
         kind = int if f.dtype.startswith("int") else float if f.dtype.startswith("float") else str
         extra = {"choices": list(f.choices), "metavar": "NAME"} if f.choices else {}
-        group.add_argument(flag(name), dest=name, type=kind, default=None, help=_help(name), **extra)
+        group.add_argument(flag(name), dest=name, type=kind, default=None, help=_help(name, spec), **extra)
+
+
+def spec_for_help(argv: list[str]) -> "ModelSpec | None":
+    """For `sdtrt txt2img --url URL --help` (or --local REPO_DIR): the model's spec, so that the flags show its
+    own ranges and defaults; None when no model was named or it cannot be reached."""
+    if not ({"-h", "--help"} & set(argv)) or not ({"txt2img", "img2img"} & set(argv)):
+        return None
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--url")
+    peek.add_argument("--protocol", default="grpc")
+    peek.add_argument("--local", type=Path)
+    known, _ = peek.parse_known_args(argv)
+    try:
+        if known.local is not None:
+            from sdtrt.spec import load_spec
+
+            return load_spec(known.local)
+        if known.url is not None:
+            from sdtrt.client import Client
+
+            return Client(known.url, known.protocol, timeout=10).spec
+    except Exception as exc:  # help must still print
+        print(f"(could not read the model's spec: {exc})", file=sys.stderr)
+    return None
 
 
 def add_target_flags(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +88,7 @@ def add_target_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default: outputs/)")
 
 
-def add_commands(sub) -> None:
+def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
     p = sub.add_parser("txt2img", help="generate images from a prompt",
                        description="Generate images from a prompt and save them as PNGs with AUTOMATIC1111 infotext "
                        "(00001-<seed>.png, never overwriting). Prompt syntax is A1111's: (word), (word:1.3), [word], "
@@ -69,7 +96,7 @@ def add_commands(sub) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="what to draw (may come from --from-png instead)")
     p.add_argument("--from-png", type=Path, metavar="FILE",
                    help="take every setting from a PNG's A1111 infotext (flags given here override them)")
-    add_field_flags(p, Txt2ImgRequest)
+    add_field_flags(p, Txt2ImgRequest, spec)
     add_target_flags(p)
     p.set_defaults(func=cmd_txt2img)
 
@@ -79,7 +106,7 @@ def add_commands(sub) -> None:
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--init-image", type=Path, required=True, metavar="FILE", help="the picture to start from")
     p.add_argument("--mask", type=Path, default=None, metavar="FILE", help="inpainting mask: white = repaint")
-    add_field_flags(p, Img2ImgRequest)
+    add_field_flags(p, Img2ImgRequest, spec)
     add_target_flags(p)
     p.set_defaults(func=cmd_img2img)
 

@@ -22,13 +22,13 @@ import numpy as np
 
 from sdtrt.errors import SdtrtError
 from sdtrt.generation import Generation, batch_count, concatenate, infotexts
-from sdtrt.model_repository.configs import IMAGES, IMG2IMG, INIT_IMAGE, MASK, PIPELINE, SEEDS
-from sdtrt.model_repository.server import TritonServer
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
-from sdtrt.spec import WIRE_DTYPES, ModelSpec
+from sdtrt.spec import (
+    DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, ModelSpec,
+)
 
 PROTOCOLS = ("grpc", "http")
-DEFAULT_URLS = {"grpc": f"localhost:{TritonServer.grpc_port}", "http": f"localhost:{TritonServer.http_port}"}
+DEFAULT_URLS = {protocol: f"localhost:{DEFAULT_PORTS[protocol]}" for protocol in ("grpc", "http")}
 
 
 class ServerError(SdtrtError):
@@ -86,7 +86,7 @@ class Client:
 
     def is_ready(self) -> bool:
         try:
-            return bool(self._client().is_server_ready()) and bool(self._client().is_model_ready(PIPELINE))
+            return bool(self._client().is_server_ready()) and bool(self._client().is_model_ready(TXT2IMG))
         except Exception:
             return False
 
@@ -98,14 +98,14 @@ class Client:
 
     def _fetch_spec(self) -> ModelSpec:
         try:
-            config = self._client().get_model_config(PIPELINE, **({"as_json": True} if self.protocol == "grpc" else {}))
+            config = self._client().get_model_config(TXT2IMG, **({"as_json": True} if self.protocol == "grpc" else {}))
         except Exception as exc:
             raise ServerError(
-                f"cannot reach the {PIPELINE} model at {self.url} ({self.protocol}): {exc}. "
+                f"cannot reach the {TXT2IMG} model at {self.url} ({self.protocol}): {exc}. "
                 "Is `sdtrt serve` running, and is this its gRPC (--grpc-port) or HTTP (--http-port) port?"
             ) from None
         config = config.get("config", config)
-        return ModelSpec.from_json(json.loads(config["parameters"]["sdtrt_spec"]["string_value"]))
+        return ModelSpec.from_json(json.loads(config["parameters"][SPEC_PARAMETER]["string_value"]))
 
     # --- requests ----------------------------------------------------------------------------------------------
     def request(self, prompt: str, request_type: type = Txt2ImgRequest, **settings: Any) -> Txt2ImgRequest:
@@ -180,7 +180,7 @@ class Client:
         clip_skip, subseed, subseed_strength, enable_hr, hr_scale, hr_upscaler, ...). ``n_iter`` batches run one
         after another with continuing seeds (A1111's batch count); ``progress(done, n_iter)`` follows them."""
         request = self.request(prompt, **settings)
-        return self._batches(PIPELINE, request, {}, n_iter, progress)
+        return self._batches(TXT2IMG, request, {}, n_iter, progress)
 
     def img2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1,
                 progress: Callable[[int, int], None] | None = None, **settings: Any) -> Generation:
@@ -193,7 +193,7 @@ class Client:
         """The asyncio form of :meth:`txt2img` (tritonclient's aio clients, one per call)."""
         await self._aspec()
         request = self.request(prompt, **settings)
-        return concatenate([await self._agenerate(PIPELINE, r, {}) for r in batch_count(request, n_iter)])
+        return concatenate([await self._agenerate(TXT2IMG, r, {}) for r in batch_count(request, n_iter)])
 
     async def aimg2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1,
                        **settings: Any) -> Generation:

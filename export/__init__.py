@@ -21,6 +21,7 @@ from sdtrt.errors import UsageError
 from sdtrt.model_repository.build import write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.request import request_fields
+from sdtrt.samplers import schedule_table
 from sdtrt.spec import ComponentSpec, ExportLimits, ModelSpec
 
 if TYPE_CHECKING:
@@ -141,7 +142,8 @@ def refit_repository(repo: str | Path, model: str | Path, *, config: str | Path 
     import tempfile
     from dataclasses import replace
 
-    from sdtrt.export.tensorrt import load_manifest, refit_engine
+    from sdtrt.engines import load_manifest
+    from sdtrt.export.tensorrt import refit_engine
     from sdtrt.spec import load_spec
 
     root = Path(repo)
@@ -190,6 +192,7 @@ def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max
                                clip_layers=int(pipe.text_encoder.config.num_hidden_layers),
                                max_prompt_chars=max_prompt_chars),
         max_pixel_steps=max_pixel_steps,
+        schedules=schedule_table(),
         extra={"loras": list(ckpt.loras)} if ckpt.loras else {},
     )
 

@@ -81,12 +81,14 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None) -> Chec
     fetches the configs and tokenizer from the Hugging Face hub.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from diffusers import StableDiffusionPipeline
-
     path = Path(model)
     if not path.exists():
         raise UsageError(f"MODEL_DIR {str(path)!r} does not exist: give a diffusers folder or a .safetensors file")
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # the export shows its own progress
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UsageError(

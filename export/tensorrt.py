@@ -18,15 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from sdtrt.engines import MANIFEST, gpu_name, require_tensorrt
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.spec import BATCH, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, UNET_BATCH, ComponentSpec, ModelSpec
 
-MANIFEST = "trt_engines.json"
 TIMING_CACHE = "trt_timing.cache"
 # What --static-batch N fixes, per network: the dims that follow a request's images, as (least, most) rows per
 # image. The VAE decoder takes exactly 1 row per image; the U-Net 2 with guidance (uncond + cond) and 1 without,
@@ -43,29 +42,6 @@ class EngineOptions:
     fp32: tuple[str, ...] = ()  # networks to keep in FP32 (e.g. "vae_decoder" for VAEs that overflow in FP16)
     optimization_level: int = 3  # TensorRT's builder optimisation level (0-5; higher builds slower, may run faster)
     workspace_gib: float | None = None  # cap on the builder's scratch memory
-
-
-def require_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise UsageError(
-            "TensorRT is not installed: on a machine with an NVIDIA GPU run `pip install 'sdtrt[gpu]'` "
-            "(or use the docker/ image, which has it)"
-        ) from None
-    return trt
-
-
-def gpu_name() -> str:
-    """The GPU the engines are built for (TensorRT engines only run on the GPU model they were built on)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
-                             capture_output=True, text=True, timeout=30)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        out = None
-    if out is None or out.returncode != 0 or not out.stdout.strip():
-        raise SdtrtError("no NVIDIA GPU found (nvidia-smi failed): TensorRT engines can only be built on a GPU")
-    return out.stdout.strip().splitlines()[0]
 
 
 def _slug(text: str) -> str:
@@ -181,24 +157,6 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
                           "profile": {k: [list(s) for s in v] for k, v in shapes.items()}, "options": asdict(options)}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def load_manifest(repo: str | Path) -> dict[str, dict]:
-    path = Path(repo) / MANIFEST
-    if not path.is_file():
-        raise UsageError(f"{repo} has no TensorRT engines ({MANIFEST}); build them with `sdtrt export ... --format trt`")
-    return json.loads(path.read_text())
-
-
-def check_engine_matches(entry: dict, component: str) -> None:
-    """Refuse an engine built for another GPU or TensorRT version, with what to do."""
-    trt = require_tensorrt()
-    gpu = gpu_name()
-    if entry["gpu"] != gpu or entry["tensorrt"] != trt.__version__:
-        raise SdtrtError(
-            f"the {component} engine was built for {entry['gpu']} with TensorRT {entry['tensorrt']}, but this is "
-            f"{gpu} with TensorRT {trt.__version__}: rebuild with `sdtrt export ... --format trt`"
-        )
 
 
 def refit_engine(engine_path: Path, onnx_path: Path) -> None:

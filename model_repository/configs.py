@@ -20,12 +20,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from sdtrt.errors import UsageError
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
-from sdtrt.spec import WIRE_DTYPES, ComponentSpec, ModelSpec, TensorSpec
+from sdtrt.spec import (
+    IMAGES, IMG2IMG, INIT_IMAGE, MASK, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, ComponentSpec, ModelSpec, TensorSpec,
+)
 
 NETWORK_BACKENDS = ("python", "onnxruntime", "tensorrt")
 NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-PIPELINE = "txt2img"
-IMG2IMG = "img2img"
 
 
 def config_dtype(dtype: str) -> int:
@@ -47,9 +47,7 @@ class ServingOptions:
 TOKEN_IDS = "token_ids"  # [2k, 77]: the negative prompt's k chunks, then the prompt's k chunks
 TOKEN_WEIGHTS = "token_weights"  # [2k, 77]: A1111 attention weights of those tokens
 CLIP_SKIP_ROWS = "clip_skip_rows"  # [2k, 1]: the request's Clip skip, one per text-encoder row
-# What a job returns.
-IMAGES = "images"  # [N, H, W, 3] uint8
-SEEDS = "seeds"  # [N] int64
+
 
 
 def _tensor(message, name: str, dtype: str, dims: list[int]) -> None:
@@ -141,8 +139,6 @@ def device_kind(options: ServingOptions) -> int:
 
 # Request fields the tokenizer takes.
 TOKENIZER_FIELDS = ("prompt", "negative_prompt", "clip_skip")
-INIT_IMAGE = "init_image"  # img2img: [H, W, 3] uint8
-MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img2img
 
 
 @dataclass(frozen=True)
@@ -151,7 +147,7 @@ class Job:
     request_type: type  # its fields (every one an optional [1]-shaped input)
 
 
-JOBS = {job.name: job for job in (Job(PIPELINE, Txt2ImgRequest), Job(IMG2IMG, Img2ImgRequest))}
+JOBS = {job.name: job for job in (Job(TXT2IMG, Txt2ImgRequest), Job(IMG2IMG, Img2ImgRequest))}
 
 
 def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
@@ -181,8 +177,8 @@ def job_config(spec: ModelSpec, job: Job, options: ServingOptions) -> mc.ModelCo
     channels = spec.component("vae_decoder").outputs[0].shape[1]
     _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
     _tensor(config.output, SEEDS, "int64", [-1])
-    if job.name == PIPELINE:  # clients read the spec from here (the same JSON export wrote)
-        config.parameters["sdtrt_spec"].string_value = json.dumps(spec.to_json(), separators=(",", ":"))
+    if job.name == TXT2IMG:  # clients read the spec from here (the same JSON export wrote)
+        config.parameters[SPEC_PARAMETER].string_value = json.dumps(spec.to_json(), separators=(",", ":"))
     # On a GPU the loops run on GPU instances: their latents stay on the device between U-Net calls.
     config.instance_group.add(count=options.scheduler_instances, kind=device_kind(options))
     # One request per execution (max_batch_size 0); the batcher is here for its queue policy: a bounded wait,

@@ -14,7 +14,8 @@ import triton_python_backend_utils as pb_utils
 
 from sdtrt.img2img import finish_images, prepare_images
 from sdtrt.jobs import img2img_latents
-from sdtrt.model_repository.configs import IMAGES, IMG2IMG, INIT_IMAGE, JOBS, MASK, SEEDS
+from sdtrt.model_repository.configs import JOBS
+from sdtrt.spec import IMAGES, IMG2IMG, INIT_IMAGE, MASK, SEEDS
 from sdtrt.model_repository.triton_io import JobModel, optional_input
 
 

@@ -1,21 +1,15 @@
-"""perf_analyzer against the job models and each network: its input data (from the spec) and its environment."""
+"""perf_analyzer's input data for the job models and each network, from the spec (written at export)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-from sdtrt.clip_vocab import cache_dir
-from sdtrt.errors import UsageError
-from sdtrt.model_repository.configs import IMG2IMG, INIT_IMAGE, PIPELINE, TOKENIZER_FIELDS
+from sdtrt.model_repository.configs import TOKENIZER_FIELDS
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
-from sdtrt.model_repository.server import pytriton_home
 from sdtrt.spec import (
-    BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, ModelSpec,
+    BATCH, CONTEXT, IMAGE_H, IMAGE_W, IMG2IMG, INIT_IMAGE, LATENT_H, LATENT_W, TEXT_BATCH, TXT2IMG, UNET_BATCH, ModelSpec,
 )
 
 PERF_INPUT = "perf_input.json"  # written into each model's folder (Triton ignores files there)
@@ -53,7 +47,7 @@ def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
         return data
 
     return {
-        PIPELINE: {"data": [txt2img]},
+        TXT2IMG: {"data": [txt2img]},
         IMG2IMG: {"data": [img2img]},
         "tokenizer": {"data": [{f: txt2img[f] for f in TOKENIZER_FIELDS}]},
         **{name: {"data": [network(name)]} for name in spec.components},
@@ -67,25 +61,3 @@ def write_perf_inputs(repo: Path, spec: ModelSpec) -> list[Path]:
         path.write_text(json.dumps(data))
         paths.append(path)
     return paths
-
-
-def perf_analyzer_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The perf_analyzer binary from the tritonclient wheel, with the two shared libraries it needs.
-
-    It links libb64.so.0d and libcudart.so.12; the nvidia-pytriton wheel bundles both under hashed names,
-    so we link them under their real names in a cache folder put on LD_LIBRARY_PATH.
-    """
-    binary = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
-    if not Path(binary).is_file():
-        raise UsageError("perf_analyzer not found: it comes with tritonclient[all]==2.50.0 (scripts/setup.sh)")
-    env = dict(os.environ)
-    home = pytriton_home()
-    libs = home.parent.parent / "nvidia_pytriton.libs" if home else Path("/nonexistent")
-    links = cache_dir() / "perf_analyzer_libs"
-    links.mkdir(parents=True, exist_ok=True)
-    for pattern, name in (("libb64-*.so.0d", "libb64.so.0d"), ("libcudart-*.so.12*", "libcudart.so.12")):
-        found = sorted(libs.glob(pattern))
-        if found and not (links / name).exists():
-            (links / name).symlink_to(found[0])
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(links), env.get("LD_LIBRARY_PATH", "")) if p)
-    return [binary, *args], env

@@ -148,10 +148,10 @@ class JobModel(PerRequestModel):
         creates the CUDA context)."""
         import torch
 
-        from sdtrt.samplers import SAMPLERS, make_scheduler, step_kwargs
+        from sdtrt.samplers import DEFAULT_SCHEDULE, SAMPLERS, make_scheduler, step_kwargs
 
         for name in SAMPLERS:
-            scheduler = make_scheduler(name, self.spec.scheduler_config, seeds=[0])
+            scheduler = make_scheduler(name, self.spec.scheduler_config, DEFAULT_SCHEDULE, self.spec.schedules, [0])
             scheduler.set_timesteps(2, device=self.device)
         latents = torch.zeros(1, self.spec.latent_channels, 8, 8, device=self.device)
         t = scheduler.timesteps[0]

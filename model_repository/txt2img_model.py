@@ -15,12 +15,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sdtrt.jobs import txt2img_latents
-from sdtrt.model_repository.configs import IMAGES, JOBS, PIPELINE, SEEDS
+from sdtrt.model_repository.configs import JOBS
+from sdtrt.spec import IMAGES, SEEDS, TXT2IMG
 from sdtrt.model_repository.triton_io import JobModel
 
 
 class TritonPythonModel(JobModel):
-    job = JOBS[PIPELINE]
+    job = JOBS[TXT2IMG]
 
     def run(self, request) -> "pb_utils.InferenceResponse":
         start = time.perf_counter()

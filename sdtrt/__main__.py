@@ -1,3 +1,3 @@
-from sdtrt.cli import main
+from sdtrt.app.cli import main
 
 raise SystemExit(main())

@@ -34,22 +34,35 @@ def cache_dir() -> Path:
 
 
 def fetch_bpe(source: str | Path | None = None) -> bytes:
-    """The gzipped BPE file from ``source`` (a .gz or the wheel), $SDTRT_CLIP_BPE, the cache, or the registry."""
+    """The gzipped BPE file from ``source`` (a .gz or the wheel), $SDTRT_CLIP_BPE, or the cache that the install
+    step filled (:func:`download_bpe`, run by scripts/setup.sh and the docker image). Never downloads."""
     candidates = [Path(p) for p in (source, os.environ.get("SDTRT_CLIP_BPE")) if p]
-    cached = cache_dir() / OPEN_CLIP_WHEEL
-    candidates.append(cached)
+    candidates.append(cache_dir() / OPEN_CLIP_WHEEL)
     for path in candidates:
         if path.is_file():
             return _checked(_read(path), path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cached.parent), OPEN_CLIP_REQUIREMENT]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0 or not cached.is_file():
-        raise SdtrtError(
-            "could not get CLIP's BPE vocabulary: `" + " ".join(cmd) + "` failed:\n" + result.stderr.strip()
-            + f"\nDownload {OPEN_CLIP_WHEEL} from PyPI yourself and pass it with --clip-bpe, or put it in {cached.parent}"
-        )
-    return _checked(_read(cached), cached)
+    raise SdtrtError(
+        f"CLIP's BPE vocabulary is not installed (looked for {', '.join(str(p) for p in candidates)}). The install "
+        "step fetches it once: run scripts/setup.sh, or `python -m sdtrt.clip_vocab` (from the package registry), "
+        f"or download {OPEN_CLIP_WHEEL} from PyPI yourself and pass it with --clip-bpe"
+    )
+
+
+def download_bpe() -> Path:
+    """Fetch the open-clip-torch wheel (never installed: only its vocabulary file is read) into the cache, from
+    the package registry; done once, by the install step."""
+    cached = cache_dir() / OPEN_CLIP_WHEEL
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cached.parent),
+               OPEN_CLIP_REQUIREMENT]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0 or not cached.is_file():
+            raise SdtrtError("could not get CLIP's BPE vocabulary: `" + " ".join(cmd) + "` failed:\n"
+                             + result.stderr.strip() + f"\nDownload {OPEN_CLIP_WHEEL} from PyPI yourself into "
+                             f"{cached.parent}, or pass it with --clip-bpe")
+    _checked(_read(cached), cached)
+    return cached
 
 
 def _read(path: Path) -> bytes:
@@ -94,3 +107,7 @@ def write_clip_tokenizer(out_dir: str | Path, bpe_source: str | Path | None = No
     tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=MAX_LENGTH, pad_token=EOS)
     tokenizer.save_pretrained(str(out))
     return out
+
+
+if __name__ == "__main__":  # the install step: python -m sdtrt.clip_vocab
+    print(f"CLIP vocabulary: {download_bpe()}")

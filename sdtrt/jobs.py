@@ -55,7 +55,7 @@ def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, hei
 
 def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]):
     """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state)."""
-    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, seeds)
+    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, spec.schedules, seeds)
     return make_generators(seeds), scheduler
 
 

@@ -66,7 +66,7 @@ class LocalPipeline:
         self.spec: ModelSpec = load_spec(self.repo)
         self.tokenizer = load_tokenizer(self.repo / self.spec.tokenizer, self.spec.text_max_length)
         if backend == "tensorrt":
-            from sdtrt.export.tensorrt import check_engine_matches, load_manifest
+            from sdtrt.engines import check_engine_matches, load_manifest
 
             manifest = load_manifest(self.repo)
             self.nets = {}

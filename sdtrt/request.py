@@ -22,29 +22,32 @@ from sdtrt.spec import FieldSpec, ModelSpec
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
 MAX_GUIDANCE = 30.0
-DEFAULT_DENOISING = 0.75
 
 
 @dataclass(frozen=True)
 class Txt2ImgRequest:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = RANDOM_SEED
-    steps: int = 20
-    guidance_scale: float = 7.0
-    sampler: str = DEFAULT_SAMPLER
-    schedule_type: str = DEFAULT_SCHEDULE
-    width: int | None = None  # None: the model's native size
+    """A txt2img job's settings. Any left None takes the served model's default: the defaults, like the limits,
+    exist once, in the spec's request table (``request_fields``, written at export); ``validate`` fills them in
+    and checks every value."""
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None  # -1 picks one
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    schedule_type: str | None = None
+    width: int | None = None
     height: int | None = None
-    batch_size: int = 1
-    clip_skip: int = 1
-    subseed: int = RANDOM_SEED
-    subseed_strength: float = 0.0
-    denoising_strength: float = DEFAULT_DENOISING  # the hires pass's (txt2img) or the init image's (img2img)
-    enable_hr: bool = False
-    hr_scale: float = 2.0
-    hr_upscaler: str = DEFAULT_UPSCALER
-    hr_second_pass_steps: int = 0  # 0: the same as steps
+    batch_size: int | None = None
+    clip_skip: int | None = None
+    subseed: int | None = None
+    subseed_strength: float | None = None
+    denoising_strength: float | None = None  # the hires pass's (txt2img) or the init image's (img2img)
+    enable_hr: bool | None = None
+    hr_scale: float | None = None
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = None  # 0: the same as steps
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,10 +57,10 @@ class Txt2ImgRequest:
 class Img2ImgRequest(Txt2ImgRequest):
     """img2img and inpainting settings; the init image and the mask travel beside the request, as arrays."""
 
-    resize_mode: str = "Just resize"
-    mask_blur: int = 4
-    inpaint_full_res: bool = False  # A1111's "Inpaint area: Only masked"
-    inpaint_full_res_padding: int = 32
+    resize_mode: str | None = None
+    mask_blur: int | None = None
+    inpaint_full_res: bool | None = None  # A1111's "Inpaint area: Only masked"
+    inpaint_full_res_padding: int | None = None
 
 
 def job_fields(request_type: type) -> tuple[str, ...]:
@@ -92,7 +95,7 @@ def request_fields(
                   minimum=RANDOM_SEED, maximum=MAX_SEED),
         FieldSpec("subseed_strength", "float32", 0.0, "how far each image's noise moves towards its variation seed's",
                   minimum=0.0, maximum=1.0),
-        FieldSpec("denoising_strength", "float32", DEFAULT_DENOISING,
+        FieldSpec("denoising_strength", "float32", 0.75,
                   "how much of the init image (img2img) or first pass (hires fix) is redrawn", minimum=0.0, maximum=1.0),
         FieldSpec("enable_hr", "bool", False, "hires fix: upscale the first pass and redraw it at the larger size"),
         FieldSpec("hr_scale", "float32", 2.0, "hires fix: upscale factor", minimum=1.0, maximum=4.0),
@@ -156,7 +159,7 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     for name, value in request.as_dict().items():
         field = spec.field(name)
         values[name] = check_value(field, field.default if value is None else value)
-    resolve(values["sampler"], values["schedule_type"])  # not every sampler follows every schedule
+    resolve(values["sampler"], values["schedule_type"], spec.schedules)  # not every sampler follows every schedule
     checked = type(request)(**values)
     if checked.enable_hr:
         from sdtrt.hires import target_size

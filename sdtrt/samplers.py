@@ -79,13 +79,20 @@ def _scheduler_class(sampler: Sampler):
 
 
 def supported_schedules(name: str) -> tuple[str, ...]:
-    """The schedule types this sampler's diffusers class can follow (its __init__ takes the setting)."""
+    """The schedule types this sampler's diffusers class can follow (its __init__ takes the setting). Needs
+    diffusers: export computes it once into the spec (``ModelSpec.schedules``), which everyone else reads."""
     params = inspect.signature(_scheduler_class(SAMPLERS[name]).__init__).parameters
     return tuple(t for t, config in SCHEDULE_TYPES.items() if all(k in params for k in config))
 
 
-def resolve(name: str, schedule_type: str = DEFAULT_SCHEDULE) -> tuple[Sampler, str]:
-    """(sampler, effective schedule type); an explicit schedule type wins over a combined name's."""
+def schedule_table() -> dict[str, list[str]]:
+    """Sampler -> the schedule types it accepts, for the spec."""
+    return {name: list(supported_schedules(name)) for name in SAMPLERS}
+
+
+def resolve(name: str, schedule_type: str, schedules: dict[str, list[str]]) -> tuple[Sampler, str]:
+    """(sampler, effective schedule type) checked against ``schedules`` (the spec's table); an explicit schedule
+    type wins over a combined name's."""
     try:
         sampler = SAMPLERS[name]
     except KeyError:
@@ -93,7 +100,7 @@ def resolve(name: str, schedule_type: str = DEFAULT_SCHEDULE) -> tuple[Sampler, 
     if schedule_type not in SCHEDULE_TYPES:
         raise InvalidRequest("schedule_type", schedule_type, "one of: " + ", ".join(repr(t) for t in SCHEDULE_TYPES))
     effective = sampler.schedule if schedule_type == DEFAULT_SCHEDULE else schedule_type
-    allowed = supported_schedules(name)
+    allowed = schedules.get(name, ())
     if effective not in allowed:
         raise InvalidRequest("schedule_type", schedule_type,
                              f"one of: {', '.join(repr(t) for t in allowed)} with sampler {name!r}")
@@ -101,14 +108,15 @@ def resolve(name: str, schedule_type: str = DEFAULT_SCHEDULE) -> tuple[Sampler, 
 
 
 def make_scheduler(
-    name: str, base_config: dict[str, Any], schedule_type: str = DEFAULT_SCHEDULE, seeds: list[int] | None = None
+    name: str, base_config: dict[str, Any], schedule_type: str, schedules: dict[str, list[str]],
+    seeds: list[int] | None = None,
 ) -> Any:
     """A fresh diffusers scheduler for one request (schedulers keep per-run state).
 
     ``seeds`` (one per image) seed DPM++ SDE's Brownian tree, one tree per image, as A1111 does; the other
     samplers draw their noise from the per-image generators passed to ``step`` instead.
     """
-    sampler, effective = resolve(name, schedule_type)
+    sampler, effective = resolve(name, schedule_type, schedules)
     cls = _scheduler_class(sampler)
     overrides = {**sampler.overrides, **SCHEDULE_TYPES[effective]}
     if seeds is not None and "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:

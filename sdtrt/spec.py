@@ -16,7 +16,7 @@ from typing import Any, Union
 from sdtrt.errors import UsageError
 
 SPEC_FILENAME = "sdtrt_spec.json"
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: per-request ceilings, the sampler x schedule table
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
@@ -31,6 +31,17 @@ LATENT_W = "latent_width"
 CONTEXT = "context_length"  # text positions seen by the U-Net: 77 per 75-token prompt chunk
 IMAGE_H = "image_height"  # pixels (VAE encoder input, VAE decoder output)
 IMAGE_W = "image_width"
+
+# The models users call, and their tensors beside the request fields (each field is a [1]-shaped input named
+# after it). Server, generator and clients all read these names from here.
+TXT2IMG = "txt2img"  # also carries the spec itself, as its config parameter SPEC_PARAMETER
+IMG2IMG = "img2img"
+INIT_IMAGE = "init_image"  # img2img: [H, W, 3] uint8
+MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img2img
+IMAGES = "images"  # out: [N, H, W, 3] uint8
+SEEDS = "seeds"  # out: [N] int64, the seed of each image
+SPEC_PARAMETER = "sdtrt_spec"
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # tritonserver's own defaults
 
 # A dimension is either a fixed size or the name of a dynamic dimension listed in ModelSpec.dims.
 DimValue = Union[int, str]
@@ -163,6 +174,7 @@ class ModelSpec:
     components: dict[str, ComponentSpec]
     request: dict[str, FieldSpec]
     max_pixel_steps: int = 0  # width x height x images x steps (hires pass included) a request may take; 0: no ceiling
+    schedules: dict[str, list[str]] = field(default_factory=dict)  # sampler -> the schedule types it accepts
     spec_version: int = SPEC_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -49,7 +49,7 @@ def server(exported_repo, tmp_path_factory):
     """A real tritonserver on the exported repository, on free loopback ports, for the whole session."""
     from servers import free_ports
 
-    from sdtrt.model_repository.server import TritonServer
+    from sdtrt.app.server import TritonServer
 
     http, grpc, metrics = free_ports(3)
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"

@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from sdtrt.cli import main
+from sdtrt.app.cli import main
 from sdtrt.infotext import parse_infotext
 
 
@@ -25,12 +25,20 @@ def test_help_lists_the_commands():
         assert command in result.stdout
 
 
-def test_txt2img_help_documents_every_field_with_range_and_default():
-    result = subprocess.run([sys.executable, "-m", "sdtrt", "txt2img", "--help"], capture_output=True, text=True)
-    text = " ".join(result.stdout.split())
-    assert "an integer, from 1 to 150 (default: 20)" in text
-    assert "an integer, a multiple of 8, from 64 to 1024 (default: the model's native size)" in text
+def test_txt2img_help_documents_every_field_with_the_models_own_range_and_default(exported_repo, server):
+    """The ranges and defaults are the model's (its spec), read from the export (--local) or the server (--url)."""
+    plain = subprocess.run([sys.executable, "-m", "sdtrt", "txt2img", "--help"], capture_output=True, text=True)
+    text = " ".join(plain.stdout.split())
+    assert "add --url URL or --local DIR to --help" in text and "from 1 to 150" not in text  # no made-up ranges
     assert "--cfg-scale" in text and "--negative-prompt" in text and "--batch-size" in text
+    for where in (["--local", str(exported_repo)], ["--url", server.url]):
+        served = subprocess.run([sys.executable, "-m", "sdtrt", "txt2img", *where, "--help"], capture_output=True,
+                                text=True)
+        text = " ".join(served.stdout.split())
+        assert "the ranges and defaults of default [" in text, where
+        assert "sampling steps; an integer, from 1 to 150 (default: 20)" in text
+        assert "image width in pixels; an integer, a multiple of 8, from 64 to 1024 (default: 512)" in text
+        assert "what to draw" not in served.stderr and "transformers" not in served.stderr
 
 
 def test_txt2img_writes_numbered_pngs_with_infotext(capsys, exported_repo, tmp_path):

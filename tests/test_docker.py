@@ -113,7 +113,7 @@ def expand(command: str) -> list[str]:
 def test_every_compose_command_exists_in_the_image():
     """Each service runs a real sdtrt command with flags its parser accepts, a script the image copies, or pytest
     with a marker the project registers."""
-    from sdtrt.cli import build_parser
+    from sdtrt.app.cli import build_parser
 
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     copied = {shlex.split(args)[0] for name, args in instructions() if name == "COPY"}

@@ -43,7 +43,7 @@ def test_onnx_matches_torch(name, exported_repo, diffusers_pipe):
 def test_spec_records_the_models_facts(exported_repo, default_model):
     raw = json.loads((exported_repo / SPEC_FILENAME).read_text())
     spec = load_spec(exported_repo)
-    assert raw["spec_version"] == 1
+    assert raw["spec_version"] == 2
     assert spec.latent_channels == 4 and spec.vae_scale_factor == 8
     assert spec.vae_scaling_factor == pytest.approx(0.18215)
     assert spec.prediction_type == "epsilon"
@@ -56,5 +56,8 @@ def test_spec_records_the_models_facts(exported_repo, default_model):
     width = spec.field("width")
     assert (width.default, width.minimum, width.maximum, width.multiple_of) == (512, 64, 1024, 8)
     assert "Euler a" in spec.field("sampler").choices
+    # which schedule types each sampler takes, worked out from diffusers once, here, for every reader of the spec
+    assert spec.schedules["DPM++ 2M"] == ["Automatic", "Karras", "Exponential", "SGM Uniform"]
+    assert spec.schedules["Euler a"] == ["Automatic", "SGM Uniform"] and set(spec.schedules) == set(raw["schedules"])
     for component in spec.components.values():
         assert (exported_repo / component.onnx).is_file()

@@ -96,7 +96,7 @@ def small_server(exported_repo, tmp_path_factory):
     """One denoising loop per job and room for one waiting request: busy is easy to reach and to see."""
     from sdtrt.model_repository.build import write_repository
     from sdtrt.model_repository.configs import ServingOptions
-    from sdtrt.model_repository.server import TritonServer
+    from sdtrt.app.server import TritonServer
 
     repo = tmp_path_factory.mktemp("small") / "repo"
     shutil.copytree(exported_repo, repo)
@@ -226,7 +226,7 @@ def test_a_killed_unet_stub_is_reported_not_ready_and_healed_within_30_s(exporte
     """`sdtrt serve` as a user runs it: SIGKILL the unet's Python stub, then readiness must go false (not just
     every request fail), requests succeed again within 30 s, liveness never drops, and the log says what died and
     what was done."""
-    from sdtrt.model_repository.health import stubs_of
+    from sdtrt.app.health import stubs_of
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)

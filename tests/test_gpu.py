@@ -167,7 +167,7 @@ def trt_server(default_model, tmp_path_factory):
 
     from sdtrt.export import export_model
     from sdtrt.export.tensorrt import EngineOptions
-    from sdtrt.model_repository.server import TritonServer
+    from sdtrt.app.server import TritonServer
 
     repo = tmp_path_factory.mktemp("trt") / "default"
     export_model(default_model, repo, max_size=256, progress=False, report=lambda *_: None, engines=EngineOptions())

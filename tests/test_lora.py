@@ -44,7 +44,7 @@ def test_fused_lora_export_matches_diffusers_with_the_lora(default_model, lora_f
 
 
 def test_missing_lora_file_is_named(capsys, default_model, tmp_path):
-    from sdtrt.cli import main
+    from sdtrt.app.cli import main
 
     code = main(["export", str(default_model), "--out", str(tmp_path / "r"), "--lora", str(tmp_path / "nope.safetensors")])
     assert code == 2 and "nope.safetensors: no such file" in capsys.readouterr().err

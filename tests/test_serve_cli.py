@@ -137,7 +137,7 @@ def test_from_png_regenerates_the_same_pixels(server, tmp_path):
     assert info.returncode == 0
     assert "Seed: 1235," in info.stdout and "Variation seed: 100," in info.stdout
     assert "Hires upscale: 1.5, Hires upscaler: Latent (nearest)" in info.stdout
-    assert f"Version: sdtrt " in info.stdout
+    assert "Version: sdtrt " in info.stdout
     settings = json.loads(sdtrt("png-info", str(source), "--json").stdout)
     assert settings["prompt"] == "a (lighthouse:1.2), [fog], oil painting"
     assert settings["negative_prompt"] == 'blurry, "dark"' and settings["enable_hr"] is True

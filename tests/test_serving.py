@@ -19,7 +19,7 @@ from servers import raw_infer
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff, sample_mask, sample_picture
 from sdtrt.client import Client, ServerError
 from sdtrt.errors import InvalidRequest
-from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
+from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, validate
 from sdtrt.samplers import SAMPLERS
 from sdtrt.request import job_fields
 from sdtrt.spec import WIRE_DTYPES, load_spec
@@ -94,7 +94,7 @@ def test_served_prompt_syntax_long_prompts_and_clip_skip_match_the_local_runner(
 
 def test_120_token_prompt_gives_a_154_token_context(server, local_pipeline):
     prompt = " ".join(["cat"] * 120)
-    uncond, cond = local_pipeline.encode_prompts(Txt2ImgRequest(prompt=prompt))
+    uncond, cond = local_pipeline.encode_prompts(validate(Txt2ImgRequest(prompt=prompt), local_pipeline.spec))
     assert cond.shape[1] == uncond.shape[1] == 154
     served = Client(server.url).txt2img(prompt, steps=3, width=64, height=64, seed=1)
     assert served.images.shape == (1, 64, 64, 3) and served.images.std() > 1

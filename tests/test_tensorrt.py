@@ -173,7 +173,7 @@ def test_static_engines_narrow_the_requests_they_serve(exported_repo):
 
 
 def test_configs_command_switches_to_tritons_onnxruntime_backend(exported_repo, tmp_path, capsys):
-    from sdtrt.cli import main
+    from sdtrt.app.cli import main
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
@@ -185,7 +185,7 @@ def test_configs_command_switches_to_tritons_onnxruntime_backend(exported_repo, 
 def test_build_engines_without_tensorrt_says_what_to_install(exported_repo, capsys):
     if importlib.util.find_spec("tensorrt"):
         pytest.skip("tensorrt is installed here")
-    from sdtrt.cli import main
+    from sdtrt.app.cli import main
 
     assert main(["build-engines", str(exported_repo)]) == 2
     assert "pip install 'sdtrt[gpu]'" in capsys.readouterr().err

@@ -21,8 +21,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdtrt.clip_vocab import cache_dir
 from sdtrt.errors import SdtrtError, UsageError
-from sdtrt.spec import SPEC_FILENAME
+from sdtrt.spec import DEFAULT_PORTS, SPEC_FILENAME
 
 log = logging.getLogger("sdtrt.server")
 
@@ -63,9 +64,9 @@ def ensure_python_stub(home: Path) -> None:
 @dataclass
 class TritonServer:
     model_repository: Path
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    http_port: int = DEFAULT_PORTS["http"]
+    grpc_port: int = DEFAULT_PORTS["grpc"]
+    metrics_port: int = DEFAULT_PORTS["metrics"]
     log_file: Path | None = None
     binary: Path | None = None
     extra_args: list[str] = field(default_factory=list)
@@ -190,3 +191,25 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def perf_analyzer_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The perf_analyzer binary from the tritonclient wheel, with the two shared libraries it needs.
+
+    It links libb64.so.0d and libcudart.so.12; the nvidia-pytriton wheel bundles both under hashed names,
+    so we link them under their real names in a cache folder put on LD_LIBRARY_PATH.
+    """
+    binary = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
+    if not Path(binary).is_file():
+        raise UsageError("perf_analyzer not found: it comes with tritonclient[all]==2.50.0 (scripts/setup.sh)")
+    env = dict(os.environ)
+    home = pytriton_home()
+    libs = home.parent.parent / "nvidia_pytriton.libs" if home else Path("/nonexistent")
+    links = cache_dir() / "perf_analyzer_libs"
+    links.mkdir(parents=True, exist_ok=True)
+    for pattern, name in (("libb64-*.so.0d", "libb64.so.0d"), ("libcudart-*.so.12*", "libcudart.so.12")):
+        found = sorted(libs.glob(pattern))
+        if found and not (links / name).exists():
+            (links / name).symlink_to(found[0])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(links), env.get("LD_LIBRARY_PATH", "")) if p)
+    return [binary, *args], env

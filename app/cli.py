@@ -1,4 +1,8 @@
-"""The ``sdtrt`` command line: build the default model, export, serve, generate (client/cli.py), measure."""
+"""The ``sdtrt`` command line: build the default model, export, serve, generate (client/cli.py), measure.
+
+Heavy libraries (torch, diffusers, onnx) are imported by the commands that use them, so that the client-side
+commands run on a client-only install and every command starts quickly.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,10 @@ from pathlib import Path
 from typing import Sequence
 
 from sdtrt import __version__
+from sdtrt.client.cli import add_commands as add_generation_commands, spec_for_help
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.model_repository.configs import NETWORK_BACKENDS, ServingOptions
-from sdtrt.model_repository.server import TritonServer
-from sdtrt.spec import ExportLimits
-from sdtrt.client.cli import add_commands as add_generation_commands
-from sdtrt.samplers import SAMPLERS
+from sdtrt.spec import DEFAULT_PORTS, ExportLimits
 
 EPILOG_MAIN = """\
 typical session:
@@ -38,7 +40,8 @@ def serving_options(args: argparse.Namespace) -> dict:
     return {"scheduler_instances": args.scheduler_instances, "max_queue": args.max_queue}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(spec=None) -> argparse.ArgumentParser:
+    """The whole command line; ``spec`` (a model's) documents the generation flags' ranges and defaults."""
     parser = argparse.ArgumentParser(
         prog="sdtrt",
         description="Stable Diffusion through ONNX/TensorRT and Triton Inference Server.",
@@ -48,14 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sdtrt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_init_default, _add_export, _add_build_engines, _add_refit, _add_configs):
+        add(sub)
+    add_generation_commands(sub, spec)
+    for add in (_add_serve, _add_soak, _add_perf_analyzer, _add_samplers):
+        add(sub)
+    return parser
 
+
+def _add_init_default(sub) -> None:
     p = sub.add_parser("init-default", help="build the small offline default model (a diffusers folder)",
                        description="Build the embedded default model: a tiny Stable-Diffusion-shaped pipeline with "
                        "CLIP's real tokenizer, random weights from a fixed seed, byte-identical on every build.")
     p.add_argument("--out", type=Path, default=Path("models/default"), help="output folder (default: models/default)")
     p.add_argument("--clip-bpe", type=Path, default=None,
                    help="CLIP's bpe_simple_vocab_16e6.txt.gz, or the open-clip-torch wheel holding it "
-                   "(default: the cache, else fetched from PyPI)")
+                   "(default: the copy the install step fetched)")
     p.add_argument("--inpainting", action="store_true",
                    help="give the U-Net 9 input channels, like SD inpainting checkpoints")
     p.add_argument("--size", choices=["tiny", "sd15"], default="tiny",
@@ -63,29 +74,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "benchmarks without a checkpoint (~4 GB)")
     p.set_defaults(func=cmd_init_default)
 
+
+def _backend_flag(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python", help=help)
+
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX and write the model spec",
-                       description="Export the text encoder, U-Net and VAE decoder of a Stable Diffusion checkpoint to "
-                       "ONNX (opset 17, dynamic batch, latent height/width and text length), check each with "
-                       "onnx.checker and against torch in onnxruntime, and write sdtrt_spec.json.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Export the text encoder, U-Net and VAE encoder and decoder of a Stable Diffusion "
+                       "checkpoint to ONNX (opset 17, dynamic batch, latent height/width and text length), check each "
+                       "with onnx.checker and against torch in onnxruntime, and write sdtrt_spec.json and the Triton "
+                       "model repository.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="MODEL_DIR", help="diffusers folder, or single-file .safetensors (with --config)")
     p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR", help="output model repository")
     p.add_argument("--config", type=Path, default=None,
                    help="for a single-file checkpoint: a local diffusers folder of the same architecture")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA into the exported weights at SCALE (default 1); repeatable")
-    p.add_argument("--max-batch", type=int, default=ExportLimits.max_batch, help="most images per request")
-    p.add_argument("--min-size", type=int, default=ExportLimits.min_size, help="smallest width/height in pixels")
-    p.add_argument("--max-size", type=int, default=ExportLimits.max_size, help="largest width/height in pixels")
-    p.add_argument("--max-chunks", type=int, default=ExportLimits.max_chunks, help="longest prompt, in 75-token chunks")
-    p.add_argument("--max-pixel-steps", type=int, default=None, metavar="N",
-                   help="most width x height x images x steps per request, hires pass included; 0: no ceiling "
-                        f"(default: max-size^2 x max-batch x {ExportLimits.full_batch_steps})")
-    p.add_argument("--max-prompt-chars", type=int, default=None, metavar="N",
-                   help=f"longest prompt in characters (default: max-chunks x 75 x {ExportLimits.chars_per_token})")
-    p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python",
-                   help="how Triton runs the networks: python = onnxruntime in the Python backend (any tritonserver, "
-                   "incl. the pip one); onnxruntime = Triton's ONNX Runtime backend (TensorRT: --format trt)")
+    limits = p.add_argument_group("what a request may ask for (recorded in the spec)")
+    limits.add_argument("--max-batch", type=int, default=ExportLimits.max_batch, help="most images per request")
+    limits.add_argument("--min-size", type=int, default=ExportLimits.min_size, help="smallest width/height in pixels")
+    limits.add_argument("--max-size", type=int, default=ExportLimits.max_size, help="largest width/height in pixels")
+    limits.add_argument("--max-chunks", type=int, default=ExportLimits.max_chunks,
+                        help="longest prompt, in 75-token chunks")
+    limits.add_argument("--max-pixel-steps", type=int, default=None, metavar="N",
+                        help="most width x height x images x steps per request, hires pass included; 0: no ceiling "
+                             f"(default: max-size^2 x max-batch x {ExportLimits.full_batch_steps})")
+    limits.add_argument("--max-prompt-chars", type=int, default=None, metavar="N",
+                        help=f"longest prompt in characters (default: max-chunks x 75 x {ExportLimits.chars_per_token})")
+    _backend_flag(p, "how Triton runs the networks: python = onnxruntime in the Python backend (any tritonserver, "
+                     "incl. the pip one); onnxruntime = Triton's ONNX Runtime backend (TensorRT: --format trt)")
     add_serving_args(p)
     p.add_argument("--format", choices=["onnx", "trt"], default="onnx",
                    help="trt: also build FP16 TensorRT engines (NVIDIA GPU + `pip install 'sdtrt[gpu]'`) and serve "
@@ -93,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_build_engines(sub) -> None:
     p = sub.add_parser("build-engines", help="build TensorRT engines for an existing export (GPU only)",
                        description="Build FP16 TensorRT engines from REPO_DIR's ONNX files and switch its Triton "
                        "configs to tensorrt_plan. Engines are named after the GPU, TensorRT version and profile; "
@@ -102,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(p)
     p.set_defaults(func=cmd_build_engines)
 
+
+def _add_refit(sub) -> None:
     p = sub.add_parser("refit", help="swap new weights (e.g. with a LoRA fused) into refittable engines (GPU only)",
                        description="Re-export MODEL (plus any --lora) and refit REPO_DIR's TensorRT engines with its "
                        "weights, without rebuilding; the engines must have been built with --refittable and MODEL "
@@ -112,39 +134,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA first; repeatable")
     p.set_defaults(func=cmd_refit)
 
+
+def _add_configs(sub) -> None:
     p = sub.add_parser("configs", help="regenerate an export's Triton configs for another network backend",
                        description="Rewrite every config.pbtxt of REPO_DIR from its spec, e.g. to serve the ONNX "
                        "networks with Triton's own onnxruntime backend on NVIDIA's server image.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("repo", type=Path, metavar="REPO_DIR")
-    p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python",
-                   help="how Triton runs the networks (tensorrt: use build-engines)")
+    _backend_flag(p, "how Triton runs the networks (tensorrt: use build-engines)")
     add_serving_args(p)
     p.set_defaults(func=cmd_configs)
 
-    add_generation_commands(sub)
 
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run tritonserver on an exported model repository",
                        description="Start tritonserver on REPO_DIR, wait until every model is ready, and serve until "
                        "Ctrl-C or SIGTERM (then stop it cleanly, stubs included). A model whose Python stub dies is "
                        "reloaded (readiness is false meanwhile), a server that exits is restarted; each event is a "
-                       "JSON log line. Arguments after `--` go to "
-                       "tritonserver as they are, e.g. `sdtrt serve -m repos/default -- --log-verbose=1`.")
+                       "JSON log line. Arguments after `--` go to tritonserver as they are, e.g. "
+                       "`sdtrt serve -m repos/default -- --log-verbose=1`.")
     p.add_argument("-m", "--model-repository", type=Path, required=True, metavar="REPO_DIR",
                    help="an `sdtrt export` output folder")
-    p.add_argument("--http-port", type=int, default=TritonServer.http_port, help="(default: %(default)s)")
-    p.add_argument("--grpc-port", type=int, default=TritonServer.grpc_port, help="(default: %(default)s)")
-    p.add_argument("--metrics-port", type=int, default=TritonServer.metrics_port,
-                   help="Prometheus metrics (default: %(default)s)")
+    for kind in ("http", "grpc", "metrics"):
+        p.add_argument(f"--{kind}-port", type=int, default=DEFAULT_PORTS[kind], help="(default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
     p.add_argument("--log-file", type=Path, default=None,
                    help="server log (default: REPO_DIR/../tritonserver-PORT.log; '-': this process's stdout)")
     p.add_argument("--tritonserver", type=Path, default=None,
                    help="a tritonserver binary (default: $SDTRT_TRITONSERVER, else the one in the nvidia-pytriton wheel)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the models to load (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for the models to load (default: %(default)s)")
     p.set_defaults(func=cmd_serve, triton_args=[])
 
+
+def _add_soak(sub) -> None:
     p = sub.add_parser("soak", help="a bounded mixed load for N minutes: requests, errors, latency, server memory",
                        description="Run a mixed load (txt2img with several samplers and sizes, hires fix, img2img, "
                        "inpainting, refused and cancelled requests) from several clients for N minutes and report "
@@ -160,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     p.set_defaults(func=cmd_soak)
 
+
+def _add_perf_analyzer(sub) -> None:
     p = sub.add_parser("perf-analyzer", add_help=False,
                        help="run Triton's perf_analyzer (from the tritonclient wheel) with the libraries it needs",
                        description="All arguments go to perf_analyzer. Each exported model has an input file: "
@@ -168,9 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("perf_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_perf_analyzer)
 
-    p = sub.add_parser("samplers", help="list the sampler names and the diffusers scheduler behind each")
+
+def _add_samplers(sub) -> None:
+    p = sub.add_parser("samplers", help="list the sampler names, the diffusers scheduler behind each and its schedules",
+                       description="The A1111 sampler names and schedule types sdtrt knows. Which schedule types each "
+                       "sampler accepts is in a model's spec: given --url or --repo it is read from there, else "
+                       "worked out from diffusers (a full install).")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running server (gRPC) whose spec to read")
+    where.add_argument("--repo", type=Path, metavar="REPO_DIR", help="an export whose spec to read")
     p.set_defaults(func=cmd_samplers)
-    return parser
 
 
 def cmd_init_default(args: argparse.Namespace) -> int:
@@ -194,7 +227,6 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_options(args: argparse.Namespace):
-    from sdtrt.errors import UsageError
     from sdtrt.export.tensorrt import EngineOptions
 
     size = None
@@ -210,7 +242,6 @@ def _engine_options(args: argparse.Namespace):
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from sdtrt.export import build_engines_and_configs
-    from sdtrt.model_repository.configs import ServingOptions
     from sdtrt.spec import load_spec
 
     spec = load_spec(args.repo)
@@ -229,7 +260,6 @@ def cmd_refit(args: argparse.Namespace) -> int:
 
 def cmd_configs(args: argparse.Namespace) -> int:
     from sdtrt.model_repository.build import write_repository
-    from sdtrt.model_repository.configs import ServingOptions
     from sdtrt.spec import load_spec
 
     written = write_repository(args.repo, load_spec(args.repo), ServingOptions(
@@ -240,8 +270,6 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from sdtrt.export import export_model
-
-    from sdtrt.model_repository.configs import ServingOptions
 
     serving = ServingOptions(backend=args.backend, **serving_options(args))
     engines = _engine_options(args) if args.format == "trt" else None
@@ -257,8 +285,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from sdtrt.model_repository.health import Healer
-    from sdtrt.model_repository.server import TritonServer
+    from sdtrt.app.health import Healer
+    from sdtrt.app.server import TritonServer
 
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
@@ -290,8 +318,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
     import socket
 
     from sdtrt.client import Client
-    from sdtrt.model_repository.server import TritonServer
-    from sdtrt.model_repository.soak import soak
+    from sdtrt.app.server import TritonServer
+    from sdtrt.app.soak import soak
 
     server = None
     if args.model_repository is not None:
@@ -320,7 +348,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 
 def cmd_perf_analyzer(args: argparse.Namespace) -> int:
-    from sdtrt.model_repository.perf import perf_analyzer_command
+    from sdtrt.app.server import perf_analyzer_command
 
     command, env = perf_analyzer_command(args.perf_args)
     os.execvpe(command[0], command, env)
@@ -328,8 +356,18 @@ def cmd_perf_analyzer(args: argparse.Namespace) -> int:
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
-    from sdtrt.samplers import SCHEDULE_TYPES, supported_schedules
+    from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_table
 
+    if args.url:
+        from sdtrt.client import Client
+
+        schedules = Client(args.url).spec.schedules
+    elif args.repo:
+        from sdtrt.spec import load_spec
+
+        schedules = load_spec(args.repo).schedules
+    else:
+        schedules = schedule_table()
     width = max(len(n) for n in SAMPLERS)
     for s in SAMPLERS.values():
         config = {**s.overrides, **SCHEDULE_TYPES[s.schedule]}
@@ -337,7 +375,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         print(f"{s.name:<{width}}  {s.scheduler} {extra}".rstrip())
     print("\nschedule types (--schedule-type; 'Automatic' keeps the sampler's own):")
     for name, config in SCHEDULE_TYPES.items():
-        usable = [s for s in SAMPLERS if name in supported_schedules(s)]
+        usable = [s for s in SAMPLERS if name in schedules.get(s, ())]
         detail = " ".join(f"{k}={v}" for k, v in config.items()) or "the sampler's default"
         print(f"  {name:<12} {detail}; with {len(usable)} of {len(SAMPLERS)} samplers")
     return 0
@@ -345,6 +383,11 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sdtrt never downloads weights
+    # Third-party chatter (transformers' notes about torchvision, progress bars of loading and saving weights) is not
+    # sdtrt's output; sdtrt shows its own progress.
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["perf-analyzer"] and argv[1:2] not in (["-h"], ["--help"]):  # every argument is perf_analyzer's
         return cmd_perf_analyzer(argparse.Namespace(perf_args=argv[1:]))
@@ -352,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:  # `sdtrt serve ... -- <tritonserver flags>`
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
+    args = build_parser(spec_for_help(argv)).parse_args(argv)
     if passthrough:
         if args.command != "serve":
             build_parser().error("arguments after `--` are only for `sdtrt serve` (they go to tritonserver)")

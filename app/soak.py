@@ -84,7 +84,7 @@ def rss_kib(pid: int) -> int | None:
 
 def server_memory(server_pid: int) -> dict[str, int]:
     """VmRSS (KiB) of tritonserver and of each of its Python stubs, by name."""
-    from sdtrt.model_repository.health import stub_processes
+    from sdtrt.app.health import stub_processes
 
     memory = {"tritonserver": rss_kib(server_pid)}
     memory.update({instance: rss_kib(stub.pid) for instance, stub in sorted(stub_processes(server_pid).items())})

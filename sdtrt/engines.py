@@ -1,0 +1,54 @@
+"""TensorRT engines as an export leaves them: the manifest (``trt_engines.json``) naming each network's engine
+file, the GPU and TensorRT it was built for, and the check that this machine matches. Read by the in-process
+runner and the exporter (which writes them, ``sdtrt.export.tensorrt``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from sdtrt.errors import SdtrtError, UsageError
+
+MANIFEST = "trt_engines.json"
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UsageError(
+            "TensorRT is not installed: on a machine with an NVIDIA GPU run `pip install 'sdtrt[gpu]'` "
+            "(or use the docker/ image, which has it)"
+        ) from None
+    return trt
+
+
+def gpu_name() -> str:
+    """The GPU the engines are built for (TensorRT engines only run on the GPU model they were built on)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        out = None
+    if out is None or out.returncode != 0 or not out.stdout.strip():
+        raise SdtrtError("no NVIDIA GPU found (nvidia-smi failed): TensorRT engines can only be built on a GPU")
+    return out.stdout.strip().splitlines()[0]
+
+
+def load_manifest(repo: str | Path) -> dict[str, dict]:
+    path = Path(repo) / MANIFEST
+    if not path.is_file():
+        raise UsageError(f"{repo} has no TensorRT engines ({MANIFEST}); build them with `sdtrt export ... --format trt`")
+    return json.loads(path.read_text())
+
+
+def check_engine_matches(entry: dict, component: str) -> None:
+    """Refuse an engine built for another GPU or TensorRT version, with what to do."""
+    trt = require_tensorrt()
+    gpu = gpu_name()
+    if entry["gpu"] != gpu or entry["tensorrt"] != trt.__version__:
+        raise SdtrtError(
+            f"the {component} engine was built for {entry['gpu']} with TensorRT {entry['tensorrt']}, but this is "
+            f"{gpu} with TensorRT {trt.__version__}: rebuild with `sdtrt export ... --format trt`"
+        )
