@@ -1,4 +1,5 @@
-"""Clients of a running sdtrt server: the library (:class:`Client`) and, later, the Gradio page."""
+"""Clients of a running sdtrt server: the library (:class:`Client`); on top of it the generation commands
+(cli.py), the AUTOMATIC1111 gateway (a1111_api.py) and the Gradio page (ui.py)."""
 
 from sdtrt.client.client import DEFAULT_URLS, PROTOCOLS, Client, ServerBusy, ServerError
 

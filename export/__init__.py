@@ -79,7 +79,25 @@ def export_model(
 
     repo = Path(out)
     repo.mkdir(parents=True, exist_ok=True)
-    # Verify at the smallest sizes (fast even for SD-sized weights) and at an odd, non-square, 2-chunk shape.
+    components = export_networks(descriptors(pipe, text_max_length), repo, dims, text_max_length, progress, report)
+    pipe.tokenizer.save_pretrained(str(repo / TOKENIZER_DIR))
+    limits = dict(
+        max_pixel_steps=ExportLimits.pixel_steps(max_size, max_batch) if max_pixel_steps is None else max_pixel_steps,
+        max_prompt_chars=ExportLimits.prompt_chars(max_chunks) if max_prompt_chars is None else max_prompt_chars,
+    )
+    spec = build_spec(ckpt, components, dims, factor, native, min_size, max_size, max_batch, text_max_length, **limits)
+    path = spec.save(repo)
+    report(f"spec: {path}")
+    if engines is not None:
+        return build_engines_and_configs(repo, spec, engines, serving, report, progress)
+    write_repository(repo, spec, serving)
+    report(f"Triton model repository: {repo} (networks on the {serving.backend!r} backend)")
+    return spec
+
+
+def export_networks(descs, repo: Path, dims, text_max_length: int, progress: bool, report) -> dict[str, ComponentSpec]:
+    """Each network: torch -> ONNX, onnx.checker, then onnxruntime against torch at two shapes: the smallest sizes
+    (fast even for SD-sized weights) and an odd, non-square, 2-chunk one."""
     lo_h, lo_w = dims[LATENT_H].min, dims[LATENT_W].min
     check_dims = [
         {BATCH: 1, TEXT_BATCH: 2, UNET_BATCH: 2, LATENT_H: lo_h, LATENT_W: lo_w + 1, CONTEXT: text_max_length},
@@ -87,7 +105,6 @@ def export_model(
          CONTEXT: min(2 * text_max_length, dims[CONTEXT].max)},
     ]
     components = {}
-    descs = descriptors(pipe, text_max_length)
     bar = tqdm(total=3 * len(descs), desc="export", unit="stage", disable=not progress)
     for desc in descs:
         path = repo / onnx_path(desc.name)
@@ -103,20 +120,7 @@ def export_model(
         report(f"{desc.name}: {path} (opset {OPSET}); onnxruntime vs torch max abs error {err:.2e}")
         components[desc.name] = ComponentSpec(desc.name, onnx_path(desc.name), OPSET, desc.inputs, desc.outputs)
     bar.close()
-
-    pipe.tokenizer.save_pretrained(str(repo / TOKENIZER_DIR))
-    limits = dict(
-        max_pixel_steps=ExportLimits.pixel_steps(max_size, max_batch) if max_pixel_steps is None else max_pixel_steps,
-        max_prompt_chars=ExportLimits.prompt_chars(max_chunks) if max_prompt_chars is None else max_prompt_chars,
-    )
-    spec = build_spec(ckpt, components, dims, factor, native, min_size, max_size, max_batch, text_max_length, **limits)
-    path = spec.save(repo)
-    report(f"spec: {path}")
-    if engines is not None:
-        return build_engines_and_configs(repo, spec, engines, serving, report, progress)
-    write_repository(repo, spec, serving)
-    report(f"Triton model repository: {repo} (networks on the {serving.backend!r} backend)")
-    return spec
+    return components
 
 
 def build_engines_and_configs(repo: str | Path, spec: ModelSpec, engines: "EngineOptions",

@@ -1,4 +1,4 @@
-"""The denoising loop, kept visible, shared by the in-process reference runner and the Triton scheduler models.
+"""The denoising loop, kept visible, shared by the in-process reference runner and the Triton job models.
 
 The U-Net is whatever callable it is handed: an onnxruntime session in-process, a BLS call to the ``unet``
 Triton model when served. Uncond and cond go through the U-Net in ONE batched call, as in diffusers.

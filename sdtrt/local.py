@@ -1,7 +1,7 @@
 """The in-process reference runner: txt2img and img2img from an exported repository with onnxruntime, no server.
 
-It runs the same steps, in the same order, as the served pipeline (tokenizer -> text encoder -> scheduler
-loop with the U-Net -> VAE decoder -> postprocess), so served images can be checked against it.
+It runs the same steps, in the same order, as the served job models (tokenizer -> text encoder -> the denoising
+loop with the U-Net -> VAE decoder -> uint8 pictures), so served images can be checked against it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GPU checks, all behind the ``gpu`` marker (``pytest -m gpu`` on a GPU host runs every one of them).
 
-* The denoising loop on the GPU (needs only PyTorch with CUDA and diffusers): the served scheduler model runs
-  ``sdtrt.jobs`` with its latents on the GPU between network calls; here the same jobs drive diffusers' own
+* The denoising loop on the GPU (needs only PyTorch with CUDA and diffusers): the served job models (txt2img,
+  img2img) run ``sdtrt.jobs`` with its latents on the GPU between network calls; here the same jobs drive diffusers' own
   networks on the GPU and must give diffusers' pipeline's picture.
 * The served TensorRT path (needs NVIDIA's tritonserver and TensorRT, e.g. the docker/ image): ``sdtrt export
   --format trt`` served by tritonserver against diffusers FP16 on the same weights.
