@@ -89,7 +89,8 @@ def test_build_context_sends_the_sources_and_keeps_models_out():
                   ".git/HEAD", "outputs/00001-42.png", "bench-work/repo/trt_engines.json", "sdtrt/__pycache__/x.pyc"):
         assert ignored(heavy, patterns), heavy
     copied = [shlex.split(args)[0] for name, args in instructions() if name == "COPY"]
-    assert {"sdtrt", "export", "model_repository", "client", "benchmarks", "tests"} <= set(copied)
+    package = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert set(package.values()) | {"benchmarks", "tests"} <= set(copied)  # every folder of the package
     for source in copied:
         assert (ROOT / source).exists(), source
         assert not ignored(source, patterns), source
