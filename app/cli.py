@@ -69,6 +69,8 @@ def _add_init_default(sub) -> None:
                    "(default: the copy the install step fetched)")
     p.add_argument("--inpainting", action="store_true",
                    help="give the U-Net 9 input channels, like SD inpainting checkpoints")
+    p.add_argument("--family", choices=["sd1", "sd2"], default="sd1",
+                   help="sd2: the tiny model in SD 2.x's architecture (OpenCLIP-style text, v-prediction)")
     p.add_argument("--size", choices=["tiny", "sd15"], default="tiny",
                    help="tiny (default: seconds on a CPU) or sd15: SD 1.5's real shapes, random weights, for GPU "
                    "benchmarks without a checkpoint (~4 GB)")
@@ -85,12 +87,22 @@ def _add_export(sub) -> None:
                        "checkpoint to ONNX (opset 17, dynamic batch, latent height/width and text length), check each "
                        "with onnx.checker and against torch in onnxruntime, and write sdtrt_spec.json and the Triton "
                        "model repository.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", metavar="MODEL_DIR", help="diffusers folder, or single-file .safetensors (with --config)")
+    p.add_argument("model", metavar="MODEL", help="a diffusers folder, or a single-file .safetensors checkpoint (SD 1.x "
+                   "or 2.x; its architecture is read from its weights)")
     p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR", help="output model repository")
     p.add_argument("--config", type=Path, default=None,
-                   help="for a single-file checkpoint: a local diffusers folder of the same architecture")
+                   help="for a single-file checkpoint: a local diffusers folder of its architecture, instead of "
+                   "reading it from the weights")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                   help="override what the model predicts (default: its family's; SD 2.x weights are tested as "
+                   "A1111 does, v-prediction for the 768-v models)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept a .ckpt (a pickle, which can run code when loaded): only for files you trust")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA into the exported weights at SCALE (default 1); repeatable")
+    p.add_argument("--vae", type=Path, default=None, metavar="FILE",
+                   help="a VAE .safetensors to use in place of the checkpoint's (e.g. vae-ft-mse-840000-ema-pruned); "
+                   "the infotext names it as A1111 does")
     limits = p.add_argument_group("what a request may ask for (recorded in the spec)")
     limits.add_argument("--max-batch", type=int, default=ExportLimits.max_batch, help="most images per request")
     limits.add_argument("--min-size", type=int, default=ExportLimits.min_size, help="smallest width/height in pixels")
@@ -209,7 +221,7 @@ def _add_samplers(sub) -> None:
 def cmd_init_default(args: argparse.Namespace) -> int:
     from sdtrt.default_model import build_default_model
 
-    path = build_default_model(args.out, args.clip_bpe, inpainting=args.inpainting, size=args.size)
+    path = build_default_model(args.out, args.clip_bpe, inpainting=args.inpainting, size=args.size, family=args.family)
     print(f"default model written to {path}")
     return 0
 
@@ -273,7 +285,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     serving = ServingOptions(backend=args.backend, **serving_options(args))
     engines = _engine_options(args) if args.format == "trt" else None
-    spec = export_model(args.model, args.out, config=args.config, loras=tuple(args.lora), max_batch=args.max_batch,
+    spec = export_model(args.model, args.out, config=args.config, loras=tuple(args.lora), vae=args.vae,
+                        allow_pickle=args.allow_pickle,
+                        prediction_type=args.prediction_type, max_batch=args.max_batch,
                         min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks,
                         max_pixel_steps=args.max_pixel_steps, max_prompt_chars=args.max_prompt_chars, serving=serving,
                         engines=engines)

@@ -6,13 +6,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from sdtrt.export.checkpoint import Checkpoint, fuse_loras, load_checkpoint, parse_lora
+from sdtrt.export.checkpoint import (
+    Checkpoint, checkpoint_sha256, fuse_loras, load_checkpoint, override_vae, parse_lora,
+)
 from sdtrt.export.descriptors import (
     BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, TEXT_BATCH, UNET_BATCH, descriptors, dim_ranges,
 )
@@ -22,7 +31,7 @@ from sdtrt.model_repository.build import write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.request import request_fields
 from sdtrt.samplers import schedule_table
-from sdtrt.spec import ComponentSpec, ExportLimits, ModelSpec
+from sdtrt.spec import SPEC_FILENAME, ComponentSpec, ExportLimits, ModelSpec
 
 if TYPE_CHECKING:
     from sdtrt.export.tensorrt import EngineOptions
@@ -43,6 +52,9 @@ def export_model(
     *,
     config: str | Path | None = None,
     loras: tuple[str, ...] = (),
+    vae: str | Path | None = None,
+    allow_pickle: bool = False,
+    prediction_type: str | None = None,
     max_batch: int = ExportLimits.max_batch,
     min_size: int = ExportLimits.min_size,
     max_size: int = ExportLimits.max_size,
@@ -60,7 +72,31 @@ def export_model(
     ``max_pixel_steps`` (0: none) and ``max_prompt_chars`` are the per-request ceilings the spec records; by
     default they are sized from max_size, max_batch and max_chunks (see ExportLimits).
     """
-    ckpt = fuse_loras(load_checkpoint(model, config), [parse_lora(text) for text in loras])
+    out = Path(out)
+    source_sha = checkpoint_sha256(model, progress)
+    key = export_key(source_sha, config=config, loras=loras, vae=vae, prediction_type=prediction_type, max_batch=max_batch,
+                     min_size=min_size, max_size=max_size, max_chunks=max_chunks, max_pixel_steps=max_pixel_steps,
+                     max_prompt_chars=max_prompt_chars, serving=serving, engines=engines)
+    done = complete_export(out, key)
+    if done is not None:
+        report(f"{out}: already exported from the same inputs ({key[:12]}); nothing to do")
+        return done
+    with written_aside(out) as work:
+        return _export(model, work, out, key, source_sha, config=config, loras=loras, vae=vae, allow_pickle=allow_pickle,
+                       prediction_type=prediction_type, max_batch=max_batch, min_size=min_size, max_size=max_size,
+                       max_chunks=max_chunks, max_pixel_steps=max_pixel_steps, max_prompt_chars=max_prompt_chars,
+                       serving=serving, engines=engines, progress=progress, report=report)
+
+
+def _export(model, repo: Path, final: Path, key: str, source_sha: str, *, config, loras, vae, allow_pickle, prediction_type,
+            max_batch, min_size, max_size, max_chunks, max_pixel_steps, max_prompt_chars, serving, engines, progress,
+            report) -> ModelSpec:
+    """The export itself, into ``repo`` (a folder beside ``final`` that becomes it when everything is written)."""
+    ckpt = load_checkpoint(model, config, allow_pickle=allow_pickle, prediction_type=prediction_type, report=report,
+                           sha256=source_sha)
+    if vae is not None:
+        ckpt = override_vae(ckpt, Path(vae), report)
+    ckpt = fuse_loras(ckpt, [parse_lora(text) for text in loras])
     pipe = ckpt.pipe
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     native = int(pipe.unet.config.sample_size) * factor
@@ -77,8 +113,6 @@ def export_model(
     dims = dim_ranges(max_batch=max_batch, min_size=min_size, native_size=native, max_size=max_size,
                       vae_scale_factor=factor, text_max_length=text_max_length, max_chunks=max_chunks)
 
-    repo = Path(out)
-    repo.mkdir(parents=True, exist_ok=True)
     components = export_networks(descriptors(pipe, text_max_length), repo, dims, text_max_length, progress, report)
     pipe.tokenizer.save_pretrained(str(repo / TOKENIZER_DIR))
     limits = dict(
@@ -86,13 +120,73 @@ def export_model(
         max_prompt_chars=ExportLimits.prompt_chars(max_chunks) if max_prompt_chars is None else max_prompt_chars,
     )
     spec = build_spec(ckpt, components, dims, factor, native, min_size, max_size, max_batch, text_max_length, **limits)
-    path = spec.save(repo)
-    report(f"spec: {path}")
+    spec = replace(spec, extra={**spec.extra, "export_key": key})
+    spec.save(repo)
+    report(f"spec: {final / SPEC_FILENAME}")
     if engines is not None:
         return build_engines_and_configs(repo, spec, engines, serving, report, progress)
     write_repository(repo, spec, serving)
-    report(f"Triton model repository: {repo} (networks on the {serving.backend!r} backend)")
+    report(f"Triton model repository: {final} (networks on the {serving.backend!r} backend)")
     return spec
+
+
+def export_key(source_sha: str, **inputs) -> str:
+    """What an export is made of (the checkpoint's bytes, its LoRAs' and config's, every option, sdtrt's version):
+    the same key means the same repository."""
+    from dataclasses import asdict, is_dataclass
+
+    from sdtrt import __version__
+    from sdtrt.export.checkpoint import file_sha256, folder_sha256
+    from sdtrt.spec import SPEC_VERSION
+
+    def plain(value):
+        if is_dataclass(value):
+            return asdict(value)
+        return value
+
+    loras = [(file_sha256(path, progress=False) if path.is_file() else str(path), scale)
+             for path, scale in (parse_lora(text) for text in inputs.pop("loras"))]
+    vae = inputs.pop("vae")
+    vae_sha = file_sha256(Path(vae), progress=False) if vae is not None and Path(vae).is_file() else vae
+    config = inputs.pop("config")
+    config_sha = folder_sha256(Path(config), progress=False) if config is not None else None
+    record = {"source": source_sha, "loras": loras, "vae": vae_sha, "config": config_sha, "sdtrt": __version__,
+              "spec": SPEC_VERSION,
+              **{name: plain(value) for name, value in inputs.items()}}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def complete_export(repo: Path, key: str) -> ModelSpec | None:
+    """The repository's spec if it is a finished export of ``key`` (every network and config in place)."""
+    from sdtrt.spec import load_spec
+
+    if not (repo / SPEC_FILENAME).is_file():
+        return None
+    try:
+        spec = load_spec(repo)
+    except UsageError:
+        return None
+    files = [repo / c.onnx for c in spec.components.values()] + [repo / c.name / "config.pbtxt"
+                                                                  for c in spec.components.values()]
+    return spec if spec.extra.get("export_key") == key and all(f.is_file() for f in files) else None
+
+
+@contextlib.contextmanager
+def written_aside(final: Path):
+    """A folder beside ``final`` to export into, swapped in for ``final`` only once everything is written: an
+    interrupted or failed export leaves ``final`` as it was (and no half repository that looks complete)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    work.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_networks(descs, repo: Path, dims, text_max_length: int, progress: bool, report) -> dict[str, ComponentSpec]:
@@ -117,7 +211,7 @@ def export_networks(descs, repo: Path, dims, text_max_length: int, progress: boo
         bar.set_postfix_str(f"{desc.name}: onnxruntime vs torch")
         err = verify_onnx(desc, path, check_dims)
         bar.update()
-        report(f"{desc.name}: {path} (opset {OPSET}); onnxruntime vs torch max abs error {err:.2e}")
+        report(f"{desc.name}: {onnx_path(desc.name)} (opset {OPSET}); onnxruntime vs torch max abs error {err:.2e}")
         components[desc.name] = ComponentSpec(desc.name, onnx_path(desc.name), OPSET, desc.inputs, desc.outputs)
     bar.close()
     return components
@@ -197,7 +291,7 @@ def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max
                                max_prompt_chars=max_prompt_chars),
         max_pixel_steps=max_pixel_steps,
         schedules=schedule_table(),
-        extra={"loras": list(ckpt.loras)} if ckpt.loras else {},
+        extra={**({"loras": list(ckpt.loras)} if ckpt.loras else {}), **({"vae": ckpt.vae} if ckpt.vae else {})},
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +20,39 @@ class Checkpoint:
     source: str
     sha256: str  # A1111's "Model hash" is the first 10 hex digits
     loras: tuple[dict, ...] = ()  # fused LoRAs: name, scale, sha256
+    vae: dict | None = None  # a VAE file loaded in place of the checkpoint's: name, sha256
 
 
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+PROGRESS_FROM = 1 << 28  # files larger than this show a progress bar while hashed (256 MiB)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24, progress: bool = True) -> str:
+    from tqdm.auto import tqdm
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    size = path.stat().st_size
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                      disable=not progress or size < PROGRESS_FROM) as bar:
         while block := f.read(chunk):
             h.update(block)
+            bar.update(len(block))
     return h.hexdigest()
 
 
-def folder_sha256(root: Path) -> str:
+def folder_sha256(root: Path, progress: bool = True) -> str:
     """sha256 over every file's relative path and sha256, in sorted order: changes when any weight or config does."""
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f"{path.relative_to(root).as_posix()}\0{file_sha256(path)}\n".encode())
+        h.update(f"{path.relative_to(root).as_posix()}\0{file_sha256(path, progress=progress)}\n".encode())
     return h.hexdigest()
+
+
+def checkpoint_sha256(model: str | Path, progress: bool = True) -> str:
+    """What A1111's "Model hash" is the start of: a file's sha256 (a folder's: see folder_sha256)."""
+    path = Path(model)
+    if not path.exists():
+        raise UsageError(f"MODEL_DIR {str(path)!r} does not exist: give a diffusers folder or a .safetensors file")
+    return folder_sha256(path, progress) if path.is_dir() else file_sha256(path, progress=progress)
 
 
 def parse_lora(text: str) -> tuple[Path, float]:
@@ -70,25 +87,63 @@ def fuse_loras(ckpt: Checkpoint, loras: list[tuple[Path, float]]) -> Checkpoint:
         h.update(f"{digest}:{scale}".encode())
         fused.append({"name": path.stem, "scale": scale, "sha256": digest, "file": str(path.resolve())})
     # The weights differ from the checkpoint's, so the model hash does too; the infotext lists the LoRAs.
-    return Checkpoint(ckpt.pipe, ckpt.name, ckpt.source, h.hexdigest() if fused else ckpt.sha256, tuple(fused))
+    return replace(ckpt, sha256=h.hexdigest() if fused else ckpt.sha256, loras=tuple(fused))
 
 
-def load_checkpoint(model: str | Path, config: str | Path | None = None) -> Checkpoint:
+def override_vae(ckpt: Checkpoint, path: Path, report=print) -> Checkpoint:
+    """Load a VAE file in place of the checkpoint's (A1111's "SD VAE"): the original (LDM) layout, as
+    vae-ft-mse-840000-ema-pruned is, or diffusers'. It must have the checkpoint's VAE architecture."""
+    import json
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise UsageError(f"--vae {path}: give an existing .safetensors VAE file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:
+        raise UsageError(f"--vae {path}: not a readable .safetensors file ({exc})") from None
+    config = dict(ckpt.pipe.vae.config)
+    try:
+        if any(".down_blocks." in key for key in keys):  # diffusers' own layout
+            from safetensors.torch import load_file
+
+            vae = AutoencoderKL.from_config(config)
+            vae.load_state_dict(load_file(str(path)), strict=True)
+        elif any(key.startswith(("encoder.down.", "first_stage_model.encoder.down.")) for key in keys):
+            with tempfile.TemporaryDirectory(prefix="sdtrt-vae-") as tmp:
+                (Path(tmp) / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                                   if not k.startswith("_")}))
+                vae = AutoencoderKL.from_single_file(str(path), config=tmp, local_files_only=True, torch_dtype=torch.float32)
+        else:
+            raise UsageError(f"--vae {path}: not a VAE (no encoder.down.* or encoder.down_blocks.* weights)")
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"--vae {path} does not fit this checkpoint's VAE ({str(exc)[:300]})") from None
+    ckpt.pipe.vae = vae.to(torch.float32).eval()
+    report(f"VAE: {path.name} in place of the checkpoint's")
+    return replace(ckpt, vae={"name": path.name, "sha256": file_sha256(path), "file": str(path.resolve())})
+
+
+def load_checkpoint(model: str | Path, config: str | Path | None = None, *, allow_pickle: bool = False,
+                    prediction_type: str | None = None, report=print, sha256: str | None = None) -> Checkpoint:
     """Load a StableDiffusionPipeline without touching the network.
 
-    ``model`` is a diffusers folder (with model_index.json) or a single ``.safetensors``/``.ckpt`` file; the
-    latter needs ``config``, a local diffusers folder of the same architecture, because diffusers otherwise
-    fetches the configs and tokenizer from the Hugging Face hub.
+    ``model`` is a diffusers folder (with model_index.json) or a single ``.safetensors`` file (``.ckpt`` with
+    ``allow_pickle``), whose architecture is read from its weights (``sdtrt.export.single_file``); ``config``, a
+    local diffusers folder of the same architecture, overrides that. ``prediction_type`` overrides the family's
+    (or, for SD 2.x, the weights' own answer to A1111's v-prediction test). ``sha256``: the checkpoint's, when the
+    caller hashed it already.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(model)
     if not path.exists():
         raise UsageError(f"MODEL_DIR {str(path)!r} does not exist: give a diffusers folder or a .safetensors file")
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()  # the export shows its own progress
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UsageError(
@@ -96,28 +151,17 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None) -> Chec
                 "pipeline folder, a single-file .safetensors checkpoint, or build the default one with "
                 "`sdtrt init-default --out models/default`"
             )
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(path), local_files_only=True, safety_checker=None, dtype=torch.float32
-            )
-        except Exception as exc:  # diffusers raises many kinds; the user needs to know which folder failed
-            raise UsageError(f"MODEL_DIR {str(path)!r} could not be loaded as a Stable Diffusion pipeline: {exc}") from exc
-        sha = folder_sha256(path)
-        name = path.name
+        pipe = _load(lambda sd, **kw: sd.from_pretrained(str(path), **kw), f"MODEL_DIR {str(path)!r}")
+        if prediction_type:
+            pipe.scheduler.register_to_config(prediction_type=prediction_type)
+        sha, name = sha256 or folder_sha256(path), path.name
     elif path.suffix in SINGLE_FILE_SUFFIXES:
-        if config is None:
-            raise UsageError(
-                f"{path.name} is a single-file checkpoint: pass --config DIR, a local diffusers folder of the same "
-                "architecture (its configs and tokenizer are used; nothing is downloaded)"
-            )
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config), local_files_only=True, safety_checker=None, dtype=torch.float32
-            )
-        except Exception as exc:
-            raise UsageError(f"{str(path)!r} could not be loaded with config {str(config)!r}: {exc}") from exc
-        sha = file_sha256(path)
-        name = path.stem
+        from sdtrt.export.single_file import load_single_file
+
+        sha = sha256 or file_sha256(path)  # first: a file that cannot be read is named before anything else
+        pipe = load_single_file(path, config, allow_pickle=allow_pickle, prediction_type=prediction_type,
+                                report=report, load=_load)
+        name = path.stem  # A1111's "Model:" is the file's stem
     else:
         raise UsageError(
             f"MODEL_DIR {str(path)!r} is neither a diffusers folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file"
@@ -125,3 +169,18 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None) -> Chec
     for module in (pipe.text_encoder, pipe.unet, pipe.vae):
         module.eval()
     return Checkpoint(pipe=pipe, name=name, source=str(path.resolve()), sha256=sha)
+
+
+def _load(open_pipeline, what: str):
+    """``open_pipeline(StableDiffusionPipeline, **offline_float32_kwargs)``, with diffusers' errors named."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # the export shows its own progress
+    try:
+        return open_pipeline(StableDiffusionPipeline, local_files_only=True, safety_checker=None, dtype=torch.float32)
+    except UsageError:
+        raise
+    except Exception as exc:  # diffusers raises many kinds; the user needs to know which file failed, and why
+        raise UsageError(f"{what} could not be loaded as a Stable Diffusion pipeline: {exc}") from exc

@@ -95,8 +95,9 @@ def vocab_and_merges(bpe_gz: bytes) -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def write_clip_tokenizer(out_dir: str | Path, bpe_source: str | Path | None = None) -> Path:
-    """Write vocab.json, merges.txt and the transformers tokenizer files; pads and truncates to 77 ids."""
+def write_clip_tokenizer(out_dir: str | Path, bpe_source: str | Path | None = None, pad_token: str = EOS) -> Path:
+    """Write vocab.json, merges.txt and the transformers tokenizer files; pads (with ``pad_token``: SD 1.x pads
+    with <|endoftext|>, SD 2.x with "!") and truncates to 77 ids."""
     from transformers import CLIPTokenizer
 
     out = Path(out_dir)
@@ -104,7 +105,8 @@ def write_clip_tokenizer(out_dir: str | Path, bpe_source: str | Path | None = No
     vocab, merges = vocab_and_merges(fetch_bpe(bpe_source))
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=MAX_LENGTH, pad_token=EOS)
+    tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=MAX_LENGTH,
+                              pad_token=pad_token)
     tokenizer.save_pretrained(str(out))
     return out
 

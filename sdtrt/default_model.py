@@ -13,29 +13,16 @@ import hashlib
 import os
 from pathlib import Path
 
+from sdtrt.architectures import SCHEDULER
 from sdtrt.clip_vocab import write_clip_tokenizer
 
 SEED = 20241125
-
-# SD 1.x's scheduler config (PNDM, scaled-linear betas), as shipped with the v1-5 checkpoint.
-SD1_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    steps_offset=1,
-    clip_sample=False,
-    prediction_type="epsilon",
-    timestep_spacing="leading",
-)
 
 TEXT_CONFIG = dict(
     vocab_size=49408,
     hidden_size=32,
     intermediate_size=64,
-    num_attention_heads=4,
+    num_attention_heads=1,  # CLIP's head size is 64: a tiny hidden size has one head (single files infer it so)
     num_hidden_layers=2,
     max_position_embeddings=77,
     projection_dim=32,
@@ -86,12 +73,23 @@ SD15_SHAPES = {
 }
 SIZES = ("tiny", "sd15")
 
+# The tiny model in SD 2.x's architecture (OpenCLIP-style text tower: GELU, 23 layers read as SD 2.x reads them;
+# U-Net heads of size 64, linear projections; v-prediction as the 768-v models), for testing that family.
+SD2_TINY = {
+    "text": dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=23,
+                 projection_dim=64, hidden_act="gelu", pad_token_id=0),
+    "unet": dict(cross_attention_dim=64, use_linear_projection=True, attention_head_dim=[1, 1]),
+    "vae": {},
+}
+FAMILIES = ("sd1", "sd2")
 
-def model_configs(size: str = "tiny", inpainting: bool = False) -> dict[str, dict]:
-    """The text/unet/vae constructor arguments of the default model, tiny or at SD 1.5's shapes."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    scaled = SD15_SHAPES if size == "sd15" else {"text": {}, "unet": {}, "vae": {}}
+
+def model_configs(size: str = "tiny", inpainting: bool = False, family: str = "sd1") -> dict[str, dict]:
+    """The text/unet/vae constructor arguments of the default model, tiny or at SD 1.5's shapes, SD 1.x or
+    (tiny only) SD 2.x."""
+    if size not in SIZES or family not in FAMILIES or (family == "sd2" and size != "tiny"):
+        raise ValueError(f"size must be one of {SIZES} and family one of {FAMILIES} (sd2: tiny only)")
+    scaled = SD15_SHAPES if size == "sd15" else SD2_TINY if family == "sd2" else {"text": {}, "unet": {}, "vae": {}}
     return {
         "text": {**TEXT_CONFIG, **scaled["text"]},
         "unet": {**UNET_CONFIG, **scaled["unet"], **({"in_channels": 9} if inpainting else {})},
@@ -100,23 +98,26 @@ def model_configs(size: str = "tiny", inpainting: bool = False) -> dict[str, dic
 
 
 def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None, inpainting: bool = False,
-                        size: str = "tiny") -> Path:
+                        size: str = "tiny", family: str = "sd1") -> Path:
     """Write the default model as an ordinary diffusers folder and return its path.
 
     ``inpainting`` gives its U-Net the 9 input channels of SD inpainting checkpoints (latents, mask,
-    masked-image latents), for testing that path; ``size="sd15"`` scales it to SD 1.5's real shapes.
+    masked-image latents), for testing that path; ``size="sd15"`` scales it to SD 1.5's real shapes;
+    ``family="sd2"`` builds it in SD 2.x's architecture, v-prediction.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from sdtrt.architectures import SD1, SD2
+
     out = Path(out_dir)
-    write_clip_tokenizer(out / "tokenizer", clip_bpe)
+    write_clip_tokenizer(out / "tokenizer", clip_bpe, pad_token=(SD2 if family == "sd2" else SD1).pad_token)
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
 
     # Each component gets its own fixed seed so that changing one config leaves the others' weights alone.
-    configs = model_configs(size, inpainting)
+    configs = model_configs(size, inpainting, family)
     torch.manual_seed(SEED)
     text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text"])).eval()
     _trained_like_layer_norms(text_encoder)
@@ -130,7 +131,8 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler.from_config(SD1_SCHEDULER),  # from_config keeps clip_sample for DDIM
+        # from_config keeps clip_sample for DDIM
+        scheduler=PNDMScheduler.from_config({**SCHEDULER, **({"prediction_type": "v_prediction"} if family == "sd2" else {})}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -22,6 +22,7 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
     """One infotext per image, with that image's own seed, the fields in A1111's order; unused ones left out."""
     img2img = isinstance(request, Img2ImgRequest)
     hires = request.enable_hr and not img2img
+    vae = model.extra.get("vae")
     loras = model.extra.get("loras", [])
     texts = []
     for i, seed in enumerate(seeds):
@@ -35,6 +36,8 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
             "Size": f"{request.width}x{request.height}",
             "Model hash": model.model_hash,
             "Model": model.model_name,
+            "VAE hash": vae["sha256"][:10] if vae else None,  # A1111 names a VAE file it loaded in place of the model's
+            "VAE": vae["name"] if vae else None,
             "Denoising strength": request.denoising_strength if img2img or hires else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Variation seed": request.subseed + i if varied else None,

@@ -61,3 +61,47 @@ def test_spec_records_the_models_facts(exported_repo, default_model):
     assert spec.schedules["Euler a"] == ["Automatic", "SGM Uniform"] and set(spec.schedules) == set(raw["schedules"])
     for component in spec.components.values():
         assert (exported_repo / component.onnx).is_file()
+
+
+def test_the_same_export_twice_is_a_no_op_and_says_so(default_model, tmp_path):
+    from sdtrt.export import export_model
+
+    export_model(default_model, tmp_path / "repo", progress=False, report=lambda *_: None)
+    spec_file = tmp_path / "repo" / SPEC_FILENAME
+    before = spec_file.stat().st_mtime_ns
+    lines: list[str] = []
+    spec = export_model(default_model, tmp_path / "repo", progress=False, report=lines.append)
+    assert len(lines) == 1 and "already exported from the same inputs" in lines[0]
+    assert spec_file.stat().st_mtime_ns == before and spec.extra["export_key"] == load_spec(tmp_path / "repo").extra["export_key"]
+    lines.clear()
+    export_model(default_model, tmp_path / "repo", max_batch=2, progress=False, report=lines.append)  # other inputs
+    assert not any("already exported" in line for line in lines) and load_spec(tmp_path / "repo").dims["batch"].max == 2
+
+
+def interrupted_export(model, out, *flags) -> None:
+    """`sdtrt export`, killed (SIGKILL) once its first network is written."""
+    import signal
+    import subprocess
+    import sys
+
+    run = subprocess.Popen([sys.executable, "-m", "sdtrt", "export", str(model), "--out", str(out), *flags],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in run.stdout:
+        if line.startswith("text_encoder:"):
+            run.send_signal(signal.SIGKILL)
+            break
+    run.wait()
+    assert run.returncode == -signal.SIGKILL
+
+
+def test_an_interrupted_export_never_leaves_a_repository_that_looks_complete(default_model, tmp_path):
+    interrupted_export(default_model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # the work was beside it, under a hidden name
+    from sdtrt.export import export_model
+
+    spec = export_model(default_model, tmp_path / "kept", progress=False, report=lambda *_: None)
+    files = {p.relative_to(tmp_path / "kept"): p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()}
+    interrupted_export(default_model, tmp_path / "kept", "--max-batch", "2")
+    assert {p.relative_to(tmp_path / "kept"): p.read_bytes()
+            for p in (tmp_path / "kept").rglob("*") if p.is_file()} == files
+    assert load_spec(tmp_path / "kept").extra["export_key"] == spec.extra["export_key"]
