@@ -54,7 +54,7 @@ def build_parser(spec=None) -> argparse.ArgumentParser:
     for add in (_add_init_default, _add_export, _add_build_engines, _add_refit, _add_configs):
         add(sub)
     add_generation_commands(sub, spec)
-    for add in (_add_serve, _add_soak, _add_perf_analyzer, _add_samplers):
+    for add in (_add_serve, _add_models, _add_soak, _add_perf_analyzer, _add_samplers):
         add(sub)
     return parser
 
@@ -89,7 +89,12 @@ def _add_export(sub) -> None:
                        "model repository.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="a diffusers folder, or a single-file .safetensors checkpoint (SD 1.x "
                    "or 2.x; its architecture is read from its weights)")
-    p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR", help="output model repository")
+    p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR",
+                   help="the model repository to add the model to (created if need be)")
+    p.add_argument("--name", default=None, help="the model's name in the repository (default: the file's stem or "
+                   "the folder's name); a model of the same name is replaced")
+    p.add_argument("--default", action="store_true",
+                   help="make it the repository's default model (the first one exported is)")
     p.add_argument("--config", type=Path, default=None,
                    help="for a single-file checkpoint: a local diffusers folder of its architecture, instead of "
                    "reading it from the weights")
@@ -126,10 +131,11 @@ def _add_export(sub) -> None:
 
 def _add_build_engines(sub) -> None:
     p = sub.add_parser("build-engines", help="build TensorRT engines for an existing export (GPU only)",
-                       description="Build FP16 TensorRT engines from REPO_DIR's ONNX files and switch its Triton "
-                       "configs to tensorrt_plan. Engines are named after the GPU, TensorRT version and profile; "
-                       "existing ones are reused.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Build FP16 TensorRT engines from one model's ONNX files in REPO_DIR and switch the "
+                       "Triton configs to tensorrt_plan. Engines are named after the GPU, TensorRT version and "
+                       "profile; existing ones are reused.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("repo", type=Path, metavar="REPO_DIR")
+    p.add_argument("--model", default=None, help="which model (default: the repository's default)")
     add_serving_args(p)
     _engine_flags(p)
     p.set_defaults(func=cmd_build_engines)
@@ -142,6 +148,7 @@ def _add_refit(sub) -> None:
                        "must have the same architecture.")
     p.add_argument("repo", type=Path, metavar="REPO_DIR")
     p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--name", default=None, help="which of the repository's models to refit (default: its default)")
     p.add_argument("--config", type=Path, default=None, help="for a single-file checkpoint: its diffusers config folder")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA first; repeatable")
     p.set_defaults(func=cmd_refit)
@@ -178,6 +185,20 @@ def _add_serve(sub) -> None:
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for the models to load (default: %(default)s)")
     p.set_defaults(func=cmd_serve, triton_args=[])
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list a server's (or repository's) models; load or unload one",
+                       description="`sdtrt models --url URL` lists the models a server has, with their A1111 name and "
+                       "hash, family and whether they are loaded; `load NAME` and `unload NAME` load and unload one "
+                       "through Triton's model control API, without restarting the server (the jobs stay; a "
+                       "request for an unloaded model is refused naming it). --repo lists an export's models.")
+    p.add_argument("action", nargs="?", choices=["list", "load", "unload"], default="list")
+    p.add_argument("name", nargs="?", help="the model to load or unload")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help="a running `sdtrt serve`, gRPC (default: localhost:8001)")
+    where.add_argument("--repo", type=Path, metavar="REPO_DIR", help="an export to list, without a server")
+    p.set_defaults(func=cmd_models)
 
 
 def _add_soak(sub) -> None:
@@ -254,27 +275,23 @@ def _engine_options(args: argparse.Namespace):
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from sdtrt.export import build_engines_and_configs
-    from sdtrt.spec import load_spec
 
-    spec = load_spec(args.repo)
-    build_engines_and_configs(args.repo, spec, _engine_options(args), ServingOptions(
-        **serving_options(args)))
+    build_engines_and_configs(args.repo, _engine_options(args), ServingOptions(**serving_options(args)), args.model)
     return 0
 
 
 def cmd_refit(args: argparse.Namespace) -> int:
     from sdtrt.export import refit_repository
 
-    spec = refit_repository(args.repo, args.model, config=args.config, loras=tuple(args.lora))
+    spec = refit_repository(args.repo, args.model, name=args.name, config=args.config, loras=tuple(args.lora))
     print(f"refitted {args.repo} with {spec.model_name} [{spec.model_hash}]")
     return 0
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
     from sdtrt.model_repository.build import write_repository
-    from sdtrt.spec import load_spec
 
-    written = write_repository(args.repo, load_spec(args.repo), ServingOptions(
+    written = write_repository(args.repo, None, ServingOptions(
         backend=args.backend, **serving_options(args)))
     print(f"wrote {sum(p.name == 'config.pbtxt' for p in written)} configs under {args.repo} ({args.backend} backend)")
     return 0
@@ -285,13 +302,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     serving = ServingOptions(backend=args.backend, **serving_options(args))
     engines = _engine_options(args) if args.format == "trt" else None
-    spec = export_model(args.model, args.out, config=args.config, loras=tuple(args.lora), vae=args.vae,
+    spec = export_model(args.model, args.out, name=args.name, default=args.default, config=args.config,
+                        loras=tuple(args.lora), vae=args.vae,
                         allow_pickle=args.allow_pickle,
                         prediction_type=args.prediction_type, max_batch=args.max_batch,
                         min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks,
                         max_pixel_steps=args.max_pixel_steps, max_prompt_chars=args.max_prompt_chars, serving=serving,
                         engines=engines)
-    print(f"exported {spec.model_name} [{spec.model_hash}] to {args.out}")
+    print(f"exported {spec.source} to {args.out} as {spec.title}")
     return 0
 
 
@@ -325,6 +343,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         code = server.stop()
     print(f"tritonserver stopped (exit code {code})", flush=True)
     return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from sdtrt.app.models import ModelControl
+    from sdtrt.spec import load_catalog
+
+    if args.repo is not None:
+        if args.action != "list":
+            raise UsageError("load and unload need a running server (--url), not --repo")
+        catalog = load_catalog(args.repo)
+        for name, spec in catalog.models.items():
+            print(_model_line(name, spec, catalog.default, None))
+        return 0
+    control = ModelControl(args.url or f"localhost:{DEFAULT_PORTS['grpc']}")
+    if args.action == "list":
+        catalog = control.catalog()
+        for name, spec in catalog.models.items():
+            print(_model_line(name, spec, catalog.default, control.is_loaded(spec)))
+        return 0
+    if not args.name:
+        raise UsageError(f"`sdtrt models {args.action}` needs the model's name (`sdtrt models --url URL` lists them)")
+    seconds = control.load(args.name) if args.action == "load" else control.unload(args.name)
+    print(f"{args.action}ed {args.name} in {seconds:.1f} s")
+    return 0
+
+
+def _model_line(name: str, spec, default: str, loaded: bool | None) -> str:
+    state = "" if loaded is None else ("  loaded" if loaded else "  unloaded")
+    mark = " (default)" if name == default else ""
+    vae = f", VAE {spec.extra['vae']['name']}" if spec.extra.get("vae") else ""
+    return (f"{name}{mark}: Model {spec.model_name} [{spec.model_hash}], {spec.prediction_type}, "
+            f"{spec.field('width').default}px native{vae}{state}")
 
 
 def cmd_soak(args: argparse.Namespace) -> int:

@@ -111,12 +111,23 @@ class Healer:
             if now is None or now.pid != stub.pid:
                 dead.setdefault(stub.model, []).append(stub)
         for model, stubs in dead.items():
+            if not self._ready(model):  # unloaded on purpose (`sdtrt models unload`), or loading: not a death
+                continue
             self._event("stub_died", model=model, instances=[s.instance for s in stubs], pids=[s.pid for s in stubs])
             if not self.reload(model):
                 self.restart()
                 return
-        if dead:
-            self._known = stub_processes(process.pid)
+        # What runs now is what to watch: stubs of models loaded since, not those of models unloaded.
+        self._known = stub_processes(process.pid) if dead else {**self._known, **current}
+
+    def _ready(self, model: str) -> bool:
+        """Triton's own word on a model: a model whose stub died still says ready (the bug this heals); an
+        unloaded one does not."""
+        try:
+            with urllib.request.urlopen(f"http://{self.server.http_url}/v2/models/{model}/ready", timeout=5):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
 
     def _post(self, path: str, timeout: float) -> None:
         request = urllib.request.Request(f"http://{self.server.http_url}{path}", data=b"{}", method="POST")

@@ -183,27 +183,36 @@ class Gateway:
         self.client = client
         self.outputs = outputs
         self.clip_skip = 1
+        self.model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
         self.lock = threading.Lock()
         self.job: dict[str, Any] = {"job_count": 0, "job_no": 0, "job": "", "job_timestamp": "0", "started": None}
 
     # --- translation ---------------------------------------------------------------------------------------
-    def model_title(self) -> str:
-        spec = self.client.spec
-        return f"{spec.model_name} [{spec.model_hash}]"
+    def current(self):
+        return self.client.catalog.get(self.model)
 
-    def apply_options(self, options: dict[str, Any], where: str) -> int | None:
-        """Check the honoured A1111 options; returns the Clip skip they set (None if unset)."""
-        clip_skip = None
+    def model_title(self) -> str:
+        return self.current().title
+
+    def find_model(self, value: Any, where: str) -> str:
+        """A1111 names a checkpoint by title, name, file name or hash; sdtrt by its key in the repository."""
+        for key, spec in self.client.catalog.models.items():
+            if value in (key, spec.title, spec.name, spec.model_hash, f"{spec.name}.safetensors"):
+                return key
+        titles = ", ".join(repr(spec.title) for spec in self.client.catalog.models.values())
+        raise refuse(f"{where}.sd_model_checkpoint", f"not one of this server's models: {titles}")
+
+    def apply_options(self, options: dict[str, Any], where: str) -> tuple[int | None, str | None]:
+        """Check the honoured A1111 options; returns the Clip skip and the model they set (None if unset)."""
+        clip_skip = model = None
         for key, value in options.items():
             if key == "sd_model_checkpoint":
-                spec = self.client.spec
-                if value not in (self.model_title(), spec.model_name, spec.model_hash, f"{spec.model_name}.safetensors"):
-                    raise refuse(f"{where}.sd_model_checkpoint", f"this server has one model: {self.model_title()!r}")
+                model = self.find_model(value, where)
             elif key == "CLIP_stop_at_last_layers":
                 clip_skip = value
             else:
                 raise refuse(f"{where}.{key}", f"not supported; sdtrt honours only {', '.join(OPTIONS_HONOURED)}")
-        return clip_skip
+        return clip_skip, model
 
     def settings(self, body: _Request) -> dict[str, Any]:
         given = body.model_dump(exclude_unset=True)
@@ -228,8 +237,9 @@ class Gateway:
             settings["schedule_type"] = SCHEDULER_NAMES.get(body.scheduler.lower().replace(" ", "_"), body.scheduler)
         if isinstance(body, Txt2ImgBody) and body.hr_upscaler is not None:
             settings["hr_upscaler"] = body.hr_upscaler
-        clip_skip = self.apply_options(body.override_settings or {}, "override_settings")
+        clip_skip, model = self.apply_options(body.override_settings or {}, "override_settings")
         settings["clip_skip"] = clip_skip if clip_skip is not None else self.clip_skip
+        settings["model"] = model or self.current().key
         if isinstance(body, Img2ImgBody):
             if not 0 <= body.resize_mode < len(RESIZE_MODE_NAMES):
                 raise refuse("resize_mode", "0 (just resize), 1 (crop and resize) or 2 (resize and fill)")
@@ -272,7 +282,8 @@ class Gateway:
         }
 
     def info(self, body: _Request, settings: dict[str, Any], result: Generation) -> dict[str, Any]:
-        spec = self.client.spec
+        spec = self.client.catalog.get(settings["model"])
+        vae = spec.extra.get("vae") or {}
         return {
             "prompt": body.prompt, "all_prompts": [body.prompt] * len(result.seeds),
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(result.seeds),
@@ -281,8 +292,8 @@ class Gateway:
             "subseed_strength": body.subseed_strength, "width": body.width, "height": body.height,
             "sampler_name": settings["sampler"], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": spec.model_name, "sd_model_hash": spec.model_hash, "sd_vae_name": None,
-            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "sd_model_name": spec.name or spec.model_name, "sd_model_hash": spec.model_hash, "sd_vae_name": vae.get("name"),
+            "sd_vae_hash": vae.get("sha256", "")[:10] or None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": settings.get("denoising_strength"), "extra_generation_params": {},
             "index_of_first_image": 0, "infotexts": result.infotexts, "styles": [],
             "job_timestamp": self.job["job_timestamp"], "clip_skip": settings["clip_skip"],
@@ -337,23 +348,29 @@ def create_app(client: Client, outputs: Path | None = None) -> FastAPI:
 
     @app.get("/sdapi/v1/sd-models", tags=["info"])
     def sd_models() -> list[dict[str, Any]]:
-        spec = client.spec
-        return [{"title": gateway.model_title(), "model_name": spec.model_name, "hash": spec.model_hash,
-                 "sha256": spec.source_hash, "filename": spec.source, "config": None}]
+        return [{"title": spec.title, "model_name": spec.name or spec.model_name, "hash": spec.model_hash,
+                 "sha256": spec.source_hash, "filename": spec.source, "config": None}
+                for spec in client.catalog.models.values()]
+
+    @app.post("/sdapi/v1/refresh-checkpoints", tags=["options"])
+    def refresh_checkpoints() -> None:
+        client.refresh()  # the server's models, as its txt2img model now lists them
 
     @app.get("/sdapi/v1/options", tags=["options"])
     def get_options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": gateway.model_title(), "sd_checkpoint_hash": client.spec.source_hash,
+        return {"sd_model_checkpoint": gateway.model_title(), "sd_checkpoint_hash": gateway.current().source_hash,
                 "CLIP_stop_at_last_layers": gateway.clip_skip, "samples_format": "png", "enable_pnginfo": True}
 
     @app.post("/sdapi/v1/options", tags=["options"])
     def set_options(options: dict[str, Any] = Body(...)) -> None:
-        clip_skip = gateway.apply_options(options, "options")
+        clip_skip, model = gateway.apply_options(options, "options")
         if clip_skip is not None:
-            field = client.spec.field("clip_skip")
+            field = gateway.current().field("clip_skip")
             if not isinstance(clip_skip, int) or not field.minimum <= clip_skip <= field.maximum:
                 raise refuse("options.CLIP_stop_at_last_layers", f"must be {field.allowed()}")
             gateway.clip_skip = clip_skip
+        if model is not None:
+            gateway.model = model
 
     @app.get("/sdapi/v1/progress", tags=["info"])
     def progress(skip_current_image: bool = False) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def _help(name: str, spec: "ModelSpec | None") -> str:
 
 
 def add_field_flags(parser: argparse.ArgumentParser, request_type: type, spec: "ModelSpec | None" = None) -> None:
-    title = (f"generation settings: the ranges and defaults of {spec.model_name} [{spec.model_hash}]" if spec else
+    title = (f"generation settings: the ranges and defaults of {spec.title}" if spec else
              "generation settings (ranges and defaults are the model's: add --url URL or --local DIR to --help)")
     group = parser.add_argument_group(title)
     for name in job_fields(request_type):
@@ -61,16 +61,17 @@ def spec_for_help(argv: list[str]) -> "ModelSpec | None":
     peek.add_argument("--url")
     peek.add_argument("--protocol", default="grpc")
     peek.add_argument("--local", type=Path)
+    peek.add_argument("--model")
     known, _ = peek.parse_known_args(argv)
     try:
         if known.local is not None:
             from sdtrt.spec import load_spec
 
-            return load_spec(known.local)
+            return load_spec(known.local, known.model)
         if known.url is not None:
             from sdtrt.client import Client
 
-            return Client(known.url, known.protocol, timeout=10).spec
+            return Client(known.url, known.protocol, timeout=10).catalog.get(known.model)
     except Exception as exc:  # help must still print
         print(f"(could not read the model's spec: {exc})", file=sys.stderr)
     return None
@@ -85,6 +86,9 @@ def add_target_flags(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--local", type=Path, metavar="REPO_DIR",
                        help="instead of a server, run the exported repository in this process with onnxruntime")
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="how to talk to --url (default: grpc)")
+    parser.add_argument("--model", default=None,
+                        help="which of the server's (or repository's) models: `sdtrt models` lists them "
+                        "(default: its default model)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default: outputs/)")
 
 
@@ -232,8 +236,8 @@ def _run(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, An
 
     with Client(args.url, protocol=args.protocol) as client:
         if job == "txt2img":
-            return client.txt2img(prompt, n_iter=args.n_iter, **settings)
-        return client.img2img(prompt, *images, n_iter=args.n_iter, **settings)
+            return client.txt2img(prompt, n_iter=args.n_iter, model=args.model, **settings)
+        return client.img2img(prompt, *images, n_iter=args.n_iter, model=args.model, **settings)
 
 
 def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, Any], images):
@@ -246,9 +250,9 @@ def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[s
     from sdtrt.spec import load_spec
 
     request_type = Txt2ImgRequest if job == "txt2img" else Img2ImgRequest
-    request = validate(request_type(prompt=prompt, **settings), load_spec(args.local))  # fail before any work
+    request = validate(request_type(prompt=prompt, **settings), load_spec(args.local, args.model))  # fail first
     batches = batch_count(resolve_seeds(request), args.n_iter)
-    pipeline = LocalPipeline(args.local)
+    pipeline = LocalPipeline(args.local, model=args.model)
     with tqdm(desc="sampling", unit="step") as bar:
         def on_step(done: int, total: int) -> None:
             bar.update(1)

@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sdtrt.errors import SdtrtError
+from sdtrt.errors import InvalidRequest, SdtrtError
 from sdtrt.generation import Generation, batch_count, concatenate, infotexts
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import (
-    DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, ModelSpec,
+    DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog,
+    ModelSpec,
 )
 
 PROTOCOLS = ("grpc", "http")
@@ -60,7 +61,7 @@ class Client:
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout = timeout
         self._local = threading.local()  # tritonclient's HTTP client is not thread-safe: one per thread
-        self._spec: ModelSpec | None = None
+        self._catalog: Catalog | None = None
 
     # --- connections -------------------------------------------------------------------------------------------
     def _client(self):
@@ -91,12 +92,35 @@ class Client:
             return False
 
     @property
-    def spec(self) -> ModelSpec:
-        if self._spec is None:
-            self._spec = self._fetch_spec()
-        return self._spec
+    def catalog(self) -> Catalog:
+        """Every model the server has (their specs), and its default."""
+        if self._catalog is None:
+            self._catalog = self._fetch_catalog()
+        return self._catalog
 
-    def _fetch_spec(self) -> ModelSpec:
+    @property
+    def spec(self) -> ModelSpec:
+        """The default model's spec."""
+        return self.catalog.get()
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.catalog.models)
+
+    def refresh(self) -> Catalog:
+        """Read the server's models again (after an export added one and the server reloaded the jobs)."""
+        self._catalog = None
+        return self.catalog
+
+    def model_spec(self, model: str | None = None) -> ModelSpec:
+        """``model``'s spec (default: the server's default model); a name this client has not seen yet is looked
+        up again on the server, which may have had it added since (`sdtrt models load`)."""
+        try:
+            return self.catalog.get(model)
+        except InvalidRequest:
+            return self.refresh().get(model)
+
+    def _fetch_catalog(self) -> Catalog:
         try:
             config = self._client().get_model_config(TXT2IMG, **({"as_json": True} if self.protocol == "grpc" else {}))
         except Exception as exc:
@@ -105,20 +129,22 @@ class Client:
                 "Is `sdtrt serve` running, and is this its gRPC (--grpc-port) or HTTP (--http-port) port?"
             ) from None
         config = config.get("config", config)
-        return ModelSpec.from_json(json.loads(config["parameters"][SPEC_PARAMETER]["string_value"]))
+        return Catalog.from_json(json.loads(config["parameters"][SPEC_PARAMETER]["string_value"]))
 
     # --- requests ----------------------------------------------------------------------------------------------
-    def request(self, prompt: str, request_type: type = Txt2ImgRequest, **settings: Any) -> Txt2ImgRequest:
-        """A validated request with the served model's defaults filled in and -1 seeds picked (raises InvalidRequest).
+    def request(self, prompt: str, request_type: type = Txt2ImgRequest, model: str | None = None,
+                **settings: Any) -> Txt2ImgRequest:
+        """A validated request with the model's defaults filled in and -1 seeds picked (raises InvalidRequest).
+        ``model``: which of the server's models (default: its default).
 
         Seeds are picked here rather than on the server so that the infotext can name the variation seed too.
         """
-        return resolve_seeds(validate(request_type(prompt=prompt, **settings), self.spec))
+        return resolve_seeds(validate(request_type(prompt=prompt, **settings), self.model_spec(model)))
 
-    def _inputs(self, module, request: Txt2ImgRequest, images: dict[str, np.ndarray]) -> list:
-        inputs = []
+    def _inputs(self, module, spec: ModelSpec, request: Txt2ImgRequest, images: dict[str, np.ndarray]) -> list:
+        inputs = [self._tensor(module, MODEL, np.array([spec.key.encode()], dtype=np.object_), "BYTES")]
         for name, value in request.as_dict().items():
-            field = self.spec.field(name)
+            field = spec.field(name)
             string = field.dtype == "string"
             array = np.array([value.encode("utf-8") if string else value], dtype=np.object_ if string else field.dtype)
             inputs.append(self._tensor(module, name, array, WIRE_DTYPES[field.dtype]))
@@ -132,11 +158,12 @@ class Client:
         tensor.set_data_from_numpy(array)
         return tensor
 
-    def _result(self, request: Txt2ImgRequest, response, inpaint: bool) -> Generation:
+    @staticmethod
+    def _result(spec: ModelSpec, request: Txt2ImgRequest, response, inpaint: bool) -> Generation:
         images = response.as_numpy(IMAGES)
         seeds = [int(s) for s in response.as_numpy(SEEDS)]
         request = replace(request, seed=seeds[0])
-        return Generation(images, seeds, infotexts(request, seeds, self.spec, inpaint))
+        return Generation(images, seeds, infotexts(request, seeds, spec, inpaint))
 
     def _infer_kwargs(self, module) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"outputs": [module.InferRequestedOutput(IMAGES), module.InferRequestedOutput(SEEDS)]}
@@ -144,67 +171,76 @@ class Client:
             kwargs["client_timeout"] = self.timeout  # (HTTP: network_timeout is set on the connection)
         return kwargs
 
-    def _generate(self, model: str, request: Txt2ImgRequest, images: dict[str, np.ndarray]) -> Generation:
+    def _generate(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
+                  images: dict[str, np.ndarray]) -> Generation:
         module = _module(self.protocol)
         try:
-            response = self._client().infer(model, self._inputs(module, request, images), **self._infer_kwargs(module))
+            response = self._client().infer(job, self._inputs(module, spec, request, images),
+                                             **self._infer_kwargs(module))
         except Exception as exc:
             raise self._error(exc) from None
-        return self._result(request, response, MASK in images)
+        return self._result(spec, request, response, MASK in images)
 
-    async def _agenerate(self, model: str, request: Txt2ImgRequest, images: dict[str, np.ndarray]) -> Generation:
+    async def _agenerate(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
+                         images: dict[str, np.ndarray]) -> Generation:
         module = _module(self.protocol)
         client = self._new_client(aio=True)
         try:
-            response = await client.infer(model, self._inputs(module, request, images), **self._infer_kwargs(module))
+            response = await client.infer(job, self._inputs(module, spec, request, images), **self._infer_kwargs(module))
         except Exception as exc:
             raise self._error(exc) from None
         finally:
             await client.close()
-        return self._result(request, response, MASK in images)
+        return self._result(spec, request, response, MASK in images)
 
     # --- the jobs ----------------------------------------------------------------------------------------------
-    def _batches(self, model: str, request: Txt2ImgRequest, images: dict[str, np.ndarray], n_iter: int,
-                 progress: Callable[[int, int], None] | None) -> Generation:
+    def _batches(self, job: str, spec: ModelSpec, request: Txt2ImgRequest, images: dict[str, np.ndarray],
+                 n_iter: int, progress: Callable[[int, int], None] | None) -> Generation:
         results = []
         for batch in batch_count(request, n_iter):
-            results.append(self._generate(model, batch, images))
+            results.append(self._generate(job, spec, batch, images))
             if progress is not None:
                 progress(len(results), n_iter)
         return concatenate(results)
 
     def txt2img(self, prompt: str = "", n_iter: int = 1, progress: Callable[[int, int], None] | None = None,
-                **settings: Any) -> Generation:
-        """Generate images; settings are the request fields (``sdtrt txt2img --help`` lists them with their
-        ranges: negative_prompt, seed, steps, guidance_scale, sampler, schedule_type, width, height, batch_size,
-        clip_skip, subseed, subseed_strength, enable_hr, hr_scale, hr_upscaler, ...). ``n_iter`` batches run one
-        after another with continuing seeds (A1111's batch count); ``progress(done, n_iter)`` follows them."""
-        request = self.request(prompt, **settings)
-        return self._batches(TXT2IMG, request, {}, n_iter, progress)
+                model: str | None = None, **settings: Any) -> Generation:
+        """Generate images with ``model`` (one of :attr:`models`; default: the server's default); settings are
+        the request fields (``sdtrt txt2img --url URL --help`` lists them with their ranges: negative_prompt,
+        seed, steps, guidance_scale, sampler, schedule_type, width, height, batch_size, clip_skip, subseed,
+        subseed_strength, enable_hr, hr_scale, hr_upscaler, ...). ``n_iter`` batches run one after another with
+        continuing seeds (A1111's batch count); ``progress(done, n_iter)`` follows them."""
+        spec = self.model_spec(model)
+        request = self.request(prompt, model=spec.key, **settings)
+        return self._batches(TXT2IMG, spec, request, {}, n_iter, progress)
 
     def img2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1,
-                progress: Callable[[int, int], None] | None = None, **settings: Any) -> Generation:
+                progress: Callable[[int, int], None] | None = None, model: str | None = None,
+                **settings: Any) -> Generation:
         """Redraw ``init_image`` (PIL image or H x W x 3 uint8 array); with ``mask`` (white = repaint), inpaint.
         Settings as for txt2img plus denoising_strength, resize_mode, mask_blur, inpaint_full_res(_padding)."""
-        request = self.request(prompt, Img2ImgRequest, **settings)
-        return self._batches(IMG2IMG, request, _pictures(init_image, mask), n_iter, progress)
+        spec = self.model_spec(model)
+        request = self.request(prompt, Img2ImgRequest, model=spec.key, **settings)
+        return self._batches(IMG2IMG, spec, request, _pictures(init_image, mask), n_iter, progress)
 
-    async def atxt2img(self, prompt: str, n_iter: int = 1, **settings: Any) -> Generation:
+    async def atxt2img(self, prompt: str, n_iter: int = 1, model: str | None = None, **settings: Any) -> Generation:
         """The asyncio form of :meth:`txt2img` (tritonclient's aio clients, one per call)."""
-        await self._aspec()
-        request = self.request(prompt, **settings)
-        return concatenate([await self._agenerate(TXT2IMG, r, {}) for r in batch_count(request, n_iter)])
+        await self._acatalog()
+        spec = self.model_spec(model)
+        request = self.request(prompt, model=spec.key, **settings)
+        return concatenate([await self._agenerate(TXT2IMG, spec, r, {}) for r in batch_count(request, n_iter)])
 
-    async def aimg2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1,
+    async def aimg2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1, model: str | None = None,
                        **settings: Any) -> Generation:
-        await self._aspec()
-        request = self.request(prompt, Img2ImgRequest, **settings)
+        await self._acatalog()
+        spec = self.model_spec(model)
+        request = self.request(prompt, Img2ImgRequest, model=spec.key, **settings)
         images = _pictures(init_image, mask)
-        return concatenate([await self._agenerate(IMG2IMG, r, images) for r in batch_count(request, n_iter)])
+        return concatenate([await self._agenerate(IMG2IMG, spec, r, images) for r in batch_count(request, n_iter)])
 
-    async def _aspec(self) -> None:
-        if self._spec is None:
-            await asyncio.get_running_loop().run_in_executor(None, lambda: self.spec)
+    async def _acatalog(self) -> None:
+        if self._catalog is None:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: self.catalog)
 
     def close(self) -> None:
         client = getattr(self._local, "client", None)

@@ -27,12 +27,14 @@ def build_ui(client: Client, outputs: Path = Path("outputs")):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    spec = client.spec
-    title = f"{spec.model_name} [{spec.model_hash}]"
+    spec = client.spec  # the default model's ranges and defaults shape the controls
+    titles = {s.title: key for key, s in client.catalog.models.items()}
+    title = spec.title
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"## {TITLE}\nServer `{client.url}` ({client.protocol}), model **{title}**")
-        # One model per server today; the dropdown appears once a server offers several.
-        gr.Dropdown(choices=[title], value=title, label="Stable Diffusion checkpoint", visible=False)
+        # The checkpoint picker shows when the server has several models (`sdtrt models`).
+        checkpoint = gr.Dropdown(choices=list(titles), value=title, label="Stable Diffusion checkpoint",
+                                 visible=len(titles) > 1)
         last_seeds = gr.State([])
         with gr.Row():
             with gr.Column(scale=3):
@@ -59,11 +61,12 @@ def build_ui(client: Client, outputs: Path = Path("outputs")):
                 gallery = gr.Gallery(label="Output", columns=2, height="auto", format="png")
                 info = gr.Textbox(label="Generation parameters (A1111 infotext)", lines=4, interactive=False)
 
-        def run(prompt_text, negative_text, sampler_name, schedule_type, steps_n, width_px, height_px, batch_n,
-                cfg_scale, seed_value, progress=gr.Progress()):
+        def run(model_title, prompt_text, negative_text, sampler_name, schedule_type, steps_n, width_px, height_px,
+                batch_n, cfg_scale, seed_value, progress=gr.Progress()):
             progress(0, desc="waiting for the server")
             try:
-                result = client.txt2img(prompt_text, negative_prompt=negative_text, sampler=sampler_name,
+                result = client.txt2img(prompt_text, model=titles.get(model_title), negative_prompt=negative_text,
+                                        sampler=sampler_name,
                                         schedule_type=schedule_type, steps=int(steps_n), width=int(width_px),
                                         height=int(height_px), batch_size=int(batch_n), guidance_scale=float(cfg_scale),
                                         seed=int(seed_value))
@@ -73,7 +76,7 @@ def build_ui(client: Client, outputs: Path = Path("outputs")):
                      for image, s, text in zip(result.images, result.seeds, result.infotexts)]
             return [(f, f"seed {s}") for f, s in zip(files, result.seeds)], result.infotexts[0], result.seeds
 
-        inputs = [prompt, negative, sampler, schedule, steps, width, height, batch, cfg, seed]
+        inputs = [checkpoint, prompt, negative, sampler, schedule, steps, width, height, batch, cfg, seed]
         generate.click(run, inputs=inputs, outputs=[gallery, info, last_seeds])
         prompt.submit(run, inputs=inputs, outputs=[gallery, info, last_seeds])
         random_seed.click(lambda: -1, outputs=seed)

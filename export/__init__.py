@@ -27,29 +27,39 @@ from sdtrt.export.descriptors import (
 )
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.errors import UsageError
-from sdtrt.model_repository.build import write_repository
+from sdtrt.model_repository.build import write_model, write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.request import request_fields
 from sdtrt.samplers import schedule_table
-from sdtrt.spec import SPEC_FILENAME, ComponentSpec, ExportLimits, ModelSpec
+from sdtrt.spec import SPEC_FILENAME, Catalog, ComponentSpec, ExportLimits, ModelSpec, load_catalog, safe_name
 
 if TYPE_CHECKING:
     from sdtrt.export.tensorrt import EngineOptions
 
 log = logging.getLogger("sdtrt.export")
 
-TOKENIZER_DIR = "tokenizer/1/clip_tokenizer"
+def onnx_path(key: str, component: str) -> str:
+    """Where a model's network lives in the repository: Triton's <model>/<version>/model.onnx layout, the Triton
+    model named <key>__<network>."""
+    return f"{key}__{component}/1/model.onnx"
 
 
-def onnx_path(component: str) -> str:
-    """Where a component's ONNX lives in the repository: Triton's <model>/<version>/model.onnx layout."""
-    return f"{component}/1/model.onnx"
+def tokenizer_dir(key: str) -> str:
+    return f"{key}__tokenizer/1/clip_tokenizer"
+
+
+def model_key(model: str | Path, name: str | None = None) -> str:
+    """A model's name in a repository: ``name``, else the file's stem or the folder's name (A1111's "Model")."""
+    path = Path(model)
+    return safe_name(name or (path.name if path.is_dir() else path.stem))
 
 
 def export_model(
     model: str | Path,
     out: str | Path,
     *,
+    name: str | None = None,
+    default: bool = False,
     config: str | Path | None = None,
     loras: tuple[str, ...] = (),
     vae: str | Path | None = None,
@@ -66,32 +76,50 @@ def export_model(
     progress: bool = True,
     report=print,
 ) -> ModelSpec:
-    """Export every network of ``model`` to ONNX under ``out``, write the spec and the Triton configs.
+    """Export every network of ``model`` to ONNX and add it to the model repository ``out`` (created if need be)
+    under ``name`` (default: the file's stem or the folder's name), with its spec and Triton configs; the first
+    model of a repository, or one exported with ``default``, is what requests that name no model get.
 
     With ``engines`` (EngineOptions), also build FP16 TensorRT engines and serve the networks with them.
     ``max_pixel_steps`` (0: none) and ``max_prompt_chars`` are the per-request ceilings the spec records; by
     default they are sized from max_size, max_batch and max_chunks (see ExportLimits).
     """
     out = Path(out)
+    key = model_key(model, name)
     source_sha = checkpoint_sha256(model, progress)
-    key = export_key(source_sha, config=config, loras=loras, vae=vae, prediction_type=prediction_type, max_batch=max_batch,
-                     min_size=min_size, max_size=max_size, max_chunks=max_chunks, max_pixel_steps=max_pixel_steps,
-                     max_prompt_chars=max_prompt_chars, serving=serving, engines=engines)
-    done = complete_export(out, key)
+    inputs = export_key(source_sha, name=key, config=config, loras=loras, vae=vae, prediction_type=prediction_type,
+                        max_batch=max_batch, min_size=min_size, max_size=max_size, max_chunks=max_chunks,
+                        max_pixel_steps=max_pixel_steps, max_prompt_chars=max_prompt_chars, serving=serving,
+                        engines=engines)
+    done = complete_export(out, key, inputs)
     if done is not None:
-        report(f"{out}: already exported from the same inputs ({key[:12]}); nothing to do")
+        report(f"{out}: {key} is already exported from the same inputs ({inputs[:12]}); nothing to do")
+        if default and load_catalog(out).default != key:
+            catalog = load_catalog(out)
+            catalog.default = key
+            catalog.save(out)
+            write_repository(out, catalog, replace(serving, backend="tensorrt") if engines is not None else serving)
+            report(f"{out}: {key} is now the default model")
         return done
-    with written_aside(out) as work:
-        return _export(model, work, out, key, source_sha, config=config, loras=loras, vae=vae, allow_pickle=allow_pickle,
-                       prediction_type=prediction_type, max_batch=max_batch, min_size=min_size, max_size=max_size,
-                       max_chunks=max_chunks, max_pixel_steps=max_pixel_steps, max_prompt_chars=max_prompt_chars,
-                       serving=serving, engines=engines, progress=progress, report=report)
+    with building(out) as work:
+        spec = _export(model, work, key, inputs, source_sha, config=config, loras=loras, vae=vae,
+                       allow_pickle=allow_pickle, prediction_type=prediction_type, max_batch=max_batch,
+                       min_size=min_size, max_size=max_size, max_chunks=max_chunks, max_pixel_steps=max_pixel_steps,
+                       max_prompt_chars=max_prompt_chars, serving=serving, engines=engines, progress=progress,
+                       report=report)
+        if engines is not None:
+            serving = replace(serving, backend="tensorrt")
+        catalog = join_repository(work, out, spec, serving, default)
+    report(f"Triton model repository: {out}, models {', '.join(catalog.models)} (default {catalog.default}; "
+           f"networks on the {serving.backend!r} backend)")
+    return spec
 
 
-def _export(model, repo: Path, final: Path, key: str, source_sha: str, *, config, loras, vae, allow_pickle, prediction_type,
-            max_batch, min_size, max_size, max_chunks, max_pixel_steps, max_prompt_chars, serving, engines, progress,
-            report) -> ModelSpec:
-    """The export itself, into ``repo`` (a folder beside ``final`` that becomes it when everything is written)."""
+def _export(model, repo: Path, key: str, inputs: str, source_sha: str, *, config, loras, vae, allow_pickle,
+            prediction_type, max_batch, min_size, max_size, max_chunks, max_pixel_steps, max_prompt_chars, serving,
+            engines, progress, report) -> ModelSpec:
+    """The export itself, into ``repo`` (a folder beside the repository, joined to it when everything is written):
+    the networks, the tokenizer, the engines, this model's own Triton configs."""
     ckpt = load_checkpoint(model, config, allow_pickle=allow_pickle, prediction_type=prediction_type, report=report,
                            sha256=source_sha)
     if vae is not None:
@@ -113,20 +141,21 @@ def _export(model, repo: Path, final: Path, key: str, source_sha: str, *, config
     dims = dim_ranges(max_batch=max_batch, min_size=min_size, native_size=native, max_size=max_size,
                       vae_scale_factor=factor, text_max_length=text_max_length, max_chunks=max_chunks)
 
-    components = export_networks(descriptors(pipe, text_max_length), repo, dims, text_max_length, progress, report)
-    pipe.tokenizer.save_pretrained(str(repo / TOKENIZER_DIR))
+    components = export_networks(descriptors(pipe, text_max_length), repo, key, dims, text_max_length, progress, report)
+    pipe.tokenizer.save_pretrained(str(repo / tokenizer_dir(key)))
     limits = dict(
         max_pixel_steps=ExportLimits.pixel_steps(max_size, max_batch) if max_pixel_steps is None else max_pixel_steps,
         max_prompt_chars=ExportLimits.prompt_chars(max_chunks) if max_prompt_chars is None else max_prompt_chars,
     )
-    spec = build_spec(ckpt, components, dims, factor, native, min_size, max_size, max_batch, text_max_length, **limits)
-    spec = replace(spec, extra={**spec.extra, "export_key": key})
-    spec.save(repo)
-    report(f"spec: {final / SPEC_FILENAME}")
+    spec = build_spec(ckpt, key, components, dims, factor, native, min_size, max_size, max_batch, text_max_length,
+                      **limits)
+    spec = replace(spec, extra={**spec.extra, "export_key": inputs})
     if engines is not None:
-        return build_engines_and_configs(repo, spec, engines, serving, report, progress)
-    write_repository(repo, spec, serving)
-    report(f"Triton model repository: {final} (networks on the {serving.backend!r} backend)")
+        from sdtrt.export.tensorrt import build_engines
+
+        spec = build_engines(repo, spec, engines, report, progress)
+        serving = replace(serving, backend="tensorrt")
+    write_model(repo, spec, serving)
     return spec
 
 
@@ -156,40 +185,85 @@ def export_key(source_sha: str, **inputs) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def complete_export(repo: Path, key: str) -> ModelSpec | None:
-    """The repository's spec if it is a finished export of ``key`` (every network and config in place)."""
-    from sdtrt.spec import load_spec
-
-    if not (repo / SPEC_FILENAME).is_file():
-        return None
+def complete_export(repo: Path, key: str, inputs: str) -> ModelSpec | None:
+    """The model's spec if the repository holds a finished export of these ``inputs`` under ``key`` (its catalog
+    entry is written last, after every network and config is in place)."""
     try:
-        spec = load_spec(repo)
+        spec = load_catalog(repo).models.get(key)
     except UsageError:
         return None
-    files = [repo / c.onnx for c in spec.components.values()] + [repo / c.name / "config.pbtxt"
-                                                                  for c in spec.components.values()]
-    return spec if spec.extra.get("export_key") == key and all(f.is_file() for f in files) else None
+    if spec is None or spec.extra.get("export_key") != inputs:
+        return None
+    files = [repo / c.onnx for c in spec.components.values()]
+    files += [repo / spec.triton_name(c.name) / "config.pbtxt" for c in spec.components.values()]
+    return spec if all(f.is_file() for f in files) else None
 
 
 @contextlib.contextmanager
-def written_aside(final: Path):
-    """A folder beside ``final`` to export into, swapped in for ``final`` only once everything is written: an
-    interrupted or failed export leaves ``final`` as it was (and no half repository that looks complete)."""
+def building(final: Path):
+    """A folder beside ``final`` to export into; removed if the export fails or is interrupted, so nothing half
+    made ever shows in the repository."""
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield work
-    except BaseException:
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    work.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
-def export_networks(descs, repo: Path, dims, text_max_length: int, progress: bool, report) -> dict[str, ComponentSpec]:
+def join_repository(work: Path, final: Path, spec: ModelSpec, serving: ServingOptions, default: bool) -> Catalog:
+    """Move a finished export's Triton models into the repository (replacing the model's older ones), then add it
+    to the catalog, then regenerate the configs that span every model (the jobs). A repository written by an
+    older sdtrt (another spec format) is replaced whole."""
+    final.mkdir(parents=True, exist_ok=True)
+    try:
+        catalog = load_catalog(final) if (final / SPEC_FILENAME).is_file() else None
+    except UsageError:  # an older format: what it served cannot join a catalog of this version
+        stale = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(stale)
+        final.mkdir()
+        shutil.rmtree(stale, ignore_errors=True)
+        catalog = None
+    if catalog is not None:
+        check_serving(final, catalog, spec, serving)
+    for part in sorted(work.iterdir()):
+        target = final / part.name
+        if target.exists():
+            old = final / f".{part.name}.old-{os.getpid()}"
+            target.rename(old)
+            part.rename(target)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            part.rename(target)
+    catalog = catalog or Catalog(spec.key, {})
+    catalog.models[spec.key] = spec
+    if default:
+        catalog.default = spec.key
+    catalog.save(final)
+    write_repository(final, catalog, serving)
+    return catalog
+
+
+def check_serving(repo: Path, catalog: Catalog, spec: ModelSpec, serving: ServingOptions) -> None:
+    """Serving options are the repository's (the last export's apply to every model): refuse, before anything
+    moves, an export whose backend the repository's other models cannot be served on."""
+    from sdtrt.spec import ENGINES
+
+    others = [key for key in catalog.models if key != spec.key]
+    with_engines = [key for key in others if catalog.models[key].extra.get(ENGINES)]
+    if serving.backend == "tensorrt":
+        lacking = [key for key in others if key not in with_engines]
+        if lacking:
+            raise UsageError(f"{repo} also serves {', '.join(lacking)} without TensorRT engines; build theirs first "
+                             f"(`sdtrt build-engines {repo} --model {lacking[0]}`) or export this one into another "
+                             "repository")
+    elif with_engines:
+        raise UsageError(f"{repo} serves TensorRT engines ({', '.join(with_engines)}): export this model with "
+                         "--format trt to add it, or into another repository")
+
+
+def export_networks(descs, repo: Path, key: str, dims, text_max_length: int, progress: bool,
+                    report) -> dict[str, ComponentSpec]:
     """Each network: torch -> ONNX, onnx.checker, then onnxruntime against torch at two shapes: the smallest sizes
     (fast even for SD-sized weights) and an odd, non-square, 2-chunk one."""
     lo_h, lo_w = dims[LATENT_H].min, dims[LATENT_W].min
@@ -201,7 +275,7 @@ def export_networks(descs, repo: Path, dims, text_max_length: int, progress: boo
     components = {}
     bar = tqdm(total=3 * len(descs), desc="export", unit="stage", disable=not progress)
     for desc in descs:
-        path = repo / onnx_path(desc.name)
+        path = repo / onnx_path(key, desc.name)
         bar.set_postfix_str(f"{desc.name}: torch -> ONNX")
         export_onnx(desc, path)
         bar.update()
@@ -211,68 +285,78 @@ def export_networks(descs, repo: Path, dims, text_max_length: int, progress: boo
         bar.set_postfix_str(f"{desc.name}: onnxruntime vs torch")
         err = verify_onnx(desc, path, check_dims)
         bar.update()
-        report(f"{desc.name}: {onnx_path(desc.name)} (opset {OPSET}); onnxruntime vs torch max abs error {err:.2e}")
-        components[desc.name] = ComponentSpec(desc.name, onnx_path(desc.name), OPSET, desc.inputs, desc.outputs)
+        report(f"{desc.name}: {onnx_path(key, desc.name)} (opset {OPSET}); onnxruntime vs torch max abs error "
+               f"{err:.2e}")
+        components[desc.name] = ComponentSpec(desc.name, onnx_path(key, desc.name), OPSET, desc.inputs, desc.outputs)
     bar.close()
     return components
 
 
-def build_engines_and_configs(repo: str | Path, spec: ModelSpec, engines: "EngineOptions",
-                              serving: ServingOptions = ServingOptions(), report=print, progress: bool = True) -> ModelSpec:
-    """TensorRT engines for an exported repository, then its Triton configs switched to ``tensorrt_plan``."""
-    from dataclasses import replace
+def build_engines_and_configs(repo: str | Path, engines: "EngineOptions", serving: ServingOptions = ServingOptions(),
+                              model: str | None = None, report=print, progress: bool = True) -> ModelSpec:
+    """TensorRT engines for one model of an exported repository (default: its default model), then the
+    repository's Triton configs switched to ``tensorrt_plan``."""
+    from sdtrt.export.tensorrt import build_engines
+    from sdtrt.spec import ENGINES
 
-    from sdtrt.export.tensorrt import build_engines, served_spec
-
-    spec = served_spec(spec, engines)  # before building: refuses a static size or batch the export lacks
-    manifest = build_engines(repo, spec, engines, report, progress)
-    spec.save(repo)
-    write_repository(repo, spec, replace(serving, backend="tensorrt", engines=manifest))
-    report(f"Triton model repository: {repo} (networks on TensorRT engines)")
+    root = Path(repo)
+    catalog = load_catalog(root)
+    spec = build_engines(root, catalog.get(model), engines, report, progress)
+    catalog.models[spec.key] = spec
+    catalog.save(root)
+    lacking = [key for key, other in catalog.models.items() if not other.extra.get(ENGINES)]
+    if lacking:  # one backend per repository: it switches once every model has its engines
+        report(f"{spec.key}'s engines are built; {root} switches to TensorRT once {', '.join(lacking)} "
+               f"{'has' if len(lacking) == 1 else 'have'} theirs (`sdtrt build-engines {root} --model {lacking[0]}`)")
+        return spec
+    write_repository(root, catalog, replace(serving, backend="tensorrt"))
+    report(f"Triton model repository: {root} (every model's networks on TensorRT engines)")
     return spec
 
 
-def refit_repository(repo: str | Path, model: str | Path, *, config: str | Path | None = None,
+def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = None, config: str | Path | None = None,
                      loras: tuple[str, ...] = (), report=print) -> ModelSpec:
-    """New weights (another checkpoint of the same architecture, or the same one with LoRAs fused) into an
-    export's refittable TensorRT engines, without rebuilding them; the ONNX files and the spec follow."""
-    import shutil
-    import tempfile
-    from dataclasses import replace
-
-    from sdtrt.engines import load_manifest
+    """New weights (another checkpoint of the same architecture, or the same one with LoRAs fused) into one
+    model's refittable TensorRT engines (``name``, default: the repository's default model), without rebuilding
+    them; the ONNX files and the spec follow."""
     from sdtrt.export.tensorrt import refit_engine
-    from sdtrt.spec import load_spec
+    from sdtrt.spec import ENGINES
 
     root = Path(repo)
-    old = load_spec(root)
-    manifest = load_manifest(root)
-    stiff = [name for name, entry in manifest.items() if not entry.get("refittable")]
-    if stiff:
-        raise UsageError(f"engines {stiff} are not refittable: rebuild them with --refittable first")
+    catalog = load_catalog(root)
+    old = catalog.get(name)
+    manifest = old.extra.get(ENGINES, {})
+    stiff = [part for part, entry in manifest.items() if not entry.get("refittable")]
+    if stiff or not manifest:
+        raise UsageError(f"{old.key}'s engines {stiff or '(none)'} are not refittable: build them with --refittable")
     f = old.vae_scale_factor
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        new = export_model(model, tmp, config=config, loras=loras, max_batch=old.dims[BATCH].max,
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{root.name}.refit-") as tmp:
+        fresh = Path(tmp) / "repo"
+        new = export_model(model, fresh, name=old.key, config=config, loras=loras, max_batch=old.dims[BATCH].max,
                            min_size=old.dims[LATENT_H].min * f, max_size=old.dims[LATENT_H].max * f,
                            max_chunks=old.max_chunks, max_pixel_steps=old.max_pixel_steps,
                            max_prompt_chars=old.field("prompt").max_length, report=report)
         if [c.inputs for c in new.components.values()] != [c.inputs for c in old.components.values()]:
-            raise UsageError(f"{model} is not the same architecture as the export in {repo}: rebuild instead")
-        for name, entry in manifest.items():
-            report(f"{name}: refitting {entry['file']}")
-            refit_engine(root / name / "1" / entry["file"], Path(tmp) / new.component(name).onnx)
-            for produced in (Path(tmp) / name / "1").glob("model.onnx*"):
-                shutil.move(str(produced), root / name / "1" / produced.name)
-    spec = replace(old, model_name=new.model_name, source=new.source, source_hash=new.source_hash, extra=new.extra)
-    spec.save(root)
-    write_repository(root, spec, ServingOptions(backend="tensorrt", engines=manifest))
+            raise UsageError(f"{model} is not the same architecture as {old.key} in {repo}: rebuild instead")
+        for part, entry in manifest.items():
+            report(f"{part}: refitting {entry['file']}")
+            folder = old.triton_name(part)
+            refit_engine(root / folder / "1" / entry["file"], fresh / new.component(part).onnx)
+            for produced in (fresh / folder / "1").glob("model.onnx*"):
+                shutil.move(str(produced), root / folder / "1" / produced.name)
+    spec = replace(old, model_name=new.model_name, source=new.source, source_hash=new.source_hash,
+                   extra={**new.extra, ENGINES: manifest})
+    catalog.models[spec.key] = spec
+    catalog.save(root)
+    write_repository(root, catalog, ServingOptions(backend="tensorrt"))
     return spec
 
 
-def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max_size, max_batch, text_max_length,
-               max_pixel_steps: int, max_prompt_chars: int) -> ModelSpec:
+def build_spec(ckpt: Checkpoint, key: str, components, dims, factor, native, min_size, max_size, max_batch,
+               text_max_length, max_pixel_steps: int, max_prompt_chars: int) -> ModelSpec:
     pipe = ckpt.pipe
     return ModelSpec(
+        name=key,
         model_name=ckpt.name,
         source=ckpt.source,
         source_hash=ckpt.sha256,
@@ -281,7 +365,7 @@ def build_spec(ckpt: Checkpoint, components, dims, factor, native, min_size, max
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
         scheduler_config=_jsonable(dict(pipe.scheduler.config)),
-        tokenizer=TOKENIZER_DIR,
+        tokenizer=tokenizer_dir(key),
         text_max_length=text_max_length,
         text_hidden_size=int(pipe.text_encoder.config.hidden_size),
         dims=dims,

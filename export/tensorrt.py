@@ -7,7 +7,7 @@
 * ``refittable`` engines can take new weights (a LoRA fused into the checkpoint) without a rebuild:
   :func:`refit_engine` reads them from a re-exported ONNX with the same graph.
 * Engine files are named after the network, the GPU, the TensorRT version and a hash of the profile and
-  flags (``unet.NVIDIA-H100-PCIe.trt10.7.0.a1b2c3d4.plan``), and ``trt_engines.json`` records them; the
+  flags (``unet.NVIDIA-H100-PCIe.trt10.7.0.a1b2c3d4.plan``), and the spec's engine manifest records them; the
   Triton configs and the local runner load exactly those names, so a stale engine is never picked up.
 
 Needs an NVIDIA GPU and the ``tensorrt`` package (``pip install 'sdtrt[gpu]'``); nothing here runs elsewhere.
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from sdtrt.engines import MANIFEST, gpu_name, require_tensorrt
+from sdtrt.engines import gpu_name, require_tensorrt
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.spec import BATCH, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, UNET_BATCH, ComponentSpec, ModelSpec
 
@@ -129,22 +129,27 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, *, fp16: bool
 
 
 def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = EngineOptions(),
-                  report: Callable[[str], None] = print, progress: bool = True) -> dict[str, dict]:
-    """Build (or reuse) an engine per network under ``repo`` and write the manifest; returns it."""
+                  report: Callable[[str], None] = print, progress: bool = True) -> ModelSpec:
+    """Build (or reuse) an engine per network of ``spec``'s model under ``repo``; returns the spec those engines
+    serve (``served_spec``), with the engine manifest in it (``extra["engines"]``)."""
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
+    from sdtrt.spec import ENGINES
+
+    spec = served_spec(spec, options)  # before building: refuses a static size or batch the export lacks
     trt = require_tensorrt()
     root = Path(repo)
     gpu = gpu_name()
     manifest: dict[str, dict] = {}
-    names = list(spec.components)
-    for name in tqdm(names, desc="TensorRT", unit="engine", disable=not progress):
+    for name in tqdm(list(spec.components), desc="TensorRT", unit="engine", disable=not progress):
         component = spec.component(name)
         shapes = profile_shapes(spec, component, options)
         fp16 = name not in options.fp32
         filename = engine_filename(name, gpu, trt.__version__, shapes, fp16, options.refittable,
                                    options.optimization_level)
-        path = root / name / "1" / filename
+        path = root / spec.triton_name(name) / "1" / filename
         if path.is_file():
             report(f"{name}: reusing {path}")
         else:
@@ -155,8 +160,7 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
         manifest[name] = {"file": filename, "gpu": gpu, "tensorrt": trt.__version__, "fp16": fp16,
                           "refittable": options.refittable,
                           "profile": {k: [list(s) for s in v] for k, v in shapes.items()}, "options": asdict(options)}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return replace(spec, extra={**spec.extra, ENGINES: manifest})
 
 
 def refit_engine(engine_path: Path, onnx_path: Path) -> None:

@@ -18,10 +18,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from sdtrt.images import to_uint8
-from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER_FIELDS
+from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
 from sdtrt.prompts import contexts
 from sdtrt.request import Txt2ImgRequest
-from sdtrt.spec import ComponentSpec, ModelSpec
+from sdtrt.errors import InvalidRequest
+from sdtrt.spec import MODEL, ComponentSpec, ModelSpec
 
 
 class Cancelled(Exception):
@@ -61,7 +62,11 @@ class BlsNetworks:
             model_name=model, requested_output_names=outputs, inputs=inputs, preferred_memory=preferred_memory(memory),
         ).exec()
         if response.has_error():
-            raise RuntimeError(f"{model}: {response.error().message()}")
+            message = response.error().message()
+            if "unknown model" in message or "is not ready" in message or "not found" in message:
+                raise InvalidRequest(MODEL, self.spec.key, "a model this server has loaded: it is unloaded "
+                                     f"(`sdtrt models load {self.spec.key}` loads it)") from None
+            raise RuntimeError(f"{model}: {message}")
         # Copies on ``memory``: the response's buffers go back to Triton's pools straight away.
         return {name: from_triton(pb_utils.get_output_tensor_by_name(response, name)).to(memory, copy=True)
                 for name in outputs}
@@ -74,7 +79,7 @@ class BlsNetworks:
                 value = value.reshape(-1, 1)
             tensors.append(to_triton(spec.name, value))
         output = component.outputs[0].name
-        return self._exec(component.name, tensors, [output], output_device)[output]
+        return self._exec(self.spec.triton_name(component.name), tensors, [output], output_device)[output]
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[torch.Tensor, torch.Tensor]:
         """(uncond, cond) U-Net contexts: the tokenizer model (A1111 chunks and weights), then the text encoder."""
@@ -84,7 +89,7 @@ class BlsNetworks:
             value, dtype = getattr(request, name), self.spec.field(name).dtype
             array = np.array([value.encode("utf-8")], dtype=np.object_) if dtype == "string" else np.array([value], dtype=dtype)
             fields.append(pb_utils.Tensor(name, array))  # strings have no DLPack form
-        tokens = self._exec("tokenizer", fields, [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS], cpu)
+        tokens = self._exec(self.spec.triton_name(TOKENIZER), fields, [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS], cpu)
         embeddings = self._call(self.spec.component("text_encoder"), (tokens[TOKEN_IDS], tokens[CLIP_SKIP_ROWS]), cpu)
         return contexts(embeddings.numpy(), tokens[TOKEN_WEIGHTS].numpy())
 

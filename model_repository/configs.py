@@ -13,7 +13,7 @@ next step (Triton cancels only the request the client sent; an ensemble's step a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -21,7 +21,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from sdtrt.errors import UsageError
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.spec import (
-    IMAGES, IMG2IMG, INIT_IMAGE, MASK, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, ComponentSpec, ModelSpec, TensorSpec,
+    ENGINES, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ComponentSpec,
+    ModelSpec, TensorSpec,
 )
 
 NETWORK_BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -40,7 +41,6 @@ class ServingOptions:
     max_queue: int = 16  # requests a job model holds beyond its running loops; more get UNAVAILABLE (busy, retry)
     unet_queue_delay_us: int = 2000  # how long the U-Net batcher waits for more requests' steps
     network_instances: int = 1
-    engines: dict = field(default_factory=dict)  # tensorrt: the engine manifest (sdtrt.export.tensorrt)
 
 
 # The tokenizer's outputs, named once here for the tokenizer model and the job models that call it.
@@ -88,12 +88,19 @@ def engine_batching(spec: ModelSpec, component: ComponentSpec, profile: dict[str
     return Batching(min(profile[t.name][2][0] for t in component.inputs), pinned)
 
 
+def engine_entry(spec: ModelSpec, component: ComponentSpec) -> dict:
+    """The TensorRT engine of a network, as the spec's engine manifest records it (``sdtrt.export.tensorrt``)."""
+    engines = spec.extra.get(ENGINES, {})
+    if component.name not in engines:
+        raise UsageError(f"model {spec.key!r} has no TensorRT engine for {component.name}: build them with "
+                         f"`sdtrt build-engines REPO_DIR --model {spec.key}` (or export it with --format trt)")
+    return engines[component.name]
+
+
 def network_batching(spec: ModelSpec, component: ComponentSpec, options: ServingOptions) -> Batching:
     """onnxruntime takes the spec's whole batch range; a TensorRT engine what its profile was built for."""
     if options.backend == "tensorrt":
-        if component.name not in options.engines:
-            raise UsageError(f"no TensorRT engine for {component.name}: build them with `sdtrt export ... --format trt`")
-        return engine_batching(spec, component, options.engines[component.name]["profile"])
+        return engine_batching(spec, component, engine_entry(spec, component)["profile"])
     return Batching(spec.dims[component.inputs[0].shape[0]].max, {})
 
 
@@ -102,14 +109,14 @@ def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOp
     share a call; a fixed-batch TensorRT engine gets full shapes and takes requests only as they are."""
     batching = network_batching(spec, component, options)
     batched = batching.max_batch_size > 0
-    config = mc.ModelConfig(name=component.name, max_batch_size=batching.max_batch_size)
+    config = mc.ModelConfig(name=spec.triton_name(component.name), max_batch_size=batching.max_batch_size)
     if options.backend == "python":
         config.backend = "python"
     elif options.backend == "onnxruntime":
         config.platform = "onnxruntime_onnx"
     elif options.backend == "tensorrt":
         config.platform = "tensorrt_plan"
-        config.default_model_filename = options.engines[component.name]["file"]  # never a stale model.plan
+        config.default_model_filename = engine_entry(spec, component)["file"]  # never a stale model.plan
     else:
         raise ValueError(f"backend must be one of {NETWORK_BACKENDS}, got {options.backend!r}")
     for spec_list, message in ((component.inputs, config.input), (component.outputs, config.output)):
@@ -138,6 +145,7 @@ def device_kind(options: ServingOptions) -> int:
 
 
 # Request fields the tokenizer takes.
+TOKENIZER = "tokenizer"
 TOKENIZER_FIELDS = ("prompt", "negative_prompt", "clip_skip")
 
 
@@ -151,7 +159,7 @@ JOBS = {job.name: job for job in (Job(TXT2IMG, Txt2ImgRequest), Job(IMG2IMG, Img
 
 
 def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
-    config = mc.ModelConfig(name="tokenizer", backend="python", max_batch_size=0)
+    config = mc.ModelConfig(name=spec.triton_name(TOKENIZER), backend="python", max_batch_size=0)
     for name in TOKENIZER_FIELDS:
         _tensor(config.input, name, spec.field(name).dtype, [1])
         config.input[-1].optional = True
@@ -162,10 +170,14 @@ def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
     return config
 
 
-def job_config(spec: ModelSpec, job: Job, options: ServingOptions) -> mc.ModelConfig:
-    """A model users call: every request field as an optional [1] input (absent: the spec's default; an empty
-    prompt is valid, as in A1111), img2img's pictures, and the pictures and seeds out."""
+def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelConfig:
+    """A model users call, for every model of the repository: ``model`` names one (absent: the default), every
+    request field is an optional [1] input (absent: that model's default; an empty prompt is valid, as in
+    A1111), img2img's pictures, and the pictures and seeds out."""
+    spec = catalog.get()
     config = mc.ModelConfig(name=job.name, backend="python", max_batch_size=0)
+    _tensor(config.input, MODEL, "string", [1])
+    config.input[-1].optional = True
     for name in job_fields(job.request_type):
         _tensor(config.input, name, spec.field(name).dtype, [1])
         config.input[-1].optional = True
@@ -177,8 +189,8 @@ def job_config(spec: ModelSpec, job: Job, options: ServingOptions) -> mc.ModelCo
     channels = spec.component("vae_decoder").outputs[0].shape[1]
     _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
     _tensor(config.output, SEEDS, "int64", [-1])
-    if job.name == TXT2IMG:  # clients read the spec from here (the same JSON export wrote)
-        config.parameters[SPEC_PARAMETER].string_value = json.dumps(spec.to_json(), separators=(",", ":"))
+    if job.name == TXT2IMG:  # clients read the specs from here (the same JSON export wrote)
+        config.parameters[SPEC_PARAMETER].string_value = json.dumps(catalog.to_json(), separators=(",", ":"))
     # On a GPU the loops run on GPU instances: their latents stay on the device between U-Net calls.
     config.instance_group.add(count=options.scheduler_instances, kind=device_kind(options))
     # One request per execution (max_batch_size 0); the batcher is here for its queue policy: a bounded wait,
@@ -187,12 +199,14 @@ def job_config(spec: ModelSpec, job: Job, options: ServingOptions) -> mc.ModelCo
     return config
 
 
-def all_configs(spec: ModelSpec, options: ServingOptions) -> list[mc.ModelConfig]:
-    configs = [
-        tokenizer_config(spec),
-        *(network_config(spec, spec.component(name), options) for name in NETWORKS),
-        *(job_config(spec, job, options) for job in JOBS.values()),
-    ]
+def model_configs(spec: ModelSpec, options: ServingOptions) -> list[mc.ModelConfig]:
+    """One model's own Triton models: its tokenizer and its networks."""
+    return [tokenizer_config(spec), *(network_config(spec, spec.component(name), options) for name in NETWORKS)]
+
+
+def all_configs(catalog: Catalog, options: ServingOptions) -> list[mc.ModelConfig]:
+    configs = [config for spec in catalog.models.values() for config in model_configs(spec, options)]
+    configs += [job_config(catalog, job, options) for job in JOBS.values()]
     for config in configs:
         if config.backend == "python":
             # The Python models read their inputs with as_numpy(): their inputs must arrive in CPU memory, whoever

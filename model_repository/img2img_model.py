@@ -24,17 +24,17 @@ class TritonPythonModel(JobModel):
 
     def run(self, request) -> "pb_utils.InferenceResponse":
         start = time.perf_counter()
-        settings = self.settings(request)
+        spec, settings = self.settings(request)
         init_image, mask = optional_input(request, INIT_IMAGE), optional_input(request, MASK)
         inputs = prepare_images(init_image, mask, width=settings.width, height=settings.height,
                                 resize_mode=settings.resize_mode, mask_blur=settings.mask_blur,
                                 inpaint_full_res=settings.inpaint_full_res,
-                                padding=settings.inpaint_full_res_padding, vae_scale_factor=self.spec.vae_scale_factor)
-        nets = self.networks(request)
+                                padding=settings.inpaint_full_res_padding, vae_scale_factor=spec.vae_scale_factor)
+        nets = self.networks(request, spec)
         uncond, cond = nets.encode_prompts(settings)
-        latents, seeds = img2img_latents(self.spec, settings, inputs, uncond, cond, nets)
-        images = finish_images(nets.vae_decode(latents), inputs, self.spec.vae_scale_factor)
-        self.done(request, settings, start, inpaint=mask is not None)
+        latents, seeds = img2img_latents(spec, settings, inputs, uncond, cond, nets)
+        images = finish_images(nets.vae_decode(latents), inputs, spec.vae_scale_factor)
+        self.done(request, spec, settings, start, inpaint=mask is not None)
         return pb_utils.InferenceResponse([
             pb_utils.Tensor(IMAGES, images), pb_utils.Tensor(SEEDS, np.array(seeds, dtype=np.int64)),
         ])

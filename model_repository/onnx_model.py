@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.model_repository.triton_io import JsonLog, error_response, model_spec
+from sdtrt.model_repository.triton_io import JsonLog, error_response, model_part, model_spec
 
 
 class TritonPythonModel:
@@ -24,7 +24,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.log = JsonLog(args["model_name"])
         spec = model_spec(args)
-        self.component = spec.component(args["model_name"])
+        self.component = spec.component(model_part(args))
         onnx_file = config["parameters"]["onnx_file"]["string_value"]
         path = Path(args["model_repository"]) / args["model_version"] / onnx_file
         # CUDA when this onnxruntime has it (onnxruntime-gpu on a GPU box), else the CPU.

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdtrt.model_repository.configs import TOKENIZER_FIELDS
+from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.spec import (
     BATCH, CONTEXT, IMAGE_H, IMAGE_W, IMG2IMG, INIT_IMAGE, LATENT_H, LATENT_W, TEXT_BATCH, TXT2IMG, UNET_BATCH, ModelSpec,
@@ -23,8 +23,9 @@ def _zeros(shape: list[int]) -> dict[str, Any]:
     return {"content": [0.0] * count, "shape": shape}
 
 
-def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
-    """perf_analyzer --input-data JSON for every model, at the model's native size, one image, 20 steps."""
+def perf_inputs(spec: ModelSpec, default: bool = True) -> dict[str, dict[str, Any]]:
+    """perf_analyzer --input-data JSON for a model's Triton models (and the jobs, for the default model), at the
+    model's native size, one image, 20 steps."""
     fields = {name: field.default for name, field in spec.request.items()}
     fields.update(prompt=PERF_PROMPT, seed=42, steps=20)
     txt2img = {name: [fields[name]] for name in job_fields(Txt2ImgRequest)}
@@ -46,17 +47,17 @@ def perf_inputs(spec: ModelSpec) -> dict[str, dict[str, Any]]:
                 data[tensor.name]["content"] = [1] * len(data[tensor.name]["content"])
         return data
 
+    jobs = {TXT2IMG: {"data": [txt2img]}, IMG2IMG: {"data": [img2img]}} if default else {}
     return {
-        TXT2IMG: {"data": [txt2img]},
-        IMG2IMG: {"data": [img2img]},
-        "tokenizer": {"data": [{f: txt2img[f] for f in TOKENIZER_FIELDS}]},
-        **{name: {"data": [network(name)]} for name in spec.components},
+        **jobs,
+        spec.triton_name(TOKENIZER): {"data": [{f: txt2img[f] for f in TOKENIZER_FIELDS}]},
+        **{spec.triton_name(name): {"data": [network(name)]} for name in spec.components},
     }
 
 
-def write_perf_inputs(repo: Path, spec: ModelSpec) -> list[Path]:
+def write_perf_inputs(repo: Path, spec: ModelSpec, default: bool = True) -> list[Path]:
     paths = []
-    for model, data in perf_inputs(spec).items():
+    for model, data in perf_inputs(spec, default).items():
         path = Path(repo) / model / PERF_INPUT
         path.write_text(json.dumps(data))
         paths.append(path)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.spec import ModelSpec, load_spec
+from sdtrt.spec import ModelSpec, load_catalog
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +22,14 @@ def repo_root(args: dict[str, str]) -> Path:
 
 
 def model_spec(args: dict[str, str]) -> ModelSpec:
-    return load_spec(repo_root(args))
+    """The spec of the model a per-model Triton model (``<key>__<part>``) belongs to."""
+    key, _, _ = args["model_name"].rpartition("__")
+    return load_catalog(repo_root(args)).get(key)
+
+
+def model_part(args: dict[str, str]) -> str:
+    """``unet`` for ``<key>__unet``: which of its model's parts a per-model Triton model is."""
+    return args["model_name"].rpartition("__")[2]
 
 
 def instance_device(args: dict[str, str]) -> "torch.device":
@@ -126,7 +133,7 @@ class JobModel(PerRequestModel):
 
         from sdtrt.request import job_fields
 
-        self.spec = model_spec(args)
+        self.catalog = load_catalog(repo_root(args))
         self.log = JsonLog(args["model_name"])
         self.fields = job_fields(self.job.request_type)
         self.device = instance_device(args)
@@ -134,13 +141,14 @@ class JobModel(PerRequestModel):
             self.log.warn("no_cuda", reason="a GPU instance, but this torch has no CUDA: the loop runs on the CPU")
         torch.set_num_threads(1)  # the loop's own math is small; leave the cores to the networks
         self.warm_up()
-        self.log.info("ready", instance=args.get("model_instance_name"), device=str(self.device))
+        self.log.info("ready", instance=args.get("model_instance_name"), device=str(self.device),
+                      models=list(self.catalog.models), default=self.catalog.default)
 
-    def networks(self, request):
-        """The networks for one request, called through BLS from this instance's device."""
+    def networks(self, request, spec: ModelSpec):
+        """One model's networks for one request, called through BLS from this instance's device."""
         from sdtrt.model_repository.bls import BlsNetworks
 
-        return BlsNetworks(self.spec, request, self.device)
+        return BlsNetworks(spec, request, self.device)
 
     def warm_up(self) -> None:
         """Import every sampler's scheduler and run one step on this instance's device, so that no request pays
@@ -150,22 +158,27 @@ class JobModel(PerRequestModel):
 
         from sdtrt.samplers import DEFAULT_SCHEDULE, SAMPLERS, make_scheduler, step_kwargs
 
+        spec = self.catalog.get()
         for name in SAMPLERS:
-            scheduler = make_scheduler(name, self.spec.scheduler_config, DEFAULT_SCHEDULE, self.spec.schedules, [0])
+            scheduler = make_scheduler(name, spec.scheduler_config, DEFAULT_SCHEDULE, spec.schedules, [0])
             scheduler.set_timesteps(2, device=self.device)
-        latents = torch.zeros(1, self.spec.latent_channels, 8, 8, device=self.device)
+        latents = torch.zeros(1, spec.latent_channels, 8, 8, device=self.device)
         t = scheduler.timesteps[0]
         scheduler.step(scheduler.scale_model_input(latents, t), t, latents,
                        **step_kwargs(scheduler, [torch.Generator().manual_seed(0)]))
 
-    def settings(self, request):
-        """Every field of the job, defaulted from the spec when absent, checked, seeds resolved."""
+    def settings(self, request) -> tuple[ModelSpec, Any]:
+        """The model the request names (absent: the default) and every field of the job, defaulted from that
+        model's spec when absent, checked, seeds resolved."""
         from sdtrt.request import resolve_seeds, validate
+        from sdtrt.spec import MODEL
 
+        spec = self.catalog.get(scalar(request, MODEL))
         values = {name: scalar(request, name) for name in self.fields}
-        return resolve_seeds(validate(self.job.request_type(**values), self.spec))
+        return spec, resolve_seeds(validate(self.job.request_type(**values), spec))
 
-    def done(self, request, settings, start: float, **extra: Any) -> None:
-        self.log.info("sampled", request_id=request.request_id(), sampler=settings.sampler, steps=settings.steps,
+    def done(self, request, spec: ModelSpec, settings, start: float, **extra: Any) -> None:
+        self.log.info("sampled", request_id=request.request_id(), model=spec.key, sampler=settings.sampler,
+                      steps=settings.steps,
                       size=f"{settings.width}x{settings.height}", images=settings.batch_size, seed=settings.seed,
                       hires=settings.enable_hr, ms=round(1000 * (time.perf_counter() - start), 1), **extra)

@@ -25,12 +25,12 @@ class TritonPythonModel(JobModel):
 
     def run(self, request) -> "pb_utils.InferenceResponse":
         start = time.perf_counter()
-        settings = self.settings(request)
-        nets = self.networks(request)
+        spec, settings = self.settings(request)
+        nets = self.networks(request, spec)
         uncond, cond = nets.encode_prompts(settings)
-        latents, seeds = txt2img_latents(self.spec, settings, uncond, cond, nets)
+        latents, seeds = txt2img_latents(spec, settings, uncond, cond, nets)
         images = nets.vae_decode(latents)
-        self.done(request, settings, start)
+        self.done(request, spec, settings, start)
         return pb_utils.InferenceResponse([
             pb_utils.Tensor(IMAGES, images), pb_utils.Tensor(SEEDS, np.array(seeds, dtype=np.int64)),
         ])

@@ -1,16 +1,13 @@
-"""TensorRT engines as an export leaves them: the manifest (``trt_engines.json``) naming each network's engine
-file, the GPU and TensorRT it was built for, and the check that this machine matches. Read by the in-process
-runner and the exporter (which writes them, ``sdtrt.export.tensorrt``)."""
+"""TensorRT engines as an export leaves them: the manifest in a model's spec (``extra["engines"]``) naming each
+network's engine file, the GPU and TensorRT it was built for, and the check that this machine matches. Read by the
+in-process runner and the exporter (which writes them, ``sdtrt.export.tensorrt``)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-from pathlib import Path
 
 from sdtrt.errors import SdtrtError, UsageError
-
-MANIFEST = "trt_engines.json"
+from sdtrt.spec import ENGINES, ModelSpec
 
 
 def require_tensorrt():
@@ -36,11 +33,10 @@ def gpu_name() -> str:
     return out.stdout.strip().splitlines()[0]
 
 
-def load_manifest(repo: str | Path) -> dict[str, dict]:
-    path = Path(repo) / MANIFEST
-    if not path.is_file():
-        raise UsageError(f"{repo} has no TensorRT engines ({MANIFEST}); build them with `sdtrt export ... --format trt`")
-    return json.loads(path.read_text())
+def manifest(spec: ModelSpec) -> dict[str, dict]:
+    if not spec.extra.get(ENGINES):
+        raise UsageError(f"{spec.key} has no TensorRT engines; build them with `sdtrt export ... --format trt`")
+    return spec.extra[ENGINES]
 
 
 def check_engine_matches(entry: dict, component: str) -> None:

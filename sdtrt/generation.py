@@ -35,7 +35,7 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
             "Seed": seed,
             "Size": f"{request.width}x{request.height}",
             "Model hash": model.model_hash,
-            "Model": model.model_name,
+            "Model": model.name or model.model_name,
             "VAE hash": vae["sha256"][:10] if vae else None,  # A1111 names a VAE file it loaded in place of the model's
             "VAE": vae["name"] if vae else None,
             "Denoising strength": request.denoising_strength if img2img or hires else None,

@@ -61,18 +61,20 @@ BACKENDS = ("onnxruntime", "tensorrt")
 class LocalPipeline:
     device = torch.device("cpu")  # the loop's tensors; the networks take and give NumPy arrays
 
-    def __init__(self, repo_dir: str | Path, threads: int = 0, backend: str = "onnxruntime"):
+    def __init__(self, repo_dir: str | Path, threads: int = 0, backend: str = "onnxruntime", model: str | None = None):
+        """One model of an exported repository (``model``; default: its default model)."""
         self.repo = Path(repo_dir)
-        self.spec: ModelSpec = load_spec(self.repo)
+        self.spec: ModelSpec = load_spec(self.repo, model)
         self.tokenizer = load_tokenizer(self.repo / self.spec.tokenizer, self.spec.text_max_length)
         if backend == "tensorrt":
-            from sdtrt.engines import check_engine_matches, load_manifest
+            from sdtrt.engines import check_engine_matches, manifest
 
-            manifest = load_manifest(self.repo)
+            engines = manifest(self.spec)
             self.nets = {}
             for name, component in self.spec.components.items():
-                check_engine_matches(manifest[name], name)
-                self.nets[name] = TrtNetwork(self.repo / name / "1" / manifest[name]["file"], component)
+                check_engine_matches(engines[name], name)
+                path = self.repo / self.spec.triton_name(name) / "1" / engines[name]["file"]
+                self.nets[name] = TrtNetwork(path, component)
         else:
             self.nets = {name: OnnxNetwork(self.repo, c, threads) for name, c in self.spec.components.items()}
 

@@ -9,14 +9,16 @@ latent geometry or request limits.
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 from sdtrt.errors import UsageError
 
-SPEC_FILENAME = "sdtrt_spec.json"
-SPEC_VERSION = 2  # 2: per-request ceilings, the sampler x schedule table
+SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
+SPEC_VERSION = 3  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
@@ -41,6 +43,8 @@ MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img
 IMAGES = "images"  # out: [N, H, W, 3] uint8
 SEEDS = "seeds"  # out: [N] int64, the seed of each image
 SPEC_PARAMETER = "sdtrt_spec"
+ENGINES = "engines"  # ModelSpec.extra[ENGINES]: the TensorRT engine manifest, network -> file, GPU, TensorRT, profile
+MODEL = "model"  # the request input naming which of the repository's models to use (absent: the default)
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # tritonserver's own defaults
 
 # A dimension is either a fixed size or the name of a dynamic dimension listed in ModelSpec.dims.
@@ -175,12 +179,27 @@ class ModelSpec:
     request: dict[str, FieldSpec]
     max_pixel_steps: int = 0  # width x height x images x steps (hires pass included) a request may take; 0: no ceiling
     schedules: dict[str, list[str]] = field(default_factory=dict)  # sampler -> the schedule types it accepts
+    name: str = ""  # its name in the repository (default: model_name, made safe for Triton model names)
     spec_version: int = SPEC_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_hash(self) -> str:
         return self.source_hash[:10]
+
+    @property
+    def key(self) -> str:
+        """The model's name in its repository; its Triton models are named ``<key>__<network>``."""
+        return safe_name(self.name or self.model_name)
+
+    @property
+    def title(self) -> str:
+        """A1111's checkpoint title: the model's name in the repository (the file's stem unless the export named it)
+        and its hash. The infotext's "Model" is the same name."""
+        return f"{self.name or self.model_name} [{self.model_hash}]"
+
+    def triton_name(self, component: str) -> str:
+        return f"{self.key}__{component}"
 
     @property
     def max_chunks(self) -> int:
@@ -207,10 +226,14 @@ class ModelSpec:
         data["request"] = [asdict(f) for f in self.request.values()]
         return data
 
-    def save(self, repo_dir: Path) -> Path:
-        path = Path(repo_dir) / SPEC_FILENAME
-        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
-        return path
+    def save(self, repo_dir: Path, default: bool = False) -> Path:
+        """Add (or replace) this model in the repository's catalog; the first model is the default."""
+        repo = Path(repo_dir)
+        catalog = load_catalog(repo) if (repo / SPEC_FILENAME).is_file() else Catalog(self.key, {})
+        catalog.models[self.key] = self
+        if default or catalog.default not in catalog.models:
+            catalog.default = self.key
+        return catalog.save(repo)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ModelSpec":
@@ -226,8 +249,52 @@ class ModelSpec:
         return cls(**data)
 
 
-def load_spec(repo_dir: str | Path) -> ModelSpec:
-    """Read the spec of an exported model repository, with an error that says how to make one."""
+def safe_name(name: str) -> str:
+    """A model name as a Triton model name and a file name can carry it."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+@dataclass
+class Catalog:
+    """Every model of a repository (or a server), by name, and the one a request that names none gets."""
+
+    default: str
+    models: dict[str, ModelSpec]
+
+    def get(self, name: str | None = None) -> ModelSpec:
+        if name in (None, ""):
+            name = self.default
+        try:
+            return self.models[name]
+        except KeyError:
+            from sdtrt.errors import InvalidRequest
+
+            raise InvalidRequest(MODEL, name, "one of this server's models: " + ", ".join(map(repr, self.models)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec_version": SPEC_VERSION, "default": self.default,
+                "models": {name: spec.to_json() for name, spec in self.models.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Catalog":
+        if data.get("spec_version") != SPEC_VERSION:
+            raise UsageError(
+                f"spec_version {data.get('spec_version')!r} is not supported (this sdtrt reads {SPEC_VERSION}); "
+                "re-run `sdtrt export` with this version of sdtrt"
+            )
+        return cls(data["default"], {name: ModelSpec.from_json(spec) for name, spec in data["models"].items()})
+
+    def save(self, repo_dir: Path) -> Path:
+        """Written aside and renamed into place: a reader never sees half a catalog."""
+        path = Path(repo_dir) / SPEC_FILENAME
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(partial, path)
+        return path
+
+
+def load_catalog(repo_dir: str | Path) -> Catalog:
+    """Read a model repository's catalog, with an error that says how to make one."""
     repo = Path(repo_dir)
     if not repo.is_dir():
         raise UsageError(f"REPO_DIR {str(repo)!r} does not exist; create it with `sdtrt export MODEL_DIR --out {repo}`")
@@ -241,7 +308,12 @@ def load_spec(repo_dir: str | Path) -> ModelSpec:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not valid JSON ({exc}); re-run `sdtrt export`") from None
-    return ModelSpec.from_json(data)
+    return Catalog.from_json(data)
+
+
+def load_spec(repo_dir: str | Path, model: str | None = None) -> ModelSpec:
+    """One model's spec from a repository (the default model's unless ``model`` names another)."""
+    return load_catalog(repo_dir).get(model)
 
 
 def _by_name(tensors: tuple[TensorSpec, ...], name: str, what: str) -> TensorSpec:

@@ -41,9 +41,11 @@ def test_onnx_matches_torch(name, exported_repo, diffusers_pipe):
 
 
 def test_spec_records_the_models_facts(exported_repo, default_model):
-    raw = json.loads((exported_repo / SPEC_FILENAME).read_text())
+    catalog = json.loads((exported_repo / SPEC_FILENAME).read_text())
+    assert catalog["spec_version"] == 3 and catalog["default"] == "default" and list(catalog["models"]) == ["default"]
+    raw = catalog["models"]["default"]
     spec = load_spec(exported_repo)
-    assert raw["spec_version"] == 2
+    assert spec.key == "default" and spec.triton_name("unet") == "default__unet"
     assert spec.latent_channels == 4 and spec.vae_scale_factor == 8
     assert spec.vae_scaling_factor == pytest.approx(0.18215)
     assert spec.prediction_type == "epsilon"

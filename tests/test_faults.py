@@ -65,7 +65,7 @@ def test_the_ceilings_are_in_the_spec_and_name_the_field(exported_repo, server):
 # --- the U-Net batcher really merges concurrent loops' steps ----------------------------------------------------
 def unet_batch_counts(server) -> dict[int, int]:
     """Executions of the unet model by batch size (rows), from Triton's per-batch-size statistics."""
-    stats = grpcclient.InferenceServerClient(server.url).get_inference_statistics("unet", as_json=True)
+    stats = grpcclient.InferenceServerClient(server.url).get_inference_statistics("default__unet", as_json=True)
     return {int(b["batch_size"]): int(b["compute_infer"]["count"])
             for b in stats["model_stats"][0].get("batch_stats", [])}
 
@@ -100,7 +100,7 @@ def small_server(exported_repo, tmp_path_factory):
 
     repo = tmp_path_factory.mktemp("small") / "repo"
     shutil.copytree(exported_repo, repo)
-    write_repository(repo, load_spec(repo), ServingOptions(scheduler_instances=1, max_queue=1))
+    write_repository(repo, None, ServingOptions(scheduler_instances=1, max_queue=1))
     http, grpc, metrics = free_ports(3)
     with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
                       log_file=repo.parent / "tritonserver.log") as triton:
@@ -242,7 +242,7 @@ def test_a_killed_unet_stub_is_reported_not_ready_and_healed_within_30_s(exporte
             time.sleep(0.5)
         client = Client(f"127.0.0.1:{grpc}")
         client.txt2img("before", steps=2, width=64, height=64, seed=1)
-        (victim,) = stubs_of(tritonserver_pid(serve.pid), "unet")
+        (victim,) = stubs_of(tritonserver_pid(serve.pid), "default__unet")
         os.kill(victim.pid, signal.SIGKILL)
         killed = time.monotonic()
         readiness, liveness, served_after = [], [], None
@@ -260,15 +260,15 @@ def test_a_killed_unet_stub_is_reported_not_ready_and_healed_within_30_s(exporte
         assert 400 in readiness, "readiness never turned false"
         assert served_after is not None and served_after < 30, (served_after, readiness[-5:])
         assert set(liveness) == {200}
-        (new,) = stubs_of(tritonserver_pid(serve.pid), "unet")
+        (new,) = stubs_of(tritonserver_pid(serve.pid), "default__unet")
         assert new.pid != victim.pid
     finally:
         serve.send_signal(signal.SIGTERM)
         _, stderr = serve.communicate(timeout=60)
     events = [json.loads(line[line.index("{"):]) for line in stderr.splitlines() if '"event"' in line]
     died = next(e for e in events if e["event"] == "stub_died")
-    assert died["model"] == "unet" and died["pids"] == [victim.pid]
-    assert any(e["event"] == "model_reloaded" and e["model"] == "unet" for e in events)
+    assert died["model"] == "default__unet" and died["pids"] == [victim.pid]
+    assert any(e["event"] == "model_reloaded" and e["model"] == "default__unet" for e in events)
 
 
 # --- soak ----------------------------------------------------------------------------------------------------------
@@ -285,5 +285,5 @@ def test_soak_reports_requests_errors_latency_and_memory(server, tmp_path):
     assert result["outcomes"]["refused (bad width): as expected"] >= 1
     assert all(v["p50"] <= v["p99"] for v in result["latency_s"].values())
     memory = result["memory_kib"]
-    assert memory["tritonserver"]["end"] > 0 and any(name.startswith("unet_") for name in memory)
+    assert memory["tritonserver"]["end"] > 0 and any("__unet_" in name for name in memory)
     assert "resident memory" in done.stdout and "p99" in done.stdout

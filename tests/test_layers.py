@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
                           "sdtrt.model_repository.tokenizer_model", "sdtrt.model_repository.onnx_model"}),
     "client": (4, {"sdtrt.client", "sdtrt.client.client"}),
     "application": (5, {"sdtrt.__main__", "sdtrt.app", "sdtrt.app.cli", "sdtrt.app.server", "sdtrt.app.health",
+                        "sdtrt.app.models",
                         "sdtrt.app.soak", "sdtrt.client.cli", "sdtrt.client.a1111_api", "sdtrt.client.ui"}),
 }
 THIN = {"contract", "client"}  # importable where only the client install is

@@ -60,8 +60,8 @@ def test_lora_fused_export_has_the_plain_exports_weight_names(default_model, lor
 
     export_model(default_model, tmp_path / "lora", loras=(f"{lora_file}:0.8",), progress=False, report=lambda *_: None)
     for name in ("unet", "text_encoder", "vae_decoder", "vae_encoder"):
-        plain = onnx.load(str(exported_repo / name / "1" / "model.onnx")).graph.initializer
-        fused = onnx.load(str(tmp_path / "lora" / name / "1" / "model.onnx")).graph.initializer
+        plain = onnx.load(str(exported_repo / f"default__{name}" / "1" / "model.onnx")).graph.initializer
+        fused = onnx.load(str(tmp_path / "lora" / f"default__{name}" / "1" / "model.onnx")).graph.initializer
         signature = lambda inits: sorted((i.name, tuple(i.dims), i.data_type) for i in inits)  # noqa: E731
         assert signature(fused) == signature(plain), name
         if name == "unet":  # the LoRA is on the U-Net's attention: those weights, and only the U-Net's, changed

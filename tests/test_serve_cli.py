@@ -108,7 +108,7 @@ def test_client_killed_mid_request_leaves_the_server_serving(server, tmp_path):
     assert Client(server.http_url, "http").is_ready()
 
 
-@pytest.mark.parametrize("model", ["txt2img", "unet", "text_encoder", "tokenizer"])
+@pytest.mark.parametrize("model", ["txt2img", "default__unet", "default__text_encoder", "default__tokenizer"])
 def test_perf_analyzer_measures_each_model(server, exported_repo, tmp_path, model):
     data = exported_repo / model / "perf_input.json"
     if model == "txt2img":  # the shipped file is 512x512 x 20 steps; keep the test short

@@ -22,9 +22,10 @@ from sdtrt.errors import InvalidRequest
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, validate
 from sdtrt.samplers import SAMPLERS
 from sdtrt.request import job_fields
-from sdtrt.spec import WIRE_DTYPES, load_spec
+from sdtrt.spec import MODEL, WIRE_DTYPES, load_spec
 
-MODELS = ["tokenizer", "text_encoder", "unet", "vae_decoder", "vae_encoder", "txt2img", "img2img"]
+MODELS = ["default__tokenizer", "default__text_encoder", "default__unet", "default__vae_decoder", "default__vae_encoder",
+          "txt2img", "img2img"]
 
 
 def clients(server):
@@ -42,11 +43,12 @@ def test_health_and_metadata(server, exported_repo):
         assert grpc.is_model_ready(model) and http.is_model_ready(model), model
     meta = grpc.get_model_metadata("txt2img", as_json=True)
     inputs = {i["name"]: i["datatype"] for i in meta["inputs"]}
-    assert inputs == {name: WIRE_DTYPES[spec.field(name).dtype] for name in job_fields(Txt2ImgRequest)}
+    expected = {name: WIRE_DTYPES[spec.field(name).dtype] for name in job_fields(Txt2ImgRequest)}
+    assert inputs == {**expected, MODEL: "BYTES"}  # plus the optional choice of model
     assert {o["name"] for o in meta["outputs"]} == {"images", "seeds"}
-    unet = http.get_model_metadata("unet")
+    unet = http.get_model_metadata("default__unet")
     assert [i["name"] for i in unet["inputs"]] == [t.name for t in spec.component("unet").inputs]
-    config = http.get_model_config("unet")
+    config = http.get_model_config("default__unet")
     assert config["max_batch_size"] == spec.dims["unet_batch"].max
     assert "dynamic_batching" in config
     with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics") as r:

@@ -19,7 +19,7 @@ from sdtrt.export.tensorrt import EngineOptions, engine_filename, profile_shapes
 from sdtrt.model_repository.build import write_repository
 from sdtrt.model_repository.configs import ServingOptions, all_configs, network_config
 from sdtrt.request import Txt2ImgRequest
-from sdtrt.spec import load_spec
+from sdtrt.spec import ENGINES, Catalog, load_spec
 
 
 def has_gpu() -> bool:
@@ -77,9 +77,17 @@ def fake_manifest(spec, options=EngineOptions()):
             for name, c in spec.components.items()}
 
 
+def with_engines(spec, manifest):
+    """The spec as a TensorRT build leaves it: the engine manifest in it."""
+    from dataclasses import replace
+
+    return replace(spec, extra={**spec.extra, ENGINES: manifest})
+
+
 def test_tensorrt_configs_from_the_same_generator(exported_repo, tmp_path):
-    spec = load_spec(exported_repo)
-    options = ServingOptions(backend="tensorrt", engines=fake_manifest(spec))
+    plain = load_spec(exported_repo)
+    spec = with_engines(plain, fake_manifest(plain))
+    options = ServingOptions(backend="tensorrt")
     unet = network_config(spec, spec.component("unet"), options)
     onnx = network_config(spec, spec.component("unet"), ServingOptions(backend="onnxruntime"))
     assert unet.platform == "tensorrt_plan" and onnx.platform == "onnxruntime_onnx"
@@ -87,20 +95,21 @@ def test_tensorrt_configs_from_the_same_generator(exported_repo, tmp_path):
     assert unet.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert [list(i.dims) for i in unet.input] == [list(i.dims) for i in onnx.input] == [[4, -1, -1], [1], [-1, 32]]
     assert unet.input[1].HasField("reshape") and list(unet.input[1].reshape.shape) == []
-    with pytest.raises(UsageError, match="no TensorRT engine for unet"):
-        network_config(spec, spec.component("unet"), ServingOptions(backend="tensorrt"))
+    assert unet.name == "default__unet"
+    with pytest.raises(UsageError, match="default has no TensorRT engine for unet"):
+        network_config(plain, plain.component("unet"), ServingOptions(backend="tensorrt"))
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
-    write_repository(repo, spec, options)
-    config = text_format.Parse((repo / "unet" / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert config.platform == "tensorrt_plan" and not (repo / "unet" / "1" / "model.py").exists()
+    write_repository(repo, Catalog(spec.key, {spec.key: spec}), options)
+    config = text_format.Parse((repo / "default__unet" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.platform == "tensorrt_plan" and not (repo / "default__unet" / "1" / "model.py").exists()
     assert (repo / "txt2img" / "1" / "model.py").exists()  # the loop stays a Python model...
     scheduler = text_format.Parse((repo / "txt2img" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert scheduler.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU  # ...on the GPU, beside the engines
     cpu = ServingOptions(backend="python")
     assert network_config(spec, spec.component("unet"), cpu).instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    python_models = [c for c in all_configs(spec, options) if c.backend == "python"]
-    assert {c.name for c in python_models} >= {"tokenizer", "txt2img", "img2img"}
+    python_models = [c for c in all_configs(Catalog(spec.key, {spec.key: spec}), options) if c.backend == "python"]
+    assert {c.name for c in python_models} >= {"default__tokenizer", "txt2img", "img2img"}
     for config in python_models:  # they read inputs with as_numpy(): CPU memory, asked for explicitly
         assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "yes", config.name
 
@@ -127,7 +136,8 @@ def test_tensorrt_batch_limits_come_from_the_engine_profiles(exported_repo, opti
     engine takes whole requests only (max_batch_size 0, its exact shapes, no dynamic batching)."""
     spec = load_spec(exported_repo)
     manifest = fake_manifest(spec, options)
-    serving = ServingOptions(backend="tensorrt", engines=manifest)
+    spec = with_engines(spec, manifest)
+    serving = ServingOptions(backend="tensorrt")
     configs = {name: network_config(spec, spec.component(name), serving) for name in spec.components}
     for name, config in configs.items():
         assert triton_would_load(config, manifest[name]["profile"]), name
@@ -178,8 +188,8 @@ def test_configs_command_switches_to_tritons_onnxruntime_backend(exported_repo, 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
     assert main(["configs", str(repo), "--backend", "onnxruntime"]) == 0
-    config = text_format.Parse((repo / "vae_decoder" / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert config.platform == "onnxruntime_onnx" and not (repo / "vae_decoder" / "1" / "model.py").exists()
+    config = text_format.Parse((repo / "default__vae_decoder" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.platform == "onnxruntime_onnx" and not (repo / "default__vae_decoder" / "1" / "model.py").exists()
 
 
 def test_build_engines_without_tensorrt_says_what_to_install(exported_repo, capsys):
@@ -245,7 +255,6 @@ def test_tensorrt_image_matches_onnxruntime(trt_repo):
 
 def test_refit_needs_refittable_engines(exported_repo, tmp_path):
     """Refit refuses engines built without --refittable, before touching anything (checked without a GPU)."""
-    import json
     import shutil as sh
 
     from sdtrt.export import refit_repository
@@ -254,8 +263,8 @@ def test_refit_needs_refittable_engines(exported_repo, tmp_path):
     sh.copytree(exported_repo, repo)
     spec = load_spec(repo)
     manifest = {name: {**entry, "refittable": False} for name, entry in fake_manifest(spec).items()}
-    (repo / "trt_engines.json").write_text(json.dumps(manifest))
-    with pytest.raises(UsageError, match="not refittable: rebuild them with --refittable"):
+    with_engines(spec, manifest).save(repo)
+    with pytest.raises(UsageError, match="not refittable: build them with --refittable"):
         refit_repository(repo, spec.source)
 
 

@@ -130,7 +130,7 @@ def test_options_set_clip_skip_and_refuse_what_they_cannot(api):
     response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64})
     assert "Clip skip: 2" in json.loads(response.json()["info"])["infotexts"][0]
     refused = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "v1-5-pruned.safetensors"})
-    assert refused.status_code == 422 and "this server has one model" in refused.text
+    assert refused.status_code == 422 and "not one of this server's models" in refused.text
     refused = api.post("/sdapi/v1/options", json={"sd_vae": "vae-ft-mse"})
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "options.sd_vae"]
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1}).status_code == 200
