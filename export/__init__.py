@@ -101,6 +101,9 @@ def export_model(
             write_repository(out, catalog, replace(serving, backend="tensorrt") if engines is not None else serving)
             report(f"{out}: {key} is now the default model")
         return done
+    existing = current_catalog(out)
+    if existing is not None:  # refused before the (long) export rather than after it
+        check_serving(out, existing, key, "tensorrt" if engines is not None else serving.backend)
     with building(out) as work:
         spec = _export(model, work, key, inputs, source_sha, config=config, loras=loras, vae=vae,
                        allow_pickle=allow_pickle, prediction_type=prediction_type, max_batch=max_batch,
@@ -225,7 +228,7 @@ def join_repository(work: Path, final: Path, spec: ModelSpec, serving: ServingOp
         shutil.rmtree(stale, ignore_errors=True)
         catalog = None
     if catalog is not None:
-        check_serving(final, catalog, spec, serving)
+        check_serving(final, catalog, spec.key, serving.backend)
     for part in sorted(work.iterdir()):
         target = final / part.name
         if target.exists():
@@ -244,15 +247,23 @@ def join_repository(work: Path, final: Path, spec: ModelSpec, serving: ServingOp
     return catalog
 
 
-def check_serving(repo: Path, catalog: Catalog, spec: ModelSpec, serving: ServingOptions) -> None:
+def current_catalog(repo: Path) -> Catalog | None:
+    """The repository's catalog; None for a new repository or one an older sdtrt wrote (it gets replaced)."""
+    try:
+        return load_catalog(repo) if (repo / SPEC_FILENAME).is_file() else None
+    except UsageError:
+        return None
+
+
+def check_serving(repo: Path, catalog: Catalog, key: str, backend: str) -> None:
     """Serving options are the repository's (the last export's apply to every model): refuse, before anything
     moves, an export whose backend the repository's other models cannot be served on."""
     from sdtrt.spec import ENGINES
 
-    others = [key for key in catalog.models if key != spec.key]
-    with_engines = [key for key in others if catalog.models[key].extra.get(ENGINES)]
-    if serving.backend == "tensorrt":
-        lacking = [key for key in others if key not in with_engines]
+    others = [other for other in catalog.models if other != key]
+    with_engines = [other for other in others if catalog.models[other].extra.get(ENGINES)]
+    if backend == "tensorrt":
+        lacking = [other for other in others if other not in with_engines]
         if lacking:
             raise UsageError(f"{repo} also serves {', '.join(lacking)} without TensorRT engines; build theirs first "
                              f"(`sdtrt build-engines {repo} --model {lacking[0]}`) or export this one into another "

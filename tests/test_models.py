@@ -88,11 +88,20 @@ def test_a_repository_holds_both_models_under_their_names(repo, capsys):
     assert lines[1].startswith("tiny-sd2: Model tiny-sd2 [") and "v_prediction, 512px native" in lines[1]
 
 
-def test_re_exporting_one_model_leaves_it_and_the_other_untouched(repo, default_model, capsys):
+def test_re_exporting_one_model_leaves_it_and_the_other_untouched(repo, default_model, sd2_model, capsys):
+    from sdtrt.spec import load_catalog
+
     before = {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()}
     assert cli("export", str(default_model), "--out", str(repo), "--name", "anime") == 0
     assert "anime is already exported from the same inputs" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()} == before
+    # --default on an unchanged model only moves the default (the catalog and the jobs' configs)
+    assert cli("export", str(sd2_model), "--out", str(repo), "--max-batch", "2", "--default") == 0
+    assert "tiny-sd2 is now the default model" in capsys.readouterr().out
+    assert load_catalog(repo).default == "tiny-sd2" and '\\"default\\":\\"tiny-sd2\\"' in (
+        repo / "txt2img" / "config.pbtxt").read_text()
+    assert cli("export", str(default_model), "--out", str(repo), "--name", "anime", "--default") == 0
+    assert load_catalog(repo).default == "anime"
 
 
 def test_each_model_answers_with_its_own_pictures(server, diffusers_pipe, sd2_pipe):
@@ -209,3 +218,29 @@ def test_a_model_exported_into_the_live_repository_is_added_without_a_restart(se
     result = client.txt2img(**REQUEST, model="third")  # the client looks the new name up
     assert client.models == ["anime", "tiny-sd2", "third"]
     assert max_diff(result.images, expected(diffusers_pipe)) <= MAX_PIXEL_DIFF
+
+
+def test_tensorrt_and_onnx_models_do_not_mix_in_one_repository(default_model, exported_repo, tmp_path):
+    """One backend per repository: refused before exporting anything (checked without a GPU)."""
+    import shutil
+    from dataclasses import replace
+
+    from sdtrt.errors import UsageError
+    from sdtrt.export import export_model
+    from sdtrt.export.tensorrt import EngineOptions
+    from sdtrt.spec import ENGINES, load_catalog
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    quiet = dict(progress=False, report=lambda *_: None)
+    with pytest.raises(UsageError, match=r"also serves default without TensorRT engines.*build-engines .* --model "
+                                         r"default"):
+        export_model(default_model, repo, name="fast", engines=EngineOptions(), **quiet)
+    catalog = load_catalog(repo)
+    spec = catalog.get()
+    catalog.models[spec.key] = replace(spec, extra={**spec.extra, ENGINES: {"unet": {"file": "unet.plan"}}})
+    catalog.save(repo)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(UsageError, match=r"serves TensorRT engines \(default\): export this model with --format trt"):
+        export_model(default_model, repo, name="plain", **quiet)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing left behind
