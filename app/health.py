@@ -107,8 +107,9 @@ class Healer:
         current = stub_processes(process.pid)
         dead: dict[str, list[Stub]] = {}
         for instance, stub in self._known.items():
-            now = current.get(instance)
-            if now is None or now.pid != stub.pid:
+            # Gone, not replaced: Triton starts a new stub of an instance only when it (re)loads the model
+            # (`sdtrt models load`), never after a crash.
+            if instance not in current:
                 dead.setdefault(stub.model, []).append(stub)
         for model, stubs in dead.items():
             if not self._ready(model):  # unloaded on purpose (`sdtrt models unload`), or loading: not a death

@@ -38,16 +38,13 @@ class ModelControl:
         return all(self.triton.is_model_ready(model) for model in triton_models(spec))
 
     def load(self, name: str) -> float:
-        """Load ``name``'s Triton models. A model exported into the repository after the server started is not in
-        the jobs' catalog yet, so the jobs are reloaded first (Triton swaps them in; running requests finish)."""
+        """Load ``name``'s Triton models (reloaded if loaded: a re-export's new files). The jobs are reloaded
+        first so that they read the repository's catalog again: a model exported into it after the server started,
+        or with new limits, is served as exported. Triton swaps a reloaded model in; running requests finish."""
         start = time.monotonic()
-        try:
-            spec = self.catalog().get(name)
-        except UsageError:
-            for job in (TXT2IMG, IMG2IMG):
-                self._control("load", job)
-            spec = self.spec(name)
-        for model in triton_models(spec):
+        for job in (TXT2IMG, IMG2IMG):
+            self._control("load", job)
+        for model in triton_models(self.spec(name)):
             self._control("load", model)
         return time.monotonic() - start
 

@@ -96,7 +96,7 @@ def test_tensorrt_configs_from_the_same_generator(exported_repo, tmp_path):
     assert [list(i.dims) for i in unet.input] == [list(i.dims) for i in onnx.input] == [[4, -1, -1], [1], [-1, 32]]
     assert unet.input[1].HasField("reshape") and list(unet.input[1].reshape.shape) == []
     assert unet.name == "default__unet"
-    with pytest.raises(UsageError, match="default has no TensorRT engine for unet"):
+    with pytest.raises(UsageError, match="model 'default' has no TensorRT engine for unet"):
         network_config(plain, plain.component("unet"), ServingOptions(backend="tensorrt"))
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
