@@ -105,6 +105,11 @@ def _add_export(sub) -> None:
                    help="accept a .ckpt (a pickle, which can run code when loaded): only for files you trust")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA into the exported weights at SCALE (default 1); repeatable")
+    p.add_argument("--loras", type=Path, default=None, metavar="DIR",
+                   help="register every LoRA in DIR (.safetensors, kohya/A1111 or diffusers; named by file stem) for "
+                   "requests to use with <lora:name:weight> in their prompts")
+    p.add_argument("--embeddings", type=Path, default=None, metavar="DIR",
+                   help="register every textual-inversion embedding in DIR; a prompt uses one by writing its name")
     p.add_argument("--vae", type=Path, default=None, metavar="FILE",
                    help="a VAE .safetensors to use in place of the checkpoint's (e.g. vae-ft-mse-840000-ema-pruned); "
                    "the infotext names it as A1111 does")
@@ -114,6 +119,8 @@ def _add_export(sub) -> None:
     limits.add_argument("--max-size", type=int, default=ExportLimits.max_size, help="largest width/height in pixels")
     limits.add_argument("--max-chunks", type=int, default=ExportLimits.max_chunks,
                         help="longest prompt, in 75-token chunks")
+    limits.add_argument("--max-lora-rank", type=int, default=ExportLimits.max_lora_rank, metavar="N",
+                        help="summed rank of the LoRAs one request may use (with --loras)")
     limits.add_argument("--max-pixel-steps", type=int, default=None, metavar="N",
                         help="most width x height x images x steps per request, hires pass included; 0: no ceiling "
                              f"(default: max-size^2 x max-batch x {ExportLimits.full_batch_steps})")
@@ -303,8 +310,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     serving = ServingOptions(backend=args.backend, **serving_options(args))
     engines = _engine_options(args) if args.format == "trt" else None
     spec = export_model(args.model, args.out, name=args.name, default=args.default, config=args.config,
-                        loras=tuple(args.lora), vae=args.vae,
-                        allow_pickle=args.allow_pickle,
+                        loras=tuple(args.lora), lora_dir=args.loras, embedding_dir=args.embeddings,
+                        max_lora_rank=args.max_lora_rank, vae=args.vae, allow_pickle=args.allow_pickle,
                         prediction_type=args.prediction_type, max_batch=args.max_batch,
                         min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks,
                         max_pixel_steps=args.max_pixel_steps, max_prompt_chars=args.max_prompt_chars, serving=serving,

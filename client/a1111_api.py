@@ -352,6 +352,30 @@ def create_app(client: Client, outputs: Path | None = None) -> FastAPI:
                  "sha256": spec.source_hash, "filename": spec.source, "config": None}
                 for spec in client.catalog.models.values()]
 
+    @app.get("/sdapi/v1/loras", tags=["info"])
+    def loras() -> list[dict[str, Any]]:
+        """The current model's registered LoRAs (`sdtrt export --loras DIR`), as A1111's Lora extension lists them;
+        a prompt uses one with <lora:name:weight>."""
+        return [{"name": name, "alias": name, "path": entry.get("source", entry["file"]),
+                 "metadata": {"sshs_model_hash": entry["hash"], "rank": entry["rank"]}}
+                for name, entry in gateway.current().loras.items()]
+
+    @app.get("/sdapi/v1/embeddings", tags=["info"])
+    def embeddings() -> dict[str, Any]:
+        spec = gateway.current()
+        return {"loaded": {name: {"step": None, "sd_checkpoint": spec.model_hash, "sd_checkpoint_name": spec.title,
+                                  "shape": spec.text_hidden_size, "vectors": entry["vectors"]}
+                           for name, entry in spec.embeddings.items()},
+                "skipped": {}}
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["options"])
+    def refresh_loras() -> None:
+        client.refresh()  # what the server's catalog registers now
+
+    @app.post("/sdapi/v1/refresh-embeddings", tags=["options"])
+    def refresh_embeddings() -> None:
+        client.refresh()
+
     @app.post("/sdapi/v1/refresh-checkpoints", tags=["options"])
     def refresh_checkpoints() -> None:
         client.refresh()  # the server's models, as its txt2img model now lists them

@@ -62,6 +62,9 @@ def export_model(
     default: bool = False,
     config: str | Path | None = None,
     loras: tuple[str, ...] = (),
+    lora_dir: str | Path | None = None,
+    embedding_dir: str | Path | None = None,
+    max_lora_rank: int = ExportLimits.max_lora_rank,
     vae: str | Path | None = None,
     allow_pickle: bool = False,
     prediction_type: str | None = None,
@@ -80,6 +83,10 @@ def export_model(
     under ``name`` (default: the file's stem or the folder's name), with its spec and Triton configs; the first
     model of a repository, or one exported with ``default``, is what requests that name no model get.
 
+    ``lora_dir`` / ``embedding_dir``: folders whose LoRAs and embeddings requests may use by name
+    (``<lora:name:weight>``, the embedding's name in a prompt); ``max_lora_rank``: the summed rank a request's
+    LoRAs may have. ``loras`` (``FILE[:SCALE]``) are fused into the weights instead.
+
     With ``engines`` (EngineOptions), also build FP16 TensorRT engines and serve the networks with them.
     ``max_pixel_steps`` (0: none) and ``max_prompt_chars`` are the per-request ceilings the spec records; by
     default they are sized from max_size, max_batch and max_chunks (see ExportLimits).
@@ -87,7 +94,8 @@ def export_model(
     out = Path(out)
     key = model_key(model, name)
     source_sha = checkpoint_sha256(model, progress)
-    inputs = export_key(source_sha, name=key, config=config, loras=loras, vae=vae, prediction_type=prediction_type,
+    inputs = export_key(source_sha, name=key, config=config, loras=loras, lora_dir=lora_dir, embedding_dir=embedding_dir,
+                        max_lora_rank=max_lora_rank, vae=vae, prediction_type=prediction_type,
                         max_batch=max_batch, min_size=min_size, max_size=max_size, max_chunks=max_chunks,
                         max_pixel_steps=max_pixel_steps, max_prompt_chars=max_prompt_chars, serving=serving,
                         engines=engines)
@@ -105,7 +113,8 @@ def export_model(
     if existing is not None:  # refused before the (long) export rather than after it
         check_serving(out, existing, key, "tensorrt" if engines is not None else serving.backend)
     with building(out) as work:
-        spec = _export(model, work, key, inputs, source_sha, config=config, loras=loras, vae=vae,
+        spec = _export(model, work, key, inputs, source_sha, config=config, loras=loras, lora_dir=lora_dir,
+                       embedding_dir=embedding_dir, max_lora_rank=max_lora_rank, vae=vae,
                        allow_pickle=allow_pickle, prediction_type=prediction_type, max_batch=max_batch,
                        min_size=min_size, max_size=max_size, max_chunks=max_chunks, max_pixel_steps=max_pixel_steps,
                        max_prompt_chars=max_prompt_chars, serving=serving, engines=engines, progress=progress,
@@ -118,7 +127,8 @@ def export_model(
     return spec
 
 
-def _export(model, repo: Path, key: str, inputs: str, source_sha: str, *, config, loras, vae, allow_pickle,
+def _export(model, repo: Path, key: str, inputs: str, source_sha: str, *, config, loras, lora_dir, embedding_dir,
+            max_lora_rank, vae, allow_pickle,
             prediction_type, max_batch, min_size, max_size, max_chunks, max_pixel_steps, max_prompt_chars, serving,
             engines, progress, report) -> ModelSpec:
     """The export itself, into ``repo`` (a folder beside the repository, joined to it when everything is written):
@@ -141,10 +151,14 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, *, config
     text_max_length = int(pipe.tokenizer.model_max_length)
     if text_max_length > 10_000:  # a tokenizer folder without model_max_length: CLIP's window is the text model's
         text_max_length = int(pipe.text_encoder.config.max_position_embeddings)
+    registered, slots = register_extra_networks(pipe, repo, key, lora_dir, embedding_dir, max_lora_rank, allow_pickle,
+                                                report)
     dims = dim_ranges(max_batch=max_batch, min_size=min_size, native_size=native, max_size=max_size,
-                      vae_scale_factor=factor, text_max_length=text_max_length, max_chunks=max_chunks)
+                      vae_scale_factor=factor, text_max_length=text_max_length, max_chunks=max_chunks,
+                      max_lora_rank=max_lora_rank if slots else 0)
 
-    components = export_networks(descriptors(pipe, text_max_length), repo, key, dims, text_max_length, progress, report)
+    components = export_networks(descriptors(pipe, text_max_length, slots), repo, key, dims, text_max_length, progress,
+                                 report)
     pipe.tokenizer.save_pretrained(str(repo / tokenizer_dir(key)))
     limits = dict(
         max_pixel_steps=ExportLimits.pixel_steps(max_size, max_batch) if max_pixel_steps is None else max_pixel_steps,
@@ -152,7 +166,7 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, *, config
     )
     spec = build_spec(ckpt, key, components, dims, factor, native, min_size, max_size, max_batch, text_max_length,
                       **limits)
-    spec = replace(spec, extra={**spec.extra, "export_key": inputs})
+    spec = replace(spec, extra={**spec.extra, "export_key": inputs}, **registered)
     if engines is not None:
         from sdtrt.export.tensorrt import build_engines
 
@@ -160,6 +174,32 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, *, config
         serving = replace(serving, backend="tensorrt")
     write_model(repo, spec, serving)
     return spec
+
+
+def register_extra_networks(pipe, repo: Path, key: str, lora_dir, embedding_dir, max_lora_rank: int, allow_pickle: bool,
+                            report) -> tuple[dict, dict | None]:
+    """Pack the LoRAs and embeddings requests may use into the model's tokenizer folder (its prompt assets):
+    ({"loras": ..., "embeddings": ...} for the spec, the LoRA slots of each network or None without LoRAs)."""
+    from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
+    from sdtrt.extra_networks import LORA_NETWORKS, lora_rank
+
+    assets = Path(tokenizer_dir(key)).parent
+    registered: dict = {"loras": {}, "embeddings": {}}
+    slots = None
+    if lora_dir is not None:
+        slots = {net: lora_slots(getattr(pipe, net), net) for net in LORA_NETWORKS}
+        registered["loras"] = register_loras(pipe, Path(lora_dir), slots, repo / assets / "loras", allow_pickle, report)
+        too_big = {name: lora_rank(entry) for name, entry in registered["loras"].items()
+                   if lora_rank(entry) > max_lora_rank}
+        if too_big:
+            raise UsageError(f"LoRAs {too_big} have a larger rank than --max-lora-rank {max_lora_rank}; raise it")
+    if embedding_dir is not None:
+        registered["embeddings"] = register_embeddings(Path(embedding_dir), int(pipe.text_encoder.config.hidden_size),
+                                                       repo / assets / "embeddings", allow_pickle, report)
+    for entries in registered.values():  # the repository is moved into place later: paths relative to its root
+        for entry in entries.values():
+            entry["file"] = Path(entry["file"]).relative_to(repo).as_posix()
+    return registered, slots
 
 
 def export_key(source_sha: str, **inputs) -> str:
@@ -182,6 +222,9 @@ def export_key(source_sha: str, **inputs) -> str:
     vae_sha = file_sha256(Path(vae), progress=False) if vae is not None and Path(vae).is_file() else vae
     config = inputs.pop("config")
     config_sha = folder_sha256(Path(config), progress=False) if config is not None else None
+    for folder in ("lora_dir", "embedding_dir"):  # their files' contents, not their names
+        if inputs[folder] is not None and Path(inputs[folder]).is_dir():
+            inputs[folder] = folder_sha256(Path(inputs[folder]), progress=False)
     record = {"source": source_sha, "loras": loras, "vae": vae_sha, "config": config_sha, "sdtrt": __version__,
               "spec": SPEC_VERSION,
               **{name: plain(value) for name, value in inputs.items()}}
@@ -337,6 +380,9 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
     catalog = load_catalog(root)
     old = catalog.get(name)
     manifest = old.extra.get(ENGINES, {})
+    if old.loras or old.embeddings:
+        raise UsageError(f"{old.key} has LoRAs or embeddings registered for requests; refit does not carry them over: "
+                         "re-export it (with --loras/--embeddings) instead")
     stiff = [part for part, entry in manifest.items() if not entry.get("refittable")]
     if stiff or not manifest:
         raise UsageError(f"{old.key}'s engines {stiff or '(none)'} are not refittable: build them with --refittable")

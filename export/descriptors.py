@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 
+from sdtrt.extra_networks import EMBEDDING_MARK, EMBEDDING_VECTORS, LORA_DOWN, LORA_SUFFIX, LORA_UP
 from sdtrt.spec import (  # noqa: F401  (the dim names are re-exported for the exporter's users)
-    BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, DimRange, TensorSpec,
+    BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, LORA_RANK, TEXT_BATCH, UNET_BATCH, DimRange, TensorSpec,
 )
 
 
@@ -43,20 +44,40 @@ def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
 
+class _TokensOrVectors(torch.nn.Module):
+    """CLIP's token embedding, except where the id is EMBEDDING_MARK: there, the request's embedding vector."""
+
+    def __init__(self, table: torch.nn.Embedding, vectors: torch.Tensor):
+        super().__init__()
+        self.table, self.vectors = table, vectors
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        marked = ids == EMBEDDING_MARK
+        tokens = self.table(torch.where(marked, torch.zeros_like(ids), ids))
+        return torch.where(marked.unsqueeze(-1), self.vectors.to(tokens.dtype), tokens)
+
+
 class TextEncoder(torch.nn.Module):
-    """CLIP text model: int32 token ids (TensorRT-friendly) and a per-row Clip skip -> text embeddings.
+    """CLIP text model: int32 token ids (TensorRT-friendly), textual-inversion vectors and a per-row Clip skip ->
+    text embeddings.
 
     A1111's Clip skip n takes the output of the n-th layer from the end and applies CLIP's final layer norm;
     n = 1 is the usual last hidden state. Every layer's output is computed anyway, so picking one per row
-    in the graph costs nothing and lets one engine serve every Clip skip.
+    in the graph costs nothing and lets one engine serve every Clip skip. Embeddings (textual inversion) come
+    in as vectors at the positions marked in the ids, so one engine serves every embedding.
     """
 
     def __init__(self, text_encoder: torch.nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
-        out = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        table = self.text_encoder.get_input_embeddings()
+        self.text_encoder.set_input_embeddings(_TokensOrVectors(table, vectors))
+        try:
+            out = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)
+        finally:
+            self.text_encoder.set_input_embeddings(table)
         layers = torch.stack(out.hidden_states[1:], dim=1)  # [N, L, T, H], layer outputs before the final norm
         index = (layers.shape[1] - clip_skip.long()).reshape(-1, 1, 1, 1).expand(-1, 1, *layers.shape[2:])
         picked = torch.gather(layers, 1, index).squeeze(1)
@@ -98,11 +119,14 @@ class VaeDecoder(torch.nn.Module):
 
 
 def dim_ranges(
-    *, max_batch: int, min_size: int, native_size: int, max_size: int, vae_scale_factor: int, text_max_length: int, max_chunks: int
+    *, max_batch: int, min_size: int, native_size: int, max_size: int, vae_scale_factor: int, text_max_length: int,
+    max_chunks: int, max_lora_rank: int = 0,
 ) -> dict[str, DimRange]:
     """Optimisation-profile ranges (and request limits) of every dynamic dim, from the model's size limits."""
     f = vae_scale_factor
+    lora = {LORA_RANK: DimRange(1, min(32, max_lora_rank), max_lora_rank)} if max_lora_rank else {}
     return {
+        **lora,
         BATCH: DimRange(1, 1, max_batch),
         TEXT_BATCH: DimRange(1, 2, 2 * max_chunks),
         UNET_BATCH: DimRange(1, 2, 2 * max_batch),
@@ -114,8 +138,9 @@ def dim_ranges(
     }
 
 
-def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
-    """The networks of a StableDiffusionPipeline, in pipeline order."""
+def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> list[Descriptor]:
+    """The networks of a StableDiffusionPipeline, in pipeline order; with ``lora_slots`` (network -> its slots,
+    ``sdtrt.export.lora``), also the LoRA variants of those networks."""
     latent_channels = pipe.vae.config.latent_channels
     unet_channels = pipe.unet.config.in_channels  # 9 for inpainting U-Nets: latents + mask + masked-image latents
     hidden = pipe.text_encoder.config.hidden_size
@@ -127,8 +152,9 @@ def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
 
     def text_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n = d[TEXT_BATCH]
-        return (torch.randint(0, vocab, (n, text_max_length), dtype=torch.int32),
-                torch.randint(1, layers + 1, (n,), dtype=torch.int32))
+        ids = torch.randint(0, vocab, (n, text_max_length), dtype=torch.int32)
+        ids[:, 3:5] = EMBEDDING_MARK  # two positions take their vector from the request
+        return (ids, torch.randint(1, layers + 1, (n,), dtype=torch.int32), torch.randn(n, text_max_length, hidden))
 
     def unet_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n = d[UNET_BATCH]
@@ -145,12 +171,13 @@ def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
         f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         return (torch.rand(d[BATCH], pipe.vae.config.in_channels, d[LATENT_H] * f, d[LATENT_W] * f) * 2 - 1,)
 
-    return [
+    plain = [
         Descriptor(
             name="text_encoder",
             module=TextEncoder(pipe.text_encoder),
             inputs=(TensorSpec("input_ids", "int32", (TEXT_BATCH, text_max_length)),
-                    TensorSpec("clip_skip", "int32", (TEXT_BATCH,))),
+                    TensorSpec("clip_skip", "int32", (TEXT_BATCH,)),
+                    TensorSpec(EMBEDDING_VECTORS, "float32", (TEXT_BATCH, text_max_length, hidden))),
             outputs=(TensorSpec("text_embeddings", "float32", (TEXT_BATCH, text_max_length, hidden)),),
             make_inputs=text_inputs,
             trace_dims={TEXT_BATCH: 3},
@@ -187,3 +214,28 @@ def descriptors(pipe, text_max_length: int) -> list[Descriptor]:
             trace_dims={BATCH: 1, LATENT_H: 8, LATENT_W: 8},
         ),
     ]
+    return plain + [with_lora(desc, getattr(pipe, desc.name), lora_slots[desc.name])
+                    for desc in plain if desc.name in (lora_slots or {})]
+
+
+def with_lora(desc: Descriptor, network: torch.nn.Module, slots: list) -> Descriptor:
+    """The LoRA variant of a network: the same inputs, then the request's packed LoRA matrices (one per row)."""
+    from sdtrt.export.lora import WithLoraSlots, slot_width
+
+    rows = desc.inputs[0].shape[0]
+    d_in, d_out = slot_width(slots)
+
+    def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        plain = desc.make_inputs(d)
+        n, rank = plain[0].shape[0], d.get(LORA_RANK, 3)
+        return (*plain, torch.randn(n, rank, d_in) * 0.1, torch.randn(n, rank, d_out) * 0.1)
+
+    return Descriptor(
+        name=desc.name + LORA_SUFFIX,
+        module=WithLoraSlots(desc.module, network, slots),
+        inputs=(*desc.inputs, TensorSpec(LORA_DOWN, "float32", (rows, LORA_RANK, d_in)),
+                TensorSpec(LORA_UP, "float32", (rows, LORA_RANK, d_out))),
+        outputs=desc.outputs,
+        make_inputs=make_inputs,
+        trace_dims={**desc.trace_dims, LORA_RANK: 3},
+    )

@@ -24,6 +24,7 @@ from typing import Callable
 
 from sdtrt.engines import gpu_name, require_tensorrt
 from sdtrt.errors import SdtrtError, UsageError
+from sdtrt.extra_networks import LORA_SUFFIX
 from sdtrt.spec import BATCH, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, UNET_BATCH, ComponentSpec, ModelSpec
 
 TIMING_CACHE = "trt_timing.cache"
@@ -32,6 +33,11 @@ TIMING_CACHE = "trt_timing.cache"
 # so its profile keeps that narrow range (tuned for 2N). The VAE encoder keeps the export's range: img2img
 # encodes one init image whatever the batch size, the hires fix every image.
 STATIC_BATCH_ROWS = {"unet": {UNET_BATCH: (1, 2)}, "vae_decoder": {BATCH: (1, 1)}}
+
+
+def network_of(component: str) -> str:
+    """A LoRA variant is built as its network is (``unet_lora`` as ``unet``)."""
+    return component.removesuffix(LORA_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ def profile_shapes(spec: ModelSpec, component: ComponentSpec, options: EngineOpt
             ranges[name] = (value, value, value)
     if options.static_batch is not None:
         n = options.static_batch
-        for name, (least, most) in STATIC_BATCH_ROWS.get(component.name, {}).items():
+        for name, (least, most) in STATIC_BATCH_ROWS.get(network_of(component.name), {}).items():
             ranges[name] = (n * least, n * most, n * most)
     shapes = {}
     for tensor in component.inputs:
@@ -146,7 +152,7 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
     for name in tqdm(list(spec.components), desc="TensorRT", unit="engine", disable=not progress):
         component = spec.component(name)
         shapes = profile_shapes(spec, component, options)
-        fp16 = name not in options.fp32
+        fp16 = network_of(name) not in options.fp32
         filename = engine_filename(name, gpu, trt.__version__, shapes, fp16, options.refittable,
                                    options.optimization_level)
         path = root / spec.triton_name(name) / "1" / filename

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from sdtrt.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
 from sdtrt.images import to_uint8
 from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
 from sdtrt.prompts import contexts
@@ -50,10 +51,12 @@ class BlsNetworks:
     """One request's view of the networks. Every call first checks whether the client has gone (cancelled, or
     its connection closed): the job model holds the client's own request, so that is seen within one step."""
 
-    def __init__(self, spec: ModelSpec, request, device: torch.device = torch.device("cpu")):
+    def __init__(self, spec: ModelSpec, request, device: torch.device = torch.device("cpu"),
+                 loras: RequestLoras | None = None):
         self.spec = spec
         self.request = request
         self.device = device
+        self.loras = loras or no_loras()
 
     def _exec(self, model: str, inputs: list, outputs: list[str], memory: torch.device) -> dict[str, torch.Tensor]:
         if self.request.is_cancelled():
@@ -70,6 +73,13 @@ class BlsNetworks:
         # Copies on ``memory``: the response's buffers go back to Triton's pools straight away.
         return {name: from_triton(pb_utils.get_output_tensor_by_name(response, name)).to(memory, copy=True)
                 for name in outputs}
+
+    def _network(self, name: str, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> torch.Tensor:
+        """A network the request's LoRAs change runs as its LoRA variant, with their matrices as two more inputs."""
+        lora = self.loras.inputs(name, len(inputs[0]), self.device)
+        if lora is None:
+            return self._call(self.spec.component(name), inputs, output_device)
+        return self._call(self.spec.component(name + LORA_SUFFIX), (*inputs, *lora), output_device)
 
     def _call(self, component: ComponentSpec, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> torch.Tensor:
         tensors = []
@@ -89,12 +99,14 @@ class BlsNetworks:
             value, dtype = getattr(request, name), self.spec.field(name).dtype
             array = np.array([value.encode("utf-8")], dtype=np.object_) if dtype == "string" else np.array([value], dtype=dtype)
             fields.append(pb_utils.Tensor(name, array))  # strings have no DLPack form
-        tokens = self._exec(self.spec.triton_name(TOKENIZER), fields, [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS], cpu)
-        embeddings = self._call(self.spec.component("text_encoder"), (tokens[TOKEN_IDS], tokens[CLIP_SKIP_ROWS]), cpu)
+        tokens = self._exec(self.spec.triton_name(TOKENIZER), fields,
+                            [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS, EMBEDDING_VECTORS], cpu)
+        embeddings = self._network("text_encoder", (tokens[TOKEN_IDS], tokens[CLIP_SKIP_ROWS],
+                                                    tokens[EMBEDDING_VECTORS]), cpu)
         return contexts(embeddings.numpy(), tokens[TOKEN_WEIGHTS].numpy())
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self._call(self.spec.component("unet"), (sample, timestep, context), self.device)
+        return self._network("unet", (sample, timestep, context), self.device)
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return self._call(self.spec.component("vae_encoder"), (images,), self.device)

@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sdtrt.errors import UsageError
+from sdtrt.extra_networks import EMBEDDING_VECTORS
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.spec import (
     ENGINES, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ComponentSpec,
@@ -26,7 +27,7 @@ from sdtrt.spec import (
 )
 
 NETWORK_BACKENDS = ("python", "onnxruntime", "tensorrt")
-NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # and, with registered LoRAs, *_lora variants
 
 
 def config_dtype(dtype: str) -> int:
@@ -131,7 +132,7 @@ def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOp
                 _tensor(message, tensor.name, tensor.dtype, dims)
     if batching.max_batch_size > 1:  # two requests can share a call
         config.dynamic_batching.max_queue_delay_microseconds = (
-            options.unet_queue_delay_us if component.name == "unet" else 0
+            options.unet_queue_delay_us if component.name.startswith("unet") else 0
         )
     config.instance_group.add(count=options.network_instances, kind=device_kind(options))
     if options.backend == "python":
@@ -166,6 +167,7 @@ def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
     _tensor(config.output, TOKEN_IDS, "int32", [-1, spec.text_max_length])
     _tensor(config.output, TOKEN_WEIGHTS, "float32", [-1, spec.text_max_length])
     _tensor(config.output, CLIP_SKIP_ROWS, "int32", [-1, 1])
+    _tensor(config.output, EMBEDDING_VECTORS, "float32", [-1, spec.text_max_length, spec.text_hidden_size])
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     return config
 
@@ -201,7 +203,7 @@ def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelC
 
 def model_configs(spec: ModelSpec, options: ServingOptions) -> list[mc.ModelConfig]:
     """One model's own Triton models: its tokenizer and its networks."""
-    return [tokenizer_config(spec), *(network_config(spec, spec.component(name), options) for name in NETWORKS)]
+    return [tokenizer_config(spec), *(network_config(spec, component, options) for component in spec.components.values())]
 
 
 def all_configs(catalog: Catalog, options: ServingOptions) -> list[mc.ModelConfig]:

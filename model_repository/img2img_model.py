@@ -30,7 +30,7 @@ class TritonPythonModel(JobModel):
                                 resize_mode=settings.resize_mode, mask_blur=settings.mask_blur,
                                 inpaint_full_res=settings.inpaint_full_res,
                                 padding=settings.inpaint_full_res_padding, vae_scale_factor=spec.vae_scale_factor)
-        nets = self.networks(request, spec)
+        nets = self.networks(request, spec, settings)
         uncond, cond = nets.encode_prompts(settings)
         latents, seeds = img2img_latents(spec, settings, inputs, uncond, cond, nets)
         images = finish_images(nets.vae_decode(latents), inputs, spec.vae_scale_factor)

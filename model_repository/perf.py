@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdtrt.extra_networks import LORA_SUFFIX
 from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.spec import (
@@ -51,7 +52,9 @@ def perf_inputs(spec: ModelSpec, default: bool = True) -> dict[str, dict[str, An
     return {
         **jobs,
         spec.triton_name(TOKENIZER): {"data": [{f: txt2img[f] for f in TOKENIZER_FIELDS}]},
-        **{spec.triton_name(name): {"data": [network(name)]} for name in spec.components},
+        # (not the LoRA variants: their matrices would be megabytes of zeros; perf_analyzer makes its own data)
+        **{spec.triton_name(name): {"data": [network(name)]} for name in spec.components
+           if not name.endswith(LORA_SUFFIX)},
     }
 
 

@@ -133,7 +133,9 @@ class JobModel(PerRequestModel):
 
         from sdtrt.request import job_fields
 
-        self.catalog = load_catalog(repo_root(args))
+        self.repo = repo_root(args)
+        self.catalog = load_catalog(self.repo)
+        self.lora_libraries: dict = {}
         self.log = JsonLog(args["model_name"])
         self.fields = job_fields(self.job.request_type)
         self.device = instance_device(args)
@@ -144,11 +146,17 @@ class JobModel(PerRequestModel):
         self.log.info("ready", instance=args.get("model_instance_name"), device=str(self.device),
                       models=list(self.catalog.models), default=self.catalog.default)
 
-    def networks(self, request, spec: ModelSpec):
-        """One model's networks for one request, called through BLS from this instance's device."""
+    def networks(self, request, spec: ModelSpec, settings):
+        """One model's networks for one request (with the LoRAs its prompts name), called through BLS from this
+        instance's device."""
+        from sdtrt.extra_networks import LoraLibrary, RequestLoras, request_loras
         from sdtrt.model_repository.bls import BlsNetworks
 
-        return BlsNetworks(spec, request, self.device)
+        if spec.key not in self.lora_libraries:  # each LoRA file is read once per instance, when first used
+            self.lora_libraries[spec.key] = LoraLibrary(self.repo, spec.loras)
+        library = self.lora_libraries[spec.key]
+        tags = request_loras(settings.prompt, settings.negative_prompt, spec.loras, 1 << 30)  # checked by validate
+        return BlsNetworks(spec, request, self.device, RequestLoras(library, tags))
 
     def warm_up(self) -> None:
         """Import every sampler's scheduler and run one step on this instance's device, so that no request pays

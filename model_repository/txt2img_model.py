@@ -26,7 +26,7 @@ class TritonPythonModel(JobModel):
     def run(self, request) -> "pb_utils.InferenceResponse":
         start = time.perf_counter()
         spec, settings = self.settings(request)
-        nets = self.networks(request, spec)
+        nets = self.networks(request, spec, settings)
         uncond, cond = nets.encode_prompts(settings)
         latents, seeds = txt2img_latents(spec, settings, uncond, cond, nets)
         images = nets.vae_decode(latents)

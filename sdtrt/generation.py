@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from sdtrt.extra_networks import parse_lora_tags, used_embeddings
 from sdtrt.infotext import build_infotext, parse_infotext
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
 from sdtrt.spec import ModelSpec
@@ -23,7 +24,9 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
     img2img = isinstance(request, Img2ImgRequest)
     hires = request.enable_hr and not img2img
     vae = model.extra.get("vae")
-    loras = model.extra.get("loras", [])
+    lora_hashes = [f"{lora['name']}: {lora['sha256'][:12]}" for lora in model.extra.get("loras", [])]  # fused
+    lora_hashes += [f"{name}: {model.loras[name]['hash'][:12]}" for name in lora_names(request, model)]
+    embeddings = used_embeddings(f"{request.prompt}\n{request.negative_prompt}", model.embeddings)
     texts = []
     for i, seed in enumerate(seeds):
         varied = request.subseed_strength > 0
@@ -49,11 +52,19 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
             "Hires upscale": request.hr_scale if hires else None,
             "Hires steps": request.hr_second_pass_steps if hires and request.hr_second_pass_steps else None,
             "Hires upscaler": request.hr_upscaler if hires else None,
-            # LoRAs fused at export, as A1111 lists the ones it applied (name: first 12 digits of their sha256)
-            "Lora hashes": ", ".join(f"{l['name']}: {l['sha256'][:12]}" for l in loras) or None,
+            # As A1111 lists the LoRAs it applied (fused at export, then the prompts' tags) and the embeddings the
+            # prompts used: name, then the first 12 digits of A1111's hash of the file.
+            "Lora hashes": ", ".join(lora_hashes) or None,
+            "TI hashes": ", ".join(f"{name}: {model.embeddings[name]['sha256'][:12]}" for name in embeddings) or None,
         }
         texts.append(build_infotext(request.prompt, request.negative_prompt, params))
     return texts
+
+
+def lora_names(request: Txt2ImgRequest, model: ModelSpec) -> list[str]:
+    """The registered LoRAs the request's prompts name, each once, in order."""
+    tags = parse_lora_tags(request.prompt, "prompt") + parse_lora_tags(request.negative_prompt, "negative_prompt")
+    return list(dict.fromkeys(tag.name for tag in tags if tag.name in model.loras))
 
 
 # A1111 infotext key -> request field, for reading an infotext back (png-info, --from-png).

@@ -15,7 +15,8 @@ from sdtrt.generation import Generation, infotexts
 from sdtrt.images import to_uint8
 from sdtrt.img2img import finish_images, prepare_images
 from sdtrt.jobs import OnStep, img2img_latents, txt2img_latents
-from sdtrt.prompts import contexts, prompt_rows
+from sdtrt.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras, request_loras
+from sdtrt.prompts import contexts, text_rows
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
 from sdtrt.text import load_tokenizer
@@ -77,29 +78,24 @@ class LocalPipeline:
                 self.nets[name] = TrtNetwork(path, component)
         else:
             self.nets = {name: OnnxNetwork(self.repo, c, threads) for name, c in self.spec.components.items()}
+        self.embeddings = EmbeddingTable(self.repo, self.spec.embeddings, self.tokenizer, self.spec.text_hidden_size)
+        self.lora_library = LoraLibrary(self.repo, self.spec.loras)
 
-    # --- the networks, as the jobs call them ----------------------------------------------------------------
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.nets["unet"](sample.numpy(), timestep.numpy(), context.numpy()))
-
-    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.nets["vae_encoder"](images.numpy()))
-
-    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
-        return to_uint8(self.nets["vae_decoder"](latents.numpy()))
+    def networks(self, request: Txt2ImgRequest) -> "LocalNetworks":
+        """The networks for one request, with the LoRAs its prompts name."""
+        tags = request_loras(request.prompt, request.negative_prompt, self.spec.loras, 1 << 30)  # checked by validate
+        return LocalNetworks(self, RequestLoras(self.lora_library, tags))
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uncond, cond) U-Net contexts [1, 77k, H] with A1111 weighting, chunking and Clip skip."""
-        ids, weights = prompt_rows(self.tokenizer, request.prompt, request.negative_prompt, self.spec.max_chunks)
-        embeddings = self.nets["text_encoder"](ids, np.full(len(ids), request.clip_skip, dtype=np.int32))
-        return contexts(embeddings, weights)
+        return self.networks(request).encode_prompts(request)
 
     # --- the jobs --------------------------------------------------------------------------------------------
     def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None) -> Generation:
         request = resolve_seeds(validate(request, self.spec))
-        uncond, cond = self.encode_prompts(request)
-        latents, seeds = txt2img_latents(self.spec, request, uncond, cond, self, on_step)
-        return Generation(self.vae_decode(latents), seeds, self._infotexts(request, seeds))
+        nets = self.networks(request)
+        uncond, cond = nets.encode_prompts(request)
+        latents, seeds = txt2img_latents(self.spec, request, uncond, cond, nets, on_step)
+        return Generation(nets.vae_decode(latents), seeds, self._infotexts(request, seeds))
 
     def img2img(self, request: Img2ImgRequest, init_image: np.ndarray, mask: np.ndarray | None = None,
                 on_step: OnStep | None = None) -> Generation:
@@ -108,10 +104,45 @@ class LocalPipeline:
                                 resize_mode=request.resize_mode, mask_blur=request.mask_blur,
                                 inpaint_full_res=request.inpaint_full_res,
                                 padding=request.inpaint_full_res_padding, vae_scale_factor=self.spec.vae_scale_factor)
-        uncond, cond = self.encode_prompts(request)
-        latents, seeds = img2img_latents(self.spec, request, inputs, uncond, cond, self, on_step)
-        images = finish_images(self.vae_decode(latents), inputs, self.spec.vae_scale_factor)
+        nets = self.networks(request)
+        uncond, cond = nets.encode_prompts(request)
+        latents, seeds = img2img_latents(self.spec, request, inputs, uncond, cond, nets, on_step)
+        images = finish_images(nets.vae_decode(latents), inputs, self.spec.vae_scale_factor)
         return Generation(images, seeds, self._infotexts(request, seeds, mask is not None))
 
     def _infotexts(self, request: Txt2ImgRequest, seeds: list[int], inpaint: bool = False) -> list[str]:
         return infotexts(request, seeds, self.spec, inpaint)
+
+
+class LocalNetworks:
+    """One request's networks in-process (``sdtrt.jobs.Networks``): a network its LoRAs change runs as its LoRA
+    variant, with their matrices as two more inputs, exactly as the served job sends them."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, pipeline: LocalPipeline, loras: RequestLoras):
+        self.pipeline, self.loras = pipeline, loras
+
+    def _run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
+        lora = self.loras.inputs(name, len(arrays[0]), self.device)
+        if lora is None:
+            return self.pipeline.nets[name](*arrays)
+        return self.pipeline.nets[name + LORA_SUFFIX](*arrays, *(m.numpy() for m in lora))
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._run("unet", sample.numpy(), timestep.numpy(), context.numpy()))
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.pipeline.nets["vae_encoder"](images.numpy()))
+
+    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self.pipeline.nets["vae_decoder"](latents.numpy()))
+
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond, cond) U-Net contexts [1, 77k, H] with A1111 weighting, chunking, embeddings and Clip skip."""
+        p = self.pipeline
+        rows = text_rows(p.tokenizer, request.prompt, request.negative_prompt, p.spec.max_chunks,
+                         p.spec.text_hidden_size, p.embeddings)
+        embeddings = self._run("text_encoder", rows.ids, np.full(len(rows.ids), request.clip_skip, dtype=np.int32),
+                               rows.vectors)
+        return contexts(embeddings, rows.weights)

@@ -9,6 +9,8 @@ What A1111 does, and so what sdtrt does:
     comma instead, and ``BREAK`` starts a new chunk.
   * Each chunk's CLIP output is multiplied token by token by its weights, then rescaled so that its mean is
     what it was before weighting. The chunks are concatenated: 120 tokens -> 2 chunks -> 154 positions.
+  * ``<lora:...>`` tags are removed before tokenizing (sdtrt/extra_networks.py applies them); a registered
+    embedding's name becomes its vectors, each counting as a token.
   * The prompt and the negative prompt are padded to the same number of chunks with chunks of the empty
     prompt, so that both go through the U-Net in one batch.
 """
@@ -16,15 +18,18 @@ What A1111 does, and so what sdtrt does:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sdtrt.errors import InvalidRequest
+from sdtrt.extra_networks import EMBEDDING_MARK, strip_extra_networks
 
 if TYPE_CHECKING:
     import torch
+
+    from sdtrt.extra_networks import EmbeddingTable
 
 CHUNK_TOKENS = 75  # tokens per chunk between BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's "pad from the last comma within n tokens" default
@@ -95,51 +100,74 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
 @dataclass
 class Chunks:
-    ids: np.ndarray  # [k, 77] int32: BOS, 75 tokens (EOS-padded), EOS
+    ids: np.ndarray  # [k, 77] int32: BOS, 75 tokens (EOS-padded), EOS; EMBEDDING_MARK where an embedding's vector is
     weights: np.ndarray  # [k, 77] float32: 1.0 on BOS/EOS/padding
     tokens: int  # prompt tokens before padding (A1111 shows this count)
+    vectors: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (chunk, position) -> embedding vector
 
 
-def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt") -> Chunks:
-    """Tokenize a prompt into A1111's weighted 75-token chunks."""
+def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt",
+                 embeddings: "EmbeddingTable | None" = None) -> Chunks:
+    """Tokenize a prompt into A1111's weighted 75-token chunks. ``<lora:...>`` tags are taken out first, and an
+    embedding's name becomes its vectors (never split across two chunks), as in A1111."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer.convert_tokens_to_ids(",</w>")
-    parsed = parse_prompt_attention(text)
+    parsed = parse_prompt_attention(strip_extra_networks(text))
     texts = [t for t, w in parsed if (t, w) != BREAK]
     token_lists = iter(tokenizer(texts, add_special_tokens=False, truncation=False).input_ids if texts else [])
 
     chunks_ids: list[list[int]] = []
     chunks_weights: list[list[float]] = []
+    vectors: dict[tuple[int, int], np.ndarray] = {}
     ids: list[int] = []
     weights: list[float] = []
+    vecs: list[np.ndarray | None] = []  # the embedding vector of each position of the open chunk, if any
     last_comma = -1
     total = 0
 
     def close_chunk() -> None:
-        nonlocal ids, weights, last_comma
+        nonlocal ids, weights, vecs, last_comma
         pad = CHUNK_TOKENS - len(ids)
+        vectors.update({(len(chunks_ids), 1 + i): v for i, v in enumerate(vecs) if v is not None})
         chunks_ids.append([bos] + ids + [eos] * pad + [eos])
         chunks_weights.append([1.0] + weights + [1.0] * pad + [1.0])
-        ids, weights, last_comma = [], [], -1
+        ids, weights, vecs, last_comma = [], [], [], -1
 
     for text_part, weight in parsed:
         if (text_part, weight) == BREAK:
             close_chunk()
             continue
-        for token in next(token_lists):
-            total += 1
+        tokens = next(token_lists)
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1  # move what follows the comma to the next chunk
-                moved_ids, moved_weights = ids[cut:], weights[cut:]
-                ids, weights = ids[:cut], weights[:cut]
+                moved = ids[cut:], weights[cut:], vecs[cut:]
+                ids, weights, vecs = ids[:cut], weights[:cut], vecs[:cut]
                 close_chunk()
-                ids, weights = moved_ids, moved_weights
+                ids, weights, vecs = (list(m) for m in moved)
             if len(ids) == CHUNK_TOKENS:
                 close_chunk()
-            ids.append(token)
-            weights.append(weight)
+            found = embeddings.at(tokens, position) if embeddings is not None else None
+            if found is None:
+                ids.append(token)
+                weights.append(weight)
+                vecs.append(None)
+                total += 1
+                position += 1
+                continue
+            name, spanned = found
+            vector = embeddings.vectors[name]
+            if len(ids) + len(vector) > CHUNK_TOKENS:
+                close_chunk()
+            ids += [EMBEDDING_MARK] * len(vector)
+            weights += [weight] * len(vector)
+            vecs += list(vector)
+            total += len(vector)
+            position += spanned
     if ids or not chunks_ids:
         close_chunk()
     if len(chunks_ids) > max_chunks:
@@ -147,7 +175,7 @@ def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt") -
             field, f"<{total} tokens in {len(chunks_ids)} chunks>",
             f"at most {max_chunks} chunks of {CHUNK_TOKENS} tokens (re-export with a larger --max-chunks for longer prompts)",
         )
-    return Chunks(np.array(chunks_ids, dtype=np.int32), np.array(chunks_weights, dtype=np.float32), total)
+    return Chunks(np.array(chunks_ids, dtype=np.int32), np.array(chunks_weights, dtype=np.float32), total, vectors)
 
 
 def empty_chunk(tokenizer) -> Chunks:
@@ -156,11 +184,17 @@ def empty_chunk(tokenizer) -> Chunks:
     return Chunks(ids, np.ones(ids.shape, dtype=np.float32), 0)
 
 
-def pair_chunks(tokenizer, negative: Chunks, prompt: Chunks) -> tuple[np.ndarray, np.ndarray]:
-    """Rows for the text encoder: negative's chunks then the prompt's, both padded to the same count.
+@dataclass
+class TextRows:
+    """What the text encoder takes for one request: the negative prompt's chunks, then the prompt's."""
 
-    Returns (ids [2k, 77], weights [2k, 77]).
-    """
+    ids: np.ndarray  # [2k, 77] int32
+    weights: np.ndarray  # [2k, 77] float32
+    vectors: np.ndarray  # [2k, 77, H] float32: embedding vectors where ids is EMBEDDING_MARK, zeros elsewhere
+
+
+def pair_chunks(tokenizer, negative: Chunks, prompt: Chunks, hidden: int = 0) -> TextRows:
+    """Rows for the text encoder: negative's chunks then the prompt's, both padded to the same count."""
     k = max(len(negative.ids), len(prompt.ids))
     empty = empty_chunk(tokenizer)
 
@@ -169,13 +203,25 @@ def pair_chunks(tokenizer, negative: Chunks, prompt: Chunks) -> tuple[np.ndarray
         return (np.concatenate([c.ids] + [empty.ids] * extra), np.concatenate([c.weights] + [empty.weights] * extra))
 
     (neg_ids, neg_w), (pos_ids, pos_w) = padded(negative), padded(prompt)
-    return np.concatenate([neg_ids, pos_ids]), np.concatenate([neg_w, pos_w])
+    vectors = np.zeros((2 * k, CHUNK_TOKENS + 2, hidden), dtype=np.float32)
+    for offset, chunks in ((0, negative), (k, prompt)):
+        for (row, position), vector in chunks.vectors.items():
+            vectors[offset + row, position] = vector
+    return TextRows(np.concatenate([neg_ids, pos_ids]), np.concatenate([neg_w, pos_w]), vectors)
+
+
+def text_rows(tokenizer, prompt: str, negative_prompt: str, max_chunks: int, hidden: int,
+              embeddings: "EmbeddingTable | None" = None) -> TextRows:
+    """Token ids, weights and embedding vectors for the text encoder: the negative prompt's chunks, then the
+    prompt's."""
+    negative = chunk_prompt(tokenizer, negative_prompt, max_chunks, "negative_prompt", embeddings)
+    return pair_chunks(tokenizer, negative, chunk_prompt(tokenizer, prompt, max_chunks, "prompt", embeddings), hidden)
 
 
 def prompt_rows(tokenizer, prompt: str, negative_prompt: str, max_chunks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and weights [2k, 77] for the text encoder: the negative prompt's chunks, then the prompt's."""
-    negative = chunk_prompt(tokenizer, negative_prompt, max_chunks, "negative_prompt")
-    return pair_chunks(tokenizer, negative, chunk_prompt(tokenizer, prompt, max_chunks, "prompt"))
+    """Token ids and weights [2k, 77] for the text encoder (no embeddings)."""
+    rows = text_rows(tokenizer, prompt, negative_prompt, max_chunks, 0)
+    return rows.ids, rows.weights
 
 
 def apply_weights(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -171,7 +171,17 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
                                  f"at most {largest / max(checked.width, checked.height):g} for "
                                  f"{checked.width}x{checked.height} (the model takes at most {largest:g} pixels a side)")
     check_pixel_steps(checked, spec)
+    check_extra_networks(checked, spec)
     return checked
+
+
+def check_extra_networks(request: Txt2ImgRequest, spec: ModelSpec) -> None:
+    """Every <lora:...> tag names a LoRA registered for the model, and their summed rank fits the export."""
+    from sdtrt.extra_networks import request_loras
+    from sdtrt.spec import LORA_RANK
+
+    rank = spec.dims[LORA_RANK].max if LORA_RANK in spec.dims else 0
+    request_loras(request.prompt, request.negative_prompt, spec.loras, rank)
 
 
 def pixel_steps(request: Txt2ImgRequest, spec: ModelSpec) -> tuple[int, float, int]:

@@ -18,7 +18,8 @@ from typing import Any, Union
 from sdtrt.errors import UsageError
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 3  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository
+SPEC_VERSION = 4  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+# 4: LoRAs and embeddings per request (the text encoder takes embedding vectors)
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
@@ -33,6 +34,7 @@ LATENT_W = "latent_width"
 CONTEXT = "context_length"  # text positions seen by the U-Net: 77 per 75-token prompt chunk
 IMAGE_H = "image_height"  # pixels (VAE encoder input, VAE decoder output)
 IMAGE_W = "image_width"
+LORA_RANK = "lora_rank"  # summed rank of a request's LoRAs (padded), when the export registered LoRAs
 
 # The models users call, and their tensors beside the request fields (each field is a [1]-shaped input named
 # after it). Server, generator and clients all read these names from here.
@@ -59,6 +61,7 @@ class ExportLimits:
     min_size: int = 64  # pixels a side
     max_size: int = 1024
     max_chunks: int = 3  # longest prompt, in 75-token chunks
+    max_lora_rank: int = 64  # summed rank of one request's LoRAs (the LoRA inputs' profile), with --loras
     # Ceilings that keep one request from holding the server for minutes (refused by name, see request.validate):
     full_batch_steps: int = 50  # pixel-steps: max_batch images of max_size x max_size may take this many steps
     chars_per_token: int = 16  # prompt characters: max_chunks x 75 tokens of this many characters (weights, spaces)
@@ -180,6 +183,9 @@ class ModelSpec:
     max_pixel_steps: int = 0  # width x height x images x steps (hires pass included) a request may take; 0: no ceiling
     schedules: dict[str, list[str]] = field(default_factory=dict)  # sampler -> the schedule types it accepts
     name: str = ""  # its name in the repository (default: model_name, made safe for Triton model names)
+    # Registered at export, used per request: name -> file (relative to the repository), hashes, rank / vectors.
+    loras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
     spec_version: int = SPEC_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

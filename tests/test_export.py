@@ -42,7 +42,7 @@ def test_onnx_matches_torch(name, exported_repo, diffusers_pipe):
 
 def test_spec_records_the_models_facts(exported_repo, default_model):
     catalog = json.loads((exported_repo / SPEC_FILENAME).read_text())
-    assert catalog["spec_version"] == 3 and catalog["default"] == "default" and list(catalog["models"]) == ["default"]
+    assert catalog["spec_version"] == 4 and catalog["default"] == "default" and list(catalog["models"]) == ["default"]
     raw = catalog["models"]["default"]
     spec = load_spec(exported_repo)
     assert spec.key == "default" and spec.triton_name("unet") == "default__unet"
