@@ -49,3 +49,21 @@ def make_embedding(out: Path, name: str, vectors: int, hidden: int, seed: int = 
     path = Path(out) / f"{name}.safetensors"
     save_file({"emb_params": torch.randn(vectors, hidden) * 3}, str(path))
     return path
+
+
+def to_kohya(path: Path, out: Path, alpha: float) -> Path:
+    """The same LoRA in kohya/A1111's format: ``lora_unet_<module>`` / ``lora_te_text_model_<module>`` keys with
+    ``lora_down``/``lora_up`` weights and an ``alpha`` per layer."""
+    from safetensors.torch import load_file, save_file
+
+    converted = {}
+    for key, value in load_file(str(path)).items():
+        network, _, rest = key.partition(".")
+        module, _, kind = rest.rpartition(".lora_")
+        name = ("lora_unet_" if network == "unet" else "lora_te_text_model_") + module.replace(".", "_")
+        converted[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
+        converted[f"{name}.alpha"] = torch.tensor(alpha)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    target = Path(out) / path.name
+    save_file(converted, str(target))
+    return target

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from loras import make_embedding, make_lora
+from loras import make_embedding, make_lora, to_kohya
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
 from servers import free_ports
 from sdtrt.errors import InvalidRequest
@@ -185,6 +185,24 @@ def test_unknown_or_bad_loras_are_named(client, local, prompt, negative, field, 
         client.txt2img(prompt=prompt, negative_prompt=negative, **SETTINGS)
 
 
+def test_kohya_format_registers_as_the_same_lora(default_model, files, repo, tmp_path):
+    """A1111/kohya's key names and per-layer alpha (what civitai LoRAs are) read as the same matrices."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.numpy import load_file
+
+    from sdtrt.export.lora import lora_slots, register_loras
+    from sdtrt.spec import load_spec
+
+    to_kohya(files[0] / "test.safetensors", tmp_path / "kohya", alpha=2.0)  # rank 4, alpha 2, as made
+    pipe = StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True)
+    slots = {net: lora_slots(getattr(pipe, net), net) for net in ("text_encoder", "unet")}
+    entry = register_loras(pipe, tmp_path / "kohya", slots, tmp_path / "packed", False, report=lambda *_: None)["test"]
+    kohya, diffusers_format = load_file(entry["file"]), load_file(str(repo / load_spec(repo).loras["test"]["file"]))
+    assert sorted(kohya) == sorted(diffusers_format) == ["text_encoder.down", "text_encoder.up", "unet.down", "unet.up"]
+    for key in kohya:
+        np.testing.assert_allclose(kohya[key], diffusers_format[key], rtol=1e-6, atol=1e-7)
+
+
 def test_a_model_without_loras_names_the_export_option(local_pipeline):
     with pytest.raises(InvalidRequest, match=r"none \(export the model with --loras DIR\)"):
         local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat <lora:test:1>", **SETTINGS))
@@ -266,3 +284,25 @@ def test_lora_variants_get_tensorrt_profiles_and_configs(repo):
     assert config.name == f"{spec.key}__unet_lora" and config.max_batch_size == spec.dims["unet_batch"].max
     assert [list(t.dims) for t in config.input][-2:] == [[-1, d_in], [-1, d_out]]
     assert config.dynamic_batching.max_queue_delay_microseconds == ServingOptions().unet_queue_delay_us
+
+
+def test_img2img_with_a_lora_matches_diffusers(default_model, files, local, client):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from reference import diffusers_img2img, sample_picture
+    from sdtrt.request import Img2ImgRequest
+
+    picture = sample_picture(64, 64)
+    settings = dict(sampler="Euler", steps=8, seed=9, guidance_scale=7.0, denoising_strength=0.6, width=64, height=64)
+    prompt = "a dog <lora:test:0.8>"
+    pipe = StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True, dtype=torch.float32)
+    pipe.load_lora_weights(str(files[0] / "test.safetensors"), adapter_name="test")
+    pipe.set_adapters(["test"], adapter_weights=[0.8])
+    expected = diffusers_img2img(pipe, Image.fromarray(picture), prompt="a dog", sampler="Euler", steps=8, cfg=7.0,
+                                 strength=0.6, seed=9)
+    mine = local.img2img(Img2ImgRequest(prompt=prompt, **settings), picture).images
+    assert max_diff(mine, expected) <= MAX_PIXEL_DIFF
+    served = client.img2img(prompt, picture, **settings).images
+    assert max_diff(served, expected) <= MAX_PIXEL_DIFF
