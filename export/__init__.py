@@ -23,7 +23,7 @@ from sdtrt.export.checkpoint import (
     Checkpoint, checkpoint_sha256, fuse_loras, load_checkpoint, override_vae, parse_lora,
 )
 from sdtrt.export.descriptors import (
-    BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, TEXT_BATCH, UNET_BATCH, descriptors, dim_ranges,
+    BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, TEXT_BATCH, UNET_BATCH, clip_skip_layers, descriptors, dim_ranges,
 )
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.errors import UsageError
@@ -31,6 +31,7 @@ from sdtrt.model_repository.build import write_model, write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.request import request_fields
 from sdtrt.samplers import schedule_table
+from sdtrt.extra_networks import EMBEDDING_VECTORS
 from sdtrt.spec import SPEC_FILENAME, Catalog, ComponentSpec, ExportLimits, ModelSpec, load_catalog, safe_name
 
 if TYPE_CHECKING:
@@ -185,6 +186,8 @@ def register_extra_networks(pipe, repo: Path, key: str, lora_dir, embedding_dir,
 
     assets = Path(tokenizer_dir(key)).parent
     registered: dict = {"loras": {}, "embeddings": {}}
+    if getattr(pipe, "text_encoder_2", None) is not None and (lora_dir is not None or embedding_dir is not None):
+        raise UsageError("--loras/--embeddings are not served for SDXL models yet: fuse a LoRA with --lora FILE:SCALE")
     slots = None
     if lora_dir is not None:
         slots = {net: lora_slots(getattr(pipe, net), net) for net in LORA_NETWORKS}
@@ -424,15 +427,19 @@ def build_spec(ckpt: Checkpoint, key: str, components, dims, factor, native, min
         scheduler_config=_jsonable(dict(pipe.scheduler.config)),
         tokenizer=tokenizer_dir(key),
         text_max_length=text_max_length,
-        text_hidden_size=int(pipe.text_encoder.config.hidden_size),
+        text_hidden_size=int(components["text_encoder"].input(EMBEDDING_VECTORS).shape[2]),
         dims=dims,
         components=components,
         request=request_fields(native, min_size, max_size, factor, max_batch,
-                               clip_layers=int(pipe.text_encoder.config.num_hidden_layers),
+                               clip_layers=clip_skip_layers(pipe),
                                max_prompt_chars=max_prompt_chars),
         max_pixel_steps=max_pixel_steps,
         schedules=schedule_table(),
-        extra={**({"loras": list(ckpt.loras)} if ckpt.loras else {}), **({"vae": ckpt.vae} if ckpt.vae else {})},
+        extra={**({"loras": list(ckpt.loras)} if ckpt.loras else {}), **({"vae": ckpt.vae} if ckpt.vae else {}),
+               # SDXL's VAE overflows in FP16 (its config's force_upcast; the fp16-fixed VAE says False): its
+               # TensorRT engines are built in FP32
+               **({"vae_fp32": True} if getattr(pipe, "text_encoder_2", None) is not None
+                  and pipe.vae.config.get("force_upcast") else {})},
     )
 
 

@@ -151,7 +151,14 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None, *, allo
                 "pipeline folder, a single-file .safetensors checkpoint, or build the default one with "
                 "`sdtrt init-default --out models/default`"
             )
-        pipe = _load(lambda sd, **kw: sd.from_pretrained(str(path), **kw), f"MODEL_DIR {str(path)!r}")
+        import json
+
+        kind = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        if kind == "StableDiffusionXLImg2ImgPipeline":
+            raise UsageError(f"MODEL_DIR {str(path)!r} is an SDXL refiner: sdtrt does not serve A1111's Refiner (a "
+                             "second model for the last steps); export the SDXL base model and run without it")
+        pipe = _load(lambda sd, **kw: sd.from_pretrained(str(path), **kw), f"MODEL_DIR {str(path)!r}",
+                     xl=kind.startswith("StableDiffusionXL"))
         if prediction_type:
             pipe.scheduler.register_to_config(prediction_type=prediction_type)
         sha, name = sha256 or folder_sha256(path), path.name
@@ -166,20 +173,24 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None, *, allo
         raise UsageError(
             f"MODEL_DIR {str(path)!r} is neither a diffusers folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file"
         )
-    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
-        module.eval()
+    for module in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet, pipe.vae):
+        if module is not None:
+            module.eval()
     return Checkpoint(pipe=pipe, name=name, source=str(path.resolve()), sha256=sha)
 
 
-def _load(open_pipeline, what: str):
-    """``open_pipeline(StableDiffusionPipeline, **offline_float32_kwargs)``, with diffusers' errors named."""
+def _load(open_pipeline, what: str, xl: bool = False):
+    """``open_pipeline(StableDiffusionPipeline, **offline_float32_kwargs)`` (``StableDiffusionXLPipeline`` with
+    ``xl``), with diffusers' errors named."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # the export shows its own progress
+    extra = {} if xl else {"safety_checker": None}
     try:
-        return open_pipeline(StableDiffusionPipeline, local_files_only=True, safety_checker=None, dtype=torch.float32)
+        return open_pipeline(StableDiffusionXLPipeline if xl else StableDiffusionPipeline, local_files_only=True,
+                             dtype=torch.float32, **extra)
     except UsageError:
         raise
     except Exception as exc:  # diffusers raises many kinds; the user needs to know which file failed, and why

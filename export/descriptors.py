@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from sdtrt.conditioning import POOLED_INPUT, POOLED_OUTPUT, TIME_IDS
 from sdtrt.extra_networks import EMBEDDING_MARK, EMBEDDING_VECTORS, LORA_DOWN, LORA_SUFFIX, LORA_UP
 from sdtrt.spec import (  # noqa: F401  (the dim names are re-exported for the exporter's users)
     BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, LORA_RANK, TEXT_BATCH, UNET_BATCH, DimRange, TensorSpec,
@@ -19,6 +20,7 @@ from sdtrt.spec import (  # noqa: F401  (the dim names are re-exported for the e
 
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6+ and onnxruntime 1.14+ parse it
+ADDED_CONDITIONS = (POOLED_INPUT, TIME_IDS)  # SDXL U-Net inputs beyond the context, in order
 
 
 @dataclass(frozen=True)
@@ -65,13 +67,24 @@ class TextEncoder(torch.nn.Module):
     n = 1 is the usual last hidden state. Every layer's output is computed anyway, so picking one per row
     in the graph costs nothing and lets one engine serve every Clip skip. Embeddings (textual inversion) come
     in as vectors at the positions marked in the ids, so one engine serves every embedding.
+
+    SDXL's encoders are read one layer lower (``skip_offset`` 1: the penultimate layer at Clip skip 1) without
+    the final norm; its OpenCLIP encoder sees id 0 after the first end-of-text (``pad_after_eos``: (eos, pad), as
+    A1111 pads it) and also gives its projected pooled output (``pooled``).
     """
 
-    def __init__(self, text_encoder: torch.nn.Module):
+    def __init__(self, text_encoder: torch.nn.Module, skip_offset: int = 0, final_norm: bool = True,
+                 pad_after_eos: tuple[int, int] | None = None, pooled: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
+        self.skip_offset, self.final_norm, self.pad_after_eos, self.pooled = skip_offset, final_norm, pad_after_eos, pooled
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor, vectors: torch.Tensor):
+        if self.pad_after_eos is not None:
+            eos, pad = self.pad_after_eos
+            ends = (input_ids == eos).to(torch.int32)
+            after = (torch.cumsum(ends, dim=1) - ends) > 0
+            input_ids = torch.where(after, torch.full_like(input_ids, pad), input_ids)
         table = self.text_encoder.get_input_embeddings()
         self.text_encoder.set_input_embeddings(_TokensOrVectors(table, vectors))
         try:
@@ -79,18 +92,40 @@ class TextEncoder(torch.nn.Module):
         finally:
             self.text_encoder.set_input_embeddings(table)
         layers = torch.stack(out.hidden_states[1:], dim=1)  # [N, L, T, H], layer outputs before the final norm
-        index = (layers.shape[1] - clip_skip.long()).reshape(-1, 1, 1, 1).expand(-1, 1, *layers.shape[2:])
-        picked = torch.gather(layers, 1, index).squeeze(1)
-        return final_layer_norm(self.text_encoder)(picked)
+        index = (layers.shape[1] - clip_skip.long() - self.skip_offset).reshape(-1, 1, 1, 1)
+        picked = torch.gather(layers, 1, index.expand(-1, 1, *layers.shape[2:])).squeeze(1)
+        if self.final_norm:
+            picked = final_layer_norm(self.text_encoder)(picked)
+        return (picked, out.text_embeds) if self.pooled else picked
+
+
+class DualTextEncoder(torch.nn.Module):
+    """SDXL's two text encoders as one network: the same ids (and Clip skip) through both, their penultimate
+    layers side by side as the U-Net's context, and the second one's pooled projection."""
+
+    def __init__(self, first: torch.nn.Module, second: torch.nn.Module, eos: int, pad: int):
+        super().__init__()
+        self.first = TextEncoder(first, skip_offset=1, final_norm=False)
+        self.second = TextEncoder(second, skip_offset=1, final_norm=False, pad_after_eos=(eos, pad), pooled=True)
+        self.width = int(first.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor, vectors: torch.Tensor):
+        a = self.first(input_ids, clip_skip, vectors[..., :self.width])
+        b, pooled = self.second(input_ids, clip_skip, vectors[..., self.width:])
+        return torch.cat([a, b], dim=-1), pooled
 
 
 class UNet(torch.nn.Module):
+    """The U-Net; SDXL's also takes its added conditions (pooled text embedding, size/crop time ids)."""
+
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *added: torch.Tensor) -> torch.Tensor:
+        extra = {"added_cond_kwargs": dict(zip(ADDED_CONDITIONS, added))} if added else {}
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **extra)[0]
 
 
 class VaeEncoder(torch.nn.Module):
@@ -138,31 +173,55 @@ def dim_ranges(
     }
 
 
+def clip_skip_layers(pipe) -> int:
+    """The largest Clip skip: the text encoder's layers (SDXL: the shallower encoder's, less the penultimate
+    layer it starts from)."""
+    second = getattr(pipe, "text_encoder_2", None)
+    if second is None:
+        return int(pipe.text_encoder.config.num_hidden_layers)
+    return min(int(pipe.text_encoder.config.num_hidden_layers), int(second.config.num_hidden_layers)) - 1
+
+
 def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> list[Descriptor]:
-    """The networks of a StableDiffusionPipeline, in pipeline order; with ``lora_slots`` (network -> its slots,
-    ``sdtrt.export.lora``), also the LoRA variants of those networks."""
+    """The networks of a Stable Diffusion pipeline (SD 1.x/2.x, or SDXL with its second text encoder and the U-Net's
+    added conditions), in pipeline order; with ``lora_slots`` (network -> its slots, ``sdtrt.export.lora``), also the
+    LoRA variants of those networks."""
     latent_channels = pipe.vae.config.latent_channels
     unet_channels = pipe.unet.config.in_channels  # 9 for inpainting U-Nets: latents + mask + masked-image latents
-    hidden = pipe.text_encoder.config.hidden_size
+    second = getattr(pipe, "text_encoder_2", None)
+    encoders = [pipe.text_encoder] + ([second] if second is not None else [])
+    hidden = sum(int(e.config.hidden_size) for e in encoders)  # the context width: SDXL's two side by side
     cross = pipe.unet.config.cross_attention_dim
     vocab = pipe.text_encoder.config.vocab_size
     out_channels = pipe.vae.config.out_channels
+    layers = clip_skip_layers(pipe)
+    added = pipe.unet.config.get("addition_embed_type") == "text_time"
+    pooled = int(second.config.projection_dim) if second is not None else 0
 
-    layers = pipe.text_encoder.config.num_hidden_layers
+    if second is not None:
+        tokenizer = pipe.tokenizer_2
+        text_module = DualTextEncoder(pipe.text_encoder, second, int(tokenizer.eos_token_id),
+                                      int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
+    else:
+        text_module = TextEncoder(pipe.text_encoder)
 
     def text_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n = d[TEXT_BATCH]
-        ids = torch.randint(0, vocab, (n, text_max_length), dtype=torch.int32)
+        ids = torch.randint(0, vocab - 1, (n, text_max_length), dtype=torch.int32)
         ids[:, 3:5] = EMBEDDING_MARK  # two positions take their vector from the request
+        ids[:, 9] = vocab - 1  # the end of text: SDXL's second encoder pads after it
         return (ids, torch.randint(1, layers + 1, (n,), dtype=torch.int32), torch.randn(n, text_max_length, hidden))
 
     def unet_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n = d[UNET_BATCH]
-        return (
+        plain = (
             torch.randn(n, unet_channels, d[LATENT_H], d[LATENT_W]),
             torch.rand(n) * 999.0,
             torch.randn(n, d[CONTEXT], cross),
         )
+        if not added:
+            return plain
+        return (*plain, torch.randn(n, pooled), torch.randint(0, 1024, (n, 6)).float())
 
     def vae_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         return (torch.randn(d[BATCH], latent_channels, d[LATENT_H], d[LATENT_W]),)
@@ -171,14 +230,19 @@ def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> l
         f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         return (torch.rand(d[BATCH], pipe.vae.config.in_channels, d[LATENT_H] * f, d[LATENT_W] * f) * 2 - 1,)
 
+    text_outputs = (TensorSpec("text_embeddings", "float32", (TEXT_BATCH, text_max_length, hidden)),)
+    if second is not None:
+        text_outputs += (TensorSpec(POOLED_OUTPUT, "float32", (TEXT_BATCH, pooled)),)
+    unet_added = (TensorSpec(POOLED_INPUT, "float32", (UNET_BATCH, pooled)),
+                  TensorSpec(TIME_IDS, "float32", (UNET_BATCH, 6))) if added else ()
     plain = [
         Descriptor(
             name="text_encoder",
-            module=TextEncoder(pipe.text_encoder),
+            module=text_module,
             inputs=(TensorSpec("input_ids", "int32", (TEXT_BATCH, text_max_length)),
                     TensorSpec("clip_skip", "int32", (TEXT_BATCH,)),
                     TensorSpec(EMBEDDING_VECTORS, "float32", (TEXT_BATCH, text_max_length, hidden))),
-            outputs=(TensorSpec("text_embeddings", "float32", (TEXT_BATCH, text_max_length, hidden)),),
+            outputs=text_outputs,
             make_inputs=text_inputs,
             trace_dims={TEXT_BATCH: 3},
         ),
@@ -189,6 +253,7 @@ def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> l
                 TensorSpec("sample", "float32", (UNET_BATCH, unet_channels, LATENT_H, LATENT_W)),
                 TensorSpec("timestep", "float32", (UNET_BATCH,)),
                 TensorSpec("encoder_hidden_states", "float32", (UNET_BATCH, CONTEXT, cross)),
+                *unet_added,
             ),
             outputs=(TensorSpec("noise_pred", "float32", (UNET_BATCH, latent_channels, LATENT_H, LATENT_W)),),
             make_inputs=unet_inputs,

@@ -15,6 +15,7 @@ from typing import Any
 
 UNET, VAE, CLIP, OPEN_CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", \
     "cond_stage_model.model."
+SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -47,6 +48,8 @@ def unet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
     _move(out, state, "conv_in", "input_blocks.0.0")
     _move(out, state, "time_embedding.linear_1", "time_embed.0")
     _move(out, state, "time_embedding.linear_2", "time_embed.2")
+    _move(out, state, "add_embedding.linear_1", "label_emb.0.0")  # SDXL's added conditions
+    _move(out, state, "add_embedding.linear_2", "label_emb.0.2")
     block = 1
     for i in range(levels):
         for j in range(layers):
@@ -101,22 +104,29 @@ def vae_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     return {VAE + key: value for key, value in out.items()}
 
 
-def clip_to_ldm(state: dict[str, Any]) -> dict[str, Any]:
-    """SD 1.x: Hugging Face CLIP names under ``cond_stage_model.transformer.text_model.``."""
-    return {CLIP + "text_model." + key.removeprefix("text_model."): value for key, value in state.items()}
+def clip_to_ldm(state: dict[str, Any], prefix: str = CLIP) -> dict[str, Any]:
+    """SD 1.x: Hugging Face CLIP names under ``cond_stage_model.transformer.text_model.`` (SDXL's first encoder:
+    under ``conditioner.embedders.0.transformer.text_model.``)."""
+    return {prefix + "text_model." + key.removeprefix("text_model."): value for key, value in state.items()
+            if not key.startswith("text_projection")}
 
 
-def open_clip_to_ldm(state: dict[str, Any], layers: int) -> dict[str, Any]:
+def open_clip_to_ldm(state: dict[str, Any], layers: int, prefix: str = OPEN_CLIP, extra_layer: bool = True
+                     ) -> dict[str, Any]:
     """SD 2.x: OpenCLIP's text tower. Hugging Face's q/k/v projections are fused into in_proj. The tower has one
     layer more than the text model SD 2.x reads (the penultimate layer's output): a real file's last layer is
-    never used, and here it is a copy of the one before."""
+    never used, and here it is a copy of the one before. SDXL's second encoder (``extra_layer`` False) is the
+    whole tower, with its text projection (OpenCLIP multiplies by it: Hugging Face's weight, transposed)."""
     import torch
 
+    projection = state.get("text_projection.weight")
     state = {key.removeprefix("text_model."): value for key, value in state.items()}
     out = {"token_embedding.weight": state["embeddings.token_embedding.weight"],
            "positional_embedding": state["embeddings.position_embedding.weight"],
            "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"]}
-    for i in range(layers + 1):
+    if projection is not None:
+        out["text_projection"] = projection.t()
+    for i in range(layers + (1 if extra_layer else 0)):
         hf, oc = f"encoder.layers.{min(i, layers - 1)}.", f"transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             out[oc + f"attn.in_proj_{kind}"] = torch.cat([state[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
@@ -125,22 +135,28 @@ def open_clip_to_ldm(state: dict[str, Any], layers: int) -> dict[str, Any]:
             out[oc + f"ln_2.{kind}"] = state[hf + f"layer_norm2.{kind}"]
             out[oc + f"mlp.c_fc.{kind}"] = state[hf + f"mlp.fc1.{kind}"]
             out[oc + f"mlp.c_proj.{kind}"] = state[hf + f"mlp.fc2.{kind}"]
-    return {OPEN_CLIP + key: value for key, value in out.items()}
+    return {prefix + key: value for key, value in out.items()}
 
 
 def to_single_file(model_dir: str | Path, out: str | Path, dtype: str = "float32", open_clip: bool = False) -> Path:
     """Write a diffusers Stable Diffusion folder as one original-layout ``.safetensors`` (``dtype``: float32 or
     float16); ``open_clip`` writes the text encoder in SD 2.x's OpenCLIP layout."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from safetensors.torch import save_file
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True, safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True)
     text = pipe.text_encoder.state_dict()
+    second = getattr(pipe, "text_encoder_2", None)
+    if second is not None:  # SDXL: both encoders under the conditioner's embedders
+        texts = {**clip_to_ldm(text, SDXL_CLIP),
+                 **open_clip_to_ldm(second.state_dict(), second.config.num_hidden_layers, SDXL_OPEN_CLIP, False)}
+    else:
+        texts = open_clip_to_ldm(text, pipe.text_encoder.config.num_hidden_layers) if open_clip else clip_to_ldm(text)
     state = {
         **unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)),
         **vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)),
-        **(open_clip_to_ldm(text, pipe.text_encoder.config.num_hidden_layers) if open_clip else clip_to_ldm(text)),
+        **texts,
     }
     cast = getattr(torch, dtype)
     state = {key: value.detach().to(cast).clone().contiguous() for key, value in state.items()}  # none shared

@@ -66,14 +66,18 @@ def verify_onnx(desc: Descriptor, path: Path, dims_list: list[dict[str, int]]) -
         torch.manual_seed(0)
         inputs = desc.make_inputs(dims)
         with torch.no_grad():
-            expected = desc.module(*inputs).numpy()
+            expected = desc.module(*inputs)
+        expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
         feed = {t.name: x.numpy() for t, x in zip(desc.inputs, inputs)}
-        actual = session.run([desc.outputs[0].name], feed)[0]
-        if actual.shape != expected.shape:
-            raise SdtrtError(f"{desc.name}: onnxruntime gave shape {actual.shape}, torch {expected.shape} at {dims}")
-        err = float(np.abs(actual - expected).max())
-        scale = max(1.0, float(np.abs(expected).max()))
-        if not err <= TOLERANCE * scale:
-            raise SdtrtError(f"{desc.name}: onnxruntime differs from torch by {err:.3g} at {dims} (allowed {TOLERANCE * scale:.3g})")
-        worst = max(worst, err)
+        actual = session.run([t.name for t in desc.outputs], feed)
+        for spec, got, want in zip(desc.outputs, actual, expected):
+            if got.shape != want.shape:
+                raise SdtrtError(f"{desc.name}: onnxruntime gave {spec.name} shape {got.shape}, torch {want.shape} "
+                                 f"at {dims}")
+            err = float(np.abs(got - want).max())
+            scale = max(1.0, float(np.abs(want).max()))
+            if not err <= TOLERANCE * scale:
+                raise SdtrtError(f"{desc.name}: onnxruntime's {spec.name} differs from torch by {err:.3g} at {dims} "
+                                 f"(allowed {TOLERANCE * scale:.3g})")
+            worst = max(worst, err)
     return worst

@@ -1,7 +1,7 @@
 """Single-file checkpoints (civitai / A1111 ``.safetensors``, ``.ckpt``) without a config folder, offline.
 
-The architecture is read from the weights: which text encoder the file carries (SD 1.x's CLIP, SD 2.x's OpenCLIP;
-SDXL's two are refused), the U-Net's levels, channels, attention and input channels (9 for inpainting), the VAE's
+The architecture is read from the weights: which text encoders the file carries (SD 1.x's CLIP, SD 2.x's OpenCLIP,
+SDXL's two; an SDXL refiner's lone OpenCLIP is refused), the U-Net's levels, channels, attention and input channels (9 for inpainting), the VAE's
 levels and channels, the text encoder's size. What the weights cannot say comes from the family's conventions
 (``sdtrt.architectures``): attention heads, the scheduler, the tokenizer, the native size. From that sdtrt writes a
 diffusers config folder and lets diffusers' own single-file loader convert the weights with it.
@@ -22,7 +22,9 @@ from sdtrt.errors import UsageError
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_TEXT = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
 OPEN_CLIP = "cond_stage_model.model."
-SDXL_MARKERS = ("conditioner.embedders.",)
+SDXL_CLIP = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."
+REFINER_OPEN_CLIP = "conditioner.embedders.0.model."
 
 
 @dataclass
@@ -86,40 +88,47 @@ class Architecture:
 def detect(weights: Weights, prediction_type: str | None = None) -> Architecture:
     """The architecture of a checkpoint, with a clear error for what sdtrt does not serve."""
     name = weights.path.name
-    if any(key.startswith(SDXL_MARKERS) for key in weights.shapes):
-        raise UsageError(f"{name} is an SDXL checkpoint (two text encoders): sdtrt serves SD 1.x and 2.x for now")
+    if weights.has(REFINER_OPEN_CLIP + "token_embedding.weight"):
+        raise UsageError(f"{name} is an SDXL refiner: sdtrt does not serve A1111's Refiner (a second model for the "
+                         "last steps); export the SDXL base model and run without it")
     if not weights.has(UNET + "input_blocks.0.0.weight"):
         raise UsageError(f"{name} is not a Stable Diffusion checkpoint: it has no U-Net ({UNET}*); "
                          f"its first keys are {sorted(weights.shapes)[:3]}")
     if not weights.has(VAE + "encoder.conv_in.weight"):
         raise UsageError(f"{name} has no VAE ({VAE}*): sdtrt exports whole checkpoints; pass a full one")
     text_prefix = next((p for p in CLIP_TEXT if weights.has(p + "embeddings.token_embedding.weight")), None)
-    if text_prefix is not None:
+    extra: dict[str, dict[str, Any]] = {}
+    if weights.has(SDXL_CLIP + "embeddings.token_embedding.weight"):
+        family, text = arch.SDXL, _clip_config(weights, SDXL_CLIP)
+        extra["text_encoder_2"] = _open_clip_config(weights, SDXL_OPEN_CLIP, arch.SDXL)
+    elif text_prefix is not None:
         family, text = arch.SD1, _clip_config(weights, text_prefix)
     elif weights.has(OPEN_CLIP + "token_embedding.weight"):
-        family, text = arch.SD2, _open_clip_config(weights)
+        family, text = arch.SD2, _open_clip_config(weights, OPEN_CLIP, arch.SD2)
     else:
         raise UsageError(f"{name}: no text encoder this sdtrt knows (SD 1.x CLIP or SD 2.x OpenCLIP)")
-    unet = _unet_config(weights, family)
+    unet = _unet_config(weights, family, extra.get("text_encoder_2", {}).get("projection_dim"))
     vae = _vae_config(weights, family)
     prediction = prediction_type or family.prediction_type
     unet.update(family.unet_for(prediction))
     return Architecture(family, unet["in_channels"] == 2 * vae["latent_channels"] + 1, prediction,
-                        {"unet": unet, "vae": vae, "text_encoder": text,
+                        {"unet": unet, "vae": vae, "text_encoder": text, **extra,
                          "scheduler": {**family.scheduler, "prediction_type": prediction}})
 
 
-def _unet_config(w: Weights, family: arch.Family) -> dict[str, Any]:
+def _unet_config(w: Weights, family: arch.Family, pooled: int | None = None) -> dict[str, Any]:
     channels, in_channels = w.shape(UNET + "input_blocks.0.0.weight")[:2]
-    levels: list[dict[str, Any]] = [{"resnets": 0, "channels": channels, "attention": False}]
+    levels: list[dict[str, Any]] = [{"resnets": 0, "channels": channels, "attention": False, "depth": 1}]
     for i in range(1, w.count(re.escape(UNET) + r"input_blocks\.(\d+)\.") + 1):
         block = f"{UNET}input_blocks.{i}."
         if w.has(block + "0.op.weight"):
-            levels.append({"resnets": 0, "channels": channels, "attention": False})
+            levels.append({"resnets": 0, "channels": channels, "attention": False, "depth": 1})
         elif w.has(block + "0.out_layers.3.weight"):
             levels[-1]["resnets"] += 1
             levels[-1]["channels"] = w.shape(block + "0.out_layers.3.weight")[0]
             levels[-1]["attention"] |= w.has(block + "1.proj_in.weight")
+            depth = w.count(re.escape(block) + r"1\.transformer_blocks\.(\d+)\.")
+            levels[-1]["depth"] = max(depth, 1)
     per_level = {level["resnets"] for level in levels}
     if len(per_level) != 1:
         raise UsageError(f"{w.path.name}: U-Net levels with {sorted(per_level)} blocks each; not an SD 1.x/2.x U-Net")
@@ -139,6 +148,21 @@ def _unet_config(w: Weights, family: arch.Family) -> dict[str, Any]:
         "cross_attention_dim": attn_k[1] if attn_k else 768,
         "use_linear_projection": proj_in is not None and len(proj_in) == 2,
         "attention_head_dim": family.unet_heads(block_out),
+        **_added_conditions(w, levels, pooled),
+    }
+
+
+def _added_conditions(w: Weights, levels: list[dict[str, Any]], pooled: int | None) -> dict[str, Any]:
+    """SDXL's U-Net: transformer depth per level, and the embedding of its added conditions (the pooled text
+    embedding and 6 time ids, each embedded ``addition_time_embed_dim`` wide) read from ``label_emb``'s width."""
+    if pooled is None:
+        return {}
+    added = w.shape(UNET + "label_emb.0.0.weight")[1]
+    return {
+        "transformer_layers_per_block": [level["depth"] for level in levels],
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": (added - pooled) // 6,
+        "projection_class_embeddings_input_dim": added,
     }
 
 
@@ -168,14 +192,18 @@ def _clip_config(w: Weights, prefix: str) -> dict[str, Any]:
     )
 
 
-def _open_clip_config(w: Weights) -> dict[str, Any]:
-    vocab, hidden = w.shape(OPEN_CLIP + "token_embedding.weight")
-    return arch.SD2.text_config(
-        vocab_size=vocab, hidden_size=hidden, max_position_embeddings=w.shape(OPEN_CLIP + "positional_embedding")[0],
-        # SD 2.x reads the penultimate layer: the text model stops one layer short of the tower (as diffusers')
-        num_hidden_layers=w.count(re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.") - 1,
-        intermediate_size=w.shape(OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight")[0],
-    )
+def _open_clip_config(w: Weights, prefix: str, family: arch.Family) -> dict[str, Any]:
+    vocab, hidden = w.shape(prefix + "token_embedding.weight")
+    blocks = w.count(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+    sizes = dict(vocab_size=vocab, hidden_size=hidden, max_position_embeddings=w.shape(prefix + "positional_embedding")[0],
+                 intermediate_size=w.shape(prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0])
+    if family is arch.SDXL:  # the whole tower, and its projection (the pooled output)
+        config = {**family.text_2, **sizes, "num_hidden_layers": blocks,
+                  "num_attention_heads": max(1, hidden // arch.HEAD_SIZE),
+                  "projection_dim": w.shape(prefix + "text_projection")[1]}
+        return config
+    # SD 2.x reads the penultimate layer: the text model stops one layer short of the tower (as diffusers')
+    return family.text_config(**sizes, num_hidden_layers=blocks - 1)
 
 
 def write_config_folder(architecture: Architecture, out: Path, clip_bpe: Path | None = None) -> Path:
@@ -192,6 +220,11 @@ def write_config_folder(architecture: Architecture, out: Path, clip_bpe: Path | 
     }
     index = {"_class_name": "StableDiffusionPipeline", "tokenizer": ["transformers", "CLIPTokenizer"],
              "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    if "text_encoder_2" in architecture.configs:
+        components["text_encoder_2"] = ("transformers", "CLIPTextModelWithProjection", "config.json")
+        index = {"_class_name": "StableDiffusionXLPipeline", "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True}
+        write_clip_tokenizer(out / "tokenizer_2", clip_bpe, pad_token="!")
     for name, (library, cls, filename) in components.items():
         index[name] = [library, cls]
         (out / name).mkdir(exist_ok=True)
@@ -224,7 +257,9 @@ def load_single_file(path: Path, config: Path | None, *, allow_pickle: bool, pre
 
     what = repr(str(path))
     if config is not None:
-        pipe = load(lambda sd, **kw: sd.from_single_file(str(path), config=str(config), **kw), what)
+        kind = json.loads((Path(config) / "model_index.json").read_text()).get("_class_name", "")
+        pipe = load(lambda sd, **kw: sd.from_single_file(str(path), config=str(config), **kw), what,
+                    xl=kind.startswith("StableDiffusionXL"))
         if prediction_type:
             pipe.scheduler.register_to_config(prediction_type=prediction_type)
         report(f"{path.name}: configured by {config}")
@@ -233,7 +268,8 @@ def load_single_file(path: Path, config: Path | None, *, allow_pickle: bool, pre
     architecture = detect(weights, prediction_type)
     with tempfile.TemporaryDirectory(prefix="sdtrt-config-") as tmp:
         folder = write_config_folder(architecture, Path(tmp) / "config")
-        pipe = load(lambda sd, **kw: sd.from_single_file(str(path), config=str(folder), **kw), what)
+        xl = architecture.family is arch.SDXL
+        pipe = load(lambda sd, **kw: sd.from_single_file(str(path), config=str(folder), **kw), what, xl=xl)
         if architecture.family is arch.SD2 and prediction_type is None and uses_v_prediction(pipe.unet):
             architecture = detect(weights, "v_prediction")
             folder = write_config_folder(architecture, Path(tmp) / "config-v")

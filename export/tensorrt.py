@@ -152,7 +152,7 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
     for name in tqdm(list(spec.components), desc="TensorRT", unit="engine", disable=not progress):
         component = spec.component(name)
         shapes = profile_shapes(spec, component, options)
-        fp16 = network_of(name) not in options.fp32
+        fp16 = network_of(name) not in options.fp32 and not (name.startswith("vae") and spec.extra.get("vae_fp32"))
         filename = engine_filename(name, gpu, trt.__version__, shapes, fp16, options.refittable,
                                    options.optimization_level)
         path = root / spec.triton_name(name) / "1" / filename

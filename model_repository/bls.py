@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from sdtrt.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
 from sdtrt.images import to_uint8
 from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
-from sdtrt.prompts import contexts
+from sdtrt.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.request import Txt2ImgRequest
 from sdtrt.errors import InvalidRequest
 from sdtrt.spec import MODEL, ComponentSpec, ModelSpec
@@ -74,25 +74,26 @@ class BlsNetworks:
         return {name: from_triton(pb_utils.get_output_tensor_by_name(response, name)).to(memory, copy=True)
                 for name in outputs}
 
-    def _network(self, name: str, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> torch.Tensor:
+    def _network(self, name: str, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> dict[str, torch.Tensor]:
         """A network the request's LoRAs change runs as its LoRA variant, with their matrices as two more inputs."""
         lora = self.loras.inputs(name, len(inputs[0]), self.device)
         if lora is None:
             return self._call(self.spec.component(name), inputs, output_device)
         return self._call(self.spec.component(name + LORA_SUFFIX), (*inputs, *lora), output_device)
 
-    def _call(self, component: ComponentSpec, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> torch.Tensor:
+    def _call(self, component: ComponentSpec, inputs: tuple[torch.Tensor, ...],
+              output_device: torch.device) -> dict[str, torch.Tensor]:
         tensors = []
         for spec, value in zip(component.inputs, inputs):
             value = value.to(device=self.device, dtype=getattr(torch, spec.dtype))
             if len(spec.shape) == 1:  # per-row scalars travel as [N, 1] (Triton needs a non-batch dim)
                 value = value.reshape(-1, 1)
             tensors.append(to_triton(spec.name, value))
-        output = component.outputs[0].name
-        return self._exec(self.spec.triton_name(component.name), tensors, [output], output_device)[output]
+        outputs = [t.name for t in component.outputs]
+        return self._exec(self.spec.triton_name(component.name), tensors, outputs, output_device)
 
-    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uncond, cond) U-Net contexts: the tokenizer model (A1111 chunks and weights), then the text encoder."""
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
+        """(uncond, cond) conditioning: the tokenizer model (A1111 chunks and weights), then the text encoder."""
         cpu = torch.device("cpu")
         fields = []
         for name in TOKENIZER_FIELDS:
@@ -101,15 +102,16 @@ class BlsNetworks:
             fields.append(pb_utils.Tensor(name, array))  # strings have no DLPack form
         tokens = self._exec(self.spec.triton_name(TOKENIZER), fields,
                             [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS, EMBEDDING_VECTORS], cpu)
-        embeddings = self._network("text_encoder", (tokens[TOKEN_IDS], tokens[CLIP_SKIP_ROWS],
-                                                    tokens[EMBEDDING_VECTORS]), cpu)
-        return contexts(embeddings.numpy(), tokens[TOKEN_WEIGHTS].numpy())
+        outputs = self._network("text_encoder", (tokens[TOKEN_IDS], tokens[CLIP_SKIP_ROWS],
+                                                 tokens[EMBEDDING_VECTORS]), cpu)
+        return prompt_conditioning({k: v.numpy() for k, v in outputs.items()}, tokens[TOKEN_WEIGHTS].numpy())
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self._network("unet", (sample, timestep, context), self.device)
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
+        return self._network("unet", (sample, timestep, *unet_inputs(self.spec, context)), self.device)["noise_pred"]
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._call(self.spec.component("vae_encoder"), (images,), self.device)
+        return self._call(self.spec.component("vae_encoder"), (images,), self.device)["latent_parameters"]
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
-        return to_uint8(self._call(self.spec.component("vae_decoder"), (latents,), torch.device("cpu")).numpy())
+        images = self._call(self.spec.component("vae_decoder"), (latents,), torch.device("cpu"))["images"]
+        return to_uint8(images.numpy())

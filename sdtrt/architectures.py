@@ -6,6 +6,9 @@ checkpoint's weights cannot say about itself. A single file's sizes are read fro
   transformer, 512 px native, epsilon prediction, PNDM scaled-linear betas as shipped with v1-5.
 * SD 2.x: OpenCLIP ViT-H (head size 64, GELU, read at the penultimate layer), U-Net heads of size 64, linear
   projections; 512 px epsilon (2.x base) or 768 px v-prediction (2.x 768-v, A1111's v2-inference-v).
+* SDXL: CLIP ViT-L and OpenCLIP bigG (with its projection, whose pooled output conditions the U-Net), both read
+  at the penultimate layer; U-Net heads of size 64, linear projections, the size/crop time ids embedded 256 wide;
+  1024 px native, epsilon, EulerDiscrete with "leading" spacing as SDXL base ships; a VAE scaled by 0.13025.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Family:
     scheduler_class: str = "PNDMScheduler"
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER))
     vae_scaling_factor: float = 0.18215
+    text_2: dict[str, Any] | None = None  # the second text encoder's settings (SDXL)
 
     def text_config(self, **sizes: int) -> dict[str, Any]:
         hidden = sizes["hidden_size"]
@@ -54,4 +58,11 @@ SD1 = Family("SD 1.x", "epsilon", 64, {**_CLIP_IDS, "hidden_act": "quick_gelu", 
 SD2 = Family("SD 2.x", "epsilon", 64, {**_CLIP_IDS, "hidden_act": "gelu", "pad_token_id": 0},
              pad_token="!", unet_fixed_heads=None,
              v_prediction_unet={"sample_size": 96, "upcast_attention": True})
-FAMILIES = (SD1, SD2)
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, prediction_type="epsilon", timestep_spacing="leading",
+                      interpolation_type="linear", use_karras_sigmas=False)
+SDXL = Family("SDXL", "epsilon", 128, {**_CLIP_IDS, "hidden_act": "quick_gelu", "pad_token_id": 49407},
+              pad_token="<|endoftext|>", unet_fixed_heads=None, scheduler_class="EulerDiscreteScheduler",
+              scheduler=dict(SDXL_SCHEDULER), vae_scaling_factor=0.13025,
+              text_2={**_CLIP_IDS, "hidden_act": "gelu", "pad_token_id": 0})
+FAMILIES = (SD1, SD2, SDXL)

@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from sdtrt.architectures import SCHEDULER
+from sdtrt.architectures import SCHEDULER, SDXL_SCHEDULER
 from sdtrt.clip_vocab import write_clip_tokenizer
 
 SEED = 20241125
@@ -81,20 +81,43 @@ SD2_TINY = {
     "unet": dict(cross_attention_dim=64, use_linear_projection=True, attention_head_dim=[1, 1]),
     "vae": {},
 }
-FAMILIES = ("sd1", "sd2")
+# The tiny model in SDXL's architecture: two text encoders (CLIP-style, read at the penultimate layer, and an
+# OpenCLIP-style one with a projection whose pooled output conditions the U-Net), a U-Net with SDXL's added
+# conditions (pooled text + size/crop time ids), 1024 px native, EulerDiscrete as SDXL base ships.
+SDXL_TINY = {
+    "text_2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=3,
+                   projection_dim=32, hidden_act="gelu", pad_token_id=0),
+    "unet": dict(sample_size=128, cross_attention_dim=32 + 64, use_linear_projection=True, attention_head_dim=[1, 1],
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=32 + 6 * 8),
+    "vae": dict(scaling_factor=0.13025, force_upcast=True),
+}
+# SDXL base's U-Net at its real shapes (2.6 B parameters), for counting, not for running here.
+SDXL_UNET_SHAPES = dict(
+    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def model_configs(size: str = "tiny", inpainting: bool = False, family: str = "sd1") -> dict[str, dict]:
     """The text/unet/vae constructor arguments of the default model, tiny or at SD 1.5's shapes, SD 1.x or
     (tiny only) SD 2.x."""
-    if size not in SIZES or family not in FAMILIES or (family == "sd2" and size != "tiny"):
-        raise ValueError(f"size must be one of {SIZES} and family one of {FAMILIES} (sd2: tiny only)")
-    scaled = SD15_SHAPES if size == "sd15" else SD2_TINY if family == "sd2" else {"text": {}, "unet": {}, "vae": {}}
-    return {
-        "text": {**TEXT_CONFIG, **scaled["text"]},
-        "unet": {**UNET_CONFIG, **scaled["unet"], **({"in_channels": 9} if inpainting else {})},
-        "vae": {**VAE_CONFIG, **scaled["vae"]},
+    if size not in SIZES or family not in FAMILIES or (family != "sd1" and size != "tiny"):
+        raise ValueError(f"size must be one of {SIZES} and family one of {FAMILIES} (sd2, sdxl: tiny only)")
+    scaled = {"sd15": SD15_SHAPES}.get(size) or {"sd2": SD2_TINY, "sdxl": SDXL_TINY}.get(family) or {}
+    configs = {
+        "text": {**TEXT_CONFIG, **scaled.get("text", {})},
+        "unet": {**UNET_CONFIG, **scaled.get("unet", {}), **({"in_channels": 9} if inpainting else {})},
+        "vae": {**VAE_CONFIG, **scaled.get("vae", {})},
     }
+    if "text_2" in scaled:
+        configs["text_2"] = {**TEXT_CONFIG, **scaled["text_2"]}
+    return configs
 
 
 def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None, inpainting: bool = False,
@@ -103,7 +126,7 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
 
     ``inpainting`` gives its U-Net the 9 input channels of SD inpainting checkpoints (latents, mask,
     masked-image latents), for testing that path; ``size="sd15"`` scales it to SD 1.5's real shapes;
-    ``family="sd2"`` builds it in SD 2.x's architecture, v-prediction.
+    ``family="sd2"`` builds it in SD 2.x's architecture, v-prediction; ``family="sdxl"`` in SDXL base's.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -126,6 +149,8 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
     torch.manual_seed(SEED + 2)
     vae = AutoencoderKL(**configs["vae"]).eval()
 
+    if family == "sdxl":
+        return _save_sdxl(out, configs, tokenizer, text_encoder, unet, vae, clip_bpe)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -136,6 +161,24 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def _save_sdxl(out: Path, configs: dict, tokenizer, text_encoder, unet, vae, clip_bpe) -> Path:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    write_clip_tokenizer(out / "tokenizer_2", clip_bpe, pad_token="!")
+    torch.manual_seed(SEED + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_2"])).eval()
+    _trained_like_layer_norms(text_encoder_2)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(out / "tokenizer_2")), unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), force_zeros_for_empty_prompt=True,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
     return out

@@ -14,8 +14,9 @@ from sdtrt.samplers import step_kwargs
 
 
 class UNet(Protocol):
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """sample [N,C,h,w], timestep [N] float32, context [N,T,H] -> noise prediction [N,C,h,w]."""
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sample [N,C,h,w], timestep [N] float32, the conditioning inputs by name (``sdtrt.conditioning``: the
+        text context [N,T,H], SDXL's added conditions) -> noise prediction [N,C,h,w]."""
 
 
 def prepare_latents(scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Tensor:
@@ -34,18 +35,11 @@ def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torc
     return scheduler.timesteps[start:]
 
 
-def guidance_context(uncond: torch.Tensor, cond: torch.Tensor, images: int, guidance_scale: float) -> torch.Tensor:
-    """U-Net context for ``images`` images of one prompt: [uncond x N, cond x N] with guidance, [cond x N] without."""
-    if guidance_scale > 1.0:
-        return torch.cat([uncond] * images + [cond] * images)
-    return torch.cat([cond] * images)
-
-
 def denoise(
     scheduler: Any,
     unet: UNet,
     latents: torch.Tensor,
-    context: torch.Tensor,
+    context: dict[str, torch.Tensor],
     guidance_scale: float,
     generators: list[torch.Generator],
     on_step: Callable[[int, int], None] | None = None,
@@ -53,7 +47,8 @@ def denoise(
     unet_extra: torch.Tensor | None = None,
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run the scheduler's steps (all of them, or ``timesteps``). With guidance, ``context`` is cat([uncond, cond]).
+    """Run the scheduler's steps (all of them, or ``timesteps``). With guidance, ``context``'s rows are
+    [uncond x N, cond x N] (``sdtrt.conditioning.unet_conditioning``).
 
     ``unet_extra`` (inpainting U-Nets: mask and masked-image latents, one row per image) is appended to the
     U-Net input's channels; ``after_step(i, latents)`` may replace the latents after step i (masked blending).

@@ -16,7 +16,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from sdtrt.denoise import UNet, denoise, guidance_context, prepare_latents, strength_timesteps
+from sdtrt.conditioning import Conditioning, unet_conditioning
+from sdtrt.denoise import UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.errors import InvalidRequest
 from sdtrt.hires import HIRES_UPSCALERS, target_size, upscale_image, upscale_latents
 from sdtrt.img2img import ImageInputs
@@ -62,8 +63,8 @@ def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]):
 def txt2img_latents(
     spec: ModelSpec,
     request: Txt2ImgRequest,
-    uncond: torch.Tensor,
-    cond: torch.Tensor,
+    uncond: Conditioning,
+    cond: Conditioning,
     nets: Networks,
     on_step: OnStep | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
@@ -75,10 +76,11 @@ def txt2img_latents(
     generators, scheduler = _pass(spec, request, seeds)
     noise = _noise(spec, request, generators, request.width, request.height, nets.device)
     latents = prepare_latents(scheduler, noise, request.steps)
-    context = guidance_context(uncond, cond, request.batch_size, request.guidance_scale).to(nets.device)
+    context = unet_conditioning(spec, uncond, cond, request.batch_size, request.guidance_scale, request.width,
+                                request.height, nets.device)
     latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step)
     if request.enable_hr:
-        latents = hires_pass(spec, request, latents, context, nets, seeds, on_step)
+        latents = hires_pass(spec, request, latents, uncond, cond, nets, seeds, on_step)
     return latents / spec.vae_scaling_factor, seeds
 
 
@@ -86,13 +88,15 @@ def hires_pass(
     spec: ModelSpec,
     request: Txt2ImgRequest,
     latents: torch.Tensor,
-    context: torch.Tensor,
+    uncond: Conditioning,
+    cond: Conditioning,
     nets: Networks,
     seeds: list[int],
     on_step: OnStep | None,
 ) -> torch.Tensor:
     """Upscale the first pass and redraw it: an img2img pass with fresh generators from the same seeds (as A1111
-    re-seeds its second pass), ``hr_second_pass_steps`` steps and the denoising strength."""
+    re-seeds its second pass), ``hr_second_pass_steps`` steps and the denoising strength, conditioned on the
+    upscaled size (SDXL's time ids, as A1111 sends them)."""
     upscaler = HIRES_UPSCALERS[request.hr_upscaler]
     f = spec.vae_scale_factor
     width, height = target_size(request.width, request.height, request.hr_scale, f)
@@ -113,6 +117,8 @@ def hires_pass(
         return init
     noise = _noise(spec, request, generators, width, height, init.device)
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
+    context = unet_conditioning(spec, uncond, cond, request.batch_size, request.guidance_scale, width, height,
+                                nets.device)
     return denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps)
 
 
@@ -120,8 +126,8 @@ def img2img_latents(
     spec: ModelSpec,
     request: Img2ImgRequest,
     inputs: ImageInputs,
-    uncond: torch.Tensor,
-    cond: torch.Tensor,
+    uncond: Conditioning,
+    cond: Conditioning,
     nets: Networks,
     on_step: OnStep | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
@@ -162,7 +168,8 @@ def img2img_latents(
                     proper = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
                 return (1 - mask) * proper + mask * current
 
-    context = guidance_context(uncond, cond, n, request.guidance_scale).to(nets.device)
+    context = unet_conditioning(spec, uncond, cond, n, request.guidance_scale, request.width, request.height,
+                                nets.device)
     latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
                       unet_extra, after_step)
     return latents / spec.vae_scaling_factor, seeds

@@ -16,7 +16,8 @@ from sdtrt.images import to_uint8
 from sdtrt.img2img import finish_images, prepare_images
 from sdtrt.jobs import OnStep, img2img_latents, txt2img_latents
 from sdtrt.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras, request_loras
-from sdtrt.prompts import contexts, text_rows
+from sdtrt.conditioning import Conditioning, prompt_conditioning, unet_inputs
+from sdtrt.prompts import text_rows
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
 from sdtrt.text import load_tokenizer
@@ -34,10 +35,14 @@ class OnnxNetwork:
         self.session = ort.InferenceSession(str(repo / component.onnx), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        return self.outputs(*arrays)[self.component.outputs[0].name]
+
+    def outputs(self, *arrays: np.ndarray) -> dict[str, np.ndarray]:
         feed = {}
         for spec, array in zip(self.component.inputs, arrays):
             feed[spec.name] = np.ascontiguousarray(array, dtype=spec.dtype)
-        return self.session.run([self.component.outputs[0].name], feed)[0]
+        names = [t.name for t in self.component.outputs]
+        return dict(zip(names, self.session.run(names, feed)))
 
 
 class TrtNetwork:
@@ -52,8 +57,12 @@ class TrtNetwork:
         self.runner.activate()
 
     def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        return self.outputs(*arrays)[self.component.outputs[0].name]
+
+    def outputs(self, *arrays: np.ndarray) -> dict[str, np.ndarray]:
         feed = {t.name: np.ascontiguousarray(a, dtype=t.dtype) for t, a in zip(self.component.inputs, arrays)}
-        return np.asarray(self.runner.infer(feed)[self.component.outputs[0].name], dtype=np.float32)
+        out = self.runner.infer(feed)
+        return {t.name: np.asarray(out[t.name], dtype=np.float32) for t in self.component.outputs}
 
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -86,7 +95,7 @@ class LocalPipeline:
         tags = request_loras(request.prompt, request.negative_prompt, self.spec.loras, 1 << 30)  # checked by validate
         return LocalNetworks(self, RequestLoras(self.lora_library, tags))
 
-    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
         return self.networks(request).encode_prompts(request)
 
     # --- the jobs --------------------------------------------------------------------------------------------
@@ -123,14 +132,15 @@ class LocalNetworks:
     def __init__(self, pipeline: LocalPipeline, loras: RequestLoras):
         self.pipeline, self.loras = pipeline, loras
 
-    def _run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
+    def _run(self, name: str, *arrays: np.ndarray) -> dict[str, np.ndarray]:
         lora = self.loras.inputs(name, len(arrays[0]), self.device)
         if lora is None:
-            return self.pipeline.nets[name](*arrays)
-        return self.pipeline.nets[name + LORA_SUFFIX](*arrays, *(m.numpy() for m in lora))
+            return self.pipeline.nets[name].outputs(*arrays)
+        return self.pipeline.nets[name + LORA_SUFFIX].outputs(*arrays, *(m.numpy() for m in lora))
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._run("unet", sample.numpy(), timestep.numpy(), context.numpy()))
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
+        inputs = (sample, timestep, *unet_inputs(self.pipeline.spec, context))
+        return torch.from_numpy(self._run("unet", *(t.numpy() for t in inputs))["noise_pred"])
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.pipeline.nets["vae_encoder"](images.numpy()))
@@ -138,11 +148,12 @@ class LocalNetworks:
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(self.pipeline.nets["vae_decoder"](latents.numpy()))
 
-    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uncond, cond) U-Net contexts [1, 77k, H] with A1111 weighting, chunking, embeddings and Clip skip."""
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
+        """(uncond, cond) conditioning: contexts [1, 77k, H] with A1111 weighting, chunking, embeddings and Clip
+        skip (and SDXL's pooled embeddings)."""
         p = self.pipeline
         rows = text_rows(p.tokenizer, request.prompt, request.negative_prompt, p.spec.max_chunks,
                          p.spec.text_hidden_size, p.embeddings)
-        embeddings = self._run("text_encoder", rows.ids, np.full(len(rows.ids), request.clip_skip, dtype=np.int32),
-                               rows.vectors)
-        return contexts(embeddings, rows.weights)
+        outputs = self._run("text_encoder", rows.ids, np.full(len(rows.ids), request.clip_skip, dtype=np.int32),
+                            rows.vectors)
+        return prompt_conditioning(outputs, rows.weights)

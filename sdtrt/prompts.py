@@ -5,7 +5,8 @@ What A1111 does, and so what sdtrt does:
     (times any enclosing brackets), ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal; unclosed brackets apply
     to the end of the prompt.
   * The prompt is tokenized fragment by fragment and cut into chunks of 75 tokens, each sent to CLIP as
-    BOS + 75 tokens (padded) + EOS = 77. A chunk that fills up within 20 tokens after a comma is cut at that
+    BOS + up to 75 tokens + EOS, padded to 77 (with EOS for SD 1.x's CLIP, with "!" for SD 2.x's OpenCLIP).
+    A chunk that fills up within 20 tokens after a comma is cut at that
     comma instead, and ``BREAK`` starts a new chunk.
   * Each chunk's CLIP output is multiplied token by token by its weights, then rescaled so that its mean is
     what it was before weighting. The chunks are concatenated: 120 tokens -> 2 chunks -> 154 positions.
@@ -27,8 +28,6 @@ from sdtrt.errors import InvalidRequest
 from sdtrt.extra_networks import EMBEDDING_MARK, strip_extra_networks
 
 if TYPE_CHECKING:
-    import torch
-
     from sdtrt.extra_networks import EmbeddingTable
 
 CHUNK_TOKENS = 75  # tokens per chunk between BOS and EOS
@@ -100,7 +99,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
 @dataclass
 class Chunks:
-    ids: np.ndarray  # [k, 77] int32: BOS, 75 tokens (EOS-padded), EOS; EMBEDDING_MARK where an embedding's vector is
+    ids: np.ndarray  # [k, 77] int32: BOS, tokens, EOS, padding; EMBEDDING_MARK where an embedding's vector is
     weights: np.ndarray  # [k, 77] float32: 1.0 on BOS/EOS/padding
     tokens: int  # prompt tokens before padding (A1111 shows this count)
     vectors: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (chunk, position) -> embedding vector
@@ -110,7 +109,7 @@ def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt",
                  embeddings: "EmbeddingTable | None" = None) -> Chunks:
     """Tokenize a prompt into A1111's weighted 75-token chunks. ``<lora:...>`` tags are taken out first, and an
     embedding's name becomes its vectors (never split across two chunks), as in A1111."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, pad_id(tokenizer)
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     parsed = parse_prompt_attention(strip_extra_networks(text))
     texts = [t for t, w in parsed if (t, w) != BREAK]
@@ -127,10 +126,9 @@ def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt",
 
     def close_chunk() -> None:
         nonlocal ids, weights, vecs, last_comma
-        pad = CHUNK_TOKENS - len(ids)
         vectors.update({(len(chunks_ids), 1 + i): v for i, v in enumerate(vecs) if v is not None})
-        chunks_ids.append([bos] + ids + [eos] * pad + [eos])
-        chunks_weights.append([1.0] + weights + [1.0] * pad + [1.0])
+        chunks_ids.append([bos] + ids + [eos] + [pad] * (CHUNK_TOKENS - len(ids)))
+        chunks_weights.append([1.0] + weights + [1.0] * (CHUNK_TOKENS + 1 - len(ids)))
         ids, weights, vecs, last_comma = [], [], [], -1
 
     for text_part, weight in parsed:
@@ -178,9 +176,15 @@ def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt",
     return Chunks(np.array(chunks_ids, dtype=np.int32), np.array(chunks_weights, dtype=np.float32), total, vectors)
 
 
+def pad_id(tokenizer) -> int:
+    """What follows a chunk's end of text, as A1111 fills it: the end-of-text token again for CLIP (SD 1.x), the
+    tokenizer's own padding (id 0, "!") for OpenCLIP (SD 2.x), whose end and padding tokens differ."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def empty_chunk(tokenizer) -> Chunks:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    ids = np.array([[bos] + [eos] * (CHUNK_TOKENS + 1)], dtype=np.int32)
+    ids = np.array([[bos, eos] + [pad_id(tokenizer)] * CHUNK_TOKENS], dtype=np.int32)
     return Chunks(ids, np.ones(ids.shape, dtype=np.float32), 0)
 
 
@@ -236,11 +240,3 @@ def apply_weights(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
     z = z * (original_mean / z.mean(axis=(1, 2), keepdims=True))
     k = rows // 2
     return z.reshape(2, k * z.shape[1], z.shape[2])
-
-
-def contexts(embeddings: np.ndarray, weights: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """(uncond, cond) U-Net contexts [1, 77k, H] from the text encoder's chunk rows and their A1111 weights."""
-    import torch
-
-    uncond, cond = torch.from_numpy(apply_weights(embeddings, weights)).split(1)
-    return uncond, cond

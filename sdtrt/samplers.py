@@ -53,8 +53,10 @@ SAMPLERS: dict[str, Sampler] = {
         *_with_karras("DPM++ 2M", "DPMSolverMultistepScheduler"),
         *_with_karras("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SDE),
         *_with_karras("DPM++ SDE", "DPMSolverSDEScheduler"),
-        Sampler("DDIM", "DDIMScheduler"),
-        Sampler("PLMS", "PNDMScheduler"),
+        # As A1111 runs them whatever the checkpoint's scheduler config says (SD 1.x/2.x ship these; SDXL ships an
+        # EulerDiscrete config without them): DDIM without clipping, PLMS without Runge-Kutta warm-up steps.
+        Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
+        Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
         Sampler("UniPC", "UniPCMultistepScheduler"),
     ]
 }

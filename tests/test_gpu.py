@@ -79,7 +79,8 @@ class TorchNetworks:
         self.dtype = pipe.unet.dtype
         self.input_devices: set[str] = set()
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        context = conditioning["encoder_hidden_states"]
         self.input_devices |= {t.device.type for t in (sample, timestep, context)}
         with torch.no_grad():
             return self.pipe.unet(sample.to(self.dtype), timestep, encoder_hidden_states=context.to(self.dtype)).sample.float()
@@ -103,7 +104,8 @@ def sdtrt_loop_on_gpu(spec, pipe, request: Txt2ImgRequest) -> tuple[np.ndarray, 
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(request.prompt, pipe.device, 1, True, negative_prompt=request.negative_prompt)
     nets = TorchNetworks(pipe)
-    latents, _ = txt2img_latents(spec, request, uncond.float(), cond.float(), nets)
+    latents, _ = txt2img_latents(spec, request, {"encoder_hidden_states": uncond.float()},
+                                {"encoder_hidden_states": cond.float()}, nets)
     assert latents.device.type == "cuda"  # the loop's latents never left the GPU
     return nets.vae_decode(latents), nets
 

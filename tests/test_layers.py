@@ -23,6 +23,7 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
                      "sdtrt.infotext", "sdtrt.generation", "sdtrt.images", "sdtrt.outputs", "sdtrt.hires",
                      "sdtrt.img2img", "sdtrt.prompts", "sdtrt.architectures", "sdtrt.extra_networks"}),
     "pipeline": (1, {"sdtrt.denoise", "sdtrt.vae", "sdtrt.jobs", "sdtrt.text", "sdtrt.local", "sdtrt.clip_vocab",
+                     "sdtrt.conditioning",
                      "sdtrt.default_model", "sdtrt.engines"}),
     "repository generator": (2, {"sdtrt.model_repository", "sdtrt.model_repository.configs",
                                  "sdtrt.model_repository.build", "sdtrt.model_repository.perf"}),

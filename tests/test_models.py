@@ -62,7 +62,7 @@ def sd2_pipe(sd2_model):
 
     pipe = StableDiffusionPipeline.from_pretrained(str(sd2_model), local_files_only=True, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    pipe.tokenizer.pad_token = "<|endoftext|>"  # A1111 pads SD 2.x prompts as SD 1.x (see test_single_file)
+    assert pipe.tokenizer.pad_token == "!"  # A1111 pads OpenCLIP's chunks with "!" too (see test_single_file)
     return pipe
 
 

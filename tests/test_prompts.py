@@ -112,7 +112,7 @@ WEIGHTED = "a ((lighthouse)) on a [cliff], (stormy sea:1.4), dramatic light BREA
 @pytest.mark.parametrize("prompt,clip_skip", [(WEIGHTED, 1), (WEIGHTED, 2), (" ".join(["red fox"] * 60), 1)])
 def test_embeddings_match_a_direct_torch_computation(local_pipeline, diffusers_pipe, tokenizer, prompt, clip_skip):
     request = Txt2ImgRequest(prompt=prompt, negative_prompt="(blurry:1.2)", clip_skip=clip_skip)
-    uncond, cond = local_pipeline.encode_prompts(request)
+    uncond, cond = (c["encoder_hidden_states"] for c in local_pipeline.encode_prompts(request))
     expected_uncond, expected_cond = torch_embeddings(diffusers_pipe, tokenizer, prompt, "(blurry:1.2)", clip_skip)
     assert cond.shape == expected_cond.shape and uncond.shape == expected_uncond.shape
     assert torch.abs(cond - expected_cond).max() < 1e-4 and torch.abs(uncond - expected_uncond).max() < 1e-4

@@ -88,7 +88,7 @@ def test_served_prompt_syntax_long_prompts_and_clip_skip_match_the_local_runner(
                     width=64, height=64)
     served = Client(server.url).txt2img(prompt, **settings)
     local = local_pipeline.txt2img(Txt2ImgRequest(prompt=prompt, **settings))
-    uncond, cond = local_pipeline.encode_prompts(Txt2ImgRequest(prompt=prompt, **settings))
+    uncond, cond = (c["encoder_hidden_states"] for c in local_pipeline.encode_prompts(Txt2ImgRequest(prompt=prompt, **settings)))
     assert cond.shape[1] == uncond.shape[1] == 3 * 77
     assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
     assert "Clip skip: 2" in served.infotexts[0]
@@ -96,7 +96,8 @@ def test_served_prompt_syntax_long_prompts_and_clip_skip_match_the_local_runner(
 
 def test_120_token_prompt_gives_a_154_token_context(server, local_pipeline):
     prompt = " ".join(["cat"] * 120)
-    uncond, cond = local_pipeline.encode_prompts(validate(Txt2ImgRequest(prompt=prompt), local_pipeline.spec))
+    request = validate(Txt2ImgRequest(prompt=prompt), local_pipeline.spec)
+    uncond, cond = (c["encoder_hidden_states"] for c in local_pipeline.encode_prompts(request))
     assert cond.shape[1] == uncond.shape[1] == 154
     served = Client(server.url).txt2img(prompt, steps=3, width=64, height=64, seed=1)
     assert served.images.shape == (1, 64, 64, 3) and served.images.std() > 1

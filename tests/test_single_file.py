@@ -95,8 +95,8 @@ def sd2_model(tmp_path_factory):
 
 def test_sd2_v_prediction_file_and_folder_match_diffusers(sd2_model, tmp_path):
     """SD 2.x 768-v, as A1111 runs it: OpenCLIP text (penultimate layer), v-prediction; the folder export and the
-    single file's give diffusers' picture. One difference is A1111's and stays: A1111 pads SD 2.x prompts with
-    <|endoftext|> (as SD 1.x) where diffusers' SD 2.x tokenizer pads with "!", so the reference pads as A1111."""
+    single file's give diffusers' picture. A1111 pads OpenCLIP's chunks after their end-of-text with id 0 ("!"),
+    as diffusers' SD 2.x tokenizer pads: the reference runs as it comes."""
     from diffusers import StableDiffusionPipeline
 
     from sdtrt.export.ldm import to_single_file
@@ -110,7 +110,6 @@ def test_sd2_v_prediction_file_and_folder_match_diffusers(sd2_model, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(sd2_model), local_files_only=True, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.tokenizer.pad_token == "!"
-    pipe.tokenizer.pad_token = "<|endoftext|>"
     for sampler in ("Euler a", "DPM++ 2M Karras"):
         expected = diffusers_images(pipe, prompt=REQUEST["prompt"], negative_prompt=REQUEST["negative_prompt"],
                                     sampler=sampler, steps=6, cfg=7.0, seed=3, width=64, height=64)
@@ -119,16 +118,16 @@ def test_sd2_v_prediction_file_and_folder_match_diffusers(sd2_model, tmp_path):
 
 
 def test_files_sdtrt_cannot_use_are_refused_naming_the_file_and_the_problem(ldm_files, tmp_path):
-    sdxl = tmp_path / "sdxl-ish.safetensors"
-    save_file({"conditioner.embedders.1.model.token_embedding.weight": torch.zeros(8, 4),
-               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(sdxl))
+    refiner = tmp_path / "refiner-ish.safetensors"
+    save_file({"conditioner.embedders.0.model.token_embedding.weight": torch.zeros(8, 4),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(refiner))
     lora_like = tmp_path / "not-a-model.safetensors"
     save_file({"lora_unet_down_blocks_0.alpha": torch.tensor(4.0)}, str(lora_like))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(ldm_files["float32"].read_bytes()[:100_000])
     pickled = tmp_path / "model.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}}, str(pickled))
-    cases = [(sdxl, "sdxl-ish.safetensors is an SDXL checkpoint"),
+    cases = [(refiner, "refiner-ish.safetensors is an SDXL refiner: sdtrt does not serve A1111's Refiner"),
              (lora_like, "not-a-model.safetensors is not a Stable Diffusion checkpoint: it has no U-Net"),
              (truncated, "truncated.safetensors: not a readable .safetensors file"),
              (pickled, "model.ckpt is a pickle (.ckpt): loading one can run code")]

@@ -1,0 +1,55 @@
+"""What the U-Net is conditioned on, by the names of its inputs (the spec says which it has).
+
+Every U-Net takes the text context (``encoder_hidden_states``). SDXL's also takes its added conditions: the second
+text encoder's pooled output (``text_embeds``) and the micro-conditioning ``time_ids`` (original size, crop top-left,
+target size), which A1111 sends as the pass's own size, no crop. A prompt's conditioning is a dict of those tensors
+with one row; the loop's is the same dict with a row per U-Net row (uncond x N, cond x N with guidance).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sdtrt.prompts import apply_weights
+from sdtrt.spec import ModelSpec
+
+CONTEXT_INPUT = "encoder_hidden_states"
+TEXT_OUTPUT = "text_embeddings"
+POOLED_OUTPUT = "pooled_embeddings"  # the text encoder's pooled output (SDXL)
+POOLED_INPUT = "text_embeds"  # ... as the U-Net takes it
+TIME_IDS = "time_ids"
+
+Conditioning = dict[str, torch.Tensor]
+
+
+def prompt_conditioning(outputs: dict[str, np.ndarray], weights: np.ndarray) -> tuple[Conditioning, Conditioning]:
+    """(uncond, cond) from the text encoder's outputs for the negative prompt's k chunk rows then the prompt's:
+    the A1111-weighted chunks side by side as the context, and (SDXL) the pooled output of each one's first
+    chunk, as A1111 takes it."""
+    uncond, cond = torch.from_numpy(apply_weights(outputs[TEXT_OUTPUT], weights)).split(1)
+    u, c = {CONTEXT_INPUT: uncond}, {CONTEXT_INPUT: cond}
+    if POOLED_OUTPUT in outputs:
+        pooled = torch.from_numpy(np.ascontiguousarray(outputs[POOLED_OUTPUT], dtype=np.float32))
+        k = len(pooled) // 2
+        u[POOLED_INPUT], c[POOLED_INPUT] = pooled[0:1], pooled[k:k + 1]
+    return u, c
+
+
+def unet_conditioning(spec: ModelSpec, uncond: Conditioning, cond: Conditioning, images: int, guidance_scale: float,
+                      width: int, height: int, device: torch.device) -> Conditioning:
+    """The U-Net's conditioning inputs for ``images`` images of one prompt at ``width`` x ``height``:
+    [uncond x N, cond x N] with guidance, [cond x N] without."""
+    guided = guidance_scale > 1.0
+    rows = {name: torch.cat(([uncond[name]] * images if guided else []) + [cond[name]] * images)
+            for name in cond}
+    names = {t.name for t in spec.component("unet").inputs}
+    if TIME_IDS in names:
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+        rows[TIME_IDS] = ids.repeat(images * (2 if guided else 1), 1)
+    return {name: value.to(device) for name, value in rows.items()}
+
+
+def unet_inputs(spec: ModelSpec, conditioning: Conditioning) -> tuple[torch.Tensor, ...]:
+    """The conditioning in the order of the U-Net's inputs after the sample and the timestep."""
+    return tuple(conditioning[t.name] for t in spec.component("unet").inputs[2:])
