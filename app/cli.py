@@ -116,7 +116,9 @@ def _add_export(sub) -> None:
     limits = p.add_argument_group("what a request may ask for (recorded in the spec)")
     limits.add_argument("--max-batch", type=int, default=ExportLimits.max_batch, help="most images per request")
     limits.add_argument("--min-size", type=int, default=ExportLimits.min_size, help="smallest width/height in pixels")
-    limits.add_argument("--max-size", type=int, default=ExportLimits.max_size, help="largest width/height in pixels")
+    limits.add_argument("--max-size", type=int, default=None,
+                        help=f"largest width/height in pixels (default: {ExportLimits.max_size}, or 1.5x the model's "
+                        "native size where that is more: 1536 for SDXL)")
     limits.add_argument("--max-chunks", type=int, default=ExportLimits.max_chunks,
                         help="longest prompt, in 75-token chunks")
     limits.add_argument("--max-lora-rank", type=int, default=ExportLimits.max_lora_rank, metavar="N",

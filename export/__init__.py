@@ -71,7 +71,7 @@ def export_model(
     prediction_type: str | None = None,
     max_batch: int = ExportLimits.max_batch,
     min_size: int = ExportLimits.min_size,
-    max_size: int = ExportLimits.max_size,
+    max_size: int | None = None,
     max_chunks: int = ExportLimits.max_chunks,
     max_pixel_steps: int | None = None,
     max_prompt_chars: int | None = None,
@@ -142,6 +142,8 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, *, config
     pipe = ckpt.pipe
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     native = int(pipe.unet.config.sample_size) * factor
+    if max_size is None:
+        max_size = ExportLimits.largest(native)
     if min_size % factor or max_size % factor or not 0 < min_size <= native <= max_size:
         raise UsageError(
             f"--min-size {min_size} / --max-size {max_size} must be multiples of {factor} around the model's "

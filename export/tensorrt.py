@@ -35,6 +35,14 @@ TIMING_CACHE = "trt_timing.cache"
 STATIC_BATCH_ROWS = {"unet": {UNET_BATCH: (1, 2)}, "vae_decoder": {BATCH: (1, 1)}}
 
 
+def engine_fp16(spec: ModelSpec, component: str, options: "EngineOptions") -> bool:
+    """FP16 unless ``--fp32`` names the network, or it is the VAE of a model whose VAE overflows in FP16 (SDXL's
+    own: the export records it as ``vae_fp32``)."""
+    if network_of(component) in options.fp32:
+        return False
+    return not (component.startswith("vae") and spec.extra.get("vae_fp32"))
+
+
 def network_of(component: str) -> str:
     """A LoRA variant is built as its network is (``unet_lora`` as ``unet``)."""
     return component.removesuffix(LORA_SUFFIX)
@@ -152,7 +160,7 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
     for name in tqdm(list(spec.components), desc="TensorRT", unit="engine", disable=not progress):
         component = spec.component(name)
         shapes = profile_shapes(spec, component, options)
-        fp16 = network_of(name) not in options.fp32 and not (name.startswith("vae") and spec.extra.get("vae_fp32"))
+        fp16 = engine_fp16(spec, name, options)
         filename = engine_filename(name, gpu, trt.__version__, shapes, fp16, options.refittable,
                                    options.optimization_level)
         path = root / spec.triton_name(name) / "1" / filename

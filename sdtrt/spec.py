@@ -67,6 +67,12 @@ class ExportLimits:
     chars_per_token: int = 16  # prompt characters: max_chunks x 75 tokens of this many characters (weights, spaces)
 
     @staticmethod
+    def largest(native: int) -> int:
+        """The default largest side: max_size, or 1.5x the native size where that is more (SDXL's 1024 px native:
+        1536, so its usual aspect buckets such as 1344x768 fit)."""
+        return max(ExportLimits.max_size, native * 3 // 2 // 64 * 64)
+
+    @staticmethod
     def pixel_steps(max_size: int, max_batch: int) -> int:
         return max_size * max_size * max_batch * ExportLimits.full_batch_steps
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def free_ports(count: int) -> list[int]:
@@ -38,3 +48,55 @@ def raw_infer(server, fields: dict, protocol: str = "grpc", model: str = "txt2im
         return client.infer(model, inputs)
     finally:
         client.close()  # an open HTTP connection would hold the server's shutdown for its exit timeout
+
+
+def page_generates(url: str, tmp_path: Path, shot: bool = True) -> None:
+    """The Gradio page (``sdtrt ui --url``) in headless Chromium: a prompt, 4 steps, 128x128, batch 2, seed 42,
+    Generate; two pictures come back with their infotext and are saved as A1111 names them."""
+    from playwright.sync_api import sync_playwright
+
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "ui", "--url", url, "--port", str(port),
+                             "--out", str(tmp_path / "outputs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            prompt = page.get_by_label("Prompt", exact=True)
+            prompt.wait_for(timeout=60000)
+            prompt.fill("a lighthouse at dawn, oil painting")
+            for label, value in (("Sampling steps", "4"), ("Width", "128"), ("Height", "128"), ("Batch size", "2")):
+                box = page.get_by_label(f"number input for {label}")
+                box.fill(value)
+                box.press("Enter")
+            page.get_by_label("Seed").fill("42")
+            page.get_by_role("button", name="Generate").click()
+            page.locator("button.thumbnail-item img").first.wait_for(timeout=120000)
+            infotext = page.get_by_label("Generation parameters (A1111 infotext)")
+            page.wait_for_function("el => el.value.includes('Steps: 4')", arg=infotext.element_handle(), timeout=30000)
+            assert page.locator("button.thumbnail-item img").count() == 2
+            text = infotext.input_value()
+            assert "Seed: 42," in text and "Size: 128x128" in text
+            page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
+            if shot and os.environ.get("SDTRT_UPDATE_SCREENSHOT"):
+                shutil.copy(tmp_path / "ui.png", Path(__file__).parents[1] / "docs" / "ui.png")
+            browser.close()
+        saved = sorted((tmp_path / "outputs" / "txt2img-images").iterdir())
+        assert [p.name for p in saved] == ["00001-42.png", "00002-43.png"]
+        with Image.open(saved[0]) as im:
+            assert "Seed: 42," in im.info["parameters"]
+    finally:
+        proc.terminate()
+        proc.wait(30)

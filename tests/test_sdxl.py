@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
-from servers import free_ports
+from servers import CHROMIUM, free_ports, page_generates
 from sdtrt.request import Txt2ImgRequest
 
 SAMPLERS = ("Euler a", "Euler", "DPM++ 2M Karras")
@@ -23,10 +23,14 @@ def sdxl_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_repo(sdxl_model, tmp_path_factory):
+    """The folder, and the same model as an original-layout single file ("tiny-xl"), in one repository."""
     from sdtrt.export import export_model
+    from sdtrt.export.ldm import to_single_file
 
     out = tmp_path_factory.mktemp("repos") / "sdxl"
     export_model(sdxl_model, out, progress=False, report=lambda *_: None)
+    single = to_single_file(sdxl_model, tmp_path_factory.mktemp("files") / "tiny-xl.safetensors")
+    export_model(single, out, progress=False, report=lambda *_: None)
     return out
 
 
@@ -87,7 +91,7 @@ def test_served_matches_diffusers_sdxl(sdxl_repo, expected, tmp_path):
         # A1111 weighting on both encoders, a 2-chunk prompt with BREAK: served = in-process.
         from sdtrt.local import LocalPipeline
         from sdtrt.request import Img2ImgRequest
-        from reference import sample_picture
+        from reference import sample_mask, sample_picture
 
         local = LocalPipeline(sdxl_repo)
         weighted = dict(SETTINGS, prompt="a red barn in (snow:1.4) BREAK [fog], at dusk")
@@ -104,6 +108,16 @@ def test_served_matches_diffusers_sdxl(sdxl_repo, expected, tmp_path):
         settings = dict(steps=6, seed=4, denoising_strength=0.6, width=64, height=64)
         assert max_diff(client.img2img("a lighthouse", picture, **settings).images,
                         local.img2img(Img2ImgRequest(prompt="a lighthouse", **settings), picture).images) <= MAX_PIXEL_DIFF
+        mask = sample_mask(64, 64)  # inpainting (a 4-channel U-Net: blended each step)
+        assert max_diff(client.img2img("a lighthouse", picture, mask, **settings).images,
+                        local.img2img(Img2ImgRequest(prompt="a lighthouse", **settings), picture, mask).images
+                        ) <= MAX_PIXEL_DIFF
+
+        # The single file's export serves beside the folder's, as the same pictures (same weights, fp32 file).
+        from_file = client.txt2img("a red barn in snow", model="tiny-xl", sampler="Euler a", guidance_scale=7.0,
+                                   **{k: v for k, v in SETTINGS.items() if k not in ("prompt",)})
+        assert max_diff(from_file.images, expected["Euler a"]) <= MAX_PIXEL_DIFF
+        assert "Model: tiny-xl" in from_file.infotexts[0]
 
         # The A1111 gateway serves it as it serves any model.
         from fastapi.testclient import TestClient
@@ -111,13 +125,17 @@ def test_served_matches_diffusers_sdxl(sdxl_repo, expected, tmp_path):
         from sdtrt.client.a1111_api import create_app
 
         api = TestClient(create_app(client, tmp_path / "outputs"))
-        assert [m["model_name"] for m in api.get("/sdapi/v1/sd-models").json()] == ["tiny-sdxl"]
+        assert [m["model_name"] for m in api.get("/sdapi/v1/sd-models").json()] == ["tiny-sdxl", "tiny-xl"]
         answer = api.post("/sdapi/v1/txt2img", json={"prompt": "a red barn", "steps": 3, "width": 64, "height": 64,
                                                      "seed": 1})
         assert answer.status_code == 200 and len(answer.json()["images"]) == 1
         refiner = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "refiner_checkpoint": "refiner",
                                                       "refiner_switch_at": 0.8})
         assert refiner.status_code == 422 and "refiner_checkpoint" in refiner.text
+
+        # ... and so does the page (its sliders from the SDXL spec: 1024 px default, up to 1536).
+        if CHROMIUM is not None:
+            page_generates(triton.url, tmp_path / "page", shot=False)
 
 
 def test_img2img_matches_diffusers_sdxl(sdxl_repo, sdxl_pipe):
@@ -183,6 +201,27 @@ def test_sdxl_single_file_exports_and_matches_diffusers(sdxl_model, sdxl_pipe, t
                                                                   sampler="Euler", steps=6, guidance_scale=7.0, seed=3,
                                                                   width=64, height=64))
     assert max_diff(got.images, expected) <= MAX_PIXEL_DIFF
+
+
+def test_sdxl_tensorrt_profiles_and_precision(sdxl_repo, tmp_path):
+    """What a GPU build gets, checked on the CPU: the U-Net's profile carries the added conditions, the usual SDXL
+    aspect buckets are inside it, and the VAE (which overflows in FP16) is built in FP32 unless it is fp16-fixed."""
+    from dataclasses import replace
+
+    from sdtrt.export.tensorrt import EngineOptions, engine_fp16, profile_shapes
+    from sdtrt.spec import load_spec
+
+    spec = load_spec(sdxl_repo)
+    shapes = profile_shapes(spec, spec.component("unet"), EngineOptions())
+    assert shapes["time_ids"] == [(1, 6), (2, 6), (spec.dims["unet_batch"].max, 6)]
+    assert shapes["text_embeds"][1] == (2, 32) and shapes["sample"][1] == (2, 4, 128, 128)  # 1024x1024 optimum
+    lo, hi = shapes["sample"][0][2:], shapes["sample"][2][2:]
+    for width, height in ((1024, 1024), (1152, 896), (1216, 832), (1344, 768), (832, 1216)):
+        assert lo[0] * 8 <= height <= hi[0] * 8 and lo[1] * 8 <= width <= hi[1] * 8, (width, height)
+    assert spec.extra["vae_fp32"] and not engine_fp16(spec, "vae_decoder", EngineOptions())
+    assert engine_fp16(spec, "unet", EngineOptions()) and not engine_fp16(spec, "unet", EngineOptions(fp32=("unet",)))
+    fixed = replace(spec, extra={k: v for k, v in spec.extra.items() if k != "vae_fp32"})
+    assert engine_fp16(fixed, "vae_decoder", EngineOptions())
 
 
 def test_full_size_sdxl_unet_has_sdxl_base_parameter_count():

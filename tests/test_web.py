@@ -5,13 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,13 +16,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from reference import sample_mask, sample_picture
-from servers import free_ports
+from servers import CHROMIUM, free_ports, page_generates
 from sdtrt.client import Client
 from sdtrt.client.a1111_api import create_app
 from sdtrt.infotext import parse_infotext
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
 
 @pytest.fixture(scope="module")
 def api(server, tmp_path_factory):
@@ -194,50 +188,4 @@ def test_sdtrt_api_command_serves_http(server, tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it as root)")
 def test_gradio_page_generates_an_image_in_headless_chromium(server, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    (port,) = free_ports(1)
-    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "ui", "--url", server.url, "--port", str(port),
-                             "--out", str(tmp_path / "outputs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
-            prompt = page.get_by_label("Prompt", exact=True)
-            prompt.wait_for(timeout=60000)
-            prompt.fill("a lighthouse at dawn, oil painting")
-            for label, value in (("Sampling steps", "4"), ("Width", "128"), ("Height", "128"), ("Batch size", "2")):
-                box = page.get_by_label(f"number input for {label}")
-                box.fill(value)
-                box.press("Enter")
-            page.get_by_label("Seed").fill("42")
-            page.get_by_role("button", name="Generate").click()
-            page.locator("button.thumbnail-item img").first.wait_for(timeout=120000)
-            infotext = page.get_by_label("Generation parameters (A1111 infotext)")
-            page.wait_for_function("el => el.value.includes('Steps: 4')", arg=infotext.element_handle(), timeout=30000)
-            assert page.locator("button.thumbnail-item img").count() == 2
-            text = infotext.input_value()
-            assert "Seed: 42," in text and "Size: 128x128" in text
-            page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
-            if os.environ.get("SDTRT_UPDATE_SCREENSHOT"):
-                shutil.copy(tmp_path / "ui.png", Path(__file__).parents[1] / "docs" / "ui.png")
-            browser.close()
-        saved = sorted((tmp_path / "outputs" / "txt2img-images").iterdir())
-        assert [p.name for p in saved] == ["00001-42.png", "00002-43.png"]
-        with Image.open(saved[0]) as im:
-            assert "Seed: 42," in im.info["parameters"]
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    page_generates(server.url, tmp_path)
