@@ -31,9 +31,12 @@ class TritonPythonModel(JobModel):
                                 inpaint_full_res=settings.inpaint_full_res,
                                 padding=settings.inpaint_full_res_padding, vae_scale_factor=spec.vae_scale_factor)
         nets = self.networks(request, spec, settings)
-        uncond, cond = nets.encode_prompts(settings)
-        latents, seeds = img2img_latents(spec, settings, inputs, uncond, cond, nets)
-        images = finish_images(nets.vae_decode(latents), inputs, spec.vae_scale_factor)
+        with self.stage("text"):
+            uncond, cond = nets.encode_prompts(settings)
+        with self.stage("denoise"):
+            latents, seeds = img2img_latents(spec, settings, inputs, uncond, cond, nets, self.on_step)
+        with self.stage("decode"):
+            images = finish_images(nets.vae_decode(latents), inputs, spec.vae_scale_factor)
         self.done(request, spec, settings, start, inpaint=mask is not None)
         return pb_utils.InferenceResponse([
             pb_utils.Tensor(IMAGES, images), pb_utils.Tensor(SEEDS, np.array(seeds, dtype=np.int64)),

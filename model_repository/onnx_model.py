@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from sdtrt.model_repository.metrics import Metrics
 from sdtrt.model_repository.triton_io import JsonLog, error_response, model_part, model_spec
 
 
@@ -35,6 +36,7 @@ class TritonPythonModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.output_names = [t.name for t in self.component.outputs]
+        self.metrics = Metrics()
         self._warm_up(spec)
         self.log.info("ready", onnx=str(path), inputs=[t.name for t in self.component.inputs])
 
@@ -79,6 +81,7 @@ class TritonPythonModel:
                 for i, _ in members:
                     responses[i] = error_response(f"{self.component.name}: {exc}")
                 continue
+            self.metrics.batch(self.component.name, int(outputs[0].shape[0]), len(members))
             offset = 0
             for i, arrays in members:
                 n = arrays[0].shape[0]

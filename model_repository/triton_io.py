@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -102,6 +103,9 @@ class PerRequestModel:
     def run(self, request) -> "pb_utils.InferenceResponse":
         raise NotImplementedError
 
+    def outcome(self, request, outcome: str) -> None:
+        """Called once per request with how it ended (success, invalid_argument, cancelled, error)."""
+
     def execute(self, requests):
         from sdtrt.errors import InvalidRequest
         from sdtrt.model_repository.bls import Cancelled
@@ -110,15 +114,19 @@ class PerRequestModel:
         for request in requests:
             try:
                 responses.append(self.run(request))
+                self.outcome(request, "success")
             except InvalidRequest as exc:
                 self.log.info("invalid_request", field=exc.field)
                 responses.append(error_response(str(exc), "INVALID_ARG"))
+                self.outcome(request, "invalid_argument")
             except Cancelled:
                 self.log.info("cancelled", request_id=request.request_id())
                 responses.append(error_response("request cancelled by the client", "CANCELLED"))
+                self.outcome(request, "cancelled")
             except Exception as exc:  # never let one request take the model down
                 self.log.error("failed", error=repr(exc))
                 responses.append(error_response(f"{self.log.model}: {exc}"))
+                self.outcome(request, "error")
         return responses
 
 
@@ -133,9 +141,14 @@ class JobModel(PerRequestModel):
 
         from sdtrt.request import job_fields
 
+        from sdtrt.model_repository.metrics import Metrics
+
         self.repo = repo_root(args)
         self.catalog = load_catalog(self.repo)
         self.lora_libraries: dict = {}
+        self.metrics = Metrics()
+        self._labels: dict[str, str] = {}
+        self._steps = 0
         self.log = JsonLog(args["model_name"])
         self.fields = job_fields(self.job.request_type)
         self.device = instance_device(args)
@@ -181,11 +194,32 @@ class JobModel(PerRequestModel):
         from sdtrt.request import resolve_seeds, validate
         from sdtrt.spec import MODEL
 
+        self._labels, self._steps = {"model": str(scalar(request, MODEL) or self.catalog.default), "sampler": ""}, 0
         spec = self.catalog.get(scalar(request, MODEL))
         values = {name: scalar(request, name) for name in self.fields}
-        return spec, resolve_seeds(validate(self.job.request_type(**values), spec))
+        settings = resolve_seeds(validate(self.job.request_type(**values), spec))
+        self._labels = {"model": spec.key, "sampler": settings.sampler}
+        return spec, settings
+
+    def on_step(self, done: int, total: int) -> None:
+        """The loop's step callback: counts the U-Net steps a request runs."""
+        self._steps += 1
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time one stage of a request into sdtrt_stage_duration_seconds."""
+        start = time.perf_counter()
+        yield
+        self.metrics.stage(self.job.name, name, time.perf_counter() - start)
+
+    def outcome(self, request, outcome: str) -> None:
+        labels = {"model": "", "sampler": "", **self._labels}
+        self.metrics.request(self.job.name, labels["model"], labels["sampler"], outcome)
+        self.metrics.steps(self.job.name, labels["model"], self._steps)
+        self._labels, self._steps = {}, 0
 
     def done(self, request, spec: ModelSpec, settings, start: float, **extra: Any) -> None:
+        self.metrics.duration(self.job.name, spec.key, time.perf_counter() - start)
         self.log.info("sampled", request_id=request.request_id(), model=spec.key, sampler=settings.sampler,
                       steps=settings.steps,
                       size=f"{settings.width}x{settings.height}", images=settings.batch_size, seed=settings.seed,

@@ -27,9 +27,12 @@ class TritonPythonModel(JobModel):
         start = time.perf_counter()
         spec, settings = self.settings(request)
         nets = self.networks(request, spec, settings)
-        uncond, cond = nets.encode_prompts(settings)
-        latents, seeds = txt2img_latents(spec, settings, uncond, cond, nets)
-        images = nets.vae_decode(latents)
+        with self.stage("text"):
+            uncond, cond = nets.encode_prompts(settings)
+        with self.stage("denoise"):
+            latents, seeds = txt2img_latents(spec, settings, uncond, cond, nets, self.on_step)
+        with self.stage("decode"):
+            images = nets.vae_decode(latents)
         self.done(request, spec, settings, start)
         return pb_utils.InferenceResponse([
             pb_utils.Tensor(IMAGES, images), pb_utils.Tensor(SEEDS, np.array(seeds, dtype=np.int64)),

@@ -30,6 +30,7 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
     "export": (3, {"sdtrt.export", "sdtrt.export.checkpoint", "sdtrt.export.descriptors", "sdtrt.export.lora",
                    "sdtrt.export.onnx_export", "sdtrt.export.tensorrt", "sdtrt.export.single_file", "sdtrt.export.ldm"}),
     "served models": (3, {"sdtrt.model_repository.triton_io", "sdtrt.model_repository.bls",
+                          "sdtrt.model_repository.metrics",
                           "sdtrt.model_repository.txt2img_model", "sdtrt.model_repository.img2img_model",
                           "sdtrt.model_repository.tokenizer_model", "sdtrt.model_repository.onnx_model"}),
     "client": (4, {"sdtrt.client", "sdtrt.client.client"}),

@@ -1,0 +1,67 @@
+"""sdtrt's own Prometheus metrics, through Triton's custom metrics API: served on Triton's ``/metrics`` beside its
+``nv_*`` metrics, with no extra port or process (importable only inside Triton's Python stub).
+
+* ``sdtrt_requests_total{job, model, sampler, outcome}``: requests by outcome (success, invalid_argument,
+  cancelled, error).
+* ``sdtrt_request_duration_seconds{job, model}``: end-to-end time of the requests that succeeded.
+* ``sdtrt_stage_duration_seconds{job, stage}``: where that time goes (text: tokenizer + text encoder; denoise: the
+  loop, U-Net calls included; decode: the VAE decoder and the copy out).
+* ``sdtrt_denoising_steps_total{job, model}``: U-Net steps run (rate: denoising steps/s).
+* ``sdtrt_network_batch_rows{network}`` / ``sdtrt_network_batch_requests{network}``: per call of a network run by
+  the Python backend, the rows it ran and how many requests Triton's batcher had merged into it.
+"""
+
+from __future__ import annotations
+
+import triton_python_backend_utils as pb_utils
+
+SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120]
+ROWS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+
+_FAMILIES: dict[str, "pb_utils.MetricFamily"] = {}
+
+
+def _family(name: str, description: str, kind: str) -> "pb_utils.MetricFamily":
+    """One family per name in this stub process (a family must outlive its metrics: they are kept together)."""
+    if name not in _FAMILIES:
+        _FAMILIES[name] = pb_utils.MetricFamily(name=name, description=description,
+                                                kind=getattr(pb_utils.MetricFamily, kind))
+    return _FAMILIES[name]
+
+
+class Metrics:
+    """The metrics one model instance records, created once per label set."""
+
+    def __init__(self):
+        self._metrics: dict[tuple, object] = {}
+
+    def _metric(self, name: str, description: str, kind: str, labels: dict[str, str], buckets=None):
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self._metrics:
+            family = _family(name, description, kind)
+            self._metrics[key] = (family.Metric(labels=labels, buckets=buckets) if buckets is not None
+                                  else family.Metric(labels=labels))
+        return self._metrics[key]
+
+    def request(self, job: str, model: str, sampler: str, outcome: str) -> None:
+        self._metric("sdtrt_requests_total", "Generation requests by job, model, sampler and outcome", "COUNTER",
+                     {"job": job, "model": model, "sampler": sampler, "outcome": outcome}).increment(1)
+
+    def duration(self, job: str, model: str, seconds: float) -> None:
+        self._metric("sdtrt_request_duration_seconds", "End-to-end time of successful generation requests",
+                     "HISTOGRAM", {"job": job, "model": model}, SECONDS).observe(seconds)
+
+    def stage(self, job: str, stage: str, seconds: float) -> None:
+        self._metric("sdtrt_stage_duration_seconds", "Time per pipeline stage of a request (text, denoise, decode)",
+                     "HISTOGRAM", {"job": job, "stage": stage}, SECONDS).observe(seconds)
+
+    def steps(self, job: str, model: str, count: int) -> None:
+        if count:
+            self._metric("sdtrt_denoising_steps_total", "Denoising (U-Net) steps run", "COUNTER",
+                         {"job": job, "model": model}).increment(count)
+
+    def batch(self, network: str, rows: int, requests: int) -> None:
+        self._metric("sdtrt_network_batch_rows", "Rows per network call (the merged batch)", "HISTOGRAM",
+                     {"network": network}, ROWS).observe(rows)
+        self._metric("sdtrt_network_batch_requests", "Requests Triton's batcher merged into one network call",
+                     "HISTOGRAM", {"network": network}, ROWS).observe(requests)
