@@ -34,10 +34,14 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=ServingOptions.max_queue,
                    help="requests waiting for a loop, per job; more are refused as busy (UNAVAILABLE, HTTP 503); "
                         "0: no limit")
+    p.add_argument("--unet-queue-delay-us", type=int, default=ServingOptions.unet_queue_delay_us, metavar="US",
+                   help="how long the U-Net's batcher waits for other requests' steps (default 0: never for a lone "
+                        "request; steps queued while the U-Net runs are merged anyway)")
 
 
 def serving_options(args: argparse.Namespace) -> dict:
-    return {"scheduler_instances": args.scheduler_instances, "max_queue": args.max_queue}
+    return {"scheduler_instances": args.scheduler_instances, "max_queue": args.max_queue,
+            "unet_queue_delay_us": args.unet_queue_delay_us}
 
 
 def build_parser(spec=None) -> argparse.ArgumentParser:

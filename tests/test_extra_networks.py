@@ -283,6 +283,7 @@ def test_lora_variants_get_tensorrt_profiles_and_configs(repo):
     config = network_config(spec, unet, ServingOptions(backend="onnxruntime"))
     assert config.name == f"{spec.key}__unet_lora" and config.max_batch_size == spec.dims["unet_batch"].max
     assert [list(t.dims) for t in config.input][-2:] == [[-1, d_in], [-1, d_out]]
+    assert config.HasField("dynamic_batching")
     assert config.dynamic_batching.max_queue_delay_microseconds == ServingOptions().unet_queue_delay_us
 
 

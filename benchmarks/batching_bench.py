@@ -1,0 +1,116 @@
+"""Step-level batching and the U-Net batcher's delay, side by side in one run (the embedded default model).
+
+    python benchmarks/batching_bench.py [--steps 20] [--size 256] [--repeats 3] [--clients 4]
+
+For each U-Net queue delay (0 and 2000 us: the generated configs' ``max_queue_delay_microseconds``), one server on
+the same repository: the latency of one request at a time against the in-process runner, the throughput of
+``--clients`` concurrent clients against one, and how many requests Triton merged into each U-Net call (from
+sdtrt's own metrics). Writes the "batching" section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import cpu_name, median, table, timed, write_section  # noqa: E402
+
+DELAYS_US = (0, 2000)
+
+
+def merged(metrics_url: str) -> tuple[float, float]:
+    """(U-Net calls, requests merged into them) so far, from sdtrt_network_batch_requests."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+
+    def sample(name: str) -> float:
+        match = re.search(rf'^{name}\{{network="unet"\}} (\S+)$', text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    return sample("sdtrt_network_batch_requests_count"), sample("sdtrt_network_batch_requests_sum")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+
+    from sdtrt.app.server import TritonServer
+    from sdtrt.client import Client
+    from sdtrt.default_model import build_default_model
+    from sdtrt.export import export_model
+    from sdtrt.local import LocalPipeline
+    from sdtrt.model_repository.build import write_repository
+    from sdtrt.model_repository.configs import ServingOptions
+    from sdtrt.request import Txt2ImgRequest
+    from sdtrt.spec import load_catalog
+
+    work = Path(tempfile.mkdtemp(prefix="sdtrt-batching-"))
+    model = build_default_model(work / "default")
+    repo = work / "repo"
+    export_model(model, repo, progress=False, report=lambda *_: None)
+    prompt = "a lighthouse on a cliff at dawn, oil painting"
+    settings = dict(sampler="Euler a", steps=args.steps, guidance_scale=7.0, seed=42, width=args.size,
+                    height=args.size)
+    local = LocalPipeline(repo)
+    in_process = median(timed(lambda: local.txt2img(Txt2ImgRequest(prompt, **settings)), args.repeats))
+
+    rows = []
+    for delay in DELAYS_US:
+        write_repository(repo, load_catalog(repo), replace(ServingOptions(), unet_queue_delay_us=delay))
+        with TritonServer(repo, http_port=18200, grpc_port=18201, metrics_port=18202,
+                          log_file=work / f"triton-{delay}.log"):
+            client = Client("127.0.0.1:18201")
+            one = median(timed(lambda: client.txt2img(prompt, **settings), args.repeats))
+
+            def burst():
+                threads = [threading.Thread(target=lambda s=s: client.txt2img(prompt, **{**settings, "seed": s}))
+                           for s in range(args.clients)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+
+            burst()  # warm every loop instance
+            calls0, requests0 = merged("http://127.0.0.1:18202/metrics")
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                burst()
+            elapsed = time.perf_counter() - start
+            calls1, requests1 = merged("http://127.0.0.1:18202/metrics")
+        throughput = args.clients * args.repeats / elapsed
+        rows.append([f"{delay} us", f"{one:.3f}", f"{one / in_process:.2f}", f"{throughput:.2f}",
+                     f"{throughput * one:.2f}x", f"{(requests1 - requests0) / max(calls1 - calls0, 1):.2f}"])
+
+    body = f"""## Step-level batching: the U-Net batcher's delay (embedded default model, served)
+
+Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU. One run of `python benchmarks/batching_bench.py --steps
+{args.steps} --size {args.size} --repeats {args.repeats} --clients {args.clients}`: {args.size}x{args.size},
+{args.steps} steps, Euler a, CFG 7; one server per delay on the same repository. In-process runner (no server):
+{in_process:.3f} s per image.
+
+{table(["U-Net queue delay", "1 client: s per image", "vs in-process", f"{args.clients} clients: images/s",
+        f"{args.clients} clients vs 1", "requests per U-Net call"], rows)}
+
+"requests per U-Net call" is the mean number of requests Triton's batcher merged into one U-Net execution while
+{args.clients} clients ran (sdtrt_network_batch_requests).
+"""
+    write_section("batching", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
