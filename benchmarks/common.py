@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import platform
 import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -48,3 +50,23 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def perf_analyzer(repo: Path, url: str, concurrency: int, out: Path) -> dict:
+    """perf_analyzer on the txt2img model at one concurrency: images/s and latency percentiles (ms)."""
+    from sdtrt.spec import TXT2IMG as PIPELINE
+    from sdtrt.app.server import perf_analyzer_command
+    from sdtrt.model_repository.perf import PERF_INPUT
+
+    report = out / f"perf_c{concurrency}.csv"
+    args = ["-m", PIPELINE, "-u", url, "-i", "grpc", "--input-data", str(repo / PIPELINE / PERF_INPUT),
+            "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
+            "--measurement-request-count", str(max(8, 2 * concurrency)), "--stability-percentage", "50",
+            "--percentile", "99", "-f", str(report)]
+    command, env = perf_analyzer_command(args)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not report.is_file():
+        return {"error": (done.stdout + done.stderr).strip().splitlines()[-1:] or ["perf_analyzer failed"]}
+    row = next(csv.DictReader(report.open()))
+    return {"images_s": float(row["Inferences/Second"]), "p50_ms": int(row["p50 latency"]) / 1000,
+            "p99_ms": int(row["p99 latency"]) / 1000}

@@ -20,7 +20,6 @@ Published anchors (SD 1.5, 512x512, FP16, batch 1): TensorRT 0.75 s for 50 steps
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -32,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import median, table, timed, write_section  # noqa: E402
+from common import median, perf_analyzer, table, timed, write_section  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dawn, oil painting, highly detailed"
 SIZE = 512
@@ -99,26 +98,6 @@ def bench_diffusers(model: str, repeats: int, compile_mode: str | None) -> dict:
 def failed_requests(client, model: str) -> int:
     stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
     return sum(int(s.get("inference_stats", {}).get("fail", {}).get("count", 0)) for s in stats)  # JSON omits zeros
-
-
-def perf_analyzer(repo: Path, url: str, concurrency: int, out: Path) -> dict:
-    """perf_analyzer on the txt2img model at one concurrency: images/s and latency percentiles (ms)."""
-    from sdtrt.spec import TXT2IMG as PIPELINE
-    from sdtrt.app.server import perf_analyzer_command
-    from sdtrt.model_repository.perf import PERF_INPUT
-
-    report = out / f"perf_c{concurrency}.csv"
-    args = ["-m", PIPELINE, "-u", url, "-i", "grpc", "--input-data", str(repo / PIPELINE / PERF_INPUT),
-            "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
-            "--measurement-request-count", str(max(8, 2 * concurrency)), "--stability-percentage", "50",
-            "--percentile", "99", "-f", str(report)]
-    command, env = perf_analyzer_command(args)
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not report.is_file():
-        return {"error": (done.stdout + done.stderr).strip().splitlines()[-1:] or ["perf_analyzer failed"]}
-    row = next(csv.DictReader(report.open()))
-    return {"images_s": float(row["Inferences/Second"]), "p50_ms": int(row["p50 latency"]) / 1000,
-            "p99_ms": int(row["p99 latency"]) / 1000}
 
 
 def bench_sdtrt(repo: Path, repeats: int, work: Path) -> tuple[dict, list[list[str]]]:

@@ -142,8 +142,9 @@ def test_a_full_queue_is_refused_as_busy_and_the_server_keeps_serving(small_serv
     slowest_ok = max(s for kind, s in outcomes if kind == "ok")
     assert all(s < slowest_ok / 2 for kind, s in outcomes if kind == "busy")  # refused at once, not after waiting
     # HTTP says so too, with 503, while the loop is taken
-    blocker = threading.Thread(target=lambda: client.txt2img("a cat", steps=60, width=128, height=128, seed=9))
-    waiter = threading.Thread(target=lambda: client.txt2img("a cat", steps=60, width=128, height=128, seed=10))
+    # (long enough that the loop is still taken when the HTTP request comes: seconds, not a race)
+    blocker = threading.Thread(target=lambda: client.txt2img("a cat", steps=100, width=256, height=256, seed=9))
+    waiter = threading.Thread(target=lambda: client.txt2img("a cat", steps=100, width=256, height=256, seed=10))
     blocker.start(), time.sleep(0.3), waiter.start(), time.sleep(0.3)
     body = json.dumps({"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat"]}]}).encode()
     with pytest.raises(urllib.error.HTTPError) as busy:
