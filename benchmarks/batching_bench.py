@@ -14,7 +14,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import cpu_name, median, table, timed, write_section  # noqa: E402
+from common import cpu_name, default_export, median, table, timed, write_section  # noqa: E402
 
 DELAYS_US = (0, 2000)
 
@@ -50,18 +49,13 @@ def main() -> None:
 
     from sdtrt.app.server import TritonServer
     from sdtrt.client import Client
-    from sdtrt.default_model import build_default_model
-    from sdtrt.export import export_model
     from sdtrt.local import LocalPipeline
     from sdtrt.model_repository.build import write_repository
     from sdtrt.model_repository.configs import ServingOptions
     from sdtrt.request import Txt2ImgRequest
     from sdtrt.spec import load_catalog
 
-    work = Path(tempfile.mkdtemp(prefix="sdtrt-batching-"))
-    model = build_default_model(work / "default")
-    repo = work / "repo"
-    export_model(model, repo, progress=False, report=lambda *_: None)
+    work, _, repo = default_export("sdtrt-batching-")
     prompt = "a lighthouse on a cliff at dawn, oil painting"
     settings = dict(sampler="Euler a", steps=args.steps, guidance_scale=7.0, seed=42, width=args.size,
                     height=args.size)

@@ -13,14 +13,13 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import cpu_name, median, table, write_section  # noqa: E402
+from common import cpu_name, default_export, median, table, write_section  # noqa: E402
 
 TARGET_S = 10.0  # ready within this on the default model (issue 15)
 
@@ -32,14 +31,9 @@ def main() -> None:
 
     from sdtrt.app.server import TritonServer
     from sdtrt.client import Client
-    from sdtrt.default_model import build_default_model
-    from sdtrt.export import export_model
     from sdtrt.model_repository.configs import ServingOptions
 
-    work = Path(tempfile.mkdtemp(prefix="sdtrt-cold-"))
-    model = build_default_model(work / "default")
-    repo = work / "repo"
-    export_model(model, repo, progress=False, report=lambda *_: None)
+    work, _, repo = default_export("sdtrt-cold-")
     ready, first, loads = [], [], {}
     for i in range(args.repeats):
         log = work / f"triton-{i}.log"

@@ -70,3 +70,17 @@ def perf_analyzer(repo: Path, url: str, concurrency: int, out: Path) -> dict:
     row = next(csv.DictReader(report.open()))
     return {"images_s": float(row["Inferences/Second"]), "p50_ms": int(row["p50 latency"]) / 1000,
             "p99_ms": int(row["p99 latency"]) / 1000}
+
+
+def default_export(prefix: str) -> tuple[Path, Path, Path]:
+    """(work folder, the embedded default model, its export) in a fresh temporary folder: what most benchmarks
+    measure on."""
+    import tempfile
+
+    from sdtrt.default_model import build_default_model
+    from sdtrt.export import export_model
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    model = build_default_model(work / "default")
+    export_model(model, work / "repo", progress=False, report=lambda *_: None)
+    return work, model, work / "repo"

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import cpu_name, perf_analyzer, table, write_section  # noqa: E402
+from common import cpu_name, default_export, perf_analyzer, table, write_section  # noqa: E402
 
 PLOT = Path(__file__).with_name("perf_sweep.png")
 
@@ -58,13 +57,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from sdtrt.app.server import TritonServer
-    from sdtrt.default_model import build_default_model
-    from sdtrt.export import export_model
 
-    work = Path(tempfile.mkdtemp(prefix="sdtrt-sweep-"))
-    model = build_default_model(work / "default")
-    repo = work / "repo"
-    export_model(model, repo, progress=False, report=lambda *_: None)
+    work, _, repo = default_export("sdtrt-sweep-")
     levels = [c for c in (1, 2, 3, 4, 6, 8, 12, 16) if c <= args.max_concurrency]
     with TritonServer(repo, http_port=18500, grpc_port=18501, metrics_port=18502, log_file=work / "triton.log"):
         results = [perf_analyzer(repo, "127.0.0.1:18501", c, work) for c in levels]
