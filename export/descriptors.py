@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from sdtrt.conditioning import POOLED_INPUT, POOLED_OUTPUT, TIME_IDS
+from sdtrt.conditioning import CONTEXT_INPUT, POOLED_INPUT, POOLED_OUTPUT, TEXT_OUTPUT, TIME_IDS
 from sdtrt.extra_networks import EMBEDDING_MARK, EMBEDDING_VECTORS, LORA_DOWN, LORA_SUFFIX, LORA_UP
 from sdtrt.spec import (  # noqa: F401  (the dim names are re-exported for the exporter's users)
     BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, LORA_RANK, TEXT_BATCH, UNET_BATCH, DimRange, TensorSpec,
@@ -230,7 +230,7 @@ def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> l
         f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         return (torch.rand(d[BATCH], pipe.vae.config.in_channels, d[LATENT_H] * f, d[LATENT_W] * f) * 2 - 1,)
 
-    text_outputs = (TensorSpec("text_embeddings", "float32", (TEXT_BATCH, text_max_length, hidden)),)
+    text_outputs = (TensorSpec(TEXT_OUTPUT, "float32", (TEXT_BATCH, text_max_length, hidden)),)
     if second is not None:
         text_outputs += (TensorSpec(POOLED_OUTPUT, "float32", (TEXT_BATCH, pooled)),)
     unet_added = (TensorSpec(POOLED_INPUT, "float32", (UNET_BATCH, pooled)),
@@ -252,7 +252,7 @@ def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> l
             inputs=(
                 TensorSpec("sample", "float32", (UNET_BATCH, unet_channels, LATENT_H, LATENT_W)),
                 TensorSpec("timestep", "float32", (UNET_BATCH,)),
-                TensorSpec("encoder_hidden_states", "float32", (UNET_BATCH, CONTEXT, cross)),
+                TensorSpec(CONTEXT_INPUT, "float32", (UNET_BATCH, CONTEXT, cross)),
                 *unet_added,
             ),
             outputs=(TensorSpec("noise_pred", "float32", (UNET_BATCH, latent_channels, LATENT_H, LATENT_W)),),

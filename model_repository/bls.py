@@ -107,11 +107,16 @@ class BlsNetworks:
         return prompt_conditioning({k: v.numpy() for k, v in outputs.items()}, tokens[TOKEN_WEIGHTS].numpy())
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
-        return self._network("unet", (sample, timestep, *unet_inputs(self.spec, context)), self.device)["noise_pred"]
+        outputs = self._network("unet", (sample, timestep, *unet_inputs(self.spec, context)), self.device)
+        return outputs[self.spec.component("unet").outputs[0].name]
+
+    def _single(self, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A one-input, one-output network's answer (the VAE's), by the spec's tensor names."""
+        component = self.spec.component(name)
+        return self._call(component, (value,), device)[component.outputs[0].name]
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._call(self.spec.component("vae_encoder"), (images,), self.device)["latent_parameters"]
+        return self._single("vae_encoder", images, self.device)
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
-        images = self._call(self.spec.component("vae_decoder"), (latents,), torch.device("cpu"))["images"]
-        return to_uint8(images.numpy())
+        return to_uint8(self._single("vae_decoder", latents, torch.device("cpu")).numpy())

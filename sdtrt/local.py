@@ -140,7 +140,8 @@ class LocalNetworks:
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
         inputs = (sample, timestep, *unet_inputs(self.pipeline.spec, context))
-        return torch.from_numpy(self._run("unet", *(t.numpy() for t in inputs))["noise_pred"])
+        outputs = self._run("unet", *(t.numpy() for t in inputs))
+        return torch.from_numpy(outputs[self.pipeline.spec.component("unet").outputs[0].name])
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.pipeline.nets["vae_encoder"](images.numpy()))
