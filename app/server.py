@@ -110,6 +110,10 @@ class TritonServer:
             # whose stub died; see model_repository/health.py.
             "--model-control-mode=explicit",
             "--load-model=*",
+            # The configs are generated whole (model_repository/configs.py): without this, the Python backend
+            # starts one extra stub per model only to ask it for config changes, which imports torch and
+            # diffusers for each job model once more before its instance starts (~4 s of a cold start).
+            "--disable-auto-complete-config",
             *args,
             *self.extra_args,
         ]

@@ -29,14 +29,35 @@ DELAYS_US = (0, 2000)
 
 
 def merged(metrics_url: str) -> tuple[float, float]:
-    """(U-Net calls, requests merged into them) so far, from sdtrt_network_batch_requests."""
+    """(U-Net calls the txt2img job sent, loops' steps they carried) so far, from sdtrt_step_batch_loops."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
 
     def sample(name: str) -> float:
-        match = re.search(rf'^{name}\{{network="unet"\}} (\S+)$', text, re.M)
+        match = re.search(rf'^{name}\{{job="txt2img"\}} (\S+)$', text, re.M)
         return float(match.group(1)) if match else 0.0
 
-    return sample("sdtrt_network_batch_requests_count"), sample("sdtrt_network_batch_requests_sum")
+    return sample("sdtrt_step_batch_loops_count"), sample("sdtrt_step_batch_loops_sum")
+
+
+def unet_ceiling(local, clients: int, size: int, repeats: int) -> tuple[float, float]:
+    """The U-Net alone, in-process: seconds for one request's rows (2: CFG) and for ``clients`` requests' rows in
+    one call. Their ratio bounds what merging steps can give on this machine."""
+    import numpy as np
+
+    from sdtrt.spec import CONTEXT, LATENT_H, LATENT_W
+
+    spec = local.spec
+    unet = spec.component("unet")
+    latent = size // spec.vae_scale_factor
+    dims = {LATENT_H: latent, LATENT_W: latent, CONTEXT: spec.text_max_length}
+
+    def arrays(rows: int) -> list[np.ndarray]:
+        return [np.ones([rows if i == 0 else dims.get(d, d) if isinstance(d, str) else d
+                         for i, d in enumerate(t.shape)], dtype=t.dtype) for t in unet.inputs]
+
+    one, many = arrays(2), arrays(2 * clients)
+    return (median(timed(lambda: local.run("unet", *one), 3 * repeats)),
+            median(timed(lambda: local.run("unet", *many), 3 * repeats)))
 
 
 def main() -> None:
@@ -45,6 +66,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--delays", type=lambda v: [int(d) for d in v.split(",")], default=list(DELAYS_US),
+                        metavar="US,US", help="U-Net queue delays to compare (microseconds)")
     args = parser.parse_args()
 
     from sdtrt.app.server import TritonServer
@@ -61,9 +84,10 @@ def main() -> None:
                     height=args.size)
     local = LocalPipeline(repo)
     in_process = median(timed(lambda: local.txt2img(Txt2ImgRequest(prompt, **settings)), args.repeats))
+    unet_one, unet_many = unet_ceiling(local, args.clients, args.size, args.repeats)
 
     rows = []
-    for delay in DELAYS_US:
+    for delay in args.delays:
         write_repository(repo, load_catalog(repo), replace(ServingOptions(), unet_queue_delay_us=delay))
         with TritonServer(repo, http_port=18200, grpc_port=18201, metrics_port=18202,
                           log_file=work / f"triton-{delay}.log"):
@@ -79,15 +103,15 @@ def main() -> None:
                     t.join()
 
             burst()  # warm every loop instance
-            calls0, requests0 = merged("http://127.0.0.1:18202/metrics")
+            calls0, loops0 = merged("http://127.0.0.1:18202/metrics")
             start = time.perf_counter()
             for _ in range(args.repeats):
                 burst()
             elapsed = time.perf_counter() - start
-            calls1, requests1 = merged("http://127.0.0.1:18202/metrics")
+            calls1, loops1 = merged("http://127.0.0.1:18202/metrics")
         throughput = args.clients * args.repeats / elapsed
         rows.append([f"{delay} us", f"{one:.3f}", f"{one / in_process:.2f}", f"{throughput:.2f}",
-                     f"{throughput * one:.2f}x", f"{(requests1 - requests0) / max(calls1 - calls0, 1):.2f}"])
+                     f"{throughput * one:.2f}x", f"{(loops1 - loops0) / max(calls1 - calls0, 1):.2f}"])
 
     body = f"""## Step-level batching: the U-Net batcher's delay (embedded default model, served)
 
@@ -97,10 +121,16 @@ Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU. One run of `python benchm
 {in_process:.3f} s per image.
 
 {table(["U-Net queue delay", "1 client: s per image", "vs in-process", f"{args.clients} clients: images/s",
-        f"{args.clients} clients vs 1", "requests per U-Net call"], rows)}
+        f"{args.clients} clients vs 1", "loops per U-Net call"], rows)}
 
-"requests per U-Net call" is the mean number of requests Triton's batcher merged into one U-Net execution while
-{args.clients} clients ran (sdtrt_network_batch_requests).
+"loops per U-Net call" is the mean number of requests whose steps one U-Net call carried while {args.clients}
+clients ran (sdtrt_step_batch_loops: the job's loops step together, model_repository/step_batcher.py).
+
+The ceiling on this machine: the U-Net alone (in-process) takes {1000 * unet_one:.1f} ms for one request's 2 rows
+and {1000 * unet_many:.1f} ms for {args.clients} requests' {2 * args.clients} rows in one call, so merging saves at
+most {100 * (1 - unet_many / (args.clients * unet_one)):.0f}% of the U-Net's time ({args.clients * unet_one / unet_many:.2f}x);
+the rest of a gain has to come from overlapping the loops' own work with the networks'. A CPU's cost grows with
+the rows almost linearly; a GPU's does not, which is where step-level batching pays.
 """
     write_section("batching", body)
     print(body)

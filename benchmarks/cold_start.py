@@ -56,8 +56,8 @@ def main() -> None:
     body = f"""## Cold start: `sdtrt serve` to ready (embedded default model)
 
 Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU. One run of `python benchmarks/cold_start.py --repeats
-{args.repeats}` (median of {args.repeats} starts), networks on the Python backend, {options.scheduler_instances} loop
-instances per job (txt2img, img2img).
+{args.repeats}` (median of {args.repeats} starts), networks on the Python backend (onnxruntime), one process per
+model: {options.scheduler_instances} loops per job (txt2img, img2img) run as threads of one instance.
 
 {table(["from start to", "seconds"], rows)}
 
@@ -66,8 +66,10 @@ first one (Triton's log):
 
 {table(["model", "s after the first"], load_rows)}
 
-The networks load within seconds; the job models' instances (one process each, every one importing torch and
-diffusers and warming the samplers up) take the rest.
+The networks load within a second or two; the two job models (each importing torch and diffusers once and
+warming one sampler of each scheduler class up) take the rest. Before: one process per loop (8) and, for each
+model, one more process Triton starts only to ask for config changes (``--disable-auto-complete-config`` now):
+31 s.
 """
     write_section("cold start", body)
     print(body)

@@ -72,15 +72,15 @@ def perf_analyzer(repo: Path, url: str, concurrency: int, out: Path) -> dict:
             "p99_ms": int(row["p99 latency"]) / 1000}
 
 
-def default_export(prefix: str) -> tuple[Path, Path, Path]:
-    """(work folder, the embedded default model, its export) in a fresh temporary folder: what most benchmarks
-    measure on."""
+def default_export(prefix: str, size: str = "tiny") -> tuple[Path, Path, Path]:
+    """(work folder, the embedded default model at ``size`` (tiny, half: SD 1.5's layout at half width), its
+    export) in a fresh temporary folder: what most benchmarks measure on."""
     import tempfile
 
     from sdtrt.default_model import build_default_model
     from sdtrt.export import export_model
 
     work = Path(tempfile.mkdtemp(prefix=prefix))
-    model = build_default_model(work / "default")
+    model = build_default_model(work / "default", size=size)
     export_model(model, work / "repo", progress=False, report=lambda *_: None)
     return work, model, work / "repo"

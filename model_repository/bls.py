@@ -1,7 +1,8 @@
 """The networks as the jobs see them (``sdtrt.jobs.Networks``), served: BLS calls to the Triton network models.
 
-Each call names the spec's tensors; Triton's dynamic batcher may merge it with calls from other requests.
-A cancelled request stops at its next network call (the tokenizer, the text encoder, every U-Net step).
+Each call names the spec's tensors. The U-Net calls of the loops a job instance runs at once are merged into one
+call (``step_batcher.py``); Triton's dynamic batcher may merge calls from other job models too. A cancelled
+request stops at its next network call (the tokenizer, the text encoder, every U-Net step).
 
 Where the data lives: the loop runs on ``device`` (a GPU when its model instance is ``KIND_GPU``, else the
 CPU). Tensors cross into and out of Triton through DLPack, never through NumPy, and every BLS request names
@@ -20,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 from sdtrt.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
 from sdtrt.images import to_uint8
 from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
+from sdtrt.model_repository.step_batcher import StepBatcher
 from sdtrt.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.request import Txt2ImgRequest
 from sdtrt.errors import InvalidRequest
@@ -52,15 +54,20 @@ class BlsNetworks:
     its connection closed): the job model holds the client's own request, so that is seen within one step."""
 
     def __init__(self, spec: ModelSpec, request, device: torch.device = torch.device("cpu"),
-                 loras: RequestLoras | None = None):
+                 loras: RequestLoras | None = None, batcher: StepBatcher | None = None, unet_rows: int = 0):
+        """``batcher`` merges this request's U-Net calls with other loops' (up to ``unet_rows`` rows a call)."""
         self.spec = spec
         self.request = request
         self.device = device
         self.loras = loras or no_loras()
+        self.batcher = batcher
+        self.unet_rows = unet_rows
 
-    def _exec(self, model: str, inputs: list, outputs: list[str], memory: torch.device) -> dict[str, torch.Tensor]:
+    def _check_cancelled(self) -> None:
         if self.request.is_cancelled():
             raise Cancelled()
+
+    def _exec(self, model: str, inputs: list, outputs: list[str], memory: torch.device) -> dict[str, torch.Tensor]:
         response = pb_utils.InferenceRequest(
             model_name=model, requested_output_names=outputs, inputs=inputs, preferred_memory=preferred_memory(memory),
         ).exec()
@@ -83,14 +90,23 @@ class BlsNetworks:
 
     def _call(self, component: ComponentSpec, inputs: tuple[torch.Tensor, ...],
               output_device: torch.device) -> dict[str, torch.Tensor]:
-        tensors = []
+        self._check_cancelled()
+        values = []
         for spec, value in zip(component.inputs, inputs):
             value = value.to(device=self.device, dtype=getattr(torch, spec.dtype))
             if len(spec.shape) == 1:  # per-row scalars travel as [N, 1] (Triton needs a non-batch dim)
                 value = value.reshape(-1, 1)
-            tensors.append(to_triton(spec.name, value))
-        outputs = [t.name for t in component.outputs]
-        return self._exec(self.spec.triton_name(component.name), tensors, outputs, output_device)
+            values.append(value)
+        model, outputs = self.spec.triton_name(component.name), [t.name for t in component.outputs]
+
+        def run(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            triton = [to_triton(spec.name, value) for spec, value in zip(component.inputs, tensors)]
+            return self._exec(model, triton, outputs, output_device)
+
+        if self.batcher is None or not component.name.startswith("unet"):
+            return run(values)
+        key = (model, output_device, tuple(tuple(v.shape[1:]) for v in values))
+        return self.batcher.call(key, values, self.unet_rows, run)
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) conditioning: the tokenizer model (A1111 chunks and weights), then the text encoder."""
@@ -100,6 +116,7 @@ class BlsNetworks:
             value, dtype = getattr(request, name), self.spec.field(name).dtype
             array = np.array([value.encode("utf-8")], dtype=np.object_) if dtype == "string" else np.array([value], dtype=dtype)
             fields.append(pb_utils.Tensor(name, array))  # strings have no DLPack form
+        self._check_cancelled()
         tokens = self._exec(self.spec.triton_name(TOKENIZER), fields,
                             [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS, EMBEDDING_VECTORS], cpu)
         outputs = self._network("text_encoder", (tokens[TOKEN_IDS], tokens[CLIP_SKIP_ROWS],

@@ -1,7 +1,8 @@
 """config.pbtxt generation: every Triton config is derived from the spec, never kept by hand.
 
 One generator, three backends for the networks (text encoder, U-Net, VAE encoder and decoder):
-  * ``python``      - onnxruntime inside a Python-backend model (runs anywhere, incl. the pip tritonserver)
+  * ``python``      - a CPU engine inside a Python-backend model (runs anywhere, incl. the pip tritonserver):
+                      onnxruntime (fp32), or OpenVINO in fp32 or bf16 (``cpu_engine``, ``cpu_precision``)
   * ``onnxruntime`` - ``platform: "onnxruntime_onnx"`` (NVIDIA's Triton server image)
   * ``tensorrt``    - ``platform: "tensorrt_plan"`` (GPU, engines built by ``sdtrt export --format trt``)
 The tokenizer and the jobs users call (``txt2img``, ``img2img``) are Python-backend models. A job model runs the
@@ -21,6 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from sdtrt.errors import UsageError
 from sdtrt.extra_networks import EMBEDDING_VECTORS
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
+from sdtrt.runners import CPU_ENGINES, CPU_PRECISIONS
 from sdtrt.spec import (
     ENGINES, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ComponentSpec,
     ModelSpec, TensorSpec,
@@ -38,14 +40,31 @@ def config_dtype(dtype: str) -> int:
 @dataclass(frozen=True)
 class ServingOptions:
     backend: str = "python"
-    scheduler_instances: int = 4  # denoising loops that run at once; their U-Net calls are batched together
-    max_queue: int = 16  # requests a job model holds beyond its running loops; more get UNAVAILABLE (busy, retry)
+    scheduler_instances: int = 4  # denoising loops a job runs at once; their U-Net calls are batched together
+    # Requests a job model holds beyond its running loops (plus the one its instance holds while it waits for a
+    # loop); more get UNAVAILABLE (busy, retry).
+    max_queue: int = 16
     # How long the U-Net batcher waits for more requests' steps. 0: a lone request never waits, and steps that
     # queue while the U-Net runs are still merged into its next call (benchmarks/batching_bench.py: on 2 cores,
     # 0 us gives lower latency AND higher 4-client throughput than 2000 us, with the same 2 requests per call).
     unet_queue_delay_us: int = 0
     network_instances: int = 1
+    # The python backend's CPU engine (sdtrt.runners): onnxruntime computes as diffusers does (fp32); OpenVINO
+    # fp32 is about as fast, bf16 about 2x faster where the CPU has bfloat16 (benchmarks/cpu_bench.py).
+    cpu_engine: str = "onnxruntime"
+    cpu_precision: str = "fp32"
 
+    def __post_init__(self):
+        if self.backend not in NETWORK_BACKENDS:
+            raise UsageError(f"backend must be one of {', '.join(NETWORK_BACKENDS)}, got {self.backend!r}")
+        if self.cpu_engine not in CPU_ENGINES or self.cpu_precision not in CPU_PRECISIONS:
+            raise UsageError(f"the CPU engine must be one of {', '.join(CPU_ENGINES)} and its precision one of "
+                             f"{', '.join(CPU_PRECISIONS)}, got {self.cpu_engine} {self.cpu_precision}")
+        if self.cpu_engine == "onnxruntime" and self.cpu_precision != "fp32":
+            raise UsageError(f"onnxruntime runs fp32 only: {self.cpu_precision} needs --cpu-engine openvino")
+
+
+LOOPS_PARAMETER = "loops"  # the job models' config parameter: scheduler_instances
 
 # The tokenizer's outputs, named once here for the tokenizer model and the job models that call it.
 TOKEN_IDS = "token_ids"  # [2k, 77]: the negative prompt's k chunks, then the prompt's k chunks
@@ -141,6 +160,8 @@ def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOp
     config.instance_group.add(count=options.network_instances, kind=device_kind(options))
     if options.backend == "python":
         config.parameters["onnx_file"].string_value = "model.onnx"
+        config.parameters["engine"].string_value = options.cpu_engine
+        config.parameters["precision"].string_value = options.cpu_precision
     return config
 
 
@@ -197,10 +218,13 @@ def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelC
     _tensor(config.output, SEEDS, "int64", [-1])
     if job.name == TXT2IMG:  # clients read the specs from here (the same JSON export wrote)
         config.parameters[SPEC_PARAMETER].string_value = json.dumps(catalog.to_json(), separators=(",", ":"))
-    # On a GPU the loops run on GPU instances: their latents stay on the device between U-Net calls.
-    config.instance_group.add(count=options.scheduler_instances, kind=device_kind(options))
-    # One request per execution (max_batch_size 0); the batcher is here for its queue policy: a bounded wait,
-    # then Triton's UNAVAILABLE ("Exceeds maximum queue size", HTTP 503) instead of an ever longer queue.
+    # One instance runs the job's loops in threads (model_repository/triton_io.py, JobModel); on a GPU it is a
+    # GPU instance (one per GPU) and the latents stay on the device between U-Net calls.
+    config.instance_group.add(count=1, kind=device_kind(options))
+    config.parameters[LOOPS_PARAMETER].string_value = str(options.scheduler_instances)
+    # One request per execution (max_batch_size 0); the batcher is here for its queue policy: requests wait while
+    # every loop is busy, a bounded number of them, then Triton's UNAVAILABLE ("Exceeds maximum queue size",
+    # HTTP 503) instead of an ever longer queue.
     config.dynamic_batching.default_queue_policy.max_queue_size = options.max_queue
     return config
 

@@ -33,7 +33,7 @@ class TritonPythonModel(JobModel):
         nets = self.networks(request, spec, settings)
         with self.stage("text"):
             uncond, cond = nets.encode_prompts(settings)
-        with self.stage("denoise"):
+        with self.stage("denoise"), self.batcher.denoising():
             latents, seeds = img2img_latents(spec, settings, inputs, uncond, cond, nets, self.on_step)
         with self.stage("decode"):
             images = finish_images(nets.vae_decode(latents), inputs, spec.vae_scale_factor)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +95,19 @@ class JsonLog:
         self._emit(pb_utils.Logger.log_error, event, **fields)
 
 
+def unet_rows(spec: ModelSpec) -> int:
+    """The most rows one U-Net call may carry: the spec's batch range, or what its TensorRT engine was built for
+    (0 for an engine of fixed batch, which takes each loop's call only as it is)."""
+    from sdtrt.model_repository.configs import engine_batching
+    from sdtrt.spec import ENGINES
+
+    unet = spec.component("unet")
+    engine = spec.extra.get(ENGINES, {}).get("unet")
+    if engine is not None:
+        return engine_batching(spec, unet, engine["profile"]).max_batch_size
+    return spec.dims[unet.inputs[0].shape[0]].max
+
+
 class PerRequestModel:
     """One response per request, in order, whatever happens: ``run(request)`` builds it; a bad setting becomes
     INVALID_ARG naming the field, a cancelled request CANCELLED, anything else INTERNAL, and the model keeps
@@ -106,33 +121,43 @@ class PerRequestModel:
     def outcome(self, request, outcome: str) -> None:
         """Called once per request with how it ended (success, invalid_argument, cancelled, error)."""
 
-    def execute(self, requests):
+    def respond(self, request) -> "pb_utils.InferenceResponse":
+        """The one response of ``request``: what ``run`` builds, or the error it raised, named."""
         from sdtrt.errors import InvalidRequest
         from sdtrt.model_repository.bls import Cancelled
 
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self.run(request))
-                self.outcome(request, "success")
-            except InvalidRequest as exc:
-                self.log.info("invalid_request", field=exc.field)
-                responses.append(error_response(str(exc), "INVALID_ARG"))
-                self.outcome(request, "invalid_argument")
-            except Cancelled:
-                self.log.info("cancelled", request_id=request.request_id())
-                responses.append(error_response("request cancelled by the client", "CANCELLED"))
-                self.outcome(request, "cancelled")
-            except Exception as exc:  # never let one request take the model down
-                self.log.error("failed", error=repr(exc))
-                responses.append(error_response(f"{self.log.model}: {exc}"))
-                self.outcome(request, "error")
-        return responses
+        try:
+            response = self.run(request)
+            self.outcome(request, "success")
+            return response
+        except InvalidRequest as exc:
+            self.log.info("invalid_request", field=exc.field)
+            self.outcome(request, "invalid_argument")
+            return error_response(str(exc), "INVALID_ARG")
+        except Cancelled:
+            self.log.info("cancelled", request_id=request.request_id())
+            self.outcome(request, "cancelled")
+            return error_response("request cancelled by the client", "CANCELLED")
+        except Exception as exc:  # never let one request take the model down
+            self.log.error("failed", error=repr(exc))
+            self.outcome(request, "error")
+            return error_response(f"{self.log.model}: {exc}")
+
+    def execute(self, requests):
+        return [self.respond(request) for request in requests]
 
 
 class JobModel(PerRequestModel):
     """What the job models (txt2img, img2img) share: reading and checking a job's fields, the networks of one
-    request and its structured log line. Subclasses set ``job`` and write ``run``."""
+    request and its structured log line. Subclasses set ``job`` and write ``run``.
+
+    One instance (one process) runs up to ``loops`` requests at once, each in its own thread: the loop's work
+    between U-Net calls is small, BLS calls release the GIL while they wait, and one process instead of one per
+    loop imports torch and diffusers once (a ready server in seconds, not half a minute). ``execute`` hands a
+    request to a free loop and returns; the loop sends the response itself (the response sender, one final
+    response, as non-decoupled models may since Triton 24.07). While every loop is busy, ``execute`` waits for
+    one to finish, so further requests stay in Triton's queue: its max_queue_size answers UNAVAILABLE beyond it
+    and its queue metrics keep telling the truth."""
 
     job = None  # a sdtrt.model_repository.configs.Job
 
@@ -141,14 +166,21 @@ class JobModel(PerRequestModel):
 
         from sdtrt.request import job_fields
 
+        from sdtrt.model_repository.configs import LOOPS_PARAMETER
         from sdtrt.model_repository.metrics import Metrics
+        from sdtrt.model_repository.step_batcher import StepBatcher
 
+        config = json.loads(args["model_config"])
+        # (absent from configs an earlier sdtrt generated, with one instance per loop: one loop each, as then)
+        self.loops = int(config["parameters"].get(LOOPS_PARAMETER, {}).get("string_value", 1))
+        self.free_loops = threading.BoundedSemaphore(self.loops)
+        self.pool = ThreadPoolExecutor(max_workers=self.loops, thread_name_prefix="loop")
         self.repo = repo_root(args)
         self.catalog = load_catalog(self.repo)
         self.lora_libraries: dict = {}
         self.metrics = Metrics()
-        self._labels: dict[str, str] = {}
-        self._steps = 0
+        self.current = threading.local()  # the request a loop thread is running: its labels and step count
+        self.batcher = StepBatcher(on_merge=lambda loops: self.metrics.step_batch(self.job.name, loops))
         self.log = JsonLog(args["model_name"])
         self.fields = job_fields(self.job.request_type)
         self.device = instance_device(args)
@@ -156,8 +188,26 @@ class JobModel(PerRequestModel):
             self.log.warn("no_cuda", reason="a GPU instance, but this torch has no CUDA: the loop runs on the CPU")
         torch.set_num_threads(1)  # the loop's own math is small; leave the cores to the networks
         self.warm_up()
-        self.log.info("ready", instance=args.get("model_instance_name"), device=str(self.device),
+        self.log.info("ready", instance=args.get("model_instance_name"), device=str(self.device), loops=self.loops,
                       models=list(self.catalog.models), default=self.catalog.default)
+
+    def execute(self, requests):
+        for request in requests:
+            self.free_loops.acquire()  # blocks while every loop is busy: the next requests wait in Triton's queue
+            self.pool.submit(self._loop, request)
+        return None
+
+    def _loop(self, request) -> None:
+        try:
+            response = self.respond(request)
+            request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as exc:  # the client may be gone; the loop must come back whatever happened
+            self.log.error("send_failed", request_id=request.request_id(), error=repr(exc))
+        finally:
+            self.free_loops.release()
+
+    def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def networks(self, request, spec: ModelSpec, settings):
         """One model's networks for one request (with the LoRAs its prompts name), called through BLS from this
@@ -169,7 +219,7 @@ class JobModel(PerRequestModel):
             self.lora_libraries[spec.key] = LoraLibrary(self.repo, spec.loras)
         library = self.lora_libraries[spec.key]
         tags = request_loras(settings.prompt, settings.negative_prompt, spec.loras, 1 << 30)  # checked by validate
-        return BlsNetworks(spec, request, self.device, RequestLoras(library, tags))
+        return BlsNetworks(spec, request, self.device, RequestLoras(library, tags), self.batcher, unet_rows(spec))
 
     def warm_up(self) -> None:
         """Import every sampler's scheduler and run one step on this instance's device, so that no request pays
@@ -180,7 +230,10 @@ class JobModel(PerRequestModel):
         from sdtrt.samplers import DEFAULT_SCHEDULE, SAMPLERS, make_scheduler, step_kwargs
 
         spec = self.catalog.get()
-        for name in SAMPLERS:
+        # One sampler per scheduler class: the imports are what first use costs (the schedule variants of one
+        # class share them), and a class can take ~0.2 s to build (DPM2): not to pay 20 times at every start.
+        firsts = {sampler.scheduler: name for name, sampler in reversed(SAMPLERS.items())}
+        for name in firsts.values():
             scheduler = make_scheduler(name, spec.scheduler_config, DEFAULT_SCHEDULE, spec.schedules, [0])
             scheduler.set_timesteps(2, device=self.device)
         latents = torch.zeros(1, spec.latent_channels, 8, 8, device=self.device)
@@ -194,16 +247,17 @@ class JobModel(PerRequestModel):
         from sdtrt.request import resolve_seeds, validate
         from sdtrt.spec import MODEL
 
-        self._labels, self._steps = {"model": str(scalar(request, MODEL) or self.catalog.default), "sampler": ""}, 0
+        self.current.labels = {"model": str(scalar(request, MODEL) or self.catalog.default), "sampler": ""}
+        self.current.steps = 0
         spec = self.catalog.get(scalar(request, MODEL))
         values = {name: scalar(request, name) for name in self.fields}
         settings = resolve_seeds(validate(self.job.request_type(**values), spec))
-        self._labels = {"model": spec.key, "sampler": settings.sampler}
+        self.current.labels = {"model": spec.key, "sampler": settings.sampler}
         return spec, settings
 
     def on_step(self, done: int, total: int) -> None:
         """The loop's step callback: counts the U-Net steps a request runs."""
-        self._steps += 1
+        self.current.steps = getattr(self.current, "steps", 0) + 1
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -213,10 +267,10 @@ class JobModel(PerRequestModel):
         self.metrics.stage(self.job.name, name, time.perf_counter() - start)
 
     def outcome(self, request, outcome: str) -> None:
-        labels = {"model": "", "sampler": "", **self._labels}
+        labels = {"model": "", "sampler": "", **getattr(self.current, "labels", {})}
         self.metrics.request(self.job.name, labels["model"], labels["sampler"], outcome)
-        self.metrics.steps(self.job.name, labels["model"], self._steps)
-        self._labels, self._steps = {}, 0
+        self.metrics.steps(self.job.name, labels["model"], getattr(self.current, "steps", 0))
+        self.current.labels, self.current.steps = {}, 0
 
     def done(self, request, spec: ModelSpec, settings, start: float, **extra: Any) -> None:
         self.metrics.duration(self.job.name, spec.key, time.perf_counter() - start)

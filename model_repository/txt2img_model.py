@@ -1,8 +1,8 @@
 """Triton model ``txt2img``: the text-to-image job users call, run in order through BLS: the tokenizer, the text
 encoder, the denoising loop with one call to ``unet`` a step (and the hires fix), the VAE decoder.
 
-Each instance runs one request at a time; several instances (``instance_group``) run several loops, and Triton's
-dynamic batcher on ``unet`` merges their steps into shared U-Net calls. Each request gets its own scheduler
+One instance runs several requests at once, each loop in its own thread (``triton_io.JobModel``); the loops that
+denoise at the same time send their steps as one U-Net call (``step_batcher.py``). Each request gets its own scheduler
 object, generators and response, so images never cross between requests. Holding the client's request, the
 loop sees a cancelled or vanished client at its next step and stops (``CANCELLED``).
 """
@@ -29,7 +29,7 @@ class TritonPythonModel(JobModel):
         nets = self.networks(request, spec, settings)
         with self.stage("text"):
             uncond, cond = nets.encode_prompts(settings)
-        with self.stage("denoise"):
+        with self.stage("denoise"), self.batcher.denoising():
             latents, seeds = txt2img_latents(spec, settings, uncond, cond, nets, self.on_step)
         with self.stage("decode"):
             images = nets.vae_decode(latents)

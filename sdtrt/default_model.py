@@ -71,7 +71,15 @@ SD15_SHAPES = {
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
     "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
 }
-SIZES = ("tiny", "sd15")
+# SD 1.5's layout (the same blocks, layers, heads and attention) at half its widths: ~1/4 of its cost per step,
+# for CPU benchmarks of an SD-shaped model that finish in minutes, not hours.
+HALF_SD15_SHAPES = {
+    "text": dict(hidden_size=384, intermediate_size=1536, num_attention_heads=6, num_hidden_layers=12,
+                 projection_dim=384),
+    "unet": {**SD15_SHAPES["unet"], "block_out_channels": (160, 320, 640, 640), "cross_attention_dim": 384},
+    "vae": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2),
+}
+SIZES = ("tiny", "half", "sd15")
 
 # The tiny model in SD 2.x's architecture (OpenCLIP-style text tower: GELU, 23 layers read as SD 2.x reads them;
 # U-Net heads of size 64, linear projections; v-prediction as the 768-v models), for testing that family.
@@ -109,7 +117,7 @@ def model_configs(size: str = "tiny", inpainting: bool = False, family: str = "s
     (tiny only) SD 2.x."""
     if size not in SIZES or family not in FAMILIES or (family != "sd1" and size != "tiny"):
         raise ValueError(f"size must be one of {SIZES} and family one of {FAMILIES} (sd2, sdxl: tiny only)")
-    scaled = {"sd15": SD15_SHAPES}.get(size) or {"sd2": SD2_TINY, "sdxl": SDXL_TINY}.get(family) or {}
+    scaled = {"sd15": SD15_SHAPES, "half": HALF_SD15_SHAPES}.get(size) or {"sd2": SD2_TINY, "sdxl": SDXL_TINY}.get(family) or {}
     configs = {
         "text": {**TEXT_CONFIG, **scaled.get("text", {})},
         "unet": {**UNET_CONFIG, **scaled.get("unet", {}), **({"in_channels": 9} if inpainting else {})},

@@ -1,4 +1,5 @@
-"""The in-process reference runner: txt2img and img2img from an exported repository with onnxruntime, no server.
+"""The in-process reference runner: txt2img and img2img from an exported repository, no server (the networks on
+onnxruntime, OpenVINO or TensorRT: ``sdtrt.runners``).
 
 It runs the same steps, in the same order, as the served job models (tokenizer -> text encoder -> the denoising
 loop with the U-Net -> VAE decoder -> uint8 pictures), so served images can be checked against it.
@@ -19,76 +20,45 @@ from sdtrt.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, Reque
 from sdtrt.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.prompts import text_rows
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
-from sdtrt.spec import ComponentSpec, ModelSpec, load_spec
+from sdtrt.runners import CPU_ENGINES, Runner, TensorRtRunner, cpu_runner
+from sdtrt.spec import ModelSpec, load_spec
 from sdtrt.text import load_tokenizer
 
 
-class OnnxNetwork:
-    """One exported network in an onnxruntime session, fed and read by the spec's tensor names."""
-
-    def __init__(self, repo: Path, component: ComponentSpec, threads: int = 0):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.component = component
-        self.session = ort.InferenceSession(str(repo / component.onnx), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
-        return self.outputs(*arrays)[self.component.outputs[0].name]
-
-    def outputs(self, *arrays: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {}
-        for spec, array in zip(self.component.inputs, arrays):
-            feed[spec.name] = np.ascontiguousarray(array, dtype=spec.dtype)
-        names = [t.name for t in self.component.outputs]
-        return dict(zip(names, self.session.run(names, feed)))
-
-
-class TrtNetwork:
-    """One network as a TensorRT engine (GPU), through polygraphy's runner; same calling convention."""
-
-    def __init__(self, engine_path: Path, component: ComponentSpec):
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        self.component = component
-        self.runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
-        self.runner.activate()
-
-    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
-        return self.outputs(*arrays)[self.component.outputs[0].name]
-
-    def outputs(self, *arrays: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {t.name: np.ascontiguousarray(a, dtype=t.dtype) for t, a in zip(self.component.inputs, arrays)}
-        out = self.runner.infer(feed)
-        return {t.name: np.asarray(out[t.name], dtype=np.float32) for t in self.component.outputs}
-
-
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = (*CPU_ENGINES, "tensorrt")
 
 
 class LocalPipeline:
     device = torch.device("cpu")  # the loop's tensors; the networks take and give NumPy arrays
 
-    def __init__(self, repo_dir: str | Path, threads: int = 0, backend: str = "onnxruntime", model: str | None = None):
-        """One model of an exported repository (``model``; default: its default model)."""
+    def __init__(self, repo_dir: str | Path, threads: int = 0, backend: str = "onnxruntime", model: str | None = None,
+                 precision: str = "fp32"):
+        """One model of an exported repository (``model``; default: its default model), its networks run by
+        ``backend``: a CPU engine (onnxruntime, openvino at ``precision``) or its TensorRT engines."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.repo = Path(repo_dir)
         self.spec: ModelSpec = load_spec(self.repo, model)
         self.tokenizer = load_tokenizer(self.repo / self.spec.tokenizer, self.spec.text_max_length)
+        self.nets: dict[str, Runner] = {}
         if backend == "tensorrt":
             from sdtrt.engines import check_engine_matches, manifest
 
             engines = manifest(self.spec)
-            self.nets = {}
             for name, component in self.spec.components.items():
                 check_engine_matches(engines[name], name)
                 path = self.repo / self.spec.triton_name(name) / "1" / engines[name]["file"]
-                self.nets[name] = TrtNetwork(path, component)
+                self.nets[name] = TensorRtRunner(path, component)
         else:
-            self.nets = {name: OnnxNetwork(self.repo, c, threads) for name, c in self.spec.components.items()}
+            self.nets = {name: cpu_runner(self.repo / c.onnx, c, backend, precision, threads)
+                         for name, c in self.spec.components.items()}
         self.embeddings = EmbeddingTable(self.repo, self.spec.embeddings, self.tokenizer, self.spec.text_hidden_size)
         self.lora_library = LoraLibrary(self.repo, self.spec.loras)
+
+    def run(self, name: str, *arrays: np.ndarray) -> dict[str, np.ndarray]:
+        """One network on arrays given in the spec's input order; its outputs by name."""
+        component = self.spec.component(name)
+        return self.nets[name].outputs({t.name: a for t, a in zip(component.inputs, arrays)})
 
     def networks(self, request: Txt2ImgRequest) -> "LocalNetworks":
         """The networks for one request, with the LoRAs its prompts name."""
@@ -135,8 +105,11 @@ class LocalNetworks:
     def _run(self, name: str, *arrays: np.ndarray) -> dict[str, np.ndarray]:
         lora = self.loras.inputs(name, len(arrays[0]), self.device)
         if lora is None:
-            return self.pipeline.nets[name].outputs(*arrays)
-        return self.pipeline.nets[name + LORA_SUFFIX].outputs(*arrays, *(m.numpy() for m in lora))
+            return self.pipeline.run(name, *arrays)
+        return self.pipeline.run(name + LORA_SUFFIX, *arrays, *(m.numpy() for m in lora))
+
+    def _single(self, name: str, array: np.ndarray) -> np.ndarray:
+        return self.pipeline.run(name, array)[self.pipeline.spec.component(name).outputs[0].name]
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
         inputs = (sample, timestep, *unet_inputs(self.pipeline.spec, context))
@@ -144,10 +117,10 @@ class LocalNetworks:
         return torch.from_numpy(outputs[self.pipeline.spec.component("unet").outputs[0].name])
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.pipeline.nets["vae_encoder"](images.numpy()))
+        return torch.from_numpy(self._single("vae_encoder", images.numpy()))
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
-        return to_uint8(self.pipeline.nets["vae_decoder"](latents.numpy()))
+        return to_uint8(self._single("vae_decoder", latents.numpy()))
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) conditioning: contexts [1, 77k, H] with A1111 weighting, chunking, embeddings and Clip

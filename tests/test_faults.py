@@ -125,7 +125,7 @@ def test_a_full_queue_is_refused_as_busy_and_the_server_keeps_serving(small_serv
     def send(i: int) -> None:
         start = time.perf_counter()
         try:
-            client.txt2img("a cat", steps=60, width=128, height=128, seed=i)
+            client.txt2img("a cat", steps=100, width=256, height=256, seed=i)  # ~2 s: the queue stays full
             outcomes.append(("ok", time.perf_counter() - start))
         except ServerBusy as exc:
             assert "the server is busy" in str(exc) and "retry" in str(exc)
@@ -134,7 +134,9 @@ def test_a_full_queue_is_refused_as_busy_and_the_server_keeps_serving(small_serv
     threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-        time.sleep(0.2)  # in order: the first runs, the second waits, the rest find the queue full
+        # In order: the first runs; the second waits at the instance for the loop, the third in Triton's queue
+        # (max_queue 1); the last finds the queue full.
+        time.sleep(0.2)
     for t in threads:
         t.join()
     kinds = sorted(kind for kind, _ in outcomes)
@@ -143,15 +145,18 @@ def test_a_full_queue_is_refused_as_busy_and_the_server_keeps_serving(small_serv
     assert all(s < slowest_ok / 2 for kind, s in outcomes if kind == "busy")  # refused at once, not after waiting
     # HTTP says so too, with 503, while the loop is taken
     # (long enough that the loop is still taken when the HTTP request comes: seconds, not a race)
-    blocker = threading.Thread(target=lambda: client.txt2img("a cat", steps=100, width=256, height=256, seed=9))
-    waiter = threading.Thread(target=lambda: client.txt2img("a cat", steps=100, width=256, height=256, seed=10))
-    blocker.start(), time.sleep(0.3), waiter.start(), time.sleep(0.3)
+    # (the loop runs one, the instance holds one, the queue one: the HTTP request is the fourth)
+    others = [threading.Thread(target=lambda s=s: client.txt2img("a cat", steps=100, width=256, height=256, seed=s))
+              for s in (9, 10, 11)]
+    for other in others:
+        other.start(), time.sleep(0.3)
     body = json.dumps({"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat"]}]}).encode()
     with pytest.raises(urllib.error.HTTPError) as busy:
         urllib.request.urlopen(urllib.request.Request(f"http://{small_server.http_url}/v2/models/txt2img/infer",
                                                       data=body, method="POST"), timeout=30)
     assert busy.value.code == 503 and "queue" in busy.value.read().decode()
-    blocker.join(), waiter.join()
+    for other in others:
+        other.join()
     assert client.txt2img("a cat", steps=2, width=64, height=64, seed=1).images.shape == (1, 64, 64, 3)
 
 

@@ -24,22 +24,23 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
                      "sdtrt.img2img", "sdtrt.prompts", "sdtrt.architectures", "sdtrt.extra_networks"}),
     "pipeline": (1, {"sdtrt.denoise", "sdtrt.vae", "sdtrt.jobs", "sdtrt.text", "sdtrt.local", "sdtrt.clip_vocab",
                      "sdtrt.conditioning",
-                     "sdtrt.default_model", "sdtrt.engines"}),
+                     "sdtrt.default_model", "sdtrt.engines", "sdtrt.runners"}),
     "repository generator": (2, {"sdtrt.model_repository", "sdtrt.model_repository.configs",
                                  "sdtrt.model_repository.build", "sdtrt.model_repository.perf"}),
     "export": (3, {"sdtrt.export", "sdtrt.export.checkpoint", "sdtrt.export.descriptors", "sdtrt.export.lora",
                    "sdtrt.export.onnx_export", "sdtrt.export.tensorrt", "sdtrt.export.single_file", "sdtrt.export.ldm"}),
     "served models": (3, {"sdtrt.model_repository.triton_io", "sdtrt.model_repository.bls",
-                          "sdtrt.model_repository.metrics",
+                          "sdtrt.model_repository.metrics", "sdtrt.model_repository.step_batcher",
                           "sdtrt.model_repository.txt2img_model", "sdtrt.model_repository.img2img_model",
-                          "sdtrt.model_repository.tokenizer_model", "sdtrt.model_repository.onnx_model"}),
+                          "sdtrt.model_repository.tokenizer_model", "sdtrt.model_repository.network_model",
+                          "sdtrt.model_repository.onnx_model"}),
     "client": (4, {"sdtrt.client", "sdtrt.client.client"}),
     "application": (5, {"sdtrt.__main__", "sdtrt.app", "sdtrt.app.cli", "sdtrt.app.server", "sdtrt.app.health",
                         "sdtrt.app.models",
                         "sdtrt.app.soak", "sdtrt.client.cli", "sdtrt.client.a1111_api", "sdtrt.client.ui"}),
 }
 THIN = {"contract", "client"}  # importable where only the client install is
-HEAVY = {"torch", "diffusers", "transformers", "onnxruntime", "onnx", "onnxscript", "tensorrt", "polygraphy", "peft",
+HEAVY = {"torch", "diffusers", "transformers", "onnxruntime", "openvino", "onnx", "onnxscript", "tensorrt", "polygraphy", "peft",
          "accelerate", "safetensors", "triton_python_backend_utils"}
 
 

@@ -49,6 +49,8 @@ def test_requests_steps_stages_and_batches_are_counted(server):
     assert delta("sdtrt_network_batch_rows_count", network="unet") == 5  # one U-Net call a step
     assert delta("sdtrt_network_batch_rows_sum", network="unet") == 10  # uncond + cond rows
     assert delta("sdtrt_network_batch_requests_sum", network="unet") == 5
+    assert delta("sdtrt_step_batch_loops_count", job="txt2img") == 5  # a lone loop: its own calls, unmerged
+    assert delta("sdtrt_step_batch_loops_sum", job="txt2img") == 5
     assert "nv_inference_request_success" in after  # Triton's own metrics beside them
 
 
@@ -66,3 +68,25 @@ def test_the_grafana_dashboard_reads_metrics_the_server_has(server):
     assert {"sdtrt_requests_total", "sdtrt_denoising_steps_total", "nv_inference_request_success"} <= queried
     missing = sorted(name for name in queried if name not in exported)
     assert not missing, f"the dashboard queries metrics the server does not export: {missing}"
+
+
+def test_concurrent_requests_step_together_and_the_merges_show(server):
+    """Four requests of the same size at once: their loops send their steps as shared U-Net calls (more loops
+    than calls in sdtrt_step_batch_loops; one at a time they would be equal), and each image is still the
+    one its request gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    client = Client(server.url)
+    settings = dict(steps=8, width=64, height=64, sampler="Euler a")
+    alone = [client.txt2img("a lighthouse", seed=s, **settings).images for s in range(4)]
+    before = scrape(server)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda s: client.txt2img("a lighthouse", seed=s, **settings).images, range(4)))
+    after = scrape(server)
+    calls = value(after, "sdtrt_step_batch_loops_count", job="txt2img") - value(before, "sdtrt_step_batch_loops_count", job="txt2img")
+    loops = value(after, "sdtrt_step_batch_loops_sum", job="txt2img") - value(before, "sdtrt_step_batch_loops_sum", job="txt2img")
+    assert loops == 4 * 8 and calls < loops, (calls, loops)
+    for one, shared in zip(alone, together):
+        assert np.abs(one.astype(int) - shared.astype(int)).max() <= 1

@@ -1,0 +1,111 @@
+"""Triton models ``text_encoder``, ``unet``, ``vae_decoder``, ``vae_encoder`` on the Python backend: a CPU engine
+(``sdtrt.runners``: onnxruntime, or OpenVINO in fp32 or bf16, as the config's ``engine`` and ``precision`` say) on
+the exported ONNX.
+
+Used where Triton's own backends are absent (the pip tritonserver) or slower (OpenVINO on a CPU); on NVIDIA's
+server image the same networks can be served by ``platform: "onnxruntime_onnx"`` or ``"tensorrt_plan"`` from the
+same spec. Requests that
+Triton's dynamic batcher gathered are run as ONE onnxruntime call and split back in order, each response going
+to the request that sent it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from sdtrt.model_repository.metrics import Metrics
+from sdtrt.runners import OnnxRuntimeRunner, cpu_runner
+from sdtrt.model_repository.triton_io import JsonLog, error_response, model_part, model_spec
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.log = JsonLog(args["model_name"])
+        spec = model_spec(args)
+        self.component = spec.component(model_part(args))
+        parameters = {k: v["string_value"] for k, v in config["parameters"].items()}
+        folder = Path(args["model_repository"]) / args["model_version"]
+        path = folder / parameters["onnx_file"]
+        engine, precision = parameters.get("engine", "onnxruntime"), parameters.get("precision", "fp32")
+        if engine == "onnxruntime":
+            # CUDA when this onnxruntime has it (onnxruntime-gpu on a GPU box), else the CPU.
+            self.runner = OnnxRuntimeRunner(path, self.component, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        else:
+            self.runner = cpu_runner(path, self.component, engine, precision, cache_dir=_writable(folder / "openvino_cache"))
+        self.output_names = [t.name for t in self.component.outputs]
+        self.metrics = Metrics()
+        self._warm_up(spec)
+        self.log.info("ready", onnx=str(path), engine=engine, precision=precision,
+                      inputs=[t.name for t in self.component.inputs])
+
+    def _warm_up(self, spec) -> None:
+        """One run at the smallest shapes: onnxruntime's first run sets up kernels and memory (~1 s)."""
+        feed = {}
+        for tensor in self.component.inputs:
+            shape = [d if isinstance(d, int) else spec.dims[d].min for d in tensor.shape]
+            feed[tensor.name] = np.ones(shape, dtype=tensor.dtype)
+        self.runner.outputs(feed)
+
+    def _inputs(self, request) -> list[np.ndarray]:
+        arrays = []
+        for tensor in self.component.inputs:
+            array = pb_utils.get_input_tensor_by_name(request, tensor.name).as_numpy()
+            if len(tensor.shape) == 1:  # per-row scalar sent as [N, 1]
+                array = array.reshape(-1)
+            arrays.append(array.astype(tensor.dtype, copy=False))
+        return arrays
+
+    def execute(self, requests):
+        start = time.perf_counter()
+        responses: list = [None] * len(requests)
+        # Gather requests whose non-batch shapes agree; each group is one onnxruntime call.
+        groups: dict[tuple, list[tuple[int, list[np.ndarray]]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                arrays = self._inputs(request)
+            except Exception as exc:
+                responses[i] = error_response(f"{self.component.name}: {exc}")
+                continue
+            key = tuple(a.shape[1:] for a in arrays)
+            groups.setdefault(key, []).append((i, arrays))
+        for members in groups.values():
+            feed = {
+                t.name: np.concatenate([arrays[k] for _, arrays in members]) for k, t in enumerate(self.component.inputs)
+            }
+            try:
+                outputs = [self.runner.outputs(feed)[name] for name in self.output_names]
+            except Exception as exc:
+                self.log.error("run_failed", error=str(exc), shapes={k: list(v.shape) for k, v in feed.items()})
+                for i, _ in members:
+                    responses[i] = error_response(f"{self.component.name}: {exc}")
+                continue
+            self.metrics.batch(self.component.name, int(outputs[0].shape[0]), len(members))
+            offset = 0
+            for i, arrays in members:
+                n = arrays[0].shape[0]
+                tensors = [pb_utils.Tensor(name, out[offset:offset + n]) for name, out in zip(self.output_names, outputs)]
+                responses[i] = pb_utils.InferenceResponse(tensors)
+                offset += n
+        rows = sum(arrays[0].shape[0] for members in groups.values() for _, arrays in members)
+        self.log.verbose("batch", requests=len(requests), groups=len(groups), rows=rows,
+                         ms=round(1000 * (time.perf_counter() - start), 2))
+        return responses
+
+
+def _writable(folder: Path) -> Path | None:
+    """``folder`` when this process can write there (a read-only repository, e.g. a mounted volume, gets no
+    compile cache)."""
+    try:
+        folder.mkdir(exist_ok=True)
+        probe = folder / ".probe"
+        probe.touch()
+        probe.unlink()
+        return folder
+    except OSError:
+        return None
