@@ -1,11 +1,12 @@
-"""Step-level batching and the U-Net batcher's delay, side by side in one run (the embedded default model).
+"""Step-level batching: what concurrent requests gain, side by side in one run (the embedded default model).
 
-    python benchmarks/batching_bench.py [--steps 20] [--size 256] [--repeats 3] [--clients 4]
+    python benchmarks/batching_bench.py [--steps 20] [--size 256] [--repeats 3] [--clients 4] [--delays 0,2000]
 
-For each U-Net queue delay (0 and 2000 us: the generated configs' ``max_queue_delay_microseconds``), one server on
-the same repository: the latency of one request at a time against the in-process runner, the throughput of
-``--clients`` concurrent clients against one, and how many requests Triton merged into each U-Net call (from
-sdtrt's own metrics). Writes the "batching" section of benchmarks/RESULTS.md.
+For each U-Net queue delay (Triton's ``max_queue_delay_microseconds``, which only matters for calls the job's own
+step batcher did not merge), one server on the same repository: one request alone and a burst of ``--clients``
+concurrent requests, in turns; how many loops' steps each U-Net call carried (sdtrt's own metrics); and the
+U-Net's own cost for one request's rows vs all of theirs, which bounds what merging can give on this machine.
+Writes the "batching" section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import re
 import sys
 import threading
-import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -75,7 +75,6 @@ def main() -> None:
     from sdtrt.local import LocalPipeline
     from sdtrt.model_repository.build import write_repository
     from sdtrt.model_repository.configs import ServingOptions
-    from sdtrt.request import Txt2ImgRequest
     from sdtrt.spec import load_catalog
 
     work, _, repo = default_export("sdtrt-batching-")
@@ -83,7 +82,6 @@ def main() -> None:
     settings = dict(sampler="Euler a", steps=args.steps, guidance_scale=7.0, seed=42, width=args.size,
                     height=args.size)
     local = LocalPipeline(repo)
-    in_process = median(timed(lambda: local.txt2img(Txt2ImgRequest(prompt, **settings)), args.repeats))
     unet_one, unet_many = unet_ceiling(local, args.clients, args.size, args.repeats)
 
     rows = []
@@ -92,7 +90,6 @@ def main() -> None:
         with TritonServer(repo, http_port=18200, grpc_port=18201, metrics_port=18202,
                           log_file=work / f"triton-{delay}.log"):
             client = Client("127.0.0.1:18201")
-            one = median(timed(lambda: client.txt2img(prompt, **settings), args.repeats))
 
             def burst():
                 threads = [threading.Thread(target=lambda s=s: client.txt2img(prompt, **{**settings, "seed": s}))
@@ -102,25 +99,30 @@ def main() -> None:
                 for t in threads:
                     t.join()
 
-            burst()  # warm every loop instance
+            single = lambda: client.txt2img(prompt, **settings)  # noqa: E731
+            single(), burst()  # warm every loop
+            # In rounds (one request alone, then a burst): drift on a shared machine slows both alike.
+            singles, bursts = [], []
             calls0, loops0 = merged("http://127.0.0.1:18202/metrics")
-            start = time.perf_counter()
             for _ in range(args.repeats):
-                burst()
-            elapsed = time.perf_counter() - start
+                singles += timed(single, 1, warmup=0)
+                bursts += timed(burst, 1, warmup=0)
             calls1, loops1 = merged("http://127.0.0.1:18202/metrics")
-        throughput = args.clients * args.repeats / elapsed
-        rows.append([f"{delay} us", f"{one:.3f}", f"{one / in_process:.2f}", f"{throughput:.2f}",
+            lone = args.repeats * args.steps  # the lone requests' calls, one loop each: not what is measured
+            calls0, loops0 = calls0 + lone, loops0 + lone
+            one, elapsed = median(singles), median(bursts)
+        throughput = args.clients / elapsed
+        rows.append([f"{delay} us", f"{one:.3f}", f"{throughput:.2f}",
                      f"{throughput * one:.2f}x", f"{(loops1 - loops0) / max(calls1 - calls0, 1):.2f}"])
 
     body = f"""## Step-level batching: the U-Net batcher's delay (embedded default model, served)
 
 Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU. One run of `python benchmarks/batching_bench.py --steps
 {args.steps} --size {args.size} --repeats {args.repeats} --clients {args.clients}`: {args.size}x{args.size},
-{args.steps} steps, Euler a, CFG 7; one server per delay on the same repository. In-process runner (no server):
-{in_process:.3f} s per image.
+{args.steps} steps, Euler a, CFG 7; one server per delay on the same repository, one request alone and a burst
+of {args.clients} in turns, medians of {args.repeats}. (Served vs in-process latency: benchmarks/overhead_trace.py.)
 
-{table(["U-Net queue delay", "1 client: s per image", "vs in-process", f"{args.clients} clients: images/s",
+{table(["U-Net queue delay", "1 client: s per image", f"{args.clients} clients: images/s",
         f"{args.clients} clients vs 1", "loops per U-Net call"], rows)}
 
 "loops per U-Net call" is the mean number of requests whose steps one U-Net call carried while {args.clients}

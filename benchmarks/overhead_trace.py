@@ -128,7 +128,7 @@ input/output copies) and {1000 * rest:.1f} ms per request (gRPC and the job's ow
 The networks run in their own processes, their onnxruntime threads sleeping between calls (spinning threads
 would take the cores the loop needs: ~2x latency on 2 cores, see sdtrt/runners.py).
 """
-    write_section("overhead", body)
+    write_section(f"overhead-{args.model}", body)
     print(body)
 
 
