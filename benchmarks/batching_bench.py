@@ -115,7 +115,7 @@ def main() -> None:
         rows.append([f"{delay} us", f"{one:.3f}", f"{throughput:.2f}",
                      f"{throughput * one:.2f}x", f"{(loops1 - loops0) / max(calls1 - calls0, 1):.2f}"])
 
-    body = f"""## Step-level batching: the U-Net batcher's delay (embedded default model, served)
+    body = f"""## Step-level batching: what concurrent requests gain (embedded default model, served)
 
 Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU. One run of `python benchmarks/batching_bench.py --steps
 {args.steps} --size {args.size} --repeats {args.repeats} --clients {args.clients}`: {args.size}x{args.size},
