@@ -1,9 +1,13 @@
 """An AUTOMATIC1111-compatible REST gateway (``/sdapi/v1``) in front of a running sdtrt server.
 
 Scripts, bots and plugins written for A1111's API work unchanged: same paths, same request and response JSON
-(images as base64 PNG with the infotext inside, ``parameters`` echoed, ``info`` as A1111's JSON string). A
-field the server cannot honour (face restoration, scripts, refiners, ...) is refused with 422 naming it, never
-silently ignored. It is a thin layer over :class:`sdtrt.client.Client`; no model code runs here.
+(images as base64 PNG with the infotext inside, ``parameters`` echoed, ``info`` as A1111's JSON string), A1111's
+defaults, ``null`` for "the default" as A1111 takes it. As A1111 does, keys it does not know are ignored; unlike
+A1111, it says which (``sdtrt_ignored_fields`` in ``info`` and the ``X-Sdtrt-Ignored-Fields`` header). A field
+the server cannot honour (face restoration, scripts, refiners, ...) is refused with 422 naming it when its value
+would change the picture; a value equal to what sdtrt does anyway is accepted (``eta`` 1 for ancestral samplers,
+``s_tmax`` without churn, ``image_cfg_scale`` on a model that is not instruct-pix2pix, ...). It is a thin layer
+over :class:`sdtrt.client.Client`; no model code runs here.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import threading
 import time
 from pathlib import Path
@@ -18,8 +23,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import Body, FastAPI, HTTPException
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from PIL import Image
 
 from sdtrt import __version__
@@ -30,6 +35,7 @@ from sdtrt.hires import HIRES_UPSCALERS
 from sdtrt.img2img import RESIZE_MODES
 from sdtrt.outputs import png_info, save_png
 from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES
+from sdtrt.seeds import MAX_SEED
 
 # A1111's aliases for its sampler names (k-diffusion function names), as its /samplers endpoint lists them.
 SAMPLER_ALIASES = {
@@ -56,12 +62,29 @@ A1111_NAME = {ours: theirs for theirs, ours in FIELD_MAP.items()} | {
     "init_image": "init_images", "mask": "mask",
 }
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+# A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
+OPTIONS_FIXED = {
+    "sd_vae": ("Automatic", "None"), "eta_ancestral": (1, 1.0), "eta_ddim": (0, 0.0), "eta_noise_seed_delta": (0,),
+    "randn_source": ("CPU",), "img2img_fix_steps": (False,),
+}
 
 
 class _Request(BaseModel):
     """Fields common to A1111's txt2img and img2img requests, with A1111's API defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # as A1111: unknown keys are ignored (and listed: ignored_fields)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """A1111's request models take ``null`` for any field, meaning its default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -132,28 +155,48 @@ class Img2ImgBody(_Request):
     mask_blur_y: int = 4
     mask_blur: int | None = None
     mask_round: bool = True
-    inpainting_fill: int = Field(1, description="only 1 (original) is supported")
-    inpaint_full_res: bool = False
-    inpaint_full_res_padding: int = 32
+    inpainting_fill: int = Field(0, description="with a mask, only 1 (original) is supported")
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
     include_init_images: bool = False
 
 
-# field -> the value(s) it may have; anything else is refused with 422
+# field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
+# fields are checked in unhonoured() below)
 UNSUPPORTED = {
     "styles": (None, []), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0), "restore_faces": (None, False),
-    "tiling": (None, False), "eta": (None,), "s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_tmax": (None,),
-    "s_tmin": (None, 0.0), "s_noise": (None, 1.0), "refiner_checkpoint": (None, "", "None"),
+    "tiling": (None, False), "s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_noise": (None, 1.0),
+    "refiner_checkpoint": (None, "", "None"),
     "refiner_switch_at": (None,), "script_name": (None, ""), "script_args": ([],), "alwayson_scripts": ({},),
     "firstphase_width": (0,), "firstphase_height": (0,), "hr_resize_x": (0,), "hr_resize_y": (0,),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
     "hr_scheduler": (None, "", "Use same scheduler"), "hr_prompt": ("",), "hr_negative_prompt": ("",),
-    "firstpass_image": (None,), "image_cfg_scale": (None,), "inpainting_fill": (1,), "mask_round": (True,),
-    "initial_noise_multiplier": (None, 1.0), "latent_mask": (None,),
+    "firstpass_image": (None,), "mask_round": (True,), "initial_noise_multiplier": (None, 1.0), "latent_mask": (None,),
 }
+# The eta sdtrt's samplers use, as A1111's defaults (options eta_ancestral 1, eta_ddim 0): ancestral and SDE
+# samplers add their full noise, DDIM none; the other samplers have no eta (A1111 ignores it for them).
+ETA_ANCESTRAL, ETA_DDIM = 1.0, 0.0
 
+
+def sampler_eta(sampler: str) -> float | None:
+    if sampler == "DDIM":
+        return ETA_DDIM
+    words = sampler.split()
+    return ETA_ANCESTRAL if "a" in words or any("SDE" in w for w in words) else None
+
+
+def unhonoured(body: "_Request", sampler: str) -> tuple[str, str] | None:
+    """A field whose value would make the picture differ from what sdtrt draws: (field, why), else None."""
+    eta = sampler_eta(sampler)
+    if body.eta is not None and eta is not None and body.eta != eta:
+        return "eta", f"sdtrt runs {sampler} with eta {eta:g} (A1111's default); other values are not supported"
+    if isinstance(body, Img2ImgBody) and body.mask and body.inpainting_fill != 1:
+        return "inpainting_fill", ("with a mask only 1 (original) is supported; 0 (fill), 2 (latent noise) and "
+                                   "3 (latent nothing) are not")
+    return None
 
 def refuse(field: str, message: str) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
@@ -183,6 +226,7 @@ class Gateway:
         self.client = client
         self.outputs = outputs
         self.clip_skip = 1
+        self.options: dict[str, Any] = {}  # A1111 options sdtrt has no use for, kept for GET /options
         self.model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
         self.lock = threading.Lock()
         self.job: dict[str, Any] = {"job_count": 0, "job_no": 0, "job": "", "job_timestamp": "0", "started": None}
@@ -203,16 +247,25 @@ class Gateway:
         raise refuse(f"{where}.sd_model_checkpoint", f"not one of this server's models: {titles}")
 
     def apply_options(self, options: dict[str, Any], where: str) -> tuple[int | None, str | None]:
-        """Check the honoured A1111 options; returns the Clip skip and the model they set (None if unset)."""
+        """Check A1111 options; returns the Clip skip and the model they set (None if unset). Options that would
+        change the picture to something sdtrt does not draw are refused by name; the rest are kept (``/options``)
+        or ignored and listed (``override_settings``), as A1111 keeps options it has no use for."""
         clip_skip = model = None
         for key, value in options.items():
             if key == "sd_model_checkpoint":
                 model = self.find_model(value, where)
             elif key == "CLIP_stop_at_last_layers":
                 clip_skip = value
-            else:
-                raise refuse(f"{where}.{key}", f"not supported; sdtrt honours only {', '.join(OPTIONS_HONOURED)}")
+            elif key in OPTIONS_FIXED and value not in OPTIONS_FIXED[key]:
+                allowed = ", ".join(repr(a) for a in OPTIONS_FIXED[key])
+                raise refuse(f"{where}.{key}", f"not supported by sdtrt: it draws with {allowed}")
         return clip_skip, model
+
+    def ignored_fields(self, body: _Request) -> list[str]:
+        """The request's keys that change nothing here: unknown ones, and override_settings sdtrt has no use for."""
+        overrides = [f"override_settings.{k}" for k in body.override_settings or {}
+                     if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED]
+        return body.ignored_fields + overrides
 
     def settings(self, body: _Request) -> dict[str, Any]:
         given = body.model_dump(exclude_unset=True)
@@ -226,16 +279,20 @@ class Gateway:
             if field in type(body).model_fields and getattr(body, field) not in allowed:
                 raise refuse(field, f"not supported by sdtrt (allowed: {', '.join(repr(a) for a in allowed)})")
         settings = {FIELD_MAP[k]: getattr(body, k) for k in FIELD_MAP if k in type(body).model_fields}
-        if settings.get("denoising_strength") is None:
-            settings.pop("denoising_strength")
+        if settings.get("denoising_strength") is None or (isinstance(body, Txt2ImgBody) and not body.enable_hr):
+            settings.pop("denoising_strength")  # (A1111 ignores it for txt2img without hires fix)
         sampler = body.sampler_name or body.sampler_index
         for name, aliases in SAMPLER_ALIASES.items():
             if sampler in aliases:
                 sampler = name
         settings["sampler"] = sampler
+        if (problem := unhonoured(body, sampler)) is not None:
+            raise refuse(*problem)
+        if body.subseed == -1:  # resolved here, so that info can say which one (A1111's all_subseeds)
+            settings["subseed"] = random.randint(0, MAX_SEED)
         if body.scheduler is not None:
             settings["schedule_type"] = SCHEDULER_NAMES.get(body.scheduler.lower().replace(" ", "_"), body.scheduler)
-        if isinstance(body, Txt2ImgBody) and body.hr_upscaler is not None:
+        if isinstance(body, Txt2ImgBody) and body.enable_hr and body.hr_upscaler is not None:
             settings["hr_upscaler"] = body.hr_upscaler
         clip_skip, model = self.apply_options(body.override_settings or {}, "override_settings")
         settings["clip_skip"] = clip_skip if clip_skip is not None else self.clip_skip
@@ -288,7 +345,7 @@ class Gateway:
             "prompt": body.prompt, "all_prompts": [body.prompt] * len(result.seeds),
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(result.seeds),
             "seed": result.seeds[0], "all_seeds": result.seeds,
-            "subseed": body.subseed, "all_subseeds": [body.subseed + i for i in range(len(result.seeds))],
+            "subseed": settings["subseed"], "all_subseeds": [settings["subseed"] + i for i in range(len(result.seeds))],
             "subseed_strength": body.subseed_strength, "width": body.width, "height": body.height,
             "sampler_name": settings["sampler"], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
@@ -298,6 +355,7 @@ class Gateway:
             "index_of_first_image": 0, "infotexts": result.infotexts, "styles": [],
             "job_timestamp": self.job["job_timestamp"], "clip_skip": settings["clip_skip"],
             "is_using_inpainting_conditioning": False, "version": f"sdtrt {__version__}",
+            "sdtrt_ignored_fields": self.ignored_fields(body),
         }
 
 
@@ -311,13 +369,19 @@ def create_app(client: Client, outputs: Path | None = None) -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": [
             {"loc": ["body", A1111_NAME.get(exc.field, exc.field)], "msg": str(exc), "type": "value_error"}]})
 
+    def ignored(body: _Request, response: Response) -> None:
+        if fields := gateway.ignored_fields(body):
+            response.headers["X-Sdtrt-Ignored-Fields"] = ",".join(fields)[:2000]
+
     @app.post("/sdapi/v1/txt2img", tags=["generation"])
-    def txt2img(body: Txt2ImgBody) -> dict[str, Any]:
+    def txt2img(body: Txt2ImgBody, response: Response) -> dict[str, Any]:
+        ignored(body, response)
         return gateway.run("txt2img", body, lambda s, progress: client.txt2img(
             n_iter=body.n_iter, progress=progress, **s))
 
     @app.post("/sdapi/v1/img2img", tags=["generation"])
-    def img2img(body: Img2ImgBody) -> dict[str, Any]:
+    def img2img(body: Img2ImgBody, response: Response) -> dict[str, Any]:
+        ignored(body, response)
         if len(body.init_images) != 1:
             raise refuse("init_images", f"exactly one picture (got {len(body.init_images)})")
         init = decode_image(body.init_images[0], "init_images", "RGB")
@@ -382,8 +446,10 @@ def create_app(client: Client, outputs: Path | None = None) -> FastAPI:
 
     @app.get("/sdapi/v1/options", tags=["options"])
     def get_options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": gateway.model_title(), "sd_checkpoint_hash": gateway.current().source_hash,
-                "CLIP_stop_at_last_layers": gateway.clip_skip, "samples_format": "png", "enable_pnginfo": True}
+        return {**gateway.options, "sd_model_checkpoint": gateway.model_title(),
+                "sd_checkpoint_hash": gateway.current().source_hash, "CLIP_stop_at_last_layers": gateway.clip_skip,
+                "samples_format": "png", "enable_pnginfo": True, "sd_vae": "Automatic", "eta_ancestral": 1.0,
+                "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "randn_source": "CPU", "img2img_fix_steps": False}
 
     @app.post("/sdapi/v1/options", tags=["options"])
     def set_options(options: dict[str, Any] = Body(...)) -> None:
@@ -395,6 +461,8 @@ def create_app(client: Client, outputs: Path | None = None) -> FastAPI:
             gateway.clip_skip = clip_skip
         if model is not None:
             gateway.model = model
+        # kept and given back, as A1111 keeps every option (read-only ones are answered from the server)
+        gateway.options.update({k: v for k, v in options.items() if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED})
 
     @app.get("/sdapi/v1/progress", tags=["info"])
     def progress(skip_current_image: bool = False) -> dict[str, Any]:

@@ -84,11 +84,45 @@ def test_img2img_and_inpainting_as_a1111_scripts_send_them(api, server):
 
 @pytest.mark.parametrize("field,value", [("restore_faces", True), ("tiling", True), ("script_name", "xyz plot"),
                                          ("hr_resize_x", 1024), ("styles", ["cinematic"]), ("eta", 0.5),
-                                         ("alwayson_scripts", {"controlnet": {"args": []}})])
+                                         ("s_churn", 0.3), ("alwayson_scripts", {"controlnet": {"args": []}})])
 def test_fields_sdtrt_cannot_honour_are_refused_by_name(api, field, value):
-    response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", field: value})
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Euler a", field: value})
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", field]
+
+
+def test_values_that_change_nothing_are_accepted_as_a1111_accepts_them(api):
+    """What webuiapi sends by default: eta 1 (what ancestral samplers use; ignored by deterministic ones), s_tmax
+    0 without churn, image_cfg_scale on a model that is not instruct-pix2pix, nulls meaning the default, and
+    inpainting_fill 0 without a mask (it only says how to fill a masked area)."""
+    common = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1, "eta": 1.0, "s_tmax": 0, "s_tmin": 0,
+              "s_churn": 0, "s_noise": 1, "seed_resize_from_h": 0, "styles": [], "subseed": None, "scheduler": None}
+    for sampler in ("Euler a", "Euler", "DPM++ 2M"):
+        response = api.post("/sdapi/v1/txt2img", json={**common, "sampler_name": sampler})
+        assert response.status_code == 200, (sampler, response.text)
+    assert api.post("/sdapi/v1/txt2img", json={**common, "sampler_name": "DDIM", "eta": 0}).status_code == 200
+    refused = api.post("/sdapi/v1/txt2img", json={**common, "sampler_name": "DDIM"})  # eta 1 would change DDIM
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "eta"]
+    picture = b64png(sample_picture(64, 64))
+    img2img = {**common, "init_images": [picture], "image_cfg_scale": 1.5, "inpainting_fill": 0,
+               "denoising_strength": 0.5, "initial_noise_multiplier": 1}
+    assert api.post("/sdapi/v1/img2img", json=img2img).status_code == 200
+    masked = api.post("/sdapi/v1/img2img", json={**img2img, "mask": b64png(sample_mask(64, 64))})
+    assert masked.status_code == 422 and masked.json()["detail"][0]["loc"] == ["body", "inpainting_fill"]
+    assert api.post("/sdapi/v1/img2img", json={**img2img, "mask": b64png(sample_mask(64, 64)),
+                                               "inpainting_fill": 1}).status_code == 200
+
+
+def test_unknown_keys_are_ignored_and_listed(api):
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64,
+                                                   "no_such_field": 1, "override_settings": {"sd_vae": "Automatic",
+                                                                                             "some_option": 3}})
+    assert response.status_code == 200, response.text
+    expected = ["no_such_field", "override_settings.some_option"]
+    assert response.headers["X-Sdtrt-Ignored-Fields"] == ",".join(expected)
+    info = json.loads(response.json()["info"])
+    assert info["sdtrt_ignored_fields"] == expected
+    assert 0 <= info["subseed"] < 2**32 and info["all_subseeds"] == [info["subseed"]]  # resolved, not -1
 
 
 def test_out_of_range_values_name_the_a1111_field(api):
@@ -96,7 +130,6 @@ def test_out_of_range_values_name_the_a1111_field(api):
     assert response.status_code == 422
     detail = response.json()["detail"][0]
     assert detail["loc"] == ["body", "cfg_scale"] and "from 0 to 30" in detail["msg"]
-    assert api.post("/sdapi/v1/txt2img", json={"prompt": "x", "no_such_field": 1}).status_code == 422
     response = api.post("/sdapi/v1/img2img", json={"init_images": ["not base64!"], "prompt": "x"})
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "init_images"]
 
@@ -128,6 +161,10 @@ def test_options_set_clip_skip_and_refuse_what_they_cannot(api):
     refused = api.post("/sdapi/v1/options", json={"sd_vae": "vae-ft-mse"})
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "options.sd_vae"]
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1}).status_code == 200
+    # the round trip scripts do: GET, edit, POST back; options sdtrt has no use for are kept
+    options = api.get("/sdapi/v1/options").json()
+    assert api.post("/sdapi/v1/options", json={**options, "show_progressbar": False}).status_code == 200
+    assert api.get("/sdapi/v1/options").json()["show_progressbar"] is False
 
 
 def test_schema_driven_bad_input_never_breaks_the_gateway(api, server):

@@ -1,0 +1,88 @@
+"""webuiapi, the third-party Python client most A1111 scripts use, against `sdtrt api` over real HTTP, called as its
+README shows (its defaults included: eta 1, s_tmax 0, image_cfg_scale 1.5, inpainting_fill 0, ...)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from servers import free_ports
+from sdtrt.infotext import parse_infotext
+
+webuiapi = pytest.importorskip("webuiapi")
+
+
+@pytest.fixture(scope="module")
+def gateway(server, tmp_path_factory):
+    (port,) = free_ports(1)
+    out = tmp_path_factory.mktemp("webuiapi-outputs")
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "api", "--url", server.url, "--port", str(port),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/sdapi/v1/samplers", timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"sdtrt api did not start: {proc.stdout.read() if proc.stdout else ''}")
+            time.sleep(0.3)
+    yield webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=4)
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_txt2img_with_webuiapis_defaults(gateway):
+    result = gateway.txt2img(prompt="cute squirrel", negative_prompt="ugly, out of frame", seed=1003, cfg_scale=7,
+                             width=64, height=64)
+    assert result.image.size == (64, 64)
+    _, _, params = parse_infotext(result.image.info["parameters"])
+    assert params["Seed"] == "1003" and params["Sampler"] == "Euler a" and params["Steps"] == "4"
+    assert result.info["seed"] == 1003 and result.info["all_seeds"] == [1003]
+    assert result.parameters["prompt"] == "cute squirrel"
+
+
+def test_txt2img_batch_and_hires_fix(gateway):
+    result = gateway.txt2img(prompt="a lighthouse", seed=7, width=64, height=64, batch_size=2, enable_hr=True,
+                             hr_scale=1.5, hr_upscaler=webuiapi.HiResUpscaler.Latent, hr_second_pass_steps=2,
+                             denoising_strength=0.6)
+    assert [im.size for im in result.images] == [(96, 96), (96, 96)]
+    assert result.info["all_seeds"] == [7, 8]
+
+
+def test_img2img_and_inpainting_as_its_readme_shows(gateway):
+    picture = gateway.txt2img(prompt="cute cat", seed=104, width=64, height=64).image
+    result = gateway.img2img(images=[picture], prompt="cute cat, oil painting", seed=5, cfg_scale=6.5,
+                             denoising_strength=0.6, width=64, height=64)
+    assert result.image.size == (64, 64)
+    mask = Image.new("RGB", picture.size, color="black")
+    ImageDraw.Draw(mask).ellipse((16, 16, 40, 40), fill="white")
+    inpainted = gateway.img2img(images=[picture], mask_image=mask, inpainting_fill=1, prompt="cute cat", seed=104,
+                                cfg_scale=5.0, denoising_strength=0.7, width=64, height=64)
+    change = np.abs(np.asarray(inpainted.image).astype(int) - np.asarray(picture).astype(int)).max(axis=2)
+    far = np.ones_like(change, dtype=bool)
+    far[4:52, 4:52] = False  # the mask (16..40) and its blur (mask_blur 4: a few sigmas around it)
+    assert change[far].max() <= 1  # only the masked area changed
+    assert change[24:32, 24:32].mean() > 2
+
+
+def test_options_round_trip(gateway):
+    options = gateway.get_options()
+    assert options["sd_model_checkpoint"]
+    options["CLIP_stop_at_last_layers"] = 2
+    gateway.set_options(options)
+    assert gateway.get_options()["CLIP_stop_at_last_layers"] == 2
+    gateway.set_options({"CLIP_stop_at_last_layers": 1})
+
+
+def test_info_calls(gateway):
+    assert "Euler a" in [s["name"] for s in gateway.get_samplers()]
+    assert [m["model_name"] for m in gateway.get_sd_models()]
+    assert "progress" in gateway.get_progress()
