@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import Body, FastAPI, HTTPException
+import secrets
+
+from fastapi import Body, Depends, FastAPI, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from PIL import Image
@@ -33,6 +36,7 @@ from sdtrt.errors import InvalidRequest
 from sdtrt.generation import Generation
 from sdtrt.hires import HIRES_UPSCALERS
 from sdtrt.img2img import RESIZE_MODES
+from sdtrt.infotext import parse_infotext
 from sdtrt.outputs import png_info, save_png
 from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES
 from sdtrt.seeds import MAX_SEED
@@ -359,10 +363,27 @@ class Gateway:
         }
 
 
-def create_app(client: Client, outputs: Path | None = None) -> FastAPI:
+def basic_auth(credentials: dict[str, str]):
+    """A dependency that lets a request through only with one of ``credentials`` (user -> password) in HTTP basic
+    auth, as A1111's ``--api-auth``; compared in constant time."""
+    basic = HTTPBasic(auto_error=False)
+
+    def check(given: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        if given is not None:
+            expected = credentials.get(given.username)
+            if expected is not None and secrets.compare_digest(given.password.encode(), expected.encode()):
+                return
+        raise HTTPException(401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str] | None = None) -> FastAPI:
+    """The gateway over ``client``; with ``auth`` (user -> password) every endpoint wants HTTP basic auth."""
     gateway = Gateway(client, outputs)
     app = FastAPI(title="sdtrt: AUTOMATIC1111-compatible API", version=__version__,
-                  description="The A1111 /sdapi/v1 endpoints a Stable Diffusion server can honour, served by sdtrt.")
+                  description="The A1111 /sdapi/v1 endpoints a Stable Diffusion server can honour, served by sdtrt.",
+                  dependencies=[Depends(basic_auth(auth))] if auth else [])
 
     @app.exception_handler(InvalidRequest)
     async def invalid(_, exc: InvalidRequest):
@@ -443,6 +464,37 @@ def create_app(client: Client, outputs: Path | None = None) -> FastAPI:
     @app.post("/sdapi/v1/refresh-checkpoints", tags=["options"])
     def refresh_checkpoints() -> None:
         client.refresh()  # the server's models, as its txt2img model now lists them
+
+    @app.post("/sdapi/v1/png-info", tags=["info"])
+    def png_info_endpoint(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        """A1111's PNG Info: the infotext a picture carries, its other text chunks, and the infotext read into
+        A1111's fields (``Size-1``/``Size-2`` for ``Size``, as A1111 splits it)."""
+        if not isinstance(body.get("image"), str) or not body["image"]:
+            raise refuse("image", "a base64-encoded PNG")
+        data = body["image"].split(",", 1)[1] if body["image"].startswith("data:") else body["image"]
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+                chunks = {k: v for k, v in im.info.items() if isinstance(v, str)}
+        except Exception:
+            raise refuse("image", "not a base64-encoded picture (PNG, JPEG or WebP)") from None
+        info = chunks.pop("parameters", "")
+        parameters: dict[str, Any] = {}
+        if info:
+            prompt, negative, params = parse_infotext(info)
+            parameters = {"Prompt": prompt, "Negative prompt": negative, **params}
+            if "x" in params.get("Size", ""):
+                parameters["Size-1"], parameters["Size-2"] = params["Size"].split("x", 1)
+        return {"info": info, "items": chunks, "parameters": parameters}
+
+    @app.get("/sdapi/v1/sd-vae", tags=["info"])
+    def sd_vae() -> list[dict[str, Any]]:
+        """The VAEs the server's models were exported with (``--vae``); each is part of its model's export."""
+        vaes = {}
+        for spec in client.catalog.models.values():
+            vae = spec.extra.get("vae") or {}
+            if vae.get("name"):
+                vaes[vae["name"]] = {"model_name": vae["name"], "filename": vae.get("file") or vae["name"]}
+        return list(vaes.values())
 
     @app.get("/sdapi/v1/options", tags=["options"])
     def get_options() -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,14 +120,17 @@ def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
                        "the infotext) that talks to a running `sdtrt serve`. PNGs are also saved under "
                        "OUT/txt2img-images/.")
     _server_flags(p, port=7860)
+    _auth_flags(p, "gradio-auth", "SDTRT_GRADIO_AUTH", "the page asks for a login")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("api", help="an AUTOMATIC1111-compatible REST API (/sdapi/v1) over a running server",
-                       description="Serve A1111's /sdapi/v1 endpoints (txt2img, img2img, samplers, schedulers, "
-                       "sd-models, options, progress, upscalers) in front of a running `sdtrt serve`; the OpenAPI "
-                       "schema is at /openapi.json and the docs at /docs. Fields sdtrt cannot honour are refused "
-                       "with 422 naming them.")
+                       description="Serve A1111's /sdapi/v1 endpoints (txt2img, img2img, png-info, samplers, "
+                       "schedulers, sd-models, sd-vae, options, progress, upscalers) in front of a running `sdtrt "
+                       "serve`; the OpenAPI schema is at /openapi.json and the docs at /docs. Unknown keys are "
+                       "ignored and listed; fields sdtrt cannot honour are refused with 422 naming them when they "
+                       "would change the picture.")
     _server_flags(p, port=7861)
+    _auth_flags(p, "api-auth", "SDTRT_API_AUTH", "every endpoint wants HTTP basic auth")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("png-info", help="print the AUTOMATIC1111 infotext a PNG carries",
@@ -144,6 +148,42 @@ def _server_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="where saved PNGs go (default: outputs/)")
 
 
+def _auth_flags(parser: argparse.ArgumentParser, name: str, env: str, what: str) -> None:
+    parser.add_argument(f"--{name}", default=None, metavar="USER:PASS[,USER:PASS]",
+                        help=f"credentials, as A1111's --{name}: {what} (also ${env})")
+    parser.add_argument(f"--{name}-path", type=Path, default=None, metavar="FILE",
+                        help="credentials from a file: USER:PASS entries, one per line or comma-separated")
+    parser.set_defaults(auth_flag=name, auth_env=env)
+
+
+def credentials(args: argparse.Namespace) -> dict[str, str]:
+    """user -> password from the flag, the file and the environment variable (all of them, merged)."""
+    dest = args.auth_flag.replace("-", "_")
+    texts = [getattr(args, dest) or "", os.environ.get(args.auth_env, "")]
+    path = getattr(args, dest + "_path")
+    if path is not None:
+        if not path.is_file():
+            raise UsageError(f"--{args.auth_flag}-path {path}: no such file")
+        texts.append(path.read_text())
+    users: dict[str, str] = {}
+    for entry in (e.strip() for text in texts for line in text.splitlines() for e in line.split(",")):
+        if not entry:
+            continue
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            # never echo the entry: it may be a password
+            raise UsageError(f"--{args.auth_flag}: each entry must be USER:PASS (an entry without ':' or with an "
+                             "empty user or password was given)")
+        users[user] = password
+    return users
+
+
+def _warn_if_open(args: argparse.Namespace, users: dict[str, str], what: str) -> None:
+    if not users and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: {what} listens on {args.host} without credentials: anyone who can reach it can use it "
+              f"(--{args.auth_flag} USER:PASS)", file=sys.stderr, flush=True)
+
+
 def _connected_client(args: argparse.Namespace):
     from sdtrt.client import Client
 
@@ -155,9 +195,12 @@ def _connected_client(args: argparse.Namespace):
 def cmd_ui(args: argparse.Namespace) -> int:
     from sdtrt.client.ui import serve_ui
 
+    users = credentials(args)
     client = _connected_client(args)
-    print(f"sdtrt ui on http://{args.host}:{args.port} (server {client.url})", flush=True)
-    serve_ui(client, args.host, args.port, args.out)
+    _warn_if_open(args, users, "the page")
+    print(f"sdtrt ui on http://{args.host}:{args.port} (server {client.url}; "
+          f"{'login required' if users else 'no login'})", flush=True)
+    serve_ui(client, args.host, args.port, args.out, users or None)
     return 0
 
 
@@ -166,9 +209,12 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     from sdtrt.client.a1111_api import create_app
 
+    users = credentials(args)
     client = _connected_client(args)
-    print(f"A1111 API on http://{args.host}:{args.port}/sdapi/v1 (docs: /docs; server {client.url})", flush=True)
-    uvicorn.run(create_app(client, args.out), host=args.host, port=args.port, log_level="info")
+    _warn_if_open(args, users, "the A1111 API")
+    print(f"A1111 API on http://{args.host}:{args.port}/sdapi/v1 (docs: /docs; server {client.url}; "
+          f"{'HTTP basic auth' if users else 'no auth'})", flush=True)
+    uvicorn.run(create_app(client, args.out, users or None), host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -102,7 +102,11 @@ def offline_theme():
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def serve_ui(client: Client, host: str, port: int, outputs: Path = Path("outputs")) -> None:
+def serve_ui(client: Client, host: str, port: int, outputs: Path = Path("outputs"),
+             auth: dict[str, str] | None = None) -> None:
+    """Serve the page; with ``auth`` (user -> password) it asks for a login first (Gradio's, as A1111's
+    ``--gradio-auth``)."""
     demo = build_ui(client, outputs)
     demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, share=False,
-                                                   theme=offline_theme(), allowed_paths=[str(outputs.resolve())])
+                                                   theme=offline_theme(), allowed_paths=[str(outputs.resolve())],
+                                                   auth=list(auth.items()) if auth else None)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -226,3 +227,56 @@ def test_sdtrt_api_command_serves_http(server, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/setup.sh installs it as root)")
 def test_gradio_page_generates_an_image_in_headless_chromium(server, tmp_path):
     page_generates(server.url, tmp_path)
+
+
+def test_gradio_page_with_auth_asks_for_a_login(server, tmp_path):
+    """`sdtrt ui --gradio-auth` (as A1111's): the page's config is refused until the login form is sent with the
+    right credentials, and a wrong password is refused."""
+    import http.cookiejar
+    import urllib.parse
+
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "ui", "--url", server.url, "--port", str(port),
+                             "--gradio-auth", "carol:pa55word", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                opener.open(f"{base}/config", timeout=5)
+                raise AssertionError("the page's config was served without a login")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+
+        def login(password: str) -> int:
+            form = urllib.parse.urlencode({"username": "carol", "password": password}).encode()
+            try:
+                return opener.open(urllib.request.Request(f"{base}/login", data=form), timeout=10).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert login("wrong") >= 400
+        assert login("pa55word") == 200
+        assert opener.open(f"{base}/config", timeout=10).status == 200
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "pa55word" not in output
+
+
+def test_png_info_and_sd_vae_endpoints(api):
+    response = api.post("/sdapi/v1/txt2img", json={"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "seed": 5})
+    image = response.json()["images"][0]
+    info = api.post("/sdapi/v1/png-info", json={"image": image}).json()
+    assert info["info"] == json.loads(response.json()["info"])["infotexts"][0]
+    assert info["parameters"]["Seed"] == "5" and info["items"] == {}
+    refused = api.post("/sdapi/v1/png-info", json={"image": "not base64!"})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "image"]
+    assert api.get("/sdapi/v1/sd-vae").json() == []  # the default model keeps its own VAE

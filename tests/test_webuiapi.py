@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -86,3 +87,67 @@ def test_info_calls(gateway):
     assert "Euler a" in [s["name"] for s in gateway.get_samplers()]
     assert [m["model_name"] for m in gateway.get_sd_models()]
     assert "progress" in gateway.get_progress()
+
+
+def test_api_auth_as_a1111s(server, tmp_path, monkeypatch):
+    """`sdtrt api --api-auth` (here from the environment and a file, merged): webuiapi with its credentials works,
+    a request without them gets 401, and the password never shows in the gateway's output."""
+    (port,) = free_ports(1)
+    users = tmp_path / "users.txt"
+    users.write_text("bob:hunter2\n")
+    env = {**__import__("os").environ, "SDTRT_API_AUTH": "alice:s3cret-pass"}
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "api", "--url", server.url, "--port", str(port),
+                             "--api-auth-path", str(users), "--out", str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/sdapi/v1/samplers"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                raise AssertionError("served without credentials")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401 and exc.headers["WWW-Authenticate"] == "Basic"
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        for user, password in (("alice", "s3cret-pass"), ("bob", "hunter2")):
+            api = webuiapi.WebUIApi(host="127.0.0.1", port=port, username=user, password=password, steps=2)
+            assert api.txt2img(prompt="a cat", seed=1, width=64, height=64).image.size == (64, 64)
+        wrong = webuiapi.WebUIApi(host="127.0.0.1", port=port, username="alice", password="nope", steps=2)
+        with pytest.raises(Exception):
+            wrong.txt2img(prompt="a cat", seed=1, width=64, height=64)
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "s3cret-pass" not in output and "hunter2" not in output and "HTTP basic auth" in output
+
+
+def test_credentials_parsing_never_echoes_a_password():
+    import argparse
+
+    from sdtrt.client.cli import credentials
+    from sdtrt.errors import UsageError
+
+    args = argparse.Namespace(auth_flag="api-auth", auth_env="SDTRT_TEST_NO_SUCH_VAR", api_auth="a:1,b:2:3",
+                              api_auth_path=None)
+    assert credentials(args) == {"a": "1", "b": "2:3"}
+    args.api_auth = "a:1,justapassword"
+    with pytest.raises(UsageError) as error:
+        credentials(args)
+    assert "justapassword" not in str(error.value) and "USER:PASS" in str(error.value)
+
+
+def test_png_info_reads_what_txt2img_wrote(gateway):
+    picture = gateway.txt2img(prompt="a lighthouse, (oil painting:1.2)", negative_prompt="blurry", seed=77,
+                              width=64, height=96).image
+    info = gateway.png_info(picture)
+    assert info.info == picture.info["parameters"]
+    params = info.parameters
+    assert params["Prompt"] == "a lighthouse, (oil painting:1.2)" and params["Negative prompt"] == "blurry"
+    assert params["Seed"] == "77" and (params["Size-1"], params["Size-2"]) == ("64", "96")
+    plain = Image.new("RGB", (8, 8))
+    empty = gateway.png_info(plain)
+    assert (empty.info, empty.parameters) == ("", {})
