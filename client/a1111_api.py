@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from PIL import Image
 
 from sdtrt import __version__
-from sdtrt.client.client import Client, ServerBusy, ServerError
+from sdtrt.client.client import Client, JobControl, ServerBusy, ServerError
 from sdtrt.errors import InvalidRequest
 from sdtrt.generation import Generation
 from sdtrt.hires import HIRES_UPSCALERS
@@ -234,6 +234,7 @@ class Gateway:
         self.model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
         self.lock = threading.Lock()
         self.job: dict[str, Any] = {"job_count": 0, "job_no": 0, "job": "", "job_timestamp": "0", "started": None}
+        self.running: set[JobControl] = set()  # what /interrupt and /skip reach: every generation under way
 
     # --- translation ---------------------------------------------------------------------------------------
     def current(self):
@@ -319,8 +320,11 @@ class Gateway:
         def progress(done: int, total: int) -> None:
             self.job.update(job_no=done, job_count=total)
 
+        control = JobControl()
+        with self.lock:
+            self.running.add(control)
         try:
-            result: Generation = call(settings, progress)
+            result: Generation = call(settings, progress, control)
         except InvalidRequest as exc:
             raise refuse(A1111_NAME.get(exc.field, exc.field), str(exc)) from None
         except ServerBusy as exc:
@@ -329,6 +333,8 @@ class Gateway:
             raise HTTPException(502, detail=f"the sdtrt server failed: {exc}") from None
         finally:
             self.job.update(job_no=self.job["job_count"], started=None)
+            with self.lock:
+                self.running.discard(control)
         if body.save_images and self.outputs is not None:
             for image, seed, info in zip(result.images, result.seeds, result.infotexts):
                 save_png(image, seed, info, self.outputs / f"{kind}-images")
@@ -348,7 +354,7 @@ class Gateway:
         return {
             "prompt": body.prompt, "all_prompts": [body.prompt] * len(result.seeds),
             "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(result.seeds),
-            "seed": result.seeds[0], "all_seeds": result.seeds,
+            "seed": result.seeds[0] if result.seeds else settings["seed"], "all_seeds": result.seeds,
             "subseed": settings["subseed"], "all_subseeds": [settings["subseed"] + i for i in range(len(result.seeds))],
             "subseed_strength": body.subseed_strength, "width": body.width, "height": body.height,
             "sampler_name": settings["sampler"], "cfg_scale": body.cfg_scale, "steps": body.steps,
@@ -397,8 +403,8 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
     @app.post("/sdapi/v1/txt2img", tags=["generation"])
     def txt2img(body: Txt2ImgBody, response: Response) -> dict[str, Any]:
         ignored(body, response)
-        return gateway.run("txt2img", body, lambda s, progress: client.txt2img(
-            n_iter=body.n_iter, progress=progress, **s))
+        return gateway.run("txt2img", body, lambda s, progress, control: client.txt2img(
+            n_iter=body.n_iter, progress=progress, control=control, **s))
 
     @app.post("/sdapi/v1/img2img", tags=["generation"])
     def img2img(body: Img2ImgBody, response: Response) -> dict[str, Any]:
@@ -409,8 +415,8 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         mask = decode_image(body.mask, "mask", "L") if body.mask else None
         if mask is not None and body.inpainting_mask_invert:
             mask = Image.fromarray(255 - np.asarray(mask))
-        return gateway.run("img2img", body, lambda s, progress: client.img2img(
-            s.pop("prompt"), init, mask, n_iter=body.n_iter, progress=progress, **s))
+        return gateway.run("img2img", body, lambda s, progress, control: client.img2img(
+            s.pop("prompt"), init, mask, n_iter=body.n_iter, progress=progress, control=control, **s))
 
     @app.get("/sdapi/v1/samplers", tags=["info"])
     def samplers() -> list[dict[str, Any]]:
@@ -464,6 +470,21 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
     @app.post("/sdapi/v1/refresh-checkpoints", tags=["options"])
     def refresh_checkpoints() -> None:
         client.refresh()  # the server's models, as its txt2img model now lists them
+
+    @app.post("/sdapi/v1/interrupt", tags=["generation"])
+    def interrupt() -> None:
+        """Stop every generation under way (the server's loops stop within a step); each answers with the
+        batches it had finished, as A1111's Interrupt."""
+        with gateway.lock:
+            for control in gateway.running:
+                control.interrupt()
+
+    @app.post("/sdapi/v1/skip", tags=["generation"])
+    def skip() -> None:
+        """Drop the batch each generation is running now and go on with its next (A1111's Skip)."""
+        with gateway.lock:
+            for control in gateway.running:
+                control.skip()
 
     @app.post("/sdapi/v1/png-info", tags=["info"])
     def png_info_endpoint(body: dict[str, Any] = Body(...)) -> dict[str, Any]:

@@ -54,6 +54,34 @@ def _module(protocol: str, aio: bool = False):
     return aio_mod if aio else sync_mod
 
 
+class JobControl:
+    """Stops a generation from another thread, as A1111's Interrupt and Skip buttons: ``interrupt()`` ends it
+    (the batches already done are returned), ``skip()`` drops the batch running now and goes on with the next.
+    Over gRPC the server's loop stops within one step; over HTTP (Triton does not cancel HTTP requests) the
+    running batch finishes first."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._skip_batch = -1
+        self._batch = 0
+        self._changed = threading.Event()
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self._changed.set()
+
+    def skip(self) -> None:
+        self._skip_batch = self._batch
+        self._changed.set()
+
+    def _stop_current(self) -> bool:
+        return self.interrupted or self._skip_batch == self._batch
+
+
+class Stopped(Exception):
+    """The running batch was interrupted or skipped (``JobControl``)."""
+
+
 class Client:
     def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float | None = 600.0):
         self.protocol = protocol
@@ -172,14 +200,38 @@ class Client:
         return kwargs
 
     def _generate(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
-                  images: dict[str, np.ndarray]) -> Generation:
+                  images: dict[str, np.ndarray], control: JobControl | None = None) -> Generation:
         module = _module(self.protocol)
+        inputs, kwargs = self._inputs(module, spec, request, images), self._infer_kwargs(module)
         try:
-            response = self._client().infer(job, self._inputs(module, spec, request, images),
-                                             **self._infer_kwargs(module))
+            if control is None or self.protocol != "grpc":
+                response = self._client().infer(job, inputs, **kwargs)
+            else:
+                response = self._cancellable_infer(job, inputs, kwargs, control)
+        except Stopped:
+            raise
         except Exception as exc:
             raise self._error(exc) from None
         return self._result(spec, request, response, MASK in images)
+
+    def _cancellable_infer(self, job: str, inputs: list, kwargs: dict[str, Any], control: JobControl):
+        """gRPC infer that ``control`` can cancel: Triton hands the cancellation to the job model, whose loop
+        stops at its next step."""
+        done, box = threading.Event(), {}
+
+        def callback(result, error) -> None:
+            box.update(result=result, error=error)
+            done.set()
+
+        call = self._client().async_infer(job, inputs, callback, **kwargs)
+        while not done.wait(0.05):
+            if control._stop_current():
+                call.cancel()
+                done.wait(10)
+                raise Stopped()
+        if box["error"] is not None:
+            raise box["error"]
+        return box["result"]
 
     async def _agenerate(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
                          images: dict[str, np.ndarray]) -> Generation:
@@ -195,33 +247,45 @@ class Client:
 
     # --- the jobs ----------------------------------------------------------------------------------------------
     def _batches(self, job: str, spec: ModelSpec, request: Txt2ImgRequest, images: dict[str, np.ndarray],
-                 n_iter: int, progress: Callable[[int, int], None] | None) -> Generation:
+                 n_iter: int, progress: Callable[[int, int], None] | None,
+                 control: JobControl | None = None) -> Generation:
         results = []
-        for batch in batch_count(request, n_iter):
-            results.append(self._generate(job, spec, batch, images))
+        for number, batch in enumerate(batch_count(request, n_iter)):
+            if control is not None:
+                if control.interrupted:
+                    break
+                control._batch = number
+            try:
+                results.append(self._generate(job, spec, batch, images, control))
+            except Stopped:
+                pass  # interrupted (the loop above ends) or skipped (on to the next batch)
             if progress is not None:
-                progress(len(results), n_iter)
+                progress(number + 1, n_iter)
+        if not results:  # interrupted or skipped before any batch was done
+            channels = spec.component("vae_decoder").outputs[0].shape[1]
+            return Generation(np.zeros((0, request.height, request.width, channels), np.uint8), [], [])
         return concatenate(results)
 
     def txt2img(self, prompt: str = "", n_iter: int = 1, progress: Callable[[int, int], None] | None = None,
-                model: str | None = None, **settings: Any) -> Generation:
+                model: str | None = None, control: JobControl | None = None, **settings: Any) -> Generation:
         """Generate images with ``model`` (one of :attr:`models`; default: the server's default); settings are
         the request fields (``sdtrt txt2img --url URL --help`` lists them with their ranges: negative_prompt,
         seed, steps, guidance_scale, sampler, schedule_type, width, height, batch_size, clip_skip, subseed,
         subseed_strength, enable_hr, hr_scale, hr_upscaler, ...). ``n_iter`` batches run one after another with
-        continuing seeds (A1111's batch count); ``progress(done, n_iter)`` follows them."""
+        continuing seeds (A1111's batch count); ``progress(done, n_iter)`` follows them; ``control`` (a
+        JobControl) can interrupt or skip from another thread."""
         spec = self.model_spec(model)
         request = self.request(prompt, model=spec.key, **settings)
-        return self._batches(TXT2IMG, spec, request, {}, n_iter, progress)
+        return self._batches(TXT2IMG, spec, request, {}, n_iter, progress, control)
 
     def img2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1,
                 progress: Callable[[int, int], None] | None = None, model: str | None = None,
-                **settings: Any) -> Generation:
+                control: JobControl | None = None, **settings: Any) -> Generation:
         """Redraw ``init_image`` (PIL image or H x W x 3 uint8 array); with ``mask`` (white = repaint), inpaint.
         Settings as for txt2img plus denoising_strength, resize_mode, mask_blur, inpaint_full_res(_padding)."""
         spec = self.model_spec(model)
         request = self.request(prompt, Img2ImgRequest, model=spec.key, **settings)
-        return self._batches(IMG2IMG, spec, request, _pictures(init_image, mask), n_iter, progress)
+        return self._batches(IMG2IMG, spec, request, _pictures(init_image, mask), n_iter, progress, control)
 
     async def atxt2img(self, prompt: str, n_iter: int = 1, model: str | None = None, **settings: Any) -> Generation:
         """The asyncio form of :meth:`txt2img` (tritonclient's aio clients, one per call)."""

@@ -151,3 +151,31 @@ def test_png_info_reads_what_txt2img_wrote(gateway):
     plain = Image.new("RGB", (8, 8))
     empty = gateway.png_info(plain)
     assert (empty.info, empty.parameters) == ("", {})
+
+
+def test_interrupt_and_skip_stop_the_servers_loop(gateway):
+    """webuiapi's interrupt() while a long txt2img runs in another thread: the server's loop stops within a step
+    and the call answers with the batches it had finished (none here); skip() drops the running batch of two and
+    the next one is done (its seed is the second)."""
+    import threading
+
+    long = dict(prompt="a long one", steps=150, width=512, height=512, seed=40)  # ~14 s here: far beyond 6
+    outcome: dict = {}
+
+    def generate(**settings) -> None:
+        start = time.perf_counter()
+        outcome["result"] = gateway.txt2img(**settings)
+        outcome["seconds"] = time.perf_counter() - start
+
+    worker = threading.Thread(target=generate, kwargs=long)
+    worker.start()
+    time.sleep(1.5)
+    gateway.interrupt()
+    worker.join(60)
+    assert outcome["result"].images == [] and outcome["seconds"] < 6
+    worker = threading.Thread(target=generate, kwargs={**long, "n_iter": 2, "steps": 30})
+    worker.start()
+    time.sleep(1.0)
+    gateway.skip()
+    worker.join(120)
+    assert len(outcome["result"].images) == 1 and outcome["result"].info["all_seeds"] == [41]
