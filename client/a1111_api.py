@@ -18,6 +18,7 @@ import json
 import random
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,8 +224,20 @@ def encode_png(image: np.ndarray, infotext: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+@dataclass
+class Job:
+    """One generation under way: its control (interrupt, skip, the request id its progress is posted under)."""
+
+    control: JobControl
+    kind: str
+    count: int  # batches (n_iter)
+    started: float
+    timestamp: str
+    done: int = 0  # batches finished
+
+
 class Gateway:
-    """The gateway's state: the client, the A1111 options it honours, the current job (for /progress)."""
+    """The gateway's state: the client, the A1111 options it honours, the generations under way."""
 
     def __init__(self, client: Client, outputs: Path | None = None):
         self.client = client
@@ -233,8 +246,7 @@ class Gateway:
         self.options: dict[str, Any] = {}  # A1111 options sdtrt has no use for, kept for GET /options
         self.model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
         self.lock = threading.Lock()
-        self.job: dict[str, Any] = {"job_count": 0, "job_no": 0, "job": "", "job_timestamp": "0", "started": None}
-        self.running: set[JobControl] = set()  # what /interrupt and /skip reach: every generation under way
+        self.jobs: dict[str, Job] = {}  # every generation under way, by task id (what /progress, /interrupt reach)
 
     # --- translation ---------------------------------------------------------------------------------------
     def current(self):
@@ -313,18 +325,15 @@ class Gateway:
     # --- jobs ----------------------------------------------------------------------------------------------
     def run(self, kind: str, body: _Request, call) -> dict[str, Any]:
         settings = self.settings(body)
+        job = Job(JobControl(body.force_task_id), kind, body.n_iter, time.time(), time.strftime("%Y%m%d%H%M%S"))
         with self.lock:
-            self.job.update(job_count=body.n_iter, job_no=0, job=kind, started=time.time(),
-                            job_timestamp=time.strftime("%Y%m%d%H%M%S"))
+            self.jobs[job.control.request_id] = job
 
         def progress(done: int, total: int) -> None:
-            self.job.update(job_no=done, job_count=total)
+            job.done = done
 
-        control = JobControl()
-        with self.lock:
-            self.running.add(control)
         try:
-            result: Generation = call(settings, progress, control)
+            result: Generation = call(settings, progress, job.control)
         except InvalidRequest as exc:
             raise refuse(A1111_NAME.get(exc.field, exc.field), str(exc)) from None
         except ServerBusy as exc:
@@ -332,9 +341,8 @@ class Gateway:
         except ServerError as exc:
             raise HTTPException(502, detail=f"the sdtrt server failed: {exc}") from None
         finally:
-            self.job.update(job_no=self.job["job_count"], started=None)
             with self.lock:
-                self.running.discard(control)
+                self.jobs.pop(job.control.request_id, None)
         if body.save_images and self.outputs is not None:
             for image, seed, info in zip(result.images, result.seeds, result.infotexts):
                 save_png(image, seed, info, self.outputs / f"{kind}-images")
@@ -345,10 +353,10 @@ class Gateway:
             "images": [encode_png(im, info) for im, info in zip(result.images, result.infotexts)]
             if body.send_images else [],
             "parameters": parameters,
-            "info": json.dumps(self.info(body, settings, result)),
+            "info": json.dumps(self.info(body, settings, result, job)),
         }
 
-    def info(self, body: _Request, settings: dict[str, Any], result: Generation) -> dict[str, Any]:
+    def info(self, body: _Request, settings: dict[str, Any], result: Generation, job: "Job") -> dict[str, Any]:
         spec = self.client.catalog.get(settings["model"])
         vae = spec.extra.get("vae") or {}
         return {
@@ -363,7 +371,7 @@ class Gateway:
             "sd_vae_hash": vae.get("sha256", "")[:10] or None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": settings.get("denoising_strength"), "extra_generation_params": {},
             "index_of_first_image": 0, "infotexts": result.infotexts, "styles": [],
-            "job_timestamp": self.job["job_timestamp"], "clip_skip": settings["clip_skip"],
+            "job_timestamp": job.timestamp, "clip_skip": settings["clip_skip"],
             "is_using_inpainting_conditioning": False, "version": f"sdtrt {__version__}",
             "sdtrt_ignored_fields": self.ignored_fields(body),
         }
@@ -476,15 +484,15 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         """Stop every generation under way (the server's loops stop within a step); each answers with the
         batches it had finished, as A1111's Interrupt."""
         with gateway.lock:
-            for control in gateway.running:
-                control.interrupt()
+            for job in gateway.jobs.values():
+                job.control.interrupt()
 
     @app.post("/sdapi/v1/skip", tags=["generation"])
     def skip() -> None:
         """Drop the batch each generation is running now and go on with its next (A1111's Skip)."""
         with gateway.lock:
-            for control in gateway.running:
-                control.skip()
+            for job in gateway.jobs.values():
+                job.control.skip()
 
     @app.post("/sdapi/v1/png-info", tags=["info"])
     def png_info_endpoint(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
@@ -538,20 +546,28 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         gateway.options.update({k: v for k, v in options.items() if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED})
 
     @app.get("/sdapi/v1/progress", tags=["info"])
-    def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        job = gateway.job
-        count = max(job["job_count"], 1)
-        running = job["started"] is not None
-        done = job["job_no"] / count if running else 0.0
-        elapsed = time.time() - job["started"] if running else 0.0
+    def progress(skip_current_image: bool = False, id_task: str | None = None) -> dict[str, Any]:
+        """A1111's progress of the generation under way, step by step (the server's loop posts its steps). With
+        several at once: the latest one, or the one ``id_task`` names (the ``force_task_id`` it was sent with)."""
+        with gateway.lock:
+            job = gateway.jobs.get(id_task) if id_task else next(reversed(gateway.jobs.values()), None)
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                    "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                              "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                              "sampling_steps": 0}}
+        steps = client.progress(job.control.request_id)
+        step, total = steps if steps is not None else (0, 0)
+        done = min(1.0, (job.done + (step / total if total else 0.0)) / max(job.count, 1))
+        elapsed = time.time() - job.started
         return {
             "progress": done,
-            "eta_relative": (elapsed / done - elapsed) if running and done > 0 else 0.0,
-            "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": job["job"],
-                      "job_count": job["job_count"] if running else 0, "job_timestamp": job["job_timestamp"],
-                      "job_no": job["job_no"], "sampling_step": 0, "sampling_steps": 0},
+            "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
+            "state": {"skipped": False, "interrupted": job.control.interrupted, "stopping_generation": False,
+                      "job": job.kind, "job_count": job.count, "job_timestamp": job.timestamp, "job_no": job.done,
+                      "sampling_step": step, "sampling_steps": total},
             "current_image": None,
-            "textinfo": f"batch {job['job_no'] + 1} of {count}" if running else None,
+            "textinfo": f"batch {job.done + 1} of {job.count}, step {step} of {total}",
         }
 
     return app

@@ -300,7 +300,7 @@ def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[s
     batches = batch_count(resolve_seeds(request), args.n_iter)
     pipeline = LocalPipeline(args.local, model=args.model)
     with tqdm(desc="sampling", unit="step") as bar:
-        def on_step(done: int, total: int) -> None:
+        def on_step(done: int, total: int, latents) -> None:
             bar.update(1)
 
         if job == "txt2img":

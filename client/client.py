@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import uuid
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -24,8 +25,8 @@ from sdtrt.errors import InvalidRequest, SdtrtError
 from sdtrt.generation import Generation, batch_count, concatenate, infotexts
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import (
-    DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog,
-    ModelSpec,
+    DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_REQUEST_ID, PROGRESS_STEP,
+    PROGRESS_TOTAL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ModelSpec,
 )
 
 PROTOCOLS = ("grpc", "http")
@@ -60,7 +61,10 @@ class JobControl:
     Over gRPC the server's loop stops within one step; over HTTP (Triton does not cancel HTTP requests) the
     running batch finishes first."""
 
-    def __init__(self):
+    def __init__(self, request_id: str | None = None):
+        """``request_id`` names the job's requests to the server (default: a fresh one); ``Client.progress``
+        reads their steps by it."""
+        self.request_id = request_id or uuid.uuid4().hex
         self.interrupted = False
         self._skip_batch = -1
         self._batch = 0
@@ -203,6 +207,8 @@ class Client:
                   images: dict[str, np.ndarray], control: JobControl | None = None) -> Generation:
         module = _module(self.protocol)
         inputs, kwargs = self._inputs(module, spec, request, images), self._infer_kwargs(module)
+        if control is not None:
+            kwargs["request_id"] = control.request_id  # the job model posts its steps under it (progress)
         try:
             if control is None or self.protocol != "grpc":
                 response = self._client().infer(job, inputs, **kwargs)
@@ -232,6 +238,19 @@ class Client:
         if box["error"] is not None:
             raise box["error"]
         return box["result"]
+
+    def progress(self, request_id: str) -> tuple[int, int] | None:
+        """(steps done, steps) of the request sent under ``request_id`` (a JobControl's), as the server's loop
+        last posted them; None before its first step or for an unknown id."""
+        module = _module(self.protocol)
+        try:
+            response = self._client().infer(PROGRESS, [self._tensor(module, PROGRESS_REQUEST_ID,
+                                                                    np.array([request_id.encode()], dtype=np.object_),
+                                                                    "BYTES")])
+        except Exception as exc:
+            raise self._error(exc) from None
+        done, total = int(response.as_numpy(PROGRESS_STEP)[0]), int(response.as_numpy(PROGRESS_TOTAL)[0])
+        return None if done < 0 else (done, total)
 
     async def _agenerate(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
                          images: dict[str, np.ndarray]) -> Generation:

@@ -13,7 +13,7 @@ from sdtrt.spec import Catalog, ModelSpec, load_catalog
 
 # The module of this package that implements a Python-backend model: the jobs, each model's tokenizer, and its
 # networks when a CPU engine runs them inside the Python backend.
-JOB_MODULES = {"txt2img": "txt2img_model", "img2img": "img2img_model"}
+JOB_MODULES = {"txt2img": "txt2img_model", "img2img": "img2img_model", "progress": "progress_model"}
 
 
 def python_module(model: str) -> str:

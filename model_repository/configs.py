@@ -24,8 +24,8 @@ from sdtrt.extra_networks import EMBEDDING_VECTORS
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.runners import CPU_ENGINES, CPU_PRECISIONS
 from sdtrt.spec import (
-    ENGINES, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ComponentSpec,
-    ModelSpec, TensorSpec,
+    ENGINES, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL,
+    SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ComponentSpec, ModelSpec, TensorSpec,
 )
 
 NETWORK_BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -170,6 +170,18 @@ def device_kind(options: ServingOptions) -> int:
     return mc.ModelInstanceGroup.KIND_GPU if options.backend == "tensorrt" else mc.ModelInstanceGroup.KIND_CPU
 
 
+def progress_config() -> mc.ModelConfig:
+    """``progress``: with ``step`` and ``total`` it records a request's progress, without them it answers it."""
+    config = mc.ModelConfig(name=PROGRESS, backend="python", max_batch_size=0)
+    _tensor(config.input, PROGRESS_REQUEST_ID, "string", [1])
+    for name in (PROGRESS_STEP, PROGRESS_TOTAL):
+        _tensor(config.input, name, "int32", [1])
+        config.input[-1].optional = True
+        _tensor(config.output, name, "int32", [1])
+    config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    return config
+
+
 # Request fields the tokenizer takes.
 TOKENIZER = "tokenizer"
 TOKENIZER_FIELDS = ("prompt", "negative_prompt", "clip_skip")
@@ -236,7 +248,7 @@ def model_configs(spec: ModelSpec, options: ServingOptions) -> list[mc.ModelConf
 
 def all_configs(catalog: Catalog, options: ServingOptions) -> list[mc.ModelConfig]:
     configs = [config for spec in catalog.models.values() for config in model_configs(spec, options)]
-    configs += [job_config(catalog, job, options) for job in JOBS.values()]
+    configs += [job_config(catalog, job, options) for job in JOBS.values()] + [progress_config()]
     for config in configs:
         if config.backend == "python":
             # The Python models read their inputs with as_numpy(): their inputs must arrive in CPU memory, whoever

@@ -95,6 +95,22 @@ class JsonLog:
         self._emit(pb_utils.Logger.log_error, event, **fields)
 
 
+PROGRESS_INTERVAL = 0.25  # seconds between a request's progress posts
+
+
+def post_progress(request_id: str, done: int, total: int, log: JsonLog) -> None:
+    """Record a request's steps in the ``progress`` model; never fails the generation."""
+    from sdtrt.spec import PROGRESS, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
+
+    inputs = [pb_utils.Tensor(PROGRESS_REQUEST_ID, np.array([request_id.encode()], dtype=np.object_)),
+              pb_utils.Tensor(PROGRESS_STEP, np.array([done], np.int32)),
+              pb_utils.Tensor(PROGRESS_TOTAL, np.array([total], np.int32))]
+    response = pb_utils.InferenceRequest(model_name=PROGRESS, inputs=inputs,
+                                         requested_output_names=[PROGRESS_STEP]).exec()
+    if response.has_error():
+        log.warn("progress_not_posted", request_id=request_id, error=response.error().message())
+
+
 def unet_rows(spec: ModelSpec) -> int:
     """The most rows one U-Net call may carry: the spec's batch range, or what its TensorRT engine was built for
     (0 for an engine of fixed batch, which takes each loop's call only as it is)."""
@@ -249,15 +265,23 @@ class JobModel(PerRequestModel):
 
         self.current.labels = {"model": str(scalar(request, MODEL) or self.catalog.default), "sampler": ""}
         self.current.steps = 0
+        self.current.request_id, self.current.posted = request.request_id(), 0.0
         spec = self.catalog.get(scalar(request, MODEL))
         values = {name: scalar(request, name) for name in self.fields}
         settings = resolve_seeds(validate(self.job.request_type(**values), spec))
         self.current.labels = {"model": spec.key, "sampler": settings.sampler}
         return spec, settings
 
-    def on_step(self, done: int, total: int) -> None:
-        """The loop's step callback: counts the U-Net steps a request runs."""
+    def on_step(self, done: int, total: int, latents: "torch.Tensor") -> None:
+        """The loop's step callback: counts the U-Net steps a request runs and, for a request that carries an id,
+        posts its progress to the ``progress`` model (its first and last step, and every PROGRESS_INTERVAL
+        between: a BLS call of well under a millisecond, a few times a second)."""
         self.current.steps = getattr(self.current, "steps", 0) + 1
+        request_id = getattr(self.current, "request_id", "")
+        now = time.monotonic()
+        if request_id and (done in (1, total) or now - self.current.posted >= PROGRESS_INTERVAL):
+            self.current.posted = now
+            post_progress(request_id, done, total, self.log)
 
     @contextlib.contextmanager
     def stage(self, name: str):

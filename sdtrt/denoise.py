@@ -42,7 +42,7 @@ def denoise(
     context: dict[str, torch.Tensor],
     guidance_scale: float,
     generators: list[torch.Generator],
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
     timesteps: torch.Tensor | None = None,
     unet_extra: torch.Tensor | None = None,
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
@@ -73,5 +73,5 @@ def denoise(
         if after_step is not None:
             latents = after_step(i, latents)
         if on_step is not None:
-            on_step(i + 1, len(timesteps))
+            on_step(i + 1, len(timesteps), latents)
     return latents

@@ -27,7 +27,7 @@ from sdtrt.seeds import image_seeds, initial_noise, make_generators
 from sdtrt.spec import ModelSpec
 from sdtrt.vae import sample_latents
 
-OnStep = Callable[[int, int], None]
+OnStep = Callable[[int, int, torch.Tensor], None]  # (steps done, steps, latents now)
 
 
 class Networks(Protocol):

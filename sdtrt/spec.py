@@ -44,6 +44,11 @@ INIT_IMAGE = "init_image"  # img2img: [H, W, 3] uint8
 MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img2img
 IMAGES = "images"  # out: [N, H, W, 3] uint8
 SEEDS = "seeds"  # out: [N] int64, the seed of each image
+# The progress model: the job loops post each request's steps there under its Triton request id; clients read them.
+PROGRESS = "progress"
+PROGRESS_REQUEST_ID = "request_id"
+PROGRESS_STEP = "step"  # steps done (-1: no such request, or no step yet)
+PROGRESS_TOTAL = "total"
 SPEC_PARAMETER = "sdtrt_spec"
 ENGINES = "engines"  # ModelSpec.extra[ENGINES]: the TensorRT engine manifest, network -> file, GPU, TensorRT, profile
 MODEL = "model"  # the request input naming which of the repository's models to use (absent: the default)

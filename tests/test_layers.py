@@ -32,7 +32,7 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
     "served models": (3, {"sdtrt.model_repository.triton_io", "sdtrt.model_repository.bls",
                           "sdtrt.model_repository.metrics", "sdtrt.model_repository.step_batcher",
                           "sdtrt.model_repository.txt2img_model", "sdtrt.model_repository.img2img_model",
-                          "sdtrt.model_repository.tokenizer_model", "sdtrt.model_repository.network_model",
+                          "sdtrt.model_repository.tokenizer_model", "sdtrt.model_repository.progress_model", "sdtrt.model_repository.network_model",
                           "sdtrt.model_repository.onnx_model"}),
     "client": (4, {"sdtrt.client", "sdtrt.client.client"}),
     "application": (5, {"sdtrt.__main__", "sdtrt.app", "sdtrt.app.cli", "sdtrt.app.server", "sdtrt.app.health",

@@ -179,3 +179,40 @@ def test_interrupt_and_skip_stop_the_servers_loop(gateway):
     gateway.skip()
     worker.join(120)
     assert len(outcome["result"].images) == 1 and outcome["result"].info["all_seeds"] == [41]
+
+
+def test_progress_per_step_and_per_task_under_concurrency(gateway):
+    """Two generations at once, each sent with its own force_task_id: /progress?id_task= follows each one's
+    steps as the server's loop posts them (A1111's sampling_step / sampling_steps), and webuiapi's
+    get_progress() shows the latest one."""
+    import json as json_module
+    import threading
+
+    def post(task: str, steps: int) -> None:
+        body = json_module.dumps({"prompt": "a slow one", "steps": steps, "width": 512, "height": 512, "seed": 1,
+                                  "force_task_id": task}).encode()
+        request = urllib.request.Request(f"{gateway.baseurl}/txt2img", data=body,
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=300).read()
+
+    workers = [threading.Thread(target=post, args=(task, steps)) for task, steps in (("task-a", 40), ("task-b", 60))]
+    for worker in workers:
+        worker.start()
+    seen: dict[str, set] = {"task-a": set(), "task-b": set()}
+    deadline = time.monotonic() + 60
+    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        for task in seen:
+            with urllib.request.urlopen(f"{gateway.baseurl}/progress?id_task={task}", timeout=10) as response:
+                state = json_module.loads(response.read())["state"]
+            if state["sampling_steps"]:
+                seen[task].add((state["sampling_step"], state["sampling_steps"]))
+        latest = gateway.get_progress()
+        assert 0.0 <= latest["progress"] <= 1.0
+        time.sleep(0.2)
+    for worker in workers:
+        worker.join(120)
+    assert {total for _, total in seen["task-a"]} == {40} and {total for _, total in seen["task-b"]} == {60}
+    for task in seen:  # several distinct steps seen on the way, each within its range
+        steps = sorted(step for step, _ in seen[task])
+        assert len(steps) >= 3 and all(1 <= s <= t for s, t in seen[task]), (task, steps)
+    assert gateway.get_progress()["state"]["job_count"] == 0  # nothing under way any more
