@@ -75,6 +75,7 @@ def remove_stale_models(root: Path, current: set[str]) -> None:
         for generated in (config, folder / PERF_INPUT, folder / "1" / "model.py"):
             generated.unlink(missing_ok=True)
         shutil.rmtree(folder / "1" / "__pycache__", ignore_errors=True)
+        shutil.rmtree(folder / "1" / "openvino_cache", ignore_errors=True)  # OpenVINO's compiled networks (runners.py)
         for empty in (folder / "1", folder):
             if empty.is_dir() and not any(empty.iterdir()):
                 empty.rmdir()

@@ -64,3 +64,21 @@ def test_served_openvino_matches_in_process(exported_repo, tmp_path):
         served = Client(server.url).txt2img(request.pop("prompt"), **request).images
     assert np.abs(served.astype(int) - expected.astype(int)).max() <= 1
     assert (repo / "default__unet" / "1" / "openvino_cache").is_dir()  # the next start loads compiled blobs
+
+
+def test_a_stale_model_goes_with_its_openvino_cache(tmp_path):
+    """A network model an earlier export generated and this one no longer has is removed whole, OpenVINO's
+    compiled networks included: a folder left behind would make Triton (loading every model) fail to start."""
+    from sdtrt.model_repository.build import remove_stale_models
+    from sdtrt.model_repository.configs import GENERATED_HEADER
+
+    folder = tmp_path / "old__unet"
+    (folder / "1" / "openvino_cache").mkdir(parents=True)
+    (folder / "1" / "openvino_cache" / "1234.blob").write_bytes(b"compiled")
+    (folder / "config.pbtxt").write_text(GENERATED_HEADER + 'name: "old__unet"\n')
+    (folder / "1" / "model.py").write_text("# generated\n")
+    mine = tmp_path / "mine"
+    (mine / "1").mkdir(parents=True)
+    (mine / "1" / "weights.bin").write_bytes(b"user data")
+    remove_stale_models(tmp_path, current=set())
+    assert not folder.exists() and (mine / "1" / "weights.bin").exists()
