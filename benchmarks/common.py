@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import platform
 import re
@@ -70,6 +71,17 @@ def perf_analyzer(repo: Path, url: str, concurrency: int, out: Path) -> dict:
     row = next(csv.DictReader(report.open()))
     return {"images_s": float(row["Inferences/Second"]), "p50_ms": int(row["p50 latency"]) / 1000,
             "p99_ms": int(row["p99 latency"]) / 1000}
+
+
+def model_parser(doc: str | None, size: int = 512) -> argparse.ArgumentParser:
+    """The flags of the benchmarks that measure one model at one setting: --model, --steps, --size, --repeats."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "half"], default="tiny",
+                        help="tiny: the embedded default model; half: SD 1.5's layout at half its widths")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=size)
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser
 
 
 def default_export(prefix: str, size: str = "tiny") -> tuple[Path, Path, Path]:

@@ -13,7 +13,6 @@ over in-process with the same engine (the serving overhead; the target is at mos
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -24,7 +23,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import cpu_name, default_export, median, table, timed, write_section  # noqa: E402
+from common import cpu_name, default_export, model_parser, median, table, timed, write_section  # noqa: E402
 
 ENGINES = "onnxruntime:fp32,openvino:fp32,openvino:bf16"
 
@@ -40,11 +39,7 @@ def cpu_flags() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "half"], default="tiny")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = model_parser(__doc__)
     parser.add_argument("--engines", default=ENGINES, help="ENGINE:PRECISION,... (default: %(default)s)")
     args = parser.parse_args()
 

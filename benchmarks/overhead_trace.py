@@ -11,7 +11,6 @@ BLS round trips. Writes the "overhead" section of benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import cpu_name, default_export, table, write_section  # noqa: E402
+from common import cpu_name, default_export, model_parser, table, write_section  # noqa: E402
 
 PORTS = dict(http_port=18500, grpc_port=18501, metrics_port=18502)
 
@@ -47,11 +46,7 @@ def stage_sums() -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "half"], default="tiny")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = model_parser(__doc__)
     args = parser.parse_args()
 
     from sdtrt.app.server import TritonServer
