@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +31,23 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def first_answer(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> int:
+    """The HTTP status of the first answer ``url`` gives (an error status included) while the process ``proc``
+    that serves it starts; fails with the process's output if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"{url} never answered: {proc.stdout.read() if proc.stdout else ''}") from None
+            time.sleep(0.3)
 
 
 def raw_infer(server, fields: dict, protocol: str = "grpc", model: str = "txt2img"):
@@ -60,14 +78,7 @@ def page_generates(url: str, tmp_path: Path, shot: bool = True) -> None:
                              "--out", str(tmp_path / "outputs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.5)
+        assert first_answer(f"http://127.0.0.1:{port}/", proc) == 200
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

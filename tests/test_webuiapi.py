@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from servers import free_ports
+from servers import first_answer, free_ports
 from sdtrt.infotext import parse_infotext
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -25,16 +25,7 @@ def gateway(server, tmp_path_factory):
     out = tmp_path_factory.mktemp("webuiapi-outputs")
     proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "api", "--url", server.url, "--port", str(port),
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/sdapi/v1/samplers", timeout=5)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"sdtrt api did not start: {proc.stdout.read() if proc.stdout else ''}")
-            time.sleep(0.3)
+    assert first_answer(f"http://127.0.0.1:{port}/sdapi/v1/samplers", proc) == 200
     yield webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=4)
     proc.terminate()
     proc.wait(30)
@@ -101,18 +92,10 @@ def test_api_auth_as_a1111s(server, tmp_path, monkeypatch):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}/sdapi/v1/samplers"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=5)
-                raise AssertionError("served without credentials")
-            except urllib.error.HTTPError as exc:
-                assert exc.code == 401 and exc.headers["WWW-Authenticate"] == "Basic"
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.3)
+        assert first_answer(url, proc) == 401  # served only with credentials
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=5)
+        assert refused.value.headers["WWW-Authenticate"] == "Basic"
         for user, password in (("alice", "s3cret-pass"), ("bob", "hunter2")):
             api = webuiapi.WebUIApi(host="127.0.0.1", port=port, username=user, password=password, steps=2)
             assert api.txt2img(prompt="a cat", seed=1, width=64, height=64).image.size == (64, 64)
