@@ -207,14 +207,20 @@ def refuse(field: str, message: str) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
 
 
-def decode_image(data: str, field: str, mode: str) -> Image.Image:
+def open_image(data: str, field: str) -> Image.Image:
+    """A base64 picture (a data: URL too), loaded with its text chunks; a named 422 when it is not one."""
     if "," in data[:100] and data.startswith("data:"):
         data = data.split(",", 1)[1]
     try:
         with Image.open(io.BytesIO(base64.b64decode(data))) as im:
-            return im.convert(mode)
+            im.load()
+            return im
     except Exception:
         raise refuse(field, "not a base64-encoded picture (PNG, JPEG or WebP)") from None
+
+
+def decode_image(data: str, field: str, mode: str) -> Image.Image:
+    return open_image(data, field).convert(mode)
 
 
 def encode_png(image: np.ndarray, infotext: str) -> str:
@@ -500,12 +506,7 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         A1111's fields (``Size-1``/``Size-2`` for ``Size``, as A1111 splits it)."""
         if not isinstance(body.get("image"), str) or not body["image"]:
             raise refuse("image", "a base64-encoded PNG")
-        data = body["image"].split(",", 1)[1] if body["image"].startswith("data:") else body["image"]
-        try:
-            with Image.open(io.BytesIO(base64.b64decode(data))) as im:
-                chunks = {k: v for k, v in im.info.items() if isinstance(v, str)}
-        except Exception:
-            raise refuse("image", "not a base64-encoded picture (PNG, JPEG or WebP)") from None
+        chunks = {k: v for k, v in open_image(body["image"], "image").info.items() if isinstance(v, str)}
         info = chunks.pop("parameters", "")
         parameters: dict[str, Any] = {}
         if info:

@@ -79,7 +79,8 @@ class TritonPythonModel:
                 t.name: np.concatenate([arrays[k] for _, arrays in members]) for k, t in enumerate(self.component.inputs)
             }
             try:
-                outputs = [self.runner.outputs(feed)[name] for name in self.output_names]
+                result = self.runner.outputs(feed)
+                outputs = [result[name] for name in self.output_names]
             except Exception as exc:
                 self.log.error("run_failed", error=str(exc), shapes={k: list(v.shape) for k, v in feed.items()})
                 for i, _ in members:
