@@ -223,10 +223,10 @@ def decode_image(data: str, field: str, mode: str) -> Image.Image:
     return open_image(data, field).convert(mode)
 
 
-def encode_png(image: np.ndarray, infotext: str) -> str:
+def encode_png(image: np.ndarray, infotext: str | None = None) -> str:
     pil = Image.fromarray(image)
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", pnginfo=png_info(infotext))
+    pil.save(buffer, format="PNG", pnginfo=png_info(infotext) if infotext else None)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -557,8 +557,9 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
                     "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
                               "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
                               "sampling_steps": 0}}
-        steps = client.progress(job.control.request_id)
-        step, total = steps if steps is not None else (0, 0)
+        latest = client.progress(job.control.request_id)
+        step, total = (latest.step, latest.total) if latest is not None else (0, 0)
+        preview = None if skip_current_image or latest is None else latest.preview
         done = min(1.0, (job.done + (step / total if total else 0.0)) / max(job.count, 1))
         elapsed = time.time() - job.started
         return {
@@ -567,7 +568,7 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
             "state": {"skipped": False, "interrupted": job.control.interrupted, "stopping_generation": False,
                       "job": job.kind, "job_count": job.count, "job_timestamp": job.timestamp, "job_no": job.done,
                       "sampling_step": step, "sampling_steps": total},
-            "current_image": None,
+            "current_image": None if preview is None else encode_png(preview),
             "textinfo": f"batch {job.done + 1} of {job.count}, step {step} of {total}",
         }
 

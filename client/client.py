@@ -16,7 +16,7 @@ import asyncio
 import json
 import threading
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -25,8 +25,8 @@ from sdtrt.errors import InvalidRequest, SdtrtError
 from sdtrt.generation import Generation, batch_count, concatenate, infotexts
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import (
-    DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_REQUEST_ID, PROGRESS_STEP,
-    PROGRESS_TOTAL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ModelSpec,
+    DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID,
+    PROGRESS_STEP, PROGRESS_TOTAL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ModelSpec,
 )
 
 PROTOCOLS = ("grpc", "http")
@@ -53,6 +53,15 @@ def _module(protocol: str, aio: bool = False):
     else:
         raise SdtrtError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     return aio_mod if aio else sync_mod
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A running request's denoising progress as its server loop last posted it."""
+
+    step: int  # steps done
+    total: int  # steps of the pass under way (a hires fix counts its own)
+    preview: np.ndarray | None  # (h, w, 3) uint8 at the latents' resolution, the batch as a grid; None: none yet
 
 
 class JobControl:
@@ -239,9 +248,9 @@ class Client:
             raise box["error"]
         return box["result"]
 
-    def progress(self, request_id: str) -> tuple[int, int] | None:
-        """(steps done, steps) of the request sent under ``request_id`` (a JobControl's), as the server's loop
-        last posted them; None before its first step or for an unknown id."""
+    def progress(self, request_id: str) -> Progress | None:
+        """The progress of the request sent under ``request_id`` (a JobControl's), as the server's loop last
+        posted it; None before its first step or for an unknown id."""
         module = _module(self.protocol)
         try:
             response = self._client().infer(PROGRESS, [self._tensor(module, PROGRESS_REQUEST_ID,
@@ -250,7 +259,8 @@ class Client:
         except Exception as exc:
             raise self._error(exc) from None
         done, total = int(response.as_numpy(PROGRESS_STEP)[0]), int(response.as_numpy(PROGRESS_TOTAL)[0])
-        return None if done < 0 else (done, total)
+        preview = response.as_numpy(PROGRESS_PREVIEW)  # None from a server of an sdtrt without previews
+        return None if done < 0 else Progress(done, total, preview if preview is not None and preview.size else None)
 
     async def _agenerate(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
                          images: dict[str, np.ndarray]) -> Generation:

@@ -416,6 +416,8 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
 
 def build_spec(ckpt: Checkpoint, key: str, components, dims, factor, native, min_size, max_size, max_batch,
                text_max_length, max_pixel_steps: int, max_prompt_chars: int) -> ModelSpec:
+    from sdtrt.export.latent_preview import fit_latent_preview
+
     pipe = ckpt.pipe
     return ModelSpec(
         name=key,
@@ -437,6 +439,7 @@ def build_spec(ckpt: Checkpoint, key: str, components, dims, factor, native, min
                                max_prompt_chars=max_prompt_chars),
         max_pixel_steps=max_pixel_steps,
         schedules=schedule_table(),
+        latent_preview=fit_latent_preview(pipe.vae, float(pipe.vae.config.scaling_factor), factor),
         extra={**({"loras": list(ckpt.loras)} if ckpt.loras else {}), **({"vae": ckpt.vae} if ckpt.vae else {}),
                # SDXL's VAE overflows in FP16 (its config's force_upcast; the fp16-fixed VAE says False): its
                # TensorRT engines are built in FP32

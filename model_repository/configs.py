@@ -24,8 +24,8 @@ from sdtrt.extra_networks import EMBEDDING_VECTORS
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.runners import CPU_ENGINES, CPU_PRECISIONS
 from sdtrt.spec import (
-    ENGINES, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL,
-    SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ComponentSpec, ModelSpec, TensorSpec,
+    ENGINES, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP,
+    PROGRESS_TOTAL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ComponentSpec, ModelSpec, TensorSpec,
 )
 
 NETWORK_BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -178,6 +178,9 @@ def progress_config() -> mc.ModelConfig:
         _tensor(config.input, name, "int32", [1])
         config.input[-1].optional = True
         _tensor(config.output, name, "int32", [1])
+    _tensor(config.input, PROGRESS_PREVIEW, "uint8", [-1, -1, 3])
+    config.input[-1].optional = True
+    _tensor(config.output, PROGRESS_PREVIEW, "uint8", [-1, -1, 3])
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     return config
 

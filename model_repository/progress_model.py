@@ -1,7 +1,8 @@
 """Triton model ``progress``: each running request's denoising progress, by its Triton request id.
 
-The job loops post ``step``/``total`` here (a few times a second, only for requests that carry an id); a client
-that sent a request with an id asks with the id alone and gets the last counts back (-1 when there are none).
+The job loops post ``step``/``total`` and a preview picture here (a few times a second, only for requests that carry
+an id); a client that sent a request with an id asks with the id alone and gets the last ones back (-1 and an
+empty picture when there are none).
 A Triton model rather than a side channel: it works wherever the server is reachable, with Triton's own
 protocols, for any number of requests at once.
 """
@@ -14,27 +15,32 @@ from collections import OrderedDict
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.spec import PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
+from sdtrt.spec import PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
 from sdtrt.model_repository.triton_io import JsonLog, PerRequestModel, optional_input, scalar
 
 KEEP = 1024  # requests remembered (the oldest go first)
 KEEP_SECONDS = 3600.0
+NO_PREVIEW = np.zeros((0, 0, 3), np.uint8)
 
 
 class TritonPythonModel(PerRequestModel):
     def initialize(self, args):
         self.log = JsonLog(args["model_name"])
-        self.seen: OrderedDict[str, tuple[int, int, float]] = OrderedDict()
+        self.seen: OrderedDict[str, tuple[int, int, float, np.ndarray]] = OrderedDict()
 
     def run(self, request) -> "pb_utils.InferenceResponse":
         key = str(scalar(request, PROGRESS_REQUEST_ID))[:256]
         step, total = optional_input(request, PROGRESS_STEP), optional_input(request, PROGRESS_TOTAL)
         now = time.monotonic()
         if step is not None and total is not None:
-            self.seen[key] = (int(step.reshape(-1)[0]), int(total.reshape(-1)[0]), now)
+            preview = optional_input(request, PROGRESS_PREVIEW)
+            if preview is None:  # a post without one keeps the last (the steps between previews)
+                preview = self.seen.get(key, (0, 0, 0.0, NO_PREVIEW))[3]
+            self.seen[key] = (int(step.reshape(-1)[0]), int(total.reshape(-1)[0]), now, preview)
             self.seen.move_to_end(key)
             while len(self.seen) > KEEP or (self.seen and now - next(iter(self.seen.values()))[2] > KEEP_SECONDS):
                 self.seen.popitem(last=False)
-        done, steps, _ = self.seen.get(key, (-1, -1, now))
+        done, steps, _, preview = self.seen.get(key, (-1, -1, now, NO_PREVIEW))
         return pb_utils.InferenceResponse([pb_utils.Tensor(PROGRESS_STEP, np.array([done], np.int32)),
-                                           pb_utils.Tensor(PROGRESS_TOTAL, np.array([steps], np.int32))])
+                                           pb_utils.Tensor(PROGRESS_TOTAL, np.array([steps], np.int32)),
+                                           pb_utils.Tensor(PROGRESS_PREVIEW, preview)])

@@ -98,13 +98,16 @@ class JsonLog:
 PROGRESS_INTERVAL = 0.25  # seconds between a request's progress posts
 
 
-def post_progress(request_id: str, done: int, total: int, log: JsonLog) -> None:
-    """Record a request's steps in the ``progress`` model; never fails the generation."""
-    from sdtrt.spec import PROGRESS, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
+def post_progress(request_id: str, done: int, total: int, log: JsonLog, preview: np.ndarray | None = None) -> None:
+    """Record a request's steps (and its latest preview picture) in the ``progress`` model; never fails the
+    generation."""
+    from sdtrt.spec import PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
 
     inputs = [pb_utils.Tensor(PROGRESS_REQUEST_ID, np.array([request_id.encode()], dtype=np.object_)),
               pb_utils.Tensor(PROGRESS_STEP, np.array([done], np.int32)),
               pb_utils.Tensor(PROGRESS_TOTAL, np.array([total], np.int32))]
+    if preview is not None:
+        inputs.append(pb_utils.Tensor(PROGRESS_PREVIEW, np.ascontiguousarray(preview, dtype=np.uint8)))
     response = pb_utils.InferenceRequest(model_name=PROGRESS, inputs=inputs,
                                          requested_output_names=[PROGRESS_STEP]).exec()
     if response.has_error():
@@ -267,6 +270,7 @@ class JobModel(PerRequestModel):
         self.current.steps = 0
         self.current.request_id, self.current.posted = request.request_id(), 0.0
         spec = self.catalog.get(scalar(request, MODEL))
+        self.current.preview = spec.latent_preview
         values = {name: scalar(request, name) for name in self.fields}
         settings = resolve_seeds(validate(self.job.request_type(**values), spec))
         self.current.labels = {"model": spec.key, "sampler": settings.sampler}
@@ -275,13 +279,18 @@ class JobModel(PerRequestModel):
     def on_step(self, done: int, total: int, latents: "torch.Tensor") -> None:
         """The loop's step callback: counts the U-Net steps a request runs and, for a request that carries an id,
         posts its progress to the ``progress`` model (its first and last step, and every PROGRESS_INTERVAL
-        between: a BLS call of well under a millisecond, a few times a second)."""
+        between: a BLS call of well under a millisecond, a few times a second) with a preview of its latents when
+        the model has a preview map (a small matrix product, no VAE)."""
+        from sdtrt.previews import latent_preview
+
         self.current.steps = getattr(self.current, "steps", 0) + 1
         request_id = getattr(self.current, "request_id", "")
         now = time.monotonic()
         if request_id and (done in (1, total) or now - self.current.posted >= PROGRESS_INTERVAL):
             self.current.posted = now
-            post_progress(request_id, done, total, self.log)
+            matrix = getattr(self.current, "preview", None)
+            preview = latent_preview(latents.detach().float().cpu().numpy(), matrix) if matrix else None
+            post_progress(request_id, done, total, self.log, preview)
 
     @contextlib.contextmanager
     def stage(self, name: str):

@@ -49,6 +49,7 @@ PROGRESS = "progress"
 PROGRESS_REQUEST_ID = "request_id"
 PROGRESS_STEP = "step"  # steps done (-1: no such request, or no step yet)
 PROGRESS_TOTAL = "total"
+PROGRESS_PREVIEW = "preview"  # [h, w, 3] uint8, the latents' cheap colours (sdtrt.previews); [0, 0, 3]: none yet
 SPEC_PARAMETER = "sdtrt_spec"
 ENGINES = "engines"  # ModelSpec.extra[ENGINES]: the TensorRT engine manifest, network -> file, GPU, TensorRT, profile
 MODEL = "model"  # the request input naming which of the repository's models to use (absent: the default)
@@ -197,6 +198,8 @@ class ModelSpec:
     # Registered at export, used per request: name -> file (relative to the repository), hashes, rank / vectors.
     loras: dict[str, dict[str, Any]] = field(default_factory=dict)
     embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Live previews: (latent channels + 1) x 3, latents -> RGB in [0, 1], fitted to the VAE (sdtrt.previews)
+    latent_preview: list[list[float]] = field(default_factory=list)
     spec_version: int = SPEC_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

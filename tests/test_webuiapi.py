@@ -3,6 +3,8 @@ README shows (its defaults included: eta 1, s_tmax 0, image_cfg_scale 1.5, inpai
 
 from __future__ import annotations
 
+import base64
+import io
 import subprocess
 import sys
 import time
@@ -182,13 +184,17 @@ def test_progress_per_step_and_per_task_under_concurrency(gateway):
     for worker in workers:
         worker.start()
     seen: dict[str, set] = {"task-a": set(), "task-b": set()}
+    previews: dict[str, list] = {"task-a": [], "task-b": []}
     deadline = time.monotonic() + 60
     while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
         for task in seen:
             with urllib.request.urlopen(f"{gateway.baseurl}/progress?id_task={task}", timeout=10) as response:
-                state = json_module.loads(response.read())["state"]
+                answer = json_module.loads(response.read())
+            state = answer["state"]
             if state["sampling_steps"]:
                 seen[task].add((state["sampling_step"], state["sampling_steps"]))
+            if answer["current_image"]:
+                previews[task].append(answer["current_image"])
         latest = gateway.get_progress()
         assert 0.0 <= latest["progress"] <= 1.0
         time.sleep(0.2)
@@ -199,3 +205,29 @@ def test_progress_per_step_and_per_task_under_concurrency(gateway):
         steps = sorted(step for step, _ in seen[task])
         assert len(steps) >= 3 and all(1 <= s <= t for s, t in seen[task]), (task, steps)
     assert gateway.get_progress()["state"]["job_count"] == 0  # nothing under way any more
+    for task, pictures in previews.items():  # live previews at the latents' resolution, changing as it denoises
+        sizes = {Image.open(io.BytesIO(base64.b64decode(p))).size for p in pictures}
+        assert len(sizes) == 1 and 512 % next(iter(sizes))[0] == 0 and next(iter(sizes))[0] < 512, (task, sizes)
+        assert len(set(pictures)) >= 2, task
+
+
+def test_progress_skips_the_preview_when_asked(gateway):
+    """skip_current_image=true (as A1111's) leaves current_image out while the steps still come."""
+    import json as json_module
+    import threading
+
+    body = json_module.dumps({"prompt": "a slow one", "steps": 40, "width": 512, "height": 512,
+                              "force_task_id": "task-c"}).encode()
+    request = urllib.request.Request(f"{gateway.baseurl}/txt2img", data=body,
+                                     headers={"Content-Type": "application/json"})
+    worker = threading.Thread(target=lambda: urllib.request.urlopen(request, timeout=300).read())
+    worker.start()
+    answers = []
+    while worker.is_alive():
+        url = f"{gateway.baseurl}/progress?id_task=task-c&skip_current_image=true"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            answers.append(json_module.loads(response.read()))
+        time.sleep(0.2)
+    worker.join()
+    assert any(a["state"]["sampling_step"] for a in answers)
+    assert all(a["current_image"] is None for a in answers)
