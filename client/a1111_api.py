@@ -13,11 +13,13 @@ over :class:`sdtrt.client.Client`; no model code runs here.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import random
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,13 @@ from typing import Any
 import numpy as np
 import secrets
 
-from fastapi import Body, Depends, FastAPI, HTTPException
+from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from sdtrt import __version__
 from sdtrt.client.client import Client, JobControl, ServerBusy, ServerError
@@ -41,6 +45,8 @@ from sdtrt.infotext import parse_infotext
 from sdtrt.outputs import png_info, save_png
 from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES
 from sdtrt.seeds import MAX_SEED
+from sdtrt.styles import apply_styles, load_styles
+from sdtrt.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, extras_upscale, output_size
 
 # A1111's aliases for its sampler names (k-diffusion function names), as its /samplers endpoint lists them.
 SAMPLER_ALIASES = {
@@ -93,7 +99,7 @@ class _Request(BaseModel):
 
     prompt: str = ""
     negative_prompt: str = ""
-    styles: list[str] | None = Field(None, description="not supported: refused when not empty")
+    styles: list[str] | None = Field(None, description="prompt styles by name (GET /sdapi/v1/prompt-styles)")
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
@@ -169,10 +175,31 @@ class Img2ImgBody(_Request):
     include_init_images: bool = False
 
 
+class ExtrasSingleImageBody(BaseModel):
+    """A1111's Extras on one picture; sdtrt has its upscalers (GET /sdapi/v1/upscalers), no face restoration."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image: str = Field("", description="base64 picture")
+    resize_mode: int = Field(0, description="0: upscale by upscaling_resize; 1: to upscaling_resize_w x _h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0.0, description="not supported: refused unless 0")
+    codeformer_visibility: float = Field(0.0, description="not supported: refused unless 0")
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = NO_UPSCALER
+    upscaler_2: str = NO_UPSCALER
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+
+
 # field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
 # fields are checked in unhonoured() below)
 UNSUPPORTED = {
-    "styles": (None, []), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0), "restore_faces": (None, False),
+    "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0), "restore_faces": (None, False),
     "tiling": (None, False), "s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_noise": (None, 1.0),
     "refiner_checkpoint": (None, "", "None"),
     "refiner_switch_at": (None,), "script_name": (None, ""), "script_args": ([],), "alwayson_scripts": ({},),
@@ -245,9 +272,10 @@ class Job:
 class Gateway:
     """The gateway's state: the client, the A1111 options it honours, the generations under way."""
 
-    def __init__(self, client: Client, outputs: Path | None = None):
+    def __init__(self, client: Client, outputs: Path | None = None, styles_file: Path | None = None):
         self.client = client
         self.outputs = outputs
+        self.styles_file = styles_file
         self.clip_skip = 1
         self.options: dict[str, Any] = {}  # A1111 options sdtrt has no use for, kept for GET /options
         self.model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
@@ -288,7 +316,9 @@ class Gateway:
         """The request's keys that change nothing here: unknown ones, and override_settings sdtrt has no use for."""
         overrides = [f"override_settings.{k}" for k in body.override_settings or {}
                      if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED]
-        return body.ignored_fields + overrides
+        known = load_styles(self.styles_file)
+        styles = [f"styles.{name}" for name in body.styles or [] if name not in known]  # A1111 skips them too
+        return body.ignored_fields + overrides + styles
 
     def settings(self, body: _Request) -> dict[str, Any]:
         given = body.model_dump(exclude_unset=True)
@@ -302,6 +332,10 @@ class Gateway:
             if field in type(body).model_fields and getattr(body, field) not in allowed:
                 raise refuse(field, f"not supported by sdtrt (allowed: {', '.join(repr(a) for a in allowed)})")
         settings = {FIELD_MAP[k]: getattr(body, k) for k in FIELD_MAP if k in type(body).model_fields}
+        if body.styles:
+            known = load_styles(self.styles_file)
+            settings["prompt"], settings["negative_prompt"] = apply_styles(
+                body.prompt, body.negative_prompt, [known[name] for name in body.styles if name in known])
         if settings.get("denoising_strength") is None or (isinstance(body, Txt2ImgBody) and not body.enable_hr):
             settings.pop("denoising_strength")  # (A1111 ignores it for txt2img without hires fix)
         sampler = body.sampler_name or body.sampler_index
@@ -339,7 +373,7 @@ class Gateway:
             job.done = done
 
         try:
-            result: Generation = call(settings, progress, job.control)
+            result: Generation = call(dict(settings), progress, job.control)  # (img2img pops the prompt)
         except InvalidRequest as exc:
             raise refuse(A1111_NAME.get(exc.field, exc.field), str(exc)) from None
         except ServerBusy as exc:
@@ -366,8 +400,9 @@ class Gateway:
         spec = self.client.catalog.get(settings["model"])
         vae = spec.extra.get("vae") or {}
         return {
-            "prompt": body.prompt, "all_prompts": [body.prompt] * len(result.seeds),
-            "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(result.seeds),
+            "prompt": settings["prompt"], "all_prompts": [settings["prompt"]] * len(result.seeds),
+            "negative_prompt": settings["negative_prompt"],
+            "all_negative_prompts": [settings["negative_prompt"]] * len(result.seeds),
             "seed": result.seeds[0] if result.seeds else settings["seed"], "all_seeds": result.seeds,
             "subseed": settings["subseed"], "all_subseeds": [settings["subseed"] + i for i in range(len(result.seeds))],
             "subseed_strength": body.subseed_strength, "width": body.width, "height": body.height,
@@ -376,7 +411,7 @@ class Gateway:
             "sd_model_name": spec.name or spec.model_name, "sd_model_hash": spec.model_hash, "sd_vae_name": vae.get("name"),
             "sd_vae_hash": vae.get("sha256", "")[:10] or None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": settings.get("denoising_strength"), "extra_generation_params": {},
-            "index_of_first_image": 0, "infotexts": result.infotexts, "styles": [],
+            "index_of_first_image": 0, "infotexts": result.infotexts, "styles": body.styles or [],
             "job_timestamp": job.timestamp, "clip_skip": settings["clip_skip"],
             "is_using_inpainting_conditioning": False, "version": f"sdtrt {__version__}",
             "sdtrt_ignored_fields": self.ignored_fields(body),
@@ -398,17 +433,66 @@ def basic_auth(credentials: dict[str, str]):
     return check
 
 
-def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str] | None = None) -> FastAPI:
-    """The gateway over ``client``; with ``auth`` (user -> password) every endpoint wants HTTP basic auth."""
-    gateway = Gateway(client, outputs)
+def a1111_error(status: int, name: str, detail: Any, message: str, headers: dict[str, str] | None = None):
+    """A1111's error body: the exception's type, its detail, and its text."""
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": name, "detail": detail, "body": "", "errors": message})
+
+
+def server_memory(metrics_url: str | None) -> dict[str, Any]:
+    """A1111's /memory from the Triton server's own metrics (its host's RAM, its GPUs' memory): the gateway's
+    process is not where the models run."""
+    if not metrics_url:
+        return {"ram": {"error": "no --metrics-url"}, "cuda": {"error": "no --metrics-url"}}
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        message = f"{metrics_url}: {exc}"[:200]
+        return {"ram": {"error": message}, "cuda": {"error": message}}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            metric = name.split("{", 1)[0]
+            try:
+                values[metric] = values.get(metric, 0.0) + float(value)  # GPUs summed
+            except ValueError:
+                continue
+
+    def usage(prefix: str) -> dict[str, Any]:
+        total, used = values.get(f"{prefix}_total_bytes"), values.get(f"{prefix}_used_bytes")
+        if total is None or used is None:
+            return {"error": "unavailable"}
+        return {"free": total - used, "used": used, "total": total}
+
+    gpu = usage("nv_gpu_memory")
+    return {"ram": usage("nv_cpu_memory"), "cuda": gpu if "error" in gpu else {"system": gpu}}
+
+
+def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str] | None = None, *,
+               styles_file: Path | None = None, metrics_url: str | None = None,
+               flags: dict[str, Any] | None = None) -> FastAPI:
+    """The gateway over ``client``; with ``auth`` (user -> password) every endpoint wants HTTP basic auth.
+    ``styles_file`` is A1111's styles.csv, ``metrics_url`` the server's Prometheus metrics (for /memory) and
+    ``flags`` what /cmd-flags answers (the command's flags, passwords left out)."""
+    gateway = Gateway(client, outputs, styles_file)
     app = FastAPI(title="sdtrt: AUTOMATIC1111-compatible API", version=__version__,
                   description="The A1111 /sdapi/v1 endpoints a Stable Diffusion server can honour, served by sdtrt.",
                   dependencies=[Depends(basic_auth(auth))] if auth else [])
 
     @app.exception_handler(InvalidRequest)
     async def invalid(_, exc: InvalidRequest):
-        return JSONResponse(status_code=422, content={"detail": [
-            {"loc": ["body", A1111_NAME.get(exc.field, exc.field)], "msg": str(exc), "type": "value_error"}]})
+        detail = [{"loc": ["body", A1111_NAME.get(exc.field, exc.field)], "msg": str(exc), "type": "value_error"}]
+        return a1111_error(422, "InvalidRequest", detail, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and the router's own (404, 405)
+    async def http_error(_, exc: StarletteHTTPException):
+        return a1111_error(exc.status_code, "HTTPException", exc.detail, str(exc.detail)[:1000], exc.headers)
+
+    @app.exception_handler(Exception)
+    async def failure(request: Request, exc: Exception):
+        return a1111_error(500, type(exc).__name__, "", str(exc)[:1000])
 
     def ignored(body: _Request, response: Response) -> None:
         if fields := gateway.ignored_fields(body):
@@ -525,6 +609,75 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
             if vae.get("name"):
                 vaes[vae["name"]] = {"model_name": vae["name"], "filename": vae.get("file") or vae["name"]}
         return list(vaes.values())
+
+    # What sdtrt has none of, said as A1111 says it: empty lists (clients that list them before use keep working).
+    for path in ("hypernetworks", "face-restorers", "realesrgan-models", "script-info", "extensions"):
+        app.add_api_route(f"/sdapi/v1/{path}", lambda: [], methods=["GET"], tags=["info"])
+
+    @app.get("/sdapi/v1/scripts", tags=["info"])
+    def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
+    @app.post("/sdapi/v1/refresh-vae", tags=["options"])
+    def refresh_vae() -> None:
+        client.refresh()
+
+    @app.get("/sdapi/v1/prompt-styles", tags=["info"])
+    def prompt_styles() -> list[dict[str, str]]:
+        """The styles in A1111's styles.csv (``--styles-file``), read afresh on each call."""
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in load_styles(styles_file).values()]
+
+    @app.get("/sdapi/v1/memory", tags=["info"])
+    def memory() -> dict[str, Any]:
+        return server_memory(metrics_url)
+
+    @app.get("/sdapi/v1/cmd-flags", tags=["info"])
+    def cmd_flags() -> dict[str, Any]:
+        return dict(flags or {})
+
+    @app.post("/sdapi/v1/extra-single-image", tags=["generation"])
+    def extra_single_image(body: ExtrasSingleImageBody, response: Response) -> dict[str, Any]:
+        """A1111's Extras upscale with sdtrt's upscalers; the picture's infotext is kept and A1111's
+        ``postprocessing`` text says what was done."""
+        if body.model_extra:
+            response.headers["X-Sdtrt-Ignored-Fields"] = ",".join(sorted(body.model_extra))[:2000]
+        for field in ("gfpgan_visibility", "codeformer_visibility"):
+            if getattr(body, field) != 0:
+                raise refuse(field, "face restoration is not available in sdtrt: 0 only")
+        for field in ("upscaler_1", "upscaler_2"):
+            if getattr(body, field) not in EXTRAS_UPSCALERS:
+                raise refuse(field, f"one of {', '.join(map(repr, EXTRAS_UPSCALERS))} (got {getattr(body, field)!r:.80})")
+        if body.resize_mode not in (0, 1):
+            raise refuse("resize_mode", "0 (by upscaling_resize) or 1 (to upscaling_resize_w x upscaling_resize_h)")
+        if not 1 <= body.upscaling_resize <= 8:
+            raise refuse("upscaling_resize", f"from 1 to 8 (got {body.upscaling_resize:g})")
+        for field in ("upscaling_resize_w", "upscaling_resize_h"):
+            if not 1 <= getattr(body, field) <= MAX_SIDE:
+                raise refuse(field, f"from 1 to {MAX_SIDE} (got {getattr(body, field)})")
+        if not 0 <= body.extras_upscaler_2_visibility <= 1:
+            raise refuse("extras_upscaler_2_visibility", f"from 0 to 1 (got {body.extras_upscaler_2_visibility:g})")
+        if not body.image:
+            raise refuse("image", "a base64-encoded picture")
+        picture = open_image(body.image, "image")
+        chunks = {k: v for k, v in picture.info.items() if isinstance(k, str) and isinstance(v, str)}
+        job = ExtrasUpscale(body.upscaler_1, body.upscaler_2, body.extras_upscaler_2_visibility, body.resize_mode,
+                            body.upscaling_resize, body.upscaling_resize_w, body.upscaling_resize_h,
+                            body.upscaling_crop)
+        if max(output_size(picture, job)) > MAX_SIDE:
+            raise refuse("upscaling_resize", f"the result would be {'x'.join(map(str, output_size(picture, job)))}; "
+                                             f"sdtrt makes pictures up to {MAX_SIDE} pixels a side")
+        result, info = extras_upscale(picture.convert("RGB"), job)
+        text = ", ".join(f"{k}: {v}" for k, v in info.items())
+        if text:
+            chunks["postprocessing"] = text
+        buffer = io.BytesIO()
+        pnginfo = PngInfo()
+        for key, value in chunks.items():
+            pnginfo.add_text(key, value)
+        result.save(buffer, format="PNG", pnginfo=pnginfo)
+        return {"html_info": f"<p>{html.escape(text)}</p>" if text else "",
+                "image": base64.b64encode(buffer.getvalue()).decode("ascii") if body.show_extras_results else None}
 
     @app.get("/sdapi/v1/options", tags=["options"])
     def get_options() -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from sdtrt.errors import UsageError
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields, request_fields
+from sdtrt.spec import DEFAULT_PORTS
+from sdtrt.styles import DEFAULT_STYLES_FILE
 
 if TYPE_CHECKING:
     from sdtrt.spec import ModelSpec
@@ -130,6 +132,8 @@ def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
                        "ignored and listed; fields sdtrt cannot honour are refused with 422 naming them when they "
                        "would change the picture.")
     _server_flags(p, port=7861)
+    p.add_argument("--metrics-url", default=None, metavar="URL",
+                   help="the server's Prometheus metrics, for /sdapi/v1/memory (default: --url's host, port 8002)")
     _auth_flags(p, "api-auth", "SDTRT_API_AUTH", "every endpoint wants HTTP basic auth")
     p.set_defaults(func=cmd_api)
 
@@ -146,6 +150,8 @@ def _server_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=port, help=f"port to listen on (default: {port})")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="where saved PNGs go (default: outputs/)")
+    parser.add_argument("--styles-file", type=Path, default=DEFAULT_STYLES_FILE, metavar="CSV",
+                        help="A1111's prompt styles file (name,prompt,negative_prompt; default: ./styles.csv)")
 
 
 def _auth_flags(parser: argparse.ArgumentParser, name: str, env: str, what: str) -> None:
@@ -214,7 +220,14 @@ def cmd_api(args: argparse.Namespace) -> int:
     _warn_if_open(args, users, "the A1111 API")
     print(f"A1111 API on http://{args.host}:{args.port}/sdapi/v1 (docs: /docs; server {client.url}; "
           f"{'HTTP basic auth' if users else 'no auth'})", flush=True)
-    uvicorn.run(create_app(client, args.out, users or None), host=args.host, port=args.port, log_level="info")
+    metrics_url = args.metrics_url or f"http://{client.url.rsplit(':', 1)[0]}:{DEFAULT_PORTS['metrics']}/metrics"
+    flags = {"api": True, "nowebui": True, "listen": args.host not in ("127.0.0.1", "localhost", "::1"),
+             "server_name": args.host, "port": args.port, "api_auth": "(set)" if users else None,
+             "styles_file": [str(args.styles_file)], "outdir_samples": str(args.out),
+             "sdtrt_server": client.url, "sdtrt_protocol": client.protocol, "sdtrt_metrics_url": metrics_url}
+    app = create_app(client, args.out, users or None, styles_file=args.styles_file, metrics_url=metrics_url,
+                     flags=flags)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

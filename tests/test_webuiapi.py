@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 import time
@@ -20,13 +21,22 @@ from sdtrt.infotext import parse_infotext
 
 webuiapi = pytest.importorskip("webuiapi")
 
+# A1111's styles.csv format: a style with {prompt} wraps the prompt, one without is appended after a comma.
+STYLES_CSV = """name,prompt,negative_prompt
+Oil painting,"oil painting of {prompt}, thick brush strokes","photo, blurry"
+Dusk,"at dusk, warm light",
+"""
+
 
 @pytest.fixture(scope="module")
 def gateway(server, tmp_path_factory):
     (port,) = free_ports(1)
     out = tmp_path_factory.mktemp("webuiapi-outputs")
+    (out / "styles.csv").write_text(STYLES_CSV)
     proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "api", "--url", server.url, "--port", str(port),
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--out", str(out), "--styles-file", str(out / "styles.csv"),
+                             "--metrics-url", f"http://127.0.0.1:{server.metrics_port}/metrics"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert first_answer(f"http://127.0.0.1:{port}/sdapi/v1/samplers", proc) == 200
     yield webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=4)
     proc.terminate()
@@ -170,11 +180,10 @@ def test_progress_per_step_and_per_task_under_concurrency(gateway):
     """Two generations at once, each sent with its own force_task_id: /progress?id_task= follows each one's
     steps as the server's loop posts them (A1111's sampling_step / sampling_steps), and webuiapi's
     get_progress() shows the latest one."""
-    import json as json_module
     import threading
 
     def post(task: str, steps: int) -> None:
-        body = json_module.dumps({"prompt": "a slow one", "steps": steps, "width": 512, "height": 512, "seed": 1,
+        body = json.dumps({"prompt": "a slow one", "steps": steps, "width": 512, "height": 512, "seed": 1,
                                   "force_task_id": task}).encode()
         request = urllib.request.Request(f"{gateway.baseurl}/txt2img", data=body,
                                          headers={"Content-Type": "application/json"})
@@ -189,7 +198,7 @@ def test_progress_per_step_and_per_task_under_concurrency(gateway):
     while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
         for task in seen:
             with urllib.request.urlopen(f"{gateway.baseurl}/progress?id_task={task}", timeout=10) as response:
-                answer = json_module.loads(response.read())
+                answer = json.loads(response.read())
             state = answer["state"]
             if state["sampling_steps"]:
                 seen[task].add((state["sampling_step"], state["sampling_steps"]))
@@ -213,10 +222,9 @@ def test_progress_per_step_and_per_task_under_concurrency(gateway):
 
 def test_progress_skips_the_preview_when_asked(gateway):
     """skip_current_image=true (as A1111's) leaves current_image out while the steps still come."""
-    import json as json_module
     import threading
 
-    body = json_module.dumps({"prompt": "a slow one", "steps": 40, "width": 512, "height": 512,
+    body = json.dumps({"prompt": "a slow one", "steps": 40, "width": 512, "height": 512,
                               "force_task_id": "task-c"}).encode()
     request = urllib.request.Request(f"{gateway.baseurl}/txt2img", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -226,8 +234,97 @@ def test_progress_skips_the_preview_when_asked(gateway):
     while worker.is_alive():
         url = f"{gateway.baseurl}/progress?id_task=task-c&skip_current_image=true"
         with urllib.request.urlopen(url, timeout=10) as response:
-            answers.append(json_module.loads(response.read()))
+            answers.append(json.loads(response.read()))
         time.sleep(0.2)
     worker.join()
     assert any(a["state"]["sampling_step"] for a in answers)
     assert all(a["current_image"] is None for a in answers)
+
+
+def test_prompt_styles_from_a1111s_styles_file(gateway):
+    styles = gateway.get_prompt_styles()
+    assert [st["name"] for st in styles] == ["Oil painting", "Dusk"]
+    assert styles[0]["negative_prompt"] == "photo, blurry"
+    result = gateway.txt2img(prompt="a red fox", negative_prompt="ugly", styles=["Oil painting", "Dusk", "Nope"],
+                             seed=5, width=64, height=64)
+    prompt, negative, _ = parse_infotext(result.image.info["parameters"])
+    assert prompt == "oil painting of a red fox, thick brush strokes, at dusk, warm light"
+    assert negative == "ugly, photo, blurry"
+    assert result.info["prompt"] == prompt and result.info["styles"] == ["Oil painting", "Dusk", "Nope"]
+    assert result.info["sdtrt_ignored_fields"] == ["styles.Nope"]  # A1111 skips an unknown style; sdtrt says so
+    styled = gateway.txt2img(prompt=prompt, negative_prompt=negative, seed=5, width=64, height=64)
+    assert np.array_equal(np.asarray(result.image), np.asarray(styled.image))  # the same as writing it out
+
+
+def test_extra_single_image_upscales_as_a1111(gateway):
+    """A1111's Extras sizes: by a factor, rounded down to a multiple of 8; to a size with crop, exactly that size;
+    the picture's infotext kept, what was done in its ``postprocessing`` text."""
+    picture = gateway.txt2img(prompt="a house", seed=3, width=64, height=64).image
+    result = gateway.extra_single_image(picture, upscaler_1="Lanczos", upscaling_resize=1.7)
+    assert result.image.size == (104, 104)  # 64 * 1.7 = 108.8 -> 104
+    assert result.image.info["parameters"] == picture.info["parameters"]
+    assert result.image.info["postprocessing"] == "Postprocess upscale by: 1.7, Postprocess upscaler: Lanczos"
+    expected = picture.convert("RGB").resize((108, 108), Image.Resampling.LANCZOS).resize((104, 104),
+                                                                                       Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(result.image), np.asarray(expected))
+    wide = gateway.extra_single_image(picture, resize_mode=1, upscaling_resize_w=200, upscaling_resize_h=120,
+                                      upscaler_1="Nearest", upscaler_2="Lanczos", extras_upscaler_2_visibility=0.5)
+    assert wide.image.size == (200, 120)
+    assert "Postprocess upscaler 2: Lanczos" in wide.image.info["postprocessing"]
+    same = gateway.extra_single_image(picture)  # upscaler_1 "None": nothing to do, as A1111
+    assert same.image.size == (64, 64)
+    for payload, field in (({"upscaler_1": "ESRGAN_4x"}, "upscaler_1"), ({"gfpgan_visibility": 0.5}, "gfpgan_visibility"),
+                           ({"upscaler_1": "Lanczos", "upscaling_resize": 8, "image": big_picture()}, "upscaling_resize")):
+        body = {"image": encode(picture), **payload}
+        answer = post_json(gateway, "extra-single-image", body)
+        assert answer["status"] == 422 and answer["body"]["detail"][0]["loc"] == ["body", field], answer
+
+
+def big_picture() -> str:
+    return encode(Image.new("RGB", (1100, 1100)))
+
+
+def encode(picture: Image.Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def post_json(gateway, path: str, body: dict) -> dict:
+
+    request = urllib.request.Request(f"{gateway.baseurl}/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return {"status": response.status, "body": json.loads(response.read())}
+    except urllib.error.HTTPError as exc:
+        return {"status": exc.code, "body": json.loads(exc.read())}
+
+
+def test_memory_cmd_flags_and_what_sdtrt_has_none_of(gateway):
+
+    def get(path: str):
+        with urllib.request.urlopen(f"{gateway.baseurl}/{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    memory = get("memory")  # the Triton server's host, from its own metrics
+    assert memory["ram"]["total"] > memory["ram"]["used"] > 0 and memory["ram"]["free"] > 0
+    assert memory["cuda"] == {"error": "unavailable"}  # this CPU server has no GPU
+    flags = gateway.get_cmd_flags()
+    assert flags["api"] is True and flags["nowebui"] is True and flags["api_auth"] is None
+    assert flags["sdtrt_metrics_url"].endswith("/metrics")
+    assert gateway.get_hypernetworks() == [] and gateway.get_face_restorers() == []
+    assert gateway.get_realesrgan_models() == [] and get("scripts") == {"txt2img": [], "img2img": []}
+
+
+def test_errors_come_in_a1111s_shape(gateway):
+    answer = post_json(gateway, "txt2img", {"prompt": "x", "steps": 10 ** 6})
+    assert answer["status"] == 422 and answer["body"]["detail"][0]["loc"] == ["body", "steps"]
+    assert answer["body"]["error"] and "steps" in answer["body"]["errors"]
+    try:
+        urllib.request.urlopen(f"{gateway.baseurl}/no-such-endpoint", timeout=10)
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read())
+        assert exc.code == 404 and body["error"] == "HTTPException" and body["detail"] == "Not Found"
+    else:
+        raise AssertionError("404 expected")
