@@ -206,7 +206,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     _warn_if_open(args, users, "the page")
     print(f"sdtrt ui on http://{args.host}:{args.port} (server {client.url}; "
           f"{'login required' if users else 'no login'})", flush=True)
-    serve_ui(client, args.host, args.port, args.out, users or None)
+    serve_ui(client, args.host, args.port, args.out, users or None, args.styles_file)
     return 0
 
 

@@ -1,112 +1,453 @@
-"""The Gradio demo page: a thin form over :class:`sdtrt.client.Client` (no model code here).
+"""The Gradio page: A1111's txt2img, img2img (with inpainting) and PNG Info tabs, a thin form over
+:class:`sdtrt.client.Client` (no model code here).
 
-Controls and their ranges come from the served model's spec, so the page always offers what the server takes.
-Generated PNGs carry the A1111 infotext and are also saved under outputs/txt2img-images/, as A1111 does.
+Controls, their ranges and defaults come from the served model's spec, so the page offers what the server
+takes. While a generation runs, the page follows it step by step from the server's ``progress`` model (a
+progress bar and the live preview the job loop posts), and Interrupt / Skip reach it through its JobControl.
+Generated PNGs carry the A1111 infotext and are saved under outputs/txt2img-images/ (img2img-images/), as A1111 does.
 """
 
 from __future__ import annotations
 
+import html
 import os
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from sdtrt.client.client import Client, ServerError
+import numpy as np
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import gradio as gr  # noqa: E402  (after the variable: gradio reads it on import)
+
+from sdtrt.client.client import Client, JobControl, Progress, ServerError
 from sdtrt.errors import InvalidRequest
-from sdtrt.outputs import save_png
+from sdtrt.generation import Generation, settings_from_infotext
+from sdtrt.img2img import RESIZE_MODES
+from sdtrt.outputs import read_infotext, save_png
+from sdtrt.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
 
 TITLE = "sdtrt: Stable Diffusion on Triton"
+POLL_SECONDS = 0.3  # how often a running generation's progress is read from the server
+# Request fields each tab shows, in the order the handlers take them (after prompt, negative prompt, styles).
+COMMON = ("sampler", "schedule_type", "steps", "width", "height", "batch_size", "guidance_scale", "seed", "subseed",
+          "subseed_strength")
+TXT2IMG_ONLY = ("enable_hr", "hr_upscaler", "hr_scale", "hr_second_pass_steps", "denoising_strength")
+IMG2IMG_ONLY = ("denoising_strength", "resize_mode", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding")
+LABELS = {
+    "sampler": "Sampling method", "schedule_type": "Schedule type", "steps": "Sampling steps", "width": "Width",
+    "height": "Height", "batch_size": "Batch size", "guidance_scale": "CFG Scale", "seed": "Seed",
+    "subseed": "Variation seed", "subseed_strength": "Variation strength", "enable_hr": "Hires. fix",
+    "hr_upscaler": "Upscaler", "hr_scale": "Upscale by", "hr_second_pass_steps": "Hires steps",
+    "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "mask_blur": "Mask blur",
+    "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding, pixels",
+    "clip_skip": "Clip skip",
+}
+INPAINT_AREAS = {"Whole picture": False, "Only masked": True}  # A1111's radio for inpaint_full_res
 
 
-def _slider(gr, spec, name: str, label: str, step: float | None = None, maximum: float | None = None, **kw):
-    field = spec.field(name)
-    return gr.Slider(minimum=field.minimum, maximum=maximum if maximum is not None else field.maximum,
-                     value=field.default, step=step or field.multiple_of or 1, label=label, **kw)
+class PageJobs:
+    """The generations under way, per browser session: what that session's Interrupt and Skip reach."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_session: dict[str, JobControl] = {}
+
+    def start(self, session: str) -> JobControl:
+        control = JobControl()
+        with self._lock:
+            self._by_session[session] = control
+        return control
+
+    def end(self, session: str, control: JobControl) -> None:
+        with self._lock:
+            if self._by_session.get(session) is control:
+                del self._by_session[session]
+
+    def interrupt(self, session: str) -> None:
+        with self._lock:
+            control = self._by_session.get(session)
+        if control is not None:
+            control.interrupt()
+
+    def skip(self, session: str) -> None:
+        with self._lock:
+            control = self._by_session.get(session)
+        if control is not None:
+            control.skip()
 
 
-def build_ui(client: Client, outputs: Path = Path("outputs")):
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
+@dataclass
+class Followed:
+    """A generation run in a thread while the page follows its progress."""
 
+    control: JobControl
+    n_iter: int
+    batches: int = 0  # finished
+    result: Generation | None = None
+    error: BaseException | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+def follow(client: Client, state: Followed,
+           work: Callable[[Callable[[int, int], None]], Generation]) -> Iterator[Progress | None]:
+    """Run ``work(on_batch)`` in a thread; yield the server's latest progress for it every POLL_SECONDS while it
+    runs. When the generator ends, ``state`` holds its result or error."""
+
+    def on_batch(done: int, _total: int) -> None:
+        state.batches = done
+
+    def target() -> None:
+        try:
+            state.result = work(on_batch)
+        except BaseException as exc:  # handed to the page's thread, which shows it
+            state.error = exc
+
+    state.thread = threading.Thread(target=target, daemon=True, name="sdtrt-page-job")
+    state.thread.start()
+    while True:
+        state.thread.join(POLL_SECONDS)
+        if not state.thread.is_alive():
+            return
+        try:
+            latest = client.progress(state.control.request_id)
+        except ServerError:
+            latest = None
+        yield latest
+
+
+def progress_html(state: Followed, latest: Progress | None) -> str:
+    """A1111's progress bar: the batches done plus the running batch's steps, and a line saying which."""
+    if state.thread is not None and not state.thread.is_alive():
+        kept = len(state.result.images) if state.result is not None else 0
+        if state.control.interrupted:
+            text, fraction = f"Interrupted: {kept} image{'s' * (kept != 1)} kept", 1.0
+        elif state.error is not None:
+            text, fraction = "Failed", 1.0
+        else:
+            text, fraction = f"Done: {kept} image{'s' * (kept != 1)} in {state.n_iter} batch{'es' * (state.n_iter != 1)}", 1.0
+    elif latest is None:
+        text, fraction = f"Waiting for the server (batch {state.batches + 1} of {state.n_iter})", state.batches / state.n_iter
+    else:
+        within = latest.step / latest.total if latest.total else 0.0
+        fraction = min(1.0, (state.batches + within) / state.n_iter)
+        text = f"Batch {state.batches + 1} of {state.n_iter}, step {latest.step} of {latest.total}"
+    return (f'<div class="sdtrt-progress" data-fraction="{fraction:.3f}">'
+            f'<div class="sdtrt-progress-bar" style="width:{100 * fraction:.1f}%"></div>'
+            f'<span class="sdtrt-progress-text">{html.escape(text)}</span></div>')
+
+
+PROGRESS_CSS = """
+.sdtrt-progress {position: relative; height: 1.6em; border-radius: 4px; background: var(--neutral-200); overflow: hidden}
+.sdtrt-progress-bar {position: absolute; inset: 0 auto 0 0; background: var(--color-accent); opacity: .55}
+.sdtrt-progress-text {position: relative; padding-left: .5em; line-height: 1.6em; font-size: .9em}
+"""
+
+
+def _typed(spec, name: str, value: Any) -> Any:
+    """A control's value as its request field's type (sliders give floats; the radios give their labels)."""
+    if name == "inpaint_full_res":
+        return INPAINT_AREAS.get(value, bool(value))
+    dtype = spec.field(name).dtype
+    if dtype.startswith("int"):
+        return int(value)
+    if dtype.startswith("float"):
+        return float(value)
+    return value
+
+
+def _control(spec, name: str, **kw):
+    """The control for one request field, from the served model's spec."""
+    f = spec.field(name)
+    label = LABELS.get(name, name)
+    if name == "inpaint_full_res":
+        return gr.Radio(list(INPAINT_AREAS), value="Only masked" if f.default else "Whole picture", label=label, **kw)
+    if name == "resize_mode":
+        return gr.Radio(list(RESIZE_MODES), value=f.default, label=label, **kw)
+    if f.choices is not None:
+        return gr.Dropdown(choices=list(f.choices), value=f.default, label=label, **kw)
+    if f.dtype == "bool":
+        return gr.Checkbox(value=bool(f.default), label=label, **kw)
+    if name in ("seed", "subseed"):
+        return gr.Number(value=f.default, label=label, precision=0, minimum=f.minimum, **kw)
+    if f.minimum is not None and f.minimum == f.maximum:  # one allowed value (e.g. Clip skip of a one-layer encoder)
+        return gr.Number(value=f.default, label=label, interactive=False, **kw)
+    step = f.multiple_of or (0.01 if f.dtype.startswith("float") else 1)
+    if name == "guidance_scale":
+        step = 0.5
+    return gr.Slider(minimum=f.minimum, maximum=f.maximum, value=f.default, step=step, label=label, **kw)
+
+
+@dataclass
+class Tab:
+    """One generation tab's controls."""
+
+    prompt: Any
+    negative: Any
+    styles: Any
+    n_iter: Any
+    fields: dict[str, Any]
+    generate: Any
+    interrupt: Any
+    skip: Any
+    gallery: Any
+    preview: Any
+    progress: Any
+    info: Any
+    last_seeds: Any
+    picture: Any = None  # img2img: the picture, with the inpainting mask drawn on it
+    hires: Any = None  # txt2img: the Hires. fix accordion
+    variation: Any = None  # the Variation seed accordion
+
+    @property
+    def inputs(self) -> list:
+        return [self.prompt, self.negative, self.styles, self.n_iter, *self.fields.values()]
+
+    @property
+    def outputs(self) -> list:
+        return [self.gallery, self.preview, self.progress, self.info, self.last_seeds]
+
+
+def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
+    picture = hires = None
+    with gr.Row():
+        with gr.Column(scale=4):
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a lighthouse on a cliff, (oil painting:1.2)",
+                                elem_id=f"{kind}_prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{kind}_neg_prompt")
+            style_picker = gr.Dropdown(choices=styles, value=[], multiselect=True, label="Styles",
+                                       visible=bool(styles), elem_id=f"{kind}_styles")
+        with gr.Column(scale=1, min_width=160):
+            generate = gr.Button("Generate", variant="primary", elem_id=f"{kind}_generate")
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{kind}_interrupt")
+                skip = gr.Button("Skip", size="sm", elem_id=f"{kind}_skip")
+    fields: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column():
+            if kind == "img2img":
+                picture = gr.ImageMask(label="Picture (draw the inpainting mask on it; no mask: img2img)",
+                                       type="numpy", image_mode="RGBA", sources=["upload", "clipboard"],
+                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                       elem_id="img2img_picture", height=420)
+                fields["resize_mode"] = _control(spec, "resize_mode")
+            with gr.Row():
+                fields["sampler"] = _control(spec, "sampler")
+                fields["schedule_type"] = _control(spec, "schedule_type")
+            fields["steps"] = _control(spec, "steps")
+            if kind == "txt2img":
+                with gr.Accordion("Hires. fix", open=False) as hires:
+                    fields["enable_hr"] = _control(spec, "enable_hr")
+                    with gr.Row():
+                        fields["hr_upscaler"] = _control(spec, "hr_upscaler")
+                        fields["hr_second_pass_steps"] = _control(spec, "hr_second_pass_steps")
+                    with gr.Row():
+                        fields["denoising_strength"] = _control(spec, "denoising_strength")
+                        fields["hr_scale"] = _control(spec, "hr_scale")
+            else:
+                with gr.Accordion("Inpainting", open=True):
+                    fields["mask_blur"] = _control(spec, "mask_blur")
+                    with gr.Row():
+                        fields["inpaint_full_res"] = _control(spec, "inpaint_full_res")
+                        fields["inpaint_full_res_padding"] = _control(spec, "inpaint_full_res_padding")
+            with gr.Row():
+                with gr.Column(scale=3):
+                    fields["width"] = _control(spec, "width")
+                    fields["height"] = _control(spec, "height")
+                with gr.Column(scale=2):
+                    n_iter = gr.Slider(minimum=1, maximum=100, value=1, step=1, label="Batch count")
+                    fields["batch_size"] = _control(spec, "batch_size")
+            fields["guidance_scale"] = _control(spec, "guidance_scale")
+            if kind == "img2img":
+                fields["denoising_strength"] = _control(spec, "denoising_strength")
+            with gr.Row():
+                fields["seed"] = _control(spec, "seed", scale=4)
+                random_seed = gr.Button("Random seed", scale=1, size="sm")
+                reuse_seed = gr.Button("Reuse last seed", scale=1, size="sm")
+            with gr.Accordion("Variation seed", open=False) as variation:
+                with gr.Row():
+                    fields["subseed"] = _control(spec, "subseed")
+                    fields["subseed_strength"] = _control(spec, "subseed_strength")
+        with gr.Column():
+            progress = gr.HTML(elem_id=f"{kind}_progress")
+            preview = gr.Image(label="Live preview", visible=False, interactive=False, height=256,
+                               elem_id=f"{kind}_preview")
+            gallery = gr.Gallery(label="Output", columns=2, height="auto", format="png", elem_id=f"{kind}_gallery")
+            info = gr.Textbox(label="Generation parameters (A1111 infotext)", lines=4, interactive=False,
+                              elem_id=f"{kind}_info")
+    last_seeds = gr.State([])
+    random_seed.click(lambda: -1, outputs=fields["seed"])
+    reuse_seed.click(lambda seeds: seeds[0] if seeds else -1, inputs=last_seeds, outputs=fields["seed"])
+    # keep the order the handlers read them in
+    order = COMMON + (TXT2IMG_ONLY if kind == "txt2img" else IMG2IMG_ONLY)
+    fields = {name: fields[name] for name in order}
+    return Tab(prompt, negative, style_picker, n_iter, fields, generate, interrupt, skip, gallery, preview, progress,
+               info, last_seeds, picture, hires, variation)
+
+
+def _mask_and_picture(value: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """The init picture (RGB) and the drawn mask (white = repaint; None when nothing was drawn) from the
+    ImageMask's value: its background and the alpha of its brush layers."""
+    if not isinstance(value, dict) or value.get("background") is None:
+        raise InvalidRequest("init_image", None, "a picture: upload one in the img2img tab")
+    background = np.asarray(value["background"])
+    picture = background[..., :3] if background.ndim == 3 else np.stack([background] * 3, axis=-1)
+    drawn = np.zeros(picture.shape[:2], dtype=bool)
+    for layer in value.get("layers") or []:
+        layer = np.asarray(layer)
+        if layer.ndim == 3 and layer.shape[2] == 4 and layer.shape[:2] == drawn.shape:
+            drawn |= layer[..., 3] > 0
+    return np.ascontiguousarray(picture, dtype=np.uint8), (drawn.astype(np.uint8) * 255 if drawn.any() else None)
+
+
+def build_ui(client: Client, outputs: Path = Path("outputs"), styles_file: Path | None = DEFAULT_STYLES_FILE):
     spec = client.spec  # the default model's ranges and defaults shape the controls
-    titles = {s.title: key for key, s in client.catalog.models.items()}
-    title = spec.title
+    jobs = PageJobs()
+    styles = load_styles(styles_file)
+
+    def titles() -> dict[str, str]:
+        return {s.title: key for key, s in client.catalog.models.items()}
+
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"## {TITLE}\nServer `{client.url}` ({client.protocol}), model **{title}**")
-        # The checkpoint picker shows when the server has several models (`sdtrt models`).
-        checkpoint = gr.Dropdown(choices=list(titles), value=title, label="Stable Diffusion checkpoint",
-                                 visible=len(titles) > 1)
-        last_seeds = gr.State([])
+        gr.HTML(f"<style>{PROGRESS_CSS}</style>", visible=True, padding=False)
+        gr.Markdown(f"## {TITLE}\nServer `{client.url}` ({client.protocol})")
         with gr.Row():
-            with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a lighthouse on a cliff, (oil painting:1.2)")
-                negative = gr.Textbox(label="Negative prompt", lines=2)
-            generate = gr.Button("Generate", variant="primary", scale=1)
-        with gr.Row():
-            with gr.Column():
+            checkpoint = gr.Dropdown(choices=list(titles()), value=spec.title, label="Stable Diffusion checkpoint",
+                                     scale=4, elem_id="checkpoint")
+            refresh = gr.Button("Refresh", scale=0, min_width=80, elem_id="refresh_checkpoints")
+            clip_skip = _control(spec, "clip_skip", scale=2)
+        with gr.Tabs() as tabs:
+            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                t2i = _generation_tab(spec, "txt2img", list(styles))
+            with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
+                i2i = _generation_tab(spec, "img2img", list(styles))
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 with gr.Row():
-                    sampler = gr.Dropdown(choices=list(spec.field("sampler").choices), value=spec.field("sampler").default,
-                                          label="Sampling method")
-                    schedule = gr.Dropdown(choices=list(spec.field("schedule_type").choices),
-                                           value=spec.field("schedule_type").default, label="Schedule type")
-                steps = _slider(gr, spec, "steps", "Sampling steps")
-                width = _slider(gr, spec, "width", "Width")
-                height = _slider(gr, spec, "height", "Height")
-                batch = _slider(gr, spec, "batch_size", "Batch size")
-                cfg = _slider(gr, spec, "guidance_scale", "CFG Scale", step=0.5)
-                with gr.Row():
-                    seed = gr.Number(value=-1, label="Seed", precision=0, minimum=-1, scale=4)
-                    random_seed = gr.Button("Random seed", scale=1)
-                    reuse_seed = gr.Button("Reuse last seed", scale=1)
-            with gr.Column():
-                gallery = gr.Gallery(label="Output", columns=2, height="auto", format="png")
-                info = gr.Textbox(label="Generation parameters (A1111 infotext)", lines=4, interactive=False)
+                    with gr.Column():
+                        png = gr.Image(label="Source", type="filepath", sources=["upload", "clipboard"],
+                                       elem_id="pnginfo_image")
+                    with gr.Column():
+                        png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text")
+                        send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
 
-        def run(model_title, prompt_text, negative_text, sampler_name, schedule_type, steps_n, width_px, height_px,
-                batch_n, cfg_scale, seed_value, progress=gr.Progress()):
-            progress(0, desc="waiting for the server")
+        def refresh_models():
+            client.refresh()
+            return gr.update(choices=list(titles()))
+
+        refresh.click(refresh_models, outputs=checkpoint)
+
+        def settings(tab_fields: tuple[str, ...], values: tuple) -> dict[str, Any]:
+            return {name: _typed(spec, name, value) for name, value in zip(tab_fields, values)}
+
+        def run(kind: str, request: gr.Request, model_title: str, clip: float, prompt: str, negative: str,
+                chosen: list[str], n_iter: float, values: tuple, picture: Any = None):
+            tab = t2i if kind == "txt2img" else i2i
+            fields = settings(tuple(tab.fields), values)
+            prompt, negative = apply_styles(prompt, negative, [styles[s] for s in chosen or [] if s in styles])
+            model = titles().get(model_title)
+            control = jobs.start(request.session_hash)
+            common = dict(model=model, negative_prompt=negative, clip_skip=int(clip), control=control, **fields)
             try:
-                result = client.txt2img(prompt_text, model=titles.get(model_title), negative_prompt=negative_text,
-                                        sampler=sampler_name,
-                                        schedule_type=schedule_type, steps=int(steps_n), width=int(width_px),
-                                        height=int(height_px), batch_size=int(batch_n), guidance_scale=float(cfg_scale),
-                                        seed=int(seed_value))
-            except (InvalidRequest, ServerError) as exc:
+                if kind == "txt2img":
+                    def work(on_batch):
+                        return client.txt2img(prompt, n_iter=int(n_iter), progress=on_batch, **common)
+                else:
+                    init, mask = _mask_and_picture(picture)
+
+                    def work(on_batch):
+                        return client.img2img(prompt, init, mask, n_iter=int(n_iter), progress=on_batch, **common)
+                state = Followed(control, int(n_iter))
+                for latest in follow(client, state, work):
+                    preview = gr.update(value=latest.preview, visible=True) if latest and latest.preview is not None \
+                        else gr.skip()
+                    yield gr.skip(), preview, progress_html(state, latest), gr.skip(), gr.skip()
+            except InvalidRequest as exc:
                 raise gr.Error(str(exc)) from None
-            files = [str(save_png(image, s, text, outputs / "txt2img-images"))
+            finally:
+                jobs.end(request.session_hash, control)
+            if isinstance(state.error, (InvalidRequest, ServerError)):
+                raise gr.Error(str(state.error))
+            if state.error is not None:
+                raise state.error
+            result = state.result
+            files = [str(save_png(image, s, text, outputs / f"{kind}-images"))
                      for image, s, text in zip(result.images, result.seeds, result.infotexts)]
-            return [(f, f"seed {s}") for f, s in zip(files, result.seeds)], result.infotexts[0], result.seeds
+            yield ([(f, f"seed {s}") for f, s in zip(files, result.seeds)], gr.update(visible=False),
+                   progress_html(state, None), result.infotexts[0] if result.infotexts else "", result.seeds)
 
-        inputs = [checkpoint, prompt, negative, sampler, schedule, steps, width, height, batch, cfg, seed]
-        generate.click(run, inputs=inputs, outputs=[gallery, info, last_seeds])
-        prompt.submit(run, inputs=inputs, outputs=[gallery, info, last_seeds])
-        random_seed.click(lambda: -1, outputs=seed)
-        reuse_seed.click(lambda seeds: seeds[0] if seeds else -1, inputs=last_seeds, outputs=seed)
+        def txt2img_handler(request: gr.Request, model_title, clip, prompt, negative, chosen, n_iter, *values):
+            yield from run("txt2img", request, model_title, clip, prompt, negative, chosen, n_iter, values)
 
-        def show_info(_images: Any, evt: gr.SelectData) -> Any:
-            """The infotext of the picture clicked in the gallery (read back from its PNG)."""
-            from sdtrt.outputs import read_infotext
+        def img2img_handler(request: gr.Request, model_title, clip, picture, prompt, negative, chosen, n_iter,
+                            *values):
+            yield from run("img2img", request, model_title, clip, prompt, negative, chosen, n_iter, values, picture)
 
-            value = evt.value if isinstance(evt.value, dict) else {}
-            path = (value.get("image") or {}).get("path")
-            return read_infotext(path) if path else gr.update()
+        for tab, handler, extra in ((t2i, txt2img_handler, []), (i2i, img2img_handler, [i2i.picture])):
+            inputs = [checkpoint, clip_skip, *extra, *tab.inputs]
+            tab.generate.click(handler, inputs=inputs, outputs=tab.outputs)
+            tab.prompt.submit(handler, inputs=inputs, outputs=tab.outputs)
+            tab.interrupt.click(_session_call(jobs.interrupt), inputs=None, outputs=None, concurrency_limit=None)
+            tab.skip.click(_session_call(jobs.skip), inputs=None, outputs=None, concurrency_limit=None)
+            tab.gallery.select(_show_info, inputs=tab.gallery, outputs=tab.info)
 
-        gallery.select(show_info, inputs=gallery, outputs=info)
+        png.change(lambda path: read_infotext(path) if path else "", inputs=png, outputs=png_text)
+
+        def send_to_txt2img(text: str):
+            """The infotext's settings into the txt2img tab's controls (as A1111's "Send to txt2img")."""
+            if not text:
+                raise gr.Error("no parameters to send: upload a PNG written by sdtrt or A1111 first")
+            read = settings_from_infotext(text)
+            updates = [gr.update(value=read.get("prompt", "")), gr.update(value=read.get("negative_prompt", ""))]
+            for name in t2i.fields:
+                value = read.get(name)
+                try:
+                    updates.append(gr.update(value=_typed(spec, name, value)) if value is not None else gr.skip())
+                except (TypeError, ValueError):
+                    updates.append(gr.skip())
+            clip = read.get("clip_skip")
+            updates.append(gr.update(value=int(clip)) if clip is not None else gr.update(value=1))
+            wanted = read.get("Model hash")
+            found = [t for t, key in titles().items() if wanted and client.catalog.models[key].model_hash == wanted]
+            updates.append(gr.update(value=found[0]) if found else gr.skip())
+            # the accordions holding settings the infotext sets are opened, so that they show
+            updates += [gr.update(open=True) if read.get("enable_hr") else gr.skip(),
+                        gr.update(open=True) if read.get("subseed_strength") not in (None, "0", 0) else gr.skip()]
+            return [*updates, gr.Tabs(selected="txt2img")]
+
+        send.click(send_to_txt2img, inputs=png_text,
+                   outputs=[t2i.prompt, t2i.negative, *t2i.fields.values(), clip_skip, checkpoint, t2i.hires,
+                            t2i.variation, tabs])
     return demo
+
+
+def _session_call(action: Callable[[str], None]):
+    """A handler that applies ``action`` to the calling browser session's generation."""
+
+    def handler(request: gr.Request) -> None:
+        action(request.session_hash)
+
+    return handler
+
+
+def _show_info(_images: Any, evt: gr.SelectData) -> Any:
+    """The infotext of the picture clicked in a gallery (read back from its PNG)."""
+    value = evt.value if isinstance(evt.value, dict) else {}
+    path = (value.get("image") or {}).get("path")
+    return read_infotext(path) if path else gr.update()
 
 
 def offline_theme():
     """Gradio's default theme with system fonts: the stock one fetches Google Fonts, which offline and
     air-gapped deployments cannot reach (the page then waits on them)."""
-    import gradio as gr
-
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
 def serve_ui(client: Client, host: str, port: int, outputs: Path = Path("outputs"),
-             auth: dict[str, str] | None = None) -> None:
+             auth: dict[str, str] | None = None, styles_file: Path | None = DEFAULT_STYLES_FILE) -> None:
     """Serve the page; with ``auth`` (user -> password) it asks for a login first (Gradio's, as A1111's
     ``--gradio-auth``)."""
-    demo = build_ui(client, outputs)
+    demo = build_ui(client, outputs, styles_file)
     demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, share=False,
                                                    theme=offline_theme(), allowed_paths=[str(outputs.resolve())],
                                                    auth=list(auth.items()) if auth else None)
