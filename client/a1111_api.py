@@ -31,7 +31,7 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -326,8 +326,17 @@ class Gateway:
             from sdtrt.generation import settings_from_infotext
 
             stored = {A1111_NAME.get(k, k): v for k, v in settings_from_infotext(body.infotext).items()}
+            if "resize_mode" in stored:  # the infotext says it in words, A1111's API in numbers
+                if stored["resize_mode"] not in RESIZE_MODE_NAMES:
+                    raise refuse("resize_mode", f"the infotext's Resize mode {str(stored['resize_mode'])[:80]!r} is "
+                                                f"not one of {', '.join(RESIZE_MODE_NAMES)}")
+                stored["resize_mode"] = RESIZE_MODE_NAMES.index(stored["resize_mode"])
             given = {**{k: v for k, v in stored.items() if k in type(body).model_fields}, **given}
-            body = type(body)(**given)
+            try:
+                body = type(body)(**given)
+            except ValidationError as exc:  # a value the infotext holds that the field cannot take
+                error = exc.errors()[0]
+                raise refuse(".".join(map(str, error["loc"])), f"from the infotext: {error['msg']}") from None
         for field, allowed in UNSUPPORTED.items():
             if field in type(body).model_fields and getattr(body, field) not in allowed:
                 raise refuse(field, f"not supported by sdtrt (allowed: {', '.join(repr(a) for a in allowed)})")

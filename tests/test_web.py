@@ -275,3 +275,19 @@ def test_png_info_and_sd_vae_endpoints(api):
     refused = api.post("/sdapi/v1/png-info", json={"image": "not base64!"})
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "image"]
     assert api.get("/sdapi/v1/sd-vae").json() == []  # the default model keeps its own VAE
+
+
+def test_settings_from_an_infotext_as_a1111_reads_them(api):
+    """A1111 1.9+'s ``infotext`` field: the settings an infotext records, explicit fields winning; its words for
+    resize modes ("Crop and resize") are read as A1111 numbers them, not a server error."""
+    text = "a cat\nNegative prompt: dogs\nSteps: 3, Sampler: Euler, Seed: 11, Size: 64x64, Resize mode: Crop and resize"
+    response = api.post("/sdapi/v1/txt2img", json={"infotext": text, "seed": 12})
+    assert response.status_code == 200, response.text
+    _, _, params = parse_infotext(decode(response.json()["images"][0]).info["parameters"])
+    assert params["Steps"] == "3" and params["Seed"] == "12" and params["Size"] == "64x64"
+    picture = b64png(sample_picture(64, 64))
+    response = api.post("/sdapi/v1/img2img", json={"init_images": [picture], "infotext": text})
+    assert response.status_code == 200, response.text
+    assert "Resize mode: Crop and resize" in json.loads(response.json()["info"])["infotexts"][0]
+    bad = api.post("/sdapi/v1/img2img", json={"init_images": [picture], "infotext": text.replace("Crop", "Squash")})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "resize_mode"], bad.text
