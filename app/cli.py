@@ -206,6 +206,9 @@ def _add_serve(sub) -> None:
                    help="a tritonserver binary (default: $SDTRT_TRITONSERVER, else the one in the nvidia-pytriton wheel)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for the models to load (default: %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may take to finish before the server stops "
+                   "(tritonserver's --exit-timeout-secs; set it above your longest request; default: %(default)s)")
     p.set_defaults(func=cmd_serve, triton_args=[])
 
 
@@ -344,7 +347,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
-                          binary=args.tritonserver, extra_args=list(args.triton_args))
+                          binary=args.tritonserver, extra_args=list(args.triton_args),
+                          drain_timeout=args.drain_timeout)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -362,6 +366,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 return 1
     finally:
         healer.stop()
+        if stop.is_set():  # a shutdown (a scale-in, a rolling update): let the generations under way finish
+            busy = server.requests_in_flight()
+            if busy:
+                print(f"draining: {busy:g} generations in flight; waiting up to {args.drain_timeout:g} s", flush=True)
+                left = server.drain()
+                print("drained" if not left else f"drain timeout: {left:g} generations still in flight", flush=True)
         code = server.stop()
     print(f"tritonserver stopped (exit code {code})", flush=True)
     return 0

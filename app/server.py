@@ -71,6 +71,9 @@ class TritonServer:
     binary: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
+    # On SIGTERM Triton refuses new requests and lets those in flight finish for up to this long (a scale-in's
+    # pod keeps serving its running generations); stop() waits that long before it kills.
+    drain_timeout: float = 30.0
     process: subprocess.Popen | None = None
 
     def command(self) -> tuple[list[str], dict[str, str]]:
@@ -114,6 +117,7 @@ class TritonServer:
             # starts one extra stub per model only to ask it for config changes, which imports torch and
             # diffusers for each job model once more before its instance starts (~4 s of a cold start).
             "--disable-auto-complete-config",
+            f"--exit-timeout-secs={max(1, int(self.drain_timeout))}",
             *args,
             *self.extra_args,
         ]
@@ -171,8 +175,41 @@ class TritonServer:
             return ""
         return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton then unloads models and exits), SIGKILL after ``timeout``; then reap the group."""
+    def requests_in_flight(self) -> float | None:
+        """Generations this server is running or has queued (sdtrt_requests_running plus Triton's pending count
+        of the job models, from its own metrics); None when the metrics cannot be read."""
+        from sdtrt.spec import IMG2IMG, TXT2IMG
+
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        try:
+            with urllib.request.urlopen(f"http://{host}:{self.metrics_port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        total = 0.0
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name.startswith("sdtrt_requests_running{") or (
+                    name.startswith("nv_inference_pending_request_count{")
+                    and any(f'model="{job}"' in name for job in (TXT2IMG, IMG2IMG))):
+                total += float(value)
+        return total
+
+    def drain(self, timeout: float | None = None) -> float:
+        """Wait (up to ``timeout``, default the drain timeout) until no generation is running or queued, so that
+        stopping loses none: Triton refuses every new inference once it is told to stop, the U-Net calls of a
+        generation under way included. Returns what was still in flight at the end (0: drained)."""
+        deadline = time.monotonic() + (self.drain_timeout if timeout is None else timeout)
+        while True:
+            left = self.requests_in_flight()
+            if not left or time.monotonic() >= deadline:  # (None: no metrics to wait on)
+                return left or 0.0
+            time.sleep(0.5)
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton then refuses new requests, finishes those in flight, unloads models and exits),
+        SIGKILL after ``timeout`` (default: the drain timeout and some); then reap the group."""
+        timeout = self.drain_timeout + 15.0 if timeout is None else timeout
         if self.process is None:
             return None
         proc, self.process = self.process, None

@@ -719,7 +719,10 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
                     "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
                               "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
                               "sampling_steps": 0}}
-        latest = client.progress(job.control.request_id)
+        try:
+            latest = client.progress(job.control.request_id)
+        except ServerError:  # the job ended (its connection closed) between the lookup and the question
+            latest = None
         step, total = (latest.step, latest.total) if latest is not None else (0, 0)
         preview = None if skip_current_image or latest is None else latest.preview
         done = min(1.0, (job.done + (step / total if total else 0.0)) / max(job.count, 1))

@@ -150,6 +150,9 @@ def _server_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=port, help=f"port to listen on (default: {port})")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="where saved PNGs go (default: outputs/)")
+    parser.add_argument("--wait-for-server", type=float, default=0.0, metavar="SECONDS",
+                        help="keep trying to reach the server this long before giving up (default: fail at once); "
+                        "for deployments where this starts before the server is ready")
     parser.add_argument("--styles-file", type=Path, default=DEFAULT_STYLES_FILE, metavar="CSV",
                         help="A1111's prompt styles file (name,prompt,negative_prompt; default: ./styles.csv)")
 
@@ -191,11 +194,24 @@ def _warn_if_open(args: argparse.Namespace, users: dict[str, str], what: str) ->
 
 
 def _connected_client(args: argparse.Namespace):
-    from sdtrt.client import Client
+    import time
+
+    from sdtrt.client import Client, ServerError
 
     client = Client(args.url, protocol=args.protocol)
-    client.spec  # fail now, with the server's address, if it is not there
-    return client
+    deadline = time.monotonic() + getattr(args, "wait_for_server", 0.0)
+    said = 0.0
+    while True:
+        try:
+            client.spec  # fail now, with the server's address, if it is not there
+            return client
+        except ServerError:
+            if time.monotonic() >= deadline:
+                raise
+            if time.monotonic() - said > 30:
+                print(f"waiting for the sdtrt server at {client.url} ({client.protocol})", file=sys.stderr, flush=True)
+                said = time.monotonic()
+            time.sleep(2)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -103,6 +103,11 @@ class Client:
         self.timeout = timeout
         self._local = threading.local()  # tritonclient's HTTP client is not thread-safe: one per thread
         self._catalog: Catalog | None = None
+        # A job sent with a JobControl over gRPC gets a connection of its own, found here by request id: behind
+        # a Kubernetes Service each new connection may land on another server (so jobs spread over the pods),
+        # and the job's progress must be asked of the server that runs it (progress lives in its memory).
+        self._job_connections: dict[str, Any] = {}
+        self._job_lock = threading.Lock()
 
     # --- connections -------------------------------------------------------------------------------------------
     def _client(self):
@@ -111,8 +116,17 @@ class Client:
             client = self._local.client = self._new_client()
         return client
 
-    def _new_client(self, aio: bool = False):
+    def _new_client(self, aio: bool = False, own_connection: bool = False):
         module = _module(self.protocol, aio)
+        if own_connection and self.protocol == "grpc" and not aio:
+            # gRPC shares one TCP connection between channels to the same address unless told not to
+            keepalive = module.KeepAliveOptions()
+            return module.InferenceServerClient(self.url, channel_args=[
+                ("grpc.max_send_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+                ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+                ("grpc.use_local_subchannel_pool", 1)])
         if self.protocol == "http" and not aio and self.timeout is not None:
             # its default network_timeout (60 s) would cut long generations short
             return module.InferenceServerClient(self.url, network_timeout=self.timeout)
@@ -222,14 +236,15 @@ class Client:
             if control is None or self.protocol != "grpc":
                 response = self._client().infer(job, inputs, **kwargs)
             else:
-                response = self._cancellable_infer(job, inputs, kwargs, control)
+                connection = self._job_connections.get(control.request_id) or self._client()
+                response = self._cancellable_infer(connection, job, inputs, kwargs, control)
         except Stopped:
             raise
         except Exception as exc:
             raise self._error(exc) from None
         return self._result(spec, request, response, MASK in images)
 
-    def _cancellable_infer(self, job: str, inputs: list, kwargs: dict[str, Any], control: JobControl):
+    def _cancellable_infer(self, connection, job: str, inputs: list, kwargs: dict[str, Any], control: JobControl):
         """gRPC infer that ``control`` can cancel: Triton hands the cancellation to the job model, whose loop
         stops at its next step."""
         done, box = threading.Event(), {}
@@ -238,7 +253,7 @@ class Client:
             box.update(result=result, error=error)
             done.set()
 
-        call = self._client().async_infer(job, inputs, callback, **kwargs)
+        call = connection.async_infer(job, inputs, callback, **kwargs)
         while not done.wait(0.05):
             if control._stop_current():
                 call.cancel()
@@ -252,8 +267,9 @@ class Client:
         """The progress of the request sent under ``request_id`` (a JobControl's), as the server's loop last
         posted it; None before its first step or for an unknown id."""
         module = _module(self.protocol)
+        connection = self._job_connections.get(request_id) or self._client()
         try:
-            response = self._client().infer(PROGRESS, [self._tensor(module, PROGRESS_REQUEST_ID,
+            response = connection.infer(PROGRESS, [self._tensor(module, PROGRESS_REQUEST_ID,
                                                                     np.array([request_id.encode()], dtype=np.object_),
                                                                     "BYTES")])
         except Exception as exc:
@@ -279,17 +295,28 @@ class Client:
                  n_iter: int, progress: Callable[[int, int], None] | None,
                  control: JobControl | None = None) -> Generation:
         results = []
-        for number, batch in enumerate(batch_count(request, n_iter)):
-            if control is not None:
-                if control.interrupted:
-                    break
-                control._batch = number
-            try:
-                results.append(self._generate(job, spec, batch, images, control))
-            except Stopped:
-                pass  # interrupted (the loop above ends) or skipped (on to the next batch)
-            if progress is not None:
-                progress(number + 1, n_iter)
+        own = control is not None and self.protocol == "grpc"
+        if own:
+            with self._job_lock:
+                self._job_connections[control.request_id] = self._new_client(own_connection=True)
+        try:
+            for number, batch in enumerate(batch_count(request, n_iter)):
+                if control is not None:
+                    if control.interrupted:
+                        break
+                    control._batch = number
+                try:
+                    results.append(self._generate(job, spec, batch, images, control))
+                except Stopped:
+                    pass  # interrupted (the loop above ends) or skipped (on to the next batch)
+                if progress is not None:
+                    progress(number + 1, n_iter)
+        finally:
+            if own:
+                with self._job_lock:
+                    connection = self._job_connections.pop(control.request_id, None)
+                if connection is not None:
+                    connection.close()
         if not results:  # interrupted or skipped before any batch was done
             channels = spec.component("vae_decoder").outputs[0].shape[1]
             return Generation(np.zeros((0, request.height, request.width, channels), np.uint8), [], [])

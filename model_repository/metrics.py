@@ -3,6 +3,8 @@
 
 * ``sdtrt_requests_total{job, model, sampler, outcome}``: requests by outcome (success, invalid_argument,
   cancelled, error).
+* ``sdtrt_requests_running{job}``: requests a job's loops are running now (``sdtrt serve`` waits for 0 before it
+  stops the server, so that a pod being scaled in finishes its generations).
 * ``sdtrt_request_duration_seconds{job, model}``: end-to-end time of the requests that succeeded.
 * ``sdtrt_stage_duration_seconds{job, stage}``: where that time goes (text: tokenizer + text encoder; denoise: the
   loop, U-Net calls included; decode: the VAE decoder and the copy out).
@@ -58,6 +60,10 @@ class Metrics:
                 metric.observe(value)
             else:
                 metric.increment(value)
+
+    def running(self, job: str, change: int) -> None:
+        self._record("sdtrt_requests_running", "Generation requests the job's loops are running now", "GAUGE",
+                     {"job": job}, change)
 
     def request(self, job: str, model: str, sampler: str, outcome: str) -> None:
         self._record("sdtrt_requests_total", "Generation requests by job, model, sampler and outcome", "COUNTER",

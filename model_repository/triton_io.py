@@ -213,6 +213,7 @@ class JobModel(PerRequestModel):
     def execute(self, requests):
         for request in requests:
             self.free_loops.acquire()  # blocks while every loop is busy: the next requests wait in Triton's queue
+            self.metrics.running(self.job.name, 1)
             self.pool.submit(self._loop, request)
         return None
 
@@ -223,6 +224,7 @@ class JobModel(PerRequestModel):
         except Exception as exc:  # the client may be gone; the loop must come back whatever happened
             self.log.error("send_failed", request_id=request.request_id(), error=repr(exc))
         finally:
+            self.metrics.running(self.job.name, -1)
             self.free_loops.release()
 
     def finalize(self):

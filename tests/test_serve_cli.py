@@ -171,3 +171,51 @@ def test_cli_img2img_and_inpainting_through_the_server(server, tmp_path):
     assert "Denoising strength: 0.8" in text and "Resize mode: Crop and resize" in text and "Mask blur: 2" in text
     missing = sdtrt("img2img", "x", "--init-image", str(tmp_path / "nope.png"), "--url", server.url)
     assert missing.returncode == 2 and "nope.png does not exist" in missing.stderr
+
+
+def test_sigterm_lets_the_requests_in_flight_finish(exported_repo, tmp_path):
+    """A scale-in's SIGTERM: `sdtrt serve` waits for the generation under way (Triton, once told to stop,
+    refuses every inference, the U-Net calls of running generations included), which answers; then it stops
+    the server cleanly, as soon as nothing is in flight rather than at the end of --drain-timeout."""
+    import threading
+
+    from sdtrt.client import JobControl
+
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdtrt", "serve", "-m", str(exported_repo), "--http-port", str(http), "--grpc-port",
+         str(grpc), "--metrics-port", str(metrics), "--log-file", str(tmp_path / "server.log"),
+         "--drain-timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("ready:"):
+                break
+        client = Client(f"127.0.0.1:{grpc}")
+        control = JobControl()
+        outcome: dict = {}
+
+        def long_request() -> None:
+            try:
+                outcome["result"] = client.txt2img("a long one", steps=40, width=512, height=512, seed=1,
+                                                   control=control)
+            except Exception as exc:  # reported below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while (client.progress(control.request_id) or None) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.progress(control.request_id) is not None, "the request never started"
+        proc.send_signal(signal.SIGTERM)
+        worker.join(180)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["result"].images.shape == (1, 512, 512, 3)
+        finished = time.monotonic()
+        assert proc.wait(60) == 0
+        assert time.monotonic() - finished < 30  # not the 120 s drain timeout
+        rest = proc.stdout.read()
+        assert "draining: 1 generations in flight" in rest and "drained" in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -283,3 +283,38 @@ def test_img2img_without_an_image_is_refused_by_name(server):
         grpcclient.InferenceServerClient(server.url).infer("img2img", [prompt])
     assert "invalid init_image=None: init_image must be an H x W x 3 uint8 RGB picture" in str(exc.value)
     assert Client(server.url).img2img("x", PICTURE, steps=2, width=64, height=64).images.shape == (1, 64, 64, 3)
+
+
+def test_each_controlled_job_has_its_own_connection_and_reads_its_progress_there(server):
+    """Behind a Kubernetes Service every new TCP connection may reach another Triton pod: a job sent with a
+    JobControl gets a connection of its own (so jobs spread over the pods) and its progress is read over that
+    same connection (progress lives in the memory of the server that runs the job)."""
+    import threading
+    import time
+
+    import psutil
+
+    from sdtrt.client import JobControl
+
+    client = Client(server.url)
+    port = int(server.url.rsplit(":", 1)[1])
+    controls = [JobControl(), JobControl()]
+    workers = [threading.Thread(target=client.txt2img, args=("a slow one",),
+                                kwargs=dict(steps=40, width=512, height=512, seed=i, control=c))
+               for i, c in enumerate(controls)]
+    for worker in workers:
+        worker.start()
+    seen_ports: set[int] = set()
+    progressed = [False, False]
+    deadline = time.monotonic() + 60
+    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        seen_ports |= {c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
+                       if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
+        for i, control in enumerate(controls):
+            progressed[i] |= client.progress(control.request_id) is not None
+        time.sleep(0.1)
+    for worker in workers:
+        worker.join(120)
+    assert all(progressed)
+    assert len(seen_ports) >= 2, seen_ports  # one connection per job (and none shared between them)
+    assert not client._job_connections  # each closed with its job
