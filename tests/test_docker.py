@@ -1,5 +1,5 @@
-"""The GPU image and its compose file, checked without a Docker engine: hadolint, the user it runs as, what the
-build context sends, and that every command compose runs exists in the image."""
+"""The GPU and CPU images and the compose file, checked without a Docker engine: hadolint, the user they run as,
+what the build context sends, and that every command compose (and the CPU image) runs exists."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+CPU_DOCKERFILE = ROOT / "docker" / "Dockerfile.cpu"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 # Triton's build creates this user with uid/gid 1000 and asserts it (server repo, build.py, "triton-server").
 BASE_USER_UID = "1000:1000"
@@ -45,11 +46,12 @@ def hadolint() -> str | None:
         (str(p) for p in [Path(sys.executable).parent / "hadolint"] if p.is_file()), None)
 
 
-def test_dockerfile_passes_hadolint():
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, CPU_DOCKERFILE], ids=["gpu", "cpu"])
+def test_dockerfile_passes_hadolint(dockerfile):
     binary = hadolint()
     if binary is None:
         pytest.skip("hadolint not installed (it comes with the dev extra: scripts/setup.sh)")
-    done = subprocess.run([binary, str(DOCKERFILE)], capture_output=True, text=True)
+    done = subprocess.run([binary, str(dockerfile)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -145,3 +147,22 @@ def test_gpu_benchmark_says_what_is_missing_without_a_gpu(tmp_path):
                           env={**os.environ, "SDTRT_BENCH_DIR": str(tmp_path)})
     assert done.returncode == 1 and "no NVIDIA GPU here" in done.stderr
     assert not any(tmp_path.iterdir())  # nothing built before the check
+
+
+def test_the_cpu_image_serves_the_cpu_repository_as_a_non_root_user():
+    """docker/Dockerfile.cpu (the Kubernetes cpu overlay's image): the same uid as the GPU image (volumes work
+    with either), the package's folders copied, the stub placed at build time (the serving user cannot write
+    site-packages), and a CMD the CLI accepts, serving where the cpu overlay's export writes."""
+    steps = instructions(CPU_DOCKERFILE)
+    assert [args for name, args in steps if name == "USER"][-1] == BASE_USER_UID
+    copied = [shlex.split(args)[0] for name, args in steps if name == "COPY"]
+    package = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert set(package.values()) <= set(copied)
+    assert any("ensure_python_stub(pytriton_home())" in args for name, args in steps if name == "RUN")
+    from sdtrt.app.cli import build_parser
+    from sdtrt.clip_vocab import OPEN_CLIP_WHEEL
+
+    assert f"SDTRT_CLIP_BPE=/opt/sdtrt/cache/{OPEN_CLIP_WHEEL}" in " ".join(a for n, a in steps if n == "ENV")
+    image = json.loads(next(args for n, args in steps if n == "CMD"))
+    parsed = build_parser().parse_args(image[1:])
+    assert str(parsed.model_repository) == "/models/repos/cpu"

@@ -1,0 +1,244 @@
+"""deploy/kubernetes, checked offline: every overlay rendered by `kubectl kustomize`, every object validated against
+the Kubernetes schemas (kubernetes-validate, strict: no unknown fields), and the invariants the deployment rests
+on: probes, resources, the models volume, who may reach Triton, commands the CLI accepts, and an autoscaler whose
+metric comes from series a real server exports."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdtrt.app.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBE = ROOT / "deploy" / "kubernetes"
+OVERLAYS = ("gpu", "cpu", "kserve")
+KUBERNETES_VERSION = "1.30.0"  # the oldest release the manifests are for (the preStop `sleep` action is beta there)
+CUSTOM_KINDS = {"InferenceService", "PodMonitor"}  # CRDs: no schema in kubernetes-validate; checked below
+KUBECTL = shutil.which("kubectl")
+
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its kustomize) is not installed")
+
+
+def render(path: Path) -> list[dict]:
+    done = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def config(objects: list[dict]) -> dict[str, str]:
+    return find(objects, "ConfigMap", "sdtrt-config")["data"]
+
+
+def expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' $(VAR) substitution in a container's args."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request) -> tuple[str, list[dict]]:
+    return request.param, render(KUBE / "overlays" / request.param)
+
+
+def test_every_object_of_every_overlay_is_valid_kubernetes(overlay):
+    import kubernetes_validate
+
+    name, objects = overlay
+    assert objects
+    for obj in objects:
+        if obj["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{name}: {obj['kind']}/{obj['metadata']['name']}: {exc.message} at "
+                                 f"{'.'.join(map(str, exc.path))}") from None
+        assert obj["metadata"].get("namespace") == "sdtrt" or obj["kind"] in ("Namespace",), obj["metadata"]
+
+
+def test_every_container_asks_for_resources_and_runs_as_non_root(overlay):
+    name, objects = overlay
+    for obj in objects:
+        if obj["kind"] not in ("Deployment", "Job"):
+            continue
+        spec = pod_spec(obj)
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+        for container in spec["containers"] + spec.get("initContainers", []):
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]), (name, container["name"])
+            assert "memory" in resources["limits"], (name, container["name"])
+        if name in ("gpu", "kserve") and obj["kind"] == "Job":  # TensorRT engines are built on the GPU
+            assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+            assert "nvidia.com/gpu.product" in spec["nodeSelector"]
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_triton_probes_volumes_drain_and_command(variant):
+    objects = render(KUBE / "overlays" / variant)
+    triton = find(objects, "Deployment", "sdtrt-triton")
+    spec = pod_spec(triton)
+    container = spec["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 900  # engines take minutes to load
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    models = volumes[mounts["/models"]["name"]]
+    assert models["persistentVolumeClaim"]["claimName"] == "sdtrt-models" and mounts["/models"]["readOnly"]
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"  # the Python backend's tensors
+    env = config(objects)
+    args = expand(container["args"], env)
+    parsed = build_parser().parse_args(container["command"][1:] + args[:args.index("--")] if "--" in args
+                                       else container["command"][1:] + args)
+    assert str(parsed.model_repository) == env["MODEL_REPO"] and parsed.host == "0.0.0.0"
+    # a pod being scaled in drains (sdtrt serve waits for its generations) before Kubernetes kills it
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert parsed.drain_timeout == float(env["DRAIN_SECONDS"])
+    assert spec["terminationGracePeriodSeconds"] > parsed.drain_timeout + pre_stop
+    # the export Job writes where Triton reads
+    export = find(objects, "Job", "sdtrt-export")
+    script = pod_spec(export)["containers"][0]["args"][0]
+    assert 'sdtrt export "${source}" --out "${MODEL_REPO}" ${EXPORT_ARGS}' in script
+    build_parser().parse_args(["export", "/models/checkpoints/x", "--out", env["MODEL_REPO"], *env["EXPORT_ARGS"].split()])
+    if variant == "gpu":
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert spec["nodeSelector"] == pod_spec(export)["nodeSelector"]  # engines run on the GPU they were built on
+        assert "--format trt" in env["EXPORT_ARGS"] and env["MODEL_REPO"] != "/models/repos/cpu"
+        assert "--cuda-memory-pool-byte-size=0:268435456" in args
+    else:
+        assert "nvidia.com/gpu" not in str(triton)
+
+
+def test_only_the_gateway_and_the_page_face_the_outside(overlay):
+    name, objects = overlay
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert all(s["spec"].get("type", "ClusterIP") == "ClusterIP" for s in services)
+    ingress = find(objects, "Ingress", "sdtrt")
+    backends = {p["backend"]["service"]["name"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert backends == {"sdtrt-gateway", "sdtrt-page"}
+    for deployment, variable, key, command in (("sdtrt-gateway", "SDTRT_API_AUTH", "api-auth", "api"),
+                                               ("sdtrt-page", "SDTRT_GRADIO_AUTH", "gradio-auth", "ui")):
+        container = pod_spec(find(objects, "Deployment", deployment))["containers"][0]
+        secret = next(e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == variable)
+        assert secret == {"name": "sdtrt-auth", "key": key}
+        parsed = build_parser().parse_args([command, *container["args"]])
+        assert parsed.host == "0.0.0.0" and str(parsed.out) == "/outputs"
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod_spec(find(objects, "Deployment", deployment))["volumes"]}
+        assert volumes[mounts["/outputs"]]["persistentVolumeClaim"]["claimName"] == "sdtrt-outputs"
+        triton = "sdtrt-predictor:80" if name == "kserve" else "sdtrt-triton:8001"
+        assert parsed.url == triton
+    claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    assert set(claims) == {"sdtrt-models", "sdtrt-outputs"}
+    assert claims["sdtrt-models"]["spec"]["accessModes"] == ["ReadWriteMany"]  # every Triton pod reads it
+
+
+def triton_pod_labels(name: str, objects: list[dict]) -> dict:
+    if name == "kserve":
+        return find(objects, "InferenceService", "sdtrt")["spec"]["predictor"]["labels"]
+    return find(objects, "Deployment", "sdtrt-triton")["spec"]["template"]["metadata"]["labels"]
+
+
+def test_the_network_policy_lets_only_the_gateway_page_and_prometheus_reach_triton(overlay):
+    name, objects = overlay
+    policy = find(objects, "NetworkPolicy", "sdtrt-triton")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], triton_pod_labels(name, objects))
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    clients, prometheus = policy["spec"]["ingress"]
+    allowed = [peer["podSelector"]["matchLabels"] for peer in clients["from"]]
+    for deployment in ("sdtrt-gateway", "sdtrt-page"):
+        labels = find(objects, "Deployment", deployment)["spec"]["template"]["metadata"]["labels"]
+        assert any(selects(a, labels) for a in allowed), deployment
+    assert len(allowed) == 2
+    assert [p["port"] for p in prometheus["ports"]] == [8002] and "namespaceSelector" in prometheus["from"][0]
+    pdb = find(objects, "PodDisruptionBudget", "sdtrt-triton")
+    assert selects(pdb["spec"]["selector"]["matchLabels"], triton_pod_labels(name, objects))
+
+
+def adapter_rules() -> dict[str, dict]:
+    values = yaml.safe_load((KUBE / "prometheus-adapter" / "values.yaml").read_text())
+    return {rule["name"]["as"]: rule for rule in values["rules"]["custom"]}
+
+
+def test_the_autoscaler_scales_triton_on_a_metric_the_adapter_serves(overlay):
+    name, objects = overlay
+    hpa = find(objects, "HorizontalPodAutoscaler", "sdtrt-triton")
+    target = hpa["spec"]["scaleTargetRef"]
+    if name == "kserve":  # KServe's raw deployment names the predictor's Deployment <service>-predictor
+        assert target["name"] == "sdtrt-predictor"
+        assert find(objects, "InferenceService", "sdtrt")["metadata"]["annotations"][
+            "serving.kserve.io/autoscalerClass"] == "external"
+    else:
+        assert target == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "sdtrt-triton"}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in adapter_rules()
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    # slow to give back: a pod's engines take minutes to load again
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_the_adapters_series_exist_on_a_real_servers_metrics(server):
+    """Every metric the adapter rules query, with the job models' label, is on Triton's /metrics after a request."""
+    from sdtrt.client import Client
+
+    Client(server.url).txt2img("a cat", steps=2, width=64, height=64)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for rule in adapter_rules().values():
+        queries = rule["seriesQuery"] + " " + rule["metricsQuery"]
+        for metric in set(re.findall(r"\b(nv_[a-z_]+|sdtrt_[a-z_]+)\{", queries)):
+            assert re.search(rf'^{metric}{{[^}}]*model="txt2img"', text, re.M), metric
+
+
+def test_the_prometheus_component_scrapes_the_triton_pods(tmp_path):
+    for variant in ("gpu", "cpu"):
+        shutil.copytree(KUBE, tmp_path / variant / "deploy")  # kustomize reads only below its own folder
+        (tmp_path / variant / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [f"deploy/overlays/{variant}"], "components": ["deploy/components/prometheus"]}))
+        objects = render(tmp_path / variant)
+        monitor = find(objects, "PodMonitor", "sdtrt-triton")
+        assert selects(monitor["spec"]["selector"]["matchLabels"], triton_pod_labels(variant, objects))
+        ports = {p["name"] for p in pod_spec(find(objects, "Deployment", "sdtrt-triton"))["containers"][0]["ports"]}
+        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+
+
+def test_the_kserve_variant_runs_sdtrt_serve_on_kserves_triton_runtime():
+    objects = render(KUBE / "overlays" / "kserve")
+    assert not [o for o in objects if o["metadata"]["name"] == "sdtrt-triton" and o["kind"] in ("Deployment", "Service")]
+    isvc = find(objects, "InferenceService", "sdtrt")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == "kserve-tritonserver" and model["modelFormat"]["name"] == "triton"
+    repo = config(objects)["MODEL_REPO"]
+    assert model["storageUri"] == "pvc://sdtrt-models/" + repo.removeprefix("/models/")  # what the export wrote
+    args = model["args"]
+    parsed = build_parser().parse_args(model["command"][1:] + args[:args.index("--")])
+    assert str(parsed.model_repository) == "/mnt/models" and (parsed.http_port, parsed.grpc_port) == (8080, 9000)
+    assert model["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > parsed.drain_timeout
+    assert model["image"].startswith("registry.example.com/sdtrt:")  # sdtrt's image: its models import sdtrt
