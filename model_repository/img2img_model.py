@@ -13,7 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sdtrt.img2img import finish_images, prepare_images
-from sdtrt.jobs import img2img_latents
+from sdtrt.jobs import encode_prompts, img2img_latents
 from sdtrt.model_repository.configs import JOBS
 from sdtrt.spec import IMAGES, IMG2IMG, INIT_IMAGE, MASK, SEEDS
 from sdtrt.model_repository.triton_io import JobModel, optional_input
@@ -32,9 +32,9 @@ class TritonPythonModel(JobModel):
                                 padding=settings.inpaint_full_res_padding, vae_scale_factor=spec.vae_scale_factor)
         nets = self.networks(request, spec, settings)
         with self.stage("text"):
-            uncond, cond = nets.encode_prompts(settings)
+            prompts = encode_prompts(settings, nets)
         with self.stage("denoise"), self.batcher.denoising():
-            latents, seeds = img2img_latents(spec, settings, inputs, uncond, cond, nets, self.on_step)
+            latents, seeds = img2img_latents(spec, settings, inputs, prompts, nets, self.on_step)
         with self.stage("decode"):
             images = finish_images(nets.vae_decode(latents), inputs, spec.vae_scale_factor)
         self.done(request, spec, settings, start, inpaint=mask is not None)

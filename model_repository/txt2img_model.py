@@ -14,7 +14,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.jobs import txt2img_latents
+from sdtrt.jobs import encode_prompts, txt2img_latents
 from sdtrt.model_repository.configs import JOBS
 from sdtrt.spec import IMAGES, SEEDS, TXT2IMG
 from sdtrt.model_repository.triton_io import JobModel
@@ -28,9 +28,9 @@ class TritonPythonModel(JobModel):
         spec, settings = self.settings(request)
         nets = self.networks(request, spec, settings)
         with self.stage("text"):
-            uncond, cond = nets.encode_prompts(settings)
+            prompts = encode_prompts(settings, nets)
         with self.stage("denoise"), self.batcher.denoising():
-            latents, seeds = txt2img_latents(spec, settings, uncond, cond, nets, self.on_step)
+            latents, seeds = txt2img_latents(spec, settings, prompts, nets, self.on_step)
         with self.stage("decode"):
             images = nets.vae_decode(latents)
         self.done(request, spec, settings, start)

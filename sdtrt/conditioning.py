@@ -8,6 +8,9 @@ with one row; the loop's is the same dict with a row per U-Net row (uncond x N, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -34,6 +37,39 @@ def prompt_conditioning(outputs: dict[str, np.ndarray], weights: np.ndarray) -> 
         k = len(pooled) // 2
         u[POOLED_INPUT], c[POOLED_INPUT] = pooled[0:1], pooled[k:k + 1]
     return u, c
+
+
+@dataclass
+class ScheduledConditioning:
+    """A request's (uncond, cond) step by step, as A1111's prompt editing and alternation change them
+    (sdtrt.prompt_schedule): entries (last 0-based step, uncond, cond) in step order."""
+
+    entries: list[tuple[int, Conditioning, Conditioning]]
+
+    def index(self, step: int) -> int:
+        """The entry for the 0-based step ``step``: the first whose last step is not before it (A1111's rule)."""
+        return next((i for i, (last, _, _) in enumerate(self.entries) if step <= last), len(self.entries) - 1)
+
+
+def schedule_conditioning(prompt: str, negative_prompt: str, steps: int,
+                          encode: Callable[[str, str], tuple[Conditioning, Conditioning]],
+                          first_pass_steps: int | None = None,
+                          encoded: dict[tuple[str, str], tuple[Conditioning, Conditioning]] | None = None,
+                          ) -> ScheduledConditioning:
+    """Both prompts' schedules over ``steps`` steps, merged; ``encode(prompt, negative)`` runs once per distinct
+    pair of texts (``encoded`` carries them between a request's passes)."""
+    from sdtrt.prompt_schedule import prompt_schedule, text_at
+
+    encoded = {} if encoded is None else encoded
+    positive = prompt_schedule(prompt, steps, first_pass_steps)
+    negative = prompt_schedule(negative_prompt, steps, first_pass_steps)
+    entries = []
+    for last in sorted({step for step, _ in positive} | {step for step, _ in negative}):
+        pair = (text_at(positive, last), text_at(negative, last))
+        if pair not in encoded:
+            encoded[pair] = encode(*pair)
+        entries.append((last, *encoded[pair]))
+    return ScheduledConditioning(entries)
 
 
 def unet_conditioning(spec: ModelSpec, uncond: Conditioning, cond: Conditioning, images: int, guidance_scale: float,

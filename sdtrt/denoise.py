@@ -39,7 +39,7 @@ def denoise(
     scheduler: Any,
     unet: UNet,
     latents: torch.Tensor,
-    context: dict[str, torch.Tensor],
+    context: dict[str, torch.Tensor] | Callable[[int], dict[str, torch.Tensor]],
     guidance_scale: float,
     generators: list[torch.Generator],
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -48,7 +48,8 @@ def denoise(
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the scheduler's steps (all of them, or ``timesteps``). With guidance, ``context``'s rows are
-    [uncond x N, cond x N] (``sdtrt.conditioning.unet_conditioning``).
+    [uncond x N, cond x N] (``sdtrt.conditioning.unet_conditioning``); a callable gives each 0-based step's
+    (prompt editing changes the conditioning as the steps go).
 
     ``unet_extra`` (inpainting U-Nets: mask and masked-image latents, one row per image) is appended to the
     U-Net input's channels; ``after_step(i, latents)`` may replace the latents after step i (masked blending).
@@ -65,7 +66,7 @@ def denoise(
         if unet_extra is not None:
             model_input = torch.cat([model_input, unet_extra], dim=1)
         timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32, device=latents.device)
-        noise_pred = unet(model_input, timestep, context)
+        noise_pred = unet(model_input, timestep, context(i) if callable(context) else context)
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + guidance_scale * (cond - uncond)

@@ -11,12 +11,13 @@ onnxruntime sessions in-process, BLS calls to the Triton models when served.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from sdtrt.conditioning import Conditioning, unet_conditioning
+from sdtrt.conditioning import Conditioning, ScheduledConditioning, schedule_conditioning, unet_conditioning
 from sdtrt.denoise import UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.errors import InvalidRequest
 from sdtrt.hires import HIRES_UPSCALERS, target_size, upscale_image, upscale_latents
@@ -39,6 +40,48 @@ class Networks(Protocol):
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents already divided by the VAE scaling factor -> uint8 pictures [N, H, W, 3]."""
+
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
+        """(uncond, cond) of the request's negative prompt and prompt, taken as plain text."""
+
+
+@dataclass
+class Prompts:
+    """A request's conditioning step by step (A1111's prompt editing and alternation, in both prompts): the
+    first pass's and, with the hires fix, the second pass's."""
+
+    first: ScheduledConditioning
+    hires: ScheduledConditioning | None = None
+
+
+def encode_prompts(request: Txt2ImgRequest, nets: Networks) -> Prompts:
+    """Every text the request's prompts stand for at some step, through the text encoder once each."""
+    def encode(prompt: str, negative: str) -> tuple[Conditioning, Conditioning]:
+        return nets.encode_prompts(replace(request, prompt=prompt, negative_prompt=negative))
+
+    encoded: dict = {}
+    first = schedule_conditioning(request.prompt, request.negative_prompt, request.steps, encode, encoded=encoded)
+    hires = None
+    if request.enable_hr and not isinstance(request, Img2ImgRequest):  # the second pass counts on from the first
+        hires = schedule_conditioning(request.prompt, request.negative_prompt,
+                                      request.hr_second_pass_steps or request.steps, encode,
+                                      first_pass_steps=request.steps, encoded=encoded)
+    return Prompts(first, hires)
+
+
+def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, guidance_scale: float, width: int,
+                  height: int, device: torch.device) -> Callable[[int], Conditioning]:
+    """The U-Net's conditioning for each 0-based step, built once per schedule entry."""
+    built: dict[int, Conditioning] = {}
+
+    def at(step: int) -> Conditioning:
+        index = prompts.index(step)
+        if index not in built:
+            _, uncond, cond = prompts.entries[index]
+            built[index] = unet_conditioning(spec, uncond, cond, images, guidance_scale, width, height, device)
+        return built[index]
+
+    return at
 
 
 def unet_channels(spec: ModelSpec) -> int:
@@ -63,8 +106,7 @@ def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]):
 def txt2img_latents(
     spec: ModelSpec,
     request: Txt2ImgRequest,
-    uncond: Conditioning,
-    cond: Conditioning,
+    prompts: Prompts,
     nets: Networks,
     on_step: OnStep | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
@@ -76,11 +118,11 @@ def txt2img_latents(
     generators, scheduler = _pass(spec, request, seeds)
     noise = _noise(spec, request, generators, request.width, request.height, nets.device)
     latents = prepare_latents(scheduler, noise, request.steps)
-    context = unet_conditioning(spec, uncond, cond, request.batch_size, request.guidance_scale, request.width,
-                                request.height, nets.device)
+    context = step_contexts(spec, prompts.first, request.batch_size, request.guidance_scale, request.width,
+                            request.height, nets.device)
     latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step)
     if request.enable_hr:
-        latents = hires_pass(spec, request, latents, uncond, cond, nets, seeds, on_step)
+        latents = hires_pass(spec, request, latents, prompts.hires, nets, seeds, on_step)
     return latents / spec.vae_scaling_factor, seeds
 
 
@@ -88,8 +130,7 @@ def hires_pass(
     spec: ModelSpec,
     request: Txt2ImgRequest,
     latents: torch.Tensor,
-    uncond: Conditioning,
-    cond: Conditioning,
+    prompts: ScheduledConditioning,
     nets: Networks,
     seeds: list[int],
     on_step: OnStep | None,
@@ -117,8 +158,7 @@ def hires_pass(
         return init
     noise = _noise(spec, request, generators, width, height, init.device)
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
-    context = unet_conditioning(spec, uncond, cond, request.batch_size, request.guidance_scale, width, height,
-                                nets.device)
+    context = step_contexts(spec, prompts, request.batch_size, request.guidance_scale, width, height, nets.device)
     return denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps)
 
 
@@ -126,8 +166,7 @@ def img2img_latents(
     spec: ModelSpec,
     request: Img2ImgRequest,
     inputs: ImageInputs,
-    uncond: Conditioning,
-    cond: Conditioning,
+    prompts: Prompts,
     nets: Networks,
     on_step: OnStep | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
@@ -168,8 +207,8 @@ def img2img_latents(
                     proper = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
                 return (1 - mask) * proper + mask * current
 
-    context = unet_conditioning(spec, uncond, cond, n, request.guidance_scale, request.width, request.height,
-                                nets.device)
+    context = step_contexts(spec, prompts.first, n, request.guidance_scale, request.width, request.height,
+                            nets.device)
     latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
                       unet_extra, after_step)
     return latents / spec.vae_scaling_factor, seeds

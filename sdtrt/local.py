@@ -15,7 +15,7 @@ import torch
 from sdtrt.generation import Generation, infotexts
 from sdtrt.images import to_uint8
 from sdtrt.img2img import finish_images, prepare_images
-from sdtrt.jobs import OnStep, img2img_latents, txt2img_latents
+from sdtrt.jobs import OnStep, encode_prompts, img2img_latents, txt2img_latents
 from sdtrt.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras, request_loras
 from sdtrt.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.prompts import text_rows
@@ -72,8 +72,7 @@ class LocalPipeline:
     def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None) -> Generation:
         request = resolve_seeds(validate(request, self.spec))
         nets = self.networks(request)
-        uncond, cond = nets.encode_prompts(request)
-        latents, seeds = txt2img_latents(self.spec, request, uncond, cond, nets, on_step)
+        latents, seeds = txt2img_latents(self.spec, request, encode_prompts(request, nets), nets, on_step)
         return Generation(nets.vae_decode(latents), seeds, self._infotexts(request, seeds))
 
     def img2img(self, request: Img2ImgRequest, init_image: np.ndarray, mask: np.ndarray | None = None,
@@ -84,8 +83,7 @@ class LocalPipeline:
                                 inpaint_full_res=request.inpaint_full_res,
                                 padding=request.inpaint_full_res_padding, vae_scale_factor=self.spec.vae_scale_factor)
         nets = self.networks(request)
-        uncond, cond = nets.encode_prompts(request)
-        latents, seeds = img2img_latents(self.spec, request, inputs, uncond, cond, nets, on_step)
+        latents, seeds = img2img_latents(self.spec, request, inputs, encode_prompts(request, nets), nets, on_step)
         images = finish_images(nets.vae_decode(latents), inputs, self.spec.vae_scale_factor)
         return Generation(images, seeds, self._infotexts(request, seeds, mask is not None))
 

@@ -172,7 +172,22 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
                                  f"{checked.width}x{checked.height} (the model takes at most {largest:g} pixels a side)")
     check_pixel_steps(checked, spec)
     check_extra_networks(checked, spec)
+    check_composable(checked)
     return checked
+
+
+def check_composable(request: Txt2ImgRequest) -> None:
+    """A1111 reads ``AND`` (capitals, a word of its own) in the prompt as composable diffusion, subprompts
+    denoised together; sdtrt does not do that yet, and tokenizing the word as text would draw something else
+    without a word. (In the negative prompt A1111 itself reads it as text, and so does sdtrt.)"""
+    import re
+
+    for name in ("prompt",):
+        if re.search(r"\bAND\b", getattr(request, name)):
+            raise InvalidRequest(name, getattr(request, name),
+                                 "a prompt without AND: A1111's composable diffusion (`a cat AND a dog`) is not "
+                                 "supported yet; prompt editing [a:b:when] and alternation [a|b] are, and `and` in "
+                                 "lower case is plain text")
 
 
 def check_extra_networks(request: Txt2ImgRequest, spec: ModelSpec) -> None:

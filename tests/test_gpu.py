@@ -97,15 +97,17 @@ class TorchNetworks:
 
 
 def sdtrt_loop_on_gpu(spec, pipe, request: Txt2ImgRequest) -> tuple[np.ndarray, TorchNetworks]:
-    from sdtrt.jobs import txt2img_latents
+    from sdtrt.conditioning import ScheduledConditioning
+    from sdtrt.jobs import Prompts, txt2img_latents
     from sdtrt.request import resolve_seeds, validate
 
     request = resolve_seeds(validate(request, spec))
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(request.prompt, pipe.device, 1, True, negative_prompt=request.negative_prompt)
     nets = TorchNetworks(pipe)
-    latents, _ = txt2img_latents(spec, request, {"encoder_hidden_states": uncond.float()},
-                                {"encoder_hidden_states": cond.float()}, nets)
+    prompts = Prompts(ScheduledConditioning([(request.steps, {"encoder_hidden_states": uncond.float()},
+                                              {"encoder_hidden_states": cond.float()})]))
+    latents, _ = txt2img_latents(spec, request, prompts, nets)
     assert latents.device.type == "cuda"  # the loop's latents never left the GPU
     return nets.vae_decode(latents), nets
 

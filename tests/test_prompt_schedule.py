@@ -1,0 +1,189 @@
+"""A1111's prompt editing and alternation, read as A1111 reads them (sdtrt.prompt_schedule).
+
+The table is A1111's own: the doctests of get_learned_conditioning_prompt_schedules in A1111's
+modules/prompt_parser.py (v1.6+ scheduling), each prompt with the schedule A1111 gives for 10 steps, or for a
+hires pass of 10 steps after 10."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdtrt.prompt_schedule import prompt_schedule, text_at
+
+A1111_EXAMPLES = [
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", [(i, "a" if i % 2 else "(b:1.1)") for i in range(1, 11)]),
+    ("[fe|]male", [(i, "female" if i % 2 else "male") for i in range(1, 11)]),
+    ("[fe|||]male", [(i, "female" if i % 4 == 1 else "male") for i in range(1, 11)]),
+]
+A1111_HIRES_EXAMPLES = [  # the same function with hires_steps=10 after base_steps=10
+    ("a [b:.5] c", [(10, "a b c")]),
+    ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")]),
+]
+
+
+@pytest.mark.parametrize("prompt,expected", A1111_EXAMPLES)
+def test_a1111s_examples(prompt, expected):
+    assert prompt_schedule(prompt, 10) == expected
+
+
+@pytest.mark.parametrize("prompt,expected", A1111_HIRES_EXAMPLES)
+def test_a1111s_hires_examples(prompt, expected):
+    assert prompt_schedule(prompt, 10, first_pass_steps=10) == expected
+
+
+def test_the_case_a1111_marks_as_not_handled_is_read_as_text():
+    """A1111's table also has `a [{b|d{:.5] c` -> [[5, 'a  c'], [10, 'a {b|d{ c']], flagged there as "not
+    handling this right now" (a `|` inside a plain word). sdtrt keeps that prompt as written instead."""
+    assert prompt_schedule("a [{b|d{:.5] c", 10) == [(10, "a [{b|d{:.5] c")]
+
+
+def test_forms_users_write():
+    assert prompt_schedule("[cat:dog:0.5]", 20) == [(10, "cat"), (20, "dog")]
+    assert prompt_schedule("[cat:dog:10]", 20) == [(10, "cat"), (20, "dog")]
+    assert prompt_schedule("a [cat::0.3] house", 10) == [(3, "a cat house"), (10, "a  house")]
+    assert prompt_schedule("[:dog:0.7]", 10) == [(7, ""), (10, "dog")]
+    assert prompt_schedule("[cat|dog]", 3) == [(1, "cat"), (2, "dog"), (3, "cat")]
+    assert prompt_schedule(r"a \[literal\] (red:1.2)", 5) == [(5, r"a \[literal\] (red:1.2)")]
+    assert prompt_schedule("a | b", 5) == [(5, "a | b")]  # unreadable: one text throughout
+    assert prompt_schedule("[cat:dog:30]", 20) == [(20, "cat")]  # past the end: never switches
+
+
+def test_the_sampler_picks_an_entry_as_a1111s_does():
+    """A1111's reconstruct_cond_batch: at 0-based step s, the first entry whose step is >= s, so [cat:dog:10]
+    of 20 steps draws cat for steps 0..10 (11 steps) and dog for 11..19, and alternation's first text holds
+    for steps 0 and 1."""
+    edit = prompt_schedule("[cat:dog:10]", 20)
+    assert [text_at(edit, s) for s in range(20)] == ["cat"] * 11 + ["dog"] * 9
+    turns = prompt_schedule("[cat|dog]", 5)
+    assert [text_at(turns, s) for s in range(5)] == ["cat", "cat", "dog", "cat", "dog"]
+
+
+# --- the generation: sdtrt against diffusers driven step by step with the same conditioning schedule ---------
+
+def scheduled_reference(pipe, texts: list[tuple[str, str]], *, sampler: str, steps: int, cfg: float, seed: int,
+                        width: int, height: int):
+    """diffusers' own pipeline, its prompt embeddings swapped before each step for that step's (prompt, negative)
+    in ``texts`` (one pair per step, written out by the test), each pair through diffusers' encode_prompt.
+    Returns its final latents (before the VAE), where a change of conditioning shows even on a random model."""
+    import torch
+
+    from reference import reference_scheduler
+
+    cache: dict = {}
+
+    def embeddings(prompt: str, negative: str):
+        if (prompt, negative) not in cache:
+            with torch.no_grad():
+                cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt=negative)
+            cache[prompt, negative] = (cond, uncond)
+        return cache[prompt, negative]
+
+    def before_next_step(pipeline, i, t, kwargs):
+        if i + 1 < len(texts):
+            cond, uncond = embeddings(*texts[i + 1])
+            return {"prompt_embeds": torch.cat([uncond, cond])}  # the pipeline's [uncond, cond] rows
+        return {}
+
+    original = pipe.scheduler
+    pipe.scheduler = reference_scheduler(sampler, original.config, seed)
+    cond, uncond = embeddings(*texts[0])
+    try:
+        latents = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+                       guidance_scale=cfg, width=width, height=height,
+                       generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+                       callback_on_step_end=before_next_step,
+                       callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+    finally:
+        pipe.scheduler = original
+    assert len(cache) == len(set(texts))
+    return latents
+
+
+def sdtrt_latents(local_pipeline, request):
+    """sdtrt's in-process job up to the final latents (scaled back to the U-Net's space, as diffusers returns them)."""
+    from sdtrt.jobs import encode_prompts, txt2img_latents
+    from sdtrt.request import resolve_seeds, validate
+
+    spec = local_pipeline.spec
+    request = resolve_seeds(validate(request, spec))
+    nets = local_pipeline.networks(request)
+    latents, _ = txt2img_latents(spec, request, encode_prompts(request, nets), nets)
+    return latents * spec.vae_scaling_factor
+
+
+CAT, DOG = "a red cat on a sofa", "a blue dog in the snow"
+GENERATIONS = [
+    # (prompt, negative prompt, sampler, steps, each 0-based step's (prompt, negative) by A1111's rules)
+    (f"[{CAT}:{DOG}:0.5]", "blurry", "Euler a", 10, [(CAT, "blurry")] * 6 + [(DOG, "blurry")] * 4),
+    (f"[{CAT}:{DOG}:3]", "[blurry:sharp:0.6]", "DPM++ 2M", 8,
+     [(CAT, "blurry")] * 4 + [(DOG, "blurry")] * 1 + [(DOG, "sharp")] * 3),
+    (f"[{CAT}|{DOG}]", "", "Euler", 6,
+     [(CAT, ""), (CAT, ""), (DOG, ""), (CAT, ""), (DOG, ""), (CAT, "")]),
+]
+
+
+@pytest.mark.parametrize("prompt,negative,sampler,steps,texts", GENERATIONS)
+def test_edited_prompts_draw_what_diffusers_draws_with_that_schedule(prompt, negative, sampler, steps, texts,
+                                                                     local_pipeline, diffusers_pipe):
+    from sdtrt.request import Txt2ImgRequest
+
+    expected = scheduled_reference(diffusers_pipe, texts, sampler=sampler, steps=steps, cfg=7.0, seed=99,
+                                   width=64, height=64)
+    ours = sdtrt_latents(local_pipeline, Txt2ImgRequest(prompt=prompt, negative_prompt=negative, sampler=sampler,
+                                                         steps=steps, guidance_scale=7.0, seed=99, width=64,
+                                                         height=64))
+    error = (ours - expected).abs().max().item()
+    # the same schedule without its switches (the first texts throughout): what ignoring the syntax would give
+    unswitched = scheduled_reference(diffusers_pipe, [texts[0]] * steps, sampler=sampler, steps=steps, cfg=7.0,
+                                     seed=99, width=64, height=64)
+    change = (unswitched - expected).abs().max().item()
+    assert error < 1e-3 and change > 50 * error, (error, change)
+
+
+def test_each_distinct_text_is_encoded_once():
+    from sdtrt.conditioning import schedule_conditioning
+
+    calls = []
+
+    def encode(prompt: str, negative: str):
+        calls.append((prompt, negative))
+        return {"x": prompt}, {"x": negative}
+
+    schedule = schedule_conditioning("[cat|dog|fox]", "[ugly:plain:10]", 30, encode)
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 6  # 3 animals x 2 negatives
+    assert len(schedule.entries) == 30  # alternation changes the prompt every step
+
+
+def test_served_prompt_editing_matches_in_process_first_pass_and_hires(server, local_pipeline):
+    """The served job (tokenizer, text encoder and U-Net through BLS) follows the same schedules, the hires fix's
+    second pass counting on from the first's ([cat:dog:1.5]: dog from halfway through the second pass)."""
+    from sdtrt.client import Client
+    from sdtrt.request import Txt2ImgRequest
+
+    settings = dict(prompt=f"[{CAT}:{DOG}:1.5]", negative_prompt="[blurry|grainy]", sampler="Euler", steps=6,
+                    guidance_scale=7.0, seed=3, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                    hr_second_pass_steps=4, denoising_strength=0.7, hr_upscaler="Latent")
+    served = Client(server.url).txt2img(**settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(**settings))
+    assert (served.images == local.images).all()
+    assert settings["prompt"] in served.infotexts[0]  # the infotext keeps the prompt as written, as A1111's
+
+
+def test_composable_diffusion_is_refused_by_name_not_drawn_as_text(local_pipeline):
+    from sdtrt.errors import InvalidRequest
+    from sdtrt.request import Txt2ImgRequest
+
+    with pytest.raises(InvalidRequest, match="composable diffusion") as caught:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat AND a dog :1.2", steps=2, width=64, height=64))
+    assert caught.value.field == "prompt"
+    local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat and a dog", steps=2, width=64, height=64))  # plain text
