@@ -41,10 +41,12 @@ def prompt_conditioning(outputs: dict[str, np.ndarray], weights: np.ndarray) -> 
 
 @dataclass
 class ScheduledConditioning:
-    """A request's (uncond, cond) step by step, as A1111's prompt editing and alternation change them
-    (sdtrt.prompt_schedule): entries (last 0-based step, uncond, cond) in step order."""
+    """A request's conditioning step by step, as A1111's prompt editing and alternation change it
+    (sdtrt.prompt_schedule): entries (last 0-based step, uncond, one cond per AND subprompt) in step order, and
+    each subprompt's weight (composable diffusion; one subprompt of weight 1 for a plain prompt)."""
 
-    entries: list[tuple[int, Conditioning, Conditioning]]
+    entries: list[tuple[int, Conditioning, tuple[Conditioning, ...]]]
+    weights: tuple[float, ...] = (1.0,)
 
     def index(self, step: int) -> int:
         """The entry for the 0-based step ``step``: the first whose last step is not before it (A1111's rule)."""
@@ -56,33 +58,59 @@ def schedule_conditioning(prompt: str, negative_prompt: str, steps: int,
                           first_pass_steps: int | None = None,
                           encoded: dict[tuple[str, str], tuple[Conditioning, Conditioning]] | None = None,
                           ) -> ScheduledConditioning:
-    """Both prompts' schedules over ``steps`` steps, merged; ``encode(prompt, negative)`` runs once per distinct
-    pair of texts (``encoded`` carries them between a request's passes)."""
-    from sdtrt.prompt_schedule import prompt_schedule, text_at
+    """The schedules of the prompt's subprompts (split at AND) and of the negative prompt over ``steps`` steps,
+    merged; ``encode(prompt, negative)`` runs once per distinct pair of texts (``encoded`` carries them between
+    a request's passes)."""
+    from sdtrt.prompt_schedule import composable_prompts, prompt_schedule, text_at
 
     encoded = {} if encoded is None else encoded
-    positive = prompt_schedule(prompt, steps, first_pass_steps)
+    subprompts = composable_prompts(prompt)
+    positives = [prompt_schedule(text, steps, first_pass_steps) for text, _ in subprompts]
     negative = prompt_schedule(negative_prompt, steps, first_pass_steps)
     entries = []
-    for last in sorted({step for step, _ in positive} | {step for step, _ in negative}):
-        pair = (text_at(positive, last), text_at(negative, last))
-        if pair not in encoded:
-            encoded[pair] = encode(*pair)
-        entries.append((last, *encoded[pair]))
-    return ScheduledConditioning(entries)
+    for last in sorted({step for schedule in positives + [negative] for step, _ in schedule}):
+        pairs = [(text_at(positive, last), text_at(negative, last)) for positive in positives]
+        for pair in pairs:
+            if pair not in encoded:
+                encoded[pair] = encode(*pair)
+        uncond, conds = _same_length([encoded[pair] for pair in pairs])
+        entries.append((last, uncond, conds))
+    return ScheduledConditioning(entries, tuple(weight for _, weight in subprompts))
 
 
-def unet_conditioning(spec: ModelSpec, uncond: Conditioning, cond: Conditioning, images: int, guidance_scale: float,
-                      width: int, height: int, device: torch.device) -> Conditioning:
-    """The U-Net's conditioning inputs for ``images`` images of one prompt at ``width`` x ``height``:
-    [uncond x N, cond x N] with guidance, [cond x N] without."""
-    guided = guidance_scale > 1.0
-    rows = {name: torch.cat(([uncond[name]] * images if guided else []) + [cond[name]] * images)
-            for name in cond}
+def _same_length(pairs: list[tuple[Conditioning, Conditioning]]) -> tuple[Conditioning, tuple[Conditioning, ...]]:
+    """One uncond and the subprompts' conds with contexts of one length: each pair is already padded to its
+    longer text; the uncond is the longest pair's, and shorter conds repeat their last vector (A1111's
+    stack_conds), so that the rows can share a U-Net call."""
+    uncond = max((u for u, _ in pairs), key=lambda c: c[CONTEXT_INPUT].shape[1])
+    length = uncond[CONTEXT_INPUT].shape[1]
+    conds = []
+    for _, cond in pairs:
+        context = cond[CONTEXT_INPUT]
+        if context.shape[1] < length:
+            tail = context[:, -1:].expand(-1, length - context.shape[1], -1)
+            cond = {**cond, CONTEXT_INPUT: torch.cat([context, tail], dim=1)}
+        conds.append(cond)
+    return uncond, tuple(conds)
+
+
+def guided(guidance_scale: float, subprompts: int) -> bool:
+    """Whether the U-Net also runs the uncond rows: with guidance (as diffusers, above 1), and always for
+    composable diffusion, whose subprompts are each weighed against the uncond."""
+    return guidance_scale > 1.0 or subprompts > 1
+
+
+def unet_conditioning(spec: ModelSpec, uncond: Conditioning, conds: tuple[Conditioning, ...], images: int,
+                      guidance_scale: float, width: int, height: int, device: torch.device) -> Conditioning:
+    """The U-Net's conditioning inputs for ``images`` images at ``width`` x ``height``: [uncond x N, cond_1 x N,
+    ..., cond_K x N] with guidance (K: the AND subprompts), [cond x N] without."""
+    with_uncond = guided(guidance_scale, len(conds))
+    rows = {name: torch.cat(([uncond[name]] * images if with_uncond else []) + [c[name] for c in conds for _ in range(images)])
+            for name in conds[0]}
     names = {t.name for t in spec.component("unet").inputs}
     if TIME_IDS in names:
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
-        rows[TIME_IDS] = ids.repeat(images * (2 if guided else 1), 1)
+        rows[TIME_IDS] = ids.repeat(images * (len(conds) + with_uncond), 1)
     return {name: value.to(device) for name, value in rows.items()}
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from sdtrt.conditioning import guided as with_uncond
 from sdtrt.samplers import step_kwargs
 
 
@@ -46,6 +47,7 @@ def denoise(
     timesteps: torch.Tensor | None = None,
     unet_extra: torch.Tensor | None = None,
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    cond_weights: tuple[float, ...] = (1.0,),
 ) -> torch.Tensor:
     """Run the scheduler's steps (all of them, or ``timesteps``). With guidance, ``context``'s rows are
     [uncond x N, cond x N] (``sdtrt.conditioning.unet_conditioning``); a callable gives each 0-based step's
@@ -53,23 +55,26 @@ def denoise(
 
     ``unet_extra`` (inpainting U-Nets: mask and masked-image latents, one row per image) is appended to the
     U-Net input's channels; ``after_step(i, latents)`` may replace the latents after step i (masked blending).
-    Guidance is off at guidance_scale <= 1, as in diffusers (then ``context`` holds cond only).
+    Guidance is off at guidance_scale <= 1, as in diffusers (then ``context`` holds cond only). With several
+    ``cond_weights`` (A1111's AND), the rows are [uncond, cond_1, ..., cond_K] (x N each) and each subprompt
+    pulls away from the uncond by its weight: uncond + scale * sum(w_k * (cond_k - uncond)).
     """
-    guided = guidance_scale > 1.0
+    guided = with_uncond(guidance_scale, len(cond_weights))
+    copies = len(cond_weights) + 1 if guided else 1
     extra = step_kwargs(scheduler, generators)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
-    if unet_extra is not None and guided:
-        unet_extra = torch.cat([unet_extra, unet_extra])
+    if unet_extra is not None:
+        unet_extra = torch.cat([unet_extra] * copies)
     for i, t in enumerate(timesteps):
-        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = torch.cat([latents] * copies)
         model_input = scheduler.scale_model_input(model_input, t)
         if unet_extra is not None:
             model_input = torch.cat([model_input, unet_extra], dim=1)
         timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32, device=latents.device)
         noise_pred = unet(model_input, timestep, context(i) if callable(context) else context)
         if guided:
-            uncond, cond = noise_pred.chunk(2)
-            noise_pred = uncond + guidance_scale * (cond - uncond)
+            uncond, *conds = noise_pred.chunk(copies)
+            noise_pred = uncond + sum(w * guidance_scale * (cond - uncond) for w, cond in zip(cond_weights, conds))
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         if after_step is not None:
             latents = after_step(i, latents)

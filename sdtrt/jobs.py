@@ -77,8 +77,8 @@ def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, 
     def at(step: int) -> Conditioning:
         index = prompts.index(step)
         if index not in built:
-            _, uncond, cond = prompts.entries[index]
-            built[index] = unet_conditioning(spec, uncond, cond, images, guidance_scale, width, height, device)
+            _, uncond, conds = prompts.entries[index]
+            built[index] = unet_conditioning(spec, uncond, conds, images, guidance_scale, width, height, device)
         return built[index]
 
     return at
@@ -120,7 +120,8 @@ def txt2img_latents(
     latents = prepare_latents(scheduler, noise, request.steps)
     context = step_contexts(spec, prompts.first, request.batch_size, request.guidance_scale, request.width,
                             request.height, nets.device)
-    latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step)
+    latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step,
+                      cond_weights=prompts.first.weights)
     if request.enable_hr:
         latents = hires_pass(spec, request, latents, prompts.hires, nets, seeds, on_step)
     return latents / spec.vae_scaling_factor, seeds
@@ -159,7 +160,8 @@ def hires_pass(
     noise = _noise(spec, request, generators, width, height, init.device)
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
     context = step_contexts(spec, prompts, request.batch_size, request.guidance_scale, width, height, nets.device)
-    return denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps)
+    return denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
+                   cond_weights=prompts.weights)
 
 
 def img2img_latents(
@@ -210,5 +212,5 @@ def img2img_latents(
     context = step_contexts(spec, prompts.first, n, request.guidance_scale, request.width, request.height,
                             nets.device)
     latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
-                      unet_extra, after_step)
+                      unet_extra, after_step, cond_weights=prompts.first.weights)
     return latents / spec.vae_scaling_factor, seeds

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
+_AND = re.compile(r"\bAND\b")
+_WEIGHTED = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)  # text, with backslash escapes kept as written
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*")
 
@@ -129,6 +131,17 @@ def parse(text: str) -> list[Node] | None:
     except _NotAConstruct:
         return None
     return nodes
+
+
+def composable_prompts(prompt: str) -> list[tuple[str, float]]:
+    """A1111's composable diffusion: the prompt's subprompts, split at ``AND`` (capitals, a word of its own),
+    each with its weight (a trailing ``:number``, default 1): ``a cat AND a dog :1.2`` -> [("a cat", 1.0),
+    (" a dog", 1.2)]. A prompt without AND is one subprompt of weight 1."""
+    parts = []
+    for part in _AND.split(prompt):
+        match = _WEIGHTED.match(part)
+        parts.append((match.group(1), float(match.group(2))) if match.group(2) else (match.group(1), 1.0))
+    return parts
 
 
 def _step_of(when: str, steps: int, first_pass_steps: int | None) -> int:

@@ -172,22 +172,24 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
                                  f"{checked.width}x{checked.height} (the model takes at most {largest:g} pixels a side)")
     check_pixel_steps(checked, spec)
     check_extra_networks(checked, spec)
-    check_composable(checked)
+    check_composable(checked, spec)
     return checked
 
 
-def check_composable(request: Txt2ImgRequest) -> None:
-    """A1111 reads ``AND`` (capitals, a word of its own) in the prompt as composable diffusion, subprompts
-    denoised together; sdtrt does not do that yet, and tokenizing the word as text would draw something else
-    without a word. (In the negative prompt A1111 itself reads it as text, and so does sdtrt.)"""
-    import re
+def check_composable(request: Txt2ImgRequest, spec: ModelSpec) -> None:
+    """A1111's AND (composable diffusion) runs each subprompt as its own U-Net rows beside the uncond's: the
+    images times (subprompts + 1) must fit one U-Net call of this model."""
+    from sdtrt.prompt_schedule import composable_prompts
+    from sdtrt.spec import UNET_BATCH
 
-    for name in ("prompt",):
-        if re.search(r"\bAND\b", getattr(request, name)):
-            raise InvalidRequest(name, getattr(request, name),
-                                 "a prompt without AND: A1111's composable diffusion (`a cat AND a dog`) is not "
-                                 "supported yet; prompt editing [a:b:when] and alternation [a|b] are, and `and` in "
-                                 "lower case is plain text")
+    subprompts = len(composable_prompts(request.prompt))
+    rows = request.batch_size * (subprompts + 1)
+    most = spec.dims[UNET_BATCH].max
+    if subprompts > 1 and rows > most:
+        raise InvalidRequest("prompt", request.prompt,
+                             f"at most {most // request.batch_size - 1} AND subprompts at batch size "
+                             f"{request.batch_size} (each image's subprompts and uncond run as one U-Net call of at "
+                             f"most {most} rows here); this prompt has {subprompts}")
 
 
 def check_extra_networks(request: Txt2ImgRequest, spec: ModelSpec) -> None:

@@ -106,7 +106,7 @@ def sdtrt_loop_on_gpu(spec, pipe, request: Txt2ImgRequest) -> tuple[np.ndarray, 
         cond, uncond = pipe.encode_prompt(request.prompt, pipe.device, 1, True, negative_prompt=request.negative_prompt)
     nets = TorchNetworks(pipe)
     prompts = Prompts(ScheduledConditioning([(request.steps, {"encoder_hidden_states": uncond.float()},
-                                              {"encoder_hidden_states": cond.float()})]))
+                                              ({"encoder_hidden_states": cond.float()},))]))
     latents, _ = txt2img_latents(spec, request, prompts, nets)
     assert latents.device.type == "cuda"  # the loop's latents never left the GPU
     return nets.vae_decode(latents), nets

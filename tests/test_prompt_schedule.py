@@ -153,11 +153,15 @@ def test_edited_prompts_draw_what_diffusers_draws_with_that_schedule(prompt, neg
 def test_each_distinct_text_is_encoded_once():
     from sdtrt.conditioning import schedule_conditioning
 
+    import torch
+
+    from sdtrt.conditioning import CONTEXT_INPUT
+
     calls = []
 
     def encode(prompt: str, negative: str):
         calls.append((prompt, negative))
-        return {"x": prompt}, {"x": negative}
+        return {CONTEXT_INPUT: torch.zeros(1, 77, 8)}, {CONTEXT_INPUT: torch.ones(1, 77, 8)}
 
     schedule = schedule_conditioning("[cat|dog|fox]", "[ugly:plain:10]", 30, encode)
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 6  # 3 animals x 2 negatives
@@ -179,11 +183,77 @@ def test_served_prompt_editing_matches_in_process_first_pass_and_hires(server, l
     assert settings["prompt"] in served.infotexts[0]  # the infotext keeps the prompt as written, as A1111's
 
 
-def test_composable_diffusion_is_refused_by_name_not_drawn_as_text(local_pipeline):
-    from sdtrt.errors import InvalidRequest
+# --- AND: A1111's composable diffusion -------------------------------------------------------------------
+
+def test_subprompts_and_weights_as_a1111_splits_them():
+    from sdtrt.prompt_schedule import composable_prompts
+
+    assert composable_prompts("a cat AND a dog :1.2") == [("a cat", 1.0), (" a dog", 1.2)]
+    assert composable_prompts("x AND y:0.5 AND z : -1") == [("x", 1.0), (" y", 0.5), (" z", -1.0)]
+    assert composable_prompts("ANDROID and a cat") == [("ANDROID and a cat", 1.0)]  # AND only as a word
+    assert composable_prompts("a (red:1.2) cat") == [("a (red:1.2) cat", 1.0)]  # attention is not a weight
+    assert composable_prompts("a photo:2") == [("a photo", 2.0)]  # A1111 weighs a lone prompt too
+
+
+def composable_reference(pipe, subprompts: list[tuple[str, float]], negative: str, *, sampler: str, steps: int,
+                         cfg: float, seed: int, width: int, height: int):
+    """diffusers' U-Net and scheduler driven by hand with composable diffusion's guidance, as its paper and
+    A1111 combine it: uncond + cfg * sum(w_k * (cond_k - uncond)), the noise and step noise from the seed's
+    generator as diffusers' pipeline draws them. Final latents."""
+    import torch
+
+    from reference import reference_scheduler
+
+    scheduler = reference_scheduler(sampler, pipe.scheduler.config, seed)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((1, pipe.unet.config.in_channels, height // 8, width // 8), generator=generator)
+    latents = latents * scheduler.init_noise_sigma
+    with torch.no_grad():
+        encoded = [pipe.encode_prompt(text, "cpu", 1, True, negative_prompt=negative) for text, _ in subprompts]
+        context = torch.cat([encoded[0][1]] + [cond for cond, _ in encoded])
+        for t in scheduler.timesteps:
+            rows = scheduler.scale_model_input(torch.cat([latents] * (len(subprompts) + 1)), t)
+            uncond, *conds = pipe.unet(rows, t, encoder_hidden_states=context).sample.chunk(len(subprompts) + 1)
+            noise = uncond + sum(w * cfg * (c - uncond) for (_, w), c in zip(subprompts, conds))
+            latents = scheduler.step(noise, t, latents, generator=generator).prev_sample
+    return latents
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M"])
+def test_and_draws_what_composable_diffusion_draws(sampler, local_pipeline, diffusers_pipe):
     from sdtrt.request import Txt2ImgRequest
 
-    with pytest.raises(InvalidRequest, match="composable diffusion") as caught:
-        local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat AND a dog :1.2", steps=2, width=64, height=64))
+    subprompts = [("a red cat on a sofa", 1.0), (" a blue dog in the snow", 0.7)]
+    expected = composable_reference(diffusers_pipe, subprompts, "blurry", sampler=sampler, steps=8, cfg=6.0, seed=5,
+                                    width=64, height=64)
+    ours = sdtrt_latents(local_pipeline, Txt2ImgRequest(
+        prompt="a red cat on a sofa AND a blue dog in the snow :0.7", negative_prompt="blurry", sampler=sampler,
+        steps=8, guidance_scale=6.0, seed=5, width=64, height=64))
+    error = (ours - expected).abs().max().item()
+    alone = composable_reference(diffusers_pipe, subprompts[:1], "blurry", sampler=sampler, steps=8, cfg=6.0, seed=5,
+                                 width=64, height=64)  # what reading AND as a word of the first prompt would be near
+    assert error < 1e-3 and (alone - expected).abs().max().item() > 50 * error
+
+
+def test_served_and_matches_in_process_with_editing_inside(server, local_pipeline):
+    from sdtrt.client import Client
+    from sdtrt.request import Txt2ImgRequest
+
+    settings = dict(prompt="a [red:green:0.5] cat AND a dog :0.6 AND a tree:0.3", negative_prompt="grainy",
+                    sampler="Euler a", steps=6, guidance_scale=7.0, seed=8, width=64, height=64, batch_size=2)
+    served = Client(server.url).txt2img(**settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(**settings))
+    assert (served.images == local.images).all()
+
+
+def test_more_subprompts_than_one_unet_call_takes_are_refused_by_name(local_pipeline):
+    from sdtrt.errors import InvalidRequest
+    from sdtrt.request import Txt2ImgRequest
+    from sdtrt.spec import UNET_BATCH
+
+    most = local_pipeline.spec.dims[UNET_BATCH].max
+    prompt = " AND ".join(["a cat"] * most)
+    with pytest.raises(InvalidRequest, match="AND subprompts") as caught:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt=prompt, steps=2, width=64, height=64))
     assert caught.value.field == "prompt"
-    local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat and a dog", steps=2, width=64, height=64))  # plain text
