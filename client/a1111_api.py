@@ -70,13 +70,15 @@ FIELD_MAP = {
 A1111_NAME = {ours: theirs for theirs, ours in FIELD_MAP.items()} | {
     "sampler": "sampler_name", "schedule_type": "scheduler", "hr_upscaler": "hr_upscaler",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers", "resize_mode": "resize_mode",
-    "init_image": "init_images", "mask": "mask",
+    "init_image": "init_images", "mask": "mask", "randn_source": "override_settings.randn_source",
 }
-OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source")
+# A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
+RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
     "sd_vae": ("Automatic", "None"), "eta_ancestral": (1, 1.0), "eta_ddim": (0, 0.0), "eta_noise_seed_delta": (0,),
-    "randn_source": ("CPU",), "img2img_fix_steps": (False,),
+    "img2img_fix_steps": (False,),
 }
 
 
@@ -277,6 +279,7 @@ class Gateway:
         self.outputs = outputs
         self.styles_file = styles_file
         self.clip_skip = 1
+        self.randn_source = "CPU"
         self.options: dict[str, Any] = {}  # A1111 options sdtrt has no use for, kept for GET /options
         self.model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
         self.lock = threading.Lock()
@@ -297,20 +300,26 @@ class Gateway:
         titles = ", ".join(repr(spec.title) for spec in self.client.catalog.models.values())
         raise refuse(f"{where}.sd_model_checkpoint", f"not one of this server's models: {titles}")
 
-    def apply_options(self, options: dict[str, Any], where: str) -> tuple[int | None, str | None]:
-        """Check A1111 options; returns the Clip skip and the model they set (None if unset). Options that would
-        change the picture to something sdtrt does not draw are refused by name; the rest are kept (``/options``)
-        or ignored and listed (``override_settings``), as A1111 keeps options it has no use for."""
-        clip_skip = model = None
+    def apply_options(self, options: dict[str, Any], where: str) -> tuple[int | None, str | None, str | None]:
+        """Check A1111 options; returns the Clip skip, the model and the noise source they set (None if unset).
+        Options that would change the picture to something sdtrt does not draw are refused by name; the rest are
+        kept (``/options``) or ignored and listed (``override_settings``), as A1111 keeps options it has no use
+        for."""
+        clip_skip = model = randn_source = None
         for key, value in options.items():
             if key == "sd_model_checkpoint":
                 model = self.find_model(value, where)
             elif key == "CLIP_stop_at_last_layers":
                 clip_skip = value
+            elif key == "randn_source":
+                if value not in RANDN_SOURCES:
+                    raise refuse(f"{where}.randn_source", f"one of {', '.join(map(repr, RANDN_SOURCES))} (got "
+                                                          f"{str(value)[:80]!r})")
+                randn_source = RANDN_SOURCES[value]
             elif key in OPTIONS_FIXED and value not in OPTIONS_FIXED[key]:
                 allowed = ", ".join(repr(a) for a in OPTIONS_FIXED[key])
                 raise refuse(f"{where}.{key}", f"not supported by sdtrt: it draws with {allowed}")
-        return clip_skip, model
+        return clip_skip, model, randn_source
 
     def ignored_fields(self, body: _Request) -> list[str]:
         """The request's keys that change nothing here: unknown ones, and override_settings sdtrt has no use for."""
@@ -360,8 +369,9 @@ class Gateway:
             settings["schedule_type"] = SCHEDULER_NAMES.get(body.scheduler.lower().replace(" ", "_"), body.scheduler)
         if isinstance(body, Txt2ImgBody) and body.enable_hr and body.hr_upscaler is not None:
             settings["hr_upscaler"] = body.hr_upscaler
-        clip_skip, model = self.apply_options(body.override_settings or {}, "override_settings")
+        clip_skip, model, randn_source = self.apply_options(body.override_settings or {}, "override_settings")
         settings["clip_skip"] = clip_skip if clip_skip is not None else self.clip_skip
+        settings["randn_source"] = randn_source or self.randn_source
         settings["model"] = model or self.current().key
         if isinstance(body, Img2ImgBody):
             if not 0 <= body.resize_mode < len(RESIZE_MODE_NAMES):
@@ -693,11 +703,14 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         return {**gateway.options, "sd_model_checkpoint": gateway.model_title(),
                 "sd_checkpoint_hash": gateway.current().source_hash, "CLIP_stop_at_last_layers": gateway.clip_skip,
                 "samples_format": "png", "enable_pnginfo": True, "sd_vae": "Automatic", "eta_ancestral": 1.0,
-                "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "randn_source": "CPU", "img2img_fix_steps": False}
+                "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "randn_source": gateway.randn_source,
+                "img2img_fix_steps": False}
 
     @app.post("/sdapi/v1/options", tags=["options"])
     def set_options(options: dict[str, Any] = Body(...)) -> None:
-        clip_skip, model = gateway.apply_options(options, "options")
+        clip_skip, model, randn_source = gateway.apply_options(options, "options")
+        if randn_source is not None:
+            gateway.randn_source = randn_source
         if clip_skip is not None:
             field = gateway.current().field("clip_skip")
             if not isinstance(clip_skip, int) or not field.minimum <= clip_skip <= field.maximum:

@@ -52,6 +52,7 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
             "Hires upscale": request.hr_scale if hires else None,
             "Hires steps": request.hr_second_pass_steps if hires and request.hr_second_pass_steps else None,
             "Hires upscaler": request.hr_upscaler if hires else None,
+            "RNG": request.randn_source,  # A1111 writes it for every source but its default, GPU
             # As A1111 lists the LoRAs it applied (fused at export, then the prompts' tags) and the embeddings the
             # prompts used: name, then the first 12 digits of A1111's hash of the file.
             "Lora hashes": ", ".join(lora_hashes) or None,
@@ -84,6 +85,7 @@ INFOTEXT_FIELDS = {
     "Hires upscale": "hr_scale",
     "Hires steps": "hr_second_pass_steps",
     "Hires upscaler": "hr_upscaler",
+    "RNG": "randn_source",
 }
 
 
@@ -100,6 +102,8 @@ def settings_from_infotext(text: str) -> dict[str, object]:
         settings.update(width=width, height=height)
     if "Hires upscale" in params or "Hires upscaler" in params:
         settings["enable_hr"] = True
+    if settings.get("randn_source") == "GPU":  # A1111's GPU source gives an NVIDIA GPU's numbers: NV here
+        settings["randn_source"] = "NV"
     if params.get("Inpaint area") == "Only masked":
         settings["inpaint_full_res"] = True
     for key in ("Model", "Model hash"):

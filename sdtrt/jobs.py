@@ -93,7 +93,9 @@ def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, hei
     """Drawn on the CPU from each image's generator (the seed contract), then moved to the loop's device."""
     f = spec.vae_scale_factor
     subseeds = image_seeds(request.subseed, request.batch_size) if request.subseed_strength > 0 else None
-    noise = initial_noise(generators, spec.latent_channels, height // f, width // f, subseeds, request.subseed_strength)
+    nv_seeds = image_seeds(request.seed, request.batch_size) if request.randn_source == "NV" else None
+    noise = initial_noise(generators, spec.latent_channels, height // f, width // f, subseeds, request.subseed_strength,
+                          nv_seeds)
     return noise.to(device)
 
 

@@ -21,6 +21,7 @@ from sdtrt.seeds import MAX_SEED, RANDOM_SEED, resolve_seed
 from sdtrt.spec import FieldSpec, ModelSpec
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
+RANDN_SOURCES = ("CPU", "NV")
 MAX_GUIDANCE = 30.0
 
 
@@ -48,6 +49,7 @@ class Txt2ImgRequest:
     hr_scale: float | None = None
     hr_upscaler: str | None = None
     hr_second_pass_steps: int | None = None  # 0: the same as steps
+    randn_source: str | None = None  # "CPU" (torch's CPU generator) or "NV" (an NVIDIA GPU's numbers, A1111's NV)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +104,10 @@ def request_fields(
         FieldSpec("hr_upscaler", "string", DEFAULT_UPSCALER, "hires fix: upscaler", choices=tuple(HIRES_UPSCALERS)),
         FieldSpec("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
                   minimum=0, maximum=MAX_STEPS),
+        FieldSpec("randn_source", "string", "CPU",
+                  "where the starting noise comes from: CPU (torch's CPU generator, as diffusers and A1111's CPU "
+                  "option) or NV (the numbers an NVIDIA GPU gives for the seed, as A1111's NV and GPU options)",
+                  choices=RANDN_SOURCES),
         FieldSpec("resize_mode", "string", "Just resize", "img2img: how the init image is fitted to width x height",
                   choices=tuple(RESIZE_MODES)),
         FieldSpec("mask_blur", "int32", 4, "inpainting: Gaussian blur radius of the mask, in pixels",
@@ -173,7 +179,20 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     check_pixel_steps(checked, spec)
     check_extra_networks(checked, spec)
     check_composable(checked, spec)
+    check_randn_source(checked)
     return checked
+
+
+def check_randn_source(request: Txt2ImgRequest) -> None:
+    """NV gives A1111's starting noise; a sampler that adds noise at every step would still take that noise from
+    the CPU generators (diffusers draws it), so the picture would be neither A1111's nor sdtrt's CPU one."""
+    from sdtrt.samplers import SAMPLERS, draws_step_noise
+
+    if request.randn_source == "NV" and draws_step_noise(request.sampler):
+        deterministic = ", ".join(name for name in SAMPLERS if not draws_step_noise(name))
+        raise InvalidRequest("randn_source", request.randn_source,
+                             f"CPU with {request.sampler!r}, which adds noise at every step; NV works with the "
+                             f"samplers that do not: {deterministic}")
 
 
 def check_composable(request: Txt2ImgRequest, spec: ModelSpec) -> None:

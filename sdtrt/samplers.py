@@ -62,6 +62,12 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 DEFAULT_SAMPLER = "Euler a"
+# Samplers that add fresh noise at every step (ancestral, SDE): diffusers draws it from each image's CPU generator.
+STEP_NOISE = frozenset(name for name, s in SAMPLERS.items() if " a" in f" {name} " or "SDE" in name)
+
+
+def draws_step_noise(name: str) -> bool:
+    return name in STEP_NOISE
 
 
 def sampler_names() -> tuple[str, ...]:

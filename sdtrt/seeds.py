@@ -7,6 +7,10 @@ StableDiffusionPipeline does when called once per image with that generator, so 
 Variation seeds (A1111's "Variation seed" / "Variation strength"): image i's initial noise is the spherical
 interpolation, by the strength, from seed S+i's noise towards variation seed V+i's noise; step noise still
 comes from seed S+i.
+
+With ``randn_source`` NV (A1111's NV, and its GPU on NVIDIA cards) the initial noise, variation noise included,
+is the numbers an NVIDIA GPU's ``torch.randn`` gives for the seed (sdtrt.philox), so an A1111 seed gives A1111's
+starting noise; the generators still serve the VAE's sampling and the schedulers that use them.
 """
 
 from __future__ import annotations
@@ -43,14 +47,26 @@ def initial_noise(
     latent_width: int,
     subseeds: list[int] | None = None,
     subseed_strength: float = 0.0,
+    nv_seeds: list[int] | None = None,
 ) -> "torch.Tensor":
-    """Unscaled initial latents, one draw per image from its own generator (float32, on the CPU)."""
+    """Unscaled initial latents, one draw per image from its own generator (float32, on the CPU); with
+    ``nv_seeds``, each image's as an NVIDIA GPU draws it for its seed (A1111's NV source)."""
     import torch
 
     shape = (1, channels, latent_height, latent_width)
-    noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+
+    def nv(seeds: list[int]) -> list["torch.Tensor"]:
+        from sdtrt.philox import nv_randn
+
+        return [torch.from_numpy(nv_randn(seed, shape)) for seed in seeds]
+
+    if nv_seeds is not None:
+        noise = nv(nv_seeds)
+    else:
+        noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
     if subseeds and subseed_strength > 0:
-        variations = [torch.randn(shape, generator=g, dtype=torch.float32) for g in make_generators(subseeds)]
+        variations = nv(subseeds) if nv_seeds is not None else [
+            torch.randn(shape, generator=g, dtype=torch.float32) for g in make_generators(subseeds)]
         noise = [slerp(subseed_strength, n[0], v[0])[None] for n, v in zip(noise, variations)]
     return torch.cat(noise)
 

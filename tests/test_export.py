@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
-from sdtrt.spec import SPEC_FILENAME, load_spec
+from sdtrt.spec import SPEC_FILENAME, SPEC_VERSION, load_spec
 
 SHAPES = [  # square, non-square, odd latent sizes, two prompt chunks, several images
     {BATCH: 1, TEXT_BATCH: 1, UNET_BATCH: 2, LATENT_H: 8, LATENT_W: 8, CONTEXT: 77},
@@ -42,7 +42,7 @@ def test_onnx_matches_torch(name, exported_repo, diffusers_pipe):
 
 def test_spec_records_the_models_facts(exported_repo, default_model):
     catalog = json.loads((exported_repo / SPEC_FILENAME).read_text())
-    assert catalog["spec_version"] == 4 and catalog["default"] == "default" and list(catalog["models"]) == ["default"]
+    assert catalog["spec_version"] == SPEC_VERSION and catalog["default"] == "default" and list(catalog["models"]) == ["default"]
     raw = catalog["models"]["default"]
     spec = load_spec(exported_repo)
     assert spec.key == "default" and spec.triton_name("unet") == "default__unet"

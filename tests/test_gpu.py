@@ -197,3 +197,14 @@ def test_served_tensorrt_matches_diffusers_fp16(trt_server, cuda_pipe, sampler):
                                      seed=42, width=128, height=128, batch_size=2)
     assert result.seeds == [42, 43]
     assert_fp16_close(result.images, expected)
+
+
+@needs_cuda
+@pytest.mark.parametrize("seed,shape", [(0, (3, 4)), (1234, (1, 4, 64, 64)), (2**32 - 1, (1, 4, 96, 64))])
+def test_nv_noise_is_what_torch_randn_gives_on_this_gpu(seed, shape):
+    """sdtrt.philox (A1111's NV source) against torch.randn on CUDA itself, for latent shapes SD uses."""
+    from sdtrt.philox import nv_randn
+
+    torch.manual_seed(seed)
+    gpu = torch.randn(shape, device="cuda").cpu().numpy()
+    assert np.abs(nv_randn(seed, shape) - gpu).max() < 1e-5

@@ -40,7 +40,8 @@ def test_fused_lora_export_matches_diffusers_with_the_lora(default_model, lora_f
     assert max_diff(with_lora.images, (expected * 255).round().astype(np.uint8)) <= MAX_PIXEL_DIFF
     assert max_diff(with_lora.images, local_pipeline.txt2img(request).images) > MAX_PIXEL_DIFF
     lora_hash = spec.extra["loras"][0]["sha256"][:12]
-    assert f'Model hash: {spec.model_hash}, Model: default, Lora hashes: "lora7: {lora_hash}"' in with_lora.infotexts[0]
+    assert f'Model hash: {spec.model_hash}, Model: default, RNG: CPU, Lora hashes: "lora7: {lora_hash}"' in \
+        with_lora.infotexts[0]
 
 
 def test_missing_lora_file_is_named(capsys, default_model, tmp_path):

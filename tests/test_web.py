@@ -291,3 +291,28 @@ def test_settings_from_an_infotext_as_a1111_reads_them(api):
     assert "Resize mode: Crop and resize" in json.loads(response.json()["info"])["infotexts"][0]
     bad = api.post("/sdapi/v1/img2img", json={"init_images": [picture], "infotext": text.replace("Crop", "Squash")})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "resize_mode"], bad.text
+
+
+def test_the_noise_source_option_as_a1111_sets_it(api):
+    """A1111's randn_source option: NV (and GPU, which gives NV's numbers on an NVIDIA card) or CPU, per request
+    through override_settings or for every request through /options; the infotext says which."""
+    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 3, "sampler_name": "Euler"}
+    nv = api.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"randn_source": "GPU"}})
+    assert nv.status_code == 200, nv.text
+    assert "RNG: NV" in json.loads(nv.json()["info"])["infotexts"][0]
+    cpu = api.post("/sdapi/v1/txt2img", json=body)
+    assert "RNG: CPU" in json.loads(cpu.json()["info"])["infotexts"][0]
+    assert cpu.json()["images"] != nv.json()["images"]
+    bad = api.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"randn_source": "TPU"}})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "override_settings.randn_source"]
+    ancestral = api.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler a",
+                                                    "override_settings": {"randn_source": "NV"}})
+    assert ancestral.status_code == 422
+    assert ancestral.json()["detail"][0]["loc"] == ["body", "override_settings.randn_source"]
+    assert api.post("/sdapi/v1/options", json={"randn_source": "NV"}).status_code == 200
+    try:
+        assert api.get("/sdapi/v1/options").json()["randn_source"] == "NV"
+        again = api.post("/sdapi/v1/txt2img", json=body)
+        assert "RNG: NV" in json.loads(again.json()["info"])["infotexts"][0]
+    finally:
+        api.post("/sdapi/v1/options", json={"randn_source": "CPU"})
