@@ -66,6 +66,7 @@ FIELD_MAP = {
     "width": "width", "height": "height", "denoising_strength": "denoising_strength", "enable_hr": "enable_hr",
     "hr_scale": "hr_scale", "hr_second_pass_steps": "hr_second_pass_steps", "mask_blur": "mask_blur",
     "inpaint_full_res": "inpaint_full_res", "inpaint_full_res_padding": "inpaint_full_res_padding",
+    "seed_resize_from_w": "seed_resize_from_w", "seed_resize_from_h": "seed_resize_from_h",
 }
 A1111_NAME = {ours: theirs for theirs, ours in FIELD_MAP.items()} | {
     "sampler": "sampler_name", "schedule_type": "scheduler", "hr_upscaler": "hr_upscaler",
@@ -105,8 +106,8 @@ class _Request(BaseModel):
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
-    seed_resize_from_h: int = Field(-1, description="not supported: refused unless -1 or 0")
-    seed_resize_from_w: int = Field(-1, description="not supported: refused unless -1 or 0")
+    seed_resize_from_h: int = Field(-1, description="A1111's 'Resize seed from height'; -1 or 0: off")
+    seed_resize_from_w: int = Field(-1, description="A1111's 'Resize seed from width'; -1 or 0: off")
     sampler_name: str | None = Field(None, description="A1111 sampler name or alias (GET /sdapi/v1/samplers)")
     sampler_index: str = Field("Euler", description="legacy name of sampler_name, used when that is absent")
     scheduler: str | None = Field(None, description="Automatic, Karras, Exponential or SGM Uniform")
@@ -201,7 +202,7 @@ class ExtrasSingleImageBody(BaseModel):
 # field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
 # fields are checked in unhonoured() below)
 UNSUPPORTED = {
-    "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0), "restore_faces": (None, False),
+    "restore_faces": (None, False),
     "tiling": (None, False), "s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_noise": (None, 1.0),
     "refiner_checkpoint": (None, "", "None"),
     "refiner_switch_at": (None,), "script_name": (None, ""), "script_args": ([],), "alwayson_scripts": ({},),
@@ -428,7 +429,8 @@ class Gateway:
             "sampler_name": settings["sampler"], "cfg_scale": body.cfg_scale, "steps": body.steps,
             "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
             "sd_model_name": spec.name or spec.model_name, "sd_model_hash": spec.model_hash, "sd_vae_name": vae.get("name"),
-            "sd_vae_hash": vae.get("sha256", "")[:10] or None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "sd_vae_hash": vae.get("sha256", "")[:10] or None, "seed_resize_from_w": body.seed_resize_from_w,
+            "seed_resize_from_h": body.seed_resize_from_h,
             "denoising_strength": settings.get("denoising_strength"), "extra_generation_params": {},
             "index_of_first_image": 0, "infotexts": result.infotexts, "styles": body.styles or [],
             "job_timestamp": job.timestamp, "clip_skip": settings["clip_skip"],

@@ -32,7 +32,7 @@ TITLE = "sdtrt: Stable Diffusion on Triton"
 POLL_SECONDS = 0.3  # how often a running generation's progress is read from the server
 # Request fields each tab shows, in the order the handlers take them (after prompt, negative prompt, styles).
 COMMON = ("sampler", "schedule_type", "steps", "width", "height", "batch_size", "guidance_scale", "seed", "subseed",
-          "subseed_strength")
+          "subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
 TXT2IMG_ONLY = ("enable_hr", "hr_upscaler", "hr_scale", "hr_second_pass_steps", "denoising_strength")
 IMG2IMG_ONLY = ("denoising_strength", "resize_mode", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding")
 LABELS = {
@@ -42,7 +42,8 @@ LABELS = {
     "hr_upscaler": "Upscaler", "hr_scale": "Upscale by", "hr_second_pass_steps": "Hires steps",
     "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "mask_blur": "Mask blur",
     "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding, pixels",
-    "clip_skip": "Clip skip",
+    "clip_skip": "Clip skip", "seed_resize_from_w": "Resize seed from width",
+    "seed_resize_from_h": "Resize seed from height",
 }
 INPAINT_AREAS = {"Whole picture": False, "Only masked": True}  # A1111's radio for inpaint_full_res
 
@@ -269,6 +270,9 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
                 with gr.Row():
                     fields["subseed"] = _control(spec, "subseed")
                     fields["subseed_strength"] = _control(spec, "subseed_strength")
+                with gr.Row():
+                    fields["seed_resize_from_w"] = _control(spec, "seed_resize_from_w")
+                    fields["seed_resize_from_h"] = _control(spec, "seed_resize_from_h")
         with gr.Column():
             progress = gr.HTML(elem_id=f"{kind}_progress")
             preview = gr.Image(label="Live preview", visible=False, interactive=False, height=256,

@@ -45,6 +45,8 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "Variation seed": request.subseed + i if varied else None,
             "Variation seed strength": request.subseed_strength if varied else None,
+            "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
+            if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0 else None,
             "Resize mode": request.resize_mode if img2img and request.resize_mode != "Just resize" else None,
             "Mask blur": request.mask_blur if inpaint else None,
             "Inpaint area": "Only masked" if inpaint and request.inpaint_full_res else None,
@@ -102,6 +104,9 @@ def settings_from_infotext(text: str) -> dict[str, object]:
         settings.update(width=width, height=height)
     if "Hires upscale" in params or "Hires upscaler" in params:
         settings["enable_hr"] = True
+    if "x" in params.get("Seed resize from", ""):
+        width, _, height = params["Seed resize from"].partition("x")
+        settings.update(seed_resize_from_w=width, seed_resize_from_h=height)
     if settings.get("randn_source") == "GPU":  # A1111's GPU source gives an NVIDIA GPU's numbers: NV here
         settings["randn_source"] = "NV"
     if params.get("Inpaint area") == "Only masked":
@@ -113,13 +118,16 @@ def settings_from_infotext(text: str) -> dict[str, object]:
 
 
 def batch_count(request: Txt2ImgRequest, n_iter: int) -> list[Txt2ImgRequest]:
-    """A1111's "Batch count": n_iter requests one after another, seeds continuing (seed + j * batch_size)."""
+    """A1111's "Batch count": n_iter requests one after another, seeds continuing (seed + j * batch_size; with a
+    variation seed the seed stays and the variation seed continues)."""
     if n_iter < 1:
         from sdtrt.errors import InvalidRequest
 
         raise InvalidRequest("n_iter", n_iter, "an integer, >= 1")
     step = request.batch_size
-    return [replace(request, seed=request.seed + j * step, subseed=request.subseed + j * step) for j in range(n_iter)]
+    seed_step = 0 if request.subseed_strength > 0 else step  # A1111: with a variation seed, only it moves
+    return [replace(request, seed=request.seed + j * seed_step, subseed=request.subseed + j * step)
+            for j in range(n_iter)]
 
 
 def concatenate(generations: list[Generation]) -> Generation:

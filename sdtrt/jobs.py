@@ -93,9 +93,12 @@ def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, hei
     """Drawn on the CPU from each image's generator (the seed contract), then moved to the loop's device."""
     f = spec.vae_scale_factor
     subseeds = image_seeds(request.subseed, request.batch_size) if request.subseed_strength > 0 else None
-    nv_seeds = image_seeds(request.seed, request.batch_size) if request.randn_source == "NV" else None
+    seeds = image_seeds(request.seed, request.batch_size, request.subseed_strength > 0)
+    nv_seeds = seeds if request.randn_source == "NV" else None
+    resize = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+    resize_from = (request.seed_resize_from_h // f, request.seed_resize_from_w // f) if resize else None
     noise = initial_noise(generators, spec.latent_channels, height // f, width // f, subseeds, request.subseed_strength,
-                          nv_seeds)
+                          nv_seeds, seeds, resize_from)
     return noise.to(device)
 
 
@@ -116,7 +119,7 @@ def txt2img_latents(
     if unet_channels(spec) != spec.latent_channels:
         raise InvalidRequest("init_image", None, "an init image and a mask: this is an inpainting model "
                              f"({unet_channels(spec)}-channel U-Net); use img2img")
-    seeds = image_seeds(request.seed, request.batch_size)
+    seeds = image_seeds(request.seed, request.batch_size, request.subseed_strength > 0)
     generators, scheduler = _pass(spec, request, seeds)
     noise = _noise(spec, request, generators, request.width, request.height, nets.device)
     latents = prepare_latents(scheduler, noise, request.steps)
@@ -176,7 +179,7 @@ def img2img_latents(
 ) -> tuple[torch.Tensor, list[int]]:
     """img2img (no mask) or inpainting (mask) -> (latents divided by the VAE scaling factor, seeds)."""
     n = request.batch_size
-    seeds = image_seeds(request.seed, n)
+    seeds = image_seeds(request.seed, n, request.subseed_strength > 0)
     generators, scheduler = _pass(spec, request, seeds)
     timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength, nets.device)
     inputs = inputs.to(nets.device)

@@ -50,6 +50,8 @@ class Txt2ImgRequest:
     hr_upscaler: str | None = None
     hr_second_pass_steps: int | None = None  # 0: the same as steps
     randn_source: str | None = None  # "CPU" (torch's CPU generator) or "NV" (an NVIDIA GPU's numbers, A1111's NV)
+    seed_resize_from_w: int | None = None  # A1111's "Resize seed from width/height"; 0 or -1: off
+    seed_resize_from_h: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +80,8 @@ def request_fields(
     fields = [
         FieldSpec("prompt", "string", "", "what to draw", max_length=max_prompt_chars),
         FieldSpec("negative_prompt", "string", "", "what to steer away from", max_length=max_prompt_chars),
-        FieldSpec("seed", "int64", RANDOM_SEED, "seed of image 0; image i uses seed+i; -1 picks one at random",
+        FieldSpec("seed", "int64", RANDOM_SEED,
+                  "seed of image 0; image i uses seed+i (all use seed while a variation seed is on); -1 picks one",
                   minimum=RANDOM_SEED, maximum=MAX_SEED),
         FieldSpec("steps", "int32", 20, "sampling steps", minimum=1, maximum=MAX_STEPS),
         FieldSpec("guidance_scale", "float32", 7.0, "classifier-free guidance (CFG) scale; <= 1 turns guidance off",
@@ -108,6 +111,10 @@ def request_fields(
                   "where the starting noise comes from: CPU (torch's CPU generator, as diffusers and A1111's CPU "
                   "option) or NV (the numbers an NVIDIA GPU gives for the seed, as A1111's NV and GPU options)",
                   choices=RANDN_SOURCES),
+        FieldSpec("seed_resize_from_w", "int32", 0, "draw the seed's noise as for this width, centred in the image "
+                  "(A1111's 'Resize seed from width'); 0 or -1: off", minimum=-1, maximum=max_size),
+        FieldSpec("seed_resize_from_h", "int32", 0, "draw the seed's noise as for this height, centred in the image "
+                  "(A1111's 'Resize seed from height'); 0 or -1: off", minimum=-1, maximum=max_size),
         FieldSpec("resize_mode", "string", "Just resize", "img2img: how the init image is fitted to width x height",
                   choices=tuple(RESIZE_MODES)),
         FieldSpec("mask_blur", "int32", 4, "inpainting: Gaussian blur radius of the mask, in pixels",
@@ -180,6 +187,11 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     check_extra_networks(checked, spec)
     check_composable(checked, spec)
     check_randn_source(checked)
+    for name in ("seed_resize_from_w", "seed_resize_from_h"):
+        value = getattr(checked, name)
+        if 0 < value < spec.vae_scale_factor:
+            raise InvalidRequest(name, value, f"0 or -1 (off), or at least {spec.vae_scale_factor} pixels (one latent "
+                                              f"cell), at most {spec.field(name).maximum:g}")
     return checked
 
 

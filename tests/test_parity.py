@@ -117,10 +117,11 @@ def test_variation_seed_matches_diffusers_given_the_same_noise(sampler, local_pi
     result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat", sampler=sampler, steps=8, seed=seed, width=64,
                                                    height=64, batch_size=2, subseed=subseed, subseed_strength=strength))
     original = diffusers_pipe.scheduler
+    assert result.seeds == [seed, seed]  # A1111: with a variation seed every image keeps the seed
     try:
         for i in range(2):
-            diffusers_pipe.scheduler = reference_scheduler(sampler, original.config, seed + i)
-            generator = torch.Generator("cpu").manual_seed(seed + i)
+            diffusers_pipe.scheduler = reference_scheduler(sampler, original.config, seed)
+            generator = torch.Generator("cpu").manual_seed(seed)
             base = torch.randn((4, 8, 8), generator=generator)  # also advances the generator, as the contract says
             variation = torch.randn((4, 8, 8), generator=torch.Generator("cpu").manual_seed(subseed + i))
             latents = a1111_slerp(strength, base, variation)[None]
@@ -129,6 +130,7 @@ def test_variation_seed_matches_diffusers_given_the_same_noise(sampler, local_pi
             assert max_diff(result.images[i:i + 1], (expected * 255).round().astype(np.uint8)) <= MAX_PIXEL_DIFF
     finally:
         diffusers_pipe.scheduler = original
+    assert f"Seed: {seed}, Size: 64x64" in result.infotexts[1]
     assert f"Variation seed: {subseed + 1}, Variation seed strength: 0.3" in result.infotexts[1]
 
 

@@ -132,10 +132,10 @@ def test_from_png_regenerates_the_same_pixels(server, tmp_path):
                   "--hr-upscaler", "Latent (nearest)", "--denoising-strength", "0.5",
                   "--url", server.url, "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
-    source = tmp_path / "a" / "00002-1235.png"  # image 1 of the batch: its own seed and variation seed
+    source = tmp_path / "a" / "00002-1234.png"  # image 1 of the batch: the seed (A1111's rule), its variation seed
     info = sdtrt("png-info", str(source))
     assert info.returncode == 0
-    assert "Seed: 1235," in info.stdout and "Variation seed: 100," in info.stdout
+    assert "Seed: 1234," in info.stdout and "Variation seed: 100," in info.stdout
     assert "Hires upscale: 1.5, Hires upscaler: Latent (nearest)" in info.stdout
     assert "Version: sdtrt " in info.stdout
     settings = json.loads(sdtrt("png-info", str(source), "--json").stdout)
@@ -143,7 +143,7 @@ def test_from_png_regenerates_the_same_pixels(server, tmp_path):
     assert settings["negative_prompt"] == 'blurry, "dark"' and settings["enable_hr"] is True
     again = sdtrt("txt2img", "--from-png", str(source), "--url", server.url, "--out", str(tmp_path / "b"))
     assert again.returncode == 0, again.stderr
-    regenerated = tmp_path / "b" / "00001-1235.png"
+    regenerated = tmp_path / "b" / "00001-1234.png"
     with Image.open(source) as a, Image.open(regenerated) as b:
         assert (np.asarray(a) == np.asarray(b)).all()
         assert a.info["parameters"] == b.info["parameters"]

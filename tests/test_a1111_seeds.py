@@ -1,5 +1,6 @@
-"""A1111's noise sources: NV (the numbers an NVIDIA GPU's torch.randn gives for a seed, computed on the CPU by
-sdtrt.philox) beside CPU (torch's CPU generator, the default and diffusers' own)."""
+"""A1111's seeds: its noise sources, NV (the numbers an NVIDIA GPU's torch.randn gives for a seed, computed on the
+CPU by sdtrt.philox) beside CPU (torch's CPU generator, the default and diffusers' own); its variation-seed rule
+for batches; its "Resize seed from"."""
 
 from __future__ import annotations
 
@@ -79,3 +80,60 @@ def test_served_nv_matches_in_process(server, local_pipeline):
                     randn_source="NV", subseed=5, subseed_strength=0.3)
     served = Client(server.url).txt2img(**settings)
     assert (served.images == local_pipeline.txt2img(Txt2ImgRequest(**settings)).images).all()
+
+
+def test_with_a_variation_seed_every_image_and_batch_keeps_the_seed(local_pipeline):
+    """A1111's all_seeds / all_subseeds: seed for every image and batch, variation seed + i across all of them."""
+    from sdtrt.generation import batch_count
+
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="Euler", steps=2, width=64, height=64,
+                                                   batch_size=2, seed=40, subseed=7, subseed_strength=0.2))
+    assert result.seeds == [40, 40]
+    assert ["Variation seed: 7," in result.infotexts[0], "Variation seed: 8," in result.infotexts[1]] == [True, True]
+    batches = batch_count(Txt2ImgRequest(seed=40, subseed=7, subseed_strength=0.2, batch_size=2), 3)
+    assert [(b.seed, b.subseed) for b in batches] == [(40, 7), (40, 9), (40, 11)]
+    plain = batch_count(Txt2ImgRequest(seed=40, subseed=7, subseed_strength=0.0, batch_size=2), 2)
+    assert [b.seed for b in plain] == [40, 42]
+
+
+def a1111_resized_noise(seed: int, full: tuple[int, int, int], small: tuple[int, int, int]):
+    """A1111's "Resize seed from", written out: the seed's noise at the small size from a fresh generator, pasted
+    centred (cropped where larger; an odd difference leaves the extra row or column) into the full-size draw of
+    the image's generator, which the sampler then goes on using."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    canvas = torch.randn(full, generator=generator)
+    noise = torch.randn(small, generator=torch.Generator("cpu").manual_seed(seed))
+    (_, height, width), (_, h, w) = full, small
+    dy, dx = (height - h) // 2, (width - w) // 2
+    rows, cols = (h if dy >= 0 else h + 2 * dy), (w if dx >= 0 else w + 2 * dx)
+    canvas[:, max(dy, 0):max(dy, 0) + rows, max(dx, 0):max(dx, 0) + cols] = \
+        noise[:, max(-dy, 0):max(-dy, 0) + rows, max(-dx, 0):max(-dx, 0) + cols]
+    return canvas[None], generator
+
+
+@pytest.mark.parametrize("from_w,from_h", [(40, 48), (96, 88)])  # smaller and larger than the 64x64 picture
+def test_resize_seed_from_draws_the_seeds_noise_at_that_size(from_w, from_h, local_pipeline, diffusers_pipe):
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a lighthouse", sampler="Euler a", steps=6, seed=21,
+                                                   width=64, height=64, seed_resize_from_w=from_w,
+                                                   seed_resize_from_h=from_h))
+    latents, generator = a1111_resized_noise(21, (4, 8, 8), (4, from_h // 8, from_w // 8))
+    original = diffusers_pipe.scheduler
+    try:
+        diffusers_pipe.scheduler = reference_scheduler("Euler a", original.config, 21)
+        expected = diffusers_pipe("a lighthouse", num_inference_steps=6, guidance_scale=7.0, width=64, height=64,
+                                  latents=latents, generator=generator, output_type="np").images
+    finally:
+        diffusers_pipe.scheduler = original
+    assert max_diff(result.images, (expected * 255).round().astype(np.uint8)) <= MAX_PIXEL_DIFF
+    assert f"Seed resize from: {from_w}x{from_h}" in result.infotexts[0]
+    assert settings_from_infotext(result.infotexts[0])["seed_resize_from_w"] == str(from_w)
+    plain = local_pipeline.txt2img(Txt2ImgRequest(prompt="a lighthouse", sampler="Euler a", steps=6, seed=21,
+                                                  width=64, height=64))
+    assert max_diff(result.images, plain.images) > 3 * MAX_PIXEL_DIFF
+
+
+def test_resize_seed_from_a_size_below_one_latent_cell_is_refused(local_pipeline):
+    with pytest.raises(InvalidRequest) as caught:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", steps=2, width=64, height=64, seed_resize_from_w=4,
+                                              seed_resize_from_h=64))
+    assert caught.value.field == "seed_resize_from_w"
