@@ -452,7 +452,7 @@ def cmd_perf_analyzer(args: argparse.Namespace) -> int:
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
-    from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES, schedule_table
+    from sdtrt.samplers import AUTOMATIC_SCHEDULES, SAMPLERS, SCHEDULE_TYPES, schedule_table
 
     if args.url:
         from sdtrt.client import Client
@@ -465,11 +465,14 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     else:
         schedules = schedule_table()
     width = max(len(n) for n in SAMPLERS)
+    DEFAULT = "Automatic"
     for s in SAMPLERS.values():
-        config = {**s.overrides, **SCHEDULE_TYPES[s.schedule]}
+        automatic = AUTOMATIC_SCHEDULES.get(s.name, DEFAULT) if s.schedule == DEFAULT else s.schedule
+        config = {**s.overrides, **SCHEDULE_TYPES[automatic]}
         extra = " ".join(f"{k}={v}" for k, v in config.items())
-        print(f"{s.name:<{width}}  {s.scheduler} {extra}".rstrip())
-    print("\nschedule types (--schedule-type; 'Automatic' keeps the sampler's own):")
+        note = f"  (Automatic: {automatic})" if s.name in AUTOMATIC_SCHEDULES else ""
+        print(f"{s.name:<{width}}  {s.scheduler} {extra}".rstrip() + note)
+    print("\nschedule types (--schedule-type; 'Automatic': A1111's choice for the sampler, else its own):")
     for name, config in SCHEDULE_TYPES.items():
         usable = [s for s in SAMPLERS if name in schedules.get(s, ())]
         detail = " ".join(f"{k}={v}" for k, v in config.items()) or "the sampler's default"

@@ -88,7 +88,7 @@ def request_fields(
                   minimum=0.0, maximum=MAX_GUIDANCE),
         FieldSpec("sampler", "string", DEFAULT_SAMPLER, "AUTOMATIC1111 sampler name", choices=sampler_names()),
         FieldSpec("schedule_type", "string", DEFAULT_SCHEDULE,
-                  "noise schedule (A1111's 'Schedule type'); Automatic = the sampler's own", choices=tuple(SCHEDULE_TYPES)),
+                  "noise schedule (A1111's 'Schedule type'); Automatic = A1111's choice for the sampler", choices=tuple(SCHEDULE_TYPES)),
         FieldSpec("width", "int32", native_size, "image width in pixels", minimum=min_size, maximum=max_size,
                   multiple_of=size_multiple),
         FieldSpec("height", "int32", native_size, "image height in pixels", minimum=min_size, maximum=max_size,

@@ -62,6 +62,9 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 DEFAULT_SAMPLER = "Euler a"
+# What A1111 (1.9+) runs for "Automatic": its table gives these samplers a schedule of their own; the others
+# follow the checkpoint's scheduler config (diffusers' default).
+AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM++ 2M SDE": "Exponential"}
 # Samplers that add fresh noise at every step (ancestral, SDE): diffusers draws it from each image's CPU generator.
 STEP_NOISE = frozenset(name for name, s in SAMPLERS.items() if " a" in f" {name} " or "SDE" in name)
 
@@ -107,7 +110,12 @@ def resolve(name: str, schedule_type: str, schedules: dict[str, list[str]]) -> t
         raise InvalidRequest("sampler", name, "one of: " + ", ".join(repr(n) for n in SAMPLERS)) from None
     if schedule_type not in SCHEDULE_TYPES:
         raise InvalidRequest("schedule_type", schedule_type, "one of: " + ", ".join(repr(t) for t in SCHEDULE_TYPES))
-    effective = sampler.schedule if schedule_type == DEFAULT_SCHEDULE else schedule_type
+    if schedule_type != DEFAULT_SCHEDULE:
+        effective = schedule_type
+    elif sampler.schedule != DEFAULT_SCHEDULE:  # a combined name ("DPM++ 2M Karras") says it
+        effective = sampler.schedule
+    else:
+        effective = AUTOMATIC_SCHEDULES.get(name, DEFAULT_SCHEDULE)
     allowed = schedules.get(name, ())
     if effective not in allowed:
         raise InvalidRequest("schedule_type", schedule_type,

@@ -41,8 +41,14 @@ REFERENCE_SCHEDULES = {
 }
 
 
+# A1111 1.9+'s samplers table: the schedule each of these samplers runs when the user leaves it on "Automatic".
+A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM++ 2M SDE": "Exponential"}
+
+
 def reference_scheduler(sampler: str, config, seed: int, schedule_type: str = "Automatic"):
     cls, kwargs = REFERENCE_SCHEDULERS[sampler]
+    if schedule_type == "Automatic":
+        schedule_type = A1111_AUTOMATIC.get(sampler, "Automatic")
     kwargs = {**kwargs, **REFERENCE_SCHEDULES[schedule_type]}
     if cls is d.DPMSolverSDEScheduler:  # its Brownian tree is seeded with the image's seed
         kwargs["noise_sampler_seed"] = seed

@@ -107,6 +107,7 @@ def test_samplers_lists_the_table(capsys):
     table, schedules = out.split("\n\n")
     rows = {line.split("  ")[0]: line.split() for line in table.splitlines()}
     assert rows["DPM++ 2M Karras"][-2:] == ["DPMSolverMultistepScheduler", "use_karras_sigmas=True"]
-    assert rows["DPM++ SDE"][-1] == "DPMSolverSDEScheduler"
+    assert rows["DPM++ SDE"][-4:] == ["DPMSolverSDEScheduler", "use_karras_sigmas=True", "(Automatic:", "Karras)"]
+    assert rows["Euler"][-1] == "EulerDiscreteScheduler"  # Automatic: the checkpoint's own schedule
     assert len(rows) == 18
     assert "SGM Uniform  timestep_spacing=trailing; with 18 of 18 samplers" in schedules

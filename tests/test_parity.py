@@ -7,7 +7,9 @@ import pytest
 import numpy as np
 import torch
 
-from reference import MAX_PIXEL_DIFF, REFERENCE_SCHEDULERS, diffusers_images, max_diff, reference_scheduler
+from reference import (
+    A1111_AUTOMATIC, MAX_PIXEL_DIFF, REFERENCE_SCHEDULERS, diffusers_images, max_diff, reference_scheduler,
+)
 from sdtrt.samplers import SAMPLERS
 from sdtrt.request import Txt2ImgRequest
 
@@ -61,8 +63,10 @@ def test_schedule_types_match_diffusers(sampler, schedule, local_pipeline, diffu
     result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a castle", sampler=sampler, schedule_type=schedule, steps=8,
                                                    guidance_scale=7.0, seed=5, width=64, height=64))
     assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
-    plain = local_pipeline.txt2img(Txt2ImgRequest(prompt="a castle", sampler=sampler, steps=8, guidance_scale=7.0,
-                                                  seed=5, width=64, height=64))
+    # against another schedule (Automatic, unless A1111's Automatic for this sampler is this very schedule)
+    other = "SGM Uniform" if A1111_AUTOMATIC.get(sampler) == schedule else "Automatic"
+    plain = local_pipeline.txt2img(Txt2ImgRequest(prompt="a castle", sampler=sampler, schedule_type=other, steps=8,
+                                                  guidance_scale=7.0, seed=5, width=64, height=64))
     assert (plain.images != result.images).any()  # the schedule really changed the sampling
     assert f"Schedule type: {schedule}" in result.infotexts[0]
 
@@ -141,3 +145,17 @@ def test_variation_strength_one_is_the_variation_seeds_picture(local_pipeline):
     none = local_pipeline.txt2img(Txt2ImgRequest(seed=1, subseed=77, subseed_strength=0.0, **settings))
     assert max_diff(varied.images, plain.images) <= MAX_PIXEL_DIFF
     assert (none.images == local_pipeline.txt2img(Txt2ImgRequest(seed=1, **settings)).images).all()
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ 2M SDE", "DPM2", "Euler"])
+def test_automatic_is_a1111s_schedule_for_the_sampler(sampler, local_pipeline):
+    """A1111 1.9+ runs DPM++ 2M, DPM++ SDE and DPM2 on Karras and DPM++ 2M SDE on Exponential when left on
+    Automatic; the others on the checkpoint's own schedule."""
+    settings = dict(prompt="a castle", sampler=sampler, steps=6, guidance_scale=7.0, seed=5, width=64, height=64)
+    automatic = local_pipeline.txt2img(Txt2ImgRequest(**settings))
+    named = A1111_AUTOMATIC.get(sampler)
+    if named is None:
+        karras = local_pipeline.txt2img(Txt2ImgRequest(schedule_type="Karras", **settings))
+        assert (automatic.images != karras.images).any()
+    else:
+        assert (automatic.images == local_pipeline.txt2img(Txt2ImgRequest(schedule_type=named, **settings)).images).all()
