@@ -225,6 +225,12 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
                 interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{kind}_interrupt")
                 skip = gr.Button("Skip", size="sm", elem_id=f"{kind}_skip")
     fields: dict[str, Any] = {}
+
+    def row(*names: str) -> None:  # request fields side by side
+        with gr.Row():
+            for name in names:
+                fields[name] = _control(spec, name)
+
     with gr.Row():
         with gr.Column():
             if kind == "img2img":
@@ -233,25 +239,17 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
                                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
                                        elem_id="img2img_picture", height=420)
                 fields["resize_mode"] = _control(spec, "resize_mode")
-            with gr.Row():
-                fields["sampler"] = _control(spec, "sampler")
-                fields["schedule_type"] = _control(spec, "schedule_type")
+            row("sampler", "schedule_type")
             fields["steps"] = _control(spec, "steps")
             if kind == "txt2img":
                 with gr.Accordion("Hires. fix", open=False) as hires:
                     fields["enable_hr"] = _control(spec, "enable_hr")
-                    with gr.Row():
-                        fields["hr_upscaler"] = _control(spec, "hr_upscaler")
-                        fields["hr_second_pass_steps"] = _control(spec, "hr_second_pass_steps")
-                    with gr.Row():
-                        fields["denoising_strength"] = _control(spec, "denoising_strength")
-                        fields["hr_scale"] = _control(spec, "hr_scale")
+                    row("hr_upscaler", "hr_second_pass_steps")
+                    row("denoising_strength", "hr_scale")
             else:
                 with gr.Accordion("Inpainting", open=True):
                     fields["mask_blur"] = _control(spec, "mask_blur")
-                    with gr.Row():
-                        fields["inpaint_full_res"] = _control(spec, "inpaint_full_res")
-                        fields["inpaint_full_res_padding"] = _control(spec, "inpaint_full_res_padding")
+                    row("inpaint_full_res", "inpaint_full_res_padding")
             with gr.Row():
                 with gr.Column(scale=3):
                     fields["width"] = _control(spec, "width")
@@ -267,12 +265,8 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
                 random_seed = gr.Button("Random seed", scale=1, size="sm")
                 reuse_seed = gr.Button("Reuse last seed", scale=1, size="sm")
             with gr.Accordion("Variation seed", open=False) as variation:
-                with gr.Row():
-                    fields["subseed"] = _control(spec, "subseed")
-                    fields["subseed_strength"] = _control(spec, "subseed_strength")
-                with gr.Row():
-                    fields["seed_resize_from_w"] = _control(spec, "seed_resize_from_w")
-                    fields["seed_resize_from_h"] = _control(spec, "seed_resize_from_h")
+                row("subseed", "subseed_strength")
+                row("seed_resize_from_w", "seed_resize_from_h")
         with gr.Column():
             progress = gr.HTML(elem_id=f"{kind}_progress")
             preview = gr.Image(label="Live preview", visible=False, interactive=False, height=256,
