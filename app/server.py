@@ -180,20 +180,17 @@ class TritonServer:
         of the job models, from its own metrics); None when the metrics cannot be read."""
         from sdtrt.spec import IMG2IMG, TXT2IMG
 
+        from sdtrt.prometheus import samples, scrape
+
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         try:
-            with urllib.request.urlopen(f"http://{host}:{self.metrics_port}/metrics", timeout=5) as response:
-                text = response.read().decode()
+            text = scrape(f"http://{host}:{self.metrics_port}/metrics")
         except OSError:
             return None
-        total = 0.0
-        for line in text.splitlines():
-            name, _, value = line.rpartition(" ")
-            if name.startswith("sdtrt_requests_running{") or (
-                    name.startswith("nv_inference_pending_request_count{")
-                    and any(f'model="{job}"' in name for job in (TXT2IMG, IMG2IMG))):
-                total += float(value)
-        return total
+        jobs = {f'model="{job}"' for job in (TXT2IMG, IMG2IMG)}
+        return sum(value for name, labels, value in samples(text)
+                   if name == "sdtrt_requests_running"
+                   or (name == "nv_inference_pending_request_count" and jobs & set(labels.split(","))))
 
     def drain(self, timeout: float | None = None) -> float:
         """Wait (up to ``timeout``, default the drain timeout) until no generation is running or queued, so that

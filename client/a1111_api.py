@@ -19,7 +19,6 @@ import json
 import random
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from sdtrt.hires import HIRES_UPSCALERS
 from sdtrt.img2img import RESIZE_MODES
 from sdtrt.infotext import parse_infotext
 from sdtrt.outputs import png_info, save_png
+from sdtrt.prometheus import samples, scrape
 from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES
 from sdtrt.seeds import MAX_SEED
 from sdtrt.styles import apply_styles, load_styles
@@ -279,6 +279,7 @@ class Gateway:
         self.client = client
         self.outputs = outputs
         self.styles_file = styles_file
+        self._styles: tuple[float | None, dict] = (None, {})  # (the file's mtime when read, its styles)
         self.clip_skip = 1
         self.randn_source = "CPU"
         self.options: dict[str, Any] = {}  # A1111 options sdtrt has no use for, kept for GET /options
@@ -287,6 +288,16 @@ class Gateway:
         self.jobs: dict[str, Job] = {}  # every generation under way, by task id (what /progress, /interrupt reach)
 
     # --- translation ---------------------------------------------------------------------------------------
+    def styles(self) -> dict:
+        """The styles file's styles, read again only when it has changed (an edit shows without a restart)."""
+        try:
+            mtime = self.styles_file.stat().st_mtime if self.styles_file is not None else None
+        except OSError:
+            mtime = None
+        if mtime != self._styles[0] or mtime is None:
+            self._styles = (mtime, load_styles(self.styles_file) if mtime is not None else {})
+        return self._styles[1]
+
     def current(self):
         return self.client.catalog.get(self.model)
 
@@ -326,7 +337,7 @@ class Gateway:
         """The request's keys that change nothing here: unknown ones, and override_settings sdtrt has no use for."""
         overrides = [f"override_settings.{k}" for k in body.override_settings or {}
                      if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED]
-        known = load_styles(self.styles_file)
+        known = self.styles()
         styles = [f"styles.{name}" for name in body.styles or [] if name not in known]  # A1111 skips them too
         return body.ignored_fields + overrides + styles
 
@@ -352,7 +363,7 @@ class Gateway:
                 raise refuse(field, f"not supported by sdtrt (allowed: {', '.join(repr(a) for a in allowed)})")
         settings = {FIELD_MAP[k]: getattr(body, k) for k in FIELD_MAP if k in type(body).model_fields}
         if body.styles:
-            known = load_styles(self.styles_file)
+            known = self.styles()
             settings["prompt"], settings["negative_prompt"] = apply_styles(
                 body.prompt, body.negative_prompt, [known[name] for name in body.styles if name in known])
         if settings.get("denoising_strength") is None or (isinstance(body, Txt2ImgBody) and not body.enable_hr):
@@ -466,20 +477,13 @@ def server_memory(metrics_url: str | None) -> dict[str, Any]:
     if not metrics_url:
         return {"ram": {"error": "no --metrics-url"}, "cuda": {"error": "no --metrics-url"}}
     try:
-        with urllib.request.urlopen(metrics_url, timeout=5) as response:
-            text = response.read().decode()
+        text = scrape(metrics_url)
     except OSError as exc:
         message = f"{metrics_url}: {exc}"[:200]
         return {"ram": {"error": message}, "cuda": {"error": message}}
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            metric = name.split("{", 1)[0]
-            try:
-                values[metric] = values.get(metric, 0.0) + float(value)  # GPUs summed
-            except ValueError:
-                continue
+    for name, _, value in samples(text):
+        values[name] = values.get(name, 0.0) + value  # GPUs summed
 
     def usage(prefix: str) -> dict[str, Any]:
         total, used = values.get(f"{prefix}_total_bytes"), values.get(f"{prefix}_used_bytes")
@@ -647,7 +651,7 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
     def prompt_styles() -> list[dict[str, str]]:
         """The styles in A1111's styles.csv (``--styles-file``), read afresh on each call."""
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
-                for s in load_styles(styles_file).values()]
+                for s in gateway.styles().values()]
 
     @app.get("/sdapi/v1/memory", tags=["info"])
     def memory() -> dict[str, Any]:

@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
                      "sdtrt.infotext", "sdtrt.generation", "sdtrt.images", "sdtrt.outputs", "sdtrt.hires",
                      "sdtrt.img2img", "sdtrt.prompts", "sdtrt.architectures", "sdtrt.extra_networks", "sdtrt.previews",
                      "sdtrt.styles", "sdtrt.upscale", "sdtrt.prompt_schedule",
-                     "sdtrt.philox"}),
+                     "sdtrt.philox", "sdtrt.prometheus"}),
     "pipeline": (1, {"sdtrt.denoise", "sdtrt.vae", "sdtrt.jobs", "sdtrt.text", "sdtrt.local", "sdtrt.clip_vocab",
                      "sdtrt.conditioning",
                      "sdtrt.default_model", "sdtrt.engines", "sdtrt.runners"}),
