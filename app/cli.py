@@ -452,7 +452,9 @@ def cmd_perf_analyzer(args: argparse.Namespace) -> int:
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
-    from sdtrt.samplers import AUTOMATIC_SCHEDULES, SAMPLERS, SCHEDULE_TYPES, schedule_table
+    from sdtrt.samplers import (
+        AUTOMATIC_SCHEDULES, CONFIG_SCHEDULES, SAMPLERS, SCHEDULE_TYPES, UNAVAILABLE, schedule_detail, schedule_table,
+    )
 
     if args.url:
         from sdtrt.client import Client
@@ -464,19 +466,22 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         schedules = load_spec(args.repo).schedules
     else:
         schedules = schedule_table()
-    width = max(len(n) for n in SAMPLERS)
+    width = max(len(n) for n in [*SAMPLERS, *UNAVAILABLE])
     DEFAULT = "Automatic"
     for s in SAMPLERS.values():
         automatic = AUTOMATIC_SCHEDULES.get(s.name, DEFAULT) if s.schedule == DEFAULT else s.schedule
-        config = {**s.overrides, **SCHEDULE_TYPES[automatic]}
+        config = {**s.overrides, **CONFIG_SCHEDULES.get(automatic, {})}
         extra = " ".join(f"{k}={v}" for k, v in config.items())
         note = f"  (Automatic: {automatic})" if s.name in AUTOMATIC_SCHEDULES else ""
         print(f"{s.name:<{width}}  {s.scheduler} {extra}".rstrip() + note)
+    print("\nnot available (no faithful implementation; the request is refused, naming these instead):")
+    for name, (why, nearest) in UNAVAILABLE.items():
+        print(f"  {name:<{width}}  use {', '.join(nearest)}: {why}")
     print("\nschedule types (--schedule-type; 'Automatic': A1111's choice for the sampler, else its own):")
-    for name, config in SCHEDULE_TYPES.items():
+    for name in SCHEDULE_TYPES:
         usable = [s for s in SAMPLERS if name in schedules.get(s, ())]
-        detail = " ".join(f"{k}={v}" for k, v in config.items()) or "the sampler's default"
-        print(f"  {name:<12} {detail}; with {len(usable)} of {len(SAMPLERS)} samplers")
+        which = f"{len(usable)} of {len(SAMPLERS)} samplers" if len(usable) > 2 else " and ".join(usable) or "none"
+        print(f"  {name:<16} {schedule_detail(name)}; with {which}")
     return 0
 
 

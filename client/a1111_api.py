@@ -52,11 +52,11 @@ from sdtrt.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale
 SAMPLER_ALIASES = {
     "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
     "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"], "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ SDE": ["k_dpmpp_sde"],
-    "DPM++ 2M SDE": ["k_dpmpp_2m_sde"], "DDIM": ["ddim"], "PLMS": ["plms"], "UniPC": ["unipc"],
+    "DPM++ 2M SDE": ["k_dpmpp_2m_sde"], "DPM++ 2M SDE Heun": ["k_dpmpp_2m_sde_heun"], "DDIM": ["ddim"],
+    "PLMS": ["plms"], "UniPC": ["unipc"], "LCM": ["k_lcm"],
 }
 # A1111's scheduler names (its API takes name or label) -> sdtrt schedule types
-SCHEDULER_NAMES = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential",
-                   "sgm_uniform": "SGM Uniform"}
+SCHEDULER_NAMES = {label.lower().replace(" ", "_"): label for label in SCHEDULE_TYPES}  # A1111's names: "sgm_uniform"
 RESIZE_MODE_NAMES = list(RESIZE_MODES)  # A1111 numbers them 0, 1, 2 in this order
 
 # A1111 request field -> sdtrt request field (the ones sdtrt honours as they are)
@@ -548,7 +548,9 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
     @app.get("/sdapi/v1/schedulers", tags=["info"])
     def schedulers() -> list[dict[str, Any]]:
         names = {label: name for name, label in SCHEDULER_NAMES.items()}
-        return [{"name": names[label], "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        rho = {"Karras": 7.0, "Polyexponential": 1.0}
+        return [{"name": names[label], "label": label, "aliases": None, "default_rho": rho.get(label, -1),
+                 "need_inner_model": label in ("Uniform", "SGM Uniform", "Simple", "Normal", "DDIM", "Beta")}
                 for label in SCHEDULE_TYPES]
 
     @app.get("/sdapi/v1/latent-upscale-modes", tags=["info"])

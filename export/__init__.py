@@ -23,7 +23,8 @@ from sdtrt.export.checkpoint import (
     Checkpoint, checkpoint_sha256, fuse_loras, load_checkpoint, override_vae, parse_lora,
 )
 from sdtrt.export.descriptors import (
-    BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, TEXT_BATCH, UNET_BATCH, clip_skip_layers, descriptors, dim_ranges,
+    BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, TEXT_BATCH, UNET_BATCH, align_your_steps_levels, clip_skip_layers,
+    descriptors, dim_ranges,
 )
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.errors import UsageError
@@ -438,7 +439,8 @@ def build_spec(ckpt: Checkpoint, key: str, components, dims, factor, native, min
                                clip_layers=clip_skip_layers(pipe),
                                max_prompt_chars=max_prompt_chars),
         max_pixel_steps=max_pixel_steps,
-        schedules=schedule_table(),
+        schedules=schedule_table(dict(pipe.scheduler.config)),
+        align_your_steps=align_your_steps_levels(pipe),
         latent_preview=fit_latent_preview(pipe.vae, float(pipe.vae.config.scaling_factor), factor),
         extra={**({"loras": list(ckpt.loras)} if ckpt.loras else {}), **({"vae": ckpt.vae} if ckpt.vae else {}),
                # SDXL's VAE overflows in FP16 (its config's force_upcast; the fp16-fixed VAE says False): its

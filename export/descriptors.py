@@ -14,6 +14,7 @@ import torch
 
 from sdtrt.conditioning import CONTEXT_INPUT, POOLED_INPUT, POOLED_OUTPUT, TEXT_OUTPUT, TIME_IDS
 from sdtrt.extra_networks import EMBEDDING_MARK, EMBEDDING_VECTORS, LORA_DOWN, LORA_SUFFIX, LORA_UP
+from sdtrt.schedules import ALIGN_YOUR_STEPS
 from sdtrt.spec import (  # noqa: F401  (the dim names are re-exported for the exporter's users)
     BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, LORA_RANK, TEXT_BATCH, UNET_BATCH, DimRange, TensorSpec,
 )
@@ -180,6 +181,11 @@ def clip_skip_layers(pipe) -> int:
     if second is None:
         return int(pipe.text_encoder.config.num_hidden_layers)
     return min(int(pipe.text_encoder.config.num_hidden_layers), int(second.config.num_hidden_layers)) - 1
+
+
+def align_your_steps_levels(pipe) -> list[float]:
+    """NVIDIA's Align Your Steps levels for the pipeline's family (SDXL's, or SD 1.5's as A1111 uses for the rest)."""
+    return list(ALIGN_YOUR_STEPS["sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"])
 
 
 def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> list[Descriptor]:

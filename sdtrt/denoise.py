@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from sdtrt.conditioning import guided as with_uncond
-from sdtrt.samplers import step_kwargs
+from sdtrt.samplers import set_timesteps, step_kwargs
 
 
 class UNet(Protocol):
@@ -23,13 +23,15 @@ class UNet(Protocol):
 def prepare_latents(scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """Set the schedule (on the noise's device, as diffusers' pipelines do) and scale the initial noise.
     init_noise_sigma is only right after set_timesteps."""
-    scheduler.set_timesteps(steps, device=noise.device)
+    set_timesteps(scheduler, steps, noise.device)
     return noise * scheduler.init_noise_sigma
 
 
 def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torch.device | None = None) -> torch.Tensor:
     """img2img's schedule (diffusers' get_timesteps): only the last int(steps * strength) steps are run."""
-    scheduler.set_timesteps(steps, device=device)
+    set_timesteps(scheduler, steps, device)
+    # A1111's DDIM schedule may run a step more than asked: the strength is a share of the steps it runs
+    steps = getattr(scheduler, "num_inference_steps", None) or steps
     start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)

@@ -104,7 +104,8 @@ def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, hei
 
 def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]):
     """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state)."""
-    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, spec.schedules, seeds)
+    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, spec.schedules, seeds,
+                               spec.align_your_steps)
     return make_generators(seeds), scheduler
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from sdtrt.errors import InvalidRequest
 from sdtrt.hires import DEFAULT_UPSCALER, HIRES_UPSCALERS
 from sdtrt.img2img import RESIZE_MODES
-from sdtrt.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, resolve, sampler_names
+from sdtrt.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, check_available, resolve, sampler_names
 from sdtrt.seeds import MAX_SEED, RANDOM_SEED, resolve_seed
 from sdtrt.spec import FieldSpec, ModelSpec
 
@@ -171,6 +171,8 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     values = {}
     for name, value in request.as_dict().items():
         field = spec.field(name)
+        if name == "sampler" and value is not None:
+            check_available(value)  # an A1111 sampler sdtrt does not run: say why and what to use
         values[name] = check_value(field, field.default if value is None else value)
     resolve(values["sampler"], values["schedule_type"], spec.schedules)  # not every sampler follows every schedule
     checked = type(request)(**values)
@@ -187,12 +189,24 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     check_extra_networks(checked, spec)
     check_composable(checked, spec)
     check_randn_source(checked)
+    check_sampler_steps(checked)
     for name in ("seed_resize_from_w", "seed_resize_from_h"):
         value = getattr(checked, name)
         if 0 < value < spec.vae_scale_factor:
             raise InvalidRequest(name, value, f"0 or -1 (off), or at least {spec.vae_scale_factor} pixels (one latent "
                                               f"cell), at most {spec.field(name).maximum:g}")
     return checked
+
+
+def check_sampler_steps(request: Txt2ImgRequest) -> None:
+    """A sampler with a step ceiling of its own (LCM) says so before it runs."""
+    from sdtrt.samplers import SAMPLERS
+
+    most = SAMPLERS[request.sampler].max_steps
+    for name in ("steps", "hr_second_pass_steps"):
+        value = getattr(request, name, 0) or 0
+        if most and value > most:
+            raise InvalidRequest(name, value, f"at most {most} with sampler {request.sampler!r}")
 
 
 def check_randn_source(request: Txt2ImgRequest) -> None:

@@ -18,8 +18,9 @@ from typing import Any, Union
 from sdtrt.errors import UsageError
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 5  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
-# 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h
+SPEC_VERSION = 6  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+# 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
+# 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
@@ -194,6 +195,7 @@ class ModelSpec:
     request: dict[str, FieldSpec]
     max_pixel_steps: int = 0  # width x height x images x steps (hires pass included) a request may take; 0: no ceiling
     schedules: dict[str, list[str]] = field(default_factory=dict)  # sampler -> the schedule types it accepts
+    align_your_steps: list[float] = field(default_factory=list)  # the family's AYS levels (sdtrt.schedules)
     name: str = ""  # its name in the repository (default: model_name, made safe for Triton model names)
     # Registered at export, used per request: name -> file (relative to the repository), hashes, rank / vectors.
     loras: dict[str, dict[str, Any]] = field(default_factory=dict)

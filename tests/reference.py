@@ -6,12 +6,14 @@ sampler table drifts from it, the parity tests fail.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import diffusers as d
 
 # A1111 name -> diffusers scheduler, as diffusers' documentation lists the equivalents.
-_K = {"use_karras_sigmas": True}
+_K = {"use_karras_sigmas": True, "timestep_spacing": "linspace"}  # see REFERENCE_SCHEDULES below
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 REFERENCE_SCHEDULERS = {
     "Euler a": (d.EulerAncestralDiscreteScheduler, {}),
@@ -27,22 +29,32 @@ REFERENCE_SCHEDULERS = {
     "DPM++ 2M Karras": (d.DPMSolverMultistepScheduler, _K),
     "DPM++ 2M SDE": (d.DPMSolverMultistepScheduler, _SDE),
     "DPM++ 2M SDE Karras": (d.DPMSolverMultistepScheduler, {**_SDE, **_K}),
+    "DPM++ 2M SDE Heun": (d.DPMSolverMultistepScheduler, {**_SDE, "solver_type": "heun"}),
+    "DPM++ 2M SDE Heun Karras": (d.DPMSolverMultistepScheduler, {**_SDE, "solver_type": "heun", **_K}),
     "DPM++ SDE": (d.DPMSolverSDEScheduler, {}),
     "DPM++ SDE Karras": (d.DPMSolverSDEScheduler, _K),
     "DDIM": (d.DDIMScheduler, {}),
     "PLMS": (d.PNDMScheduler, {}),
     "UniPC": (d.UniPCMultistepScheduler, {}),
+    "LCM": (d.LCMScheduler, {}),
 }
+# A1111's schedule types as diffusers settings. Karras, Exponential (Polyexponential at rho 1) and Beta also take
+# "linspace" spacing: k-diffusion spans the model's whole sigma range, which diffusers' Euler-family classes only
+# see when the spaced timesteps include both ends (A1111Schedules below checks the sigmas themselves).
 REFERENCE_SCHEDULES = {
     "Automatic": {},
-    "Karras": {"use_karras_sigmas": True},
-    "Exponential": {"use_exponential_sigmas": True},
+    "Karras": {"use_karras_sigmas": True, "timestep_spacing": "linspace"},
+    "Exponential": {"use_exponential_sigmas": True, "timestep_spacing": "linspace"},
     "SGM Uniform": {"timestep_spacing": "trailing"},
+    "Uniform": {"timestep_spacing": "linspace"},
+    "Polyexponential": {"use_exponential_sigmas": True, "timestep_spacing": "linspace"},
+    "Beta": {"use_beta_sigmas": True, "timestep_spacing": "linspace"},
 }
 
 
 # A1111 1.9+'s samplers table: the schedule each of these samplers runs when the user leaves it on "Automatic".
-A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM++ 2M SDE": "Exponential"}
+A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM++ 2M SDE": "Exponential",
+                   "DPM++ 2M SDE Heun": "Exponential"}
 
 
 def reference_scheduler(sampler: str, config, seed: int, schedule_type: str = "Automatic"):
@@ -63,12 +75,17 @@ def diffusers_images(pipe, *, prompt, negative_prompt="", sampler, steps, cfg, s
     """[N, H, W, 3] uint8 from diffusers, one call per image with generator seed+i (the README's seed contract)."""
     original = pipe.scheduler
     images = []
+    # A1111's own schedules: its sigmas, handed to the diffusers scheduler (the pipeline's `sigmas`)
+    steps_or_sigmas = {"num_inference_steps": steps}
+    if schedule_type in A1111_SIGMA_SCHEDULES:
+        steps_or_sigmas = {"sigmas": A1111Schedules(original.config).sigmas(schedule_type, steps).tolist()}
+        schedule_type = "Automatic"
     for i in range(batch_size):
         pipe.scheduler = reference_scheduler(sampler, original.config, seed + i, schedule_type)
         out = pipe(
             prompt,
             negative_prompt=negative_prompt,
-            num_inference_steps=steps,
+            **steps_or_sigmas,
             guidance_scale=cfg,
             width=width,
             height=height,
@@ -139,3 +156,77 @@ def diffusers_inpaint(pipe, image, mask, *, prompt, sampler, steps, cfg, strengt
         return out if padding is not None else p.image_processor.apply_overlay(mask, image, out)
 
     return _run_per_image(p, sampler, seed, batch_size, call)
+
+
+A1111_SIGMA_SCHEDULES = ("KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM")  # no diffusers setting
+
+
+class A1111Schedules:
+    """A1111's schedule types (modules/sd_schedulers.py and k-diffusion's get_sigmas_*), restated from their
+    published definitions with torch as A1111 computes them, for a model's training betas. ``sigmas(name, n)``
+    gives the n + 1 noise levels A1111 samples with."""
+
+    AYS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]  # NVIDIA's AYS page
+
+    def __init__(self, scheduler_config):
+        betas = torch.linspace(scheduler_config["beta_start"] ** 0.5, scheduler_config["beta_end"] ** 0.5,
+                               scheduler_config["num_train_timesteps"], dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.model_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # k-diffusion's DiscreteSchedule
+        self.log_sigmas = self.model_sigmas.log()
+        self.sigma_min, self.sigma_max = float(self.model_sigmas[0]), float(self.model_sigmas[-1])
+
+    def sigma_to_t(self, sigma):
+        dists = torch.log(torch.as_tensor(sigma, dtype=torch.float64)) - self.log_sigmas[:, None]
+        low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=self.log_sigmas.shape[0] - 2)
+        high = low + 1
+        w = ((self.log_sigmas[low] - torch.log(torch.as_tensor(sigma, dtype=torch.float64)))
+             / (self.log_sigmas[low] - self.log_sigmas[high])).clamp(0, 1)
+        return (1 - w) * low + w * high
+
+    def t_to_sigma(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+    def sigmas(self, name: str, n: int) -> torch.Tensor:
+        zero = torch.zeros(1, dtype=torch.float64)
+        smin, smax = self.sigma_min, self.sigma_max
+        if name == "Uniform":
+            return torch.cat([self.t_to_sigma(torch.linspace(len(self.model_sigmas) - 1, 0, n, dtype=torch.float64)),
+                              zero])
+        if name == "Karras":
+            ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+            return torch.cat([(smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7, zero])
+        if name in ("Exponential", "Polyexponential"):  # polyexponential at A1111's rho = 1
+            ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** 1.0
+            return torch.cat([torch.exp(ramp * (math.log(smax) - math.log(smin)) + math.log(smin)), zero])
+        if name in ("SGM Uniform", "Normal"):
+            start, end = self.sigma_to_t(smax), self.sigma_to_t(smin)
+            ts = torch.linspace(float(start), float(end), n + 1)[:-1] if name == "SGM Uniform" else \
+                torch.linspace(float(start), float(end), n)
+            return torch.cat([self.t_to_sigma(ts), zero])
+        if name == "Simple":
+            stride = len(self.model_sigmas) / n
+            return torch.tensor([float(self.model_sigmas[-(1 + int(x * stride))]) for x in range(n)] + [0.0])
+        if name == "DDIM":
+            stride, out, x = max(len(self.model_sigmas) // n, 1), [], 1
+            while x < len(self.model_sigmas):
+                out.append(float(self.model_sigmas[x]))
+                x += stride
+            return torch.tensor(out[::-1] + [0.0])
+        if name == "KL Optimal":
+            i = torch.arange(n + 1, dtype=torch.float64)
+            return torch.tan(i / n * math.atan(smin) + (1.0 - i / n) * math.atan(smax))
+        if name == "Align Your Steps":
+            levels = self.AYS_SD15
+            if n != len(levels):
+                ys = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(levels)), np.log(levels[::-1])))
+                levels = list(ys[::-1])
+            return torch.tensor(list(levels) + [0.0], dtype=torch.float64)
+        if name == "Beta":
+            from scipy import stats
+
+            ts = [stats.beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n)]
+            return torch.tensor([smin + x * (smax - smin) for x in ts] + [0.0], dtype=torch.float64)
+        raise KeyError(name)

@@ -104,10 +104,14 @@ def test_samplers_lists_the_table(capsys):
     code, out, _ = run(capsys, "samplers")
     assert code == 0
     assert "Euler a" in out and "EulerAncestralDiscreteScheduler" in out
-    table, schedules = out.split("\n\n")
+    table, unavailable, schedules = out.split("\n\n")
     rows = {line.split("  ")[0]: line.split() for line in table.splitlines()}
-    assert rows["DPM++ 2M Karras"][-2:] == ["DPMSolverMultistepScheduler", "use_karras_sigmas=True"]
-    assert rows["DPM++ SDE"][-4:] == ["DPMSolverSDEScheduler", "use_karras_sigmas=True", "(Automatic:", "Karras)"]
+    assert rows["DPM++ 2M Karras"][-3:] == ["DPMSolverMultistepScheduler", "use_karras_sigmas=True",
+                                           "timestep_spacing=linspace"]
+    assert rows["DPM++ SDE"][-5:] == ["DPMSolverSDEScheduler", "use_karras_sigmas=True", "timestep_spacing=linspace",
+                                      "(Automatic:", "Karras)"]
     assert rows["Euler"][-1] == "EulerDiscreteScheduler"  # Automatic: the checkpoint's own schedule
-    assert len(rows) == 18
-    assert "SGM Uniform  timestep_spacing=trailing; with 18 of 18 samplers" in schedules
+    assert len(rows) == 21
+    assert "DPM++ 3M SDE" in unavailable and "use DPM++ 2M SDE, DPM++ 2M SDE Heun" in unavailable
+    assert "SGM Uniform      timestep_spacing=trailing; with 20 of 21 samplers" in schedules
+    assert "Align Your Steps A1111's sigma list, given to diffusers as custom sigmas; with Euler" in schedules

@@ -59,8 +59,12 @@ def test_spec_records_the_models_facts(exported_repo, default_model):
     assert (width.default, width.minimum, width.maximum, width.multiple_of) == (512, 64, 1024, 8)
     assert "Euler a" in spec.field("sampler").choices
     # which schedule types each sampler takes, worked out from diffusers once, here, for every reader of the spec
-    assert spec.schedules["DPM++ 2M"] == ["Automatic", "Karras", "Exponential", "SGM Uniform"]
-    assert spec.schedules["Euler a"] == ["Automatic", "SGM Uniform"] and set(spec.schedules) == set(raw["schedules"])
+    assert spec.schedules["DPM++ 2M"] == ["Automatic", "Uniform", "Karras", "Exponential", "Polyexponential",
+                                          "SGM Uniform", "Beta"]
+    assert spec.schedules["Euler a"] == ["Automatic", "Uniform", "SGM Uniform"]
+    assert len(spec.schedules["Euler"]) == 12 and "Uniform" not in spec.schedules["LCM"]  # LCM ignores spacings
+    assert set(spec.schedules) == set(raw["schedules"])
+    assert spec.align_your_steps[0] == 14.615 and len(spec.align_your_steps) == 11  # SD 1.5's levels
     for component in spec.components.values():
         assert (exported_repo / component.onnx).is_file()
 

@@ -19,7 +19,7 @@ FOLDERS = {"sdtrt": "sdtrt", "export": "sdtrt.export", "model_repository": "sdtr
 
 # Lowest first. Layers of equal rank are side by side and may not import each other.
 LAYERS: dict[str, tuple[int, set[str]]] = {
-    "contract": (0, {"sdtrt", "sdtrt.errors", "sdtrt.spec", "sdtrt.request", "sdtrt.samplers", "sdtrt.seeds",
+    "contract": (0, {"sdtrt", "sdtrt.errors", "sdtrt.spec", "sdtrt.request", "sdtrt.samplers", "sdtrt.schedules", "sdtrt.seeds",
                      "sdtrt.infotext", "sdtrt.generation", "sdtrt.images", "sdtrt.outputs", "sdtrt.hires",
                      "sdtrt.img2img", "sdtrt.prompts", "sdtrt.architectures", "sdtrt.extra_networks", "sdtrt.previews",
                      "sdtrt.styles", "sdtrt.upscale", "sdtrt.prompt_schedule",

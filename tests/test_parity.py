@@ -56,7 +56,9 @@ def test_every_sampler_matches_diffusers(sampler, local_pipeline, diffusers_pipe
 
 
 @pytest.mark.parametrize("sampler,schedule", [("Euler", "Karras"), ("DPM++ 2M", "Exponential"), ("Euler a", "SGM Uniform"),
-                                              ("UniPC", "SGM Uniform"), ("DPM++ SDE", "Karras"), ("LMS", "Exponential")])
+                                              ("UniPC", "SGM Uniform"), ("DPM++ SDE", "Karras"), ("LMS", "Exponential"),
+                                              ("Euler", "Beta"), ("DPM++ 2M", "Uniform"), ("LMS", "Polyexponential"),
+                                              ("Heun", "Karras"), ("DPM++ 2M SDE Heun", "Beta")])
 def test_schedule_types_match_diffusers(sampler, schedule, local_pipeline, diffusers_pipe):
     expected = diffusers_images(diffusers_pipe, prompt="a castle", sampler=sampler, schedule_type=schedule, steps=8,
                                 cfg=7.0, seed=5, width=64, height=64)
@@ -77,7 +79,7 @@ def test_unsupported_schedule_is_refused_with_the_allowed_ones(local_pipeline):
     with pytest.raises(InvalidRequest) as exc:
         local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="Euler a", schedule_type="Karras", width=64, height=64))
     assert exc.value.field == "schedule_type"
-    assert "'Automatic', 'SGM Uniform' with sampler 'Euler a'" in str(exc.value)
+    assert "'Automatic', 'Uniform', 'SGM Uniform' with sampler 'Euler a'" in str(exc.value)
 
 
 def test_guidance_off_matches_diffusers(local_pipeline, diffusers_pipe):
@@ -147,7 +149,7 @@ def test_variation_strength_one_is_the_variation_seeds_picture(local_pipeline):
     assert (none.images == local_pipeline.txt2img(Txt2ImgRequest(seed=1, **settings)).images).all()
 
 
-@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ 2M SDE", "DPM2", "Euler"])
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM2", "Euler"])
 def test_automatic_is_a1111s_schedule_for_the_sampler(sampler, local_pipeline):
     """A1111 1.9+ runs DPM++ 2M, DPM++ SDE and DPM2 on Karras and DPM++ 2M SDE on Exponential when left on
     Automatic; the others on the checkpoint's own schedule."""

@@ -142,7 +142,7 @@ BAD = [
     ({"seed": (-2, "INT64")}, "invalid seed=-2: seed must be an integer, from -1 to 4294967295"),
     ({"sampler": ("Euler b", "BYTES")}, "invalid sampler='Euler b': sampler must be one of: 'Euler a', 'Euler'"),
     ({"schedule_type": ("Karras", "BYTES"), "sampler": ("Euler a", "BYTES")},
-     "invalid schedule_type='Karras': schedule_type must be one of: 'Automatic', 'SGM Uniform' with sampler 'Euler a'"),
+     "invalid schedule_type='Karras': schedule_type must be one of: 'Automatic', 'Uniform', 'SGM Uniform' with sampler 'Euler a'"),
     ({"schedule_type": ("Polyexponential", "BYTES")}, "invalid schedule_type='Polyexponential'"),
     ({"clip_skip": (3, "INT32")}, "invalid clip_skip=3: clip_skip must be an integer, from 1 to 2"),
     ({"prompt": (" ".join(["cat"] * 300), "BYTES")}, "invalid prompt='<300 tokens in 4 chunks>': prompt must be at most 3"),

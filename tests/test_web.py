@@ -138,9 +138,12 @@ def test_out_of_range_values_name_the_a1111_field(api):
 def test_info_endpoints(api, server):
     samplers = api.get("/sdapi/v1/samplers").json()
     assert {"name": "Euler a", "aliases": ["k_euler_a", "k_euler_ancestral"], "options": {}} in samplers
-    assert len(samplers) == 18
-    assert [s["label"] for s in api.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Karras", "Exponential",
-                                                                            "SGM Uniform"]
+    assert len(samplers) == 21 and "DPM++ 3M SDE" not in {s["name"] for s in samplers}  # refused ones not listed
+    schedulers = api.get("/sdapi/v1/schedulers").json()
+    assert [s["label"] for s in schedulers] == ["Automatic", "Uniform", "Karras", "Exponential", "Polyexponential",
+                                                "SGM Uniform", "KL Optimal", "Align Your Steps", "Simple", "Normal",
+                                                "DDIM", "Beta"]
+    assert {"name": "align_your_steps", "label": "Align Your Steps"}.items() <= schedulers[7].items()
     models = api.get("/sdapi/v1/sd-models").json()
     spec = Client(server.url).spec
     assert models == [{"title": f"{spec.model_name} [{spec.model_hash}]", "model_name": spec.model_name,
