@@ -39,7 +39,7 @@ from sdtrt.client.client import Client, JobControl, ServerBusy, ServerError
 from sdtrt.errors import InvalidRequest
 from sdtrt.generation import Generation
 from sdtrt.hires import HIRES_UPSCALERS
-from sdtrt.img2img import RESIZE_MODES
+from sdtrt.img2img import INPAINTING_FILLS, RESIZE_MODES
 from sdtrt.infotext import parse_infotext
 from sdtrt.outputs import png_info, save_png
 from sdtrt.prometheus import samples, scrape
@@ -161,7 +161,8 @@ class Txt2ImgBody(_Request):
 
 
 class Img2ImgBody(_Request):
-    init_images: list[str] = Field(..., description="base64 pictures; exactly one is supported")
+    init_images: list[str] = Field(..., description="base64 pictures: one for the whole batch, or up to batch_size "
+                                   "(one picture each)")
     resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill")
     image_cfg_scale: float | None = None
     mask: str | None = Field(None, description="base64 mask: white = repaint")
@@ -169,7 +170,7 @@ class Img2ImgBody(_Request):
     mask_blur_y: int = 4
     mask_blur: int | None = None
     mask_round: bool = True
-    inpainting_fill: int = Field(0, description="with a mask, only 1 (original) is supported")
+    inpainting_fill: int = Field(0, description="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
@@ -228,9 +229,6 @@ def unhonoured(body: "_Request", sampler: str) -> tuple[str, str] | None:
     eta = sampler_eta(sampler)
     if body.eta is not None and eta is not None and body.eta != eta:
         return "eta", f"sdtrt runs {sampler} with eta {eta:g} (A1111's default); other values are not supported"
-    if isinstance(body, Img2ImgBody) and body.mask and body.inpainting_fill != 1:
-        return "inpainting_fill", ("with a mask only 1 (original) is supported; 0 (fill), 2 (latent noise) and "
-                                   "3 (latent nothing) are not")
     return None
 
 def refuse(field: str, message: str) -> HTTPException:
@@ -389,6 +387,9 @@ class Gateway:
             if not 0 <= body.resize_mode < len(RESIZE_MODE_NAMES):
                 raise refuse("resize_mode", "0 (just resize), 1 (crop and resize) or 2 (resize and fill)")
             settings["resize_mode"] = RESIZE_MODE_NAMES[body.resize_mode]
+            if not 0 <= body.inpainting_fill < len(INPAINTING_FILLS):
+                raise refuse("inpainting_fill", "0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
+            settings["inpainting_fill"] = INPAINTING_FILLS[body.inpainting_fill]  # A1111 numbers them in this order
             settings["mask_blur"] = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x,
                                                                                          body.mask_blur_y)
         return settings
@@ -532,9 +533,10 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
     @app.post("/sdapi/v1/img2img", tags=["generation"])
     def img2img(body: Img2ImgBody, response: Response) -> dict[str, Any]:
         ignored(body, response)
-        if len(body.init_images) != 1:
-            raise refuse("init_images", f"exactly one picture (got {len(body.init_images)})")
-        init = decode_image(body.init_images[0], "init_images", "RGB")
+        if not body.init_images:
+            raise refuse("init_images", "at least one picture")
+        # several: one picture per init image, as A1111 (at most batch_size of them; the client says so)
+        init = [decode_image(data, "init_images", "RGB") for data in body.init_images]
         mask = decode_image(body.mask, "mask", "L") if body.mask else None
         if mask is not None and body.inpainting_mask_invert:
             mask = Image.fromarray(255 - np.asarray(mask))

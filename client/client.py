@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdtrt.errors import InvalidRequest, SdtrtError
-from sdtrt.generation import Generation, batch_count, concatenate, infotexts
+from sdtrt.generation import Generation, batch_count, concatenate, infotexts, one_per_image
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.spec import (
     DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID,
@@ -291,9 +291,11 @@ class Client:
         return self._result(spec, request, response, MASK in images)
 
     # --- the jobs ----------------------------------------------------------------------------------------------
-    def _batches(self, job: str, spec: ModelSpec, request: Txt2ImgRequest, images: dict[str, np.ndarray],
-                 n_iter: int, progress: Callable[[int, int], None] | None,
-                 control: JobControl | None = None) -> Generation:
+    def _batches(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
+                 images: dict[str, np.ndarray] | list[dict[str, np.ndarray]], n_iter: int,
+                 progress: Callable[[int, int], None] | None, control: JobControl | None = None) -> Generation:
+        """A1111's batch count: ``n_iter`` batches one after another. ``images``: the pictures every image of the
+        batch starts from, or one set per image (img2img with several init images: one request per image)."""
         results = []
         own = control is not None and self.protocol == "grpc"
         if own:
@@ -306,7 +308,13 @@ class Client:
                         break
                     control._batch = number
                 try:
-                    results.append(self._generate(job, spec, batch, images, control))
+                    if isinstance(images, dict):
+                        results.append(self._generate(job, spec, batch, images, control))
+                    elif len(images) == 1:
+                        results.append(self._generate(job, spec, batch, images[0], control))
+                    else:
+                        results.append(concatenate([self._generate(job, spec, one, pictures, control)
+                                                    for one, pictures in zip(one_per_image(batch), images)]))
                 except Stopped:
                     pass  # interrupted (the loop above ends) or skipped (on to the next batch)
                 if progress is not None:
@@ -338,10 +346,22 @@ class Client:
                 progress: Callable[[int, int], None] | None = None, model: str | None = None,
                 control: JobControl | None = None, **settings: Any) -> Generation:
         """Redraw ``init_image`` (PIL image or H x W x 3 uint8 array); with ``mask`` (white = repaint), inpaint.
-        Settings as for txt2img plus denoising_strength, resize_mode, mask_blur, inpaint_full_res(_padding)."""
+        Settings as for txt2img plus denoising_strength, resize_mode, mask_blur, inpaint_full_res(_padding),
+        inpainting_fill.
+
+        A list of several init images works as in A1111: at most ``batch_size`` of them, and the batch becomes one
+        picture per init image (image i from init i, with seed + i)."""
         spec = self.model_spec(model)
         request = self.request(prompt, Img2ImgRequest, model=spec.key, **settings)
-        return self._batches(IMG2IMG, spec, request, _pictures(init_image, mask), n_iter, progress, control)
+        inits = list(init_image) if isinstance(init_image, (list, tuple)) else [init_image]
+        if not inits or len(inits) > request.batch_size:
+            raise InvalidRequest("init_image", f"<{len(inits)} pictures>",
+                                 f"1 to batch_size ({request.batch_size}) pictures: A1111 redraws one per image of "
+                                 f"the batch, so at most {request.batch_size} here")
+        if len(inits) > 1:
+            request = replace(request, batch_size=len(inits))
+        pictures = [_pictures(init, mask) for init in inits]
+        return self._batches(IMG2IMG, spec, request, pictures, n_iter, progress, control)
 
     async def atxt2img(self, prompt: str, n_iter: int = 1, model: str | None = None, **settings: Any) -> Generation:
         """The asyncio form of :meth:`txt2img` (tritonclient's aio clients, one per call)."""

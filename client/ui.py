@@ -24,7 +24,6 @@ import gradio as gr  # noqa: E402  (after the variable: gradio reads it on impor
 from sdtrt.client.client import Client, JobControl, Progress, ServerError
 from sdtrt.errors import InvalidRequest
 from sdtrt.generation import Generation, settings_from_infotext
-from sdtrt.img2img import RESIZE_MODES
 from sdtrt.outputs import read_infotext, save_png
 from sdtrt.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
 
@@ -34,7 +33,8 @@ POLL_SECONDS = 0.3  # how often a running generation's progress is read from the
 COMMON = ("sampler", "schedule_type", "steps", "width", "height", "batch_size", "guidance_scale", "seed", "subseed",
           "subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
 TXT2IMG_ONLY = ("enable_hr", "hr_upscaler", "hr_scale", "hr_second_pass_steps", "denoising_strength")
-IMG2IMG_ONLY = ("denoising_strength", "resize_mode", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding")
+IMG2IMG_ONLY = ("denoising_strength", "resize_mode", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding",
+                "inpainting_fill")
 LABELS = {
     "sampler": "Sampling method", "schedule_type": "Schedule type", "steps": "Sampling steps", "width": "Width",
     "height": "Height", "batch_size": "Batch size", "guidance_scale": "CFG Scale", "seed": "Seed",
@@ -42,6 +42,7 @@ LABELS = {
     "hr_upscaler": "Upscaler", "hr_scale": "Upscale by", "hr_second_pass_steps": "Hires steps",
     "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "mask_blur": "Mask blur",
     "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding, pixels",
+    "inpainting_fill": "Masked content",
     "clip_skip": "Clip skip", "seed_resize_from_w": "Resize seed from width",
     "seed_resize_from_h": "Resize seed from height",
 }
@@ -164,8 +165,8 @@ def _control(spec, name: str, **kw):
     label = LABELS.get(name, name)
     if name == "inpaint_full_res":
         return gr.Radio(list(INPAINT_AREAS), value="Only masked" if f.default else "Whole picture", label=label, **kw)
-    if name == "resize_mode":
-        return gr.Radio(list(RESIZE_MODES), value=f.default, label=label, **kw)
+    if name in ("resize_mode", "inpainting_fill"):  # radios, as A1111 shows them
+        return gr.Radio(list(f.choices), value=f.default, label=label, **kw)
     if f.choices is not None:
         return gr.Dropdown(choices=list(f.choices), value=f.default, label=label, **kw)
     if f.dtype == "bool":
@@ -249,6 +250,7 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
             else:
                 with gr.Accordion("Inpainting", open=True):
                     fields["mask_blur"] = _control(spec, "mask_blur")
+                    fields["inpainting_fill"] = _control(spec, "inpainting_fill")
                     row("inpaint_full_res", "inpaint_full_res_padding")
             with gr.Row():
                 with gr.Column(scale=3):

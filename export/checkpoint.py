@@ -173,6 +173,11 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None, *, allo
         raise UsageError(
             f"MODEL_DIR {str(path)!r} is neither a diffusers folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file"
         )
+    if int(pipe.unet.config.in_channels) == 2 * int(pipe.vae.config.latent_channels):
+        # latents + the init image's latents: an instruct-pix2pix (edit) model, the only kind A1111 gives an
+        # "Image CFG scale"; sdtrt's jobs are text-to-image, img2img and inpainting
+        raise UsageError(f"{str(path)!r} is an instruct-pix2pix (edit) model ({pipe.unet.config.in_channels}-channel "
+                         "U-Net): sdtrt serves text-to-image and inpainting models; export one of those")
     for module in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet, pipe.vae):
         if module is not None:
             module.eval()

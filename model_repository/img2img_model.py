@@ -29,7 +29,8 @@ class TritonPythonModel(JobModel):
         inputs = prepare_images(init_image, mask, width=settings.width, height=settings.height,
                                 resize_mode=settings.resize_mode, mask_blur=settings.mask_blur,
                                 inpaint_full_res=settings.inpaint_full_res,
-                                padding=settings.inpaint_full_res_padding, vae_scale_factor=spec.vae_scale_factor)
+                                padding=settings.inpaint_full_res_padding, vae_scale_factor=spec.vae_scale_factor,
+                                inpainting_fill=settings.inpainting_fill)
         nets = self.networks(request, spec, settings)
         with self.stage("text"):
             prompts = encode_prompts(settings, nets)

@@ -9,6 +9,7 @@ import numpy as np
 from sdtrt.extra_networks import parse_lora_tags, used_embeddings
 from sdtrt.infotext import build_infotext, parse_infotext
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
+from sdtrt.samplers import resolve
 from sdtrt.spec import ModelSpec
 
 
@@ -27,13 +28,15 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
     lora_hashes = [f"{lora['name']}: {lora['sha256'][:12]}" for lora in model.extra.get("loras", [])]  # fused
     lora_hashes += [f"{name}: {model.loras[name]['hash'][:12]}" for name in lora_names(request, model)]
     embeddings = used_embeddings(f"{request.prompt}\n{request.negative_prompt}", model.embeddings)
+    # A1111 (1.9+) names the schedule it ran, Automatic's choice included ("DPM++ 2M" on Automatic: Karras)
+    _, schedule = resolve(request.sampler, request.schedule_type, model.schedules)
     texts = []
     for i, seed in enumerate(seeds):
         varied = request.subseed_strength > 0
         params = {
             "Steps": request.steps,
             "Sampler": request.sampler,
-            "Schedule type": None if request.schedule_type == "Automatic" else request.schedule_type,
+            "Schedule type": None if schedule == "Automatic" else schedule,
             "CFG scale": request.guidance_scale,
             "Seed": seed,
             "Size": f"{request.width}x{request.height}",
@@ -49,6 +52,7 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
             if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0 else None,
             "Resize mode": request.resize_mode if img2img and request.resize_mode != "Just resize" else None,
             "Mask blur": request.mask_blur if inpaint else None,
+            "Masked content": request.inpainting_fill if inpaint and request.inpainting_fill != "original" else None,
             "Inpaint area": "Only masked" if inpaint and request.inpaint_full_res else None,
             "Masked area padding": request.inpaint_full_res_padding if inpaint and request.inpaint_full_res else None,
             "Hires upscale": request.hr_scale if hires else None,
@@ -83,6 +87,7 @@ INFOTEXT_FIELDS = {
     "Variation seed strength": "subseed_strength",
     "Resize mode": "resize_mode",
     "Mask blur": "mask_blur",
+    "Masked content": "inpainting_fill",
     "Masked area padding": "inpaint_full_res_padding",
     "Hires upscale": "hr_scale",
     "Hires steps": "hr_second_pass_steps",
@@ -128,6 +133,14 @@ def batch_count(request: Txt2ImgRequest, n_iter: int) -> list[Txt2ImgRequest]:
     seed_step = 0 if request.subseed_strength > 0 else step  # A1111: with a variation seed, only it moves
     return [replace(request, seed=request.seed + j * seed_step, subseed=request.subseed + j * step)
             for j in range(n_iter)]
+
+
+def one_per_image(request: Txt2ImgRequest) -> list[Txt2ImgRequest]:
+    """A batch as single-image requests with the seeds the batch gives each image (seed + i, or the same seed
+    with the variation seed + i): the same pictures, one request each."""
+    varied = request.subseed_strength > 0
+    return [replace(request, batch_size=1, seed=request.seed + (0 if varied else i), subseed=request.subseed + i)
+            for i in range(request.batch_size)]
 
 
 def concatenate(generations: list[Generation]) -> Generation:

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 # A1111 resize mode -> diffusers VaeImageProcessor resize_mode
 RESIZE_MODES = {"Just resize": "default", "Crop and resize": "crop", "Resize and fill": "fill"}
+# A1111's "Masked content" (inpainting_fill 0..3): what the masked area starts from. "fill" paints it with the
+# surrounding colours before encoding; the latent ones replace its latents (sdtrt.jobs).
+INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
+LATENT_FILLS = ("latent noise", "latent nothing")
 
 
 @dataclass
@@ -60,6 +64,22 @@ def _pil(array: np.ndarray, mode: str, field: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array), mode=mode)
 
 
+def fill_masked_area(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill": the hole takes the colours around it. The unmasked pixels, premultiplied by their alpha so
+    that the hole adds nothing, are blurred at shrinking radii and stacked over each other; the last layer (no
+    blur) puts the unmasked pixels back as they were."""
+    from PIL import ImageFilter, ImageOps
+
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    filled = Image.new("RGBA", image.size)
+    for radius, layers in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(layers):
+            filled.alpha_composite(blurred)
+    return filled.convert("RGB")
+
+
 def prepare_images(
     init_image: np.ndarray | None,
     mask: np.ndarray | None,
@@ -71,6 +91,7 @@ def prepare_images(
     inpaint_full_res: bool,
     padding: int,
     vae_scale_factor: int,
+    inpainting_fill: str = "original",
 ) -> ImageInputs:
     if init_image is None:
         raise InvalidRequest("init_image", None, "an H x W x 3 uint8 RGB picture (img2img needs one)")
@@ -88,7 +109,8 @@ def prepare_images(
     crop, fit = None, "default"
     if inpaint_full_res:
         crop, fit = mask_proc.get_crop_region(overlay_mask, width, height, pad=padding), "fill"
-    init = image_proc.preprocess(original, height, width, crops_coords=crop, resize_mode=fit)
+    start = fill_masked_area(original, overlay_mask) if inpainting_fill == "fill" else original
+    init = image_proc.preprocess(start, height, width, crops_coords=crop, resize_mode=fit)
     binary = mask_proc.preprocess(overlay_mask, height, width, resize_mode=fit, crops_coords=crop)
     return ImageInputs(init=init, original=original, mask=binary, masked=init * (binary < 0.5),
                        overlay_mask=overlay_mask, crop=crop)

@@ -21,7 +21,7 @@ from sdtrt.conditioning import Conditioning, ScheduledConditioning, schedule_con
 from sdtrt.denoise import UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.errors import InvalidRequest
 from sdtrt.hires import HIRES_UPSCALERS, target_size, upscale_image, upscale_latents
-from sdtrt.img2img import ImageInputs
+from sdtrt.img2img import LATENT_FILLS, ImageInputs
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
 from sdtrt.samplers import make_scheduler
 from sdtrt.seeds import image_seeds, initial_noise, make_generators
@@ -170,6 +170,14 @@ def hires_pass(
                    cond_weights=prompts.weights)
 
 
+def _fill_latents(latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, fill: str) -> torch.Tensor:
+    """A1111's latent "Masked content": the masked latent cells (the mask at latent size, rounded) start from the
+    seed's noise ("latent noise") or from zeros ("latent nothing") instead of the picture's latents."""
+    cells = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).round()
+    replacement = noise if fill == "latent noise" else torch.zeros_like(latents)
+    return latents * (1 - cells) + replacement * cells
+
+
 def img2img_latents(
     spec: ModelSpec,
     request: Img2ImgRequest,
@@ -194,6 +202,8 @@ def img2img_latents(
     if not (inpaint and nine and full_strength):
         image_latents = sample_latents(nets.vae_encode(inputs.init), generators, spec.vae_scaling_factor)
     noise = _noise(spec, request, generators, request.width, request.height, nets.device)
+    if inpaint and image_latents is not None and request.inpainting_fill in LATENT_FILLS:
+        image_latents = _fill_latents(image_latents, inputs.mask, noise, request.inpainting_fill)
     if len(timesteps) == 0:  # strength 0: the init image's VAE round trip
         latents = image_latents
     elif inpaint and full_strength:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sdtrt.errors import InvalidRequest
 from sdtrt.hires import DEFAULT_UPSCALER, HIRES_UPSCALERS
-from sdtrt.img2img import RESIZE_MODES
+from sdtrt.img2img import INPAINTING_FILLS, RESIZE_MODES
 from sdtrt.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, check_available, resolve, sampler_names
 from sdtrt.seeds import MAX_SEED, RANDOM_SEED, resolve_seed
 from sdtrt.spec import FieldSpec, ModelSpec
@@ -65,6 +65,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask_blur: int | None = None
     inpaint_full_res: bool | None = None  # A1111's "Inpaint area: Only masked"
     inpaint_full_res_padding: int | None = None
+    inpainting_fill: str | None = None  # A1111's "Masked content"
 
 
 def job_fields(request_type: type) -> tuple[str, ...]:
@@ -123,6 +124,9 @@ def request_fields(
                   "inpainting: redraw only the masked area, at full resolution (A1111's 'Only masked')"),
         FieldSpec("inpaint_full_res_padding", "int32", 32, "inpainting: pixels of context around the masked area",
                   minimum=0, maximum=256),
+        FieldSpec("inpainting_fill", "string", "original", "inpainting: what the masked area starts from (A1111's "
+                  "'Masked content'): fill (the colours around it), original, latent noise, latent nothing",
+                  choices=INPAINTING_FILLS),
     ]
     return {f.name: f for f in fields}
 

@@ -159,5 +159,7 @@ def test_automatic_is_a1111s_schedule_for_the_sampler(sampler, local_pipeline):
     if named is None:
         karras = local_pipeline.txt2img(Txt2ImgRequest(schedule_type="Karras", **settings))
         assert (automatic.images != karras.images).any()
+        assert "Schedule type" not in automatic.infotexts[0]
     else:
         assert (automatic.images == local_pipeline.txt2img(Txt2ImgRequest(schedule_type=named, **settings)).images).all()
+        assert f"Schedule type: {named}" in automatic.infotexts[0]  # as A1111 1.9+ writes it

@@ -95,7 +95,7 @@ def test_fields_sdtrt_cannot_honour_are_refused_by_name(api, field, value):
 def test_values_that_change_nothing_are_accepted_as_a1111_accepts_them(api):
     """What webuiapi sends by default: eta 1 (what ancestral samplers use; ignored by deterministic ones), s_tmax
     0 without churn, image_cfg_scale on a model that is not instruct-pix2pix, nulls meaning the default, and
-    inpainting_fill 0 without a mask (it only says how to fill a masked area)."""
+    inpainting_fill without a mask (it only says what a masked area starts from)."""
     common = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1, "eta": 1.0, "s_tmax": 0, "s_tmin": 0,
               "s_churn": 0, "s_noise": 1, "seed_resize_from_h": 0, "styles": [], "subseed": None, "scheduler": None}
     for sampler in ("Euler a", "Euler", "DPM++ 2M"):
@@ -108,10 +108,22 @@ def test_values_that_change_nothing_are_accepted_as_a1111_accepts_them(api):
     img2img = {**common, "init_images": [picture], "image_cfg_scale": 1.5, "inpainting_fill": 0,
                "denoising_strength": 0.5, "initial_noise_multiplier": 1}
     assert api.post("/sdapi/v1/img2img", json=img2img).status_code == 200
-    masked = api.post("/sdapi/v1/img2img", json={**img2img, "mask": b64png(sample_mask(64, 64))})
-    assert masked.status_code == 422 and masked.json()["detail"][0]["loc"] == ["body", "inpainting_fill"]
-    assert api.post("/sdapi/v1/img2img", json={**img2img, "mask": b64png(sample_mask(64, 64)),
-                                               "inpainting_fill": 1}).status_code == 200
+    bad = api.post("/sdapi/v1/img2img", json={**img2img, "mask": b64png(sample_mask(64, 64)), "inpainting_fill": 4})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "inpainting_fill"]
+
+
+@pytest.mark.parametrize("number,name", [(0, "fill"), (2, "latent noise"), (3, "latent nothing")])
+def test_inpainting_fill_numbers_are_a1111s_masked_content(api, server, number, name):
+    picture, mask = sample_picture(64, 64), sample_mask(64, 64)
+    response = api.post("/sdapi/v1/img2img", json={
+        "init_images": [b64png(picture)], "mask": b64png(mask), "inpainting_fill": number, "prompt": "a red door",
+        "denoising_strength": 0.8, "mask_blur": 0, "inpaint_full_res": False, "steps": 4, "seed": 9, "width": 64,
+        "height": 64, "sampler_name": "Euler"})
+    assert response.status_code == 200, response.text
+    direct = Client(server.url).img2img("a red door", picture, mask, inpainting_fill=name, denoising_strength=0.8,
+                                        mask_blur=0, steps=4, seed=9, width=64, height=64, sampler="Euler")
+    assert (np.asarray(decode(response.json()["images"][0])) == direct.images[0]).all()
+    assert f"Masked content: {name}" in json.loads(response.json()["info"])["infotexts"][0]
 
 
 def test_unknown_keys_are_ignored_and_listed(api):
@@ -319,3 +331,21 @@ def test_the_noise_source_option_as_a1111_sets_it(api):
         assert "RNG: NV" in json.loads(again.json()["info"])["infotexts"][0]
     finally:
         api.post("/sdapi/v1/options", json={"randn_source": "CPU"})
+
+
+def test_several_init_images_one_picture_each(api, server):
+    picture = sample_picture(64, 64)
+    other = np.ascontiguousarray(picture[::-1])
+    body = {"init_images": [b64png(picture), b64png(other)], "prompt": "a red door", "denoising_strength": 0.7,
+            "steps": 3, "seed": 9, "width": 64, "height": 64, "sampler_name": "Euler", "batch_size": 2}
+    response = api.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 200, response.text
+    images = [np.asarray(decode(image)) for image in response.json()["images"]]
+    client = Client(server.url)
+    for image, init, seed in zip(images, (picture, other), (9, 10)):
+        direct = client.img2img("a red door", init, denoising_strength=0.7, steps=3, seed=seed, width=64, height=64,
+                                sampler="Euler")
+        assert (image == direct.images[0]).all()
+    assert json.loads(response.json()["info"])["all_seeds"] == [9, 10]
+    refused = api.post("/sdapi/v1/img2img", json={**body, "init_images": [b64png(picture)] * 3})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "init_images"]
