@@ -1,10 +1,12 @@
-"""The embedded default model: a small Stable-Diffusion-shaped diffusers pipeline built offline.
+"""The embedded default models: small Stable-Diffusion-shaped diffusers pipelines built offline.
 
 Same architecture family and wiring as SD 1.x (CLIP text model with CLIP's real tokenizer, a cross-attention
-U-Net with 4 latent channels, a 4-level VAE so 8 pixels per latent cell, SD 1.x's scheduler config), but tiny
-and randomly initialised from a fixed seed, so that it builds in a second, byte-identically every time, and
-a 64x64 image takes well under a second on two CPU cores. It draws abstract patterns, not pictures: use a
-real checkpoint (`sdtrt export path/to/model`) for those.
+U-Net with 4 latent channels, a 4-level VAE so 8 pixels per latent cell, SD 1.x's scheduler config), but tiny.
+"tiny" (what `sdtrt init-default` writes, and the tests' model) has random weights from a fixed seed: it builds in
+a second, byte-identically every time, and draws abstract patterns. "shapes" is the model
+scripts/train_default_model.py trains on sdtrt.scenes to draw coloured shapes where the prompt says, at 64x64,
+loaded from its weights file. "half" and "sd15" are SD 1.5's layout at half and full widths, random, for
+benchmarks.
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ VAE_CONFIG = dict(
 )
 
 
+# The trained default model ("shapes": scripts/train_default_model.py on sdtrt.scenes): 64 px native (8x8
+# latents), a three-level U-Net so that every latent cell sees the whole picture (where the shape is matters).
+SHAPES_SEED = 20261127
+SHAPES_CONFIGS = {
+    "text": dict(TEXT_CONFIG),
+    "unet": {**UNET_CONFIG, "sample_size": 8, "block_out_channels": (32, 64, 64), "attention_head_dim": 1,
+             "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")},
+    "vae": {**VAE_CONFIG, "sample_size": 64, "block_out_channels": (16, 32, 32, 32), "norm_num_groups": 16},
+}
+
 # SD 1.5's real shapes (UNet ~860M, CLIP ViT-L/14 text ~123M, VAE ~84M parameters), for benchmarks on a GPU when
 # no checkpoint is at hand: same cost per step as SD 1.5, random weights from the same fixed seed.
 SD15_SHAPES = {
@@ -79,7 +92,9 @@ HALF_SD15_SHAPES = {
     "unet": {**SD15_SHAPES["unet"], "block_out_channels": (160, 320, 640, 640), "cross_attention_dim": 384},
     "vae": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2),
 }
-SIZES = ("tiny", "half", "sd15")
+SIZES = ("tiny", "half", "sd15", "shapes")
+# The trained weights of the "shapes" model, as scripts/train_default_model.py wrote them (float16, a few MB).
+SHAPES_WEIGHTS = Path(__file__).parent / "weights" / "shapes.safetensors"
 
 # The tiny model in SD 2.x's architecture (OpenCLIP-style text tower: GELU, 23 layers read as SD 2.x reads them;
 # U-Net heads of size 64, linear projections; v-prediction as the 768-v models), for testing that family.
@@ -117,6 +132,10 @@ def model_configs(size: str = "tiny", inpainting: bool = False, family: str = "s
     (tiny only) SD 2.x."""
     if size not in SIZES or family not in FAMILIES or (family != "sd1" and size != "tiny"):
         raise ValueError(f"size must be one of {SIZES} and family one of {FAMILIES} (sd2, sdxl: tiny only)")
+    if size == "shapes":
+        if inpainting or family != "sd1":
+            raise ValueError("the trained shapes model is SD 1.x-shaped text-to-image only")
+        return {name: dict(config) for name, config in SHAPES_CONFIGS.items()}
     scaled = {"sd15": SD15_SHAPES, "half": HALF_SD15_SHAPES}.get(size) or {"sd2": SD2_TINY, "sdxl": SDXL_TINY}.get(family) or {}
     configs = {
         "text": {**TEXT_CONFIG, **scaled.get("text", {})},
@@ -129,12 +148,13 @@ def model_configs(size: str = "tiny", inpainting: bool = False, family: str = "s
 
 
 def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None, inpainting: bool = False,
-                        size: str = "tiny", family: str = "sd1") -> Path:
+                        size: str = "tiny", family: str = "sd1", weights: str | Path = SHAPES_WEIGHTS) -> Path:
     """Write the default model as an ordinary diffusers folder and return its path.
 
     ``inpainting`` gives its U-Net the 9 input channels of SD inpainting checkpoints (latents, mask,
     masked-image latents), for testing that path; ``size="sd15"`` scales it to SD 1.5's real shapes;
-    ``family="sd2"`` builds it in SD 2.x's architecture, v-prediction; ``family="sdxl"`` in SDXL base's.
+    ``family="sd2"`` builds it in SD 2.x's architecture, v-prediction; ``family="sdxl"`` in SDXL base's;
+    ``size="shapes"``: the trained model, from ``weights``.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -156,6 +176,8 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
     unet = UNet2DConditionModel(**configs["unet"]).eval()
     torch.manual_seed(SEED + 2)
     vae = AutoencoderKL(**configs["vae"]).eval()
+    if size == "shapes":
+        load_trained(text_encoder, unet, vae, Path(weights))
 
     if family == "sdxl":
         return _save_sdxl(out, configs, tokenizer, text_encoder, unet, vae, clip_bpe)
@@ -172,6 +194,22 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def load_trained(text_encoder, unet, vae, weights: Path = SHAPES_WEIGHTS) -> None:
+    """The trained shapes model's weights (and its VAE's latent scale) into freshly built networks."""
+    from safetensors import safe_open
+
+    from sdtrt.errors import UsageError
+
+    if not weights.is_file():
+        raise UsageError(f"{weights} is missing: train it with scripts/train_default_model.py --out {weights}")
+    with safe_open(str(weights), "pt") as f:
+        tensors = {key: f.get_tensor(key).float() for key in f.keys()}
+        scaling = float(f.metadata()["vae_scaling_factor"])
+    for prefix, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+        module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+    vae.register_to_config(scaling_factor=scaling)
 
 
 def _save_sdxl(out: Path, configs: dict, tokenizer, text_encoder, unet, vae, clip_bpe) -> Path:

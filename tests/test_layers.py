@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
     "contract": (0, {"sdtrt", "sdtrt.errors", "sdtrt.spec", "sdtrt.request", "sdtrt.samplers", "sdtrt.schedules", "sdtrt.seeds",
                      "sdtrt.infotext", "sdtrt.generation", "sdtrt.images", "sdtrt.outputs", "sdtrt.hires",
                      "sdtrt.img2img", "sdtrt.prompts", "sdtrt.architectures", "sdtrt.extra_networks", "sdtrt.previews",
-                     "sdtrt.styles", "sdtrt.upscale", "sdtrt.prompt_schedule",
+                     "sdtrt.styles", "sdtrt.upscale", "sdtrt.prompt_schedule", "sdtrt.scenes",
                      "sdtrt.philox", "sdtrt.prometheus"}),
     "pipeline": (1, {"sdtrt.denoise", "sdtrt.vae", "sdtrt.jobs", "sdtrt.text", "sdtrt.local", "sdtrt.clip_vocab",
                      "sdtrt.conditioning",
