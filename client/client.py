@@ -267,13 +267,18 @@ class Client:
         """The progress of the request sent under ``request_id`` (a JobControl's), as the server's loop last
         posted it; None before its first step or for an unknown id."""
         module = _module(self.protocol)
-        connection = self._job_connections.get(request_id) or self._client()
+        inputs = [self._tensor(module, PROGRESS_REQUEST_ID, np.array([request_id.encode()], dtype=np.object_), "BYTES")]
+        own = self._job_connections.get(request_id)
         try:
-            response = connection.infer(PROGRESS, [self._tensor(module, PROGRESS_REQUEST_ID,
-                                                                    np.array([request_id.encode()], dtype=np.object_),
-                                                                    "BYTES")])
+            response = (own or self._client()).infer(PROGRESS, inputs)
         except Exception as exc:
-            raise self._error(exc) from None
+            if own is None or self._job_connections.get(request_id) is own:
+                raise self._error(exc) from None
+            # the job ended and closed its own connection while this question was on it: ask on the shared one
+            try:
+                response = self._client().infer(PROGRESS, inputs)
+            except Exception as again:
+                raise self._error(again) from None
         done, total = int(response.as_numpy(PROGRESS_STEP)[0]), int(response.as_numpy(PROGRESS_TOTAL)[0])
         preview = response.as_numpy(PROGRESS_PREVIEW)  # None from a server of an sdtrt without previews
         return None if done < 0 else Progress(done, total, preview if preview is not None and preview.size else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -31,6 +32,17 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+@contextlib.contextmanager
+def triton_on(repo: Path, logs: Path):
+    """A real tritonserver on ``repo``, on free loopback ports, its log in the folder ``logs``."""
+    from sdtrt.app.server import TritonServer
+
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                      log_file=Path(logs) / "tritonserver.log") as triton:
+        yield triton
 
 
 def first_answer(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> int:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
-from servers import free_ports, raw_infer
+from servers import raw_infer, triton_on
 from sdtrt.client import Client, ServerError
 from sdtrt.client.a1111_api import create_app
 from sdtrt.errors import InvalidRequest
@@ -48,11 +48,7 @@ def repo(default_model, sd2_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
-    from sdtrt.app.server import TritonServer
-
-    http, grpc, metrics = free_ports(3)
-    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                      log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log") as triton:
+    with triton_on(repo, tmp_path_factory.mktemp("logs")) as triton:
         yield triton
 
 

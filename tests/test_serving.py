@@ -318,3 +318,20 @@ def test_each_controlled_job_has_its_own_connection_and_reads_its_progress_there
     assert all(progressed)
     assert len(seen_ports) >= 2, seen_ports  # one connection per job (and none shared between them)
     assert not client._job_connections  # each closed with its job
+
+
+def test_progress_asked_as_the_job_closes_its_connection_is_answered_on_the_shared_one(server):
+    """The race a loaded machine showed: progress() picks the job's own connection, the job ends and closes it,
+    the question fails with "Channel closed". The job's connection is replaced here by one that does exactly
+    that when asked (the server is real)."""
+    client = Client(server.url)
+    real = client._new_client(own_connection=True)
+
+    class ClosesWhenAsked:
+        def infer(self, *args, **kwargs):
+            client._job_connections.pop("ended-job", None)
+            real.close()
+            return real.infer(*args, **kwargs)
+
+    client._job_connections["ended-job"] = ClosesWhenAsked()
+    assert client.progress("ended-job") is None  # an id the server does not know: no progress, and no error
