@@ -35,11 +35,13 @@ def to_tensor(pictures: np.ndarray) -> torch.Tensor:
 
 def train_vae(vae, steps: int, batch: int, seed: int):
     rng = np.random.default_rng(seed)
-    optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     vae.train()
     for step in range(steps):
-        pictures = to_tensor(np.stack([random_scene(rng).render() for _ in range(batch)]))
+        # 32x32 crops: the VAE is convolutional, and a quarter of the pixels is a quarter of the time
+        corners = rng.integers(0, 33, size=(batch, 2))
+        pictures = to_tensor(np.stack([random_scene(rng).render()[y:y + 32, x:x + 32] for x, y in corners]))
         posterior = vae.encode(pictures).latent_dist
         recon = vae.decode(posterior.sample(torch.Generator().manual_seed(seed + step))).sample
         loss = torch.nn.functional.mse_loss(recon, pictures) + 1e-5 * posterior.kl().mean()
@@ -47,7 +49,7 @@ def train_vae(vae, steps: int, batch: int, seed: int):
         loss.backward()
         optimiser.step()
         schedule.step()
-        if step % 200 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log(f"vae {step}/{steps} loss {loss.item():.5f}")
     vae.eval()
 
@@ -79,7 +81,7 @@ def train_denoiser(text_encoder, unet, tokenizer, latents: torch.Tensor, scenes,
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimiser.step()
         schedule.step()
-        if step % 200 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log(f"denoiser {step}/{steps} loss {loss.item():.5f}")
     unet.eval()
     text_encoder.eval()
@@ -88,10 +90,10 @@ def train_denoiser(text_encoder, unet, tokenizer, latents: torch.Tensor, scenes,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=4000)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--denoiser-steps", type=int, default=6000)
-    parser.add_argument("--denoiser-batch", type=int, default=64)
+    parser.add_argument("--denoiser-steps", type=int, default=4000)
+    parser.add_argument("--denoiser-batch", type=int, default=96)
     parser.add_argument("--scenes", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=SHAPES_SEED)
     parser.add_argument("--threads", type=int, default=2)

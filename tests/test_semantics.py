@@ -1,0 +1,206 @@
+"""Does the picture do what the prompt asks? The trained default model ("shapes"), served, read back with
+sdtrt.scenes' colour measure.
+
+Every check is run on the trained model, where it must hold, and on the random-weight tiny model, where it must
+not: a random model draws coloured noise, so no threshold below is met by it by chance (each test asserts that
+too, so a threshold that stopped telling the two apart would fail the test).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from sdtrt.default_model import SHAPES_WEIGHTS
+from sdtrt.scenes import COLOURS, SIZE, Scene, colour_share
+
+# Issue 19: these wait for the trained weights, which scripts/train_default_model.py writes; they run by
+# themselves once the file is in the repository.
+pytestmark = pytest.mark.skipif(not SHAPES_WEIGHTS.is_file(),
+                                reason=f"needs the trained default model ({SHAPES_WEIGHTS.name}; issue 19)")
+
+STEPS = dict(steps=20, sampler="Euler", guidance_scale=7.0, width=SIZE, height=SIZE)
+
+
+@pytest.fixture(scope="module")
+def shapes_server(tmp_path_factory):
+    from servers import triton_on
+
+    from sdtrt.default_model import build_default_model
+    from sdtrt.export import export_model
+
+    model = build_default_model(tmp_path_factory.mktemp("models") / "shapes", size="shapes")
+    repo = tmp_path_factory.mktemp("repos") / "shapes"
+    export_model(model, repo, progress=False, report=lambda *_: None)
+    with triton_on(repo, tmp_path_factory.mktemp("logs")) as triton:
+        yield triton
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_server):
+    from sdtrt.client import Client
+
+    return Client(shapes_server.url)
+
+
+@pytest.fixture(scope="module")
+def random_model(server):
+    from sdtrt.client import Client
+
+    return Client(server.url)
+
+
+def region(scene: Scene) -> np.ndarray:
+    return scene.mask()
+
+
+def quadrant(name: str) -> np.ndarray:
+    """bool [SIZE, SIZE]: one quarter of the picture."""
+    area = np.zeros((SIZE, SIZE), bool)
+    h = SIZE // 2
+    rows = slice(0, h) if "top" in name else slice(h, SIZE)
+    cols = slice(0, h) if "left" in name else slice(h, SIZE)
+    area[rows, cols] = True
+    return area
+
+
+def both(check: Callable[[object], bool], trained, random_model) -> None:
+    assert check(trained), "the trained model does not do what the prompt says"
+    assert not check(random_model), "a random model passes this check: the threshold tells nothing"
+
+
+def txt(client, prompt: str, seed: int = 1, **kw) -> np.ndarray:
+    return client.txt2img(prompt, seed=seed, **{**STEPS, **kw}).images[0]
+
+
+def test_the_named_colour_fills_the_named_shape(trained, random_model):
+    scene = Scene("circle", "red", "large", "in the center", "blue")
+
+    def check(client) -> bool:
+        picture = txt(client, scene.caption())
+        return colour_share(picture, "red", region(scene)) > 0.5 and colour_share(picture, "blue", ~region(scene)) > 0.5
+
+    both(check, trained, random_model)
+
+
+def test_position_words_move_the_shape(trained, random_model):
+    def check(client) -> bool:
+        shares = {}
+        for place in ("at the top left", "at the bottom right"):
+            picture = txt(client, f"a large red square {place} on a white background", seed=3)
+            shares[place] = {q: colour_share(picture, "red", quadrant(q)) for q in ("top left", "bottom right")}
+        return (shares["at the top left"]["top left"] > 0.3 > shares["at the top left"]["bottom right"]
+                and shares["at the bottom right"]["bottom right"] > 0.3 > shares["at the bottom right"]["top left"])
+
+    both(check, trained, random_model)
+
+
+def test_the_negative_prompt_removes_a_colour(trained, random_model):
+    scene = Scene("circle", "green", "large", "in the center", "white")
+
+    def check(client) -> bool:
+        plain = [txt(client, scene.caption(), seed=s) for s in (1, 2)]
+        steered = [txt(client, scene.caption(), seed=s, negative_prompt="green") for s in (1, 2)]
+        return (min(colour_share(p, "green", region(scene)) for p in plain) > 0.5
+                and max(colour_share(p, "green", region(scene)) for p in steered) < 0.25)
+
+    both(check, trained, random_model)
+
+
+def test_a_weight_gives_more_of_what_it_weighs(trained, random_model):
+    scene = Scene("circle", "red", "large", "in the center", "blue")
+
+    def check(client) -> bool:
+        def red(weight: float) -> float:
+            prompt = f"a large (red:{weight}) circle in the center on a blue background"
+            return float(np.mean([colour_share(txt(client, prompt, seed=s), "red", region(scene)) for s in (1, 2)]))
+        strong, weak = red(1.4), red(0.7)
+        return strong > 0.5 and strong > weak + 0.05
+
+    both(check, trained, random_model)
+
+
+def test_img2img_at_low_strength_keeps_the_shape_in_its_place(trained, random_model):
+    scene = Scene("circle", "red", "large", "at the top left", "blue")
+
+    def check(client) -> bool:
+        picture = client.img2img("a large red circle on a blue background", scene.render(), seed=4,
+                                 denoising_strength=0.35, **STEPS).images[0]
+        return colour_share(picture, "red", region(scene)) > 0.6 and colour_share(picture, "blue", ~region(scene)) > 0.6
+
+    both(check, trained, random_model)
+
+
+def test_inpainting_repaints_only_the_masked_area(trained, random_model):
+    scene = Scene("circle", "red", "large", "at the top left", "blue")
+    mask = quadrant("bottom right")
+
+    def check(client) -> bool:
+        picture = client.img2img("a large yellow square at the bottom right on a blue background", scene.render(),
+                                 (mask * 255).astype(np.uint8), seed=5, denoising_strength=1.0, mask_blur=0,
+                                 **STEPS).images[0]
+        untouched = (picture[~mask] == scene.render()[~mask]).all()
+        return bool(untouched) and colour_share(picture, "yellow", mask) > 0.2
+
+    both(check, trained, random_model)
+
+
+def test_prompt_editing_lands_between_its_two_prompts(trained, random_model):
+    scene = Scene("circle", "red", "large", "in the center", "white")
+
+    def inside(picture: np.ndarray) -> np.ndarray:
+        return picture[region(scene)].astype(np.float32).mean(axis=0)
+
+    def check(client) -> bool:
+        red = inside(txt(client, scene.caption(), seed=6))
+        blue = inside(txt(client, scene.caption().replace("red", "blue"), seed=6))
+        edited = inside(txt(client, scene.caption().replace("red", "[red:blue:0.5]"), seed=6))
+        visible = np.linalg.norm(edited - np.array(COLOURS["white"])) > 100
+        distinct = np.linalg.norm(red - blue) > 100
+        between = (min(red[0], blue[0]) - 20 <= edited[0] <= max(red[0], blue[0]) + 20
+                   and min(red[2], blue[2]) - 20 <= edited[2] <= max(red[2], blue[2]) + 20)
+        apart = min(np.linalg.norm(edited - red), np.linalg.norm(edited - blue)) > 15
+        return bool(visible and distinct and between and apart)
+
+    both(check, trained, random_model)
+
+
+def test_two_seeds_draw_the_same_scene_in_different_places(trained, random_model):
+    def check(client) -> bool:
+        centres = []
+        for seed in (11, 12, 13, 14):
+            picture = txt(client, "a small red circle on a white background", seed=seed)
+            red = np.linalg.norm(picture.astype(np.float32) - np.array(COLOURS["red"]), axis=-1) < 80
+            if red.mean() < 0.03:  # no red circle drawn
+                return False
+            ys, xs = np.nonzero(red)
+            centres.append((xs.mean(), ys.mean()))
+        spread = max(np.hypot(a[0] - b[0], a[1] - b[1]) for a in centres for b in centres)
+        return spread > 15
+
+    both(check, trained, random_model)
+
+
+DEMO_PROMPT = "a large red circle in the center on a blue background"
+
+
+def test_the_demo_draws_what_it_is_asked(shapes_server, tmp_path):
+    """scripts/demo.sh's prompt and settings through the CLI, against the served trained model: the PNG it writes
+    shows a red circle in the middle of a blue picture."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    demo = (Path(__file__).resolve().parents[1] / "scripts" / "demo.sh").read_text()
+    assert f'"{DEMO_PROMPT}"' in demo
+    subprocess.run([sys.executable, "-m", "sdtrt.app.cli", "txt2img", DEMO_PROMPT, "--negative-prompt",
+                    "blurry, low quality", "--steps", "20", "--sampler", "Euler a", "--cfg-scale", "7", "--seed",
+                    "42", "--url", shapes_server.url, "--out", str(tmp_path)], check=True, timeout=300)
+    picture = np.asarray(Image.open(next(tmp_path.glob("*.png"))).convert("RGB"))
+    circle = Scene("circle", "red", "large", "in the center", "blue")
+    assert picture.shape == (SIZE, SIZE, 3)
+    assert colour_share(picture, "red", circle.mask()) > 0.5 and colour_share(picture, "blue", ~circle.mask()) > 0.5
