@@ -10,6 +10,7 @@ from sdtrt.extra_networks import parse_lora_tags, used_embeddings
 from sdtrt.infotext import build_infotext, parse_infotext
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
 from sdtrt.samplers import resolve
+from sdtrt.seeds import image_seeds
 from sdtrt.spec import ModelSpec
 
 
@@ -138,9 +139,10 @@ def batch_count(request: Txt2ImgRequest, n_iter: int) -> list[Txt2ImgRequest]:
 def one_per_image(request: Txt2ImgRequest) -> list[Txt2ImgRequest]:
     """A batch as single-image requests with the seeds the batch gives each image (seed + i, or the same seed
     with the variation seed + i): the same pictures, one request each."""
-    varied = request.subseed_strength > 0
-    return [replace(request, batch_size=1, seed=request.seed + (0 if varied else i), subseed=request.subseed + i)
-            for i in range(request.batch_size)]
+    n = request.batch_size
+    seeds = image_seeds(request.seed, n, request.subseed_strength > 0)
+    return [replace(request, batch_size=1, seed=seed, subseed=subseed)
+            for seed, subseed in zip(seeds, image_seeds(request.subseed, n))]
 
 
 def concatenate(generations: list[Generation]) -> Generation:
