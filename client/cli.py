@@ -51,8 +51,23 @@ def add_field_flags(parser: argparse.ArgumentParser, request_type: type, spec: "
             group.add_argument(flag(name), dest=name, action="store_true", default=None, help=_help(name, spec))
             continue
         kind = int if f.dtype.startswith("int") else float if f.dtype.startswith("float") else str
+        if name == "sampler":
+            kind = _sampler_name  # an A1111 sampler sdtrt refuses: its reason and the nearest, not argparse's list
         extra = {"choices": list(f.choices), "metavar": "NAME"} if f.choices else {}
         group.add_argument(flag(name), dest=name, type=kind, default=None, help=_help(name, spec), **extra)
+
+
+def _sampler_name(value: str) -> str:
+    import argparse
+
+    from sdtrt.errors import InvalidRequest
+    from sdtrt.samplers import check_available
+
+    try:
+        check_available(value)
+    except InvalidRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def spec_for_help(argv: list[str]) -> "ModelSpec | None":

@@ -115,3 +115,10 @@ def test_samplers_lists_the_table(capsys):
     assert "DPM++ 3M SDE" in unavailable and "use DPM++ 2M SDE, DPM++ 2M SDE Heun" in unavailable
     assert "SGM Uniform      timestep_spacing=trailing; with 20 of 21 samplers" in schedules
     assert "Align Your Steps A1111's sigma list, given to diffusers as custom sigmas; with Euler" in schedules
+
+
+def test_an_a1111_sampler_sdtrt_refuses_is_named_with_the_nearest(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        run(capsys, "txt2img", "x", "--sampler", "DPM++ 3M SDE", "--local", str(tmp_path))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "'DPM++ 3M SDE' is not available" in err and "'DPM++ 2M SDE Heun'" in err
