@@ -25,7 +25,8 @@ typical session:
   sdtrt init-default --out models/default          # build the small offline demo model
   sdtrt export models/default --out repos/default  # ONNX + spec + Triton model repository
   sdtrt serve -m repos/default                     # tritonserver; Ctrl-C stops it
-  sdtrt txt2img "a lighthouse at dawn" --seed 42 --out outputs/   # in another shell
+  sdtrt txt2img "a large red circle in the center on a blue background" --seed 42 --out outputs/
+                                                   # (in another shell)
 """
 
 
@@ -74,19 +75,22 @@ def build_parser(spec=None) -> argparse.ArgumentParser:
 
 def _add_init_default(sub) -> None:
     p = sub.add_parser("init-default", help="build the small offline default model (a diffusers folder)",
-                       description="Build the embedded default model: a tiny Stable-Diffusion-shaped pipeline with "
-                       "CLIP's real tokenizer, random weights from a fixed seed, byte-identical on every build.")
+                       description="Build the embedded default model, a small Stable-Diffusion-shaped pipeline with "
+                       "CLIP's real tokenizer, byte-identical on every build. By default the trained 'shapes' model "
+                       "(coloured shapes on coloured backgrounds at 64x64, drawn where the prompt says: "
+                       "'a large red circle in the center on a blue background'); --size tiny gives random weights.")
     p.add_argument("--out", type=Path, default=Path("models/default"), help="output folder (default: models/default)")
     p.add_argument("--clip-bpe", type=Path, default=None,
                    help="CLIP's bpe_simple_vocab_16e6.txt.gz, or the open-clip-torch wheel holding it "
                    "(default: the copy the install step fetched)")
     p.add_argument("--inpainting", action="store_true",
-                   help="give the U-Net 9 input channels, like SD inpainting checkpoints")
+                   help="give the U-Net 9 input channels, like SD inpainting checkpoints (random weights)")
     p.add_argument("--family", choices=["sd1", "sd2"], default="sd1",
                    help="sd2: the tiny model in SD 2.x's architecture (OpenCLIP-style text, v-prediction)")
-    p.add_argument("--size", choices=["tiny", "sd15"], default="tiny",
-                   help="tiny (default: seconds on a CPU) or sd15: SD 1.5's real shapes, random weights, for GPU "
-                   "benchmarks without a checkpoint (~4 GB)")
+    p.add_argument("--size", choices=["shapes", "tiny", "sd15"], default=None,
+                   help="shapes (the default for SD 1.x): trained, draws what the prompt says; tiny (the default "
+                   "with --inpainting or --family sd2): random weights, seconds on a CPU; sd15: SD 1.5's real "
+                   "shapes, random weights, for GPU benchmarks without a checkpoint (~4 GB)")
     p.set_defaults(func=cmd_init_default)
 
 
@@ -267,7 +271,11 @@ def _add_samplers(sub) -> None:
 def cmd_init_default(args: argparse.Namespace) -> int:
     from sdtrt.default_model import build_default_model
 
-    path = build_default_model(args.out, args.clip_bpe, inpainting=args.inpainting, size=args.size, family=args.family)
+    size = args.size or ("tiny" if args.inpainting or args.family != "sd1" else "shapes")
+    if size == "shapes" and (args.inpainting or args.family != "sd1"):
+        raise UsageError("--size shapes is trained as an SD 1.x text-to-image model: it has no --inpainting or "
+                         "--family sd2 variant; use --size tiny for those")
+    path = build_default_model(args.out, args.clip_bpe, inpainting=args.inpainting, size=size, family=args.family)
     print(f"default model written to {path}")
     return 0
 

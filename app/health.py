@@ -111,24 +111,31 @@ class Healer:
             # (`sdtrt models load`), never after a crash.
             if instance not in current:
                 dead.setdefault(stub.model, []).append(stub)
+        undecided: dict[str, Stub] = {}
         for model, stubs in dead.items():
-            if not self._ready(model):  # unloaded on purpose (`sdtrt models unload`), or loading: not a death
+            ready = self._ready(model)
+            if ready is None:  # Triton did not answer in time (a loaded machine): ask again at the next check
+                undecided.update((s.instance, s) for s in stubs)
+                continue
+            if not ready:  # unloaded on purpose (`sdtrt models unload`), or loading: not a death
                 continue
             self._event("stub_died", model=model, instances=[s.instance for s in stubs], pids=[s.pid for s in stubs])
             if not self.reload(model):
                 self.restart()
                 return
         # What runs now is what to watch: stubs of models loaded since, not those of models unloaded.
-        self._known = stub_processes(process.pid) if dead else {**self._known, **current}
+        self._known = {**(stub_processes(process.pid) if dead else {**self._known, **current}), **undecided}
 
-    def _ready(self, model: str) -> bool:
+    def _ready(self, model: str) -> bool | None:
         """Triton's own word on a model: a model whose stub died still says ready (the bug this heals); an
-        unloaded one does not."""
+        unloaded one says not ready (HTTP 400). No answer (timeout, refused) is None: not a decision."""
         try:
             with urllib.request.urlopen(f"http://{self.server.http_url}/v2/models/{model}/ready", timeout=5):
                 return True
-        except (urllib.error.URLError, OSError):
+        except urllib.error.HTTPError:
             return False
+        except (urllib.error.URLError, OSError):
+            return None
 
     def _post(self, path: str, timeout: float) -> None:
         request = urllib.request.Request(f"http://{self.server.http_url}{path}", data=b"{}", method="POST")

@@ -8,10 +8,12 @@ cd "$ROOT"
 "$ROOT/scripts/setup.sh"
 VENV=${SDTRT_VENV:-$ROOT/.venv}
 export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1
-PROMPT=${1:-"a lighthouse on a cliff at dawn, oil painting"}
+PROMPT=${1:-"a large red circle in the center on a blue background"}
 HTTP=${SDTRT_HTTP_PORT:-8000} GRPC=${SDTRT_GRPC_PORT:-8001} METRICS=${SDTRT_METRICS_PORT:-8002}
 
-[ -f models/default/model_index.json ] || sdtrt init-default --out models/default
+# The default model draws coloured shapes (64x64); rebuilt every time (seconds, byte-identical, so the export
+# below is then a no-op) so that an older folder never lingers.
+sdtrt init-default --out models/default
 sdtrt export models/default --out repos/default
 
 mkdir -p logs

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/train_default_model.py --out sdtrt/weights/shapes.safetensors
 
 Two phases, each seeded: the VAE learns to reconstruct scenes (64x64 pixels <-> 4x8x8 latents), then the text
-encoder and the U-Net learn to denoise the scenes' latents given their captions (epsilon prediction on SD 1.x's
+encoder and the U-Net learn to denoise the scenes' latents given their captions (v-prediction on SD 1.x's
 noise schedule, captions dropped 10% of the time for classifier-free guidance). The result is one safetensors
 file with the three networks' weights in float16; `sdtrt init-default` turns it into a diffusers folder.
 """
@@ -54,16 +54,21 @@ def train_vae(vae, steps: int, batch: int, seed: int):
     vae.eval()
 
 
-def train_denoiser(text_encoder, unet, tokenizer, latents: torch.Tensor, scenes, steps: int, batch: int, seed: int):
+def train_denoiser(text_encoder, unet, tokenizer, latents: torch.Tensor, scenes, steps: int, batch: int, seed: int,
+                   lr: float, ema_decay: float, prediction_type: str, snapshot=None, snapshot_every: int = 0):
+    """Returns the exponential moving average of the weights (what is saved): a short diffusion training run
+    samples far cleaner from its EMA than from its last step."""
     from diffusers import DDPMScheduler
 
     noise_schedule = DDPMScheduler.from_config({k: v for k, v in SCHEDULER.items() if k in (
-        "beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type")})
+        "beta_start", "beta_end", "beta_schedule", "num_train_timesteps")})
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    optimiser = torch.optim.AdamW(parameters, lr=5e-4, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    optimiser = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.05)
+    averages = {name: {k: v.detach().clone() for k, v in module.state_dict().items()}
+                for name, module in (("text_encoder", text_encoder), ("unet", unet))}
     unet.train()
     text_encoder.train()
     for step in range(steps):
@@ -75,16 +80,28 @@ def train_denoiser(text_encoder, unet, tokenizer, latents: torch.Tensor, scenes,
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), generator=generator)
         noisy = noise_schedule.add_noise(clean, noise, t)
         context = text_encoder(ids)[0]
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, context).sample, noise)
+        target = noise_schedule.get_velocity(clean, noise, t) if prediction_type == "v_prediction" else noise
+        loss = torch.nn.functional.mse_loss(unet(noisy, t, context).sample, target)
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimiser.step()
         schedule.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early averages would remember the random init
+        with torch.no_grad():
+            for name, module in (("text_encoder", text_encoder), ("unet", unet)):
+                for k, v in module.state_dict().items():
+                    if v.is_floating_point():
+                        averages[name][k].lerp_(v, 1 - decay)
+                    else:
+                        averages[name][k].copy_(v)
         if step % 100 == 0 or step == steps - 1:
             log(f"denoiser {step}/{steps} loss {loss.item():.5f}")
+        if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            snapshot(averages, step + 1)
     unet.eval()
     text_encoder.eval()
+    return averages
 
 
 def main() -> None:
@@ -92,11 +109,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vae-steps", type=int, default=4000)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--denoiser-steps", type=int, default=4000)
+    parser.add_argument("--denoiser-steps", type=int, default=10000)
     parser.add_argument("--denoiser-batch", type=int, default=96)
+    parser.add_argument("--denoiser-lr", type=float, default=1e-3)
+    parser.add_argument("--prediction", choices=["v_prediction", "epsilon"], default="v_prediction",
+                        help="what the U-Net predicts. v: its loss weighs the noisiest steps, where the layout (which "
+                        "the position words decide) is drawn, far more than epsilon's does")
+    parser.add_argument("--ema", type=float, default=0.999, help="decay of the weights' moving average")
     parser.add_argument("--scenes", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=SHAPES_SEED)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--snapshot-every", type=int, default=0, metavar="STEPS",
+                        help="also write the averaged weights so far to OUT.partial every STEPS denoiser steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -123,21 +147,28 @@ def main() -> None:
     scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     log(f"latent scaling factor {scaling:.5f}")
-    train_denoiser(text_encoder, unet, tokenizer, means * scaling, scenes, args.denoiser_steps,
-                    args.denoiser_batch, args.seed + 4)
-
     from safetensors.torch import save_file
 
-    weights = {f"{prefix}.{name}": value.detach().to(torch.float16).contiguous()
-               for prefix, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae))
-               for name, value in module.state_dict().items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["scripts/train_default_model.py", f"--out {args.out}", f"--vae-steps {args.vae_steps}",
                         f"--vae-batch {args.vae_batch}", f"--denoiser-steps {args.denoiser_steps}",
-                        f"--denoiser-batch {args.denoiser_batch}", f"--scenes {args.scenes}", f"--seed {args.seed}"])
-    save_file(weights, str(args.out), metadata={"vae_scaling_factor": repr(scaling), "command": command,
-                                               "torch": torch.__version__, "configs": json.dumps(SHAPES_CONFIGS)})
-    log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+                        f"--denoiser-batch {args.denoiser_batch}", f"--denoiser-lr {args.denoiser_lr}",
+                        f"--prediction {args.prediction}", f"--ema {args.ema}", f"--scenes {args.scenes}", f"--seed {args.seed}"])
+
+    def save(averages: dict, path: Path, steps: int) -> None:
+        weights = {f"{prefix}.{name}": value.detach().to(torch.float16).contiguous()
+                   for prefix, state in (*averages.items(), ("vae", vae.state_dict()))
+                   for name, value in state.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(path), metadata={
+            "vae_scaling_factor": repr(scaling), "prediction_type": args.prediction, "command": command, "denoiser_steps_done": str(steps),
+            "torch": torch.__version__, "configs": json.dumps(SHAPES_CONFIGS)})
+        log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {steps} denoiser steps)")
+
+    averages = train_denoiser(
+        text_encoder, unet, tokenizer, means * scaling, scenes, args.denoiser_steps, args.denoiser_batch,
+        args.seed + 4, args.denoiser_lr, args.ema, args.prediction, snapshot_every=args.snapshot_every,
+        snapshot=lambda state, steps: save(state, args.out.with_suffix(".partial"), steps))
+    save(averages, args.out, args.denoiser_steps)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 Same architecture family and wiring as SD 1.x (CLIP text model with CLIP's real tokenizer, a cross-attention
 U-Net with 4 latent channels, a 4-level VAE so 8 pixels per latent cell, SD 1.x's scheduler config), but tiny.
-"tiny" (what `sdtrt init-default` writes, and the tests' model) has random weights from a fixed seed: it builds in
-a second, byte-identically every time, and draws abstract patterns. "shapes" is the model
-scripts/train_default_model.py trains on sdtrt.scenes to draw coloured shapes where the prompt says, at 64x64,
-loaded from its weights file. "half" and "sd15" are SD 1.5's layout at half and full widths, random, for
-benchmarks.
+"shapes" (what `sdtrt init-default` writes) is the model scripts/train_default_model.py trained on sdtrt.scenes:
+it draws coloured shapes on coloured backgrounds where the prompt says, at 64x64, loaded from its committed weights
+file. "tiny" (the tests' model, and init-default's for inpainting and SD 2.x) has random weights from a fixed seed:
+it builds in a second, byte-identically every time, and draws abstract patterns. "half" and "sd15" are SD 1.5's
+layout at half and full widths, random, for benchmarks.
 """
 
 from __future__ import annotations
@@ -176,8 +176,9 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
     unet = UNet2DConditionModel(**configs["unet"]).eval()
     torch.manual_seed(SEED + 2)
     vae = AutoencoderKL(**configs["vae"]).eval()
+    prediction_type = "v_prediction" if family == "sd2" else "epsilon"
     if size == "shapes":
-        load_trained(text_encoder, unet, vae, Path(weights))
+        prediction_type = load_trained(text_encoder, unet, vae, Path(weights))
 
     if family == "sdxl":
         return _save_sdxl(out, configs, tokenizer, text_encoder, unet, vae, clip_bpe)
@@ -187,7 +188,7 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
         tokenizer=tokenizer,
         unet=unet,
         # from_config keeps clip_sample for DDIM
-        scheduler=PNDMScheduler.from_config({**SCHEDULER, **({"prediction_type": "v_prediction"} if family == "sd2" else {})}),
+        scheduler=PNDMScheduler.from_config({**SCHEDULER, "prediction_type": prediction_type}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -196,8 +197,9 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
     return out
 
 
-def load_trained(text_encoder, unet, vae, weights: Path = SHAPES_WEIGHTS) -> None:
-    """The trained shapes model's weights (and its VAE's latent scale) into freshly built networks."""
+def load_trained(text_encoder, unet, vae, weights: Path = SHAPES_WEIGHTS) -> str:
+    """The trained shapes model's weights (and its VAE's latent scale) into freshly built networks; returns what
+    its U-Net predicts (the scheduler's prediction_type)."""
     from safetensors import safe_open
 
     from sdtrt.errors import UsageError
@@ -207,9 +209,11 @@ def load_trained(text_encoder, unet, vae, weights: Path = SHAPES_WEIGHTS) -> Non
     with safe_open(str(weights), "pt") as f:
         tensors = {key: f.get_tensor(key).float() for key in f.keys()}
         scaling = float(f.metadata()["vae_scaling_factor"])
+        prediction_type = f.metadata().get("prediction_type", "epsilon")
     for prefix, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
         module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
     vae.register_to_config(scaling_factor=scaling)
+    return prediction_type
 
 
 def _save_sdxl(out: Path, configs: dict, tokenizer, text_encoder, unet, vae, clip_bpe) -> Path:

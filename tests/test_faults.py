@@ -4,6 +4,7 @@ a Python stub that dies, requests too large to run, and the U-Net batching that 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -263,15 +264,16 @@ def test_a_killed_unet_stub_is_reported_not_ready_and_healed_within_30_s(exporte
                 except Exception:
                     pass
             time.sleep(0.05)
-        assert 400 in readiness, "readiness never turned false"
-        assert served_after is not None and served_after < 30, (served_after, readiness[-5:])
-        assert set(liveness) == {200}
-        (new,) = stubs_of(tritonserver_pid(serve.pid), "default__unet")
-        assert new.pid != victim.pid
+        new = stubs_of(tritonserver_pid(serve.pid), "default__unet")
     finally:
         serve.send_signal(signal.SIGTERM)
         _, stderr = serve.communicate(timeout=60)
     events = [json.loads(line[line.index("{"):]) for line in stderr.splitlines() if '"event"' in line]
+    seen = f"readiness answers {collections.Counter(readiness)}, healer events {events}"
+    assert 400 in readiness, "readiness never turned false: " + seen
+    assert served_after is not None and served_after < 30, (served_after, seen)
+    assert set(liveness) == {200}, seen
+    assert len(new) == 1 and new[0].pid != victim.pid, (new, seen)
     died = next(e for e in events if e["event"] == "stub_died")
     assert died["model"] == "default__unet" and died["pids"] == [victim.pid]
     assert any(e["event"] == "model_reloaded" and e["model"] == "default__unet" for e in events)
