@@ -14,13 +14,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from sdtrt.default_model import SHAPES_WEIGHTS
 from sdtrt.scenes import COLOURS, SIZE, Scene, colour_share
-
-# Issue 19: these wait for the trained weights, which scripts/train_default_model.py writes; they run by
-# themselves once the file is in the repository.
-pytestmark = pytest.mark.skipif(not SHAPES_WEIGHTS.is_file(),
-                                reason=f"needs the trained default model ({SHAPES_WEIGHTS.name}; issue 19)")
 
 STEPS = dict(steps=20, sampler="Euler", guidance_scale=7.0, width=SIZE, height=SIZE)
 
