@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sdtrt.architectures import SCHEDULER, SDXL_SCHEDULER
 from sdtrt.clip_vocab import write_clip_tokenizer
+from sdtrt.scenes import SIZE as SCENE_SIZE  # the shapes model's native size is the size of what it was trained on
 
 SEED = 20241125
 
@@ -67,10 +68,10 @@ VAE_CONFIG = dict(
 SHAPES_SEED = 20261127
 SHAPES_CONFIGS = {
     "text": dict(TEXT_CONFIG),
-    "unet": {**UNET_CONFIG, "sample_size": 8, "block_out_channels": (32, 64, 64), "attention_head_dim": 1,
+    "unet": {**UNET_CONFIG, "sample_size": SCENE_SIZE // 8, "block_out_channels": (32, 64, 64), "attention_head_dim": 1,
              "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")},
-    "vae": {**VAE_CONFIG, "sample_size": 64, "block_out_channels": (16, 32, 32, 32), "norm_num_groups": 16},
+    "vae": {**VAE_CONFIG, "sample_size": SCENE_SIZE, "block_out_channels": (16, 32, 32, 32), "norm_num_groups": 16},
 }
 
 # SD 1.5's real shapes (UNet ~860M, CLIP ViT-L/14 text ~123M, VAE ~84M parameters), for benchmarks on a GPU when
