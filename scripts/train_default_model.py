@@ -21,7 +21,7 @@ import torch
 
 from sdtrt.architectures import SCHEDULER
 from sdtrt.clip_vocab import write_clip_tokenizer
-from sdtrt.default_model import SHAPES_CONFIGS, SHAPES_SEED
+from sdtrt.default_model import SHAPES_CONFIGS, SHAPES_SEED, save_trained
 from sdtrt.scenes import dataset, random_caption, random_scene
 
 
@@ -147,21 +147,14 @@ def main() -> None:
     scaling = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scaling)
     log(f"latent scaling factor {scaling:.5f}")
-    from safetensors.torch import save_file
-
     command = " ".join(["scripts/train_default_model.py", f"--out {args.out}", f"--vae-steps {args.vae_steps}",
                         f"--vae-batch {args.vae_batch}", f"--denoiser-steps {args.denoiser_steps}",
                         f"--denoiser-batch {args.denoiser_batch}", f"--denoiser-lr {args.denoiser_lr}",
                         f"--prediction {args.prediction}", f"--ema {args.ema}", f"--scenes {args.scenes}", f"--seed {args.seed}"])
 
     def save(averages: dict, path: Path, steps: int) -> None:
-        weights = {f"{prefix}.{name}": value.detach().to(torch.float16).contiguous()
-                   for prefix, state in (*averages.items(), ("vae", vae.state_dict()))
-                   for name, value in state.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(path), metadata={
-            "vae_scaling_factor": repr(scaling), "prediction_type": args.prediction, "command": command, "denoiser_steps_done": str(steps),
-            "torch": torch.__version__, "configs": json.dumps(SHAPES_CONFIGS)})
+        save_trained(path, {**averages, "vae": vae.state_dict()}, scaling, args.prediction, command=command,
+                     denoiser_steps_done=str(steps), torch=torch.__version__, configs=json.dumps(SHAPES_CONFIGS))
         log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {steps} denoiser steps)")
 
     averages = train_denoiser(

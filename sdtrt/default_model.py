@@ -198,6 +198,23 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
     return out
 
 
+# The trained weights file: each network's tensors under its prefix, in float16; the VAE's latent scale and what
+# the U-Net predicts in the metadata.
+SHAPES_PARTS = ("text_encoder", "unet", "vae")
+
+
+def save_trained(path: Path, states: dict, scaling: float, prediction_type: str, **metadata: str) -> None:
+    """Write the networks' ``states`` (one state dict per part of SHAPES_PARTS) as the trained weights file."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"{part}.{name}": value.detach().to(torch.float16).contiguous()
+               for part in SHAPES_PARTS for name, value in states[part].items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"vae_scaling_factor": repr(scaling), "prediction_type": prediction_type,
+                                            **metadata})
+
+
 def load_trained(text_encoder, unet, vae, weights: Path = SHAPES_WEIGHTS) -> str:
     """The trained shapes model's weights (and its VAE's latent scale) into freshly built networks; returns what
     its U-Net predicts (the scheduler's prediction_type)."""
@@ -211,7 +228,7 @@ def load_trained(text_encoder, unet, vae, weights: Path = SHAPES_WEIGHTS) -> str
         tensors = {key: f.get_tensor(key).float() for key in f.keys()}
         scaling = float(f.metadata()["vae_scaling_factor"])
         prediction_type = f.metadata().get("prediction_type", "epsilon")
-    for prefix, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+    for prefix, module in zip(SHAPES_PARTS, (text_encoder, unet, vae)):
         module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
     vae.register_to_config(scaling_factor=scaling)
     return prediction_type
