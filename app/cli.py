@@ -210,6 +210,9 @@ def _add_serve(sub) -> None:
                    help="a tritonserver binary (default: $SDTRT_TRITONSERVER, else the one in the nvidia-pytriton wheel)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for the models to load (default: %(default)s)")
+    _control_key_flag(p, "the secret Triton's model-control, shared-memory, logging and trace APIs want (created with "
+                         "a random key if missing; default: $SDTRT_CONTROL_KEY, else $SDTRT_CONTROL_KEY_FILE, else "
+                         "the file control-key in sdtrt's cache folder). Inference, health and metadata stay open")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish before the server stops "
                    "(tritonserver's --exit-timeout-secs; set it above your longest request; default: %(default)s)")
@@ -227,7 +230,12 @@ def _add_models(sub) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", default=None, help="a running `sdtrt serve`, gRPC (default: localhost:8001)")
     where.add_argument("--repo", type=Path, metavar="REPO_DIR", help="an export to list, without a server")
+    _control_key_flag(p, "load and unload: the server's control key (default: found as `sdtrt serve` finds it)")
     p.set_defaults(func=cmd_models)
+
+
+def _control_key_flag(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--control-key-file", type=Path, default=None, metavar="FILE", help=help)
 
 
 def _add_soak(sub) -> None:
@@ -350,13 +358,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from sdtrt.app.control import resolve_key
     from sdtrt.app.health import Healer
     from sdtrt.app.server import TritonServer
 
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
                           binary=args.tritonserver, extra_args=list(args.triton_args),
-                          drain_timeout=args.drain_timeout)
+                          drain_timeout=args.drain_timeout,
+                          control_key=resolve_key(args.control_key_file, create=True))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -366,6 +376,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     healer = Healer(server, load_timeout=args.timeout).start()
     print(f"ready: grpc {server.url}  http {server.http_url}  metrics {args.host}:{args.metrics_port}/metrics\n"
           f"try:   sdtrt txt2img \"a red fox in snow\" --url {server.url}\n"
+          f"model control (load, unload, shared memory, logging, trace) wants the key in {server.control_key.source}\n"
           "Ctrl-C stops the server.", flush=True)
     try:
         while not stop.wait(0.5):
@@ -396,7 +407,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         for name, spec in catalog.models.items():
             print(_model_line(name, spec, catalog.default, None))
         return 0
-    control = ModelControl(args.url or f"localhost:{DEFAULT_PORTS['grpc']}")
+    control = ModelControl(args.url or f"localhost:{DEFAULT_PORTS['grpc']}", args.control_key_file)
     if args.action == "list":
         catalog = control.catalog()
         for name, spec in catalog.models.items():

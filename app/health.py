@@ -138,7 +138,8 @@ class Healer:
             return None
 
     def _post(self, path: str, timeout: float) -> None:
-        request = urllib.request.Request(f"http://{self.server.http_url}{path}", data=b"{}", method="POST")
+        request = urllib.request.Request(f"http://{self.server.http_url}{path}", data=b"{}", method="POST",
+                                         headers=self.server.control_key.headers())  # model control is restricted
         with urllib.request.urlopen(request, timeout=timeout):
             pass
 

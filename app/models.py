@@ -2,13 +2,15 @@
 
 A model is its own Triton models (``<name>__tokenizer`` and its networks); the job models (txt2img, img2img) serve
 every model and stay. Loading and unloading go through Triton's model control API, which `sdtrt serve` enables
-(explicit model-control mode).
+(explicit model-control mode) and restricts to requests with its control key (sdtrt.app.control).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+from sdtrt.app.control import ControlKey, resolve_key
 from sdtrt.client import Client
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.spec import IMG2IMG, TXT2IMG, Catalog, ModelSpec
@@ -19,11 +21,20 @@ def triton_models(spec: ModelSpec) -> list[str]:
 
 
 class ModelControl:
-    def __init__(self, url: str):
+    def __init__(self, url: str, key: ControlKey | Path | None = None):
+        """``key``: the server's control key, or the file holding it (default: as `sdtrt serve` finds it)."""
         import tritonclient.grpc as grpcclient
 
         self.client = Client(url)
         self.triton = grpcclient.InferenceServerClient(url)
+        self._key = key
+
+    @property
+    def key(self) -> ControlKey:
+        """Read when first needed: listing models needs no key, loading and unloading do."""
+        if not isinstance(self._key, ControlKey):
+            self._key = resolve_key(self._key)
+        return self._key
 
     def catalog(self) -> Catalog:
         return self.client.refresh()
@@ -61,7 +72,7 @@ class ModelControl:
         deadline = time.monotonic() + timeout
         while True:
             states = {entry["name"]: entry.get("state", "") for entry in
-                      self.triton.get_model_repository_index(as_json=True).get("models", [])}
+                      self.triton.get_model_repository_index(headers=self.key.grpc_headers(), as_json=True).get("models", [])}
             busy = [model for model in models if states.get(model) in ("READY", "UNLOADING", "LOADING")]
             if not busy:
                 return
@@ -73,7 +84,10 @@ class ModelControl:
         from tritonclient.utils import InferenceServerException
 
         try:
-            getattr(self.triton, f"{action}_model")(model)
+            getattr(self.triton, f"{action}_model")(model, headers=self.key.grpc_headers())
         except InferenceServerException as exc:
+            if exc.status() == "StatusCode.UNAVAILABLE" and "restricted" in (exc.message() or ""):
+                raise UsageError(f"the server refused the control key from {self.key.source}: pass the key it was "
+                                 "started with (--control-key-file FILE or $SDTRT_CONTROL_KEY)") from None
             raise SdtrtError(f"{action}ing {model} failed: {exc.message()} (the server's log says more; it keeps "
                              "serving its other models)") from None

@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdtrt.app.control import ControlKey, resolve_key
 from sdtrt.clip_vocab import cache_dir
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.spec import DEFAULT_PORTS, SPEC_FILENAME
@@ -74,9 +75,13 @@ class TritonServer:
     # On SIGTERM Triton refuses new requests and lets those in flight finish for up to this long (a scale-in's
     # pod keeps serving its running generations); stop() waits that long before it kills.
     drain_timeout: float = 30.0
+    # The key Triton's control APIs want (sdtrt.app.control); None: resolved when the command is built.
+    control_key: ControlKey | None = None
     process: subprocess.Popen | None = None
 
     def command(self) -> tuple[list[str], dict[str, str]]:
+        if self.control_key is None:
+            self.control_key = resolve_key(create=True)
         env = dict(os.environ)
         binary = self.binary or (Path(os.environ["SDTRT_TRITONSERVER"]) if os.environ.get("SDTRT_TRITONSERVER") else None)
         args: list[str] = []
@@ -118,6 +123,9 @@ class TritonServer:
             # diffusers for each job model once more before its instance starts (~4 s of a cold start).
             "--disable-auto-complete-config",
             f"--exit-timeout-secs={max(1, int(self.drain_timeout))}",
+            # Model loading (which runs code the caller sends), shared memory, logging and trace only for
+            # requests with the control key; inference, health and metadata stay open (sdtrt.app.control).
+            *self.control_key.triton_args(),
             *args,
             *self.extra_args,
         ]
@@ -136,7 +144,8 @@ class TritonServer:
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_file = log_path
-        log.info("starting %s (log: %s)", " ".join(args), log_path or "stdout")
+        shown = " ".join(args).replace(self.control_key.value, "<control key>")
+        log.info("starting %s (log: %s)", shown, log_path or "stdout")
         with open(log_path, "ab") if log_path is not None else contextlib.nullcontext(None) as out:
             # Own process group: stopping it also reaps the Python-backend stubs, never leaving orphans.
             self.process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,

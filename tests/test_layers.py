@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
                      "sdtrt.infotext", "sdtrt.generation", "sdtrt.images", "sdtrt.outputs", "sdtrt.hires",
                      "sdtrt.img2img", "sdtrt.prompts", "sdtrt.architectures", "sdtrt.extra_networks", "sdtrt.previews",
                      "sdtrt.styles", "sdtrt.upscale", "sdtrt.prompt_schedule", "sdtrt.scenes",
-                     "sdtrt.philox", "sdtrt.prometheus"}),
+                     "sdtrt.philox", "sdtrt.prometheus", "sdtrt.pictures"}),
     "pipeline": (1, {"sdtrt.denoise", "sdtrt.vae", "sdtrt.jobs", "sdtrt.text", "sdtrt.local", "sdtrt.clip_vocab",
                      "sdtrt.conditioning",
                      "sdtrt.default_model", "sdtrt.engines", "sdtrt.runners"}),
@@ -39,8 +39,9 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
                           "sdtrt.model_repository.onnx_model"}),
     "client": (4, {"sdtrt.client", "sdtrt.client.client"}),
     "application": (5, {"sdtrt.__main__", "sdtrt.app", "sdtrt.app.cli", "sdtrt.app.server", "sdtrt.app.health",
-                        "sdtrt.app.models",
-                        "sdtrt.app.soak", "sdtrt.client.cli", "sdtrt.client.a1111_api", "sdtrt.client.ui"}),
+                        "sdtrt.app.models", "sdtrt.app.control",
+                        "sdtrt.app.soak", "sdtrt.client.cli", "sdtrt.client.a1111_api", "sdtrt.client.ui",
+                        "sdtrt.client.web_guard"}),
 }
 THIN = {"contract", "client"}  # importable where only the client install is
 HEAVY = {"torch", "diffusers", "transformers", "onnxruntime", "openvino", "onnx", "onnxscript", "tensorrt", "polygraphy", "peft",
