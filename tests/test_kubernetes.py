@@ -1,7 +1,8 @@
 """deploy/kubernetes, checked offline: every overlay rendered by `kubectl kustomize`, every object validated against
 the Kubernetes schemas (kubernetes-validate, strict: no unknown fields), and the invariants the deployment rests
-on: probes, resources, the models volume, who may reach Triton, commands the CLI accepts, and an autoscaler whose
-metric comes from series a real server exports."""
+on: probes, resources, the models volume, who may reach Triton, commands the CLI accepts, an autoscaler whose
+metric comes from series a real server exports, and the hardening (pod and container security contexts, network
+policies for every pod, the control key from the Secret, a disruption budget that lets nodes drain)."""
 
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def test_the_network_policy_lets_only_the_gateway_page_and_prometheus_reach_trit
     name, objects = overlay
     policy = find(objects, "NetworkPolicy", "sdtrt-triton")
     assert selects(policy["spec"]["podSelector"]["matchLabels"], triton_pod_labels(name, objects))
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["egress"] == []
     clients, prometheus = policy["spec"]["ingress"]
     allowed = [peer["podSelector"]["matchLabels"] for peer in clients["from"]]
     for deployment in ("sdtrt-gateway", "sdtrt-page"):
@@ -242,3 +243,203 @@ def test_the_kserve_variant_runs_sdtrt_serve_on_kserves_triton_runtime():
     assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > parsed.drain_timeout
     assert model["image"].startswith("registry.example.com/sdtrt:")  # sdtrt's image: its models import sdtrt
+
+
+# --- hardening -------------------------------------------------------------------------------------------------
+
+# Containers allowed a writable root filesystem, with the reason: {(overlay, "Kind/name", container): "why"}.
+# Empty: every process here writes only to volumes (the models and outputs volumes, emptyDirs for /tmp, $HOME and
+# /dev/shm). A container that cannot live with a read-only root goes here, with a comment in its manifest too.
+WRITABLE_ROOT: dict[tuple[str, str, str], str] = {}
+SECRET = "sdtrt-auth"
+DNS_PORT = 53
+
+
+def pod_templates(objects: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, pod labels) of every pod the objects create: Deployments, Jobs and KServe's predictor (an
+    InferenceService's predictor is a pod spec whose `model` is the serving container)."""
+    found = []
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] in ("Deployment", "Job"):
+            found.append((where, obj["spec"]["template"]["spec"], obj["spec"]["template"]["metadata"]["labels"]))
+        elif obj["kind"] == "InferenceService":
+            predictor = obj["spec"]["predictor"]
+            model = {"name": "kserve-container", **predictor["model"]}  # the name KServe gives it
+            spec = {**predictor, "containers": [model, *predictor.get("containers", [])]}
+            found.append((where, spec, predictor["labels"]))
+    return found
+
+
+def all_containers(spec: dict) -> list[dict]:
+    return spec["containers"] + spec.get("initContainers", [])
+
+
+def policies(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if o["kind"] == "NetworkPolicy"]
+
+
+def selecting(objects: list[dict], labels: dict) -> list[dict]:
+    """The network policies that apply to a pod with these labels (an empty podSelector selects every pod)."""
+    return [p for p in policies(objects) if selects(p["spec"]["podSelector"].get("matchLabels", {}), labels)]
+
+
+def is_dns(rule: dict) -> bool:
+    return bool(rule.get("ports")) and all(p["port"] == DNS_PORT for p in rule["ports"])
+
+
+def test_every_container_is_hardened(overlay):
+    """No privilege escalation, no capabilities, a read-only root filesystem (or a listed reason) and the runtime's
+    seccomp profile; the processes' writable places (/tmp, $HOME) are emptyDirs, so a read-only root does not break
+    them."""
+    name, objects = overlay
+    templates = pod_templates(objects)
+    assert {where for where, _, _ in templates} >= {"Job/sdtrt-export", "Deployment/sdtrt-gateway",
+                                                    "Deployment/sdtrt-page"}
+    for where, spec, _ in templates:
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, (name, where)
+        assert spec["securityContext"]["runAsNonRoot"] is True, (name, where)
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in all_containers(spec):
+            what = (name, where, container["name"])
+            context = container.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False, what
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], what
+            assert not context.get("capabilities", {}).get("add"), what
+            assert not context.get("privileged"), what
+            if what in WRITABLE_ROOT:
+                assert WRITABLE_ROOT[what] and context.get("readOnlyRootFilesystem") is not True, what
+                continue
+            assert context.get("readOnlyRootFilesystem") is True, what
+            if container in spec.get("initContainers", []):
+                continue  # the wait loop writes nothing
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            home = next((e["value"] for e in container.get("env", []) if e["name"] == "HOME"), None)
+            for path in ("/tmp", home):
+                assert path in mounts and "emptyDir" in volumes[mounts[path]], (what, path)
+
+
+def test_no_pod_gets_a_service_account_token(overlay):
+    name, objects = overlay
+    accounts = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
+    for where, spec, _ in pod_templates(objects):
+        assert spec.get("automountServiceAccountToken") is False, (name, where)
+        account = spec.get("serviceAccountName", "default")
+        assert account in accounts and accounts[account].get("automountServiceAccountToken") is False, (name, where)
+    assert not [o for o in objects if o["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
+
+
+def test_every_pod_has_its_own_network_policy_both_ways_under_a_default_deny(overlay):
+    name, objects = overlay
+    deny = [p for p in policies(objects) if not p["spec"]["podSelector"]]
+    assert len(deny) == 1, "one default-deny policy for the namespace"
+    assert sorted(deny[0]["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    assert not deny[0]["spec"].get("ingress") and not deny[0]["spec"].get("egress")
+    for where, _, labels in pod_templates(objects):
+        own = [p for p in selecting(objects, labels) if p["spec"]["podSelector"]]
+        assert own, (name, where, "no NetworkPolicy of its own")
+        assert any(sorted(p["spec"]["policyTypes"]) == ["Egress", "Ingress"] for p in own), (name, where)
+
+
+def test_triton_and_the_export_may_open_no_connection_but_dns(overlay):
+    """Triton has no business going out (its models are on the volume); the export must not download anything."""
+    name, objects = overlay
+    export = next(labels for where, _, labels in pod_templates(objects) if where == "Job/sdtrt-export")
+    for labels in (triton_pod_labels(name, objects), export):
+        applying = selecting(objects, labels)
+        assert all("Egress" in p["spec"]["policyTypes"] for p in applying if p["spec"]["podSelector"])
+        for policy in applying:
+            for rule in policy["spec"].get("egress", []):
+                assert is_dns(rule), (name, policy["metadata"]["name"], rule)
+    for policy in selecting(objects, export):
+        assert not policy["spec"].get("ingress"), (name, policy["metadata"]["name"])  # nothing connects to it
+
+
+def test_the_gateway_and_the_page_are_reached_only_by_the_ingress_controller_and_reach_only_triton(overlay):
+    name, objects = overlay
+    triton = triton_pod_labels(name, objects)
+    for deployment, command in (("sdtrt-gateway", "api"), ("sdtrt-page", "ui")):
+        workload = find(objects, "Deployment", deployment)
+        labels, container = workload["spec"]["template"]["metadata"]["labels"], pod_spec(workload)["containers"][0]
+        parsed = build_parser().parse_args([command, *container["args"]])
+        for policy in selecting(objects, labels):
+            for rule in policy["spec"].get("ingress", []):
+                assert all(set(peer) == {"namespaceSelector", "podSelector"} for peer in rule["from"]), deployment
+                assert [p["port"] for p in rule["ports"]] == [parsed.port], deployment
+            for rule in policy["spec"].get("egress", []):
+                if is_dns(rule):
+                    continue
+                assert all(set(peer) == {"podSelector"} and selects(peer["podSelector"]["matchLabels"], triton)
+                           for peer in rule["to"]), (name, deployment, rule)
+        opened = {p["port"] for policy in selecting(objects, labels) for rule in policy["spec"].get("egress", [])
+                  if not is_dns(rule) for p in rule["ports"]}
+        # the port its --url reaches on the Triton pods (KServe's Service maps its port 80 to the pods' 8080)
+        assert (8080 if name == "kserve" else int(parsed.url.rsplit(":", 1)[1])) in opened, (name, deployment)
+
+
+def test_triton_reads_the_control_key_from_the_secret_mounted_read_only(overlay):
+    """`sdtrt serve --control-key-file` names a file mounted read-only from the Secret's control-key (that key only,
+    unreadable by others); no other pod mounts the Secret, and Triton's pod gets none of the users' credentials."""
+    name, objects = overlay
+    templates = {where: spec for where, spec, _ in pod_templates(objects)}
+    where = "InferenceService/sdtrt" if name == "kserve" else "Deployment/sdtrt-triton"
+    spec = templates.pop(where)
+    container = spec["containers"][0]
+    args = expand(container["args"], config(objects))
+    parsed = build_parser().parse_args(container["command"][1:] + (args[:args.index("--")] if "--" in args else args))
+    key_file = parsed.control_key_file
+    assert key_file is not None and key_file.is_absolute(), "sdtrt serve is not given --control-key-file"
+    mount = next(m for m in container["volumeMounts"] if key_file.is_relative_to(m["mountPath"]))
+    assert mount.get("readOnly") is True
+    secret = next(v for v in spec["volumes"] if v["name"] == mount["name"])["secret"]
+    assert secret["secretName"] == SECRET
+    assert secret["items"] == [{"key": "control-key", "path": str(key_file.relative_to(mount["mountPath"]))}]
+    assert secret.get("defaultMode", 0o644) & 0o007 == 0  # the pod's group (fsGroup) reads it, others do not
+    assert not [e for e in container.get("env", []) if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]]
+    for other, other_spec in templates.items():  # the gateway, the page, the export
+        assert not [v for v in other_spec.get("volumes", []) if v.get("secret", {}).get("secretName") == SECRET], other
+        refs = [e["valueFrom"]["secretKeyRef"]["key"] for c in all_containers(other_spec) for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})]
+        assert "control-key" not in refs, other
+
+
+def test_the_documented_secret_has_every_key_the_manifests_read():
+    """docs/scale-out.md's `kubectl create secret generic sdtrt-auth` names every key a manifest reads."""
+    read = set()
+    for variant in OVERLAYS:
+        for _, spec, _ in pod_templates(render(KUBE / "overlays" / variant)):
+            for container in all_containers(spec):
+                read |= {e["valueFrom"]["secretKeyRef"]["key"] for e in container.get("env", [])
+                         if "secretKeyRef" in e.get("valueFrom", {})}
+            read |= {item["key"] for v in spec.get("volumes", []) if v.get("secret", {}).get("secretName") == SECRET
+                     for item in v["secret"]["items"]}
+    assert read == {"control-key", "api-auth", "gradio-auth"}
+    doc = (ROOT / "docs" / "scale-out.md").read_text()
+    command = re.search(r"create secret generic sdtrt-auth((?:[^\n]*\\\n)*[^\n]*)", doc)
+    assert command, "docs/scale-out.md does not show how to create the Secret"
+    assert read <= set(re.findall(r"--from-(?:literal|file)=([\w-]+)=", command.group(1)))
+
+
+def test_the_disruption_budget_cannot_block_a_node_drain(overlay):
+    """minAvailable equal to the autoscaler's minimum (1) would allow no eviction at all: a drain would hang."""
+    name, objects = overlay
+    budget = find(objects, "PodDisruptionBudget", "sdtrt-triton")["spec"]
+    low = find(objects, "HorizontalPodAutoscaler", "sdtrt-triton")["spec"].get("minReplicas", 1)
+    if "maxUnavailable" in budget:
+        assert isinstance(budget["maxUnavailable"], int) and budget["maxUnavailable"] >= 1
+    else:
+        assert isinstance(budget["minAvailable"], int) and budget["minAvailable"] < low
+    assert budget.get("unhealthyPodEvictionPolicy") == "AlwaysAllow"  # a pod that never turns ready is no reason
+
+
+def test_gpu_pods_run_under_the_nvidia_runtime_class(overlay):
+    name, objects = overlay
+    gpu_pods = [(where, spec) for where, spec, _ in pod_templates(objects)
+                if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in spec["containers"])]
+    if name == "cpu":
+        assert not gpu_pods and not any("runtimeClassName" in s for _, s, _ in pod_templates(objects))
+        return
+    triton = "InferenceService/sdtrt" if name == "kserve" else "Deployment/sdtrt-triton"
+    assert {where for where, _ in gpu_pods} == {triton, "Job/sdtrt-export"}
+    for where, spec in gpu_pods:
+        assert spec.get("runtimeClassName") == "nvidia", (name, where)
