@@ -31,8 +31,40 @@ EMBEDDING_VECTORS = "embedding_vectors"  # the text encoder's input: [rows, 77, 
 EMBEDDING_MARK = -1  # the token id of a position whose embedding comes from EMBEDDING_VECTORS (no token has it)
 RANK_STEP = 8  # request ranks are padded to a multiple of this: fewer shapes, more shared batches
 
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network syntax
+# A1111's extra-network syntax is the regex <(\w+):([^>]+)>. Searched for as one regex, a "<name:" with no ">"
+# after it ran to the end of the text once per "<" (quadratic), so the tags are found by extra_network_tags.
+_TAG_START = re.compile(r"<(\w+):")
 LORA_TAGS = ("lora", "lyco")  # A1111 reads <lyco:...> as a LoRA too
+
+
+@dataclass(frozen=True)
+class ExtraNetworkTag:
+    start: int
+    end: int
+    kind: str  # what comes before the first colon: "lora", "hypernet", ...
+    body: str  # what comes after it, up to the ">"
+    text: str  # the tag as written
+
+
+def extra_network_tags(text: str) -> list[ExtraNetworkTag]:
+    r"""The matches of ``re.finditer(r"<(\w+):([^>]+)>", text)``, in one pass: a tag is "<", a word, ":", then at
+    least one character up to the first ">" after it. When no ">" follows, no later tag can close either."""
+    tags = []
+    pos = 0
+    while True:
+        start = _TAG_START.search(text, pos)
+        if start is None:
+            break
+        close = text.find(">", start.end())
+        if close < 0:
+            break
+        if close == start.end():  # "<name:>": nothing between the colon and ">"; a tag may start later
+            pos = start.start() + 1
+            continue
+        tags.append(ExtraNetworkTag(start.start(), close + 1, start.group(1), text[start.end():close],
+                                    text[start.start():close + 1]))
+        pos = close + 1
+    return tags
 
 
 @dataclass(frozen=True)
@@ -45,16 +77,21 @@ class LoraTag:
 
 def strip_extra_networks(text: str) -> str:
     """The prompt the tokenizer sees: A1111 removes every ``<kind:...>`` tag before tokenizing."""
-    return _EXTRA_NETWORK.sub("", text)
+    out, pos = [], 0
+    for tag in extra_network_tags(text):
+        out.append(text[pos:tag.start])
+        pos = tag.end
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def parse_lora_tags(text: str, field: str) -> list[LoraTag]:
     """``<lora:name>``, ``<lora:name:w>``, ``<lora:name:te:unet>``, ``<lora:name:te=a:unet=b>`` (A1111's forms)."""
     tags = []
-    for match in _EXTRA_NETWORK.finditer(text):
-        kind, body = match.group(1), match.group(2)
+    for match in extra_network_tags(text):
+        kind, body = match.kind, match.body
         if kind not in LORA_TAGS:
-            raise InvalidRequest(field, match.group(0), "extra networks of kind <lora:name:weight>; "
+            raise InvalidRequest(field, match.text, "extra networks of kind <lora:name:weight>; "
                                  f"<{kind}:...> is not served")
         positional, named = [], {}
         for item in body.split(":"):
@@ -69,11 +106,11 @@ def parse_lora_tags(text: str, field: str) -> list[LoraTag]:
             te = float(named.get("te", positional[1] if len(positional) > 1 else 1.0))
             unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
         except ValueError:
-            raise InvalidRequest(field, match.group(0), "<lora:NAME:WEIGHT> (or <lora:NAME:TE_WEIGHT:UNET_WEIGHT>), "
+            raise InvalidRequest(field, match.text, "<lora:NAME:WEIGHT> (or <lora:NAME:TE_WEIGHT:UNET_WEIGHT>), "
                                  "weights as numbers") from None
         if "dyn" in named or len(positional) > 3:
-            raise InvalidRequest(field, match.group(0), "no dyn= rank cut: the registered LoRA is served whole")
-        tags.append(LoraTag(positional[0], te, unet, match.group(0)))
+            raise InvalidRequest(field, match.text, "no dyn= rank cut: the registered LoRA is served whole")
+        tags.append(LoraTag(positional[0], te, unet, match.text))
     return tags
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from sdtrt.errors import InvalidRequest
 from sdtrt.extra_networks import EMBEDDING_MARK, strip_extra_networks
+from sdtrt.prompt_schedule import MAX_BRACKET_DEPTH
 
 if TYPE_CHECKING:
     from sdtrt.extra_networks import EmbeddingTable
@@ -49,45 +50,91 @@ _TOKEN = re.compile(
     """,
     re.X,
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+_SPACES = re.compile(r"\s*")
 
 
-def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
-    """A1111's parse: [(text, weight), ...] with equal neighbours merged; BREAK as ("BREAK", -1)."""
-    out: list[list] = []
-    round_open: list[int] = []
+def split_break(text: str) -> list[str]:
+    r"""``re.split(r"\s*\bBREAK\b\s*", text)`` (A1111's re_break) in linear time: the regex, retried at each
+    position of a long run of spaces, ran to the end of the run each time. A match starts where the whitespace
+    before a whole-word BREAK starts (not before the previous match's end) and takes the whitespace after it."""
+    if "BREAK" not in text:
+        return [text]
+    parts, pos = [], 0
+    for word in _BREAK_WORD.finditer(text):
+        parts.append(text[pos:word.start()].rstrip())  # str.isspace is \s, character for character
+        pos = _SPACES.match(text, word.end()).end()
+    parts.append(text[pos:])
+    return parts
+
+
+def parse_prompt_attention(text: str, field: str = "prompt") -> list[tuple[str, float]]:
+    """A1111's parse: [(text, weight), ...] with equal neighbours merged; BREAK as ("BREAK", -1).
+
+    A1111 multiplies every piece after an opening bracket by the bracket's factor when it closes. Pieces added with
+    no bracket opened or closed between them always get the same factors, so they share one weight ("group"), each
+    multiplied in A1111's order (the same floats), and the work is the groups times the brackets open around them:
+    at most MAX_BRACKET_DEPTH open at once, beyond which the prompt is refused naming ``field``."""
+    pieces: list[tuple[str, int, bool]] = []  # (text, group, is BREAK)
+    groups: list[float] = []  # each group's weight so far
+    boundary = True  # a bracket opened or closed since the last piece: the next piece starts a group
+    round_open: list[int] = []  # the first group inside each open bracket
     square_open: list[int] = []
 
+    def add(part: str, is_break: bool = False) -> None:
+        nonlocal boundary
+        if boundary:
+            groups.append(1.0)
+            boundary = False
+        pieces.append((part, len(groups) - 1, is_break))
+
     def scale(start: int, factor: float) -> None:
-        for piece in out[start:]:
-            piece[1] *= factor
+        nonlocal boundary
+        groups[start:] = [weight * factor for weight in groups[start:]]
+        boundary = True
+
+    def open_bracket(stack: list[int]) -> None:
+        nonlocal boundary
+        if len(round_open) + len(square_open) >= MAX_BRACKET_DEPTH:
+            raise InvalidRequest(field, text, f"at most {MAX_BRACKET_DEPTH} brackets ( or [ open at once (write "
+                                 "\\( or \\[ for a literal bracket)")
+        stack.append(len(groups))
+        boundary = True
 
     for match in _TOKEN.finditer(text):
         token, weight = match.group(0), match.group(1)
         if token.startswith("\\") and len(token) == 2:
-            out.append([token[1], 1.0])
+            add(token[1])
         elif token == "(":
-            round_open.append(len(out))
+            open_bracket(round_open)
         elif token == "[":
-            square_open.append(len(out))
+            open_bracket(square_open)
         elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
+            try:
+                factor = float(weight)
+            except ValueError:  # "(a:1.2.3)", "(a:.)": A1111 fails on these too
+                raise InvalidRequest(field, match.group(0), "a weight that is one number, as in (word:1.2)") from None
+            scale(round_open.pop(), factor)
         elif token == ")" and round_open:
             scale(round_open.pop(), ROUND)
         elif token == "]" and square_open:
             scale(square_open.pop(), SQUARE)
+        elif "BREAK" not in token:
+            add(token)
         else:
-            for i, part in enumerate(_BREAK.split(token)):
+            for i, part in enumerate(split_break(token)):
                 if i > 0:
-                    out.append(list(BREAK))
-                out.append([part, 1.0])
+                    add(BREAK[0], is_break=True)
+                add(part)
     for start in round_open:  # unclosed brackets reach the end of the prompt
         scale(start, ROUND)
     for start in square_open:
         scale(start, SQUARE)
 
-    if not out:
+    if not pieces:
         return [("", 1.0)]
+    # A BREAK starts at -1 and gets its group's factors: -(1 * f1 * f2 ...), exactly, as rounding keeps signs.
+    out = [[part, -groups[g] if is_break else groups[g]] for part, g, is_break in pieces]
     merged = [out[0]]
     for piece in out[1:]:
         if piece[1] == merged[-1][1]:
@@ -111,7 +158,7 @@ def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt",
     embedding's name becomes its vectors (never split across two chunks), as in A1111."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, pad_id(tokenizer)
     comma = tokenizer.convert_tokens_to_ids(",</w>")
-    parsed = parse_prompt_attention(strip_extra_networks(text))
+    parsed = parse_prompt_attention(strip_extra_networks(text), field)
     texts = [t for t, w in parsed if (t, w) != BREAK]
     token_lists = iter(tokenizer(texts, add_special_tokens=False, truncation=False).input_ids if texts else [])
 

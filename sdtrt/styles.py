@@ -11,9 +11,12 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdtrt.errors import UsageError
+from sdtrt.errors import InvalidRequest, UsageError
 
 DEFAULT_STYLES_FILE = Path("styles.csv")  # A1111's default name, in the folder the command runs from
+# The longest prompt styles may make. A style that says {prompt} twice doubles the prompt, so a request that
+# chose it n times would make 2**n copies: the length is worked out before each style is applied.
+MAX_STYLED_PROMPT_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,25 @@ def merge_prompt(prompt: str, style: str) -> str:
     return ", ".join(part for part in (prompt, style) if part and part.strip())
 
 
-def apply_styles(prompt: str, negative_prompt: str, styles: list[PromptStyle]) -> tuple[str, str]:
+def merged_length(prompt: str, style: str) -> int:
+    """``len(merge_prompt(prompt, style))``, without making it."""
+    if "{prompt}" in style:
+        uses = style.count("{prompt}")
+        return len(style) + uses * (len(prompt) - len("{prompt}"))
+    parts = [part for part in (prompt, style) if part and part.strip()]
+    return sum(map(len, parts)) + 2 * (len(parts) - 1) if parts else 0
+
+
+def apply_styles(prompt: str, negative_prompt: str, styles: list[PromptStyle],
+                 max_chars: int = MAX_STYLED_PROMPT_CHARS) -> tuple[str, str]:
+    """The prompts with ``styles`` applied in order (A1111's order); InvalidRequest naming ``styles`` when a prompt
+    would grow past ``max_chars``, checked before each style is applied."""
     for style in styles:
+        for text, snippet in ((prompt, style.prompt), (negative_prompt, style.negative_prompt)):
+            if (length := merged_length(text, snippet)) > max_chars:
+                raise InvalidRequest("styles", [s.name for s in styles],
+                                     f"styles whose prompts come to at most {max_chars} characters (with style "
+                                     f"{style.name!r:.80} a prompt would have {length})")
         prompt = merge_prompt(prompt, style.prompt)
         negative_prompt = merge_prompt(negative_prompt, style.negative_prompt)
     return prompt, negative_prompt
