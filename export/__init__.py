@@ -139,7 +139,7 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, *, config
                            sha256=source_sha)
     if vae is not None:
         ckpt = override_vae(ckpt, Path(vae), report)
-    ckpt = fuse_loras(ckpt, [parse_lora(text) for text in loras])
+    ckpt = fuse_loras(ckpt, [parse_lora(text) for text in loras], allow_pickle=allow_pickle)
     pipe = ckpt.pipe
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     native = int(pipe.unet.config.sample_size) * factor

@@ -1,9 +1,19 @@
-"""Loading a checkpoint: a diffusers folder or a single-file ``.safetensors``, always offline."""
+"""Loading a checkpoint: a diffusers folder or a single-file ``.safetensors`` (or ``.ckpt``), always offline.
+
+A ``.ckpt`` / ``.pt`` / ``.bin`` is a pickle, and unpickling can run any code the file names. :func:`torch_load`
+reads one with ``weights_only=True`` first: tensors, numbers, strings and containers only, so nothing in the file
+can run (a plain state dict, which most checkpoints are, loads so without ``--allow-pickle``). A file that holds
+anything else (a training framework's callback, an optimizer's class) is refused naming what it holds, unless
+``--allow-pickle`` says the file is trusted; then it is unpickled fully, with a warning naming those classes.
+diffusers itself only ever reads such files with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -11,6 +21,49 @@ from typing import Any
 from sdtrt.errors import UsageError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def _weights_only_refusal(path: Path, exc: Exception) -> tuple[list[str], str]:
+    """(the globals a weights-only load refused, torch's reason), from the error and the file: torch names the
+    first unsupported global; the zip format can be scanned for all of them without unpickling anything."""
+    import torch
+
+    text = str(exc)
+    names = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", text)
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) or names
+    except Exception:  # the legacy (non-zip) format cannot be scanned: the error's name is what there is
+        pass
+    reason = text.split("error:", 1)[-1].split("Check the documentation", 1)[0]
+    return names, " ".join(reason.split())[:200]
+
+
+def torch_load(path: Path, allow_pickle: bool, what: str) -> tuple[Any, list[str] | None]:
+    """(what ``path`` holds, None) when it loads with ``weights_only=True``; else, with ``allow_pickle``, (its full
+    unpickling, the classes that needed it), warning that it can run code and naming them; else UsageError naming
+    them and ``--allow-pickle``. ``what`` names the file's role in messages ("checkpoint", "LoRA", ...)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True), None
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise UsageError(f"{what} {path}: not a readable file ({' '.join(str(exc).split())[:200]})") from None
+        names, reason = _weights_only_refusal(path, exc)
+    except Exception as exc:  # a truncated zip, a file that is no torch file at all, ...
+        raise UsageError(f"{what} {path}: not a readable file ({' '.join(str(exc).split())[:200]})") from None
+    held = f"objects of {', '.join(names)}" if names else f"what a weights-only load refuses ({reason})"
+    if not allow_pickle:
+        raise UsageError(f"{what} {path} needs pickle to load: it holds {held}, and unpickling runs whatever code "
+                         "the file names. Convert it to .safetensors, or pass --allow-pickle for a file you trust")
+    warnings.warn(f"loading {path.name} with pickle, for {held}: it can run code; prefer .safetensors", stacklevel=2)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False), names
+    except Exception as exc:
+        raise UsageError(f"{what} {path}: not a readable file ({' '.join(str(exc).split())[:200]})") from None
 
 
 @dataclass
@@ -66,17 +119,32 @@ def parse_lora(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-def fuse_loras(ckpt: Checkpoint, loras: list[tuple[Path, float]]) -> Checkpoint:
+def lora_tensors(path: Path, allow_pickle: bool, what: str) -> dict[str, Any]:
+    """A pickled LoRA file's tensors (what diffusers' load_lora_weights takes in place of a path), read by
+    :func:`torch_load`; anything else in the file (a trainer's metadata) is left out."""
+    data = torch_load(path, allow_pickle, what)[0]
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path}: expected a dict of tensors, found {type(data).__name__}")
+    return {key: value for key, value in data.items() if hasattr(value, "shape")}
+
+
+def fuse_loras(ckpt: Checkpoint, loras: list[tuple[Path, float]], allow_pickle: bool = False) -> Checkpoint:
     """Fuse LoRA files (A1111/kohya or diffusers format, as diffusers' load_lora_weights reads them) into the
-    weights, each at its scale; the export then bakes them in. The spec records them."""
+    weights, each at its scale; the export then bakes them in. The spec records them. A pickled LoRA (.pt, .bin,
+    .ckpt) is read by :func:`torch_load` first: refused, before anything is fused, when it needs pickle and
+    ``allow_pickle`` is not given."""
     h = hashlib.sha256(ckpt.sha256.encode())
     fused = []
-    for index, (path, scale) in enumerate(loras):
+    for path, _ in loras:
         if not path.is_file():
             raise UsageError(f"--lora {path}: no such file")
+        if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            torch_load(path, False, "--lora")
+    for index, (path, scale) in enumerate(loras):
         adapter = f"lora{index}"
+        weights = lora_tensors(path, allow_pickle, "--lora") if path.suffix in PICKLE_SUFFIXES else str(path)
         try:
-            ckpt.pipe.load_lora_weights(str(path), adapter_name=adapter)
+            ckpt.pipe.load_lora_weights(weights, adapter_name=adapter)
             ckpt.pipe.fuse_lora(lora_scale=scale, adapter_names=[adapter])
             # The fused weights stay in the base layers; the PEFT wrappers must go, or the exported graph (and
             # its ONNX weight names, which a TensorRT refit matches by name) would differ from the plain one.

@@ -21,7 +21,7 @@ from sdtrt.errors import UsageError
 from sdtrt.extra_networks import LORA_NETWORKS
 
 LORA_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
+PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")  # read by sdtrt.export.checkpoint.torch_load: weights only unless trusted
 
 
 @dataclass(frozen=True)
@@ -121,16 +121,26 @@ def addnet_hash(path: Path) -> str:
 
 
 def _files(folder: Path, allow_pickle: bool, what: str) -> list[Path]:
+    """The folder's LoRA / embedding files. A pickled one (.pt, .ckpt, .bin) that needs more than a weights-only
+    load is refused here, before any file is registered, unless ``allow_pickle``."""
+    from sdtrt.export.checkpoint import torch_load
+
     if not folder.is_dir():
         raise UsageError(f"--{what} {folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.suffix in LORA_SUFFIXES + PICKLE_SUFFIXES)
-    pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
-    if pickled and not allow_pickle:
-        raise UsageError(f"--{what} {folder}: {', '.join(pickled)} can run code when loaded (pickle); convert "
-                         "them to .safetensors or pass --allow-pickle if you trust them")
     if not files:
         raise UsageError(f"--{what} {folder}: no .safetensors files in it")
+    if not allow_pickle:
+        for path in files:
+            if path.suffix in PICKLE_SUFFIXES:
+                torch_load(path, False, f"--{what}")
     return files
+
+
+def _load_pickled(path: Path, allow_pickle: bool, what: str):
+    from sdtrt.export.checkpoint import torch_load
+
+    return torch_load(path, allow_pickle, what)[0]
 
 
 def _lora_layers(network: torch.nn.Module, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -193,15 +203,17 @@ def register_loras(pipe, folder: Path, slots: dict[str, list[Slot]], out: Path, 
     entries the spec keeps (name -> file, rank per network, hashes)."""
     from safetensors.torch import save_file
 
-    from sdtrt.export.checkpoint import file_sha256
+    from sdtrt.export.checkpoint import file_sha256, lora_tensors
 
+    files = _files(folder, allow_pickle, "loras")  # refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     registry = {}
-    for path in _files(folder, allow_pickle, "loras"):
+    for path in files:
         name = path.stem
         adapter = "sdtrt_register"
         try:
-            pipe.load_lora_weights(str(path), adapter_name=adapter)
+            weights = lora_tensors(path, allow_pickle, "--loras") if path.suffix in PICKLE_SUFFIXES else str(path)
+            pipe.load_lora_weights(weights, adapter_name=adapter)
             per_network = {net: _lora_layers(getattr(pipe, net), adapter) for net in LORA_NETWORKS}
         except UsageError:
             raise
@@ -232,15 +244,17 @@ def register_loras(pipe, folder: Path, slots: dict[str, list[Slot]], out: Path, 
     return registry
 
 
-def read_embedding(path: Path) -> torch.Tensor:
+def read_embedding(path: Path, allow_pickle: bool = False) -> torch.Tensor:
     """[n, H] vectors of an A1111/diffusers textual-inversion file (``emb_params``, ``string_to_param``, or one
-    tensor under the token's name)."""
+    tensor under the token's name). A pickled one (.pt, .bin) is read weights-only unless ``allow_pickle``."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         data = load_file(str(path))
     else:
-        data = torch.load(str(path), map_location="cpu", weights_only=False)
+        data = _load_pickled(path, allow_pickle, "--embeddings")
+    if not isinstance(data, dict):
+        raise UsageError(f"embedding {path.name}: expected a dict of tensors, found {type(data).__name__}")
     if "string_to_param" in data:
         data = data["string_to_param"]
     tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
@@ -258,10 +272,11 @@ def register_embeddings(folder: Path, hidden: int, out: Path, allow_pickle: bool
 
     from sdtrt.export.checkpoint import file_sha256
 
+    files = _files(folder, allow_pickle, "embeddings")  # refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     registry = {}
-    for path in _files(folder, allow_pickle, "embeddings"):
-        vectors = read_embedding(path)
+    for path in files:
+        vectors = read_embedding(path, allow_pickle)
         if vectors.shape[1] != hidden:
             raise UsageError(f"embedding {path.name} has {vectors.shape[1]}-wide vectors; this model's text encoder "
                              f"takes {hidden} (an embedding for another architecture)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,9 @@ class Weights:
 
     path: Path
     shapes: dict[str, tuple[int, ...]]
+    # A .ckpt that needed pickle (trusted with --allow-pickle): its tensors, for diffusers, which reads .ckpt files
+    # weights-only and so could not read this one; they go to it as a temporary .safetensors.
+    unpickled: dict[str, Any] | None = field(default=None, repr=False)
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         return self.shapes.get(key)
@@ -56,19 +58,14 @@ def read_weights(path: Path, allow_pickle: bool = False) -> Weights:
         except Exception as exc:
             raise UsageError(f"{path}: not a readable .safetensors file ({exc}); is it complete?") from None
     if path.suffix == ".ckpt":
-        if not allow_pickle:
-            raise UsageError(f"{path} is a pickle (.ckpt): loading one can run code hidden in it. Convert it to "
-                             ".safetensors, or pass --allow-pickle if you trust where it came from")
-        warnings.warn(f"loading the pickle {path.name}: it can run code; prefer .safetensors", stacklevel=2)
-        import torch
+        from sdtrt.export.checkpoint import torch_load
 
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise UsageError(f"{path}: not a readable checkpoint ({exc})") from None
-        state = data.get("state_dict", data) if isinstance(data, dict) else {}
-        return Weights(path, {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")})
-    raise UsageError(f"{path}: a single-file checkpoint must be .safetensors (or .ckpt with --allow-pickle)")
+        data, needed = torch_load(path, allow_pickle, "checkpoint")
+        while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):  # as diffusers unwraps it
+            data = data["state_dict"]
+        state = {k: v for k, v in data.items() if hasattr(v, "shape")} if isinstance(data, dict) else {}
+        return Weights(path, {k: tuple(v.shape) for k, v in state.items()}, unpickled=state if needed else None)
+    raise UsageError(f"{path}: a single-file checkpoint must be .safetensors or .ckpt")
 
 
 @dataclass
@@ -252,27 +249,50 @@ def uses_v_prediction(unet) -> bool:
 def load_single_file(path: Path, config: Path | None, *, allow_pickle: bool, prediction_type: str | None, report,
                      load):
     """The pipeline of a single-file checkpoint, offline: its architecture read from the weights (or ``config``,
-    a diffusers folder), said in one line. ``load(open_pipeline, what)`` is the caller's loader."""
+    a diffusers folder), said in one line. ``load(open_pipeline, what)`` is the caller's loader. A ``.ckpt`` is read
+    weights-only (``sdtrt.export.checkpoint.torch_load``) before diffusers sees it; one that needed pickle goes to
+    diffusers as a temporary ``.safetensors`` of its tensors."""
     import tempfile
 
     what = repr(str(path))
-    if config is not None:
-        kind = json.loads((Path(config) / "model_index.json").read_text()).get("_class_name", "")
-        pipe = load(lambda sd, **kw: sd.from_single_file(str(path), config=str(config), **kw), what,
-                    xl=kind.startswith("StableDiffusionXL"))
-        if prediction_type:
-            pipe.scheduler.register_to_config(prediction_type=prediction_type)
-        report(f"{path.name}: configured by {config}")
-        return pipe
-    weights = read_weights(path, allow_pickle)
-    architecture = detect(weights, prediction_type)
+    weights = read_weights(path, allow_pickle) if config is None or path.suffix == ".ckpt" else None
     with tempfile.TemporaryDirectory(prefix="sdtrt-config-") as tmp:
+        source = str(path)
+        if weights is not None and weights.unpickled is not None:
+            source = str(_tensors_file(weights.unpickled, Path(tmp) / f"{path.stem}.safetensors"))
+            weights.unpickled = None
+        if config is not None:
+            kind = json.loads((Path(config) / "model_index.json").read_text()).get("_class_name", "")
+            pipe = load(lambda sd, **kw: sd.from_single_file(source, config=str(config), **kw), what,
+                        xl=kind.startswith("StableDiffusionXL"))
+            if prediction_type:
+                pipe.scheduler.register_to_config(prediction_type=prediction_type)
+            report(f"{path.name}: configured by {config}")
+            return pipe
+        architecture = detect(weights, prediction_type)
         folder = write_config_folder(architecture, Path(tmp) / "config")
         xl = architecture.family is arch.SDXL
-        pipe = load(lambda sd, **kw: sd.from_single_file(str(path), config=str(folder), **kw), what, xl=xl)
+        pipe = load(lambda sd, **kw: sd.from_single_file(source, config=str(folder), **kw), what, xl=xl)
         if architecture.family is arch.SD2 and prediction_type is None and uses_v_prediction(pipe.unet):
             architecture = detect(weights, "v_prediction")
             folder = write_config_folder(architecture, Path(tmp) / "config-v")
-            pipe = load(lambda sd, **kw: sd.from_single_file(str(path), config=str(folder), **kw), what)
+            pipe = load(lambda sd, **kw: sd.from_single_file(source, config=str(folder), **kw), what)
     report(f"{path.name}: {architecture.describe()} (read from its weights)")
     return pipe
+
+
+def _tensors_file(tensors: dict[str, Any], path: Path) -> Path:
+    """``tensors`` saved as a .safetensors file (tensors that share memory saved as copies, as the format needs)."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        seen.add(pointer)
+        out[key] = tensor
+    save_file(out, str(path))
+    return path

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loras import make_lora
+from loras import make_lora, to_kohya
 from reference import MAX_PIXEL_DIFF, max_diff, reference_scheduler
 from sdtrt.request import Txt2ImgRequest
 
@@ -69,3 +69,58 @@ def test_lora_fused_export_has_the_plain_exports_weight_names(default_model, lor
             before = {i.name: numpy_helper.to_array(i) for i in plain}
             changed = [i.name for i in fused if not np.array_equal(numpy_helper.to_array(i), before[i.name])]
             assert changed, "the fused LoRA changed no U-Net weight"
+
+
+class TrainerState:
+    """What a trainer may leave in a .pt beside the tensors: an object only a full unpickling rebuilds."""
+
+    def __init__(self):
+        self.step = 100
+
+
+def test_a_pickled_lora_of_tensors_fuses_without_allow_pickle_and_one_that_needs_pickle_only_when_trusted(
+        default_model, lora_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from sdtrt.errors import UsageError
+    from sdtrt.export.checkpoint import fuse_loras, load_checkpoint
+
+    kohya = to_kohya(lora_file, tmp_path / "kohya", alpha=2.0)  # its alpha in its tensors, as .pt LoRAs have it
+    tensors = load_file(str(kohya))
+    plain, trained = tmp_path / "plain.pt", tmp_path / "trained.pt"
+    torch.save(tensors, str(plain))
+    torch.save({**tensors, "trainer": TrainerState()}, str(trained))
+
+    def fused(path, **kwargs):
+        ckpt = fuse_loras(load_checkpoint(default_model, report=lambda *_: None), [(path, 0.8)], **kwargs)
+        return {k: v.clone() for k, v in ckpt.pipe.unet.state_dict().items()}
+
+    expected = fused(kohya)
+    base = load_checkpoint(default_model, report=lambda *_: None).pipe.unet.state_dict()
+    assert not all(torch.equal(v, base[k]) for k, v in expected.items())  # the LoRA changed the weights
+    assert all(torch.equal(v, expected[k]) for k, v in fused(plain).items())
+    with pytest.raises(UsageError, match=rf"trained.pt needs pickle to load: it holds objects of "
+                                         rf"{__name__}.TrainerState.*--allow-pickle"):
+        fused(trained)
+    with pytest.warns(UserWarning, match=rf"trained.pt with pickle, for objects of {__name__}.TrainerState"):
+        assert all(torch.equal(v, expected[k]) for k, v in fused(trained, allow_pickle=True).items())
+
+
+def test_a_pickled_embedding_reads_weights_only_unless_trusted(tmp_path):
+    from sdtrt.errors import UsageError
+    from sdtrt.export.lora import read_embedding, register_embeddings
+
+    vectors = torch.randn(2, 32)
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": vectors}, "name": "plain", "step": 10}, str(folder / "plain.pt"))
+    assert torch.equal(read_embedding(folder / "plain.pt"), vectors)
+    registry = register_embeddings(folder, 32, tmp_path / "out", allow_pickle=False, report=lambda *_: None)
+    assert list(registry) == ["plain"]
+    torch.save({"string_to_param": {"*": vectors}, "trainer": TrainerState()}, str(folder / "trained.pt"))
+    with pytest.raises(UsageError, match=rf"trained.pt needs pickle to load: it holds objects of "
+                                         rf"{__name__}.TrainerState"):
+        register_embeddings(folder, 32, tmp_path / "refused", allow_pickle=False, report=lambda *_: None)
+    assert not (tmp_path / "refused").exists()  # refused before any file was registered
+    with pytest.warns(UserWarning, match="trained.pt with pickle"):
+        assert torch.equal(read_embedding(folder / "trained.pt", allow_pickle=True), vectors)

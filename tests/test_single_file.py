@@ -125,12 +125,18 @@ def test_files_sdtrt_cannot_use_are_refused_naming_the_file_and_the_problem(ldm_
     save_file({"lora_unet_down_blocks_0.alpha": torch.tensor(4.0)}, str(lora_like))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(ldm_files["float32"].read_bytes()[:100_000])
-    pickled = tmp_path / "model.ckpt"
+    pickled = tmp_path / "model.ckpt"  # tensors only: read weights-only, then found to be no model
     torch.save({"state_dict": {"x": torch.zeros(1)}}, str(pickled))
+    needs_pickle = tmp_path / "trainer.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "callbacks": [TrainerState()]}, str(needs_pickle))
+    not_torch = tmp_path / "noise.ckpt"
+    not_torch.write_bytes(bytes(range(256)) * 40)
     cases = [(refiner, "refiner-ish.safetensors is an SDXL refiner: sdtrt does not serve A1111's Refiner"),
              (lora_like, "not-a-model.safetensors is not a Stable Diffusion checkpoint: it has no U-Net"),
              (truncated, "truncated.safetensors: not a readable .safetensors file"),
-             (pickled, "model.ckpt is a pickle (.ckpt): loading one can run code")]
+             (pickled, "model.ckpt is not a Stable Diffusion checkpoint: it has no U-Net"),
+             (needs_pickle, f"trainer.ckpt needs pickle to load: it holds objects of {__name__}.TrainerState"),
+             (not_torch, "noise.ckpt")]
     existing = tmp_path / "existing"
     spec, _ = export(ldm_files["float32"], existing)
     before = {p.relative_to(existing): p.stat().st_mtime_ns for p in existing.rglob("*")}
@@ -143,13 +149,63 @@ def test_files_sdtrt_cannot_use_are_refused_naming_the_file_and_the_problem(ldm_
         assert {p.relative_to(existing): p.stat().st_mtime_ns for p in existing.rglob("*")} == before
 
 
-def test_a_trusted_ckpt_loads_with_allow_pickle_and_a_warning(ldm_files, local_pipeline, tmp_path):
+class TrainerState:
+    """What a training framework leaves in a .ckpt beside the weights (pytorch_lightning's callbacks, say): an
+    object of a class, which only a full unpickling can rebuild."""
+
+    def __init__(self):
+        self.epoch = 3
+
+
+class WritesAFile:
+    """An object whose unpickling runs code: it opens (creates) a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def pickle_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "pickle" in str(w.message)]
+
+
+def test_a_ckpt_of_tensors_loads_without_allow_pickle_and_without_a_warning(ldm_files, local_pipeline, tmp_path,
+                                                                            recwarn):
+    """A plain state dict loads with torch's weights_only=True: tensors, numbers and strings, nothing that runs."""
     path = tmp_path / "tiny.ckpt"
-    torch.save({"state_dict": load_file(str(ldm_files["float32"]))}, str(path))
-    with pytest.warns(UserWarning, match="tiny.ckpt: it can run code"):
-        spec, _ = export(path, tmp_path / "repo", allow_pickle=True)
+    torch.save({"state_dict": load_file(str(ldm_files["float32"])), "epoch": 3, "global_step": 10}, str(path))
+    spec, _ = export(path, tmp_path / "repo")
+    assert not pickle_warnings(recwarn)
     assert spec.model_name == "tiny" and spec.model_hash == sha256(path)[:10]
     assert max_diff(images(tmp_path / "repo").images, local_pipeline.txt2img(Txt2ImgRequest(**REQUEST)).images) == 0
+
+
+def test_a_ckpt_that_needs_pickle_is_refused_naming_its_class_and_loads_when_trusted(ldm_files, local_pipeline,
+                                                                                    tmp_path):
+    path = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": load_file(str(ldm_files["float32"])), "callbacks": {"state": TrainerState()}},
+               str(path))
+    with pytest.raises(UsageError) as refused:
+        export(path, tmp_path / "refused")
+    assert f"{__name__}.TrainerState" in str(refused.value) and "--allow-pickle" in str(refused.value)
+    assert not (tmp_path / "refused").exists()
+    with pytest.warns(UserWarning, match=rf"trained.ckpt with pickle, for objects of {__name__}.TrainerState: "
+                                         "it can run code"):
+        spec, _ = export(path, tmp_path / "repo", allow_pickle=True)
+    assert spec.model_name == "trained" and spec.model_hash == sha256(path)[:10]  # the file's own hash
+    assert max_diff(images(tmp_path / "repo").images, local_pipeline.txt2img(Txt2ImgRequest(**REQUEST)).images) == 0
+
+
+def test_a_refused_ckpt_runs_none_of_its_code(tmp_path):
+    marker = tmp_path / "written-by-the-pickle"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": WritesAFile(marker)}, str(path))
+    assert not marker.exists()
+    with pytest.raises(UsageError, match=r"evil.ckpt needs pickle to load: it holds objects of .*open.*--allow-pickle"):
+        export(path, tmp_path / "repo")
+    assert not marker.exists() and not (tmp_path / "repo").exists()
 
 
 @pytest.mark.slow
