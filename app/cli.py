@@ -119,7 +119,8 @@ def _add_export(sub) -> None:
                    help="override what the model predicts (default: its family's; SD 2.x weights are tested as "
                    "A1111 does, v-prediction for the 768-v models)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="accept a .ckpt (a pickle, which can run code when loaded): only for files you trust")
+                   help="unpickle a .ckpt/.pt that holds more than tensors (unpickling can run code; plain ones load "
+                        "weights-only without this): only for files you trust")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA into the exported weights at SCALE (default 1); repeatable")
     p.add_argument("--loras", type=Path, default=None, metavar="DIR",
@@ -370,6 +371,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    from sdtrt.client.cli import is_loopback
+
+    if not is_loopback(args.host):
+        print(f"warning: Triton's inference API has no authentication and now listens on {args.host}: let only the "
+              "gateway, the page and Prometheus reach its ports (a firewall, a NetworkPolicy); see SECURITY.md",
+              file=sys.stderr, flush=True)
     print(f"starting tritonserver on {args.model_repository} (log: {server.log_file or 'next to the repository'})",
           flush=True)
     server.start(timeout=args.timeout)

@@ -16,18 +16,18 @@ import base64
 import html
 import io
 import json
+import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import secrets
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,16 +37,20 @@ from PIL.PngImagePlugin import PngInfo
 from sdtrt import __version__
 from sdtrt.client.client import Client, JobControl, ServerBusy, ServerError
 from sdtrt.errors import InvalidRequest
-from sdtrt.generation import Generation
+from sdtrt.client.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard
+from sdtrt.generation import MAX_N_ITER, Generation, check_n_iter
 from sdtrt.hires import HIRES_UPSCALERS
 from sdtrt.img2img import INPAINTING_FILLS, RESIZE_MODES
-from sdtrt.infotext import parse_infotext
+from sdtrt.infotext import check_infotext, parse_infotext
 from sdtrt.outputs import png_info, save_png
+from sdtrt.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture, picture_bytes_from_base64
 from sdtrt.prometheus import samples, scrape
 from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES
 from sdtrt.seeds import MAX_SEED
 from sdtrt.styles import apply_styles, load_styles
-from sdtrt.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, extras_upscale, output_size
+from sdtrt.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, check_upscale, extras_upscale
+
+log = logging.getLogger("sdtrt.gateway")
 
 # A1111's aliases for its sampler names (k-diffusion function names), as its /samplers endpoint lists them.
 SAMPLER_ALIASES = {
@@ -74,6 +78,8 @@ A1111_NAME = {ours: theirs for theirs, ours in FIELD_MAP.items()} | {
     "init_image": "init_images", "mask": "mask", "randn_source": "override_settings.randn_source",
 }
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source")
+# The /cmd-flags a client may see (A1111's names); the rest (paths, the addresses behind the gateway) stay here.
+PUBLIC_FLAGS = ("api", "nowebui", "listen", "port", "api_auth")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
@@ -81,6 +87,14 @@ OPTIONS_FIXED = {
     "sd_vae": ("Automatic", "None"), "eta_ancestral": (1, 1.0), "eta_ddim": (0, 0.0), "eta_noise_seed_delta": (0,),
     "img2img_fix_steps": (False,),
 }
+
+
+# What one request may ask of the gateway, checked before any work starts (pictures: sdtrt.pictures; the
+# generation itself: the model's spec, checked by the client before anything is sent).
+MAX_STYLES = 64  # styles named in one request
+MAX_NAME_CHARS = 256  # a style's name, a task id
+MAX_OPTIONS = 2000  # A1111 options kept per user (A1111 has about 500)
+MAX_OPTIONS_BYTES = 2**20  # their JSON, all together
 
 
 class _Request(BaseModel):
@@ -236,15 +250,12 @@ def refuse(field: str, message: str) -> HTTPException:
 
 
 def open_image(data: str, field: str) -> Image.Image:
-    """A base64 picture (a data: URL too), loaded with its text chunks; a named 422 when it is not one."""
-    if "," in data[:100] and data.startswith("data:"):
-        data = data.split(",", 1)[1]
+    """A base64 picture (a data: URL too), loaded with its text chunks, within sdtrt.pictures' bounds (size,
+    pixels, PNG/JPEG/WebP), checked before it is decoded; a named 422 otherwise."""
     try:
-        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
-            im.load()
-            return im
-    except Exception:
-        raise refuse(field, "not a base64-encoded picture (PNG, JPEG or WebP)") from None
+        return open_picture(picture_bytes_from_base64(data, field), field)
+    except InvalidRequest as exc:
+        raise refuse(field, str(exc)) from None
 
 
 def decode_image(data: str, field: str, mode: str) -> Image.Image:
@@ -263,6 +274,8 @@ class Job:
     """One generation under way: its control (interrupt, skip, the request id its progress is posted under)."""
 
     control: JobControl
+    user: str  # who sent it: only they see its progress and stop it
+    task_id: str  # A1111's id_task (the request's force_task_id, else a fresh one)
     kind: str
     count: int  # batches (n_iter)
     started: float
@@ -270,20 +283,37 @@ class Job:
     done: int = 0  # batches finished
 
 
+@dataclass
+class UserOptions:
+    """One user's A1111 options. A1111 serves one user, whose options are the server's; sdtrt serves many (each
+    set of credentials is a user; without credentials, loopback only, everyone is the one user "")."""
+
+    clip_skip: int = 1
+    randn_source: str = "CPU"
+    model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
+    options: dict[str, Any] = field(default_factory=dict)  # A1111 options sdtrt has no use for, kept for GET
+
+
 class Gateway:
-    """The gateway's state: the client, the A1111 options it honours, the generations under way."""
+    """The gateway's state: the client, each user's A1111 options, the generations under way."""
 
     def __init__(self, client: Client, outputs: Path | None = None, styles_file: Path | None = None):
         self.client = client
         self.outputs = outputs
         self.styles_file = styles_file
         self._styles: tuple[float | None, dict] = (None, {})  # (the file's mtime when read, its styles)
-        self.clip_skip = 1
-        self.randn_source = "CPU"
-        self.options: dict[str, Any] = {}  # A1111 options sdtrt has no use for, kept for GET /options
-        self.model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
         self.lock = threading.Lock()
-        self.jobs: dict[str, Job] = {}  # every generation under way, by task id (what /progress, /interrupt reach)
+        self._users: dict[str, UserOptions] = {}  # at most one per set of credentials the gateway was given
+        # every generation under way, by (user, task id): what /progress, /interrupt and /skip reach
+        self.jobs: dict[tuple[str, str], Job] = {}
+
+    def user(self, name: str) -> UserOptions:
+        with self.lock:
+            return self._users.setdefault(name, UserOptions())
+
+    def user_jobs(self, user: str) -> list[Job]:
+        with self.lock:
+            return [job for job in self.jobs.values() if job.user == user]
 
     # --- translation ---------------------------------------------------------------------------------------
     def styles(self) -> dict:
@@ -296,11 +326,8 @@ class Gateway:
             self._styles = (mtime, load_styles(self.styles_file) if mtime is not None else {})
         return self._styles[1]
 
-    def current(self):
-        return self.client.catalog.get(self.model)
-
-    def model_title(self) -> str:
-        return self.current().title
+    def current(self, user: str = ""):
+        return self.client.catalog.get(self.user(user).model)
 
     def find_model(self, value: Any, where: str) -> str:
         """A1111 names a checkpoint by title, name, file name or hash; sdtrt by its key in the repository."""
@@ -339,7 +366,27 @@ class Gateway:
         styles = [f"styles.{name}" for name in body.styles or [] if name not in known]  # A1111 skips them too
         return body.ignored_fields + overrides + styles
 
-    def settings(self, body: _Request) -> dict[str, Any]:
+    def check_bounds(self, body: _Request) -> None:
+        """What a request asks for, bounded before anything is decoded, parsed or sent (the generation's own
+        limits are the model's, checked by the client)."""
+        try:
+            check_n_iter(body.n_iter)
+        except InvalidRequest as exc:
+            raise refuse("n_iter", str(exc)) from None
+        if body.styles is not None and (len(body.styles) > MAX_STYLES
+                                        or any(len(name) > MAX_NAME_CHARS for name in body.styles)):
+            raise refuse("styles", f"at most {MAX_STYLES} style names of at most {MAX_NAME_CHARS} characters each "
+                                   f"(got {len(body.styles)})")
+        if body.force_task_id is not None and len(body.force_task_id) > MAX_NAME_CHARS:
+            raise refuse("force_task_id", f"at most {MAX_NAME_CHARS} characters (got {len(body.force_task_id)})")
+        if body.infotext is not None:
+            try:
+                check_infotext(body.infotext)
+            except InvalidRequest as exc:
+                raise refuse("infotext", str(exc)) from None
+
+    def settings(self, body: _Request, user: str = "") -> dict[str, Any]:
+        self.check_bounds(body)
         given = body.model_dump(exclude_unset=True)
         if body.infotext:  # A1111 1.9+: settings from an infotext, explicit fields win
             from sdtrt.generation import settings_from_infotext
@@ -380,9 +427,10 @@ class Gateway:
         if isinstance(body, Txt2ImgBody) and body.enable_hr and body.hr_upscaler is not None:
             settings["hr_upscaler"] = body.hr_upscaler
         clip_skip, model, randn_source = self.apply_options(body.override_settings or {}, "override_settings")
-        settings["clip_skip"] = clip_skip if clip_skip is not None else self.clip_skip
-        settings["randn_source"] = randn_source or self.randn_source
-        settings["model"] = model or self.current().key
+        mine = self.user(user)
+        settings["clip_skip"] = clip_skip if clip_skip is not None else mine.clip_skip
+        settings["randn_source"] = randn_source or mine.randn_source
+        settings["model"] = model or self.current(user).key
         if isinstance(body, Img2ImgBody):
             if not 0 <= body.resize_mode < len(RESIZE_MODE_NAMES):
                 raise refuse("resize_mode", "0 (just resize), 1 (crop and resize) or 2 (resize and fill)")
@@ -395,11 +443,16 @@ class Gateway:
         return settings
 
     # --- jobs ----------------------------------------------------------------------------------------------
-    def run(self, kind: str, body: _Request, call) -> dict[str, Any]:
-        settings = self.settings(body)
-        job = Job(JobControl(body.force_task_id), kind, body.n_iter, time.time(), time.strftime("%Y%m%d%H%M%S"))
+    def run(self, kind: str, body: _Request, call, user: str = "", settings: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
+        settings = self.settings(body, user) if settings is None else settings
+        # The server sees a fresh random id (its progress model answers whoever names one); A1111's task id,
+        # which a client may choose, only names the job here, among its own user's jobs.
+        job = Job(JobControl(), user, body.force_task_id or uuid.uuid4().hex, kind, body.n_iter, time.time(),
+                  time.strftime("%Y%m%d%H%M%S"))
+        key = (user, job.task_id)
         with self.lock:
-            self.jobs[job.control.request_id] = job
+            self.jobs[key] = job
 
         def progress(done: int, total: int) -> None:
             job.done = done
@@ -411,10 +464,12 @@ class Gateway:
         except ServerBusy as exc:
             raise HTTPException(503, detail=str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
         except ServerError as exc:
-            raise HTTPException(502, detail=f"the sdtrt server failed: {exc}") from None
+            raise HTTPException(502, detail=f"the sdtrt server failed (error {logged(exc)}; the gateway's log has "
+                                            "the details): try again, and tell its operator if it persists") from None
         finally:
             with self.lock:
-                self.jobs.pop(job.control.request_id, None)
+                if self.jobs.get(key) is job:
+                    del self.jobs[key]
         if body.save_images and self.outputs is not None:
             for image, seed, info in zip(result.images, result.seeds, result.infotexts):
                 save_png(image, seed, info, self.outputs / f"{kind}-images")
@@ -451,19 +506,17 @@ class Gateway:
         }
 
 
-def basic_auth(credentials: dict[str, str]):
-    """A dependency that lets a request through only with one of ``credentials`` (user -> password) in HTTP basic
-    auth, as A1111's ``--api-auth``; compared in constant time."""
-    basic = HTTPBasic(auto_error=False)
+def current_user(request: Request) -> str:
+    """The user the front door (WebGuard) let in: their credentials' name, "" without credentials."""
+    return request.scope.get(USER_KEY, "")
 
-    def check(given: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        if given is not None:
-            expected = credentials.get(given.username)
-            if expected is not None and secrets.compare_digest(given.password.encode(), expected.encode()):
-                return
-        raise HTTPException(401, detail="Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
-    return check
+def logged(exc: BaseException) -> str:
+    """Log a failure with its details under a fresh id and return the id: what the client is told instead of the
+    details (paths, hosts and internals stay in the gateway's log)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("error %s: %s: %s", error_id, type(exc).__name__, exc, exc_info=exc)
+    return error_id
 
 
 def a1111_error(status: int, name: str, detail: Any, message: str, headers: dict[str, str] | None = None):
@@ -480,7 +533,7 @@ def server_memory(metrics_url: str | None) -> dict[str, Any]:
     try:
         text = scrape(metrics_url)
     except OSError as exc:
-        message = f"{metrics_url}: {exc}"[:200]
+        message = f"the server's metrics could not be read (error {logged(exc)})"  # its address stays in the log
         return {"ram": {"error": message}, "cuda": {"error": message}}
     values: dict[str, float] = {}
     for name, _, value in samples(text):
@@ -498,14 +551,15 @@ def server_memory(metrics_url: str | None) -> dict[str, Any]:
 
 def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str] | None = None, *,
                styles_file: Path | None = None, metrics_url: str | None = None,
-               flags: dict[str, Any] | None = None) -> FastAPI:
-    """The gateway over ``client``; with ``auth`` (user -> password) every endpoint wants HTTP basic auth.
-    ``styles_file`` is A1111's styles.csv, ``metrics_url`` the server's Prometheus metrics (for /memory) and
-    ``flags`` what /cmd-flags answers (the command's flags, passwords left out)."""
+               flags: dict[str, Any] | None = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The gateway over ``client``; with ``auth`` (user -> password) every route wants HTTP basic auth, its
+    documentation included, and each user sees and stops only their own generations. ``styles_file`` is A1111's
+    styles.csv, ``metrics_url`` the server's Prometheus metrics (for /memory), ``flags`` what /cmd-flags answers
+    (the command's flags, passwords and internal addresses left out), ``max_body`` the largest request body."""
     gateway = Gateway(client, outputs, styles_file)
     app = FastAPI(title="sdtrt: AUTOMATIC1111-compatible API", version=__version__,
-                  description="The A1111 /sdapi/v1 endpoints a Stable Diffusion server can honour, served by sdtrt.",
-                  dependencies=[Depends(basic_auth(auth))] if auth else [])
+                  description="The A1111 /sdapi/v1 endpoints a Stable Diffusion server can honour, served by sdtrt.")
+    app.add_middleware(WebGuard, users=auth, max_body=max_body)
 
     @app.exception_handler(InvalidRequest)
     async def invalid(_, exc: InvalidRequest):
@@ -518,30 +572,36 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
 
     @app.exception_handler(Exception)
     async def failure(request: Request, exc: Exception):
-        return a1111_error(500, type(exc).__name__, "", str(exc)[:1000])
+        error_id = logged(exc)
+        return a1111_error(500, "InternalError", "", f"internal error {error_id}: the gateway's log has the details")
 
     def ignored(body: _Request, response: Response) -> None:
         if fields := gateway.ignored_fields(body):
             response.headers["X-Sdtrt-Ignored-Fields"] = ",".join(fields)[:2000]
 
     @app.post("/sdapi/v1/txt2img", tags=["generation"])
-    def txt2img(body: Txt2ImgBody, response: Response) -> dict[str, Any]:
+    def txt2img(body: Txt2ImgBody, response: Response, user: str = Depends(current_user)) -> dict[str, Any]:
         ignored(body, response)
         return gateway.run("txt2img", body, lambda s, progress, control: client.txt2img(
-            n_iter=body.n_iter, progress=progress, control=control, **s))
+            n_iter=body.n_iter, progress=progress, control=control, **s), user)
 
     @app.post("/sdapi/v1/img2img", tags=["generation"])
-    def img2img(body: Img2ImgBody, response: Response) -> dict[str, Any]:
+    def img2img(body: Img2ImgBody, response: Response, user: str = Depends(current_user)) -> dict[str, Any]:
         ignored(body, response)
         if not body.init_images:
             raise refuse("init_images", "at least one picture")
-        # several: one picture per init image, as A1111 (at most batch_size of them; the client says so)
+        settings = gateway.settings(body, user)  # every bound checked before a picture is decoded
+        most = min(max(body.batch_size, 1), client.catalog.get(settings["model"]).field("batch_size").maximum)
+        if len(body.init_images) > most:
+            raise refuse("init_images", f"1 to {most} pictures (at most batch_size: A1111 redraws one per image of "
+                                        f"the batch), got {len(body.init_images)}")
+        # several: one picture per init image, as A1111
         init = [decode_image(data, "init_images", "RGB") for data in body.init_images]
         mask = decode_image(body.mask, "mask", "L") if body.mask else None
         if mask is not None and body.inpainting_mask_invert:
             mask = Image.fromarray(255 - np.asarray(mask))
         return gateway.run("img2img", body, lambda s, progress, control: client.img2img(
-            s.pop("prompt"), init, mask, n_iter=body.n_iter, progress=progress, control=control, **s))
+            s.pop("prompt"), init, mask, n_iter=body.n_iter, progress=progress, control=control, **s), user, settings)
 
     @app.get("/sdapi/v1/samplers", tags=["info"])
     def samplers() -> list[dict[str, Any]]:
@@ -566,21 +626,23 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
 
     @app.get("/sdapi/v1/sd-models", tags=["info"])
     def sd_models() -> list[dict[str, Any]]:
+        """The server's models; ``filename`` is the checkpoint's file name (A1111 gives its path on the server's
+        disk, which is nobody's business outside it)."""
         return [{"title": spec.title, "model_name": spec.name or spec.model_name, "hash": spec.model_hash,
-                 "sha256": spec.source_hash, "filename": spec.source, "config": None}
+                 "sha256": spec.source_hash, "filename": Path(spec.source).name, "config": None}
                 for spec in client.catalog.models.values()]
 
     @app.get("/sdapi/v1/loras", tags=["info"])
-    def loras() -> list[dict[str, Any]]:
-        """The current model's registered LoRAs (`sdtrt export --loras DIR`), as A1111's Lora extension lists them;
-        a prompt uses one with <lora:name:weight>."""
-        return [{"name": name, "alias": name, "path": entry.get("source", entry["file"]),
+    def loras(user: str = Depends(current_user)) -> list[dict[str, Any]]:
+        """The current model's registered LoRAs (`sdtrt export --loras DIR`), as A1111's Lora extension lists them
+        (``path``: the file's name); a prompt uses one with <lora:name:weight>."""
+        return [{"name": name, "alias": name, "path": Path(entry.get("source", entry["file"])).name,
                  "metadata": {"sshs_model_hash": entry["hash"], "rank": entry["rank"]}}
-                for name, entry in gateway.current().loras.items()]
+                for name, entry in gateway.current(user).loras.items()]
 
     @app.get("/sdapi/v1/embeddings", tags=["info"])
-    def embeddings() -> dict[str, Any]:
-        spec = gateway.current()
+    def embeddings(user: str = Depends(current_user)) -> dict[str, Any]:
+        spec = gateway.current(user)
         return {"loaded": {name: {"step": None, "sd_checkpoint": spec.model_hash, "sd_checkpoint_name": spec.title,
                                   "shape": spec.text_hidden_size, "vectors": entry["vectors"]}
                            for name, entry in spec.embeddings.items()},
@@ -599,19 +661,17 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         client.refresh()  # the server's models, as its txt2img model now lists them
 
     @app.post("/sdapi/v1/interrupt", tags=["generation"])
-    def interrupt() -> None:
-        """Stop every generation under way (the server's loops stop within a step); each answers with the
-        batches it had finished, as A1111's Interrupt."""
-        with gateway.lock:
-            for job in gateway.jobs.values():
-                job.control.interrupt()
+    def interrupt(user: str = Depends(current_user)) -> None:
+        """Stop the caller's generations under way (the server's loops stop within a step); each answers with the
+        batches it had finished, as A1111's Interrupt. Other users' generations go on."""
+        for job in gateway.user_jobs(user):
+            job.control.interrupt()
 
     @app.post("/sdapi/v1/skip", tags=["generation"])
-    def skip() -> None:
-        """Drop the batch each generation is running now and go on with its next (A1111's Skip)."""
-        with gateway.lock:
-            for job in gateway.jobs.values():
-                job.control.skip()
+    def skip(user: str = Depends(current_user)) -> None:
+        """Drop the batch each of the caller's generations is running now and go on with its next (A1111's Skip)."""
+        for job in gateway.user_jobs(user):
+            job.control.skip()
 
     @app.post("/sdapi/v1/png-info", tags=["info"])
     def png_info_endpoint(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
@@ -622,6 +682,10 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         chunks = {k: v for k, v in open_image(body["image"], "image").info.items() if isinstance(v, str)}
         info = chunks.pop("parameters", "")
         parameters: dict[str, Any] = {}
+        try:
+            check_infotext(info, "image")
+        except InvalidRequest as exc:
+            raise refuse("image", f"its parameters text: {exc}") from None
         if info:
             prompt, negative, params = parse_infotext(info)
             parameters = {"Prompt": prompt, "Negative prompt": negative, **params}
@@ -663,7 +727,9 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
 
     @app.get("/sdapi/v1/cmd-flags", tags=["info"])
     def cmd_flags() -> dict[str, Any]:
-        return dict(flags or {})
+        """The gateway's flags as A1111 names them; credentials, paths and the addresses of the servers behind it
+        are left out (they say nothing a client needs and something an attacker wants)."""
+        return {k: v for k, v in (flags or {}).items() if k in PUBLIC_FLAGS}
 
     @app.post("/sdapi/v1/extra-single-image", tags=["generation"])
     def extra_single_image(body: ExtrasSingleImageBody, response: Response) -> dict[str, Any]:
@@ -693,9 +759,10 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         job = ExtrasUpscale(body.upscaler_1, body.upscaler_2, body.extras_upscaler_2_visibility, body.resize_mode,
                             body.upscaling_resize, body.upscaling_resize_w, body.upscaling_resize_h,
                             body.upscaling_crop)
-        if max(output_size(picture, job)) > MAX_SIDE:
-            raise refuse("upscaling_resize", f"the result would be {'x'.join(map(str, output_size(picture, job)))}; "
-                                             f"sdtrt makes pictures up to {MAX_SIDE} pixels a side")
+        try:
+            check_upscale(picture.size, job)  # the result and every intermediate, before anything is allocated
+        except InvalidRequest as exc:
+            raise refuse(exc.field, str(exc)) from None
         result, info = extras_upscale(picture.convert("RGB"), job)
         text = ", ".join(f"{k}: {v}" for k, v in info.items())
         if text:
@@ -709,34 +776,45 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
                 "image": base64.b64encode(buffer.getvalue()).decode("ascii") if body.show_extras_results else None}
 
     @app.get("/sdapi/v1/options", tags=["options"])
-    def get_options() -> dict[str, Any]:
-        return {**gateway.options, "sd_model_checkpoint": gateway.model_title(),
-                "sd_checkpoint_hash": gateway.current().source_hash, "CLIP_stop_at_last_layers": gateway.clip_skip,
+    def get_options(user: str = Depends(current_user)) -> dict[str, Any]:
+        """The caller's options (each user has their own; A1111's are its one user's)."""
+        mine, spec = gateway.user(user), gateway.current(user)
+        return {**mine.options, "sd_model_checkpoint": spec.title,
+                "sd_checkpoint_hash": spec.source_hash, "CLIP_stop_at_last_layers": mine.clip_skip,
                 "samples_format": "png", "enable_pnginfo": True, "sd_vae": "Automatic", "eta_ancestral": 1.0,
-                "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "randn_source": gateway.randn_source,
+                "eta_ddim": 0.0, "eta_noise_seed_delta": 0, "randn_source": mine.randn_source,
                 "img2img_fix_steps": False}
 
     @app.post("/sdapi/v1/options", tags=["options"])
-    def set_options(options: dict[str, Any] = Body(...)) -> None:
+    def set_options(options: dict[str, Any] = Body(...), user: str = Depends(current_user)) -> None:
+        mine = gateway.user(user)
+        kept = {**mine.options, **{k: v for k, v in options.items()
+                                   if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED}}
+        if len(kept) > MAX_OPTIONS or len(json.dumps(kept, default=str)) > MAX_OPTIONS_BYTES:
+            raise refuse("options", f"at most {MAX_OPTIONS} options of {MAX_OPTIONS_BYTES // 1024} kB in all are "
+                                    "kept per user")
         clip_skip, model, randn_source = gateway.apply_options(options, "options")
-        if randn_source is not None:
-            gateway.randn_source = randn_source
         if clip_skip is not None:
-            field = gateway.current().field("clip_skip")
+            field = gateway.current(user).field("clip_skip")
             if not isinstance(clip_skip, int) or not field.minimum <= clip_skip <= field.maximum:
                 raise refuse("options.CLIP_stop_at_last_layers", f"must be {field.allowed()}")
-            gateway.clip_skip = clip_skip
+            mine.clip_skip = clip_skip
+        if randn_source is not None:
+            mine.randn_source = randn_source
         if model is not None:
-            gateway.model = model
+            mine.model = model
         # kept and given back, as A1111 keeps every option (read-only ones are answered from the server)
-        gateway.options.update({k: v for k, v in options.items() if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED})
+        mine.options = kept
 
     @app.get("/sdapi/v1/progress", tags=["info"])
-    def progress(skip_current_image: bool = False, id_task: str | None = None) -> dict[str, Any]:
-        """A1111's progress of the generation under way, step by step (the server's loop posts its steps). With
-        several at once: the latest one, or the one ``id_task`` names (the ``force_task_id`` it was sent with)."""
+    def progress(skip_current_image: bool = False, id_task: str | None = None,
+                 user: str = Depends(current_user)) -> dict[str, Any]:
+        """A1111's progress of the caller's generation under way, step by step (the server's loop posts its
+        steps). With several at once: the latest one, or the one ``id_task`` names (the ``force_task_id`` it was
+        sent with). Other users' generations are not shown."""
         with gateway.lock:
-            job = gateway.jobs.get(id_task) if id_task else next(reversed(gateway.jobs.values()), None)
+            job = gateway.jobs.get((user, id_task)) if id_task else next(
+                (j for j in reversed(gateway.jobs.values()) if j.user == user), None)
         if job is None:
             return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
                     "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",

@@ -150,6 +150,8 @@ def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
     p.add_argument("--metrics-url", default=None, metavar="URL",
                    help="the server's Prometheus metrics, for /sdapi/v1/memory (default: --url's host, port 8002)")
     _auth_flags(p, "api-auth", "SDTRT_API_AUTH", "every endpoint wants HTTP basic auth")
+    p.add_argument("--max-request-mb", type=float, default=64.0, metavar="MB",
+                   help="largest request body; bigger ones get 413 before they are read (default: %(default)s)")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("png-info", help="print the AUTOMATIC1111 infotext a PNG carries",
@@ -177,6 +179,9 @@ def _auth_flags(parser: argparse.ArgumentParser, name: str, env: str, what: str)
                         help=f"credentials, as A1111's --{name}: {what} (also ${env})")
     parser.add_argument(f"--{name}-path", type=Path, default=None, metavar="FILE",
                         help="credentials from a file: USER:PASS entries, one per line or comma-separated")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="listen on a non-loopback --host without credentials (refused otherwise): only behind "
+                        "something else that authenticates, e.g. an authenticating proxy")
     parser.set_defaults(auth_flag=name, auth_env=env)
 
 
@@ -202,10 +207,29 @@ def credentials(args: argparse.Namespace) -> dict[str, str]:
     return users
 
 
-def _warn_if_open(args: argparse.Namespace, users: dict[str, str], what: str) -> None:
-    if not users and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: {what} listens on {args.host} without credentials: anyone who can reach it can use it "
-              f"(--{args.auth_flag} USER:PASS)", file=sys.stderr, flush=True)
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _refuse_if_open(args: argparse.Namespace, users: dict[str, str], what: str) -> None:
+    """Beyond loopback, credentials or the operator's explicit word: anyone who reaches an open page or API uses
+    the GPUs behind it and sees what others generate."""
+    if users or is_loopback(args.host):
+        return
+    if not args.allow_unauthenticated:
+        raise UsageError(f"{what} would listen on {args.host} without credentials, so anyone who can reach it could "
+                         f"use it: give --{args.auth_flag} USER:PASS (or --{args.auth_flag}-path FILE, or "
+                         f"${args.auth_env}), or say --allow-unauthenticated if something in front of it "
+                         "authenticates")
+    print(f"warning: {what} listens on {args.host} without credentials (--allow-unauthenticated)",
+          file=sys.stderr, flush=True)
 
 
 def _connected_client(args: argparse.Namespace):
@@ -233,8 +257,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from sdtrt.client.ui import serve_ui
 
     users = credentials(args)
+    _refuse_if_open(args, users, "the page")
     client = _connected_client(args)
-    _warn_if_open(args, users, "the page")
     print(f"sdtrt ui on http://{args.host}:{args.port} (server {client.url}; "
           f"{'login required' if users else 'no login'})", flush=True)
     serve_ui(client, args.host, args.port, args.out, users or None, args.styles_file)
@@ -247,17 +271,15 @@ def cmd_api(args: argparse.Namespace) -> int:
     from sdtrt.client.a1111_api import create_app
 
     users = credentials(args)
+    _refuse_if_open(args, users, "the A1111 API")
     client = _connected_client(args)
-    _warn_if_open(args, users, "the A1111 API")
     print(f"A1111 API on http://{args.host}:{args.port}/sdapi/v1 (docs: /docs; server {client.url}; "
           f"{'HTTP basic auth' if users else 'no auth'})", flush=True)
     metrics_url = args.metrics_url or f"http://{client.url.rsplit(':', 1)[0]}:{DEFAULT_PORTS['metrics']}/metrics"
-    flags = {"api": True, "nowebui": True, "listen": args.host not in ("127.0.0.1", "localhost", "::1"),
-             "server_name": args.host, "port": args.port, "api_auth": "(set)" if users else None,
-             "styles_file": [str(args.styles_file)], "outdir_samples": str(args.out),
-             "sdtrt_server": client.url, "sdtrt_protocol": client.protocol, "sdtrt_metrics_url": metrics_url}
+    flags = {"api": True, "nowebui": True, "listen": not is_loopback(args.host), "port": args.port,
+             "api_auth": "(set)" if users else None}
     app = create_app(client, args.out, users or None, styles_file=args.styles_file, metrics_url=metrics_url,
-                     flags=flags)
+                     flags=flags, max_body=int(args.max_request_mb * 2**20))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -39,6 +39,7 @@ class TritonPythonModel:
         else:
             self.runner = cpu_runner(path, self.component, engine, precision, cache_dir=_writable(folder / "openvino_cache"))
         self.output_names = [t.name for t in self.component.outputs]
+        self.dims = spec.dims
         self.metrics = Metrics()
         self._warm_up(spec)
         self.log.info("ready", onnx=str(path), engine=engine, precision=precision,
@@ -58,8 +59,21 @@ class TritonPythonModel:
             array = pb_utils.get_input_tensor_by_name(request, tensor.name).as_numpy()
             if len(tensor.shape) == 1:  # per-row scalar sent as [N, 1]
                 array = array.reshape(-1)
+            self._check_shape(tensor, array.shape)
             arrays.append(array.astype(tensor.dtype, copy=False))
         return arrays
+
+    def _check_shape(self, tensor, shape: tuple[int, ...]) -> None:
+        """The spec's ranges hold here too, not only in the job models that call this network: Triton's ports
+        reach every model, and its config can say "-1" but not "from 8 to 128". (A TensorRT engine's profile
+        enforces the same ranges on a GPU.)"""
+        if len(shape) != len(tensor.shape):
+            raise ValueError(f"input {tensor.name} must have {len(tensor.shape)} dimensions, got shape {list(shape)}")
+        for axis, (dim, size) in enumerate(zip(tensor.shape, shape)):
+            low, high = (dim, dim) if isinstance(dim, int) else (self.dims[dim].min, self.dims[dim].max)
+            if not low <= size <= high:
+                raise ValueError(f"input {tensor.name} dimension {axis} ({dim}) must be from {low} to {high}, "
+                                 f"got {size} (shape {list(shape)})")
 
     def execute(self, requests):
         start = time.perf_counter()
@@ -69,8 +83,8 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 arrays = self._inputs(request)
-            except Exception as exc:
-                responses[i] = error_response(f"{self.component.name}: {exc}")
+            except Exception as exc:  # a request that does not fit this network: refused, the others still run
+                responses[i] = error_response(f"{self.component.name}: {exc}", "INVALID_ARG")
                 continue
             key = tuple(a.shape[1:] for a in arrays)
             groups.setdefault(key, []).append((i, arrays))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 import numpy as np
 
@@ -123,17 +124,27 @@ def settings_from_infotext(text: str) -> dict[str, object]:
     return settings
 
 
-def batch_count(request: Txt2ImgRequest, n_iter: int) -> list[Txt2ImgRequest]:
-    """A1111's "Batch count": n_iter requests one after another, seeds continuing (seed + j * batch_size; with a
-    variation seed the seed stays and the variation seed continues)."""
-    if n_iter < 1:
-        from sdtrt.errors import InvalidRequest
+MAX_N_ITER = 100  # A1111's "Batch count" slider goes to 100; its API takes any number, sdtrt no more than this
 
-        raise InvalidRequest("n_iter", n_iter, "an integer, >= 1")
+
+def check_n_iter(n_iter: int) -> int:
+    """A batch count a request may ask for, checked before any batch runs (each batch is bounded by the spec)."""
+    from sdtrt.errors import InvalidRequest
+
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or not 1 <= n_iter <= MAX_N_ITER:
+        raise InvalidRequest("n_iter", n_iter, f"an integer from 1 to {MAX_N_ITER} (batches run one after another; "
+                                               "for more pictures, send more requests)")
+    return n_iter
+
+
+def batch_count(request: Txt2ImgRequest, n_iter: int) -> Iterator[Txt2ImgRequest]:
+    """A1111's "Batch count": n_iter requests one after another, seeds continuing (seed + j * batch_size; with a
+    variation seed the seed stays and the variation seed continues). Checked at once, made one at a time."""
+    check_n_iter(n_iter)
     step = request.batch_size
     seed_step = 0 if request.subseed_strength > 0 else step  # A1111: with a variation seed, only it moves
-    return [replace(request, seed=request.seed + j * seed_step, subseed=request.subseed + j * step)
-            for j in range(n_iter)]
+    return (replace(request, seed=request.seed + j * seed_step, subseed=request.subseed + j * step)
+            for j in range(n_iter))
 
 
 def one_per_image(request: Txt2ImgRequest) -> list[Txt2ImgRequest]:

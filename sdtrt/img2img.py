@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from sdtrt.errors import InvalidRequest
+from sdtrt.pictures import MAX_PICTURE_PIXELS
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +55,11 @@ def _pil(array: np.ndarray, mode: str, field: str) -> Image.Image:
     array = np.asarray(array)
     if array.dtype != np.uint8:
         raise InvalidRequest(field, f"<{array.dtype} array>", "uint8 pixels")
+    if array.ndim >= 2 and not 0 < array.shape[0] * array.shape[1] <= MAX_PICTURE_PIXELS:
+        # before any resizing: the work of every later step grows with the picture
+        raise InvalidRequest(field, f"<{array.shape[1]}x{array.shape[0]} picture>",
+                             f"a picture of 1 to {MAX_PICTURE_PIXELS:,} pixels (it is resized to the request's width "
+                             "and height anyway: send it smaller)")
     if mode == "RGB" and (array.ndim != 3 or array.shape[2] != 3):
         raise InvalidRequest(field, f"<array of shape {list(array.shape)}>", "an H x W x 3 RGB image")
     if mode == "L":

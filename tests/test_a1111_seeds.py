@@ -90,9 +90,9 @@ def test_with_a_variation_seed_every_image_and_batch_keeps_the_seed(local_pipeli
                                                    batch_size=2, seed=40, subseed=7, subseed_strength=0.2))
     assert result.seeds == [40, 40]
     assert ["Variation seed: 7," in result.infotexts[0], "Variation seed: 8," in result.infotexts[1]] == [True, True]
-    batches = batch_count(Txt2ImgRequest(seed=40, subseed=7, subseed_strength=0.2, batch_size=2), 3)
+    batches = list(batch_count(Txt2ImgRequest(seed=40, subseed=7, subseed_strength=0.2, batch_size=2), 3))
     assert [(b.seed, b.subseed) for b in batches] == [(40, 7), (40, 9), (40, 11)]
-    plain = batch_count(Txt2ImgRequest(seed=40, subseed=7, subseed_strength=0.0, batch_size=2), 2)
+    plain = list(batch_count(Txt2ImgRequest(seed=40, subseed=7, subseed_strength=0.0, batch_size=2), 2))
     assert [b.seed for b in plain] == [40, 42]
 
 

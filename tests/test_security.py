@@ -145,3 +145,21 @@ def test_every_restricted_api_is_one_triton_knows():
     # the names are Triton 2.51's (tritonserver --help); a misspelt one would make the server refuse to start
     assert set(RESTRICTED_APIS) <= {"health", "metadata", "inference", "shared-memory", "model-config",
                                     "model-repository", "statistics", "trace", "logging"}
+
+
+@pytest.mark.parametrize("path", ["//v2/repository/index", "/v2//repository/index", "/v2/repository/index/",
+                                  "/V2/repository/index", "/v2/repository%2Findex", "/v2/%72epository/index",
+                                  "/v2/models/../repository/index", "/./v2/repository/index",
+                                  "/v2/repository/index?sdtrt-control-key=x", "//v2/systemsharedmemory/status",
+                                  "/v2/systemsharedmemory//status", "//v2/logging", "//v2/trace/setting"])
+def test_no_spelling_of_a_restricted_path_reaches_it_without_the_key(server, path):
+    """Spellings a front end might route to the same handler while its check looks at the literal path."""
+    request = urllib.request.Request(f"http://{server.http_url}{path}", data=b"", method="POST")
+    for method in ("POST", "GET"):
+        request.method = method
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        assert status in (400, 401, 403, 404, 405), (path, method, status)

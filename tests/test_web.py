@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,7 +160,8 @@ def test_info_endpoints(api, server):
     models = api.get("/sdapi/v1/sd-models").json()
     spec = Client(server.url).spec
     assert models == [{"title": f"{spec.model_name} [{spec.model_hash}]", "model_name": spec.model_name,
-                       "hash": spec.model_hash, "sha256": spec.source_hash, "filename": spec.source, "config": None}]
+                       "hash": spec.model_hash, "sha256": spec.source_hash, "filename": Path(spec.source).name,
+                       "config": None}]  # the file's name: its path on the server's disk stays there
     progress = api.get("/sdapi/v1/progress").json()
     assert set(progress) >= {"progress", "eta_relative", "state", "current_image", "textinfo"}
     assert api.get("/openapi.json").json()["paths"]["/sdapi/v1/txt2img"]["post"]

@@ -107,7 +107,7 @@ def test_api_auth_as_a1111s(server, tmp_path, monkeypatch):
         assert first_answer(url, proc) == 401  # served only with credentials
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url, timeout=5)
-        assert refused.value.headers["WWW-Authenticate"] == "Basic"
+        assert refused.value.headers["WWW-Authenticate"].startswith("Basic")
         for user, password in (("alice", "s3cret-pass"), ("bob", "hunter2")):
             api = webuiapi.WebUIApi(host="127.0.0.1", port=port, username=user, password=password, steps=2)
             assert api.txt2img(prompt="a cat", seed=1, width=64, height=64).image.size == (64, 64)
@@ -312,7 +312,7 @@ def test_memory_cmd_flags_and_what_sdtrt_has_none_of(gateway):
     assert memory["cuda"] == {"error": "unavailable"}  # this CPU server has no GPU
     flags = gateway.get_cmd_flags()
     assert flags["api"] is True and flags["nowebui"] is True and flags["api_auth"] is None
-    assert flags["sdtrt_metrics_url"].endswith("/metrics")
+    assert "sdtrt_metrics_url" not in flags and "sdtrt_server" not in flags  # internal addresses stay inside
     assert gateway.get_hypernetworks() == [] and gateway.get_face_restorers() == []
     assert gateway.get_realesrgan_models() == [] and get("scripts") == {"txt2img": [], "img2img": []}
 
