@@ -404,7 +404,7 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
         for part, entry in manifest.items():
             report(f"{part}: refitting {entry['file']}")
             folder = old.triton_name(part)
-            refit_engine(root / folder / "1" / entry["file"], fresh / new.component(part).onnx)
+            refit_engine(root / folder / "1" / entry["file"], fresh / new.component(part).onnx, fp16=entry.get("fp16"))
             for produced in (fresh / folder / "1").glob("model.onnx*"):
                 shutil.move(str(produced), root / folder / "1" / produced.name)
     spec = replace(old, model_name=new.model_name, source=new.source, source_hash=new.source_hash,

@@ -1,4 +1,5 @@
-"""TensorRT: profile and config generation (everywhere) and FP16 engines against onnxruntime (GPU only)."""
+"""TensorRT: profile and config generation and the FP16 ONNX the engines are built from (everywhere), FP16 engines
+against onnxruntime (GPU only)."""
 
 from __future__ import annotations
 
@@ -201,7 +202,7 @@ def test_build_engines_without_tensorrt_says_what_to_install(exported_repo, caps
     assert "pip install 'sdtrt[gpu]'" in capsys.readouterr().err
 
 
-# --- on a GPU ----------------------------------------------------------------------------------------------------
+# The FP16 bounds (the CPU tests of the FP16 ONNX use the per-component one too).
 # FP16 keeps 11 significant bits (~5e-4 relative). One network pass accumulates a few such roundings through
 # hundreds of layers, so per-component outputs are held to 2% of their scale. A whole generation feeds the U-Net's
 # FP16 output back through every step, which can move individual pixels a lot on random weights, so the image is
@@ -210,6 +211,305 @@ def test_build_engines_without_tensorrt_says_what_to_install(exported_repo, caps
 COMPONENT_TOLERANCE = 2e-2
 IMAGE_MEAN_TOLERANCE = 3.0
 IMAGE_PSNR_DB = 30.0
+
+
+# --- the FP16 ONNX the FP16 engines are built from (everywhere: onnx and onnxruntime on the CPU) ------------------
+FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto
+# TensorRT 11 removed these (its migration guide's removed-API lists, Python and C++); sdtrt's TensorRT code uses none.
+REMOVED_IN_TENSORRT_11 = {
+    "BuilderFlag.FP16", "BuilderFlag.BF16", "BuilderFlag.INT8", "BuilderFlag.FP8", "BuilderFlag.INT4",
+    "BuilderFlag.FP4", "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "BuilderFlag.PREFER_PRECISION_CONSTRAINTS",
+    "BuilderFlag.DIRECT_IO", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH", "platform_has_fast_fp16",
+    "platform_has_fast_int8", "platform_has_tf32", "int8_calibrator", "set_calibration_profile",
+    "quantization_flags", "algorithm_selector", "device_memory_size", "create_execution_context_without_device_memory",
+    "num_bindings", "get_binding_shape", "get_binding_dtype", "binding_is_input", "set_binding_shape",
+    "execute_async_v2", "execute_v2", "set_dynamic_range", "set_output_type", "compute_precision",
+    "parse_with_weight_descriptors", "supports_model",
+}
+
+
+@pytest.fixture(scope="module")
+def fp16_onnx(exported_repo, tmp_path_factory):
+    """network -> (its FP32 ONNX, its FP16 copy), converted once into a folder of their own."""
+    from sdtrt.export.tensorrt import convert_to_fp16
+
+    spec = load_spec(exported_repo)
+    out = tmp_path_factory.mktemp("fp16")
+    return {name: (exported_repo / c.onnx, convert_to_fp16(exported_repo / c.onnx, out / name / "model_fp16.onnx"))
+            for name, c in spec.components.items()}
+
+
+def typed_model(path):
+    """The model and every tensor's element type (onnx's own type inference)."""
+    import onnx
+
+    from sdtrt.export.tensorrt import _elem_types
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    return model, _elem_types(model)
+
+
+def test_fp16_onnx_is_valid_and_keeps_the_networks_interface(exported_repo, fp16_onnx):
+    import onnx
+
+    spec = load_spec(exported_repo)
+    for name, (fp32_path, fp16_path) in fp16_onnx.items():
+        assert fp16_path.name == "model_fp16.onnx"
+        onnx.checker.check_model(str(fp16_path), full_check=True)
+        fp32, fp16 = onnx.load(str(fp32_path)), onnx.load(str(fp16_path))
+        for got, want in ((fp16.graph.input, fp32.graph.input), (fp16.graph.output, fp32.graph.output)):
+            assert [(t.name, t.type) for t in got] == [(t.name, t.type) for t in want], name  # names, shapes, dtypes
+        component = spec.component(name)
+        elem = {"float32": FLOAT, "int32": onnx.TensorProto.INT32, "int64": onnx.TensorProto.INT64}
+        assert [(t.name, t.type.tensor_type.elem_type) for t in (*fp16.graph.input, *fp16.graph.output)] == \
+            [(t.name, elem[t.dtype]) for t in (*component.inputs, *component.outputs)], name  # the spec's dtypes
+
+
+def test_fp16_onnx_has_fp16_weights_and_keeps_the_sensitive_ops_in_fp32(fp16_onnx):
+    """Weights and compute in FP16 (convs, matmuls, attention's softmax: what diffusers runs in torch.float16);
+    the normalisations, the timestep's sin/cos and its chain back to the timestep input, and float arithmetic on
+    shapes (the attention scale) in FP32."""
+    checked = set()
+    for name, (_, path) in fp16_onnx.items():
+        model, types = typed_model(path)
+        graph = model.graph
+        weights = {i.name: i for i in graph.initializer}
+        producers = {o: n for n in graph.node for o in n.output}
+        for init in weights.values():
+            if init.data_type in (FLOAT, FLOAT16) and np.prod(init.dims) >= 1024:
+                assert init.data_type == FLOAT16, (name, init.name)
+        for node in graph.node:
+            floats_in = [types[x] for x in node.input if x and types[x] in (FLOAT, FLOAT16)]
+            if node.op_type in ("Conv", "MatMul", "Gemm"):
+                assert floats_in and set(floats_in) == {FLOAT16}, (name, node.name)
+                for x in node.input[1:]:  # the layer's weights: an initializer (or one through an Identity)
+                    source = producers[x].input[0] if x in producers and producers[x].op_type == "Identity" else x
+                    if source in weights:
+                        assert weights[source].data_type == FLOAT16, (name, node.name, source)
+                        checked.add("weights")
+            elif node.op_type == "Softmax":
+                assert floats_in == [FLOAT16], (name, node.name)
+                checked.add("softmax")
+            elif node.op_type in ("InstanceNormalization", "LayerNormalization"):
+                assert set(floats_in) == {FLOAT} and types[node.output[0]] == FLOAT, (name, node.name)
+                checked.add(node.op_type)
+            elif node.op_type in ("Sin", "Cos"):
+                assert floats_in == [FLOAT] and types[node.output[0]] == FLOAT, (name, node.name)
+                chain, current = [], node  # back to the network's timestep input, every float in FP32
+                while current.input[0] in producers:
+                    current = producers[current.input[0]]
+                    chain.append(current.op_type)
+                    assert types[current.output[0]] == FLOAT, (name, current.name)
+                assert current.input[0] == "timestep" and "Mul" in chain, (name, chain)
+                checked.add("timestep")
+            elif node.op_type == "Sqrt" and name == "unet":  # the attention scale, from the head size
+                assert floats_in == [FLOAT], (name, node.name)
+                checked.add("scale")
+    assert checked == {"weights", "softmax", "InstanceNormalization", "LayerNormalization", "timestep", "scale"}
+
+
+@pytest.mark.parametrize("name", ["unet", "vae_decoder", "text_encoder", "vae_encoder"])
+def test_fp16_onnx_matches_fp32_in_onnxruntime(exported_repo, fp16_onnx, diffusers_pipe, name):
+    """onnxruntime's CPU provider runs the FP16 graphs (where it has no FP16 kernel for an op it computes that op
+    in FP32 between casts, so this checks the FP16 graph and the rounding of its weights and activations, not
+    FP16 accumulation: the GPU tests hold TensorRT's to the same bound). Held to the per-component FP16 bound the
+    GPU tests use, and visibly not FP32 any more."""
+    import onnxruntime as ort
+
+    spec = load_spec(exported_repo)
+    desc = next(d for d in descriptors(diffusers_pipe, spec.text_max_length) if d.name == name)
+    fp32_path, fp16_path = fp16_onnx[name]
+    fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    fp16 = ort.InferenceSession(str(fp16_path), providers=["CPUExecutionProvider"])
+    output = spec.component(name).outputs[0].name
+    for dims in ({BATCH: 1, TEXT_BATCH: 2, UNET_BATCH: 2, LATENT_H: 8, LATENT_W: 8, CONTEXT: 77},
+                 {BATCH: 2, TEXT_BATCH: 4, UNET_BATCH: 4, LATENT_H: 12, LATENT_W: 16, CONTEXT: 154}):
+        torch.manual_seed(0)
+        feed = {t.name: x.numpy() for t, x in zip(desc.inputs, desc.make_inputs(dims))}
+        expected, = fp32.run([output], feed)
+        actual, = fp16.run([output], feed)
+        assert actual.dtype == np.float32 and actual.shape == expected.shape
+        scale = max(1.0, float(np.abs(expected).max()))
+        assert np.abs(actual - expected).max() <= COMPONENT_TOLERANCE * scale, (name, dims)
+        assert np.abs(actual - expected).max() > 1e-5 * scale, (name, dims)  # it did compute in FP16
+
+
+def test_fp16_conversion_depends_on_the_graph_only(fp16_onnx, tmp_path):
+    """Refit needs the FP16 copy of re-exported weights to have the build's weights, names and types: the same
+    graph with other weights converts to the same graph, the same weights to the same bytes."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sdtrt.export.tensorrt import convert_to_fp16
+
+    fp32_path, fp16_path = fp16_onnx["unet"]
+    again = convert_to_fp16(fp32_path, tmp_path / "again" / "model_fp16.onnx")
+    assert again.read_bytes() == fp16_path.read_bytes()
+    other = onnx.load(str(fp32_path))  # "a LoRA fused in": every float weight changed
+    rng = np.random.default_rng(0)
+    for i, init in enumerate(other.graph.initializer):
+        if init.data_type == FLOAT:
+            array = numpy_helper.to_array(init)
+            other.graph.initializer[i].CopyFrom(numpy_helper.from_array(
+                (array * rng.uniform(0.5, 1.5, array.shape)).astype(np.float32), init.name))
+    (tmp_path / "other").mkdir()
+    onnx.save(other, str(tmp_path / "other" / "model.onnx"))
+    other_fp16 = convert_to_fp16(tmp_path / "other" / "model.onnx", tmp_path / "other" / "model_fp16.onnx")
+    converted = onnx.load(str(other_fp16))
+    reference = onnx.load(str(fp16_path))
+    assert [(i.name, i.data_type, list(i.dims)) for i in converted.graph.initializer] == \
+        [(i.name, i.data_type, list(i.dims)) for i in reference.graph.initializer]
+    assert [(n.op_type, list(n.input), list(n.output)) for n in converted.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in reference.graph.node]
+
+
+def test_fp16_onnx_of_a_large_network_keeps_its_weights_beside_it(fp16_onnx, tmp_path, monkeypatch):
+    """Past FP16_EXTERNAL_DATA_BYTES (the SD U-Nets) the weights go to model_fp16.onnx.data, from an FP32 ONNX whose
+    weights are external too (the exporter's layout past 2 GiB); a rebuild rewrites the file, never appends to it."""
+    import onnx
+    import onnxruntime as ort
+
+    from sdtrt.export import tensorrt as module
+
+    fp32_path, fp16_path = fp16_onnx["vae_decoder"]
+    src = tmp_path / "fp32" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(onnx.load(str(fp32_path)), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    monkeypatch.setattr(module, "FP16_EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "fp16" / "model_fp16.onnx"
+    module.convert_to_fp16(src, out)
+    size = (out.parent / "model_fp16.onnx.data").stat().st_size
+    module.convert_to_fp16(src, out)
+    assert (out.parent / "model_fp16.onnx.data").stat().st_size == size > out.stat().st_size
+    feed = {"latent": np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)}
+    run = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+           for path in (out, fp16_path)]
+    assert np.array_equal(*run)
+
+
+def synthetic_model():
+    """A small graph with what an export may hold beyond the default model's networks: an If whose branches read an
+    outer tensor (and a value_float Constant), a Loop, a default-valued ConstantOfShape, float shape arithmetic,
+    and outputs that are also read inside the graph."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W"),
+               numpy_helper.from_array(np.ones(4, np.float32), "g"),
+               numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+               numpy_helper.from_array(np.array(2, np.int64), "trips"), numpy_helper.from_array(np.array(True), "yes")]
+    then = helper.make_graph([helper.make_node("Constant", [], ["two"], value_float=2.0),
+                              helper.make_node("Mul", ["d", "two"], ["then_out"])], "then", [],
+                             [helper.make_tensor_value_info("then_out", T.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["d"], ["else_out"])], "else", [],
+                              [helper.make_tensor_value_info("else_out", T.FLOAT, None)])
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                              helper.make_node("Add", ["acc_in", "d"], ["acc_out"], name="loop_add")], "body",
+                             [helper.make_tensor_value_info("iter", T.INT64, []),
+                              helper.make_tensor_value_info("cond_in", T.BOOL, []),
+                              helper.make_tensor_value_info("acc_in", T.FLOAT, None)],
+                             [helper.make_tensor_value_info("cond_out", T.BOOL, []),
+                              helper.make_tensor_value_info("acc_out", T.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]),
+             helper.make_node("LayerNormalization", ["a", "g", "b"], ["ln"]),
+             helper.make_node("Shape", ["a"], ["a_shape"]),
+             helper.make_node("ConstantOfShape", ["a_shape"], ["zeros"]),
+             helper.make_node("Add", ["ln", "zeros"], ["d"]),
+             helper.make_node("If", ["cond"], ["i"], then_branch=then, else_branch=other),
+             helper.make_node("Size", ["x"], ["n"]),
+             helper.make_node("Cast", ["n"], ["n_float"], to=T.FLOAT),
+             helper.make_node("Sqrt", ["n_float"], ["root"], name="root"),
+             helper.make_node("Mul", ["i", "root"], ["e"]),
+             helper.make_node("Add", ["e", "x"], ["y"]),
+             helper.make_node("Relu", ["y"], ["z"]),
+             helper.make_node("Loop", ["trips", "yes", "x"], ["looped"], body=body)]
+    graph = helper.make_graph(nodes, "synthetic", [helper.make_tensor_value_info("x", T.FLOAT, [2, 4]),
+                                                   helper.make_tensor_value_info("cond", T.BOOL, [])],
+                              [helper.make_tensor_value_info(n, T.FLOAT, [2, 4]) for n in ("y", "z", "looped")],
+                              weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fp16_conversion_of_branches_loops_and_shape_arithmetic(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from sdtrt.export.tensorrt import _graphs, convert_to_fp16
+
+    onnx.save(synthetic_model(), str(tmp_path / "model.onnx"))
+    out = convert_to_fp16(tmp_path / "model.onnx", tmp_path / "model_fp16.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+    model, types = typed_model(out)
+    assert [(t.name, t.type.tensor_type.elem_type) for t in model.graph.output] == [("y", FLOAT), ("z", FLOAT),
+                                                                                     ("looped", FLOAT)]
+    nodes = {n.name: n for g in _graphs(model.graph) for n in g.node}
+    assert types["W"] == FLOAT16 and types["zeros"] == FLOAT16 and types["i"] == FLOAT16
+    assert types[nodes["root"].input[0]] == FLOAT and types["root"] == FLOAT  # sqrt of a size: FP32
+    assert [types[x] for x in nodes["loop_add"].input] == [FLOAT, FLOAT] and types["looped"] == FLOAT  # loop: FP32
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.array(cond)}
+        expected, actual = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+                            for path in (tmp_path / "model.onnx", out))
+        for got, want in zip(actual, expected):
+            assert got.dtype == np.float32
+            assert np.abs(got - want).max() <= COMPONENT_TOLERANCE * max(1.0, float(np.abs(want).max()))
+
+
+def test_engine_build_asks_for_a_strongly_typed_network_and_no_precision_flag(exported_repo, tmp_path):
+    """What build_engine hands polygraphy (its loaders, read without TensorRT): a strongly typed network, parsed
+    with the parser's default flags, and a config with no precision flag (TensorRT 11 has none; TensorRT 10 builds
+    the same engine from it). Building it is the GPU tests' part."""
+    from sdtrt.export.tensorrt import engine_loaders
+
+    spec = load_spec(exported_repo)
+    shapes = profile_shapes(spec, spec.component("unet"), EngineOptions())
+    network, config = engine_loaders(tmp_path / "model_fp16.onnx", shapes, refittable=True, level=4,
+                                     timing_cache=tmp_path / "trt_timing.cache")
+    assert network.strongly_typed is True and network.flags is None and not network.plugin_instancenorm
+    assert network.path == str(tmp_path / "model_fp16.onnx")
+    assert not (config.fp16 or config.bf16 or config.int8 or config.fp8 or config.tf32)
+    assert config.precision_constraints is None and config.calibrator is None
+    assert config.refittable and config.builder_optimization_level == 4 and config.timing_cache_path is None
+    (profile,) = config.profiles
+    assert {name: [tuple(s) for s in (profile[name].min, profile[name].opt, profile[name].max)] for name in profile} \
+        == shapes
+
+
+def test_tensorrt_code_uses_no_api_tensorrt_11_removed():
+    """sdtrt's TensorRT code (the exporter's builds and refits, the engine checks, the runner), read as code."""
+    import ast
+    import inspect
+
+    from sdtrt import engines, runners
+    from sdtrt.export import tensorrt as module
+
+    for source in (module, engines, runners):
+        tree = ast.parse(inspect.getsource(source))
+        used = {ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        hits = {u for u in used for removed in REMOVED_IN_TENSORRT_11 if u == removed or u.endswith("." + removed)}
+        assert not hits, (source.__name__, hits)
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "CreateConfig"):
+            assert not {k.arg for k in call.keywords} & {"fp16", "bf16", "int8", "fp8", "precision_constraints"}
+
+
+def test_engine_names_carry_the_fp16_conversion(exported_repo, monkeypatch):
+    """An FP16 engine's name changes with the conversion that made its ONNX (and differs from the weakly typed
+    engines an older sdtrt built), an FP32 engine's does not."""
+    from sdtrt.export import tensorrt as module
+
+    spec = load_spec(exported_repo)
+    shapes = profile_shapes(spec, spec.component("unet"), EngineOptions())
+    fp16 = engine_filename("unet", "GPU", "11.2.1", shapes, True, False, 3)
+    fp32 = engine_filename("unet", "GPU", "11.2.1", shapes, False, False, 3)
+    monkeypatch.setattr(module, "FP16_CONVERSION", "another-conversion")
+    assert engine_filename("unet", "GPU", "11.2.1", shapes, True, False, 3) != fp16
+    assert engine_filename("unet", "GPU", "11.2.1", shapes, False, False, 3) == fp32
+
+
+# --- on a GPU ----------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +613,39 @@ def test_refit_a_b_a_changes_the_output_and_restores_it_bit_exactly(default_mode
     assert np.abs(b - a).max() > 1e-3  # the LoRA's weights are in the engine
     refit_repository(repo, default_model, report=lambda *_: None)
     assert np.array_equal(unet_output(), a)  # and the plain ones are back, bit for bit
+
+
+@gpu
+def test_fp16_engines_are_strongly_typed_builds_of_the_fp16_onnx(trt_repo, diffusers_pipe):
+    """The default model's FP16 engines (TensorRT 10 or 11, one recipe): each built from its network's FP16 ONNX,
+    inputs and outputs in the spec's dtypes, and each within the FP16 bound of onnxruntime's FP32 on the FP32 ONNX."""
+    import onnxruntime as ort
+    import tensorrt as trt
+
+    from sdtrt.export.tensorrt import FP16_CONVERSION
+    from sdtrt.local import LocalPipeline
+
+    pipeline = LocalPipeline(trt_repo, backend="tensorrt")
+    spec = pipeline.spec
+    manifest = spec.extra[ENGINES]
+    dtypes = {"float32": trt.DataType.FLOAT, "int32": trt.DataType.INT32, "int64": trt.DataType.INT64}
+    descs = {d.name: d for d in descriptors(diffusers_pipe, spec.text_max_length)}
+    for name, component in spec.components.items():
+        entry = manifest[name]
+        folder = trt_repo / spec.triton_name(name) / "1"
+        assert entry["fp16"] and entry["fp16_conversion"] == FP16_CONVERSION, name
+        assert (folder / "model_fp16.onnx").is_file(), name
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine((folder / entry["file"]).read_bytes())
+        for tensor in (*component.inputs, *component.outputs):
+            assert engine.get_tensor_dtype(tensor.name) == dtypes[tensor.dtype], (name, tensor.name)
+        reference = ort.InferenceSession(str(trt_repo / component.onnx), providers=["CPUExecutionProvider"])
+        output = component.outputs[0].name
+        torch.manual_seed(0)
+        arrays = [x.numpy() for x in descs[name].make_inputs(
+            {BATCH: 2, TEXT_BATCH: 4, UNET_BATCH: 4, LATENT_H: 12, LATENT_W: 16, CONTEXT: 154})]
+        expected, = reference.run([output], {t.name: a for t, a in zip(component.inputs, arrays)})
+        actual = pipeline.run(name, *arrays)[output]
+        assert actual.dtype == np.float32 and actual.shape == expected.shape, name
+        scale = max(1.0, float(np.abs(expected).max()))
+        assert np.abs(actual - expected).max() <= COMPONENT_TOLERANCE * scale, name
