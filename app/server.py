@@ -258,5 +258,8 @@ def perf_analyzer_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
         found = sorted(libs.glob(pattern))
         if found and not (links / name).exists():
             (links / name).symlink_to(found[0])
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(links), env.get("LD_LIBRARY_PATH", "")) if p)
+    # On a CUDA 13 host (NVIDIA's 26.x server images) libcudart.so.12 comes from the nvidia-cuda-runtime-cu12 wheel.
+    cuda12 = [str(Path(p) / "nvidia" / "cuda_runtime" / "lib") for p in sys.path
+              if (Path(p) / "nvidia" / "cuda_runtime" / "lib" / "libcudart.so.12").is_file()]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(links), *cuda12[:1], env.get("LD_LIBRARY_PATH", "")) if p)
     return [binary, *args], env

@@ -14,7 +14,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_SIDE = {"torch", "diffusers", "transformers", "onnxruntime", "onnx", "tokenizers", "safetensors", "peft",
-               "accelerate", "nvidia-pytriton", "tensorrt-cu12"}
+               "accelerate", "nvidia-pytriton", "tensorrt-cu13"}
 
 
 def test_client_only_install_generates_from_a_real_server(server, tmp_path):

@@ -23,6 +23,14 @@ CPU_DOCKERFILE = ROOT / "docker" / "Dockerfile.cpu"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 # Triton's build creates this user with uid/gid 1000 and asserts it (server repo, build.py, "triton-server").
 BASE_USER_UID = "1000:1000"
+# The oldest Triton release the GPU image may build on: the newest "fixed in" release of NVIDIA's Triton security
+# bulletins (github.com/NVIDIA/product-security). August 2025 (CVE-2025-23319, -23320, -23334 in the Python backend,
+# -23310/-23311/-23317 in the HTTP server): 25.07; September 2025: 25.08; November 2025: 25.09; December 2025: 25.10;
+# March to July 2026: 26.01 to 26.05; August 2026: 26.06; 8 September 2026 (CVE-2026-16497): 26.07. Raise it with
+# each new bulletin.
+TRITON_FIXED = (26, 7)
+TRITON_IMAGE = re.compile(r"nvcr\.io/nvidia/tritonserver:(\d\d)\.(\d\d)-py3(@sha256:[0-9a-f]{64})?")
+TRITON_PORTS = {8000, 8001, 8002}
 
 
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
@@ -57,7 +65,7 @@ def test_dockerfile_passes_hadolint(dockerfile):
 
 def test_image_runs_as_the_base_images_own_non_root_user():
     steps = instructions()
-    assert steps[1][0] == "FROM" and steps[0] == ("ARG", "TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.12-py3")
+    assert steps[1] == ("FROM", "${TRITON_IMAGE}") and steps[0][0] == "ARG" and steps[0][1].startswith("TRITON_IMAGE=")
     text = " ".join(args for _, args in steps)
     assert not re.search(r"\b(useradd|adduser|usermod|groupadd)\b", text), "the base image's uid 1000 is taken"
     users = [args for name, args in steps if name == "USER"]
@@ -166,3 +174,65 @@ def test_the_cpu_image_serves_the_cpu_repository_as_a_non_root_user():
     image = json.loads(next(args for n, args in steps if n == "CMD"))
     parsed = build_parser().parse_args(image[1:])
     assert str(parsed.model_repository) == "/models/repos/cpu"
+
+
+def test_the_gpu_image_builds_on_a_triton_release_with_the_security_fixes():
+    """The base tag's YY.MM is at least the release that fixes every Triton security bulletin so far (the August 2025
+    Python-backend CVEs among them), and pyproject.toml's [gpu] TensorRT is the CUDA major of that image."""
+    name, _, image = instructions()[0][1].partition("=")
+    assert name == "TRITON_IMAGE"
+    matched = TRITON_IMAGE.fullmatch(image)
+    assert matched, f"{image}: not nvcr.io/nvidia/tritonserver:YY.MM-py3[@sha256:...]"
+    assert (int(matched.group(1)), int(matched.group(2))) >= TRITON_FIXED, f"{image} predates Triton's security fixes"
+    (gpu,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert re.fullmatch(r"tensorrt-cu13==[\d.]+", gpu), gpu  # 26.xx images are CUDA 13
+    assert f"[gpu] extra ({gpu})" in DOCKERFILE.read_text()  # the comment that states the versions says it too
+
+
+def published(port: str | dict) -> tuple[str, int]:
+    """(host address, container port) of a compose port entry, short ("[IP:]HOST:CONTAINER") or long syntax."""
+    if isinstance(port, dict):
+        return port.get("host_ip", "0.0.0.0"), int(port["target"])
+    parts = str(port).split("/")[0].rsplit(":", 2)
+    return (parts[0] if len(parts) == 3 else "0.0.0.0"), int(parts[-1])
+
+
+def test_compose_publishes_triton_on_loopback_only():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    triton = [published(p) for p in services["triton"]["ports"]]
+    assert {port for _, port in triton} == TRITON_PORTS
+    assert all(host == "127.0.0.1" for host, _ in triton), triton
+    for name, service in services.items():  # nobody else publishes Triton's ports either
+        for host, port in (published(p) for p in service.get("ports", [])):
+            assert port not in TRITON_PORTS or host == "127.0.0.1", (name, host, port)
+
+
+def test_compose_gives_the_page_and_the_api_credentials_and_triton_its_control_key():
+    """ui and api listen on 0.0.0.0 in their containers, which `sdtrt ui/api` refuse without credentials: each reads
+    them from a compose secret; triton reads its control key from one (SDTRT_CONTROL_KEY_FILE, as `sdtrt serve` and
+    `sdtrt models` look for it)."""
+    from sdtrt.app.cli import build_parser
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services, secrets = compose["services"], compose["secrets"]
+    for name, flag in (("ui", "gradio_auth_path"), ("api", "api_auth_path")):
+        parsed = build_parser().parse_args(expand(services[name]["command"])[1:])
+        path = getattr(parsed, flag)
+        assert path is not None and path.parent.as_posix() == "/run/secrets", name
+        assert path.name in services[name]["secrets"] and path.name in secrets, name
+        assert not parsed.allow_unauthenticated, name
+    triton = services["triton"]
+    key = Path(triton["environment"]["SDTRT_CONTROL_KEY_FILE"])
+    assert key.parent.as_posix() == "/run/secrets" and key.name in triton["secrets"] and key.name in secrets
+    for name, service in services.items():  # the key is Triton's alone
+        assert name == "triton" or key.name not in service.get("secrets", []), name
+
+
+def test_the_compose_secrets_stay_out_of_git_and_of_the_build_context():
+    patterns = dockerignore_patterns()
+    for secret in yaml.safe_load(COMPOSE.read_text())["secrets"].values():
+        path = (COMPOSE.parent / secret["file"]).resolve().relative_to(ROOT).as_posix()
+        assert ignored(path, patterns), f"{path} would be sent to the Docker build context"
+        if shutil.which("git") and (ROOT / ".git").exists():
+            checked = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path])
+            assert checked.returncode == 0, f"{path} is not ignored by git"
