@@ -20,6 +20,8 @@ from sdtrt.model_repository.configs import NETWORK_BACKENDS, ServingOptions
 from sdtrt.runners import CPU_ENGINES, CPU_PRECISIONS
 from sdtrt.spec import DEFAULT_PORTS, ExportLimits
 
+HEALTH_PORT = 8003  # `sdtrt serve`'s own /livez and /readyz (sdtrt.app.health.HealthEndpoint)
+
 EPILOG_MAIN = """\
 typical session:
   sdtrt init-default --out models/default          # build the small offline demo model
@@ -178,6 +180,9 @@ def _add_refit(sub) -> None:
     p.add_argument("--name", default=None, help="which of the repository's models to refit (default: its default)")
     p.add_argument("--config", type=Path, default=None, help="for a single-file checkpoint: its diffusers config folder")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fuse a LoRA first; repeatable")
+    p.add_argument("--url", default=None, help="a running `sdtrt serve` (gRPC) on REPO_DIR: reload the model there "
+                   "through model control once the new engines are written, then remove the old ones")
+    _control_key_flag(p, "the server's control key (with --url)")
     p.set_defaults(func=cmd_refit)
 
 
@@ -217,6 +222,15 @@ def _add_serve(sub) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long requests in flight may take to finish before the server stops "
                    "(tritonserver's --exit-timeout-secs; set it above your longest request; default: %(default)s)")
+    watchdog = p.add_argument_group("the watchdog (a model that stops answering is killed and reloaded)")
+    watchdog.add_argument("--probe-interval", type=float, default=5.0, metavar="SECONDS",
+                          help="how often each model gets a tiny probe request; 0: no probes (default: %(default)s)")
+    watchdog.add_argument("--probe-timeout", type=float, default=20.0, metavar="SECONDS",
+                          help="a model that has not answered its probe in this long, with no call completed "
+                          "meanwhile, is hung; set it above your longest single network call (default: %(default)s)")
+    watchdog.add_argument("--health-port", type=int, default=HEALTH_PORT,
+                          help="sdtrt serve's own /livez and /readyz for Kubernetes' probes, on --host; 0: none "
+                          "(default: %(default)s)")
     p.set_defaults(func=cmd_serve, triton_args=[])
 
 
@@ -324,9 +338,25 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 def cmd_refit(args: argparse.Namespace) -> int:
     from sdtrt.export import refit_repository
+    from sdtrt.spec import ENGINES, load_catalog
 
+    before = load_catalog(args.repo).get(args.name)
     spec = refit_repository(args.repo, args.model, name=args.name, config=args.config, loras=tuple(args.lora))
-    print(f"refitted {args.repo} with {spec.model_name} [{spec.model_hash}]")
+    print(f"refitted {args.repo} with {spec.model_name} [{spec.model_hash}]: new engine files "
+          f"{', '.join(entry['file'] for entry in spec.extra[ENGINES].values())}")
+    old = [args.repo / spec.triton_name(part) / "1" / entry["file"]
+           for part, entry in before.extra.get(ENGINES, {}).items()
+           if entry["file"] != spec.extra[ENGINES][part]["file"]]
+    if args.url is None:
+        print("a server on this repository keeps the old engines until its models are loaded again: "
+              f"`sdtrt models load {spec.key} --url URL` (the old files stay until then)")
+        return 0
+    from sdtrt.app.models import ModelControl
+
+    seconds = ModelControl(args.url, args.control_key_file).load(spec.key)
+    for path in old:  # the server now holds the new engines
+        path.unlink(missing_ok=True)
+    print(f"{args.url}: {spec.key} reloaded with the new engines in {seconds:.1f} s")
     return 0
 
 
@@ -360,7 +390,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
     from sdtrt.app.control import resolve_key
-    from sdtrt.app.health import Healer
+    from sdtrt.app.health import HealthEndpoint, Healer
     from sdtrt.app.server import TritonServer
 
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
@@ -380,7 +410,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"starting tritonserver on {args.model_repository} (log: {server.log_file or 'next to the repository'})",
           flush=True)
     server.start(timeout=args.timeout)
-    healer = Healer(server, load_timeout=args.timeout).start()
+    healer = Healer(server, load_timeout=args.timeout, probe_interval=args.probe_interval,
+                    probe_timeout=args.probe_timeout).start()
+    health = HealthEndpoint(healer, args.host, args.health_port).start() if args.health_port else None
     print(f"ready: grpc {server.url}  http {server.http_url}  metrics {args.host}:{args.metrics_port}/metrics\n"
           f"try:   sdtrt txt2img \"a red fox in snow\" --url {server.url}\n"
           f"model control (load, unload, shared memory, logging, trace) wants the key in {server.control_key.source}\n"
@@ -392,6 +424,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 return 1
     finally:
         healer.stop()
+        if health is not None:
+            health.stop()
         if stop.is_set():  # a shutdown (a scale-in, a rolling update): let the generations under way finish
             busy = server.requests_in_flight()
             if busy:

@@ -12,19 +12,25 @@ over :class:`sdtrt.client.Client`; no model code runs here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import html
 import io
 import json
 import logging
 import random
+import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
@@ -35,14 +41,14 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdtrt import __version__
-from sdtrt.client.client import Client, JobControl, ServerBusy, ServerError
-from sdtrt.errors import InvalidRequest
+from sdtrt.client.client import Client, JobControl, ServerError, ServerRefused, ServerUnavailable
+from sdtrt.errors import DiskFull, InvalidRequest, echo
 from sdtrt.client.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard
 from sdtrt.generation import MAX_N_ITER, Generation, check_n_iter
 from sdtrt.hires import HIRES_UPSCALERS
 from sdtrt.img2img import INPAINTING_FILLS, RESIZE_MODES
 from sdtrt.infotext import check_infotext, parse_infotext
-from sdtrt.outputs import png_info, save_png
+from sdtrt.outputs import disk_full_summary, png_info, save_png
 from sdtrt.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture, picture_bytes_from_base64
 from sdtrt.prometheus import samples, scrape
 from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES
@@ -249,6 +255,12 @@ def refuse(field: str, message: str) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
 
 
+def exc_field(message: str) -> str:
+    """The field a server's "invalid FIELD=..." message names ("" when it names none)."""
+    found = re.match(r"invalid ([A-Za-z_][\w.]*)=", message)
+    return found.group(1) if found else ""
+
+
 def open_image(data: str, field: str) -> Image.Image:
     """A base64 picture (a data: URL too), loaded with its text chunks, within sdtrt.pictures' bounds (size,
     pixels, PNG/JPEG/WebP), checked before it is decoded; a named 422 otherwise."""
@@ -443,16 +455,36 @@ class Gateway:
         return settings
 
     # --- jobs ----------------------------------------------------------------------------------------------
-    def run(self, kind: str, body: _Request, call, user: str = "", settings: dict[str, Any] | None = None
-            ) -> dict[str, Any]:
-        settings = self.settings(body, user) if settings is None else settings
-        # The server sees a fresh random id (its progress model answers whoever names one); A1111's task id,
-        # which a client may choose, only names the job here, among its own user's jobs.
+    def claim(self, kind: str, body: _Request, user: str = "") -> Job:
+        """Register a generation before it waits for a thread (it shows in /progress as queued, and /interrupt
+        reaches it). The server sees a fresh random id (its progress model answers whoever names one); A1111's
+        task id, which a client may choose, only names the job here, among its own user's jobs."""
         job = Job(JobControl(), user, body.force_task_id or uuid.uuid4().hex, kind, body.n_iter, time.time(),
                   time.strftime("%Y%m%d%H%M%S"))
-        key = (user, job.task_id)
         with self.lock:
-            self.jobs[key] = job
+            if (user, job.task_id) in self.jobs:  # one id, one job: a second would hide the first
+                raise HTTPException(409, detail=f"force_task_id {echo(job.task_id)} names a generation of yours "
+                                                "that is still running: choose another id, or wait for it")
+            self.jobs[(user, job.task_id)] = job
+        return job
+
+    def release(self, job: Job) -> None:
+        with self.lock:
+            if self.jobs.get((job.user, job.task_id)) is job:
+                del self.jobs[(job.user, job.task_id)]
+
+    def run(self, kind: str, body: _Request, call, user: str = "", settings: dict[str, Any] | None = None,
+            job: Job | None = None) -> dict[str, Any]:
+        """One generation: ``job`` claimed beforehand (claim), or claimed here; released when it ends."""
+        job = job or self.claim(kind, body, user)
+        try:
+            return self._run(kind, body, call, user, settings, job)
+        finally:
+            self.release(job)
+
+    def _run(self, kind: str, body: _Request, call, user: str, settings: dict[str, Any] | None,
+             job: Job) -> dict[str, Any]:
+        settings = self.settings(body, user) if settings is None else settings
 
         def progress(done: int, total: int) -> None:
             job.done = done
@@ -461,18 +493,22 @@ class Gateway:
             result: Generation = call(dict(settings), progress, job.control)  # (img2img pops the prompt)
         except InvalidRequest as exc:
             raise refuse(A1111_NAME.get(exc.field, exc.field), str(exc)) from None
-        except ServerBusy as exc:
+        except ServerRefused as exc:  # a check only the server could make: its words, as the gateway's own
+            raise refuse(A1111_NAME.get(exc_field(str(exc)), exc_field(str(exc)) or "request"), str(exc)) from None
+        except ServerUnavailable as exc:
             raise HTTPException(503, detail=str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
         except ServerError as exc:
             raise HTTPException(502, detail=f"the sdtrt server failed (error {logged(exc)}; the gateway's log has "
                                             "the details): try again, and tell its operator if it persists") from None
-        finally:
-            with self.lock:
-                if self.jobs.get(key) is job:
-                    del self.jobs[key]
         if body.save_images and self.outputs is not None:
-            for image, seed, info in zip(result.images, result.seeds, result.infotexts):
-                save_png(image, seed, info, self.outputs / f"{kind}-images")
+            try:
+                for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+                    save_png(image, seed, info, self.outputs / f"{kind}-images")
+            except DiskFull as exc:  # nothing partial is left (sdtrt.files); the client learns what filled
+                logged(exc)
+                raise HTTPException(507, detail=f"the gateway's output folder ({kind}-images) is full: "
+                                                f"{disk_full_summary(exc)}. Send the request with save_images "
+                                                "false, or have the operator free space") from None
         parameters = body.model_dump()
         parameters.pop("init_images", None)
         parameters.pop("mask", None)
@@ -504,6 +540,37 @@ class Gateway:
             "is_using_inpainting_conditioning": False, "version": f"sdtrt {__version__}",
             "sdtrt_ignored_fields": self.ignored_fields(body),
         }
+
+
+# Control routes (progress, interrupt, skip, options, health) run on threads of their own, never on the pool that
+# runs generations: with every generation slot busy, an interrupt still gets through at once.
+CONTROL_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-control")
+DISCONNECT_POLL_S = 0.5
+
+
+def control_route(fn):
+    """A route's sync body run on CONTROL_POOL (FastAPI reads the parameters from ``fn``'s signature)."""
+    @functools.wraps(fn)
+    async def route(*args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(CONTROL_POOL, functools.partial(fn, *args, **kwargs))
+    return route
+
+
+async def until_disconnected(request: Request, job: "Job", limiter: "anyio.CapacityLimiter", work, release):
+    """Run ``work`` (the generation ``job``) on one of ``limiter``'s generation threads; if the client goes away
+    before it is done (waiting for a thread included), interrupt the job (the server's loops stop within a step)
+    instead of finishing work nobody will receive. The job is released however it ends."""
+    try:
+        task = asyncio.ensure_future(anyio.to_thread.run_sync(work, limiter=limiter))
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                log.warning("client went away: interrupting its generation (request %s)", job.control.request_id)
+                job.control.interrupt()
+                break
+        return await task
+    finally:
+        release(job)
 
 
 def current_user(request: Request) -> str:
@@ -551,12 +618,14 @@ def server_memory(metrics_url: str | None) -> dict[str, Any]:
 
 def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str] | None = None, *,
                styles_file: Path | None = None, metrics_url: str | None = None,
-               flags: dict[str, Any] | None = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+               flags: dict[str, Any] | None = None, max_body: int = DEFAULT_MAX_BODY,
+               max_generations: int = 32) -> FastAPI:
     """The gateway over ``client``; with ``auth`` (user -> password) every route wants HTTP basic auth, its
     documentation included, and each user sees and stops only their own generations. ``styles_file`` is A1111's
     styles.csv, ``metrics_url`` the server's Prometheus metrics (for /memory), ``flags`` what /cmd-flags answers
     (the command's flags, passwords and internal addresses left out), ``max_body`` the largest request body."""
     gateway = Gateway(client, outputs, styles_file)
+    generations = anyio.CapacityLimiter(max_generations)  # the generation threads; control routes have CONTROL_POOL
     app = FastAPI(title="sdtrt: AUTOMATIC1111-compatible API", version=__version__,
                   description="The A1111 /sdapi/v1 endpoints a Stable Diffusion server can honour, served by sdtrt.")
     app.add_middleware(WebGuard, users=auth, max_body=max_body)
@@ -580,14 +649,23 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
             response.headers["X-Sdtrt-Ignored-Fields"] = ",".join(fields)[:2000]
 
     @app.post("/sdapi/v1/txt2img", tags=["generation"])
-    def txt2img(body: Txt2ImgBody, response: Response, user: str = Depends(current_user)) -> dict[str, Any]:
+    async def txt2img(body: Txt2ImgBody, response: Response, request: Request,
+                      user: str = Depends(current_user)) -> dict[str, Any]:
         ignored(body, response)
-        return gateway.run("txt2img", body, lambda s, progress, control: client.txt2img(
-            n_iter=body.n_iter, progress=progress, control=control, **s), user)
+        job = gateway.claim("txt2img", body, user)
+        return await until_disconnected(request, job, generations, lambda: gateway.run(
+            "txt2img", body, lambda s, progress, control: client.txt2img(
+                n_iter=body.n_iter, progress=progress, control=control, **s), user, job=job), gateway.release)
 
     @app.post("/sdapi/v1/img2img", tags=["generation"])
-    def img2img(body: Img2ImgBody, response: Response, user: str = Depends(current_user)) -> dict[str, Any]:
+    async def img2img(body: Img2ImgBody, response: Response, request: Request,
+                      user: str = Depends(current_user)) -> dict[str, Any]:
         ignored(body, response)
+        job = gateway.claim("img2img", body, user)
+        return await until_disconnected(request, job, generations, lambda: run_img2img(body, user, job),
+                                        gateway.release)
+
+    def run_img2img(body: Img2ImgBody, user: str, job: Job) -> dict[str, Any]:
         if not body.init_images:
             raise refuse("init_images", "at least one picture")
         settings = gateway.settings(body, user)  # every bound checked before a picture is decoded
@@ -601,7 +679,8 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         if mask is not None and body.inpainting_mask_invert:
             mask = Image.fromarray(255 - np.asarray(mask))
         return gateway.run("img2img", body, lambda s, progress, control: client.img2img(
-            s.pop("prompt"), init, mask, n_iter=body.n_iter, progress=progress, control=control, **s), user, settings)
+            s.pop("prompt"), init, mask, n_iter=body.n_iter, progress=progress, control=control, **s), user, settings,
+            job=job)
 
     @app.get("/sdapi/v1/samplers", tags=["info"])
     def samplers() -> list[dict[str, Any]]:
@@ -661,6 +740,7 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         client.refresh()  # the server's models, as its txt2img model now lists them
 
     @app.post("/sdapi/v1/interrupt", tags=["generation"])
+    @control_route
     def interrupt(user: str = Depends(current_user)) -> None:
         """Stop the caller's generations under way (the server's loops stop within a step); each answers with the
         batches it had finished, as A1111's Interrupt. Other users' generations go on."""
@@ -668,6 +748,7 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
             job.control.interrupt()
 
     @app.post("/sdapi/v1/skip", tags=["generation"])
+    @control_route
     def skip(user: str = Depends(current_user)) -> None:
         """Drop the batch each of the caller's generations is running now and go on with its next (A1111's Skip)."""
         for job in gateway.user_jobs(user):
@@ -776,6 +857,7 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
                 "image": base64.b64encode(buffer.getvalue()).decode("ascii") if body.show_extras_results else None}
 
     @app.get("/sdapi/v1/options", tags=["options"])
+    @control_route
     def get_options(user: str = Depends(current_user)) -> dict[str, Any]:
         """The caller's options (each user has their own; A1111's are its one user's)."""
         mine, spec = gateway.user(user), gateway.current(user)
@@ -786,6 +868,7 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
                 "img2img_fix_steps": False}
 
     @app.post("/sdapi/v1/options", tags=["options"])
+    @control_route
     def set_options(options: dict[str, Any] = Body(...), user: str = Depends(current_user)) -> None:
         mine = gateway.user(user)
         kept = {**mine.options, **{k: v for k, v in options.items()
@@ -807,6 +890,7 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
         mine.options = kept
 
     @app.get("/sdapi/v1/progress", tags=["info"])
+    @control_route
     def progress(skip_current_image: bool = False, id_task: str | None = None,
                  user: str = Depends(current_user)) -> dict[str, Any]:
         """A1111's progress of the caller's generation under way, step by step (the server's loop posts its
@@ -837,5 +921,13 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
             "current_image": None if preview is None else encode_png(preview),
             "textinfo": f"batch {job.done + 1} of {job.count}, step {step} of {total}",
         }
+
+    @app.get("/healthz", tags=["info"])
+    @control_route
+    def healthz() -> JSONResponse:
+        """Whether the gateway can serve: 200 when its Triton server answers ready, else 503. Open to anyone
+        (Kubernetes' probes): it says nothing but that."""
+        ready = client.is_ready()
+        return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
 
     return app

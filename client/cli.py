@@ -19,6 +19,8 @@ from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields, request_fi
 from sdtrt.spec import DEFAULT_PORTS
 from sdtrt.styles import DEFAULT_STYLES_FILE
 
+DEFAULT_MAX_GENERATIONS = 32  # the gateway's generation threads (client/a1111_api.py)
+
 if TYPE_CHECKING:
     from sdtrt.spec import ModelSpec
 
@@ -150,6 +152,9 @@ def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
     p.add_argument("--metrics-url", default=None, metavar="URL",
                    help="the server's Prometheus metrics, for /sdapi/v1/memory (default: --url's host, port 8002)")
     _auth_flags(p, "api-auth", "SDTRT_API_AUTH", "every endpoint wants HTTP basic auth")
+    p.add_argument("--max-generations", type=int, default=DEFAULT_MAX_GENERATIONS, metavar="N",
+                   help="generation requests the gateway works on at once (more wait their turn); progress, "
+                   "interrupt, skip, options and /healthz have threads of their own (default: %(default)s)")
     p.add_argument("--max-request-mb", type=float, default=64.0, metavar="MB",
                    help="largest request body; bigger ones get 413 before they are read (default: %(default)s)")
     p.set_defaults(func=cmd_api)
@@ -279,7 +284,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     flags = {"api": True, "nowebui": True, "listen": not is_loopback(args.host), "port": args.port,
              "api_auth": "(set)" if users else None}
     app = create_app(client, args.out, users or None, styles_file=args.styles_file, metrics_url=metrics_url,
-                     flags=flags, max_body=int(args.max_request_mb * 2**20))
+                     flags=flags, max_body=int(args.max_request_mb * 2**20), max_generations=args.max_generations)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -37,8 +37,20 @@ class ServerError(SdtrtError):
     """The server refused or failed a request; the message is the server's own."""
 
 
-class ServerBusy(ServerError):
-    """The job's queue on the server is full (Triton's UNAVAILABLE, HTTP 503): the same request may succeed later."""
+class ServerRefused(ServerError):
+    """The server judged the request invalid (Triton's INVALID_ARG: gRPC INVALID_ARGUMENT, HTTP 400), whichever of
+    its models ran the check; the message names the field and what it must be."""
+
+
+class ServerUnavailable(ServerError):
+    """The server cannot run the request now (Triton's UNAVAILABLE, HTTP 503): a stage is being restarted, or its
+    queue is full. The same request may succeed later."""
+
+    retry_after_s = 30
+
+
+class ServerBusy(ServerUnavailable):
+    """The job's queue on the server is full: the same request may succeed in a few seconds."""
 
     retry_after_s = 5
 
@@ -138,11 +150,23 @@ class Client:
         if status in ("StatusCode.UNAVAILABLE", "503") and "queue" in (message or ""):
             return ServerBusy(f"{self.url} ({self.protocol}): the server is busy (its queue for this job is full); "
                               f"retry in a few seconds. Server said: {message}")
+        if status in ("StatusCode.UNAVAILABLE", "503") or ("Stub process" in (message or "")
+                                                          and "not healthy" in (message or "")):
+            # (the second: a job whose own stub was killed as hung answers INTERNAL with Triton's words)
+            return ServerUnavailable(f"{self.url} ({self.protocol}): {message}")
+        if status in ("StatusCode.INVALID_ARGUMENT", "400"):
+            return ServerRefused(message or "")
+        if status == "StatusCode.DEADLINE_EXCEEDED" or "timed out" in (message or "").lower():
+            return ServerUnavailable(f"{self.url} ({self.protocol}): no answer within {self.timeout:g} s: the server "
+                                     f"is overloaded or a stage hung; try again. ({message})")
         return ServerError(f"{self.url} ({self.protocol}): {message}")
 
     def is_ready(self) -> bool:
         try:
-            return bool(self._client().is_server_ready()) and bool(self._client().is_model_ready(TXT2IMG))
+            # a bounded question: a hung server answers "not ready", not never
+            kwargs = {"client_timeout": 5.0} if self.protocol == "grpc" else {}
+            return (bool(self._client().is_server_ready(**kwargs))
+                    and bool(self._client().is_model_ready(TXT2IMG, **kwargs)))
         except Exception:
             return False
 

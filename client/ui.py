@@ -17,6 +17,7 @@ served: the gallery's pictures are handed to Gradio, which serves its own copies
 from __future__ import annotations
 
 import html
+import logging
 import json
 import os
 import re
@@ -34,12 +35,14 @@ import gradio as gr  # noqa: E402  (after the variable: gradio reads it on impor
 from gradio.utils import get_upload_folder  # noqa: E402  (where Gradio keeps uploads and the files it serves)
 
 from sdtrt.client.client import Client, JobControl, Progress, ServerError
-from sdtrt.client.web_guard import cross_site, header as _header
-from sdtrt.errors import InvalidRequest, echo
+from sdtrt.client.web_guard import HEALTH_PATH, cross_site, header as _header
+from sdtrt.errors import DiskFull, InvalidRequest, echo
 from sdtrt.generation import Generation, settings_from_infotext
-from sdtrt.outputs import save_png
+from sdtrt.outputs import disk_full_summary, save_png
 from sdtrt.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture
 from sdtrt.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
+
+log = logging.getLogger("sdtrt.page")
 
 TITLE = "sdtrt: Stable Diffusion on Triton"
 POLL_SECONDS = 0.3  # how often a running generation's progress is read from the server
@@ -477,6 +480,7 @@ def build_ui(client: Client, outputs: Path = Path("outputs"), styles_file: Path 
             prompt, negative = apply_styles(prompt or "", negative or "", [styles[s] for s in chosen])
             control = jobs.start(request.session_hash)
             common = dict(model=model, negative_prompt=negative, clip_skip=int(clip), control=control, **fields)
+            state = Followed(control, n_iter)
             try:
                 if kind == "txt2img":
                     def work(on_batch):
@@ -486,7 +490,6 @@ def build_ui(client: Client, outputs: Path = Path("outputs"), styles_file: Path 
 
                     def work(on_batch):
                         return client.img2img(prompt, init, mask, n_iter=n_iter, progress=on_batch, **common)
-                state = Followed(control, n_iter)
                 for latest in follow(client, state, work):
                     preview = gr.update(value=latest.preview, visible=True) if latest and latest.preview is not None \
                         else gr.skip()
@@ -494,14 +497,24 @@ def build_ui(client: Client, outputs: Path = Path("outputs"), styles_file: Path 
             except InvalidRequest as exc:
                 raise _error(str(exc)) from None
             finally:
+                # Still running here: Gradio closed this handler because the browser went away (the page was
+                # closed or reloaded). Nobody will see the pictures: stop the server's loops within a step.
+                if state.thread is not None and state.thread.is_alive():
+                    log.warning("page closed: interrupting its generation (request %s)", control.request_id)
+                    control.interrupt()
                 jobs.end(request.session_hash, control)
             if isinstance(state.error, (InvalidRequest, ServerError)):
                 raise _error(str(state.error))
             if state.error is not None:
                 raise state.error
             result = state.result
-            for image, s, text in zip(result.images, result.seeds, result.infotexts):
-                save_png(image, s, text, outputs / f"{kind}-images")
+            try:
+                for image, s, text in zip(result.images, result.seeds, result.infotexts):
+                    save_png(image, s, text, outputs / f"{kind}-images")
+            except DiskFull as exc:  # the pictures are shown all the same; nothing half written is left
+                log.error("outputs not saved: %s", exc)
+                gr.Warning(f"not saved: the page's output folder is full ({disk_full_summary(exc)}); the pictures "
+                           "below are not on the server's disk: download them, and tell the page's operator")
             pictures = [(_gallery_picture(image, text), f"seed {s}")
                         for image, s, text in zip(result.images, result.seeds, result.infotexts)]
             yield (pictures, gr.update(visible=False), progress_html(state, None),
@@ -615,10 +628,12 @@ class PageGuard:
     login_check deciding who is logged in. The login page itself is served without the description of the
     page's API that Gradio embeds in it."""
 
-    def __init__(self, app, login: bool = False, max_body: int = PAGE_MAX_BODY):
+    def __init__(self, app, login: bool = False, max_body: int = PAGE_MAX_BODY, ready=None):
+        """``ready``: a function that says whether the server behind the page is ready (GET /healthz)."""
         self.app = app
         self.login = login
         self.max_body = max_body
+        self.ready = ready
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -628,6 +643,12 @@ class PageGuard:
             await _answer(scope, send, 403, "cross-site request refused: use the page itself")
             return
         method = scope.get("method", "GET")
+        if scope["type"] == "http" and self.ready is not None and _route_path(scope) == HEALTH_PATH:
+            import asyncio
+
+            ready = await asyncio.to_thread(self.ready)  # (open: Kubernetes' probes; it says only that)
+            await _answer(scope, send, 200 if ready else 503, "ok" if ready else "unavailable")
+            return
         if scope["type"] == "http":
             length = _header(scope, b"content-length")
             if length is not None and (not length.strip().isdigit() or int(length) > self.max_body):
@@ -731,4 +752,4 @@ def serve_ui(client: Client, host: str, port: int, outputs: Path = Path("outputs
     demo.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=port, share=False, theme=offline_theme(),
         auth=list(auth.items()) if auth else None, max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, mcp_server=False,
-        app_kwargs={"middleware": [Middleware(PageGuard, login=bool(auth))]})
+        app_kwargs={"middleware": [Middleware(PageGuard, login=bool(auth), ready=client.is_ready)]})

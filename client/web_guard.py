@@ -74,6 +74,10 @@ def cross_site(scope: Scope) -> bool:
     return origin == "null" or urlsplit(origin).netloc.lower() != host.lower()
 
 
+HEALTH_PATH = "/healthz"
+OPEN_PATHS = frozenset({HEALTH_PATH})  # Kubernetes' probes carry no credentials
+
+
 class WebGuard:
     """ASGI middleware: ``users`` (name -> password; None or empty: no credentials asked, everyone is the user
     ""), ``max_body`` bytes per request body (413 beyond, checked on Content-Length before reading and counted
@@ -89,6 +93,9 @@ class WebGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD"):
+            await self.app({**scope, USER_KEY: ""}, receive, send)  # says ready or not, nothing else
             return
         if self.users:
             user = _user(scope, self.users)

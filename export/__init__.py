@@ -28,6 +28,7 @@ from sdtrt.export.descriptors import (
 )
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.errors import UsageError
+from sdtrt.files import copy_atomic, repository_lock
 from sdtrt.model_repository.build import write_model, write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.request import request_fields
@@ -105,10 +106,11 @@ def export_model(
     if done is not None:
         report(f"{out}: {key} is already exported from the same inputs ({inputs[:12]}); nothing to do")
         if default and load_catalog(out).default != key:
-            catalog = load_catalog(out)
-            catalog.default = key
-            catalog.save(out)
-            write_repository(out, catalog, replace(serving, backend="tensorrt") if engines is not None else serving)
+            with repository_lock(out, report=report):
+                catalog = load_catalog(out)
+                catalog.default = key
+                catalog.save(out)
+                write_repository(out, catalog, replace(serving, backend="tensorrt") if engines is not None else serving)
             report(f"{out}: {key} is now the default model")
         return done
     existing = current_catalog(out)
@@ -123,7 +125,11 @@ def export_model(
                        report=report)
         if engines is not None:
             serving = replace(serving, backend="tensorrt")
-        catalog = join_repository(work, out, spec, serving, default)
+        # The long part ran unlocked, in a folder of its own; joining reads the catalog, moves the models in, saves
+        # the catalog and removes stale models: another export into `out` between the read and the cleanup would
+        # lose its models, so one process at a time.
+        with repository_lock(out, report=report):
+            catalog = join_repository(work, out, spec, serving, default)
     report(f"Triton model repository: {out}, models {', '.join(catalog.models)} (default {catalog.default}; "
            f"networks on the {serving.backend!r} backend)")
     return spec
@@ -357,13 +363,19 @@ def build_engines_and_configs(repo: str | Path, engines: "EngineOptions", servin
     """TensorRT engines for one model of an exported repository (default: its default model), then the
     repository's Triton configs switched to ``tensorrt_plan``."""
     from sdtrt.export.tensorrt import build_engines
-    from sdtrt.spec import ENGINES
 
     root = Path(repo)
-    catalog = load_catalog(root)
-    spec = build_engines(root, catalog.get(model), engines, report, progress)
-    catalog.models[spec.key] = spec
-    catalog.save(root)
+    spec = build_engines(root, load_catalog(root).get(model), engines, report, progress)
+    with repository_lock(root, report=report):
+        catalog = load_catalog(root)  # as it is now: another model may have joined while the engines built
+        catalog.models[spec.key] = spec
+        catalog.save(root)
+        return _switch_to_engines(root, catalog, spec, serving, report)
+
+
+def _switch_to_engines(root: Path, catalog: Catalog, spec: ModelSpec, serving: ServingOptions, report) -> ModelSpec:
+    from sdtrt.spec import ENGINES
+
     lacking = [key for key, other in catalog.models.items() if not other.extra.get(ENGINES)]
     if lacking:  # one backend per repository: it switches once every model has its engines
         report(f"{spec.key}'s engines are built; {root} switches to TensorRT once {', '.join(lacking)} "
@@ -379,7 +391,7 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
     """New weights (another checkpoint of the same architecture, or the same one with LoRAs fused) into one
     model's refittable TensorRT engines (``name``, default: the repository's default model), without rebuilding
     them; the ONNX files and the spec follow."""
-    from sdtrt.export.tensorrt import refit_engine
+    from sdtrt.export.tensorrt import refit_engine, refitted_filename
     from sdtrt.spec import ENGINES
 
     root = Path(repo)
@@ -401,17 +413,27 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
                            max_prompt_chars=old.field("prompt").max_length, report=report)
         if [c.inputs for c in new.components.values()] != [c.inputs for c in old.components.values()]:
             raise UsageError(f"{model} is not the same architecture as {old.key} in {repo}: rebuild instead")
+        refitted = {}
         for part, entry in manifest.items():
-            report(f"{part}: refitting {entry['file']}")
-            folder = old.triton_name(part)
-            refit_engine(root / folder / "1" / entry["file"], fresh / new.component(part).onnx, fp16=entry.get("fp16"))
-            for produced in (fresh / folder / "1").glob("model.onnx*"):
-                shutil.move(str(produced), root / folder / "1" / produced.name)
-    spec = replace(old, model_name=new.model_name, source=new.source, source_hash=new.source_hash,
-                   extra={**new.extra, ENGINES: manifest})
-    catalog.models[spec.key] = spec
-    catalog.save(root)
-    write_repository(root, catalog, ServingOptions(backend="tensorrt"))
+            folder = root / old.triton_name(part) / "1"
+            target = refitted_filename(entry["file"], new.extra.get("export_key") or new.source_hash)
+            report(f"{part}: refitting {entry['file']} into {target}")
+            refit_engine(folder / entry["file"], fresh / new.component(part).onnx, folder / target,
+                         fp16=entry.get("fp16"))
+            refitted[part] = {**entry, "file": target}
+        with repository_lock(root, report=report):
+            for part in manifest:  # the ONNX files follow the weights (an export or a later refit reads them)
+                folder = old.triton_name(part)
+                for produced in (fresh / folder / "1").glob("model.onnx*"):
+                    copy_atomic(produced, root / folder / "1" / produced.name)
+            catalog = load_catalog(root)
+            spec = replace(old, model_name=new.model_name, source=new.source, source_hash=new.source_hash,
+                           extra={**new.extra, ENGINES: refitted})
+            catalog.models[spec.key] = spec
+            catalog.save(root)
+            # the configs now name the new engine files: a server picks them up when its models are loaded again
+            # (`sdtrt refit --url` does that through model control); the old files stay until then
+            write_repository(root, catalog, ServingOptions(backend="tensorrt"))
     return spec
 
 

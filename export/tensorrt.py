@@ -34,6 +34,7 @@ from typing import Callable
 from sdtrt.engines import gpu_name, require_tensorrt
 from sdtrt.errors import SdtrtError, UsageError
 from sdtrt.extra_networks import LORA_SUFFIX
+from sdtrt.files import write_atomic
 from sdtrt.spec import BATCH, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, UNET_BATCH, ComponentSpec, ModelSpec
 
 TIMING_CACHE = "trt_timing.cache"
@@ -180,8 +181,7 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, *, fp16: bool
                                      memory_pool_limits=limits)
     engine = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache))
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(engine_path, "wb") as f:
-        f.write(engine)
+    write_atomic(engine_path, bytes(engine))  # a server loading the folder never reads half an engine
     return source
 
 
@@ -221,10 +221,12 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
     return replace(spec, extra={**spec.extra, ENGINES: manifest})
 
 
-def refit_engine(engine_path: Path, onnx_path: Path, fp16: bool | None = None) -> None:
-    """Swap new weights (same graph, e.g. a fused LoRA) into a refittable engine, in place. ``onnx_path`` is the
-    re-exported FP32 ONNX; an FP16 engine (``fp16``; by default told by its weights' types) is refitted from its FP16
-    copy, written beside the engine (the same conversion as its build: same weight names, same types)."""
+def refit_engine(engine_path: Path, onnx_path: Path, out_path: Path, fp16: bool | None = None) -> None:
+    """Swap new weights (same graph, e.g. a fused LoRA) into a refittable engine, written as a NEW file
+    ``out_path``: the engine a server has loaded stays as it is until the server is told to load the new one.
+    ``onnx_path`` is the re-exported FP32 ONNX; an FP16 engine (``fp16``; by default told by its weights' types) is
+    refitted from its FP16 copy, written beside the engine (the same conversion as its build: same weight names,
+    same types)."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     with open(engine_path, "rb") as f:
@@ -239,8 +241,15 @@ def refit_engine(engine_path: Path, onnx_path: Path, fp16: bool | None = None) -
     parser = trt.OnnxParserRefitter(refitter, logger)
     if not parser.refit_from_file(str(source)) or not refitter.refit_cuda_engine():
         raise SdtrtError(f"refitting {engine_path} from {source} failed: is it the same network?")
-    with open(engine_path, "wb") as f:
-        f.write(engine.serialize())
+    write_atomic(out_path, bytes(engine.serialize()))
+
+
+def refitted_filename(filename: str, weights_hash: str) -> str:
+    """The file a refit writes: the engine's name with the new weights' hash (``unet....a1b2c3d4.w0123456789.plan``;
+    the export key, which a fused LoRA changes too), so that refitting never rewrites the engine a running server
+    holds."""
+    stem = re.sub(r"\.w[0-9a-f]{10}$", "", filename.removesuffix(".plan"))
+    return f"{stem}.w{weights_hash[:10]}.plan"
 
 
 # --- the FP16 ONNX -----------------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ pictures, which become PNGs. Without that request a ``tensorrt_plan`` model answ
 
 from __future__ import annotations
 
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -24,12 +29,58 @@ from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIG
 from sdtrt.model_repository.step_batcher import StepBatcher
 from sdtrt.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.request import Txt2ImgRequest
-from sdtrt.errors import InvalidRequest
+from sdtrt.errors import Cancelled, InvalidRequest, RelayedInvalidRequest, Unavailable
 from sdtrt.spec import MODEL, ComponentSpec, ModelSpec
 
+# Every BLS call has a deadline: a stage that hangs (a stopped or deadlocked stub) must fail the request, not hold
+# its loop for good. Triton's own request timeout only applies while a request waits in a queue, so the call runs on
+# a caller thread and the loop waits for it with a timeout. A call gets the floor plus a share of the span in
+# proportion to its work (its first input's elements against the spec's largest): the largest U-Net call of a
+# full-size model on a CPU takes tens of seconds. `sdtrt serve`'s watchdog notices a hung stage much sooner
+# (sdtrt.app.health); these deadlines are the backstop. SDTRT_CALL_TIMEOUT_S moves the floor.
+CALL_TIMEOUT_FLOOR_S = float(os.environ.get("SDTRT_CALL_TIMEOUT_S", 60.0))
+CALL_TIMEOUT_SPAN_S = 240.0
+_CALLERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="bls")  # shared by the loops of one stub
 
-class Cancelled(Exception):
-    pass
+
+def call_deadline(spec: ModelSpec, component: ComponentSpec | None, inputs: tuple = ()) -> float:
+    """Seconds one call may take: the floor, plus the span scaled by how much of the largest call it is."""
+    if component is None or not inputs or not component.inputs:
+        return CALL_TIMEOUT_FLOOR_S
+    largest = 1
+    for dim in component.inputs[0].shape:
+        largest *= dim if isinstance(dim, int) else spec.dims[dim].max
+    return CALL_TIMEOUT_FLOOR_S + CALL_TIMEOUT_SPAN_S * min(1.0, inputs[0].numel() / max(largest, 1))
+
+
+def exec_within(request: "pb_utils.InferenceRequest", model: str, deadline_s: float):
+    """``request.exec()``, or Unavailable naming ``model`` when it has not answered within ``deadline_s``."""
+    future = _CALLERS.submit(request.exec)
+    try:
+        return future.result(timeout=deadline_s)
+    except FutureTimeout:
+        # The caller thread stays blocked until the stage answers or its stub is killed (the watchdog's job).
+        raise Unavailable(f"{model} did not answer within {deadline_s:.0f} s (a hung stage: sdtrt serve's watchdog "
+                          "restarts it); send the request again in a minute") from None
+
+
+INVALID_MESSAGE = re.compile(r"invalid [A-Za-z_][\w.]*=")
+
+
+def raise_nested(model: str, error) -> None:
+    """Raise a nested model's error as what it is: its code and its words survive the hop (sdtrt.errors)."""
+    message = error.message()
+    code = error.code() if hasattr(error, "code") else None
+    # Triton 2.51 hands a BLS caller every nested error as INTERNAL, so sdtrt's own refusals are also known by
+    # their words: every InvalidRequest reads "invalid FIELD=VALUE: ..." (sdtrt.errors).
+    if code == pb_utils.TritonError.INVALID_ARG or INVALID_MESSAGE.match(message):
+        raise RelayedInvalidRequest(message)
+    if code == pb_utils.TritonError.CANCELLED:
+        raise Cancelled(message)
+    if code == pb_utils.TritonError.UNAVAILABLE or ("Stub process" in message and "not healthy" in message):
+        # a queue full, or a stub that died or was killed as hung: the watchdog is bringing the model back
+        raise Unavailable(f"{model} is unavailable ({message}); send the request again in a minute")
+    raise RuntimeError(f"{model}: {message}")
 
 
 def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
@@ -65,18 +116,20 @@ class BlsNetworks:
 
     def _check_cancelled(self) -> None:
         if self.request.is_cancelled():
-            raise Cancelled()
+            raise Cancelled("request cancelled by the client")
 
-    def _exec(self, model: str, inputs: list, outputs: list[str], memory: torch.device) -> dict[str, torch.Tensor]:
-        response = pb_utils.InferenceRequest(
+    def _exec(self, model: str, inputs: list, outputs: list[str], memory: torch.device,
+              deadline_s: float = CALL_TIMEOUT_FLOOR_S) -> dict[str, torch.Tensor]:
+        request = pb_utils.InferenceRequest(
             model_name=model, requested_output_names=outputs, inputs=inputs, preferred_memory=preferred_memory(memory),
-        ).exec()
+        )
+        response = exec_within(request, model, deadline_s)
         if response.has_error():
             message = response.error().message()
             if "unknown model" in message or "is not ready" in message or "not found" in message:
                 raise InvalidRequest(MODEL, self.spec.key, "a model this server has loaded: it is unloaded "
                                      f"(`sdtrt models load {self.spec.key}` loads it)") from None
-            raise RuntimeError(f"{model}: {message}")
+            raise_nested(model, response.error())
         # Copies on ``memory``: the response's buffers go back to Triton's pools straight away.
         return {name: from_triton(pb_utils.get_output_tensor_by_name(response, name)).to(memory, copy=True)
                 for name in outputs}
@@ -101,7 +154,7 @@ class BlsNetworks:
 
         def run(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
             triton = [to_triton(spec.name, value) for spec, value in zip(component.inputs, tensors)]
-            return self._exec(model, triton, outputs, output_device)
+            return self._exec(model, triton, outputs, output_device, call_deadline(self.spec, component, tuple(tensors)))
 
         if self.batcher is None or not component.name.startswith("unet"):
             return run(values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from sdtrt.files import write_atomic
 from sdtrt.model_repository.configs import (
     GENERATED_HEADER, TOKENIZER, ServingOptions, all_configs, model_configs, to_pbtxt,
 )
@@ -54,11 +55,11 @@ def _write(root: Path, configs) -> list[Path]:
         folder = root / config.name
         (folder / "1").mkdir(parents=True, exist_ok=True)  # Triton needs a version folder
         path = folder / "config.pbtxt"
-        path.write_text(to_pbtxt(config))
+        write_atomic(path, to_pbtxt(config))  # a server loading it never reads half a config
         written.append(path)
         entry = folder / "1" / "model.py"
         if config.backend == "python":
-            entry.write_text(ENTRY_POINT.format(module=python_module(config.name)))
+            write_atomic(entry, ENTRY_POINT.format(module=python_module(config.name)))
             written.append(entry)
         elif entry.exists():  # switched a network from the Python backend to a native one
             entry.unlink()

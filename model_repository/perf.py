@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.extra_networks import LORA_SUFFIX
+from sdtrt.files import write_atomic
 from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
 from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.spec import (
@@ -62,6 +63,6 @@ def write_perf_inputs(repo: Path, spec: ModelSpec, default: bool = True) -> list
     paths = []
     for model, data in perf_inputs(spec, default).items():
         path = Path(repo) / model / PERF_INPUT
-        path.write_text(json.dumps(data))
+        write_atomic(path, json.dumps(data))
         paths.append(path)
     return paths

@@ -96,6 +96,7 @@ class JsonLog:
 
 
 PROGRESS_INTERVAL = 0.25  # seconds between a request's progress posts
+PROGRESS_DEADLINE_S = 5.0  # a post takes well under a millisecond; a progress model that hangs must not stop a loop
 
 
 def post_progress(request_id: str, done: int, total: int, log: JsonLog, preview: np.ndarray | None = None) -> None:
@@ -108,8 +109,15 @@ def post_progress(request_id: str, done: int, total: int, log: JsonLog, preview:
               pb_utils.Tensor(PROGRESS_TOTAL, np.array([total], np.int32))]
     if preview is not None:
         inputs.append(pb_utils.Tensor(PROGRESS_PREVIEW, np.ascontiguousarray(preview, dtype=np.uint8)))
-    response = pb_utils.InferenceRequest(model_name=PROGRESS, inputs=inputs,
-                                         requested_output_names=[PROGRESS_STEP]).exec()
+    from sdtrt.errors import Unavailable
+    from sdtrt.model_repository.bls import exec_within
+
+    request = pb_utils.InferenceRequest(model_name=PROGRESS, inputs=inputs, requested_output_names=[PROGRESS_STEP])
+    try:
+        response = exec_within(request, PROGRESS, PROGRESS_DEADLINE_S)
+    except Unavailable as exc:
+        log.warn("progress_not_posted", request_id=request_id, error=str(exc))
+        return
     if response.has_error():
         log.warn("progress_not_posted", request_id=request_id, error=response.error().message())
 
@@ -142,9 +150,14 @@ class PerRequestModel:
 
     def respond(self, request) -> "pb_utils.InferenceResponse":
         """The one response of ``request``: what ``run`` builds, or the error it raised, named."""
-        from sdtrt.errors import InvalidRequest
-        from sdtrt.model_repository.bls import Cancelled
+        from sdtrt.errors import Cancelled, InvalidRequest, Unavailable
+        from sdtrt.model_repository.probes import PROBE_ID
 
+        if request.request_id() == PROBE_ID:  # the watchdog's (model_repository/probes.py): answered, not counted
+            try:
+                return self.run(request)
+            except Exception as exc:
+                return error_response(str(exc), "INVALID_ARG" if isinstance(exc, InvalidRequest) else "INTERNAL")
         try:
             response = self.run(request)
             self.outcome(request, "success")
@@ -157,6 +170,10 @@ class PerRequestModel:
             self.log.info("cancelled", request_id=request.request_id())
             self.outcome(request, "cancelled")
             return error_response("request cancelled by the client", "CANCELLED")
+        except Unavailable as exc:  # a stage hung or is being restarted: the client may retry
+            self.log.warn("unavailable", request_id=request.request_id(), error=str(exc))
+            self.outcome(request, "unavailable")
+            return error_response(str(exc), "UNAVAILABLE")
         except Exception as exc:  # never let one request take the model down
             self.log.error("failed", error=repr(exc))
             self.outcome(request, "error")
@@ -268,7 +285,10 @@ class JobModel(PerRequestModel):
         from sdtrt.request import resolve_seeds, validate
         from sdtrt.spec import MODEL
 
-        self.current.labels = {"model": str(scalar(request, MODEL) or self.catalog.default), "sampler": ""}
+        # A label only for a model this server has: a raw request string as a label would grow the metrics
+        # without bound (every distinct typo a new series).
+        named = scalar(request, MODEL) or self.catalog.default
+        self.current.labels = {"model": named if named in self.catalog.models else "(unknown)", "sampler": ""}
         self.current.steps = 0
         self.current.request_id, self.current.posted = request.request_id(), 0.0
         spec = self.catalog.get(scalar(request, MODEL))

@@ -38,3 +38,50 @@ class InvalidRequest(UsageError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"invalid {field}={echo(value)}: {field} must be {allowed}")
+
+
+class RelayedInvalidRequest(InvalidRequest):
+    """An InvalidRequest a nested model (the tokenizer, a network) raised, passed on with its message unchanged, so
+    that the client sees the same words and the same class however many hops away the check ran."""
+
+    def __init__(self, message: str):
+        import re
+
+        found = re.match(r"invalid ([A-Za-z_][\w.]*)=", message)
+        Exception.__init__(self, message)
+        self.field, self.value, self.allowed = (found.group(1) if found else ""), None, ""
+
+
+class Unavailable(SdtrtError):
+    """A stage of the server did not answer in time or is being restarted (a hung or dead process): nothing was
+    wrong with the request, and the same request may succeed in a minute."""
+
+    retry_after_s = 30
+
+
+class Cancelled(SdtrtError):
+    """The client cancelled the request, or its connection closed."""
+
+
+class DiskFull(SdtrtError):
+    """A file could not be written for lack of space: names what filled and how much was needed. Nothing partial is
+    left behind (sdtrt.files)."""
+
+    def __init__(self, path: Any, needed: int | None, free: int | None):
+        self.path, self.needed, self.free = path, needed, free
+        need = f"{needed:,} bytes needed, " if needed is not None else ""
+        have = f"{free:,} free" if free is not None else "no space left"
+        super().__init__(f"no space left on the device of {path} ({need}{have}): free some space there, or point the "
+                         "output somewhere larger, and send the request again")
+
+
+# Each error kind sdtrt raises, the status Triton's Python models answer it with (pb_utils.TritonError), and what
+# a client then sees over gRPC, over Triton's HTTP, and from the A1111 gateway. tests/test_error_classes.py holds
+# every row to what the real servers answer.
+ERROR_KINDS: dict[str, dict[str, Any]] = {
+    "InvalidRequest": {"triton": "INVALID_ARG", "grpc": "INVALID_ARGUMENT", "http": 400, "gateway": 422},
+    "Cancelled": {"triton": "CANCELLED", "grpc": "CANCELLED", "http": 499, "gateway": None},
+    "Unavailable": {"triton": "UNAVAILABLE", "grpc": "UNAVAILABLE", "http": 503, "gateway": 503},
+    "DiskFull": {"triton": None, "grpc": None, "http": None, "gateway": 507},
+    "other": {"triton": "INTERNAL", "grpc": "INTERNAL", "http": 500, "gateway": 502},
+}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from sdtrt.errors import DiskFull
+from sdtrt.files import write_atomic
 
 _NUMBERED = re.compile(r"^(\d+)-")
 
@@ -23,19 +27,26 @@ def next_number(out_dir: Path) -> int:
 
 
 def save_png(image: np.ndarray, seed: int, infotext: str, out_dir: str | Path) -> Path:
-    """Write one HxWx3 uint8 image under the next free number; never overwrites an existing file."""
+    """Write one HxWx3 uint8 image under the next free number; never overwrites an existing file, and never
+    leaves a partial one: the PNG is encoded first, then written aside, fsynced and linked into place
+    (sdtrt.files). A full disk raises DiskFull."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pil = Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format="PNG", pnginfo=png_info(infotext))
     number = next_number(out)
     while True:
         path = out / f"{number:05d}-{seed}.png"
         try:
-            with open(path, "xb") as f:  # exclusive create: a concurrent writer makes us take the next number
-                pil.save(f, format="PNG", pnginfo=png_info(infotext))
-            return path
+            return write_atomic(path, buffer.getvalue(), exclusive=True)  # a concurrent writer: take the next number
         except FileExistsError:
             number += 1
+
+
+def disk_full_summary(exc: DiskFull) -> str:
+    """How much a write that failed for space needed and how much was free, without the server's paths."""
+    need = f"{exc.needed:,} bytes needed" if exc.needed is not None else "more space needed"
+    return f"{need}, {exc.free:,} bytes free" if exc.free is not None else need
 
 
 def read_infotext(path: str | Path) -> str | None:

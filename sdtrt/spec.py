@@ -9,7 +9,6 @@ latent geometry or request limits.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -307,12 +306,10 @@ class Catalog:
         return cls(data["default"], {name: ModelSpec.from_json(spec) for name, spec in data["models"].items()})
 
     def save(self, repo_dir: Path) -> Path:
-        """Written aside and renamed into place: a reader never sees half a catalog."""
-        path = Path(repo_dir) / SPEC_FILENAME
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        os.replace(partial, path)
-        return path
+        """Written aside, fsynced and renamed into place: a reader never sees half a catalog (sdtrt.files)."""
+        from sdtrt.files import write_atomic
+
+        return write_atomic(Path(repo_dir) / SPEC_FILENAME, json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def load_catalog(repo_dir: str | Path) -> Catalog:

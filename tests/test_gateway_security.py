@@ -26,6 +26,7 @@ from PIL import Image
 
 from servers import first_answer, free_ports
 from sdtrt.client import Client
+from sdtrt.client.web_guard import OPEN_PATHS
 from sdtrt.client.a1111_api import create_app
 from sdtrt.pictures import base64_limit
 
@@ -88,6 +89,8 @@ def test_every_route_wants_the_credentials_docs_and_schema_included(server):
     paths = {(route.path, method) for route in app.routes for method in getattr(route, "methods", None) or {"GET"}}
     assert {("/docs", "GET"), ("/openapi.json", "GET"), ("/sdapi/v1/txt2img", "POST")} <= paths
     paths |= {("/no/such/route", "GET"), ("/sdapi/v1/interrupt", "PUT")}
+    paths -= {(path, "GET") for path in OPEN_PATHS}  # /healthz: ready or not, for Kubernetes' probes
+    assert OPEN_PATHS == {"/healthz"}
     client = TestClient(app)
     wrong = {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()}
     for path, method in sorted(paths):

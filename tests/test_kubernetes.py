@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdtrt.app.cli import build_parser
+from sdtrt.app.cli import HEALTH_PORT, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -99,11 +99,20 @@ def test_triton_probes_volumes_drain_and_command(variant):
     triton = find(objects, "Deployment", "sdtrt-triton")
     spec = pod_spec(triton)
     container = spec["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # sdtrt serve's own health port: readiness false while healing, liveness only for a stuck sdtrt serve
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["health"] == HEALTH_PORT
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    live = container["livenessProbe"]
+    assert live["httpGet"] == {"path": "/livez", "port": "health"}
     startup = container["startupProbe"]
-    assert startup["httpGet"]["path"] == "/v2/health/ready"
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 900  # engines take minutes to load
+    assert startup["httpGet"] == {"path": "/readyz", "port": "health"}
+    values = config(objects)
+    args = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in container["args"]]
+    args = args[:args.index("--")] if "--" in args else args  # (what follows goes to tritonserver)
+    parsed = build_parser().parse_args(container["command"][1:] + args)
+    # the startup probe covers engine loading (sdtrt serve's --timeout); liveness allows a heal's reload
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= parsed.timeout >= 900
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     models = volumes[mounts["/models"]["name"]]
@@ -239,7 +248,8 @@ def test_the_kserve_variant_runs_sdtrt_serve_on_kserves_triton_runtime():
     args = model["args"]
     parsed = build_parser().parse_args(model["command"][1:] + args[:args.index("--")])
     assert str(parsed.model_repository) == "/mnt/models" and (parsed.http_port, parsed.grpc_port) == (8080, 9000)
-    assert model["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    assert model["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": HEALTH_PORT}
+    assert model["livenessProbe"]["httpGet"] == {"path": "/livez", "port": HEALTH_PORT}
     assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > parsed.drain_timeout
     assert model["image"].startswith("registry.example.com/sdtrt:")  # sdtrt's image: its models import sdtrt
