@@ -409,10 +409,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
     print(f"starting tritonserver on {args.model_repository} (log: {server.log_file or 'next to the repository'})",
           flush=True)
-    server.start(timeout=args.timeout)
     healer = Healer(server, load_timeout=args.timeout, probe_interval=args.probe_interval,
-                    probe_timeout=args.probe_timeout).start()
-    health = HealthEndpoint(healer, args.host, args.health_port).start() if args.health_port else None
+                    probe_timeout=args.probe_timeout)
+    # bound before tritonserver starts: a taken port fails the command at once, not after the models load
+    health = HealthEndpoint(healer, args.host, args.health_port) if args.health_port else None
+    server.start(timeout=args.timeout)
+    healer.start()
+    if health is not None:
+        health.start()
     print(f"ready: grpc {server.url}  http {server.http_url}  metrics {args.host}:{args.metrics_port}/metrics\n"
           f"try:   sdtrt txt2img \"a red fox in snow\" --url {server.url}\n"
           f"model control (load, unload, shared memory, logging, trace) wants the key in {server.control_key.source}\n"

@@ -33,6 +33,9 @@ PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {protocol: f"localhost:{DEFAULT_PORTS[protocol]}" for protocol in ("grpc", "http")}
 
 
+PROGRESS_TIMEOUT_S = 10.0  # a progress question is answered in milliseconds; a hung server must not hold its asker
+
+
 class ServerError(SdtrtError):
     """The server refused or failed a request; the message is the server's own."""
 
@@ -108,11 +111,14 @@ class Stopped(Exception):
 
 
 class Client:
-    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float | None = 600.0):
+    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout: float | None = 600.0,
+                 min_timeout: float = 120.0):
+        """``timeout``: what the largest request may take; each request gets its share (``deadline``)."""
         self.protocol = protocol
         _module(protocol)  # fail early on a bad protocol name
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout = timeout
+        self.min_timeout = min_timeout
         self._local = threading.local()  # tritonclient's HTTP client is not thread-safe: one per thread
         self._catalog: Catalog | None = None
         # A job sent with a JobControl over gRPC gets a connection of its own, found here by request id: behind
@@ -157,8 +163,8 @@ class Client:
         if status in ("StatusCode.INVALID_ARGUMENT", "400"):
             return ServerRefused(message or "")
         if status == "StatusCode.DEADLINE_EXCEEDED" or "timed out" in (message or "").lower():
-            return ServerUnavailable(f"{self.url} ({self.protocol}): no answer within {self.timeout:g} s: the server "
-                                     f"is overloaded or a stage hung; try again. ({message})")
+            return ServerUnavailable(f"{self.url} ({self.protocol}): no answer within the request's deadline (see "
+                                     f"Client.deadline): the server is overloaded or a stage hung; try again. ({message})")
         return ServerError(f"{self.url} ({self.protocol}): {message}")
 
     def is_ready(self) -> bool:
@@ -244,16 +250,31 @@ class Client:
         request = replace(request, seed=seeds[0])
         return Generation(images, seeds, infotexts(request, seeds, spec, inpaint))
 
-    def _infer_kwargs(self, module) -> dict[str, Any]:
+    def deadline(self, spec: ModelSpec, request: Txt2ImgRequest) -> float | None:
+        """Seconds a generation may take before the client gives up (UNAVAILABLE): ``min_timeout`` (queueing and
+        start-up) plus ``timeout`` scaled by the request's share of the largest request the server takes (its
+        pixel-steps against the spec's ceiling), at most ``timeout``. A small request on a hung server fails in
+        minutes, not after the largest request's allowance."""
+        if self.timeout is None:
+            return None
+        if not spec.max_pixel_steps:
+            return self.timeout
+        from sdtrt.request import pixel_steps
+
+        work = pixel_steps(request, spec)[0] / spec.max_pixel_steps
+        return min(self.timeout, self.min_timeout + self.timeout * work)
+
+    def _infer_kwargs(self, module, deadline: float | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"outputs": [module.InferRequestedOutput(IMAGES), module.InferRequestedOutput(SEEDS)]}
-        if self.timeout is not None and self.protocol == "grpc":
-            kwargs["client_timeout"] = self.timeout  # (HTTP: network_timeout is set on the connection)
+        if deadline is not None and self.protocol == "grpc":
+            kwargs["client_timeout"] = deadline  # (HTTP: network_timeout, the fixed timeout, is set on the connection)
         return kwargs
 
     def _generate(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
                   images: dict[str, np.ndarray], control: JobControl | None = None) -> Generation:
         module = _module(self.protocol)
-        inputs, kwargs = self._inputs(module, spec, request, images), self._infer_kwargs(module)
+        inputs = self._inputs(module, spec, request, images)
+        kwargs = self._infer_kwargs(module, self.deadline(spec, request))
         if control is not None:
             kwargs["request_id"] = control.request_id  # the job model posts its steps under it (progress)
         try:
@@ -293,14 +314,15 @@ class Client:
         module = _module(self.protocol)
         inputs = [self._tensor(module, PROGRESS_REQUEST_ID, np.array([request_id.encode()], dtype=np.object_), "BYTES")]
         own = self._job_connections.get(request_id)
+        bounded = {"client_timeout": PROGRESS_TIMEOUT_S} if self.protocol == "grpc" else {}
         try:
-            response = (own or self._client()).infer(PROGRESS, inputs)
+            response = (own or self._client()).infer(PROGRESS, inputs, **bounded)
         except Exception as exc:
             if own is None or self._job_connections.get(request_id) is own:
                 raise self._error(exc) from None
             # the job ended and closed its own connection while this question was on it: ask on the shared one
             try:
-                response = self._client().infer(PROGRESS, inputs)
+                response = self._client().infer(PROGRESS, inputs, **bounded)
             except Exception as again:
                 raise self._error(again) from None
         done, total = int(response.as_numpy(PROGRESS_STEP)[0]), int(response.as_numpy(PROGRESS_TOTAL)[0])
@@ -312,7 +334,8 @@ class Client:
         module = _module(self.protocol)
         client = self._new_client(aio=True)
         try:
-            response = await client.infer(job, self._inputs(module, spec, request, images), **self._infer_kwargs(module))
+            response = await client.infer(job, self._inputs(module, spec, request, images),
+                                          **self._infer_kwargs(module, self.deadline(spec, request)))
         except Exception as exc:
             raise self._error(exc) from None
         finally:

@@ -76,11 +76,12 @@ class DiskFull(SdtrtError):
 
 
 # Each error kind sdtrt raises, the status Triton's Python models answer it with (pb_utils.TritonError), and what
-# a client then sees over gRPC, over Triton's HTTP, and from the A1111 gateway. tests/test_error_classes.py holds
-# every row to what the real servers answer.
+# a client then sees over gRPC, over Triton's HTTP, and from the A1111 gateway. tests/test_reliability.py and
+# tests/test_faults.py hold the rows to what the real servers answer.
 ERROR_KINDS: dict[str, dict[str, Any]] = {
     "InvalidRequest": {"triton": "INVALID_ARG", "grpc": "INVALID_ARGUMENT", "http": 400, "gateway": 422},
-    "Cancelled": {"triton": "CANCELLED", "grpc": "CANCELLED", "http": 499, "gateway": None},
+    # (HTTP clients cannot cancel a Triton request; the gateway's own clients interrupt instead: A1111's 200)
+    "Cancelled": {"triton": "CANCELLED", "grpc": "CANCELLED", "http": None, "gateway": None},
     "Unavailable": {"triton": "UNAVAILABLE", "grpc": "UNAVAILABLE", "http": 503, "gateway": 503},
     "DiskFull": {"triton": None, "grpc": None, "http": None, "gateway": 507},
     "other": {"triton": "INTERNAL", "grpc": "INTERNAL", "http": 500, "gateway": 502},

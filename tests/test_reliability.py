@@ -82,9 +82,12 @@ class Serve:
         return child_pid(self.proc.pid, b"tritonserver")
 
     def stop(self) -> list[dict]:
+        """The healer's events (and, as the last entry, the tail of what sdtrt serve printed)."""
         self.proc.send_signal(signal.SIGTERM)
-        _, stderr = self.proc.communicate(timeout=90)
-        return [json.loads(line[line.index("{"):]) for line in stderr.splitlines() if '"event"' in line]
+        stdout, stderr = self.proc.communicate(timeout=90)
+        events = [json.loads(line[line.index("{"):]) for line in stderr.splitlines() if '"event"' in line]
+        self.output = (stdout + stderr)[-3000:]
+        return events
 
 
 def watch_until_served(serve: Serve, client: Client, started: float) -> tuple[float | None, list[tuple]]:
@@ -177,6 +180,48 @@ def test_a_hung_stage_found_by_its_probe_fails_the_request_in_flight_as_unavaila
     assert "probe" in events[0]["reason"] or "not healthy" in events[0]["reason"], events
 
 
+def test_a_request_held_by_a_hung_job_fails_at_its_deadline_and_the_job_heals(exported_repo, tmp_path):
+    """A job model's own stub stopped mid-generation: Triton 2.51 never answers the requests it held, even once
+    the model is reloaded. The client's deadline (its share of the largest request's) ends the wait with
+    UNAVAILABLE, and the watchdog has the job serving again meanwhile."""
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    events: list[dict] = []
+    with triton_on(repo, tmp_path) as server:
+        healer = Healer(server, probe_interval=1.0, probe_timeout=5.0, on_event=events.append).start()
+        try:
+            client = Client(server.url, timeout=60, min_timeout=8)
+            spec = client.spec
+            small = client.deadline(spec, client.request("x", steps=150, width=256, height=256))
+            largest = client.request("x", steps=50, width=1024, height=1024, batch_size=4)
+            assert 8 < small < 30 and client.deadline(spec, largest) == 60  # its share, plus the floor
+            outcome = {}
+
+            def in_flight() -> None:
+                try:
+                    client.txt2img("a long one", steps=150, width=256, height=256, seed=1)
+                    outcome["result"] = "finished"
+                except ServerUnavailable as exc:
+                    outcome["result"] = str(exc)
+
+            thread = threading.Thread(target=in_flight)
+            thread.start()
+            time.sleep(2.0)
+            (victim,) = stubs_of(server.process.pid, "txt2img")
+            os.kill(victim.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            thread.join(30)
+            failed_after = time.monotonic() - stopped
+            Client(server.url).txt2img("after", steps=2, width=64, height=64, seed=1)
+            served_after = time.monotonic() - stopped
+        finally:
+            healer.stop()
+    print(f"hung job: its request failed after {failed_after:.1f} s, the job served again after {served_after:.1f} s")
+    assert "deadline" in outcome.get("result", ""), outcome
+    assert failed_after < small + 3 and served_after < HEAL_WITHIN_S
+    assert events[0]["event"] == "model_hung" and events[0]["model"] == "txt2img", events
+
+
 def test_a_killed_tritonserver_is_restarted_and_liveness_stays_up(exported_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
@@ -189,7 +234,7 @@ def test_a_killed_tritonserver_is_restarted_and_liveness_stays_up(exported_repo,
         new = serve.tritonserver()
     finally:
         events = serve.stop()
-    summary = f"{collections.Counter(seen)}; events {events}"
+    summary = f"{collections.Counter(seen)}; events {events}; sdtrt serve said: {serve.output}"
     print(f"killed tritonserver: served again after {served_after} s; {summary}")
     assert served_after is not None and served_after < HEAL_WITHIN_S, summary
     assert new not in (None, old)
@@ -419,14 +464,16 @@ def test_a_client_that_goes_away_interrupts_its_generation(gateway_url):
 
 
 def test_healthz_is_open_and_reflects_the_servers_readiness(server, tmp_path):
-    (port, dead) = free_ports(2)
-    env = {**os.environ, "SDTRT_API_AUTH": "alice:secret"}
-    procs = [subprocess.Popen([sys.executable, "-m", "sdtrt", "api", "--url", server.url, "--port", str(port),
+    (port, page, dead) = free_ports(3)
+    env = {**os.environ, "SDTRT_API_AUTH": "alice:secret", "SDTRT_GRADIO_AUTH": "alice:secret"}
+    procs = [subprocess.Popen([sys.executable, "-m", "sdtrt", command, "--url", server.url, "--port", str(at),
                                "--out", str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)]
+                              text=True) for command, at in (("api", port), ("ui", page))]
     try:
         assert first_answer(f"http://127.0.0.1:{port}/sdapi/v1/samplers", procs[0]) == 401  # credentials wanted
         assert get(f"http://127.0.0.1:{port}/healthz") == (200, json.dumps({"status": "ok"}, separators=(",", ":")))
+        assert first_answer(f"http://127.0.0.1:{page}/config", procs[1], timeout=120) == 401  # a login wanted
+        assert get(f"http://127.0.0.1:{page}/healthz") == (200, json.dumps({"detail": "ok"}))
     finally:
         for proc in procs:
             proc.terminate()
