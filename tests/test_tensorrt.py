@@ -649,3 +649,16 @@ def test_fp16_engines_are_strongly_typed_builds_of_the_fp16_onnx(trt_repo, diffu
         assert actual.dtype == np.float32 and actual.shape == expected.shape, name
         scale = max(1.0, float(np.abs(expected).max()))
         assert np.abs(actual - expected).max() <= COMPONENT_TOLERANCE * scale, name
+
+
+def test_a_refit_writes_a_new_engine_file_named_by_its_weights():
+    """Refit never rewrites the engine a running server holds: each set of weights gets its own file name, and a
+    refit of a refit replaces the weights' part of the name rather than growing it."""
+    from sdtrt.export.tensorrt import refitted_filename
+
+    built = "unet.NVIDIA-H100.trt11.2.1.a1b2c3d4.plan"
+    lora = refitted_filename(built, "0123456789abcdef")
+    back = refitted_filename(lora, "fedcba9876543210")
+    assert lora == "unet.NVIDIA-H100.trt11.2.1.a1b2c3d4.w0123456789.plan"
+    assert back == "unet.NVIDIA-H100.trt11.2.1.a1b2c3d4.wfedcba9876.plan"
+    assert len({built, lora, back}) == 3
