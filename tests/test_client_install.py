@@ -4,6 +4,8 @@ generates an image from a real server."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ SERVER_SIDE = {"torch", "diffusers", "transformers", "onnxruntime", "onnx", "tok
                "accelerate", "nvidia-pytriton", "tensorrt-cu13"}
 
 
+@pytest.mark.slow  # a fresh venv and a pip install: ~80 s
 def test_client_only_install_generates_from_a_real_server(server, tmp_path):
     source = tmp_path / "src"  # a copy: pip builds in the source tree, and the checkout stays as it is
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(

@@ -48,6 +48,7 @@ def test_the_configs_name_the_engine_and_refuse_what_it_cannot_do(exported_repo)
         ServingOptions(cpu_engine="tvm")
 
 
+@pytest.mark.slow  # a second server on OpenVINO
 def test_served_openvino_matches_in_process(exported_repo, tmp_path):
     from servers import free_ports
 

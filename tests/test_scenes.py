@@ -7,6 +7,8 @@ diffusers folder sdtrt exports.
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -42,6 +44,7 @@ def test_the_data_is_the_same_for_the_same_seed_and_varied():
     assert "" in captions and any("background" not in c and c for c in captions)  # parts left out, some empty
 
 
+@pytest.mark.slow  # trains and exports a model
 def test_the_training_script_writes_weights_that_export(tmp_path):
     weights = tmp_path / "shapes.safetensors"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

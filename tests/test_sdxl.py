@@ -76,6 +76,7 @@ def test_in_process_matches_diffusers_sdxl(sdxl_repo, expected, sampler):
     assert max_diff(images, expected[sampler]) <= MAX_PIXEL_DIFF
 
 
+@pytest.mark.slow  # a second server on the SDXL export; in-process SDXL parity stays in the default suite
 def test_served_matches_diffusers_sdxl(sdxl_repo, expected, tmp_path):
     from sdtrt.app.server import TritonServer
     from sdtrt.client import Client

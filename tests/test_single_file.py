@@ -93,6 +93,7 @@ def sd2_model(tmp_path_factory):
     return build_default_model(tmp_path_factory.mktemp("sd2") / "tiny-sd2", family="sd2")
 
 
+@pytest.mark.slow  # two SD 2 exports
 def test_sd2_v_prediction_file_and_folder_match_diffusers(sd2_model, tmp_path):
     """SD 2.x 768-v, as A1111 runs it: OpenCLIP text (penultimate layer), v-prediction; the folder export and the
     single file's give diffusers' picture. A1111 pads OpenCLIP's chunks after their end-of-text with id 0 ("!"),

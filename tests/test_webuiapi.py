@@ -176,6 +176,7 @@ def test_interrupt_and_skip_stop_the_servers_loop(gateway):
     assert len(outcome["result"].images) == 1 and outcome["result"].info["all_seeds"] == [41]
 
 
+@pytest.mark.slow  # several long generations at once
 def test_progress_per_step_and_per_task_under_concurrency(gateway):
     """Two generations at once, each sent with its own force_task_id: /progress?id_task= follows each one's
     steps as the server's loop posts them (A1111's sampling_step / sampling_steps), and webuiapi's
