@@ -202,6 +202,7 @@ def test_a_hung_stage_found_by_its_probe_fails_the_request_in_flight_as_unavaila
     assert "probe" in events[0]["reason"] or "not healthy" in events[0]["reason"], events
 
 
+@pytest.mark.slow  # a second server, a job stub stopped and healed (~30 s)
 def test_a_request_held_by_a_hung_job_fails_at_its_deadline_and_the_job_heals(exported_repo, tmp_path):
     """A job model's own stub stopped mid-generation: Triton 2.51 never answers the requests it held, even once
     the model is reloaded. The client's deadline (its share of the largest request's) ends the wait with

@@ -178,6 +178,7 @@ def test_an_sdxl_refiner_is_refused_by_name(sdxl_model, tmp_path):
         export_model(refiner, tmp_path / "repo", progress=False, report=lambda *_: None)
 
 
+@pytest.mark.slow  # a second SDXL export, from a single file
 def test_sdxl_single_file_exports_and_matches_diffusers(sdxl_model, sdxl_pipe, tmp_path):
     """An SDXL checkpoint in the original (A1111/civitai) layout, fp16, with no config folder: its architecture is
     read from its weights (both encoders, transformer depths, the added conditions' widths), offline."""

@@ -92,6 +92,7 @@ def test_position_words_move_the_shape(trained, random_model):
     both(check, trained, random_model)
 
 
+@pytest.mark.slow  # more generations; the other semantics tests stay
 def test_the_negative_prompt_removes_a_colour(trained, random_model):
     """The prompt leaves the colour open, so the model picks one per seed (green for several of these seeds,
     measured); with "green" as the negative prompt, no seed draws a green circle."""

@@ -72,6 +72,7 @@ def test_an_fp16_file_matches_diffusers_reading_the_same_file(ldm_files, default
     assert max_diff(images(tmp_path / "repo").images, expected) <= MAX_PIXEL_DIFF
 
 
+@pytest.mark.slow  # another single-file export
 def test_extra_keys_and_ema_weights_load_as_diffusers_reads_them(ldm_files, tmp_path):
     """Files with EMA copies (model_ema.*, A1111 and diffusers use the plain weights) and leftover keys load."""
     state = load_file(str(ldm_files["float32"]))
@@ -243,6 +244,7 @@ def other_vae(default_model, tmp_path_factory):
     return vae, folder
 
 
+@pytest.mark.slow  # another single-file export
 def test_a_vae_file_replaces_the_checkpoints_and_is_named_in_the_infotext(default_model, other_vae, tmp_path):
     from diffusers import StableDiffusionPipeline
 
