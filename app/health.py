@@ -173,7 +173,7 @@ class Healer:
             if is_stopped(stub.pid):
                 seen[stub.pid] = self._stopped_seen.get(stub.pid, 0) + 1
                 if seen[stub.pid] >= 2:
-                    self.heal_hung(stub.model, "stopped", pids=[stub.pid])
+                    self.heal_hung(stub.model, "stopped")
                     return
         self._stopped_seen = seen
 
@@ -202,9 +202,8 @@ class Healer:
         """(metric, model or job) -> value, for the series the watchdog reads; {} when unreadable."""
         from sdtrt.prometheus import samples, scrape
 
-        host = "127.0.0.1" if self.server.host in ("0.0.0.0", "::", "") else self.server.host
         try:
-            text = scrape(f"http://{host}:{self.server.metrics_port}/metrics", timeout=5)
+            text = scrape(self.server.metrics_url, timeout=5)
         except (OSError, TypeError):
             return {}
         values: dict[tuple[str, str], float] = {}
@@ -259,10 +258,8 @@ class Healer:
 
     def _ready_models(self) -> set[str]:
         try:
-            request = urllib.request.Request(f"http://{self.server.http_url}/v2/repository/index", data=b"{}",
-                                             method="POST", headers=self.server.control_key.headers())
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return {m["name"] for m in json.loads(response.read()) if m.get("state") == "READY"}
+            return {m["name"] for m in json.loads(self._post("/v2/repository/index", timeout=5))
+                    if m.get("state") == "READY"}
         except (OSError, ValueError):
             return set()
 
@@ -277,7 +274,7 @@ class Healer:
             return  # its loops filled up while the probe waited
         self.heal_hung(model, f"no answer to a probe in {waited:.0f} s")
 
-    def heal_hung(self, model: str, why: str, pids: list[int] | None = None) -> None:
+    def heal_hung(self, model: str, why: str) -> None:
         """Kill a hung model's stubs (failing what they hold) and reload it; readiness is false meanwhile."""
         process = self.server.process
         stubs = [s for s in stub_processes(process.pid).values() if s.model == model] if process else []
@@ -309,11 +306,12 @@ class Healer:
         except (urllib.error.URLError, OSError):
             return None
 
-    def _post(self, path: str, timeout: float) -> None:
+    def _post(self, path: str, timeout: float) -> bytes:
+        """A POST to Triton's repository API (restricted: it carries the control key); the answer's body."""
         request = urllib.request.Request(f"http://{self.server.http_url}{path}", data=b"{}", method="POST",
-                                         headers=self.server.control_key.headers())  # model control is restricted
-        with urllib.request.urlopen(request, timeout=timeout):
-            pass
+                                         headers=self.server.control_key.headers())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
 
     def reload(self, model: str) -> bool:
         """Unload (readiness goes false) and load again (new stubs); True when the model is back."""

@@ -161,6 +161,12 @@ class TritonServer:
     def http_url(self) -> str:
         return f"{self.host}:{self.http_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Its Prometheus metrics, as this host reaches them (loopback when it listens on every interface)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.metrics_port}/metrics"
+
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
@@ -191,9 +197,8 @@ class TritonServer:
 
         from sdtrt.prometheus import samples, scrape
 
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         try:
-            text = scrape(f"http://{host}:{self.metrics_port}/metrics")
+            text = scrape(self.metrics_url)
         except OSError:
             return None
         jobs = {f'model="{job}"' for job in (TXT2IMG, IMG2IMG)}

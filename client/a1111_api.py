@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import random
-import re
 import threading
 import time
 import uuid
@@ -42,7 +41,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdtrt import __version__
 from sdtrt.client.client import Client, JobControl, ServerError, ServerRefused, ServerUnavailable
-from sdtrt.errors import DiskFull, InvalidRequest, echo
+from sdtrt.errors import DiskFull, InvalidRequest, echo, invalid_field
 from sdtrt.client.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard
 from sdtrt.generation import MAX_N_ITER, Generation, check_n_iter
 from sdtrt.hires import HIRES_UPSCALERS
@@ -253,12 +252,6 @@ def unhonoured(body: "_Request", sampler: str) -> tuple[str, str] | None:
 
 def refuse(field: str, message: str) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
-
-
-def exc_field(message: str) -> str:
-    """The field a server's "invalid FIELD=..." message names ("" when it names none)."""
-    found = re.match(r"invalid ([A-Za-z_][\w.]*)=", message)
-    return found.group(1) if found else ""
 
 
 def open_image(data: str, field: str) -> Image.Image:
@@ -494,7 +487,8 @@ class Gateway:
         except InvalidRequest as exc:
             raise refuse(A1111_NAME.get(exc.field, exc.field), str(exc)) from None
         except ServerRefused as exc:  # a check only the server could make: its words, as the gateway's own
-            raise refuse(A1111_NAME.get(exc_field(str(exc)), exc_field(str(exc)) or "request"), str(exc)) from None
+            field = invalid_field(str(exc)) or "request"
+            raise refuse(A1111_NAME.get(field, field), str(exc)) from None
         except ServerUnavailable as exc:
             raise HTTPException(503, detail=str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
         except ServerError as exc:

@@ -15,7 +15,6 @@ pictures, which become PNGs. Without that request a ``tensorrt_plan`` model answ
 from __future__ import annotations
 
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -29,7 +28,7 @@ from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIG
 from sdtrt.model_repository.step_batcher import StepBatcher
 from sdtrt.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.request import Txt2ImgRequest
-from sdtrt.errors import Cancelled, InvalidRequest, RelayedInvalidRequest, Unavailable
+from sdtrt.errors import Cancelled, InvalidRequest, RelayedInvalidRequest, Unavailable, invalid_field
 from sdtrt.spec import MODEL, ComponentSpec, ModelSpec
 
 # Every BLS call has a deadline: a stage that hangs (a stopped or deadlocked stub) must fail the request, not hold
@@ -64,16 +63,13 @@ def exec_within(request: "pb_utils.InferenceRequest", model: str, deadline_s: fl
                           "restarts it); send the request again in a minute") from None
 
 
-INVALID_MESSAGE = re.compile(r"invalid [A-Za-z_][\w.]*=")
-
-
 def raise_nested(model: str, error) -> None:
     """Raise a nested model's error as what it is: its code and its words survive the hop (sdtrt.errors)."""
     message = error.message()
     code = error.code() if hasattr(error, "code") else None
     # Triton 2.51 hands a BLS caller every nested error as INTERNAL, so sdtrt's own refusals are also known by
     # their words: every InvalidRequest reads "invalid FIELD=VALUE: ..." (sdtrt.errors).
-    if code == pb_utils.TritonError.INVALID_ARG or INVALID_MESSAGE.match(message):
+    if code == pb_utils.TritonError.INVALID_ARG or invalid_field(message) is not None:
         raise RelayedInvalidRequest(message)
     if code == pb_utils.TritonError.CANCELLED:
         raise Cancelled(message)

@@ -49,8 +49,7 @@ class TritonPythonModel:
         """One run at the smallest shapes: onnxruntime's first run sets up kernels and memory (~1 s)."""
         feed = {}
         for tensor in self.component.inputs:
-            shape = [d if isinstance(d, int) else spec.dims[d].min for d in tensor.shape]
-            feed[tensor.name] = np.ones(shape, dtype=tensor.dtype)
+            feed[tensor.name] = np.ones(spec.smallest_shape(tensor), dtype=tensor.dtype)
         self.runner.outputs(feed)
 
     def _inputs(self, request) -> list[np.ndarray]:

@@ -35,7 +35,7 @@ def _smallest(spec: ModelSpec, component: str, tensor: TensorSpec) -> list[int]:
     if engine is not None:  # what the built engine takes, at its profile's minimum
         shape = list(engine["profile"][tensor.name][0])
     else:
-        shape = [d if isinstance(d, int) else spec.dims[d].min for d in tensor.shape]
+        shape = spec.smallest_shape(tensor)
     return shape + [1] if len(tensor.shape) == 1 else shape  # per-row scalars travel as [rows, 1]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -40,16 +41,22 @@ class InvalidRequest(UsageError):
         super().__init__(f"invalid {field}={echo(value)}: {field} must be {allowed}")
 
 
+INVALID_MESSAGE = re.compile(r"invalid ([A-Za-z_][\w.]*)=")  # how every InvalidRequest's message starts
+
+
+def invalid_field(message: str) -> str | None:
+    """The field an InvalidRequest's message names, wherever it was raised; None for any other message."""
+    found = INVALID_MESSAGE.match(message)
+    return found.group(1) if found else None
+
+
 class RelayedInvalidRequest(InvalidRequest):
     """An InvalidRequest a nested model (the tokenizer, a network) raised, passed on with its message unchanged, so
     that the client sees the same words and the same class however many hops away the check ran."""
 
     def __init__(self, message: str):
-        import re
-
-        found = re.match(r"invalid ([A-Za-z_][\w.]*)=", message)
         Exception.__init__(self, message)
-        self.field, self.value, self.allowed = (found.group(1) if found else ""), None, ""
+        self.field, self.value, self.allowed = invalid_field(message) or "", None, ""
 
 
 class Unavailable(SdtrtError):

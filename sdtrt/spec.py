@@ -227,6 +227,10 @@ class ModelSpec:
         """Longest prompt, in 75-token chunks: the U-Net's context length range allows this many."""
         return self.dims[CONTEXT].max // self.text_max_length
 
+    def smallest_shape(self, tensor: TensorSpec) -> list[int]:
+        """A tensor's shape at the smallest size every dynamic dim allows (warm-ups, the watchdog's probes)."""
+        return [d if isinstance(d, int) else self.dims[d].min for d in tensor.shape]
+
     def component(self, name: str) -> ComponentSpec:
         try:
             return self.components[name]

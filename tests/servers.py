@@ -62,6 +62,30 @@ def first_answer(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> int
             time.sleep(0.3)
 
 
+def status(url: str) -> int:
+    """The HTTP status ``url`` answers (an error status included); 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def child_pid(parent: int, name: bytes) -> int | None:
+    """The child process of ``parent`` whose command line holds ``name`` (e.g. sdtrt serve's tritonserver)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[1]) == parent and name in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except (OSError, ValueError, IndexError):
+                continue
+    return None
+
+
 def raw_infer(server, fields: dict, protocol: str = "grpc", model: str = "txt2img"):
     """Send fields exactly as given (no client-side checks), the way curl or perf_analyzer would."""
     module, url = (grpcclient, server.url) if protocol == "grpc" else (httpclient, server.http_url)

@@ -23,7 +23,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from servers import free_ports, raw_infer
+from servers import child_pid, free_ports, raw_infer, status
 from sdtrt.client import Client, ServerBusy
 from sdtrt.errors import InvalidRequest
 from sdtrt.request import Txt2ImgRequest, validate
@@ -208,25 +208,7 @@ def test_a_vanished_or_cancelled_client_frees_its_loop_within_a_step(small_serve
 
 # --- a Python stub that dies ------------------------------------------------------------------------------------
 def tritonserver_pid(serve_pid: int) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(stat[1]) == serve_pid and b"tritonserver" in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
-            except (OSError, ValueError, IndexError):
-                continue
-    return None
-
-
-def status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return 0
+    return child_pid(serve_pid, b"tritonserver")
 
 
 def test_a_killed_unet_stub_is_reported_not_ready_and_healed_within_30_s(exported_repo, tmp_path):

@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from servers import first_answer, free_ports, raw_infer
+from servers import child_pid, first_answer, free_ports, raw_infer, status
 from sdtrt.app.health import Healer, stubs_of
 from sdtrt.client import Client, ServerRefused, ServerUnavailable
 from sdtrt.errors import ERROR_KINDS, DiskFull
@@ -55,28 +55,6 @@ def quick_triton(repo: Path, logs: Path):
     http, grpc, metrics = free_ports(3)
     return TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, drain_timeout=2,
                         log_file=logs / "tritonserver.log")
-
-
-def status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
-
-
-def child_pid(parent: int, name: bytes) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(stat[1]) == parent and name in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
-            except (OSError, ValueError, IndexError):
-                continue
-    return None
 
 
 class Serve:
