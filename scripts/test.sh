@@ -12,4 +12,5 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
 fi
 VENV=${SDTRT_VENV:-$ROOT/.venv}
 export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1
-exec python -m pytest tests "$@"
+# The slowest tests are listed so that a run over the 15-minute budget says where the time went.
+exec python -m pytest tests --durations=30 "$@"
