@@ -44,7 +44,7 @@ def unet_ceiling(local, clients: int, size: int, repeats: int) -> tuple[float, f
     one call. Their ratio bounds what merging steps can give on this machine."""
     import numpy as np
 
-    from sdtrt.spec import CONTEXT, LATENT_H, LATENT_W
+    from sdtrt.contract.spec import CONTEXT, LATENT_H, LATENT_W
 
     spec = local.spec
     unet = spec.component("unet")
@@ -70,12 +70,12 @@ def main() -> None:
                         metavar="US,US", help="U-Net queue delays to compare (microseconds)")
     args = parser.parse_args()
 
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
     from sdtrt.client import Client
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
     from sdtrt.model_repository.build import write_repository
     from sdtrt.model_repository.configs import ServingOptions
-    from sdtrt.spec import load_catalog
+    from sdtrt.contract.spec import load_catalog
 
     work, _, repo = default_export("sdtrt-batching-")
     prompt = "a lighthouse on a cliff at dawn, oil painting"
@@ -126,7 +126,7 @@ of {args.clients} in turns, medians of {args.repeats}. (Served vs in-process lat
         f"{args.clients} clients vs 1", "loops per U-Net call"], rows)}
 
 "loops per U-Net call" is the mean number of requests whose steps one U-Net call carried while {args.clients}
-clients ran (sdtrt_step_batch_loops: the job's loops step together, model_repository/step_batcher.py).
+clients ran (sdtrt_step_batch_loops: the job's loops step together, model_repository/models/step_batcher.py).
 
 The ceiling on this machine: the U-Net alone (in-process) takes {1000 * unet_one:.1f} ms for one request's 2 rows
 and {1000 * unet_many:.1f} ms for {args.clients} requests' {2 * args.clients} rows in one call, so merging saves at

@@ -55,8 +55,8 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 def perf_analyzer(repo: Path, url: str, concurrency: int, out: Path) -> dict:
     """perf_analyzer on the txt2img model at one concurrency: images/s and latency percentiles (ms)."""
-    from sdtrt.spec import TXT2IMG as PIPELINE
-    from sdtrt.app.server import perf_analyzer_command
+    from sdtrt.contract.spec import TXT2IMG as PIPELINE
+    from sdtrt.model_repository.serving.server import perf_analyzer_command
     from sdtrt.model_repository.perf import PERF_INPUT
 
     report = out / f"perf_c{concurrency}.csv"
@@ -89,7 +89,7 @@ def default_export(prefix: str, size: str = "tiny") -> tuple[Path, Path, Path]:
     export) in a fresh temporary folder: what most benchmarks measure on."""
     import tempfile
 
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
     from sdtrt.export import export_model
 
     work = Path(tempfile.mkdtemp(prefix=prefix))

@@ -46,12 +46,12 @@ def main() -> None:
     import torch
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
     from sdtrt.client import Client
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
     from sdtrt.model_repository.build import write_repository
     from sdtrt.model_repository.configs import ServingOptions
-    from sdtrt.request import Txt2ImgRequest
+    from sdtrt.requests.request import Txt2ImgRequest
 
     work, model, repo = default_export("sdtrt-cpu-bench-", args.model)
     prompt, size, steps = "a lighthouse on a cliff at dawn, oil painting", args.size, args.steps

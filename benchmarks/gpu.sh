@@ -32,7 +32,7 @@ MODEL=${MODEL:-$WORK/sd15-shaped}   # gpu_bench.py builds SD 1.5-shaped random w
 if [ ${#BASELINE_ONLY[@]} -gt 0 ]; then
   exec "$PY" "$ROOT/benchmarks/gpu_bench.py" --model "$MODEL" --baseline-only "${EXTRA[@]}"
 fi
-[ -f "$MODEL/model_index.json" ] || "$PY" -c "import sys; from sdtrt.default_model import build_default_model as b; b(sys.argv[1], size='sd15')" "$MODEL"
+[ -f "$MODEL/model_index.json" ] || "$PY" -c "import sys; from sdtrt.pipeline.default_model import build_default_model as b; b(sys.argv[1], size='sd15')" "$MODEL"
 # Engines with a 256-1024 px profile (opt 512) and batch 1-4; a re-run with the same inputs is a no-op.
 "$PY" -m sdtrt export "$MODEL" --out "$WORK/repo" --format trt --min-size 256 --max-size 1024 --max-batch 4
 exec "$PY" "$ROOT/benchmarks/gpu_bench.py" --model "$MODEL" --repo "$WORK/repo" "${EXTRA[@]}"

@@ -104,8 +104,8 @@ def bench_sdtrt(repo: Path, repeats: int, work: Path) -> tuple[dict, list[list[s
     import tritonclient.grpc as grpcclient
 
     from sdtrt.client import Client
-    from sdtrt.spec import TXT2IMG as PIPELINE
-    from sdtrt.app.server import TritonServer
+    from sdtrt.contract.spec import TXT2IMG as PIPELINE
+    from sdtrt.model_repository.serving.server import TritonServer
 
     binary = Path(os.environ.get("SDTRT_TRITONSERVER", "/opt/tritonserver/bin/tritonserver"))
     if not binary.is_file():
@@ -162,7 +162,7 @@ def main() -> None:
     if not args.baseline_only and args.repo is None:
         parser.error("--repo is required unless --baseline-only")
     if not (args.model / "model_index.json").is_file():
-        from sdtrt.default_model import build_default_model
+        from sdtrt.pipeline.default_model import build_default_model
 
         print(f"building SD 1.5-shaped random weights in {args.model}", flush=True)
         build_default_model(args.model, size="sd15")

@@ -37,9 +37,9 @@ def main() -> None:
 
     from loras import make_lora
 
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
     from sdtrt.client import Client
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
     from sdtrt.export import export_model
 
     work = Path(tempfile.mkdtemp(prefix="sdtrt-lora-bench-"))

@@ -49,10 +49,10 @@ def main() -> None:
     parser = model_parser(__doc__)
     args = parser.parse_args()
 
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
     from sdtrt.client import Client
-    from sdtrt.local import LocalPipeline
-    from sdtrt.request import Txt2ImgRequest
+    from sdtrt.pipeline.local import LocalPipeline
+    from sdtrt.requests.request import Txt2ImgRequest
 
     work, _, repo = default_export("sdtrt-trace-", args.model)
     prompt = "a lighthouse on a cliff at dawn, oil painting"
@@ -121,7 +121,7 @@ Served / in-process: **{served_total / local_total:.3f}**. The serving machinery
 {1000 * per_step:.2f} ms per denoising step (the loop's BLS round trip, Triton's queue and the U-Net's
 input/output copies) and {1000 * rest:.1f} ms per request (gRPC and the job's own inputs and outputs).
 The networks run in their own processes, their onnxruntime threads sleeping between calls (spinning threads
-would take the cores the loop needs: ~2x latency on 2 cores, see sdtrt/runners.py).
+would take the cores the loop needs: ~2x latency on 2 cores, see sdtrt/pipeline/runners.py).
 """
     write_section(f"overhead-{args.model}", body)
     print(body)

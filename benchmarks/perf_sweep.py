@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=8)
     args = parser.parse_args()
 
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
 
     work, _, repo = default_export("sdtrt-sweep-")
     levels = [c for c in (1, 2, 3, 4, 6, 8, 12, 16) if c <= args.max_concurrency]

@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sdtrt.errors import InvalidRequest, SdtrtError
-from sdtrt.generation import Generation, batch_count, check_n_iter, concatenate, infotexts, one_per_image
-from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
-from sdtrt.spec import (
+from sdtrt.contract.errors import InvalidRequest, SdtrtError
+from sdtrt.requests.generation import Generation, batch_count, check_n_iter, concatenate, infotexts, one_per_image
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
+from sdtrt.contract.spec import (
     DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID,
     PROGRESS_STEP, PROGRESS_TOTAL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ModelSpec,
 )
@@ -259,7 +259,7 @@ class Client:
             return None
         if not spec.max_pixel_steps:
             return self.timeout
-        from sdtrt.request import pixel_steps
+        from sdtrt.requests.request import pixel_steps
 
         work = pixel_steps(request, spec)[0] / spec.max_pixel_steps
         return min(self.timeout, self.min_timeout + self.timeout * work)

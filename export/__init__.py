@@ -27,14 +27,14 @@ from sdtrt.export.descriptors import (
     descriptors, dim_ranges,
 )
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
-from sdtrt.errors import UsageError
-from sdtrt.files import copy_atomic, repository_lock
+from sdtrt.contract.errors import UsageError
+from sdtrt.contract.files import copy_atomic, repository_lock
 from sdtrt.model_repository.build import write_model, write_repository
 from sdtrt.model_repository.configs import ServingOptions
-from sdtrt.request import request_fields
-from sdtrt.samplers import schedule_table
-from sdtrt.extra_networks import EMBEDDING_VECTORS
-from sdtrt.spec import SPEC_FILENAME, Catalog, ComponentSpec, ExportLimits, ModelSpec, load_catalog, safe_name
+from sdtrt.requests.request import request_fields
+from sdtrt.contract.samplers import schedule_table
+from sdtrt.requests.extra_networks import EMBEDDING_VECTORS
+from sdtrt.contract.spec import SPEC_FILENAME, Catalog, ComponentSpec, ExportLimits, ModelSpec, load_catalog, safe_name
 
 if TYPE_CHECKING:
     from sdtrt.export.tensorrt import EngineOptions
@@ -191,7 +191,7 @@ def register_extra_networks(pipe, repo: Path, key: str, lora_dir, embedding_dir,
     """Pack the LoRAs and embeddings requests may use into the model's tokenizer folder (its prompt assets):
     ({"loras": ..., "embeddings": ...} for the spec, the LoRA slots of each network or None without LoRAs)."""
     from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
-    from sdtrt.extra_networks import LORA_NETWORKS, lora_rank
+    from sdtrt.requests.extra_networks import LORA_NETWORKS, lora_rank
 
     assets = Path(tokenizer_dir(key)).parent
     registered: dict = {"loras": {}, "embeddings": {}}
@@ -221,7 +221,7 @@ def export_key(source_sha: str, **inputs) -> str:
 
     from sdtrt import __version__
     from sdtrt.export.checkpoint import file_sha256, folder_sha256
-    from sdtrt.spec import SPEC_VERSION
+    from sdtrt.contract.spec import SPEC_VERSION
 
     def plain(value):
         if is_dataclass(value):
@@ -313,7 +313,7 @@ def current_catalog(repo: Path) -> Catalog | None:
 def check_serving(repo: Path, catalog: Catalog, key: str, backend: str) -> None:
     """Serving options are the repository's (the last export's apply to every model): refuse, before anything
     moves, an export whose backend the repository's other models cannot be served on."""
-    from sdtrt.spec import ENGINES
+    from sdtrt.contract.spec import ENGINES
 
     others = [other for other in catalog.models if other != key]
     with_engines = [other for other in others if catalog.models[other].extra.get(ENGINES)]
@@ -374,7 +374,7 @@ def build_engines_and_configs(repo: str | Path, engines: "EngineOptions", servin
 
 
 def _switch_to_engines(root: Path, catalog: Catalog, spec: ModelSpec, serving: ServingOptions, report) -> ModelSpec:
-    from sdtrt.spec import ENGINES
+    from sdtrt.contract.spec import ENGINES
 
     lacking = [key for key, other in catalog.models.items() if not other.extra.get(ENGINES)]
     if lacking:  # one backend per repository: it switches once every model has its engines
@@ -392,7 +392,7 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
     model's refittable TensorRT engines (``name``, default: the repository's default model), without rebuilding
     them; the ONNX files and the spec follow."""
     from sdtrt.export.tensorrt import refit_engine, refitted_filename
-    from sdtrt.spec import ENGINES
+    from sdtrt.contract.spec import ENGINES
 
     root = Path(repo)
     catalog = load_catalog(root)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdtrt.errors import UsageError
+from sdtrt.contract.errors import UsageError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

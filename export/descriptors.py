@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 
-from sdtrt.conditioning import CONTEXT_INPUT, POOLED_INPUT, POOLED_OUTPUT, TEXT_OUTPUT, TIME_IDS
-from sdtrt.extra_networks import EMBEDDING_MARK, EMBEDDING_VECTORS, LORA_DOWN, LORA_SUFFIX, LORA_UP
-from sdtrt.schedules import ALIGN_YOUR_STEPS
-from sdtrt.spec import (  # noqa: F401  (the dim names are re-exported for the exporter's users)
+from sdtrt.pipeline.conditioning import CONTEXT_INPUT, POOLED_INPUT, POOLED_OUTPUT, TEXT_OUTPUT, TIME_IDS
+from sdtrt.requests.extra_networks import EMBEDDING_MARK, EMBEDDING_VECTORS, LORA_DOWN, LORA_SUFFIX, LORA_UP
+from sdtrt.contract.schedules import ALIGN_YOUR_STEPS
+from sdtrt.contract.spec import (  # noqa: F401  (the dim names are re-exported for the exporter's users)
     BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, LORA_RANK, TEXT_BATCH, UNET_BATCH, DimRange, TensorSpec,
 )
 

@@ -1,4 +1,4 @@
-"""Fit the model's live-preview map (:mod:`sdtrt.previews`) from its own VAE at export.
+"""Fit the model's live-preview map (:mod:`sdtrt.contract.previews`) from its own VAE at export.
 
 Pictures with known colours (flat fields, gradients, shapes; deterministic from a seed) go through the VAE's
 encoder; a least-squares fit maps each latent cell (as the U-Net sees it, times the scaling factor) to the mean

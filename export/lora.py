@@ -1,4 +1,4 @@
-"""LoRAs and embeddings registered at export, served per request (the serving side: ``sdtrt.extra_networks``).
+"""LoRAs and embeddings registered at export, served per request (the serving side: ``sdtrt.requests.extra_networks``).
 
 A LoRA slot is a layer of a network that a LoRA may change: every Linear (and 1x1 convolution) of the U-Net's
 transformer blocks and of the text encoder's layers -- what kohya/A1111 LoRAs train. The ``*_lora`` variant of a
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sdtrt.errors import UsageError
-from sdtrt.extra_networks import LORA_NETWORKS
+from sdtrt.contract.errors import UsageError
+from sdtrt.requests.extra_networks import LORA_NETWORKS
 
 LORA_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")  # read by sdtrt.export.checkpoint.torch_load: weights only unless trusted

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sdtrt.export.descriptors import OPSET, Descriptor
-from sdtrt.errors import SdtrtError
+from sdtrt.contract.errors import SdtrtError
 
 # fp32 onnxruntime vs fp32 torch: differences come from op ordering only (~1e-6 relative).
 TOLERANCE = 1e-3

@@ -3,7 +3,7 @@
 The architecture is read from the weights: which text encoders the file carries (SD 1.x's CLIP, SD 2.x's OpenCLIP,
 SDXL's two; an SDXL refiner's lone OpenCLIP is refused), the U-Net's levels, channels, attention and input channels (9 for inpainting), the VAE's
 levels and channels, the text encoder's size. What the weights cannot say comes from the family's conventions
-(``sdtrt.architectures``): attention heads, the scheduler, the tokenizer, the native size. From that sdtrt writes a
+(``sdtrt.contract.architectures``): attention heads, the scheduler, the tokenizer, the native size. From that sdtrt writes a
 diffusers config folder and lets diffusers' own single-file loader convert the weights with it.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtrt import architectures as arch
-from sdtrt.errors import UsageError
+from sdtrt.contract import architectures as arch
+from sdtrt.contract.errors import UsageError
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_TEXT = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
@@ -205,7 +205,7 @@ def _open_clip_config(w: Weights, prefix: str, family: arch.Family) -> dict[str,
 
 def write_config_folder(architecture: Architecture, out: Path, clip_bpe: Path | None = None) -> Path:
     """A diffusers pipeline folder without weights: model_index.json, each component's config, the tokenizer."""
-    from sdtrt.clip_vocab import write_clip_tokenizer
+    from sdtrt.pipeline.clip_vocab import write_clip_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     family = architecture.family

@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from sdtrt.engines import gpu_name, require_tensorrt
-from sdtrt.errors import SdtrtError, UsageError
-from sdtrt.extra_networks import LORA_SUFFIX
-from sdtrt.files import write_atomic
-from sdtrt.spec import BATCH, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, UNET_BATCH, ComponentSpec, ModelSpec
+from sdtrt.pipeline.engines import gpu_name, require_tensorrt
+from sdtrt.contract.errors import SdtrtError, UsageError
+from sdtrt.requests.extra_networks import LORA_SUFFIX
+from sdtrt.contract.files import write_atomic
+from sdtrt.contract.spec import BATCH, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, UNET_BATCH, ComponentSpec, ModelSpec
 
 TIMING_CACHE = "trt_timing.cache"
 # What --static-batch N fixes, per network: the dims that follow a request's images, as (least, most) rows per
@@ -101,7 +101,7 @@ def served_spec(spec: ModelSpec, options: EngineOptions) -> ModelSpec:
     export's dim ranges (never narrowed), so a later build with other options gets its own."""
     from dataclasses import replace
 
-    from sdtrt.request import request_fields
+    from sdtrt.requests.request import request_fields
 
     image = spec.dims[IMAGE_W]
     base = request_fields(image.opt, image.min, image.max, spec.vae_scale_factor, spec.dims[BATCH].max,
@@ -193,7 +193,7 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
 
     from tqdm.auto import tqdm
 
-    from sdtrt.spec import ENGINES
+    from sdtrt.contract.spec import ENGINES
 
     spec = served_spec(spec, options)  # before building: refuses a static size or batch the export lacks
     trt = require_tensorrt()

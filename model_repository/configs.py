@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from sdtrt.errors import UsageError
-from sdtrt.extra_networks import EMBEDDING_VECTORS
-from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
-from sdtrt.runners import CPU_ENGINES, CPU_PRECISIONS
-from sdtrt.spec import (
+from sdtrt.contract.errors import UsageError
+from sdtrt.requests.extra_networks import EMBEDDING_VECTORS
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
+from sdtrt.pipeline.runners import CPU_ENGINES, CPU_PRECISIONS
+from sdtrt.contract.spec import (
     ENGINES, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP,
     PROGRESS_TOTAL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ComponentSpec, ModelSpec, TensorSpec,
 )
@@ -49,7 +49,7 @@ class ServingOptions:
     # 0 us gives lower latency AND higher 4-client throughput than 2000 us, with the same 2 requests per call).
     unet_queue_delay_us: int = 0
     network_instances: int = 1
-    # The python backend's CPU engine (sdtrt.runners): onnxruntime computes as diffusers does (fp32); OpenVINO
+    # The python backend's CPU engine (sdtrt.pipeline.runners): onnxruntime computes as diffusers does (fp32); OpenVINO
     # fp32 is about as fast, bf16 about 2x faster where the CPU has bfloat16 (benchmarks/cpu_bench.py).
     cpu_engine: str = "onnxruntime"
     cpu_precision: str = "fp32"
@@ -233,7 +233,7 @@ def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelC
     _tensor(config.output, SEEDS, "int64", [-1])
     if job.name == TXT2IMG:  # clients read the specs from here (the same JSON export wrote)
         config.parameters[SPEC_PARAMETER].string_value = json.dumps(catalog.to_json(), separators=(",", ":"))
-    # One instance runs the job's loops in threads (model_repository/triton_io.py, JobModel); on a GPU it is a
+    # One instance runs the job's loops in threads (model_repository/models/triton_io.py, JobModel); on a GPU it is a
     # GPU instance (one per GPU) and the latents stay on the device between U-Net calls.
     config.instance_group.add(count=1, kind=device_kind(options))
     config.parameters[LOOPS_PARAMETER].string_value = str(options.scheduler_instances)

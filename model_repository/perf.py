@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdtrt.extra_networks import LORA_SUFFIX
-from sdtrt.files import write_atomic
+from sdtrt.requests.extra_networks import LORA_SUFFIX
+from sdtrt.contract.files import write_atomic
 from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
-from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, job_fields
-from sdtrt.spec import (
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
+from sdtrt.contract.spec import (
     BATCH, CONTEXT, IMAGE_H, IMAGE_W, IMG2IMG, INIT_IMAGE, LATENT_H, LATENT_W, TEXT_BATCH, TXT2IMG, UNET_BATCH, ModelSpec,
 )
 

@@ -1,5 +1,5 @@
 """The smallest request each Triton model of a repository answers: what `sdtrt serve`'s watchdog sends to tell a
-model that works from one that hangs (sdtrt.app.health).
+model that works from one that hangs (sdtrt.model_repository.serving.health).
 
 Every probe goes through the model's own Python code (Triton checks shapes first, and a probe Triton refused
 would prove nothing about the stub): a network runs at its smallest shapes (the spec's dims, or the TensorRT
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
-from sdtrt.spec import ENGINES, IMG2IMG, PROGRESS, PROGRESS_REQUEST_ID, TXT2IMG, WIRE_DTYPES, Catalog, ModelSpec, TensorSpec
+from sdtrt.contract.spec import ENGINES, IMG2IMG, PROGRESS, PROGRESS_REQUEST_ID, TXT2IMG, WIRE_DTYPES, Catalog, ModelSpec, TensorSpec
 
 PROBE_ID = "sdtrt-watchdog-probe"
 MAX_PROBE_ELEMENTS = 1 << 20  # a probe stays small: a network whose smallest call is larger is not probed

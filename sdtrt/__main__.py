@@ -1,3 +1,3 @@
-from sdtrt.app.cli import main
+from sdtrt.client.apps.cli import main
 
 raise SystemExit(main())

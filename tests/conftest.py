@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def default_model(tmp_path_factory) -> Path:
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
 
     return build_default_model(tmp_path_factory.mktemp("models") / "default")
 
@@ -39,7 +39,7 @@ def diffusers_pipe(default_model):
 
 @pytest.fixture(scope="session")
 def local_pipeline(exported_repo):
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     return LocalPipeline(exported_repo)
 
@@ -49,7 +49,7 @@ def server(exported_repo, tmp_path_factory):
     """A real tritonserver on the exported repository, on free loopback ports, for the whole session."""
     from servers import free_ports
 
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
 
     http, grpc, metrics = free_ports(3)
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
@@ -60,7 +60,7 @@ def server(exported_repo, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def inpainting_model(tmp_path_factory) -> Path:
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
 
     return build_default_model(tmp_path_factory.mktemp("models") / "inpainting", inpainting=True)
 
@@ -68,7 +68,7 @@ def inpainting_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def inpainting_pipeline(inpainting_model, tmp_path_factory):
     from sdtrt.export import export_model
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     out = tmp_path_factory.mktemp("repos") / "inpainting"
     export_model(inpainting_model, out, progress=False, report=lambda *_: None)

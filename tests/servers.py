@@ -37,7 +37,7 @@ def free_ports(count: int) -> list[int]:
 @contextlib.contextmanager
 def triton_on(repo: Path, logs: Path):
     """A real tritonserver on ``repo``, on free loopback ports, its log in the folder ``logs``."""
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
 
     http, grpc, metrics = free_ports(3)
     with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,

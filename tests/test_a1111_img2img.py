@@ -18,8 +18,8 @@ from diffusers.image_processor import VaeImageProcessor
 
 from reference import MAX_PIXEL_DIFF, diffusers_img2img, diffusers_inpaint, max_diff, sample_mask, sample_picture
 from sdtrt.client import Client
-from sdtrt.errors import InvalidRequest
-from sdtrt.request import Img2ImgRequest
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.requests.request import Img2ImgRequest
 
 PICTURE = sample_picture(64, 64)
 MASK = sample_mask(64, 64)
@@ -128,7 +128,7 @@ def test_more_init_images_than_the_batch_is_refused(server):
 def test_an_instruct_pix2pix_model_is_refused_at_export(default_model, tmp_path):
     """A1111 uses image_cfg_scale only with instruct-pix2pix (edit) models and ignores it for the others, as the
     gateway does (tests/test_web.py); an edit model itself is refused by name rather than served wrongly."""
-    from sdtrt.errors import UsageError
+    from sdtrt.contract.errors import UsageError
     from sdtrt.export import export_model
 
     pipe = d.StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True, safety_checker=None)

@@ -16,9 +16,9 @@ from reference import (
     A1111_SIGMA_SCHEDULES, MAX_PIXEL_DIFF, A1111Schedules, diffusers_images, max_diff,
 )
 from sdtrt.client import Client
-from sdtrt.errors import InvalidRequest
-from sdtrt.request import Txt2ImgRequest
-from sdtrt.samplers import SAMPLERS, SCHEDULE_TYPES, UNAVAILABLE, make_scheduler, schedule_table, set_timesteps
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.requests.request import Txt2ImgRequest
+from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES, UNAVAILABLE, make_scheduler, schedule_table, set_timesteps
 
 NAMED = [t for t in SCHEDULE_TYPES if t != "Automatic"]
 

@@ -1,5 +1,5 @@
 """A1111's seeds: its noise sources, NV (the numbers an NVIDIA GPU's torch.randn gives for a seed, computed on the
-CPU by sdtrt.philox) beside CPU (torch's CPU generator, the default and diffusers' own); its variation-seed rule
+CPU by sdtrt.contract.philox) beside CPU (torch's CPU generator, the default and diffusers' own); its variation-seed rule
 for batches; its "Resize seed from"."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from reference import MAX_PIXEL_DIFF, max_diff, reference_scheduler
-from sdtrt.errors import InvalidRequest
-from sdtrt.generation import settings_from_infotext
-from sdtrt.philox import nv_randn
-from sdtrt.request import Txt2ImgRequest
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.requests.generation import settings_from_infotext
+from sdtrt.contract.philox import nv_randn
+from sdtrt.requests.request import Txt2ImgRequest
 
 # torch.randn(3, 4, device="cuda") after torch.manual_seed(0), as A1111 records it in the docstring of its
 # modules/rng_philox.py (the CPU implementation of its NV source is checked against these there).
@@ -84,7 +84,7 @@ def test_served_nv_matches_in_process(server, local_pipeline):
 
 def test_with_a_variation_seed_every_image_and_batch_keeps_the_seed(local_pipeline):
     """A1111's all_seeds / all_subseeds: seed for every image and batch, variation seed + i across all of them."""
-    from sdtrt.generation import batch_count
+    from sdtrt.requests.generation import batch_count
 
     result = local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="Euler", steps=2, width=64, height=64,
                                                    batch_size=2, seed=40, subseed=7, subseed_strength=0.2))

@@ -8,8 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
-from sdtrt.app.cli import main
-from sdtrt.infotext import parse_infotext
+from sdtrt.client.apps.cli import main
+from sdtrt.requests.infotext import parse_infotext
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

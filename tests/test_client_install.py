@@ -48,7 +48,7 @@ def test_client_only_install_generates_from_a_real_server(server, tmp_path):
     assert info.returncode == 0 and "Steps: 3" in info.stdout
     help_ = subprocess.run([sdtrt, "txt2img", "--url", server.url, "--help"], capture_output=True, text=True)
     assert "sampling steps; an integer, from 1 to 150 (default: 20)" in " ".join(help_.stdout.split())
-    imports = subprocess.run([str(python), "-c", "import sys, sdtrt.client, sdtrt.client.a1111_api, sdtrt.client.ui, "
-                              "sdtrt.app.cli; print(sorted({'torch', 'diffusers', 'transformers', 'onnxruntime'} & "
+    imports = subprocess.run([str(python), "-c", "import sys, sdtrt.client, sdtrt.client.apps.a1111_api, sdtrt.client.apps.ui, "
+                              "sdtrt.client.apps.cli; print(sorted({'torch', 'diffusers', 'transformers', 'onnxruntime'} & "
                               "set(sys.modules)))"], capture_output=True, text=True, cwd=tmp_path)  # not beside sdtrt/
     assert imports.returncode == 0 and imports.stdout.strip() == "[]", imports.stdout + imports.stderr

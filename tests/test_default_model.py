@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdtrt.default_model import build_default_model, weights_digest
+from sdtrt.pipeline.default_model import build_default_model, weights_digest
 
 
 def test_build_is_byte_identical(default_model, tmp_path):
@@ -44,7 +44,7 @@ def test_sd15_shapes_have_sd15_parameter_counts():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdtrt.default_model import model_configs
+    from sdtrt.pipeline.default_model import model_configs
 
     configs = model_configs("sd15")
     with init_empty_weights():

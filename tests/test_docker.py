@@ -110,7 +110,7 @@ def test_build_context_sends_the_sources_and_keeps_models_out():
 
 
 def test_the_clip_vocabulary_baked_into_the_image_is_the_one_sdtrt_reads():
-    from sdtrt.clip_vocab import OPEN_CLIP_WHEEL
+    from sdtrt.pipeline.clip_vocab import OPEN_CLIP_WHEEL
 
     env = " ".join(args for name, args in instructions() if name == "ENV")
     assert f"SDTRT_CLIP_BPE=/opt/sdtrt/cache/{OPEN_CLIP_WHEEL}" in env
@@ -124,7 +124,7 @@ def expand(command: str) -> list[str]:
 def test_every_compose_command_exists_in_the_image():
     """Each service runs a real sdtrt command with flags its parser accepts, a script the image copies, or pytest
     with a marker the project registers."""
-    from sdtrt.app.cli import build_parser
+    from sdtrt.client.apps.cli import build_parser
 
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     copied = {shlex.split(args)[0] for name, args in instructions() if name == "COPY"}
@@ -167,8 +167,8 @@ def test_the_cpu_image_serves_the_cpu_repository_as_a_non_root_user():
     package = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     assert set(package.values()) <= set(copied)
     assert any("ensure_python_stub(pytriton_home())" in args for name, args in steps if name == "RUN")
-    from sdtrt.app.cli import build_parser
-    from sdtrt.clip_vocab import OPEN_CLIP_WHEEL
+    from sdtrt.client.apps.cli import build_parser
+    from sdtrt.pipeline.clip_vocab import OPEN_CLIP_WHEEL
 
     assert f"SDTRT_CLIP_BPE=/opt/sdtrt/cache/{OPEN_CLIP_WHEEL}" in " ".join(a for n, a in steps if n == "ENV")
     image = json.loads(next(args for n, args in steps if n == "CMD"))
@@ -211,7 +211,7 @@ def test_compose_gives_the_page_and_the_api_credentials_and_triton_its_control_k
     """ui and api listen on 0.0.0.0 in their containers, which `sdtrt ui/api` refuse without credentials: each reads
     them from a compose secret; triton reads its control key from one (SDTRT_CONTROL_KEY_FILE, as `sdtrt serve` and
     `sdtrt models` look for it)."""
-    from sdtrt.app.cli import build_parser
+    from sdtrt.client.apps.cli import build_parser
 
     compose = yaml.safe_load(COMPOSE.read_text())
     services, secrets = compose["services"], compose["secrets"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
-from sdtrt.spec import SPEC_FILENAME, SPEC_VERSION, load_spec
+from sdtrt.contract.spec import SPEC_FILENAME, SPEC_VERSION, load_spec
 
 SHAPES = [  # square, non-square, odd latent sizes, two prompt chunks, several images
     {BATCH: 1, TEXT_BATCH: 1, UNET_BATCH: 2, LATENT_H: 8, LATENT_W: 8, CONTEXT: 77},

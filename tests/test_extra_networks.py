@@ -12,8 +12,8 @@ import pytest
 from loras import make_embedding, make_lora, to_kohya
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
 from servers import free_ports
-from sdtrt.errors import InvalidRequest
-from sdtrt.request import Txt2ImgRequest
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.requests.request import Txt2ImgRequest
 
 SETTINGS = dict(sampler="Euler", steps=6, seed=5, width=64, height=64)
 EMBEDDING = "tiembed"  # two vectors; lowercase, as CLIP's tokenizer sees every name
@@ -41,14 +41,14 @@ def repo(default_model, files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local(repo):
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     return LocalPipeline(repo)
 
 
 @pytest.fixture(scope="module")
 def served(repo, tmp_path_factory):
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
 
     http, grpc, metrics = free_ports(3)
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
@@ -106,7 +106,7 @@ def request(name: str) -> Txt2ImgRequest:
 
 
 def test_registered_at_export(repo):
-    from sdtrt.spec import LORA_RANK, load_spec
+    from sdtrt.contract.spec import LORA_RANK, load_spec
 
     spec = load_spec(repo)
     assert sorted(spec.loras) == ["other", "test"] and spec.loras["test"]["rank"] == {"text_encoder": 4, "unet": 4}
@@ -157,7 +157,7 @@ def test_concurrent_requests_each_get_their_own_lora(client, expected):
 
 
 def test_infotext_records_lora_and_ti_hashes(client, repo):
-    from sdtrt.spec import load_spec
+    from sdtrt.contract.spec import load_spec
 
     spec = load_spec(repo)
     info = client.txt2img(prompt=f"a {EMBEDDING} cat <lora:test:0.8>", negative_prompt="<lora:other:0.5>",
@@ -191,7 +191,7 @@ def test_kohya_format_registers_as_the_same_lora(default_model, files, repo, tmp
     from safetensors.numpy import load_file
 
     from sdtrt.export.lora import lora_slots, register_loras
-    from sdtrt.spec import load_spec
+    from sdtrt.contract.spec import load_spec
 
     to_kohya(files[0] / "test.safetensors", tmp_path / "kohya", alpha=2.0)  # rank 4, alpha 2, as made
     pipe = StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True)
@@ -210,8 +210,8 @@ def test_a_model_without_loras_names_the_export_option(local_pipeline):
 
 def test_a_lora_for_another_architecture_is_refused(default_model, tmp_path):
     """A LoRA made for the SD 2.x-shaped model does not fit the SD 1.x-shaped default: a named error at export."""
-    from sdtrt.default_model import build_default_model
-    from sdtrt.errors import UsageError
+    from sdtrt.pipeline.default_model import build_default_model
+    from sdtrt.contract.errors import UsageError
     from sdtrt.export import export_model
 
     sd2 = build_default_model(tmp_path / "sd2", family="sd2")
@@ -223,7 +223,7 @@ def test_a_lora_for_another_architecture_is_refused(default_model, tmp_path):
 
 
 def test_an_embedding_for_another_architecture_is_refused(default_model, tmp_path):
-    from sdtrt.errors import UsageError
+    from sdtrt.contract.errors import UsageError
     from sdtrt.export import export_model
 
     make_embedding(tmp_path / "emb", "wide", vectors=1, hidden=1024)
@@ -241,8 +241,8 @@ def test_gateway_lists_loras_and_embeddings_and_applies_a_tag(client, repo, expe
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from sdtrt.client.a1111_api import create_app
-    from sdtrt.spec import load_spec
+    from sdtrt.client.apps.a1111_api import create_app
+    from sdtrt.contract.spec import load_spec
 
     spec = load_spec(repo)
     api = TestClient(create_app(client, tmp_path))
@@ -272,7 +272,7 @@ def test_lora_variants_get_tensorrt_profiles_and_configs(repo):
     export allows, --static-batch pins their rows as the plain U-Net's, and their Triton configs batch by row."""
     from sdtrt.export.tensorrt import EngineOptions, profile_shapes
     from sdtrt.model_repository.configs import ServingOptions, network_config
-    from sdtrt.spec import load_spec
+    from sdtrt.contract.spec import load_spec
 
     spec = load_spec(repo)
     unet = spec.component("unet_lora")
@@ -293,7 +293,7 @@ def test_img2img_with_a_lora_matches_diffusers(default_model, files, local, clie
     from PIL import Image
 
     from reference import diffusers_img2img, sample_picture
-    from sdtrt.request import Img2ImgRequest
+    from sdtrt.requests.request import Img2ImgRequest
 
     picture = sample_picture(64, 64)
     settings = dict(sampler="Euler", steps=8, seed=9, guidance_scale=7.0, denoising_strength=0.6, width=64, height=64)

@@ -25,9 +25,9 @@ from tritonclient.utils import InferenceServerException
 
 from servers import child_pid, free_ports, raw_infer, status
 from sdtrt.client import Client, ServerBusy
-from sdtrt.errors import InvalidRequest
-from sdtrt.request import Txt2ImgRequest, validate
-from sdtrt.spec import ExportLimits, load_spec
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.requests.request import Txt2ImgRequest, validate
+from sdtrt.contract.spec import ExportLimits, load_spec
 
 
 SMALL = {"prompt": ("a cat", "BYTES"), "steps": (2, "INT32"), "width": (64, "INT32"), "height": (64, "INT32")}
@@ -97,7 +97,7 @@ def small_server(exported_repo, tmp_path_factory):
     """One denoising loop per job and room for one waiting request: busy is easy to reach and to see."""
     from sdtrt.model_repository.build import write_repository
     from sdtrt.model_repository.configs import ServingOptions
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
 
     repo = tmp_path_factory.mktemp("small") / "repo"
     shutil.copytree(exported_repo, repo)
@@ -215,7 +215,7 @@ def test_a_killed_unet_stub_is_reported_not_ready_and_healed_within_30_s(exporte
     """`sdtrt serve` as a user runs it: SIGKILL the unet's Python stub, then readiness must go false (not just
     every request fail), requests succeed again within 30 s, liveness never drops, and the log says what died and
     what was done."""
-    from sdtrt.app.health import stubs_of
+    from sdtrt.model_repository.serving.health import stubs_of
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)

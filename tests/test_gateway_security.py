@@ -26,9 +26,9 @@ from PIL import Image
 
 from servers import first_answer, free_ports
 from sdtrt.client import Client
-from sdtrt.client.web_guard import OPEN_PATHS
-from sdtrt.client.a1111_api import create_app
-from sdtrt.pictures import base64_limit
+from sdtrt.client.apps.web_guard import OPEN_PATHS
+from sdtrt.client.apps.a1111_api import create_app
+from sdtrt.contract.pictures import base64_limit
 
 USERS = {"alice": "alice-password-1", "bob": "bob-password-2"}
 
@@ -300,7 +300,7 @@ def test_the_networks_refuse_shapes_outside_the_spec_when_called_directly(server
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from sdtrt.spec import load_spec
+    from sdtrt.contract.spec import load_spec
 
     spec = load_spec(server.model_repository)
     unet = spec.component("unet")
@@ -326,7 +326,7 @@ def test_the_progress_model_refuses_a_preview_larger_than_any_loop_posts(server)
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from sdtrt.spec import PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
+    from sdtrt.contract.spec import PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
 
     def tensor(name, array, wire):
         item = grpcclient.InferInput(name, list(array.shape), wire)
@@ -347,7 +347,7 @@ def test_img2img_refuses_an_init_image_of_more_pixels_than_any_picture_it_takes(
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from sdtrt.pictures import MAX_PICTURE_PIXELS
+    from sdtrt.contract.pictures import MAX_PICTURE_PIXELS
 
     picture = np.zeros((MAX_PICTURE_PIXELS // 4096 + 1, 4096, 3), np.uint8)
     item = grpcclient.InferInput("init_image", list(picture.shape), "UINT8")

@@ -1,7 +1,7 @@
 """GPU checks, all behind the ``gpu`` marker (``pytest -m gpu`` on a GPU host runs every one of them).
 
 * The denoising loop on the GPU (needs only PyTorch with CUDA and diffusers): the served job models (txt2img,
-  img2img) run ``sdtrt.jobs`` with its latents on the GPU between network calls; here the same jobs drive diffusers' own
+  img2img) run ``sdtrt.pipeline.jobs`` with its latents on the GPU between network calls; here the same jobs drive diffusers' own
   networks on the GPU and must give diffusers' pipeline's picture.
 * The served TensorRT path (needs NVIDIA's tritonserver and TensorRT, e.g. the docker/ image): ``sdtrt export
   --format trt`` served by tritonserver against diffusers FP16 on the same weights.
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
-from sdtrt.request import Txt2ImgRequest
+from sdtrt.requests.request import Txt2ImgRequest
 
 HAS_CUDA = torch.cuda.is_available()
 TRITONSERVER = os.environ.get("SDTRT_TRITONSERVER", "/opt/tritonserver/bin/tritonserver")
@@ -70,7 +70,7 @@ def cuda_pipe(default_model):
 
 
 class TorchNetworks:
-    """diffusers' networks on the GPU, behind the interface the jobs call (``sdtrt.jobs.Networks``), as the served
+    """diffusers' networks on the GPU, behind the interface the jobs call (``sdtrt.pipeline.jobs.Networks``), as the served
     loop calls the TensorRT engines: FP32 tensors in and out on the loop's device. Records where inputs were."""
 
     def __init__(self, pipe):
@@ -89,7 +89,7 @@ class TorchNetworks:
         raise NotImplementedError("txt2img without hires fix never encodes")
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
-        from sdtrt.images import to_uint8
+        from sdtrt.contract.images import to_uint8
 
         with torch.no_grad():
             decoded = self.pipe.vae.decode(latents.to(self.dtype)).sample.float()
@@ -97,9 +97,9 @@ class TorchNetworks:
 
 
 def sdtrt_loop_on_gpu(spec, pipe, request: Txt2ImgRequest) -> tuple[np.ndarray, TorchNetworks]:
-    from sdtrt.conditioning import ScheduledConditioning
-    from sdtrt.jobs import Prompts, txt2img_latents
-    from sdtrt.request import resolve_seeds, validate
+    from sdtrt.pipeline.conditioning import ScheduledConditioning
+    from sdtrt.pipeline.jobs import Prompts, txt2img_latents
+    from sdtrt.requests.request import resolve_seeds, validate
 
     request = resolve_seeds(validate(request, spec))
     with torch.no_grad():
@@ -140,7 +140,7 @@ PROMPT = dict(prompt="a lighthouse at dawn", negative_prompt="blurry")
 def test_denoising_loop_on_the_gpu_gives_diffusers_picture(exported_repo, cuda_pipe, sampler):
     """sdtrt's loop with its latents on the GPU (as the GPU scheduler instances run it) against diffusers'
     FP32 pipeline on the same GPU, weights, seed and sampler: the same picture as on the CPU."""
-    from sdtrt.spec import load_spec
+    from sdtrt.contract.spec import load_spec
 
     pipe = cuda_pipe(torch.float32)
     request = Txt2ImgRequest(**PROMPT, sampler=sampler, steps=12, seed=42, width=128, height=96)
@@ -154,7 +154,7 @@ def test_denoising_loop_on_the_gpu_gives_diffusers_picture(exported_repo, cuda_p
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M Karras"])
 def test_denoising_loop_with_fp16_networks_stays_with_diffusers_fp16(exported_repo, cuda_pipe, sampler):
     """The same loop with FP16 networks (what the TensorRT engines are) against diffusers FP16."""
-    from sdtrt.spec import load_spec
+    from sdtrt.contract.spec import load_spec
 
     pipe = cuda_pipe(torch.float16)
     request = Txt2ImgRequest(**PROMPT, sampler=sampler, steps=12, seed=42, width=128, height=96)
@@ -171,7 +171,7 @@ def trt_server(default_model, tmp_path_factory):
 
     from sdtrt.export import export_model
     from sdtrt.export.tensorrt import EngineOptions
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
 
     repo = tmp_path_factory.mktemp("trt") / "default"
     export_model(default_model, repo, max_size=256, progress=False, report=lambda *_: None, engines=EngineOptions())
@@ -202,8 +202,8 @@ def test_served_tensorrt_matches_diffusers_fp16(trt_server, cuda_pipe, sampler):
 @needs_cuda
 @pytest.mark.parametrize("seed,shape", [(0, (3, 4)), (1234, (1, 4, 64, 64)), (2**32 - 1, (1, 4, 96, 64))])
 def test_nv_noise_is_what_torch_randn_gives_on_this_gpu(seed, shape):
-    """sdtrt.philox (A1111's NV source) against torch.randn on CUDA itself, for latent shapes SD uses."""
-    from sdtrt.philox import nv_randn
+    """sdtrt.contract.philox (A1111's NV source) against torch.randn on CUDA itself, for latent shapes SD uses."""
+    from sdtrt.contract.philox import nv_randn
 
     torch.manual_seed(seed)
     gpu = torch.randn(shape, device="cuda").cpu().numpy()

@@ -12,9 +12,9 @@ from reference import (
     MAX_PIXEL_DIFF, diffusers_img2img, diffusers_images, diffusers_inpaint, max_diff, reference_scheduler, sample_mask,
     sample_picture,
 )
-from sdtrt.errors import InvalidRequest
-from sdtrt.img2img import prepare_images
-from sdtrt.request import Img2ImgRequest, Txt2ImgRequest
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.requests.img2img import prepare_images
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
 
 PICTURE = sample_picture(64, 64)
 MASK = sample_mask(64, 64)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdtrt.app.cli import HEALTH_PORT, build_parser
+from sdtrt.client.apps.cli import HEALTH_PORT, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"

@@ -1,4 +1,4 @@
-"""The layers of sdtrt and the way imports go (README, "How the code is laid out"), checked on the source.
+"""The layers of sdtrt and the way imports go (docs/code-layout.md), checked on the source.
 
 Each module belongs to one layer; it may import its own layer and the layers below, never above. The client
 layer is thinner still: the contract and tritonclient, nothing else of sdtrt. The contract and the client import
@@ -9,59 +9,65 @@ does not have them (tests/test_client_install.py proves it by installing one).
 from __future__ import annotations
 
 import ast
+import functools
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"sdtrt": "sdtrt", "export": "sdtrt.export", "model_repository": "sdtrt.model_repository",
-           "client": "sdtrt.client", "app": "sdtrt.app"}
 
-# Lowest first. Layers of equal rank are side by side and may not import each other.
-LAYERS: dict[str, tuple[int, set[str]]] = {
-    "contract": (0, {"sdtrt", "sdtrt.errors", "sdtrt.spec", "sdtrt.request", "sdtrt.samplers", "sdtrt.schedules", "sdtrt.seeds",
-                     "sdtrt.infotext", "sdtrt.generation", "sdtrt.images", "sdtrt.outputs", "sdtrt.hires",
-                     "sdtrt.img2img", "sdtrt.prompts", "sdtrt.architectures", "sdtrt.extra_networks", "sdtrt.previews",
-                     "sdtrt.styles", "sdtrt.upscale", "sdtrt.prompt_schedule", "sdtrt.scenes",
-                     "sdtrt.philox", "sdtrt.prometheus", "sdtrt.pictures", "sdtrt.files"}),
-    "pipeline": (1, {"sdtrt.denoise", "sdtrt.vae", "sdtrt.jobs", "sdtrt.text", "sdtrt.local", "sdtrt.clip_vocab",
-                     "sdtrt.conditioning",
-                     "sdtrt.default_model", "sdtrt.engines", "sdtrt.runners"}),
-    "repository generator": (2, {"sdtrt.model_repository", "sdtrt.model_repository.configs",
-                                 "sdtrt.model_repository.build", "sdtrt.model_repository.perf",
-                                 "sdtrt.model_repository.probes"}),
-    "export": (3, {"sdtrt.export", "sdtrt.export.checkpoint", "sdtrt.export.descriptors", "sdtrt.export.lora",
-                   "sdtrt.export.onnx_export", "sdtrt.export.tensorrt", "sdtrt.export.single_file", "sdtrt.export.ldm",
-                   "sdtrt.export.latent_preview"}),
-    "served models": (3, {"sdtrt.model_repository.triton_io", "sdtrt.model_repository.bls",
-                          "sdtrt.model_repository.metrics", "sdtrt.model_repository.step_batcher",
-                          "sdtrt.model_repository.txt2img_model", "sdtrt.model_repository.img2img_model",
-                          "sdtrt.model_repository.tokenizer_model", "sdtrt.model_repository.progress_model", "sdtrt.model_repository.network_model",
-                          "sdtrt.model_repository.onnx_model"}),
-    "client": (4, {"sdtrt.client", "sdtrt.client.client"}),
-    "application": (5, {"sdtrt.__main__", "sdtrt.app", "sdtrt.app.cli", "sdtrt.app.server", "sdtrt.app.health",
-                        "sdtrt.app.models", "sdtrt.app.control",
-                        "sdtrt.app.soak", "sdtrt.client.cli", "sdtrt.client.a1111_api", "sdtrt.client.ui",
-                        "sdtrt.client.web_guard"}),
+# Each folder is one layer, lowest first; folders of equal rank sit side by side and may not import each other.
+# pyproject.toml's package-dir is the one place folders map to modules: it is read here, not repeated.
+LAYERS: dict[str, tuple[int, str]] = {
+    "sdtrt": (0, "the package root: its version; __main__ runs the CLI (checked as the applications)"),
+    "sdtrt/contract": (0, "the spec, errors, samplers, seeds, files, images: what every layer reads"),
+    "sdtrt/requests": (1, "a request's fields and validation, A1111's prompt syntax, styles, infotext"),
+    "sdtrt/pipeline": (2, "conditioning, the denoising loop, jobs, VAE, runners, the in-process runner"),
+    "model_repository": (3, "the repository generator: config.pbtxt, perf inputs, probes from the spec"),
+    "export": (4, "checkpoint -> ONNX -> engines, and the spec"),
+    "model_repository/models": (4, "the Triton models the generated repository loads"),
+    "client": (5, "the client library over tritonclient"),
+    "model_repository/serving": (5, "tritonserver's launcher, watchdog and healer"),
+    "client/apps": (6, "the sdtrt command, the A1111 gateway, the page"),
 }
-THIN = {"contract", "client"}  # importable where only the client install is
+THIN = {"sdtrt/contract", "sdtrt/requests", "client"}  # importable where only the client install is
+MAX_MODULES = 15
 HEAVY = {"torch", "diffusers", "transformers", "onnxruntime", "openvino", "onnx", "onnxscript", "tensorrt", "polygraphy", "peft",
          "accelerate", "safetensors", "triton_python_backend_utils"}
 
 
-def layer_of(module: str) -> str:
-    for name, (_, modules) in LAYERS.items():
-        if module in modules:
-            return name
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS here and to the README's table")
+def package_dirs() -> dict[str, str]:
+    """pyproject.toml's package-dir: package -> folder."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 
 
+def module_name(path: Path) -> str:
+    """The module a source file is installed as, by the longest package-dir folder that holds it."""
+    relative = path.relative_to(ROOT)
+    package, folder = max(((p, f) for p, f in package_dirs().items() if relative.is_relative_to(f)),
+                          key=lambda item: len(item[1]))
+    parts = relative.relative_to(folder).with_suffix("").parts
+    parts = parts[:-1] if parts[-1] == "__init__" else parts
+    return ".".join((package, *parts))
+
+
+@functools.cache
 def modules() -> dict[str, Path]:
     found = {}
-    for folder, package in FOLDERS.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    for folder in package_dirs().values():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if "__pycache__" not in path.parts:
+                found[module_name(path)] = path
     return found
+
+
+def layer_of(module: str) -> str:
+    if module == "sdtrt.__main__":
+        return "client/apps"
+    folder = modules()[module].parent.relative_to(ROOT).as_posix()
+    assert folder in LAYERS, f"{module} is in folder {folder}/, which is no layer: add it to LAYERS here and to docs/code-layout.md"
+    return folder
 
 
 def imports(path: Path) -> list[tuple[str, bool]]:
@@ -89,12 +95,11 @@ def test_every_module_has_a_layer():
         layer_of(module)
 
 
-@pytest.mark.parametrize("module", sorted(modules()))
-def test_imports_go_downwards(module):
+def check_imports(module: str, path: Path, name: str) -> None:
+    """Every import of ``module`` (its source at ``path``, in layer ``name``) goes to its own layer or below."""
     known = modules()
-    name = layer_of(module)
     rank, _ = LAYERS[name]
-    for target, at_import_time in imports(known[module]):
+    for target, at_import_time in imports(path):
         if target.split(".")[0] in HEAVY and name in THIN:
             assert not at_import_time, f"{module} ({name}) imports {target} when imported: import it where it is used"
         if target not in known:
@@ -105,4 +110,33 @@ def test_imports_go_downwards(module):
             continue
         assert other_rank < rank, f"{module} ({name}) imports {target} ({other}): layers import only downwards"
         if name == "client":
-            assert other == "contract", f"{module} (client) imports {target} ({other}): the client needs the contract only"
+            assert other in THIN, f"{module} (client) imports {target} ({other}): the client needs the contract only"
+
+
+@pytest.mark.parametrize("module", sorted(modules()))
+def test_imports_go_downwards(module):
+    check_imports(module, modules()[module], layer_of(module))
+
+
+def test_no_folder_holds_more_than_15_modules():
+    for folder in LAYERS:
+        count = len(list((ROOT / folder).glob("*.py")))
+        assert count <= MAX_MODULES, f"{folder}/ holds {count} modules: split it into layers"
+
+
+def test_every_layer_folder_is_installed_as_a_package():
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    for folder in LAYERS:
+        assert module_name(ROOT / folder / "__init__.py") in packages, folder
+
+
+def test_the_layer_rule_fails_on_an_upward_import(tmp_path):
+    """The rule is not vacuous: the contract importing the pipeline, or the client the serving layer beside it, is refused."""
+    upward = tmp_path / "spec.py"
+    upward.write_text(modules()["sdtrt.contract.spec"].read_text() + "\nfrom sdtrt.pipeline.jobs import encode_prompts\n")
+    with pytest.raises(AssertionError, match="layers import only downwards"):
+        check_imports("sdtrt.contract.spec", upward, "sdtrt/contract")
+    sideways = tmp_path / "client.py"
+    sideways.write_text(modules()["sdtrt.client.client"].read_text() + "\nimport sdtrt.model_repository.serving.health\n")
+    with pytest.raises(AssertionError, match="layers import only downwards"):
+        check_imports("sdtrt.client.client", sideways, "client")

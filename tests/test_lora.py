@@ -8,7 +8,7 @@ import torch
 
 from loras import make_lora, to_kohya
 from reference import MAX_PIXEL_DIFF, max_diff, reference_scheduler
-from sdtrt.request import Txt2ImgRequest
+from sdtrt.requests.request import Txt2ImgRequest
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def test_fused_lora_export_matches_diffusers_with_the_lora(default_model, lora_f
     from diffusers import StableDiffusionPipeline
 
     from sdtrt.export import export_model
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     spec = export_model(default_model, tmp_path / "repo", loras=(f"{lora_file}:0.8",), progress=False,
                         report=lambda *_: None)
@@ -45,7 +45,7 @@ def test_fused_lora_export_matches_diffusers_with_the_lora(default_model, lora_f
 
 
 def test_missing_lora_file_is_named(capsys, default_model, tmp_path):
-    from sdtrt.app.cli import main
+    from sdtrt.client.apps.cli import main
 
     code = main(["export", str(default_model), "--out", str(tmp_path / "r"), "--lora", str(tmp_path / "nope.safetensors")])
     assert code == 2 and "nope.safetensors: no such file" in capsys.readouterr().err
@@ -82,7 +82,7 @@ def test_a_pickled_lora_of_tensors_fuses_without_allow_pickle_and_one_that_needs
         default_model, lora_file, tmp_path):
     from safetensors.torch import load_file
 
-    from sdtrt.errors import UsageError
+    from sdtrt.contract.errors import UsageError
     from sdtrt.export.checkpoint import fuse_loras, load_checkpoint
 
     kohya = to_kohya(lora_file, tmp_path / "kohya", alpha=2.0)  # its alpha in its tensors, as .pt LoRAs have it
@@ -107,7 +107,7 @@ def test_a_pickled_lora_of_tensors_fuses_without_allow_pickle_and_one_that_needs
 
 
 def test_a_pickled_embedding_reads_weights_only_unless_trusted(tmp_path):
-    from sdtrt.errors import UsageError
+    from sdtrt.contract.errors import UsageError
     from sdtrt.export.lora import read_embedding, register_embeddings
 
     vectors = torch.randn(2, 32)

@@ -15,23 +15,23 @@ from tritonclient.utils import InferenceServerException
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
 from servers import raw_infer, triton_on
 from sdtrt.client import Client, ServerError
-from sdtrt.client.a1111_api import create_app
-from sdtrt.errors import InvalidRequest
-from sdtrt.infotext import parse_infotext
+from sdtrt.client.apps.a1111_api import create_app
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.requests.infotext import parse_infotext
 
 REQUEST = dict(prompt="a red barn in snow", negative_prompt="blurry", sampler="Euler a", steps=6, seed=11,
                width=64, height=64)
 
 
 def cli(*args: str) -> int:
-    from sdtrt.app.cli import main
+    from sdtrt.client.apps.cli import main
 
     return main([*args])
 
 
 @pytest.fixture(scope="module")
 def sd2_model(tmp_path_factory):
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
 
     return build_default_model(tmp_path_factory.mktemp("models") / "tiny-sd2", family="sd2")
 
@@ -69,7 +69,7 @@ def expected(pipe, **overrides):
 
 
 def test_a_repository_holds_both_models_under_their_names(repo, capsys):
-    from sdtrt.spec import load_catalog
+    from sdtrt.contract.spec import load_catalog
 
     catalog = load_catalog(repo)
     assert catalog.default == "anime" and set(catalog.models) == {"anime", "tiny-sd2"}
@@ -85,7 +85,7 @@ def test_a_repository_holds_both_models_under_their_names(repo, capsys):
 
 
 def test_re_exporting_one_model_leaves_it_and_the_other_untouched(repo, default_model, sd2_model, capsys):
-    from sdtrt.spec import load_catalog
+    from sdtrt.contract.spec import load_catalog
 
     before = {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()}
     assert cli("export", str(default_model), "--out", str(repo), "--name", "anime") == 0
@@ -146,7 +146,7 @@ def test_a_model_unloads_and_loads_back_without_a_restart(server, capsys):
     import os
     import signal
 
-    from sdtrt.app.health import Healer, stubs_of
+    from sdtrt.model_repository.serving.health import Healer, stubs_of
 
     triton = grpcclient.InferenceServerClient(server.url)
     client = Client(server.url)
@@ -221,10 +221,10 @@ def test_tensorrt_and_onnx_models_do_not_mix_in_one_repository(default_model, ex
     import shutil
     from dataclasses import replace
 
-    from sdtrt.errors import UsageError
+    from sdtrt.contract.errors import UsageError
     from sdtrt.export import export_model
     from sdtrt.export.tensorrt import EngineOptions
-    from sdtrt.spec import ENGINES, load_catalog
+    from sdtrt.contract.spec import ENGINES, load_catalog
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)

@@ -10,8 +10,8 @@ import torch
 from reference import (
     A1111_AUTOMATIC, MAX_PIXEL_DIFF, REFERENCE_SCHEDULERS, diffusers_images, max_diff, reference_scheduler,
 )
-from sdtrt.samplers import SAMPLERS
-from sdtrt.request import Txt2ImgRequest
+from sdtrt.contract.samplers import SAMPLERS
+from sdtrt.requests.request import Txt2ImgRequest
 
 CASES = [
     # (sampler, width, height, batch): square and non-square sizes, several images per request
@@ -74,7 +74,7 @@ def test_schedule_types_match_diffusers(sampler, schedule, local_pipeline, diffu
 
 
 def test_unsupported_schedule_is_refused_with_the_allowed_ones(local_pipeline):
-    from sdtrt.errors import InvalidRequest
+    from sdtrt.contract.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest) as exc:
         local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="Euler a", schedule_type="Karras", width=64, height=64))

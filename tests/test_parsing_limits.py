@@ -17,12 +17,12 @@ import time
 
 import pytest
 
-from sdtrt.errors import InvalidRequest
-from sdtrt.extra_networks import parse_lora_tags, strip_extra_networks
-from sdtrt.generation import settings_from_infotext
-from sdtrt.infotext import build_infotext, parse_infotext
-from sdtrt.prompt_schedule import composable_prompts, prompt_schedule
-from sdtrt.prompts import parse_prompt_attention
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.requests.extra_networks import parse_lora_tags, strip_extra_networks
+from sdtrt.requests.generation import settings_from_infotext
+from sdtrt.requests.infotext import build_infotext, parse_infotext
+from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule
+from sdtrt.requests.prompts import parse_prompt_attention
 
 KB64 = 64 * 1024
 MB = 10**6
@@ -121,7 +121,7 @@ A1111_INFOTEXTS = [
 
 
 def test_the_scanner_finds_what_a1111s_regex_finds_on_random_lines():
-    from sdtrt.infotext import find_pairs
+    from sdtrt.requests.infotext import find_pairs
 
     for line in random_strings(INFOTEXT_CHARACTERS, 20_000, 30):
         assert find_pairs(line) == OLD_PAIR.findall(line), line
@@ -162,7 +162,7 @@ def test_a_megabyte_infotext_parses_in_linear_time(name, build):
 
 
 def test_an_infotext_longer_than_the_limit_is_refused_naming_the_field():
-    from sdtrt.infotext import MAX_INFOTEXT_CHARS, check_infotext
+    from sdtrt.requests.infotext import MAX_INFOTEXT_CHARS, check_infotext
 
     assert check_infotext("a" * MAX_INFOTEXT_CHARS) == "a" * MAX_INFOTEXT_CHARS
     with pytest.raises(InvalidRequest) as refused:
@@ -178,12 +178,12 @@ def test_settings_from_a_long_infotext_in_linear_time():
     assert_linear(settings_from_infotext, lambda n: "a (b) [c] " * (n // 10), KB64, name="brackets")
 
 
-# --- attention (sdtrt.prompts) ------------------------------------------------------------------------------------
+# --- attention (sdtrt.requests.prompts) ------------------------------------------------------------------------------------
 
 def old_parse_prompt_attention(text: str) -> list[tuple[str, float]]:
-    """sdtrt.prompts' parse before bounding it (A1111's: every closing bracket scales everything after its
+    """sdtrt.requests.prompts' parse before bounding it (A1111's: every closing bracket scales everything after its
     opening one)."""
-    from sdtrt.prompts import _TOKEN, BREAK, ROUND, SQUARE
+    from sdtrt.requests.prompts import _TOKEN, BREAK, ROUND, SQUARE
 
     out, round_open, square_open = [], [], []
 
@@ -252,7 +252,7 @@ def test_attention_weights_are_the_same_floats_as_before():
 
 
 def test_break_splits_as_a1111s_regex():
-    from sdtrt.prompts import split_break
+    from sdtrt.requests.prompts import split_break
 
     for text in prompts(20_000, seed=1):
         assert split_break(text) == OLD_BREAK.split(text), text
@@ -271,7 +271,7 @@ def test_a_64k_prompt_is_weighted_in_linear_time(name, build):
 
 
 def test_brackets_deeper_than_the_limit_are_refused_naming_the_field_at_once():
-    from sdtrt.prompt_schedule import MAX_BRACKET_DEPTH
+    from sdtrt.requests.prompt_schedule import MAX_BRACKET_DEPTH
 
     deep = "(" * MAX_BRACKET_DEPTH + "a" + ")" * MAX_BRACKET_DEPTH
     assert parse_prompt_attention(deep) == old_parse_prompt_attention(deep)  # up to the limit: as before
@@ -288,7 +288,7 @@ def test_brackets_deeper_than_the_limit_are_refused_naming_the_field_at_once():
 def test_the_worst_prompt_within_the_depth_limit_is_still_bounded():
     """Each piece is multiplied once per bracket around it: at the depth limit, a 64 kB prompt of tiny brackets
     is the most work (groups x depth), a few tenths of a second."""
-    from sdtrt.prompt_schedule import MAX_BRACKET_DEPTH
+    from sdtrt.requests.prompt_schedule import MAX_BRACKET_DEPTH
 
     def deepest(n: int) -> str:
         return "(" * (MAX_BRACKET_DEPTH - 1) + "(a)" * (n // 3 - MAX_BRACKET_DEPTH)
@@ -296,7 +296,7 @@ def test_the_worst_prompt_within_the_depth_limit_is_still_bounded():
     assert_linear(parse_prompt_attention, deepest, KB64, name="deepest")
 
 
-# --- prompt editing, alternation and AND (sdtrt.prompt_schedule) -------------------------------------------------
+# --- prompt editing, alternation and AND (sdtrt.requests.prompt_schedule) -------------------------------------------------
 
 def test_subprompt_weights_as_a1111s_regex():
     words = ["a", " ", ":", "1", ".", "5", "-", "+", "\n", "\t", "x", "AND", "1.5", " :", ": "]
@@ -311,7 +311,7 @@ def test_subprompt_weights_as_a1111s_regex():
 
 
 def test_edit_numbers_as_a1111s_regex():
-    from sdtrt.prompt_schedule import _number
+    from sdtrt.requests.prompt_schedule import _number
 
     for text in random_strings(list(" 1.e+-5\tx"), 20_000, 12, seed=4):
         match = OLD_NUMBER.fullmatch(text)
@@ -365,7 +365,7 @@ def test_extra_network_tags_as_a1111s_regex():
     for text in random_strings(list("<>:ab_1 \n,=lo"), 20_000, 24, seed=5):
         assert strip_extra_networks(text) == OLD_EXTRA_NETWORK.sub("", text), text
         found = [(m.group(0), m.group(1), m.group(2)) for m in OLD_EXTRA_NETWORK.finditer(text)]
-        from sdtrt.extra_networks import extra_network_tags
+        from sdtrt.requests.extra_networks import extra_network_tags
 
         assert [(t.text, t.kind, t.body) for t in extra_network_tags(text)] == found, text
 
@@ -381,7 +381,7 @@ def test_a_64k_prompt_has_its_tags_read_in_linear_time(name, build):
 
 
 def test_styles_that_would_grow_a_prompt_past_the_limit_are_refused_before_they_are_applied():
-    from sdtrt.styles import MAX_STYLED_PROMPT_CHARS, PromptStyle, apply_styles
+    from sdtrt.requests.styles import MAX_STYLED_PROMPT_CHARS, PromptStyle, apply_styles
 
     twice = PromptStyle("twice", "{prompt}, {prompt}")
     assert apply_styles("cat", "", [twice]) == ("cat, cat", "")

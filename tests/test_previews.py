@@ -1,4 +1,4 @@
-"""Live previews (sdtrt.previews): the export's fit of latents -> colours, and the picture laid out per batch."""
+"""Live previews (sdtrt.contract.previews): the export's fit of latents -> colours, and the picture laid out per batch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from sdtrt.export.latent_preview import fit_latent_preview, scenes
-from sdtrt.previews import grid, latent_preview
+from sdtrt.contract.previews import grid, latent_preview
 
 
 class LinearEncoderVae(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""A1111's prompt editing and alternation, read as A1111 reads them (sdtrt.prompt_schedule).
+"""A1111's prompt editing and alternation, read as A1111 reads them (sdtrt.requests.prompt_schedule).
 
 The table is A1111's own: the doctests of get_learned_conditioning_prompt_schedules in A1111's
 modules/prompt_parser.py (v1.6+ scheduling), each prompt with the schedule A1111 gives for 10 steps, or for a
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdtrt.prompt_schedule import prompt_schedule, text_at
+from sdtrt.requests.prompt_schedule import prompt_schedule, text_at
 
 A1111_EXAMPLES = [
     ("test", [(10, "test")]),
@@ -111,8 +111,8 @@ def scheduled_reference(pipe, texts: list[tuple[str, str]], *, sampler: str, ste
 
 def sdtrt_latents(local_pipeline, request):
     """sdtrt's in-process job up to the final latents (scaled back to the U-Net's space, as diffusers returns them)."""
-    from sdtrt.jobs import encode_prompts, txt2img_latents
-    from sdtrt.request import resolve_seeds, validate
+    from sdtrt.pipeline.jobs import encode_prompts, txt2img_latents
+    from sdtrt.requests.request import resolve_seeds, validate
 
     spec = local_pipeline.spec
     request = resolve_seeds(validate(request, spec))
@@ -135,7 +135,7 @@ GENERATIONS = [
 @pytest.mark.parametrize("prompt,negative,sampler,steps,texts", GENERATIONS)
 def test_edited_prompts_draw_what_diffusers_draws_with_that_schedule(prompt, negative, sampler, steps, texts,
                                                                      local_pipeline, diffusers_pipe):
-    from sdtrt.request import Txt2ImgRequest
+    from sdtrt.requests.request import Txt2ImgRequest
 
     expected = scheduled_reference(diffusers_pipe, texts, sampler=sampler, steps=steps, cfg=7.0, seed=99,
                                    width=64, height=64)
@@ -151,11 +151,11 @@ def test_edited_prompts_draw_what_diffusers_draws_with_that_schedule(prompt, neg
 
 
 def test_each_distinct_text_is_encoded_once():
-    from sdtrt.conditioning import schedule_conditioning
+    from sdtrt.pipeline.conditioning import schedule_conditioning
 
     import torch
 
-    from sdtrt.conditioning import CONTEXT_INPUT
+    from sdtrt.pipeline.conditioning import CONTEXT_INPUT
 
     calls = []
 
@@ -172,7 +172,7 @@ def test_served_prompt_editing_matches_in_process_first_pass_and_hires(server, l
     """The served job (tokenizer, text encoder and U-Net through BLS) follows the same schedules, the hires fix's
     second pass counting on from the first's ([cat:dog:1.5]: dog from halfway through the second pass)."""
     from sdtrt.client import Client
-    from sdtrt.request import Txt2ImgRequest
+    from sdtrt.requests.request import Txt2ImgRequest
 
     settings = dict(prompt=f"[{CAT}:{DOG}:1.5]", negative_prompt="[blurry|grainy]", sampler="Euler", steps=6,
                     guidance_scale=7.0, seed=3, width=64, height=64, enable_hr=True, hr_scale=1.5,
@@ -186,7 +186,7 @@ def test_served_prompt_editing_matches_in_process_first_pass_and_hires(server, l
 # --- AND: A1111's composable diffusion -------------------------------------------------------------------
 
 def test_subprompts_and_weights_as_a1111_splits_them():
-    from sdtrt.prompt_schedule import composable_prompts
+    from sdtrt.requests.prompt_schedule import composable_prompts
 
     assert composable_prompts("a cat AND a dog :1.2") == [("a cat", 1.0), (" a dog", 1.2)]
     assert composable_prompts("x AND y:0.5 AND z : -1") == [("x", 1.0), (" y", 0.5), (" z", -1.0)]
@@ -222,7 +222,7 @@ def composable_reference(pipe, subprompts: list[tuple[str, float]], negative: st
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M"])
 def test_and_draws_what_composable_diffusion_draws(sampler, local_pipeline, diffusers_pipe):
-    from sdtrt.request import Txt2ImgRequest
+    from sdtrt.requests.request import Txt2ImgRequest
 
     subprompts = [("a red cat on a sofa", 1.0), (" a blue dog in the snow", 0.7)]
     expected = composable_reference(diffusers_pipe, subprompts, "blurry", sampler=sampler, steps=8, cfg=6.0, seed=5,
@@ -238,7 +238,7 @@ def test_and_draws_what_composable_diffusion_draws(sampler, local_pipeline, diff
 
 def test_served_and_matches_in_process_with_editing_inside(server, local_pipeline):
     from sdtrt.client import Client
-    from sdtrt.request import Txt2ImgRequest
+    from sdtrt.requests.request import Txt2ImgRequest
 
     settings = dict(prompt="a [red:green:0.5] cat AND a dog :0.6 AND a tree:0.3", negative_prompt="grainy",
                     sampler="Euler a", steps=6, guidance_scale=7.0, seed=8, width=64, height=64, batch_size=2)
@@ -248,9 +248,9 @@ def test_served_and_matches_in_process_with_editing_inside(server, local_pipelin
 
 
 def test_more_subprompts_than_one_unet_call_takes_are_refused_by_name(local_pipeline):
-    from sdtrt.errors import InvalidRequest
-    from sdtrt.request import Txt2ImgRequest
-    from sdtrt.spec import UNET_BATCH
+    from sdtrt.contract.errors import InvalidRequest
+    from sdtrt.requests.request import Txt2ImgRequest
+    from sdtrt.contract.spec import UNET_BATCH
 
     most = local_pipeline.spec.dims[UNET_BATCH].max
     prompt = " AND ".join(["a cat"] * most)

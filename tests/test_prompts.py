@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff, reference_scheduler
-from sdtrt.errors import InvalidRequest
+from sdtrt.contract.errors import InvalidRequest
 from sdtrt.export.descriptors import final_layer_norm
-from sdtrt.prompts import chunk_prompt, parse_prompt_attention, prompt_rows
-from sdtrt.request import Txt2ImgRequest
+from sdtrt.requests.prompts import chunk_prompt, parse_prompt_attention, prompt_rows
+from sdtrt.requests.request import Txt2ImgRequest
 
 # A1111's own examples of its parser (modules/prompt_parser.py), plus BREAK and edge cases.
 PARSE_TABLE = [

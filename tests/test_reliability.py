@@ -25,12 +25,12 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from servers import child_pid, first_answer, free_ports, raw_infer, status
-from sdtrt.app.health import Healer, stubs_of
+from sdtrt.model_repository.serving.health import Healer, stubs_of
 from sdtrt.client import Client, ServerRefused, ServerUnavailable
-from sdtrt.errors import ERROR_KINDS, DiskFull
-from sdtrt.files import write_atomic
-from sdtrt.outputs import save_png
-from sdtrt.spec import load_catalog
+from sdtrt.contract.errors import ERROR_KINDS, DiskFull
+from sdtrt.contract.files import write_atomic
+from sdtrt.contract.outputs import save_png
+from sdtrt.contract.spec import load_catalog
 
 HEAL_WITHIN_S = 60
 
@@ -50,7 +50,7 @@ def served_again(url: str, since: float) -> float:
 def quick_triton(repo: Path, logs: Path):
     """A tritonserver that stops within seconds: a request its killed stub held is never answered (Triton 2.51),
     and would hold a drain for the whole drain timeout."""
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
 
     http, grpc, metrics = free_ports(3)
     return TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, drain_timeout=2,
@@ -319,8 +319,8 @@ def test_a_write_past_a_file_size_limit_is_a_named_error_and_leaves_no_partial_f
 import resource, signal, numpy as np
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-from sdtrt.errors import DiskFull
-from sdtrt.outputs import save_png
+from sdtrt.contract.errors import DiskFull
+from sdtrt.contract.outputs import save_png
 try:
     save_png(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8), 2, "big", {str(tmp_path)!r})
 except DiskFull as exc:
@@ -480,7 +480,7 @@ def test_healthz_is_open_and_reflects_the_servers_readiness(server, tmp_path):
             proc.wait(30)
     from fastapi.testclient import TestClient
 
-    from sdtrt.client.a1111_api import create_app
+    from sdtrt.client.apps.a1111_api import create_app
 
     nobody = Client(f"127.0.0.1:{dead}")  # no server there
     nobody._catalog = Client(server.url).catalog  # (the gateway reads the catalog once, at start)

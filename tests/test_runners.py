@@ -1,4 +1,4 @@
-"""The CPU engines (sdtrt/runners.py): OpenVINO beside onnxruntime, in-process and served, selected by the
+"""The CPU engines (sdtrt/pipeline/runners.py): OpenVINO beside onnxruntime, in-process and served, selected by the
 generated configs."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from sdtrt.client import Client
-from sdtrt.errors import UsageError
-from sdtrt.local import LocalPipeline
+from sdtrt.contract.errors import UsageError
+from sdtrt.pipeline.local import LocalPipeline
 from sdtrt.model_repository.configs import ServingOptions, network_config
-from sdtrt.request import Txt2ImgRequest
-from sdtrt.spec import load_spec
+from sdtrt.requests.request import Txt2ImgRequest
+from sdtrt.contract.spec import load_spec
 
 REQUEST = dict(prompt="a lighthouse on a cliff", sampler="Euler a", steps=6, seed=3, width=64, height=96)
 
@@ -52,7 +52,7 @@ def test_the_configs_name_the_engine_and_refuse_what_it_cannot_do(exported_repo)
 def test_served_openvino_matches_in_process(exported_repo, tmp_path):
     from servers import free_ports
 
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
     from sdtrt.model_repository.build import write_repository
 
     repo = tmp_path / "repo"

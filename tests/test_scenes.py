@@ -1,4 +1,4 @@
-"""The default model's training data (sdtrt.scenes) and its training script, end to end at a few steps.
+"""The default model's training data (sdtrt.pipeline.scenes) and its training script, end to end at a few steps.
 
 The scenes must be what their captions say (the semantic tests will read pictures the same way) and the same
 for the same seed; the script must write weights that `build_default_model(size="shapes")` turns into a
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdtrt.scenes import COLOURS, PLACES, SIZE, Scene, colour_share, dataset, random_caption
+from sdtrt.pipeline.scenes import COLOURS, PLACES, SIZE, Scene, colour_share, dataset, random_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_the_training_script_writes_weights_that_export(tmp_path):
                     "--scenes", "16"], check=True, env=env, capture_output=True, timeout=600)
     from safetensors import safe_open
 
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
     from sdtrt.export import export_model
 
     with safe_open(str(weights), "pt") as f:

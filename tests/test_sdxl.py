@@ -8,7 +8,7 @@ import pytest
 
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
 from servers import CHROMIUM, free_ports, page_generates
-from sdtrt.request import Txt2ImgRequest
+from sdtrt.requests.request import Txt2ImgRequest
 
 SAMPLERS = ("Euler a", "Euler", "DPM++ 2M Karras")
 SETTINGS = dict(prompt="a red barn in (snow:1.2)", negative_prompt="blurry", steps=6, seed=3, width=64, height=64)
@@ -16,7 +16,7 @@ SETTINGS = dict(prompt="a red barn in (snow:1.2)", negative_prompt="blurry", ste
 
 @pytest.fixture(scope="module")
 def sdxl_model(tmp_path_factory):
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
 
     return build_default_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
 
@@ -57,7 +57,7 @@ def request(sampler: str) -> Txt2ImgRequest:
 
 
 def test_spec_describes_sdxl(sdxl_repo):
-    from sdtrt.spec import load_spec
+    from sdtrt.contract.spec import load_spec
 
     spec = load_spec(sdxl_repo)
     unet, text = spec.component("unet"), spec.component("text_encoder")
@@ -70,7 +70,7 @@ def test_spec_describes_sdxl(sdxl_repo):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_in_process_matches_diffusers_sdxl(sdxl_repo, expected, sampler):
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     images = LocalPipeline(sdxl_repo).txt2img(request(sampler)).images
     assert max_diff(images, expected[sampler]) <= MAX_PIXEL_DIFF
@@ -78,7 +78,7 @@ def test_in_process_matches_diffusers_sdxl(sdxl_repo, expected, sampler):
 
 @pytest.mark.slow  # a second server on the SDXL export; in-process SDXL parity stays in the default suite
 def test_served_matches_diffusers_sdxl(sdxl_repo, expected, tmp_path):
-    from sdtrt.app.server import TritonServer
+    from sdtrt.model_repository.serving.server import TritonServer
     from sdtrt.client import Client
 
     http, grpc, metrics = free_ports(3)
@@ -90,8 +90,8 @@ def test_served_matches_diffusers_sdxl(sdxl_repo, expected, tmp_path):
             served = client.txt2img(fields.pop("prompt"), **{k: v for k, v in fields.items() if v is not None})
             assert max_diff(served.images, expected[sampler]) <= MAX_PIXEL_DIFF, sampler
         # A1111 weighting on both encoders, a 2-chunk prompt with BREAK: served = in-process.
-        from sdtrt.local import LocalPipeline
-        from sdtrt.request import Img2ImgRequest
+        from sdtrt.pipeline.local import LocalPipeline
+        from sdtrt.requests.request import Img2ImgRequest
         from reference import sample_mask, sample_picture
 
         local = LocalPipeline(sdxl_repo)
@@ -123,7 +123,7 @@ def test_served_matches_diffusers_sdxl(sdxl_repo, expected, tmp_path):
         # The A1111 gateway serves it as it serves any model.
         from fastapi.testclient import TestClient
 
-        from sdtrt.client.a1111_api import create_app
+        from sdtrt.client.apps.a1111_api import create_app
 
         api = TestClient(create_app(client, tmp_path / "outputs"))
         assert [m["model_name"] for m in api.get("/sdapi/v1/sd-models").json()] == ["tiny-sdxl", "tiny-xl"]
@@ -146,8 +146,8 @@ def test_img2img_matches_diffusers_sdxl(sdxl_repo, sdxl_pipe):
     from PIL import Image
 
     from reference import reference_scheduler, sample_picture
-    from sdtrt.local import LocalPipeline
-    from sdtrt.request import Img2ImgRequest
+    from sdtrt.pipeline.local import LocalPipeline
+    from sdtrt.requests.request import Img2ImgRequest
 
     picture = sample_picture(64, 64)
     pipe = StableDiffusionXLImg2ImgPipeline(**sdxl_pipe.components)
@@ -167,7 +167,7 @@ def test_an_sdxl_refiner_is_refused_by_name(sdxl_model, tmp_path):
     import json
     import shutil
 
-    from sdtrt.errors import UsageError
+    from sdtrt.contract.errors import UsageError
     from sdtrt.export import export_model
 
     refiner = tmp_path / "refiner"
@@ -186,7 +186,7 @@ def test_sdxl_single_file_exports_and_matches_diffusers(sdxl_model, sdxl_pipe, t
 
     from sdtrt.export import export_model
     from sdtrt.export.ldm import to_single_file
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     path = to_single_file(sdxl_model, tmp_path / "tiny-xl.safetensors", dtype="float16")
     lines: list[str] = []
@@ -211,7 +211,7 @@ def test_sdxl_tensorrt_profiles_and_precision(sdxl_repo, tmp_path):
     from dataclasses import replace
 
     from sdtrt.export.tensorrt import EngineOptions, engine_fp16, profile_shapes
-    from sdtrt.spec import load_spec
+    from sdtrt.contract.spec import load_spec
 
     spec = load_spec(sdxl_repo)
     shapes = profile_shapes(spec, spec.component("unet"), EngineOptions())
@@ -231,7 +231,7 @@ def test_full_size_sdxl_unet_has_sdxl_base_parameter_count():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdtrt.default_model import SDXL_UNET_SHAPES
+    from sdtrt.pipeline.default_model import SDXL_UNET_SHAPES
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET_SHAPES)

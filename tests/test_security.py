@@ -1,6 +1,6 @@
 """Triton's control plane, tried as an attacker who reaches its ports would: loading a model that carries its own
 code, unloading the served ones, shared memory, logging and trace are refused without the control key, over HTTP
-and gRPC, while inference, health and metadata stay open to the clients that need them (sdtrt.app.control)."""
+and gRPC, while inference, health and metadata stay open to the clients that need them (sdtrt.model_repository.serving.control)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from sdtrt.app.control import GRPC_HEADER, HEADER, RESTRICTED_APIS, resolve_key
-from sdtrt.errors import UsageError
+from sdtrt.model_repository.serving.control import GRPC_HEADER, HEADER, RESTRICTED_APIS, resolve_key
+from sdtrt.contract.errors import UsageError
 
 EVIL_MODEL = '''
 import pathlib

@@ -1,5 +1,5 @@
 """Does the picture do what the prompt asks? The trained default model ("shapes"), served, read back with
-sdtrt.scenes' colour measure.
+sdtrt.pipeline.scenes' colour measure.
 
 Every check is run on the trained model, where it must hold, and on the random-weight tiny model, where it must
 not: a random model draws coloured noise, so no threshold below is met by it by chance (each test asserts that
@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from sdtrt.scenes import COLOURS, SIZE, Scene, colour_share
+from sdtrt.pipeline.scenes import COLOURS, SIZE, Scene, colour_share
 
 STEPS = dict(steps=20, sampler="Euler", guidance_scale=7.0, width=SIZE, height=SIZE)
 
@@ -23,7 +23,7 @@ STEPS = dict(steps=20, sampler="Euler", guidance_scale=7.0, width=SIZE, height=S
 def shapes_server(tmp_path_factory):
     from servers import triton_on
 
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
     from sdtrt.export import export_model
 
     model = build_default_model(tmp_path_factory.mktemp("models") / "shapes", size="shapes")

@@ -18,11 +18,11 @@ from PIL import Image
 from servers import raw_infer
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff, sample_mask, sample_picture
 from sdtrt.client import Client, ServerError
-from sdtrt.errors import InvalidRequest
-from sdtrt.request import Img2ImgRequest, Txt2ImgRequest, validate
-from sdtrt.samplers import SAMPLERS
-from sdtrt.request import job_fields
-from sdtrt.spec import MODEL, WIRE_DTYPES, load_spec
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, validate
+from sdtrt.contract.samplers import SAMPLERS
+from sdtrt.requests.request import job_fields
+from sdtrt.contract.spec import MODEL, WIRE_DTYPES, load_spec
 
 MODELS = ["default__tokenizer", "default__text_encoder", "default__unet", "default__vae_decoder", "default__vae_encoder",
           "txt2img", "img2img"]

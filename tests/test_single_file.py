@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff
-from sdtrt.errors import UsageError
-from sdtrt.request import Txt2ImgRequest
+from sdtrt.contract.errors import UsageError
+from sdtrt.requests.request import Txt2ImgRequest
 
 REQUEST = dict(prompt="a castle on a hill", negative_prompt="fog", sampler="Euler a", steps=6, seed=3, width=64,
                height=64)
@@ -29,7 +29,7 @@ def export(path, out, **kwargs):
 
 
 def images(repo, **overrides):
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     return LocalPipeline(repo).txt2img(Txt2ImgRequest(**{**REQUEST, **overrides}))
 
@@ -89,7 +89,7 @@ def test_extra_keys_and_ema_weights_load_as_diffusers_reads_them(ldm_files, tmp_
 
 @pytest.fixture(scope="module")
 def sd2_model(tmp_path_factory):
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
 
     return build_default_model(tmp_path_factory.mktemp("sd2") / "tiny-sd2", family="sd2")
 
@@ -213,7 +213,7 @@ def test_a_refused_ckpt_runs_none_of_its_code(tmp_path):
 @pytest.mark.slow
 def test_an_sd15_shaped_single_file_exports_without_config(tmp_path):
     """Full size, random weights (v1-5-pruned's shapes: fp16, 2 GB): the export a user runs on their own file."""
-    from sdtrt.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model
     from sdtrt.export.ldm import to_single_file
 
     folder = build_default_model(tmp_path / "sd15", size="sd15")

@@ -1,4 +1,4 @@
-"""The job's step batcher (model_repository/step_batcher.py) on its own: which calls it merges, that a lone loop
+"""The job's step batcher (model_repository/models/step_batcher.py) on its own: which calls it merges, that a lone loop
 never waits, the row limit, errors reaching every loop. The served path is tested in test_serving.py
 (four concurrent requests, each image equal to its one-at-a-time image, and merged calls in the metrics)."""
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from sdtrt.model_repository.step_batcher import StepBatcher
+from sdtrt.model_repository.models.step_batcher import StepBatcher
 
 
 class Recorder:

@@ -14,13 +14,13 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from loras import make_lora
-from sdtrt.errors import UsageError
+from sdtrt.contract.errors import UsageError
 from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
 from sdtrt.export.tensorrt import EngineOptions, engine_filename, profile_shapes
 from sdtrt.model_repository.build import write_repository
 from sdtrt.model_repository.configs import ServingOptions, all_configs, network_config
-from sdtrt.request import Txt2ImgRequest
-from sdtrt.spec import ENGINES, Catalog, load_spec
+from sdtrt.requests.request import Txt2ImgRequest
+from sdtrt.contract.spec import ENGINES, Catalog, load_spec
 
 
 def has_gpu() -> bool:
@@ -162,9 +162,9 @@ def test_tensorrt_batch_limits_come_from_the_engine_profiles(exported_repo, opti
 
 
 def test_static_engines_narrow_the_requests_they_serve(exported_repo):
-    from sdtrt.errors import InvalidRequest
+    from sdtrt.contract.errors import InvalidRequest
     from sdtrt.export.tensorrt import served_spec
-    from sdtrt.request import validate
+    from sdtrt.requests.request import validate
 
     spec = load_spec(exported_repo)
     static = served_spec(spec, EngineOptions(static_size=(128, 96), static_batch=2))
@@ -184,7 +184,7 @@ def test_static_engines_narrow_the_requests_they_serve(exported_repo):
 
 
 def test_configs_command_switches_to_tritons_onnxruntime_backend(exported_repo, tmp_path, capsys):
-    from sdtrt.app.cli import main
+    from sdtrt.client.apps.cli import main
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
@@ -196,7 +196,7 @@ def test_configs_command_switches_to_tritons_onnxruntime_backend(exported_repo, 
 def test_build_engines_without_tensorrt_says_what_to_install(exported_repo, capsys):
     if importlib.util.find_spec("tensorrt"):
         pytest.skip("tensorrt is installed here")
-    from sdtrt.app.cli import main
+    from sdtrt.client.apps.cli import main
 
     assert main(["build-engines", str(exported_repo)]) == 2
     assert "pip install 'sdtrt[gpu]'" in capsys.readouterr().err
@@ -483,7 +483,7 @@ def test_tensorrt_code_uses_no_api_tensorrt_11_removed():
     import ast
     import inspect
 
-    from sdtrt import engines, runners
+    from sdtrt.pipeline import engines, runners
     from sdtrt.export import tensorrt as module
 
     for source in (module, engines, runners):
@@ -525,7 +525,7 @@ def trt_repo(default_model, tmp_path_factory):
 @gpu
 @pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
 def test_tensorrt_matches_onnxruntime_per_component(trt_repo, diffusers_pipe, name):
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     trt = LocalPipeline(trt_repo, backend="tensorrt")
     ort = LocalPipeline(trt_repo)
@@ -544,7 +544,7 @@ def test_tensorrt_matches_onnxruntime_per_component(trt_repo, diffusers_pipe, na
 
 @gpu
 def test_tensorrt_image_matches_onnxruntime(trt_repo):
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     request = Txt2ImgRequest(prompt="a lighthouse at dawn", steps=20, seed=42, width=128, height=128)
     fp16 = LocalPipeline(trt_repo, backend="tensorrt").txt2img(request).images.astype(np.float64)
@@ -574,7 +574,7 @@ def test_refit_swaps_in_lora_weights(default_model, tmp_path):
     """A refittable engine refitted with a LoRA-fused checkpoint gives that checkpoint's engine output."""
     from sdtrt.export import export_model, refit_repository
     from sdtrt.export.tensorrt import EngineOptions as Options
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
     lora = make_lora(default_model, tmp_path)
     repo = tmp_path / "repo"
     export_model(default_model, repo, max_size=256, progress=False, report=lambda *_: None,
@@ -593,7 +593,7 @@ def test_refit_a_b_a_changes_the_output_and_restores_it_bit_exactly(default_mode
     from sdtrt.export import export_model, refit_repository
     from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
     from sdtrt.export.tensorrt import EngineOptions
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
     lora = make_lora(default_model, tmp_path)
     repo = tmp_path / "repo"
     export_model(default_model, repo, max_size=256, progress=False, report=lambda *_: None,
@@ -623,7 +623,7 @@ def test_fp16_engines_are_strongly_typed_builds_of_the_fp16_onnx(trt_repo, diffu
     import tensorrt as trt
 
     from sdtrt.export.tensorrt import FP16_CONVERSION
-    from sdtrt.local import LocalPipeline
+    from sdtrt.pipeline.local import LocalPipeline
 
     pipeline = LocalPipeline(trt_repo, backend="tensorrt")
     spec = pipeline.spec

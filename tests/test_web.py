@@ -20,8 +20,8 @@ from PIL import Image
 from reference import sample_mask, sample_picture
 from servers import CHROMIUM, first_answer, free_ports, page_generates
 from sdtrt.client import Client
-from sdtrt.client.a1111_api import create_app
-from sdtrt.infotext import parse_infotext
+from sdtrt.client.apps.a1111_api import create_app
+from sdtrt.requests.infotext import parse_infotext
 
 @pytest.fixture(scope="module")
 def api(server, tmp_path_factory):

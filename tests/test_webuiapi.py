@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from servers import first_answer, free_ports
-from sdtrt.infotext import parse_infotext
+from sdtrt.requests.infotext import parse_infotext
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -123,8 +123,8 @@ def test_api_auth_as_a1111s(server, tmp_path, monkeypatch):
 def test_credentials_parsing_never_echoes_a_password():
     import argparse
 
-    from sdtrt.client.cli import credentials
-    from sdtrt.errors import UsageError
+    from sdtrt.client.apps.cli_generate import credentials
+    from sdtrt.contract.errors import UsageError
 
     args = argparse.Namespace(auth_flag="api-auth", auth_env="SDTRT_TEST_NO_SUCH_VAR", api_auth="a:1,b:2:3",
                               api_auth_path=None)

@@ -1,0 +1,388 @@
+"""The generation commands of the ``sdtrt`` CLI: txt2img, img2img, png-info.
+
+Every request field becomes a flag, documented from the field table (its range and default); flag names follow
+AUTOMATIC1111 where A1111 names it differently (--cfg-scale). They talk to a running server through
+:class:`sdtrt.client.Client`, or run the export in-process with ``--local``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdtrt.contract.errors import UsageError
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields, request_fields
+from sdtrt.contract.spec import DEFAULT_PORTS
+from sdtrt.requests.styles import DEFAULT_STYLES_FILE
+
+DEFAULT_MAX_GENERATIONS = 32  # the gateway's generation threads (client/apps/a1111_api.py)
+
+if TYPE_CHECKING:
+    from sdtrt.contract.spec import ModelSpec
+
+# The request table's shape (each field's type, choices and help). Its defaults and limits are a model's: the
+# flags document those from the served (--url) or exported (--local) model's spec when one is given.
+FIELD_SHAPES = request_fields(native_size=8, min_size=8, max_size=8, size_multiple=8, max_batch=1)
+FLAG_NAMES = {"guidance_scale": "--cfg-scale"}  # A1111's name
+
+
+def flag(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _help(name: str, spec: "ModelSpec | None") -> str:
+    if spec is None:
+        return FIELD_SHAPES[name].help.replace("%", "%%")
+    f = spec.field(name)
+    return f"{f.help}; {f.allowed()} (default: {f.default!r})".replace("%", "%%")
+
+
+def add_field_flags(parser: argparse.ArgumentParser, request_type: type, spec: "ModelSpec | None" = None) -> None:
+    title = (f"generation settings: the ranges and defaults of {spec.title}" if spec else
+             "generation settings (ranges and defaults are the model's: add --url URL or --local DIR to --help)")
+    group = parser.add_argument_group(title)
+    for name in job_fields(request_type):
+        if name == "prompt":
+            continue
+        f = FIELD_SHAPES[name]
+        if f.dtype == "bool":
+            group.add_argument(flag(name), dest=name, action="store_true", default=None, help=_help(name, spec))
+            continue
+        kind = int if f.dtype.startswith("int") else float if f.dtype.startswith("float") else str
+        if name == "sampler":
+            kind = _sampler_name  # an A1111 sampler sdtrt refuses: its reason and the nearest, not argparse's list
+        extra = {"choices": list(f.choices), "metavar": "NAME"} if f.choices else {}
+        group.add_argument(flag(name), dest=name, type=kind, default=None, help=_help(name, spec), **extra)
+
+
+def _sampler_name(value: str) -> str:
+    import argparse
+
+    from sdtrt.contract.errors import InvalidRequest
+    from sdtrt.contract.samplers import check_available
+
+    try:
+        check_available(value)
+    except InvalidRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def spec_for_help(argv: list[str]) -> "ModelSpec | None":
+    """For `sdtrt txt2img --url URL --help` (or --local REPO_DIR): the model's spec, so that the flags show its
+    own ranges and defaults; None when no model was named or it cannot be reached."""
+    if not ({"-h", "--help"} & set(argv)) or not ({"txt2img", "img2img"} & set(argv)):
+        return None
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--url")
+    peek.add_argument("--protocol", default="grpc")
+    peek.add_argument("--local", type=Path)
+    peek.add_argument("--model")
+    known, _ = peek.parse_known_args(argv)
+    try:
+        if known.local is not None:
+            from sdtrt.contract.spec import load_spec
+
+            return load_spec(known.local, known.model)
+        if known.url is not None:
+            from sdtrt.client import Client
+
+            return Client(known.url, known.protocol, timeout=10).catalog.get(known.model)
+    except Exception as exc:  # help must still print
+        print(f"(could not read the model's spec: {exc})", file=sys.stderr)
+    return None
+
+
+def add_target_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-iter", type=int, default=1, metavar="N",
+                        help="batch count: N batches one after another, seeds continuing (default: 1)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None,
+                       help="a running `sdtrt serve` (default: localhost:8001 for grpc, localhost:8000 for http)")
+    where.add_argument("--local", type=Path, metavar="REPO_DIR",
+                       help="instead of a server, run the exported repository in this process with onnxruntime")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="how to talk to --url (default: grpc)")
+    parser.add_argument("--model", default=None,
+                        help="which of the server's (or repository's) models: `sdtrt models` lists them "
+                        "(default: its default model)")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default: outputs/)")
+
+
+def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
+    p = sub.add_parser("txt2img", help="generate images from a prompt",
+                       description="Generate images from a prompt and save them as PNGs with AUTOMATIC1111 infotext "
+                       "(00001-<seed>.png, never overwriting). Prompt syntax is A1111's: (word), (word:1.3), [word], "
+                       "BREAK; prompts longer than 75 tokens are split into chunks.")
+    p.add_argument("prompt", nargs="?", default=None, help="what to draw (may come from --from-png instead)")
+    p.add_argument("--from-png", type=Path, metavar="FILE",
+                   help="take every setting from a PNG's A1111 infotext (flags given here override them)")
+    add_field_flags(p, Txt2ImgRequest, spec)
+    add_target_flags(p)
+    p.set_defaults(func=cmd_txt2img)
+
+    p = sub.add_parser("img2img", help="redraw a picture from a prompt; with --mask, inpaint",
+                       description="Redraw --init-image guided by a prompt (denoising strength: how much changes). "
+                       "With --mask (white = repaint) only the masked area is redrawn and the rest is kept.")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--init-image", type=Path, required=True, metavar="FILE", help="the picture to start from")
+    p.add_argument("--mask", type=Path, default=None, metavar="FILE", help="inpainting mask: white = repaint")
+    add_field_flags(p, Img2ImgRequest, spec)
+    add_target_flags(p)
+    p.set_defaults(func=cmd_img2img)
+
+    p = sub.add_parser("ui", help="the Gradio web page over a running server (default port 7860)",
+                       description="Serve a Gradio page (prompt, sampler, steps, CFG, seed, size, batch; gallery with "
+                       "the infotext) that talks to a running `sdtrt serve`. PNGs are also saved under "
+                       "OUT/txt2img-images/.")
+    _server_flags(p, port=7860)
+    _auth_flags(p, "gradio-auth", "SDTRT_GRADIO_AUTH", "the page asks for a login")
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("api", help="an AUTOMATIC1111-compatible REST API (/sdapi/v1) over a running server",
+                       description="Serve A1111's /sdapi/v1 endpoints (txt2img, img2img, png-info, samplers, "
+                       "schedulers, sd-models, sd-vae, options, progress, upscalers) in front of a running `sdtrt "
+                       "serve`; the OpenAPI schema is at /openapi.json and the docs at /docs. Unknown keys are "
+                       "ignored and listed; fields sdtrt cannot honour are refused with 422 naming them when they "
+                       "would change the picture.")
+    _server_flags(p, port=7861)
+    p.add_argument("--metrics-url", default=None, metavar="URL",
+                   help="the server's Prometheus metrics, for /sdapi/v1/memory (default: --url's host, port 8002)")
+    _auth_flags(p, "api-auth", "SDTRT_API_AUTH", "every endpoint wants HTTP basic auth")
+    p.add_argument("--max-generations", type=int, default=DEFAULT_MAX_GENERATIONS, metavar="N",
+                   help="generation requests the gateway works on at once (more wait their turn); progress, "
+                   "interrupt, skip, options and /healthz have threads of their own (default: %(default)s)")
+    p.add_argument("--max-request-mb", type=float, default=64.0, metavar="MB",
+                   help="largest request body; bigger ones get 413 before they are read (default: %(default)s)")
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("png-info", help="print the AUTOMATIC1111 infotext a PNG carries",
+                       description="Print the `parameters` text chunk of a PNG written by sdtrt or A1111.")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print the settings sdtrt reads from it, as JSON")
+    p.set_defaults(func=cmd_png_info)
+
+
+def _server_flags(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--url", default=None, help="the `sdtrt serve` to use (default: localhost:8001 grpc)")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="how to talk to --url")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=port, help=f"port to listen on (default: {port})")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="where saved PNGs go (default: outputs/)")
+    parser.add_argument("--wait-for-server", type=float, default=0.0, metavar="SECONDS",
+                        help="keep trying to reach the server this long before giving up (default: fail at once); "
+                        "for deployments where this starts before the server is ready")
+    parser.add_argument("--styles-file", type=Path, default=DEFAULT_STYLES_FILE, metavar="CSV",
+                        help="A1111's prompt styles file (name,prompt,negative_prompt; default: ./styles.csv)")
+
+
+def _auth_flags(parser: argparse.ArgumentParser, name: str, env: str, what: str) -> None:
+    parser.add_argument(f"--{name}", default=None, metavar="USER:PASS[,USER:PASS]",
+                        help=f"credentials, as A1111's --{name}: {what} (also ${env})")
+    parser.add_argument(f"--{name}-path", type=Path, default=None, metavar="FILE",
+                        help="credentials from a file: USER:PASS entries, one per line or comma-separated")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="listen on a non-loopback --host without credentials (refused otherwise): only behind "
+                        "something else that authenticates, e.g. an authenticating proxy")
+    parser.set_defaults(auth_flag=name, auth_env=env)
+
+
+def credentials(args: argparse.Namespace) -> dict[str, str]:
+    """user -> password from the flag, the file and the environment variable (all of them, merged)."""
+    dest = args.auth_flag.replace("-", "_")
+    texts = [getattr(args, dest) or "", os.environ.get(args.auth_env, "")]
+    path = getattr(args, dest + "_path")
+    if path is not None:
+        if not path.is_file():
+            raise UsageError(f"--{args.auth_flag}-path {path}: no such file")
+        texts.append(path.read_text())
+    users: dict[str, str] = {}
+    for entry in (e.strip() for text in texts for line in text.splitlines() for e in line.split(",")):
+        if not entry:
+            continue
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            # never echo the entry: it may be a password
+            raise UsageError(f"--{args.auth_flag}: each entry must be USER:PASS (an entry without ':' or with an "
+                             "empty user or password was given)")
+        users[user] = password
+    return users
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _refuse_if_open(args: argparse.Namespace, users: dict[str, str], what: str) -> None:
+    """Beyond loopback, credentials or the operator's explicit word: anyone who reaches an open page or API uses
+    the GPUs behind it and sees what others generate."""
+    if users or is_loopback(args.host):
+        return
+    if not args.allow_unauthenticated:
+        raise UsageError(f"{what} would listen on {args.host} without credentials, so anyone who can reach it could "
+                         f"use it: give --{args.auth_flag} USER:PASS (or --{args.auth_flag}-path FILE, or "
+                         f"${args.auth_env}), or say --allow-unauthenticated if something in front of it "
+                         "authenticates")
+    print(f"warning: {what} listens on {args.host} without credentials (--allow-unauthenticated)",
+          file=sys.stderr, flush=True)
+
+
+def _connected_client(args: argparse.Namespace):
+    import time
+
+    from sdtrt.client import Client, ServerError
+
+    client = Client(args.url, protocol=args.protocol)
+    deadline = time.monotonic() + getattr(args, "wait_for_server", 0.0)
+    said = 0.0
+    while True:
+        try:
+            client.spec  # fail now, with the server's address, if it is not there
+            return client
+        except ServerError:
+            if time.monotonic() >= deadline:
+                raise
+            if time.monotonic() - said > 30:
+                print(f"waiting for the sdtrt server at {client.url} ({client.protocol})", file=sys.stderr, flush=True)
+                said = time.monotonic()
+            time.sleep(2)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from sdtrt.client.apps.ui import serve_ui
+
+    users = credentials(args)
+    _refuse_if_open(args, users, "the page")
+    client = _connected_client(args)
+    print(f"sdtrt ui on http://{args.host}:{args.port} (server {client.url}; "
+          f"{'login required' if users else 'no login'})", flush=True)
+    serve_ui(client, args.host, args.port, args.out, users or None, args.styles_file)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sdtrt.client.apps.a1111_api import create_app
+
+    users = credentials(args)
+    _refuse_if_open(args, users, "the A1111 API")
+    client = _connected_client(args)
+    print(f"A1111 API on http://{args.host}:{args.port}/sdapi/v1 (docs: /docs; server {client.url}; "
+          f"{'HTTP basic auth' if users else 'no auth'})", flush=True)
+    metrics_url = args.metrics_url or f"http://{client.url.rsplit(':', 1)[0]}:{DEFAULT_PORTS['metrics']}/metrics"
+    flags = {"api": True, "nowebui": True, "listen": not is_loopback(args.host), "port": args.port,
+             "api_auth": "(set)" if users else None}
+    app = create_app(client, args.out, users or None, styles_file=args.styles_file, metrics_url=metrics_url,
+                     flags=flags, max_body=int(args.max_request_mb * 2**20), max_generations=args.max_generations)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _settings(args: argparse.Namespace, request_type: type) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in job_fields(request_type)
+            if name != "prompt" and getattr(args, name, None) is not None}
+
+
+def _infotext(path: Path) -> str:
+    from sdtrt.contract.outputs import read_infotext
+
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist")
+    text = read_infotext(path)
+    if not text:
+        raise UsageError(f"{path} has no `parameters` text chunk (not written by sdtrt or AUTOMATIC1111)")
+    return text
+
+
+def _save(result, out: Path) -> int:
+    from sdtrt.contract.outputs import save_png
+
+    for image, seed, info in zip(result.images, result.seeds, result.infotexts):
+        print(save_png(image, seed, info, out))
+    return 0
+
+
+def cmd_txt2img(args: argparse.Namespace) -> int:
+    from sdtrt.requests.generation import settings_from_infotext
+
+    settings = _settings(args, Txt2ImgRequest)
+    prompt = args.prompt
+    if args.from_png:
+        stored = settings_from_infotext(_infotext(args.from_png))
+        model, model_hash = stored.pop("Model", None), stored.pop("Model hash", None)
+        prompt = prompt if prompt is not None else stored.pop("prompt")
+        stored.pop("prompt", None)
+        settings = {**stored, **settings}
+        if model_hash:
+            print(f"settings from {args.from_png} (made with {model} [{model_hash}])", file=sys.stderr)
+    if prompt is None:
+        raise UsageError("give a prompt, or --from-png FILE")
+    return _save(_run(args, "txt2img", prompt, settings), args.out)
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    def picture(path: Path | None, mode: str):
+        if path is None:
+            return None
+        if not path.is_file():
+            raise UsageError(f"{path} does not exist")
+        with Image.open(path) as im:
+            return im.convert(mode)
+
+    images = (picture(args.init_image, "RGB"), picture(args.mask, "L"))
+    return _save(_run(args, "img2img", args.prompt, _settings(args, Img2ImgRequest), images), args.out)
+
+
+def _run(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, Any], images=None):
+    if args.local:
+        return _run_local(args, job, prompt, settings, images)
+    from sdtrt.client import Client
+
+    with Client(args.url, protocol=args.protocol) as client:
+        if job == "txt2img":
+            return client.txt2img(prompt, n_iter=args.n_iter, model=args.model, **settings)
+        return client.img2img(prompt, *images, n_iter=args.n_iter, model=args.model, **settings)
+
+
+def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, Any], images):
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from sdtrt.requests.generation import batch_count, concatenate
+    from sdtrt.pipeline.local import LocalPipeline
+    from sdtrt.requests.request import resolve_seeds, validate
+    from sdtrt.contract.spec import load_spec
+
+    request_type = Txt2ImgRequest if job == "txt2img" else Img2ImgRequest
+    request = validate(request_type(prompt=prompt, **settings), load_spec(args.local, args.model))  # fail first
+    batches = batch_count(resolve_seeds(request), args.n_iter)
+    pipeline = LocalPipeline(args.local, model=args.model)
+    with tqdm(desc="sampling", unit="step") as bar:
+        def on_step(done: int, total: int, latents) -> None:
+            bar.update(1)
+
+        if job == "txt2img":
+            return concatenate([pipeline.txt2img(r, on_step=on_step) for r in batches])
+        arrays = [None if im is None else np.asarray(im) for im in images]
+        return concatenate([pipeline.img2img(r, *arrays, on_step=on_step) for r in batches])
+
+
+def cmd_png_info(args: argparse.Namespace) -> int:
+    from sdtrt.requests.generation import settings_from_infotext
+
+    text = _infotext(args.file)
+    print(json.dumps(settings_from_infotext(text), indent=2) if args.json else text)
+    return 0

@@ -1,0 +1,755 @@
+"""The Gradio page: A1111's txt2img, img2img (with inpainting) and PNG Info tabs, a thin form over
+:class:`sdtrt.client.Client` (no model code here).
+
+Controls, their ranges and defaults come from the served model's spec, so the page offers what the server
+takes. While a generation runs, the page follows it step by step from the server's ``progress`` model (a
+progress bar and the live preview the job loop posts), and Interrupt / Skip reach it through its JobControl.
+Generated PNGs carry the A1111 infotext and are saved under outputs/txt2img-images/ (img2img-images/), as A1111 does.
+
+Nothing the browser sends is trusted (a client can speak Gradio's HTTP API directly): the infotext a gallery click
+shows is the one kept on the server for that session, PNG Info reads only a file in Gradio's upload folder and
+decodes it within :mod:`sdtrt.contract.pictures`' bounds, the img2img picture's size is bounded, model titles, styles and
+numbers are checked against what the page offers, and :class:`PageGuard` stands in front of every route (the
+login on all of them, cross-site requests refused, a ceiling on request bodies). The outputs folder itself is not
+served: the gallery's pictures are handed to Gradio, which serves its own copies under unguessable names.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import gradio as gr  # noqa: E402  (after the variable: gradio reads it on import)
+
+from gradio.utils import get_upload_folder  # noqa: E402  (where Gradio keeps uploads and the files it serves)
+
+from sdtrt.client.client import Client, JobControl, Progress, ServerError
+from sdtrt.client.apps.web_guard import HEALTH_PATH, cross_site, header as _header
+from sdtrt.contract.errors import DiskFull, InvalidRequest, echo
+from sdtrt.requests.generation import Generation, settings_from_infotext
+from sdtrt.contract.outputs import disk_full_summary, save_png
+from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture
+from sdtrt.requests.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
+
+log = logging.getLogger("sdtrt.page")
+
+TITLE = "sdtrt: Stable Diffusion on Triton"
+POLL_SECONDS = 0.3  # how often a running generation's progress is read from the server
+# Request fields each tab shows, in the order the handlers take them (after prompt, negative prompt, styles).
+COMMON = ("sampler", "schedule_type", "steps", "width", "height", "batch_size", "guidance_scale", "seed", "subseed",
+          "subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
+TXT2IMG_ONLY = ("enable_hr", "hr_upscaler", "hr_scale", "hr_second_pass_steps", "denoising_strength")
+IMG2IMG_ONLY = ("denoising_strength", "resize_mode", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding",
+                "inpainting_fill")
+LABELS = {
+    "sampler": "Sampling method", "schedule_type": "Schedule type", "steps": "Sampling steps", "width": "Width",
+    "height": "Height", "batch_size": "Batch size", "guidance_scale": "CFG Scale", "seed": "Seed",
+    "subseed": "Variation seed", "subseed_strength": "Variation strength", "enable_hr": "Hires. fix",
+    "hr_upscaler": "Upscaler", "hr_scale": "Upscale by", "hr_second_pass_steps": "Hires steps",
+    "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "mask_blur": "Mask blur",
+    "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding, pixels",
+    "inpainting_fill": "Masked content",
+    "clip_skip": "Clip skip", "seed_resize_from_w": "Resize seed from width",
+    "seed_resize_from_h": "Resize seed from height",
+}
+INPAINT_AREAS = {"Whole picture": False, "Only masked": True}  # A1111's radio for inpaint_full_res
+MAX_BATCH_COUNT = 100  # the Batch count slider's maximum (A1111's), checked again by the handlers
+# Gradio refuses an uploaded file beyond this (its max_file_size): room for a picture within MAX_PICTURE_BYTES and
+# for the PNGs the img2img canvas makes of it (a large photo's lossless layers can outgrow the JPEG it came from).
+MAX_UPLOAD_BYTES = 2 * MAX_PICTURE_BYTES
+PAGE_MAX_BODY = MAX_UPLOAD_BYTES + 2**20  # any one request to the page (an upload plus its multipart framing)
+
+
+class PageJobs:
+    """The generations under way, per browser session: what that session's Interrupt and Skip reach."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_session: dict[str, JobControl] = {}
+
+    def start(self, session: str) -> JobControl:
+        control = JobControl()
+        with self._lock:
+            self._by_session[session] = control
+        return control
+
+    def end(self, session: str, control: JobControl) -> None:
+        with self._lock:
+            if self._by_session.get(session) is control:
+                del self._by_session[session]
+
+    def interrupt(self, session: str) -> None:
+        with self._lock:
+            control = self._by_session.get(session)
+        if control is not None:
+            control.interrupt()
+
+    def skip(self, session: str) -> None:
+        with self._lock:
+            control = self._by_session.get(session)
+        if control is not None:
+            control.skip()
+
+
+@dataclass
+class Followed:
+    """A generation run in a thread while the page follows its progress."""
+
+    control: JobControl
+    n_iter: int
+    batches: int = 0  # finished
+    result: Generation | None = None
+    error: BaseException | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+def follow(client: Client, state: Followed,
+           work: Callable[[Callable[[int, int], None]], Generation]) -> Iterator[Progress | None]:
+    """Run ``work(on_batch)`` in a thread; yield the server's latest progress for it every POLL_SECONDS while it
+    runs. When the generator ends, ``state`` holds its result or error."""
+
+    def on_batch(done: int, _total: int) -> None:
+        state.batches = done
+
+    def target() -> None:
+        try:
+            state.result = work(on_batch)
+        except BaseException as exc:  # handed to the page's thread, which shows it
+            state.error = exc
+
+    state.thread = threading.Thread(target=target, daemon=True, name="sdtrt-page-job")
+    state.thread.start()
+    while True:
+        state.thread.join(POLL_SECONDS)
+        if not state.thread.is_alive():
+            return
+        try:
+            latest = client.progress(state.control.request_id)
+        except ServerError:
+            latest = None
+        yield latest
+
+
+def progress_html(state: Followed, latest: Progress | None) -> str:
+    """A1111's progress bar: the batches done plus the running batch's steps, and a line saying which."""
+    if state.thread is not None and not state.thread.is_alive():
+        kept = len(state.result.images) if state.result is not None else 0
+        if state.control.interrupted:
+            text, fraction = f"Interrupted: {kept} image{'s' * (kept != 1)} kept", 1.0
+        elif state.error is not None:
+            text, fraction = "Failed", 1.0
+        else:
+            text, fraction = f"Done: {kept} image{'s' * (kept != 1)} in {state.n_iter} batch{'es' * (state.n_iter != 1)}", 1.0
+    elif latest is None:
+        text, fraction = f"Waiting for the server (batch {state.batches + 1} of {state.n_iter})", state.batches / state.n_iter
+    else:
+        within = latest.step / latest.total if latest.total else 0.0
+        fraction = min(1.0, (state.batches + within) / state.n_iter)
+        text = f"Batch {state.batches + 1} of {state.n_iter}, step {latest.step} of {latest.total}"
+    return (f'<div class="sdtrt-progress" data-fraction="{fraction:.3f}">'
+            f'<div class="sdtrt-progress-bar" style="width:{100 * fraction:.1f}%"></div>'
+            f'<span class="sdtrt-progress-text">{html.escape(text)}</span></div>')
+
+
+PROGRESS_CSS = """
+.sdtrt-progress {position: relative; height: 1.6em; border-radius: 4px; background: var(--neutral-200); overflow: hidden}
+.sdtrt-progress-bar {position: absolute; inset: 0 auto 0 0; background: var(--color-accent); opacity: .55}
+.sdtrt-progress-text {position: relative; padding-left: .5em; line-height: 1.6em; font-size: .9em}
+"""
+
+
+def _typed(spec, name: str, value: Any) -> Any:
+    """A control's value as its request field's type (sliders give floats; the radios give their labels)."""
+    if name == "inpaint_full_res":
+        if value not in INPAINT_AREAS:
+            raise InvalidRequest(name, value, f"one of {', '.join(INPAINT_AREAS)}")
+        return INPAINT_AREAS[value]
+    dtype = spec.field(name).dtype
+    try:
+        if dtype.startswith("int"):
+            return int(value)
+        if dtype.startswith("float"):
+            return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(name, value, "a number") from None
+    return value
+
+
+def _whole(value: Any, name: str, lo: int, hi: int, label: str) -> int:
+    """A count the browser sent (a slider's value), checked here: Gradio's own check is the component's, and a
+    handler must not start work on a number only a slider's maximum stood in front of."""
+    what = f"a whole number from {lo} to {hi} ({label})"
+    if isinstance(value, bool):
+        raise InvalidRequest(name, value, what)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(name, value, what) from None
+    if not lo <= number <= hi or number != int(number):  # NaN fails the range too
+        raise InvalidRequest(name, value, what)
+    return int(number)
+
+
+def _control(spec, name: str, **kw):
+    """The control for one request field, from the served model's spec."""
+    f = spec.field(name)
+    label = LABELS.get(name, name)
+    if name == "inpaint_full_res":
+        return gr.Radio(list(INPAINT_AREAS), value="Only masked" if f.default else "Whole picture", label=label, **kw)
+    if name in ("resize_mode", "inpainting_fill"):  # radios, as A1111 shows them
+        return gr.Radio(list(f.choices), value=f.default, label=label, **kw)
+    if f.choices is not None:
+        return gr.Dropdown(choices=list(f.choices), value=f.default, label=label, **kw)
+    if f.dtype == "bool":
+        return gr.Checkbox(value=bool(f.default), label=label, **kw)
+    if name in ("seed", "subseed"):
+        return gr.Number(value=f.default, label=label, precision=0, minimum=f.minimum, **kw)
+    if f.minimum is not None and f.minimum == f.maximum:  # one allowed value (e.g. Clip skip of a one-layer encoder)
+        return gr.Number(value=f.default, label=label, interactive=False, **kw)
+    step = f.multiple_of or (0.01 if f.dtype.startswith("float") else 1)
+    if name == "guidance_scale":
+        step = 0.5
+    return gr.Slider(minimum=f.minimum, maximum=f.maximum, value=f.default, step=step, label=label, **kw)
+
+
+@dataclass
+class Tab:
+    """One generation tab's controls."""
+
+    prompt: Any
+    negative: Any
+    styles: Any
+    n_iter: Any
+    fields: dict[str, Any]
+    generate: Any
+    interrupt: Any
+    skip: Any
+    gallery: Any
+    preview: Any
+    progress: Any
+    info: Any
+    last_seeds: Any
+    infotexts: Any  # the last result's infotexts, kept on the server: what a gallery click shows
+    picture: Any = None  # img2img: the picture, with the inpainting mask drawn on it
+    hires: Any = None  # txt2img: the Hires. fix accordion
+    variation: Any = None  # the Variation seed accordion
+
+    @property
+    def inputs(self) -> list:
+        return [self.prompt, self.negative, self.styles, self.n_iter, *self.fields.values()]
+
+    @property
+    def outputs(self) -> list:
+        return [self.gallery, self.preview, self.progress, self.info, self.last_seeds, self.infotexts]
+
+
+def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
+    picture = hires = None
+    with gr.Row():
+        with gr.Column(scale=4):
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a lighthouse on a cliff, (oil painting:1.2)",
+                                elem_id=f"{kind}_prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{kind}_neg_prompt")
+            style_picker = gr.Dropdown(choices=styles, value=[], multiselect=True, label="Styles",
+                                       visible=bool(styles), elem_id=f"{kind}_styles")
+        with gr.Column(scale=1, min_width=160):
+            generate = gr.Button("Generate", variant="primary", elem_id=f"{kind}_generate")
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{kind}_interrupt")
+                skip = gr.Button("Skip", size="sm", elem_id=f"{kind}_skip")
+    fields: dict[str, Any] = {}
+
+    def row(*names: str) -> None:  # request fields side by side
+        with gr.Row():
+            for name in names:
+                fields[name] = _control(spec, name)
+
+    with gr.Row():
+        with gr.Column():
+            if kind == "img2img":
+                picture = gr.ImageMask(label="Picture (draw the inpainting mask on it; no mask: img2img)",
+                                       type="numpy", image_mode="RGBA", sources=["upload", "clipboard"],
+                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                       elem_id="img2img_picture", height=420)
+                fields["resize_mode"] = _control(spec, "resize_mode")
+            row("sampler", "schedule_type")
+            fields["steps"] = _control(spec, "steps")
+            if kind == "txt2img":
+                with gr.Accordion("Hires. fix", open=False) as hires:
+                    fields["enable_hr"] = _control(spec, "enable_hr")
+                    row("hr_upscaler", "hr_second_pass_steps")
+                    row("denoising_strength", "hr_scale")
+            else:
+                with gr.Accordion("Inpainting", open=True):
+                    fields["mask_blur"] = _control(spec, "mask_blur")
+                    fields["inpainting_fill"] = _control(spec, "inpainting_fill")
+                    row("inpaint_full_res", "inpaint_full_res_padding")
+            with gr.Row():
+                with gr.Column(scale=3):
+                    fields["width"] = _control(spec, "width")
+                    fields["height"] = _control(spec, "height")
+                with gr.Column(scale=2):
+                    n_iter = gr.Slider(minimum=1, maximum=MAX_BATCH_COUNT, value=1, step=1, label="Batch count")
+                    fields["batch_size"] = _control(spec, "batch_size")
+            fields["guidance_scale"] = _control(spec, "guidance_scale")
+            if kind == "img2img":
+                fields["denoising_strength"] = _control(spec, "denoising_strength")
+            with gr.Row():
+                fields["seed"] = _control(spec, "seed", scale=4)
+                random_seed = gr.Button("Random seed", scale=1, size="sm")
+                reuse_seed = gr.Button("Reuse last seed", scale=1, size="sm")
+            with gr.Accordion("Variation seed", open=False) as variation:
+                row("subseed", "subseed_strength")
+                row("seed_resize_from_w", "seed_resize_from_h")
+        with gr.Column():
+            progress = gr.HTML(elem_id=f"{kind}_progress")
+            preview = gr.Image(label="Live preview", visible=False, interactive=False, height=256,
+                               elem_id=f"{kind}_preview")
+            gallery = gr.Gallery(label="Output", columns=2, height="auto", format="png", elem_id=f"{kind}_gallery")
+            info = gr.Textbox(label="Generation parameters (A1111 infotext)", lines=4, interactive=False,
+                              elem_id=f"{kind}_info")
+    last_seeds = gr.State([])
+    infotexts = gr.State([])
+    random_seed.click(lambda: -1, outputs=fields["seed"])
+    reuse_seed.click(lambda seeds: seeds[0] if seeds else -1, inputs=last_seeds, outputs=fields["seed"])
+    # keep the order the handlers read them in
+    order = COMMON + (TXT2IMG_ONLY if kind == "txt2img" else IMG2IMG_ONLY)
+    fields = {name: fields[name] for name in order}
+    return Tab(prompt, negative, style_picker, n_iter, fields, generate, interrupt, skip, gallery, preview, progress,
+               info, last_seeds, infotexts, picture, hires, variation)
+
+
+def _mask_and_picture(value: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """The init picture (RGB) and the drawn mask (white = repaint; None when nothing was drawn) from the
+    ImageMask's value: its background and the alpha of its brush layers."""
+    if not isinstance(value, dict) or value.get("background") is None:
+        raise InvalidRequest("init_image", None, "a picture: upload one in the img2img tab")
+    background = value["background"]
+    shape = getattr(background, "shape", ())
+    if len(shape) not in (2, 3) or (len(shape) == 3 and not 1 <= shape[2] <= 4):
+        raise InvalidRequest("init_image", f"<an array of shape {shape}>", "a picture")
+    # Gradio has decoded it already (Pillow's own limits, lowered by serve_ui); nothing larger is worked on here.
+    if shape[0] * shape[1] > MAX_PICTURE_PIXELS:
+        side = int(MAX_PICTURE_PIXELS ** 0.5)
+        raise InvalidRequest("init_image", f"<{shape[1]}x{shape[0]} picture>",
+                             f"a picture of at most {MAX_PICTURE_PIXELS:,} pixels: make it smaller (e.g. at most "
+                             f"{side} x {side}) before uploading it")
+    background = np.asarray(background)
+    picture = background[..., :3] if background.ndim == 3 else np.stack([background] * 3, axis=-1)
+    if picture.shape[2] < 3:  # grey with alpha
+        picture = np.concatenate([picture[..., :1]] * 3, axis=-1)
+    drawn = np.zeros(picture.shape[:2], dtype=bool)
+    for layer in value.get("layers") or []:
+        layer = np.asarray(layer)
+        if layer.ndim == 3 and layer.shape[2] == 4 and layer.shape[:2] == drawn.shape:
+            drawn |= layer[..., 3] > 0
+    return np.ascontiguousarray(picture, dtype=np.uint8), (drawn.astype(np.uint8) * 255 if drawn.any() else None)
+
+
+def _error(message: Any) -> gr.Error:
+    """An error the page shows: Gradio renders its text as HTML, so it is escaped (sdtrt's messages write values
+    as ``<5000x4000 picture>``, and a value the browser sent must not become markup)."""
+    return gr.Error(html.escape(str(message), quote=False))
+
+
+def _gallery_picture(image: np.ndarray, infotext: str) -> Image.Image:
+    """A result as the gallery gets it: Gradio writes it to its own cache as a PNG, infotext kept (it copies a
+    picture's text chunks), and serves that copy; the outputs folder is never named to Gradio."""
+    picture = Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+    picture.info["parameters"] = infotext
+    return picture
+
+
+def _uploaded_file(path: Any, what: str) -> Path:
+    """``path`` (from the browser) when it is a file inside Gradio's upload folder, symlinks resolved; a gr.Error
+    otherwise. Gradio checks this itself only for file data marked as such (with ``meta``); a client that leaves
+    the mark out reaches a handler with any path it likes."""
+    refused = _error(f"{what}: the picture is not one uploaded to this page; upload it again")
+    if not isinstance(path, str) or not path:
+        raise refused
+    try:
+        folder = Path(get_upload_folder()).resolve()
+        resolved = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, a NUL byte
+        raise refused from None
+    if not resolved.is_relative_to(folder) or not resolved.is_file():
+        raise refused
+    return resolved
+
+
+def png_info(payload: Any) -> str:
+    """PNG Info: the infotext of the uploaded picture. The event runs without Gradio's preprocessing (which would
+    open any path with every format Pillow knows): the upload's path is checked, then the file is decoded by
+    :func:`sdtrt.contract.pictures.open_picture` (PNG, JPEG or WebP; too large or too many pixels refused before decoding)."""
+    if payload is None:
+        return ""
+    path = payload.get("path") if isinstance(payload, dict) else None
+    file = _uploaded_file(path, "PNG Info")
+    try:
+        picture = open_picture(file, "image")
+    except InvalidRequest as exc:
+        raise _error(f"PNG Info: {exc}") from None
+    text = picture.info.get("parameters")
+    return text if isinstance(text, str) else ""
+
+
+def show_info(infotexts: list[str], evt: gr.SelectData) -> Any:
+    """The infotext of the picture clicked in a gallery: the one sdtrt produced for it, kept in this session's
+    state; the browser says only which picture (its index), never a path to read."""
+    index = evt.index
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(infotexts or []):
+        return infotexts[index]
+    return gr.update()
+
+
+def build_ui(client: Client, outputs: Path = Path("outputs"), styles_file: Path | None = DEFAULT_STYLES_FILE):
+    spec = client.spec  # the default model's ranges and defaults shape the controls
+    jobs = PageJobs()
+    styles = load_styles(styles_file)
+
+    def titles() -> dict[str, str]:
+        return {s.title: key for key, s in client.catalog.models.items()}
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.HTML(f"<style>{PROGRESS_CSS}</style>", visible=True, padding=False)
+        gr.Markdown(f"## {TITLE}\nServer `{client.url}` ({client.protocol})")
+        with gr.Row():
+            checkpoint = gr.Dropdown(choices=list(titles()), value=spec.title, label="Stable Diffusion checkpoint",
+                                     scale=4, elem_id="checkpoint")
+            refresh = gr.Button("Refresh", scale=0, min_width=80, elem_id="refresh_checkpoints")
+            clip_skip = _control(spec, "clip_skip", scale=2)
+        with gr.Tabs() as tabs:
+            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                t2i = _generation_tab(spec, "txt2img", list(styles))
+            with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
+                i2i = _generation_tab(spec, "img2img", list(styles))
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                with gr.Row():
+                    with gr.Column():
+                        png = gr.Image(label="Source", type="filepath", sources=["upload", "clipboard"],
+                                       elem_id="pnginfo_image")
+                    with gr.Column():
+                        png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text")
+                        send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+
+        def refresh_models():
+            client.refresh()
+            return gr.update(choices=list(titles()))
+
+        refresh.click(refresh_models, outputs=checkpoint)
+
+        def settings(tab_fields: tuple[str, ...], values: tuple) -> dict[str, Any]:
+            return {name: _typed(spec, name, value) for name, value in zip(tab_fields, values)}
+
+        def checked(kind: str, model_title: Any, clip: Any, chosen: Any, n_iter: Any, values: tuple,
+                    picture: Any) -> tuple:
+            """What the browser sent, checked before any work starts: a model the server has, styles the page
+            offers, the batch count within the slider's range, each field in its type (the client checks ranges)."""
+            models = titles()
+            if not isinstance(model_title, str) or model_title not in models:
+                raise _error(f"unknown checkpoint {echo(model_title)}: choose one of the server's models "
+                             "(Refresh updates the list)")
+            if chosen is None:
+                chosen = []
+            if not isinstance(chosen, list) or not all(isinstance(s, str) and s in styles for s in chosen):
+                raise _error(f"unknown style in {echo(chosen)}: choose among the page's styles ({len(styles)})")
+            try:
+                count = _whole(n_iter, "n_iter", 1, MAX_BATCH_COUNT, "Batch count")
+                fields = settings(tuple((t2i if kind == "txt2img" else i2i).fields), values)
+                clip = _typed(spec, "clip_skip", clip)
+                init_and_mask = _mask_and_picture(picture) if kind == "img2img" else None
+            except InvalidRequest as exc:
+                raise _error(str(exc)) from None
+            return models[model_title], clip, chosen, count, fields, init_and_mask
+
+        def run(kind: str, request: gr.Request, model_title: str, clip: float, prompt: str, negative: str,
+                chosen: list[str], n_iter: float, values: tuple, picture: Any = None):
+            model, clip, chosen, n_iter, fields, init_and_mask = checked(kind, model_title, clip, chosen, n_iter,
+                                                                         values, picture)
+            prompt, negative = apply_styles(prompt or "", negative or "", [styles[s] for s in chosen])
+            control = jobs.start(request.session_hash)
+            common = dict(model=model, negative_prompt=negative, clip_skip=int(clip), control=control, **fields)
+            state = Followed(control, n_iter)
+            try:
+                if kind == "txt2img":
+                    def work(on_batch):
+                        return client.txt2img(prompt, n_iter=n_iter, progress=on_batch, **common)
+                else:
+                    init, mask = init_and_mask
+
+                    def work(on_batch):
+                        return client.img2img(prompt, init, mask, n_iter=n_iter, progress=on_batch, **common)
+                for latest in follow(client, state, work):
+                    preview = gr.update(value=latest.preview, visible=True) if latest and latest.preview is not None \
+                        else gr.skip()
+                    yield gr.skip(), preview, progress_html(state, latest), gr.skip(), gr.skip(), gr.skip()
+            except InvalidRequest as exc:
+                raise _error(str(exc)) from None
+            finally:
+                # Still running here: Gradio closed this handler because the browser went away (the page was
+                # closed or reloaded). Nobody will see the pictures: stop the server's loops within a step.
+                if state.thread is not None and state.thread.is_alive():
+                    log.warning("page closed: interrupting its generation (request %s)", control.request_id)
+                    control.interrupt()
+                jobs.end(request.session_hash, control)
+            if isinstance(state.error, (InvalidRequest, ServerError)):
+                raise _error(str(state.error))
+            if state.error is not None:
+                raise state.error
+            result = state.result
+            try:
+                for image, s, text in zip(result.images, result.seeds, result.infotexts):
+                    save_png(image, s, text, outputs / f"{kind}-images")
+            except DiskFull as exc:  # the pictures are shown all the same; nothing half written is left
+                log.error("outputs not saved: %s", exc)
+                gr.Warning(f"not saved: the page's output folder is full ({disk_full_summary(exc)}); the pictures "
+                           "below are not on the server's disk: download them, and tell the page's operator")
+            pictures = [(_gallery_picture(image, text), f"seed {s}")
+                        for image, s, text in zip(result.images, result.seeds, result.infotexts)]
+            yield (pictures, gr.update(visible=False), progress_html(state, None),
+                   result.infotexts[0] if result.infotexts else "", result.seeds, list(result.infotexts))
+
+        def txt2img_handler(request: gr.Request, model_title, clip, prompt, negative, chosen, n_iter, *values):
+            yield from run("txt2img", request, model_title, clip, prompt, negative, chosen, n_iter, values)
+
+        def img2img_handler(request: gr.Request, model_title, clip, picture, prompt, negative, chosen, n_iter,
+                            *values):
+            yield from run("img2img", request, model_title, clip, prompt, negative, chosen, n_iter, values, picture)
+
+        for tab, handler, extra in ((t2i, txt2img_handler, []), (i2i, img2img_handler, [i2i.picture])):
+            inputs = [checkpoint, clip_skip, *extra, *tab.inputs]
+            tab.generate.click(handler, inputs=inputs, outputs=tab.outputs)
+            tab.prompt.submit(handler, inputs=inputs, outputs=tab.outputs)
+            tab.interrupt.click(_session_call(jobs.interrupt), inputs=None, outputs=None, concurrency_limit=None)
+            tab.skip.click(_session_call(jobs.skip), inputs=None, outputs=None, concurrency_limit=None)
+            tab.gallery.select(show_info, inputs=tab.infotexts, outputs=tab.info)
+
+        png.change(png_info, inputs=png, outputs=png_text, preprocess=False)
+
+        def send_to_txt2img(text: str):
+            """The infotext's settings into the txt2img tab's controls (as A1111's "Send to txt2img")."""
+            if not text:
+                raise _error("no parameters to send: upload a PNG written by sdtrt or A1111 first")
+            read = settings_from_infotext(text)
+            updates = [gr.update(value=read.get("prompt", "")), gr.update(value=read.get("negative_prompt", ""))]
+            for name in t2i.fields:
+                value = read.get(name)
+                try:
+                    updates.append(gr.update(value=_typed(spec, name, value)) if value is not None else gr.skip())
+                except (TypeError, ValueError):
+                    updates.append(gr.skip())
+            clip = read.get("clip_skip")
+            updates.append(gr.update(value=int(clip)) if clip is not None else gr.update(value=1))
+            wanted = read.get("Model hash")
+            found = [t for t, key in titles().items() if wanted and client.catalog.models[key].model_hash == wanted]
+            updates.append(gr.update(value=found[0]) if found else gr.skip())
+            # the accordions holding settings the infotext sets are opened, so that they show
+            updates += [gr.update(open=True) if read.get("enable_hr") else gr.skip(),
+                        gr.update(open=True) if read.get("subseed_strength") not in (None, "0", 0) else gr.skip()]
+            return [*updates, gr.Tabs(selected="txt2img")]
+
+        send.click(send_to_txt2img, inputs=png_text,
+                   outputs=[t2i.prompt, t2i.negative, *t2i.fields.values(), clip_skip, checkpoint, t2i.hires,
+                            t2i.variation, tabs])
+    return demo
+
+
+def _session_call(action: Callable[[str], None]):
+    """A handler that applies ``action`` to the calling browser session's generation."""
+
+    def handler(request: gr.Request) -> None:
+        action(request.session_hash)
+
+    return handler
+
+
+# ---- the front door: PageGuard, an ASGI middleware in front of every route of the app Gradio builds ----
+
+Scope = dict
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# What a browser that has not logged in may fetch: the login page and the static frontend that draws it.
+# Everything else (the config, the API and its description, files, the queue, uploads, heartbeats, cancel, the run
+# history...) wants the login, whatever Gradio's own route says.
+# (/gradio_api/startup-events: Gradio's launch() calls it itself, without a login; it acts once, at launch.)
+OPEN_PATHS = {"/", "/favicon.ico", "/theme.css", "/manifest.json", "/robots.txt", "/logout", "/logout/",
+              "/gradio_api/startup-events"}
+OPEN_PREFIXES = ("/assets/", "/static/", "/pwa_icon")
+LOGIN_PATHS = {"/login", "/login/"}
+LOGIN_CHECK = "/gradio_api/login_check"  # Gradio's own answer to "is this request logged in?" (200 or 401)
+_API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.DOTALL)  # JSON there escapes '<'
+_NO_API_INFO = b'window.gradio_api_info = {"named_endpoints": {}, "unnamed_endpoints": {}};</script>'
+
+
+def _refused_cross_site(scope: Scope) -> bool:
+    """A cross-site request is refused unless it is a plain navigation to a page (a link to the page from
+    elsewhere): no form POST, no script's fetch (it could start or interrupt a generation, or read results with
+    the user's login cookie: Gradio's CORS middleware grants any origin, with credentials, whenever the page is
+    reached under a name other than localhost)."""
+    if not cross_site(scope):
+        return False
+    navigating = scope["type"] == "http" and scope.get("method") in ("GET", "HEAD") and \
+        _header(scope, b"sec-fetch-mode") == "navigate"
+    return not navigating
+
+
+def _route_path(scope: Scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+async def _answer(scope: Scope, send: Send, status: int, detail: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": detail[:120]})
+        return
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class PageGuard:
+    """ASGI middleware for the page's app (given to Gradio as a FastAPI middleware, so it is in front of every
+    route Gradio adds): cross-site requests refused (403), request bodies bounded (413), and with ``login``
+    every route but the login page and its static files wants a logged-in session (401), Gradio's own
+    login_check deciding who is logged in. The login page itself is served without the description of the
+    page's API that Gradio embeds in it."""
+
+    def __init__(self, app, login: bool = False, max_body: int = PAGE_MAX_BODY, ready=None):
+        """``ready``: a function that says whether the server behind the page is ready (GET /healthz)."""
+        self.app = app
+        self.login = login
+        self.max_body = max_body
+        self.ready = ready
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if _refused_cross_site(scope):
+            await _answer(scope, send, 403, "cross-site request refused: use the page itself")
+            return
+        method = scope.get("method", "GET")
+        if scope["type"] == "http" and self.ready is not None and _route_path(scope) == HEALTH_PATH:
+            import asyncio
+
+            ready = await asyncio.to_thread(self.ready)  # (open: Kubernetes' probes; it says only that)
+            await _answer(scope, send, 200 if ready else 503, "ok" if ready else "unavailable")
+            return
+        if scope["type"] == "http":
+            length = _header(scope, b"content-length")
+            if length is not None and (not length.strip().isdigit() or int(length) > self.max_body):
+                await _answer(scope, send, 413, f"request body over {self.max_body // 2**20} MiB")
+                return
+            if length is None and method not in SAFE_METHODS:
+                receive = self._bounded(receive)
+        path = _route_path(scope)
+        if self.login:
+            open_ = (path in LOGIN_PATHS and method == "POST") or (
+                method in ("GET", "HEAD") and (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)))
+            logged_in = False if open_ and path != "/" else await self._logged_in(scope)
+            if not open_ and not logged_in:
+                await _answer(scope, send, 401, "Not authenticated: log in on the page first")
+                return
+            if path == "/" and not logged_in:
+                send = self._without_api_info(send)
+        await self.app(scope, receive, send)
+
+    async def _logged_in(self, scope: Scope) -> bool:
+        """Gradio's own login_check, asked in-process with this request's cookies (200: logged in)."""
+        root = scope.get("root_path", "")
+        sub = dict(scope, type="http", method="GET", path=root + LOGIN_CHECK, raw_path=(root + LOGIN_CHECK).encode(),
+                   query_string=b"", headers=[(k, v) for k, v in scope.get("headers") or [] if k == b"cookie"])
+        sub.setdefault("http_version", "1.1")
+        status: list[int] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        try:
+            await self.app(sub, receive, send)
+        except Exception:
+            return False
+        return status[:1] == [200]
+
+    def _bounded(self, receive: Receive) -> Receive:
+        """A body sent without Content-Length, counted as it arrives; past the ceiling the app sees a disconnect."""
+        seen = 0
+
+        async def bounded() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    return {"type": "http.disconnect"}
+            return message
+
+        return bounded
+
+    @staticmethod
+    def _without_api_info(send: Send) -> Send:
+        """The login page without the API description Gradio writes into every rendering of "/"."""
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def rewrite(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = _API_INFO.sub(lambda _: _NO_API_INFO, b"".join(chunks), count=1)
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            if start.get("status") != 304 and body:
+                headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        return rewrite
+
+
+def offline_theme():
+    """Gradio's default theme with system fonts: the stock one fetches Google Fonts, which offline and
+    air-gapped deployments cannot reach (the page then waits on them)."""
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def serve_ui(client: Client, host: str, port: int, outputs: Path = Path("outputs"),
+             auth: dict[str, str] | None = None, styles_file: Path | None = DEFAULT_STYLES_FILE) -> None:
+    """Serve the page; with ``auth`` (user -> password) it asks for a login first (Gradio's, as A1111's
+    ``--gradio-auth``), on every route (:class:`PageGuard`)."""
+    from starlette.middleware import Middleware
+
+    # Gradio decodes the img2img picture itself, with Pillow's bomb check: an error past twice MAX_IMAGE_PIXELS,
+    # before any pixel is decoded. Pillow's default lets 179 megapixels through (716 MB as RGBA, per layer); set
+    # to what sdtrt takes at all, nothing past 2 x 16.7 megapixels is decoded, and the handler refuses the rest.
+    Image.MAX_IMAGE_PIXELS = MAX_PICTURE_PIXELS
+    demo = build_ui(client, outputs, styles_file)
+    # No allowed_paths: the outputs folder is not served (it holds every user's pictures); the gallery's pictures
+    # are Gradio's own copies. SSR and the MCP server stay off so that nothing answers beside the guarded app.
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=host, server_port=port, share=False, theme=offline_theme(),
+        auth=list(auth.items()) if auth else None, max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False, mcp_server=False,
+        app_kwargs={"middleware": [Middleware(PageGuard, login=bool(auth), ready=client.is_ready)]})

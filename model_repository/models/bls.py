@@ -1,0 +1,188 @@
+"""The networks as the jobs see them (``sdtrt.pipeline.jobs.Networks``), served: BLS calls to the Triton network models.
+
+Each call names the spec's tensors. The U-Net calls of the loops a job instance runs at once are merged into one
+call (``step_batcher.py``); Triton's dynamic batcher may merge calls from other job models too. A cancelled
+request stops at its next network call (the tokenizer, the text encoder, every U-Net step).
+
+Where the data lives: the loop runs on ``device`` (a GPU when its model instance is ``KIND_GPU``, else the
+CPU). Tensors cross into and out of Triton through DLPack, never through NumPy, and every BLS request names
+the memory it wants its outputs in (``preferred_memory``): the loop's device for the U-Net and the VAE
+encoder, so that a TensorRT network's GPU outputs stay on the GPU step after step; the CPU for the decoded
+pictures, which become PNGs. Without that request a ``tensorrt_plan`` model answers in GPU memory, which
+``as_numpy()`` cannot read. CPU and GPU take the same code path; only the memory type differs.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
+from sdtrt.contract.images import to_uint8
+from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
+from sdtrt.model_repository.models.step_batcher import StepBatcher
+from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
+from sdtrt.requests.request import Txt2ImgRequest
+from sdtrt.contract.errors import Cancelled, InvalidRequest, RelayedInvalidRequest, Unavailable, invalid_field
+from sdtrt.contract.spec import MODEL, ComponentSpec, ModelSpec
+
+# Every BLS call has a deadline: a stage that hangs (a stopped or deadlocked stub) must fail the request, not hold
+# its loop for good. Triton's own request timeout only applies while a request waits in a queue, so the call runs on
+# a caller thread and the loop waits for it with a timeout. A call gets the floor plus a share of the span in
+# proportion to its work (its first input's elements against the spec's largest): the largest U-Net call of a
+# full-size model on a CPU takes tens of seconds. `sdtrt serve`'s watchdog notices a hung stage much sooner
+# (sdtrt.model_repository.serving.health); these deadlines are the backstop. SDTRT_CALL_TIMEOUT_S moves the floor.
+CALL_TIMEOUT_FLOOR_S = float(os.environ.get("SDTRT_CALL_TIMEOUT_S", 60.0))
+CALL_TIMEOUT_SPAN_S = 240.0
+_CALLERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="bls")  # shared by the loops of one stub
+
+
+def call_deadline(spec: ModelSpec, component: ComponentSpec | None, inputs: tuple = ()) -> float:
+    """Seconds one call may take: the floor, plus the span scaled by how much of the largest call it is."""
+    if component is None or not inputs or not component.inputs:
+        return CALL_TIMEOUT_FLOOR_S
+    largest = 1
+    for dim in component.inputs[0].shape:
+        largest *= dim if isinstance(dim, int) else spec.dims[dim].max
+    return CALL_TIMEOUT_FLOOR_S + CALL_TIMEOUT_SPAN_S * min(1.0, inputs[0].numel() / max(largest, 1))
+
+
+def exec_within(request: "pb_utils.InferenceRequest", model: str, deadline_s: float):
+    """``request.exec()``, or Unavailable naming ``model`` when it has not answered within ``deadline_s``."""
+    future = _CALLERS.submit(request.exec)
+    try:
+        return future.result(timeout=deadline_s)
+    except FutureTimeout:
+        # The caller thread stays blocked until the stage answers or its stub is killed (the watchdog's job).
+        raise Unavailable(f"{model} did not answer within {deadline_s:.0f} s (a hung stage: sdtrt serve's watchdog "
+                          "restarts it); send the request again in a minute") from None
+
+
+def raise_nested(model: str, error) -> None:
+    """Raise a nested model's error as what it is: its code and its words survive the hop (sdtrt.contract.errors)."""
+    message = error.message()
+    code = error.code() if hasattr(error, "code") else None
+    # Triton 2.51 hands a BLS caller every nested error as INTERNAL, so sdtrt's own refusals are also known by
+    # their words: every InvalidRequest reads "invalid FIELD=VALUE: ..." (sdtrt.contract.errors).
+    if code == pb_utils.TritonError.INVALID_ARG or invalid_field(message) is not None:
+        raise RelayedInvalidRequest(message)
+    if code == pb_utils.TritonError.CANCELLED:
+        raise Cancelled(message)
+    if code == pb_utils.TritonError.UNAVAILABLE or ("Stub process" in message and "not healthy" in message):
+        # a queue full, or a stub that died or was killed as hung: the watchdog is bringing the model back
+        raise Unavailable(f"{model} is unavailable ({message}); send the request again in a minute")
+    raise RuntimeError(f"{model}: {message}")
+
+
+def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
+    """Where Triton should put a BLS response's outputs: ``device``'s memory."""
+    if device.type == "cuda":
+        return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device.index or 0)
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+
+def to_triton(name: str, tensor: torch.Tensor) -> "pb_utils.Tensor":
+    """A torch tensor (CPU or GPU) as a Triton tensor, sharing its memory (DLPack needs C order)."""
+    return pb_utils.Tensor.from_dlpack(name, tensor.contiguous())
+
+
+def from_triton(tensor: "pb_utils.Tensor") -> torch.Tensor:
+    """A Triton tensor as a torch tensor on the same device, sharing its memory (DLPack, stream-ordered)."""
+    return torch.from_dlpack(tensor)
+
+
+class BlsNetworks:
+    """One request's view of the networks. Every call first checks whether the client has gone (cancelled, or
+    its connection closed): the job model holds the client's own request, so that is seen within one step."""
+
+    def __init__(self, spec: ModelSpec, request, device: torch.device = torch.device("cpu"),
+                 loras: RequestLoras | None = None, batcher: StepBatcher | None = None, unet_rows: int = 0):
+        """``batcher`` merges this request's U-Net calls with other loops' (up to ``unet_rows`` rows a call)."""
+        self.spec = spec
+        self.request = request
+        self.device = device
+        self.loras = loras or no_loras()
+        self.batcher = batcher
+        self.unet_rows = unet_rows
+
+    def _check_cancelled(self) -> None:
+        if self.request.is_cancelled():
+            raise Cancelled("request cancelled by the client")
+
+    def _exec(self, model: str, inputs: list, outputs: list[str], memory: torch.device,
+              deadline_s: float = CALL_TIMEOUT_FLOOR_S) -> dict[str, torch.Tensor]:
+        request = pb_utils.InferenceRequest(
+            model_name=model, requested_output_names=outputs, inputs=inputs, preferred_memory=preferred_memory(memory),
+        )
+        response = exec_within(request, model, deadline_s)
+        if response.has_error():
+            message = response.error().message()
+            if "unknown model" in message or "is not ready" in message or "not found" in message:
+                raise InvalidRequest(MODEL, self.spec.key, "a model this server has loaded: it is unloaded "
+                                     f"(`sdtrt models load {self.spec.key}` loads it)") from None
+            raise_nested(model, response.error())
+        # Copies on ``memory``: the response's buffers go back to Triton's pools straight away.
+        return {name: from_triton(pb_utils.get_output_tensor_by_name(response, name)).to(memory, copy=True)
+                for name in outputs}
+
+    def _network(self, name: str, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> dict[str, torch.Tensor]:
+        """A network the request's LoRAs change runs as its LoRA variant, with their matrices as two more inputs."""
+        lora = self.loras.inputs(name, len(inputs[0]), self.device)
+        if lora is None:
+            return self._call(self.spec.component(name), inputs, output_device)
+        return self._call(self.spec.component(name + LORA_SUFFIX), (*inputs, *lora), output_device)
+
+    def _call(self, component: ComponentSpec, inputs: tuple[torch.Tensor, ...],
+              output_device: torch.device) -> dict[str, torch.Tensor]:
+        self._check_cancelled()
+        values = []
+        for spec, value in zip(component.inputs, inputs):
+            value = value.to(device=self.device, dtype=getattr(torch, spec.dtype))
+            if len(spec.shape) == 1:  # per-row scalars travel as [N, 1] (Triton needs a non-batch dim)
+                value = value.reshape(-1, 1)
+            values.append(value)
+        model, outputs = self.spec.triton_name(component.name), [t.name for t in component.outputs]
+
+        def run(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            triton = [to_triton(spec.name, value) for spec, value in zip(component.inputs, tensors)]
+            return self._exec(model, triton, outputs, output_device, call_deadline(self.spec, component, tuple(tensors)))
+
+        if self.batcher is None or not component.name.startswith("unet"):
+            return run(values)
+        key = (model, output_device, tuple(tuple(v.shape[1:]) for v in values))
+        return self.batcher.call(key, values, self.unet_rows, run)
+
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
+        """(uncond, cond) conditioning: the tokenizer model (A1111 chunks and weights), then the text encoder."""
+        cpu = torch.device("cpu")
+        fields = []
+        for name in TOKENIZER_FIELDS:
+            value, dtype = getattr(request, name), self.spec.field(name).dtype
+            array = np.array([value.encode("utf-8")], dtype=np.object_) if dtype == "string" else np.array([value], dtype=dtype)
+            fields.append(pb_utils.Tensor(name, array))  # strings have no DLPack form
+        self._check_cancelled()
+        tokens = self._exec(self.spec.triton_name(TOKENIZER), fields,
+                            [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS, EMBEDDING_VECTORS], cpu)
+        outputs = self._network("text_encoder", (tokens[TOKEN_IDS], tokens[CLIP_SKIP_ROWS],
+                                                 tokens[EMBEDDING_VECTORS]), cpu)
+        return prompt_conditioning({k: v.numpy() for k, v in outputs.items()}, tokens[TOKEN_WEIGHTS].numpy())
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
+        outputs = self._network("unet", (sample, timestep, *unet_inputs(self.spec, context)), self.device)
+        return outputs[self.spec.component("unet").outputs[0].name]
+
+    def _single(self, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A one-input, one-output network's answer (the VAE's), by the spec's tensor names."""
+        component = self.spec.component(name)
+        return self._call(component, (value,), device)[component.outputs[0].name]
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self._single("vae_encoder", images, self.device)
+
+    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self._single("vae_decoder", latents, torch.device("cpu")).numpy())

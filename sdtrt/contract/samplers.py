@@ -1,0 +1,267 @@
+"""AUTOMATIC1111 sampler names and schedule types -> diffusers scheduler classes, in one table.
+
+Every sampler is a diffusers scheduler object built from the checkpoint's own scheduler config
+(``ModelSpec.scheduler_config``) plus the overrides below; sdtrt never implements a sampler itself.
+A1111's older combined names ("DPM++ 2M Karras") are the base sampler with a schedule type; newer A1111
+sends the schedule type separately ("scheduler": "Karras"), which ``schedule_type`` takes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
+from typing import Any, Sequence
+
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.schedules import ALIGN_YOUR_STEPS, SIGMA_SCHEDULES
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str  # as AUTOMATIC1111 spells it
+    scheduler: str  # diffusers class name
+    overrides: dict[str, Any] = field(default_factory=dict)
+    schedule: str = "Automatic"  # the schedule type a combined name implies ("Karras" in "DPM++ 2M Karras")
+    max_steps: int = 0  # the most steps the sampler can take (0: no limit of its own)
+
+
+# A1111 schedule type -> the diffusers config that gives it. A1111 (k-diffusion) spans Karras, Exponential and Beta
+# over the model's whole sigma range; diffusers' Euler-family classes take the range from the sigmas at their
+# spaced timesteps, which with SD's "leading" spacing starts at 11.0 instead of 14.6: "linspace" spacing includes
+# both ends, so these are A1111's sigmas (checked against A1111's formulas in tests/test_a1111_samplers.py).
+# Polyexponential is k-diffusion's polyexponential at A1111's default rho of 1, which is the exponential schedule.
+# Uniform is A1111's evenly spaced timesteps; SGM Uniform is diffusers' "trailing" equivalent (integer timesteps
+# where A1111 interpolates: at most one training timestep apart). A1111's own schedules (sdtrt.contract.schedules) are
+# sigma lists instead, for samplers whose diffusers class takes custom sigmas.
+_FULL_RANGE = {"timestep_spacing": "linspace"}
+CONFIG_SCHEDULES: dict[str, dict[str, Any]] = {
+    "Automatic": {},
+    "Uniform": {"timestep_spacing": "linspace"},
+    "Karras": {"use_karras_sigmas": True, **_FULL_RANGE},
+    "Exponential": {"use_exponential_sigmas": True, **_FULL_RANGE},
+    "Polyexponential": {"use_exponential_sigmas": True, **_FULL_RANGE},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+    "Beta": {"use_beta_sigmas": True, **_FULL_RANGE},
+}
+# Every schedule type, in A1111's order.
+SCHEDULE_TYPES: tuple[str, ...] = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
+                                   "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
+assert set(SCHEDULE_TYPES) == set(CONFIG_SCHEDULES) | set(SIGMA_SCHEDULES)
+DEFAULT_SCHEDULE = "Automatic"
+
+
+def schedule_detail(name: str) -> str:
+    """How a schedule type is obtained, for `sdtrt samplers`."""
+    if name in SIGMA_SCHEDULES:
+        return "A1111's sigma list, given to diffusers as custom sigmas"
+    return " ".join(f"{k}={v}" for k, v in CONFIG_SCHEDULES[name].items()) or "the sampler's default"
+
+
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+
+
+def _with_karras(name: str, scheduler: str, overrides: dict[str, Any] | None = None) -> list[Sampler]:
+    overrides = overrides or {}
+    return [Sampler(name, scheduler, overrides), Sampler(f"{name} Karras", scheduler, overrides, "Karras")]
+
+
+SAMPLERS: dict[str, Sampler] = {
+    s.name: s
+    for s in [
+        Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
+        Sampler("Euler", "EulerDiscreteScheduler"),
+        *_with_karras("LMS", "LMSDiscreteScheduler"),
+        Sampler("Heun", "HeunDiscreteScheduler"),
+        *_with_karras("DPM2", "KDPM2DiscreteScheduler"),
+        *_with_karras("DPM2 a", "KDPM2AncestralDiscreteScheduler"),
+        *_with_karras("DPM++ 2M", "DPMSolverMultistepScheduler"),
+        *_with_karras("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SDE),
+        # k-diffusion's 2M SDE with solver_type='heun' is diffusers' SDE-DPM-Solver++ with its Heun correction
+        *_with_karras("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", {**_SDE, "solver_type": "heun"}),
+        *_with_karras("DPM++ SDE", "DPMSolverSDEScheduler"),
+        # As A1111 runs them whatever the checkpoint's scheduler config says (SD 1.x/2.x ship these; SDXL ships an
+        # EulerDiscrete config without them): DDIM without clipping, PLMS without Runge-Kutta warm-up steps.
+        Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
+        Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
+        Sampler("UniPC", "UniPCMultistepScheduler"),
+        # The LCM authors' scheduler (for LCM-distilled models and LCM LoRAs). It spreads the steps over LCM's 50
+        # original timesteps as diffusers does (A1111 spaces them evenly in its own way).
+        Sampler("LCM", "LCMScheduler", max_steps=50),  # its steps are picked from LCM's 50 original ones
+    ]
+}
+
+# A1111 samplers with no faithful implementation in diffusers (or another library sdtrt uses): the reason, and
+# the samplers to use instead. Refused by name, never swapped for something else silently.
+UNAVAILABLE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "DPM++ 2S a": ("diffusers has no ancestral single-step DPM-Solver++ (its DPMSolverSinglestepScheduler "
+                   "adds no noise)", ("DPM++ SDE", "Euler a", "DPM2 a")),
+    "DPM++ 3M SDE": ("diffusers' third-order SDE-DPM-Solver++ step differs from k-diffusion's in its second-"
+                     "derivative term (the sign of the 1/2), so it would not draw A1111's pictures",
+                     ("DPM++ 2M SDE", "DPM++ 2M SDE Heun")),
+    "DPM fast": ("k-diffusion's DPM-Solver with steps evenly spaced in log-SNR and a varying order has no "
+                 "diffusers counterpart", ("DPM++ 2M", "UniPC")),
+    "DPM adaptive": ("k-diffusion's adaptive-step DPM-Solver ignores the step count and has no diffusers "
+                     "counterpart", ("DPM++ 2M", "UniPC")),
+    "Restart": ("Restart sampling is A1111's own code, in no library", ("Heun", "DPM++ 2M")),
+    "DDIM CFG++": ("CFG++ (guidance on the denoised estimate, re-noised with the unconditional prediction) is "
+                   "A1111's own code, in no library", ("DDIM",)),
+}
+LEGACY_SUFFIXES = (" Karras", " Exponential")  # A1111's old combined names: "DPM++ 3M SDE Karras"
+
+DEFAULT_SAMPLER = "Euler a"
+# What A1111 (1.9+) runs for "Automatic": its table gives these samplers a schedule of their own; the others
+# follow the checkpoint's scheduler config (diffusers' default).
+AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM++ 2M SDE": "Exponential",
+                       "DPM++ 2M SDE Heun": "Exponential"}
+# Samplers that add fresh noise at every step (ancestral, SDE, LCM's re-noising): diffusers draws it from each
+# image's CPU generator.
+STEP_NOISE = frozenset(name for name, s in SAMPLERS.items() if " a" in f" {name} " or "SDE" in name) | {"LCM"}
+
+
+def draws_step_noise(name: str) -> bool:
+    return name in STEP_NOISE
+
+
+def sampler_names() -> tuple[str, ...]:
+    return tuple(SAMPLERS)
+
+
+def check_available(name: str) -> None:
+    """A1111 samplers sdtrt does not run are refused with the reason and the nearest ones it does run."""
+    base = next((name[: -len(s)] for s in LEGACY_SUFFIXES if name.endswith(s) and name[: -len(s)] in UNAVAILABLE),
+                name)
+    if base in UNAVAILABLE:
+        why, nearest = UNAVAILABLE[base]
+        raise InvalidRequest("sampler", name, f"one sdtrt runs; {base!r} is not available: {why}. Nearest: "
+                                              + ", ".join(repr(n) for n in nearest))
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def _diffusers_class(name: str):
+    # diffusers is heavy: imported on first use so that `sdtrt --help` stays fast. Its lazy module is not safe
+    # to import from two threads at once (one sees a half-built module), hence the lock.
+    with _IMPORT_LOCK:
+        import diffusers
+
+        return getattr(diffusers, name)
+
+
+def _scheduler_class(sampler: Sampler):
+    return _diffusers_class(sampler.scheduler)
+
+
+@lru_cache(maxsize=None)
+def _reads_spacing(class_name: str) -> bool:
+    """Whether the class spaces its steps by ``timestep_spacing``: every class takes the setting, LCM's ignores it."""
+    spaced = []
+    for spacing in ("linspace", "trailing"):
+        scheduler = _diffusers_class(class_name).from_config({"timestep_spacing": spacing})
+        scheduler.set_timesteps(10)
+        spaced.append(scheduler.timesteps)
+    return bool((spaced[0] != spaced[1]).any())
+
+
+def _follows(name: str, schedule: str, base_config: dict[str, Any]) -> bool:
+    cls = _scheduler_class(SAMPLERS[name])
+    if schedule in CONFIG_SCHEDULES:
+        params = inspect.signature(cls.__init__).parameters
+        if not all(k in params for k in CONFIG_SCHEDULES[schedule]):
+            return False
+        if CONFIG_SCHEDULES[schedule].get("timestep_spacing") and len(CONFIG_SCHEDULES[schedule]) == 1:
+            return _reads_spacing(SAMPLERS[name].scheduler)
+        return True
+    if "sigmas" not in inspect.signature(cls.set_timesteps).parameters:
+        return False
+    try:  # some classes take custom sigmas only in another mode (UniPC: flow-matching models)
+        set_timesteps(make_scheduler(name, base_config, schedule, {name: [schedule]}), 10)
+    except (ValueError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def supported_schedules(name: str, base_config: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The schedule types this sampler's diffusers class can follow: it takes the config setting, or custom
+    sigmas for A1111's own schedules. Needs diffusers: export computes it once into the spec
+    (``ModelSpec.schedules``), which everyone else reads."""
+    return tuple(t for t in SCHEDULE_TYPES if _follows(name, t, base_config or {}))
+
+
+def schedule_table(base_config: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """Sampler -> the schedule types it accepts, for the spec (``base_config``: the checkpoint's scheduler)."""
+    return {name: list(supported_schedules(name, base_config)) for name in SAMPLERS}
+
+
+def resolve(name: str, schedule_type: str, schedules: dict[str, list[str]]) -> tuple[Sampler, str]:
+    """(sampler, effective schedule type) checked against ``schedules`` (the spec's table); an explicit schedule
+    type wins over a combined name's."""
+    check_available(name)
+    try:
+        sampler = SAMPLERS[name]
+    except KeyError:
+        raise InvalidRequest("sampler", name, "one of: " + ", ".join(repr(n) for n in SAMPLERS)) from None
+    if schedule_type not in SCHEDULE_TYPES:
+        raise InvalidRequest("schedule_type", schedule_type, "one of: " + ", ".join(repr(t) for t in SCHEDULE_TYPES))
+    if schedule_type != DEFAULT_SCHEDULE:
+        effective = schedule_type
+    elif sampler.schedule != DEFAULT_SCHEDULE:  # a combined name ("DPM++ 2M Karras") says it
+        effective = sampler.schedule
+    else:
+        effective = AUTOMATIC_SCHEDULES.get(name, DEFAULT_SCHEDULE)
+    allowed = schedules.get(name, ())
+    if effective not in allowed:
+        raise InvalidRequest("schedule_type", schedule_type,
+                             f"one of: {', '.join(repr(t) for t in allowed)} with sampler {name!r}")
+    return sampler, effective
+
+
+def make_scheduler(
+    name: str, base_config: dict[str, Any], schedule_type: str, schedules: dict[str, list[str]],
+    seeds: list[int] | None = None, align_your_steps: Sequence[float] = (),
+) -> Any:
+    """A fresh diffusers scheduler for one request (schedulers keep per-run state); set its steps with
+    ``set_timesteps`` below, which knows A1111's own schedules.
+
+    ``seeds`` (one per image) seed DPM++ SDE's Brownian tree, one tree per image, as A1111 does; the other
+    samplers draw their noise from the per-image generators passed to ``step`` instead. ``align_your_steps``:
+    the model family's Align Your Steps levels (the spec's).
+    """
+    sampler, effective = resolve(name, schedule_type, schedules)
+    cls = _scheduler_class(sampler)
+    overrides = {**sampler.overrides, **CONFIG_SCHEDULES.get(effective, {})}
+    if seeds is not None and "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
+        overrides["noise_sampler_seed"] = list(seeds)
+    scheduler = cls.from_config(base_config, **overrides)
+    if effective in SIGMA_SCHEDULES:
+        levels = tuple(align_your_steps) or ALIGN_YOUR_STEPS["sd"]
+        scheduler.a1111_sigmas = partial(SIGMA_SCHEDULES[effective], ays=levels)
+    return scheduler
+
+
+def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> None:
+    """diffusers' ``set_timesteps``; for A1111's own schedules, with the sigma list they give for ``steps`` (the
+    model's training sigmas come from the scheduler's own betas)."""
+    sigmas = getattr(scheduler, "a1111_sigmas", None)
+    if sigmas is None:
+        scheduler.set_timesteps(steps, device=device)
+        return
+    cumprod = scheduler.alphas_cumprod.double().cpu().numpy()
+    scheduler.set_timesteps(device=device, sigmas=sigmas(steps, ((1 - cumprod) / cumprod) ** 0.5).tolist())
+
+
+def step_kwargs(scheduler: Any, generators: list[Any], eta: float = 0.0) -> dict[str, Any]:
+    """The extra arguments diffusers' pipelines pass to ``scheduler.step``, only where its signature takes them.
+
+    One generator per image: diffusers' ``randn_tensor`` draws image i's step noise from generator i, which is
+    what a pipeline called per image with that generator does.
+    """
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generators
+    return kwargs

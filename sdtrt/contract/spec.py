@@ -1,0 +1,350 @@
+"""The model spec: the one file that records every fact about an exported model.
+
+`sdtrt export` writes it (``sdtrt_spec.json`` at the root of the model repository) and every
+later reader -- the reference runner, the Triton config generator, the server models, the client
+and the tests -- loads it with :func:`load_spec` instead of restating tensor names, shapes, dtypes,
+latent geometry or request limits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from sdtrt.contract.errors import UsageError
+
+SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
+SPEC_VERSION = 6  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+# 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
+# 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill
+
+# Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
+WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
+               "float16": "FP16", "float32": "FP32"}
+
+# Names of the dynamic dimensions (their ranges are ModelSpec.dims; export/descriptors.py uses them in shapes).
+BATCH = "batch"  # images in a request (VAE batch)
+TEXT_BATCH = "text_batch"  # CLIP rows: 75-token chunks of the negative prompt and the prompt
+UNET_BATCH = "unet_batch"  # U-Net rows: 2x images with guidance (uncond + cond), from several requests when batched
+LATENT_H = "latent_height"
+LATENT_W = "latent_width"
+CONTEXT = "context_length"  # text positions seen by the U-Net: 77 per 75-token prompt chunk
+IMAGE_H = "image_height"  # pixels (VAE encoder input, VAE decoder output)
+IMAGE_W = "image_width"
+LORA_RANK = "lora_rank"  # summed rank of a request's LoRAs (padded), when the export registered LoRAs
+
+# The models users call, and their tensors beside the request fields (each field is a [1]-shaped input named
+# after it). Server, generator and clients all read these names from here.
+TXT2IMG = "txt2img"  # also carries the spec itself, as its config parameter SPEC_PARAMETER
+IMG2IMG = "img2img"
+INIT_IMAGE = "init_image"  # img2img: [H, W, 3] uint8
+MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img2img
+IMAGES = "images"  # out: [N, H, W, 3] uint8
+SEEDS = "seeds"  # out: [N] int64, the seed of each image
+# The progress model: the job loops post each request's steps there under its Triton request id; clients read them.
+PROGRESS = "progress"
+PROGRESS_REQUEST_ID = "request_id"
+PROGRESS_STEP = "step"  # steps done (-1: no such request, or no step yet)
+PROGRESS_TOTAL = "total"
+PROGRESS_PREVIEW = "preview"  # [h, w, 3] uint8, the latents' cheap colours (sdtrt.contract.previews); [0, 0, 3]: none yet
+SPEC_PARAMETER = "sdtrt_spec"
+ENGINES = "engines"  # ModelSpec.extra[ENGINES]: the TensorRT engine manifest, network -> file, GPU, TensorRT, profile
+MODEL = "model"  # the request input naming which of the repository's models to use (absent: the default)
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # tritonserver's own defaults
+
+# A dimension is either a fixed size or the name of a dynamic dimension listed in ModelSpec.dims.
+DimValue = Union[int, str]
+
+
+@dataclass(frozen=True)
+class ExportLimits:
+    """The request limits an export gets unless told otherwise (`sdtrt export --max-batch ...`)."""
+
+    max_batch: int = 4  # images per request
+    min_size: int = 64  # pixels a side
+    max_size: int = 1024
+    max_chunks: int = 3  # longest prompt, in 75-token chunks
+    max_lora_rank: int = 64  # summed rank of one request's LoRAs (the LoRA inputs' profile), with --loras
+    # Ceilings that keep one request from holding the server for minutes (refused by name, see request.validate):
+    full_batch_steps: int = 50  # pixel-steps: max_batch images of max_size x max_size may take this many steps
+    chars_per_token: int = 16  # prompt characters: max_chunks x 75 tokens of this many characters (weights, spaces)
+
+    @staticmethod
+    def largest(native: int) -> int:
+        """The default largest side: max_size, or 1.5x the native size where that is more (SDXL's 1024 px native:
+        1536, so its usual aspect buckets such as 1344x768 fit)."""
+        return max(ExportLimits.max_size, native * 3 // 2 // 64 * 64)
+
+    @staticmethod
+    def pixel_steps(max_size: int, max_batch: int) -> int:
+        return max_size * max_size * max_batch * ExportLimits.full_batch_steps
+
+    @staticmethod
+    def prompt_chars(max_chunks: int) -> int:
+        return max_chunks * 75 * ExportLimits.chars_per_token
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int32", ...
+    shape: tuple[DimValue, ...]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TensorSpec":
+        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """Optimisation-profile range of one dynamic dimension (also the limit enforced on requests)."""
+
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One exported network (text encoder, U-Net, VAE decoder) and its I/O signature."""
+
+    name: str
+    onnx: str  # path relative to the repository root
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, f"{self.name} input")
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, f"{self.name} output")
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> "ComponentSpec":
+        return cls(
+            name=name,
+            onnx=data["onnx"],
+            opset=data["opset"],
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One request field: its wire dtype, default and allowed values."""
+
+    name: str
+    dtype: str  # "string", "int64", "int32", "float32"
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    multiple_of: int | None = None
+    choices: tuple[str, ...] | None = None
+    max_length: int | None = None  # text fields: most characters
+
+    def allowed(self) -> str:
+        """Human-readable description of the allowed values, used in every error message."""
+        if self.choices is not None:
+            return "one of: " + ", ".join(repr(c) for c in self.choices)
+        parts = []
+        if self.multiple_of:
+            parts.append(f"a multiple of {self.multiple_of}")
+        if self.minimum is not None and self.maximum is not None:
+            parts.append(f"from {_num(self.minimum)} to {_num(self.maximum)}")
+        elif self.minimum is not None:
+            parts.append(f">= {_num(self.minimum)}")
+        elif self.maximum is not None:
+            parts.append(f"<= {_num(self.maximum)}")
+        if self.dtype == "bool":
+            return "true or false"
+        if self.max_length is not None:
+            parts.append(f"at most {self.max_length} characters")
+        kind = "an integer" if self.dtype.startswith("int") else "a number" if self.dtype.startswith("float") else "text"
+        return ", ".join([kind] + parts)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "FieldSpec":
+        data = dict(data)
+        if data.get("choices") is not None:
+            data["choices"] = tuple(data["choices"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_name: str
+    source: str
+    source_hash: str  # sha256 hex of the checkpoint (A1111's "Model hash" is its first 10 characters)
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent cell
+    vae_scaling_factor: float  # latents are divided by this before decoding
+    prediction_type: str
+    scheduler_config: dict[str, Any]
+    tokenizer: str  # tokenizer folder, relative to the repository root
+    text_max_length: int  # token ids per CLIP chunk (77 for SD)
+    text_hidden_size: int
+    dims: dict[str, DimRange]
+    components: dict[str, ComponentSpec]
+    request: dict[str, FieldSpec]
+    max_pixel_steps: int = 0  # width x height x images x steps (hires pass included) a request may take; 0: no ceiling
+    schedules: dict[str, list[str]] = field(default_factory=dict)  # sampler -> the schedule types it accepts
+    align_your_steps: list[float] = field(default_factory=list)  # the family's AYS levels (sdtrt.contract.schedules)
+    name: str = ""  # its name in the repository (default: model_name, made safe for Triton model names)
+    # Registered at export, used per request: name -> file (relative to the repository), hashes, rank / vectors.
+    loras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Live previews: (latent channels + 1) x 3, latents -> RGB in [0, 1], fitted to the VAE (sdtrt.contract.previews)
+    latent_preview: list[list[float]] = field(default_factory=list)
+    spec_version: int = SPEC_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_hash(self) -> str:
+        return self.source_hash[:10]
+
+    @property
+    def key(self) -> str:
+        """The model's name in its repository; its Triton models are named ``<key>__<network>``."""
+        return safe_name(self.name or self.model_name)
+
+    @property
+    def title(self) -> str:
+        """A1111's checkpoint title: the model's name in the repository (the file's stem unless the export named it)
+        and its hash. The infotext's "Model" is the same name."""
+        return f"{self.name or self.model_name} [{self.model_hash}]"
+
+    def triton_name(self, component: str) -> str:
+        return f"{self.key}__{component}"
+
+    @property
+    def max_chunks(self) -> int:
+        """Longest prompt, in 75-token chunks: the U-Net's context length range allows this many."""
+        return self.dims[CONTEXT].max // self.text_max_length
+
+    def smallest_shape(self, tensor: TensorSpec) -> list[int]:
+        """A tensor's shape at the smallest size every dynamic dim allows (warm-ups, the watchdog's probes)."""
+        return [d if isinstance(d, int) else self.dims[d].min for d in tensor.shape]
+
+    def component(self, name: str) -> ComponentSpec:
+        try:
+            return self.components[name]
+        except KeyError:
+            raise UsageError(f"the spec has no component {name!r}; it has {sorted(self.components)}") from None
+
+    def field(self, name: str) -> FieldSpec:
+        try:
+            return self.request[name]
+        except KeyError:
+            raise UsageError(f"the spec has no request field {name!r}; it has {sorted(self.request)}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["components"] = {
+            name: {k: v for k, v in asdict(c).items() if k != "name"} for name, c in self.components.items()
+        }
+        data["request"] = [asdict(f) for f in self.request.values()]
+        return data
+
+    def save(self, repo_dir: Path, default: bool = False) -> Path:
+        """Add (or replace) this model in the repository's catalog; the first model is the default."""
+        repo = Path(repo_dir)
+        catalog = load_catalog(repo) if (repo / SPEC_FILENAME).is_file() else Catalog(self.key, {})
+        catalog.models[self.key] = self
+        if default or catalog.default not in catalog.models:
+            catalog.default = self.key
+        return catalog.save(repo)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ModelSpec":
+        data = dict(data)
+        if data.get("spec_version") != SPEC_VERSION:
+            raise UsageError(
+                f"spec_version {data.get('spec_version')!r} is not supported (this sdtrt reads {SPEC_VERSION}); "
+                "re-run `sdtrt export` with this version of sdtrt"
+            )
+        data["dims"] = {k: DimRange(**v) for k, v in data["dims"].items()}
+        data["components"] = {k: ComponentSpec.from_json(k, v) for k, v in data["components"].items()}
+        data["request"] = {f["name"]: FieldSpec.from_json(f) for f in data["request"]}
+        return cls(**data)
+
+
+def safe_name(name: str) -> str:
+    """A model name as a Triton model name and a file name can carry it."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+@dataclass
+class Catalog:
+    """Every model of a repository (or a server), by name, and the one a request that names none gets."""
+
+    default: str
+    models: dict[str, ModelSpec]
+
+    def get(self, name: str | None = None) -> ModelSpec:
+        if name in (None, ""):
+            name = self.default
+        try:
+            return self.models[name]
+        except KeyError:
+            from sdtrt.contract.errors import InvalidRequest
+
+            raise InvalidRequest(MODEL, name, "one of this server's models: " + ", ".join(map(repr, self.models)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec_version": SPEC_VERSION, "default": self.default,
+                "models": {name: spec.to_json() for name, spec in self.models.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Catalog":
+        if data.get("spec_version") != SPEC_VERSION:
+            raise UsageError(
+                f"spec_version {data.get('spec_version')!r} is not supported (this sdtrt reads {SPEC_VERSION}); "
+                "re-run `sdtrt export` with this version of sdtrt"
+            )
+        return cls(data["default"], {name: ModelSpec.from_json(spec) for name, spec in data["models"].items()})
+
+    def save(self, repo_dir: Path) -> Path:
+        """Written aside, fsynced and renamed into place: a reader never sees half a catalog (sdtrt.contract.files)."""
+        from sdtrt.contract.files import write_atomic
+
+        return write_atomic(Path(repo_dir) / SPEC_FILENAME, json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def load_catalog(repo_dir: str | Path) -> Catalog:
+    """Read a model repository's catalog, with an error that says how to make one."""
+    repo = Path(repo_dir)
+    if not repo.is_dir():
+        raise UsageError(f"REPO_DIR {str(repo)!r} does not exist; create it with `sdtrt export MODEL_DIR --out {repo}`")
+    path = repo / SPEC_FILENAME
+    if not path.is_file():
+        raise UsageError(
+            f"REPO_DIR {str(repo)!r} has no {SPEC_FILENAME}: it is not an sdtrt export. "
+            f"Run `sdtrt export MODEL_DIR --out {repo}` first"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); re-run `sdtrt export`") from None
+    return Catalog.from_json(data)
+
+
+def load_spec(repo_dir: str | Path, model: str | None = None) -> ModelSpec:
+    """One model's spec from a repository (the default model's unless ``model`` names another)."""
+    return load_catalog(repo_dir).get(model)
+
+
+def _by_name(tensors: tuple[TensorSpec, ...], name: str, what: str) -> TensorSpec:
+    for t in tensors:
+        if t.name == name:
+            return t
+    raise UsageError(f"no {what} named {name!r}; known: {[t.name for t in tensors]}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)

@@ -1,0 +1,85 @@
+"""The denoising loop, kept visible, shared by the in-process reference runner and the Triton job models.
+
+The U-Net is whatever callable it is handed: an onnxruntime session in-process, a BLS call to the ``unet``
+Triton model when served. Uncond and cond go through the U-Net in ONE batched call, as in diffusers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+
+from sdtrt.pipeline.conditioning import guided as with_uncond
+from sdtrt.contract.samplers import set_timesteps, step_kwargs
+
+
+class UNet(Protocol):
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sample [N,C,h,w], timestep [N] float32, the conditioning inputs by name (``sdtrt.pipeline.conditioning``: the
+        text context [N,T,H], SDXL's added conditions) -> noise prediction [N,C,h,w]."""
+
+
+def prepare_latents(scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """Set the schedule (on the noise's device, as diffusers' pipelines do) and scale the initial noise.
+    init_noise_sigma is only right after set_timesteps."""
+    set_timesteps(scheduler, steps, noise.device)
+    return noise * scheduler.init_noise_sigma
+
+
+def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torch.device | None = None) -> torch.Tensor:
+    """img2img's schedule (diffusers' get_timesteps): only the last int(steps * strength) steps are run."""
+    set_timesteps(scheduler, steps, device)
+    # A1111's DDIM schedule may run a step more than asked: the strength is a share of the steps it runs
+    steps = getattr(scheduler, "num_inference_steps", None) or steps
+    start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def denoise(
+    scheduler: Any,
+    unet: UNet,
+    latents: torch.Tensor,
+    context: dict[str, torch.Tensor] | Callable[[int], dict[str, torch.Tensor]],
+    guidance_scale: float,
+    generators: list[torch.Generator],
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    timesteps: torch.Tensor | None = None,
+    unet_extra: torch.Tensor | None = None,
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    cond_weights: tuple[float, ...] = (1.0,),
+) -> torch.Tensor:
+    """Run the scheduler's steps (all of them, or ``timesteps``). With guidance, ``context``'s rows are
+    [uncond x N, cond x N] (``sdtrt.pipeline.conditioning.unet_conditioning``); a callable gives each 0-based step's
+    (prompt editing changes the conditioning as the steps go).
+
+    ``unet_extra`` (inpainting U-Nets: mask and masked-image latents, one row per image) is appended to the
+    U-Net input's channels; ``after_step(i, latents)`` may replace the latents after step i (masked blending).
+    Guidance is off at guidance_scale <= 1, as in diffusers (then ``context`` holds cond only). With several
+    ``cond_weights`` (A1111's AND), the rows are [uncond, cond_1, ..., cond_K] (x N each) and each subprompt
+    pulls away from the uncond by its weight: uncond + scale * sum(w_k * (cond_k - uncond)).
+    """
+    guided = with_uncond(guidance_scale, len(cond_weights))
+    copies = len(cond_weights) + 1 if guided else 1
+    extra = step_kwargs(scheduler, generators)
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
+    if unet_extra is not None:
+        unet_extra = torch.cat([unet_extra] * copies)
+    for i, t in enumerate(timesteps):
+        model_input = torch.cat([latents] * copies)
+        model_input = scheduler.scale_model_input(model_input, t)
+        if unet_extra is not None:
+            model_input = torch.cat([model_input, unet_extra], dim=1)
+        timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32, device=latents.device)
+        noise_pred = unet(model_input, timestep, context(i) if callable(context) else context)
+        if guided:
+            uncond, *conds = noise_pred.chunk(copies)
+            noise_pred = uncond + sum(w * guidance_scale * (cond - uncond) for w, cond in zip(cond_weights, conds))
+        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        if after_step is not None:
+            latents = after_step(i, latents)
+        if on_step is not None:
+            on_step(i + 1, len(timesteps), latents)
+    return latents

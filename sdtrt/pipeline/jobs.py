@@ -1,0 +1,232 @@
+"""The generation jobs, each a short composition of the shared pieces: seeds, a scheduler, the loop, the VAE.
+
+    txt2img:  noise -> denoise -> [hires fix: upscale -> img2img pass]           -> latents for the decoder
+    img2img:  init image -> VAE sample -> add noise at the strength -> denoise -> latents for the decoder
+    inpaint:  img2img with a mask: blended each step (4-channel U-Nets) or fed to the U-Net (9-channel ones)
+
+Each job consumes every image's generator in the order diffusers' pipelines do (VAE samples, then the noise,
+then the step noise), so the same seed gives diffusers' picture. The networks come in through ``Networks``:
+onnxruntime sessions in-process, BLS calls to the Triton models when served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, schedule_conditioning, unet_conditioning
+from sdtrt.pipeline.denoise import UNet, denoise, prepare_latents, strength_timesteps
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.hires import HIRES_UPSCALERS, target_size, upscale_image, upscale_latents
+from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
+from sdtrt.contract.samplers import make_scheduler
+from sdtrt.contract.seeds import image_seeds, initial_noise, make_generators
+from sdtrt.contract.spec import ModelSpec
+from sdtrt.pipeline.vae import sample_latents
+
+OnStep = Callable[[int, int, torch.Tensor], None]  # (steps done, steps, latents now)
+
+
+class Networks(Protocol):
+    unet: UNet
+    device: torch.device  # where the loop keeps its tensors: the U-Net's inputs and outputs live there
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> latent distribution parameters [N, 2C, H/8, W/8]."""
+
+    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents already divided by the VAE scaling factor -> uint8 pictures [N, H, W, 3]."""
+
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
+        """(uncond, cond) of the request's negative prompt and prompt, taken as plain text."""
+
+
+@dataclass
+class Prompts:
+    """A request's conditioning step by step (A1111's prompt editing and alternation, in both prompts): the
+    first pass's and, with the hires fix, the second pass's."""
+
+    first: ScheduledConditioning
+    hires: ScheduledConditioning | None = None
+
+
+def encode_prompts(request: Txt2ImgRequest, nets: Networks) -> Prompts:
+    """Every text the request's prompts stand for at some step, through the text encoder once each."""
+    def encode(prompt: str, negative: str) -> tuple[Conditioning, Conditioning]:
+        return nets.encode_prompts(replace(request, prompt=prompt, negative_prompt=negative))
+
+    encoded: dict = {}
+    first = schedule_conditioning(request.prompt, request.negative_prompt, request.steps, encode, encoded=encoded)
+    hires = None
+    if request.enable_hr and not isinstance(request, Img2ImgRequest):  # the second pass counts on from the first
+        hires = schedule_conditioning(request.prompt, request.negative_prompt,
+                                      request.hr_second_pass_steps or request.steps, encode,
+                                      first_pass_steps=request.steps, encoded=encoded)
+    return Prompts(first, hires)
+
+
+def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, guidance_scale: float, width: int,
+                  height: int, device: torch.device) -> Callable[[int], Conditioning]:
+    """The U-Net's conditioning for each 0-based step, built once per schedule entry."""
+    built: dict[int, Conditioning] = {}
+
+    def at(step: int) -> Conditioning:
+        index = prompts.index(step)
+        if index not in built:
+            _, uncond, conds = prompts.entries[index]
+            built[index] = unet_conditioning(spec, uncond, conds, images, guidance_scale, width, height, device)
+        return built[index]
+
+    return at
+
+
+def unet_channels(spec: ModelSpec) -> int:
+    return int(spec.component("unet").input("sample").shape[1])
+
+
+def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, height: int,
+           device: torch.device) -> torch.Tensor:
+    """Drawn on the CPU from each image's generator (the seed contract), then moved to the loop's device."""
+    f = spec.vae_scale_factor
+    subseeds = image_seeds(request.subseed, request.batch_size) if request.subseed_strength > 0 else None
+    seeds = image_seeds(request.seed, request.batch_size, request.subseed_strength > 0)
+    nv_seeds = seeds if request.randn_source == "NV" else None
+    resize = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+    resize_from = (request.seed_resize_from_h // f, request.seed_resize_from_w // f) if resize else None
+    noise = initial_noise(generators, spec.latent_channels, height // f, width // f, subseeds, request.subseed_strength,
+                          nv_seeds, seeds, resize_from)
+    return noise.to(device)
+
+
+def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]):
+    """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state)."""
+    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, spec.schedules, seeds,
+                               spec.align_your_steps)
+    return make_generators(seeds), scheduler
+
+
+def txt2img_latents(
+    spec: ModelSpec,
+    request: Txt2ImgRequest,
+    prompts: Prompts,
+    nets: Networks,
+    on_step: OnStep | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """A validated request with resolved seeds -> (latents divided by the VAE scaling factor, seed of each image)."""
+    if unet_channels(spec) != spec.latent_channels:
+        raise InvalidRequest("init_image", None, "an init image and a mask: this is an inpainting model "
+                             f"({unet_channels(spec)}-channel U-Net); use img2img")
+    seeds = image_seeds(request.seed, request.batch_size, request.subseed_strength > 0)
+    generators, scheduler = _pass(spec, request, seeds)
+    noise = _noise(spec, request, generators, request.width, request.height, nets.device)
+    latents = prepare_latents(scheduler, noise, request.steps)
+    context = step_contexts(spec, prompts.first, request.batch_size, request.guidance_scale, request.width,
+                            request.height, nets.device)
+    latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step,
+                      cond_weights=prompts.first.weights)
+    if request.enable_hr:
+        latents = hires_pass(spec, request, latents, prompts.hires, nets, seeds, on_step)
+    return latents / spec.vae_scaling_factor, seeds
+
+
+def hires_pass(
+    spec: ModelSpec,
+    request: Txt2ImgRequest,
+    latents: torch.Tensor,
+    prompts: ScheduledConditioning,
+    nets: Networks,
+    seeds: list[int],
+    on_step: OnStep | None,
+) -> torch.Tensor:
+    """Upscale the first pass and redraw it: an img2img pass with fresh generators from the same seeds (as A1111
+    re-seeds its second pass), ``hr_second_pass_steps`` steps and the denoising strength, conditioned on the
+    upscaled size (SDXL's time ids, as A1111 sends them)."""
+    upscaler = HIRES_UPSCALERS[request.hr_upscaler]
+    f = spec.vae_scale_factor
+    width, height = target_size(request.width, request.height, request.hr_scale, f)
+    generators, scheduler = _pass(spec, request, seeds)
+    if upscaler.latent_mode is not None:
+        init = upscale_latents(latents, upscaler, width // f, height // f)
+    else:
+        from PIL import Image
+
+        from sdtrt.requests.img2img import to_model_input
+
+        pictures = nets.vae_decode(latents / spec.vae_scaling_factor)
+        resized = [upscale_image(Image.fromarray(p), upscaler, width, height) for p in pictures]
+        init = sample_latents(nets.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
+    steps = request.hr_second_pass_steps or request.steps
+    timesteps = strength_timesteps(scheduler, steps, request.denoising_strength, init.device)
+    if len(timesteps) == 0:
+        return init
+    noise = _noise(spec, request, generators, width, height, init.device)
+    latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
+    context = step_contexts(spec, prompts, request.batch_size, request.guidance_scale, width, height, nets.device)
+    return denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
+                   cond_weights=prompts.weights)
+
+
+def _fill_latents(latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, fill: str) -> torch.Tensor:
+    """A1111's latent "Masked content": the masked latent cells (the mask at latent size, rounded) start from the
+    seed's noise ("latent noise") or from zeros ("latent nothing") instead of the picture's latents."""
+    cells = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).round()
+    replacement = noise if fill == "latent noise" else torch.zeros_like(latents)
+    return latents * (1 - cells) + replacement * cells
+
+
+def img2img_latents(
+    spec: ModelSpec,
+    request: Img2ImgRequest,
+    inputs: ImageInputs,
+    prompts: Prompts,
+    nets: Networks,
+    on_step: OnStep | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """img2img (no mask) or inpainting (mask) -> (latents divided by the VAE scaling factor, seeds)."""
+    n = request.batch_size
+    seeds = image_seeds(request.seed, n, request.subseed_strength > 0)
+    generators, scheduler = _pass(spec, request, seeds)
+    timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength, nets.device)
+    inputs = inputs.to(nets.device)
+    inpaint = inputs.mask is not None
+    nine = unet_channels(spec) == spec.latent_channels * 2 + 1
+    if nine and not inpaint:
+        raise InvalidRequest("mask", None, "a mask: this is an inpainting model (9-channel U-Net)")
+    full_strength = request.denoising_strength == 1.0
+
+    image_latents = None  # diffusers skips this VAE sample only for 9-channel inpainting at full strength
+    if not (inpaint and nine and full_strength):
+        image_latents = sample_latents(nets.vae_encode(inputs.init), generators, spec.vae_scaling_factor)
+    noise = _noise(spec, request, generators, request.width, request.height, nets.device)
+    if inpaint and image_latents is not None and request.inpainting_fill in LATENT_FILLS:
+        image_latents = _fill_latents(image_latents, inputs.mask, noise, request.inpainting_fill)
+    if len(timesteps) == 0:  # strength 0: the init image's VAE round trip
+        latents = image_latents
+    elif inpaint and full_strength:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
+
+    unet_extra = after_step = None
+    if inpaint:
+        h, w = latents.shape[-2:]
+        mask = torch.nn.functional.interpolate(inputs.mask, size=(h, w)).repeat(n, 1, 1, 1)
+        masked = sample_latents(nets.vae_encode(inputs.masked), generators, spec.vae_scaling_factor)
+        if nine:
+            unet_extra = torch.cat([mask, masked], dim=1)
+        else:
+            def after_step(i: int, current: torch.Tensor) -> torch.Tensor:
+                proper = image_latents
+                if i < len(timesteps) - 1:  # re-noise the original to the next step's level
+                    proper = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+                return (1 - mask) * proper + mask * current
+
+    context = step_contexts(spec, prompts.first, n, request.guidance_scale, request.width, request.height,
+                            nets.device)
+    latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
+                      unet_extra, after_step, cond_weights=prompts.first.weights)
+    return latents / spec.vae_scaling_factor, seeds

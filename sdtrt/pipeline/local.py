@@ -1,0 +1,132 @@
+"""The in-process reference runner: txt2img and img2img from an exported repository, no server (the networks on
+onnxruntime, OpenVINO or TensorRT: ``sdtrt.pipeline.runners``).
+
+It runs the same steps, in the same order, as the served job models (tokenizer -> text encoder -> the denoising
+loop with the U-Net -> VAE decoder -> uint8 pictures), so served images can be checked against it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdtrt.requests.generation import Generation, infotexts
+from sdtrt.contract.images import to_uint8
+from sdtrt.requests.img2img import finish_images, prepare_images
+from sdtrt.pipeline.jobs import OnStep, encode_prompts, img2img_latents, txt2img_latents
+from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras, request_loras
+from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
+from sdtrt.requests.prompts import text_rows
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
+from sdtrt.pipeline.runners import CPU_ENGINES, Runner, TensorRtRunner, cpu_runner
+from sdtrt.contract.spec import ModelSpec, load_spec
+from sdtrt.pipeline.text import load_tokenizer
+
+
+BACKENDS = (*CPU_ENGINES, "tensorrt")
+
+
+class LocalPipeline:
+    device = torch.device("cpu")  # the loop's tensors; the networks take and give NumPy arrays
+
+    def __init__(self, repo_dir: str | Path, threads: int = 0, backend: str = "onnxruntime", model: str | None = None,
+                 precision: str = "fp32"):
+        """One model of an exported repository (``model``; default: its default model), its networks run by
+        ``backend``: a CPU engine (onnxruntime, openvino at ``precision``) or its TensorRT engines."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.repo = Path(repo_dir)
+        self.spec: ModelSpec = load_spec(self.repo, model)
+        self.tokenizer = load_tokenizer(self.repo / self.spec.tokenizer, self.spec.text_max_length)
+        self.nets: dict[str, Runner] = {}
+        if backend == "tensorrt":
+            from sdtrt.pipeline.engines import check_engine_matches, manifest
+
+            engines = manifest(self.spec)
+            for name, component in self.spec.components.items():
+                check_engine_matches(engines[name], name)
+                path = self.repo / self.spec.triton_name(name) / "1" / engines[name]["file"]
+                self.nets[name] = TensorRtRunner(path, component)
+        else:
+            self.nets = {name: cpu_runner(self.repo / c.onnx, c, backend, precision, threads)
+                         for name, c in self.spec.components.items()}
+        self.embeddings = EmbeddingTable(self.repo, self.spec.embeddings, self.tokenizer, self.spec.text_hidden_size)
+        self.lora_library = LoraLibrary(self.repo, self.spec.loras)
+
+    def run(self, name: str, *arrays: np.ndarray) -> dict[str, np.ndarray]:
+        """One network on arrays given in the spec's input order; its outputs by name."""
+        component = self.spec.component(name)
+        return self.nets[name].outputs({t.name: a for t, a in zip(component.inputs, arrays)})
+
+    def networks(self, request: Txt2ImgRequest) -> "LocalNetworks":
+        """The networks for one request, with the LoRAs its prompts name."""
+        tags = request_loras(request.prompt, request.negative_prompt, self.spec.loras, 1 << 30)  # checked by validate
+        return LocalNetworks(self, RequestLoras(self.lora_library, tags))
+
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
+        return self.networks(request).encode_prompts(request)
+
+    # --- the jobs --------------------------------------------------------------------------------------------
+    def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None) -> Generation:
+        request = resolve_seeds(validate(request, self.spec))
+        nets = self.networks(request)
+        latents, seeds = txt2img_latents(self.spec, request, encode_prompts(request, nets), nets, on_step)
+        return Generation(nets.vae_decode(latents), seeds, self._infotexts(request, seeds))
+
+    def img2img(self, request: Img2ImgRequest, init_image: np.ndarray, mask: np.ndarray | None = None,
+                on_step: OnStep | None = None) -> Generation:
+        request = resolve_seeds(validate(request, self.spec))
+        inputs = prepare_images(init_image, mask, width=request.width, height=request.height,
+                                resize_mode=request.resize_mode, mask_blur=request.mask_blur,
+                                inpaint_full_res=request.inpaint_full_res,
+                                padding=request.inpaint_full_res_padding, vae_scale_factor=self.spec.vae_scale_factor,
+                                inpainting_fill=request.inpainting_fill)
+        nets = self.networks(request)
+        latents, seeds = img2img_latents(self.spec, request, inputs, encode_prompts(request, nets), nets, on_step)
+        images = finish_images(nets.vae_decode(latents), inputs, self.spec.vae_scale_factor)
+        return Generation(images, seeds, self._infotexts(request, seeds, mask is not None))
+
+    def _infotexts(self, request: Txt2ImgRequest, seeds: list[int], inpaint: bool = False) -> list[str]:
+        return infotexts(request, seeds, self.spec, inpaint)
+
+
+class LocalNetworks:
+    """One request's networks in-process (``sdtrt.pipeline.jobs.Networks``): a network its LoRAs change runs as its LoRA
+    variant, with their matrices as two more inputs, exactly as the served job sends them."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, pipeline: LocalPipeline, loras: RequestLoras):
+        self.pipeline, self.loras = pipeline, loras
+
+    def _run(self, name: str, *arrays: np.ndarray) -> dict[str, np.ndarray]:
+        lora = self.loras.inputs(name, len(arrays[0]), self.device)
+        if lora is None:
+            return self.pipeline.run(name, *arrays)
+        return self.pipeline.run(name + LORA_SUFFIX, *arrays, *(m.numpy() for m in lora))
+
+    def _single(self, name: str, array: np.ndarray) -> np.ndarray:
+        return self.pipeline.run(name, array)[self.pipeline.spec.component(name).outputs[0].name]
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
+        inputs = (sample, timestep, *unet_inputs(self.pipeline.spec, context))
+        outputs = self._run("unet", *(t.numpy() for t in inputs))
+        return torch.from_numpy(outputs[self.pipeline.spec.component("unet").outputs[0].name])
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._single("vae_encoder", images.numpy()))
+
+    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self._single("vae_decoder", latents.numpy()))
+
+    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
+        """(uncond, cond) conditioning: contexts [1, 77k, H] with A1111 weighting, chunking, embeddings and Clip
+        skip (and SDXL's pooled embeddings)."""
+        p = self.pipeline
+        rows = text_rows(p.tokenizer, request.prompt, request.negative_prompt, p.spec.max_chunks,
+                         p.spec.text_hidden_size, p.embeddings)
+        outputs = self._run("text_encoder", rows.ids, np.full(len(rows.ids), request.clip_skip, dtype=np.int32),
+                            rows.vectors)
+        return prompt_conditioning(outputs, rows.weights)

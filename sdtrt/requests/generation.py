@@ -1,0 +1,164 @@
+"""What a txt2img run gives back, and the infotext that describes each image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import numpy as np
+
+from sdtrt.requests.extra_networks import parse_lora_tags, used_embeddings
+from sdtrt.requests.infotext import build_infotext, parse_infotext
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
+from sdtrt.contract.samplers import resolve
+from sdtrt.contract.seeds import image_seeds
+from sdtrt.contract.spec import ModelSpec
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # [N, H, W, 3] uint8
+    seeds: list[int]  # seed of each image (request seed + i)
+    infotexts: list[str]  # AUTOMATIC1111 infotext of each image
+
+
+def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpaint: bool = False) -> list[str]:
+    """One infotext per image, with that image's own seed, the fields in A1111's order; unused ones left out."""
+    img2img = isinstance(request, Img2ImgRequest)
+    hires = request.enable_hr and not img2img
+    vae = model.extra.get("vae")
+    lora_hashes = [f"{lora['name']}: {lora['sha256'][:12]}" for lora in model.extra.get("loras", [])]  # fused
+    lora_hashes += [f"{name}: {model.loras[name]['hash'][:12]}" for name in lora_names(request, model)]
+    embeddings = used_embeddings(f"{request.prompt}\n{request.negative_prompt}", model.embeddings)
+    # A1111 (1.9+) names the schedule it ran, Automatic's choice included ("DPM++ 2M" on Automatic: Karras)
+    _, schedule = resolve(request.sampler, request.schedule_type, model.schedules)
+    texts = []
+    for i, seed in enumerate(seeds):
+        varied = request.subseed_strength > 0
+        params = {
+            "Steps": request.steps,
+            "Sampler": request.sampler,
+            "Schedule type": None if schedule == "Automatic" else schedule,
+            "CFG scale": request.guidance_scale,
+            "Seed": seed,
+            "Size": f"{request.width}x{request.height}",
+            "Model hash": model.model_hash,
+            "Model": model.name or model.model_name,
+            "VAE hash": vae["sha256"][:10] if vae else None,  # A1111 names a VAE file it loaded in place of the model's
+            "VAE": vae["name"] if vae else None,
+            "Denoising strength": request.denoising_strength if img2img or hires else None,
+            "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            "Variation seed": request.subseed + i if varied else None,
+            "Variation seed strength": request.subseed_strength if varied else None,
+            "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
+            if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0 else None,
+            "Resize mode": request.resize_mode if img2img and request.resize_mode != "Just resize" else None,
+            "Mask blur": request.mask_blur if inpaint else None,
+            "Masked content": request.inpainting_fill if inpaint and request.inpainting_fill != "original" else None,
+            "Inpaint area": "Only masked" if inpaint and request.inpaint_full_res else None,
+            "Masked area padding": request.inpaint_full_res_padding if inpaint and request.inpaint_full_res else None,
+            "Hires upscale": request.hr_scale if hires else None,
+            "Hires steps": request.hr_second_pass_steps if hires and request.hr_second_pass_steps else None,
+            "Hires upscaler": request.hr_upscaler if hires else None,
+            "RNG": request.randn_source,  # A1111 writes it for every source but its default, GPU
+            # As A1111 lists the LoRAs it applied (fused at export, then the prompts' tags) and the embeddings the
+            # prompts used: name, then the first 12 digits of A1111's hash of the file.
+            "Lora hashes": ", ".join(lora_hashes) or None,
+            "TI hashes": ", ".join(f"{name}: {model.embeddings[name]['sha256'][:12]}" for name in embeddings) or None,
+        }
+        texts.append(build_infotext(request.prompt, request.negative_prompt, params))
+    return texts
+
+
+def lora_names(request: Txt2ImgRequest, model: ModelSpec) -> list[str]:
+    """The registered LoRAs the request's prompts name, each once, in order."""
+    tags = parse_lora_tags(request.prompt, "prompt") + parse_lora_tags(request.negative_prompt, "negative_prompt")
+    return list(dict.fromkeys(tag.name for tag in tags if tag.name in model.loras))
+
+
+# A1111 infotext key -> request field, for reading an infotext back (png-info, --from-png).
+INFOTEXT_FIELDS = {
+    "Steps": "steps",
+    "Sampler": "sampler",
+    "Schedule type": "schedule_type",
+    "CFG scale": "guidance_scale",
+    "Seed": "seed",
+    "Denoising strength": "denoising_strength",
+    "Clip skip": "clip_skip",
+    "Variation seed": "subseed",
+    "Variation seed strength": "subseed_strength",
+    "Resize mode": "resize_mode",
+    "Mask blur": "mask_blur",
+    "Masked content": "inpainting_fill",
+    "Masked area padding": "inpaint_full_res_padding",
+    "Hires upscale": "hr_scale",
+    "Hires steps": "hr_second_pass_steps",
+    "Hires upscaler": "hr_upscaler",
+    "RNG": "randn_source",
+}
+
+
+def settings_from_infotext(text: str) -> dict[str, object]:
+    """Request fields from an A1111 infotext (values as text; validation converts them). Keys sdtrt does not
+    take (ENSD, Lora hashes, ...) are ignored; "Model"/"Model hash" come back under those names."""
+    prompt, negative, params = parse_infotext(text)
+    settings: dict[str, object] = {"prompt": prompt, "negative_prompt": negative}
+    for key, value in params.items():
+        if key in INFOTEXT_FIELDS:
+            settings[INFOTEXT_FIELDS[key]] = value
+    if "Size" in params:
+        width, _, height = params["Size"].partition("x")
+        settings.update(width=width, height=height)
+    if "Hires upscale" in params or "Hires upscaler" in params:
+        settings["enable_hr"] = True
+    if "x" in params.get("Seed resize from", ""):
+        width, _, height = params["Seed resize from"].partition("x")
+        settings.update(seed_resize_from_w=width, seed_resize_from_h=height)
+    if settings.get("randn_source") == "GPU":  # A1111's GPU source gives an NVIDIA GPU's numbers: NV here
+        settings["randn_source"] = "NV"
+    if params.get("Inpaint area") == "Only masked":
+        settings["inpaint_full_res"] = True
+    for key in ("Model", "Model hash"):
+        if key in params:
+            settings[key] = params[key]
+    return settings
+
+
+MAX_N_ITER = 100  # A1111's "Batch count" slider goes to 100; its API takes any number, sdtrt no more than this
+
+
+def check_n_iter(n_iter: int) -> int:
+    """A batch count a request may ask for, checked before any batch runs (each batch is bounded by the spec)."""
+    from sdtrt.contract.errors import InvalidRequest
+
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or not 1 <= n_iter <= MAX_N_ITER:
+        raise InvalidRequest("n_iter", n_iter, f"an integer from 1 to {MAX_N_ITER} (batches run one after another; "
+                                               "for more pictures, send more requests)")
+    return n_iter
+
+
+def batch_count(request: Txt2ImgRequest, n_iter: int) -> Iterator[Txt2ImgRequest]:
+    """A1111's "Batch count": n_iter requests one after another, seeds continuing (seed + j * batch_size; with a
+    variation seed the seed stays and the variation seed continues). Checked at once, made one at a time."""
+    check_n_iter(n_iter)
+    step = request.batch_size
+    seed_step = 0 if request.subseed_strength > 0 else step  # A1111: with a variation seed, only it moves
+    return (replace(request, seed=request.seed + j * seed_step, subseed=request.subseed + j * step)
+            for j in range(n_iter))
+
+
+def one_per_image(request: Txt2ImgRequest) -> list[Txt2ImgRequest]:
+    """A batch as single-image requests with the seeds the batch gives each image (seed + i, or the same seed
+    with the variation seed + i): the same pictures, one request each."""
+    n = request.batch_size
+    seeds = image_seeds(request.seed, n, request.subseed_strength > 0)
+    return [replace(request, batch_size=1, seed=seed, subseed=subseed)
+            for seed, subseed in zip(seeds, image_seeds(request.subseed, n))]
+
+
+def concatenate(generations: list[Generation]) -> Generation:
+    return Generation(
+        np.concatenate([g.images for g in generations]),
+        [s for g in generations for s in g.seeds],
+        [t for g in generations for t in g.infotexts],
+    )
