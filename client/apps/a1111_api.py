@@ -35,7 +35,7 @@ import numpy as np
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -43,6 +43,8 @@ from sdtrt import __version__
 from sdtrt.client.client import Client, JobControl, ServerError, ServerRefused, ServerUnavailable
 from sdtrt.contract.errors import DiskFull, InvalidRequest, echo, invalid_field
 from sdtrt.client.apps.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard
+from sdtrt.contract.spec import IMG2IMG, TXT2IMG
+from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, FIELDS
 from sdtrt.requests.generation import MAX_N_ITER, Generation, check_n_iter
 from sdtrt.contract.hires import HIRES_UPSCALERS
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
@@ -50,38 +52,21 @@ from sdtrt.requests.infotext import check_infotext, parse_infotext
 from sdtrt.contract.outputs import disk_full_summary, png_info, save_png
 from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture, picture_bytes_from_base64
 from sdtrt.contract.prometheus import samples, scrape
-from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
+from sdtrt.contract.samplers import DEFAULT_RHO, SAMPLERS, SCHEDULE_TYPES
 from sdtrt.contract.seeds import MAX_SEED
 from sdtrt.requests.styles import apply_styles, load_styles
 from sdtrt.requests.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, check_upscale, extras_upscale
 
 log = logging.getLogger("sdtrt.gateway")
 
-# A1111's aliases for its sampler names (k-diffusion function names), as its /samplers endpoint lists them.
-SAMPLER_ALIASES = {
-    "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
-    "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"], "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ SDE": ["k_dpmpp_sde"],
-    "DPM++ 2M SDE": ["k_dpmpp_2m_sde"], "DPM++ 2M SDE Heun": ["k_dpmpp_2m_sde_heun"], "DDIM": ["ddim"],
-    "PLMS": ["plms"], "UniPC": ["unipc"], "LCM": ["k_lcm"],
-}
 # A1111's scheduler names (its API takes name or label) -> sdtrt schedule types
 SCHEDULER_NAMES = {label.lower().replace(" ", "_"): label for label in SCHEDULE_TYPES}  # A1111's names: "sgm_uniform"
 RESIZE_MODE_NAMES = list(RESIZE_MODES)  # A1111 numbers them 0, 1, 2 in this order
 
-# A1111 request field -> sdtrt request field (the ones sdtrt honours as they are)
-FIELD_MAP = {
-    "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "subseed": "subseed",
-    "subseed_strength": "subseed_strength", "batch_size": "batch_size", "steps": "steps", "cfg_scale": "guidance_scale",
-    "width": "width", "height": "height", "denoising_strength": "denoising_strength", "enable_hr": "enable_hr",
-    "hr_scale": "hr_scale", "hr_second_pass_steps": "hr_second_pass_steps", "mask_blur": "mask_blur",
-    "inpaint_full_res": "inpaint_full_res", "inpaint_full_res_padding": "inpaint_full_res_padding",
-    "seed_resize_from_w": "seed_resize_from_w", "seed_resize_from_h": "seed_resize_from_h",
-}
-A1111_NAME = {ours: theirs for theirs, ours in FIELD_MAP.items()} | {
-    "sampler": "sampler_name", "schedule_type": "scheduler", "hr_upscaler": "hr_upscaler",
-    "clip_skip": "override_settings.CLIP_stop_at_last_layers", "resize_mode": "resize_mode",
-    "init_image": "init_images", "mask": "mask", "randn_source": "override_settings.randn_source",
-}
+# A1111 request field -> sdtrt request field, for the fields sdtrt takes as they are (sdtrt.requests.fields)
+FIELD_MAP = A1111_AS_IS
+# sdtrt request field -> A1111's name, for naming it in a refusal; the pictures travel beside the fields
+A1111_NAME = A1111_NAMES | {"init_image": "init_images", "mask": "mask"}
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source")
 # The /cmd-flags a client may see (A1111's names); the rest (paths, the addresses behind the gateway) stay here.
 PUBLIC_FLAGS = ("api", "nowebui", "listen", "port", "api_auth")
@@ -102,8 +87,18 @@ MAX_OPTIONS = 2000  # A1111 options kept per user (A1111 has about 500)
 MAX_OPTIONS_BYTES = 2**20  # their JSON, all together
 
 
-class _Request(BaseModel):
-    """Fields common to A1111's txt2img and img2img requests, with A1111's API defaults."""
+def as_is_fields(tab: str | None) -> dict[str, Any]:
+    """The schema of the fields sdtrt takes as A1111 sends them, from sdtrt's field table, with A1111's API
+    defaults: those both of A1111's requests have (tab None), or only ``tab``'s."""
+    shown = (TXT2IMG, IMG2IMG) if tab is None else (tab,)
+    return {f.a1111: (f.python_type | None if f.a1111_default is None else f.python_type,
+                      Field(f.a1111_default, description=f.help))
+            for f in FIELDS if f.a1111_as_is and f.shown_in == shown}
+
+
+class _RequestBase(BaseModel):
+    """Fields common to A1111's txt2img and img2img requests that sdtrt translates or refuses, with A1111's API
+    defaults; those it takes as they are come from sdtrt's field table (as_is_fields)."""
 
     model_config = ConfigDict(extra="allow")  # as A1111: unknown keys are ignored (and listed: ignored_fields)
 
@@ -119,29 +114,16 @@ class _Request(BaseModel):
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
-    prompt: str = ""
-    negative_prompt: str = ""
     styles: list[str] | None = Field(None, description="prompt styles by name (GET /sdapi/v1/prompt-styles)")
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
-    seed_resize_from_h: int = Field(-1, description="A1111's 'Resize seed from height'; -1 or 0: off")
-    seed_resize_from_w: int = Field(-1, description="A1111's 'Resize seed from width'; -1 or 0: off")
     sampler_name: str | None = Field(None, description="A1111 sampler name or alias (GET /sdapi/v1/samplers)")
     sampler_index: str = Field("Euler", description="legacy name of sampler_name, used when that is absent")
     scheduler: str | None = Field(None, description="Automatic, Karras, Exponential or SGM Uniform")
-    batch_size: int = 1
     n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
     restore_faces: bool | None = Field(None, description="not supported: refused when true")
     tiling: bool | None = Field(None, description="not supported: refused when true")
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: float | None = Field(None, description="not supported: refused when set")
-    denoising_strength: float | None = None
     s_min_uncond: float | None = None
     s_churn: float | None = None
     s_tmax: float | None = None
@@ -162,13 +144,13 @@ class _Request(BaseModel):
     infotext: str | None = Field(None, description="fill the settings from an A1111 infotext (fields given win)")
 
 
-class Txt2ImgBody(_Request):
-    enable_hr: bool = False
+_Request = create_model("_Request", __base__=_RequestBase, __module__=__name__, **as_is_fields(None))
+
+
+class _Txt2ImgBody(_Request):
     firstphase_width: int = 0
     firstphase_height: int = 0
-    hr_scale: float = 2.0
     hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
     hr_checkpoint_name: str | None = None
@@ -179,7 +161,10 @@ class Txt2ImgBody(_Request):
     firstpass_image: str | None = None
 
 
-class Img2ImgBody(_Request):
+Txt2ImgBody = create_model("Txt2ImgBody", __base__=_Txt2ImgBody, __module__=__name__, **as_is_fields(TXT2IMG))
+
+
+class _Img2ImgBody(_Request):
     init_images: list[str] = Field(..., description="base64 pictures: one for the whole batch, or up to batch_size "
                                    "(one picture each)")
     resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill")
@@ -190,12 +175,13 @@ class Img2ImgBody(_Request):
     mask_blur: int | None = None
     mask_round: bool = True
     inpainting_fill: int = Field(0, description="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
-    inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
     include_init_images: bool = False
+
+
+Img2ImgBody = create_model("Img2ImgBody", __base__=_Img2ImgBody, __module__=__name__, **as_is_fields(IMG2IMG))
 
 
 class ExtrasSingleImageBody(BaseModel):
@@ -231,21 +217,9 @@ UNSUPPORTED = {
     "hr_scheduler": (None, "", "Use same scheduler"), "hr_prompt": ("",), "hr_negative_prompt": ("",),
     "firstpass_image": (None,), "mask_round": (True,), "initial_noise_multiplier": (None, 1.0), "latent_mask": (None,),
 }
-# The eta sdtrt's samplers use, as A1111's defaults (options eta_ancestral 1, eta_ddim 0): ancestral and SDE
-# samplers add their full noise, DDIM none; the other samplers have no eta (A1111 ignores it for them).
-ETA_ANCESTRAL, ETA_DDIM = 1.0, 0.0
-
-
-def sampler_eta(sampler: str) -> float | None:
-    if sampler == "DDIM":
-        return ETA_DDIM
-    words = sampler.split()
-    return ETA_ANCESTRAL if "a" in words or any("SDE" in w for w in words) else None
-
-
 def unhonoured(body: "_Request", sampler: str) -> tuple[str, str] | None:
     """A field whose value would make the picture differ from what sdtrt draws: (field, why), else None."""
-    eta = sampler_eta(sampler)
+    eta = SAMPLERS[sampler].eta if sampler in SAMPLERS else None  # (a sampler sdtrt lacks is refused by name later)
     if body.eta is not None and eta is not None and body.eta != eta:
         return "eta", f"sdtrt runs {sampler} with eta {eta:g} (A1111's default); other values are not supported"
     return None
@@ -419,9 +393,7 @@ class Gateway:
         if settings.get("denoising_strength") is None or (isinstance(body, Txt2ImgBody) and not body.enable_hr):
             settings.pop("denoising_strength")  # (A1111 ignores it for txt2img without hires fix)
         sampler = body.sampler_name or body.sampler_index
-        for name, aliases in SAMPLER_ALIASES.items():
-            if sampler in aliases:
-                sampler = name
+        sampler = next((s.name for s in SAMPLERS.values() if sampler in s.aliases), sampler)
         settings["sampler"] = sampler
         if (problem := unhonoured(body, sampler)) is not None:
             raise refuse(*problem)
@@ -678,13 +650,12 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
 
     @app.get("/sdapi/v1/samplers", tags=["info"])
     def samplers() -> list[dict[str, Any]]:
-        return [{"name": name, "aliases": SAMPLER_ALIASES.get(name, []), "options": {}} for name in SAMPLERS]
+        return [{"name": name, "aliases": list(s.aliases), "options": {}} for name, s in SAMPLERS.items()]
 
     @app.get("/sdapi/v1/schedulers", tags=["info"])
     def schedulers() -> list[dict[str, Any]]:
         names = {label: name for name, label in SCHEDULER_NAMES.items()}
-        rho = {"Karras": 7.0, "Polyexponential": 1.0}
-        return [{"name": names[label], "label": label, "aliases": None, "default_rho": rho.get(label, -1),
+        return [{"name": names[label], "label": label, "aliases": None, "default_rho": DEFAULT_RHO.get(label, -1),
                  "need_inner_model": label in ("Uniform", "SGM Uniform", "Simple", "Normal", "DDIM", "Beta")}
                 for label in SCHEDULE_TYPES]
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtrt.contract.errors import UsageError
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields, request_fields
+from sdtrt.requests.fields import BY_NAME
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.contract.spec import DEFAULT_PORTS
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE
 
@@ -24,19 +25,13 @@ DEFAULT_MAX_GENERATIONS = 32  # the gateway's generation threads (client/apps/a1
 if TYPE_CHECKING:
     from sdtrt.contract.spec import ModelSpec
 
-# The request table's shape (each field's type, choices and help). Its defaults and limits are a model's: the
-# flags document those from the served (--url) or exported (--local) model's spec when one is given.
-FIELD_SHAPES = request_fields(native_size=8, min_size=8, max_size=8, size_multiple=8, max_batch=1)
-FLAG_NAMES = {"guidance_scale": "--cfg-scale"}  # A1111's name
-
-
 def flag(name: str) -> str:
-    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    return BY_NAME[name].cli_flag
 
 
 def _help(name: str, spec: "ModelSpec | None") -> str:
     if spec is None:
-        return FIELD_SHAPES[name].help.replace("%", "%%")
+        return BY_NAME[name].help.replace("%", "%%")
     f = spec.field(name)
     return f"{f.help}; {f.allowed()} (default: {f.default!r})".replace("%", "%%")
 
@@ -48,7 +43,7 @@ def add_field_flags(parser: argparse.ArgumentParser, request_type: type, spec: "
     for name in job_fields(request_type):
         if name == "prompt":
             continue
-        f = FIELD_SHAPES[name]
+        f = BY_NAME[name]  # its type and choices; its defaults and limits are the model's (_help)
         if f.dtype == "bool":
             group.add_argument(flag(name), dest=name, action="store_true", default=None, help=_help(name, spec))
             continue

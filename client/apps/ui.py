@@ -37,6 +37,7 @@ from gradio.utils import get_upload_folder  # noqa: E402  (where Gradio keeps up
 from sdtrt.client.client import Client, JobControl, Progress, ServerError
 from sdtrt.client.apps.web_guard import HEALTH_PATH, cross_site, header as _header
 from sdtrt.contract.errors import DiskFull, InvalidRequest, echo
+from sdtrt.requests.fields import LABELS, tab_fields
 from sdtrt.requests.generation import Generation, settings_from_infotext
 from sdtrt.contract.outputs import disk_full_summary, save_png
 from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture
@@ -46,23 +47,6 @@ log = logging.getLogger("sdtrt.page")
 
 TITLE = "sdtrt: Stable Diffusion on Triton"
 POLL_SECONDS = 0.3  # how often a running generation's progress is read from the server
-# Request fields each tab shows, in the order the handlers take them (after prompt, negative prompt, styles).
-COMMON = ("sampler", "schedule_type", "steps", "width", "height", "batch_size", "guidance_scale", "seed", "subseed",
-          "subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
-TXT2IMG_ONLY = ("enable_hr", "hr_upscaler", "hr_scale", "hr_second_pass_steps", "denoising_strength")
-IMG2IMG_ONLY = ("denoising_strength", "resize_mode", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding",
-                "inpainting_fill")
-LABELS = {
-    "sampler": "Sampling method", "schedule_type": "Schedule type", "steps": "Sampling steps", "width": "Width",
-    "height": "Height", "batch_size": "Batch size", "guidance_scale": "CFG Scale", "seed": "Seed",
-    "subseed": "Variation seed", "subseed_strength": "Variation strength", "enable_hr": "Hires. fix",
-    "hr_upscaler": "Upscaler", "hr_scale": "Upscale by", "hr_second_pass_steps": "Hires steps",
-    "denoising_strength": "Denoising strength", "resize_mode": "Resize mode", "mask_blur": "Mask blur",
-    "inpaint_full_res": "Inpaint area", "inpaint_full_res_padding": "Only masked padding, pixels",
-    "inpainting_fill": "Masked content",
-    "clip_skip": "Clip skip", "seed_resize_from_w": "Resize seed from width",
-    "seed_resize_from_h": "Resize seed from height",
-}
 INPAINT_AREAS = {"Whole picture": False, "Only masked": True}  # A1111's radio for inpaint_full_res
 MAX_BATCH_COUNT = 100  # the Batch count slider's maximum (A1111's), checked again by the handlers
 # Gradio refuses an uploaded file beyond this (its max_file_size): room for a picture within MAX_PICTURE_BYTES and
@@ -312,6 +296,11 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
             with gr.Accordion("Variation seed", open=False) as variation:
                 row("subseed", "subseed_strength")
                 row("seed_resize_from_w", "seed_resize_from_h")
+            unplaced = [name for name in tab_fields(kind) if name not in fields]
+            if unplaced:  # a field the layout above does not place yet still gets its control
+                with gr.Accordion("Other settings", open=False):
+                    for name in unplaced:
+                        fields[name] = _control(spec, name)
         with gr.Column():
             progress = gr.HTML(elem_id=f"{kind}_progress")
             preview = gr.Image(label="Live preview", visible=False, interactive=False, height=256,
@@ -324,8 +313,7 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
     random_seed.click(lambda: -1, outputs=fields["seed"])
     reuse_seed.click(lambda seeds: seeds[0] if seeds else -1, inputs=last_seeds, outputs=fields["seed"])
     # keep the order the handlers read them in
-    order = COMMON + (TXT2IMG_ONLY if kind == "txt2img" else IMG2IMG_ONLY)
-    fields = {name: fields[name] for name in order}
+    fields = {name: fields[name] for name in tab_fields(kind)}
     return Tab(prompt, negative, style_picker, n_iter, fields, generate, interrupt, skip, gallery, preview, progress,
                info, last_seeds, infotexts, picture, hires, variation)
 

@@ -18,13 +18,23 @@ from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.schedules import ALIGN_YOUR_STEPS, SIGMA_SCHEDULES
 
 
+# The eta sdtrt's samplers run with, as A1111's defaults (options eta_ancestral 1, eta_ddim 0): ancestral and SDE
+# samplers add their full noise, DDIM none; the other samplers have no eta (A1111 ignores it for them).
+ETA_ANCESTRAL, ETA_DDIM = 1.0, 0.0
+
+
 @dataclass(frozen=True)
 class Sampler:
+    """One A1111 sampler, every fact about it: its names, the diffusers scheduler behind it, its noise."""
+
     name: str  # as AUTOMATIC1111 spells it
     scheduler: str  # diffusers class name
     overrides: dict[str, Any] = field(default_factory=dict)
     schedule: str = "Automatic"  # the schedule type a combined name implies ("Karras" in "DPM++ 2M Karras")
     max_steps: int = 0  # the most steps the sampler can take (0: no limit of its own)
+    aliases: tuple[str, ...] = ()  # A1111's other names for it (k-diffusion function names), as /samplers lists
+    step_noise: bool = False  # adds fresh noise at every step (diffusers draws it from each image's CPU generator)
+    eta: float | None = None  # the eta it runs with (A1111's default for it); None: it has none
 
 
 # A1111 schedule type -> the diffusers config that gives it. A1111 (k-diffusion) spans Karras, Exponential and Beta
@@ -50,6 +60,8 @@ SCHEDULE_TYPES: tuple[str, ...] = ("Automatic", "Uniform", "Karras", "Exponentia
                                    "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
 assert set(SCHEDULE_TYPES) == set(CONFIG_SCHEDULES) | set(SIGMA_SCHEDULES)
 DEFAULT_SCHEDULE = "Automatic"
+# The rho of the schedules that have one, as A1111's /schedulers reports (k-diffusion's defaults).
+DEFAULT_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
 
 
 def schedule_detail(name: str) -> str:
@@ -62,33 +74,42 @@ def schedule_detail(name: str) -> str:
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 
 
-def _with_karras(name: str, scheduler: str, overrides: dict[str, Any] | None = None) -> list[Sampler]:
+def _with_karras(name: str, scheduler: str, overrides: dict[str, Any] | None = None, aliases: tuple[str, ...] = (),
+                 **noise: Any) -> list[Sampler]:
+    """The sampler and A1111's older combined name for it on the Karras schedule (which has no aliases)."""
     overrides = overrides or {}
-    return [Sampler(name, scheduler, overrides), Sampler(f"{name} Karras", scheduler, overrides, "Karras")]
+    return [Sampler(name, scheduler, overrides, aliases=aliases, **noise),
+            Sampler(f"{name} Karras", scheduler, overrides, "Karras", **noise)]
+
+
+_ANCESTRAL = {"step_noise": True, "eta": ETA_ANCESTRAL}  # ancestral and SDE samplers
 
 
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in [
-        Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
-        Sampler("Euler", "EulerDiscreteScheduler"),
-        *_with_karras("LMS", "LMSDiscreteScheduler"),
-        Sampler("Heun", "HeunDiscreteScheduler"),
-        *_with_karras("DPM2", "KDPM2DiscreteScheduler"),
-        *_with_karras("DPM2 a", "KDPM2AncestralDiscreteScheduler"),
-        *_with_karras("DPM++ 2M", "DPMSolverMultistepScheduler"),
-        *_with_karras("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SDE),
+        Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral"), **_ANCESTRAL),
+        Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",)),
+        *_with_karras("LMS", "LMSDiscreteScheduler", aliases=("k_lms",)),
+        Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",)),
+        *_with_karras("DPM2", "KDPM2DiscreteScheduler", aliases=("k_dpm_2",)),
+        *_with_karras("DPM2 a", "KDPM2AncestralDiscreteScheduler", aliases=("k_dpm_2_a",), **_ANCESTRAL),
+        *_with_karras("DPM++ 2M", "DPMSolverMultistepScheduler", aliases=("k_dpmpp_2m",)),
+        *_with_karras("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SDE, aliases=("k_dpmpp_2m_sde",), **_ANCESTRAL),
         # k-diffusion's 2M SDE with solver_type='heun' is diffusers' SDE-DPM-Solver++ with its Heun correction
-        *_with_karras("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", {**_SDE, "solver_type": "heun"}),
-        *_with_karras("DPM++ SDE", "DPMSolverSDEScheduler"),
+        *_with_karras("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", {**_SDE, "solver_type": "heun"},
+                      aliases=("k_dpmpp_2m_sde_heun",), **_ANCESTRAL),
+        *_with_karras("DPM++ SDE", "DPMSolverSDEScheduler", aliases=("k_dpmpp_sde",), **_ANCESTRAL),
         # As A1111 runs them whatever the checkpoint's scheduler config says (SD 1.x/2.x ship these; SDXL ships an
         # EulerDiscrete config without them): DDIM without clipping, PLMS without Runge-Kutta warm-up steps.
-        Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
-        Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
-        Sampler("UniPC", "UniPCMultistepScheduler"),
+        Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}, aliases=("ddim",),
+                eta=ETA_DDIM),
+        Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms",)),
+        Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
         # The LCM authors' scheduler (for LCM-distilled models and LCM LoRAs). It spreads the steps over LCM's 50
-        # original timesteps as diffusers does (A1111 spaces them evenly in its own way).
-        Sampler("LCM", "LCMScheduler", max_steps=50),  # its steps are picked from LCM's 50 original ones
+        # original timesteps as diffusers does (A1111 spaces them evenly in its own way). Its re-noising between
+        # steps is step noise; it has no eta.
+        Sampler("LCM", "LCMScheduler", max_steps=50, aliases=("k_lcm",), step_noise=True),  # its steps are picked from LCM's 50 original ones
     ]
 }
 
@@ -115,13 +136,8 @@ DEFAULT_SAMPLER = "Euler a"
 # follow the checkpoint's scheduler config (diffusers' default).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM++ 2M SDE": "Exponential",
                        "DPM++ 2M SDE Heun": "Exponential"}
-# Samplers that add fresh noise at every step (ancestral, SDE, LCM's re-noising): diffusers draws it from each
-# image's CPU generator.
-STEP_NOISE = frozenset(name for name, s in SAMPLERS.items() if " a" in f" {name} " or "SDE" in name) | {"LCM"}
-
-
 def draws_step_noise(name: str) -> bool:
-    return name in STEP_NOISE
+    return SAMPLERS[name].step_noise
 
 
 def sampler_names() -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from typing import Iterator
 import numpy as np
 
 from sdtrt.requests.extra_networks import parse_lora_tags, used_embeddings
+from sdtrt.requests.fields import INFOTEXT_FIELDS
 from sdtrt.requests.infotext import build_infotext, parse_infotext
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
 from sdtrt.contract.samplers import resolve
@@ -76,30 +77,9 @@ def lora_names(request: Txt2ImgRequest, model: ModelSpec) -> list[str]:
     return list(dict.fromkeys(tag.name for tag in tags if tag.name in model.loras))
 
 
-# A1111 infotext key -> request field, for reading an infotext back (png-info, --from-png).
-INFOTEXT_FIELDS = {
-    "Steps": "steps",
-    "Sampler": "sampler",
-    "Schedule type": "schedule_type",
-    "CFG scale": "guidance_scale",
-    "Seed": "seed",
-    "Denoising strength": "denoising_strength",
-    "Clip skip": "clip_skip",
-    "Variation seed": "subseed",
-    "Variation seed strength": "subseed_strength",
-    "Resize mode": "resize_mode",
-    "Mask blur": "mask_blur",
-    "Masked content": "inpainting_fill",
-    "Masked area padding": "inpaint_full_res_padding",
-    "Hires upscale": "hr_scale",
-    "Hires steps": "hr_second_pass_steps",
-    "Hires upscaler": "hr_upscaler",
-    "RNG": "randn_source",
-}
-
-
 def settings_from_infotext(text: str) -> dict[str, object]:
-    """Request fields from an A1111 infotext (values as text; validation converts them). Keys sdtrt does not
+    """Request fields from an A1111 infotext (values as text; validation converts them): the keys the field table
+    names, then those that hold more than one field (Size, Seed resize from, Inpaint area). Keys sdtrt does not
     take (ENSD, Lora hashes, ...) are ignored; "Model"/"Model hash" come back under those names."""
     prompt, negative, params = parse_infotext(text)
     settings: dict[str, object] = {"prompt": prompt, "negative_prompt": negative}

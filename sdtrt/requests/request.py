@@ -1,71 +1,45 @@
-"""The requests (txt2img, img2img): their fields (names, wire dtypes, defaults, limits) and their validation.
-
-The table is built here once per model at export time and stored in the spec; servers, clients and the
-CLI validate against the spec's copy, so every error names the field and its allowed range the same way.
+"""The requests (txt2img, img2img) and their validation. Their fields are declared once, in fields.py: the
+dataclasses here are made from that table, and export stores the table with each model's limits in the spec;
+servers, clients and the CLI validate against the spec's copy, so every error names the field and its allowed
+range the same way.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import dataclasses
-from dataclasses import asdict, dataclass, replace
+import math
+from dataclasses import asdict, replace
 from typing import Any
 
+import numpy as np
+
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.contract.hires import DEFAULT_UPSCALER, HIRES_UPSCALERS
-from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
-from sdtrt.contract.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, check_available, resolve, sampler_names
-from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED, resolve_seed
-from sdtrt.contract.spec import FieldSpec, ModelSpec
-
-MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
-RANDN_SOURCES = ("CPU", "NV")
-MAX_GUIDANCE = 30.0
+from sdtrt.contract.hires import target_size
+from sdtrt.contract.samplers import SAMPLERS, check_available, draws_step_noise, resolve
+from sdtrt.contract.seeds import resolve_seed
+from sdtrt.contract.spec import IMG2IMG, LORA_RANK, TXT2IMG, UNET_BATCH, FieldSpec, ModelSpec
+from sdtrt.requests.extra_networks import request_loras
+from sdtrt.requests.fields import ModelLimits, fields_of, request_table
+from sdtrt.requests.prompt_schedule import composable_prompts
 
 
-@dataclass(frozen=True)
-class Txt2ImgRequest:
-    """A txt2img job's settings. Any left None takes the served model's default: the defaults, like the limits,
-    exist once, in the spec's request table (``request_fields``, written at export); ``validate`` fills them in
-    and checks every value."""
-
-    prompt: str | None = None
-    negative_prompt: str | None = None
-    seed: int | None = None  # -1 picks one
-    steps: int | None = None
-    guidance_scale: float | None = None
-    sampler: str | None = None
-    schedule_type: str | None = None
-    width: int | None = None
-    height: int | None = None
-    batch_size: int | None = None
-    clip_skip: int | None = None
-    subseed: int | None = None
-    subseed_strength: float | None = None
-    denoising_strength: float | None = None  # the hires pass's (txt2img) or the init image's (img2img)
-    enable_hr: bool | None = None
-    hr_scale: float | None = None
-    hr_upscaler: str | None = None
-    hr_second_pass_steps: int | None = None  # 0: the same as steps
-    randn_source: str | None = None  # "CPU" (torch's CPU generator) or "NV" (an NVIDIA GPU's numbers, A1111's NV)
-    seed_resize_from_w: int | None = None  # A1111's "Resize seed from width/height"; 0 or -1: off
-    seed_resize_from_h: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def _request_class(name: str, doc: str, job: str, base: type | None = None) -> type:
+    """A frozen dataclass of ``job``'s fields (each None by default: the served model's default), those of
+    ``base`` first."""
+    inherited = {f.name for f in dataclasses.fields(base)} if base else set()
+    own = [(f.name, f.python_type | None, dataclasses.field(default=None))
+           for f in fields_of(job) if f.name not in inherited]
+    cls = dataclasses.make_dataclass(name, own, bases=(base,) if base else (), frozen=True,
+                                     namespace={"__doc__": doc, "__module__": __name__,
+                                                "as_dict": lambda self: asdict(self)})
+    return cls
 
 
-@dataclass(frozen=True)
-class Img2ImgRequest(Txt2ImgRequest):
-    """img2img and inpainting settings; the init image and the mask travel beside the request, as arrays."""
-
-    resize_mode: str | None = None
-    mask_blur: int | None = None
-    inpaint_full_res: bool | None = None  # A1111's "Inpaint area: Only masked"
-    inpaint_full_res_padding: int | None = None
-    inpainting_fill: str | None = None  # A1111's "Masked content"
+Txt2ImgRequest = _request_class("Txt2ImgRequest", """A txt2img job's settings (the fields of sdtrt.requests.fields).
+    Any left None takes the served model's default: the defaults, like the limits, exist once, in the spec's
+    request table (written at export); ``validate`` fills them in and checks every value.""", TXT2IMG)
+Img2ImgRequest = _request_class("Img2ImgRequest", """img2img and inpainting settings; the init image and the mask
+    travel beside the request, as arrays.""", IMG2IMG, base=Txt2ImgRequest)
 
 
 def job_fields(request_type: type) -> tuple[str, ...]:
@@ -78,57 +52,8 @@ def request_fields(
     max_prompt_chars: int | None = None,
 ) -> dict[str, FieldSpec]:
     """The request table for one model; export stores it in the spec."""
-    fields = [
-        FieldSpec("prompt", "string", "", "what to draw", max_length=max_prompt_chars),
-        FieldSpec("negative_prompt", "string", "", "what to steer away from", max_length=max_prompt_chars),
-        FieldSpec("seed", "int64", RANDOM_SEED,
-                  "seed of image 0; image i uses seed+i (all use seed while a variation seed is on); -1 picks one",
-                  minimum=RANDOM_SEED, maximum=MAX_SEED),
-        FieldSpec("steps", "int32", 20, "sampling steps", minimum=1, maximum=MAX_STEPS),
-        FieldSpec("guidance_scale", "float32", 7.0, "classifier-free guidance (CFG) scale; <= 1 turns guidance off",
-                  minimum=0.0, maximum=MAX_GUIDANCE),
-        FieldSpec("sampler", "string", DEFAULT_SAMPLER, "AUTOMATIC1111 sampler name", choices=sampler_names()),
-        FieldSpec("schedule_type", "string", DEFAULT_SCHEDULE,
-                  "noise schedule (A1111's 'Schedule type'); Automatic = A1111's choice for the sampler", choices=tuple(SCHEDULE_TYPES)),
-        FieldSpec("width", "int32", native_size, "image width in pixels", minimum=min_size, maximum=max_size,
-                  multiple_of=size_multiple),
-        FieldSpec("height", "int32", native_size, "image height in pixels", minimum=min_size, maximum=max_size,
-                  multiple_of=size_multiple),
-        FieldSpec("batch_size", "int32", 1, "images generated together from one prompt", minimum=1, maximum=max_batch),
-        FieldSpec("clip_skip", "int32", 1, "use the output of CLIP's n-th layer from the end (A1111's Clip skip)",
-                  minimum=1, maximum=min(12, clip_layers)),
-        FieldSpec("subseed", "int64", RANDOM_SEED, "variation seed of image 0 (image i uses subseed+i); -1 picks one",
-                  minimum=RANDOM_SEED, maximum=MAX_SEED),
-        FieldSpec("subseed_strength", "float32", 0.0, "how far each image's noise moves towards its variation seed's",
-                  minimum=0.0, maximum=1.0),
-        FieldSpec("denoising_strength", "float32", 0.75,
-                  "how much of the init image (img2img) or first pass (hires fix) is redrawn", minimum=0.0, maximum=1.0),
-        FieldSpec("enable_hr", "bool", False, "hires fix: upscale the first pass and redraw it at the larger size"),
-        FieldSpec("hr_scale", "float32", 2.0, "hires fix: upscale factor", minimum=1.0, maximum=4.0),
-        FieldSpec("hr_upscaler", "string", DEFAULT_UPSCALER, "hires fix: upscaler", choices=tuple(HIRES_UPSCALERS)),
-        FieldSpec("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
-                  minimum=0, maximum=MAX_STEPS),
-        FieldSpec("randn_source", "string", "CPU",
-                  "where the starting noise comes from: CPU (torch's CPU generator, as diffusers and A1111's CPU "
-                  "option) or NV (the numbers an NVIDIA GPU gives for the seed, as A1111's NV and GPU options)",
-                  choices=RANDN_SOURCES),
-        FieldSpec("seed_resize_from_w", "int32", 0, "draw the seed's noise as for this width, centred in the image "
-                  "(A1111's 'Resize seed from width'); 0 or -1: off", minimum=-1, maximum=max_size),
-        FieldSpec("seed_resize_from_h", "int32", 0, "draw the seed's noise as for this height, centred in the image "
-                  "(A1111's 'Resize seed from height'); 0 or -1: off", minimum=-1, maximum=max_size),
-        FieldSpec("resize_mode", "string", "Just resize", "img2img: how the init image is fitted to width x height",
-                  choices=tuple(RESIZE_MODES)),
-        FieldSpec("mask_blur", "int32", 4, "inpainting: Gaussian blur radius of the mask, in pixels",
-                  minimum=0, maximum=64),
-        FieldSpec("inpaint_full_res", "bool", False,
-                  "inpainting: redraw only the masked area, at full resolution (A1111's 'Only masked')"),
-        FieldSpec("inpaint_full_res_padding", "int32", 32, "inpainting: pixels of context around the masked area",
-                  minimum=0, maximum=256),
-        FieldSpec("inpainting_fill", "string", "original", "inpainting: what the masked area starts from (A1111's "
-                  "'Masked content'): fill (the colours around it), original, latent noise, latent nothing",
-                  choices=INPAINTING_FILLS),
-    ]
-    return {f.name: f for f in fields}
+    return request_table(ModelLimits(native_size, min_size, max_size, size_multiple, max_batch, clip_layers,
+                                     max_prompt_chars))
 
 
 def check_value(field: FieldSpec, value: Any) -> Any:
@@ -181,8 +106,6 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     resolve(values["sampler"], values["schedule_type"], spec.schedules)  # not every sampler follows every schedule
     checked = type(request)(**values)
     if checked.enable_hr:
-        from sdtrt.contract.hires import target_size
-
         width, height = target_size(checked.width, checked.height, checked.hr_scale, spec.vae_scale_factor)
         largest = spec.field("width").maximum
         if max(width, height) > largest:
@@ -204,8 +127,6 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
 
 def check_sampler_steps(request: Txt2ImgRequest) -> None:
     """A sampler with a step ceiling of its own (LCM) says so before it runs."""
-    from sdtrt.contract.samplers import SAMPLERS
-
     most = SAMPLERS[request.sampler].max_steps
     for name in ("steps", "hr_second_pass_steps"):
         value = getattr(request, name, 0) or 0
@@ -216,8 +137,6 @@ def check_sampler_steps(request: Txt2ImgRequest) -> None:
 def check_randn_source(request: Txt2ImgRequest) -> None:
     """NV gives A1111's starting noise; a sampler that adds noise at every step would still take that noise from
     the CPU generators (diffusers draws it), so the picture would be neither A1111's nor sdtrt's CPU one."""
-    from sdtrt.contract.samplers import SAMPLERS, draws_step_noise
-
     if request.randn_source == "NV" and draws_step_noise(request.sampler):
         deterministic = ", ".join(name for name in SAMPLERS if not draws_step_noise(name))
         raise InvalidRequest("randn_source", request.randn_source,
@@ -228,9 +147,6 @@ def check_randn_source(request: Txt2ImgRequest) -> None:
 def check_composable(request: Txt2ImgRequest, spec: ModelSpec) -> None:
     """A1111's AND (composable diffusion) runs each subprompt as its own U-Net rows beside the uncond's: the
     images times (subprompts + 1) must fit one U-Net call of this model."""
-    from sdtrt.requests.prompt_schedule import composable_prompts
-    from sdtrt.contract.spec import UNET_BATCH
-
     subprompts = len(composable_prompts(request.prompt))
     rows = request.batch_size * (subprompts + 1)
     most = spec.dims[UNET_BATCH].max
@@ -243,9 +159,6 @@ def check_composable(request: Txt2ImgRequest, spec: ModelSpec) -> None:
 
 def check_extra_networks(request: Txt2ImgRequest, spec: ModelSpec) -> None:
     """Every <lora:...> tag names a LoRA registered for the model, and their summed rank fits the export."""
-    from sdtrt.requests.extra_networks import request_loras
-    from sdtrt.contract.spec import LORA_RANK
-
     rank = spec.dims[LORA_RANK].max if LORA_RANK in spec.dims else 0
     request_loras(request.prompt, request.negative_prompt, spec.loras, rank)
 
@@ -254,8 +167,6 @@ def pixel_steps(request: Txt2ImgRequest, spec: ModelSpec) -> tuple[int, float, i
     """(pixel-steps the request takes as the loops run it, pixel-steps one more step adds, pixel-steps that do not
     follow ``steps``). img2img runs steps x strength steps; the hires fix adds a pass of (its own steps, or steps)
     x strength at the upscaled size."""
-    from sdtrt.contract.hires import target_size
-
     first = request.width * request.height * request.batch_size
     strength = request.denoising_strength
     if isinstance(request, Img2ImgRequest):

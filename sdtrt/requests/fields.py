@@ -1,0 +1,191 @@
+"""Every request field, declared once: its wire dtype, default, limits (fixed, or from the model's export), help,
+and what it is called elsewhere (A1111's JSON name and infotext key, the page's label, the CLI flag).
+
+Everything else is generated from this table: the request dataclasses (request.py), the spec's request table
+written at export (and with it validation, the Triton inputs of config.pbtxt and the job models' input lists),
+the CLI's flags, the gateway's A1111 schema and translation of the fields it takes as they are, the page's
+controls and labels, reading an infotext back, and the field table in docs/serving.md
+(``scripts/field_table.py``; tests/test_fields.py keeps it current). A new field is one entry here, plus the code
+that acts on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+from sdtrt.contract.hires import DEFAULT_UPSCALER, HIRES_UPSCALERS
+from sdtrt.contract.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, sampler_names
+from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
+from sdtrt.contract.spec import TXT2IMG, IMG2IMG, FieldSpec
+from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
+
+MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
+RANDN_SOURCES = ("CPU", "NV")
+MAX_GUIDANCE = 30.0
+BOTH = (TXT2IMG, IMG2IMG)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What one model's export fixes about its requests (sizes, batch, text encoder depth, prompt length)."""
+
+    native_size: int
+    min_size: int
+    max_size: int
+    size_multiple: int
+    max_batch: int
+    clip_layers: int = 12
+    max_prompt_chars: int | None = None
+
+
+# A fixed value, or one read from the model's limits at export.
+FromModel = Union[Any, Callable[[ModelLimits], Any]]
+
+
+@dataclass(frozen=True)
+class RequestField:
+    name: str  # sdtrt's name: the Triton input, the Python keyword, the spec's key
+    dtype: str  # wire dtype: "string", "int64", "int32", "float32", "bool"
+    default: FromModel
+    help: str
+    minimum: FromModel = None
+    maximum: FromModel = None
+    multiple_of: FromModel = None
+    choices: tuple[str, ...] | None = None
+    max_length: FromModel = None
+    jobs: tuple[str, ...] = BOTH  # the sdtrt requests that carry it
+    shown_in: tuple[str, ...] = BOTH  # the A1111 tabs and API requests that have it (A1111's img2img: no hires fix)
+    a1111: str | None = None  # A1111's JSON name (dotted: inside override_settings); None: A1111 has none
+    a1111_as_is: bool = False  # the gateway passes A1111's value unchanged (else it translates it in code)
+    a1111_default: Any = None  # A1111's API default, for the gateway's schema of the fields taken as they are
+    infotext: str | None = None  # A1111's infotext key, when one key holds just this field's value
+    label: str | None = None  # the page's (and A1111's UI) label; None: the page has no control for it
+    quicksetting: bool = False  # on the page's top row, for every tab (A1111's quicksettings), not in a tab
+    flag: str | None = None  # the CLI flag; None: --name-with-dashes
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def python_type(self) -> type:
+        return {"string": str, "bool": bool, "float32": float}.get(self.dtype, int)
+
+    def spec(self, limits: ModelLimits) -> FieldSpec:
+        """The field as one model's spec stores it, its model-dependent values read from ``limits``."""
+        def value(v: FromModel) -> Any:
+            return v(limits) if callable(v) else v
+
+        return FieldSpec(self.name, self.dtype, value(self.default), self.help, minimum=value(self.minimum),
+                         maximum=value(self.maximum), multiple_of=value(self.multiple_of), choices=self.choices,
+                         max_length=value(self.max_length))
+
+
+def _size(what: str) -> dict[str, Any]:
+    return dict(default=lambda m: m.native_size, minimum=lambda m: m.min_size, maximum=lambda m: m.max_size,
+                multiple_of=lambda m: m.size_multiple, help=f"image {what} in pixels")
+
+
+FIELDS: tuple[RequestField, ...] = (
+    RequestField("prompt", "string", "", "what to draw", max_length=lambda m: m.max_prompt_chars,
+                 a1111="prompt", a1111_as_is=True, a1111_default=""),
+    RequestField("negative_prompt", "string", "", "what to steer away from", max_length=lambda m: m.max_prompt_chars,
+                 a1111="negative_prompt", a1111_as_is=True, a1111_default=""),
+    RequestField("seed", "int64", RANDOM_SEED,
+                 "seed of image 0; image i uses seed+i (all use seed while a variation seed is on); -1 picks one",
+                 minimum=RANDOM_SEED, maximum=MAX_SEED, a1111="seed", a1111_as_is=True, a1111_default=-1,
+                 infotext="Seed", label="Seed"),
+    RequestField("steps", "int32", 20, "sampling steps", minimum=1, maximum=MAX_STEPS,
+                 a1111="steps", a1111_as_is=True, a1111_default=50, infotext="Steps", label="Sampling steps"),
+    RequestField("guidance_scale", "float32", 7.0, "classifier-free guidance (CFG) scale; <= 1 turns guidance off",
+                 minimum=0.0, maximum=MAX_GUIDANCE, a1111="cfg_scale", a1111_as_is=True, a1111_default=7.0,
+                 infotext="CFG scale", label="CFG Scale", flag="--cfg-scale"),
+    RequestField("sampler", "string", DEFAULT_SAMPLER, "AUTOMATIC1111 sampler name", choices=sampler_names(),
+                 a1111="sampler_name", infotext="Sampler", label="Sampling method"),
+    RequestField("schedule_type", "string", DEFAULT_SCHEDULE,
+                 "noise schedule (A1111's 'Schedule type'); Automatic = A1111's choice for the sampler",
+                 choices=tuple(SCHEDULE_TYPES), a1111="scheduler", infotext="Schedule type", label="Schedule type"),
+    RequestField("width", "int32", **_size("width"), a1111="width", a1111_as_is=True, a1111_default=512, label="Width"),
+    RequestField("height", "int32", **_size("height"), a1111="height", a1111_as_is=True, a1111_default=512,
+                 label="Height"),
+    RequestField("batch_size", "int32", 1, "images generated together from one prompt", minimum=1,
+                 maximum=lambda m: m.max_batch, a1111="batch_size", a1111_as_is=True, a1111_default=1,
+                 label="Batch size"),
+    RequestField("clip_skip", "int32", 1, "use the output of CLIP's n-th layer from the end (A1111's Clip skip)",
+                 minimum=1, maximum=lambda m: min(12, m.clip_layers),
+                 a1111="override_settings.CLIP_stop_at_last_layers", infotext="Clip skip", label="Clip skip",
+                 quicksetting=True),
+    RequestField("subseed", "int64", RANDOM_SEED, "variation seed of image 0 (image i uses subseed+i); -1 picks one",
+                 minimum=RANDOM_SEED, maximum=MAX_SEED, a1111="subseed", a1111_as_is=True, a1111_default=-1,
+                 infotext="Variation seed", label="Variation seed"),
+    RequestField("subseed_strength", "float32", 0.0, "how far each image's noise moves towards its variation seed's",
+                 minimum=0.0, maximum=1.0, a1111="subseed_strength", a1111_as_is=True, a1111_default=0.0,
+                 infotext="Variation seed strength", label="Variation strength"),
+    RequestField("denoising_strength", "float32", 0.75,
+                 "how much of the init image (img2img) or first pass (hires fix) is redrawn", minimum=0.0, maximum=1.0,
+                 a1111="denoising_strength", a1111_as_is=True, a1111_default=None, infotext="Denoising strength",
+                 label="Denoising strength"),
+    RequestField("enable_hr", "bool", False, "hires fix: upscale the first pass and redraw it at the larger size",
+                 shown_in=(TXT2IMG,), a1111="enable_hr", a1111_as_is=True, a1111_default=False, label="Hires. fix"),
+    RequestField("hr_scale", "float32", 2.0, "hires fix: upscale factor", minimum=1.0, maximum=4.0,
+                 shown_in=(TXT2IMG,), a1111="hr_scale", a1111_as_is=True, a1111_default=2.0,
+                 infotext="Hires upscale", label="Upscale by"),
+    RequestField("hr_upscaler", "string", DEFAULT_UPSCALER, "hires fix: upscaler", choices=tuple(HIRES_UPSCALERS),
+                 shown_in=(TXT2IMG,), a1111="hr_upscaler", infotext="Hires upscaler", label="Upscaler"),
+    RequestField("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
+                 minimum=0, maximum=MAX_STEPS, shown_in=(TXT2IMG,), a1111="hr_second_pass_steps", a1111_as_is=True,
+                 a1111_default=0, infotext="Hires steps", label="Hires steps"),
+    RequestField("randn_source", "string", "CPU",
+                 "where the starting noise comes from: CPU (torch's CPU generator, as diffusers and A1111's CPU "
+                 "option) or NV (the numbers an NVIDIA GPU gives for the seed, as A1111's NV and GPU options)",
+                 choices=RANDN_SOURCES, a1111="override_settings.randn_source", infotext="RNG"),
+    RequestField("seed_resize_from_w", "int32", 0, "draw the seed's noise as for this width, centred in the image "
+                 "(A1111's 'Resize seed from width'); 0 or -1: off", minimum=-1, maximum=lambda m: m.max_size,
+                 a1111="seed_resize_from_w", a1111_as_is=True, a1111_default=-1, label="Resize seed from width"),
+    RequestField("seed_resize_from_h", "int32", 0, "draw the seed's noise as for this height, centred in the image "
+                 "(A1111's 'Resize seed from height'); 0 or -1: off", minimum=-1, maximum=lambda m: m.max_size,
+                 a1111="seed_resize_from_h", a1111_as_is=True, a1111_default=-1, label="Resize seed from height"),
+    RequestField("resize_mode", "string", "Just resize", "img2img: how the init image is fitted to width x height",
+                 choices=tuple(RESIZE_MODES), jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="resize_mode",
+                 infotext="Resize mode", label="Resize mode"),
+    RequestField("mask_blur", "int32", 4, "inpainting: Gaussian blur radius of the mask, in pixels", minimum=0,
+                 maximum=64, jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="mask_blur", infotext="Mask blur",
+                 label="Mask blur"),
+    RequestField("inpaint_full_res", "bool", False,
+                 "inpainting: redraw only the masked area, at full resolution (A1111's 'Only masked')",
+                 jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="inpaint_full_res", a1111_as_is=True, a1111_default=True,
+                 label="Inpaint area"),
+    RequestField("inpaint_full_res_padding", "int32", 32, "inpainting: pixels of context around the masked area",
+                 minimum=0, maximum=256, jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="inpaint_full_res_padding",
+                 a1111_as_is=True, a1111_default=0, infotext="Masked area padding",
+                 label="Only masked padding, pixels"),
+    RequestField("inpainting_fill", "string", "original", "inpainting: what the masked area starts from (A1111's "
+                 "'Masked content'): fill (the colours around it), original, latent noise, latent nothing",
+                 choices=INPAINTING_FILLS, jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="inpainting_fill",
+                 infotext="Masked content", label="Masked content"),
+)
+BY_NAME: dict[str, RequestField] = {f.name: f for f in FIELDS}
+assert len(BY_NAME) == len(FIELDS), "a request field is declared twice"
+
+
+def fields_of(job: str) -> tuple[RequestField, ...]:
+    """The fields an sdtrt request of ``job`` carries, in the table's order."""
+    return tuple(f for f in FIELDS if job in f.jobs)
+
+
+def request_table(limits: ModelLimits) -> dict[str, FieldSpec]:
+    """One model's request table (every field, both jobs'): export stores it in the spec."""
+    return {f.name: f.spec(limits) for f in FIELDS}
+
+
+# Derived tables, for the code that reads the other names.
+INFOTEXT_FIELDS: dict[str, str] = {f.infotext: f.name for f in FIELDS if f.infotext}  # infotext key -> field
+A1111_AS_IS: dict[str, str] = {f.a1111: f.name for f in FIELDS if f.a1111_as_is}  # A1111 name -> field
+A1111_NAMES: dict[str, str] = {f.name: f.a1111 for f in FIELDS if f.a1111}  # field -> A1111 name (errors)
+LABELS: dict[str, str] = {f.name: f.label for f in FIELDS if f.label}
+
+
+def tab_fields(tab: str) -> tuple[str, ...]:
+    """The fields the page's ``tab`` (txt2img, img2img) has a control for, in the table's order."""
+    return tuple(f.name for f in FIELDS if f.label and not f.quicksetting and tab in f.shown_in)
