@@ -89,7 +89,7 @@ def _size(what: str) -> dict[str, Any]:
 
 FIELDS: tuple[RequestField, ...] = (
     RequestField("prompt", "string", "", "what to draw", max_length=lambda m: m.max_prompt_chars,
-                 a1111="prompt", a1111_as_is=True, a1111_default=""),
+                 a1111="prompt", a1111_as_is=True, a1111_default="", flag="PROMPT"),  # the CLI's positional argument
     RequestField("negative_prompt", "string", "", "what to steer away from", max_length=lambda m: m.max_prompt_chars,
                  a1111="negative_prompt", a1111_as_is=True, a1111_default=""),
     RequestField("seed", "int64", RANDOM_SEED,
