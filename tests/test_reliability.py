@@ -68,7 +68,9 @@ class Serve:
              "--drain-timeout", "2", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 240
-        while self.triton_ready() != 200:
+        # sdtrt serve's own readiness, not Triton's: Triton says ready a moment before sdtrt serve has seen it and
+        # started its healer, and a tritonserver killed in that moment is a failed start (exit 1), not a heal.
+        while self.own("/readyz") != 200:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.proc.stderr.read()
             time.sleep(0.5)
         self.url = f"127.0.0.1:{self.grpc}"
