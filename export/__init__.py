@@ -13,31 +13,34 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from sdtrt import __version__
+from sdtrt.contract.errors import UsageError
+from sdtrt.contract.files import copy_atomic, repository_lock
+from sdtrt.contract.samplers import schedule_table
+from sdtrt.contract.spec import (
+    ENGINES, SPEC_FILENAME, SPEC_VERSION, Catalog, ComponentSpec, ModelSpec, load_catalog, safe_name,
+)
 from sdtrt.export.checkpoint import (
-    Checkpoint, checkpoint_sha256, fuse_loras, load_checkpoint, override_vae, parse_lora,
+    Checkpoint, checkpoint_sha256, file_sha256, folder_sha256, fuse_loras, load_checkpoint, override_vae, parse_lora,
 )
 from sdtrt.export.descriptors import (
     BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, TEXT_BATCH, UNET_BATCH, align_your_steps_levels, clip_skip_layers,
     descriptors, dim_ranges,
 )
+from sdtrt.export.latent_preview import fit_latent_preview
+from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
-from sdtrt.contract.errors import UsageError
-from sdtrt.contract.files import copy_atomic, repository_lock
+from sdtrt.export.options import ExportOptions
+from sdtrt.export.tensorrt import EngineOptions, build_engines, refit_engine, refitted_filename
 from sdtrt.model_repository.build import write_model, write_repository
 from sdtrt.model_repository.configs import ServingOptions
+from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_NETWORKS, lora_rank
 from sdtrt.requests.request import request_fields
-from sdtrt.contract.samplers import schedule_table
-from sdtrt.requests.extra_networks import EMBEDDING_VECTORS
-from sdtrt.contract.spec import SPEC_FILENAME, Catalog, ComponentSpec, ExportLimits, ModelSpec, load_catalog, safe_name
-
-if TYPE_CHECKING:
-    from sdtrt.export.tensorrt import EngineOptions
 
 log = logging.getLogger("sdtrt.export")
 
@@ -57,142 +60,79 @@ def model_key(model: str | Path, name: str | None = None) -> str:
     return safe_name(name or (path.name if path.is_dir() else path.stem))
 
 
-def export_model(
-    model: str | Path,
-    out: str | Path,
-    *,
-    name: str | None = None,
-    default: bool = False,
-    config: str | Path | None = None,
-    loras: tuple[str, ...] = (),
-    lora_dir: str | Path | None = None,
-    embedding_dir: str | Path | None = None,
-    max_lora_rank: int = ExportLimits.max_lora_rank,
-    vae: str | Path | None = None,
-    allow_pickle: bool = False,
-    prediction_type: str | None = None,
-    max_batch: int = ExportLimits.max_batch,
-    min_size: int = ExportLimits.min_size,
-    max_size: int | None = None,
-    max_chunks: int = ExportLimits.max_chunks,
-    max_pixel_steps: int | None = None,
-    max_prompt_chars: int | None = None,
-    serving: ServingOptions = ServingOptions(),
-    engines: "EngineOptions | None" = None,
-    progress: bool = True,
-    report=print,
-) -> ModelSpec:
-    """Export every network of ``model`` to ONNX and add it to the model repository ``out`` (created if need be)
-    under ``name`` (default: the file's stem or the folder's name), with its spec and Triton configs; the first
-    model of a repository, or one exported with ``default``, is what requests that name no model get.
-
-    ``lora_dir`` / ``embedding_dir``: folders whose LoRAs and embeddings requests may use by name
-    (``<lora:name:weight>``, the embedding's name in a prompt); ``max_lora_rank``: the summed rank a request's
-    LoRAs may have. ``loras`` (``FILE[:SCALE]``) are fused into the weights instead.
-
-    With ``engines`` (EngineOptions), also build FP16 TensorRT engines and serve the networks with them.
-    ``max_pixel_steps`` (0: none) and ``max_prompt_chars`` are the per-request ceilings the spec records; by
-    default they are sized from max_size, max_batch and max_chunks (see ExportLimits).
-    """
+def export_model(model: str | Path, out: str | Path, options: ExportOptions | None = None, *, report=print,
+                 **changes) -> ModelSpec:
+    """Export every network of ``model`` to ONNX and add it to the model repository ``out`` (created if need be),
+    with its spec and Triton configs; the first model of a repository, or one exported with ``default``, is what
+    requests that name no model get. ``options`` (ExportOptions; keyword ``changes`` replace its fields) say
+    under which name, with which LoRAs, limits and engines."""
+    options = replace(options or ExportOptions(), **changes)
     out = Path(out)
-    key = model_key(model, name)
-    source_sha = checkpoint_sha256(model, progress)
-    inputs = export_key(source_sha, name=key, config=config, loras=loras, lora_dir=lora_dir, embedding_dir=embedding_dir,
-                        max_lora_rank=max_lora_rank, vae=vae, prediction_type=prediction_type,
-                        max_batch=max_batch, min_size=min_size, max_size=max_size, max_chunks=max_chunks,
-                        max_pixel_steps=max_pixel_steps, max_prompt_chars=max_prompt_chars, serving=serving,
-                        engines=engines)
+    key = model_key(model, options.name)
+    source_sha = checkpoint_sha256(model, options.progress)
+    inputs = export_key(source_sha, **options.key_inputs(key))
     done = complete_export(out, key, inputs)
     if done is not None:
         report(f"{out}: {key} is already exported from the same inputs ({inputs[:12]}); nothing to do")
-        if default and load_catalog(out).default != key:
+        if options.default and load_catalog(out).default != key:
             with repository_lock(out, report=report):
                 catalog = load_catalog(out)
                 catalog.default = key
                 catalog.save(out)
-                write_repository(out, catalog, replace(serving, backend="tensorrt") if engines is not None else serving)
+                write_repository(out, catalog, options.served)
             report(f"{out}: {key} is now the default model")
         return done
     existing = current_catalog(out)
     if existing is not None:  # refused before the (long) export rather than after it
-        check_serving(out, existing, key, "tensorrt" if engines is not None else serving.backend)
+        check_serving(out, existing, key, options.backend)
     with building(out) as work:
-        spec = _export(model, work, key, inputs, source_sha, config=config, loras=loras, lora_dir=lora_dir,
-                       embedding_dir=embedding_dir, max_lora_rank=max_lora_rank, vae=vae,
-                       allow_pickle=allow_pickle, prediction_type=prediction_type, max_batch=max_batch,
-                       min_size=min_size, max_size=max_size, max_chunks=max_chunks, max_pixel_steps=max_pixel_steps,
-                       max_prompt_chars=max_prompt_chars, serving=serving, engines=engines, progress=progress,
-                       report=report)
-        if engines is not None:
-            serving = replace(serving, backend="tensorrt")
+        spec = _export(model, work, key, inputs, source_sha, options, report)
         # The long part ran unlocked, in a folder of its own; joining reads the catalog, moves the models in, saves
         # the catalog and removes stale models: another export into `out` between the read and the cleanup would
         # lose its models, so one process at a time.
         with repository_lock(out, report=report):
-            catalog = join_repository(work, out, spec, serving, default)
+            catalog = join_repository(work, out, spec, options.served, options.default)
     report(f"Triton model repository: {out}, models {', '.join(catalog.models)} (default {catalog.default}; "
-           f"networks on the {serving.backend!r} backend)")
+           f"networks on the {options.backend!r} backend)")
     return spec
 
 
-def _export(model, repo: Path, key: str, inputs: str, source_sha: str, *, config, loras, lora_dir, embedding_dir,
-            max_lora_rank, vae, allow_pickle,
-            prediction_type, max_batch, min_size, max_size, max_chunks, max_pixel_steps, max_prompt_chars, serving,
-            engines, progress, report) -> ModelSpec:
+def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: ExportOptions, report) -> ModelSpec:
     """The export itself, into ``repo`` (a folder beside the repository, joined to it when everything is written):
     the networks, the tokenizer, the engines, this model's own Triton configs."""
-    ckpt = load_checkpoint(model, config, allow_pickle=allow_pickle, prediction_type=prediction_type, report=report,
-                           sha256=source_sha)
-    if vae is not None:
-        ckpt = override_vae(ckpt, Path(vae), report)
-    ckpt = fuse_loras(ckpt, [parse_lora(text) for text in loras], allow_pickle=allow_pickle)
+    ckpt = load_checkpoint(model, options.config, allow_pickle=options.allow_pickle,
+                           prediction_type=options.prediction_type, report=report, sha256=source_sha)
+    if options.vae is not None:
+        ckpt = override_vae(ckpt, Path(options.vae), report)
+    ckpt = fuse_loras(ckpt, [parse_lora(text) for text in options.loras], allow_pickle=options.allow_pickle)
     pipe = ckpt.pipe
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     native = int(pipe.unet.config.sample_size) * factor
-    if max_size is None:
-        max_size = ExportLimits.largest(native)
-    if min_size % factor or max_size % factor or not 0 < min_size <= native <= max_size:
-        raise UsageError(
-            f"--min-size {min_size} / --max-size {max_size} must be multiples of {factor} around the model's "
-            f"native size {native}"
-        )
-    if max_batch < 1:
-        raise UsageError(f"--max-batch must be >= 1, got {max_batch}")
+    options = options.fitted(native, factor)
     text_max_length = int(pipe.tokenizer.model_max_length)
     if text_max_length > 10_000:  # a tokenizer folder without model_max_length: CLIP's window is the text model's
         text_max_length = int(pipe.text_encoder.config.max_position_embeddings)
-    registered, slots = register_extra_networks(pipe, repo, key, lora_dir, embedding_dir, max_lora_rank, allow_pickle,
-                                                report)
-    dims = dim_ranges(max_batch=max_batch, min_size=min_size, native_size=native, max_size=max_size,
-                      vae_scale_factor=factor, text_max_length=text_max_length, max_chunks=max_chunks,
-                      max_lora_rank=max_lora_rank if slots else 0)
+    registered, slots = register_extra_networks(pipe, repo, key, options, report)
+    dims = dim_ranges(max_batch=options.max_batch, min_size=options.min_size, native_size=native,
+                      max_size=options.max_size, vae_scale_factor=factor, text_max_length=text_max_length,
+                      max_chunks=options.max_chunks, max_lora_rank=options.max_lora_rank if slots else 0)
 
-    components = export_networks(descriptors(pipe, text_max_length, slots), repo, key, dims, text_max_length, progress,
-                                 report)
+    components = export_networks(descriptors(pipe, text_max_length, slots), repo, key, dims, text_max_length,
+                                 options.progress, report)
     pipe.tokenizer.save_pretrained(str(repo / tokenizer_dir(key)))
-    limits = dict(
-        max_pixel_steps=ExportLimits.pixel_steps(max_size, max_batch) if max_pixel_steps is None else max_pixel_steps,
-        max_prompt_chars=ExportLimits.prompt_chars(max_chunks) if max_prompt_chars is None else max_prompt_chars,
-    )
-    spec = build_spec(ckpt, key, components, dims, factor, native, min_size, max_size, max_batch, text_max_length,
-                      **limits)
+    spec = build_spec(ckpt, key, components, dims, options, native=native, text_max_length=text_max_length)
     spec = replace(spec, extra={**spec.extra, "export_key": inputs}, **registered)
-    if engines is not None:
-        from sdtrt.export.tensorrt import build_engines
-
-        spec = build_engines(repo, spec, engines, report, progress)
-        serving = replace(serving, backend="tensorrt")
-    write_model(repo, spec, serving)
+    if options.engines is not None:
+        spec = build_engines(repo, spec, options.engines, report, options.progress)
+    write_model(repo, spec, options.served)
     return spec
 
 
-def register_extra_networks(pipe, repo: Path, key: str, lora_dir, embedding_dir, max_lora_rank: int, allow_pickle: bool,
-                            report) -> tuple[dict, dict | None]:
+def register_extra_networks(pipe, repo: Path, key: str, options: ExportOptions, report) -> tuple[dict, dict | None]:
     """Pack the LoRAs and embeddings requests may use into the model's tokenizer folder (its prompt assets):
     ({"loras": ..., "embeddings": ...} for the spec, the LoRA slots of each network or None without LoRAs)."""
-    from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
-    from sdtrt.requests.extra_networks import LORA_NETWORKS, lora_rank
-
+    lora_dir, embedding_dir, max_lora_rank = options.lora_dir, options.embedding_dir, options.max_lora_rank
+    allow_pickle = options.allow_pickle
     assets = Path(tokenizer_dir(key)).parent
     registered: dict = {"loras": {}, "embeddings": {}}
     if getattr(pipe, "text_encoder_2", None) is not None and (lora_dir is not None or embedding_dir is not None):
@@ -217,12 +157,6 @@ def register_extra_networks(pipe, repo: Path, key: str, lora_dir, embedding_dir,
 def export_key(source_sha: str, **inputs) -> str:
     """What an export is made of (the checkpoint's bytes, its LoRAs' and config's, every option, sdtrt's version):
     the same key means the same repository."""
-    from dataclasses import asdict, is_dataclass
-
-    from sdtrt import __version__
-    from sdtrt.export.checkpoint import file_sha256, folder_sha256
-    from sdtrt.contract.spec import SPEC_VERSION
-
     def plain(value):
         if is_dataclass(value):
             return asdict(value)
@@ -313,8 +247,6 @@ def current_catalog(repo: Path) -> Catalog | None:
 def check_serving(repo: Path, catalog: Catalog, key: str, backend: str) -> None:
     """Serving options are the repository's (the last export's apply to every model): refuse, before anything
     moves, an export whose backend the repository's other models cannot be served on."""
-    from sdtrt.contract.spec import ENGINES
-
     others = [other for other in catalog.models if other != key]
     with_engines = [other for other in others if catalog.models[other].extra.get(ENGINES)]
     if backend == "tensorrt":
@@ -358,12 +290,10 @@ def export_networks(descs, repo: Path, key: str, dims, text_max_length: int, pro
     return components
 
 
-def build_engines_and_configs(repo: str | Path, engines: "EngineOptions", serving: ServingOptions = ServingOptions(),
+def build_engines_and_configs(repo: str | Path, engines: EngineOptions, serving: ServingOptions = ServingOptions(),
                               model: str | None = None, report=print, progress: bool = True) -> ModelSpec:
     """TensorRT engines for one model of an exported repository (default: its default model), then the
     repository's Triton configs switched to ``tensorrt_plan``."""
-    from sdtrt.export.tensorrt import build_engines
-
     root = Path(repo)
     spec = build_engines(root, load_catalog(root).get(model), engines, report, progress)
     with repository_lock(root, report=report):
@@ -374,7 +304,6 @@ def build_engines_and_configs(repo: str | Path, engines: "EngineOptions", servin
 
 
 def _switch_to_engines(root: Path, catalog: Catalog, spec: ModelSpec, serving: ServingOptions, report) -> ModelSpec:
-    from sdtrt.contract.spec import ENGINES
 
     lacking = [key for key, other in catalog.models.items() if not other.extra.get(ENGINES)]
     if lacking:  # one backend per repository: it switches once every model has its engines
@@ -391,9 +320,6 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
     """New weights (another checkpoint of the same architecture, or the same one with LoRAs fused) into one
     model's refittable TensorRT engines (``name``, default: the repository's default model), without rebuilding
     them; the ONNX files and the spec follow."""
-    from sdtrt.export.tensorrt import refit_engine, refitted_filename
-    from sdtrt.contract.spec import ENGINES
-
     root = Path(repo)
     catalog = load_catalog(root)
     old = catalog.get(name)
@@ -437,10 +363,9 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
     return spec
 
 
-def build_spec(ckpt: Checkpoint, key: str, components, dims, factor, native, min_size, max_size, max_batch,
-               text_max_length, max_pixel_steps: int, max_prompt_chars: int) -> ModelSpec:
-    from sdtrt.export.latent_preview import fit_latent_preview
-
+def build_spec(ckpt: Checkpoint, key: str, components: dict, dims: dict, options: ExportOptions, *, native: int,
+               text_max_length: int) -> ModelSpec:
+    """The model's spec, from its checkpoint, its exported networks and the (fitted) export options."""
     pipe = ckpt.pipe
     return ModelSpec(
         name=key,
@@ -448,7 +373,7 @@ def build_spec(ckpt: Checkpoint, key: str, components, dims, factor, native, min
         source=ckpt.source,
         source_hash=ckpt.sha256,
         latent_channels=int(pipe.vae.config.latent_channels),
-        vae_scale_factor=factor,
+        vae_scale_factor=(factor := 2 ** (len(pipe.vae.config.block_out_channels) - 1)),
         vae_scaling_factor=float(pipe.vae.config.scaling_factor),
         prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
         scheduler_config=_jsonable(dict(pipe.scheduler.config)),
@@ -457,10 +382,9 @@ def build_spec(ckpt: Checkpoint, key: str, components, dims, factor, native, min
         text_hidden_size=int(components["text_encoder"].input(EMBEDDING_VECTORS).shape[2]),
         dims=dims,
         components=components,
-        request=request_fields(native, min_size, max_size, factor, max_batch,
-                               clip_layers=clip_skip_layers(pipe),
-                               max_prompt_chars=max_prompt_chars),
-        max_pixel_steps=max_pixel_steps,
+        request=request_fields(native, options.min_size, options.max_size, factor, options.max_batch,
+                               clip_layers=clip_skip_layers(pipe), max_prompt_chars=options.max_prompt_chars),
+        max_pixel_steps=options.max_pixel_steps,
         schedules=schedule_table(dict(pipe.scheduler.config)),
         align_your_steps=align_your_steps_levels(pipe),
         latent_preview=fit_latent_preview(pipe.vae, float(pipe.vae.config.scaling_factor), factor),

@@ -371,16 +371,16 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from sdtrt.export import export_model
+    from sdtrt.export.options import ExportOptions
 
-    serving = ServingOptions(backend=args.backend, **serving_options(args))
-    engines = _engine_options(args) if args.format == "trt" else None
-    spec = export_model(args.model, args.out, name=args.name, default=args.default, config=args.config,
-                        loras=tuple(args.lora), lora_dir=args.loras, embedding_dir=args.embeddings,
-                        max_lora_rank=args.max_lora_rank, vae=args.vae, allow_pickle=args.allow_pickle,
-                        prediction_type=args.prediction_type, max_batch=args.max_batch,
-                        min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks,
-                        max_pixel_steps=args.max_pixel_steps, max_prompt_chars=args.max_prompt_chars, serving=serving,
-                        engines=engines)
+    options = ExportOptions(
+        name=args.name, default=args.default, config=args.config, loras=tuple(args.lora), lora_dir=args.loras,
+        embedding_dir=args.embeddings, max_lora_rank=args.max_lora_rank, vae=args.vae, allow_pickle=args.allow_pickle,
+        prediction_type=args.prediction_type, max_batch=args.max_batch, min_size=args.min_size,
+        max_size=args.max_size, max_chunks=args.max_chunks, max_pixel_steps=args.max_pixel_steps,
+        max_prompt_chars=args.max_prompt_chars, serving=ServingOptions(backend=args.backend, **serving_options(args)),
+        engines=_engine_options(args) if args.format == "trt" else None)
+    spec = export_model(args.model, args.out, options)
     print(f"exported {spec.source} to {args.out} as {spec.title}")
     return 0
 
