@@ -30,7 +30,7 @@ def test_the_requests_and_the_spec_table_are_the_registry():
 
 
 def test_the_cli_gateway_page_and_infotext_read_the_registry():
-    from sdtrt.client.apps.a1111_api import Img2ImgBody, Txt2ImgBody
+    from sdtrt.client.apps.a1111_requests import Img2ImgBody, Txt2ImgBody
     from sdtrt.client.apps.cli import build_parser
     from sdtrt.requests.generation import settings_from_infotext
 

@@ -1,0 +1,450 @@
+"""A1111's txt2img and img2img requests, and their translation into sdtrt's settings: pure functions of the
+request, the user's A1111 options, the styles and the server's catalog (no server is called here; the routes in
+a1111_api.py do that).
+
+As A1111 does, keys it does not know are ignored; unlike A1111, the gateway says which (ignored_fields). A field
+the server cannot honour (face restoration, scripts, refiners, ...) is refused with 422 naming it when its value
+would change the picture; a value equal to what sdtrt does anyway is accepted (``eta`` 1 for ancestral samplers,
+``s_tmax`` without churn, ``image_cfg_scale`` on a model that is not instruct-pix2pix, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fastapi import HTTPException
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from sdtrt.client.client import JobControl
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.pictures import open_picture, picture_bytes_from_base64
+from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
+from sdtrt.contract.seeds import MAX_SEED
+from sdtrt.contract.spec import IMG2IMG, TXT2IMG, Catalog, ModelSpec
+from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, FIELDS
+from sdtrt.requests.generation import check_n_iter, settings_from_infotext
+from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
+from sdtrt.requests.infotext import check_infotext
+from sdtrt.requests.styles import apply_styles
+from sdtrt.requests.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, check_upscale
+
+# A1111's scheduler names (its API takes name or label) -> sdtrt schedule types
+SCHEDULER_NAMES = {label.lower().replace(" ", "_"): label for label in SCHEDULE_TYPES}  # A1111's names: "sgm_uniform"
+RESIZE_MODE_NAMES = list(RESIZE_MODES)  # A1111 numbers them 0, 1, 2 in this order
+
+# sdtrt request field -> A1111's name, for naming it in a refusal; the pictures travel beside the fields
+A1111_NAME = A1111_NAMES | {"init_image": "init_images", "mask": "mask"}
+OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source")
+# A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
+RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
+# A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
+OPTIONS_FIXED = {
+    "sd_vae": ("Automatic", "None"), "eta_ancestral": (1, 1.0), "eta_ddim": (0, 0.0), "eta_noise_seed_delta": (0,),
+    "img2img_fix_steps": (False,),
+}
+
+
+# What one request may ask of the gateway, checked before any work starts (pictures: sdtrt.contract.pictures; the
+# generation itself: the model's spec, checked by the client before anything is sent).
+MAX_STYLES = 64  # styles named in one request
+MAX_NAME_CHARS = 256  # a style's name, a task id
+MAX_OPTIONS = 2000  # A1111 options kept per user (A1111 has about 500)
+MAX_OPTIONS_BYTES = 2**20  # their JSON, all together
+
+
+def as_is_fields(tab: str | None) -> dict[str, Any]:
+    """The schema of the fields sdtrt takes as A1111 sends them, from sdtrt's field table, with A1111's API
+    defaults: those both of A1111's requests have (tab None), or only ``tab``'s."""
+    shown = (TXT2IMG, IMG2IMG) if tab is None else (tab,)
+    return {f.a1111: (f.python_type | None if f.a1111_default is None else f.python_type,
+                      Field(f.a1111_default, description=f.help))
+            for f in FIELDS if f.a1111_as_is and f.shown_in == shown}
+
+
+class _RequestBase(BaseModel):
+    """Fields common to A1111's txt2img and img2img requests that sdtrt translates or refuses, with A1111's API
+    defaults; those it takes as they are come from sdtrt's field table (as_is_fields)."""
+
+    model_config = ConfigDict(extra="allow")  # as A1111: unknown keys are ignored (and listed: ignored_fields)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """A1111's request models take ``null`` for any field, meaning its default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    styles: list[str] | None = Field(None, description="prompt styles by name (GET /sdapi/v1/prompt-styles)")
+    sampler_name: str | None = Field(None, description="A1111 sampler name or alias (GET /sdapi/v1/samplers)")
+    sampler_index: str = Field("Euler", description="legacy name of sampler_name, used when that is absent")
+    scheduler: str | None = Field(None, description="Automatic, Karras, Exponential or SGM Uniform")
+    n_iter: int = 1
+    restore_faces: bool | None = Field(None, description="not supported: refused when true")
+    tiling: bool | None = Field(None, description="not supported: refused when true")
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = Field(None, description="not supported: refused when set")
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = Field(None, description=f"only {', '.join(OPTIONS_HONOURED)}")
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = Field(None, description="fill the settings from an A1111 infotext (fields given win)")
+
+
+_Request = create_model("_Request", __base__=_RequestBase, __module__=__name__, **as_is_fields(None))
+
+
+class _Txt2ImgBody(_Request):
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_upscaler: str | None = None
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    firstpass_image: str | None = None
+
+
+Txt2ImgBody = create_model("Txt2ImgBody", __base__=_Txt2ImgBody, __module__=__name__, **as_is_fields(TXT2IMG))
+
+
+class _Img2ImgBody(_Request):
+    init_images: list[str] = Field(..., description="base64 pictures: one for the whole batch, or up to batch_size "
+                                   "(one picture each)")
+    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill")
+    image_cfg_scale: float | None = None
+    mask: str | None = Field(None, description="base64 mask: white = repaint")
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = Field(0, description="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+Img2ImgBody = create_model("Img2ImgBody", __base__=_Img2ImgBody, __module__=__name__, **as_is_fields(IMG2IMG))
+
+
+class ExtrasSingleImageBody(BaseModel):
+    """A1111's Extras on one picture; sdtrt has its upscalers (GET /sdapi/v1/upscalers), no face restoration."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image: str = Field("", description="base64 picture")
+    resize_mode: int = Field(0, description="0: upscale by upscaling_resize; 1: to upscaling_resize_w x _h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0.0, description="not supported: refused unless 0")
+    codeformer_visibility: float = Field(0.0, description="not supported: refused unless 0")
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = NO_UPSCALER
+    upscaler_2: str = NO_UPSCALER
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+
+
+# field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
+# fields are checked in unhonoured() below)
+UNSUPPORTED = {
+    "restore_faces": (None, False),
+    "tiling": (None, False), "s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_noise": (None, 1.0),
+    "refiner_checkpoint": (None, "", "None"),
+    "refiner_switch_at": (None,), "script_name": (None, ""), "script_args": ([],), "alwayson_scripts": ({},),
+    "firstphase_width": (0,), "firstphase_height": (0,), "hr_resize_x": (0,), "hr_resize_y": (0,),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
+    "hr_scheduler": (None, "", "Use same scheduler"), "hr_prompt": ("",), "hr_negative_prompt": ("",),
+    "firstpass_image": (None,), "mask_round": (True,), "initial_noise_multiplier": (None, 1.0), "latent_mask": (None,),
+}
+
+
+def unhonoured(body: "_Request", sampler: str) -> tuple[str, str] | None:
+    """A field whose value would make the picture differ from what sdtrt draws: (field, why), else None."""
+    eta = SAMPLERS[sampler].eta if sampler in SAMPLERS else None  # (a sampler sdtrt lacks is refused by name later)
+    if body.eta is not None and eta is not None and body.eta != eta:
+        return "eta", f"sdtrt runs {sampler} with eta {eta:g} (A1111's default); other values are not supported"
+    return None
+
+
+def refuse(field: str, message: str) -> HTTPException:
+    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+def open_image(data: str, field: str) -> Image.Image:
+    """A base64 picture (a data: URL too), loaded with its text chunks, within sdtrt.contract.pictures' bounds (size,
+    pixels, PNG/JPEG/WebP), checked before it is decoded; a named 422 otherwise."""
+    try:
+        return open_picture(picture_bytes_from_base64(data, field), field)
+    except InvalidRequest as exc:
+        raise refuse(field, str(exc)) from None
+
+
+def decode_image(data: str, field: str, mode: str) -> Image.Image:
+    return open_image(data, field).convert(mode)
+
+
+@dataclass
+class Job:
+    """One generation under way: its control (interrupt, skip, the request id its progress is posted under)."""
+
+    control: JobControl
+    user: str  # who sent it: only they see its progress and stop it
+    task_id: str  # A1111's id_task (the request's force_task_id, else a fresh one)
+    kind: str
+    count: int  # batches (n_iter)
+    started: float
+    timestamp: str
+    done: int = 0  # batches finished
+
+    @classmethod
+    def for_request(cls, kind: str, body: _Request, user: str) -> "Job":
+        """The server sees a fresh random id (its progress model answers whoever names one); A1111's task id,
+        which a client may choose, only names the job in the gateway, among its own user's jobs."""
+        return cls(JobControl(), user, body.force_task_id or uuid.uuid4().hex, kind, body.n_iter, time.time(),
+                   time.strftime("%Y%m%d%H%M%S"))
+
+
+@dataclass
+class UserOptions:
+    """One user's A1111 options. A1111 serves one user, whose options are the server's; sdtrt serves many (each
+    set of credentials is a user; without credentials, loopback only, everyone is the one user "")."""
+
+    clip_skip: int = 1
+    randn_source: str = "CPU"
+    model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
+    options: dict[str, Any] = field(default_factory=dict)  # A1111 options sdtrt has no use for, kept for GET
+
+
+@dataclass(frozen=True)
+class OptionChanges:
+    """What A1111 options set that sdtrt draws with (None: not set)."""
+
+    clip_skip: int | None = None
+    model: str | None = None  # the model's key in the catalog
+    randn_source: str | None = None
+
+
+def find_model(catalog: Catalog, value: Any, where: str) -> str:
+    """A1111 names a checkpoint by title, name, file name or hash; sdtrt by its key in the repository."""
+    for key, spec in catalog.models.items():
+        if value in (key, spec.title, spec.name, spec.model_hash, f"{spec.name}.safetensors"):
+            return key
+    titles = ", ".join(repr(spec.title) for spec in catalog.models.values())
+    raise refuse(f"{where}.sd_model_checkpoint", f"not one of this server's models: {titles}")
+
+
+def read_options(options: dict[str, Any], where: str, catalog: Catalog) -> OptionChanges:
+    """Check A1111 options. Options that would change the picture to something sdtrt does not draw are refused by
+    name; the rest are kept (``/options``) or ignored and listed (``override_settings``), as A1111 keeps options
+    it has no use for."""
+    changes = OptionChanges()
+    for key, value in options.items():
+        if key == "sd_model_checkpoint":
+            changes = replace(changes, model=find_model(catalog, value, where))
+        elif key == "CLIP_stop_at_last_layers":
+            changes = replace(changes, clip_skip=value)
+        elif key == "randn_source":
+            if value not in RANDN_SOURCES:
+                raise refuse(f"{where}.randn_source", f"one of {', '.join(map(repr, RANDN_SOURCES))} (got "
+                                                      f"{str(value)[:80]!r})")
+            changes = replace(changes, randn_source=RANDN_SOURCES[value])
+        elif key in OPTIONS_FIXED and value not in OPTIONS_FIXED[key]:
+            allowed = ", ".join(repr(a) for a in OPTIONS_FIXED[key])
+            raise refuse(f"{where}.{key}", f"not supported by sdtrt: it draws with {allowed}")
+    return changes
+
+
+def updated_options(mine: UserOptions, options: dict[str, Any], catalog: Catalog, current: ModelSpec) -> UserOptions:
+    """A user's options after A1111's POST /options: what sdtrt draws with is checked (Clip skip against the
+    ``current`` model's range), everything else kept for GET, within MAX_OPTIONS."""
+    kept = {**mine.options, **{k: v for k, v in options.items()
+                               if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED}}
+    if len(kept) > MAX_OPTIONS or len(json.dumps(kept, default=str)) > MAX_OPTIONS_BYTES:
+        raise refuse("options", f"at most {MAX_OPTIONS} options of {MAX_OPTIONS_BYTES // 1024} kB in all are "
+                                "kept per user")
+    changes = read_options(options, "options", catalog)
+    if changes.clip_skip is not None:
+        clip = current.field("clip_skip")
+        if not isinstance(changes.clip_skip, int) or not clip.minimum <= changes.clip_skip <= clip.maximum:
+            raise refuse("options.CLIP_stop_at_last_layers", f"must be {clip.allowed()}")
+    return replace(mine, clip_skip=mine.clip_skip if changes.clip_skip is None else changes.clip_skip,
+                   randn_source=changes.randn_source or mine.randn_source, model=changes.model or mine.model,
+                   options=kept)
+
+
+def ignored_fields(body: _Request, styles: dict) -> list[str]:
+    """The request's keys that change nothing here: unknown ones, override_settings sdtrt has no use for, and
+    styles the styles file lacks (A1111 skips them too)."""
+    overrides = [f"override_settings.{k}" for k in body.override_settings or {}
+                 if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED]
+    unknown = [f"styles.{name}" for name in body.styles or [] if name not in styles]
+    return body.ignored_fields + overrides + unknown
+
+
+def check_bounds(body: _Request) -> None:
+    """What a request asks for, bounded before anything is decoded, parsed or sent (the generation's own limits
+    are the model's, checked by the client)."""
+    try:
+        check_n_iter(body.n_iter)
+    except InvalidRequest as exc:
+        raise refuse("n_iter", str(exc)) from None
+    if body.styles is not None and (len(body.styles) > MAX_STYLES
+                                    or any(len(name) > MAX_NAME_CHARS for name in body.styles)):
+        raise refuse("styles", f"at most {MAX_STYLES} style names of at most {MAX_NAME_CHARS} characters each "
+                               f"(got {len(body.styles)})")
+    if isinstance(body, Img2ImgBody) and not body.init_images:
+        raise refuse("init_images", "at least one picture")
+    if body.force_task_id is not None and len(body.force_task_id) > MAX_NAME_CHARS:
+        raise refuse("force_task_id", f"at most {MAX_NAME_CHARS} characters (got {len(body.force_task_id)})")
+    if body.infotext is not None:
+        try:
+            check_infotext(body.infotext)
+        except InvalidRequest as exc:
+            raise refuse("infotext", str(exc)) from None
+
+
+def with_infotext(body: _Request) -> _Request:
+    """A1111 1.9+: the request's settings filled from its infotext; the fields the request gives win."""
+    if not body.infotext:
+        return body
+    given = body.model_dump(exclude_unset=True)
+    stored = {A1111_NAME.get(k, k): v for k, v in settings_from_infotext(body.infotext).items()}
+    if "resize_mode" in stored:  # the infotext says it in words, A1111's API in numbers
+        if stored["resize_mode"] not in RESIZE_MODE_NAMES:
+            raise refuse("resize_mode", f"the infotext's Resize mode {str(stored['resize_mode'])[:80]!r} is "
+                                        f"not one of {', '.join(RESIZE_MODE_NAMES)}")
+        stored["resize_mode"] = RESIZE_MODE_NAMES.index(stored["resize_mode"])
+    given = {**{k: v for k, v in stored.items() if k in type(body).model_fields}, **given}
+    try:
+        return type(body)(**given)
+    except ValidationError as exc:  # a value the infotext holds that the field cannot take
+        error = exc.errors()[0]
+        raise refuse(".".join(map(str, error["loc"])), f"from the infotext: {error['msg']}") from None
+
+
+def sampler_of(body: _Request) -> str:
+    """sdtrt's sampler for A1111's name or alias (sampler_name, else the legacy sampler_index)."""
+    name = body.sampler_name or body.sampler_index
+    return next((s.name for s in SAMPLERS.values() if name in s.aliases), name)
+
+
+def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog) -> dict[str, Any]:
+    """sdtrt's settings for A1111's request ``body`` from the user whose options are ``mine``: the keyword
+    arguments of Client.txt2img/img2img (the model's own limits are the client's to check)."""
+    check_bounds(body)
+    body = with_infotext(body)
+    for name, allowed in UNSUPPORTED.items():
+        if name in type(body).model_fields and getattr(body, name) not in allowed:
+            raise refuse(name, f"not supported by sdtrt (allowed: {', '.join(repr(a) for a in allowed)})")
+    settings = {A1111_AS_IS[k]: getattr(body, k) for k in A1111_AS_IS if k in type(body).model_fields}
+    if body.styles:
+        settings["prompt"], settings["negative_prompt"] = apply_styles(
+            body.prompt, body.negative_prompt, [styles[name] for name in body.styles if name in styles])
+    if settings.get("denoising_strength") is None or (isinstance(body, Txt2ImgBody) and not body.enable_hr):
+        settings.pop("denoising_strength")  # (A1111 ignores it for txt2img without hires fix)
+    settings["sampler"] = sampler_of(body)
+    if (problem := unhonoured(body, settings["sampler"])) is not None:
+        raise refuse(*problem)
+    if body.subseed == -1:  # resolved here, so that info can say which one (A1111's all_subseeds)
+        settings["subseed"] = random.randint(0, MAX_SEED)
+    if body.scheduler is not None:
+        settings["schedule_type"] = SCHEDULER_NAMES.get(body.scheduler.lower().replace(" ", "_"), body.scheduler)
+    if isinstance(body, Txt2ImgBody) and body.enable_hr and body.hr_upscaler is not None:
+        settings["hr_upscaler"] = body.hr_upscaler
+    changes = read_options(body.override_settings or {}, "override_settings", catalog)
+    settings["clip_skip"] = changes.clip_skip if changes.clip_skip is not None else mine.clip_skip
+    settings["randn_source"] = changes.randn_source or mine.randn_source
+    settings["model"] = changes.model or catalog.get(mine.model).key
+    if isinstance(body, Img2ImgBody):
+        settings.update(img2img_settings(body))
+    return settings
+
+
+def img2img_settings(body: Img2ImgBody) -> dict[str, Any]:
+    """A1111's numbered img2img choices in sdtrt's names (A1111 numbers them in the order sdtrt lists them)."""
+    if not 0 <= body.resize_mode < len(RESIZE_MODE_NAMES):
+        raise refuse("resize_mode", "0 (just resize), 1 (crop and resize) or 2 (resize and fill)")
+    if not 0 <= body.inpainting_fill < len(INPAINTING_FILLS):
+        raise refuse("inpainting_fill", "0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
+    blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
+    return {"resize_mode": RESIZE_MODE_NAMES[body.resize_mode],
+            "inpainting_fill": INPAINTING_FILLS[body.inpainting_fill], "mask_blur": blur}
+
+
+def img2img_pictures(body: Img2ImgBody, max_batch: int) -> tuple[list[Image.Image], Image.Image | None]:
+    """The init pictures (one for the whole batch, or one per image of it, as A1111) and the mask (white:
+    repaint), decoded within sdtrt.contract.pictures' bounds once everything else was checked."""
+    most = min(max(body.batch_size, 1), max_batch)
+    if len(body.init_images) > most:
+        raise refuse("init_images", f"1 to {most} pictures (at most batch_size: A1111 redraws one per image of "
+                                    f"the batch), got {len(body.init_images)}")
+    init = [decode_image(data, "init_images", "RGB") for data in body.init_images]
+    mask = decode_image(body.mask, "mask", "L") if body.mask else None
+    if mask is not None and body.inpainting_mask_invert:
+        mask = Image.fromarray(255 - np.asarray(mask))
+    return init, mask
+
+
+def extras_job(body: ExtrasSingleImageBody) -> ExtrasUpscale:
+    """A1111's Extras request as sdtrt's upscale, its fields checked (the picture's size: check_extras_size)."""
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        if getattr(body, name) != 0:
+            raise refuse(name, "face restoration is not available in sdtrt: 0 only")
+    for name in ("upscaler_1", "upscaler_2"):
+        if getattr(body, name) not in EXTRAS_UPSCALERS:
+            raise refuse(name, f"one of {', '.join(map(repr, EXTRAS_UPSCALERS))} (got {getattr(body, name)!r:.80})")
+    if body.resize_mode not in (0, 1):
+        raise refuse("resize_mode", "0 (by upscaling_resize) or 1 (to upscaling_resize_w x upscaling_resize_h)")
+    if not 1 <= body.upscaling_resize <= 8:
+        raise refuse("upscaling_resize", f"from 1 to 8 (got {body.upscaling_resize:g})")
+    for name in ("upscaling_resize_w", "upscaling_resize_h"):
+        if not 1 <= getattr(body, name) <= MAX_SIDE:
+            raise refuse(name, f"from 1 to {MAX_SIDE} (got {getattr(body, name)})")
+    if not 0 <= body.extras_upscaler_2_visibility <= 1:
+        raise refuse("extras_upscaler_2_visibility", f"from 0 to 1 (got {body.extras_upscaler_2_visibility:g})")
+    if not body.image:
+        raise refuse("image", "a base64-encoded picture")
+    return ExtrasUpscale(body.upscaler_1, body.upscaler_2, body.extras_upscaler_2_visibility, body.resize_mode,
+                         body.upscaling_resize, body.upscaling_resize_w, body.upscaling_resize_h, body.upscaling_crop)
+
+
+def check_extras_size(size: tuple[int, int], job: ExtrasUpscale) -> None:
+    """The upscale's result and every intermediate of a picture of ``size``, bounded before anything is
+    allocated."""
+    try:
+        check_upscale(size, job)
+    except InvalidRequest as exc:
+        raise refuse(exc.field, str(exc)) from None
