@@ -401,156 +401,206 @@ def show_info(infotexts: list[str], evt: gr.SelectData) -> Any:
     return gr.update()
 
 
-def build_ui(client: Client, outputs: Path = Path("outputs"), styles_file: Path | None = DEFAULT_STYLES_FILE):
-    spec = client.spec  # the default model's ranges and defaults shape the controls
-    jobs = PageJobs()
-    styles = load_styles(styles_file)
+@dataclass(frozen=True)
+class Sent:
+    """What the browser sent with Generate, as the tab's inputs give it (nothing checked yet)."""
 
-    def titles() -> dict[str, str]:
-        return {s.title: key for key, s in client.catalog.models.items()}
+    kind: str  # txt2img or img2img
+    model_title: Any
+    clip: Any
+    prompt: Any
+    negative: Any
+    chosen: Any  # styles
+    n_iter: Any
+    values: tuple  # the tab's request fields, in its order
+    picture: Any = None  # img2img: the sketch/upload with its mask
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.HTML(f"<style>{PROGRESS_CSS}</style>", visible=True, padding=False)
-        gr.Markdown(f"## {TITLE}\nServer `{client.url}` ({client.protocol})")
+    @classmethod
+    def of(cls, kind: str, inputs: tuple) -> "Sent":
+        model_title, clip, *rest = inputs
+        picture = rest.pop(0) if kind == "img2img" else None
+        prompt, negative, chosen, n_iter, *values = rest
+        return cls(kind, model_title, clip, prompt, negative, chosen, n_iter, tuple(values), picture)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A generation as the page sends it to the server: every field checked and typed."""
+
+    model: str
+    clip_skip: int
+    prompt: str
+    negative: str
+    n_iter: int
+    fields: dict[str, Any]
+    init_and_mask: tuple | None
+
+
+class Page:
+    """The page's controls and what they do: one Page per served page (its models, styles and jobs)."""
+
+    def __init__(self, client: Client, outputs: Path, styles_file: Path | None):
+        self.client = client
+        self.outputs = outputs
+        self.spec = client.spec  # the default model's ranges and defaults shape the controls
+        self.jobs = PageJobs()
+        self.styles = load_styles(styles_file)
+        self.tabs: dict[str, Tab] = {}
+
+    def titles(self) -> dict[str, str]:
+        return {s.title: key for key, s in self.client.catalog.models.items()}
+
+    # --- layout ----------------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+            gr.HTML(f"<style>{PROGRESS_CSS}</style>", visible=True, padding=False)
+            gr.Markdown(f"## {TITLE}\nServer `{self.client.url}` ({self.client.protocol})")
+            with gr.Row():
+                self.checkpoint = gr.Dropdown(choices=list(self.titles()), value=self.spec.title,
+                                              label="Stable Diffusion checkpoint", scale=4, elem_id="checkpoint")
+                self.refresh = gr.Button("Refresh", scale=0, min_width=80, elem_id="refresh_checkpoints")
+                self.clip_skip = _control(self.spec, "clip_skip", scale=2)
+            with gr.Tabs() as self.tab_strip:
+                for kind in ("txt2img", "img2img"):
+                    with gr.Tab(kind, id=kind, elem_id=f"tab_{kind}"):
+                        self.tabs[kind] = _generation_tab(self.spec, kind, list(self.styles))
+                with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                    self.png_info_tab()
+            self.wire()
+        return demo
+
+    def png_info_tab(self) -> None:
         with gr.Row():
-            checkpoint = gr.Dropdown(choices=list(titles()), value=spec.title, label="Stable Diffusion checkpoint",
-                                     scale=4, elem_id="checkpoint")
-            refresh = gr.Button("Refresh", scale=0, min_width=80, elem_id="refresh_checkpoints")
-            clip_skip = _control(spec, "clip_skip", scale=2)
-        with gr.Tabs() as tabs:
-            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
-                t2i = _generation_tab(spec, "txt2img", list(styles))
-            with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
-                i2i = _generation_tab(spec, "img2img", list(styles))
-            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
-                with gr.Row():
-                    with gr.Column():
-                        png = gr.Image(label="Source", type="filepath", sources=["upload", "clipboard"],
-                                       elem_id="pnginfo_image")
-                    with gr.Column():
-                        png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text")
-                        send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+            with gr.Column():
+                self.png = gr.Image(label="Source", type="filepath", sources=["upload", "clipboard"],
+                                    elem_id="pnginfo_image")
+            with gr.Column():
+                self.png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text")
+                self.send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
 
-        def refresh_models():
-            client.refresh()
-            return gr.update(choices=list(titles()))
-
-        refresh.click(refresh_models, outputs=checkpoint)
-
-        def settings(tab_fields: tuple[str, ...], values: tuple) -> dict[str, Any]:
-            return {name: _typed(spec, name, value) for name, value in zip(tab_fields, values)}
-
-        def checked(kind: str, model_title: Any, clip: Any, chosen: Any, n_iter: Any, values: tuple,
-                    picture: Any) -> tuple:
-            """What the browser sent, checked before any work starts: a model the server has, styles the page
-            offers, the batch count within the slider's range, each field in its type (the client checks ranges)."""
-            models = titles()
-            if not isinstance(model_title, str) or model_title not in models:
-                raise _error(f"unknown checkpoint {echo(model_title)}: choose one of the server's models "
-                             "(Refresh updates the list)")
-            if chosen is None:
-                chosen = []
-            if not isinstance(chosen, list) or not all(isinstance(s, str) and s in styles for s in chosen):
-                raise _error(f"unknown style in {echo(chosen)}: choose among the page's styles ({len(styles)})")
-            try:
-                count = _whole(n_iter, "n_iter", 1, MAX_BATCH_COUNT, "Batch count")
-                fields = settings(tuple((t2i if kind == "txt2img" else i2i).fields), values)
-                clip = _typed(spec, "clip_skip", clip)
-                init_and_mask = _mask_and_picture(picture) if kind == "img2img" else None
-            except InvalidRequest as exc:
-                raise _error(str(exc)) from None
-            return models[model_title], clip, chosen, count, fields, init_and_mask
-
-        def run(kind: str, request: gr.Request, model_title: str, clip: float, prompt: str, negative: str,
-                chosen: list[str], n_iter: float, values: tuple, picture: Any = None):
-            model, clip, chosen, n_iter, fields, init_and_mask = checked(kind, model_title, clip, chosen, n_iter,
-                                                                         values, picture)
-            prompt, negative = apply_styles(prompt or "", negative or "", [styles[s] for s in chosen])
-            control = jobs.start(request.session_hash)
-            common = dict(model=model, negative_prompt=negative, clip_skip=int(clip), control=control, **fields)
-            state = Followed(control, n_iter)
-            try:
-                if kind == "txt2img":
-                    def work(on_batch):
-                        return client.txt2img(prompt, n_iter=n_iter, progress=on_batch, **common)
-                else:
-                    init, mask = init_and_mask
-
-                    def work(on_batch):
-                        return client.img2img(prompt, init, mask, n_iter=n_iter, progress=on_batch, **common)
-                for latest in follow(client, state, work):
-                    preview = gr.update(value=latest.preview, visible=True) if latest and latest.preview is not None \
-                        else gr.skip()
-                    yield gr.skip(), preview, progress_html(state, latest), gr.skip(), gr.skip(), gr.skip()
-            except InvalidRequest as exc:
-                raise _error(str(exc)) from None
-            finally:
-                # Still running here: Gradio closed this handler because the browser went away (the page was
-                # closed or reloaded). Nobody will see the pictures: stop the server's loops within a step.
-                if state.thread is not None and state.thread.is_alive():
-                    log.warning("page closed: interrupting its generation (request %s)", control.request_id)
-                    control.interrupt()
-                jobs.end(request.session_hash, control)
-            if isinstance(state.error, (InvalidRequest, ServerError)):
-                raise _error(str(state.error))
-            if state.error is not None:
-                raise state.error
-            result = state.result
-            try:
-                for image, s, text in zip(result.images, result.seeds, result.infotexts):
-                    save_png(image, s, text, outputs / f"{kind}-images")
-            except DiskFull as exc:  # the pictures are shown all the same; nothing half written is left
-                log.error("outputs not saved: %s", exc)
-                gr.Warning(f"not saved: the page's output folder is full ({disk_full_summary(exc)}); the pictures "
-                           "below are not on the server's disk: download them, and tell the page's operator")
-            pictures = [(_gallery_picture(image, text), f"seed {s}")
-                        for image, s, text in zip(result.images, result.seeds, result.infotexts)]
-            yield (pictures, gr.update(visible=False), progress_html(state, None),
-                   result.infotexts[0] if result.infotexts else "", result.seeds, list(result.infotexts))
-
-        def txt2img_handler(request: gr.Request, model_title, clip, prompt, negative, chosen, n_iter, *values):
-            yield from run("txt2img", request, model_title, clip, prompt, negative, chosen, n_iter, values)
-
-        def img2img_handler(request: gr.Request, model_title, clip, picture, prompt, negative, chosen, n_iter,
-                            *values):
-            yield from run("img2img", request, model_title, clip, prompt, negative, chosen, n_iter, values, picture)
-
-        for tab, handler, extra in ((t2i, txt2img_handler, []), (i2i, img2img_handler, [i2i.picture])):
-            inputs = [checkpoint, clip_skip, *extra, *tab.inputs]
+    def wire(self) -> None:
+        self.refresh.click(self.refresh_models, outputs=self.checkpoint)
+        for kind, tab in self.tabs.items():
+            handler = self.txt2img_handler if kind == "txt2img" else self.img2img_handler
+            inputs = [self.checkpoint, self.clip_skip, *([tab.picture] if kind == "img2img" else []), *tab.inputs]
             tab.generate.click(handler, inputs=inputs, outputs=tab.outputs)
             tab.prompt.submit(handler, inputs=inputs, outputs=tab.outputs)
-            tab.interrupt.click(_session_call(jobs.interrupt), inputs=None, outputs=None, concurrency_limit=None)
-            tab.skip.click(_session_call(jobs.skip), inputs=None, outputs=None, concurrency_limit=None)
+            tab.interrupt.click(_session_call(self.jobs.interrupt), inputs=None, outputs=None, concurrency_limit=None)
+            tab.skip.click(_session_call(self.jobs.skip), inputs=None, outputs=None, concurrency_limit=None)
             tab.gallery.select(show_info, inputs=tab.infotexts, outputs=tab.info)
+        self.png.change(png_info, inputs=self.png, outputs=self.png_text, preprocess=False)
+        t2i = self.tabs["txt2img"]
+        self.send.click(self.send_to_txt2img, inputs=self.png_text,
+                        outputs=[t2i.prompt, t2i.negative, *t2i.fields.values(), self.clip_skip, self.checkpoint,
+                                 t2i.hires, t2i.variation, self.tab_strip])
 
-        png.change(png_info, inputs=png, outputs=png_text, preprocess=False)
+    # --- events ----------------------------------------------------------------------------------------
+    def refresh_models(self):
+        self.client.refresh()
+        return gr.update(choices=list(self.titles()))
 
-        def send_to_txt2img(text: str):
-            """The infotext's settings into the txt2img tab's controls (as A1111's "Send to txt2img")."""
-            if not text:
-                raise _error("no parameters to send: upload a PNG written by sdtrt or A1111 first")
-            read = settings_from_infotext(text)
-            updates = [gr.update(value=read.get("prompt", "")), gr.update(value=read.get("negative_prompt", ""))]
-            for name in t2i.fields:
-                value = read.get(name)
-                try:
-                    updates.append(gr.update(value=_typed(spec, name, value)) if value is not None else gr.skip())
-                except (TypeError, ValueError):
-                    updates.append(gr.skip())
-            clip = read.get("clip_skip")
-            updates.append(gr.update(value=int(clip)) if clip is not None else gr.update(value=1))
-            wanted = read.get("Model hash")
-            found = [t for t, key in titles().items() if wanted and client.catalog.models[key].model_hash == wanted]
-            updates.append(gr.update(value=found[0]) if found else gr.skip())
-            # the accordions holding settings the infotext sets are opened, so that they show
-            updates += [gr.update(open=True) if read.get("enable_hr") else gr.skip(),
-                        gr.update(open=True) if read.get("subseed_strength") not in (None, "0", 0) else gr.skip()]
-            return [*updates, gr.Tabs(selected="txt2img")]
+    def txt2img_handler(self, request: gr.Request, *inputs):
+        yield from self.run(request, Sent.of("txt2img", inputs))
 
-        send.click(send_to_txt2img, inputs=png_text,
-                   outputs=[t2i.prompt, t2i.negative, *t2i.fields.values(), clip_skip, checkpoint, t2i.hires,
-                            t2i.variation, tabs])
-    return demo
+    def img2img_handler(self, request: gr.Request, *inputs):
+        yield from self.run(request, Sent.of("img2img", inputs))
+
+    def checked(self, sent: Sent) -> Checked:
+        """What the browser sent, checked before any work starts: a model the server has, styles the page
+        offers, the batch count within the slider's range, each field in its type (the client checks ranges)."""
+        models = self.titles()
+        if not isinstance(sent.model_title, str) or sent.model_title not in models:
+            raise _error(f"unknown checkpoint {echo(sent.model_title)}: choose one of the server's models "
+                         "(Refresh updates the list)")
+        chosen = [] if sent.chosen is None else sent.chosen
+        if not isinstance(chosen, list) or not all(isinstance(s, str) and s in self.styles for s in chosen):
+            raise _error(f"unknown style in {echo(chosen)}: choose among the page's styles ({len(self.styles)})")
+        try:
+            count = _whole(sent.n_iter, "n_iter", 1, MAX_BATCH_COUNT, "Batch count")
+            names = tuple(self.tabs[sent.kind].fields)
+            fields = {name: _typed(self.spec, name, value) for name, value in zip(names, sent.values)}
+            clip = _typed(self.spec, "clip_skip", sent.clip)
+            init_and_mask = _mask_and_picture(sent.picture) if sent.kind == "img2img" else None
+        except InvalidRequest as exc:
+            raise _error(str(exc)) from None
+        prompt, negative = apply_styles(sent.prompt or "", sent.negative or "", [self.styles[s] for s in chosen])
+        return Checked(models[sent.model_title], int(clip), prompt, negative, count, fields, init_and_mask)
+
+    def run(self, request: gr.Request, sent: Sent):
+        """One generation, its progress shown while it runs; stopped if the page goes away."""
+        job = self.checked(sent)
+        control = self.jobs.start(request.session_hash)
+        state = Followed(control, job.n_iter)
+        try:
+            for latest in follow(self.client, state, self.work(sent.kind, job, control)):
+                preview = gr.update(value=latest.preview, visible=True) if latest and latest.preview is not None \
+                    else gr.skip()
+                yield gr.skip(), preview, progress_html(state, latest), gr.skip(), gr.skip(), gr.skip()
+        except InvalidRequest as exc:
+            raise _error(str(exc)) from None
+        finally:
+            # Still running here: Gradio closed this handler because the browser went away (the page was
+            # closed or reloaded). Nobody will see the pictures: stop the server's loops within a step.
+            if state.thread is not None and state.thread.is_alive():
+                log.warning("page closed: interrupting its generation (request %s)", control.request_id)
+                control.interrupt()
+            self.jobs.end(request.session_hash, control)
+        if isinstance(state.error, (InvalidRequest, ServerError)):
+            raise _error(str(state.error))
+        if state.error is not None:
+            raise state.error
+        result = state.result
+        self.save(sent.kind, result)
+        pictures = [(_gallery_picture(image, text), f"seed {s}")
+                    for image, s, text in zip(result.images, result.seeds, result.infotexts)]
+        yield (pictures, gr.update(visible=False), progress_html(state, None),
+               result.infotexts[0] if result.infotexts else "", result.seeds, list(result.infotexts))
+
+    def work(self, kind: str, job: Checked, control: JobControl) -> Callable:
+        """The client call that runs ``job``, given the callback that follows its batches."""
+        common = dict(model=job.model, negative_prompt=job.negative, clip_skip=job.clip_skip, control=control,
+                      n_iter=job.n_iter, **job.fields)
+        if kind == "txt2img":
+            return lambda on_batch: self.client.txt2img(job.prompt, progress=on_batch, **common)
+        init, mask = job.init_and_mask
+        return lambda on_batch: self.client.img2img(job.prompt, init, mask, progress=on_batch, **common)
+
+    def save(self, kind: str, result) -> None:
+        try:
+            for image, s, text in zip(result.images, result.seeds, result.infotexts):
+                save_png(image, s, text, self.outputs / f"{kind}-images")
+        except DiskFull as exc:  # the pictures are shown all the same; nothing half written is left
+            log.error("outputs not saved: %s", exc)
+            gr.Warning(f"not saved: the page's output folder is full ({disk_full_summary(exc)}); the pictures "
+                       "below are not on the server's disk: download them, and tell the page's operator")
+
+    def send_to_txt2img(self, text: str):
+        """The infotext's settings into the txt2img tab's controls (as A1111's "Send to txt2img")."""
+        if not text:
+            raise _error("no parameters to send: upload a PNG written by sdtrt or A1111 first")
+        read = settings_from_infotext(text)
+        updates = [gr.update(value=read.get("prompt", "")), gr.update(value=read.get("negative_prompt", ""))]
+        for name in self.tabs["txt2img"].fields:
+            value = read.get(name)
+            try:
+                updates.append(gr.update(value=_typed(self.spec, name, value)) if value is not None else gr.skip())
+            except (TypeError, ValueError):
+                updates.append(gr.skip())
+        clip = read.get("clip_skip")
+        updates.append(gr.update(value=int(clip)) if clip is not None else gr.update(value=1))
+        wanted = read.get("Model hash")
+        found = [t for t, key in self.titles().items()
+                 if wanted and self.client.catalog.models[key].model_hash == wanted]
+        updates.append(gr.update(value=found[0]) if found else gr.skip())
+        # the accordions holding settings the infotext sets are opened, so that they show
+        updates += [gr.update(open=True) if read.get("enable_hr") else gr.skip(),
+                    gr.update(open=True) if read.get("subseed_strength") not in (None, "0", 0) else gr.skip()]
+        return [*updates, gr.Tabs(selected="txt2img")]
+
+
+def build_ui(client: Client, outputs: Path = Path("outputs"),
+             styles_file: Path | None = DEFAULT_STYLES_FILE) -> gr.Blocks:
+    return Page(client, outputs, styles_file).build()
 
 
 def _session_call(action: Callable[[str], None]):
