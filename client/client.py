@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest, SdtrtError
-from sdtrt.requests.generation import Generation, batch_count, check_n_iter, concatenate, infotexts, one_per_image
+from sdtrt.requests.generation import Generation, batch_count, concatenate, infotexts, one_per_image
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.contract.spec import (
     DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID,

@@ -192,33 +192,59 @@ def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> l
     """The networks of a Stable Diffusion pipeline (SD 1.x/2.x, or SDXL with its second text encoder and the U-Net's
     added conditions), in pipeline order; with ``lora_slots`` (network -> its slots, ``sdtrt.export.lora``), also the
     LoRA variants of those networks."""
-    latent_channels = pipe.vae.config.latent_channels
-    unet_channels = pipe.unet.config.in_channels  # 9 for inpainting U-Nets: latents + mask + masked-image latents
+    plain = [text_encoder_descriptor(pipe, text_max_length), unet_descriptor(pipe, text_max_length),
+             vae_decoder_descriptor(pipe), vae_encoder_descriptor(pipe)]
+    return plain + [with_lora(desc, getattr(pipe, desc.name), lora_slots[desc.name])
+                    for desc in plain if desc.name in (lora_slots or {})]
+
+
+def text_encoder_descriptor(pipe, text_max_length: int) -> Descriptor:
+    """The text encoder(s): token ids, the Clip skip layer and the request's embedding vectors in; the context
+    out (SDXL: both encoders' side by side, and the second one's pooled output)."""
     second = getattr(pipe, "text_encoder_2", None)
     encoders = [pipe.text_encoder] + ([second] if second is not None else [])
     hidden = sum(int(e.config.hidden_size) for e in encoders)  # the context width: SDXL's two side by side
-    cross = pipe.unet.config.cross_attention_dim
     vocab = pipe.text_encoder.config.vocab_size
-    out_channels = pipe.vae.config.out_channels
     layers = clip_skip_layers(pipe)
-    added = pipe.unet.config.get("addition_embed_type") == "text_time"
-    pooled = int(second.config.projection_dim) if second is not None else 0
-
+    outputs = (TensorSpec(TEXT_OUTPUT, "float32", (TEXT_BATCH, text_max_length, hidden)),)
     if second is not None:
         tokenizer = pipe.tokenizer_2
-        text_module = DualTextEncoder(pipe.text_encoder, second, int(tokenizer.eos_token_id),
-                                      int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
+        module = DualTextEncoder(pipe.text_encoder, second, int(tokenizer.eos_token_id),
+                                 int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0))
+        outputs += (TensorSpec(POOLED_OUTPUT, "float32", (TEXT_BATCH, int(second.config.projection_dim))),)
     else:
-        text_module = TextEncoder(pipe.text_encoder)
+        module = TextEncoder(pipe.text_encoder)
 
-    def text_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n = d[TEXT_BATCH]
         ids = torch.randint(0, vocab - 1, (n, text_max_length), dtype=torch.int32)
         ids[:, 3:5] = EMBEDDING_MARK  # two positions take their vector from the request
         ids[:, 9] = vocab - 1  # the end of text: SDXL's second encoder pads after it
         return (ids, torch.randint(1, layers + 1, (n,), dtype=torch.int32), torch.randn(n, text_max_length, hidden))
 
-    def unet_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    return Descriptor(
+        name="text_encoder",
+        module=module,
+        inputs=(TensorSpec("input_ids", "int32", (TEXT_BATCH, text_max_length)),
+                TensorSpec("clip_skip", "int32", (TEXT_BATCH,)),
+                TensorSpec(EMBEDDING_VECTORS, "float32", (TEXT_BATCH, text_max_length, hidden))),
+        outputs=outputs,
+        make_inputs=make_inputs,
+        trace_dims={TEXT_BATCH: 3},
+    )
+
+
+def unet_descriptor(pipe, text_max_length: int) -> Descriptor:
+    """The U-Net: latents, timestep and context in (SDXL: also the pooled text and the time ids), the noise
+    prediction out."""
+    latent_channels = pipe.vae.config.latent_channels
+    unet_channels = pipe.unet.config.in_channels  # 9 for inpainting U-Nets: latents + mask + masked-image latents
+    cross = pipe.unet.config.cross_attention_dim
+    second = getattr(pipe, "text_encoder_2", None)
+    added = pipe.unet.config.get("addition_embed_type") == "text_time"
+    pooled = int(second.config.projection_dim) if second is not None else 0
+
+    def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         n = d[UNET_BATCH]
         plain = (
             torch.randn(n, unet_channels, d[LATENT_H], d[LATENT_W]),
@@ -229,64 +255,58 @@ def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> l
             return plain
         return (*plain, torch.randn(n, pooled), torch.randint(0, 1024, (n, 6)).float())
 
-    def vae_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    added_inputs = (TensorSpec(POOLED_INPUT, "float32", (UNET_BATCH, pooled)),
+                    TensorSpec(TIME_IDS, "float32", (UNET_BATCH, 6))) if added else ()
+    return Descriptor(
+        name="unet",
+        module=UNet(pipe.unet),
+        inputs=(
+            TensorSpec("sample", "float32", (UNET_BATCH, unet_channels, LATENT_H, LATENT_W)),
+            TensorSpec("timestep", "float32", (UNET_BATCH,)),
+            TensorSpec(CONTEXT_INPUT, "float32", (UNET_BATCH, CONTEXT, cross)),
+            *added_inputs,
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", (UNET_BATCH, latent_channels, LATENT_H, LATENT_W)),),
+        make_inputs=make_inputs,
+        # diffusers' U-Net picks its upsampling code in Python from the traced size: at sizes its down/up path
+        # divides evenly it bakes in "x2", which breaks other sizes. Tracing at odd sizes records the general
+        # path (upsample to the skip connection's size), so the ONNX accepts every multiple of 8 pixels.
+        trace_dims={UNET_BATCH: 2, LATENT_H: 9, LATENT_W: 11, CONTEXT: text_max_length},
+    )
+
+
+def vae_decoder_descriptor(pipe) -> Descriptor:
+    latent_channels = pipe.vae.config.latent_channels
+
+    def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         return (torch.randn(d[BATCH], latent_channels, d[LATENT_H], d[LATENT_W]),)
 
-    def image_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
-        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        return (torch.rand(d[BATCH], pipe.vae.config.in_channels, d[LATENT_H] * f, d[LATENT_W] * f) * 2 - 1,)
+    return Descriptor(
+        name="vae_decoder",
+        module=VaeDecoder(pipe.vae),
+        inputs=(TensorSpec("latent", "float32", (BATCH, latent_channels, LATENT_H, LATENT_W)),),
+        outputs=(TensorSpec("images", "float32", (BATCH, pipe.vae.config.out_channels, IMAGE_H, IMAGE_W)),),
+        make_inputs=make_inputs,
+        trace_dims={BATCH: 1, LATENT_H: 8, LATENT_W: 8},
+    )
 
-    text_outputs = (TensorSpec(TEXT_OUTPUT, "float32", (TEXT_BATCH, text_max_length, hidden)),)
-    if second is not None:
-        text_outputs += (TensorSpec(POOLED_OUTPUT, "float32", (TEXT_BATCH, pooled)),)
-    unet_added = (TensorSpec(POOLED_INPUT, "float32", (UNET_BATCH, pooled)),
-                  TensorSpec(TIME_IDS, "float32", (UNET_BATCH, 6))) if added else ()
-    plain = [
-        Descriptor(
-            name="text_encoder",
-            module=text_module,
-            inputs=(TensorSpec("input_ids", "int32", (TEXT_BATCH, text_max_length)),
-                    TensorSpec("clip_skip", "int32", (TEXT_BATCH,)),
-                    TensorSpec(EMBEDDING_VECTORS, "float32", (TEXT_BATCH, text_max_length, hidden))),
-            outputs=text_outputs,
-            make_inputs=text_inputs,
-            trace_dims={TEXT_BATCH: 3},
-        ),
-        Descriptor(
-            name="unet",
-            module=UNet(pipe.unet),
-            inputs=(
-                TensorSpec("sample", "float32", (UNET_BATCH, unet_channels, LATENT_H, LATENT_W)),
-                TensorSpec("timestep", "float32", (UNET_BATCH,)),
-                TensorSpec(CONTEXT_INPUT, "float32", (UNET_BATCH, CONTEXT, cross)),
-                *unet_added,
-            ),
-            outputs=(TensorSpec("noise_pred", "float32", (UNET_BATCH, latent_channels, LATENT_H, LATENT_W)),),
-            make_inputs=unet_inputs,
-            # diffusers' U-Net picks its upsampling code in Python from the traced size: at sizes its down/up path
-            # divides evenly it bakes in "x2", which breaks other sizes. Tracing at odd sizes records the general
-            # path (upsample to the skip connection's size), so the ONNX accepts every multiple of 8 pixels.
-            trace_dims={UNET_BATCH: 2, LATENT_H: 9, LATENT_W: 11, CONTEXT: text_max_length},
-        ),
-        Descriptor(
-            name="vae_decoder",
-            module=VaeDecoder(pipe.vae),
-            inputs=(TensorSpec("latent", "float32", (BATCH, latent_channels, LATENT_H, LATENT_W)),),
-            outputs=(TensorSpec("images", "float32", (BATCH, out_channels, IMAGE_H, IMAGE_W)),),
-            make_inputs=vae_inputs,
-            trace_dims={BATCH: 1, LATENT_H: 8, LATENT_W: 8},
-        ),
-        Descriptor(
-            name="vae_encoder",
-            module=VaeEncoder(pipe.vae),
-            inputs=(TensorSpec("image", "float32", (BATCH, pipe.vae.config.in_channels, IMAGE_H, IMAGE_W)),),
-            outputs=(TensorSpec("latent_parameters", "float32", (BATCH, 2 * latent_channels, LATENT_H, LATENT_W)),),
-            make_inputs=image_inputs,
-            trace_dims={BATCH: 1, LATENT_H: 8, LATENT_W: 8},
-        ),
-    ]
-    return plain + [with_lora(desc, getattr(pipe, desc.name), lora_slots[desc.name])
-                    for desc in plain if desc.name in (lora_slots or {})]
+
+def vae_encoder_descriptor(pipe) -> Descriptor:
+    latent_channels = pipe.vae.config.latent_channels
+    channels = pipe.vae.config.in_channels
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        return (torch.rand(d[BATCH], channels, d[LATENT_H] * f, d[LATENT_W] * f) * 2 - 1,)
+
+    return Descriptor(
+        name="vae_encoder",
+        module=VaeEncoder(pipe.vae),
+        inputs=(TensorSpec("image", "float32", (BATCH, channels, IMAGE_H, IMAGE_W)),),
+        outputs=(TensorSpec("latent_parameters", "float32", (BATCH, 2 * latent_channels, LATENT_H, LATENT_W)),),
+        make_inputs=make_inputs,
+        trace_dims={BATCH: 1, LATENT_H: 8, LATENT_W: 8},
+    )
 
 
 def with_lora(desc: Descriptor, network: torch.nn.Module, slots: list) -> Descriptor:

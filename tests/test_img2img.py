@@ -37,8 +37,8 @@ def test_img2img_matches_diffusers(local_pipeline, diffusers_pipe, sampler, stre
 @pytest.mark.parametrize("mode", ["Just resize", "Crop and resize", "Resize and fill"])
 def test_resize_modes(local_pipeline, diffusers_pipe, mode):
     wide = sample_picture(96, 64)
-    inputs = prepare_images(wide, None, width=64, height=64, resize_mode=mode, mask_blur=0, inpaint_full_res=False,
-                            padding=0, vae_scale_factor=8)
+    request = Img2ImgRequest("x", width=64, height=64, resize_mode=mode, mask_blur=0)
+    inputs = prepare_images(wide, None, request, vae_scale_factor=8)
     original = np.asarray(inputs.original)
     if mode == "Just resize":
         assert (original == np.asarray(Image.fromarray(wide).resize((64, 64), Image.Resampling.LANCZOS))).all()

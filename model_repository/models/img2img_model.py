@@ -26,11 +26,7 @@ class TritonPythonModel(JobModel):
         start = time.perf_counter()
         spec, settings = self.settings(request)
         init_image, mask = optional_input(request, INIT_IMAGE), optional_input(request, MASK)
-        inputs = prepare_images(init_image, mask, width=settings.width, height=settings.height,
-                                resize_mode=settings.resize_mode, mask_blur=settings.mask_blur,
-                                inpaint_full_res=settings.inpaint_full_res,
-                                padding=settings.inpaint_full_res_padding, vae_scale_factor=spec.vae_scale_factor,
-                                inpainting_fill=settings.inpainting_fill)
+        inputs = prepare_images(init_image, mask, settings, spec.vae_scale_factor)
         nets = self.networks(request, spec, settings)
         with self.stage("text"):
             prompts = encode_prompts(settings, nets)

@@ -19,6 +19,7 @@ starting noise; the generators still serve the VAE's sampling and the schedulers
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,21 +46,27 @@ def make_generators(seeds: list[int]) -> list["torch.Generator"]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
-def initial_noise(
-    generators: list["torch.Generator"],
-    channels: int,
-    latent_height: int,
-    latent_width: int,
-    subseeds: list[int] | None = None,
-    subseed_strength: float = 0.0,
-    nv_seeds: list[int] | None = None,
-    seeds: list[int] | None = None,
-    resize_from: tuple[int, int] | None = None,
-) -> "torch.Tensor":
-    """Unscaled initial latents, one draw per image from its own generator (float32, on the CPU); with
-    ``nv_seeds``, each image's as an NVIDIA GPU draws it for its seed (A1111's NV source). ``resize_from``
-    (latent height, width): the seed's noise (and variation) drawn at that size and pasted, centred, into the
-    full-size draw of the image's generator, as A1111's "Resize seed from" (``seeds``: the images' seeds)."""
+@dataclass(frozen=True)
+class NoiseDraw:
+    """How each image's initial noise is drawn, beyond its generator: A1111's variation seeds (``subseeds`` at
+    ``subseed_strength``), its NV source (``nv``: each image's noise as an NVIDIA GPU draws it for its seed), and
+    "Resize seed from" (``resize_from``, latent height and width: the seed's noise drawn at that size and pasted,
+    centred, into the full-size draw of the image's generator). ``seeds``: the images' seeds."""
+
+    seeds: list[int]
+    subseeds: list[int] | None = None
+    subseed_strength: float = 0.0
+    nv: bool = False
+    resize_from: tuple[int, int] | None = None
+
+
+def initial_noise(generators: list["torch.Generator"], channels: int, latent_height: int, latent_width: int,
+                  draw: NoiseDraw | None = None) -> "torch.Tensor":
+    """Unscaled initial latents, one draw per image from its own generator (float32, on the CPU), drawn as
+    ``draw`` says (None: the generators' plain draws)."""
+    draw = draw or NoiseDraw(seeds=[])
+    subseeds, subseed_strength, seeds, resize_from = draw.subseeds, draw.subseed_strength, draw.seeds, draw.resize_from
+    nv_seeds = seeds if draw.nv else None
     import torch
 
     full = (1, channels, latent_height, latent_width)

@@ -6,6 +6,7 @@ Triton model when served. Uncond and cond go through the U-Net in ONE batched ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -38,29 +39,52 @@ def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torc
     return scheduler.timesteps[start:]
 
 
+@dataclass
+class Pass:
+    """One denoising pass: its scheduler (schedulers keep run state: a fresh one per pass), the per-image
+    generators its noisy steps draw from, and the steps it runs (None: all of the scheduler's)."""
+
+    scheduler: Any
+    generators: list[torch.Generator]
+    timesteps: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: off at ``scale`` <= 1, as in diffusers. With several ``cond_weights`` (A1111's
+    AND), each subprompt pulls away from the uncond by its weight: uncond + scale * sum(w_k * (cond_k - uncond))."""
+
+    scale: float
+    cond_weights: tuple[float, ...] = (1.0,)
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """What inpainting adds to the loop: ``unet_extra`` (inpainting U-Nets: mask and masked-image latents, one row
+    per image) appended to the U-Net input's channels; ``after_step(i, latents)`` replacing the latents after step
+    i (masked blending, for ordinary U-Nets)."""
+
+    unet_extra: torch.Tensor | None = None
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+
+
 def denoise(
-    scheduler: Any,
+    run: Pass,
     unet: UNet,
     latents: torch.Tensor,
     context: dict[str, torch.Tensor] | Callable[[int], dict[str, torch.Tensor]],
-    guidance_scale: float,
-    generators: list[torch.Generator],
+    guidance: Guidance,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
-    timesteps: torch.Tensor | None = None,
-    unet_extra: torch.Tensor | None = None,
-    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-    cond_weights: tuple[float, ...] = (1.0,),
+    inpainting: Inpainting = Inpainting(),
 ) -> torch.Tensor:
-    """Run the scheduler's steps (all of them, or ``timesteps``). With guidance, ``context``'s rows are
-    [uncond x N, cond x N] (``sdtrt.pipeline.conditioning.unet_conditioning``); a callable gives each 0-based step's
-    (prompt editing changes the conditioning as the steps go).
-
-    ``unet_extra`` (inpainting U-Nets: mask and masked-image latents, one row per image) is appended to the
-    U-Net input's channels; ``after_step(i, latents)`` may replace the latents after step i (masked blending).
-    Guidance is off at guidance_scale <= 1, as in diffusers (then ``context`` holds cond only). With several
-    ``cond_weights`` (A1111's AND), the rows are [uncond, cond_1, ..., cond_K] (x N each) and each subprompt
-    pulls away from the uncond by its weight: uncond + scale * sum(w_k * (cond_k - uncond)).
-    """
+    """Run the pass's steps. With guidance, ``context``'s rows are [uncond x N, cond x N]
+    (``sdtrt.pipeline.conditioning.unet_conditioning``), with several cond weights [uncond, cond_1, ..., cond_K]
+    (x N each), without it cond only; a callable gives each 0-based step's (prompt editing changes the
+    conditioning as the steps go)."""
+    scheduler, generators = run.scheduler, run.generators
+    guidance_scale, cond_weights = guidance.scale, guidance.cond_weights
+    unet_extra, after_step = inpainting.unet_extra, inpainting.after_step
+    timesteps = run.timesteps
     guided = with_uncond(guidance_scale, len(cond_weights))
     copies = len(cond_weights) + 1 if guided else 1
     extra = step_kwargs(scheduler, generators)

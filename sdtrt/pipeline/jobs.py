@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, schedule_conditioning, unet_conditioning
-from sdtrt.pipeline.denoise import UNet, denoise, prepare_latents, strength_timesteps
+from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HIRES_UPSCALERS, target_size, upscale_image, upscale_latents
 from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
 from sdtrt.contract.samplers import make_scheduler
-from sdtrt.contract.seeds import image_seeds, initial_noise, make_generators
+from sdtrt.contract.seeds import NoiseDraw, image_seeds, initial_noise, make_generators
 from sdtrt.contract.spec import ModelSpec
 from sdtrt.pipeline.vae import sample_latents
 
@@ -94,19 +94,18 @@ def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, hei
     f = spec.vae_scale_factor
     subseeds = image_seeds(request.subseed, request.batch_size) if request.subseed_strength > 0 else None
     seeds = image_seeds(request.seed, request.batch_size, request.subseed_strength > 0)
-    nv_seeds = seeds if request.randn_source == "NV" else None
     resize = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
     resize_from = (request.seed_resize_from_h // f, request.seed_resize_from_w // f) if resize else None
-    noise = initial_noise(generators, spec.latent_channels, height // f, width // f, subseeds, request.subseed_strength,
-                          nv_seeds, seeds, resize_from)
+    draw = NoiseDraw(seeds, subseeds, request.subseed_strength, request.randn_source == "NV", resize_from)
+    noise = initial_noise(generators, spec.latent_channels, height // f, width // f, draw)
     return noise.to(device)
 
 
-def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]):
+def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]) -> Pass:
     """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state)."""
     scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, spec.schedules, seeds,
                                spec.align_your_steps)
-    return make_generators(seeds), scheduler
+    return Pass(scheduler, make_generators(seeds))
 
 
 def txt2img_latents(
@@ -121,13 +120,13 @@ def txt2img_latents(
         raise InvalidRequest("init_image", None, "an init image and a mask: this is an inpainting model "
                              f"({unet_channels(spec)}-channel U-Net); use img2img")
     seeds = image_seeds(request.seed, request.batch_size, request.subseed_strength > 0)
-    generators, scheduler = _pass(spec, request, seeds)
-    noise = _noise(spec, request, generators, request.width, request.height, nets.device)
-    latents = prepare_latents(scheduler, noise, request.steps)
+    run = _pass(spec, request, seeds)
+    noise = _noise(spec, request, run.generators, request.width, request.height, nets.device)
+    latents = prepare_latents(run.scheduler, noise, request.steps)
     context = step_contexts(spec, prompts.first, request.batch_size, request.guidance_scale, request.width,
                             request.height, nets.device)
-    latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step,
-                      cond_weights=prompts.first.weights)
+    latents = denoise(run, nets.unet, latents, context, Guidance(request.guidance_scale, prompts.first.weights),
+                      on_step)
     if request.enable_hr:
         latents = hires_pass(spec, request, latents, prompts.hires, nets, seeds, on_step)
     return latents / spec.vae_scaling_factor, seeds
@@ -148,7 +147,8 @@ def hires_pass(
     upscaler = HIRES_UPSCALERS[request.hr_upscaler]
     f = spec.vae_scale_factor
     width, height = target_size(request.width, request.height, request.hr_scale, f)
-    generators, scheduler = _pass(spec, request, seeds)
+    run = _pass(spec, request, seeds)
+    generators, scheduler = run.generators, run.scheduler
     if upscaler.latent_mode is not None:
         init = upscale_latents(latents, upscaler, width // f, height // f)
     else:
@@ -166,8 +166,8 @@ def hires_pass(
     noise = _noise(spec, request, generators, width, height, init.device)
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
     context = step_contexts(spec, prompts, request.batch_size, request.guidance_scale, width, height, nets.device)
-    return denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
-                   cond_weights=prompts.weights)
+    run.timesteps = timesteps
+    return denoise(run, nets.unet, latents, context, Guidance(request.guidance_scale, prompts.weights), on_step)
 
 
 def _fill_latents(latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, fill: str) -> torch.Tensor:
@@ -189,8 +189,9 @@ def img2img_latents(
     """img2img (no mask) or inpainting (mask) -> (latents divided by the VAE scaling factor, seeds)."""
     n = request.batch_size
     seeds = image_seeds(request.seed, n, request.subseed_strength > 0)
-    generators, scheduler = _pass(spec, request, seeds)
-    timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength, nets.device)
+    run = _pass(spec, request, seeds)
+    generators, scheduler = run.generators, run.scheduler
+    timesteps = run.timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength, nets.device)
     inputs = inputs.to(nets.device)
     inpaint = inputs.mask is not None
     nine = unet_channels(spec) == spec.latent_channels * 2 + 1
@@ -227,6 +228,6 @@ def img2img_latents(
 
     context = step_contexts(spec, prompts.first, n, request.guidance_scale, request.width, request.height,
                             nets.device)
-    latents = denoise(scheduler, nets.unet, latents, context, request.guidance_scale, generators, on_step, timesteps,
-                      unet_extra, after_step, cond_weights=prompts.first.weights)
+    latents = denoise(run, nets.unet, latents, context, Guidance(request.guidance_scale, prompts.first.weights),
+                      on_step, Inpainting(unet_extra, after_step))
     return latents / spec.vae_scaling_factor, seeds

@@ -78,11 +78,7 @@ class LocalPipeline:
     def img2img(self, request: Img2ImgRequest, init_image: np.ndarray, mask: np.ndarray | None = None,
                 on_step: OnStep | None = None) -> Generation:
         request = resolve_seeds(validate(request, self.spec))
-        inputs = prepare_images(init_image, mask, width=request.width, height=request.height,
-                                resize_mode=request.resize_mode, mask_blur=request.mask_blur,
-                                inpaint_full_res=request.inpaint_full_res,
-                                padding=request.inpaint_full_res_padding, vae_scale_factor=self.spec.vae_scale_factor,
-                                inpainting_fill=request.inpainting_fill)
+        inputs = prepare_images(init_image, mask, request, self.spec.vae_scale_factor)
         nets = self.networks(request)
         latents, seeds = img2img_latents(self.spec, request, inputs, encode_prompts(request, nets), nets, on_step)
         images = finish_images(nets.vae_decode(latents), inputs, self.spec.vae_scale_factor)

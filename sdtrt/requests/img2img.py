@@ -16,8 +16,10 @@ from PIL import Image
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.pictures import MAX_PICTURE_PIXELS
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (request.py's table reads this module's choices: no import back at run time)
     import torch
+
+    from sdtrt.requests.request import Img2ImgRequest
 
 # A1111 resize mode -> diffusers VaeImageProcessor resize_mode
 RESIZE_MODES = {"Just resize": "default", "Crop and resize": "crop", "Resize and fill": "fill"}
@@ -86,19 +88,13 @@ def fill_masked_area(image: Image.Image, mask: Image.Image) -> Image.Image:
     return filled.convert("RGB")
 
 
-def prepare_images(
-    init_image: np.ndarray | None,
-    mask: np.ndarray | None,
-    *,
-    width: int,
-    height: int,
-    resize_mode: str,
-    mask_blur: int,
-    inpaint_full_res: bool,
-    padding: int,
-    vae_scale_factor: int,
-    inpainting_fill: str = "original",
-) -> ImageInputs:
+def prepare_images(init_image: np.ndarray | None, mask: np.ndarray | None, request: Img2ImgRequest,
+                   vae_scale_factor: int) -> ImageInputs:
+    """The request's picture and mask at its size, as its resize mode, mask blur, "only masked" area (with its
+    padding) and masked content say, prepared as diffusers' pipelines prepare them."""
+    width, height, resize_mode, mask_blur = request.width, request.height, request.resize_mode, request.mask_blur
+    inpaint_full_res, padding = request.inpaint_full_res, request.inpaint_full_res_padding
+    inpainting_fill = request.inpainting_fill
     if init_image is None:
         raise InvalidRequest("init_image", None, "an H x W x 3 uint8 RGB picture (img2img needs one)")
     image_proc, mask_proc = _processors(vae_scale_factor)
