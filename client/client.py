@@ -20,14 +20,30 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest, SdtrtError
-from sdtrt.requests.generation import Generation, batch_count, concatenate, infotexts, one_per_image
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
 from sdtrt.contract.spec import (
-    DEFAULT_PORTS, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID,
-    PROGRESS_STEP, PROGRESS_TOTAL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ModelSpec,
+    DEFAULT_PORTS,
+    IMAGES,
+    IMG2IMG,
+    INIT_IMAGE,
+    MASK,
+    MODEL,
+    PROGRESS,
+    PROGRESS_PREVIEW,
+    PROGRESS_REQUEST_ID,
+    PROGRESS_STEP,
+    PROGRESS_TOTAL,
+    SEEDS,
+    SPEC_PARAMETER,
+    TXT2IMG,
+    WIRE_DTYPES,
+    Catalog,
+    ModelSpec,
 )
+from sdtrt.requests.generation import Generation, batch_count, concatenate, infotexts, one_per_image
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, pixel_steps, resolve_seeds, validate
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {protocol: f"localhost:{DEFAULT_PORTS[protocol]}" for protocol in ("grpc", "http")}
@@ -60,9 +76,11 @@ class ServerBusy(ServerUnavailable):
 
 def _module(protocol: str, aio: bool = False):
     if protocol == "grpc":
+        # only the protocol this client speaks (each loads its own stack)
         import tritonclient.grpc as sync_mod
         import tritonclient.grpc.aio as aio_mod
     elif protocol == "http":
+        # (likewise)
         import tritonclient.http as sync_mod
         import tritonclient.http.aio as aio_mod
     else:
@@ -259,7 +277,6 @@ class Client:
             return None
         if not spec.max_pixel_steps:
             return self.timeout
-        from sdtrt.requests.request import pixel_steps
 
         work = pixel_steps(request, spec)[0] / spec.max_pixel_steps
         return min(self.timeout, self.min_timeout + self.timeout * work)
@@ -449,8 +466,6 @@ class Client:
 
 def _pictures(init_image: Any, mask: Any) -> dict[str, np.ndarray]:
     """PIL images or arrays -> the uint8 arrays the img2img model takes (RGB H x W x 3, mask H x W)."""
-    from PIL import Image
-
     def array(picture: Any, mode: str) -> np.ndarray:
         if isinstance(picture, Image.Image):
             picture = picture.convert(mode)

@@ -23,14 +23,37 @@ from sdtrt.contract.errors import UsageError
 from sdtrt.contract.files import copy_atomic, repository_lock
 from sdtrt.contract.samplers import schedule_table
 from sdtrt.contract.spec import (
-    ENGINES, SPEC_FILENAME, SPEC_VERSION, Catalog, ComponentSpec, ModelSpec, load_catalog, safe_name,
+    ENGINES,
+    SPEC_FILENAME,
+    SPEC_VERSION,
+    Catalog,
+    ComponentSpec,
+    ModelSpec,
+    load_catalog,
+    safe_name,
 )
 from sdtrt.export.checkpoint import (
-    Checkpoint, checkpoint_sha256, file_sha256, folder_sha256, fuse_loras, load_checkpoint, override_vae, parse_lora,
+    Checkpoint,
+    checkpoint_sha256,
+    file_sha256,
+    folder_sha256,
+    fuse_loras,
+    load_checkpoint,
+    override_vae,
+    parse_lora,
 )
 from sdtrt.export.descriptors import (
-    BATCH, CONTEXT, LATENT_H, LATENT_W, OPSET, TEXT_BATCH, UNET_BATCH, align_your_steps_levels, clip_skip_layers,
-    descriptors, dim_ranges,
+    BATCH,
+    CONTEXT,
+    LATENT_H,
+    LATENT_W,
+    OPSET,
+    TEXT_BATCH,
+    UNET_BATCH,
+    align_your_steps_levels,
+    clip_skip_layers,
+    descriptors,
+    dim_ranges,
 )
 from sdtrt.export.latent_preview import fit_latent_preview
 from sdtrt.export.lora import lora_slots, register_embeddings, register_loras

@@ -11,14 +11,25 @@ diffusers itself only ever reads such files with ``weights_only=True``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pickle
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
 from sdtrt.contract.errors import UsageError
+from sdtrt.export.single_file import load_single_file
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -27,8 +38,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 def _weights_only_refusal(path: Path, exc: Exception) -> tuple[list[str], str]:
     """(the globals a weights-only load refused, torch's reason), from the error and the file: torch names the
     first unsupported global; the zip format can be scanned for all of them without unpickling anything."""
-    import torch
-
     text = str(exc)
     names = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", text)
     try:
@@ -43,10 +52,6 @@ def torch_load(path: Path, allow_pickle: bool, what: str) -> tuple[Any, list[str
     """(what ``path`` holds, None) when it loads with ``weights_only=True``; else, with ``allow_pickle``, (its full
     unpickling, the classes that needed it), warning that it can run code and naming them; else UsageError naming
     them and ``--allow-pickle``. ``what`` names the file's role in messages ("checkpoint", "LoRA", ...)."""
-    import pickle
-
-    import torch
-
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True), None
     except pickle.UnpicklingError as exc:
@@ -80,8 +85,6 @@ PROGRESS_FROM = 1 << 28  # files larger than this show a progress bar while hash
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24, progress: bool = True) -> str:
-    from tqdm.auto import tqdm
-
     h = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
@@ -161,13 +164,6 @@ def fuse_loras(ckpt: Checkpoint, loras: list[tuple[Path, float]], allow_pickle: 
 def override_vae(ckpt: Checkpoint, path: Path, report=print) -> Checkpoint:
     """Load a VAE file in place of the checkpoint's (A1111's "SD VAE"): the original (LDM) layout, as
     vae-ft-mse-840000-ema-pruned is, or diffusers'. It must have the checkpoint's VAE architecture."""
-    import json
-    import tempfile
-
-    import torch
-    from diffusers import AutoencoderKL
-    from safetensors import safe_open
-
     if path.suffix != ".safetensors" or not path.is_file():
         raise UsageError(f"--vae {path}: give an existing .safetensors VAE file")
     try:
@@ -178,7 +174,6 @@ def override_vae(ckpt: Checkpoint, path: Path, report=print) -> Checkpoint:
     config = dict(ckpt.pipe.vae.config)
     try:
         if any(".down_blocks." in key for key in keys):  # diffusers' own layout
-            from safetensors.torch import load_file
 
             vae = AutoencoderKL.from_config(config)
             vae.load_state_dict(load_file(str(path)), strict=True)
@@ -219,7 +214,6 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None, *, allo
                 "pipeline folder, a single-file .safetensors checkpoint, or build the default one with "
                 "`sdtrt init-default --out models/default`"
             )
-        import json
 
         kind = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
         if kind == "StableDiffusionXLImg2ImgPipeline":
@@ -231,8 +225,6 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None, *, allo
             pipe.scheduler.register_to_config(prediction_type=prediction_type)
         sha, name = sha256 or folder_sha256(path), path.name
     elif path.suffix in SINGLE_FILE_SUFFIXES:
-        from sdtrt.export.single_file import load_single_file
-
         sha = sha256 or file_sha256(path)  # first: a file that cannot be read is named before anything else
         pipe = load_single_file(path, config, allow_pickle=allow_pickle, prediction_type=prediction_type,
                                 report=report, load=_load)
@@ -255,10 +247,6 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None, *, allo
 def _load(open_pipeline, what: str, xl: bool = False):
     """``open_pipeline(StableDiffusionPipeline, **offline_float32_kwargs)`` (``StableDiffusionXLPipeline`` with
     ``xl``), with diffusers' errors named."""
-    import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import logging as diffusers_logging
-
     diffusers_logging.disable_progress_bar()  # the export shows its own progress
     extra = {} if xl else {"safety_checker": None}
     try:

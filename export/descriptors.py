@@ -12,13 +12,23 @@ from typing import Callable
 
 import torch
 
-from sdtrt.pipeline.conditioning import CONTEXT_INPUT, POOLED_INPUT, POOLED_OUTPUT, TEXT_OUTPUT, TIME_IDS
-from sdtrt.requests.extra_networks import EMBEDDING_MARK, EMBEDDING_VECTORS, LORA_DOWN, LORA_SUFFIX, LORA_UP
 from sdtrt.contract.schedules import ALIGN_YOUR_STEPS
 from sdtrt.contract.spec import (  # noqa: F401  (the dim names are re-exported for the exporter's users)
-    BATCH, CONTEXT, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, LORA_RANK, TEXT_BATCH, UNET_BATCH, DimRange, TensorSpec,
+    BATCH,
+    CONTEXT,
+    IMAGE_H,
+    IMAGE_W,
+    LATENT_H,
+    LATENT_W,
+    LORA_RANK,
+    TEXT_BATCH,
+    UNET_BATCH,
+    DimRange,
+    TensorSpec,
 )
-
+from sdtrt.export.lora import WithLoraSlots, slot_width
+from sdtrt.pipeline.conditioning import CONTEXT_INPUT, POOLED_INPUT, POOLED_OUTPUT, TEXT_OUTPUT, TIME_IDS
+from sdtrt.requests.extra_networks import EMBEDDING_MARK, EMBEDDING_VECTORS, LORA_DOWN, LORA_SUFFIX, LORA_UP
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6+ and onnxruntime 1.14+ parse it
 ADDED_CONDITIONS = (POOLED_INPUT, TIME_IDS)  # SDXL U-Net inputs beyond the context, in order
@@ -311,8 +321,6 @@ def vae_encoder_descriptor(pipe) -> Descriptor:
 
 def with_lora(desc: Descriptor, network: torch.nn.Module, slots: list) -> Descriptor:
     """The LoRA variant of a network: the same inputs, then the request's packed LoRA matrices (one per row)."""
-    from sdtrt.export.lora import WithLoraSlots, slot_width
-
     rows = desc.inputs[0].shape[0]
     d_in, d_out = slot_width(slots)
 

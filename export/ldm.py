@@ -13,6 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+
 UNET, VAE, CLIP, OPEN_CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", \
     "cond_stage_model.model."
 SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
@@ -117,8 +121,6 @@ def open_clip_to_ldm(state: dict[str, Any], layers: int, prefix: str = OPEN_CLIP
     layer more than the text model SD 2.x reads (the penultimate layer's output): a real file's last layer is
     never used, and here it is a copy of the one before. SDXL's second encoder (``extra_layer`` False) is the
     whole tower, with its text projection (OpenCLIP multiplies by it: Hugging Face's weight, transposed)."""
-    import torch
-
     projection = state.get("text_projection.weight")
     state = {key.removeprefix("text_model."): value for key, value in state.items()}
     out = {"token_embedding.weight": state["embeddings.token_embedding.weight"],
@@ -141,10 +143,6 @@ def open_clip_to_ldm(state: dict[str, Any], layers: int, prefix: str = OPEN_CLIP
 def to_single_file(model_dir: str | Path, out: str | Path, dtype: str = "float32", open_clip: bool = False) -> Path:
     """Write a diffusers Stable Diffusion folder as one original-layout ``.safetensors`` (``dtype``: float32 or
     float16); ``open_clip`` writes the text encoder in SD 2.x's OpenCLIP layout."""
-    import torch
-    from diffusers import DiffusionPipeline
-    from safetensors.torch import save_file
-
     pipe = DiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True)
     text = pipe.text_encoder.state_dict()
     second = getattr(pipe, "text_encoder_2", None)

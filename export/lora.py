@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from sdtrt.contract.errors import UsageError
+from sdtrt.export.checkpoint import file_sha256, lora_tensors, torch_load
 from sdtrt.requests.extra_networks import LORA_NETWORKS
 
 LORA_SUFFIXES = (".safetensors",)
@@ -123,8 +126,6 @@ def addnet_hash(path: Path) -> str:
 def _files(folder: Path, allow_pickle: bool, what: str) -> list[Path]:
     """The folder's LoRA / embedding files. A pickled one (.pt, .ckpt, .bin) that needs more than a weights-only
     load is refused here, before any file is registered, unless ``allow_pickle``."""
-    from sdtrt.export.checkpoint import torch_load
-
     if not folder.is_dir():
         raise UsageError(f"--{what} {folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.suffix in LORA_SUFFIXES + PICKLE_SUFFIXES)
@@ -138,13 +139,12 @@ def _files(folder: Path, allow_pickle: bool, what: str) -> list[Path]:
 
 
 def _load_pickled(path: Path, allow_pickle: bool, what: str):
-    from sdtrt.export.checkpoint import torch_load
-
     return torch_load(path, allow_pickle, what)[0]
 
 
 def _lora_layers(network: torch.nn.Module, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """name -> (down [r, in], up [r, out] with alpha/rank in it), from the PEFT layers diffusers made."""
+    # peft (slow to import) only when LoRA slots are made
     from peft.tuners.lora import LoraLayer
 
     layers = {}
@@ -191,7 +191,6 @@ def _file_layers(path: Path) -> int:
     """How many layers a LoRA file has (its down matrices), to tell whether all of them reached the model."""
     if path.suffix != ".safetensors":
         return 0
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return sum(1 for key in f.keys() if key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight")))
@@ -201,10 +200,6 @@ def register_loras(pipe, folder: Path, slots: dict[str, list[Slot]], out: Path, 
                    report=print) -> dict[str, dict]:
     """Pack every LoRA file of ``folder`` for ``pipe``'s slots into ``out`` (one .safetensors each); the registry
     entries the spec keeps (name -> file, rank per network, hashes)."""
-    from safetensors.torch import save_file
-
-    from sdtrt.export.checkpoint import file_sha256, lora_tensors
-
     files = _files(folder, allow_pickle, "loras")  # refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     registry = {}
@@ -248,8 +243,6 @@ def read_embedding(path: Path, allow_pickle: bool = False) -> torch.Tensor:
     """[n, H] vectors of an A1111/diffusers textual-inversion file (``emb_params``, ``string_to_param``, or one
     tensor under the token's name). A pickled one (.pt, .bin) is read weights-only unless ``allow_pickle``."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         data = load_file(str(path))
     else:
         data = _load_pickled(path, allow_pickle, "--embeddings")
@@ -268,10 +261,6 @@ def read_embedding(path: Path, allow_pickle: bool = False) -> torch.Tensor:
 
 
 def register_embeddings(folder: Path, hidden: int, out: Path, allow_pickle: bool, report=print) -> dict[str, dict]:
-    from safetensors.torch import save_file
-
-    from sdtrt.export.checkpoint import file_sha256
-
     files = _files(folder, allow_pickle, "embeddings")  # refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     registry = {}

@@ -8,10 +8,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 
-from sdtrt.export.descriptors import OPSET, Descriptor
 from sdtrt.contract.errors import SdtrtError
+from sdtrt.export.descriptors import OPSET, Descriptor
 
 # fp32 onnxruntime vs fp32 torch: differences come from op ordering only (~1e-6 relative).
 TOLERANCE = 1e-3
@@ -40,7 +42,6 @@ def export_onnx(desc: Descriptor, out_path: Path) -> Path:
         if len(produced) == 1:
             shutil.move(str(tmp_path), out_path)
         else:  # large model: the exporter wrote one file per tensor; gather them into one
-            import onnx
 
             model = onnx.load(str(tmp_path), load_external_data=True)
             onnx.save_model(
@@ -51,15 +52,11 @@ def export_onnx(desc: Descriptor, out_path: Path) -> Path:
 
 
 def check_onnx(path: Path) -> None:
-    import onnx
-
     onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GiB with external data
 
 
 def verify_onnx(desc: Descriptor, path: Path, dims_list: list[dict[str, int]]) -> float:
     """Max abs difference between onnxruntime and the torch module over the given input sizes."""
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for dims in dims_list:

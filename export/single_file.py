@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from sdtrt.contract import architectures as arch
 from sdtrt.contract.errors import UsageError
+from sdtrt.pipeline.clip_vocab import write_clip_tokenizer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_TEXT = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
@@ -50,14 +56,13 @@ class Weights:
 
 def read_weights(path: Path, allow_pickle: bool = False) -> Weights:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 return Weights(path, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
         except Exception as exc:
             raise UsageError(f"{path}: not a readable .safetensors file ({exc}); is it complete?") from None
     if path.suffix == ".ckpt":
+        # checkpoint.py imports this module: importing it back at the top would be circular
         from sdtrt.export.checkpoint import torch_load
 
         data, needed = torch_load(path, allow_pickle, "checkpoint")
@@ -205,8 +210,6 @@ def _open_clip_config(w: Weights, prefix: str, family: arch.Family) -> dict[str,
 
 def write_config_folder(architecture: Architecture, out: Path, clip_bpe: Path | None = None) -> Path:
     """A diffusers pipeline folder without weights: model_index.json, each component's config, the tokenizer."""
-    from sdtrt.pipeline.clip_vocab import write_clip_tokenizer
-
     out.mkdir(parents=True, exist_ok=True)
     family = architecture.family
     components = {
@@ -237,8 +240,6 @@ def write_config_folder(architecture: Architecture, out: Path, clip_bpe: Path | 
 def uses_v_prediction(unet) -> bool:
     """A1111's test for SD 2.x weights: at the last timestep, from a flat latent and a flat context, an epsilon
     model predicts about the latent itself, a v-prediction model something well below it."""
-    import torch
-
     with torch.no_grad():
         sample = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
         context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)
@@ -252,8 +253,6 @@ def load_single_file(path: Path, config: Path | None, *, allow_pickle: bool, pre
     a diffusers folder), said in one line. ``load(open_pipeline, what)`` is the caller's loader. A ``.ckpt`` is read
     weights-only (``sdtrt.export.checkpoint.torch_load``) before diffusers sees it; one that needed pickle goes to
     diffusers as a temporary ``.safetensors`` of its tensors."""
-    import tempfile
-
     what = repr(str(path))
     weights = read_weights(path, allow_pickle) if config is None or path.suffix == ".ckpt" else None
     with tempfile.TemporaryDirectory(prefix="sdtrt-config-") as tmp:
@@ -283,8 +282,6 @@ def load_single_file(path: Path, config: Path | None, *, allow_pickle: bool, pre
 
 def _tensors_file(tensors: dict[str, Any], path: Path) -> Path:
     """``tensors`` saved as a .safetensors file (tensors that share memory saved as copies, as the format needs)."""
-    from safetensors.torch import save_file
-
     seen: set[int] = set()
     out = {}
     for key, tensor in tensors.items():

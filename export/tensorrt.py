@@ -27,15 +27,31 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from sdtrt.pipeline.engines import gpu_name, require_tensorrt
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from tqdm.auto import tqdm
+
 from sdtrt.contract.errors import SdtrtError, UsageError
-from sdtrt.requests.extra_networks import LORA_SUFFIX
 from sdtrt.contract.files import write_atomic
-from sdtrt.contract.spec import BATCH, IMAGE_H, IMAGE_W, LATENT_H, LATENT_W, UNET_BATCH, ComponentSpec, ModelSpec
+from sdtrt.contract.spec import (
+    BATCH,
+    ENGINES,
+    IMAGE_H,
+    IMAGE_W,
+    LATENT_H,
+    LATENT_W,
+    UNET_BATCH,
+    ComponentSpec,
+    ModelSpec,
+)
+from sdtrt.pipeline.engines import gpu_name, require_tensorrt
+from sdtrt.requests.extra_networks import LORA_SUFFIX
+from sdtrt.requests.request import request_fields
 
 TIMING_CACHE = "trt_timing.cache"
 # What --static-batch N fixes, per network: the dims that follow a request's images, as (least, most) rows per
@@ -99,10 +115,6 @@ def served_spec(spec: ModelSpec, options: EngineOptions) -> ModelSpec:
     request's width/height (and no hires upscale) or batch_size, so that a request the engines cannot take is
     refused up front, naming its field, instead of failing inside the loop. The limits are recomputed from the
     export's dim ranges (never narrowed), so a later build with other options gets its own."""
-    from dataclasses import replace
-
-    from sdtrt.requests.request import request_fields
-
     image = spec.dims[IMAGE_W]
     base = request_fields(image.opt, image.min, image.max, spec.vae_scale_factor, spec.dims[BATCH].max,
                           clip_layers=int(spec.field("clip_skip").maximum),
@@ -147,6 +159,7 @@ def engine_loaders(onnx_path: Path, shapes: dict, *, refittable: bool, level: in
     the one recipe TensorRT 11 has, and TensorRT 10 builds it the same way. The parser keeps its default flags
     (TensorRT's native InstanceNormalization is the default on 10 and 11), TF32 stays off (polygraphy's default, as
     the FP32 engines were built before), so the FP32 parts compute in FP32."""
+    # polygraphy and TensorRT only on a GPU install (sdtrt[gpu]); the rest of export runs without
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile
 
     profile = Profile()
@@ -167,6 +180,7 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, *, fp16: bool
     sets ``EXPLICIT_BATCH`` only below TensorRT 10, a precision flag only when asked for one (none is), guards the
     calibrator and layer-precision calls that 11 removed, and reads engines through ``IStreamReaderV2``."""
     trt = require_tensorrt()
+    # polygraphy and TensorRT only on a GPU install (sdtrt[gpu])
     from polygraphy.backend.trt import engine_bytes_from_network
 
     copy = fp16_onnx_path(onnx_path)
@@ -189,12 +203,6 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
                   report: Callable[[str], None] = print, progress: bool = True) -> ModelSpec:
     """Build (or reuse) an engine per network of ``spec``'s model under ``repo``; returns the spec those engines
     serve (``served_spec``), with the engine manifest in it (``extra["engines"]``)."""
-    from dataclasses import replace
-
-    from tqdm.auto import tqdm
-
-    from sdtrt.contract.spec import ENGINES
-
     spec = served_spec(spec, options)  # before building: refuses a static size or batch the export lacks
     trt = require_tensorrt()
     root = Path(repo)
@@ -300,8 +308,6 @@ _INTEGER_TYPES = frozenset({2, 3, 4, 5, 6, 7, 9, 12, 13})  # (u)int8..64 and boo
 def convert_to_fp16(src: Path, out: Path) -> Path:
     """Write ``out``: the FP16 copy of the ONNX network ``src`` (see the rules above); returns ``out``. Weights over
     FP16_EXTERNAL_DATA_BYTES in all go to one ``<out>.data`` file beside it (protobuf's limit is 2 GiB)."""
-    import onnx
-
     model = onnx.load(str(src), load_external_data=False)
     types = _elem_types(onnx.shape_inference.infer_shapes(model))  # types only: the weights are not needed
     onnx.load_external_data_for_model(model, str(Path(src).parent))
@@ -362,9 +368,6 @@ def _constant_type(node) -> int:
 
 
 def _fp16_tensor(tensor, name: str | None = None):
-    import numpy as np
-    from onnx import numpy_helper
-
     array = np.clip(numpy_helper.to_array(tensor), -_FP16_MAX, _FP16_MAX).astype(np.float16)
     return numpy_helper.from_array(array, tensor.name if name is None else name)
 
@@ -423,8 +426,6 @@ class _Fp16Conversion:
         return _FLOAT16 in self.wants.get(name, [])
 
     def _convert(self, graph, scope: str, forced: bool) -> None:
-        from onnx import helper
-
         casts: dict[tuple[str, int], str] = {}  # (tensor, type) -> its cast, in this graph
         nodes = []
 
@@ -486,8 +487,6 @@ class _Fp16Conversion:
         graph.node.extend(nodes)
 
     def _type_branch_outputs(self, sub, want: int, scope: str) -> None:
-        from onnx import helper
-
         for output in sub.output:
             if not self.is_float(output.name):
                 continue
@@ -500,8 +499,6 @@ class _Fp16Conversion:
 
     def _restore_output_types(self, graph) -> None:
         """An output computed in FP16 is renamed inside the graph and cast back to FP32 under its own name."""
-        from onnx import helper
-
         for output in graph.output:
             if not self.is_float(output.name) or self.new_types[output.name] == _FLOAT:
                 continue

@@ -6,11 +6,16 @@ import shutil
 from pathlib import Path
 
 from sdtrt.contract.files import write_atomic
+from sdtrt.contract.spec import Catalog, ModelSpec, load_catalog
 from sdtrt.model_repository.configs import (
-    GENERATED_HEADER, TOKENIZER, ServingOptions, all_configs, model_configs, to_pbtxt,
+    GENERATED_HEADER,
+    TOKENIZER,
+    ServingOptions,
+    all_configs,
+    model_configs,
+    to_pbtxt,
 )
 from sdtrt.model_repository.perf import PERF_INPUT, write_perf_inputs
-from sdtrt.contract.spec import Catalog, ModelSpec, load_catalog
 
 # The module of this package that implements a Python-backend model: the jobs, each model's tokenizer, and its
 # networks when a CPU engine runs them inside the Python backend.

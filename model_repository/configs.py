@@ -20,13 +20,30 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sdtrt.contract.errors import UsageError
+from sdtrt.contract.spec import (
+    ENGINES,
+    IMAGES,
+    IMG2IMG,
+    INIT_IMAGE,
+    MASK,
+    MODEL,
+    PROGRESS,
+    PROGRESS_PREVIEW,
+    PROGRESS_REQUEST_ID,
+    PROGRESS_STEP,
+    PROGRESS_TOTAL,
+    SEEDS,
+    SPEC_PARAMETER,
+    TXT2IMG,
+    WIRE_DTYPES,
+    Catalog,
+    ComponentSpec,
+    ModelSpec,
+    TensorSpec,
+)
+from sdtrt.pipeline.runners import CPU_ENGINES, CPU_PRECISIONS
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
-from sdtrt.pipeline.runners import CPU_ENGINES, CPU_PRECISIONS
-from sdtrt.contract.spec import (
-    ENGINES, IMAGES, IMG2IMG, INIT_IMAGE, MASK, MODEL, PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP,
-    PROGRESS_TOTAL, SEEDS, SPEC_PARAMETER, TXT2IMG, WIRE_DTYPES, Catalog, ComponentSpec, ModelSpec, TensorSpec,
-)
 
 NETWORK_BACKENDS = ("python", "onnxruntime", "tensorrt")
 NETWORKS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # and, with registered LoRAs, *_lora variants

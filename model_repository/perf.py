@@ -6,13 +6,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdtrt.requests.extra_networks import LORA_SUFFIX
 from sdtrt.contract.files import write_atomic
-from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 from sdtrt.contract.spec import (
-    BATCH, CONTEXT, IMAGE_H, IMAGE_W, IMG2IMG, INIT_IMAGE, LATENT_H, LATENT_W, TEXT_BATCH, TXT2IMG, UNET_BATCH, ModelSpec,
+    BATCH,
+    CONTEXT,
+    IMAGE_H,
+    IMAGE_W,
+    IMG2IMG,
+    INIT_IMAGE,
+    LATENT_H,
+    LATENT_W,
+    TEXT_BATCH,
+    TXT2IMG,
+    UNET_BATCH,
+    ModelSpec,
 )
+from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
+from sdtrt.requests.extra_networks import LORA_SUFFIX
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 
 PERF_INPUT = "perf_input.json"  # written into each model's folder (Triton ignores files there)
 PERF_PROMPT = "a lighthouse on a cliff at dawn, oil painting"

@@ -12,8 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdtrt.contract.spec import (
+    ENGINES,
+    IMG2IMG,
+    PROGRESS,
+    PROGRESS_REQUEST_ID,
+    TXT2IMG,
+    WIRE_DTYPES,
+    Catalog,
+    ModelSpec,
+    TensorSpec,
+)
 from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
-from sdtrt.contract.spec import ENGINES, IMG2IMG, PROGRESS, PROGRESS_REQUEST_ID, TXT2IMG, WIRE_DTYPES, Catalog, ModelSpec, TensorSpec
 
 PROBE_ID = "sdtrt-watchdog-probe"
 MAX_PROBE_ELEMENTS = 1 << 20  # a probe stays small: a network whose smallest call is larger is not probed

@@ -27,9 +27,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sdtrt import __version__
 from sdtrt.client.apps import a1111_responses as answer
 from sdtrt.client.apps.a1111_requests import (
-    A1111_NAME, ExtrasSingleImageBody, Img2ImgBody, Job, Txt2ImgBody, UserOptions, _Request, check_extras_size,
+    A1111_NAME,
+    ExtrasSingleImageBody,
+    Img2ImgBody,
+    Job,
+    Txt2ImgBody,
+    UserOptions,
+    _Request,
+    check_extras_size,
     extras_job,
-    ignored_fields, img2img_pictures, open_image, refuse, translate, updated_options,
+    ignored_fields,
+    img2img_pictures,
+    open_image,
+    refuse,
+    translate,
+    updated_options,
 )
 from sdtrt.client.apps.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard
 from sdtrt.client.client import Client, ServerError, ServerRefused, ServerUnavailable

@@ -17,8 +17,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fastapi import HTTPException
 import numpy as np
+from fastapi import HTTPException
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 

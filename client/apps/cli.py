@@ -7,18 +7,32 @@ commands run on a client-only install and every command starts quickly.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
 from sdtrt import __version__
-from sdtrt.client.apps.cli_generate import add_commands as add_generation_commands, spec_for_help
+from sdtrt.client.apps.cli_generate import add_commands as add_generation_commands
+from sdtrt.client.apps.cli_generate import spec_for_help
 from sdtrt.contract.errors import SdtrtError, UsageError
+from sdtrt.contract.samplers import (
+    AUTOMATIC_SCHEDULES,
+    CONFIG_SCHEDULES,
+    SAMPLERS,
+    SCHEDULE_TYPES,
+    UNAVAILABLE,
+    schedule_detail,
+    schedule_table,
+)
+from sdtrt.contract.spec import DEFAULT_PORTS, ENGINES, ExportLimits, load_catalog, load_spec
 from sdtrt.model_repository.configs import NETWORK_BACKENDS, ServingOptions
 from sdtrt.pipeline.runners import CPU_ENGINES, CPU_PRECISIONS
-from sdtrt.contract.spec import DEFAULT_PORTS, ExportLimits
 
 HEALTH_PORT = 8003  # `sdtrt serve`'s own /livez and /readyz (sdtrt.model_repository.serving.health.HealthEndpoint)
 
@@ -292,6 +306,7 @@ def _add_samplers(sub) -> None:
 
 
 def cmd_init_default(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     from sdtrt.pipeline.default_model import build_default_model
 
     size = args.size or ("tiny" if args.inpainting or args.family != "sd1" else "shapes")
@@ -316,6 +331,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_options(args: argparse.Namespace):
+    # loaded when the command runs (see the module docstring)
     from sdtrt.export.tensorrt import EngineOptions
 
     size = None
@@ -330,6 +346,7 @@ def _engine_options(args: argparse.Namespace):
 
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     from sdtrt.export import build_engines_and_configs
 
     build_engines_and_configs(args.repo, _engine_options(args), ServingOptions(**serving_options(args)), args.model)
@@ -337,8 +354,8 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_refit(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     from sdtrt.export import refit_repository
-    from sdtrt.contract.spec import ENGINES, load_catalog
 
     before = load_catalog(args.repo).get(args.name)
     spec = refit_repository(args.repo, args.model, name=args.name, config=args.config, loras=tuple(args.lora))
@@ -351,6 +368,7 @@ def cmd_refit(args: argparse.Namespace) -> int:
         print("a server on this repository keeps the old engines until its models are loaded again: "
               f"`sdtrt models load {spec.key} --url URL` (the old files stay until then)")
         return 0
+    # loaded when the command runs (see the module docstring)
     from sdtrt.client.apps.models import ModelControl
 
     seconds = ModelControl(args.url, args.control_key_file).load(spec.key)
@@ -361,6 +379,7 @@ def cmd_refit(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     from sdtrt.model_repository.build import write_repository
 
     written = write_repository(args.repo, None, ServingOptions(
@@ -370,6 +389,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     from sdtrt.export import export_model
     from sdtrt.export.options import ExportOptions
 
@@ -386,11 +406,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
+    # loaded when the command runs (see the module docstring)
     from sdtrt.model_repository.serving.control import resolve_key
-    from sdtrt.model_repository.serving.health import HealthEndpoint, Healer
+    from sdtrt.model_repository.serving.health import Healer, HealthEndpoint
     from sdtrt.model_repository.serving.server import TritonServer
 
     server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
@@ -401,12 +419,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # loaded when the command runs (see the module docstring)
     from sdtrt.client.apps.cli_generate import is_loopback
 
     if not is_loopback(args.host):
         print(f"warning: Triton's inference API has no authentication and now listens on {args.host}: let only the "
               "gateway, the page and Prometheus reach its ports (a firewall, a NetworkPolicy); see SECURITY.md",
               file=sys.stderr, flush=True)
+    # loaded when the command runs (see the module docstring)
     from sdtrt.model_repository.build import refresh_entry_points
 
     for entry in refresh_entry_points(args.model_repository):
@@ -446,8 +466,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     from sdtrt.client.apps.models import ModelControl
-    from sdtrt.contract.spec import load_catalog
 
     if args.repo is not None:
         if args.action != "list":
@@ -478,12 +498,10 @@ def _model_line(name: str, spec, default: str, loaded: bool | None) -> str:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    import json
-    import socket
-
+    # loaded when the command runs (see the module docstring)
     from sdtrt.client import Client
-    from sdtrt.model_repository.serving.server import TritonServer
     from sdtrt.client.apps.soak import soak
+    from sdtrt.model_repository.serving.server import TritonServer
 
     server = None
     if args.model_repository is not None:
@@ -512,6 +530,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 
 def cmd_perf_analyzer(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     from sdtrt.model_repository.serving.server import perf_analyzer_command
 
     command, env = perf_analyzer_command(args.perf_args)
@@ -520,17 +539,12 @@ def cmd_perf_analyzer(args: argparse.Namespace) -> int:
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
-    from sdtrt.contract.samplers import (
-        AUTOMATIC_SCHEDULES, CONFIG_SCHEDULES, SAMPLERS, SCHEDULE_TYPES, UNAVAILABLE, schedule_detail, schedule_table,
-    )
-
     if args.url:
+        # loaded when the command runs (see the module docstring)
         from sdtrt.client import Client
 
         schedules = Client(args.url).spec.schedules
     elif args.repo:
-        from sdtrt.contract.spec import load_spec
-
         schedules = load_spec(args.repo).schedules
     else:
         schedules = schedule_table()

@@ -2,22 +2,29 @@
 
 Every request field becomes a flag, documented from the field table (its range and default); flag names follow
 AUTOMATIC1111 where A1111 names it differently (--cfg-scale). They talk to a running server through
-:class:`sdtrt.client.Client`, or run the export in-process with ``--local``.
+:class:`sdtrt.client.Client`, or run the export in-process with ``--local``. As in cli.py, each command imports
+the layers it runs when it runs: a client-only install has no in-process runner, and the page and the gateway
+load nothing until they are asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtrt.contract.errors import UsageError
+from sdtrt.contract.errors import InvalidRequest, UsageError
+from sdtrt.contract.outputs import read_infotext, save_png
+from sdtrt.contract.samplers import check_available
+from sdtrt.contract.spec import DEFAULT_PORTS, load_spec
 from sdtrt.requests.fields import BY_NAME
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
-from sdtrt.contract.spec import DEFAULT_PORTS
+from sdtrt.requests.generation import batch_count, concatenate, settings_from_infotext
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields, resolve_seeds, validate
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE
 
 DEFAULT_MAX_GENERATIONS = 32  # the gateway's generation threads (client/apps/a1111_api.py)
@@ -55,11 +62,6 @@ def add_field_flags(parser: argparse.ArgumentParser, request_type: type, spec: "
 
 
 def _sampler_name(value: str) -> str:
-    import argparse
-
-    from sdtrt.contract.errors import InvalidRequest
-    from sdtrt.contract.samplers import check_available
-
     try:
         check_available(value)
     except InvalidRequest as exc:
@@ -80,10 +82,9 @@ def spec_for_help(argv: list[str]) -> "ModelSpec | None":
     known, _ = peek.parse_known_args(argv)
     try:
         if known.local is not None:
-            from sdtrt.contract.spec import load_spec
-
             return load_spec(known.local, known.model)
         if known.url is not None:
+            # loaded when the command runs (see the module docstring)
             from sdtrt.client import Client
 
             return Client(known.url, known.protocol, timeout=10).catalog.get(known.model)
@@ -208,8 +209,6 @@ def credentials(args: argparse.Namespace) -> dict[str, str]:
 
 
 def is_loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -233,8 +232,7 @@ def _refuse_if_open(args: argparse.Namespace, users: dict[str, str], what: str) 
 
 
 def _connected_client(args: argparse.Namespace):
-    import time
-
+    # loaded when the command runs (see the module docstring)
     from sdtrt.client import Client, ServerError
 
     client = Client(args.url, protocol=args.protocol)
@@ -254,6 +252,7 @@ def _connected_client(args: argparse.Namespace):
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     from sdtrt.client.apps.ui import serve_ui
 
     users = credentials(args)
@@ -266,6 +265,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     import uvicorn
 
     from sdtrt.client.apps.a1111_api import create_app
@@ -290,8 +290,6 @@ def _settings(args: argparse.Namespace, request_type: type) -> dict[str, Any]:
 
 
 def _infotext(path: Path) -> str:
-    from sdtrt.contract.outputs import read_infotext
-
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
     text = read_infotext(path)
@@ -301,16 +299,12 @@ def _infotext(path: Path) -> str:
 
 
 def _save(result, out: Path) -> int:
-    from sdtrt.contract.outputs import save_png
-
     for image, seed, info in zip(result.images, result.seeds, result.infotexts):
         print(save_png(image, seed, info, out))
     return 0
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
-    from sdtrt.requests.generation import settings_from_infotext
-
     settings = _settings(args, Txt2ImgRequest)
     prompt = args.prompt
     if args.from_png:
@@ -327,6 +321,7 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
+    # loaded when the command runs (see the module docstring)
     from PIL import Image
 
     def picture(path: Path | None, mode: str):
@@ -344,6 +339,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, Any], images=None):
     if args.local:
         return _run_local(args, job, prompt, settings, images)
+    # loaded when the command runs (see the module docstring)
     from sdtrt.client import Client
 
     with Client(args.url, protocol=args.protocol) as client:
@@ -353,13 +349,11 @@ def _run(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, An
 
 
 def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, Any], images):
+    # loaded when the command runs (see the module docstring)
     import numpy as np
     from tqdm.auto import tqdm
 
-    from sdtrt.requests.generation import batch_count, concatenate
     from sdtrt.pipeline.local import LocalPipeline
-    from sdtrt.requests.request import resolve_seeds, validate
-    from sdtrt.contract.spec import load_spec
 
     request_type = Txt2ImgRequest if job == "txt2img" else Img2ImgRequest
     request = validate(request_type(prompt=prompt, **settings), load_spec(args.local, args.model))  # fail first
@@ -376,8 +370,6 @@ def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[s
 
 
 def cmd_png_info(args: argparse.Namespace) -> int:
-    from sdtrt.requests.generation import settings_from_infotext
-
     text = _infotext(args.file)
     print(json.dumps(settings_from_infotext(text), indent=2) if args.json else text)
     return 0

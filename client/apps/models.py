@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sdtrt.model_repository.serving.control import ControlKey, resolve_key
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
 from sdtrt.client import Client
 from sdtrt.contract.errors import SdtrtError, UsageError
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, Catalog, ModelSpec
+from sdtrt.model_repository.serving.control import ControlKey, resolve_key
 
 
 def triton_models(spec: ModelSpec) -> list[str]:
@@ -23,8 +26,6 @@ def triton_models(spec: ModelSpec) -> list[str]:
 class ModelControl:
     def __init__(self, url: str, key: ControlKey | Path | None = None):
         """``key``: the server's control key, or the file holding it (default: as `sdtrt serve` finds it)."""
-        import tritonclient.grpc as grpcclient
-
         self.client = Client(url)
         self.triton = grpcclient.InferenceServerClient(url)
         self._key = key
@@ -81,8 +82,6 @@ class ModelControl:
             time.sleep(0.1)
 
     def _control(self, action: str, model: str) -> None:
-        from tritonclient.utils import InferenceServerException
-
         try:
             getattr(self.triton, f"{action}_model")(model, headers=self.key.grpc_headers())
         except InferenceServerException as exc:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import tritonclient.grpc as grpcclient
 
 from sdtrt.contract.errors import InvalidRequest
+from sdtrt.model_repository.serving.health import stub_processes
 
 PICTURE = (np.indices((64, 64)).sum(axis=0)[..., None] * np.array([3, 2, 1]) % 256).astype(np.uint8)
 MASK = np.zeros((64, 64), dtype=np.uint8)
@@ -39,7 +41,6 @@ def kinds() -> list[Kind]:
         return lambda client, seed: client.txt2img("a lighthouse on a cliff", seed=seed, **settings)
 
     def refused(client, seed):  # sent as-is, so that the server (not the client) refuses it
-        import tritonclient.grpc as grpcclient
 
         width = grpcclient.InferInput("width", [1], "INT32")
         width.set_data_from_numpy(np.array([500], dtype=np.int32))
@@ -84,8 +85,6 @@ def rss_kib(pid: int) -> int | None:
 
 def server_memory(server_pid: int) -> dict[str, int]:
     """VmRSS (KiB) of tritonserver and of each of its Python stubs, by name."""
-    from sdtrt.model_repository.serving.health import stub_processes
-
     memory = {"tritonserver": rss_kib(server_pid)}
     memory.update({instance: rss_kib(stub.pid) for instance, stub in sorted(stub_processes(server_pid).items())})
     return {name: kib for name, kib in memory.items() if kib is not None}

@@ -17,8 +17,8 @@ served: the gallery's pictures are handed to Gradio, which serves its own copies
 from __future__ import annotations
 
 import html
-import logging
 import json
+import logging
 import os
 import re
 import threading
@@ -30,17 +30,20 @@ import numpy as np
 from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import asyncio
+
 import gradio as gr  # noqa: E402  (after the variable: gradio reads it on import)
-
 from gradio.utils import get_upload_folder  # noqa: E402  (where Gradio keeps uploads and the files it serves)
+from starlette.middleware import Middleware
 
+from sdtrt.client.apps.web_guard import HEALTH_PATH, cross_site
+from sdtrt.client.apps.web_guard import header as _header
 from sdtrt.client.client import Client, JobControl, Progress, ServerError
-from sdtrt.client.apps.web_guard import HEALTH_PATH, cross_site, header as _header
 from sdtrt.contract.errors import DiskFull, InvalidRequest, echo
-from sdtrt.requests.fields import LABELS, tab_fields
-from sdtrt.requests.generation import Generation, settings_from_infotext
 from sdtrt.contract.outputs import disk_full_summary, save_png
 from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture
+from sdtrt.requests.fields import LABELS, tab_fields
+from sdtrt.requests.generation import Generation, settings_from_infotext
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
 
 log = logging.getLogger("sdtrt.page")
@@ -682,8 +685,6 @@ class PageGuard:
             return
         method = scope.get("method", "GET")
         if scope["type"] == "http" and self.ready is not None and _route_path(scope) == HEALTH_PATH:
-            import asyncio
-
             ready = await asyncio.to_thread(self.ready)  # (open: Kubernetes' probes; it says only that)
             await _answer(scope, send, 200 if ready else 503, "ok" if ready else "unavailable")
             return
@@ -778,8 +779,6 @@ def serve_ui(client: Client, host: str, port: int, outputs: Path = Path("outputs
              auth: dict[str, str] | None = None, styles_file: Path | None = DEFAULT_STYLES_FILE) -> None:
     """Serve the page; with ``auth`` (user -> password) it asks for a login first (Gradio's, as A1111's
     ``--gradio-auth``), on every route (:class:`PageGuard`)."""
-    from starlette.middleware import Middleware
-
     # Gradio decodes the img2img picture itself, with Pillow's bomb check: an error past twice MAX_IMAGE_PIXELS,
     # before any pixel is decoded. Pillow's default lets 179 megapixels through (716 MB as RGBA, per layer); set
     # to what sdtrt takes at all, nothing past 2 x 16.7 megapixels is decoded, and the handler refuses the rest.

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
+from sdtrt.contract.errors import Cancelled, InvalidRequest, RelayedInvalidRequest, Unavailable, invalid_field
 from sdtrt.contract.images import to_uint8
+from sdtrt.contract.spec import MODEL, ComponentSpec, ModelSpec
 from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
+from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
 from sdtrt.requests.request import Txt2ImgRequest
-from sdtrt.contract.errors import Cancelled, InvalidRequest, RelayedInvalidRequest, Unavailable, invalid_field
-from sdtrt.contract.spec import MODEL, ComponentSpec, ModelSpec
 
 # Every BLS call has a deadline: a stage that hangs (a stopped or deadlocked stub) must fail the request, not hold
 # its loop for good. Triton's own request timeout only applies while a request waits in a queue, so the call runs on

@@ -12,11 +12,11 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.requests.img2img import finish_images, prepare_images
-from sdtrt.pipeline.jobs import encode_prompts, img2img_latents
-from sdtrt.model_repository.configs import JOBS
 from sdtrt.contract.spec import IMAGES, IMG2IMG, INIT_IMAGE, MASK, SEEDS
+from sdtrt.model_repository.configs import JOBS
 from sdtrt.model_repository.models.triton_io import JobModel, optional_input
+from sdtrt.pipeline.jobs import encode_prompts, img2img_latents
+from sdtrt.requests.img2img import finish_images, prepare_images
 
 
 class TritonPythonModel(JobModel):

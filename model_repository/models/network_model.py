@@ -19,8 +19,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sdtrt.model_repository.models.metrics import Metrics
-from sdtrt.pipeline.runners import OnnxRuntimeRunner, cpu_runner
 from sdtrt.model_repository.models.triton_io import JsonLog, error_response, model_part, model_spec
+from sdtrt.pipeline.runners import OnnxRuntimeRunner, cpu_runner
 
 
 class TritonPythonModel:

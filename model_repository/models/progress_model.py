@@ -15,8 +15,8 @@ from collections import OrderedDict
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.contract.spec import PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
 from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.spec import PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
 from sdtrt.model_repository.models.triton_io import JsonLog, PerRequestModel, optional_input, scalar
 
 KEEP = 1024  # requests remembered (the oldest go first)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, EmbeddingTable
 from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER_FIELDS
 from sdtrt.model_repository.models.triton_io import JsonLog, PerRequestModel, model_spec, repo_root, scalar
+from sdtrt.pipeline.text import load_tokenizer
+from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, EmbeddingTable
 from sdtrt.requests.prompts import text_rows
 from sdtrt.requests.request import check_value
-from sdtrt.pipeline.text import load_tokenizer
 
 
 class TritonPythonModel(PerRequestModel):

@@ -11,9 +11,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.contract.spec import ModelSpec, load_catalog
+from sdtrt.contract.errors import Cancelled, InvalidRequest, Unavailable
+from sdtrt.contract.previews import latent_preview
+from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, make_scheduler, step_kwargs
+from sdtrt.contract.spec import (
+    ENGINES,
+    MODEL,
+    PROGRESS,
+    PROGRESS_PREVIEW,
+    PROGRESS_REQUEST_ID,
+    PROGRESS_STEP,
+    PROGRESS_TOTAL,
+    ModelSpec,
+    load_catalog,
+)
+from sdtrt.model_repository.configs import LOOPS_PARAMETER, engine_batching
+from sdtrt.model_repository.models.bls import BlsNetworks, exec_within
+from sdtrt.model_repository.models.metrics import Metrics
+from sdtrt.model_repository.models.step_batcher import StepBatcher
+from sdtrt.model_repository.probes import PROBE_ID
+from sdtrt.requests.extra_networks import LoraLibrary, RequestLoras, request_loras
+from sdtrt.requests.request import job_fields, resolve_seeds, validate
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +59,6 @@ def model_part(args: dict[str, str]) -> str:
 def instance_device(args: dict[str, str]) -> "torch.device":
     """The device a Python model instance works on: its GPU for ``KIND_GPU`` instances (when this torch has
     CUDA), else the CPU."""
-    import torch
-
     if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
         return torch.device("cuda", int(args.get("model_instance_device_id") or 0))
     return torch.device("cpu")
@@ -102,15 +121,11 @@ PROGRESS_DEADLINE_S = 5.0  # a post takes well under a millisecond; a progress m
 def post_progress(request_id: str, done: int, total: int, log: JsonLog, preview: np.ndarray | None = None) -> None:
     """Record a request's steps (and its latest preview picture) in the ``progress`` model; never fails the
     generation."""
-    from sdtrt.contract.spec import PROGRESS, PROGRESS_PREVIEW, PROGRESS_REQUEST_ID, PROGRESS_STEP, PROGRESS_TOTAL
-
     inputs = [pb_utils.Tensor(PROGRESS_REQUEST_ID, np.array([request_id.encode()], dtype=np.object_)),
               pb_utils.Tensor(PROGRESS_STEP, np.array([done], np.int32)),
               pb_utils.Tensor(PROGRESS_TOTAL, np.array([total], np.int32))]
     if preview is not None:
         inputs.append(pb_utils.Tensor(PROGRESS_PREVIEW, np.ascontiguousarray(preview, dtype=np.uint8)))
-    from sdtrt.contract.errors import Unavailable
-    from sdtrt.model_repository.models.bls import exec_within
 
     request = pb_utils.InferenceRequest(model_name=PROGRESS, inputs=inputs, requested_output_names=[PROGRESS_STEP])
     try:
@@ -125,9 +140,6 @@ def post_progress(request_id: str, done: int, total: int, log: JsonLog, preview:
 def unet_rows(spec: ModelSpec) -> int:
     """The most rows one U-Net call may carry: the spec's batch range, or what its TensorRT engine was built for
     (0 for an engine of fixed batch, which takes each loop's call only as it is)."""
-    from sdtrt.model_repository.configs import engine_batching
-    from sdtrt.contract.spec import ENGINES
-
     unet = spec.component("unet")
     engine = spec.extra.get(ENGINES, {}).get("unet")
     if engine is not None:
@@ -150,9 +162,6 @@ class PerRequestModel:
 
     def respond(self, request) -> "pb_utils.InferenceResponse":
         """The one response of ``request``: what ``run`` builds, or the error it raised, named."""
-        from sdtrt.contract.errors import Cancelled, InvalidRequest, Unavailable
-        from sdtrt.model_repository.probes import PROBE_ID
-
         if request.request_id() == PROBE_ID:  # the watchdog's (model_repository/probes.py): answered, not counted
             try:
                 return self.run(request)
@@ -198,14 +207,6 @@ class JobModel(PerRequestModel):
     job = None  # a sdtrt.model_repository.configs.Job
 
     def initialize(self, args):
-        import torch
-
-        from sdtrt.requests.request import job_fields
-
-        from sdtrt.model_repository.configs import LOOPS_PARAMETER
-        from sdtrt.model_repository.models.metrics import Metrics
-        from sdtrt.model_repository.models.step_batcher import StepBatcher
-
         config = json.loads(args["model_config"])
         # (absent from configs an earlier sdtrt generated, with one instance per loop: one loop each, as then)
         self.loops = int(config["parameters"].get(LOOPS_PARAMETER, {}).get("string_value", 1))
@@ -250,9 +251,6 @@ class JobModel(PerRequestModel):
     def networks(self, request, spec: ModelSpec, settings):
         """One model's networks for one request (with the LoRAs its prompts name), called through BLS from this
         instance's device."""
-        from sdtrt.requests.extra_networks import LoraLibrary, RequestLoras, request_loras
-        from sdtrt.model_repository.models.bls import BlsNetworks
-
         if spec.key not in self.lora_libraries:  # each LoRA file is read once per instance, when first used
             self.lora_libraries[spec.key] = LoraLibrary(self.repo, spec.loras)
         library = self.lora_libraries[spec.key]
@@ -263,10 +261,6 @@ class JobModel(PerRequestModel):
         """Import every sampler's scheduler and run one step on this instance's device, so that no request pays
         for first use (each instance would otherwise make its first request ~2x slower; on a GPU this also
         creates the CUDA context)."""
-        import torch
-
-        from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, make_scheduler, step_kwargs
-
         spec = self.catalog.get()
         # One sampler per scheduler class: the imports are what first use costs (the schedule variants of one
         # class share them), and a class can take ~0.2 s to build (DPM2): not to pay 20 times at every start.
@@ -282,9 +276,6 @@ class JobModel(PerRequestModel):
     def settings(self, request) -> tuple[ModelSpec, Any]:
         """The model the request names (absent: the default) and every field of the job, defaulted from that
         model's spec when absent, checked, seeds resolved."""
-        from sdtrt.requests.request import resolve_seeds, validate
-        from sdtrt.contract.spec import MODEL
-
         # A label only for a model this server has: a raw request string as a label would grow the metrics
         # without bound (every distinct typo a new series).
         named = scalar(request, MODEL) or self.catalog.default
@@ -303,8 +294,6 @@ class JobModel(PerRequestModel):
         posts its progress to the ``progress`` model (its first and last step, and every PROGRESS_INTERVAL
         between: a BLS call of well under a millisecond, a few times a second) with a preview of its latents when
         the model has a preview map (a small matrix product, no VAE)."""
-        from sdtrt.contract.previews import latent_preview
-
         self.current.steps = getattr(self.current, "steps", 0) + 1
         request_id = getattr(self.current, "request_id", "")
         now = time.monotonic()

@@ -14,10 +14,10 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdtrt.pipeline.jobs import encode_prompts, txt2img_latents
-from sdtrt.model_repository.configs import JOBS
 from sdtrt.contract.spec import IMAGES, SEEDS, TXT2IMG
+from sdtrt.model_repository.configs import JOBS
 from sdtrt.model_repository.models.triton_io import JobModel
+from sdtrt.pipeline.jobs import encode_prompts, txt2img_latents
 
 
 class TritonPythonModel(JobModel):

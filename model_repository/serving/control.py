@@ -23,8 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdtrt.pipeline.clip_vocab import cache_dir
 from sdtrt.contract.errors import UsageError
+from sdtrt.pipeline.clip_vocab import cache_dir
 
 HEADER = "sdtrt-control-key"  # the HTTP header (lower case: gRPC metadata keys must be)
 # Triton's gRPC front end looks for the key under its own prefix (measured on 2.51: "This protocol is restricted,

@@ -24,12 +24,18 @@ import re
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 import urllib.error
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
+
+from sdtrt.contract.prometheus import samples, scrape
+from sdtrt.contract.spec import IMG2IMG, TXT2IMG, load_catalog
+from sdtrt.model_repository.configs import LOOPS_PARAMETER
+from sdtrt.model_repository.probes import PROBE_ID, probes
 
 log = logging.getLogger("sdtrt.health")
 
@@ -178,9 +184,6 @@ class Healer:
         self._stopped_seen = seen
 
     def _load_probes(self) -> None:
-        from sdtrt.model_repository.probes import probes
-        from sdtrt.contract.spec import IMG2IMG, TXT2IMG, load_catalog
-
         try:
             self._probes = probes(load_catalog(self.server.model_repository))
         except Exception as exc:  # a repository being rewritten: probe what we knew
@@ -189,8 +192,6 @@ class Healer:
             self._loops[job] = self._job_loops(job)
 
     def _job_loops(self, job: str) -> int:
-        from sdtrt.model_repository.configs import LOOPS_PARAMETER
-
         try:
             with urllib.request.urlopen(f"http://{self.server.http_url}/v2/models/{job}/config", timeout=5) as r:
                 config = json.loads(r.read())
@@ -200,8 +201,6 @@ class Healer:
 
     def _metrics(self) -> dict[tuple[str, str], float]:
         """(metric, model or job) -> value, for the series the watchdog reads; {} when unreadable."""
-        from sdtrt.contract.prometheus import samples, scrape
-
         try:
             text = scrape(self.server.metrics_url, timeout=5)
         except (OSError, TypeError):
@@ -216,8 +215,6 @@ class Healer:
 
     def _probe(self, model: str, inputs: list) -> str | None:
         """Send one probe; the error that says the model's stub is unusable, or None for an answer."""
-        from sdtrt.model_repository.probes import PROBE_ID
-
         body = json.dumps({"id": PROBE_ID, "inputs": inputs}).encode()
         request = urllib.request.Request(f"http://{self.server.http_url}/v2/models/{model}/infer", data=body,
                                          method="POST", headers={"Content-Type": "application/json"})
@@ -359,8 +356,6 @@ class HealthEndpoint:
     ready and nothing is being healed. Nothing else is served, and nothing secret: any prober may reach it."""
 
     def __init__(self, healer: Healer, host: str, port: int, stuck_after: float = 60.0):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         outer = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -8,6 +8,7 @@ On a machine without NVIDIA's container, the server is the one shipped in the ``
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -21,10 +22,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdtrt.contract.errors import SdtrtError, UsageError
+from sdtrt.contract.prometheus import samples, scrape
+from sdtrt.contract.spec import DEFAULT_PORTS, IMG2IMG, SPEC_FILENAME, TXT2IMG
 from sdtrt.model_repository.serving.control import ControlKey, resolve_key
 from sdtrt.pipeline.clip_vocab import cache_dir
-from sdtrt.contract.errors import SdtrtError, UsageError
-from sdtrt.contract.spec import DEFAULT_PORTS, SPEC_FILENAME
 
 log = logging.getLogger("sdtrt.server")
 
@@ -35,14 +37,13 @@ def _terminate_with_parent() -> None:
     """In the child, before exec: have Linux send it SIGTERM if this process dies, even by SIGKILL, so that a
     killed `sdtrt serve` (or test run) never leaves a tritonserver and its stubs behind."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def pytriton_home() -> Path | None:
     try:
+        # the pytriton wheel (tritonserver without Docker) is optional: a container has tritonserver itself
         import pytriton
     except ImportError:
         return None
@@ -193,10 +194,6 @@ class TritonServer:
     def requests_in_flight(self) -> float | None:
         """Generations this server is running or has queued (sdtrt_requests_running plus Triton's pending count
         of the job models, from its own metrics); None when the metrics cannot be read."""
-        from sdtrt.contract.spec import IMG2IMG, TXT2IMG
-
-        from sdtrt.contract.prometheus import samples, scrape
-
         try:
             text = scrape(self.metrics_url)
         except OSError:

@@ -46,6 +46,7 @@ def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[i
 
 
 def upscale_latents(latents: "torch.Tensor", upscaler: Upscaler, latent_width: int, latent_height: int) -> "torch.Tensor":
+    # torch only where latents are upscaled: the contract loads in a client-only install, which has none
     import torch
 
     kwargs = {"antialias": upscaler.antialias} if upscaler.latent_mode in ("bilinear", "bicubic") else {}

@@ -17,7 +17,6 @@ from typing import Any, Sequence
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.schedules import ALIGN_YOUR_STEPS, SIGMA_SCHEDULES
 
-
 # The eta sdtrt's samplers run with, as A1111's defaults (options eta_ancestral 1, eta_ddim 0): ancestral and SDE
 # samplers add their full noise, DDIM none; the other samplers have no eta (A1111 ignores it for them).
 ETA_ANCESTRAL, ETA_DDIM = 1.0, 0.0
@@ -161,6 +160,7 @@ def _diffusers_class(name: str):
     # diffusers is heavy: imported on first use so that `sdtrt --help` stays fast. Its lazy module is not safe
     # to import from two threads at once (one sees a half-built module), hence the lock.
     with _IMPORT_LOCK:
+        # diffusers only where a scheduler is made: the contract loads in a client-only install, which has none
         import diffusers
 
         return getattr(diffusers, name)

@@ -22,6 +22,8 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sdtrt.contract.philox import nv_randn
+
 if TYPE_CHECKING:
     import torch
 
@@ -41,6 +43,7 @@ def image_seeds(seed: int, count: int, varied: bool = False) -> list[int]:
 
 
 def make_generators(seeds: list[int]) -> list["torch.Generator"]:
+    # torch only where noise is drawn: the contract loads in a client-only install, which has none
     import torch
 
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -67,6 +70,7 @@ def initial_noise(generators: list["torch.Generator"], channels: int, latent_hei
     draw = draw or NoiseDraw(seeds=[])
     subseeds, subseed_strength, seeds, resize_from = draw.subseeds, draw.subseed_strength, draw.seeds, draw.resize_from
     nv_seeds = seeds if draw.nv else None
+    # torch only where noise is drawn: the contract loads in a client-only install, which has none
     import torch
 
     full = (1, channels, latent_height, latent_width)
@@ -74,8 +78,6 @@ def initial_noise(generators: list["torch.Generator"], channels: int, latent_hei
 
     def fresh(seed: int, size: tuple[int, ...]) -> "torch.Tensor":
         if nv_seeds is not None:
-            from sdtrt.contract.philox import nv_randn
-
             return torch.from_numpy(nv_randn(seed, size))
         return torch.randn(size, generator=make_generators([seed])[0], dtype=torch.float32)
 
@@ -109,6 +111,7 @@ def paste_centred(small: "torch.Tensor", canvas: "torch.Tensor") -> "torch.Tenso
 
 def slerp(t: float, low: "torch.Tensor", high: "torch.Tensor") -> "torch.Tensor":
     """A1111's spherical interpolation of two [C, h, w] noise tensors (angles taken along dim 1, as A1111 does)."""
+    # torch only where noise is drawn: the contract loads in a client-only install, which has none
     import torch
 
     low_unit = low / torch.norm(low, dim=1, keepdim=True)

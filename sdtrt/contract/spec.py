@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from sdtrt.contract.errors import UsageError
+from sdtrt.contract.errors import InvalidRequest, UsageError
+from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
 SPEC_VERSION = 6  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
@@ -292,8 +293,6 @@ class Catalog:
         try:
             return self.models[name]
         except KeyError:
-            from sdtrt.contract.errors import InvalidRequest
-
             raise InvalidRequest(MODEL, name, "one of this server's models: " + ", ".join(map(repr, self.models)))
 
     def to_json(self) -> dict[str, Any]:
@@ -311,8 +310,6 @@ class Catalog:
 
     def save(self, repo_dir: Path) -> Path:
         """Written aside, fsynced and renamed into place: a reader never sees half a catalog (sdtrt.contract.files)."""
-        from sdtrt.contract.files import write_atomic
-
         return write_atomic(Path(repo_dir) / SPEC_FILENAME, json.dumps(self.to_json(), indent=2) + "\n")
 
 

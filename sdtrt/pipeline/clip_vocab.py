@@ -18,6 +18,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from transformers import CLIPTokenizer
+
 from sdtrt.contract.errors import SdtrtError
 
 OPEN_CLIP_REQUIREMENT = "open-clip-torch==3.3.0"
@@ -98,8 +100,6 @@ def vocab_and_merges(bpe_gz: bytes) -> tuple[dict[str, int], list[str]]:
 def write_clip_tokenizer(out_dir: str | Path, bpe_source: str | Path | None = None, pad_token: str = EOS) -> Path:
     """Write vocab.json, merges.txt and the transformers tokenizer files; pads (with ``pad_token``: SD 1.x pads
     with <|endoftext|>, SD 2.x with "!") and truncates to 77 ids."""
-    from transformers import CLIPTokenizer
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = vocab_and_merges(fetch_bpe(bpe_source))

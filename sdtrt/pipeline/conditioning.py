@@ -14,8 +14,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sdtrt.requests.prompts import apply_weights
 from sdtrt.contract.spec import ModelSpec
+from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule, text_at
+from sdtrt.requests.prompts import apply_weights
 
 CONTEXT_INPUT = "encoder_hidden_states"
 TEXT_OUTPUT = "text_embeddings"
@@ -61,8 +62,6 @@ def schedule_conditioning(prompt: str, negative_prompt: str, steps: int,
     """The schedules of the prompt's subprompts (split at AND) and of the negative prompt over ``steps`` steps,
     merged; ``encode(prompt, negative)`` runs once per distinct pair of texts (``encoded`` carries them between
     a request's passes)."""
-    from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule, text_at
-
     encoded = {} if encoded is None else encoded
     subprompts = composable_prompts(prompt)
     positives = [prompt_schedule(text, steps, first_pass_steps) for text, _ in subprompts]

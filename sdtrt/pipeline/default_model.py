@@ -15,9 +15,25 @@ import hashlib
 import os
 from pathlib import Path
 
-from sdtrt.contract.architectures import SCHEDULER, SDXL_SCHEDULER
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdtrt.contract.architectures import SCHEDULER, SD1, SD2, SDXL_SCHEDULER
+from sdtrt.contract.errors import UsageError
 from sdtrt.pipeline.clip_vocab import write_clip_tokenizer
-from sdtrt.pipeline.scenes import SIZE as SCENE_SIZE  # the shapes model's native size is the size of what it was trained on
+from sdtrt.pipeline.scenes import (
+    SIZE as SCENE_SIZE,  # the shapes model's native size is the size of what it was trained on
+)
 
 SEED = 20241125
 
@@ -158,11 +174,6 @@ def build_default_model(out_dir: str | Path, clip_bpe: str | Path | None = None,
     ``size="shapes"``: the trained model, from ``weights``.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from sdtrt.contract.architectures import SD1, SD2
 
     out = Path(out_dir)
     write_clip_tokenizer(out / "tokenizer", clip_bpe, pad_token=(SD2 if family == "sd2" else SD1).pad_token)
@@ -205,9 +216,6 @@ SHAPES_PARTS = ("text_encoder", "unet", "vae")
 
 def save_trained(path: Path, states: dict, scaling: float, prediction_type: str, **metadata: str) -> None:
     """Write the networks' ``states`` (one state dict per part of SHAPES_PARTS) as the trained weights file."""
-    import torch
-    from safetensors.torch import save_file
-
     tensors = {f"{part}.{name}": value.detach().to(torch.float16).contiguous()
                for part in SHAPES_PARTS for name, value in states[part].items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,10 +226,6 @@ def save_trained(path: Path, states: dict, scaling: float, prediction_type: str,
 def load_trained(text_encoder, unet, vae, weights: Path = SHAPES_WEIGHTS) -> str:
     """The trained shapes model's weights (and its VAE's latent scale) into freshly built networks; returns what
     its U-Net predicts (the scheduler's prediction_type)."""
-    from safetensors import safe_open
-
-    from sdtrt.contract.errors import UsageError
-
     if not weights.is_file():
         raise UsageError(f"{weights} is missing: train it with scripts/train_default_model.py --out {weights}")
     with safe_open(str(weights), "pt") as f:
@@ -235,10 +239,6 @@ def load_trained(text_encoder, unet, vae, weights: Path = SHAPES_WEIGHTS) -> str
 
 
 def _save_sdxl(out: Path, configs: dict, tokenizer, text_encoder, unet, vae, clip_bpe) -> Path:
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
     write_clip_tokenizer(out / "tokenizer_2", clip_bpe, pad_token="!")
     torch.manual_seed(SEED + 3)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_2"])).eval()
@@ -259,8 +259,6 @@ def _trained_like_layer_norms(module) -> None:
     weighting, which rescales each chunk back to its original mean, would divide by ~0. A trained CLIP's final
     LayerNorm has learned offsets, and so does this one (drawn from the same fixed seed).
     """
-    import torch
-
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, torch.nn.LayerNorm):

@@ -11,8 +11,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from sdtrt.pipeline.conditioning import guided as with_uncond
 from sdtrt.contract.samplers import set_timesteps, step_kwargs
+from sdtrt.pipeline.conditioning import guided as with_uncond
 
 
 class UNet(Protocol):

@@ -12,6 +12,7 @@ from sdtrt.contract.spec import ENGINES, ModelSpec
 
 def require_tensorrt():
     try:
+        # TensorRT only on a GPU install (sdtrt[gpu]): this says so when it is missing
         import tensorrt as trt
     except ImportError:
         raise UsageError(

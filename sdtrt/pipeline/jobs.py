@@ -16,17 +16,18 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
-from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, schedule_conditioning, unet_conditioning
-from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HIRES_UPSCALERS, target_size, upscale_image, upscale_latents
-from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
 from sdtrt.contract.samplers import make_scheduler
 from sdtrt.contract.seeds import NoiseDraw, image_seeds, initial_noise, make_generators
 from sdtrt.contract.spec import ModelSpec
+from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, schedule_conditioning, unet_conditioning
+from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.pipeline.vae import sample_latents
+from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs, to_model_input
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
 
 OnStep = Callable[[int, int, torch.Tensor], None]  # (steps done, steps, latents now)
 
@@ -152,10 +153,6 @@ def hires_pass(
     if upscaler.latent_mode is not None:
         init = upscale_latents(latents, upscaler, width // f, height // f)
     else:
-        from PIL import Image
-
-        from sdtrt.requests.img2img import to_model_input
-
         pictures = nets.vae_decode(latents / spec.vae_scaling_factor)
         resized = [upscale_image(Image.fromarray(p), upscaler, width, height) for p in pictures]
         init = sample_latents(nets.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)

@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtrt.requests.generation import Generation, infotexts
 from sdtrt.contract.images import to_uint8
-from sdtrt.requests.img2img import finish_images, prepare_images
-from sdtrt.pipeline.jobs import OnStep, encode_prompts, img2img_latents, txt2img_latents
-from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras, request_loras
+from sdtrt.contract.spec import ModelSpec, load_spec
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
+from sdtrt.pipeline.engines import check_engine_matches, manifest
+from sdtrt.pipeline.jobs import OnStep, encode_prompts, img2img_latents, txt2img_latents
+from sdtrt.pipeline.runners import CPU_ENGINES, Runner, TensorRtRunner, cpu_runner
+from sdtrt.pipeline.text import load_tokenizer
+from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras, request_loras
+from sdtrt.requests.generation import Generation, infotexts
+from sdtrt.requests.img2img import finish_images, prepare_images
 from sdtrt.requests.prompts import text_rows
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
-from sdtrt.pipeline.runners import CPU_ENGINES, Runner, TensorRtRunner, cpu_runner
-from sdtrt.contract.spec import ModelSpec, load_spec
-from sdtrt.pipeline.text import load_tokenizer
-
 
 BACKENDS = (*CPU_ENGINES, "tensorrt")
 
@@ -42,8 +42,6 @@ class LocalPipeline:
         self.tokenizer = load_tokenizer(self.repo / self.spec.tokenizer, self.spec.text_max_length)
         self.nets: dict[str, Runner] = {}
         if backend == "tensorrt":
-            from sdtrt.pipeline.engines import check_engine_matches, manifest
-
             engines = manifest(self.spec)
             for name, component in self.spec.components.items():
                 check_engine_matches(engines[name], name)

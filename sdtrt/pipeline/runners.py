@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnxruntime as ort
 
 from sdtrt.contract.spec import ComponentSpec
 
@@ -36,8 +37,6 @@ def _feed(component: ComponentSpec, feed: dict[str, np.ndarray]) -> dict[str, np
 
 class OnnxRuntimeRunner:
     def __init__(self, path: Path, component: ComponentSpec, threads: int = 0, providers: list[str] | None = None):
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -54,6 +53,7 @@ class OnnxRuntimeRunner:
 class OpenVinoRunner:
     def __init__(self, path: Path, component: ComponentSpec, precision: str = "fp32", threads: int = 0,
                  cache_dir: Path | None = None):
+        # OpenVINO (a second CPU engine, slow to import) only when it is the one asked for
         import openvino as ov
 
         if precision not in CPU_PRECISIONS:
@@ -81,6 +81,7 @@ class TensorRtRunner:
     """A built engine (GPU), through polygraphy's runner."""
 
     def __init__(self, engine_path: Path, component: ComponentSpec):
+        # polygraphy and TensorRT only on a GPU install (sdtrt[gpu]): only this runner needs them
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import CLIPTokenizer
+
 
 def load_tokenizer(path: str | Path, max_length: int):
-    from transformers import CLIPTokenizer
-
     return CLIPTokenizer.from_pretrained(str(path), model_max_length=max_length)

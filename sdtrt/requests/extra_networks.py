@@ -150,6 +150,7 @@ class LoraLibrary:
 
     def packed(self, name: str) -> dict[str, np.ndarray]:
         if name not in self._packed:
+            # safetensors only where a LoRA is read: requests load in a client-only install, which has none
             from safetensors.numpy import load_file
 
             self._packed[name] = load_file(str(self.repo / self.loras[name]["file"]))
@@ -184,6 +185,7 @@ class RequestLoras:
 
     def inputs(self, network: str, rows: int, device) -> tuple | None:
         """(lora_down, lora_up) torch tensors [rows, R, D] on ``device`` for ``network``; None: run it plain."""
+        # torch only where LoRAs are packed for a network: requests load in a client-only install, which has none
         import torch
 
         if self.matrices.get(network) is None:
@@ -203,6 +205,7 @@ class EmbeddingTable:
     """A model's registered embeddings: their vectors, and each name's tokens to find it in a prompt by."""
 
     def __init__(self, repo: Path, embeddings: dict[str, dict], tokenizer, hidden: int):
+        # safetensors only where an embedding is read: requests load in a client-only install, which has none
         from safetensors.numpy import load_file
 
         self.hidden = hidden

@@ -17,7 +17,7 @@ from typing import Any, Callable, Union
 from sdtrt.contract.hires import DEFAULT_UPSCALER, HIRES_UPSCALERS
 from sdtrt.contract.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, sampler_names
 from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
-from sdtrt.contract.spec import TXT2IMG, IMG2IMG, FieldSpec
+from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum

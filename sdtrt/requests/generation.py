@@ -7,13 +7,14 @@ from typing import Iterator
 
 import numpy as np
 
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.samplers import resolve
+from sdtrt.contract.seeds import image_seeds
+from sdtrt.contract.spec import ModelSpec
 from sdtrt.requests.extra_networks import parse_lora_tags, used_embeddings
 from sdtrt.requests.fields import INFOTEXT_FIELDS
 from sdtrt.requests.infotext import build_infotext, parse_infotext
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
-from sdtrt.contract.samplers import resolve
-from sdtrt.contract.seeds import image_seeds
-from sdtrt.contract.spec import ModelSpec
 
 
 @dataclass
@@ -109,8 +110,6 @@ MAX_N_ITER = 100  # A1111's "Batch count" slider goes to 100; its API takes any 
 
 def check_n_iter(n_iter: int) -> int:
     """A batch count a request may ask for, checked before any batch runs (each batch is bounded by the spec)."""
-    from sdtrt.contract.errors import InvalidRequest
-
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or not 1 <= n_iter <= MAX_N_ITER:
         raise InvalidRequest("n_iter", n_iter, f"an integer from 1 to {MAX_N_ITER} (batches run one after another; "
                                                "for more pictures, send more requests)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.pictures import MAX_PICTURE_PIXELS
@@ -45,6 +45,7 @@ class ImageInputs:
 
 
 def _processors(vae_scale_factor: int):
+    # diffusers only where pictures are prepared: requests load in a client-only install, which has none
     from diffusers.image_processor import VaeImageProcessor
 
     image = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
@@ -76,8 +77,6 @@ def fill_masked_area(image: Image.Image, mask: Image.Image) -> Image.Image:
     """A1111's "fill": the hole takes the colours around it. The unmasked pixels, premultiplied by their alpha so
     that the hole adds nothing, are blurred at shrinking radii and stacked over each other; the last layer (no
     blur) puts the unmasked pixels back as they were."""
-    from PIL import ImageFilter, ImageOps
-
     kept = Image.new("RGBa", image.size)
     kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
     filled = Image.new("RGBA", image.size)
