@@ -71,7 +71,7 @@ MAX_PIXEL_DIFF = 2  # out of 255: the acceptance tolerance for every served/expo
 
 
 def diffusers_images(pipe, *, prompt, negative_prompt="", sampler, steps, cfg, seed, width, height, batch_size=1,
-                     schedule_type="Automatic"):
+                     schedule_type="Automatic", guidance_rescale=0.0):
     """[N, H, W, 3] uint8 from diffusers, one call per image with generator seed+i (the README's seed contract)."""
     original = pipe.scheduler
     images = []
@@ -87,6 +87,7 @@ def diffusers_images(pipe, *, prompt, negative_prompt="", sampler, steps, cfg, s
             negative_prompt=negative_prompt,
             **steps_or_sigmas,
             guidance_scale=cfg,
+            guidance_rescale=guidance_rescale,
             width=width,
             height=height,
             generator=torch.Generator("cpu").manual_seed(seed + i),

@@ -90,6 +90,19 @@ def test_guidance_off_matches_diffusers(local_pipeline, diffusers_pipe):
     assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
 
 
+def test_guidance_rescale_matches_diffusers(local_pipeline, diffusers_pipe):
+    # a high CFG scale, where the rescale shows (on the tiny default model it moves pixels by ~20 of 255)
+    expected = diffusers_images(diffusers_pipe, prompt="a cat", sampler="DDIM", steps=8, cfg=20.0, seed=7,
+                                width=64, height=64, guidance_rescale=0.9)
+    request = Txt2ImgRequest(prompt="a cat", sampler="DDIM", steps=8, guidance_scale=20.0, seed=7, width=64,
+                             height=64, guidance_rescale=0.9)
+    result = local_pipeline.txt2img(request)
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+    plain = local_pipeline.txt2img(Txt2ImgRequest(**{**request.__dict__, "guidance_rescale": 0.0}))
+    assert max_diff(plain.images, expected) > 5 * MAX_PIXEL_DIFF  # the rescale is what makes them match
+    assert "Guidance rescale: 0.9" in result.infotexts[0]
+
+
 def test_seed_changes_the_picture_and_is_reproducible(local_pipeline):
     request = dict(prompt="a cat", steps=6, width=64, height=64)
     a = local_pipeline.txt2img(Txt2ImgRequest(seed=1, **request)).images

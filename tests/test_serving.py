@@ -121,6 +121,18 @@ def test_served_variation_seeds_match_the_local_runner(server, local_pipeline):
     assert "Variation seed: " in random_subseed.infotexts[0]
 
 
+def test_a_field_added_to_the_registry_is_served(server, local_pipeline):
+    """guidance_rescale was added by declaring it in sdtrt/requests/fields.py and using it in the loop (the
+    README's contributor example): the client, the job model's inputs and the infotext carry it with nothing else."""
+    settings = dict(sampler="DDIM", steps=8, guidance_scale=20.0, seed=7, width=64, height=64, guidance_rescale=0.9)
+    served = Client(server.url).txt2img("a cat", **settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(prompt="a cat", **settings))
+    plain = Client(server.url).txt2img("a cat", **{**settings, "guidance_rescale": 0.0})
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    assert max_diff(served.images, plain.images) > 5 * MAX_PIXEL_DIFF
+    assert "Guidance rescale: 0.9" in served.infotexts[0] and "Guidance rescale" not in plain.infotexts[0]
+
+
 def test_random_seed_is_returned(server):
     client = Client(server.url)
     first = client.txt2img("a cat", seed=-1, steps=3, width=64, height=64)

@@ -18,9 +18,10 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 6  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 7  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
-# 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill
+# 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
+# 7: guidance_rescale (diffusers' CFG rescale)
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from sdtrt.contract.samplers import set_timesteps, step_kwargs
 from sdtrt.pipeline.conditioning import guided as with_uncond
@@ -56,6 +57,7 @@ class Guidance:
 
     scale: float
     cond_weights: tuple[float, ...] = (1.0,)
+    rescale: float = 0.0  # diffusers' guidance_rescale
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ def denoise(
         if guided:
             uncond, *conds = noise_pred.chunk(copies)
             noise_pred = uncond + sum(w * guidance_scale * (cond - uncond) for w, cond in zip(cond_weights, conds))
+            if guidance.rescale > 0:
+                noise_pred = rescale_noise_cfg(noise_pred, conds[0], guidance_rescale=guidance.rescale)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         if after_step is not None:
             latents = after_step(i, latents)

@@ -126,8 +126,8 @@ def txt2img_latents(
     latents = prepare_latents(run.scheduler, noise, request.steps)
     context = step_contexts(spec, prompts.first, request.batch_size, request.guidance_scale, request.width,
                             request.height, nets.device)
-    latents = denoise(run, nets.unet, latents, context, Guidance(request.guidance_scale, prompts.first.weights),
-                      on_step)
+    guidance = Guidance(request.guidance_scale, prompts.first.weights, request.guidance_rescale)
+    latents = denoise(run, nets.unet, latents, context, guidance, on_step)
     if request.enable_hr:
         latents = hires_pass(spec, request, latents, prompts.hires, nets, seeds, on_step)
     return latents / spec.vae_scaling_factor, seeds
@@ -164,7 +164,8 @@ def hires_pass(
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
     context = step_contexts(spec, prompts, request.batch_size, request.guidance_scale, width, height, nets.device)
     run.timesteps = timesteps
-    return denoise(run, nets.unet, latents, context, Guidance(request.guidance_scale, prompts.weights), on_step)
+    guidance = Guidance(request.guidance_scale, prompts.weights, request.guidance_rescale)
+    return denoise(run, nets.unet, latents, context, guidance, on_step)
 
 
 def _fill_latents(latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, fill: str) -> torch.Tensor:
@@ -225,6 +226,6 @@ def img2img_latents(
 
     context = step_contexts(spec, prompts.first, n, request.guidance_scale, request.width, request.height,
                             nets.device)
-    latents = denoise(run, nets.unet, latents, context, Guidance(request.guidance_scale, prompts.first.weights),
-                      on_step, Inpainting(unet_extra, after_step))
+    guidance = Guidance(request.guidance_scale, prompts.first.weights, request.guidance_rescale)
+    latents = denoise(run, nets.unet, latents, context, guidance, on_step, Inpainting(unet_extra, after_step))
     return latents / spec.vae_scaling_factor, seeds

@@ -101,6 +101,9 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("guidance_scale", "float32", 7.0, "classifier-free guidance (CFG) scale; <= 1 turns guidance off",
                  minimum=0.0, maximum=MAX_GUIDANCE, a1111="cfg_scale", a1111_as_is=True, a1111_default=7.0,
                  infotext="CFG scale", label="CFG Scale", flag="--cfg-scale"),
+    RequestField("guidance_rescale", "float32", 0.0, "pull the guided prediction's spread back towards the "
+                 "prompt's own (diffusers' guidance_rescale; 0 turns it off)", minimum=0.0, maximum=1.0,
+                 infotext="Guidance rescale", label="Guidance rescale"),
     RequestField("sampler", "string", DEFAULT_SAMPLER, "AUTOMATIC1111 sampler name", choices=sampler_names(),
                  a1111="sampler_name", infotext="Sampler", label="Sampling method"),
     RequestField("schedule_type", "string", DEFAULT_SCHEDULE,

@@ -68,8 +68,17 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
             "Lora hashes": ", ".join(lora_hashes) or None,
             "TI hashes": ", ".join(f"{name}: {model.embeddings[name]['sha256'][:12]}" for name in embeddings) or None,
         }
+        params.update({k: v for k, v in changed_fields(request, model).items() if k not in params})
         texts.append(build_infotext(request.prompt, request.negative_prompt, params))
     return texts
+
+
+def changed_fields(request: Txt2ImgRequest, model: ModelSpec) -> dict[str, object]:
+    """The fields with an infotext key (sdtrt.requests.fields) that differ from the model's default. Those the rules
+    in infotexts() write say when and in which words; any other is written from the registry alone, so a field
+    added there shows in the infotext, and is read back, with no rule of its own."""
+    return {key: getattr(request, name) for key, name in INFOTEXT_FIELDS.items()
+            if hasattr(request, name) and getattr(request, name) != model.field(name).default}
 
 
 def lora_names(request: Txt2ImgRequest, model: ModelSpec) -> list[str]:
