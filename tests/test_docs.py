@@ -189,6 +189,26 @@ def test_every_scripts_benchmarks_and_source_path_exists(page):
     assert check_paths(page.read_text(), ROOT) == []
 
 
+def diff_problems(text: str, root: Path) -> list[str]:
+    """Lines a ```diff block adds that the file it names (its +++ line) does not hold."""
+    problems = []
+    for block in re.findall(r"^```diff\n(.*?)^```", text, re.M | re.S):
+        target = None
+        for line in block.splitlines():
+            if line.startswith("+++ b/"):
+                target = root / line[len("+++ b/"):]
+            elif line.startswith("+") and target is not None:
+                held = target.read_text().splitlines() if target.is_file() else []
+                if line[1:] not in held:
+                    problems.append(f"{target.relative_to(root)}: {line[1:].strip()[:80]}")
+    return problems
+
+
+def test_the_readmes_example_diff_is_in_the_code():
+    assert "```diff" in README.read_text()
+    assert diff_problems(README.read_text(), ROOT) == []
+
+
 def test_the_checks_fail_on_a_wrong_flag_subcommand_link_or_path(parser, tmp_path):
     text = "\n".join([
         "Run `sdtrt serve --no-such-flag` or:",
@@ -219,3 +239,5 @@ def test_the_checks_fail_on_a_wrong_flag_subcommand_link_or_path(parser, tmp_pat
     (tmp_path / "README.md").write_text("")
     assert check_links(text, page) == ["page.md: link to missing.md, which does not exist"]
     assert check_paths(text, ROOT) == ["benchmarks/no_such_bench.py does not exist", "scripts/nope.sh does not exist"]
+    wrong = "```diff\n+++ b/sdtrt/contract/spec.py\n+SPEC_VERSION = -1  # never\n```\n"
+    assert diff_problems(wrong, ROOT) == ["sdtrt/contract/spec.py: SPEC_VERSION = -1  # never"]
