@@ -34,6 +34,7 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
     embeddings = used_embeddings(f"{request.prompt}\n{request.negative_prompt}", model.embeddings)
     # A1111 (1.9+) names the schedule it ran, Automatic's choice included ("DPM++ 2M" on Automatic: Karras)
     _, schedule = resolve(request.sampler, request.schedule_type, model.schedules)
+    changed = changed_fields(request, model)  # the same for every image
     texts = []
     for i, seed in enumerate(seeds):
         varied = request.subseed_strength > 0
@@ -68,7 +69,7 @@ def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpai
             "Lora hashes": ", ".join(lora_hashes) or None,
             "TI hashes": ", ".join(f"{name}: {model.embeddings[name]['sha256'][:12]}" for name in embeddings) or None,
         }
-        params.update({k: v for k, v in changed_fields(request, model).items() if k not in params})
+        params.update({k: v for k, v in changed.items() if k not in params})
         texts.append(build_infotext(request.prompt, request.negative_prompt, params))
     return texts
 
