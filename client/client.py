@@ -26,6 +26,7 @@ from sdtrt.contract.errors import InvalidRequest, SdtrtError
 from sdtrt.contract.spec import (
     DEFAULT_PORTS,
     IMAGES,
+    INFOTEXTS,
     IMG2IMG,
     INIT_IMAGE,
     MASK,
@@ -42,8 +43,9 @@ from sdtrt.contract.spec import (
     Catalog,
     ModelSpec,
 )
-from sdtrt.requests.generation import Generation, batch_count, concatenate, infotexts, one_per_image
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, pixel_steps, resolve_seeds, validate
+from sdtrt.requests.generation import Generation, batch_count, concatenate, one_per_image
+from sdtrt.requests.plan import validate
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, pixel_steps, resolve_seeds
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {protocol: f"localhost:{DEFAULT_PORTS[protocol]}" for protocol in ("grpc", "http")}
@@ -262,11 +264,12 @@ class Client:
         return tensor
 
     @staticmethod
-    def _result(spec: ModelSpec, request: Txt2ImgRequest, response, inpaint: bool) -> Generation:
+    def _result(response) -> Generation:
+        """The pictures, their seeds and the infotexts the job model wrote from the plan it ran."""
         images = response.as_numpy(IMAGES)
         seeds = [int(s) for s in response.as_numpy(SEEDS)]
-        request = replace(request, seed=seeds[0])
-        return Generation(images, seeds, infotexts(request, seeds, spec, inpaint))
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in response.as_numpy(INFOTEXTS)]
+        return Generation(images, seeds, texts)
 
     def deadline(self, spec: ModelSpec, request: Txt2ImgRequest) -> float | None:
         """Seconds a generation may take before the client gives up (UNAVAILABLE): ``min_timeout`` (queueing and
@@ -282,7 +285,7 @@ class Client:
         return min(self.timeout, self.min_timeout + self.timeout * work)
 
     def _infer_kwargs(self, module, deadline: float | None = None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"outputs": [module.InferRequestedOutput(IMAGES), module.InferRequestedOutput(SEEDS)]}
+        kwargs: dict[str, Any] = {"outputs": [module.InferRequestedOutput(name) for name in (IMAGES, SEEDS, INFOTEXTS)]}
         if deadline is not None and self.protocol == "grpc":
             kwargs["client_timeout"] = deadline  # (HTTP: network_timeout, the fixed timeout, is set on the connection)
         return kwargs
@@ -304,7 +307,7 @@ class Client:
             raise
         except Exception as exc:
             raise self._error(exc) from None
-        return self._result(spec, request, response, MASK in images)
+        return self._result(response)
 
     def _cancellable_infer(self, connection, job: str, inputs: list, kwargs: dict[str, Any], control: JobControl):
         """gRPC infer that ``control`` can cancel: Triton hands the cancellation to the job model, whose loop
@@ -357,7 +360,7 @@ class Client:
             raise self._error(exc) from None
         finally:
             await client.close()
-        return self._result(spec, request, response, MASK in images)
+        return self._result(response)
 
     # --- the jobs ----------------------------------------------------------------------------------------------
     def _batches(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,

@@ -24,6 +24,7 @@ from sdtrt.contract.spec import (
     ENGINES,
     IMAGES,
     IMG2IMG,
+    INFOTEXTS,
     INIT_IMAGE,
     MASK,
     MODEL,
@@ -87,6 +88,10 @@ LOOPS_PARAMETER = "loops"  # the job models' config parameter: scheduler_instanc
 TOKEN_IDS = "token_ids"  # [2k, 77]: the negative prompt's k chunks, then the prompt's k chunks
 TOKEN_WEIGHTS = "token_weights"  # [2k, 77]: A1111 attention weights of those tokens
 CLIP_SKIP_ROWS = "clip_skip_rows"  # [2k, 1]: the request's Clip skip, one per text-encoder row
+# The tokenizer's inputs: one text pair of a plan (sdtrt.requests.plan.TextPair), already parsed, as weighted pieces
+PIECE_TEXTS = "piece_texts"  # [P] string: the negative prompt's pieces, then the prompt's
+PIECE_WEIGHTS = "piece_weights"  # [P] float32: each piece's A1111 weight (BREAK: "BREAK" at -1)
+NEGATIVE_PIECES = "negative_pieces"  # [1] int32: how many of the pieces are the negative prompt's
 
 
 
@@ -202,22 +207,26 @@ def progress_config() -> mc.ModelConfig:
     return config
 
 
-# Request fields the tokenizer takes.
+# Request fields the tokenizer takes (beside a text pair's pieces).
 TOKENIZER = "tokenizer"
-TOKENIZER_FIELDS = ("prompt", "negative_prompt", "clip_skip")
+TOKENIZER_FIELDS = ("clip_skip",)
 
 
 @dataclass(frozen=True)
 class Job:
     name: str  # the model users call
     request_type: type  # its fields (every one an optional [1]-shaped input)
+    pictures: tuple[str, ...] = ()  # the uint8 pictures it takes beside them (the plan prepares them)
 
 
-JOBS = {job.name: job for job in (Job(TXT2IMG, Txt2ImgRequest), Job(IMG2IMG, Img2ImgRequest))}
+JOBS = {job.name: job for job in (Job(TXT2IMG, Txt2ImgRequest), Job(IMG2IMG, Img2ImgRequest, (INIT_IMAGE, MASK)))}
 
 
 def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.triton_name(TOKENIZER), backend="python", max_batch_size=0)
+    _tensor(config.input, PIECE_TEXTS, "string", [-1])
+    _tensor(config.input, PIECE_WEIGHTS, "float32", [-1])
+    _tensor(config.input, NEGATIVE_PIECES, "int32", [1])
     for name in TOKENIZER_FIELDS:
         _tensor(config.input, name, spec.field(name).dtype, [1])
         config.input[-1].optional = True
@@ -248,6 +257,7 @@ def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelC
     channels = spec.component("vae_decoder").outputs[0].shape[1]
     _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
     _tensor(config.output, SEEDS, "int64", [-1])
+    _tensor(config.output, INFOTEXTS, "string", [-1])
     if job.name == TXT2IMG:  # clients read the specs from here (the same JSON export wrote)
         config.parameters[SPEC_PARAMETER].string_value = json.dumps(catalog.to_json(), separators=(",", ":"))
     # One instance runs the job's loops in threads (model_repository/models/triton_io.py, JobModel); on a GPU it is a

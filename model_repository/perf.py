@@ -21,8 +21,9 @@ from sdtrt.contract.spec import (
     UNET_BATCH,
     ModelSpec,
 )
-from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
+from sdtrt.model_repository.configs import NEGATIVE_PIECES, PIECE_TEXTS, PIECE_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
 from sdtrt.requests.extra_networks import LORA_SUFFIX
+from sdtrt.requests.prompts import attention_pieces
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 
 PERF_INPUT = "perf_input.json"  # written into each model's folder (Triton ignores files there)
@@ -34,6 +35,16 @@ def _zeros(shape: list[int]) -> dict[str, Any]:
     for d in shape:
         count *= d
     return {"content": [0.0] * count, "shape": shape}
+
+
+def tokenizer_input(spec: ModelSpec, fields: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer's input for the request's texts, as the job's plan sends them: the negative prompt's weighted
+    pieces, then the prompt's."""
+    negative, prompt = attention_pieces(fields["negative_prompt"]), attention_pieces(fields["prompt"])
+    pieces = negative + prompt
+    return {PIECE_TEXTS: {"content": [text for text, _ in pieces], "shape": [len(pieces)]},
+            PIECE_WEIGHTS: {"content": [weight for _, weight in pieces], "shape": [len(pieces)]},
+            NEGATIVE_PIECES: [len(negative)], **{name: [fields[name]] for name in TOKENIZER_FIELDS}}
 
 
 def perf_inputs(spec: ModelSpec, default: bool = True) -> dict[str, dict[str, Any]]:
@@ -63,7 +74,7 @@ def perf_inputs(spec: ModelSpec, default: bool = True) -> dict[str, dict[str, An
     jobs = {TXT2IMG: {"data": [txt2img]}, IMG2IMG: {"data": [img2img]}} if default else {}
     return {
         **jobs,
-        spec.triton_name(TOKENIZER): {"data": [{f: txt2img[f] for f in TOKENIZER_FIELDS}]},
+        spec.triton_name(TOKENIZER): {"data": [tokenizer_input(spec, fields)]},
         # (not the LoRA variants: their matrices would be megabytes of zeros; perf_analyzer makes its own data)
         **{spec.triton_name(name): {"data": [network(name)]} for name in spec.components
            if not name.endswith(LORA_SUFFIX)},

@@ -3,7 +3,7 @@ model that works from one that hangs (sdtrt.model_repository.serving.health).
 
 Every probe goes through the model's own Python code (Triton checks shapes first, and a probe Triton refused
 would prove nothing about the stub): a network runs at its smallest shapes (the spec's dims, or the TensorRT
-profile's minimum); the tokenizer tokenizes an empty prompt; ``progress`` answers an unknown id; a job model
+profile's minimum); the tokenizer tokenizes an empty prompt's pieces; ``progress`` answers an unknown id; a job model
 gets ``steps=0``, which its own validation refuses at once (INVALID_ARG) without a denoising step. Inputs are
 KServe v2 JSON, ready for ``POST /v2/models/<name>/infer``.
 """
@@ -23,7 +23,7 @@ from sdtrt.contract.spec import (
     ModelSpec,
     TensorSpec,
 )
-from sdtrt.model_repository.configs import TOKENIZER, TOKENIZER_FIELDS
+from sdtrt.model_repository.configs import NEGATIVE_PIECES, PIECE_TEXTS, PIECE_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
 
 PROBE_ID = "sdtrt-watchdog-probe"
 MAX_PROBE_ELEMENTS = 1 << 20  # a probe stays small: a network whose smallest call is larger is not probed
@@ -62,8 +62,10 @@ def network_probe(spec: ModelSpec, component: str) -> list[dict[str, Any]] | Non
 
 
 def tokenizer_probe(spec: ModelSpec) -> list[dict[str, Any]]:
-    return [_tensor(name, spec.field(name).dtype, [1], "" if spec.field(name).dtype == "string"
-                    else spec.field(name).default) for name in TOKENIZER_FIELDS]
+    """An empty prompt and negative prompt, one empty piece each, as a plan sends them."""
+    return [_tensor(PIECE_TEXTS, "string", [2], ""), _tensor(PIECE_WEIGHTS, "float32", [2], 1.0),
+            _tensor(NEGATIVE_PIECES, "int32", [1], 1),
+            *(_tensor(name, spec.field(name).dtype, [1], spec.field(name).default) for name in TOKENIZER_FIELDS)]
 
 
 def probes(catalog: Catalog) -> dict[str, list[dict[str, Any]]]:

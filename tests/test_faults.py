@@ -26,7 +26,8 @@ from tritonclient.utils import InferenceServerException
 from servers import child_pid, free_ports, raw_infer, status
 from sdtrt.client import Client, ServerBusy
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.requests.request import Txt2ImgRequest, validate
+from sdtrt.requests.plan import validate
+from sdtrt.requests.request import Txt2ImgRequest
 from sdtrt.contract.spec import ExportLimits, load_spec
 
 

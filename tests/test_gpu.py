@@ -99,15 +99,16 @@ class TorchNetworks:
 def sdtrt_loop_on_gpu(spec, pipe, request: Txt2ImgRequest) -> tuple[np.ndarray, TorchNetworks]:
     from sdtrt.pipeline.conditioning import ScheduledConditioning
     from sdtrt.pipeline.jobs import Prompts, txt2img_latents
-    from sdtrt.requests.request import resolve_seeds, validate
+    from sdtrt.requests.plan import plan_request
 
-    request = resolve_seeds(validate(request, spec))
+    plan = plan_request(request, spec)
+    request = plan.request
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(request.prompt, pipe.device, 1, True, negative_prompt=request.negative_prompt)
     nets = TorchNetworks(pipe)
     prompts = Prompts(ScheduledConditioning([(request.steps, {"encoder_hidden_states": uncond.float()},
                                               ({"encoder_hidden_states": cond.float()},))]))
-    latents, _ = txt2img_latents(spec, request, prompts, nets)
+    latents = txt2img_latents(plan, prompts, nets)
     assert latents.device.type == "cuda"  # the loop's latents never left the GPU
     return nets.vae_decode(latents), nets
 

@@ -112,13 +112,10 @@ def scheduled_reference(pipe, texts: list[tuple[str, str]], *, sampler: str, ste
 def sdtrt_latents(local_pipeline, request):
     """sdtrt's in-process job up to the final latents (scaled back to the U-Net's space, as diffusers returns them)."""
     from sdtrt.pipeline.jobs import encode_prompts, txt2img_latents
-    from sdtrt.requests.request import resolve_seeds, validate
 
-    spec = local_pipeline.spec
-    request = resolve_seeds(validate(request, spec))
-    nets = local_pipeline.networks(request)
-    latents, _ = txt2img_latents(spec, request, encode_prompts(request, nets), nets)
-    return latents * spec.vae_scaling_factor
+    plan = local_pipeline.plan(request)
+    nets = local_pipeline.networks(plan)
+    return txt2img_latents(plan, encode_prompts(plan, nets), nets) * plan.spec.vae_scaling_factor
 
 
 CAT, DOG = "a red cat on a sofa", "a blue dog in the snow"
@@ -150,22 +147,26 @@ def test_edited_prompts_draw_what_diffusers_draws_with_that_schedule(prompt, neg
     assert error < 1e-3 and change > 50 * error, (error, change)
 
 
-def test_each_distinct_text_is_encoded_once():
-    from sdtrt.pipeline.conditioning import schedule_conditioning
+def test_each_distinct_text_is_encoded_once(local_pipeline):
+    from sdtrt.pipeline.jobs import encode_prompts
+    from sdtrt.requests.request import Txt2ImgRequest
 
-    import torch
+    class Counting:
+        def __init__(self, nets):
+            self.nets, self.calls = nets, []
 
-    from sdtrt.pipeline.conditioning import CONTEXT_INPUT
+        def encode_texts(self, texts, clip_skip):
+            self.calls.append(texts)
+            return self.nets.encode_texts(texts, clip_skip)
 
-    calls = []
-
-    def encode(prompt: str, negative: str):
-        calls.append((prompt, negative))
-        return {CONTEXT_INPUT: torch.zeros(1, 77, 8)}, {CONTEXT_INPUT: torch.ones(1, 77, 8)}
-
-    schedule = schedule_conditioning("[cat|dog|fox]", "[ugly:plain:10]", 30, encode)
-    assert sorted(calls) == sorted(set(calls)) and len(calls) == 6  # 3 animals x 2 negatives
-    assert len(schedule.entries) == 30  # alternation changes the prompt every step
+    plan = local_pipeline.plan(Txt2ImgRequest(prompt="[cat|dog|fox]", negative_prompt="[ugly:plain:10]", steps=30,
+                                              enable_hr=True, hr_scale=1.5, width=64, height=64))
+    nets = Counting(local_pipeline.networks(plan))
+    prompts = encode_prompts(plan, nets)
+    assert len(nets.calls) == len(set(nets.calls)) == 6  # 3 animals x 2 negatives, the hires pass's included
+    assert len(prompts.first.entries) == 30 and len(prompts.hires.entries) == 30  # alternation: every step
+    texts = {(pair.prompt[0][0], pair.negative[0][0]) for pair in nets.calls}
+    assert texts == {(a, n) for a in ("cat", "dog", "fox") for n in ("ugly", "plain")}
 
 
 def test_served_prompt_editing_matches_in_process_first_pass_and_hires(server, local_pipeline):

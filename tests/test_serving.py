@@ -19,7 +19,8 @@ from servers import raw_infer
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff, sample_mask, sample_picture
 from sdtrt.client import Client, ServerError
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, validate
+from sdtrt.requests.plan import validate
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
 from sdtrt.contract.samplers import SAMPLERS
 from sdtrt.requests.request import job_fields
 from sdtrt.contract.spec import MODEL, WIRE_DTYPES, load_spec
@@ -45,7 +46,7 @@ def test_health_and_metadata(server, exported_repo):
     inputs = {i["name"]: i["datatype"] for i in meta["inputs"]}
     expected = {name: WIRE_DTYPES[spec.field(name).dtype] for name in job_fields(Txt2ImgRequest)}
     assert inputs == {**expected, MODEL: "BYTES"}  # plus the optional choice of model
-    assert {o["name"] for o in meta["outputs"]} == {"images", "seeds"}
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"images": "UINT8", "seeds": "INT64", "infotexts": "BYTES"}
     unet = http.get_model_metadata("default__unet")
     assert [i["name"] for i in unet["inputs"]] == [t.name for t in spec.component("unet").inputs]
     config = http.get_model_config("default__unet")

@@ -164,7 +164,7 @@ def test_tensorrt_batch_limits_come_from_the_engine_profiles(exported_repo, opti
 def test_static_engines_narrow_the_requests_they_serve(exported_repo):
     from sdtrt.contract.errors import InvalidRequest
     from sdtrt.export.tensorrt import served_spec
-    from sdtrt.requests.request import validate
+    from sdtrt.requests.plan import validate
 
     spec = load_spec(exported_repo)
     static = served_spec(spec, EngineOptions(static_size=(128, 96), static_batch=2))

@@ -24,7 +24,8 @@ from sdtrt.contract.samplers import check_available
 from sdtrt.contract.spec import DEFAULT_PORTS, load_spec
 from sdtrt.requests.fields import BY_NAME
 from sdtrt.requests.generation import batch_count, concatenate, settings_from_infotext
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields, resolve_seeds, validate
+from sdtrt.requests.plan import validate
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields, resolve_seeds
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE
 
 DEFAULT_MAX_GENERATIONS = 32  # the gateway's generation threads (client/apps/a1111_api.py)

@@ -25,11 +25,19 @@ import triton_python_backend_utils as pb_utils
 from sdtrt.contract.errors import Cancelled, InvalidRequest, RelayedInvalidRequest, Unavailable, invalid_field
 from sdtrt.contract.images import to_uint8
 from sdtrt.contract.spec import MODEL, ComponentSpec, ModelSpec
-from sdtrt.model_repository.configs import CLIP_SKIP_ROWS, TOKEN_IDS, TOKEN_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
+from sdtrt.model_repository.configs import (
+    CLIP_SKIP_ROWS,
+    NEGATIVE_PIECES,
+    PIECE_TEXTS,
+    PIECE_WEIGHTS,
+    TOKEN_IDS,
+    TOKEN_WEIGHTS,
+    TOKENIZER,
+)
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
-from sdtrt.requests.request import Txt2ImgRequest
+from sdtrt.requests.plan import TextPair
 
 # Every BLS call has a deadline: a stage that hangs (a stopped or deadlocked stub) must fail the request, not hold
 # its loop for good. Triton's own request timeout only applies while a request waits in a queue, so the call runs on
@@ -157,14 +165,17 @@ class BlsNetworks:
         key = (model, output_device, tuple(tuple(v.shape[1:]) for v in values))
         return self.batcher.call(key, values, self.unet_rows, run)
 
-    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
-        """(uncond, cond) conditioning: the tokenizer model (A1111 chunks and weights), then the text encoder."""
+    def encode_texts(self, texts: TextPair, clip_skip: int) -> tuple[Conditioning, Conditioning]:
+        """(uncond, cond) conditioning: the tokenizer model (A1111 chunks and weights of the pair's pieces, as the
+        plan parsed them), then the text encoder."""
         cpu = torch.device("cpu")
-        fields = []
-        for name in TOKENIZER_FIELDS:
-            value, dtype = getattr(request, name), self.spec.field(name).dtype
-            array = np.array([value.encode("utf-8")], dtype=np.object_) if dtype == "string" else np.array([value], dtype=dtype)
-            fields.append(pb_utils.Tensor(name, array))  # strings have no DLPack form
+        pieces = texts.negative + texts.prompt
+        fields = [  # strings have no DLPack form
+            pb_utils.Tensor(PIECE_TEXTS, np.array([text.encode("utf-8") for text, _ in pieces], dtype=np.object_)),
+            pb_utils.Tensor(PIECE_WEIGHTS, np.array([weight for _, weight in pieces], dtype=np.float32)),
+            pb_utils.Tensor(NEGATIVE_PIECES, np.array([len(texts.negative)], dtype=np.int32)),
+            pb_utils.Tensor("clip_skip", np.array([clip_skip], dtype=self.spec.field("clip_skip").dtype)),
+        ]
         self._check_cancelled()
         tokens = self._exec(self.spec.triton_name(TOKENIZER), fields,
                             [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS, EMBEDDING_VECTORS], cpu)

@@ -19,12 +19,15 @@ from sdtrt.contract.previews import latent_preview
 from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, make_scheduler, step_kwargs
 from sdtrt.contract.spec import (
     ENGINES,
+    IMAGES,
+    INFOTEXTS,
     MODEL,
     PROGRESS,
     PROGRESS_PREVIEW,
     PROGRESS_REQUEST_ID,
     PROGRESS_STEP,
     PROGRESS_TOTAL,
+    SEEDS,
     ModelSpec,
     load_catalog,
 )
@@ -33,8 +36,11 @@ from sdtrt.model_repository.models.bls import BlsNetworks, exec_within
 from sdtrt.model_repository.models.metrics import Metrics
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.model_repository.probes import PROBE_ID
-from sdtrt.requests.extra_networks import LoraLibrary, RequestLoras, request_loras
-from sdtrt.requests.request import job_fields, resolve_seeds, validate
+from sdtrt.pipeline import jobs
+from sdtrt.requests.extra_networks import LoraLibrary, RequestLoras
+from sdtrt.requests.generation import infotexts
+from sdtrt.requests.plan import Plan, plan_request
+from sdtrt.requests.request import job_fields
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +83,11 @@ def scalar(request, name: str) -> Any:
     if array.size != 1:
         raise ValueError(f"{name} must hold exactly one value, got shape {list(array.shape)}")
     value = array.reshape(-1)[0]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.float32):  # the decimal the client wrote (0.8, not 0.800000011920929), as the infotext says it
+        return float(str(value))
+    return value.item()
 
 
 MAX_ERROR_CHARS = 2000  # far below gRPC's 8 KiB limit on status details, whatever the message echoes
@@ -248,14 +258,27 @@ class JobModel(PerRequestModel):
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def networks(self, request, spec: ModelSpec, settings):
-        """One model's networks for one request (with the LoRAs its prompts name), called through BLS from this
+    def run(self, request) -> "pb_utils.InferenceResponse":
+        """The request read once into its plan, run through the networks' Triton models, answered with the
+        pictures, their seeds and their infotexts (written from the same plan)."""
+        start = time.perf_counter()
+        plan = self.plan(request)
+        images, seeds = jobs.run(plan, self.networks(request, plan), self.on_step, self.stage)
+        self.done(request, plan, start)
+        texts = np.array([text.encode("utf-8") for text in infotexts(plan)], dtype=np.object_)
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor(IMAGES, images), pb_utils.Tensor(SEEDS, np.array(seeds, dtype=np.int64)),
+            pb_utils.Tensor(INFOTEXTS, texts),
+        ])
+
+    def networks(self, request, plan: Plan) -> BlsNetworks:
+        """One model's networks for one request (with the LoRAs its plan names), called through BLS from this
         instance's device."""
+        spec = plan.spec
         if spec.key not in self.lora_libraries:  # each LoRA file is read once per instance, when first used
             self.lora_libraries[spec.key] = LoraLibrary(self.repo, spec.loras)
-        library = self.lora_libraries[spec.key]
-        tags = request_loras(settings.prompt, settings.negative_prompt, spec.loras, 1 << 30)  # checked by validate
-        return BlsNetworks(spec, request, self.device, RequestLoras(library, tags), self.batcher, unet_rows(spec))
+        loras = RequestLoras(self.lora_libraries[spec.key], list(plan.loras))
+        return BlsNetworks(spec, request, self.device, loras, self.batcher, unet_rows(spec))
 
     def warm_up(self) -> None:
         """Import every sampler's scheduler and run one step on this instance's device, so that no request pays
@@ -273,9 +296,10 @@ class JobModel(PerRequestModel):
         scheduler.step(scheduler.scale_model_input(latents, t), t, latents,
                        **step_kwargs(scheduler, [torch.Generator().manual_seed(0)]))
 
-    def settings(self, request) -> tuple[ModelSpec, Any]:
-        """The model the request names (absent: the default) and every field of the job, defaulted from that
-        model's spec when absent, checked, seeds resolved."""
+    def plan(self, request) -> Plan:
+        """The plan of the request (sdtrt.requests.plan): the model it names (absent: the default), every field
+        of the job defaulted from that model's spec when absent and checked, seeds resolved, prompts read, and
+        img2img's pictures prepared."""
         # A label only for a model this server has: a raw request string as a label would grow the metrics
         # without bound (every distinct typo a new series).
         named = scalar(request, MODEL) or self.catalog.default
@@ -285,9 +309,10 @@ class JobModel(PerRequestModel):
         spec = self.catalog.get(scalar(request, MODEL))
         self.current.preview = spec.latent_preview
         values = {name: scalar(request, name) for name in self.fields}
-        settings = resolve_seeds(validate(self.job.request_type(**values), spec))
-        self.current.labels = {"model": spec.key, "sampler": settings.sampler}
-        return spec, settings
+        pictures = {name: optional_input(request, name) for name in self.job.pictures}
+        plan = plan_request(self.job.request_type(**values), spec, **pictures)
+        self.current.labels = {"model": spec.key, "sampler": plan.request.sampler}
+        return plan
 
     def on_step(self, done: int, total: int, latents: "torch.Tensor") -> None:
         """The loop's step callback: counts the U-Net steps a request runs and, for a request that carries an id,
@@ -305,9 +330,11 @@ class JobModel(PerRequestModel):
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        """Time one stage of a request into sdtrt_stage_duration_seconds."""
+        """Time one stage of a request into sdtrt_stage_duration_seconds; while a loop denoises, the step batcher
+        counts it among the loops whose U-Net calls it merges."""
         start = time.perf_counter()
-        yield
+        with self.batcher.denoising() if name == "denoise" else contextlib.nullcontext():
+            yield
         self.metrics.stage(self.job.name, name, time.perf_counter() - start)
 
     def outcome(self, request, outcome: str) -> None:
@@ -316,7 +343,9 @@ class JobModel(PerRequestModel):
         self.metrics.steps(self.job.name, labels["model"], getattr(self.current, "steps", 0))
         self.current.labels, self.current.steps = {}, 0
 
-    def done(self, request, spec: ModelSpec, settings, start: float, **extra: Any) -> None:
+    def done(self, request, plan: Plan, start: float) -> None:
+        spec, settings = plan.spec, plan.request
+        extra = {"inpaint": plan.inpaint} if plan.img2img else {}
         self.metrics.duration(self.job.name, spec.key, time.perf_counter() - start)
         self.log.info("sampled", request_id=request.request_id(), model=spec.key, sampler=settings.sampler,
                       steps=settings.steps,

@@ -18,10 +18,11 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 7  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 8  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
+# 8: a request read once into a plan: the tokenizer takes a text's weighted pieces, the jobs return the infotexts
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
@@ -46,6 +47,7 @@ INIT_IMAGE = "init_image"  # img2img: [H, W, 3] uint8
 MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img2img
 IMAGES = "images"  # out: [N, H, W, 3] uint8
 SEEDS = "seeds"  # out: [N] int64, the seed of each image
+INFOTEXTS = "infotexts"  # out: [N] string, the A1111 infotext of each image, written from the plan the job ran
 # The progress model: the job loops post each request's steps there under its Triton request id; clients read them.
 PROGRESS = "progress"
 PROGRESS_REQUEST_ID = "request_id"

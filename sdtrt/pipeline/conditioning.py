@@ -9,13 +9,11 @@ with one row; the loop's is the same dict with a row per U-Net row (uncond x N, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 import torch
 
 from sdtrt.contract.spec import ModelSpec
-from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule, text_at
+from sdtrt.requests.plan import PromptSchedule
 from sdtrt.requests.prompts import apply_weights
 
 CONTEXT_INPUT = "encoder_hidden_states"
@@ -43,7 +41,7 @@ def prompt_conditioning(outputs: dict[str, np.ndarray], weights: np.ndarray) -> 
 @dataclass
 class ScheduledConditioning:
     """A request's conditioning step by step, as A1111's prompt editing and alternation change it
-    (sdtrt.requests.prompt_schedule): entries (last 0-based step, uncond, one cond per AND subprompt) in step order, and
+    (sdtrt.requests.plan): entries (last 0-based step, uncond, one cond per AND subprompt) in step order, and
     each subprompt's weight (composable diffusion; one subprompt of weight 1 for a plain prompt)."""
 
     entries: list[tuple[int, Conditioning, tuple[Conditioning, ...]]]
@@ -54,27 +52,15 @@ class ScheduledConditioning:
         return next((i for i, (last, _, _) in enumerate(self.entries) if step <= last), len(self.entries) - 1)
 
 
-def schedule_conditioning(prompt: str, negative_prompt: str, steps: int,
-                          encode: Callable[[str, str], tuple[Conditioning, Conditioning]],
-                          first_pass_steps: int | None = None,
-                          encoded: dict[tuple[str, str], tuple[Conditioning, Conditioning]] | None = None,
-                          ) -> ScheduledConditioning:
-    """The schedules of the prompt's subprompts (split at AND) and of the negative prompt over ``steps`` steps,
-    merged; ``encode(prompt, negative)`` runs once per distinct pair of texts (``encoded`` carries them between
-    a request's passes)."""
-    encoded = {} if encoded is None else encoded
-    subprompts = composable_prompts(prompt)
-    positives = [prompt_schedule(text, steps, first_pass_steps) for text, _ in subprompts]
-    negative = prompt_schedule(negative_prompt, steps, first_pass_steps)
+def scheduled_conditioning(schedule: PromptSchedule, encoded: list[tuple[Conditioning, Conditioning]]
+                           ) -> ScheduledConditioning:
+    """A pass's schedule (sdtrt.requests.plan) with its texts' conditioning: ``encoded[i]`` is (uncond, cond) of the
+    plan's i-th text pair, each encoded once for the whole request."""
     entries = []
-    for last in sorted({step for schedule in positives + [negative] for step, _ in schedule}):
-        pairs = [(text_at(positive, last), text_at(negative, last)) for positive in positives]
-        for pair in pairs:
-            if pair not in encoded:
-                encoded[pair] = encode(*pair)
-        uncond, conds = _same_length([encoded[pair] for pair in pairs])
+    for last, indices in schedule.entries:
+        uncond, conds = _same_length([encoded[i] for i in indices])
         entries.append((last, uncond, conds))
-    return ScheduledConditioning(entries, tuple(weight for _, weight in subprompts))
+    return ScheduledConditioning(entries, schedule.weights)
 
 
 def _same_length(pairs: list[tuple[Conditioning, Conditioning]]) -> tuple[Conditioning, tuple[Conditioning, ...]]:

@@ -6,30 +6,33 @@
 
 Each job consumes every image's generator in the order diffusers' pipelines do (VAE samples, then the noise,
 then the step noise), so the same seed gives diffusers' picture. The networks come in through ``Networks``:
-onnxruntime sessions in-process, BLS calls to the Triton models when served.
+onnxruntime sessions in-process, BLS calls to the Triton models when served; the request comes in as its plan
+(sdtrt.requests.plan), read once where it arrived, and ``run`` is the one entry both take.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable, Protocol
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.contract.hires import HIRES_UPSCALERS, target_size, upscale_image, upscale_latents
+from sdtrt.contract.hires import HIRES_UPSCALERS, upscale_image, upscale_latents
 from sdtrt.contract.samplers import make_scheduler
 from sdtrt.contract.seeds import NoiseDraw, image_seeds, initial_noise, make_generators
 from sdtrt.contract.spec import ModelSpec
-from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, schedule_conditioning, unet_conditioning
+from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, scheduled_conditioning, unet_conditioning
 from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.pipeline.vae import sample_latents
-from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs, to_model_input
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
+from sdtrt.requests.img2img import LATENT_FILLS, finish_images, to_model_input
+from sdtrt.requests.plan import Plan, TextPair
 
 OnStep = Callable[[int, int, torch.Tensor], None]  # (steps done, steps, latents now)
+Stage = Callable[[str], ContextManager]  # times (and, served, batches) one stage: "text", "denoise", "decode"
 
 
 class Networks(Protocol):
@@ -42,8 +45,29 @@ class Networks(Protocol):
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents already divided by the VAE scaling factor -> uint8 pictures [N, H, W, 3]."""
 
-    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
-        """(uncond, cond) of the request's negative prompt and prompt, taken as plain text."""
+    def encode_texts(self, texts: TextPair, clip_skip: int) -> tuple[Conditioning, Conditioning]:
+        """(uncond, cond) of a plan's text pair: its negative prompt's pieces and its prompt's."""
+
+
+def _no_stage(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def run(plan: Plan, nets: Networks, on_step: OnStep | None = None, stage: Stage = _no_stage) -> tuple[np.ndarray, list[int]]:
+    """A plan, run: its texts encoded, its passes denoised, its latents decoded -> (uint8 pictures, each one's
+    seed). The served job models and the in-process runner both run requests through here."""
+    with stage("text"):
+        prompts = encode_prompts(plan, nets)
+    with stage("denoise"):
+        if plan.img2img:
+            latents = img2img_latents(plan, prompts, nets, on_step)
+        else:
+            latents = txt2img_latents(plan, prompts, nets, on_step)
+    with stage("decode"):
+        pictures = nets.vae_decode(latents)
+        if plan.images is not None:
+            pictures = finish_images(pictures, plan.images, plan.spec.vae_scale_factor)
+    return pictures, list(plan.seeds)
 
 
 @dataclass
@@ -55,19 +79,11 @@ class Prompts:
     hires: ScheduledConditioning | None = None
 
 
-def encode_prompts(request: Txt2ImgRequest, nets: Networks) -> Prompts:
-    """Every text the request's prompts stand for at some step, through the text encoder once each."""
-    def encode(prompt: str, negative: str) -> tuple[Conditioning, Conditioning]:
-        return nets.encode_prompts(replace(request, prompt=prompt, negative_prompt=negative))
-
-    encoded: dict = {}
-    first = schedule_conditioning(request.prompt, request.negative_prompt, request.steps, encode, encoded=encoded)
-    hires = None
-    if request.enable_hr and not isinstance(request, Img2ImgRequest):  # the second pass counts on from the first
-        hires = schedule_conditioning(request.prompt, request.negative_prompt,
-                                      request.hr_second_pass_steps or request.steps, encode,
-                                      first_pass_steps=request.steps, encoded=encoded)
-    return Prompts(first, hires)
+def encode_prompts(plan: Plan, nets: Networks) -> Prompts:
+    """Every text pair the plan's passes use, through the text encoder once each, then each pass's schedule."""
+    encoded = [nets.encode_texts(texts, plan.request.clip_skip) for texts in plan.texts]
+    hires = scheduled_conditioning(plan.hires.prompts, encoded) if plan.hires is not None else None
+    return Prompts(scheduled_conditioning(plan.first.prompts, encoded), hires)
 
 
 def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, guidance_scale: float, width: int,
@@ -89,66 +105,56 @@ def unet_channels(spec: ModelSpec) -> int:
     return int(spec.component("unet").input("sample").shape[1])
 
 
-def _noise(spec: ModelSpec, request: Txt2ImgRequest, generators, width: int, height: int,
-           device: torch.device) -> torch.Tensor:
+def _noise(plan: Plan, generators, width: int, height: int, device: torch.device) -> torch.Tensor:
     """Drawn on the CPU from each image's generator (the seed contract), then moved to the loop's device."""
+    spec, request = plan.spec, plan.request
     f = spec.vae_scale_factor
     subseeds = image_seeds(request.subseed, request.batch_size) if request.subseed_strength > 0 else None
-    seeds = image_seeds(request.seed, request.batch_size, request.subseed_strength > 0)
     resize = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
     resize_from = (request.seed_resize_from_h // f, request.seed_resize_from_w // f) if resize else None
-    draw = NoiseDraw(seeds, subseeds, request.subseed_strength, request.randn_source == "NV", resize_from)
+    draw = NoiseDraw(list(plan.seeds), subseeds, request.subseed_strength, request.randn_source == "NV", resize_from)
     noise = initial_noise(generators, spec.latent_channels, height // f, width // f, draw)
     return noise.to(device)
 
 
-def _pass(spec: ModelSpec, request: Txt2ImgRequest, seeds: list[int]) -> Pass:
+def _pass(plan: Plan) -> Pass:
     """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state)."""
+    spec, request, seeds = plan.spec, plan.request, list(plan.seeds)
     scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, spec.schedules, seeds,
                                spec.align_your_steps)
     return Pass(scheduler, make_generators(seeds))
 
 
-def txt2img_latents(
-    spec: ModelSpec,
-    request: Txt2ImgRequest,
-    prompts: Prompts,
-    nets: Networks,
-    on_step: OnStep | None = None,
-) -> tuple[torch.Tensor, list[int]]:
-    """A validated request with resolved seeds -> (latents divided by the VAE scaling factor, seed of each image)."""
+def _guidance(plan: Plan, prompts: ScheduledConditioning) -> Guidance:
+    return Guidance(plan.request.guidance_scale, prompts.weights, plan.request.guidance_rescale)
+
+
+def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnStep | None = None) -> torch.Tensor:
+    """A txt2img plan's final latents, divided by the VAE scaling factor."""
+    spec, request, first = plan.spec, plan.request, plan.first
     if unet_channels(spec) != spec.latent_channels:
         raise InvalidRequest("init_image", None, "an init image and a mask: this is an inpainting model "
                              f"({unet_channels(spec)}-channel U-Net); use img2img")
-    seeds = image_seeds(request.seed, request.batch_size, request.subseed_strength > 0)
-    run = _pass(spec, request, seeds)
-    noise = _noise(spec, request, run.generators, request.width, request.height, nets.device)
-    latents = prepare_latents(run.scheduler, noise, request.steps)
-    context = step_contexts(spec, prompts.first, request.batch_size, request.guidance_scale, request.width,
-                            request.height, nets.device)
-    guidance = Guidance(request.guidance_scale, prompts.first.weights, request.guidance_rescale)
-    latents = denoise(run, nets.unet, latents, context, guidance, on_step)
-    if request.enable_hr:
-        latents = hires_pass(spec, request, latents, prompts.hires, nets, seeds, on_step)
-    return latents / spec.vae_scaling_factor, seeds
+    run = _pass(plan)
+    noise = _noise(plan, run.generators, first.width, first.height, nets.device)
+    latents = prepare_latents(run.scheduler, noise, first.steps)
+    context = step_contexts(spec, prompts.first, request.batch_size, request.guidance_scale, first.width,
+                            first.height, nets.device)
+    latents = denoise(run, nets.unet, latents, context, _guidance(plan, prompts.first), on_step)
+    if plan.hires is not None:
+        latents = hires_pass(plan, latents, prompts.hires, nets, on_step)
+    return latents / spec.vae_scaling_factor
 
 
-def hires_pass(
-    spec: ModelSpec,
-    request: Txt2ImgRequest,
-    latents: torch.Tensor,
-    prompts: ScheduledConditioning,
-    nets: Networks,
-    seeds: list[int],
-    on_step: OnStep | None,
-) -> torch.Tensor:
+def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning, nets: Networks,
+               on_step: OnStep | None) -> torch.Tensor:
     """Upscale the first pass and redraw it: an img2img pass with fresh generators from the same seeds (as A1111
     re-seeds its second pass), ``hr_second_pass_steps`` steps and the denoising strength, conditioned on the
     upscaled size (SDXL's time ids, as A1111 sends them)."""
+    spec, request, second = plan.spec, plan.request, plan.hires
     upscaler = HIRES_UPSCALERS[request.hr_upscaler]
-    f = spec.vae_scale_factor
-    width, height = target_size(request.width, request.height, request.hr_scale, f)
-    run = _pass(spec, request, seeds)
+    f, width, height = spec.vae_scale_factor, second.width, second.height
+    run = _pass(plan)
     generators, scheduler = run.generators, run.scheduler
     if upscaler.latent_mode is not None:
         init = upscale_latents(latents, upscaler, width // f, height // f)
@@ -156,16 +162,14 @@ def hires_pass(
         pictures = nets.vae_decode(latents / spec.vae_scaling_factor)
         resized = [upscale_image(Image.fromarray(p), upscaler, width, height) for p in pictures]
         init = sample_latents(nets.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
-    steps = request.hr_second_pass_steps or request.steps
-    timesteps = strength_timesteps(scheduler, steps, request.denoising_strength, init.device)
+    timesteps = strength_timesteps(scheduler, second.steps, request.denoising_strength, init.device)
     if len(timesteps) == 0:
         return init
-    noise = _noise(spec, request, generators, width, height, init.device)
+    noise = _noise(plan, generators, width, height, init.device)
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
     context = step_contexts(spec, prompts, request.batch_size, request.guidance_scale, width, height, nets.device)
     run.timesteps = timesteps
-    guidance = Guidance(request.guidance_scale, prompts.weights, request.guidance_rescale)
-    return denoise(run, nets.unet, latents, context, guidance, on_step)
+    return denoise(run, nets.unet, latents, context, _guidance(plan, prompts), on_step)
 
 
 def _fill_latents(latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, fill: str) -> torch.Tensor:
@@ -176,21 +180,13 @@ def _fill_latents(latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor
     return latents * (1 - cells) + replacement * cells
 
 
-def img2img_latents(
-    spec: ModelSpec,
-    request: Img2ImgRequest,
-    inputs: ImageInputs,
-    prompts: Prompts,
-    nets: Networks,
-    on_step: OnStep | None = None,
-) -> tuple[torch.Tensor, list[int]]:
-    """img2img (no mask) or inpainting (mask) -> (latents divided by the VAE scaling factor, seeds)."""
-    n = request.batch_size
-    seeds = image_seeds(request.seed, n, request.subseed_strength > 0)
-    run = _pass(spec, request, seeds)
+def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnStep | None = None) -> torch.Tensor:
+    """img2img (no mask) or inpainting (mask): the plan's final latents, divided by the VAE scaling factor."""
+    spec, request, n = plan.spec, plan.request, plan.request.batch_size
+    run = _pass(plan)
     generators, scheduler = run.generators, run.scheduler
     timesteps = run.timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength, nets.device)
-    inputs = inputs.to(nets.device)
+    inputs = plan.images.to(nets.device)
     inpaint = inputs.mask is not None
     nine = unet_channels(spec) == spec.latent_channels * 2 + 1
     if nine and not inpaint:
@@ -200,7 +196,7 @@ def img2img_latents(
     image_latents = None  # diffusers skips this VAE sample only for 9-channel inpainting at full strength
     if not (inpaint and nine and full_strength):
         image_latents = sample_latents(nets.vae_encode(inputs.init), generators, spec.vae_scaling_factor)
-    noise = _noise(spec, request, generators, request.width, request.height, nets.device)
+    noise = _noise(plan, generators, request.width, request.height, nets.device)
     if inpaint and image_latents is not None and request.inpainting_fill in LATENT_FILLS:
         image_latents = _fill_latents(image_latents, inputs.mask, noise, request.inpainting_fill)
     if len(timesteps) == 0:  # strength 0: the init image's VAE round trip
@@ -226,6 +222,6 @@ def img2img_latents(
 
     context = step_contexts(spec, prompts.first, n, request.guidance_scale, request.width, request.height,
                             nets.device)
-    guidance = Guidance(request.guidance_scale, prompts.first.weights, request.guidance_rescale)
-    latents = denoise(run, nets.unet, latents, context, guidance, on_step, Inpainting(unet_extra, after_step))
-    return latents / spec.vae_scaling_factor, seeds
+    latents = denoise(run, nets.unet, latents, context, _guidance(plan, prompts.first), on_step,
+                      Inpainting(unet_extra, after_step))
+    return latents / spec.vae_scaling_factor

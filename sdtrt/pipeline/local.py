@@ -1,7 +1,7 @@
 """The in-process reference runner: txt2img and img2img from an exported repository, no server (the networks on
 onnxruntime, OpenVINO or TensorRT: ``sdtrt.pipeline.runners``).
 
-It runs the same steps, in the same order, as the served job models (tokenizer -> text encoder -> the denoising
+It runs the same plan through the same ``run`` as the served job models (tokenizer -> text encoder -> the denoising
 loop with the U-Net -> VAE decoder -> uint8 pictures), so served images can be checked against it.
 """
 
@@ -16,14 +16,15 @@ from sdtrt.contract.images import to_uint8
 from sdtrt.contract.spec import ModelSpec, load_spec
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.pipeline.engines import check_engine_matches, manifest
-from sdtrt.pipeline.jobs import OnStep, encode_prompts, img2img_latents, txt2img_latents
+from sdtrt.pipeline import jobs
+from sdtrt.pipeline.jobs import OnStep
 from sdtrt.pipeline.runners import CPU_ENGINES, Runner, TensorRtRunner, cpu_runner
 from sdtrt.pipeline.text import load_tokenizer
-from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras, request_loras
+from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras
 from sdtrt.requests.generation import Generation, infotexts
-from sdtrt.requests.img2img import finish_images, prepare_images
-from sdtrt.requests.prompts import text_rows
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, resolve_seeds, validate
+from sdtrt.requests.plan import Plan, TextPair, plan_request
+from sdtrt.requests.prompts import piece_rows
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
 
 BACKENDS = (*CPU_ENGINES, "tensorrt")
 
@@ -58,32 +59,31 @@ class LocalPipeline:
         component = self.spec.component(name)
         return self.nets[name].outputs({t.name: a for t, a in zip(component.inputs, arrays)})
 
-    def networks(self, request: Txt2ImgRequest) -> "LocalNetworks":
+    def networks(self, plan: Plan) -> "LocalNetworks":
         """The networks for one request, with the LoRAs its prompts name."""
-        tags = request_loras(request.prompt, request.negative_prompt, self.spec.loras, 1 << 30)  # checked by validate
-        return LocalNetworks(self, RequestLoras(self.lora_library, tags))
+        return LocalNetworks(self, RequestLoras(self.lora_library, list(plan.loras)))
+
+    def plan(self, request: Txt2ImgRequest, init_image: np.ndarray | None = None,
+             mask: np.ndarray | None = None) -> Plan:
+        return plan_request(request, self.spec, init_image, mask)
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
-        return self.networks(request).encode_prompts(request)
+        """(uncond, cond) of the request's prompts taken as they are (their first step's texts)."""
+        plan = self.plan(request)
+        return self.networks(plan).encode_texts(plan.texts[0], plan.request.clip_skip)
 
     # --- the jobs --------------------------------------------------------------------------------------------
     def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None) -> Generation:
-        request = resolve_seeds(validate(request, self.spec))
-        nets = self.networks(request)
-        latents, seeds = txt2img_latents(self.spec, request, encode_prompts(request, nets), nets, on_step)
-        return Generation(nets.vae_decode(latents), seeds, self._infotexts(request, seeds))
+        return self.generate(self.plan(request), on_step)
 
     def img2img(self, request: Img2ImgRequest, init_image: np.ndarray, mask: np.ndarray | None = None,
                 on_step: OnStep | None = None) -> Generation:
-        request = resolve_seeds(validate(request, self.spec))
-        inputs = prepare_images(init_image, mask, request, self.spec.vae_scale_factor)
-        nets = self.networks(request)
-        latents, seeds = img2img_latents(self.spec, request, inputs, encode_prompts(request, nets), nets, on_step)
-        images = finish_images(nets.vae_decode(latents), inputs, self.spec.vae_scale_factor)
-        return Generation(images, seeds, self._infotexts(request, seeds, mask is not None))
+        return self.generate(self.plan(request, init_image, mask), on_step)
 
-    def _infotexts(self, request: Txt2ImgRequest, seeds: list[int], inpaint: bool = False) -> list[str]:
-        return infotexts(request, seeds, self.spec, inpaint)
+    def generate(self, plan: Plan, on_step: OnStep | None = None) -> Generation:
+        """A plan run as the served job models run it, with its infotexts."""
+        images, seeds = jobs.run(plan, self.networks(plan), on_step)
+        return Generation(images, seeds, infotexts(plan))
 
 
 class LocalNetworks:
@@ -115,12 +115,12 @@ class LocalNetworks:
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(self._single("vae_decoder", latents.numpy()))
 
-    def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
+    def encode_texts(self, texts: TextPair, clip_skip: int) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) conditioning: contexts [1, 77k, H] with A1111 weighting, chunking, embeddings and Clip
         skip (and SDXL's pooled embeddings)."""
         p = self.pipeline
-        rows = text_rows(p.tokenizer, request.prompt, request.negative_prompt, p.spec.max_chunks,
-                         p.spec.text_hidden_size, p.embeddings)
-        outputs = self._run("text_encoder", rows.ids, np.full(len(rows.ids), request.clip_skip, dtype=np.int32),
+        rows = piece_rows(p.tokenizer, texts.prompt, texts.negative, p.spec.max_chunks, p.spec.text_hidden_size,
+                          p.embeddings)
+        outputs = self._run("text_encoder", rows.ids, np.full(len(rows.ids), clip_skip, dtype=np.int32),
                             rows.vectors)
         return prompt_conditioning(outputs, rows.weights)

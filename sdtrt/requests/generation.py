@@ -11,10 +11,10 @@ from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.samplers import resolve
 from sdtrt.contract.seeds import image_seeds
 from sdtrt.contract.spec import ModelSpec
-from sdtrt.requests.extra_networks import parse_lora_tags, used_embeddings
 from sdtrt.requests.fields import INFOTEXT_FIELDS
 from sdtrt.requests.infotext import build_infotext, parse_infotext
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
+from sdtrt.requests.plan import Plan
+from sdtrt.requests.request import Txt2ImgRequest
 
 
 @dataclass
@@ -24,19 +24,21 @@ class Generation:
     infotexts: list[str]  # AUTOMATIC1111 infotext of each image
 
 
-def infotexts(request: Txt2ImgRequest, seeds: list[int], model: ModelSpec, inpaint: bool = False) -> list[str]:
-    """One infotext per image, with that image's own seed, the fields in A1111's order; unused ones left out."""
-    img2img = isinstance(request, Img2ImgRequest)
-    hires = request.enable_hr and not img2img
+def infotexts(plan: Plan) -> list[str]:
+    """One infotext per image of a plan, with that image's own seed, the fields in A1111's order; unused ones left
+    out."""
+    request, model, inpaint = plan.request, plan.spec, plan.inpaint
+    img2img = plan.img2img
+    hires = plan.hires is not None
     vae = model.extra.get("vae")
     lora_hashes = [f"{lora['name']}: {lora['sha256'][:12]}" for lora in model.extra.get("loras", [])]  # fused
-    lora_hashes += [f"{name}: {model.loras[name]['hash'][:12]}" for name in lora_names(request, model)]
-    embeddings = used_embeddings(f"{request.prompt}\n{request.negative_prompt}", model.embeddings)
+    lora_hashes += [f"{name}: {model.loras[name]['hash'][:12]}" for name in plan.lora_names]
+    embeddings = plan.embeddings
     # A1111 (1.9+) names the schedule it ran, Automatic's choice included ("DPM++ 2M" on Automatic: Karras)
     _, schedule = resolve(request.sampler, request.schedule_type, model.schedules)
     changed = changed_fields(request, model)  # the same for every image
     texts = []
-    for i, seed in enumerate(seeds):
+    for i, seed in enumerate(plan.seeds):
         varied = request.subseed_strength > 0
         params = {
             "Steps": request.steps,
@@ -80,12 +82,6 @@ def changed_fields(request: Txt2ImgRequest, model: ModelSpec) -> dict[str, objec
     added there shows in the infotext, and is read back, with no rule of its own."""
     return {key: getattr(request, name) for key, name in INFOTEXT_FIELDS.items()
             if hasattr(request, name) and getattr(request, name) != model.field(name).default}
-
-
-def lora_names(request: Txt2ImgRequest, model: ModelSpec) -> list[str]:
-    """The registered LoRAs the request's prompts name, each once, in order."""
-    tags = parse_lora_tags(request.prompt, "prompt") + parse_lora_tags(request.negative_prompt, "negative_prompt")
-    return list(dict.fromkeys(tag.name for tag in tags if tag.name in model.loras))
 
 
 def settings_from_infotext(text: str) -> dict[str, object]:

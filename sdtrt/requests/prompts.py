@@ -35,6 +35,7 @@ CHUNK_TOKENS = 75  # tokens per chunk between BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's "pad from the last comma within n tokens" default
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK = ("BREAK", -1.0)
+Pieces = tuple[tuple[str, float], ...]  # a text as parse_prompt_attention reads it: (text, weight), BREAK as above
 
 _TOKEN = re.compile(
     r"""
@@ -152,13 +153,23 @@ class Chunks:
     vectors: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (chunk, position) -> embedding vector
 
 
+def attention_pieces(text: str, field: str = "prompt") -> Pieces:
+    """What the tokenizer takes of a prompt: its weighted pieces, ``<lora:...>`` tags taken out first."""
+    return tuple(parse_prompt_attention(strip_extra_networks(text), field))
+
+
 def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt",
                  embeddings: "EmbeddingTable | None" = None) -> Chunks:
-    """Tokenize a prompt into A1111's weighted 75-token chunks. ``<lora:...>`` tags are taken out first, and an
-    embedding's name becomes its vectors (never split across two chunks), as in A1111."""
+    """Tokenize a prompt into A1111's weighted 75-token chunks (``chunk_pieces`` of its ``attention_pieces``)."""
+    return chunk_pieces(tokenizer, attention_pieces(text, field), max_chunks, field, embeddings)
+
+
+def chunk_pieces(tokenizer, parsed: Pieces, max_chunks: int, field: str = "prompt",
+                 embeddings: "EmbeddingTable | None" = None) -> Chunks:
+    """A parsed prompt's pieces as A1111's weighted 75-token chunks: an embedding's name becomes its vectors
+    (never split across two chunks), as in A1111. ``field`` names the prompt in errors."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, pad_id(tokenizer)
     comma = tokenizer.convert_tokens_to_ids(",</w>")
-    parsed = parse_prompt_attention(strip_extra_networks(text), field)
     texts = [t for t, w in parsed if (t, w) != BREAK]
     token_lists = iter(tokenizer(texts, add_special_tokens=False, truncation=False).input_ids if texts else [])
 
@@ -265,8 +276,16 @@ def text_rows(tokenizer, prompt: str, negative_prompt: str, max_chunks: int, hid
               embeddings: "EmbeddingTable | None" = None) -> TextRows:
     """Token ids, weights and embedding vectors for the text encoder: the negative prompt's chunks, then the
     prompt's."""
-    negative = chunk_prompt(tokenizer, negative_prompt, max_chunks, "negative_prompt", embeddings)
-    return pair_chunks(tokenizer, negative, chunk_prompt(tokenizer, prompt, max_chunks, "prompt", embeddings), hidden)
+    return piece_rows(tokenizer, attention_pieces(prompt, "prompt"), attention_pieces(negative_prompt, "negative_prompt"),
+                      max_chunks, hidden, embeddings)
+
+
+def piece_rows(tokenizer, prompt: Pieces, negative: Pieces, max_chunks: int, hidden: int,
+               embeddings: "EmbeddingTable | None" = None) -> TextRows:
+    """``text_rows`` of two texts already parsed (a plan's ``TextPair``)."""
+    negative_chunks = chunk_pieces(tokenizer, negative, max_chunks, "negative_prompt", embeddings)
+    return pair_chunks(tokenizer, negative_chunks, chunk_pieces(tokenizer, prompt, max_chunks, "prompt", embeddings),
+                       hidden)
 
 
 def prompt_rows(tokenizer, prompt: str, negative_prompt: str, max_chunks: int) -> tuple[np.ndarray, np.ndarray]:

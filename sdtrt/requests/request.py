@@ -1,6 +1,6 @@
 """The requests (txt2img, img2img) and their validation. Their fields are declared once, in fields.py: the
 dataclasses here are made from that table, and export stores the table with each model's limits in the spec;
-servers, clients and the CLI validate against the spec's copy, so every error names the field and its allowed
+servers, clients and the CLI check against the spec's copy (sdtrt.requests.plan, which also reads the prompts), so every error names the field and its allowed
 range the same way.
 """
 
@@ -17,10 +17,8 @@ from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import target_size
 from sdtrt.contract.samplers import SAMPLERS, check_available, draws_step_noise, resolve
 from sdtrt.contract.seeds import resolve_seed
-from sdtrt.contract.spec import IMG2IMG, LORA_RANK, TXT2IMG, UNET_BATCH, FieldSpec, ModelSpec
-from sdtrt.requests.extra_networks import request_loras
+from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec, ModelSpec
 from sdtrt.requests.fields import ModelLimits, fields_of, request_table
-from sdtrt.requests.prompt_schedule import composable_prompts
 
 
 def _request_class(name: str, doc: str, job: str, base: type | None = None) -> type:
@@ -95,8 +93,9 @@ def check_value(field: FieldSpec, value: Any) -> Any:
     return value
 
 
-def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
-    """A copy of the request with defaults filled in from the spec and every field checked."""
+def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
+    """A copy of the request with defaults filled in from the spec and every field checked, but for what its
+    prompts say (read once, with the plan: sdtrt.requests.plan.validate checks both)."""
     values = {}
     for name, value in request.as_dict().items():
         field = spec.field(name)
@@ -113,8 +112,6 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
                                  f"at most {largest / max(checked.width, checked.height):g} for "
                                  f"{checked.width}x{checked.height} (the model takes at most {largest:g} pixels a side)")
     check_pixel_steps(checked, spec)
-    check_extra_networks(checked, spec)
-    check_composable(checked, spec)
     check_randn_source(checked)
     check_sampler_steps(checked)
     for name in ("seed_resize_from_w", "seed_resize_from_h"):
@@ -142,25 +139,6 @@ def check_randn_source(request: Txt2ImgRequest) -> None:
         raise InvalidRequest("randn_source", request.randn_source,
                              f"CPU with {request.sampler!r}, which adds noise at every step; NV works with the "
                              f"samplers that do not: {deterministic}")
-
-
-def check_composable(request: Txt2ImgRequest, spec: ModelSpec) -> None:
-    """A1111's AND (composable diffusion) runs each subprompt as its own U-Net rows beside the uncond's: the
-    images times (subprompts + 1) must fit one U-Net call of this model."""
-    subprompts = len(composable_prompts(request.prompt))
-    rows = request.batch_size * (subprompts + 1)
-    most = spec.dims[UNET_BATCH].max
-    if subprompts > 1 and rows > most:
-        raise InvalidRequest("prompt", request.prompt,
-                             f"at most {most // request.batch_size - 1} AND subprompts at batch size "
-                             f"{request.batch_size} (each image's subprompts and uncond run as one U-Net call of at "
-                             f"most {most} rows here); this prompt has {subprompts}")
-
-
-def check_extra_networks(request: Txt2ImgRequest, spec: ModelSpec) -> None:
-    """Every <lora:...> tag names a LoRA registered for the model, and their summed rank fits the export."""
-    rank = spec.dims[LORA_RANK].max if LORA_RANK in spec.dims else 0
-    request_loras(request.prompt, request.negative_prompt, spec.loras, rank)
 
 
 def pixel_steps(request: Txt2ImgRequest, spec: ModelSpec) -> tuple[int, float, int]:

@@ -1,0 +1,180 @@
+"""A request parsed once: the plan every later step runs from.
+
+``plan_request`` checks a request against its model's spec and reads its prompts once, into what the loop, the
+tokenizer and the infotext need: the LoRAs its tags name, the embeddings it writes, the texts the text encoder
+runs (each A1111-weighted, extra-network tags taken out), which of them condition each step of each pass, and the
+passes' sizes and steps. The job models and the in-process runner build the plan where the request arrives and
+run it with one ``sdtrt.pipeline.jobs.run(plan, networks)``; the tokenizer model receives a text's weighted
+pieces, not the prompt to parse again.
+
+A client checks a request with ``validate`` before sending it (an error without a round trip); a server trusts
+no client, so the job model plans what it receives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.hires import target_size
+from sdtrt.contract.seeds import image_seeds
+from sdtrt.contract.spec import LORA_RANK, UNET_BATCH, ModelSpec
+from sdtrt.requests.extra_networks import LoraTag, request_loras, strip_extra_networks, used_embeddings
+from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule, text_at
+from sdtrt.requests.prompts import Pieces, parse_prompt_attention
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, check_fields, resolve_seeds
+
+if TYPE_CHECKING:  # (the pictures are prepared with diffusers, only where a plan with pictures is made)
+    from sdtrt.requests.img2img import ImageInputs
+
+
+@dataclass(frozen=True)
+class TextPair:
+    """One text-encoder call: a prompt and a negative prompt as the tokenizer takes them (weighted pieces, tags
+    removed), encoded side by side and padded to the same number of chunks."""
+
+    prompt: Pieces
+    negative: Pieces
+
+
+@dataclass(frozen=True)
+class PromptSchedule:
+    """Which texts condition each step of one pass (A1111's prompt editing and alternation, in both prompts):
+    entries (last 0-based step, the index in ``Plan.texts`` of each AND subprompt's pair) in step order, and each
+    subprompt's weight (composable diffusion; one subprompt of weight 1 for a plain prompt)."""
+
+    entries: tuple[tuple[int, tuple[int, ...]], ...]
+    weights: tuple[float, ...] = (1.0,)
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """One denoising pass: its size, the scheduler's steps, and its conditioning."""
+
+    width: int
+    height: int
+    steps: int
+    prompts: PromptSchedule
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: ModelSpec
+    request: Txt2ImgRequest  # checked, the model's defaults filled in, -1 seeds picked
+    seeds: tuple[int, ...]  # each image's
+    loras: tuple[LoraTag, ...]  # the prompt's tags, then the negative prompt's (as A1111 activates both)
+    embeddings: tuple[str, ...]  # the registered embeddings the prompts write (the infotext's "TI hashes")
+    texts: tuple[TextPair, ...]  # every pair the text encoder runs, once each, whichever pass needs it
+    first: PassPlan
+    hires: PassPlan | None = None  # txt2img's hires fix: the second pass, at the upscaled size
+    images: "ImageInputs | None" = None  # img2img's picture and mask, prepared at the request's size
+
+    @property
+    def img2img(self) -> bool:
+        return isinstance(self.request, Img2ImgRequest)
+
+    @property
+    def inpaint(self) -> bool:
+        return self.images is not None and self.images.mask is not None
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The registered LoRAs the prompts name, each once, in order."""
+        return list(dict.fromkeys(tag.name for tag in self.loras))
+
+
+@dataclass(frozen=True)
+class _Prompts:
+    """What a request's prompts say, read once: its LoRAs, its subprompts and the weighted pieces of each text."""
+
+    loras: tuple[LoraTag, ...]
+    subprompts: tuple[tuple[str, float], ...]
+    pieces: dict[str, Pieces]  # a schedule's text (tags still in) -> its pieces (tags out)
+
+
+def _read_prompts(request: Txt2ImgRequest, spec: ModelSpec, passes: list[tuple[int, int | None]]) -> _Prompts:
+    """The prompts' LoRAs (registered, their rank within the export's), subprompts (their U-Net rows within one
+    call) and, for every text some step of ``passes`` (steps, first pass's steps) sees, its weighted pieces."""
+    rank = spec.dims[LORA_RANK].max if LORA_RANK in spec.dims else 0
+    loras = tuple(request_loras(request.prompt, request.negative_prompt, spec.loras, rank))
+    subprompts = tuple(composable_prompts(request.prompt))
+    check_subprompts(request, spec, len(subprompts))
+    pieces: dict[str, Pieces] = {}
+    for steps, first_pass in passes:
+        for field, texts in (("prompt", [text for text, _ in subprompts]), ("negative_prompt", [request.negative_prompt])):
+            for text in texts:
+                for _, scheduled in prompt_schedule(text, steps, first_pass):
+                    if scheduled not in pieces:
+                        pieces[scheduled] = tuple(parse_prompt_attention(strip_extra_networks(scheduled), field))
+    return _Prompts(loras, subprompts, pieces)
+
+
+def check_subprompts(request: Txt2ImgRequest, spec: ModelSpec, subprompts: int) -> None:
+    """A1111's AND (composable diffusion) runs each subprompt as its own U-Net rows beside the uncond's: the
+    images times (subprompts + 1) must fit one U-Net call of this model."""
+    most = spec.dims[UNET_BATCH].max
+    if subprompts > 1 and request.batch_size * (subprompts + 1) > most:
+        raise InvalidRequest("prompt", request.prompt,
+                             f"at most {most // request.batch_size - 1} AND subprompts at batch size "
+                             f"{request.batch_size} (each image's subprompts and uncond run as one U-Net call of at "
+                             f"most {most} rows here); this prompt has {subprompts}")
+
+
+def _passes(request: Txt2ImgRequest, spec: ModelSpec) -> list[tuple[int, int, int, int | None]]:
+    """(width, height, steps, first pass's steps) of each pass: the first, then the hires fix's."""
+    passes = [(request.width, request.height, request.steps, None)]
+    if request.enable_hr and not isinstance(request, Img2ImgRequest):  # the second pass counts on from the first
+        width, height = target_size(request.width, request.height, request.hr_scale, spec.vae_scale_factor)
+        passes.append((width, height, request.hr_second_pass_steps or request.steps, request.steps))
+    return passes
+
+
+def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
+    """A copy of the request with defaults filled in from the spec and every field checked, its prompts included
+    (LoRA tags, AND subprompts, brackets): what a client checks before sending."""
+    checked = check_fields(request, spec)
+    _read_prompts(checked, spec, [(steps, first) for _, _, steps, first in _passes(checked, spec)])
+    return checked
+
+
+def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarray | None = None,
+                 mask: np.ndarray | None = None) -> Plan:
+    """The request checked, its seeds picked and its prompts read, once; img2img's picture (and mask) prepared."""
+    checked = resolve_seeds(check_fields(request, spec))
+    passes = _passes(checked, spec)
+    prompts = _read_prompts(checked, spec, [(steps, first) for _, _, steps, first in passes])
+    texts: dict[TextPair, int] = {}
+    planned = []
+    for width, height, steps, first_pass in passes:
+        schedule = _schedule(checked, prompts, steps, first_pass, texts)
+        planned.append(PassPlan(width, height, steps, schedule))
+    images = None
+    if isinstance(checked, Img2ImgRequest):
+        # diffusers' image processor only where pictures are prepared: a client-only install has none
+        from sdtrt.requests.img2img import prepare_images
+
+        images = prepare_images(init_image, mask, checked, spec.vae_scale_factor)
+    seeds = tuple(image_seeds(checked.seed, checked.batch_size, checked.subseed_strength > 0))
+    embeddings = tuple(used_embeddings(f"{checked.prompt}\n{checked.negative_prompt}", spec.embeddings))
+    return Plan(spec, checked, seeds, prompts.loras, embeddings, tuple(texts), planned[0],
+                planned[1] if len(planned) > 1 else None, images)
+
+
+def _schedule(request: Txt2ImgRequest, prompts: _Prompts, steps: int, first_pass: int | None,
+              texts: dict[TextPair, int]) -> PromptSchedule:
+    """The subprompts' schedules and the negative prompt's over one pass, merged: at each step where any text
+    changes, the pair (subprompt's text, negative's text) of each subprompt, numbered in ``texts``."""
+    positives = [prompt_schedule(text, steps, first_pass) for text, _ in prompts.subprompts]
+    negative = prompt_schedule(request.negative_prompt, steps, first_pass)
+    entries = []
+    for last in sorted({step for schedule in positives + [negative] for step, _ in schedule}):
+        indices = []
+        for positive in positives:
+            pair = TextPair(prompts.pieces[text_at(positive, last)], prompts.pieces[text_at(negative, last)])
+            indices.append(texts.setdefault(pair, len(texts)))
+        entries.append((last, tuple(indices)))
+    return PromptSchedule(tuple(entries), tuple(weight for _, weight in prompts.subprompts))
+
