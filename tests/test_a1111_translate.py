@@ -187,6 +187,28 @@ def test_webuiapis_img2img_payload_translates_its_numbered_choices(catalog):
     assert blur == 9  # A1111 blurs by the larger of its two
 
 
+def test_numbered_choices_come_from_the_registry_by_number_and_from_an_infotext_by_name(catalog):
+    """The fields the registry marks ``a1111_numbered`` (resize_mode, inpainting_fill): a number out of range is
+    refused naming the field and its choices; an infotext's words ("Masked content: latent nothing") become the
+    number A1111's API would send."""
+    picture = Image.new("RGB", (64, 64))
+    payload = webuiapi_payload("img2img", images=[picture], prompt="a cat", steps=3, seed=5)
+    with pytest.raises(HTTPException) as refused:
+        translate(Img2ImgBody(**{**payload, "inpainting_fill": 4}), UserOptions(), {}, catalog)
+    detail = refused.value.detail[0]
+    assert detail["loc"] == ["body", "inpainting_fill"]
+    assert detail["msg"] == "0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)"
+    infotext = "a cat\nSteps: 3, Resize mode: Crop and resize, Masked content: latent nothing, Seed: 5"
+    body = Img2ImgBody(**{k: v for k, v in payload.items() if k not in ("resize_mode", "inpainting_fill")},
+                       infotext=infotext)
+    settings = translate(body, UserOptions(), {}, catalog)
+    assert settings["resize_mode"] == "Crop and resize" and settings["inpainting_fill"] == "latent nothing"
+    with pytest.raises(HTTPException) as refused:
+        translate(Img2ImgBody(**{**payload, "infotext": "a cat\nSteps: 3, Masked content: everything, Seed: 5"}), UserOptions(), {},
+                  catalog)
+    assert refused.value.detail[0]["loc"] == ["body", "inpainting_fill"]
+
+
 @pytest.mark.parametrize("given, wanted", [
     ({"sampler_name": "k_euler_a"}, {"sampler": "Euler a"}),
     ({"sampler_index": "k_dpmpp_2m"}, {"sampler": "DPM++ 2M"}),

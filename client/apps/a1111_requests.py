@@ -28,16 +28,23 @@ from sdtrt.contract.pictures import open_picture, picture_bytes_from_base64
 from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
 from sdtrt.contract.seeds import MAX_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, Catalog, ModelSpec
-from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, FIELDS
+from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, BY_NAME, FIELDS
 from sdtrt.requests.generation import check_n_iter, settings_from_infotext
-from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
 from sdtrt.requests.infotext import check_infotext
 from sdtrt.requests.styles import apply_styles
 from sdtrt.requests.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, check_upscale
 
 # A1111's scheduler names (its API takes name or label) -> sdtrt schedule types
 SCHEDULER_NAMES = {label.lower().replace(" ", "_"): label for label in SCHEDULE_TYPES}  # A1111's names: "sgm_uniform"
-RESIZE_MODE_NAMES = list(RESIZE_MODES)  # A1111 numbers them 0, 1, 2 in this order
+
+NUMBERED = tuple(field for field in FIELDS if field.a1111_numbered)  # A1111 sends their choices by number
+
+
+def choice_numbers(name: str) -> str:
+    """"0 (just resize), 1 (crop and resize) or 2 (resize and fill)": a numbered field's choices by number."""
+    numbers = [f"{i} ({choice.lower()})" for i, choice in enumerate(BY_NAME[name].choices)]
+    return ", ".join(numbers[:-1]) + " or " + numbers[-1]
+
 
 # sdtrt request field -> A1111's name, for naming it in a refusal; the pictures travel beside the fields
 A1111_NAME = A1111_NAMES | {"init_image": "init_images", "mask": "mask"}
@@ -139,14 +146,14 @@ Txt2ImgBody = create_model("Txt2ImgBody", __base__=_Txt2ImgBody, __module__=__na
 class _Img2ImgBody(_Request):
     init_images: list[str] = Field(..., description="base64 pictures: one for the whole batch, or up to batch_size "
                                    "(one picture each)")
-    resize_mode: int = Field(0, description="0 just resize, 1 crop and resize, 2 resize and fill")
+    resize_mode: int = Field(0, description=choice_numbers("resize_mode"))
     image_cfg_scale: float | None = None
     mask: str | None = Field(None, description="base64 mask: white = repaint")
     mask_blur_x: int = 4
     mask_blur_y: int = 4
     mask_blur: int | None = None
     mask_round: bool = True
-    inpainting_fill: int = Field(0, description="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpainting_fill: int = Field(0, description="masked content: " + choice_numbers("inpainting_fill"))
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
@@ -342,11 +349,12 @@ def with_infotext(body: _Request) -> _Request:
         return body
     given = body.model_dump(exclude_unset=True)
     stored = {A1111_NAME.get(k, k): v for k, v in settings_from_infotext(body.infotext).items()}
-    if "resize_mode" in stored:  # the infotext says it in words, A1111's API in numbers
-        if stored["resize_mode"] not in RESIZE_MODE_NAMES:
-            raise refuse("resize_mode", f"the infotext's Resize mode {str(stored['resize_mode'])[:80]!r} is "
-                                        f"not one of {', '.join(RESIZE_MODE_NAMES)}")
-        stored["resize_mode"] = RESIZE_MODE_NAMES.index(stored["resize_mode"])
+    for field in NUMBERED:  # the infotext says these in words, A1111's API in numbers
+        if field.a1111 in stored:
+            if stored[field.a1111] not in field.choices:
+                raise refuse(field.a1111, f"the infotext's {field.infotext} {str(stored[field.a1111])[:80]!r} is "
+                                          f"not one of {', '.join(field.choices)}")
+            stored[field.a1111] = field.choices.index(stored[field.a1111])
     given = {**{k: v for k, v in stored.items() if k in type(body).model_fields}, **given}
     try:
         return type(body)(**given)
@@ -394,14 +402,16 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
 
 
 def img2img_settings(body: Img2ImgBody) -> dict[str, Any]:
-    """A1111's numbered img2img choices in sdtrt's names (A1111 numbers them in the order sdtrt lists them)."""
-    if not 0 <= body.resize_mode < len(RESIZE_MODE_NAMES):
-        raise refuse("resize_mode", "0 (just resize), 1 (crop and resize) or 2 (resize and fill)")
-    if not 0 <= body.inpainting_fill < len(INPAINTING_FILLS):
-        raise refuse("inpainting_fill", "0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
-    blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
-    return {"resize_mode": RESIZE_MODE_NAMES[body.resize_mode],
-            "inpainting_fill": INPAINTING_FILLS[body.inpainting_fill], "mask_blur": blur}
+    """A1111's numbered img2img choices in sdtrt's names (the registry's ``a1111_numbered`` fields: A1111 numbers
+    them in the order sdtrt lists them), and its mask blur (one radius, or the larger of its x and y)."""
+    settings = {}
+    for field in NUMBERED:
+        number = getattr(body, field.a1111)
+        if not 0 <= number < len(field.choices):
+            raise refuse(field.a1111, choice_numbers(field.name))
+        settings[field.name] = field.choices[number]
+    settings["mask_blur"] = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
+    return settings
 
 
 def img2img_pictures(body: Img2ImgBody, max_batch: int) -> tuple[list[Image.Image], Image.Image | None]:

@@ -59,6 +59,7 @@ class RequestField:
     a1111: str | None = None  # A1111's JSON name (dotted: inside override_settings); None: A1111 has none
     a1111_as_is: bool = False  # the gateway passes A1111's value unchanged (else it translates it in code)
     a1111_default: Any = None  # A1111's API default, for the gateway's schema of the fields taken as they are
+    a1111_numbered: bool = False  # A1111's API sends the choice's number (0, 1, ...), in the order of ``choices``
     infotext: str | None = None  # A1111's infotext key, when one key holds just this field's value
     label: str | None = None  # the page's (and A1111's UI) label; None: the page has no control for it
     quicksetting: bool = False  # on the page's top row, for every tab (A1111's quicksettings), not in a tab
@@ -151,7 +152,7 @@ FIELDS: tuple[RequestField, ...] = (
                  a1111="seed_resize_from_h", a1111_as_is=True, a1111_default=-1, label="Resize seed from height"),
     RequestField("resize_mode", "string", "Just resize", "img2img: how the init image is fitted to width x height",
                  choices=tuple(RESIZE_MODES), jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="resize_mode",
-                 infotext="Resize mode", label="Resize mode"),
+                 a1111_numbered=True, infotext="Resize mode", label="Resize mode"),
     RequestField("mask_blur", "int32", 4, "inpainting: Gaussian blur radius of the mask, in pixels", minimum=0,
                  maximum=64, jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="mask_blur", infotext="Mask blur",
                  label="Mask blur"),
@@ -166,7 +167,7 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("inpainting_fill", "string", "original", "inpainting: what the masked area starts from (A1111's "
                  "'Masked content'): fill (the colours around it), original, latent noise, latent nothing",
                  choices=INPAINTING_FILLS, jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="inpainting_fill",
-                 infotext="Masked content", label="Masked content"),
+                 a1111_numbered=True, infotext="Masked content", label="Masked content"),
 )
 BY_NAME: dict[str, RequestField] = {f.name: f for f in FIELDS}
 assert len(BY_NAME) == len(FIELDS), "a request field is declared twice"
