@@ -205,6 +205,7 @@ def test_the_a1111_gateway_lists_the_models_and_switches_between_them(server, tm
     assert model_of(api.post("/sdapi/v1/txt2img", json=small)) == "tiny-sd2"  # an override lasts one request
 
 
+@pytest.mark.slow  # a third export and a load (~55 s); the default suite keeps unload/load without a restart
 def test_a_model_exported_into_the_live_repository_is_added_without_a_restart(server, repo, default_model,
                                                                               diffusers_pipe):
     client = Client(server.url)

@@ -137,6 +137,8 @@ def test_a_stopped_unet_stub_heals_within_60_s_with_readiness_false_meanwhile(ex
     assert any(e["event"] == "model_reloaded" and e["model"] == "default__unet" for e in events)
 
 
+@pytest.mark.slow  # a second server, a U-Net found hung by its probe alone and reloaded (~35 s); the default suite
+# keeps the stopped stub's heal (test_a_stopped_unet_stub_heals_within_60_s_with_readiness_false_meanwhile)
 def test_a_hung_stage_found_by_its_probe_fails_the_request_in_flight_as_unavailable(exported_repo, tmp_path):
     """With only the probes to judge (as for a stub stuck in a deadlock, which no process state shows), a hung U-Net
     is found, killed and reloaded, and the generation it was holding fails with UNAVAILABLE naming the stage,
