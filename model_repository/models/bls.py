@@ -33,6 +33,7 @@ from sdtrt.model_repository.configs import (
     TOKEN_IDS,
     TOKEN_WEIGHTS,
     TOKENIZER,
+    TOKENIZER_FIELDS,
 )
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
@@ -174,8 +175,10 @@ class BlsNetworks:
             pb_utils.Tensor(PIECE_TEXTS, np.array([text.encode("utf-8") for text, _ in pieces], dtype=np.object_)),
             pb_utils.Tensor(PIECE_WEIGHTS, np.array([weight for _, weight in pieces], dtype=np.float32)),
             pb_utils.Tensor(NEGATIVE_PIECES, np.array([len(texts.negative)], dtype=np.int32)),
-            pb_utils.Tensor("clip_skip", np.array([clip_skip], dtype=self.spec.field("clip_skip").dtype)),
         ]
+        settings = {"clip_skip": clip_skip}  # the request fields the tokenizer takes, by configs.TOKENIZER_FIELDS
+        fields += [pb_utils.Tensor(name, np.array([settings[name]], dtype=self.spec.field(name).dtype))
+                   for name in TOKENIZER_FIELDS]
         self._check_cancelled()
         tokens = self._exec(self.spec.triton_name(TOKENIZER), fields,
                             [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS, EMBEDDING_VECTORS], cpu)
