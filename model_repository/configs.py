@@ -260,7 +260,7 @@ def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelC
     _tensor(config.output, INFOTEXTS, "string", [-1])
     if job.name == TXT2IMG:  # clients read the specs from here (the same JSON export wrote)
         config.parameters[SPEC_PARAMETER].string_value = json.dumps(catalog.to_json(), separators=(",", ":"))
-    # One instance runs the job's loops in threads (model_repository/models/triton_io.py, JobModel); on a GPU it is a
+    # One instance runs the job's loops in threads (model_repository/models/job_model.py, JobModel); on a GPU it is a
     # GPU instance (one per GPU) and the latents stay on the device between U-Net calls.
     config.instance_group.add(count=1, kind=device_kind(options))
     config.parameters[LOOPS_PARAMETER].string_value = str(options.scheduler_instances)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sdtrt.contract.spec import IMG2IMG
 from sdtrt.model_repository.configs import JOBS
-from sdtrt.model_repository.models.triton_io import JobModel
+from sdtrt.model_repository.models.job_model import JobModel
 
 
 class TritonPythonModel(JobModel):

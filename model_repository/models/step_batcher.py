@@ -1,6 +1,6 @@
 """Step-level batching inside a job model: the U-Net calls of the loops that run at the same time, as one call.
 
-A job instance runs several denoising loops in threads (``triton_io.JobModel``). Each step, every loop needs one
+A job instance runs several denoising loops in threads (``job_model.JobModel``). Each step, every loop needs one
 U-Net call. Triton's dynamic batcher merges only the calls that happen to be queued together, and waits a fixed
 delay for a lone request too. Here the loops know each other: a call waits for the other loops that are
 denoising right now (at most ``max_wait`` seconds), then one of them sends all the waiting calls as one BLS

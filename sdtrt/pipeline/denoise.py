@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from sdtrt.contract.samplers import set_timesteps, step_kwargs
 from sdtrt.pipeline.conditioning import guided as with_uncond
@@ -104,6 +103,10 @@ def denoise(
             uncond, *conds = noise_pred.chunk(copies)
             noise_pred = uncond + sum(w * guidance_scale * (cond - uncond) for w, cond in zip(cond_weights, conds))
             if guidance.rescale > 0:
+                # diffusers' pipeline module costs each job stub ~3 s to import (transformers, scipy): only a
+                # request that rescales pays it
+                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
                 noise_pred = rescale_noise_cfg(noise_pred, conds[0], guidance_rescale=guidance.rescale)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         if after_step is not None:
