@@ -53,8 +53,8 @@ REFERENCE_SCHEDULES = {
 
 
 # A1111 1.9+'s samplers table: the schedule each of these samplers runs when the user leaves it on "Automatic".
-A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM++ 2M SDE": "Exponential",
-                   "DPM++ 2M SDE Heun": "Exponential"}
+A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM2 a": "Karras",
+                   "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential"}
 
 
 def reference_scheduler(sampler: str, config, seed: int, schedule_type: str = "Automatic"):

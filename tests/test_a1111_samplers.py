@@ -54,7 +54,7 @@ def test_a1111s_ddim_schedule_keeps_its_extra_step(diffusers_pipe):
 
 
 @pytest.mark.parametrize("sampler", [s for s, types in schedule_table().items() if "Karras" in types
-                                     and not s.endswith("Karras")])
+                                     and not s.endswith("Karras") and SAMPLERS[s].scheduler])
 def test_karras_spans_the_models_whole_sigma_range(sampler, diffusers_pipe):
     """k-diffusion's Karras runs from the model's largest sigma; diffusers' Euler-family classes, left on SD's
     "leading" spacing, would start at the largest *spaced* sigma (11.0 instead of 14.6)."""
@@ -87,13 +87,22 @@ def test_a1111_schedule_served_matches_the_local_runner(server, local_pipeline):
 
 
 def test_a1111_schedule_with_a_sampler_that_cannot_take_it_names_the_ones_it_can(local_pipeline):
+    """A sampler k-diffusion lacks runs only the schedules its diffusers class follows."""
     with pytest.raises(InvalidRequest) as exc:
-        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="Euler a", schedule_type="Align Your Steps",
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="PLMS", schedule_type="Align Your Steps",
                                               width=64, height=64))
-    assert exc.value.field == "schedule_type" and "with sampler 'Euler a'" in str(exc.value)
+    assert exc.value.field == "schedule_type" and "with sampler 'PLMS'" in str(exc.value)
 
 
-@pytest.mark.parametrize("name", [*UNAVAILABLE, "DPM++ 3M SDE Karras", "DPM++ 2S a Karras"])
+def test_a_schedule_the_diffusers_class_cannot_follow_runs_on_k_diffusion(local_pipeline):
+    """Euler a's diffusers class takes no custom sigmas: with A1111's own schedule it runs as A1111 runs it."""
+    settings = dict(prompt="x", sampler="Euler a", schedule_type="Align Your Steps", steps=5, width=64, height=64,
+                    seed=3)
+    assert (local_pipeline.txt2img(Txt2ImgRequest(**settings)).images
+            == local_pipeline.txt2img(Txt2ImgRequest(k_diffusion=True, **settings)).images).all()
+
+
+@pytest.mark.parametrize("name", [*UNAVAILABLE, "Restart Karras"])
 def test_unavailable_sampler_is_refused_naming_the_nearest(name, local_pipeline):
     with pytest.raises(InvalidRequest) as exc:
         local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler=name, width=64, height=64))
@@ -105,9 +114,9 @@ def test_unavailable_sampler_is_refused_naming_the_nearest(name, local_pipeline)
 
 def test_unavailable_sampler_is_refused_by_the_server_which_keeps_serving(server):
     client = Client(server.url)
-    with pytest.raises(Exception, match="DPM\\+\\+ 2M SDE Heun"):
-        client.txt2img("x", sampler="DPM++ 3M SDE", steps=2, width=64, height=64)
-    assert client.txt2img("x", sampler="DPM++ 2M SDE Heun", steps=2, width=64, height=64).images.shape[0] == 1
+    with pytest.raises(Exception, match="DPM\\+\\+ 2M"):
+        client.txt2img("x", sampler="Restart", steps=2, width=64, height=64)
+    assert client.txt2img("x", sampler="DPM++ 3M SDE", steps=2, width=64, height=64).images.shape[0] == 1
 
 
 def test_lcm_steps_are_capped_at_its_original_schedule(local_pipeline):
@@ -117,11 +126,11 @@ def test_lcm_steps_are_capped_at_its_original_schedule(local_pipeline):
 
 
 def test_diffusers_third_order_sde_step_still_differs_from_k_diffusions():
-    """Why DPM++ 3M SDE is refused: diffusers' third-order SDE-DPM-Solver++ update adds -1/2 * D2 where
+    """Why DPM++ 3M SDE runs on k-diffusion only: diffusers' third-order SDE-DPM-Solver++ update adds -1/2 * D2 where
     k-diffusion's sample_dpmpp_3m_sde (eta 1) adds +1/2 * D2 (D2: the second divided difference of the denoised
     estimates). Data predictions on a parabola in log-SNR make D2 non-zero; with the step's noise set to zero the
-    two updates differ by exactly alpha_t * D2. When diffusers changes this, this test fails: then the sampler
-    can be offered."""
+    two updates differ by exactly alpha_t * D2. When diffusers changes this, this test fails: then diffusers'
+    class can run the sampler too."""
     scheduler = d.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3,
                                               beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                               lower_order_final=False, final_sigmas_type="zero")

@@ -228,9 +228,9 @@ def test_a1111s_names_become_sdtrts(catalog, given, wanted):
     ({"tiling": True}, "tiling"),
     ({"restore_faces": True}, "restore_faces"),
     ({"script_name": "X/Y/Z plot"}, "script_name"),
-    ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
     ({"override_settings": {"randn_source": "TPU"}}, "override_settings.randn_source"),
-    ({"override_settings": {"eta_noise_seed_delta": 31337}}, "override_settings.eta_noise_seed_delta"),
+    ({"override_settings": {"eta_noise_seed_delta": -5}}, "override_settings.eta_noise_seed_delta"),
+    ({"override_settings": {"s_churn": "lots"}}, "override_settings.s_churn"),
     ({"override_settings": {"sd_model_checkpoint": "no such model"}}, "override_settings.sd_model_checkpoint"),
     ({"n_iter": 10_000}, "n_iter"),
     ({"styles": ["s"] * 65}, "styles"),
@@ -246,6 +246,23 @@ def test_values_sdtrt_draws_anyway_are_accepted(catalog):
                                      override_settings={"eta_ancestral": 1, "sd_vae": "Automatic"}),
                          UserOptions(), {}, catalog)
     assert settings["sampler"] == "Euler a"
+
+
+def test_sampler_settings_come_from_the_request_else_the_users_options(catalog):
+    """A1111 (processing.py): a request's eta, s_* win; null takes the option (eta: eta_ancestral, DDIM eta_ddim);
+    ENSD is an option only."""
+    mine = UserOptions(sampler={"eta_ancestral": 0.3, "eta_ddim": 0.2, "s_churn": 2.0, "eta_noise_seed_delta": 31337})
+    settings = translate(Txt2ImgBody(prompt="x", sampler_name="Euler a", s_noise=0.9), mine, {}, catalog)
+    assert {k: settings[k] for k in ("eta", "s_churn", "s_noise", "s_tmax", "eta_noise_seed_delta")} == \
+        {"eta": 0.3, "s_churn": 2.0, "s_noise": 0.9, "s_tmax": 0.0, "eta_noise_seed_delta": 31337}
+    settings = translate(Txt2ImgBody(prompt="x", sampler_name="DDIM", s_churn=0.0,
+                                     override_settings={"eta_noise_seed_delta": 7}), mine, {}, catalog)
+    assert (settings["eta"], settings["s_churn"], settings["eta_noise_seed_delta"]) == (0.2, 0.0, 7)
+    settings = translate(Txt2ImgBody(prompt="x", sampler_name="Euler a", eta=0.8), UserOptions(), {}, catalog)
+    assert (settings["eta"], settings["eta_noise_seed_delta"]) == (0.8, 0)
+    # the sampler's own eta stays unset, so that the infotext has no "Eta", as A1111's
+    assert "eta" not in translate(Txt2ImgBody(prompt="x", sampler_name="Euler a", eta=1.0), UserOptions(), {}, catalog)
+    assert "eta" not in translate(Txt2ImgBody(prompt="x", sampler_name="Euler", eta=0.5), UserOptions(), {}, catalog)
 
 
 def test_styles_and_infotext_fill_the_request_and_given_fields_win(catalog):

@@ -104,21 +104,25 @@ def test_samplers_lists_the_table(capsys):
     code, out, _ = run(capsys, "samplers")
     assert code == 0
     assert "Euler a" in out and "EulerAncestralDiscreteScheduler" in out
-    table, unavailable, schedules = out.split("\n\n")
+    table, unavailable, k_note, schedules = out.split("\n\n")
     rows = {line.split("  ")[0]: line.split() for line in table.splitlines()}
-    assert rows["DPM++ 2M Karras"][-3:] == ["DPMSolverMultistepScheduler", "use_karras_sigmas=True",
-                                           "timestep_spacing=linspace"]
-    assert rows["DPM++ SDE"][-5:] == ["DPMSolverSDEScheduler", "use_karras_sigmas=True", "timestep_spacing=linspace",
-                                      "(Automatic:", "Karras)"]
-    assert rows["Euler"][-1] == "EulerDiscreteScheduler"  # Automatic: the checkpoint's own schedule
-    assert len(rows) == 21
-    assert "DPM++ 3M SDE" in unavailable and "use DPM++ 2M SDE, DPM++ 2M SDE Heun" in unavailable
-    assert "SGM Uniform      timestep_spacing=trailing; with 20 of 21 samplers" in schedules
-    assert "Align Your Steps A1111's sigma list, given to diffusers as custom sigmas; with Euler" in schedules
+    assert rows["DPM++ 2M Karras"][-6:] == ["DPMSolverMultistepScheduler", "use_karras_sigmas=True",
+                                           "timestep_spacing=linspace", "|", "k-diffusion", "sample_dpmpp_2m"]
+    assert rows["DPM++ SDE"][-8:-3] == ["DPMSolverSDEScheduler", "use_karras_sigmas=True", "timestep_spacing=linspace",
+                                        "(Automatic:", "Karras)"]
+    assert rows["Euler"][-4:] == ["EulerDiscreteScheduler", "|", "k-diffusion", "sample_euler"]
+    assert rows["DPM++ 3M SDE"][-7:] == ["(k-diffusion", "only)", "(Automatic:", "Exponential)", "|", "k-diffusion",
+                                         "sample_dpmpp_3m_sde"]
+    assert rows["DDIM"][-3:] == ["DDIMScheduler", "clip_sample=False", "set_alpha_to_one=False"]
+    assert len(rows) == 27
+    assert "Restart" in unavailable and "use Heun, DPM++ 2M" in unavailable and "DPM++ 3M SDE" not in unavailable
+    assert "--k-diffusion" in k_note
+    assert "SGM Uniform      timestep_spacing=trailing; with 26 of 27 samplers" in schedules
+    assert "Align Your Steps A1111's sigma list, given to diffusers as custom sigmas; with 23 of 27" in schedules
 
 
 def test_an_a1111_sampler_sdtrt_refuses_is_named_with_the_nearest(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        run(capsys, "txt2img", "x", "--sampler", "DPM++ 3M SDE", "--local", str(tmp_path))
+        run(capsys, "txt2img", "x", "--sampler", "Restart", "--local", str(tmp_path))
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "'DPM++ 3M SDE' is not available" in err and "'DPM++ 2M SDE Heun'" in err
+    assert exit_.value.code == 2 and "'Restart' is not available" in err and "'DPM++ 2M'" in err

@@ -53,6 +53,24 @@ def test_txt2img_with_webuiapis_defaults(gateway):
     assert result.parameters["prompt"] == "cute squirrel"
 
 
+def test_a1111s_sampler_settings_and_k_diffusion_samplers(gateway):
+    """What A1111's clients send and A1111 honours: eta 0 with Euler a, sigma churn, ENSD through options, and a
+    sampler only k-diffusion has; each recorded in the infotext as A1111 writes it."""
+    result = gateway.txt2img(prompt="a fox", seed=3, width=64, height=64, sampler_name="Euler a", eta=0, steps=3)
+    _, _, params = parse_infotext(result.image.info["parameters"])
+    assert params["Eta"] == "0"
+    gateway.set_options({"eta_noise_seed_delta": 31337})
+    try:
+        assert gateway.get_options()["eta_noise_seed_delta"] == 31337
+        result = gateway.txt2img(prompt="a fox", seed=3, width=64, height=64, sampler_name="DPM++ 2S a", steps=3,
+                                 s_noise=0.95)
+    finally:
+        gateway.set_options({"eta_noise_seed_delta": 0})
+    _, _, params = parse_infotext(result.image.info["parameters"])
+    assert params["Sampler"] == "DPM++ 2S a" and params["ENSD"] == "31337" and params["Sigma noise"] == "0.95"
+    assert "DPM++ 3M SDE" in [s["name"] for s in gateway.get_samplers()]
+
+
 def test_txt2img_batch_and_hires_fix(gateway):
     result = gateway.txt2img(prompt="a lighthouse", seed=7, width=64, height=64, batch_size=2, enable_hr=True,
                              hr_scale=1.5, hr_upscaler=webuiapi.HiResUpscaler.Latent, hr_second_pass_steps=2,

@@ -48,13 +48,17 @@ def choice_numbers(name: str) -> str:
 
 # sdtrt request field -> A1111's name, for naming it in a refusal; the pictures travel beside the fields
 A1111_NAME = A1111_NAMES | {"init_image": "init_images", "mask": "mask"}
-OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source")
+# A1111's sampler options (its defaults) and the sdtrt field whose range each takes: a request's own value wins
+# (eta_ancestral or eta_ddim stands for eta as the sampler is DDIM or not, as A1111 reads them)
+SAMPLER_OPTIONS = {"eta_ancestral": (1.0, "eta"), "eta_ddim": (0.0, "eta"),
+                   "eta_noise_seed_delta": (0, "eta_noise_seed_delta"), "s_churn": (0.0, "s_churn"), "s_tmin": (0.0, "s_tmin"), "s_tmax": (0.0, "s_tmax"),
+                   "s_noise": (1.0, "s_noise"), "s_min_uncond": (0.0, "s_min_uncond")}
+OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
-    "sd_vae": ("Automatic", "None"), "eta_ancestral": (1, 1.0), "eta_ddim": (0, 0.0), "eta_noise_seed_delta": (0,),
-    "img2img_fix_steps": (False,),
+    "sd_vae": ("Automatic", "None"), "img2img_fix_steps": (False,),
 }
 
 
@@ -102,7 +106,7 @@ class _RequestBase(BaseModel):
     tiling: bool | None = Field(None, description="not supported: refused when true")
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
-    eta: float | None = Field(None, description="not supported: refused when set")
+    eta: float | None = Field(None, description="null: the eta_ancestral option (DDIM: eta_ddim)")
     s_min_uncond: float | None = None
     s_churn: float | None = None
     s_tmax: float | None = None
@@ -185,10 +189,10 @@ class ExtrasSingleImageBody(BaseModel):
 
 
 # field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
-# fields are checked in unhonoured() below)
+# fields are checked where they are read)
 UNSUPPORTED = {
     "restore_faces": (None, False),
-    "tiling": (None, False), "s_min_uncond": (None, 0.0), "s_churn": (None, 0.0), "s_noise": (None, 1.0),
+    "tiling": (None, False),
     "refiner_checkpoint": (None, "", "None"),
     "refiner_switch_at": (None,), "script_name": (None, ""), "script_args": ([],), "alwayson_scripts": ({},),
     "firstphase_width": (0,), "firstphase_height": (0,), "hr_resize_x": (0,), "hr_resize_y": (0,),
@@ -198,12 +202,26 @@ UNSUPPORTED = {
 }
 
 
-def unhonoured(body: "_Request", sampler: str) -> tuple[str, str] | None:
-    """A field whose value would make the picture differ from what sdtrt draws: (field, why), else None."""
-    eta = SAMPLERS[sampler].eta if sampler in SAMPLERS else None  # (a sampler sdtrt lacks is refused by name later)
-    if body.eta is not None and eta is not None and body.eta != eta:
-        return "eta", f"sdtrt runs {sampler} with eta {eta:g} (A1111's default); other values are not supported"
-    return None
+# What sdtrt lacks of A1111 for now, and where it is coming from: said in the refusal.
+NOT_YET = {
+    "restore_faces": "face restoration (GFPGAN, CodeFormer) comes with the upscalers and face restorers",
+    "tiling": "seamless tiling (circular padding in the U-Net and VAE) is not exported yet",
+    "script_name": "sdtrt has none of A1111's scripts yet (SD upscale, Loopback, Prompt matrix, X/Y/Z plot)",
+}
+
+
+def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) -> dict[str, Any]:
+    """eta, sigma churn, s_noise, NGMS and ENSD as A1111 reads them: the request's value, else the user's option
+    (``options``: A1111's sampler options, defaults filled)."""
+    settings = {name: options[name] if getattr(body, name) is None else getattr(body, name)
+                for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond")}
+    eta_option = "eta_ddim" if sampler == "DDIM" else "eta_ancestral"
+    eta = options[eta_option] if body.eta is None else body.eta
+    default = SAMPLERS[sampler].eta if sampler in SAMPLERS else None
+    if default is not None and eta != default:  # else the sampler's own (-1), and no "Eta" in the infotext
+        settings["eta"] = eta
+    settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
+    return settings
 
 
 def refuse(field: str, message: str) -> HTTPException:
@@ -252,6 +270,7 @@ class UserOptions:
     clip_skip: int = 1
     randn_source: str = "CPU"
     model: str | None = None  # A1111's loaded checkpoint: options.sd_model_checkpoint (None: the default)
+    sampler: dict[str, Any] = field(default_factory=dict)  # the SAMPLER_OPTIONS set (the rest: A1111's defaults)
     options: dict[str, Any] = field(default_factory=dict)  # A1111 options sdtrt has no use for, kept for GET
 
 
@@ -262,6 +281,7 @@ class OptionChanges:
     clip_skip: int | None = None
     model: str | None = None  # the model's key in the catalog
     randn_source: str | None = None
+    sampler: dict[str, Any] = field(default_factory=dict)  # SAMPLER_OPTIONS set
 
 
 def find_model(catalog: Catalog, value: Any, where: str) -> str:
@@ -288,6 +308,13 @@ def read_options(options: dict[str, Any], where: str, catalog: Catalog) -> Optio
                 raise refuse(f"{where}.randn_source", f"one of {', '.join(map(repr, RANDN_SOURCES))} (got "
                                                       f"{str(value)[:80]!r})")
             changes = replace(changes, randn_source=RANDN_SOURCES[value])
+        elif key in SAMPLER_OPTIONS:
+            allowed = BY_NAME[SAMPLER_OPTIONS[key][1]]
+            low = 0 if key.startswith("eta_") else allowed.minimum  # (eta's -1 is sdtrt's "the option")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= allowed.maximum:
+                raise refuse(f"{where}.{key}", f"a number from {low:g} to {allowed.maximum:g} "
+                                               f"(got {str(value)[:80]!r})")
+            changes = replace(changes, sampler={**changes.sampler, key: value})
         elif key in OPTIONS_FIXED and value not in OPTIONS_FIXED[key]:
             allowed = ", ".join(repr(a) for a in OPTIONS_FIXED[key])
             raise refuse(f"{where}.{key}", f"not supported by sdtrt: it draws with {allowed}")
@@ -309,7 +336,7 @@ def updated_options(mine: UserOptions, options: dict[str, Any], catalog: Catalog
             raise refuse("options.CLIP_stop_at_last_layers", f"must be {clip.allowed()}")
     return replace(mine, clip_skip=mine.clip_skip if changes.clip_skip is None else changes.clip_skip,
                    randn_source=changes.randn_source or mine.randn_source, model=changes.model or mine.model,
-                   options=kept)
+                   sampler={**mine.sampler, **changes.sampler}, options=kept)
 
 
 def ignored_fields(body: _Request, styles: dict) -> list[str]:
@@ -376,7 +403,8 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     body = with_infotext(body)
     for name, allowed in UNSUPPORTED.items():
         if name in type(body).model_fields and getattr(body, name) not in allowed:
-            raise refuse(name, f"not supported by sdtrt (allowed: {', '.join(repr(a) for a in allowed)})")
+            why = f" ({NOT_YET[name]})" if name in NOT_YET else ""
+            raise refuse(name, f"not supported by sdtrt{why} (allowed: {', '.join(repr(a) for a in allowed)})")
     settings = {A1111_AS_IS[k]: getattr(body, k) for k in A1111_AS_IS if k in type(body).model_fields}
     if body.styles:
         settings["prompt"], settings["negative_prompt"] = apply_styles(
@@ -384,8 +412,6 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     if settings.get("denoising_strength") is None or (isinstance(body, Txt2ImgBody) and not body.enable_hr):
         settings.pop("denoising_strength")  # (A1111 ignores it for txt2img without hires fix)
     settings["sampler"] = sampler_of(body)
-    if (problem := unhonoured(body, settings["sampler"])) is not None:
-        raise refuse(*problem)
     if body.subseed == -1:  # resolved here, so that info can say which one (A1111's all_subseeds)
         settings["subseed"] = random.randint(0, MAX_SEED)
     if body.scheduler is not None:
@@ -396,6 +422,8 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings["clip_skip"] = changes.clip_skip if changes.clip_skip is not None else mine.clip_skip
     settings["randn_source"] = changes.randn_source or mine.randn_source
     settings["model"] = changes.model or catalog.get(mine.model).key
+    defaults = {name: default for name, (default, _) in SAMPLER_OPTIONS.items()}
+    settings.update(sampler_settings(body, settings["sampler"], {**defaults, **mine.sampler, **changes.sampler}))
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))
     return settings

@@ -22,7 +22,15 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdtrt import __version__
-from sdtrt.client.apps.a1111_requests import SCHEDULER_NAMES, Job, UserOptions, _Request, open_image, refuse
+from sdtrt.client.apps.a1111_requests import (
+    SAMPLER_OPTIONS,
+    SCHEDULER_NAMES,
+    Job,
+    UserOptions,
+    _Request,
+    open_image,
+    refuse,
+)
 from sdtrt.client.client import Progress
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HIRES_UPSCALERS
@@ -194,8 +202,8 @@ def options_response(mine: UserOptions, spec: ModelSpec) -> dict[str, Any]:
     """A user's A1111 options: those kept as given, and those sdtrt draws with as they are."""
     return {**mine.options, "sd_model_checkpoint": spec.title, "sd_checkpoint_hash": spec.source_hash,
             "CLIP_stop_at_last_layers": mine.clip_skip, "samples_format": "png", "enable_pnginfo": True,
-            "sd_vae": "Automatic", "eta_ancestral": 1.0, "eta_ddim": 0.0, "eta_noise_seed_delta": 0,
-            "randn_source": mine.randn_source, "img2img_fix_steps": False}
+            "sd_vae": "Automatic", "randn_source": mine.randn_source, "img2img_fix_steps": False,
+            **{name: mine.sampler.get(name, default) for name, (default, _) in SAMPLER_OPTIONS.items()}}
 
 
 IDLE_PROGRESS = {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,

@@ -555,13 +555,17 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         config = {**s.overrides, **CONFIG_SCHEDULES.get(automatic, {})}
         extra = " ".join(f"{k}={v}" for k, v in config.items())
         note = f"  (Automatic: {automatic})" if s.name in AUTOMATIC_SCHEDULES else ""
-        print(f"{s.name:<{width}}  {s.scheduler} {extra}".rstrip() + note)
+        k = f"  | k-diffusion {s.k_function}" if s.k_function else ""
+        diffusers = f"{s.scheduler} {extra}".rstrip() if s.scheduler else "(k-diffusion only)"
+        print(f"{s.name:<{width}}  {diffusers}{note}{k}")
     print("\nnot available (no faithful implementation; the request is refused, naming these instead):")
     for name, (why, nearest) in UNAVAILABLE.items():
         print(f"  {name:<{width}}  use {', '.join(nearest)}: {why}")
+    print("\nA k-diffusion sampler runs on k-diffusion (as A1111) with --k-diffusion, with a schedule type its "
+          "diffusers class cannot follow, or with an A1111 setting only k-diffusion takes (--eta, --s-churn, ...).")
     print("\nschedule types (--schedule-type; 'Automatic': A1111's choice for the sampler, else its own):")
     for name in SCHEDULE_TYPES:
-        usable = [s for s in SAMPLERS if name in schedules.get(s, ())]
+        usable = [s for s, sampler in SAMPLERS.items() if sampler.k_function or name in schedules.get(s, ())]
         which = f"{len(usable)} of {len(SAMPLERS)} samplers" if len(usable) > 2 else " and ".join(usable) or "none"
         print(f"  {name:<16} {schedule_detail(name)}; with {which}")
     return 0

@@ -37,6 +37,7 @@ from sdtrt.model_repository.models.metrics import Metrics
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.model_repository.models.triton_io import JsonLog, PerRequestModel, optional_input, repo_root, scalar
 from sdtrt.pipeline import jobs
+from sdtrt.pipeline.ksampling import k_diffusion
 from sdtrt.requests.extra_networks import LoraLibrary, RequestLoras
 from sdtrt.requests.generation import infotexts
 from sdtrt.requests.plan import Plan, plan_request
@@ -169,7 +170,8 @@ class JobModel(PerRequestModel):
         spec = self.catalog.get()
         # One sampler per scheduler class: the imports are what first use costs (the schedule variants of one
         # class share them), and a class can take ~0.2 s to build (DPM2): not to pay 20 times at every start.
-        firsts = {sampler.scheduler: name for name, sampler in reversed(SAMPLERS.items())}
+        firsts = {sampler.scheduler: name for name, sampler in reversed(SAMPLERS.items()) if sampler.scheduler}
+        k_diffusion()  # and k-diffusion's sampling (scipy, torchsde, torchdiffeq), for the samplers it runs
         for name in firsts.values():
             scheduler = make_scheduler(name, spec.scheduler_config, DEFAULT_SCHEDULE, spec.schedules, [0])
             scheduler.set_timesteps(2, device=self.device)

@@ -24,16 +24,20 @@ ETA_ANCESTRAL, ETA_DDIM = 1.0, 0.0
 
 @dataclass(frozen=True)
 class Sampler:
-    """One A1111 sampler, every fact about it: its names, the diffusers scheduler behind it, its noise."""
+    """One A1111 sampler, every fact about it: its names, the diffusers scheduler and the k-diffusion function
+    behind it, its noise."""
 
     name: str  # as AUTOMATIC1111 spells it
-    scheduler: str  # diffusers class name
+    scheduler: str | None  # diffusers class name; None: diffusers has no faithful one (k-diffusion runs it)
     overrides: dict[str, Any] = field(default_factory=dict)
     schedule: str = "Automatic"  # the schedule type a combined name implies ("Karras" in "DPM++ 2M Karras")
     max_steps: int = 0  # the most steps the sampler can take (0: no limit of its own)
     aliases: tuple[str, ...] = ()  # A1111's other names for it (k-diffusion function names), as /samplers lists
-    step_noise: bool = False  # adds fresh noise at every step (diffusers draws it from each image's CPU generator)
+    step_noise: bool = False  # adds fresh noise at every step (drawn from each image's CPU generator)
     eta: float | None = None  # the eta it runs with (A1111's default for it); None: it has none
+    k_function: str | None = None  # the k_diffusion.sampling function A1111 runs it with; None: not a k sampler
+    k_params: tuple[str, ...] = ()  # the settings A1111 hands that function (its sampler_extra_params), eta aside
+    k_options: dict[str, Any] = field(default_factory=dict)  # A1111's options: discard_penultimate, brownian, ...
 
 
 # A1111 schedule type -> the diffusers config that gives it. A1111 (k-diffusion) spans Karras, Exponential and Beta
@@ -73,32 +77,56 @@ def schedule_detail(name: str) -> str:
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 
 
-def _with_karras(name: str, scheduler: str, overrides: dict[str, Any] | None = None, aliases: tuple[str, ...] = (),
-                 **noise: Any) -> list[Sampler]:
+def _with_karras(name: str, scheduler: str | None, overrides: dict[str, Any] | None = None,
+                 aliases: tuple[str, ...] = (), **facts: Any) -> list[Sampler]:
     """The sampler and A1111's older combined name for it on the Karras schedule (which has no aliases)."""
     overrides = overrides or {}
-    return [Sampler(name, scheduler, overrides, aliases=aliases, **noise),
-            Sampler(f"{name} Karras", scheduler, overrides, "Karras", **noise)]
+    return [Sampler(name, scheduler, overrides, aliases=aliases, **facts),
+            Sampler(f"{name} Karras", scheduler, overrides, "Karras", **facts)]
 
 
 _ANCESTRAL = {"step_noise": True, "eta": ETA_ANCESTRAL}  # ancestral and SDE samplers
+# What A1111 (1.10) hands each k-diffusion function besides eta (sd_samplers_kdiffusion.sampler_extra_params).
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+_NOISE = ("s_noise",)
+_DISCARD = {"discard_penultimate": True}  # A1111 runs one step more and drops the next-to-last sigma
+_BROWNIAN = {"brownian": True}  # step noise from a Brownian tree seeded per image (batch-size independent)
 
 
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in [
-        Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral"), **_ANCESTRAL),
-        Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",)),
-        *_with_karras("LMS", "LMSDiscreteScheduler", aliases=("k_lms",)),
-        Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",)),
-        *_with_karras("DPM2", "KDPM2DiscreteScheduler", aliases=("k_dpm_2",)),
-        *_with_karras("DPM2 a", "KDPM2AncestralDiscreteScheduler", aliases=("k_dpm_2_a",), **_ANCESTRAL),
-        *_with_karras("DPM++ 2M", "DPMSolverMultistepScheduler", aliases=("k_dpmpp_2m",)),
-        *_with_karras("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SDE, aliases=("k_dpmpp_2m_sde",), **_ANCESTRAL),
+        Sampler("Euler a", "EulerAncestralDiscreteScheduler", aliases=("k_euler_a", "k_euler_ancestral"),
+                k_function="sample_euler_ancestral", **_ANCESTRAL),
+        Sampler("Euler", "EulerDiscreteScheduler", aliases=("k_euler",), k_function="sample_euler", k_params=_CHURN),
+        *_with_karras("LMS", "LMSDiscreteScheduler", aliases=("k_lms",), k_function="sample_lms"),
+        Sampler("Heun", "HeunDiscreteScheduler", aliases=("k_heun",), k_function="sample_heun", k_params=_CHURN),
+        *_with_karras("DPM2", "KDPM2DiscreteScheduler", aliases=("k_dpm_2",), k_function="sample_dpm_2",
+                      k_params=_CHURN, k_options=_DISCARD),
+        *_with_karras("DPM2 a", "KDPM2AncestralDiscreteScheduler", aliases=("k_dpm_2_a",),
+                      k_function="sample_dpm_2_ancestral", k_params=_NOISE, k_options=_DISCARD, **_ANCESTRAL),
+        # diffusers has no ancestral single-step DPM-Solver++ (its DPMSolverSinglestepScheduler adds no noise)
+        *_with_karras("DPM++ 2S a", None, aliases=("k_dpmpp_2s_a",), k_function="sample_dpmpp_2s_ancestral",
+                      k_params=_NOISE, **_ANCESTRAL),
+        *_with_karras("DPM++ 2M", "DPMSolverMultistepScheduler", aliases=("k_dpmpp_2m",),
+                      k_function="sample_dpmpp_2m"),
+        *_with_karras("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SDE, aliases=("k_dpmpp_2m_sde",),
+                      k_function="sample_dpmpp_2m_sde", k_params=_NOISE, k_options=_BROWNIAN, **_ANCESTRAL),
         # k-diffusion's 2M SDE with solver_type='heun' is diffusers' SDE-DPM-Solver++ with its Heun correction
         *_with_karras("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", {**_SDE, "solver_type": "heun"},
-                      aliases=("k_dpmpp_2m_sde_heun",), **_ANCESTRAL),
-        *_with_karras("DPM++ SDE", "DPMSolverSDEScheduler", aliases=("k_dpmpp_sde",), **_ANCESTRAL),
+                      aliases=("k_dpmpp_2m_sde_heun",), k_function="sample_dpmpp_2m_sde", k_params=_NOISE,
+                      k_options={**_BROWNIAN, "solver_type": "heun"}, **_ANCESTRAL),
+        # diffusers' third-order SDE-DPM-Solver++ step differs from k-diffusion's in its second-derivative term
+        *_with_karras("DPM++ 3M SDE", None, aliases=("k_dpmpp_3m_sde",), k_function="sample_dpmpp_3m_sde",
+                      k_params=_NOISE, k_options={**_BROWNIAN, **_DISCARD}, **_ANCESTRAL),
+        *_with_karras("DPM++ SDE", "DPMSolverSDEScheduler", aliases=("k_dpmpp_sde",), k_function="sample_dpmpp_sde",
+                      k_params=_NOISE, k_options=_BROWNIAN, **_ANCESTRAL),
+        # k-diffusion's DPM-Solver with steps evenly spaced in log-SNR, and its adaptive-step one (which ignores
+        # the step count): no diffusers counterpart. A1111 hands both its ancestral eta.
+        Sampler("DPM fast", None, aliases=("k_dpm_fast",), k_function="sample_dpm_fast", k_params=_NOISE,
+                **_ANCESTRAL),
+        Sampler("DPM adaptive", None, aliases=("k_dpm_ad",), k_function="sample_dpm_adaptive", k_params=_NOISE,
+                **_ANCESTRAL),
         # As A1111 runs them whatever the checkpoint's scheduler config says (SD 1.x/2.x ship these; SDXL ships an
         # EulerDiscrete config without them): DDIM without clipping, PLMS without Runge-Kutta warm-up steps.
         Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}, aliases=("ddim",),
@@ -112,18 +140,9 @@ SAMPLERS: dict[str, Sampler] = {
     ]
 }
 
-# A1111 samplers with no faithful implementation in diffusers (or another library sdtrt uses): the reason, and
-# the samplers to use instead. Refused by name, never swapped for something else silently.
+# A1111 samplers that neither diffusers nor k-diffusion implements (A1111's own code): the reason, and the
+# samplers to use instead. Refused by name, never swapped for something else silently.
 UNAVAILABLE: dict[str, tuple[str, tuple[str, ...]]] = {
-    "DPM++ 2S a": ("diffusers has no ancestral single-step DPM-Solver++ (its DPMSolverSinglestepScheduler "
-                   "adds no noise)", ("DPM++ SDE", "Euler a", "DPM2 a")),
-    "DPM++ 3M SDE": ("diffusers' third-order SDE-DPM-Solver++ step differs from k-diffusion's in its second-"
-                     "derivative term (the sign of the 1/2), so it would not draw A1111's pictures",
-                     ("DPM++ 2M SDE", "DPM++ 2M SDE Heun")),
-    "DPM fast": ("k-diffusion's DPM-Solver with steps evenly spaced in log-SNR and a varying order has no "
-                 "diffusers counterpart", ("DPM++ 2M", "UniPC")),
-    "DPM adaptive": ("k-diffusion's adaptive-step DPM-Solver ignores the step count and has no diffusers "
-                     "counterpart", ("DPM++ 2M", "UniPC")),
     "Restart": ("Restart sampling is A1111's own code, in no library", ("Heun", "DPM++ 2M")),
     "DDIM CFG++": ("CFG++ (guidance on the denoised estimate, re-noised with the unconditional prediction) is "
                    "A1111's own code, in no library", ("DDIM",)),
@@ -133,8 +152,9 @@ LEGACY_SUFFIXES = (" Karras", " Exponential")  # A1111's old combined names: "DP
 DEFAULT_SAMPLER = "Euler a"
 # What A1111 (1.9+) runs for "Automatic": its table gives these samplers a schedule of their own; the others
 # follow the checkpoint's scheduler config (diffusers' default).
-AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM++ 2M SDE": "Exponential",
-                       "DPM++ 2M SDE Heun": "Exponential"}
+AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM2 a": "Karras",
+                       "DPM++ 2S a": "Karras", "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential",
+                       "DPM++ 3M SDE": "Exponential"}
 def draws_step_noise(name: str) -> bool:
     return SAMPLERS[name].step_noise
 
@@ -201,9 +221,62 @@ def _follows(name: str, schedule: str, base_config: dict[str, Any]) -> bool:
 
 def supported_schedules(name: str, base_config: dict[str, Any] | None = None) -> tuple[str, ...]:
     """The schedule types this sampler's diffusers class can follow: it takes the config setting, or custom
-    sigmas for A1111's own schedules. Needs diffusers: export computes it once into the spec
-    (``ModelSpec.schedules``), which everyone else reads."""
+    sigmas for A1111's own schedules (every one for a sampler only k-diffusion runs: a sigma list is all its
+    function takes). Needs diffusers: export computes it once into the spec (``ModelSpec.schedules``), which
+    everyone else reads. Where the diffusers class cannot follow a schedule, k-diffusion runs the sampler
+    (``runs_on_k_diffusion``), so every schedule type works with every k-diffusion sampler."""
+    if SAMPLERS[name].scheduler is None:
+        return SCHEDULE_TYPES
     return tuple(t for t in SCHEDULE_TYPES if _follows(name, t, base_config or {}))
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """A request's settings for its sampler, as A1111 takes them: ``eta`` (< 0: the sampler's own default, A1111's
+    eta_ancestral 1 or eta_ddim 0), sigma churn and its range (``s_tmax`` 0: no upper bound), the noise multiplier,
+    and ENSD (the step noise drawn from seed + delta). ``k_diffusion``: run k-diffusion's function even where
+    diffusers has the sampler."""
+
+    eta: float = -1.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
+    s_noise: float = 1.0
+    s_min_uncond: float = 0.0
+    eta_noise_seed_delta: int = 0
+    k_diffusion: bool = False
+
+    def eta_for(self, sampler: Sampler) -> float:
+        return (sampler.eta or 0.0) if self.eta < 0 else self.eta
+
+    def k_arguments(self, sampler: Sampler) -> dict[str, Any]:
+        """The keyword arguments A1111 hands the sampler's k-diffusion function (eta where it takes one)."""
+        values = {"s_churn": self.s_churn, "s_tmin": self.s_tmin, "s_tmax": self.s_tmax or float("inf"),
+                  "s_noise": self.s_noise}
+        arguments = {name: values[name] for name in sampler.k_params}
+        if sampler.eta is not None:
+            arguments["eta"] = self.eta_for(sampler)
+        return arguments
+
+
+def _diffusers_honours(sampler: Sampler, settings: SamplerSettings) -> bool:
+    """Whether the diffusers class draws what A1111 does with these settings: only at the defaults of the
+    settings A1111 hands the sampler's function (the others change nothing in A1111 either), and without
+    A1111's uncond skipping, which is k-diffusion's denoiser's."""
+    return settings.k_arguments(sampler) == SamplerSettings().k_arguments(sampler) and settings.s_min_uncond == 0
+
+
+def runs_on_k_diffusion(name: str, schedule: str, schedules: dict[str, list[str]],
+                        settings: SamplerSettings = SamplerSettings()) -> bool:
+    """Whether a request's sampler runs on k-diffusion's function (as A1111 runs it) rather than its diffusers
+    class: when diffusers has none, when asked, when the diffusers class cannot follow the schedule type, or
+    when a setting A1111 honours for it is one the diffusers class does not take."""
+    sampler = SAMPLERS[name]
+    if sampler.k_function is None:
+        return False
+    if sampler.scheduler is None or settings.k_diffusion:
+        return True
+    return schedule not in schedules.get(name, ()) or not _diffusers_honours(sampler, settings)
 
 
 def schedule_table(base_config: dict[str, Any] | None = None) -> dict[str, list[str]]:
@@ -212,8 +285,9 @@ def schedule_table(base_config: dict[str, Any] | None = None) -> dict[str, list[
 
 
 def resolve(name: str, schedule_type: str, schedules: dict[str, list[str]]) -> tuple[Sampler, str]:
-    """(sampler, effective schedule type) checked against ``schedules`` (the spec's table); an explicit schedule
-    type wins over a combined name's."""
+    """(sampler, effective schedule type) checked against ``schedules`` (the spec's table, for the samplers only
+    diffusers runs; a k-diffusion sampler takes every schedule type, as its function takes any sigma list); an
+    explicit schedule type wins over a combined name's."""
     check_available(name)
     try:
         sampler = SAMPLERS[name]
@@ -227,7 +301,7 @@ def resolve(name: str, schedule_type: str, schedules: dict[str, list[str]]) -> t
         effective = sampler.schedule
     else:
         effective = AUTOMATIC_SCHEDULES.get(name, DEFAULT_SCHEDULE)
-    allowed = schedules.get(name, ())
+    allowed = SCHEDULE_TYPES if sampler.k_function else schedules.get(name, ())
     if effective not in allowed:
         raise InvalidRequest("schedule_type", schedule_type,
                              f"one of: {', '.join(repr(t) for t in allowed)} with sampler {name!r}")
@@ -246,6 +320,8 @@ def make_scheduler(
     the model family's Align Your Steps levels (the spec's).
     """
     sampler, effective = resolve(name, schedule_type, schedules)
+    if sampler.scheduler is None:
+        raise ValueError(f"{name!r} has no diffusers scheduler: k-diffusion runs it (sdtrt.pipeline.ksampling)")
     cls = _scheduler_class(sampler)
     overrides = {**sampler.overrides, **CONFIG_SCHEDULES.get(effective, {})}
     if seeds is not None and "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:

@@ -18,11 +18,12 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 8  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 9  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
 # 8: a request read once into a plan: the tokenizer takes a text's weighted pieces, the jobs return the infotexts
+# 9: A1111's sampler settings (eta, sigma churn, s_noise, NGMS, ENSD) and k_diffusion; k-diffusion-only samplers
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",

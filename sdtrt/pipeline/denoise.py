@@ -11,8 +11,10 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.samplers import set_timesteps, step_kwargs
 from sdtrt.pipeline.conditioning import guided as with_uncond
+from sdtrt.pipeline.ksampling import KSchedule
 
 
 class UNet(Protocol):
@@ -28,8 +30,13 @@ def prepare_latents(scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Te
     return noise * scheduler.init_noise_sigma
 
 
-def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torch.device | None = None) -> torch.Tensor:
-    """img2img's schedule (diffusers' get_timesteps): only the last int(steps * strength) steps are run."""
+def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torch.device | None = None,
+                       second_pass: bool = False) -> torch.Tensor:
+    """img2img's schedule (diffusers' get_timesteps): only the last int(steps * strength) steps are run (a
+    k-diffusion sampler counts them as A1111 does, which tells img2img from a hires fix's ``second_pass``)."""
+    if isinstance(scheduler, KSchedule):
+        scheduler.set_timesteps(steps, device)
+        return scheduler.strength_timesteps(steps, strength, second_pass)
     set_timesteps(scheduler, steps, device)
     # A1111's DDIM schedule may run a step more than asked: the strength is a share of the steps it runs
     steps = getattr(scheduler, "num_inference_steps", None) or steps
@@ -47,16 +54,32 @@ class Pass:
     scheduler: Any
     generators: list[torch.Generator]
     timesteps: torch.Tensor | None = None
+    eta: float = 0.0  # for a diffusers class whose step takes one (DDIM)
 
 
 @dataclass(frozen=True)
 class Guidance:
     """Classifier-free guidance: off at ``scale`` <= 1, as in diffusers. With several ``cond_weights`` (A1111's
-    AND), each subprompt pulls away from the uncond by its weight: uncond + scale * sum(w_k * (cond_k - uncond))."""
+    AND), each subprompt pulls away from the uncond by its weight: uncond + scale * sum(w_k * (cond_k - uncond)).
+    ``min_uncond_sigma``: A1111's "NGMS", every other model call below that sigma skips the uncond (k-diffusion
+    samplers only)."""
 
     scale: float
     cond_weights: tuple[float, ...] = (1.0,)
     rescale: float = 0.0  # diffusers' guidance_rescale
+    min_uncond_sigma: float = 0.0
+
+    def combine(self, uncond: torch.Tensor, conds: list[torch.Tensor], scale: float | None = None) -> torch.Tensor:
+        scale = self.scale if scale is None else scale
+        return uncond + sum(w * scale * (cond - uncond) for w, cond in zip(self.cond_weights, conds))
+
+
+def _rescaled(guidance: Guidance, guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    # diffusers' pipeline module costs each job stub ~3 s to import (transformers, scipy): only a request that
+    # rescales pays it
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    return rescale_noise_cfg(guided, cond, guidance_rescale=guidance.rescale)
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,7 @@ class Inpainting:
 
     unet_extra: torch.Tensor | None = None
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (the picture's latents, the mask): k-diffusion's way
 
 
 def denoise(
@@ -82,13 +106,15 @@ def denoise(
     (``sdtrt.pipeline.conditioning.unet_conditioning``), with several cond weights [uncond, cond_1, ..., cond_K]
     (x N each), without it cond only; a callable gives each 0-based step's (prompt editing changes the
     conditioning as the steps go)."""
+    if isinstance(run.scheduler, KSchedule):
+        return k_denoise(run, unet, latents, context, guidance, on_step, inpainting)
     scheduler, generators = run.scheduler, run.generators
     guidance_scale, cond_weights = guidance.scale, guidance.cond_weights
     unet_extra, after_step = inpainting.unet_extra, inpainting.after_step
     timesteps = run.timesteps
     guided = with_uncond(guidance_scale, len(cond_weights))
     copies = len(cond_weights) + 1 if guided else 1
-    extra = step_kwargs(scheduler, generators)
+    extra = step_kwargs(scheduler, generators, run.eta)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     if unet_extra is not None:
         unet_extra = torch.cat([unet_extra] * copies)
@@ -101,16 +127,85 @@ def denoise(
         noise_pred = unet(model_input, timestep, context(i) if callable(context) else context)
         if guided:
             uncond, *conds = noise_pred.chunk(copies)
-            noise_pred = uncond + sum(w * guidance_scale * (cond - uncond) for w, cond in zip(cond_weights, conds))
+            noise_pred = guidance.combine(uncond, conds)
             if guidance.rescale > 0:
-                # diffusers' pipeline module costs each job stub ~3 s to import (transformers, scipy): only a
-                # request that rescales pays it
-                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-                noise_pred = rescale_noise_cfg(noise_pred, conds[0], guidance_rescale=guidance.rescale)
+                noise_pred = _rescaled(guidance, noise_pred, conds[0])
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         if after_step is not None:
             latents = after_step(i, latents)
         if on_step is not None:
             on_step(i + 1, len(timesteps), latents)
+    return latents
+
+
+MAX_K_CALLS = 450  # three calls a step at 150 steps, the most a fixed-step sampler (DPM fast) makes
+
+
+def _rows(context: dict[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:
+    return {name: rows[start:] for name, rows in context.items()}
+
+
+def k_denoise(
+    run: Pass,
+    unet: UNet,
+    latents: torch.Tensor,
+    context: dict[str, torch.Tensor] | Callable[[int], dict[str, torch.Tensor]],
+    guidance: Guidance,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    inpainting: Inpainting = Inpainting(),
+) -> torch.Tensor:
+    """``denoise`` for a k-diffusion sampler (``run.scheduler`` a KSchedule): its function drives the model A1111
+    gives it, k-diffusion's discrete denoiser around the U-Net (fractional timesteps, input scaling) with
+    guidance on the denoised latents. ``context`` and ``inpainting`` as for ``denoise``; an ordinary U-Net's
+    inpainting keeps the picture outside the mask in every denoised estimate and in the result."""
+    schedule: KSchedule = run.scheduler
+    n, sigmas = latents.shape[0], schedule.sigmas[schedule.begin:]
+    copies = len(guidance.cond_weights) + 1 if with_uncond(guidance.scale, len(guidance.cond_weights)) else 1
+    extra = None if inpainting.unet_extra is None else torch.cat([inpainting.unet_extra] * copies)
+    state = {"step": 0, "calls": 0, "rows": 0}
+
+    def network(sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The U-Net as k-diffusion's denoiser calls it: scaled input, fractional timesteps."""
+        ctx = context(state["step"]) if callable(context) else context
+        start = state["rows"]
+        if extra is not None:
+            sample = torch.cat([sample, extra[start:]], dim=1)
+        return unet(sample, t.to(torch.float32), _rows(ctx, start) if start else ctx)
+
+    schedule.denoiser.inner_model = network
+
+    def model(x: torch.Tensor, sigma: torch.Tensor, **_: Any) -> torch.Tensor:
+        if state["calls"] >= MAX_K_CALLS:  # DPM adaptive picks its own step count: its work is bounded here
+            raise InvalidRequest("sampler", schedule.sampler.name, f"a sampler that needs at most {MAX_K_CALLS} "
+                                 "U-Net calls; this one needed more for the request: use a fixed-step sampler")
+        skip = (copies > 1 and guidance.min_uncond_sigma > 0 and state["calls"] % 2 == 1
+                and float(sigma[0]) < guidance.min_uncond_sigma)
+        state["calls"] += 1
+        state["rows"] = n if skip else 0  # the uncond's rows come first: skipping it starts at the first cond's
+        k = copies - 1 if skip else copies
+        denoised = schedule.denoiser(torch.cat([x] * k), torch.cat([sigma] * k))
+        if copies > 1:
+            parts = list(denoised.chunk(k))
+            uncond, conds = (parts[0], parts) if skip else (parts[0], parts[1:])
+            combined = guidance.combine(uncond, conds, 1.0 if skip else None)
+            if guidance.rescale > 0:  # diffusers' rescale is of noise predictions: x - sigma * eps = denoised
+                s = sigma.reshape(-1, 1, 1, 1)
+                combined = x - s * _rescaled(guidance, (x - combined) / s, (x - conds[0]) / s)
+            denoised = combined
+        if inpainting.keep is not None:
+            picture, mask = inpainting.keep
+            denoised = picture * (1 - mask) + mask * denoised
+        return denoised
+
+    def callback(info: dict[str, Any]) -> None:
+        state["step"] = info["i"] + 1
+        if on_step is not None:
+            on_step(min(info["i"] + 1, len(sigmas) - 1), len(sigmas) - 1, info["denoised"])
+
+    with schedule.noise_like(run.generators):
+        latents = schedule.function(model, latents, callback=callback, disable=True,
+                                    **schedule.arguments(latents, run.generators))
+    if inpainting.keep is not None:
+        picture, mask = inpainting.keep
+        latents = picture * (1 - mask) + mask * latents
     return latents

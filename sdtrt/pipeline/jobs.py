@@ -13,6 +13,7 @@ onnxruntime sessions in-process, BLS calls to the Triton models when served; the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol
 
@@ -22,11 +23,12 @@ from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HIRES_UPSCALERS, upscale_image, upscale_latents
-from sdtrt.contract.samplers import make_scheduler
+from sdtrt.contract.samplers import SamplerSettings, make_scheduler, resolve, runs_on_k_diffusion
 from sdtrt.contract.seeds import NoiseDraw, image_seeds, initial_noise, make_generators
 from sdtrt.contract.spec import ModelSpec
 from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, scheduled_conditioning, unet_conditioning
 from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
+from sdtrt.pipeline.ksampling import KSchedule
 from sdtrt.pipeline.vae import sample_latents
 from sdtrt.requests.img2img import LATENT_FILLS, finish_images, to_model_input
 from sdtrt.requests.plan import Plan, TextPair
@@ -117,16 +119,36 @@ def _noise(plan: Plan, generators, width: int, height: int, device: torch.device
     return noise.to(device)
 
 
+def sampler_settings(request) -> SamplerSettings:
+    """The request's settings for its sampler (sdtrt.contract.samplers.SamplerSettings)."""
+    return SamplerSettings(**{f.name: getattr(request, f.name) for f in dataclasses.fields(SamplerSettings)})
+
+
 def _pass(plan: Plan) -> Pass:
-    """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state)."""
+    """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state): the
+    sampler's diffusers class, or its k-diffusion function where A1111's settings or schedule need it."""
     spec, request, seeds = plan.spec, plan.request, list(plan.seeds)
-    scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, spec.schedules, seeds,
-                               spec.align_your_steps)
-    return Pass(scheduler, make_generators(seeds))
+    settings = sampler_settings(request)
+    sampler, schedule = resolve(request.sampler, request.schedule_type, spec.schedules)
+    if runs_on_k_diffusion(request.sampler, schedule, spec.schedules, settings):
+        scheduler = KSchedule(sampler, schedule, spec.scheduler_config, settings, seeds, spec.align_your_steps)
+    else:
+        scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, spec.schedules,
+                                   seeds, spec.align_your_steps)
+    return Pass(scheduler, make_generators(seeds), eta=settings.eta_for(sampler))
+
+
+def _step_noise(plan: Plan, run: Pass) -> None:
+    """A1111's ENSD: once a pass's starting noise is drawn, its step noise comes from generators seeded with
+    seed + delta instead of the seed's own, continued."""
+    delta = plan.request.eta_noise_seed_delta
+    if delta:
+        run.generators[:] = make_generators([seed + delta for seed in plan.seeds])
 
 
 def _guidance(plan: Plan, prompts: ScheduledConditioning) -> Guidance:
-    return Guidance(plan.request.guidance_scale, prompts.weights, plan.request.guidance_rescale)
+    request = plan.request
+    return Guidance(request.guidance_scale, prompts.weights, request.guidance_rescale, request.s_min_uncond)
 
 
 def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnStep | None = None) -> torch.Tensor:
@@ -137,6 +159,7 @@ def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
                              f"({unet_channels(spec)}-channel U-Net); use img2img")
     run = _pass(plan)
     noise = _noise(plan, run.generators, first.width, first.height, nets.device)
+    _step_noise(plan, run)
     latents = prepare_latents(run.scheduler, noise, first.steps)
     context = step_contexts(spec, prompts.first, request.batch_size, request.guidance_scale, first.width,
                             first.height, nets.device)
@@ -162,10 +185,12 @@ def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning
         pictures = nets.vae_decode(latents / spec.vae_scaling_factor)
         resized = [upscale_image(Image.fromarray(p), upscaler, width, height) for p in pictures]
         init = sample_latents(nets.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
-    timesteps = strength_timesteps(scheduler, second.steps, request.denoising_strength, init.device)
+    timesteps = strength_timesteps(scheduler, second.steps, request.denoising_strength, init.device,
+                                   second_pass=True)
     if len(timesteps) == 0:
         return init
     noise = _noise(plan, generators, width, height, init.device)
+    _step_noise(plan, run)
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
     context = step_contexts(spec, prompts, request.batch_size, request.guidance_scale, width, height, nets.device)
     run.timesteps = timesteps
@@ -197,6 +222,7 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     if not (inpaint and nine and full_strength):
         image_latents = sample_latents(nets.vae_encode(inputs.init), generators, spec.vae_scaling_factor)
     noise = _noise(plan, generators, request.width, request.height, nets.device)
+    _step_noise(plan, run)
     if inpaint and image_latents is not None and request.inpainting_fill in LATENT_FILLS:
         image_latents = _fill_latents(image_latents, inputs.mask, noise, request.inpainting_fill)
     if len(timesteps) == 0:  # strength 0: the init image's VAE round trip
@@ -206,7 +232,7 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     else:
         latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
 
-    unet_extra = after_step = None
+    unet_extra = after_step = keep = None
     if inpaint:
         h, w = latents.shape[-2:]
         mask = torch.nn.functional.interpolate(inputs.mask, size=(h, w)).repeat(n, 1, 1, 1)
@@ -220,8 +246,10 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
                     proper = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
                 return (1 - mask) * proper + mask * current
 
+            keep = (image_latents, mask)
+
     context = step_contexts(spec, prompts.first, n, request.guidance_scale, request.width, request.height,
                             nets.device)
     latents = denoise(run, nets.unet, latents, context, _guidance(plan, prompts.first), on_step,
-                      Inpainting(unet_extra, after_step))
+                      Inpainting(unet_extra, after_step, keep))
     return latents / spec.vae_scaling_factor

@@ -114,6 +114,7 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     check_pixel_steps(checked, spec)
     check_randn_source(checked)
     check_sampler_steps(checked)
+    check_sampler_settings(checked)
     for name in ("seed_resize_from_w", "seed_resize_from_h"):
         value = getattr(checked, name)
         if 0 < value < spec.vae_scale_factor:
@@ -129,6 +130,16 @@ def check_sampler_steps(request: Txt2ImgRequest) -> None:
         value = getattr(request, name, 0) or 0
         if most and value > most:
             raise InvalidRequest(name, value, f"at most {most} with sampler {request.sampler!r}")
+
+
+def check_sampler_settings(request: Txt2ImgRequest) -> None:
+    """A1111's uncond skipping lives in k-diffusion's denoiser: the samplers only diffusers runs do not take it."""
+    sampler = SAMPLERS[request.sampler]
+    if request.s_min_uncond > 0 and sampler.k_function is None:
+        k_samplers = ", ".join(repr(name) for name, s in SAMPLERS.items() if s.k_function and s.schedule == "Automatic")
+        raise InvalidRequest("s_min_uncond", request.s_min_uncond,
+                             f"0 with sampler {request.sampler!r} (sdtrt skips the uncond with the k-diffusion "
+                             f"samplers: {k_samplers})")
 
 
 def check_randn_source(request: Txt2ImgRequest) -> None:

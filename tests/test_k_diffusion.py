@@ -1,0 +1,212 @@
+"""A1111's k-diffusion samplers, each against k-diffusion itself driving diffusers' networks.
+
+The reference is built here, from A1111's published code paths (modules/sd_samplers_kdiffusion.py): k-diffusion's
+own sampling function, given A1111's sigmas (tests/reference.py restates A1111's schedule types), A1111's
+arguments (eta, churn, noise multiplier, a Brownian tree per seed for the SDE samplers), its step noise (each
+image's generator after the starting noise, or seed + ENSD) and its CFG denoiser around diffusers' U-Net (the
+CompVis wrapper's input scaling and fractional timesteps, written out below). sdtrt runs the same request through
+its exported ONNX networks; the pictures must agree within MAX_PIXEL_DIFF.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from reference import MAX_PIXEL_DIFF, A1111Schedules, max_diff
+from sdtrt.client import Client
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.samplers import SAMPLERS
+from sdtrt.requests.request import Txt2ImgRequest
+
+# A1111 1.10's k-diffusion samplers: function, Automatic schedule, discard penultimate sigma, Brownian noise, the
+# extra arguments it hands the function.
+CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+A1111_K = {
+    "Euler a": ("sample_euler_ancestral", "Uniform", False, False, ("eta",)),
+    "Euler": ("sample_euler", "Uniform", False, False, CHURN),
+    "LMS": ("sample_lms", "Uniform", False, False, ()),
+    "Heun": ("sample_heun", "Uniform", False, False, CHURN),
+    "DPM2": ("sample_dpm_2", "Karras", True, False, CHURN),
+    "DPM2 a": ("sample_dpm_2_ancestral", "Karras", True, False, ("eta", "s_noise")),
+    "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", "Karras", False, False, ("eta", "s_noise")),
+    "DPM++ 2M": ("sample_dpmpp_2m", "Karras", False, False, ()),
+    "DPM++ SDE": ("sample_dpmpp_sde", "Karras", False, True, ("eta", "s_noise")),
+    "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", "Exponential", False, True, ("eta", "s_noise")),
+    "DPM++ 2M SDE Heun": ("sample_dpmpp_2m_sde", "Exponential", False, True, ("eta", "s_noise")),  # solver: heun
+    "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "Exponential", True, True, ("eta", "s_noise")),
+    "DPM fast": ("sample_dpm_fast", "Uniform", False, False, ("eta", "s_noise")),
+    "DPM adaptive": ("sample_dpm_adaptive", "Uniform", False, False, ("eta", "s_noise")),
+}
+PROMPT, NEGATIVE, SEED = "a small green square at the top left on a white background", "blurry", 11
+
+
+def k_sampling() -> types.ModuleType:
+    """k_diffusion.sampling, imported without the package's __init__ (its training kit needs torchvision)."""
+    if "k_diffusion.sampling" not in sys.modules:
+        spec = importlib.util.find_spec("k_diffusion")
+        sys.modules.setdefault("k_diffusion", importlib.util.module_from_spec(spec))
+        stubs = {"torchvision": types.ModuleType("torchvision"),
+                 "torchvision.transforms": types.ModuleType("torchvision.transforms")}
+        stubs["torchvision.transforms"].functional = types.ModuleType("functional")
+        stubs["torchvision"].transforms = stubs["torchvision.transforms"]
+        missing = {k: v for k, v in stubs.items() if k not in sys.modules}
+        sys.modules.update(missing)
+        try:
+            importlib.import_module("k_diffusion.sampling")
+        finally:
+            for name in missing:
+                sys.modules.pop(name)
+    return sys.modules["k_diffusion.sampling"]
+
+
+class _Randn:
+    """A1111's TorchHijack: k-diffusion's torch.randn_like draws from the image's generator."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def randn_like(self, x, *args, **kwargs):
+        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype)
+
+
+@torch.no_grad()
+def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str = "Automatic", eta: float = 1.0,
+                ensd: int = 0, s_min_uncond: float = 0.0, **extra) -> np.ndarray:
+    """One 64x64 image as A1111 samples it with k-diffusion, on diffusers' U-Net and VAE."""
+    sampling = k_sampling()
+    function, automatic, discard, brownian, takes = A1111_K[sampler]
+    a1111 = A1111Schedules(pipe.scheduler.config)
+    n = steps + 1 if discard else steps
+    sigmas = a1111.sigmas(automatic if schedule == "Automatic" else schedule, n).float()
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+    generator = torch.Generator().manual_seed(SEED)
+    x = torch.randn((1, 4, 8, 8), generator=generator) * sigmas[0]
+    if ensd:
+        generator = torch.Generator().manual_seed(SEED + ensd)
+    calls = [0]
+
+    def model(x, sigma, **_):  # A1111's CFGDenoiser around k-diffusion's CompVisDenoiser
+        skip = calls[0] % 2 == 1 and s_min_uncond > 0 and float(sigma[0]) < s_min_uncond
+        calls[0] += 1
+        rows = 1 if skip else 2
+        x_in, s_in = torch.cat([x] * rows), torch.cat([sigma] * rows)
+        t = torch.stack([a1111.sigma_to_t(float(s)).reshape(()) for s in s_in]).float()
+        c_in = (1 / (s_in ** 2 + 1) ** 0.5).reshape(-1, 1, 1, 1)
+        context = cond if skip else torch.cat([cond, uncond])
+        eps = pipe.unet(x_in * c_in, t, encoder_hidden_states=context).sample
+        denoised = x_in - eps * s_in.reshape(-1, 1, 1, 1)
+        if skip:
+            return denoised
+        c, u = denoised.chunk(2)
+        return u + (c - u) * cfg
+
+    values = {"eta": eta, "s_noise": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), **extra}
+    kwargs = {k: values[k] for k in takes}
+    if function in ("sample_dpm_fast", "sample_dpm_adaptive"):
+        kwargs.update(sigma_min=a1111.sigma_min, sigma_max=a1111.sigma_max)
+        if function == "sample_dpm_fast":
+            kwargs["n"] = steps
+    else:
+        kwargs["sigmas"] = sigmas
+    if sampler == "DPM++ 2M SDE Heun":
+        kwargs["solver_type"] = "heun"
+    if brownian:
+        positive = sigmas[sigmas > 0]
+        kwargs["noise_sampler"] = sampling.BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=[SEED])
+    elif "eta" in takes:
+        kwargs["noise_sampler"] = lambda sigma, sigma_next: torch.randn(x.shape, generator=generator)
+    original = sampling.torch
+    sampling.torch = _Randn(generator)
+    try:
+        latents = getattr(sampling, function)(model, x, disable=True, **kwargs)
+    finally:
+        sampling.torch = original
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(image, output_type="np")[0:1].__mul__(255).round().astype(np.uint8)
+
+
+def sdtrt_image(local_pipeline, sampler: str, steps: int, **settings) -> np.ndarray:
+    request = Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps, width=64, height=64,
+                             sampler=sampler, k_diffusion=True, **settings)
+    return local_pipeline.txt2img(request).images
+
+
+def test_the_reference_covers_every_k_diffusion_sampler():
+    """Every sampler with a k-diffusion function (the combined "... Karras" names are their base on Karras)."""
+    assert set(A1111_K) == {name for name, s in SAMPLERS.items() if s.k_function and s.schedule == "Automatic"}
+    assert all(SAMPLERS[name].k_function == function for name, (function, *_) in A1111_K.items())
+
+
+@pytest.mark.parametrize("sampler", list(A1111_K))
+def test_each_k_sampler_matches_k_diffusion_driving_the_same_networks(sampler, local_pipeline, diffusers_pipe):
+    steps = 8
+    expected = k_reference(diffusers_pipe, sampler, steps)
+    assert max_diff(sdtrt_image(local_pipeline, sampler, steps), expected) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("schedule", ["Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
+                                      "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"])
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2S a"])
+def test_every_schedule_type_with_k_samplers(sampler, schedule, local_pipeline, diffusers_pipe):
+    steps = 7
+    expected = k_reference(diffusers_pipe, sampler, steps, schedule=schedule)
+    result = sdtrt_image(local_pipeline, sampler, steps, schedule_type=schedule)
+    assert max_diff(result, expected) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("sampler, settings, reference", [
+    ("Euler a", dict(eta=0.4), dict(eta=0.4)),
+    ("DPM++ 2M SDE", dict(eta=0.6, s_noise=0.9), dict(eta=0.6, s_noise=0.9)),
+    ("Euler", dict(s_churn=3.0, s_tmin=0.5, s_tmax=8.0, s_noise=1.05),
+     dict(s_churn=3.0, s_tmin=0.5, s_tmax=8.0, s_noise=1.05)),
+    ("Euler a", dict(eta_noise_seed_delta=31337, k_diffusion=True), dict(ensd=31337)),
+    ("DPM++ 2M", dict(s_min_uncond=4.0), dict(s_min_uncond=4.0)),
+])
+def test_a1111s_sampler_settings_as_k_diffusion_takes_them(sampler, settings, reference, local_pipeline,
+                                                           diffusers_pipe):
+    steps = 8
+    expected = k_reference(diffusers_pipe, sampler, steps, **reference)
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps,
+                                                   width=64, height=64, sampler=sampler, **settings))
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+    plain = sdtrt_image(local_pipeline, sampler, steps)
+    assert (plain != result.images).any()  # the setting changed the picture
+
+
+def test_settings_reach_the_infotext_as_a1111_writes_them(local_pipeline):
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt="x", steps=3, width=64, height=64, sampler="Euler a",
+                                                   eta=0.5, eta_noise_seed_delta=31337))
+    assert "Eta: 0.5" in result.infotexts[0] and "ENSD: 31337" in result.infotexts[0]
+
+
+def test_an_unset_eta_is_the_samplers_default(local_pipeline):
+    """Euler a's eta 1 (A1111's eta_ancestral) is what diffusers' class does: no switch to k-diffusion."""
+    settings = dict(prompt="x", steps=4, width=64, height=64, sampler="Euler a", seed=2)
+    assert (local_pipeline.txt2img(Txt2ImgRequest(eta=1.0, **settings)).images
+            == local_pipeline.txt2img(Txt2ImgRequest(**settings)).images).all()
+
+
+def test_uncond_skipping_with_a_sampler_k_diffusion_lacks_is_refused(local_pipeline):
+    with pytest.raises(InvalidRequest) as exc:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="DDIM", s_min_uncond=2.0, width=64, height=64))
+    assert exc.value.field == "s_min_uncond" and "'Euler a'" in str(exc.value)
+
+
+def test_a_k_diffusion_sampler_served_matches_the_local_runner(server, local_pipeline):
+    settings = dict(sampler="DPM++ 2S a", steps=6, seed=4, width=64, height=64, eta=0.7, eta_noise_seed_delta=5)
+    served = Client(server.url).txt2img("a lighthouse", **settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(prompt="a lighthouse", **settings))
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    assert "Eta: 0.7" in served.infotexts[0] and "ENSD: 5" in served.infotexts[0]
