@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict
 
 from sdtrt.client.apps import a1111_responses as answer
 from sdtrt.client.apps.a1111_requests import (
-    ExtrasSingleImageBody, Img2ImgBody, Job, Txt2ImgBody, UserOptions, extras_job, ignored_fields, translate,
-    updated_options,
+    ExtrasSingleImageBody, Img2ImgBody, Job, Txt2ImgBody, UserOptions, extras_job, ignored_fields,
+    load_user_options, save_user_options, translate, updated_options,
 )
+from sdtrt.contract.errors import UsageError
 from sdtrt.client.client import Progress
 from sdtrt.contract.outputs import png_info
 from sdtrt.contract.spec import load_catalog
@@ -263,6 +264,17 @@ def test_sampler_settings_come_from_the_request_else_the_users_options(catalog):
     # the sampler's own eta stays unset, so that the infotext has no "Eta", as A1111's
     assert "eta" not in translate(Txt2ImgBody(prompt="x", sampler_name="Euler a", eta=1.0), UserOptions(), {}, catalog)
     assert "eta" not in translate(Txt2ImgBody(prompt="x", sampler_name="Euler", eta=0.5), UserOptions(), {}, catalog)
+
+
+def test_user_options_are_saved_whole_and_a_damaged_file_is_named(tmp_path):
+    users = {"": UserOptions(clip_skip=2, sampler={"s_churn": 1.5}, options={"jpeg_quality": 90}),
+             "alice": UserOptions(randn_source="NV", model="other")}
+    path = tmp_path / "deep" / "options.json"
+    save_user_options(path, users)
+    assert load_user_options(path) == users and load_user_options(tmp_path / "absent.json") == {}
+    path.write_text("{not json")
+    with pytest.raises(UsageError, match="options.json: not an sdtrt options file"):
+        load_user_options(path)
 
 
 def test_styles_and_infotext_fill_the_request_and_given_fields_win(catalog):

@@ -104,6 +104,45 @@ def test_options_round_trip(gateway):
     gateway.set_options({"CLIP_stop_at_last_layers": 1})
 
 
+def start_gateway(server, out, options_file):
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "api", "--url", server.url, "--port", str(port),
+                             "--out", str(out), "--options-file", str(options_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert first_answer(f"http://127.0.0.1:{port}/sdapi/v1/samplers", proc) == 200
+    return proc, webuiapi.WebUIApi(host="127.0.0.1", port=port)
+
+
+def test_every_a1111_option_with_its_default_kept_across_a_restart(server, tmp_path):
+    """A1111 keeps its options in config.json: GET /options has every key A1111 has, with A1111's default; what a
+    user sets, sdtrt's or not, reads back the same after the gateway restarts."""
+    options_file = tmp_path / "options.json"
+    proc, api = start_gateway(server, tmp_path / "out", options_file)
+    try:
+        options = api.get_options()
+        assert len(options) > 240  # the keys of A1111 1.7's options_templates
+        assert (options["samples_save"], options["jpeg_quality"], options["face_restoration_model"]) == \
+            (True, 80, "CodeFormer")
+        assert (options["eta_ancestral"], options["s_noise"], options["eta_noise_seed_delta"]) == (1.0, 1.0, 0)
+        api.set_options({"jpeg_quality": 95, "eta_noise_seed_delta": 31337, "CLIP_stop_at_last_layers": 2,
+                         "some_extension_option": [1, "two"]})
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert options_file.is_file() and not list(tmp_path.glob("*.tmp*"))
+    proc, api = start_gateway(server, tmp_path / "out", options_file)
+    try:
+        options = api.get_options()
+        assert (options["jpeg_quality"], options["eta_noise_seed_delta"], options["CLIP_stop_at_last_layers"],
+                options["some_extension_option"]) == (95, 31337, 2, [1, "two"])
+        _, _, params = parse_infotext(api.txt2img(prompt="x", steps=2, width=64, height=64, seed=1,
+                                                  sampler_name="Euler a").image.info["parameters"])
+        assert params["ENSD"] == "31337" and params["Clip skip"] == "2"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_info_calls(gateway):
     assert "Euler a" in [s["name"] for s in gateway.get_samplers()]
     assert [m["model_name"] for m in gateway.get_sd_models()]

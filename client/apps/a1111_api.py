@@ -15,6 +15,7 @@ import logging
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,8 +39,10 @@ from sdtrt.client.apps.a1111_requests import (
     extras_job,
     ignored_fields,
     img2img_pictures,
+    load_user_options,
     open_image,
     refuse,
+    save_user_options,
     translate,
     updated_options,
 )
@@ -63,13 +66,16 @@ Call = Callable[[dict[str, Any], Callable[[int, int], None], Any], Generation]
 class Gateway:
     """The gateway's state: the client, each user's A1111 options, the generations under way."""
 
-    def __init__(self, client: Client, outputs: Path | None = None, styles_file: Path | None = None):
+    def __init__(self, client: Client, outputs: Path | None = None, styles_file: Path | None = None,
+                 options_file: Path | None = None):
         self.client = client
         self.outputs = outputs
         self.styles_file = styles_file
         self._styles: tuple[float | None, dict] = (None, {})  # (the file's mtime when read, its styles)
-        self.lock = threading.Lock()
-        self._users: dict[str, UserOptions] = {}  # at most one per set of credentials the gateway was given
+        self.lock = threading.RLock()
+        self.options_file = options_file  # each user's options, kept across restarts (A1111's config.json)
+        # at most one per set of credentials the gateway was given
+        self._users: dict[str, UserOptions] = load_user_options(options_file) if options_file else {}
         # every generation under way, by (user, task id): what /progress, /interrupt and /skip reach
         self.jobs: dict[tuple[str, str], Job] = {}
 
@@ -78,9 +84,12 @@ class Gateway:
             return self._users.setdefault(name, UserOptions())
 
     def set_options(self, name: str, options: dict[str, Any]) -> None:
-        mine = updated_options(self.user(name), options, self.client.catalog, self.current(name))
+        """Read, check and store under one lock (two writes at once must not lose one), then kept in the file."""
         with self.lock:
+            mine = updated_options(self.user(name), options, self.client.catalog, self.current(name))
             self._users[name] = mine
+            if self.options_file is not None:
+                save_user_options(self.options_file, self._users)
 
     def user_jobs(self, user: str) -> list[Job]:
         with self.lock:
@@ -222,20 +231,28 @@ def logged(exc: BaseException) -> str:
     return error_id
 
 
+@dataclass(frozen=True)
+class GatewayLimits:
+    max_body: int = DEFAULT_MAX_BODY  # bytes of one request body
+    max_generations: int = 32  # generations worked on at once (the control routes have threads of their own)
+
+
 def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str] | None = None, *,
                styles_file: Path | None = None, metrics_url: str | None = None,
-               flags: dict[str, Any] | None = None, max_body: int = DEFAULT_MAX_BODY,
-               max_generations: int = 32) -> FastAPI:
+               flags: dict[str, Any] | None = None, limits: GatewayLimits = GatewayLimits(),
+               options_file: Path | None = None) -> FastAPI:
     """The gateway over ``client``; with ``auth`` (user -> password) every route wants HTTP basic auth, its
     documentation included, and each user sees and stops only their own generations. ``styles_file`` is A1111's
     styles.csv, ``metrics_url`` the server's Prometheus metrics (for /memory), ``flags`` what /cmd-flags answers
-    (the command's flags, passwords and internal addresses left out), ``max_body`` the largest request body."""
-    gateway = Gateway(client, outputs, styles_file)
+    (the command's flags, passwords and internal addresses left out), ``limits`` the largest request body and
+    the generations worked on at once,
+    ``options_file`` where each user's options are kept across restarts (None: in memory only)."""
+    gateway = Gateway(client, outputs, styles_file, options_file)
     app = FastAPI(title="sdtrt: AUTOMATIC1111-compatible API", version=__version__,
                   description="The A1111 /sdapi/v1 endpoints a Stable Diffusion server can honour, served by sdtrt.")
-    app.add_middleware(WebGuard, users=auth, max_body=max_body)
+    app.add_middleware(WebGuard, users=auth, max_body=limits.max_body)
     add_error_handlers(app)
-    add_generation_routes(app, gateway, anyio.CapacityLimiter(max_generations))
+    add_generation_routes(app, gateway, anyio.CapacityLimiter(limits.max_generations))
     add_control_routes(app, gateway)
     add_info_routes(app, gateway, metrics_url, flags)
     return app

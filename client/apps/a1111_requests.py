@@ -14,7 +14,8 @@ import json
 import random
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from sdtrt.client.client import JobControl
-from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.errors import InvalidRequest, UsageError
+from sdtrt.contract.files import write_atomic
 from sdtrt.contract.pictures import open_picture, picture_bytes_from_base64
 from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
 from sdtrt.contract.seeds import MAX_SEED
@@ -274,6 +276,27 @@ class UserOptions:
     options: dict[str, Any] = field(default_factory=dict)  # A1111 options sdtrt has no use for, kept for GET
 
 
+def load_user_options(path: Path) -> dict[str, UserOptions]:
+    """Each user's options as ``save_user_options`` kept them; none when the file is absent. A file this gateway
+    cannot read is an error naming it (not silently everyone's options lost)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {user: UserOptions(**{k: v for k, v in fields.items() if k in USER_OPTION_KEYS})
+                for user, fields in data["users"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path}: not an sdtrt options file ({type(exc).__name__}: {str(exc)[:200]}); move it "
+                         "away to start from A1111's defaults") from None
+
+
+def save_user_options(path: Path, users: dict[str, UserOptions]) -> None:
+    """Written to a temporary name and renamed: a crash mid-write keeps the previous file."""
+    data = {"users": {user: asdict(options) for user, options in users.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(data, indent=1, default=str))
+
+
 @dataclass(frozen=True)
 class OptionChanges:
     """What A1111 options set that sdtrt draws with (None: not set)."""
@@ -282,6 +305,9 @@ class OptionChanges:
     model: str | None = None  # the model's key in the catalog
     randn_source: str | None = None
     sampler: dict[str, Any] = field(default_factory=dict)  # SAMPLER_OPTIONS set
+
+
+USER_OPTION_KEYS = ("clip_skip", "randn_source", "model", "sampler", "options")
 
 
 def find_model(catalog: Catalog, value: Any, where: str) -> str:

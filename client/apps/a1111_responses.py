@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import html
 import io
 import json
@@ -198,9 +199,17 @@ def extras_response(result: Image.Image, chunks: dict[str, str], done: dict[str,
 
 
 # --- state -------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def a1111_defaults() -> dict[str, Any]:
+    """Every option key of A1111 1.7's options_templates, with its default (null where A1111 computes it at
+    start-up); options extensions add come from the users who set them."""
+    return json.loads((Path(__file__).parent / "a1111_options.json").read_text())
+
+
 def options_response(mine: UserOptions, spec: ModelSpec) -> dict[str, Any]:
-    """A user's A1111 options: those kept as given, and those sdtrt draws with as they are."""
-    return {**mine.options, "sd_model_checkpoint": spec.title, "sd_checkpoint_hash": spec.source_hash,
+    """A user's A1111 options: A1111's defaults, those the user set (kept and read back as given, as A1111 keeps
+    options it has no use for), and those sdtrt draws with as they are."""
+    return {**a1111_defaults(), **mine.options, "sd_model_checkpoint": spec.title, "sd_checkpoint_hash": spec.source_hash,
             "CLIP_stop_at_last_layers": mine.clip_skip, "samples_format": "png", "enable_pnginfo": True,
             "sd_vae": "Automatic", "randn_source": mine.randn_source, "img2img_fix_steps": False,
             **{name: mine.sampler.get(name, default) for name, (default, _) in SAMPLER_OPTIONS.items()}}

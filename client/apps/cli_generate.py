@@ -154,6 +154,9 @@ def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
                    "interrupt, skip, options and /healthz have threads of their own (default: %(default)s)")
     p.add_argument("--max-request-mb", type=float, default=64.0, metavar="MB",
                    help="largest request body; bigger ones get 413 before they are read (default: %(default)s)")
+    p.add_argument("--options-file", type=Path, default=None, metavar="JSON",
+                   help="each user's A1111 options, kept across restarts as A1111 keeps its config.json (default: "
+                   "sdtrt-a1111-options.json in --out, the gateway's writable folder)")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("png-info", help="print the AUTOMATIC1111 infotext a PNG carries",
@@ -269,7 +272,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     # loaded when the command runs (see the module docstring)
     import uvicorn
 
-    from sdtrt.client.apps.a1111_api import create_app
+    from sdtrt.client.apps.a1111_api import GatewayLimits, create_app
 
     users = credentials(args)
     _refuse_if_open(args, users, "the A1111 API")
@@ -279,8 +282,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     metrics_url = args.metrics_url or f"http://{client.url.rsplit(':', 1)[0]}:{DEFAULT_PORTS['metrics']}/metrics"
     flags = {"api": True, "nowebui": True, "listen": not is_loopback(args.host), "port": args.port,
              "api_auth": "(set)" if users else None}
+    options_file = args.options_file or args.out / "sdtrt-a1111-options.json"
     app = create_app(client, args.out, users or None, styles_file=args.styles_file, metrics_url=metrics_url,
-                     flags=flags, max_body=int(args.max_request_mb * 2**20), max_generations=args.max_generations)
+                     flags=flags, limits=GatewayLimits(int(args.max_request_mb * 2**20), args.max_generations),
+                     options_file=options_file)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
