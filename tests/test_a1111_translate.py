@@ -266,6 +266,17 @@ def test_sampler_settings_come_from_the_request_else_the_users_options(catalog):
     assert "eta" not in translate(Txt2ImgBody(prompt="x", sampler_name="Euler", eta=0.5), UserOptions(), {}, catalog)
 
 
+def test_an_infotexts_settings_are_read_as_override_settings(catalog):
+    """Clip skip, ENSD and RNG are A1111 options: an infotext's apply as override_settings, which a request's
+    own override_settings beat."""
+    infotext = "a fox\nSteps: 5, Sampler: Euler a, Seed: 3, Size: 64x64, Clip skip: 2, ENSD: 31337, RNG: NV"
+    settings = translate(Txt2ImgBody(infotext=infotext), UserOptions(), {}, catalog)
+    assert (settings["clip_skip"], settings["eta_noise_seed_delta"], settings["randn_source"]) == (2, 31337, "NV")
+    settings = translate(Txt2ImgBody(infotext=infotext, override_settings={"eta_noise_seed_delta": 5}),
+                         UserOptions(), {}, catalog)
+    assert settings["eta_noise_seed_delta"] == 5
+
+
 def test_user_options_are_saved_whole_and_a_damaged_file_is_named(tmp_path):
     users = {"": UserOptions(clip_skip=2, sampler={"s_churn": 1.5}, options={"jpeg_quality": 90}),
              "alice": UserOptions(randn_source="NV", model="other")}

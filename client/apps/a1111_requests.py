@@ -409,6 +409,19 @@ def with_infotext(body: _Request) -> _Request:
                                           f"not one of {', '.join(field.choices)}")
             stored[field.a1111] = field.choices.index(stored[field.a1111])
     given = {**{k: v for k, v in stored.items() if k in type(body).model_fields}, **given}
+    # Clip skip, ENSD, RNG: A1111 options, which A1111 applies from an infotext as override settings (the text's
+    # numbers as the fields' types; a value that is none is refused by the option's own check)
+    overrides = {}
+    for name, value in stored.items():
+        if name.startswith("override_settings."):
+            field = BY_NAME[next(f for f, a in A1111_NAMES.items() if a == name)]
+            try:
+                overrides[name.removeprefix("override_settings.")] = field.python_type(value)
+            except ValueError:
+                raise refuse(name, f"the infotext's {field.infotext} {str(value)[:80]!r} is not a "
+                                   f"{field.python_type.__name__}") from None
+    if overrides:
+        given["override_settings"] = {**overrides, **(given.get("override_settings") or {})}
     try:
         return type(body)(**given)
     except ValidationError as exc:  # a value the infotext holds that the field cannot take
