@@ -81,8 +81,11 @@ class _Randn:
 
 @torch.no_grad()
 def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str = "Automatic", eta: float = 1.0,
-                ensd: int = 0, s_min_uncond: float = 0.0, **extra) -> np.ndarray:
-    """One 64x64 image as A1111 samples it with k-diffusion, on diffusers' U-Net and VAE."""
+                ensd: int = 0, s_min_uncond: float = 0.0, init: np.ndarray | None = None, strength: float = 0.0,
+                **extra) -> np.ndarray:
+    """One 64x64 image as A1111 samples it with k-diffusion, on diffusers' U-Net and VAE; with ``init`` (a
+    picture), img2img as A1111's sample_img2img runs it: of the schedule for ``steps``, the last
+    int(strength * steps) + 1 steps, from the picture's latents plus noise at the first of them."""
     sampling = k_sampling()
     function, automatic, discard, brownian, takes = A1111_K[sampler]
     a1111 = A1111Schedules(pipe.scheduler.config)
@@ -92,7 +95,13 @@ def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str 
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
     generator = torch.Generator().manual_seed(SEED)
-    x = torch.randn((1, 4, 8, 8), generator=generator) * sigmas[0]
+    if init is None:
+        x = torch.randn((1, 4, 8, 8), generator=generator) * sigmas[0]
+    else:  # the picture's latents drawn as diffusers' img2img draws them (generator first), then the noise
+        picture = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 127.5 - 1
+        latents = pipe.vae.encode(picture).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
+        schedule_sigmas, sigmas = sigmas, sigmas[steps - int(min(strength, 0.999) * steps) - 1:]
+        x = latents + torch.randn((1, 4, 8, 8), generator=generator) * sigmas[0]
     if ensd:
         generator = torch.Generator().manual_seed(SEED + ensd)
     calls = [0]
@@ -122,8 +131,9 @@ def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str 
         kwargs["sigmas"] = sigmas
     if sampler == "DPM++ 2M SDE Heun":
         kwargs["solver_type"] = "heun"
-    if brownian:
-        positive = sigmas[sigmas > 0]
+    if brownian:  # over the whole schedule (A1111's create_noise_sampler), img2img's too
+        whole = sigmas if init is None else schedule_sigmas
+        positive = whole[whole > 0]
         kwargs["noise_sampler"] = sampling.BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=[SEED])
     elif "eta" in takes:
         kwargs["noise_sampler"] = lambda sigma, sigma_next: torch.randn(x.shape, generator=generator)
@@ -183,6 +193,22 @@ def test_a1111s_sampler_settings_as_k_diffusion_takes_them(sampler, settings, re
     assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
     plain = sdtrt_image(local_pipeline, sampler, steps)
     assert (plain != result.images).any()  # the setting changed the picture
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2S a", "DPM++ 2M SDE"])
+def test_img2img_runs_a1111s_steps_of_the_schedule(sampler, local_pipeline, diffusers_pipe):
+    from reference import sample_picture
+    from sdtrt.requests.request import Img2ImgRequest
+
+    picture, steps, strength = sample_picture(64, 64), 10, 0.6
+    expected = k_reference(diffusers_pipe, sampler, steps, init=picture, strength=strength)
+    request = Img2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps, width=64, height=64,
+                             sampler=sampler, k_diffusion=True, denoising_strength=strength)
+    done = []
+    result = local_pipeline.generate(local_pipeline.plan(request, init_image=picture),
+                                     on_step=lambda step, total, _: done.append(total))
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+    assert done[-1] == int(strength * steps) + 1  # A1111 runs one step more than diffusers' img2img
 
 
 def test_settings_reach_the_infotext_as_a1111_writes_them(local_pipeline):

@@ -197,8 +197,8 @@ class KSchedule:
     def noise_sampler(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> Callable:
         """The step noise A1111 gives the function: a Brownian tree per image seeded by its seed (the SDE
         samplers, batch-size independent), else each image's generator."""
-        if self.sampler.k_options.get("brownian"):
-            sigmas = self.sigmas[self.begin:]
+        if self.sampler.k_options.get("brownian"):  # spanning the whole schedule, img2img's too (as A1111)
+            sigmas = self.sigmas
             return self.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
                                                           seed=self.seeds)
         draw = image_noise(generators)
