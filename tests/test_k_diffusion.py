@@ -144,7 +144,7 @@ def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str 
     finally:
         sampling.torch = original
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(image, output_type="np")[0:1].__mul__(255).round().astype(np.uint8)
+    return (pipe.image_processor.postprocess(image, output_type="np")[0:1] * 255).round().astype(np.uint8)
 
 
 def sdtrt_image(local_pipeline, sampler: str, steps: int, **settings) -> np.ndarray:

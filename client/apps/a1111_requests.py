@@ -10,6 +10,7 @@ would change the picture; a value equal to what sdtrt does anyway is accepted (`
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -50,11 +51,13 @@ def choice_numbers(name: str) -> str:
 
 # sdtrt request field -> A1111's name, for naming it in a refusal; the pictures travel beside the fields
 A1111_NAME = A1111_NAMES | {"init_image": "init_images", "mask": "mask"}
-# A1111's sampler options (its defaults) and the sdtrt field whose range each takes: a request's own value wins
-# (eta_ancestral or eta_ddim stands for eta as the sampler is DDIM or not, as A1111 reads them)
-SAMPLER_OPTIONS = {"eta_ancestral": (1.0, "eta"), "eta_ddim": (0.0, "eta"),
-                   "eta_noise_seed_delta": (0, "eta_noise_seed_delta"), "s_churn": (0.0, "s_churn"), "s_tmin": (0.0, "s_tmin"), "s_tmax": (0.0, "s_tmax"),
-                   "s_noise": (1.0, "s_noise"), "s_min_uncond": (0.0, "s_min_uncond")}
+# A1111's sampler options -> the sdtrt field whose range each takes (their defaults: a1111_defaults()); a
+# request's own value wins (eta_ancestral or eta_ddim stands for eta as the sampler is DDIM or not, as A1111 reads
+# them)
+SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_delta": "eta_noise_seed_delta",
+                   "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise",
+                   "s_min_uncond": "s_min_uncond"}
+SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
@@ -216,7 +219,7 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
     """eta, sigma churn, s_noise, NGMS and ENSD as A1111 reads them: the request's value, else the user's option
     (``options``: A1111's sampler options, defaults filled)."""
     settings = {name: options[name] if getattr(body, name) is None else getattr(body, name)
-                for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond")}
+                for name in SIGMA_OPTIONS}
     eta_option = "eta_ddim" if sampler == "DDIM" else "eta_ancestral"
     eta = options[eta_option] if body.eta is None else body.eta
     default = SAMPLERS[sampler].eta if sampler in SAMPLERS else None
@@ -310,6 +313,18 @@ class OptionChanges:
 USER_OPTION_KEYS = ("clip_skip", "randn_source", "model", "sampler", "options")
 
 
+@functools.lru_cache(maxsize=1)
+def a1111_defaults() -> dict[str, Any]:
+    """Every option key of A1111 1.7's options_templates, with its default (null where A1111 computes it at
+    start-up); options extensions add come from the users who set them."""
+    return json.loads((Path(__file__).parent / "a1111_options.json").read_text())
+
+
+def sampler_options(mine: UserOptions) -> dict[str, Any]:
+    """The user's A1111 sampler options, A1111's defaults where they set none."""
+    return {name: mine.sampler.get(name, a1111_defaults()[name]) for name in SAMPLER_OPTIONS}
+
+
 def find_model(catalog: Catalog, value: Any, where: str) -> str:
     """A1111 names a checkpoint by title, name, file name or hash; sdtrt by its key in the repository."""
     for key, spec in catalog.models.items():
@@ -335,7 +350,7 @@ def read_options(options: dict[str, Any], where: str, catalog: Catalog) -> Optio
                                                       f"{str(value)[:80]!r})")
             changes = replace(changes, randn_source=RANDN_SOURCES[value])
         elif key in SAMPLER_OPTIONS:
-            allowed = BY_NAME[SAMPLER_OPTIONS[key][1]]
+            allowed = BY_NAME[SAMPLER_OPTIONS[key]]
             low = 0 if key.startswith("eta_") else allowed.minimum  # (eta's -1 is sdtrt's "the option")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= allowed.maximum:
                 raise refuse(f"{where}.{key}", f"a number from {low:g} to {allowed.maximum:g} "
@@ -461,8 +476,7 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings["clip_skip"] = changes.clip_skip if changes.clip_skip is not None else mine.clip_skip
     settings["randn_source"] = changes.randn_source or mine.randn_source
     settings["model"] = changes.model or catalog.get(mine.model).key
-    defaults = {name: default for name, (default, _) in SAMPLER_OPTIONS.items()}
-    settings.update(sampler_settings(body, settings["sampler"], {**defaults, **mine.sampler, **changes.sampler}))
+    settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))
     return settings

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import functools
 import html
 import io
 import json
@@ -24,13 +23,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdtrt import __version__
 from sdtrt.client.apps.a1111_requests import (
-    SAMPLER_OPTIONS,
     SCHEDULER_NAMES,
     Job,
     UserOptions,
     _Request,
+    a1111_defaults,
     open_image,
     refuse,
+    sampler_options,
 )
 from sdtrt.client.client import Progress
 from sdtrt.contract.errors import InvalidRequest
@@ -199,20 +199,14 @@ def extras_response(result: Image.Image, chunks: dict[str, str], done: dict[str,
 
 
 # --- state -------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def a1111_defaults() -> dict[str, Any]:
-    """Every option key of A1111 1.7's options_templates, with its default (null where A1111 computes it at
-    start-up); options extensions add come from the users who set them."""
-    return json.loads((Path(__file__).parent / "a1111_options.json").read_text())
-
-
 def options_response(mine: UserOptions, spec: ModelSpec) -> dict[str, Any]:
     """A user's A1111 options: A1111's defaults, those the user set (kept and read back as given, as A1111 keeps
     options it has no use for), and those sdtrt draws with as they are."""
-    return {**a1111_defaults(), **mine.options, "sd_model_checkpoint": spec.title, "sd_checkpoint_hash": spec.source_hash,
-            "CLIP_stop_at_last_layers": mine.clip_skip, "samples_format": "png", "enable_pnginfo": True,
+    return {**a1111_defaults(), **mine.options, "sd_model_checkpoint": spec.title,
+            "sd_checkpoint_hash": spec.source_hash, "CLIP_stop_at_last_layers": mine.clip_skip,
+            "samples_format": "png", "enable_pnginfo": True,
             "sd_vae": "Automatic", "randn_source": mine.randn_source, "img2img_fix_steps": False,
-            **{name: mine.sampler.get(name, default) for name, (default, _) in SAMPLER_OPTIONS.items()}}
+            **sampler_options(mine)}
 
 
 IDLE_PROGRESS = {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,

@@ -15,6 +15,7 @@ from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.samplers import set_timesteps, step_kwargs
 from sdtrt.pipeline.conditioning import guided as with_uncond
 from sdtrt.pipeline.ksampling import KSchedule
+from sdtrt.requests.fields import MAX_STEPS
 
 
 class UNet(Protocol):
@@ -35,8 +36,7 @@ def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torc
     """img2img's schedule (diffusers' get_timesteps): only the last int(steps * strength) steps are run (a
     k-diffusion sampler counts them as A1111 does, which tells img2img from a hires fix's ``second_pass``)."""
     if isinstance(scheduler, KSchedule):
-        scheduler.set_timesteps(steps, device)
-        return scheduler.strength_timesteps(steps, strength, second_pass)
+        return scheduler.strength_timesteps(steps, strength, device, second_pass)
     set_timesteps(scheduler, steps, device)
     # A1111's DDIM schedule may run a step more than asked: the strength is a share of the steps it runs
     steps = getattr(scheduler, "num_inference_steps", None) or steps
@@ -138,7 +138,7 @@ def denoise(
     return latents
 
 
-MAX_K_CALLS = 450  # three calls a step at 150 steps, the most a fixed-step sampler (DPM fast) makes
+MAX_K_CALLS = 3 * MAX_STEPS  # three calls a step at the most steps: what a fixed-step sampler (DPM fast) makes
 
 
 def _rows(context: dict[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:

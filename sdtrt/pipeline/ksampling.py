@@ -174,7 +174,8 @@ class KSchedule:
     def num_inference_steps(self) -> int:
         return len(self.sigmas) - 1
 
-    def strength_timesteps(self, steps: int, strength: float, second_pass: bool = False) -> torch.Tensor:
+    def strength_timesteps(self, steps: int, strength: float, device: torch.device | None = None,
+                           second_pass: bool = False) -> torch.Tensor:
         """img2img's steps as A1111 counts them: of ``steps``, the last int(strength * steps) + 1; a hires pass
         (A1111 gives it its step count) runs all ``steps`` of a schedule stretched to steps / strength."""
         strength = min(strength, 0.999)
@@ -182,7 +183,7 @@ class KSchedule:
             total, run = int(steps / strength), steps - 1
         else:
             total, run = steps, int(strength * steps)
-        self.set_timesteps(total, self.sigmas.device if self.sigmas is not None else None)
+        self.set_timesteps(total, device)
         self.begin = total - run - 1
         return self.timesteps[self.begin:]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from sdtrt.contract.hires import DEFAULT_UPSCALER, HIRES_UPSCALERS
-from sdtrt.contract.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, sampler_names
+from sdtrt.contract.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, SamplerSettings, sampler_names
 from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
@@ -83,6 +83,11 @@ class RequestField:
                          max_length=value(self.max_length))
 
 
+def _setting(name: str, dtype: str, help: str, **facts: Any) -> RequestField:
+    """A sampler setting: its default is SamplerSettings' (A1111's), defined with the samplers."""
+    return RequestField(name, dtype, getattr(SamplerSettings(), name), help, **facts)
+
+
 def _size(what: str) -> dict[str, Any]:
     return dict(default=lambda m: m.native_size, minimum=lambda m: m.min_size, maximum=lambda m: m.max_size,
                 multiple_of=lambda m: m.size_multiple, help=f"image {what} in pixels")
@@ -110,26 +115,26 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("schedule_type", "string", DEFAULT_SCHEDULE,
                  "noise schedule (A1111's 'Schedule type'); Automatic = A1111's choice for the sampler",
                  choices=tuple(SCHEDULE_TYPES), a1111="scheduler", infotext="Schedule type", label="Schedule type"),
-    RequestField("eta", "float32", -1.0, "the noise an ancestral, SDE or DDIM sampler adds back at each step; "
-                 "-1 = A1111's default for the sampler (1, DDIM 0)", minimum=-1.0, maximum=1.0, a1111="eta",
-                 infotext="Eta"),
-    RequestField("s_churn", "float32", 0.0, "sigma churn: noise added before each step of Euler, Heun and DPM2",
-                 minimum=0.0, maximum=100.0, a1111="s_churn", infotext="Sigma churn"),
-    RequestField("s_tmin", "float32", 0.0, "sigma churn only at sigmas at least this", minimum=0.0, maximum=10.0,
-                 a1111="s_tmin", infotext="Sigma tmin"),
-    RequestField("s_tmax", "float32", 0.0, "sigma churn only at sigmas at most this; 0 = no limit", minimum=0.0,
-                 maximum=999.0, a1111="s_tmax", infotext="Sigma tmax"),
-    RequestField("s_noise", "float32", 1.0, "the step noise's multiplier (A1111's sigma noise)", minimum=0.0,
-                 maximum=1.1, a1111="s_noise", infotext="Sigma noise"),
-    RequestField("s_min_uncond", "float32", 0.0, "below this sigma, every other U-Net call skips the negative "
-                 "prompt (A1111's Negative Guidance minimum sigma; k-diffusion samplers)", minimum=0.0, maximum=15.0,
-                 a1111="s_min_uncond", infotext="NGMS"),
-    RequestField("eta_noise_seed_delta", "int64", 0, "ENSD: the step noise is drawn from seed + this (A1111's "
-                 "Eta noise seed delta; NovelAI's 31337)", minimum=0, maximum=MAX_SEED,
-                 a1111="override_settings.eta_noise_seed_delta", infotext="ENSD"),
-    RequestField("k_diffusion", "bool", False, "run the sampler with k-diffusion's function on A1111's sigmas, as "
-                 "A1111 does (samplers diffusers lacks, schedules its class cannot follow and the settings above "
-                 "always do)"),
+    _setting("eta", "float32", "the noise an ancestral, SDE or DDIM sampler adds back at each step; "
+             "-1 = A1111's default for the sampler (1, DDIM 0)", minimum=-1.0, maximum=1.0, a1111="eta",
+             infotext="Eta"),
+    _setting("s_churn", "float32", "sigma churn: noise added before each step of Euler, Heun and DPM2",
+             minimum=0.0, maximum=100.0, a1111="s_churn", infotext="Sigma churn"),
+    _setting("s_tmin", "float32", "sigma churn only at sigmas at least this", minimum=0.0, maximum=10.0,
+             a1111="s_tmin", infotext="Sigma tmin"),
+    _setting("s_tmax", "float32", "sigma churn only at sigmas at most this; 0 = no limit", minimum=0.0,
+             maximum=999.0, a1111="s_tmax", infotext="Sigma tmax"),
+    _setting("s_noise", "float32", "the step noise's multiplier (A1111's sigma noise)", minimum=0.0,
+             maximum=1.1, a1111="s_noise", infotext="Sigma noise"),
+    _setting("s_min_uncond", "float32", "below this sigma, every other U-Net call skips the negative "
+             "prompt (A1111's Negative Guidance minimum sigma; k-diffusion samplers)", minimum=0.0, maximum=15.0,
+             a1111="s_min_uncond", infotext="NGMS"),
+    _setting("eta_noise_seed_delta", "int64", "ENSD: the step noise is drawn from seed + this (A1111's "
+             "Eta noise seed delta; NovelAI's 31337)", minimum=0, maximum=MAX_SEED,
+             a1111="override_settings.eta_noise_seed_delta", infotext="ENSD"),
+    _setting("k_diffusion", "bool", "run the sampler with k-diffusion's function on A1111's sigmas, as "
+             "A1111 does (samplers diffusers lacks, schedules its class cannot follow and the settings above "
+             "always do)"),
     RequestField("width", "int32", **_size("width"), a1111="width", a1111_as_is=True, a1111_default=512, label="Width"),
     RequestField("height", "int32", **_size("height"), a1111="height", a1111_as_is=True, a1111_default=512,
                  label="Height"),
