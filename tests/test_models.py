@@ -180,7 +180,8 @@ def test_a_model_unloads_and_loads_back_without_a_restart(server, capsys):
             time.sleep(0.1)
     finally:
         healer.stop()
-    died = next(e for e in events if e["event"] == "stub_died")
+    died = next((e for e in events if e["event"] == "stub_died"), None)
+    assert died is not None, events
     assert died["model"] == "tiny-sd2__unet" and died["pids"] == [victim.pid]
     assert client.txt2img(**REQUEST, model="tiny-sd2").images.shape == (1, 64, 64, 3)
     assert not [e for e in events if e["event"] == "healer_error"], events

@@ -274,8 +274,16 @@ class Healer:
     def heal_hung(self, model: str, why: str) -> None:
         """Kill a hung model's stubs (failing what they hold) and reload it; readiness is false meanwhile."""
         process = self.server.process
-        stubs = [s for s in stub_processes(process.pid).values() if s.model == model] if process else []
-        self._event("model_hung", model=model, reason=why, pids=[s.pid for s in stubs])
+        current = stub_processes(process.pid) if process else {}
+        stubs = [s for s in current.values() if s.model == model]
+        # A probe can reach a stub that died before check() saw it go (check() waits on Triton's answer): that
+        # is a death, and is reported as one.
+        gone = [s for s in self._known.values() if s.model == model and s.instance not in current]
+        if gone:
+            self._event("stub_died", model=model, instances=[s.instance for s in gone], pids=[s.pid for s in gone],
+                        noticed=why)
+        else:
+            self._event("model_hung", model=model, reason=why, pids=[s.pid for s in stubs])
         self.healing.set()
         try:
             for stub in stubs:
