@@ -122,6 +122,11 @@ class JobControl:
         self._skip_batch = self._batch
         self._changed.set()
 
+    def next_generation(self) -> None:
+        """A new generation of the same job starts (an A1111 script's next one): a skip of the last one's batch
+        does not carry over to this one's batch of the same number."""
+        self._skip_batch = -1
+
     def _stop_current(self) -> bool:
         return self.interrupted or self._skip_batch == self._batch
 

@@ -228,7 +228,6 @@ def test_a1111s_names_become_sdtrts(catalog, given, wanted):
 @pytest.mark.parametrize("given, field", [
     ({"tiling": True}, "tiling"),
     ({"restore_faces": True}, "restore_faces"),
-    ({"script_name": "X/Y/Z plot"}, "script_name"),
     ({"override_settings": {"randn_source": "TPU"}}, "override_settings.randn_source"),
     ({"override_settings": {"eta_noise_seed_delta": -5}}, "override_settings.eta_noise_seed_delta"),
     ({"override_settings": {"s_churn": "lots"}}, "override_settings.s_churn"),

@@ -372,7 +372,9 @@ def test_memory_cmd_flags_and_what_sdtrt_has_none_of(gateway):
     assert flags["api"] is True and flags["nowebui"] is True and flags["api_auth"] is None
     assert "sdtrt_metrics_url" not in flags and "sdtrt_server" not in flags  # internal addresses stay inside
     assert gateway.get_hypernetworks() == [] and gateway.get_face_restorers() == []
-    assert gateway.get_realesrgan_models() == [] and get("scripts") == {"txt2img": [], "img2img": []}
+    assert gateway.get_realesrgan_models() == [] and get("scripts") == {
+        "txt2img": ["prompt matrix", "x/y/z plot"],
+        "img2img": ["prompt matrix", "x/y/z plot", "loopback", "sd upscale"]}  # A1111's names: titles, lower case
 
 
 def test_errors_come_in_a1111s_shape(gateway):

@@ -46,11 +46,13 @@ from sdtrt.client.apps.a1111_requests import (
     translate,
     updated_options,
 )
+from sdtrt.client.apps.a1111_scripts import Script, find_script, script_titles
 from sdtrt.client.apps.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard
 from sdtrt.client.client import Client, ServerError, ServerRefused, ServerUnavailable
 from sdtrt.contract.errors import DiskFull, InvalidRequest, echo, invalid_field
 from sdtrt.contract.outputs import disk_full_summary, save_png
 from sdtrt.contract.prometheus import scrape
+from sdtrt.contract.spec import IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.styles import load_styles
 from sdtrt.requests.upscale import extras_upscale
@@ -150,10 +152,44 @@ class Gateway:
         finally:
             self.release(job)
 
-    def generate(self, call: Call, settings: dict[str, Any], job: Job) -> Generation:
-        """The server's answer, its errors as A1111's statuses naming A1111's fields."""
+    def run_script(self, job: Job, body: _Request, found: tuple[Script, list[Any]], init: list | None = None,
+                   mask: Any = None) -> dict[str, Any]:
+        """One claimed request with a script: the script's generations one after another, each a plain request
+        of the same user (checked and translated as one), then its pictures; released when it ends."""
+        script, args = found
+        finished = 0
+
+        def generate(variant: _Request, pictures: list | None) -> Generation:
+            nonlocal finished
+            settings = self.settings(variant, job.user)
+            job.control.next_generation()
+            job.count = max(job.count, finished + variant.n_iter)
+
+            def call(s: dict[str, Any], progress, control) -> Generation:
+                if pictures is None:
+                    return call_txt2img(self.client, variant.n_iter, s, progress, control)
+                return self.client.img2img(s.pop("prompt"), pictures, mask, n_iter=variant.n_iter,
+                                           progress=progress, control=control, **s)
+
+            result = self.generate(call, settings, job, offset=finished)
+            finished += variant.n_iter
+            return result
+
+        try:
+            settings = self.settings(body, job.user)  # the request's own fields, checked before anything starts
+            result = script.run(body, args, generate, init)
+            if body.save_images and self.outputs is not None:
+                self.save(job.kind, result)
+            spec = self.client.catalog.get(settings["model"])
+            return answer.generation_response(body, settings, result, spec, job, self.ignored_fields(body))
+        finally:
+            self.release(job)
+
+    def generate(self, call: Call, settings: dict[str, Any], job: Job, offset: int = 0) -> Generation:
+        """The server's answer, its errors as A1111's statuses naming A1111's fields (``offset``: the batches of
+        the job done before this call)."""
         def progress(done: int, total: int) -> None:
-            job.done = done
+            job.done = offset + done
 
         try:
             return call(dict(settings), progress, job.control)  # (img2img pops the prompt)
@@ -289,17 +325,20 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
     async def txt2img(body: Txt2ImgBody, response: Response, request: Request,
                       user: str = Depends(current_user)) -> dict[str, Any]:
         ignored(body, response)
+        script = find_script(body, TXT2IMG)
         job = gateway.claim("txt2img", body, user)
         call = functools.partial(call_txt2img, client, body.n_iter)
-        return await until_disconnected(request, job, generations, lambda: gateway.run(job, body, call),
-                                        gateway.release)
+        work = (lambda: gateway.run(job, body, call)) if script is None else \
+            (lambda: gateway.run_script(job, body, script))
+        return await until_disconnected(request, job, generations, work, gateway.release)
 
     @app.post("/sdapi/v1/img2img", tags=["generation"])
     async def img2img(body: Img2ImgBody, response: Response, request: Request,
                       user: str = Depends(current_user)) -> dict[str, Any]:
         ignored(body, response)
+        script = find_script(body, IMG2IMG)
         job = gateway.claim("img2img", body, user)
-        return await until_disconnected(request, job, generations, lambda: run_img2img(gateway, body, job),
+        return await until_disconnected(request, job, generations, lambda: run_img2img(gateway, body, job, script),
                                         gateway.release)
 
     @app.post("/sdapi/v1/extra-single-image", tags=["generation"])
@@ -320,10 +359,14 @@ def call_txt2img(client: Client, n_iter: int, settings: dict[str, Any], progress
     return client.txt2img(n_iter=n_iter, progress=progress, control=control, **settings)
 
 
-def run_img2img(gateway: Gateway, body: Img2ImgBody, job: Job) -> dict[str, Any]:
-    """img2img: every bound checked before a picture is decoded, then the pictures, then the generation."""
+def run_img2img(gateway: Gateway, body: Img2ImgBody, job: Job, script: tuple[Script, list[Any]] | None = None
+                ) -> dict[str, Any]:
+    """img2img: every bound checked before a picture is decoded, then the pictures, then the generation (or the
+    script's generations)."""
     settings = gateway.settings(body, job.user)
     init, mask = img2img_pictures(body, gateway.client.catalog.get(settings["model"]).field("batch_size").maximum)
+    if script is not None:
+        return gateway.run_script(job, body, script, init, mask)
 
     def call(s: dict[str, Any], progress, control) -> Generation:
         return gateway.client.img2img(s.pop("prompt"), init, mask, n_iter=body.n_iter, progress=progress,
@@ -389,7 +432,7 @@ def add_info_routes(app: FastAPI, gateway: Gateway, metrics_url: str | None, fla
     client = gateway.client
     fixed = {"samplers": answer.sampler_list, "schedulers": answer.scheduler_list,
              "latent-upscale-modes": answer.latent_upscale_modes, "upscalers": answer.upscaler_list,
-             "scripts": lambda: {"txt2img": [], "img2img": []},
+             "scripts": lambda: {"txt2img": script_titles(TXT2IMG), "img2img": script_titles(IMG2IMG)},
              # What sdtrt has none of, said as A1111 says it: empty lists (clients that list them first keep working)
              **{path: lambda: [] for path in ("hypernetworks", "face-restorers", "realesrgan-models", "script-info",
                                         "extensions")},

@@ -3,7 +3,7 @@ request, the user's A1111 options, the styles and the server's catalog (no serve
 a1111_api.py do that).
 
 As A1111 does, keys it does not know are ignored; unlike A1111, the gateway says which (ignored_fields). A field
-the server cannot honour (face restoration, scripts, refiners, ...) is refused with 422 naming it when its value
+the server cannot honour (face restoration, always-on scripts, refiners, ...) is refused with 422 naming it when its value
 would change the picture; a value equal to what sdtrt does anyway is accepted (``eta`` 1 for ancestral samplers,
 ``s_tmax`` without churn, ``image_cfg_scale`` on a model that is not instruct-pix2pix, ...).
 """
@@ -124,8 +124,9 @@ class _RequestBase(BaseModel):
     disable_extra_networks: bool = False
     comments: dict[str, Any] | None = None
     force_task_id: str | None = None
-    script_name: str | None = None
-    script_args: list[Any] = Field(default_factory=list)
+    script_name: str | None = Field(None, description="one of GET /sdapi/v1/scripts (Prompt matrix, X/Y/Z plot; "
+                                    "img2img: Loopback, SD upscale)")
+    script_args: list[Any] = Field(default_factory=list, description="the script's arguments in A1111's order")
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
@@ -199,7 +200,7 @@ UNSUPPORTED = {
     "restore_faces": (None, False),
     "tiling": (None, False),
     "refiner_checkpoint": (None, "", "None"),
-    "refiner_switch_at": (None,), "script_name": (None, ""), "script_args": ([],), "alwayson_scripts": ({},),
+    "refiner_switch_at": (None,), "alwayson_scripts": ({},),
     "firstphase_width": (0,), "firstphase_height": (0,), "hr_resize_x": (0,), "hr_resize_y": (0,),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
     "hr_scheduler": (None, "", "Use same scheduler"), "hr_prompt": ("",), "hr_negative_prompt": ("",),
@@ -211,7 +212,6 @@ UNSUPPORTED = {
 NOT_YET = {
     "restore_faces": "face restoration (GFPGAN, CodeFormer) comes with the upscalers and face restorers",
     "tiling": "seamless tiling (circular padding in the U-Net and VAE) is not exported yet",
-    "script_name": "sdtrt has none of A1111's scripts yet (SD upscale, Loopback, Prompt matrix, X/Y/Z plot)",
 }
 
 

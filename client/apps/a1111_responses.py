@@ -91,7 +91,8 @@ def info(body: _Request, settings: dict[str, Any], result: Generation, spec: Mod
         "sd_vae_name": vae.get("name"), "sd_vae_hash": vae.get("sha256", "")[:10] or None,
         "seed_resize_from_w": body.seed_resize_from_w, "seed_resize_from_h": body.seed_resize_from_h,
         "denoising_strength": settings.get("denoising_strength"), "extra_generation_params": {},
-        "index_of_first_image": 0, "infotexts": result.infotexts, "styles": body.styles or [],
+        # (a script's grids come first: A1111 says where its pictures start)
+        "index_of_first_image": getattr(result, "index_of_first_image", 0), "infotexts": result.infotexts, "styles": body.styles or [],
         "job_timestamp": job.timestamp, "clip_skip": settings["clip_skip"],
         "is_using_inpainting_conditioning": False, "version": f"sdtrt {__version__}",
         "sdtrt_ignored_fields": ignored,

@@ -150,7 +150,7 @@ def _how(job: ExtrasUpscale) -> str:
     return ""
 
 
-def _upscale(image: Image.Image, name: str, scale: float) -> Image.Image:
+def upscale_by(image: Image.Image, name: str, scale: float) -> Image.Image:
     """One upscaler, as A1111's Upscaler.upscale: its own resize to the scaled size, then Lanczos down to the
     size rounded to a multiple of 8."""
     (own_w, own_h), (width, height) = _scaled(image.size, scale)
@@ -220,9 +220,9 @@ def extras_upscale(image: Image.Image, job: ExtrasUpscale) -> tuple[Image.Image,
     if crop and not _cropped_in_full(job, image.size):
         out = _cropped(image, job, names, scale)
     else:
-        out = _upscale(image, names[0], scale)
+        out = upscale_by(image, names[0], scale)
         if len(names) > 1:
-            out = Image.blend(out, _upscale(image, names[1], scale), job.upscaler_2_visibility)
+            out = Image.blend(out, upscale_by(image, names[1], scale), job.upscaler_2_visibility)
         if crop:
             canvas = Image.new("RGB", (job.width, job.height))
             canvas.paste(out, box=(job.width // 2 - out.width // 2, job.height // 2 - out.height // 2))
