@@ -52,6 +52,7 @@ DEFAULT_URLS = {protocol: f"localhost:{DEFAULT_PORTS[protocol]}" for protocol in
 
 
 PROGRESS_TIMEOUT_S = 10.0  # a progress question is answered in milliseconds; a hung server must not hold its asker
+CATALOG_TIMEOUT_S = 30.0  # so is the catalog (a model config), but a server still loading its models answers slower
 
 
 class ServerError(SdtrtError):
@@ -159,7 +160,10 @@ class Client:
             client = self._local.client = self._new_client()
         return client
 
-    def _new_client(self, aio: bool = False, own_connection: bool = False):
+    def _new_client(self, aio: bool = False, own_connection: bool = False,
+                    network_timeout: float | None = CATALOG_TIMEOUT_S):
+        """``network_timeout``: an HTTP connection's deadline for each answer (the shared one's: the longest
+        question asked on it, the catalog; a generation's connection: that generation's deadline)."""
         module = _module(self.protocol, aio)
         if own_connection and self.protocol == "grpc" and not aio:
             # gRPC shares one TCP connection between channels to the same address unless told not to
@@ -170,9 +174,12 @@ class Client:
                 ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
                 ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
                 ("grpc.use_local_subchannel_pool", 1)])
-        if self.protocol == "http" and not aio and self.timeout is not None:
-            # its default network_timeout (60 s) would cut long generations short
-            return module.InferenceServerClient(self.url, network_timeout=self.timeout)
+        if self.protocol == "http":
+            # tritonclient's HTTP clients take no deadline per call (infer's ``timeout`` is a server-side queue
+            # timeout, in microseconds, for dynamically batched models only): the connection's timeout is it
+            if aio:
+                return module.InferenceServerClient(self.url, conn_timeout=network_timeout)
+            return module.InferenceServerClient(self.url, network_timeout=network_timeout)
         return module.InferenceServerClient(self.url)
 
     def _error(self, exc: Exception) -> ServerError:
@@ -232,7 +239,9 @@ class Client:
 
     def _fetch_catalog(self) -> Catalog:
         try:
-            config = self._client().get_model_config(TXT2IMG, **({"as_json": True} if self.protocol == "grpc" else {}))
+            # bounded: a hung server fails the question (HTTP: the shared connection's timeout, CATALOG_TIMEOUT_S)
+            bounded = {"as_json": True, "client_timeout": CATALOG_TIMEOUT_S} if self.protocol == "grpc" else {}
+            config = self._client().get_model_config(TXT2IMG, **bounded)
         except Exception as exc:
             raise ServerError(
                 f"cannot reach the {TXT2IMG} model at {self.url} ({self.protocol}): {exc}. "
@@ -292,18 +301,21 @@ class Client:
     def _infer_kwargs(self, module, deadline: float | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"outputs": [module.InferRequestedOutput(name) for name in (IMAGES, SEEDS, INFOTEXTS)]}
         if deadline is not None and self.protocol == "grpc":
-            kwargs["client_timeout"] = deadline  # (HTTP: network_timeout, the fixed timeout, is set on the connection)
+            kwargs["client_timeout"] = deadline  # (HTTP: the deadline is its connection's timeout, _http_infer)
         return kwargs
 
     def _generate(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
                   images: dict[str, np.ndarray], control: JobControl | None = None) -> Generation:
         module = _module(self.protocol)
         inputs = self._inputs(module, spec, request, images)
-        kwargs = self._infer_kwargs(module, self.deadline(spec, request))
+        deadline = self.deadline(spec, request)
+        kwargs = self._infer_kwargs(module, deadline)
         if control is not None:
             kwargs["request_id"] = control.request_id  # the job model posts its steps under it (progress)
         try:
-            if control is None or self.protocol != "grpc":
+            if self.protocol == "http":
+                response = self._http_infer(job, inputs, kwargs, deadline)
+            elif control is None:
                 response = self._client().infer(job, inputs, **kwargs)
             else:
                 connection = self._job_connections.get(control.request_id) or self._client()
@@ -313,6 +325,15 @@ class Client:
         except Exception as exc:
             raise self._error(exc) from None
         return self._result(response)
+
+    def _http_infer(self, job: str, inputs: list, kwargs: dict[str, Any], deadline: float | None):
+        """HTTP infer within ``deadline``: on a connection of its own whose timeout is the deadline (one
+        connection a generation: nothing next to a generation's seconds)."""
+        client = self._new_client(network_timeout=deadline)
+        try:
+            return client.infer(job, inputs, **kwargs)
+        finally:
+            client.close()
 
     def _cancellable_infer(self, connection, job: str, inputs: list, kwargs: dict[str, Any], control: JobControl):
         """gRPC infer that ``control`` can cancel: Triton hands the cancellation to the job model, whose loop
@@ -357,10 +378,13 @@ class Client:
     async def _agenerate(self, job: str, spec: ModelSpec, request: Txt2ImgRequest,
                          images: dict[str, np.ndarray]) -> Generation:
         module = _module(self.protocol)
-        client = self._new_client(aio=True)
+        deadline = self.deadline(spec, request)
+        client = self._new_client(aio=True, network_timeout=deadline)
         try:
             response = await client.infer(job, self._inputs(module, spec, request, images),
-                                          **self._infer_kwargs(module, self.deadline(spec, request)))
+                                          **self._infer_kwargs(module, deadline))
+        except TimeoutError:  # aiohttp's deadline is a bare TimeoutError, without words for _error to read
+            raise self._error(TimeoutError(f"timed out after {deadline:.0f} s")) from None
         except Exception as exc:
             raise self._error(exc) from None
         finally:

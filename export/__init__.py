@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from sdtrt import __version__
 from sdtrt.contract.errors import UsageError
-from sdtrt.contract.files import copy_atomic, repository_lock
+from sdtrt.contract.files import copy_atomic, no_space_is_disk_full, repository_lock, writer_gone
 from sdtrt.contract.samplers import schedule_table
 from sdtrt.contract.spec import (
     ENGINES,
@@ -91,6 +92,8 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions | No
     under which name, with which LoRAs, limits and engines."""
     options = replace(options or ExportOptions(), **changes)
     out = Path(out)
+    with repository_lock(out, report=report):
+        remove_leftovers(out, report)
     key = model_key(model, options.name)
     source_sha = checkpoint_sha256(model, options.progress)
     inputs = export_key(source_sha, **options.key_inputs(key))
@@ -108,7 +111,8 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions | No
     existing = current_catalog(out)
     if existing is not None:  # refused before the (long) export rather than after it
         check_serving(out, existing, key, options.backend)
-    with building(out) as work:
+    # a full disk while a library writes its own files (the ONNX exporter, the tokenizer) is DiskFull too
+    with no_space_is_disk_full(out), building(out) as work:
         spec = _export(model, work, key, inputs, source_sha, options, report)
         # The long part ran unlocked, in a folder of its own; joining reads the catalog, moves the models in, saves
         # the catalog and removes stale models: another export into `out` between the read and the cleanup would
@@ -219,11 +223,26 @@ def building(final: Path):
     """A folder beside ``final`` to export into; removed if the export fails or is interrupted, so nothing half
     made ever shows in the repository."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    # its pid in its name: a later export tells a killed one's leftover (remove_leftovers) from a running one's
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     try:
         yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def remove_leftovers(repo: Path, report) -> None:
+    """Remove what a killed earlier export or write left (its work folder beside ``repo``, temporary files and
+    replaced models in it), so it fills no disk and no reader sees it; what a running process writes stays
+    (writer_gone). Called under the repository's lock, so no join is halfway through meanwhile."""
+    beside = f".{glob.escape(repo.name)}"
+    found = [*repo.parent.glob(beside + ".partial-*"), *repo.parent.glob(beside + ".old-*")]
+    if repo.is_dir():
+        found += [path for path in repo.rglob(".*") if ".partial" in path.name or ".old-" in path.name]
+    for path in found:
+        if writer_gone(path.name):
+            report(f"{path}: removing what an interrupted export left")
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def join_repository(work: Path, final: Path, spec: ModelSpec, serving: ServingOptions, default: bool) -> Catalog:

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
+SECURITY = ROOT / "SECURITY.md"  # the threat model: linked from the README as the docs pages are
 MAX_README_LINES = 300
 
 FENCE = re.compile(r"^[ \t]*(`{3,})[^\n]*\n(.*?)^[ \t]*\1[ \t]*$", re.M | re.S)
@@ -168,7 +169,8 @@ def test_every_relative_link_leads_to_a_file(page):
 def test_every_docs_page_is_linked_from_the_readme():
     linked = linked_files(README.read_text(), README)
     assert DOCS, "no docs/*.md pages"
-    assert [p.name for p in DOCS if p.resolve() not in linked] == []
+    assert SECURITY.is_file()
+    assert [p.name for p in [*DOCS, SECURITY] if p.resolve() not in linked] == []
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -241,3 +243,26 @@ def test_the_checks_fail_on_a_wrong_flag_subcommand_link_or_path(parser, tmp_pat
     assert check_paths(text, ROOT) == ["benchmarks/no_such_bench.py does not exist", "scripts/nope.sh does not exist"]
     wrong = "```diff\n+++ b/sdtrt/contract/spec.py\n+SPEC_VERSION = -1  # never\n```\n"
     assert diff_problems(wrong, ROOT) == ["sdtrt/contract/spec.py: SPEC_VERSION = -1  # never"]
+
+
+def reliability_table_tests(text: str) -> list[str]:
+    """The tests named (backticked ``test_...``) in the rows of docs/serving.md's reliability table."""
+    section = text.split("## Reliability: faults and what they do", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [name for row in rows for name in re.findall(r"`(test_[^`]*)`", row)]
+
+
+def missing_tests(names: list[str], tests: Path) -> list[str]:
+    defined = {m.group(1) for path in tests.glob("test_*.py")
+               for m in re.finditer(r"^def (test_\w+)\(", path.read_text(), re.M)}
+    return [name for name in names if name not in defined]
+
+
+def test_every_test_the_reliability_table_names_exists():
+    """Each guarantee in the table is held by the test it names: a renamed or removed test (or a name cut short)
+    would leave a guarantee that nothing checks."""
+    names = reliability_table_tests((ROOT / "docs" / "serving.md").read_text())
+    assert len(names) >= 20, names  # the table was found, with its rows
+    assert missing_tests(names, ROOT / "tests") == []
+    made_up = "## Reliability: faults and what they do\n\n| a | b | `test_no_such_test`, `test_a_write_past_...` |\n"
+    assert missing_tests(reliability_table_tests(made_up), ROOT / "tests") == ["test_no_such_test", "test_a_write_past_..."]

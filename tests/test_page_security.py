@@ -27,6 +27,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from servers import CHROMIUM, first_answer, free_ports
+from sdtrt.contract.pictures import MAX_PICTURE_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "a prompt someone else typed"
@@ -382,18 +383,24 @@ def test_bad_pictures_in_png_info_get_a_message_and_the_page_keeps_serving(site)
 
 
 def test_the_img2img_picture_is_bounded(site, server):
-    """(d) The img2img picture is decoded by Gradio (Pillow, its bomb limit lowered by the page to twice sdtrt's
-    picture limit); a picture past sdtrt's limit is refused naming the field by the page itself (nothing of it
-    reaches the server, which would refuse it too, after receiving it), a header that claims a bomb is refused by
-    Pillow, and the page keeps serving."""
+    """(d) The img2img picture is decoded by Gradio, with a plain Image.open the page holds to sdtrt's rules: a
+    picture past sdtrt's pixel limit (a real one, or a header that claims a bomb) is refused before it is
+    decoded, and so is any format but PNG, JPEG and WebP (BMP, TIFF: Pillow would decode them), each naming the
+    field. Nothing of them reaches the server, and the page keeps serving."""
     page = Page(site["base"])
     fn, _ = page.endpoint("img2img_generate", "click")
     big = io.BytesIO()
     Image.new("RGB", (5000, 4000), (9, 9, 9)).save(big, format="PNG")  # 20 megapixels in a few kB of PNG
+    other = {}
+    for fmt in ("BMP", "TIFF"):
+        other[fmt] = io.BytesIO()
+        Image.new("RGB", (64, 64), (9, 9, 9)).save(other[fmt], format=fmt)
     folder = site["outputs"] / "img2img-images"
     before, requests = (set(folder.glob("*")) if folder.exists() else set()), served(server, "img2img")
-    for name, content, words in (("big.png", big.getvalue(), "init_image"),
-                                 ("bomb.png", png_claiming(50000, 50000), "")):
+    limit = f"at most {MAX_PICTURE_PIXELS:,} pixels"
+    for name, content, words in (("big.png", big.getvalue(), limit), ("bomb.png", png_claiming(50000, 50000), limit),
+                                 ("picture.bmp", other["BMP"].getvalue(), "a PNG, JPEG or WebP picture"),
+                                 ("picture.tiff", other["TIFF"].getvalue(), "a PNG, JPEG or WebP picture")):
         status, paths = page.upload(name, content)
         assert status == 200
         _, data = page.endpoint("img2img_generate", "click", {
@@ -402,7 +409,8 @@ def test_the_img2img_picture_is_bounded(site, server):
                       "composite": None, "id": None}})
         start = time.monotonic()
         error = error_of(page.call(fn, data))
-        assert error is not None and words in error and time.monotonic() - start < 30, (name, error)
+        assert error is not None and "init_image" in error and words in error, (name, error)
+        assert time.monotonic() - start < 30 and str(site["uploads"]) not in error, (name, error)
     assert (set(folder.glob("*")) if folder.exists() else set()) == before  # no work was done
     assert served(server, "img2img") == requests
     assert page.request("GET", "/")[0] == 200

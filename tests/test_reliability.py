@@ -4,8 +4,10 @@ recovery time, what readiness said meanwhile, and that no file is left half writ
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import http.client
+import importlib
 import json
 import os
 import re
@@ -15,22 +17,31 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from servers import child_pid, first_answer, free_ports, raw_infer, status
-from sdtrt.model_repository.serving.health import Healer, stubs_of
+from sdtrt.model_repository.serving.health import Healer, HealthEndpoint, stubs_of
 from sdtrt.client import Client, ServerRefused, ServerUnavailable
 from sdtrt.contract.errors import ERROR_KINDS, DiskFull
-from sdtrt.contract.files import write_atomic
+from sdtrt.contract.files import repository_lock, write_atomic
 from sdtrt.contract.outputs import save_png
-from sdtrt.contract.spec import load_catalog
+from sdtrt.contract.spec import (
+    PROGRESS,
+    PROGRESS_PREVIEW,
+    PROGRESS_REQUEST_ID,
+    PROGRESS_STEP,
+    PROGRESS_TOTAL,
+    load_catalog,
+)
 
 HEAL_WITHIN_S = 60
 
@@ -185,17 +196,21 @@ def test_a_hung_stage_found_by_its_probe_fails_the_request_in_flight_as_unavaila
 
 
 @pytest.mark.slow  # a second server, a job stub stopped and healed (~30 s)
-def test_a_request_held_by_a_hung_job_fails_at_its_deadline_and_the_job_heals(exported_repo, tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "http", "http-aio"])
+def test_a_request_held_by_a_hung_job_fails_at_its_deadline_and_the_job_heals(exported_repo, tmp_path, protocol):
     """A job model's own stub stopped mid-generation: Triton 2.51 never answers the requests it held, even once
     the model is reloaded. The client's deadline (its share of the largest request's) ends the wait with
-    UNAVAILABLE, and the watchdog has the job serving again meanwhile."""
+    UNAVAILABLE, and the watchdog has the job serving again meanwhile. Over HTTP too (sync and asyncio), whose
+    clients have no deadline per call: the generation's own connection times out at it."""
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
     events: list[dict] = []
     with quick_triton(repo, tmp_path) as server:
         healer = Healer(server, probe_interval=1.0, probe_timeout=5.0, on_event=events.append).start()
         try:
-            client = Client(server.url, timeout=60, min_timeout=8)
+            over_http = protocol.startswith("http")
+            client = Client(server.http_url if over_http else server.url, "http" if over_http else "grpc",
+                            timeout=60, min_timeout=8)
             spec = client.spec
             small = client.deadline(spec, client.request("x", steps=150, width=256, height=256))
             largest = client.request("x", steps=50, width=1024, height=1024, batch_size=4)
@@ -203,8 +218,12 @@ def test_a_request_held_by_a_hung_job_fails_at_its_deadline_and_the_job_heals(ex
             outcome = {}
 
             def in_flight() -> None:
+                settings = {"steps": 150, "width": 256, "height": 256, "seed": 1}
                 try:
-                    client.txt2img("a long one", steps=150, width=256, height=256, seed=1)
+                    if protocol == "http-aio":
+                        asyncio.run(client.atxt2img("a long one", **settings))
+                    else:
+                        client.txt2img("a long one", **settings)
                     outcome["result"] = "finished"
                 except ServerUnavailable as exc:
                     outcome["result"] = str(exc)
@@ -224,6 +243,78 @@ def test_a_request_held_by_a_hung_job_fails_at_its_deadline_and_the_job_heals(ex
     assert "deadline" in outcome.get("result", ""), outcome
     assert failed_after < small + 3 and served_after < HEAL_WITHIN_S
     assert events[0]["event"] == "model_hung" and events[0]["model"] == "txt2img", events
+
+
+MODELS = "sdtrt.model_repository.models."
+
+
+@pytest.fixture
+def stub_module(monkeypatch):
+    """A served model's module (model_repository/models), imported by the name its stub imports it by. The module
+    only Triton's stub provides gets an empty stand-in (as in tests/test_stub_imports.py): what a test reads of it
+    (a deadline's arithmetic, a model's limits) uses none of it. Imported afresh, so that it reads the environment
+    as a starting stub does; what it imported of them is forgotten afterwards (what others had imported stays)."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    before = set(sys.modules)
+
+    def load(module: str):
+        name = MODELS + module
+        return importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+
+    yield load
+    for name in [name for name in sys.modules if name.startswith(MODELS) and name not in before]:
+        del sys.modules[name]
+
+
+def test_a_bls_calls_deadline_is_the_floor_plus_its_share_of_the_largest_calls(stub_module, exported_repo,
+                                                                                monkeypatch):
+    """Each BLS call (one U-Net step, one decode) gets 60 s plus up to 240 s in proportion to its first input's
+    elements (batch x pixels) against the largest the spec allows; the number of steps is the client's deadline's
+    business (Client.deadline), not a call's."""
+    monkeypatch.delenv("SDTRT_CALL_TIMEOUT_S", raising=False)
+    bls = stub_module("bls")
+    spec = load_catalog(exported_repo).get()
+    unet = spec.component("unet")
+    floor, span = bls.CALL_TIMEOUT_FLOOR_S, bls.CALL_TIMEOUT_SPAN_S
+    assert (floor, span) == (60.0, 240.0)
+    largest = (spec.dims["unet_batch"].max, 4, spec.dims["latent_height"].max, spec.dims["latent_width"].max)
+    assert bls.call_deadline(spec, unet, (torch.empty(largest),)) == floor + span
+    half_side = (largest[0], 4, largest[2] // 2, largest[3] // 2)  # a quarter of the pixels
+    assert bls.call_deadline(spec, unet, (torch.empty(half_side),)) == floor + span / 4
+    assert bls.call_deadline(spec, unet, (torch.empty((2, *half_side[1:])),)) == floor + span * 2 / largest[0] / 4
+    assert bls.call_deadline(spec, unet, (torch.empty((2 * largest[0], *largest[1:])),)) == floor + span  # capped
+    assert bls.call_deadline(spec, None, (torch.empty(largest),)) == bls.call_deadline(spec, unet) == floor
+    monkeypatch.setenv("SDTRT_CALL_TIMEOUT_S", "5")  # read when a stub starts: when the module is imported
+    moved = importlib.reload(bls)
+    assert moved.call_deadline(spec, None) == 5.0 and moved.call_deadline(spec, unet, (torch.empty(largest),)) == 245.0
+
+
+def test_livez_fails_only_a_stuck_or_failed_watcher_and_readyz_is_false_while_healing():
+    """`sdtrt serve --health-port`'s answers, over its real HTTP port, for each state of the healer (a plain
+    object with the Healer's fields: the states are set here, not waited for): a heal is alive but not ready, a
+    watcher that stopped checking (beyond stuck_after, and the load timeout while healing) or gave up is dead."""
+    ready = {"now": True}
+    healer = types.SimpleNamespace(healing=threading.Event(), failed=threading.Event(), last_check=time.monotonic(),
+                                   load_timeout=300.0, server=types.SimpleNamespace(is_ready=lambda: ready["now"]))
+    endpoint = HealthEndpoint(healer, "127.0.0.1", 0, stuck_after=60.0).start()
+    url = f"http://127.0.0.1:{endpoint.httpd.server_address[1]}"
+    try:
+        def answers() -> tuple[int, int]:
+            return status(url + "/livez"), status(url + "/readyz")
+
+        assert answers() == (200, 200) and get(url + "/readyz") == (200, '{"status": "ok"}')
+        healer.healing.set()
+        healer.last_check = time.monotonic() - 100  # a reload holds the watcher: within 60 s + the load timeout
+        assert answers() == (200, 503)
+        healer.healing.clear()  # the same silence without a heal: stuck
+        assert answers() == (503, 200) and get(url + "/livez") == (503, '{"status": "unavailable"}')
+        healer.last_check = time.monotonic()
+        ready["now"] = False  # tritonserver says not ready (restarting): alive, not ready
+        assert answers() == (200, 503)
+        healer.failed.set()  # the healer gave up (a restart that failed)
+        assert answers()[0] == 503 and status(url + "/metrics") == 404
+    finally:
+        endpoint.stop()
 
 
 def test_a_killed_tritonserver_is_restarted_and_liveness_stays_up(exported_repo, tmp_path):
@@ -335,6 +426,87 @@ except DiskFull as exc:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("fault", [ValueError, KeyboardInterrupt])
+def test_a_writer_that_raises_leaves_neither_its_temporary_file_nor_the_target(tmp_path, fault):
+    """A writer function that fails halfway (its own error, or Ctrl-C: not an OSError) leaves no `.partial` file,
+    and the old file stays whole."""
+    target = tmp_path / "sdtrt_spec.json"
+    write_atomic(target, "{}")
+
+    def half_then_fail(out) -> None:
+        out.write(b"half of it")
+        raise fault("the writer failed")
+
+    with pytest.raises(fault):
+        write_atomic(target, half_then_fail)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name] and target.read_text() == "{}"
+
+
+def test_a_full_disk_during_an_export_is_a_named_error_and_leaves_nothing(default_model, tmp_path):
+    """The ONNX exporter writes its files itself: a full disk there (injected without root as above, EFBIG past a
+    2 MB file size limit; the text encoder's ONNX is ~6 MB) is DiskFull too, with no work folder left behind."""
+    repo = tmp_path / "repo"
+    script = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+from sdtrt.contract.errors import DiskFull
+from sdtrt.export import export_model
+try:
+    export_model({str(default_model)!r}, {str(repo)!r}, progress=False, report=lambda *_: None)
+except DiskFull as exc:
+    print("DiskFull:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.stdout.startswith("DiskFull: no space left on the device of"), done.stdout + done.stderr[-3000:]
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name] and not (repo / "sdtrt_spec.json").exists()
+
+
+def test_an_export_removes_what_a_killed_one_left_and_keeps_what_a_running_one_writes(default_model, exported_repo,
+                                                                                     tmp_path):
+    """A killed export leaves its work folder beside the repository, a killed write its temporary file in it: the
+    next export into the repository removes them (under its lock). A running writer's (its pid alive) stay."""
+    from sdtrt.export import export_model
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    folders = {"dead": [tmp_path / f".repo.partial-{gone}-x1y2", repo / f".default__unet.old-{gone}"],
+               "alive": [tmp_path / f".repo.partial-{os.getpid()}-z3w4"]}
+    files = {"dead": [repo / "default__unet" / "1" / f".model.onnx.{gone}.0badf00d.partial"],
+             "alive": [repo / f".sdtrt_spec.json.{os.getpid()}.0badf00d.partial"]}
+    for path in folders["dead"] + folders["alive"]:
+        path.mkdir()
+    for path in files["dead"] + files["alive"]:
+        path.write_bytes(b"half")
+    dead, alive = folders["dead"] + files["dead"], folders["alive"] + files["alive"]
+    said = []
+    export_model(default_model, repo, progress=False, report=said.append)  # the same inputs: nothing else to do
+    assert any("nothing to do" in line for line in said), said
+    assert not any(path.exists() for path in dead), said
+    assert all(path.exists() for path in alive)
+    assert sum("removing what an interrupted export left" in line for line in said) == 3, said
+
+
+def test_the_configs_command_waits_for_the_repositorys_lock(exported_repo, tmp_path):
+    """`sdtrt configs` removes the models its catalog lacks: while an export holds the lock (joining its model),
+    it waits, then writes."""
+    from sdtrt.client.apps.cli import main
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    config = repo / "default__vae_decoder" / "config.pbtxt"
+    before = config.read_text()
+    with repository_lock(repo, report=lambda *_: None):
+        command = threading.Thread(target=main, args=(["configs", str(repo), "--backend", "onnxruntime"],))
+        command.start()
+        command.join(2.0)
+        assert command.is_alive() and config.read_text() == before  # waiting, nothing written
+    command.join(60)
+    assert not command.is_alive() and 'platform: "onnxruntime_onnx"' in config.read_text()
+
+
 def test_the_gateway_answers_507_when_its_output_folder_is_full(server, small_disk):
     (port,) = free_ports(1)
     (small_disk / "txt2img-images").mkdir()
@@ -374,6 +546,53 @@ def test_two_exports_into_one_repository_keep_both_models(default_model, tmp_pat
             assert (repo / spec.triton_name(component.name) / "config.pbtxt").is_file()
         assert (repo / spec.triton_name("tokenizer") / "config.pbtxt").is_file()
     assert not [p for p in repo.parent.iterdir() if ".partial" in p.name]
+
+
+# --- bounded growth ------------------------------------------------------------------------------------------
+def post_progress(client, request_id: str, preview: np.ndarray | None = None, step: int | None = 1):
+    """What a job loop posts to the progress model (``step`` None: what a client asks); its answer as
+    (step, preview)."""
+    fields = [(PROGRESS_REQUEST_ID, np.array([request_id.encode()], dtype=np.object_), "BYTES")]
+    if step is not None:
+        fields += [(PROGRESS_STEP, np.array([step], np.int32), "INT32"),
+                   (PROGRESS_TOTAL, np.array([20], np.int32), "INT32")]
+    if preview is not None:
+        fields.append((PROGRESS_PREVIEW, preview, "UINT8"))
+    inputs = []
+    for name, array, wire in fields:
+        inputs.append(grpcclient.InferInput(name, list(array.shape), wire))
+        inputs[-1].set_data_from_numpy(array)
+    answer = client.infer(PROGRESS, inputs)
+    return int(answer.as_numpy(PROGRESS_STEP)[0]), answer.as_numpy(PROGRESS_PREVIEW)
+
+
+def test_previews_are_held_within_their_byte_budget_the_oldest_dropped_first(server, stub_module):
+    """Anyone who reaches the inference port can post previews: the largest a loop posts, more of them than the
+    budget holds. The oldest requests lose their previews (their steps stay); the newest keep theirs, within it."""
+    limits = stub_module("progress_model")
+    side = int(limits.MAX_PREVIEW_PIXELS ** 0.5)
+    size = side * side * 3
+    fit = limits.MAX_PREVIEW_BYTES // size  # the newest previews that fit
+    client = grpcclient.InferenceServerClient(server.url)
+    ids = [f"budget-{os.urandom(4).hex()}-{n}" for n in range(fit + 3)]
+    for n, request_id in enumerate(ids):
+        post_progress(client, request_id, np.full((side, side, 3), n, np.uint8))
+    answers = [post_progress(client, request_id, step=None) for request_id in ids]
+    assert [step for step, _ in answers] == [1] * len(ids)  # every request's steps are still there
+    assert [preview.size for _, preview in answers[:3]] == [0, 0, 0]
+    kept = [preview for _, preview in answers[3:]]
+    assert all(preview.shape == (side, side, 3) and preview[0, 0, 0] == n + 3 for n, preview in enumerate(kept))
+    assert sum(preview.nbytes for preview in kept) <= limits.MAX_PREVIEW_BYTES
+
+
+def test_the_progress_model_remembers_at_most_keep_requests_the_oldest_forgotten_first(server, stub_module):
+    keep = stub_module("progress_model").KEEP
+    client = grpcclient.InferenceServerClient(server.url)
+    ids = [f"count-{os.urandom(4).hex()}-{n}" for n in range(keep + 5)]
+    for request_id in ids:
+        post_progress(client, request_id, np.zeros((8, 8, 3), np.uint8))
+    steps = [post_progress(client, request_id, step=None)[0] for request_id in ids]
+    assert steps == [-1] * 5 + [1] * keep  # the 5 oldest forgotten: -1, as for a request never seen
 
 
 # --- the gateway under load and clients that go away ----------------------------------------------------------

@@ -569,6 +569,62 @@ def test_refit_needs_refittable_engines(exported_repo, tmp_path):
         refit_repository(repo, spec.source)
 
 
+def test_a_refit_writes_new_engine_files_reloads_through_model_control_then_removes_the_old(
+        default_model, exported_repo, tmp_path, monkeypatch):
+    """`sdtrt refit --url` without a GPU: TensorRT's refit (the one function that needs TensorRT) copies the engine,
+    and the engines are stand-in files. The new files are written beside the old, the manifest and the configs
+    name them, the model is reloaded through model control while the old files are still there (the server held
+    them), then the old files go. The reload is recorded, not served: a CPU tritonserver has no TensorRT backend
+    to load a tensorrt_plan model (nor would TensorRT load a stand-in engine)."""
+    from sdtrt import export
+    from sdtrt.client.apps import models
+    from sdtrt.client.apps.cli import main
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    plain = load_spec(repo)
+    manifest = {name: {**entry, "refittable": True, "fp16": False} for name, entry in fake_manifest(plain).items()}
+    spec = with_engines(plain, manifest)
+    spec.save(repo)
+    write_repository(repo, Catalog(spec.key, {spec.key: spec}), ServingOptions(backend="tensorrt"))
+    old = {name: repo / spec.triton_name(name) / "1" / entry["file"] for name, entry in manifest.items()}
+    for name, path in old.items():
+        path.write_bytes(f"{name} engine".encode())
+
+    def copy_engine(engine_path, onnx_path, out_path, fp16=None):
+        assert onnx_path.is_file() and fp16 is False  # the re-exported ONNX, the engine's own precision
+        shutil.copyfile(engine_path, out_path)
+
+    seen_at_reload = []
+
+    class RecordingControl:
+        def __init__(self, url, key=None):
+            self.url = url
+
+        def load(self, name: str) -> float:
+            configs = {part: config_file(repo, spec, part) for part in manifest}
+            seen_at_reload.append((self.url, name, configs, all(path.is_file() for path in old.values())))
+            return 0.1
+
+    monkeypatch.setattr(export, "refit_engine", copy_engine)
+    monkeypatch.setattr(models, "ModelControl", RecordingControl)
+    assert main(["refit", str(repo), str(default_model), "--url", "127.0.0.1:8001"]) == 0
+    refitted = load_spec(repo).extra[ENGINES]
+    new = {name: repo / spec.triton_name(name) / "1" / refitted[name]["file"] for name in manifest}
+    assert [(url, name, all_old) for url, name, _, all_old in seen_at_reload] == [("127.0.0.1:8001", "default", True)]
+    assert seen_at_reload[0][2] == {name: path.name for name, path in new.items()}  # the configs named the new ones
+    for name in manifest:
+        assert new[name].name != old[name].name and new[name].read_bytes() == f"{name} engine".encode()
+        assert not old[name].exists()  # gone once the server holds the new ones
+        assert config_file(repo, spec, name) == new[name].name
+
+
+def config_file(repo, spec, part: str) -> str:
+    """The engine file a network's config.pbtxt names."""
+    config = text_format.Parse((repo / spec.triton_name(part) / "config.pbtxt").read_text(), mc.ModelConfig())
+    return config.default_model_filename
+
+
 @gpu
 def test_refit_swaps_in_lora_weights(default_model, tmp_path):
     """A refittable engine refitted with a LoRA-fused checkpoint gives that checkpoint's engine output."""

@@ -13,7 +13,6 @@ import asyncio
 import functools
 import logging
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +46,10 @@ from sdtrt.client.apps.a1111_requests import (
     updated_options,
 )
 from sdtrt.client.apps.a1111_scripts import Script, find_script, script_titles
-from sdtrt.client.apps.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard
+from sdtrt.client.apps.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard, server_failure
+from sdtrt.client.apps.web_guard import logged as log_failure
 from sdtrt.client.client import Client, ServerError, ServerRefused, ServerUnavailable
-from sdtrt.contract.errors import DiskFull, InvalidRequest, echo, invalid_field
+from sdtrt.contract.errors import ERROR_KINDS, DiskFull, InvalidRequest, echo, invalid_field
 from sdtrt.contract.outputs import disk_full_summary, save_png
 from sdtrt.contract.prometheus import scrape
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG
@@ -63,6 +63,20 @@ __all__ = ["Gateway", "Img2ImgBody", "Txt2ImgBody", "create_app"]
 
 # A generation's call: (settings, progress callback, control) -> the server's answer
 Call = Callable[[dict[str, Any], Callable[[int, int], None], Any], Generation]
+
+# The kind (a row of sdtrt.contract.errors.ERROR_KINDS) of each error the gateway answers, the first class that
+# matches: the client's classes are the server's kinds as they reach it, and any other failure of the server is
+# "other". The gateway's statuses are the table's, so the table is what its clients see. (Cancelled reaches no
+# client of the gateway as an error: the gateway's own interrupt answers A1111's 200 with the batches done.)
+ERROR_CLASSES: tuple[tuple[type[BaseException], str], ...] = (
+    (InvalidRequest, "InvalidRequest"), (ServerRefused, "InvalidRequest"), (ServerUnavailable, "Unavailable"),
+    (DiskFull, "DiskFull"))
+
+
+def gateway_status(exc: BaseException) -> int:
+    """The HTTP status the gateway answers ``exc`` with: its kind's in ERROR_KINDS."""
+    kind = next((kind for cls, kind in ERROR_CLASSES if isinstance(exc, cls)), "other")
+    return ERROR_KINDS[kind]["gateway"]
 
 
 class Gateway:
@@ -198,11 +212,7 @@ class Gateway:
         except ServerRefused as exc:  # a check only the server could make: its words, as the gateway's own
             field = invalid_field(str(exc)) or "request"
             raise refuse(A1111_NAME.get(field, field), str(exc)) from None
-        except ServerUnavailable as exc:
-            raise HTTPException(503, detail=str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
-        except ServerError as exc:
-            raise HTTPException(502, detail=f"the sdtrt server failed (error {logged(exc)}; the gateway's log has "
-                                            "the details): try again, and tell its operator if it persists") from None
+        # (the server unavailable or failed: add_error_handlers answers, without the client's words)
 
     def save(self, kind: str, result: Generation) -> None:
         try:
@@ -210,7 +220,7 @@ class Gateway:
                 save_png(image, seed, info, self.outputs / f"{kind}-images")
         except DiskFull as exc:  # nothing partial is left (sdtrt.contract.files); the client learns what filled
             logged(exc)
-            raise HTTPException(507, detail=f"the gateway's output folder ({kind}-images) is full: "
+            raise HTTPException(gateway_status(exc), detail=f"the gateway's output folder ({kind}-images) is full: "
                                             f"{disk_full_summary(exc)}. Send the request with save_images "
                                             "false, or have the operator free space") from None
 
@@ -262,9 +272,7 @@ def current_user(request: Request) -> str:
 def logged(exc: BaseException) -> str:
     """Log a failure with its details under a fresh id and return the id: what the client is told instead of the
     details (paths, hosts and internals stay in the gateway's log)."""
-    error_id = uuid.uuid4().hex[:12]
-    log.error("error %s: %s: %s", error_id, type(exc).__name__, exc, exc_info=exc)
-    return error_id
+    return log_failure(exc, log)
 
 
 @dataclass(frozen=True)
@@ -299,7 +307,17 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequest)
     async def invalid(_, exc: InvalidRequest):
         detail = [{"loc": ["body", A1111_NAME.get(exc.field, exc.field)], "msg": str(exc), "type": "value_error"}]
-        return answer.a1111_error(422, "InvalidRequest", detail, str(exc))
+        return answer.a1111_error(gateway_status(exc), "InvalidRequest", detail, str(exc))
+
+    @app.exception_handler(ServerError)  # from any route: a generation, or the models read when the server is down
+    async def server_failed(_, exc: ServerError):
+        if isinstance(exc, ServerRefused):  # its words name the field, as the gateway's own refusals do
+            field = invalid_field(str(exc)) or "request"
+            detail = [{"loc": ["body", A1111_NAME.get(field, field)], "msg": str(exc), "type": "value_error"}]
+            return answer.a1111_error(gateway_status(exc), "InvalidRequest", detail, str(exc))
+        text = server_failure(exc, log)  # the client's words name the server's address: the log's alone
+        retry = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServerUnavailable) else None
+        return answer.a1111_error(gateway_status(exc), "HTTPException", text, text, retry)
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and the router's own (404, 405)
     async def http_error(_, exc: StarletteHTTPException):

@@ -25,7 +25,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from sdtrt.client.client import JobControl
-from sdtrt.contract.errors import InvalidRequest, UsageError
+from sdtrt.contract.errors import ERROR_KINDS, InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 from sdtrt.contract.pictures import open_picture, picture_bytes_from_base64
 from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
@@ -230,7 +230,8 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
 
 
 def refuse(field: str, message: str) -> HTTPException:
-    return HTTPException(422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+    return HTTPException(ERROR_KINDS["InvalidRequest"]["gateway"],
+                         detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
 
 
 def open_image(data: str, field: str) -> Image.Image:

@@ -21,6 +21,7 @@ from sdtrt import __version__
 from sdtrt.client.apps.cli_generate import add_commands as add_generation_commands
 from sdtrt.client.apps.cli_generate import spec_for_help
 from sdtrt.contract.errors import SdtrtError, UsageError
+from sdtrt.contract.files import repository_lock
 from sdtrt.contract.samplers import (
     AUTOMATIC_SCHEDULES,
     CONFIG_SCHEDULES,
@@ -382,8 +383,10 @@ def cmd_configs(args: argparse.Namespace) -> int:
     # loaded when the command runs (see the module docstring)
     from sdtrt.model_repository.build import write_repository
 
-    written = write_repository(args.repo, None, ServingOptions(
-        backend=args.backend, **serving_options(args)))
+    # it removes the models the catalog lacks: an export joining the repository meanwhile would lose its own
+    with repository_lock(args.repo):
+        written = write_repository(args.repo, None, ServingOptions(
+            backend=args.backend, **serving_options(args)))
     print(f"wrote {sum(p.name == 'config.pbtxt' for p in written)} configs under {args.repo} ({args.backend} backend)")
     return 0
 

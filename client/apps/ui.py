@@ -36,12 +36,12 @@ import gradio as gr  # noqa: E402  (after the variable: gradio reads it on impor
 from gradio.utils import get_upload_folder  # noqa: E402  (where Gradio keeps uploads and the files it serves)
 from starlette.middleware import Middleware
 
-from sdtrt.client.apps.web_guard import HEALTH_PATH, cross_site
+from sdtrt.client.apps.web_guard import HEALTH_PATH, cross_site, server_failure
 from sdtrt.client.apps.web_guard import header as _header
-from sdtrt.client.client import Client, JobControl, Progress, ServerError
+from sdtrt.client.client import Client, JobControl, Progress, ServerError, ServerRefused
 from sdtrt.contract.errors import DiskFull, InvalidRequest, echo
 from sdtrt.contract.outputs import disk_full_summary, save_png
-from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture
+from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture, restrict_pillow
 from sdtrt.requests.fields import LABELS, tab_fields
 from sdtrt.requests.generation import Generation, settings_from_infotext
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
@@ -265,10 +265,10 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
     with gr.Row():
         with gr.Column():
             if kind == "img2img":
-                picture = gr.ImageMask(label="Picture (draw the inpainting mask on it; no mask: img2img)",
-                                       type="numpy", image_mode="RGBA", sources=["upload", "clipboard"],
-                                       brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
-                                       elem_id="img2img_picture", height=420)
+                picture = guarded_picture(gr.ImageMask(
+                    label="Picture (draw the inpainting mask on it; no mask: img2img)", type="numpy",
+                    image_mode="RGBA", sources=["upload", "clipboard"],
+                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id="img2img_picture", height=420))
                 fields["resize_mode"] = _control(spec, "resize_mode")
             row("sampler", "schedule_type")
             fields["steps"] = _control(spec, "steps")
@@ -321,6 +321,35 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
                info, last_seeds, infotexts, picture, hires, variation)
 
 
+def _too_many_pixels(value: str) -> InvalidRequest:
+    side = int(MAX_PICTURE_PIXELS ** 0.5)
+    return InvalidRequest("init_image", value, f"a picture of at most {MAX_PICTURE_PIXELS:,} pixels: make it smaller "
+                          f"(e.g. at most {side} x {side}) before uploading it")
+
+
+def guarded_picture(component: gr.ImageMask) -> gr.ImageMask:
+    """The img2img picture: Gradio's ImageMask decodes the upload and the drawn layers itself with ``Image.open``
+    (held by serve_ui to sdtrt's formats and pixel limit: restrict_pillow). What it cannot decode is refused
+    naming the field; Gradio would show any error but a gr.Error as a bare "Error". (Wrapped per instance, not
+    subclassed: Gradio writes a .pyi beside the module of every component subclass, which a read-only image
+    cannot take.)"""
+    decode = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except Image.DecompressionBombError as exc:  # its header claims more pixels than restrict_pillow allows
+            log.warning("img2img picture refused: %s", exc)
+            raise _error(_too_many_pixels("<a picture of more pixels than the page decodes>")) from None
+        except (OSError, SyntaxError, ValueError) as exc:  # not PNG/JPEG/WebP (Pillow knows no other), or damaged
+            log.warning("img2img picture refused: %s: %s", type(exc).__name__, exc)  # (its text names the file)
+            raise _error(InvalidRequest("init_image", "<the uploaded file>", "a PNG, JPEG or WebP picture (this "
+                                        "is another format, or it is damaged): save it as one of those")) from None
+
+    component.preprocess = preprocess
+    return component
+
+
 def _mask_and_picture(value: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """The init picture (RGB) and the drawn mask (white = repaint; None when nothing was drawn) from the
     ImageMask's value: its background and the alpha of its brush layers."""
@@ -330,12 +359,9 @@ def _mask_and_picture(value: Any) -> tuple[np.ndarray, np.ndarray | None]:
     shape = getattr(background, "shape", ())
     if len(shape) not in (2, 3) or (len(shape) == 3 and not 1 <= shape[2] <= 4):
         raise InvalidRequest("init_image", f"<an array of shape {shape}>", "a picture")
-    # Gradio has decoded it already (Pillow's own limits, lowered by serve_ui); nothing larger is worked on here.
+    # Gradio has decoded it already, within the limit serve_ui gives Pillow; this holds a page built otherwise too.
     if shape[0] * shape[1] > MAX_PICTURE_PIXELS:
-        side = int(MAX_PICTURE_PIXELS ** 0.5)
-        raise InvalidRequest("init_image", f"<{shape[1]}x{shape[0]} picture>",
-                             f"a picture of at most {MAX_PICTURE_PIXELS:,} pixels: make it smaller (e.g. at most "
-                             f"{side} x {side}) before uploading it")
+        raise _too_many_pixels(f"<{shape[1]}x{shape[0]} picture>")
     background = np.asarray(background)
     picture = background[..., :3] if background.ndim == 3 else np.stack([background] * 3, axis=-1)
     if picture.shape[2] < 3:  # grey with alpha
@@ -548,8 +574,10 @@ class Page:
                 log.warning("page closed: interrupting its generation (request %s)", control.request_id)
                 control.interrupt()
             self.jobs.end(request.session_hash, control)
-        if isinstance(state.error, (InvalidRequest, ServerError)):
+        if isinstance(state.error, (InvalidRequest, ServerRefused)):  # they name the field, for the user to fix
             raise _error(str(state.error))
+        if isinstance(state.error, ServerError):  # its words name the server's address: they go to the log only
+            raise _error(server_failure(state.error, log))
         if state.error is not None:
             raise state.error
         result = state.result
@@ -779,10 +807,11 @@ def serve_ui(client: Client, host: str, port: int, outputs: Path = Path("outputs
              auth: dict[str, str] | None = None, styles_file: Path | None = DEFAULT_STYLES_FILE) -> None:
     """Serve the page; with ``auth`` (user -> password) it asks for a login first (Gradio's, as A1111's
     ``--gradio-auth``), on every route (:class:`PageGuard`)."""
-    # Gradio decodes the img2img picture itself, with Pillow's bomb check: an error past twice MAX_IMAGE_PIXELS,
-    # before any pixel is decoded. Pillow's default lets 179 megapixels through (716 MB as RGBA, per layer); set
-    # to what sdtrt takes at all, nothing past 2 x 16.7 megapixels is decoded, and the handler refuses the rest.
-    Image.MAX_IMAGE_PIXELS = MAX_PICTURE_PIXELS
+    # Gradio decodes the img2img picture itself, with a plain Image.open: every format Pillow knows (some parsers
+    # never meant for untrusted files), and Pillow's default bomb limit lets 179 megapixels through (716 MB as
+    # RGBA, per layer). Held to what open_picture takes: PNG, JPEG, WebP, refused past MAX_PICTURE_PIXELS before
+    # any pixel is decoded (guarded_picture says so naming the field).
+    restrict_pillow()
     demo = build_ui(client, outputs, styles_file)
     # No allowed_paths: the outputs folder is not served (it holds every user's pictures); the gallery's pictures
     # are Gradio's own copies. SSR and the MCP server stay off so that nothing answers beside the guarded app.

@@ -8,6 +8,9 @@ Cross-site requests: a browser that has the gateway's basic credentials cached s
 from another site makes it send, including a form POST to /sdapi/v1/interrupt, which needs no JSON body and so
 no CORS preflight. Browsers say where a request comes from (``Sec-Fetch-Site``, ``Origin``); a state-changing
 request that says another site is refused. Scripts and programs (webuiapi, curl) send neither and pass.
+
+What the gateway and the page tell users of a failure also leaves by this door (``server_failure``): a fixed text
+and an error id, the details (the Triton server's address, its own words) in the log only.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import secrets
+import uuid
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
+
+from sdtrt.client.client import ServerUnavailable
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
@@ -72,6 +79,26 @@ def cross_site(scope: Scope) -> bool:
         return False  # not sent by a browser's cross-origin request (browsers send Origin on every cross-site POST)
     host = header(scope, b"host") or ""
     return origin == "null" or urlsplit(origin).netloc.lower() != host.lower()
+
+
+def logged(exc: BaseException, log: logging.Logger) -> str:
+    """Log a failure with its details under a fresh id and return the id: what the user is told instead of the
+    details (paths, hosts and internals stay in the log)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("error %s: %s: %s", error_id, type(exc).__name__, exc, exc_info=exc)
+    return error_id
+
+
+def server_failure(exc: BaseException, log: logging.Logger) -> str:
+    """What a user of the gateway or the page is told when the sdtrt server behind it failed or could not be
+    reached: what to do, and the id its details were logged under. The client's messages name the server's
+    address (and Triton's words may name its hosts and paths): they are for the operator, not the user."""
+    error_id = logged(exc, log)
+    if isinstance(exc, ServerUnavailable):
+        return (f"the sdtrt server is busy or restarting: retry in {exc.retry_after_s} seconds (error {error_id}; "
+                "the log has the details)")
+    return (f"the sdtrt server failed (error {error_id}; the log has the details): try again, and tell its "
+            "operator if it persists")
 
 
 HEALTH_PATH = "/healthz"

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
 import shutil
 import time
@@ -31,6 +32,23 @@ def _free_bytes(folder: Path) -> int | None:
         return shutil.disk_usage(folder).free
     except OSError:
         return None
+
+
+def disk_full(path: str | Path, needed: int | None = None) -> DiskFull:
+    """The named error for a write to ``path`` that found no space, with how much is free there now."""
+    return DiskFull(path, needed, _free_bytes(Path(path).parent))
+
+
+@contextlib.contextmanager
+def no_space_is_disk_full(path: str | Path) -> Iterator[None]:
+    """Raise a full disk met inside (an OSError from a library that writes its own files, e.g. the ONNX exporter)
+    as DiskFull naming ``path``; every other error goes through as it is."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise disk_full(exc.filename or path) from None
+        raise
 
 
 def fsync_folder(folder: Path) -> None:
@@ -74,8 +92,27 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[object], None],
     except OSError as exc:
         temp.unlink(missing_ok=True)
         if exc.errno in _NO_SPACE:
-            raise DiskFull(path, needed, _free_bytes(path.parent)) from None
+            raise disk_full(path, needed) from None
         raise
+    except BaseException:  # the writer's own error, or an interrupt: its temporary file goes all the same
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def writer_gone(name: str) -> bool:
+    """Whether the process that named a temporary file or folder (``temporary_name``'s, an export's work folder
+    ``.<repo>.partial-<pid>-...``, a replaced model's ``.<model>.old-<pid>``) has exited: only then is it a
+    crashed writer's leftover. A name without a pid, or a writer still running, is never a leftover."""
+    found = re.search(r"\.(\d+)\.[0-9a-f]{8}\.partial$|\.partial-(\d+)-|\.old-(\d+)$", name)
+    if found is None:
+        return False
+    try:
+        os.kill(int(next(group for group in found.groups() if group)), 0)  # signal 0: only asks whether it exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process, running
+        return False
+    return False
 
 
 def copy_atomic(source: str | Path, target: str | Path) -> Path:

@@ -24,6 +24,22 @@ MAX_PICTURE_PIXELS = 4096 * 4096
 MAX_PICTURE_BYTES = 32 * 2**20  # an encoded picture (a 4096 x 4096 PNG of noise is ~48 MB; photos are far less)
 
 
+def restrict_pillow(max_pixels: int = MAX_PICTURE_PIXELS) -> None:
+    """Hold every ``Image.open`` of this process to open_picture's rules, for code that opens users' pictures
+    itself (Gradio decodes the page's img2img picture with a plain ``Image.open``, every format tried): only
+    PICTURE_FORMATS open, and a header of more than ``max_pixels`` is refused before any pixel is decoded. For a
+    process that serves users' pictures and opens no other kind (saving in any format still works)."""
+    Image.init()  # every plugin registered now: Pillow registers none again later (init() runs once)
+    for name in [name for name in Image.OPEN if name not in PICTURE_FORMATS]:
+        del Image.OPEN[name]
+    # in place: Image.open tells "every format" by this very list (formats=None), and would look the others up
+    Image.ID[:] = [name for name in Image.ID if name in PICTURE_FORMATS]
+    # Pillow raises DecompressionBombError past twice MAX_IMAGE_PIXELS and only warns past it. Turning the warning
+    # into an error would take a process-wide filter, which warnings.catch_warnings() (Gradio's, while it converts
+    # a picture) swaps out for every thread: half the limit makes Pillow's own error the limit, in every thread.
+    Image.MAX_IMAGE_PIXELS = max_pixels // 2
+
+
 def _megabytes(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 
