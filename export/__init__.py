@@ -144,8 +144,8 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: 
                       max_size=options.max_size, vae_scale_factor=factor, text_max_length=text_max_length,
                       max_chunks=options.max_chunks, max_lora_rank=options.max_lora_rank if slots else 0)
 
-    components = export_networks(descriptors(pipe, text_max_length, slots), repo, key, dims, text_max_length,
-                                 options.progress, report)
+    networks = descriptors(pipe, text_max_length, slots, options.tiling)
+    components = export_networks(networks, repo, key, dims, text_max_length, options.progress, report)
     pipe.tokenizer.save_pretrained(str(repo / tokenizer_dir(key)))
     spec = build_spec(ckpt, key, components, dims, options, native=native, text_max_length=text_max_length)
     spec = replace(spec, extra={**spec.extra, "export_key": inputs}, **registered)

@@ -22,6 +22,8 @@ from sdtrt.contract.spec import (  # noqa: F401  (the dim names are re-exported 
     LATENT_W,
     LORA_RANK,
     TEXT_BATCH,
+    TILING_NETWORKS,
+    TILING_SUFFIX,
     UNET_BATCH,
     DimRange,
     TensorSpec,
@@ -139,6 +141,27 @@ class UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **extra)[0]
 
 
+class Circular(torch.nn.Module):
+    """A network whose padded convolutions pad circularly while it runs, as A1111's Tiling sets every Conv2d of the
+    U-Net and the VAE (circular padding wraps each edge to the opposite one, so the picture tiles seamlessly)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        # set per call, not once: the same modules also make the network's plain variant
+        convs = [m for m in self.inner.modules() if isinstance(m, torch.nn.Conv2d) and any(m.padding)]
+        modes = [conv.padding_mode for conv in convs]
+        for conv in convs:
+            conv.padding_mode = "circular"
+        try:
+            return self.inner(*inputs)
+        finally:
+            for conv, mode in zip(convs, modes):
+                conv.padding_mode = mode
+
+
 class VaeEncoder(torch.nn.Module):
     """Images in [-1, 1] -> the latent distribution's parameters (mean and log-variance, stacked on channels).
 
@@ -198,14 +221,24 @@ def align_your_steps_levels(pipe) -> list[float]:
     return list(ALIGN_YOUR_STEPS["sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"])
 
 
-def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None) -> list[Descriptor]:
+def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None, tiling: bool = False) -> list[Descriptor]:
     """The networks of a Stable Diffusion pipeline (SD 1.x/2.x, or SDXL with its second text encoder and the U-Net's
-    added conditions), in pipeline order; with ``lora_slots`` (network -> its slots, ``sdtrt.export.lora``), also the
-    LoRA variants of those networks."""
+    added conditions), in pipeline order; with ``tiling``, also the tiling variants of the U-Net and VAE; with
+    ``lora_slots`` (network -> its slots, ``sdtrt.export.lora``), also the LoRA variants of those networks (and of
+    their tiling variants)."""
     plain = [text_encoder_descriptor(pipe, text_max_length), unet_descriptor(pipe, text_max_length),
              vae_decoder_descriptor(pipe), vae_encoder_descriptor(pipe)]
-    return plain + [with_lora(desc, getattr(pipe, desc.name), lora_slots[desc.name])
-                    for desc in plain if desc.name in (lora_slots or {})]
+    tiled = [with_tiling(desc) for desc in plain if tiling and desc.name in TILING_NETWORKS]
+    lora = [with_lora(desc, getattr(pipe, network), lora_slots[network])
+            for desc in plain + tiled for network in [desc.name.removesuffix(TILING_SUFFIX)]
+            if network in (lora_slots or {})]
+    return plain + tiled + lora
+
+
+def with_tiling(desc: Descriptor) -> Descriptor:
+    """The tiling variant of a network: the same tensors, its convolutions padded circularly."""
+    return Descriptor(name=desc.name + TILING_SUFFIX, module=Circular(desc.module), inputs=desc.inputs,
+                      outputs=desc.outputs, make_inputs=desc.make_inputs, trace_dims=desc.trace_dims)
 
 
 def text_encoder_descriptor(pipe, text_max_length: int) -> Descriptor:

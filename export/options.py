@@ -18,8 +18,9 @@ class ExportOptions:
     what requests that name no model get. ``loras`` (``FILE[:SCALE]``) are fused into the weights; ``lora_dir`` /
     ``embedding_dir`` are folders whose LoRAs and embeddings requests may use by name, ``max_lora_rank`` the summed
     rank one request's LoRAs may have. ``max_pixel_steps`` (0: none) and ``max_prompt_chars`` are per-request
-    ceilings, sized from max_size, max_batch and max_chunks by default (ExportLimits). With ``engines``, also FP16
-    TensorRT engines, and the networks are served with them."""
+    ceilings, sized from max_size, max_batch and max_chunks by default (ExportLimits). ``tiling`` adds the U-Net's
+    and VAE's tiling variants (A1111's seamless Tiling) that requests with ``tiling`` run. With ``engines``, also
+    FP16 TensorRT engines, and the networks are served with them."""
 
     name: str | None = None
     default: bool = False
@@ -29,6 +30,7 @@ class ExportOptions:
     embedding_dir: str | Path | None = None
     max_lora_rank: int = ExportLimits.max_lora_rank
     vae: str | Path | None = None
+    tiling: bool = False
     allow_pickle: bool = False
     prediction_type: str | None = None
     max_batch: int = ExportLimits.max_batch

@@ -226,7 +226,7 @@ def test_a1111s_names_become_sdtrts(catalog, given, wanted):
 
 
 @pytest.mark.parametrize("given, field", [
-    ({"tiling": True}, "tiling"),
+    ({"override_settings": {"tiling": "yes"}}, "override_settings.tiling"),
     ({"restore_faces": True}, "restore_faces"),
     ({"override_settings": {"randn_source": "TPU"}}, "override_settings.randn_source"),
     ({"override_settings": {"eta_noise_seed_delta": -5}}, "override_settings.eta_noise_seed_delta"),
@@ -392,3 +392,15 @@ def test_extras_and_memory_answer_in_a1111s_shape():
     assert memory.ram == {"free": 600, "used": 400, "total": 1000}
     assert memory.cuda == {"system": {"free": 110, "used": 50, "total": 160}}
     assert MemoryResponse(**answer.memory_response(None)).ram == {"error": "no --metrics-url"}
+
+
+def test_tiling_is_the_requests_else_the_override_else_the_users_option(catalog):
+    """A1111 reads p.tiling, and where it is null opts.tiling (an override or the user's stored option)."""
+    def tiling(body: dict, options: dict | None = None) -> bool:
+        return translate(Txt2ImgBody(prompt="x", **body), UserOptions(options=options or {}), {}, catalog)["tiling"]
+
+    assert tiling({}) is False and tiling({"tiling": True}) is True
+    assert tiling({"override_settings": {"tiling": True}}) is True
+    assert tiling({}, {"tiling": True}) is True and tiling({"tiling": False}, {"tiling": True}) is False
+    assert "override_settings.tiling" not in ignored_fields(Txt2ImgBody(prompt="x", override_settings={"tiling": True}),
+                                                            {})

@@ -59,6 +59,7 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
                    "s_min_uncond": "s_min_uncond"}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
+OPTIONS_KEPT_AND_READ = ("tiling",)  # kept with the options sdtrt has no use for, and read when a request runs
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
@@ -108,7 +109,8 @@ class _RequestBase(BaseModel):
     scheduler: str | None = Field(None, description="Automatic, Karras, Exponential or SGM Uniform")
     n_iter: int = 1
     restore_faces: bool | None = Field(None, description="not supported: refused when true")
-    tiling: bool | None = Field(None, description="not supported: refused when true")
+    tiling: bool | None = Field(None, description="seamless tiling (a model exported with --tiling); null: the "
+                                "tiling option")
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: float | None = Field(None, description="null: the eta_ancestral option (DDIM: eta_ddim)")
@@ -117,7 +119,8 @@ class _RequestBase(BaseModel):
     s_tmax: float | None = None
     s_tmin: float | None = None
     s_noise: float | None = None
-    override_settings: dict[str, Any] | None = Field(None, description=f"only {', '.join(OPTIONS_HONOURED)}")
+    override_settings: dict[str, Any] | None = Field(
+        None, description=f"only {', '.join(OPTIONS_HONOURED + OPTIONS_KEPT_AND_READ)}")
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = None
     refiner_switch_at: float | None = None
@@ -198,7 +201,6 @@ class ExtrasSingleImageBody(BaseModel):
 # fields are checked where they are read)
 UNSUPPORTED = {
     "restore_faces": (None, False),
-    "tiling": (None, False),
     "refiner_checkpoint": (None, "", "None"),
     "refiner_switch_at": (None,), "alwayson_scripts": ({},),
     "firstphase_width": (0,), "firstphase_height": (0,), "hr_resize_x": (0,), "hr_resize_y": (0,),
@@ -211,7 +213,6 @@ UNSUPPORTED = {
 # What sdtrt lacks of A1111 for now, and where it is coming from: said in the refusal.
 NOT_YET = {
     "restore_faces": "face restoration (GFPGAN, CodeFormer) comes with the upscalers and face restorers",
-    "tiling": "seamless tiling (circular padding in the U-Net and VAE) is not exported yet",
 }
 
 
@@ -385,7 +386,7 @@ def ignored_fields(body: _Request, styles: dict) -> list[str]:
     """The request's keys that change nothing here: unknown ones, override_settings sdtrt has no use for, and
     styles the styles file lacks (A1111 skips them too)."""
     overrides = [f"override_settings.{k}" for k in body.override_settings or {}
-                 if k not in OPTIONS_HONOURED and k not in OPTIONS_FIXED]
+                 if k not in OPTIONS_HONOURED + OPTIONS_KEPT_AND_READ and k not in OPTIONS_FIXED]
     unknown = [f"styles.{name}" for name in body.styles or [] if name not in styles]
     return body.ignored_fields + overrides + unknown
 
@@ -445,6 +446,17 @@ def with_infotext(body: _Request) -> _Request:
         raise refuse(".".join(map(str, error["loc"])), f"from the infotext: {error['msg']}") from None
 
 
+def tiling_of(body: _Request, mine: UserOptions) -> bool:
+    """A1111's Tiling: the request's, else the override's or the user's tiling option (A1111's opts.tiling)."""
+    for where, value in (("tiling", body.tiling), ("override_settings.tiling", (body.override_settings or {}).get(
+            "tiling")), ("options.tiling", mine.options.get("tiling"))):
+        if value is not None:
+            if not isinstance(value, bool):
+                raise refuse(where, f"true or false (got {str(value)[:80]!r})")
+            return value
+    return False
+
+
 def sampler_of(body: _Request) -> str:
     """sdtrt's sampler for A1111's name or alias (sampler_name, else the legacy sampler_index)."""
     name = body.sampler_name or body.sampler_index
@@ -477,6 +489,7 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings["clip_skip"] = changes.clip_skip if changes.clip_skip is not None else mine.clip_skip
     settings["randn_source"] = changes.randn_source or mine.randn_source
     settings["model"] = changes.model or catalog.get(mine.model).key
+    settings["tiling"] = tiling_of(body, mine)
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))

@@ -148,6 +148,9 @@ def _add_export(sub) -> None:
     p.add_argument("--vae", type=Path, default=None, metavar="FILE",
                    help="a VAE .safetensors to use in place of the checkpoint's (e.g. vae-ft-mse-840000-ema-pruned); "
                    "the infotext names it as A1111 does")
+    p.add_argument("--tiling", action="store_true",
+                   help="also export the U-Net and VAE with circular padding, for requests with tiling (A1111's "
+                   "seamless 'Tiling'); adds their size to the export")
     limits = p.add_argument_group("what a request may ask for (recorded in the spec)")
     limits.add_argument("--max-batch", type=int, default=ExportLimits.max_batch, help="most images per request")
     limits.add_argument("--min-size", type=int, default=ExportLimits.min_size, help="smallest width/height in pixels")
@@ -398,7 +401,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     options = ExportOptions(
         name=args.name, default=args.default, config=args.config, loras=tuple(args.lora), lora_dir=args.loras,
-        embedding_dir=args.embeddings, max_lora_rank=args.max_lora_rank, vae=args.vae, allow_pickle=args.allow_pickle,
+        embedding_dir=args.embeddings, max_lora_rank=args.max_lora_rank, vae=args.vae, tiling=args.tiling,
+        allow_pickle=args.allow_pickle,
         prediction_type=args.prediction_type, max_batch=args.max_batch, min_size=args.min_size,
         max_size=args.max_size, max_chunks=args.max_chunks, max_pixel_steps=args.max_pixel_steps,
         max_prompt_chars=args.max_prompt_chars, serving=ServingOptions(backend=args.backend, **serving_options(args)),

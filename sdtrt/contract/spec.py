@@ -18,12 +18,18 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 9  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 10  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
 # 8: a request read once into a plan: the tokenizer takes a text's weighted pieces, the jobs return the infotexts
 # 9: A1111's sampler settings (eta, sigma churn, s_noise, NGMS, ENSD) and k_diffusion; k-diffusion-only samplers
+# 10: tiling (A1111's seamless Tiling: the U-Net's and VAE's tiling variants, exported with --tiling)
+
+# A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
+# an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
+TILING_NETWORKS = ("unet", "vae_decoder", "vae_encoder")
+TILING_SUFFIX = "_tiling"
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
@@ -235,6 +241,15 @@ class ModelSpec:
     def smallest_shape(self, tensor: TensorSpec) -> list[int]:
         """A tensor's shape at the smallest size every dynamic dim allows (warm-ups, the watchdog's probes)."""
         return [d if isinstance(d, int) else self.dims[d].min for d in tensor.shape]
+
+    @property
+    def tiles(self) -> bool:
+        """Whether the export has the tiling variants (``sdtrt export --tiling``) that a ``tiling`` request runs."""
+        return all(name + TILING_SUFFIX in self.components for name in TILING_NETWORKS)
+
+    def network(self, name: str, tiling: bool) -> str:
+        """The component a request runs for the network ``name``: its tiling variant when the request tiles."""
+        return name + TILING_SUFFIX if tiling and name in TILING_NETWORKS else name
 
     def component(self, name: str) -> ComponentSpec:
         try:

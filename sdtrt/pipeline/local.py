@@ -61,7 +61,7 @@ class LocalPipeline:
 
     def networks(self, plan: Plan) -> "LocalNetworks":
         """The networks for one request, with the LoRAs its prompts name."""
-        return LocalNetworks(self, RequestLoras(self.lora_library, list(plan.loras)))
+        return LocalNetworks(self, RequestLoras(self.lora_library, list(plan.loras)), plan.request.tiling)
 
     def plan(self, request: Txt2ImgRequest, init_image: np.ndarray | None = None,
              mask: np.ndarray | None = None) -> Plan:
@@ -92,17 +92,19 @@ class LocalNetworks:
 
     device = torch.device("cpu")
 
-    def __init__(self, pipeline: LocalPipeline, loras: RequestLoras):
-        self.pipeline, self.loras = pipeline, loras
+    def __init__(self, pipeline: LocalPipeline, loras: RequestLoras, tiling: bool = False):
+        self.pipeline, self.loras, self.tiling = pipeline, loras, tiling
 
     def _run(self, name: str, *arrays: np.ndarray) -> dict[str, np.ndarray]:
         lora = self.loras.inputs(name, len(arrays[0]), self.device)
+        variant = self.pipeline.spec.network(name, self.tiling)
         if lora is None:
-            return self.pipeline.run(name, *arrays)
-        return self.pipeline.run(name + LORA_SUFFIX, *arrays, *(m.numpy() for m in lora))
+            return self.pipeline.run(variant, *arrays)
+        return self.pipeline.run(variant + LORA_SUFFIX, *arrays, *(m.numpy() for m in lora))
 
     def _single(self, name: str, array: np.ndarray) -> np.ndarray:
-        return self.pipeline.run(name, array)[self.pipeline.spec.component(name).outputs[0].name]
+        variant = self.pipeline.spec.network(name, self.tiling)
+        return self.pipeline.run(variant, array)[self.pipeline.spec.component(variant).outputs[0].name]
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
         inputs = (sample, timestep, *unet_inputs(self.pipeline.spec, context))

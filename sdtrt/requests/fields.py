@@ -165,6 +165,9 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
                  minimum=0, maximum=MAX_STEPS, shown_in=(TXT2IMG,), a1111="hr_second_pass_steps", a1111_as_is=True,
                  a1111_default=0, infotext="Hires steps", label="Hires steps"),
+    RequestField("tiling", "bool", False, "seamless tiling (A1111's 'Tiling'): the U-Net and VAE pad circularly, so "
+                 "the picture wraps at its edges; needs a model exported with --tiling", a1111="tiling",
+                 infotext="Tiling", label="Tiling"),
     RequestField("randn_source", "string", "CPU",
                  "where the starting noise comes from: CPU (torch's CPU generator, as diffusers and A1111's CPU "
                  "option) or NV (the numbers an NVIDIA GPU gives for the seed, as A1111's NV and GPU options)",

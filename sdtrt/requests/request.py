@@ -59,6 +59,8 @@ def check_value(field: FieldSpec, value: Any) -> Any:
     if field.dtype == "bool":
         if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
             return bool(value)
+        if value in ("True", "False"):  # read back from an infotext, as A1111 writes it
+            return value == "True"
         raise InvalidRequest(field.name, value, field.allowed())
     if field.dtype == "string":
         if isinstance(value, bytes):
@@ -111,6 +113,9 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
             raise InvalidRequest("hr_scale", checked.hr_scale,
                                  f"at most {largest / max(checked.width, checked.height):g} for "
                                  f"{checked.width}x{checked.height} (the model takes at most {largest:g} pixels a side)")
+    if checked.tiling and not spec.tiles:
+        raise InvalidRequest("tiling", True, f"false for model {spec.key!r}: it was exported without its tiling "
+                             "networks; export it again with `sdtrt export ... --tiling`")
     check_pixel_steps(checked, spec)
     check_randn_source(checked)
     check_sampler_steps(checked)
