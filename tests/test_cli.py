@@ -114,15 +114,15 @@ def test_samplers_lists_the_table(capsys):
     assert rows["DPM++ 3M SDE"][-7:] == ["(k-diffusion", "only)", "(Automatic:", "Exponential)", "|", "k-diffusion",
                                          "sample_dpmpp_3m_sde"]
     assert rows["DDIM"][-3:] == ["DDIMScheduler", "clip_sample=False", "set_alpha_to_one=False"]
-    assert len(rows) == 27
-    assert "Restart" in unavailable and "use Heun, DPM++ 2M" in unavailable and "DPM++ 3M SDE" not in unavailable
+    assert len(rows) == 28
+    assert "DDIM CFG++" in unavailable and "use DDIM" in unavailable and "Restart" not in unavailable
     assert "--k-diffusion" in k_note
-    assert "SGM Uniform      timestep_spacing=trailing; with 26 of 27 samplers" in schedules
-    assert "Align Your Steps A1111's sigma list, given to diffusers as custom sigmas; with 23 of 27" in schedules
+    assert "SGM Uniform      timestep_spacing=trailing; with 27 of 28 samplers" in schedules
+    assert "Align Your Steps A1111's sigma list, given to diffusers as custom sigmas; with 24 of 28" in schedules
 
 
 def test_an_a1111_sampler_sdtrt_refuses_is_named_with_the_nearest(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        run(capsys, "txt2img", "x", "--sampler", "Restart", "--local", str(tmp_path))
+        run(capsys, "txt2img", "x", "--sampler", "DDIM CFG++", "--local", str(tmp_path))
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "'Restart' is not available" in err and "'DPM++ 2M'" in err
+    assert exit_.value.code == 2 and "'DDIM CFG++' is not available" in err and "'DDIM'" in err

@@ -22,6 +22,7 @@ import torch
 from reference import MAX_PIXEL_DIFF, A1111Schedules, max_diff
 from sdtrt.client import Client
 from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.philox import nv_randn
 from sdtrt.contract.samplers import SAMPLERS
 from sdtrt.requests.request import Txt2ImgRequest
 
@@ -43,6 +44,7 @@ A1111_K = {
     "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "Exponential", True, True, ("eta", "s_noise")),
     "DPM fast": ("sample_dpm_fast", "Uniform", False, False, ("eta", "s_noise")),
     "DPM adaptive": ("sample_dpm_adaptive", "Uniform", False, False, ("eta", "s_noise")),
+    "Restart": ("sample_restart", "Karras", False, False, ()),  # A1111's own function: restart_reference below
 }
 PROMPT, NEGATIVE, SEED = "a small green square at the top left on a white background", "blurry", 11
 
@@ -79,10 +81,49 @@ class _Randn:
         return torch.randn(x.shape, generator=self.generator, dtype=x.dtype)
 
 
+def restart_reference(sampling, model, x, sigmas, randn):
+    """A1111's restart_sampler (modules/sd_samplers_extra.py) as its published code path runs it, with k-diffusion's
+    own sample_heun for each descent (Heun steps, Euler into 0: A1111's heun_step): from 20 steps, a Karras
+    schedule of steps - restarts x their steps; after the descent reaches the sigma nearest 0.1, each restart
+    noises back up to the sigma nearest 2 and descends a Karras segment of its steps + 1 sigmas, its last dropped."""
+    def heun(x, segment):
+        original, sampling.torch = sampling.torch, torch  # sample_heun draws (unused) churn noise each step
+        try:
+            return sampling.sample_heun(model, x, segment, disable=True)
+        finally:
+            sampling.torch = original
+
+    steps = len(sigmas) - 1
+    if steps < 20:
+        return heun(x, sigmas)
+    restart_steps, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+    sigmas = sampling.get_sigmas_karras(steps - restart_steps * times, sigmas[-2].item(), sigmas[0].item())
+    low, high = int(torch.argmin(abs(sigmas - 0.1))), int(torch.argmin(abs(sigmas - 2)))
+    x = heun(x, sigmas[:low + 1])
+    segment = sampling.get_sigmas_karras(restart_steps + 1, sigmas[low].item(), sigmas[high].item())[:-1]
+    for _ in range(times):
+        x = x + randn.randn_like(x) * (segment[0] ** 2 - sigmas[low] ** 2) ** 0.5
+        x = heun(x, segment)
+    return heun(x, sigmas[low:])
+
+
+class _NvRandn(_Randn):
+    """A1111's TorchHijack with its NV source: each draw the next of the image's philox generator (A1111's
+    rng_philox.Generator: one offset per draw), the numbers an NVIDIA GPU gives (nv_randn is checked against
+    CUDA's in tests/test_a1111_seeds.py)."""
+
+    def __init__(self, seed: int, offset: int):
+        self.seed, self.offset = seed, offset
+
+    def randn_like(self, x, *args, **kwargs):
+        self.offset += 1
+        return torch.from_numpy(nv_randn(self.seed, tuple(x.shape), self.offset - 1))
+
+
 @torch.no_grad()
 def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str = "Automatic", eta: float = 1.0,
                 ensd: int = 0, s_min_uncond: float = 0.0, init: np.ndarray | None = None, strength: float = 0.0,
-                **extra) -> np.ndarray:
+                nv: bool = False, **extra) -> np.ndarray:
     """One 64x64 image as A1111 samples it with k-diffusion, on diffusers' U-Net and VAE; with ``init`` (a
     picture), img2img as A1111's sample_img2img runs it: of the schedule for ``steps``, the last
     int(strength * steps) + 1 steps, from the picture's latents plus noise at the first of them."""
@@ -95,7 +136,9 @@ def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str 
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
     generator = torch.Generator().manual_seed(SEED)
-    if init is None:
+    if init is None and nv:  # A1111's ImageRNG: the starting noise is the generator's first draw
+        x = torch.from_numpy(nv_randn(SEED, (1, 4, 8, 8))) * sigmas[0]
+    elif init is None:
         x = torch.randn((1, 4, 8, 8), generator=generator) * sigmas[0]
     else:  # the picture's latents drawn as diffusers' img2img draws them (generator first), then the noise
         picture = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -135,12 +178,16 @@ def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str 
         whole = sigmas if init is None else schedule_sigmas
         positive = whole[whole > 0]
         kwargs["noise_sampler"] = sampling.BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=[SEED])
-    elif "eta" in takes:
-        kwargs["noise_sampler"] = lambda sigma, sigma_next: torch.randn(x.shape, generator=generator)
+    randn = (_NvRandn(SEED + ensd, 0) if ensd else _NvRandn(SEED, 1)) if nv else _Randn(generator)
+    if not brownian and "eta" in takes:
+        kwargs["noise_sampler"] = lambda sigma, sigma_next: randn.randn_like(x)
     original = sampling.torch
-    sampling.torch = _Randn(generator)
+    sampling.torch = randn
     try:
-        latents = getattr(sampling, function)(model, x, disable=True, **kwargs)
+        if function == "sample_restart":
+            latents = restart_reference(sampling, model, x, sigmas, randn)
+        else:
+            latents = getattr(sampling, function)(model, x, disable=True, **kwargs)
     finally:
         sampling.torch = original
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -164,6 +211,28 @@ def test_each_k_sampler_matches_k_diffusion_driving_the_same_networks(sampler, l
     steps = 8
     expected = k_reference(diffusers_pipe, sampler, steps)
     assert max_diff(sdtrt_image(local_pipeline, sampler, steps), expected) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("sampler, settings", [
+    ("Euler a", {}), ("Euler a", {"eta_noise_seed_delta": 31337}), ("DPM2 a", {}), ("Restart", {}),
+    ("Euler", {"s_churn": 2.0}), ("DPM fast", {}),
+])
+def test_nv_step_noise_is_a1111s(sampler, settings, local_pipeline, diffusers_pipe):
+    """With the NV source A1111 draws the step noise from each image's NV generator too, continued after the
+    starting noise (ENSD: a fresh one for seed + delta); sdtrt's k-diffusion path does the same."""
+    steps = 20 if sampler == "Restart" else 8  # Restart adds noise only from 20 steps
+    reference = {"ensd": settings["eta_noise_seed_delta"]} if "eta_noise_seed_delta" in settings else settings
+    expected = k_reference(diffusers_pipe, sampler, steps, nv=True, **reference)
+    result = sdtrt_image(local_pipeline, sampler, steps, randn_source="NV", **settings)
+    assert max_diff(result, expected) <= MAX_PIXEL_DIFF
+    assert max_diff(result, k_reference(diffusers_pipe, sampler, steps, **reference)) > MAX_PIXEL_DIFF  # not CPU's
+
+
+@pytest.mark.parametrize("steps", [20, 36])
+def test_restart_restarts_as_a1111s_does(steps, local_pipeline, diffusers_pipe):
+    """From 20 steps Restart redraws its schedule and climbs back once (from 36: twice), with fresh noise."""
+    expected = k_reference(diffusers_pipe, "Restart", steps)
+    assert max_diff(sdtrt_image(local_pipeline, "Restart", steps), expected) <= MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize("schedule", ["Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",

@@ -152,7 +152,7 @@ def test_info_endpoints(api, server):
     samplers = api.get("/sdapi/v1/samplers").json()
     assert {"name": "Euler a", "aliases": ["k_euler_a", "k_euler_ancestral"], "options": {}} in samplers
     names = {s["name"] for s in samplers}
-    assert len(samplers) == 27 and "DPM++ 3M SDE" in names and "Restart" not in names  # refused ones not listed
+    assert len(samplers) == 28 and "Restart" in names and "DDIM CFG++" not in names  # refused ones not listed
     schedulers = api.get("/sdapi/v1/schedulers").json()
     assert [s["label"] for s in schedulers] == ["Automatic", "Uniform", "Karras", "Exponential", "Polyexponential",
                                                 "SGM Uniform", "KL Optimal", "Align Your Steps", "Simple", "Normal",

@@ -127,6 +127,9 @@ SAMPLERS: dict[str, Sampler] = {
                 **_ANCESTRAL),
         Sampler("DPM adaptive", None, aliases=("k_dpm_ad",), k_function="sample_dpm_adaptive", k_params=_NOISE,
                 **_ANCESTRAL),
+        # Restart sampling is A1111's own function (sdtrt.pipeline.ksampling.sample_restart); A1111 hands it no
+        # setting (its s_noise stays 1) and adds its restarts' noise from each image's generator.
+        Sampler("Restart", None, aliases=("restart",), k_function="sample_restart", step_noise=True),
         # As A1111 runs them whatever the checkpoint's scheduler config says (SD 1.x/2.x ship these; SDXL ships an
         # EulerDiscrete config without them): DDIM without clipping, PLMS without Runge-Kutta warm-up steps.
         Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}, aliases=("ddim",),
@@ -143,7 +146,6 @@ SAMPLERS: dict[str, Sampler] = {
 # A1111 samplers that neither diffusers nor k-diffusion implements (A1111's own code): the reason, and the
 # samplers to use instead. Refused by name, never swapped for something else silently.
 UNAVAILABLE: dict[str, tuple[str, tuple[str, ...]]] = {
-    "Restart": ("Restart sampling is A1111's own code, in no library", ("Heun", "DPM++ 2M")),
     "DDIM CFG++": ("CFG++ (guidance on the denoised estimate, re-noised with the unconditional prediction) is "
                    "A1111's own code, in no library", ("DDIM",)),
 }
@@ -154,7 +156,7 @@ DEFAULT_SAMPLER = "Euler a"
 # follow the checkpoint's scheduler config (diffusers' default).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM2": "Karras", "DPM2 a": "Karras",
                        "DPM++ 2S a": "Karras", "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential",
-                       "DPM++ 3M SDE": "Exponential"}
+                       "DPM++ 3M SDE": "Exponential", "Restart": "Karras"}
 def draws_step_noise(name: str) -> bool:
     return SAMPLERS[name].step_noise
 
@@ -235,7 +237,8 @@ class SamplerSettings:
     """A request's settings for its sampler, as A1111 takes them: ``eta`` (< 0: the sampler's own default, A1111's
     eta_ancestral 1 or eta_ddim 0), sigma churn and its range (``s_tmax`` 0: no upper bound), the noise multiplier,
     and ENSD (the step noise drawn from seed + delta). ``k_diffusion``: run k-diffusion's function even where
-    diffusers has the sampler."""
+    diffusers has the sampler. ``randn_source``: where the step noise comes from, as the starting noise (NV: an
+    NVIDIA GPU's numbers, which only the k-diffusion path draws)."""
 
     eta: float = -1.0
     s_churn: float = 0.0
@@ -245,6 +248,7 @@ class SamplerSettings:
     s_min_uncond: float = 0.0
     eta_noise_seed_delta: int = 0
     k_diffusion: bool = False
+    randn_source: str = "CPU"
 
     def eta_for(self, sampler: Sampler) -> float:
         return (sampler.eta or 0.0) if self.eta < 0 else self.eta
@@ -269,12 +273,13 @@ def _diffusers_honours(sampler: Sampler, settings: SamplerSettings) -> bool:
 def runs_on_k_diffusion(name: str, schedule: str, schedules: dict[str, list[str]],
                         settings: SamplerSettings = SamplerSettings()) -> bool:
     """Whether a request's sampler runs on k-diffusion's function (as A1111 runs it) rather than its diffusers
-    class: when diffusers has none, when asked, when the diffusers class cannot follow the schedule type, or
-    when a setting A1111 honours for it is one the diffusers class does not take."""
+    class: when diffusers has none, when asked, when the diffusers class cannot follow the schedule type, when
+    a setting A1111 honours for it is one the diffusers class does not take, or when its step noise is NV's
+    (diffusers draws step noise from torch's generators)."""
     sampler = SAMPLERS[name]
     if sampler.k_function is None:
         return False
-    if sampler.scheduler is None or settings.k_diffusion:
+    if sampler.scheduler is None or settings.k_diffusion or (settings.randn_source == "NV" and sampler.step_noise):
         return True
     return schedule not in schedules.get(name, ()) or not _diffusers_honours(sampler, settings)
 

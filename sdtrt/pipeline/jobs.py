@@ -28,7 +28,7 @@ from sdtrt.contract.seeds import NoiseDraw, image_seeds, initial_noise, make_gen
 from sdtrt.contract.spec import ModelSpec
 from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, scheduled_conditioning, unet_conditioning
 from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
-from sdtrt.pipeline.ksampling import KSchedule
+from sdtrt.pipeline.ksampling import KSchedule, NvStepNoise
 from sdtrt.pipeline.vae import sample_latents
 from sdtrt.requests.img2img import LATENT_FILLS, finish_images, to_model_input
 from sdtrt.requests.plan import Plan, TextPair
@@ -140,10 +140,16 @@ def _pass(plan: Plan) -> Pass:
 
 def _step_noise(plan: Plan, run: Pass) -> None:
     """A1111's ENSD: once a pass's starting noise is drawn, its step noise comes from generators seeded with
-    seed + delta instead of the seed's own, continued."""
-    delta = plan.request.eta_noise_seed_delta
+    seed + delta instead of the seed's own, continued. With the NV source the k-diffusion path draws it from
+    the images' NV generators: continued after the starting noise (which "Resize seed from" draws from a generator
+    of its own), or ENSD's fresh ones."""
+    request, delta = plan.request, plan.request.eta_noise_seed_delta
     if delta:
         run.generators[:] = make_generators([seed + delta for seed in plan.seeds])
+    if request.randn_source == "NV" and isinstance(run.scheduler, KSchedule):
+        resized = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+        seeds = [seed + delta for seed in plan.seeds]
+        run.scheduler.nv_noise = NvStepNoise(seeds, 0 if delta or resized else 1)
 
 
 def _guidance(plan: Plan, prompts: ScheduledConditioning) -> Guidance:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from sdtrt.contract.errors import UsageError
+from sdtrt.contract.philox import nv_randn
 from sdtrt.contract.samplers import Sampler, SamplerSettings
 from sdtrt.contract.schedules import ALIGN_YOUR_STEPS, SIGMA_SCHEDULES
 
@@ -86,6 +87,60 @@ def k_diffusion() -> tuple[types.ModuleType, types.ModuleType]:
         return sampling, external
 
 
+def sample_restart(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                   callback: Callable | None = None, disable: bool | None = None, s_noise: float = 1.0) -> torch.Tensor:
+    """A1111's "Restart" (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"), in no library but
+    A1111's, on k-diffusion's primitives with k-diffusion's calling convention: Heun steps down the schedule (Euler
+    into sigma 0). From 20 steps on, the schedule is redrawn as Karras with the restarts' steps taken out, and where
+    the descent passes sigma 0.1 it jumps back to sigma 2 with fresh noise (s_noise times the variance between the
+    two) and comes down again on a Karras segment of 9 steps (from 36 steps: twice, steps // 4 steps each)."""
+    sampling = k_diffusion()[0]
+    extra_args = extra_args or {}
+    rows = x.new_ones([x.shape[0]])
+    steps = len(sigmas) - 1
+    restarts: dict[int, tuple[int, int]] = {}  # index of the sigma after which to restart -> (steps, times)
+    if steps >= 20:
+        count, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = sampling.get_sigmas_karras(steps - count * times, sigmas[-2].item(), sigmas[0].item(),
+                                            device=sigmas.device)
+        restarts[int(torch.argmin(abs(sigmas - 0.1)))] = (count + 1, times)
+    pairs = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in restarts:
+            count, times = restarts[i + 1]
+            top = int(torch.argmin(abs(sigmas - 2.0)))
+            if top < i + 1:  # the segment climbs from this sigma back to the one nearest 2, then descends
+                segment = sampling.get_sigmas_karras(count, sigmas[i + 1].item(), sigmas[top].item(),
+                                                     device=sigmas.device)[:-1]
+                pairs += list(zip(segment[:-1], segment[1:])) * times
+    state = {"i": 0, "last": None}
+
+    def heun(x: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        denoised = model(x, high * rows, **extra_args)
+        d = sampling.to_d(x, high, denoised)
+        if callback is not None:
+            callback({"x": x, "i": state["i"], "sigma": low, "sigma_hat": high, "denoised": denoised})
+        state["i"] += 1
+        if low == 0:
+            return x + d * (low - high)
+        ahead = x + d * (low - high)
+        d_ahead = sampling.to_d(ahead, low, model(ahead, low * rows, **extra_args))
+        return x + (d + d_ahead) / 2 * (low - high)
+
+    for high, low in pairs:
+        last = state["last"]
+        if last is not None and last < high:  # a restart: noise back up to the segment's top
+            x = x + sampling.torch.randn_like(x) * s_noise * (high ** 2 - last ** 2) ** 0.5
+        x = heun(x, high, low)
+        state["last"] = low
+    return x
+
+
+# A1111's samplers that are A1111's own functions, not k-diffusion's, under the name the registry gives them.
+A1111_FUNCTIONS: dict[str, Callable] = {"sample_restart": sample_restart}
+
+
 class _ThreadNoise:
     def __init__(self, draw: Callable[[torch.Tensor], torch.Tensor]):
         self.draw = draw
@@ -104,6 +159,22 @@ def image_noise(generators: Sequence[torch.Generator]) -> Callable[[torch.Tensor
         return torch.stack(rows).to(device=x.device, dtype=x.dtype)
 
     return draw
+
+
+class NvStepNoise:
+    """Step noise from A1111's NV source: each image's philox generator (``sdtrt.contract.philox``) continued one
+    offset per draw, as A1111's ImageRNG continues the generator its starting noise came from (``offset``: the
+    draws it made before, 1 after the starting noise, 0 for ENSD's fresh generators)."""
+
+    def __init__(self, seeds: Sequence[int], offset: int):
+        self.seeds, self.offsets = list(seeds), [offset] * len(seeds)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i, seed in enumerate(self.seeds):
+            rows.append(torch.from_numpy(nv_randn(seed, tuple(x.shape[1:]), self.offsets[i])))
+            self.offsets[i] += 1
+        return torch.stack(rows).to(device=x.device, dtype=x.dtype)
 
 
 def _beta(steps: int, training: np.ndarray, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
@@ -129,7 +200,7 @@ class KSchedule:
 
         self.sampling, external = k_diffusion()
         self.sampler, self.schedule, self.settings, self.seeds = sampler, schedule, settings, list(seeds)
-        self.function = getattr(self.sampling, sampler.k_function)
+        self.function = A1111_FUNCTIONS.get(sampler.k_function) or getattr(self.sampling, sampler.k_function)
         alphas_cumprod = DDPMScheduler.from_config(base_config).alphas_cumprod.float()
         v = base_config.get("prediction_type") == "v_prediction"
         wrapper = external.DiscreteVDDPMDenoiser if v else external.DiscreteEpsDDPMDenoiser
@@ -137,6 +208,7 @@ class KSchedule:
         self.align_your_steps = tuple(align_your_steps) or ALIGN_YOUR_STEPS["sd"]
         self.sigmas = self.timesteps = None
         self.begin = 0
+        self.nv_noise: NvStepNoise | None = None  # the step noise when the request's source is NV
 
     def _sigmas(self, n: int) -> torch.Tensor:
         sampling, model = self.sampling, self.denoiser
@@ -189,20 +261,20 @@ class KSchedule:
 
     def noise_like(self, generators: Sequence[torch.Generator]):
         """While sampling: k-diffusion's own ``torch.randn_like`` calls (sigma churn) draw from the images'
-        generators, in this thread only."""
-        return _ThreadNoise(image_noise(generators))
+        generators (or their NV numbers), in this thread only."""
+        return _ThreadNoise(self.nv_noise or image_noise(generators))
 
     def add_noise(self, init: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return init + noise * self.sigmas[int(timesteps.reshape(-1)[0])]
 
     def noise_sampler(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> Callable:
         """The step noise A1111 gives the function: a Brownian tree per image seeded by its seed (the SDE
-        samplers, batch-size independent), else each image's generator."""
+        samplers, batch-size independent), else each image's generator (or its NV numbers)."""
         if self.sampler.k_options.get("brownian"):  # spanning the whole schedule, img2img's too (as A1111)
             sigmas = self.sigmas
             return self.sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
                                                           seed=self.seeds)
-        draw = image_noise(generators)
+        draw = self.nv_noise or image_noise(generators)
         return lambda sigma, sigma_next: draw(x)
 
     def arguments(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> dict[str, Any]:

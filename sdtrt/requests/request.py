@@ -148,13 +148,14 @@ def check_sampler_settings(request: Txt2ImgRequest) -> None:
 
 
 def check_randn_source(request: Txt2ImgRequest) -> None:
-    """NV gives A1111's starting noise; a sampler that adds noise at every step would still take that noise from
-    the CPU generators (diffusers draws it), so the picture would be neither A1111's nor sdtrt's CPU one."""
-    if request.randn_source == "NV" and draws_step_noise(request.sampler):
-        deterministic = ", ".join(name for name in SAMPLERS if not draws_step_noise(name))
+    """NV gives A1111's starting noise, and its step noise where k-diffusion runs the sampler; a sampler only
+    diffusers runs would still draw its step noise from torch's CPU generators, so its picture would be neither
+    A1111's nor sdtrt's CPU one."""
+    if request.randn_source == "NV" and draws_step_noise(request.sampler) and not SAMPLERS[request.sampler].k_function:
+        allowed = ", ".join(name for name in SAMPLERS if not draws_step_noise(name) or SAMPLERS[name].k_function)
         raise InvalidRequest("randn_source", request.randn_source,
-                             f"CPU with {request.sampler!r}, which adds noise at every step; NV works with the "
-                             f"samplers that do not: {deterministic}")
+                             f"CPU with {request.sampler!r}, which adds noise at every step and only diffusers "
+                             f"runs; NV works with: {allowed}")
 
 
 def pixel_steps(request: Txt2ImgRequest, spec: ModelSpec) -> tuple[int, float, int]:
