@@ -288,6 +288,7 @@ def client_that_lost_its_server(server, address: str | None = None, protocol: st
     port nothing listens on, as when the server went down)."""
     client = Client(server.url if protocol == "grpc" else server.http_url, protocol)
     assert client.catalog.models
+    client.close()  # its connection to the real server: an open HTTP one holds tritonserver's shutdown for 30 s
     client.url = address or f"127.0.0.1:{free_ports(1)[0]}"
     return client
 

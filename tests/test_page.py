@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -166,3 +167,34 @@ def test_interrupt_stops_a_running_generation_while_progress_and_preview_move(pa
     wait_progress(page, "txt2img", "Interrupted: 0 images kept", timeout=30000)
     assert time.monotonic() - start < 15
     assert page.locator("#txt2img_gallery button.thumbnail-item img").count() == 0
+
+
+def unet_calls(server) -> float:
+    """The U-Net calls the Triton server has answered (its own metrics): the denoising steps that ran."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("nv_inference_request_success{") and 'model="default__unet"' in line)
+
+
+def test_closing_the_page_stops_its_generation_on_the_server(site, server):
+    """A browser that goes away mid-generation leaves nothing running: the page interrupts its job, so the
+    server's U-Net stops being called within seconds (the generation asked for minutes of steps)."""
+    page = site["browser"].new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(site["url"], wait_until="domcontentloaded")
+    tab = page.locator("#tab_txt2img")
+    tab.get_by_label("Prompt", exact=True).fill("a long one, then gone")
+    for label, value in (("Sampling steps", 150), ("Width", 512), ("Height", 512), ("Batch count", 3)):
+        set_number(tab, label, value)
+    page.locator("#txt2img_generate").click()
+    wait_progress(page, "txt2img", "Batch 1 of 3, step", timeout=60000)
+    running = unet_calls(server)
+    time.sleep(1.0)
+    assert unet_calls(server) > running  # its steps are running on the server
+    page.close()
+    deadline, quiet = time.monotonic() + 20, False
+    while time.monotonic() < deadline and not quiet:
+        before = unet_calls(server)
+        time.sleep(2.0)
+        quiet = unet_calls(server) == before
+    assert quiet, "the server kept running the closed page's steps"

@@ -325,8 +325,12 @@ def test_the_noise_source_option_as_a1111_sets_it(api):
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "override_settings.randn_source"]
     ancestral = api.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler a",
                                                     "override_settings": {"randn_source": "NV"}})
-    assert ancestral.status_code == 422
-    assert ancestral.json()["detail"][0]["loc"] == ["body", "override_settings.randn_source"]
+    assert ancestral.status_code == 200, ancestral.text  # its step noise is NV's too (k-diffusion draws it)
+    assert "RNG: NV" in json.loads(ancestral.json()["info"])["infotexts"][0]
+    lcm = api.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "LCM",
+                                              "override_settings": {"randn_source": "NV"}})
+    assert lcm.status_code == 422  # only diffusers' scheduler draws LCM's step noise
+    assert lcm.json()["detail"][0]["loc"] == ["body", "override_settings.randn_source"]
     assert api.post("/sdapi/v1/options", json={"randn_source": "NV"}).status_code == 200
     try:
         assert api.get("/sdapi/v1/options").json()["randn_source"] == "NV"
