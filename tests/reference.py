@@ -6,7 +6,11 @@ sampler table drifts from it, the parity tests fail.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import sys
+import types
 
 import numpy as np
 import torch
@@ -231,3 +235,22 @@ class A1111Schedules:
             ts = [stats.beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n)]
             return torch.tensor([smin + x * (smax - smin) for x in ts] + [0.0], dtype=torch.float64)
         raise KeyError(name)
+
+
+def k_sampling() -> types.ModuleType:
+    """k_diffusion.sampling, imported without the package's __init__ (its training kit needs torchvision)."""
+    if "k_diffusion.sampling" not in sys.modules:
+        spec = importlib.util.find_spec("k_diffusion")
+        sys.modules.setdefault("k_diffusion", importlib.util.module_from_spec(spec))
+        stubs = {"torchvision": types.ModuleType("torchvision"),
+                 "torchvision.transforms": types.ModuleType("torchvision.transforms")}
+        stubs["torchvision.transforms"].functional = types.ModuleType("functional")
+        stubs["torchvision"].transforms = stubs["torchvision.transforms"]
+        missing = {k: v for k, v in stubs.items() if k not in sys.modules}
+        sys.modules.update(missing)
+        try:
+            importlib.import_module("k_diffusion.sampling")
+        finally:
+            for name in missing:
+                sys.modules.pop(name)
+    return sys.modules["k_diffusion.sampling"]

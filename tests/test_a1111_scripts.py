@@ -104,7 +104,8 @@ def test_prompt_matrix_draws_every_combination_with_one_seed(api, direct):
     expected = ["a fox", "a fox, in snow", "a fox, at night", "a fox, in snow, at night"]  # bit n: part n + 1
     assert len(cells) == 4
     for cell, prompt in zip(cells, expected):
-        plain = direct.txt2img(prompt, seed=5, steps=2, width=64, height=64, sampler="Euler", guidance_scale=7)
+        plain = direct.txt2img(prompt, seed=5, steps=2, width=64, height=64, sampler="Euler", guidance_scale=7,
+                               k_diffusion=True)
         assert np.array_equal(np.asarray(cell), plain.images[0]), prompt
         assert cell.info["parameters"] == plain.infotexts[0]
     # 2 x 2 cells (rows: 1 << (parts // 2)), row labels to the left (3/4 of a cell), column labels on top
@@ -125,7 +126,7 @@ def test_xyz_plot_by_a1111s_axis_indices_and_by_name(api, direct):
     assert len(cells) == 4 and grid.width > 128 and grid.height > 128
     for cell, (steps, cfg) in zip(cells, [(2, 1), (3, 1), (2, 7), (3, 7)]):  # x varies fastest
         plain = direct.txt2img("a boat", seed=9, steps=steps, guidance_scale=cfg, width=64, height=64,
-                               sampler="Euler")
+                               sampler="Euler", k_diffusion=True)
         assert np.array_equal(np.asarray(cell), plain.images[0]), (steps, cfg)
     _, _, params = parse_infotext(grid.info["parameters"])
     assert params["Script"] == "X/Y/Z plot" and params["X Type"] == "Steps" and params["Y Values"] == "1, 7"
@@ -160,7 +161,7 @@ def test_loopback_feeds_each_picture_back_with_a1111s_strength_curve_and_seeds(a
     picture = source
     for i, (strength, seed) in enumerate([(0.75, 11), (0.625, 12), (0.5, 13)]):  # start + (final - start) * i/2
         plain = direct.img2img("a house", picture, seed=seed, denoising_strength=strength, steps=2, width=64,
-                               height=64, sampler="Euler", guidance_scale=7)
+                               height=64, sampler="Euler", guidance_scale=7, k_diffusion=True)
         assert np.array_equal(np.asarray(loops[i]), plain.images[0]), i
         picture = Image.fromarray(plain.images[0])
     _, _, params = parse_infotext(loops[2].info["parameters"])
@@ -181,7 +182,7 @@ def test_sd_upscale_redraws_each_tile_and_blends_them_as_a1111(api, direct):
     for y in starts:  # tiles in rows, one per batch, the seed + 1 each batch
         for x in starts:
             plain = direct.img2img("a castle", big.crop((x, y, x + 64, y + 64)), seed=seed, denoising_strength=0.4,
-                                   steps=2, width=64, height=64, sampler="Euler", guidance_scale=7)
+                                   steps=2, width=64, height=64, sampler="Euler", guidance_scale=7, k_diffusion=True)
             redrawn[(x, y)], seed = plain.images[0], seed + 1
     expected = a1111_combined((128, 128), 64, 16, redrawn)
     assert np.abs(np.asarray(result).astype(np.float64) - expected).max() <= 1.0  # Pillow's mask rounding

@@ -10,16 +10,12 @@ its exported ONNX networks; the pictures must agree within MAX_PIXEL_DIFF.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from reference import MAX_PIXEL_DIFF, A1111Schedules, max_diff
+from reference import MAX_PIXEL_DIFF, A1111Schedules, k_sampling, max_diff
 from sdtrt.client import Client
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.philox import nv_randn
@@ -47,25 +43,6 @@ A1111_K = {
     "Restart": ("sample_restart", "Karras", False, False, ()),  # A1111's own function: restart_reference below
 }
 PROMPT, NEGATIVE, SEED = "a small green square at the top left on a white background", "blurry", 11
-
-
-def k_sampling() -> types.ModuleType:
-    """k_diffusion.sampling, imported without the package's __init__ (its training kit needs torchvision)."""
-    if "k_diffusion.sampling" not in sys.modules:
-        spec = importlib.util.find_spec("k_diffusion")
-        sys.modules.setdefault("k_diffusion", importlib.util.module_from_spec(spec))
-        stubs = {"torchvision": types.ModuleType("torchvision"),
-                 "torchvision.transforms": types.ModuleType("torchvision.transforms")}
-        stubs["torchvision.transforms"].functional = types.ModuleType("functional")
-        stubs["torchvision"].transforms = stubs["torchvision.transforms"]
-        missing = {k: v for k, v in stubs.items() if k not in sys.modules}
-        sys.modules.update(missing)
-        try:
-            importlib.import_module("k_diffusion.sampling")
-        finally:
-            for name in missing:
-                sys.modules.pop(name)
-    return sys.modules["k_diffusion.sampling"]
 
 
 class _Randn:

@@ -49,7 +49,7 @@ def test_txt2img_request_as_a1111_scripts_send_it(api, server):
     assert set(body) == {"images", "parameters", "info"} and len(body["images"]) == 2
     direct = Client(server.url).txt2img("a red fox in snow", negative_prompt="blurry", seed=42, sampler="DPM++ 2M",
                                         schedule_type="Karras", batch_size=2, steps=6, guidance_scale=7.5, width=64,
-                                        height=64, clip_skip=2)
+                                        height=64, clip_skip=2, k_diffusion=True)  # A1111's code path, as the gateway
     for data, expected, infotext in zip(body["images"], direct.images, direct.infotexts):
         picture = decode(data)
         assert (np.asarray(picture) == expected).all()
@@ -79,7 +79,7 @@ def test_img2img_and_inpainting_as_a1111_scripts_send_them(api, server):
     assert response.status_code == 200, response.text
     direct = Client(server.url).img2img("a red door", picture, mask, denoising_strength=0.8, mask_blur=2,
                                         inpaint_full_res=True, inpaint_full_res_padding=16, steps=5, seed=9,
-                                        width=64, height=64, sampler="Euler")
+                                        width=64, height=64, sampler="Euler", k_diffusion=True)
     assert (np.asarray(decode(response.json()["images"][0])) == direct.images[0]).all()
     assert "init_images" not in response.json()["parameters"]
 
@@ -122,7 +122,8 @@ def test_inpainting_fill_numbers_are_a1111s_masked_content(api, server, number, 
         "height": 64, "sampler_name": "Euler"})
     assert response.status_code == 200, response.text
     direct = Client(server.url).img2img("a red door", picture, mask, inpainting_fill=name, denoising_strength=0.8,
-                                        mask_blur=0, steps=4, seed=9, width=64, height=64, sampler="Euler")
+                                        mask_blur=0, steps=4, seed=9, width=64, height=64, sampler="Euler",
+                                        k_diffusion=True)
     assert (np.asarray(decode(response.json()["images"][0])) == direct.images[0]).all()
     assert f"Masked content: {name}" in json.loads(response.json()["info"])["infotexts"][0]
 
@@ -351,7 +352,7 @@ def test_several_init_images_one_picture_each(api, server):
     client = Client(server.url)
     for image, init, seed in zip(images, (picture, other), (9, 10)):
         direct = client.img2img("a red door", init, denoising_strength=0.7, steps=3, seed=seed, width=64, height=64,
-                                sampler="Euler")
+                                sampler="Euler", k_diffusion=True)
         assert (image == direct.images[0]).all()
     assert json.loads(response.json()["info"])["all_seeds"] == [9, 10]
     refused = api.post("/sdapi/v1/img2img", json={**body, "init_images": [b64png(picture)] * 3})

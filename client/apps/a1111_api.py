@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
@@ -71,6 +72,12 @@ Call = Callable[[dict[str, Any], Callable[[int, int], None], Any], Generation]
 ERROR_CLASSES: tuple[tuple[type[BaseException], str], ...] = (
     (InvalidRequest, "InvalidRequest"), (ServerRefused, "InvalidRequest"), (ServerUnavailable, "Unavailable"),
     (DiskFull, "DiskFull"))
+
+
+def header_list(names: list[str]) -> str:
+    """Field names as a header value: HTTP headers are Latin-1, a client's key may be any text (percent-encoded,
+    as a URL would carry it), at most 2,000 characters."""
+    return ",".join(quote(name, safe="._-[]") for name in names)[:2000]
 
 
 def gateway_status(exc: BaseException) -> int:
@@ -337,7 +344,7 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
 
     def ignored(body: _Request, response: Response) -> None:
         if fields := gateway.ignored_fields(body):
-            response.headers["X-Sdtrt-Ignored-Fields"] = ",".join(fields)[:2000]
+            response.headers["X-Sdtrt-Ignored-Fields"] = header_list(fields)
 
     @app.post("/sdapi/v1/txt2img", tags=["generation"])
     async def txt2img(body: Txt2ImgBody, response: Response, request: Request,
@@ -364,7 +371,7 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
         """A1111's Extras upscale with sdtrt's upscalers; the picture's infotext is kept and A1111's
         ``postprocessing`` text says what was done."""
         if body.model_extra:
-            response.headers["X-Sdtrt-Ignored-Fields"] = ",".join(sorted(body.model_extra))[:2000]
+            response.headers["X-Sdtrt-Ignored-Fields"] = header_list(sorted(body.model_extra))
         job = extras_job(body)
         picture = open_image(body.image, "image")
         check_extras_size(picture.size, job)

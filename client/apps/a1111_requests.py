@@ -479,6 +479,8 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     if settings.get("denoising_strength") is None or (isinstance(body, Txt2ImgBody) and not body.enable_hr):
         settings.pop("denoising_strength")  # (A1111 ignores it for txt2img without hires fix)
     settings["sampler"] = sampler_of(body)
+    # A1111's code paths (the A1111-exact mode): every sampler k-diffusion has runs on it as A1111 runs it
+    settings["k_diffusion"] = settings["sampler"] in SAMPLERS and SAMPLERS[settings["sampler"]].k_function is not None
     if body.subseed == -1:  # resolved here, so that info can say which one (A1111's all_subseeds)
         settings["subseed"] = random.randint(0, MAX_SEED)
     if body.scheduler is not None:

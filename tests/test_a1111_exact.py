@@ -1,0 +1,194 @@
+"""A1111-exact mode: an A1111 infotext gives the picture A1111 gives for the same checkpoint.
+
+The reference is A1111 1.10's own code path (modules/processing.py, sd_samplers_kdiffusion.py, rng.py,
+sd_hijack_clip.py), written out here on diffusers' networks and k-diffusion's sampling functions, and independent
+of sdtrt's code: the prompt encoded as FrozenCLIPEmbedderWithCustomWords encodes one chunk (BOS, tokens, EOS padding;
+Clip skip: the hidden state that many layers from the end, then the final layer norm), the CompVis denoiser and
+CFGDenoiser around the U-Net, the sampler's sigmas for its schedule type, ImageRNG's noise (NV: an NVIDIA GPU's
+numbers for the seed, then step noise from the same generator, ENSD's fresh generator for seed + delta), the hires
+fix's Latent upscale (bilinear, no antialiasing) and its second pass as sample_img2img runs it (int(steps /
+strength) steps of the schedule, the last ``steps`` of them, fresh noise), and the decode (clamped, x 255,
+truncated to uint8). The only sdtrt function used is nv_randn, the NV numbers, which tests/test_a1111_seeds.py
+checks against CUDA's own. sdtrt runs the infotext in-process (``k_diffusion``, the A1111-exact mode) and through
+the A1111 gateway (an ``infotext`` request), and each picture must be within MAX_PIXEL_DIFF of A1111's.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from reference import MAX_PIXEL_DIFF, A1111Schedules, k_sampling, max_diff
+from sdtrt.client import Client
+from sdtrt.client.apps.a1111_api import create_app
+from sdtrt.contract.philox import nv_randn
+from sdtrt.requests.generation import settings_from_infotext
+from sdtrt.requests.request import Txt2ImgRequest
+
+INFOTEXTS = {
+    "DPM++ 2M Karras, NV, ENSD, Clip skip 2, hires": (
+        "a lighthouse on a cliff at dusk\nNegative prompt: blurry, low quality\n"
+        "Steps: 10, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 64x64, "
+        "Model hash: 0123456789, Model: default, Clip skip: 2, RNG: NV, ENSD: 31337, Denoising strength: 0.55, "
+        "Hires upscale: 1.5, Hires steps: 6, Hires upscaler: Latent, Version: v1.10.1"),
+    "Euler a, NV, ENSD": (
+        "a red fox in the snow\nNegative prompt: ugly\n"
+        "Steps: 9, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 42, Size: 64x80, "
+        "Model hash: 0123456789, Model: default, RNG: NV, ENSD: 31337, Version: v1.10.1"),
+    "Euler a, CPU, hires with its own steps": (
+        "a castle in the clouds\n"
+        "Steps: 8, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 7, Size: 64x64, Clip skip: 1, "
+        "Denoising strength: 0.6, Hires upscale: 2, Hires steps: 5, Hires upscaler: Latent, Version: v1.10.1"),
+    "Heun, Exponential, NV": (
+        "a boat on a lake\nSteps: 6, Sampler: Heun, Schedule type: Exponential, CFG scale: 7, Seed: 99, "
+        "Size: 80x64, RNG: NV, Version: v1.10.1"),
+}
+# A1111 1.10's k-diffusion function and Automatic schedule for the samplers above (sd_samplers_kdiffusion.py)
+A1111_SAMPLERS = {"DPM++ 2M": ("sample_dpmpp_2m", "Karras"), "Euler a": ("sample_euler_ancestral", "Uniform"),
+                  "Heun": ("sample_heun", "Uniform")}
+
+
+class ImageRng:
+    """A1111's ImageRNG for one image: its first draw from the seed's generator, the next ones continuing it (or,
+    with ENSD, a fresh generator for seed + delta). CPU: torch's generator; NV: Philox, one offset per draw."""
+
+    def __init__(self, seed: int, nv: bool, ensd: int):
+        self.seed, self.nv, self.ensd, self.draws, self.first = seed, nv, ensd, 0, True
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.nv:
+            noise = torch.from_numpy(nv_randn(self.seed, shape, self.draws))
+        else:
+            noise = torch.randn(shape, generator=self.generator)
+        self.draws += 1
+        if self.first and self.ensd:  # ImageRNG.first(): the step noise's generators are seed + delta's
+            self.seed, self.draws = self.seed + self.ensd, 0
+            self.generator = torch.Generator().manual_seed(self.seed)
+        self.first = False
+        return noise
+
+
+class TorchHijack:
+    """What k_diffusion.sampling sees as torch under A1111: randn_like is the image's next draw."""
+
+    def __init__(self, rng: ImageRng):
+        self.rng = rng
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def randn_like(self, x, *args, **kwargs):
+        return self.rng.next(tuple(x.shape[1:]))[None]
+
+
+def a1111_text(pipe, text: str, clip_skip: int) -> torch.Tensor:
+    """FrozenCLIPEmbedderWithCustomWords for a text of one chunk without emphasis (its weights are all 1, so
+    the mean restoring changes nothing)."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    tokens = tokenizer(text, truncation=False, add_special_tokens=False)["input_ids"]
+    ids = [tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] * (76 - len(tokens))
+    out = encoder(torch.tensor([ids]), output_hidden_states=True)
+    if clip_skip <= 1:
+        return out.last_hidden_state
+    norm = getattr(encoder, "text_model", encoder).final_layer_norm  # (transformers 5: on the model itself)
+    return norm(out.hidden_states[-clip_skip])
+
+
+def a1111_sample(pipe, schedules: A1111Schedules, function: str, x, sigmas, cond, uncond, cfg, rng):
+    """KDiffusionSampler.launch_sampling: k-diffusion's function on the CFG denoiser around the CompVis one."""
+    sampling = k_sampling()
+
+    def model(x, sigma, **_):
+        x_in, s_in = torch.cat([x, x]), torch.cat([sigma, sigma])
+        t = torch.stack([schedules.sigma_to_t(float(s)).reshape(()) for s in s_in]).float()
+        eps = pipe.unet(x_in / (s_in ** 2 + 1).sqrt().reshape(-1, 1, 1, 1), t,
+                        encoder_hidden_states=torch.cat([cond, uncond])).sample
+        c, u = (x_in - eps * s_in.reshape(-1, 1, 1, 1)).chunk(2)
+        return u + (c - u) * cfg
+
+    extra = {"eta": 1.0, "s_noise": 1.0} if function == "sample_euler_ancestral" else {}
+    original, sampling.torch = sampling.torch, TorchHijack(rng)
+    try:
+        return getattr(sampling, function)(model, x, sigmas.float(), disable=True, **extra)
+    finally:
+        sampling.torch = original
+
+
+@torch.no_grad()
+def a1111_picture(pipe, infotext: str) -> np.ndarray:
+    prompt, _, rest = infotext.partition("\n")
+    negative = rest.split("\n")[0].removeprefix("Negative prompt: ") if rest.startswith("Negative prompt: ") else ""
+    params = dict(p.split(": ", 1) for p in infotext.rsplit("\n", 1)[-1].split(", "))
+    function, automatic = A1111_SAMPLERS[params["Sampler"]]
+    schedule = automatic if params["Schedule type"] == "Automatic" else params["Schedule type"]
+    steps, cfg, seed = int(params["Steps"]), float(params["CFG scale"]), int(params["Seed"])
+    width, height = (int(v) for v in params["Size"].split("x"))
+    clip_skip, nv, ensd = int(params.get("Clip skip", 1)), params.get("RNG") == "NV", int(params.get("ENSD", 0))
+    schedules = A1111Schedules(pipe.scheduler.config)
+    cond, uncond = a1111_text(pipe, prompt, clip_skip), a1111_text(pipe, negative, clip_skip)
+
+    sigmas = schedules.sigmas(schedule, steps)
+    rng = ImageRng(seed, nv, ensd)
+    x = rng.next((4, height // 8, width // 8))[None] * sigmas[0].float()
+    latents = a1111_sample(pipe, schedules, function, x, sigmas, cond, uncond, cfg, rng)
+    if "Hires upscale" in params:  # sample_hr_pass with a latent upscaler, then sample_img2img
+        scale, strength = float(params["Hires upscale"]), float(params["Denoising strength"])
+        hr_width, hr_height = int(width * scale), int(height * scale)
+        latents = torch.nn.functional.interpolate(latents, size=(hr_height // 8, hr_width // 8), mode="bilinear",
+                                                  antialias=False)
+        hr_steps = int(params.get("Hires steps", 0)) or steps
+        total, t_enc = int(hr_steps / min(strength, 0.999)), hr_steps - 1
+        sigma_sched = schedules.sigmas(schedule, total)[total - t_enc - 1:]
+        rng = ImageRng(seed, nv, ensd)  # the second pass's own ImageRNG, at its size
+        xi = latents + rng.next((4, hr_height // 8, hr_width // 8))[None] * sigma_sched[0].float()
+        latents = a1111_sample(pipe, schedules, function, xi, sigma_sched, cond, uncond, cfg, rng)
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    image = torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)[0]
+    return (255.0 * image.permute(1, 2, 0).numpy()).astype(np.uint8)[None]
+
+
+def request_from(infotext: str) -> Txt2ImgRequest:
+    fields = set(Txt2ImgRequest.__dataclass_fields__)
+    settings = {k: v for k, v in settings_from_infotext(infotext).items() if k in fields}
+    return Txt2ImgRequest(**settings, k_diffusion=True)
+
+
+@pytest.fixture(scope="module")
+def expected(diffusers_pipe):
+    return {name: a1111_picture(diffusers_pipe, text) for name, text in INFOTEXTS.items()}
+
+
+@pytest.mark.parametrize("name", list(INFOTEXTS))
+def test_an_a1111_infotext_gives_a1111s_picture_in_process(name, local_pipeline, expected):
+    result = local_pipeline.txt2img(request_from(INFOTEXTS[name]))
+    assert max_diff(result.images, expected[name]) <= MAX_PIXEL_DIFF
+    assert result.images.std() > 1.0
+
+
+@pytest.mark.parametrize("name", list(INFOTEXTS))
+def test_an_a1111_infotext_gives_a1111s_picture_through_the_gateway(name, server, expected):
+    """An A1111 client sending the infotext (A1111 1.10 API's infotext field); the gateway runs A1111's code paths."""
+    api = TestClient(create_app(Client(server.url)))
+    response = api.post("/sdapi/v1/txt2img", json={"infotext": INFOTEXTS[name]})  # (a prompt sent wins, as in A1111)
+    assert response.status_code == 200, response.text[:1000]
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
+    assert max_diff(picture[None], expected[name]) <= MAX_PIXEL_DIFF
+    info = json.loads(response.json()["info"])
+    assert f"Seed: {INFOTEXTS[name].split('Seed: ')[1].split(',')[0]}" in info["infotexts"][0]
+
+
+def test_the_diffusers_path_is_not_a1111s_where_they_differ(local_pipeline, expected):
+    """Without the mode, the hires pass runs diffusers' img2img steps: another picture (this is what the mode
+    changes, so the tests above can fail)."""
+    name = "DPM++ 2M Karras, NV, ENSD, Clip skip 2, hires"
+    request = request_from(INFOTEXTS[name])
+    plain = local_pipeline.txt2img(Txt2ImgRequest(**{**request.as_dict(), "k_diffusion": False}))
+    assert max_diff(plain.images, expected[name]) > MAX_PIXEL_DIFF
