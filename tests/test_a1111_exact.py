@@ -46,6 +46,19 @@ INFOTEXTS = {
         "a castle in the clouds\n"
         "Steps: 8, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 7, Size: 64x64, Clip skip: 1, "
         "Denoising strength: 0.6, Hires upscale: 2, Hires steps: 5, Hires upscaler: Latent, Version: v1.10.1"),
+    "Euler a, hires resized to a width": (
+        "a harbour at night\n"
+        "Steps: 6, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 5, Size: 64x80, "
+        "Denoising strength: 0.5, Hires resize: 104x0, Hires upscaler: Latent, Version: v1.10.1"),
+    "DPM++ 2M, hires resized and cropped to another ratio": (
+        "a harbour at noon\nNegative prompt: fog\n"
+        "Steps: 6, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 6, Size: 64x80, RNG: NV, "
+        "Denoising strength: 0.6, Hires resize: 120x96, Hires steps: 4, Hires upscaler: Latent, Version: v1.10.1"),
+    "Euler a, hires with DPM++ 2M Karras": (
+        "a windmill in a field\n"
+        "Steps: 7, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6, Seed: 8, Size: 64x64, RNG: NV, "
+        "ENSD: 31337, Denoising strength: 0.5, Hires upscale: 1.5, Hires upscaler: Latent, "
+        "Hires sampler: DPM++ 2M, Hires schedule type: Karras, Version: v1.10.1"),
     "Heun, Exponential, NV": (
         "a boat on a lake\nSteps: 6, Sampler: Heun, Schedule type: Exponential, CFG scale: 7, Seed: 99, "
         "Size: 80x64, RNG: NV, Version: v1.10.1"),
@@ -122,6 +135,23 @@ def a1111_sample(pipe, schedules: A1111Schedules, function: str, x, sigmas, cond
         sampling.torch = original
 
 
+def a1111_hires_target(params: dict, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """StableDiffusionProcessingTxt2Img.calculate_target_resolution: (hr_upscale_to_x, _y), (truncate_x, _y)."""
+    if "Hires resize" not in params:
+        scale = float(params["Hires upscale"])
+        return (int(width * scale), int(height * scale)), (0, 0)
+    resize_x, resize_y = (int(v) for v in params["Hires resize"].split("x"))
+    if resize_y == 0:
+        return (resize_x, resize_x * height // width), (0, 0)
+    if resize_x == 0:
+        return (resize_y * width // height, resize_y), (0, 0)
+    if width / height < resize_x / resize_y:
+        to = (resize_x, resize_x * height // width)
+    else:
+        to = (resize_y * width // height, resize_y)
+    return to, ((to[0] - resize_x) // 8, (to[1] - resize_y) // 8)
+
+
 @torch.no_grad()
 def a1111_picture(pipe, infotext: str) -> np.ndarray:
     prompt, _, rest = infotext.partition("\n")
@@ -139,13 +169,20 @@ def a1111_picture(pipe, infotext: str) -> np.ndarray:
     rng = ImageRng(seed, nv, ensd)
     x = rng.next((4, height // 8, width // 8))[None] * sigmas[0].float()
     latents = a1111_sample(pipe, schedules, function, x, sigmas, cond, uncond, cfg, rng)
-    if "Hires upscale" in params:  # sample_hr_pass with a latent upscaler, then sample_img2img
-        scale, strength = float(params["Hires upscale"]), float(params["Denoising strength"])
-        hr_width, hr_height = int(width * scale), int(height * scale)
-        latents = torch.nn.functional.interpolate(latents, size=(hr_height // 8, hr_width // 8), mode="bilinear",
+    if "Hires upscale" in params or "Hires resize" in params:  # sample_hr_pass (Latent), then sample_img2img
+        strength = float(params["Denoising strength"])
+        (to_x, to_y), (cut_x, cut_y) = a1111_hires_target(params, width, height)
+        latents = torch.nn.functional.interpolate(latents, size=(to_y // 8, to_x // 8), mode="bilinear",
                                                   antialias=False)
+        latents = latents[:, :, cut_y // 2:latents.shape[2] - (cut_y + 1) // 2,
+                          cut_x // 2:latents.shape[3] - (cut_x + 1) // 2]
+        hr_height, hr_width = latents.shape[2] * 8, latents.shape[3] * 8
         hr_steps = int(params.get("Hires steps", 0)) or steps
         total, t_enc = int(hr_steps / min(strength, 0.999)), hr_steps - 1
+        if "Hires sampler" in params:  # p.hr_sampler_name, with p.hr_scheduler (else the first pass's scheduler)
+            function, automatic = A1111_SAMPLERS[params["Hires sampler"]]
+            label = params.get("Hires schedule type", params["Schedule type"])
+            schedule = automatic if label == "Automatic" else label
         sigma_sched = schedules.sigmas(schedule, total)[total - t_enc - 1:]
         rng = ImageRng(seed, nv, ensd)  # the second pass's own ImageRNG, at its size
         xi = latents + rng.next((4, hr_height // 8, hr_width // 8))[None] * sigma_sched[0].float()

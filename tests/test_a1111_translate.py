@@ -404,3 +404,15 @@ def test_tiling_is_the_requests_else_the_override_else_the_users_option(catalog)
     assert tiling({}, {"tiling": True}) is True and tiling({"tiling": False}, {"tiling": True}) is False
     assert "override_settings.tiling" not in ignored_fields(Txt2ImgBody(prompt="x", override_settings={"tiling": True}),
                                                             {})
+
+
+def test_the_hires_pass_takes_a1111s_sampler_scheduler_and_resize_fields(catalog):
+    def hires(**body) -> dict:
+        settings = translate(Txt2ImgBody(prompt="x", enable_hr=True, **body), UserOptions(), {}, catalog)
+        return {k: v for k, v in settings.items() if k in ("hr_sampler", "hr_schedule_type", "hr_resize_x",
+                                                           "hr_resize_y")}
+
+    assert hires(hr_sampler_name="Use same sampler", hr_scheduler="Use same scheduler") == {"hr_resize_x": 0,
+                                                                                            "hr_resize_y": 0}
+    assert hires(hr_sampler_name="k_dpmpp_2m", hr_scheduler="sgm_uniform", hr_resize_x=128) == {
+        "hr_sampler": "DPM++ 2M", "hr_schedule_type": "SGM Uniform", "hr_resize_x": 128, "hr_resize_y": 0}

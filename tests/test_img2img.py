@@ -164,6 +164,20 @@ def test_hires_scale_beyond_the_model_is_refused(local_pipeline):
     assert exc.value.field == "hr_scale" and "1024" in str(exc.value)
 
 
+@pytest.mark.parametrize("settings, field, words", [
+    (dict(width=256, height=512, hr_resize_x=1024), "hr_resize_x", "1024x2048"),  # its upscale is too large
+    (dict(width=512, height=256, hr_resize_x=16, hr_resize_y=8), "hr_resize_x", "at least"),  # its crop too small
+    (dict(width=64, height=64, hr_sampler="DDIM", hr_schedule_type="Align Your Steps"), "hr_schedule_type",
+     "with sampler 'DDIM'"),
+    (dict(width=64, height=64, hr_sampler="LCM", hr_second_pass_steps=60), "hr_second_pass_steps", "at most 50"),
+])
+def test_a_hires_size_or_sampler_the_model_cannot_take_is_refused_by_its_field(local_pipeline, settings, field,
+                                                                              words):
+    with pytest.raises(InvalidRequest) as exc:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", enable_hr=True, **settings))
+    assert exc.value.field == field and words in str(exc.value)
+
+
 def test_plain_txt2img_unchanged_by_the_hires_fields(local_pipeline, diffusers_pipe):
     result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a castle", steps=6, seed=2, width=64, height=64,
                                                    hr_scale=3.0, denoising_strength=0.2))

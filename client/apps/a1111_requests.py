@@ -143,8 +143,6 @@ class _Txt2ImgBody(_Request):
     firstphase_width: int = 0
     firstphase_height: int = 0
     hr_upscaler: str | None = None
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
     hr_scheduler: str | None = None
@@ -203,9 +201,8 @@ UNSUPPORTED = {
     "restore_faces": (None, False),
     "refiner_checkpoint": (None, "", "None"),
     "refiner_switch_at": (None,), "alwayson_scripts": ({},),
-    "firstphase_width": (0,), "firstphase_height": (0,), "hr_resize_x": (0,), "hr_resize_y": (0,),
-    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_sampler_name": (None, "", "Use same sampler"),
-    "hr_scheduler": (None, "", "Use same scheduler"), "hr_prompt": ("",), "hr_negative_prompt": ("",),
+    "firstphase_width": (0,), "firstphase_height": (0,), 
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_prompt": ("",), "hr_negative_prompt": ("",),
     "firstpass_image": (None,), "mask_round": (True,), "initial_noise_multiplier": (None, 1.0), "latent_mask": (None,),
 }
 
@@ -457,6 +454,18 @@ def tiling_of(body: _Request, mine: UserOptions) -> bool:
     return False
 
 
+def hires_sampler(body: "Txt2ImgBody") -> dict[str, str]:
+    """A1111's hr_sampler_name and hr_scheduler (its "Use same ..." or nothing: the first pass's) as sdtrt's."""
+    settings = {}
+    if body.hr_sampler_name not in (None, "", "Use same sampler"):
+        name = body.hr_sampler_name
+        settings["hr_sampler"] = next((s.name for s in SAMPLERS.values() if name in s.aliases), name)
+    if body.hr_scheduler not in (None, "", "Use same scheduler"):
+        settings["hr_schedule_type"] = SCHEDULER_NAMES.get(body.hr_scheduler.lower().replace(" ", "_"),
+                                                           body.hr_scheduler)
+    return settings
+
+
 def sampler_of(body: _Request) -> str:
     """sdtrt's sampler for A1111's name or alias (sampler_name, else the legacy sampler_index)."""
     name = body.sampler_name or body.sampler_index
@@ -487,6 +496,8 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
         settings["schedule_type"] = SCHEDULER_NAMES.get(body.scheduler.lower().replace(" ", "_"), body.scheduler)
     if isinstance(body, Txt2ImgBody) and body.enable_hr and body.hr_upscaler is not None:
         settings["hr_upscaler"] = body.hr_upscaler
+    if isinstance(body, Txt2ImgBody) and body.enable_hr:
+        settings.update(hires_sampler(body))
     changes = read_options(body.override_settings or {}, "override_settings", catalog)
     settings["clip_skip"] = changes.clip_skip if changes.clip_skip is not None else mine.clip_skip
     settings["randn_source"] = changes.randn_source or mine.randn_source

@@ -45,6 +45,44 @@ def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[i
     return int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple
 
 
+@dataclass(frozen=True)
+class HiresSize:
+    """A1111's hires sizes, in pixels: what the first pass is upscaled to, and the second pass's size, the upscale
+    cropped evenly on both sides where "Resize width/height to" asks for another aspect ratio."""
+
+    upscale: tuple[int, int]  # (width, height)
+    final: tuple[int, int]
+
+    def crop(self, latents: "torch.Tensor", multiple: int) -> "torch.Tensor":
+        """The upscaled latents cut to the final size: A1111 drops half the extra rows (and columns) at each
+        side, the odd one at the end."""
+        cut_x, cut_y = ((u - f) // multiple for u, f in zip(self.upscale, self.final))
+        height, width = latents.shape[-2:]
+        return latents[..., cut_y // 2:height - (cut_y + 1) // 2, cut_x // 2:width - (cut_x + 1) // 2]
+
+
+def hires_size(width: int, height: int, scale: float, resize_x: int, resize_y: int, multiple: int) -> HiresSize:
+    """A1111's hires target: the first pass times ``scale``, or "Resize width/height to" (``resize_x``/``resize_y``,
+    0: follow the other side's ratio); with both, the first pass's aspect ratio is kept to cover them and the rest
+    cropped. Sizes are rounded down to the size multiple, as the latents are."""
+    if not resize_x and not resize_y:
+        size = target_size(width, height, scale, multiple)
+        return HiresSize(size, size)
+    if not resize_y:
+        to, target = (resize_x, resize_x * height // width), None
+    elif not resize_x:
+        to, target = (resize_y * width // height, resize_y), None
+    else:
+        cover_width = width / height < resize_x / resize_y
+        to = (resize_x, resize_x * height // width) if cover_width else (resize_y * width // height, resize_y)
+        target = (resize_x, resize_y)
+    upscale = (to[0] // multiple * multiple, to[1] // multiple * multiple)
+    if target is None:
+        return HiresSize(upscale, upscale)
+    cut = [(t - want) // multiple * multiple for t, want in zip(to, target)]  # A1111's truncate, in pixels
+    return HiresSize(upscale, (upscale[0] - cut[0], upscale[1] - cut[1]))
+
+
 def upscale_latents(latents: "torch.Tensor", upscaler: Upscaler, latent_width: int, latent_height: int) -> "torch.Tensor":
     # torch only where latents are upscaled: the contract loads in a client-only install, which has none
     import torch

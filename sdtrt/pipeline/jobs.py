@@ -32,6 +32,7 @@ from sdtrt.pipeline.ksampling import KSchedule, NvStepNoise
 from sdtrt.pipeline.vae import sample_latents
 from sdtrt.requests.img2img import LATENT_FILLS, finish_images, to_model_input
 from sdtrt.requests.plan import Plan, TextPair
+from sdtrt.requests.request import Txt2ImgRequest, hires_request, hires_target
 
 OnStep = Callable[[int, int, torch.Tensor], None]  # (steps done, steps, latents now)
 Stage = Callable[[str], ContextManager]  # times (and, served, batches) one stage: "text", "denoise", "decode"
@@ -124,10 +125,11 @@ def sampler_settings(request) -> SamplerSettings:
     return SamplerSettings(**{f.name: getattr(request, f.name) for f in dataclasses.fields(SamplerSettings)})
 
 
-def _pass(plan: Plan) -> Pass:
+def _pass(plan: Plan, request: Txt2ImgRequest | None = None) -> Pass:
     """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state): the
-    sampler's diffusers class, or its k-diffusion function where A1111's settings or schedule need it."""
-    spec, request, seeds = plan.spec, plan.request, list(plan.seeds)
+    sampler's diffusers class, or its k-diffusion function where A1111's settings or schedule need it.
+    ``request``: the pass's view of the plan's request (the hires pass's sampler), by default the request."""
+    spec, request, seeds = plan.spec, request or plan.request, list(plan.seeds)
     settings = sampler_settings(request)
     sampler, schedule = resolve(request.sampler, request.schedule_type, spec.schedules)
     if runs_on_k_diffusion(request.sampler, schedule, spec.schedules, settings):
@@ -183,14 +185,17 @@ def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning
     spec, request, second = plan.spec, plan.request, plan.hires
     upscaler = HIRES_UPSCALERS[request.hr_upscaler]
     f, width, height = spec.vae_scale_factor, second.width, second.height
-    run = _pass(plan)
+    size = hires_target(request, spec)  # the upscale, then (A1111's "Resize width/height to") its crop
+    up_width, up_height = size.upscale
+    run = _pass(plan, hires_request(request))
     generators, scheduler = run.generators, run.scheduler
     if upscaler.latent_mode is not None:
-        init = upscale_latents(latents, upscaler, width // f, height // f)
+        init = upscale_latents(latents, upscaler, up_width // f, up_height // f)
     else:
         pictures = nets.vae_decode(latents / spec.vae_scaling_factor)
-        resized = [upscale_image(Image.fromarray(p), upscaler, width, height) for p in pictures]
+        resized = [upscale_image(Image.fromarray(p), upscaler, up_width, up_height) for p in pictures]
         init = sample_latents(nets.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
+    init = size.crop(init, f)
     timesteps = strength_timesteps(scheduler, second.steps, request.denoising_strength, init.device,
                                    second_pass=True)
     if len(timesteps) == 0:

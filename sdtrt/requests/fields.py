@@ -165,6 +165,20 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
                  minimum=0, maximum=MAX_STEPS, shown_in=(TXT2IMG,), a1111="hr_second_pass_steps", a1111_as_is=True,
                  a1111_default=0, infotext="Hires steps", label="Hires steps"),
+    RequestField("hr_sampler", "string", "", "hires fix: the second pass's sampler; empty = the first pass's",
+                 choices=("", *sampler_names()), shown_in=(TXT2IMG,), a1111="hr_sampler_name",
+                 infotext="Hires sampler", label="Hires sampling method"),
+    RequestField("hr_schedule_type", "string", "", "hires fix: the second pass's schedule type; empty = the first "
+                 "pass's", choices=("", *SCHEDULE_TYPES), shown_in=(TXT2IMG,), a1111="hr_scheduler",
+                 infotext="Hires schedule type", label="Hires schedule type"),
+    RequestField("hr_resize_x", "int32", 0, "hires fix: resize the width to this instead of scaling (A1111's "
+                 "'Resize width to'); 0 = from the height, keeping the ratio", minimum=0,
+                 maximum=lambda m: m.max_size, shown_in=(TXT2IMG,), a1111="hr_resize_x", a1111_as_is=True,
+                 a1111_default=0, label="Resize width to"),
+    RequestField("hr_resize_y", "int32", 0, "hires fix: resize the height to this instead of scaling (A1111's "
+                 "'Resize height to'); with both, the first pass covers them and the rest is cropped",
+                 minimum=0, maximum=lambda m: m.max_size, shown_in=(TXT2IMG,), a1111="hr_resize_y",
+                 a1111_as_is=True, a1111_default=0, label="Resize height to"),
     RequestField("tiling", "bool", False, "seamless tiling (A1111's 'Tiling'): the U-Net and VAE pad circularly, so "
                  "the picture wraps at its edges; needs a model exported with --tiling", a1111="tiling",
                  infotext="Tiling", label="Tiling"),

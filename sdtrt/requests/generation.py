@@ -40,6 +40,7 @@ def infotexts(plan: Plan) -> list[str]:
     texts = []
     for i, seed in enumerate(plan.seeds):
         varied = request.subseed_strength > 0
+        resized = bool(request.hr_resize_x or request.hr_resize_y)  # A1111 writes the one it resized by
         params = {
             "Steps": request.steps,
             "Sampler": request.sampler,
@@ -62,7 +63,8 @@ def infotexts(plan: Plan) -> list[str]:
             "Masked content": request.inpainting_fill if inpaint and request.inpainting_fill != "original" else None,
             "Inpaint area": "Only masked" if inpaint and request.inpaint_full_res else None,
             "Masked area padding": request.inpaint_full_res_padding if inpaint and request.inpaint_full_res else None,
-            "Hires upscale": request.hr_scale if hires else None,
+            "Hires upscale": request.hr_scale if hires and not resized else None,
+            "Hires resize": f"{request.hr_resize_x}x{request.hr_resize_y}" if hires and resized else None,
             "Hires steps": request.hr_second_pass_steps if hires and request.hr_second_pass_steps else None,
             "Hires upscaler": request.hr_upscaler if hires else None,
             "RNG": request.randn_source,  # A1111 writes it for every source but its default, GPU
@@ -96,8 +98,11 @@ def settings_from_infotext(text: str) -> dict[str, object]:
     if "Size" in params:
         width, _, height = params["Size"].partition("x")
         settings.update(width=width, height=height)
-    if "Hires upscale" in params or "Hires upscaler" in params:
+    if "Hires upscale" in params or "Hires upscaler" in params or "Hires resize" in params:
         settings["enable_hr"] = True
+    if "x" in params.get("Hires resize", ""):
+        width, _, height = params["Hires resize"].partition("x")
+        settings.update(hr_resize_x=width, hr_resize_y=height)
     if "x" in params.get("Seed resize from", ""):
         width, _, height = params["Seed resize from"].partition("x")
         settings.update(seed_resize_from_w=width, seed_resize_from_h=height)

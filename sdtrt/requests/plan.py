@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.contract.hires import target_size
 from sdtrt.contract.seeds import image_seeds
 from sdtrt.contract.spec import LORA_RANK, UNET_BATCH, ModelSpec
 from sdtrt.requests.extra_networks import LoraTag, request_loras, strip_extra_networks, used_embeddings
 from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule, text_at
 from sdtrt.requests.prompts import Pieces, parse_prompt_attention
-from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, check_fields, resolve_seeds
+from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, check_fields, hires_target, resolve_seeds
 
 if TYPE_CHECKING:  # (the pictures are prepared with diffusers, only where a plan with pictures is made)
     from sdtrt.requests.img2img import ImageInputs
@@ -127,7 +126,7 @@ def _passes(request: Txt2ImgRequest, spec: ModelSpec) -> list[tuple[int, int, in
     """(width, height, steps, first pass's steps) of each pass: the first, then the hires fix's."""
     passes = [(request.width, request.height, request.steps, None)]
     if request.enable_hr and not isinstance(request, Img2ImgRequest):  # the second pass counts on from the first
-        width, height = target_size(request.width, request.height, request.hr_scale, spec.vae_scale_factor)
+        width, height = hires_target(request, spec).final
         passes.append((width, height, request.hr_second_pass_steps or request.steps, request.steps))
     return passes
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.contract.hires import target_size
+from sdtrt.contract.hires import HiresSize, hires_size
 from sdtrt.contract.samplers import SAMPLERS, check_available, draws_step_noise, resolve
 from sdtrt.contract.seeds import resolve_seed
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec, ModelSpec
@@ -107,12 +107,8 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     resolve(values["sampler"], values["schedule_type"], spec.schedules)  # not every sampler follows every schedule
     checked = type(request)(**values)
     if checked.enable_hr:
-        width, height = target_size(checked.width, checked.height, checked.hr_scale, spec.vae_scale_factor)
-        largest = spec.field("width").maximum
-        if max(width, height) > largest:
-            raise InvalidRequest("hr_scale", checked.hr_scale,
-                                 f"at most {largest / max(checked.width, checked.height):g} for "
-                                 f"{checked.width}x{checked.height} (the model takes at most {largest:g} pixels a side)")
+        check_hires_size(checked, spec)
+        check_hires_sampler(checked, spec)
     if checked.tiling and not spec.tiles:
         raise InvalidRequest("tiling", True, f"false for model {spec.key!r}: it was exported without its tiling "
                              "networks; export it again with `sdtrt export ... --tiling`")
@@ -158,6 +154,54 @@ def check_randn_source(request: Txt2ImgRequest) -> None:
                              f"runs; NV works with: {allowed}")
 
 
+def hires_request(request: Txt2ImgRequest) -> Txt2ImgRequest:
+    """The request as its hires pass runs it: A1111's "Hires sampler" and "Hires schedule type" where given, and
+    the pass's own steps."""
+    return replace(request, sampler=request.hr_sampler or request.sampler,
+                               schedule_type=request.hr_schedule_type or request.schedule_type,
+                               steps=request.hr_second_pass_steps or request.steps, hr_second_pass_steps=0)
+
+
+def check_hires_sampler(request: Txt2ImgRequest, spec: ModelSpec) -> None:
+    """The hires pass's sampler checked as the first pass's is, its refusals naming the hires fields."""
+    if not request.hr_sampler and not request.hr_schedule_type:
+        return
+    second = hires_request(request)
+    try:
+        resolve(second.sampler, second.schedule_type, spec.schedules)
+        check_sampler_steps(second)
+        check_sampler_settings(second)
+        check_randn_source(second)
+    except InvalidRequest as exc:
+        field = {"sampler": "hr_sampler", "schedule_type": "hr_schedule_type", "steps": "hr_second_pass_steps"}.get(
+            exc.field, exc.field)
+        raise InvalidRequest(field, getattr(request, field), exc.allowed) from None
+
+
+def hires_target(request: Txt2ImgRequest, spec: ModelSpec) -> HiresSize:
+    """The hires fix's upscale and second-pass sizes for the request (A1111's scale or "Resize width/height to")."""
+    return hires_size(request.width, request.height, request.hr_scale, request.hr_resize_x, request.hr_resize_y,
+                      spec.vae_scale_factor)
+
+
+def check_hires_size(request: Txt2ImgRequest, spec: ModelSpec) -> None:
+    """The upscale and the second pass within the sizes the model takes, named by the field that sets them."""
+    size = hires_target(request, spec)
+    smallest, largest = spec.field("width").minimum, spec.field("width").maximum
+    if not request.hr_resize_x and not request.hr_resize_y:
+        if max(size.upscale) > largest:
+            raise InvalidRequest("hr_scale", request.hr_scale,
+                                 f"at most {largest / max(request.width, request.height):g} for "
+                                 f"{request.width}x{request.height} (the model takes at most {largest:g} pixels a side)")
+        return
+    field = "hr_resize_x" if request.hr_resize_x else "hr_resize_y"
+    if max(size.upscale) > largest or min(size.final) < smallest:
+        raise InvalidRequest(field, getattr(request, field),
+                             f"a size whose upscale of {request.width}x{request.height} (here "
+                             f"{size.upscale[0]}x{size.upscale[1]}) is at most {largest:g} pixels a side and whose "
+                             f"crop (here {size.final[0]}x{size.final[1]}) is at least {smallest:g}")
+
+
 def pixel_steps(request: Txt2ImgRequest, spec: ModelSpec) -> tuple[int, float, int]:
     """(pixel-steps the request takes as the loops run it, pixel-steps one more step adds, pixel-steps that do not
     follow ``steps``). img2img runs steps x strength steps; the hires fix adds a pass of (its own steps, or steps)
@@ -168,7 +212,7 @@ def pixel_steps(request: Txt2ImgRequest, spec: ModelSpec) -> tuple[int, float, i
         return first * int(request.steps * strength), first * strength, 0
     total, per_step, fixed = first * request.steps, float(first), 0
     if request.enable_hr:
-        width, height = target_size(request.width, request.height, request.hr_scale, spec.vae_scale_factor)
+        width, height = hires_target(request, spec).final
         second = width * height * request.batch_size
         hires = second * int((request.hr_second_pass_steps or request.steps) * strength)
         total += hires
