@@ -59,6 +59,11 @@ INFOTEXTS = {
         "Steps: 7, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6, Seed: 8, Size: 64x64, RNG: NV, "
         "ENSD: 31337, Denoising strength: 0.5, Hires upscale: 1.5, Hires upscaler: Latent, "
         "Hires sampler: DPM++ 2M, Hires schedule type: Karras, Version: v1.10.1"),
+    "Euler a, hires with its own prompts": (
+        "a quiet street\nNegative prompt: cars\n"
+        "Steps: 6, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 12, Size: 64x64, "
+        "Denoising strength: 0.6, Hires upscale: 1.5, Hires upscaler: Latent, Hires prompt: a quiet street in rain, "
+        "Hires negative prompt: sunshine, Version: v1.10.1"),
     "Heun, Exponential, NV": (
         "a boat on a lake\nSteps: 6, Sampler: Heun, Schedule type: Exponential, CFG scale: 7, Seed: 99, "
         "Size: 80x64, RNG: NV, Version: v1.10.1"),
@@ -179,6 +184,10 @@ def a1111_picture(pipe, infotext: str) -> np.ndarray:
         hr_height, hr_width = latents.shape[2] * 8, latents.shape[3] * 8
         hr_steps = int(params.get("Hires steps", 0)) or steps
         total, t_enc = int(hr_steps / min(strength, 0.999)), hr_steps - 1
+        if "Hires prompt" in params:  # hr_c and hr_uc: the hires pass's own prompts
+            cond = a1111_text(pipe, params["Hires prompt"], clip_skip)
+        if "Hires negative prompt" in params:
+            uncond = a1111_text(pipe, params["Hires negative prompt"], clip_skip)
         if "Hires sampler" in params:  # p.hr_sampler_name, with p.hr_scheduler (else the first pass's scheduler)
             function, automatic = A1111_SAMPLERS[params["Hires sampler"]]
             label = params.get("Hires schedule type", params["Schedule type"])

@@ -416,3 +416,12 @@ def test_the_hires_pass_takes_a1111s_sampler_scheduler_and_resize_fields(catalog
                                                                                             "hr_resize_y": 0}
     assert hires(hr_sampler_name="k_dpmpp_2m", hr_scheduler="sgm_uniform", hr_resize_x=128) == {
         "hr_sampler": "DPM++ 2M", "hr_schedule_type": "SGM Uniform", "hr_resize_x": 128, "hr_resize_y": 0}
+
+
+def test_a1111s_legacy_first_phase_size_is_the_first_pass_and_a_half_one_is_refused(catalog):
+    settings = translate(Txt2ImgBody(prompt="x", width=128, height=128, firstphase_width=64, firstphase_height=80,
+                                     enable_hr=True, hr_scale=2), UserOptions(), {}, catalog)
+    assert (settings["width"], settings["height"], settings["hr_scale"]) == (64, 80, 2)
+    with pytest.raises(HTTPException) as excinfo:
+        translate(Txt2ImgBody(prompt="x", firstphase_width=64), UserOptions(), {}, catalog)
+    assert excinfo.value.detail[0]["loc"] == ["body", "firstphase_height"]

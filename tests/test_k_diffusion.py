@@ -100,7 +100,7 @@ class _NvRandn(_Randn):
 @torch.no_grad()
 def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str = "Automatic", eta: float = 1.0,
                 ensd: int = 0, s_min_uncond: float = 0.0, init: np.ndarray | None = None, strength: float = 0.0,
-                nv: bool = False, **extra) -> np.ndarray:
+                nv: bool = False, noise_multiplier: float = 1.0, **extra) -> np.ndarray:
     """One 64x64 image as A1111 samples it with k-diffusion, on diffusers' U-Net and VAE; with ``init`` (a
     picture), img2img as A1111's sample_img2img runs it: of the schedule for ``steps``, the last
     int(strength * steps) + 1 steps, from the picture's latents plus noise at the first of them."""
@@ -121,7 +121,7 @@ def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str 
         picture = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 127.5 - 1
         latents = pipe.vae.encode(picture).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
         schedule_sigmas, sigmas = sigmas, sigmas[steps - int(min(strength, 0.999) * steps) - 1:]
-        x = latents + torch.randn((1, 4, 8, 8), generator=generator) * sigmas[0]
+        x = latents + torch.randn((1, 4, 8, 8), generator=generator) * noise_multiplier * sigmas[0]
     if ensd:
         generator = torch.Generator().manual_seed(SEED + ensd)
     calls = [0]
@@ -255,6 +255,24 @@ def test_img2img_runs_a1111s_steps_of_the_schedule(sampler, local_pipeline, diff
                                      on_step=lambda step, total, _: done.append(total))
     assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
     assert done[-1] == int(strength * steps) + 1  # A1111 runs one step more than diffusers' img2img
+
+
+def test_img2img_noise_multiplier_scales_the_starting_noise_as_a1111s(local_pipeline, diffusers_pipe):
+    """A1111's "Noise multiplier for img2img": its sample() multiplies the starting noise before
+    sample_img2img adds it at the first sigma."""
+    from reference import sample_picture
+    from sdtrt.requests.request import Img2ImgRequest
+
+    picture, steps, strength = sample_picture(64, 64), 10, 0.6
+    expected = k_reference(diffusers_pipe, "Euler a", steps, init=picture, strength=strength, noise_multiplier=0.8)
+    request = Img2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps, width=64, height=64,
+                             sampler="Euler a", k_diffusion=True, denoising_strength=strength,
+                             initial_noise_multiplier=0.8)
+    result = local_pipeline.img2img(request, picture)
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+    assert max_diff(result.images, k_reference(diffusers_pipe, "Euler a", steps, init=picture,
+                                               strength=strength)) > MAX_PIXEL_DIFF
+    assert "Noise multiplier: 0.8" in result.infotexts[0]
 
 
 def test_settings_reach_the_infotext_as_a1111_writes_them(local_pipeline):

@@ -85,7 +85,7 @@ def test_img2img_and_inpainting_as_a1111_scripts_send_them(api, server):
 
 
 @pytest.mark.parametrize("field,value", [("restore_faces", True), ("tiling", True), ("script_name", "xyz plot"),
-                                         ("hr_prompt", "another prompt"), ("alwayson_scripts", {"controlnet": {"args": []}})])
+                                         ("hr_checkpoint_name", "another.safetensors"), ("alwayson_scripts", {"controlnet": {"args": []}})])
 def test_fields_sdtrt_cannot_honour_are_refused_by_name(api, field, value):
     response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Euler a", field: value})
     assert response.status_code == 422

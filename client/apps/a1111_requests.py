@@ -146,8 +146,6 @@ class _Txt2ImgBody(_Request):
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
     hr_scheduler: str | None = None
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
     firstpass_image: str | None = None
 
 
@@ -201,9 +199,8 @@ UNSUPPORTED = {
     "restore_faces": (None, False),
     "refiner_checkpoint": (None, "", "None"),
     "refiner_switch_at": (None,), "alwayson_scripts": ({},),
-    "firstphase_width": (0,), "firstphase_height": (0,), 
-    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "hr_prompt": ("",), "hr_negative_prompt": ("",),
-    "firstpass_image": (None,), "mask_round": (True,), "initial_noise_multiplier": (None, 1.0), "latent_mask": (None,),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "firstpass_image": (None,), "mask_round": (True,), "latent_mask": (None,),
 }
 
 
@@ -454,6 +451,16 @@ def tiling_of(body: _Request, mine: UserOptions) -> bool:
     return False
 
 
+def first_phase(body: "Txt2ImgBody") -> dict[str, int]:
+    """A1111's legacy firstphase_width/height: the first pass (the picture, without the hires fix) at that size
+    instead of width x height (its __post_init__ swaps them in; the hires target is computed from them after)."""
+    if not body.firstphase_width or not body.firstphase_height:
+        raise refuse("firstphase_width" if not body.firstphase_width else "firstphase_height",
+                     "both firstphase_width and firstphase_height, or neither (A1111 takes both as the first pass's "
+                     "size): set width and height instead")
+    return {"width": body.firstphase_width, "height": body.firstphase_height}
+
+
 def hires_sampler(body: "Txt2ImgBody") -> dict[str, str]:
     """A1111's hr_sampler_name and hr_scheduler (its "Use same ..." or nothing: the first pass's) as sdtrt's."""
     settings = {}
@@ -498,6 +505,8 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
         settings["hr_upscaler"] = body.hr_upscaler
     if isinstance(body, Txt2ImgBody) and body.enable_hr:
         settings.update(hires_sampler(body))
+    if isinstance(body, Txt2ImgBody) and (body.firstphase_width or body.firstphase_height):
+        settings.update(first_phase(body))
     changes = read_options(body.override_settings or {}, "override_settings", catalog)
     settings["clip_skip"] = changes.clip_skip if changes.clip_skip is not None else mine.clip_skip
     settings["randn_source"] = changes.randn_source or mine.randn_source
@@ -506,6 +515,9 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))
+        multiplier = body.initial_noise_multiplier  # null: A1111's option of that name
+        settings["initial_noise_multiplier"] = mine.options.get("initial_noise_multiplier", 1.0) \
+            if multiplier is None else multiplier
     return settings
 
 

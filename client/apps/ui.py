@@ -202,6 +202,8 @@ def _control(spec, name: str, **kw):
         return gr.Checkbox(value=bool(f.default), label=label, **kw)
     if name in ("seed", "subseed"):
         return gr.Number(value=f.default, label=label, precision=0, minimum=f.minimum, **kw)
+    if f.dtype == "string":  # free text (the hires pass's prompts)
+        return gr.Textbox(value=f.default, label=label, lines=2, max_length=f.max_length, **kw)
     if f.minimum is not None and f.minimum == f.maximum:  # one allowed value (e.g. Clip skip of a one-layer encoder)
         return gr.Number(value=f.default, label=label, interactive=False, **kw)
     step = f.multiple_of or (0.01 if f.dtype.startswith("float") else 1)

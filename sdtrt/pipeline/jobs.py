@@ -236,12 +236,13 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     _step_noise(plan, run)
     if inpaint and image_latents is not None and request.inpainting_fill in LATENT_FILLS:
         image_latents = _fill_latents(image_latents, inputs.mask, noise, request.inpainting_fill)
+    start = noise * request.initial_noise_multiplier  # A1111's "Noise multiplier": the starting noise only
     if len(timesteps) == 0:  # strength 0: the init image's VAE round trip
         latents = image_latents
     elif inpaint and full_strength:
-        latents = noise * scheduler.init_noise_sigma
+        latents = start * scheduler.init_noise_sigma
     else:
-        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
+        latents = scheduler.add_noise(image_latents, start, timesteps[:1].repeat(n))
 
     unet_extra = after_step = keep = None
     if inpaint:

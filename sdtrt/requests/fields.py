@@ -165,6 +165,13 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
                  minimum=0, maximum=MAX_STEPS, shown_in=(TXT2IMG,), a1111="hr_second_pass_steps", a1111_as_is=True,
                  a1111_default=0, infotext="Hires steps", label="Hires steps"),
+    RequestField("hr_prompt", "string", "", "hires fix: the second pass's prompt; empty = the prompt",
+                 max_length=lambda m: m.max_prompt_chars, shown_in=(TXT2IMG,), a1111="hr_prompt", a1111_as_is=True,
+                 a1111_default="", infotext="Hires prompt", label="Hires prompt"),
+    RequestField("hr_negative_prompt", "string", "", "hires fix: the second pass's negative prompt; empty = the "
+                 "negative prompt", max_length=lambda m: m.max_prompt_chars, shown_in=(TXT2IMG,),
+                 a1111="hr_negative_prompt", a1111_as_is=True, a1111_default="", infotext="Hires negative prompt",
+                 label="Hires negative prompt"),
     RequestField("hr_sampler", "string", "", "hires fix: the second pass's sampler; empty = the first pass's",
                  choices=("", *sampler_names()), shown_in=(TXT2IMG,), a1111="hr_sampler_name",
                  infotext="Hires sampler", label="Hires sampling method"),
@@ -195,6 +202,9 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("resize_mode", "string", "Just resize", "img2img: how the init image is fitted to width x height",
                  choices=tuple(RESIZE_MODES), jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="resize_mode",
                  a1111_numbered=True, infotext="Resize mode", label="Resize mode"),
+    RequestField("initial_noise_multiplier", "float32", 1.0, "img2img: scale of the starting noise (A1111's "
+                 "'Noise multiplier for img2img')", minimum=0.0, maximum=1.5, jobs=(IMG2IMG,), shown_in=(IMG2IMG,),
+                 a1111="initial_noise_multiplier", infotext="Noise multiplier", label="Noise multiplier"),
     RequestField("mask_blur", "int32", 4, "inpainting: Gaussian blur radius of the mask, in pixels", minimum=0,
                  maximum=64, jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="mask_blur", infotext="Mask blur",
                  label="Mask blur"),

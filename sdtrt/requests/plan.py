@@ -90,44 +90,62 @@ class _Prompts:
     """What a request's prompts say, read once: its LoRAs, its subprompts and the weighted pieces of each text."""
 
     loras: tuple[LoraTag, ...]
-    subprompts: tuple[tuple[str, float], ...]
+    subprompts: dict[str, tuple[tuple[str, float], ...]]  # a pass's prompt -> its AND subprompts and weights
     pieces: dict[str, Pieces]  # a schedule's text (tags still in) -> its pieces (tags out)
 
 
-def _read_prompts(request: Txt2ImgRequest, spec: ModelSpec, passes: list[tuple[int, int | None]]) -> _Prompts:
-    """The prompts' LoRAs (registered, their rank within the export's), subprompts (their U-Net rows within one
-    call) and, for every text some step of ``passes`` (steps, first pass's steps) sees, its weighted pieces."""
+def _read_prompts(request: Txt2ImgRequest, spec: ModelSpec, passes: list[_Pass]) -> _Prompts:
+    """The prompts' LoRAs (registered, their rank within the export's), each pass's subprompts (their U-Net rows
+    within one call) and, for every text some step of ``passes`` sees, its weighted pieces."""
     rank = spec.dims[LORA_RANK].max if LORA_RANK in spec.dims else 0
     loras = tuple(request_loras(request.prompt, request.negative_prompt, spec.loras, rank))
-    subprompts = tuple(composable_prompts(request.prompt))
-    check_subprompts(request, spec, len(subprompts))
     pieces: dict[str, Pieces] = {}
-    for steps, first_pass in passes:
-        for field, texts in (("prompt", [text for text, _ in subprompts]), ("negative_prompt", [request.negative_prompt])):
-            for text in texts:
-                for _, scheduled in prompt_schedule(text, steps, first_pass):
+    subprompts = {}
+    for one in passes:
+        if (one.prompt, one.negative) != (request.prompt, request.negative_prompt):  # the hires fix's own prompts
+            if tuple(request_loras(one.prompt, one.negative, spec.loras, rank)) != loras:
+                raise InvalidRequest("hr_prompt", one.prompt, "a hires prompt with the same LoRA tags as the prompt "
+                                     "(sdtrt runs one request's LoRAs in both passes)")
+        subprompts[one.prompt] = tuple(composable_prompts(one.prompt))
+        check_subprompts(request, spec, len(subprompts[one.prompt]),
+                         "prompt" if one.prompt == request.prompt else "hr_prompt")
+        texts = (("prompt", [text for text, _ in subprompts[one.prompt]]), ("negative_prompt", [one.negative]))
+        for field, parts in texts:
+            for text in parts:
+                for _, scheduled in prompt_schedule(text, one.steps, one.first_steps):
                     if scheduled not in pieces:
                         pieces[scheduled] = tuple(parse_prompt_attention(strip_extra_networks(scheduled), field))
     return _Prompts(loras, subprompts, pieces)
 
 
-def check_subprompts(request: Txt2ImgRequest, spec: ModelSpec, subprompts: int) -> None:
+def check_subprompts(request: Txt2ImgRequest, spec: ModelSpec, subprompts: int, field: str = "prompt") -> None:
     """A1111's AND (composable diffusion) runs each subprompt as its own U-Net rows beside the uncond's: the
     images times (subprompts + 1) must fit one U-Net call of this model."""
     most = spec.dims[UNET_BATCH].max
     if subprompts > 1 and request.batch_size * (subprompts + 1) > most:
-        raise InvalidRequest("prompt", request.prompt,
+        raise InvalidRequest(field, getattr(request, field),
                              f"at most {most // request.batch_size - 1} AND subprompts at batch size "
                              f"{request.batch_size} (each image's subprompts and uncond run as one U-Net call of at "
                              f"most {most} rows here); this prompt has {subprompts}")
 
 
-def _passes(request: Txt2ImgRequest, spec: ModelSpec) -> list[tuple[int, int, int, int | None]]:
-    """(width, height, steps, first pass's steps) of each pass: the first, then the hires fix's."""
-    passes = [(request.width, request.height, request.steps, None)]
+@dataclass(frozen=True)
+class _Pass:
+    width: int
+    height: int
+    steps: int
+    first_steps: int | None  # the first pass's steps, for the hires pass (its prompt schedule counts on from them)
+    prompt: str
+    negative: str
+
+
+def _passes(request: Txt2ImgRequest, spec: ModelSpec) -> list[_Pass]:
+    """Each pass's size, steps and prompts: the first, then the hires fix's (its own prompts where given)."""
+    passes = [_Pass(request.width, request.height, request.steps, None, request.prompt, request.negative_prompt)]
     if request.enable_hr and not isinstance(request, Img2ImgRequest):  # the second pass counts on from the first
         width, height = hires_target(request, spec).final
-        passes.append((width, height, request.hr_second_pass_steps or request.steps, request.steps))
+        passes.append(_Pass(width, height, request.hr_second_pass_steps or request.steps, request.steps,
+                            request.hr_prompt or request.prompt, request.hr_negative_prompt or request.negative_prompt))
     return passes
 
 
@@ -135,7 +153,7 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     """A copy of the request with defaults filled in from the spec and every field checked, its prompts included
     (LoRA tags, AND subprompts, brackets): what a client checks before sending."""
     checked = check_fields(request, spec)
-    _read_prompts(checked, spec, [(steps, first) for _, _, steps, first in _passes(checked, spec)])
+    _read_prompts(checked, spec, _passes(checked, spec))
     return checked
 
 
@@ -144,12 +162,9 @@ def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarra
     """The request checked, its seeds picked and its prompts read, once; img2img's picture (and mask) prepared."""
     checked = resolve_seeds(check_fields(request, spec))
     passes = _passes(checked, spec)
-    prompts = _read_prompts(checked, spec, [(steps, first) for _, _, steps, first in passes])
+    prompts = _read_prompts(checked, spec, passes)
     texts: dict[TextPair, int] = {}
-    planned = []
-    for width, height, steps, first_pass in passes:
-        schedule = _schedule(checked, prompts, steps, first_pass, texts)
-        planned.append(PassPlan(width, height, steps, schedule))
+    planned = [PassPlan(one.width, one.height, one.steps, _schedule(one, prompts, texts)) for one in passes]
     images = None
     if isinstance(checked, Img2ImgRequest):
         # diffusers' image processor only where pictures are prepared: a client-only install has none
@@ -157,17 +172,17 @@ def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarra
 
         images = prepare_images(init_image, mask, checked, spec.vae_scale_factor)
     seeds = tuple(image_seeds(checked.seed, checked.batch_size, checked.subseed_strength > 0))
-    embeddings = tuple(used_embeddings(f"{checked.prompt}\n{checked.negative_prompt}", spec.embeddings))
+    embeddings = tuple(used_embeddings("\n".join(f"{one.prompt}\n{one.negative}" for one in passes), spec.embeddings))
     return Plan(spec, checked, seeds, prompts.loras, embeddings, tuple(texts), planned[0],
                 planned[1] if len(planned) > 1 else None, images)
 
 
-def _schedule(request: Txt2ImgRequest, prompts: _Prompts, steps: int, first_pass: int | None,
-              texts: dict[TextPair, int]) -> PromptSchedule:
+def _schedule(one: _Pass, prompts: _Prompts, texts: dict[TextPair, int]) -> PromptSchedule:
     """The subprompts' schedules and the negative prompt's over one pass, merged: at each step where any text
     changes, the pair (subprompt's text, negative's text) of each subprompt, numbered in ``texts``."""
-    positives = [prompt_schedule(text, steps, first_pass) for text, _ in prompts.subprompts]
-    negative = prompt_schedule(request.negative_prompt, steps, first_pass)
+    subprompts = prompts.subprompts[one.prompt]
+    positives = [prompt_schedule(text, one.steps, one.first_steps) for text, _ in subprompts]
+    negative = prompt_schedule(one.negative, one.steps, one.first_steps)
     entries = []
     for last in sorted({step for schedule in positives + [negative] for step, _ in schedule}):
         indices = []
@@ -175,5 +190,5 @@ def _schedule(request: Txt2ImgRequest, prompts: _Prompts, steps: int, first_pass
             pair = TextPair(prompts.pieces[text_at(positive, last)], prompts.pieces[text_at(negative, last)])
             indices.append(texts.setdefault(pair, len(texts)))
         entries.append((last, tuple(indices)))
-    return PromptSchedule(tuple(entries), tuple(weight for _, weight in prompts.subprompts))
+    return PromptSchedule(tuple(entries), tuple(weight for _, weight in subprompts))
 
