@@ -178,8 +178,9 @@ def test_options_set_clip_skip_and_refuse_what_they_cannot(api):
     assert "Clip skip: 2" in json.loads(response.json()["info"])["infotexts"][0]
     refused = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "v1-5-pruned.safetensors"})
     assert refused.status_code == 422 and "not one of this server's models" in refused.text
-    refused = api.post("/sdapi/v1/options", json={"sd_vae": "vae-ft-mse"})
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "options.sd_vae"]
+    for key, value in (("sd_vae", "vae-ft-mse"), ("emphasis", "No norm"), ("sd_noise_schedule", "Zero Terminal SNR")):
+        refused = api.post("/sdapi/v1/options", json={key: value})  # A1111 1.10 options sdtrt draws one way only
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", f"options.{key}"]
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1}).status_code == 200
     # the round trip scripts do: GET, edit, POST back; options sdtrt has no use for are kept
     options = api.get("/sdapi/v1/options").json()

@@ -120,7 +120,9 @@ def test_every_a1111_option_with_its_default_kept_across_a_restart(server, tmp_p
     proc, api = start_gateway(server, tmp_path / "out", options_file)
     try:
         options = api.get_options()
-        assert len(options) > 240  # the keys of A1111 1.7's options_templates
+        assert len(options) > 320  # the keys A1111 1.10 returns, its built-in extensions' included
+        assert options["emphasis"] == "Original" and options["lora_preferred_name"] == "Alias from file"
+        assert "k_sched_type" not in options  # gone since A1111 1.9's Schedule type
         assert (options["samples_save"], options["jpeg_quality"], options["face_restoration_model"]) == \
             (True, 80, "CodeFormer")
         assert (options["eta_ancestral"], options["s_noise"], options["eta_noise_seed_delta"]) == (1.0, 1.0, 0)

@@ -65,6 +65,8 @@ RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
     "sd_vae": ("Automatic", "None"), "img2img_fix_steps": (False,),
+    "emphasis": ("Original",), "sd_noise_schedule": ("Default",), "skip_early_cond": (0, 0.0),
+    "beta_dist_alpha": (0.6,), "beta_dist_beta": (0.6,), "s_min_uncond_all": (False,), "sdxl_clip_l_skip": (False,),
 }
 
 
@@ -311,8 +313,9 @@ USER_OPTION_KEYS = ("clip_skip", "randn_source", "model", "sampler", "options")
 
 @functools.lru_cache(maxsize=1)
 def a1111_defaults() -> dict[str, Any]:
-    """Every option key of A1111 1.7's options_templates, with its default (null where A1111 computes it at
-    start-up); options extensions add come from the users who set them."""
+    """Every option key A1111 1.10's GET /options returns (its options_templates and the built-in extensions':
+    Lora, canvas zoom, extra options, hypertile, the upscalers'), with its default (null where A1111 computes it
+    at start-up); options other extensions add come from the users who set them."""
     return json.loads((Path(__file__).parent / "a1111_options.json").read_text())
 
 
