@@ -562,7 +562,8 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         config = {**s.overrides, **CONFIG_SCHEDULES.get(automatic, {})}
         extra = " ".join(f"{k}={v}" for k, v in config.items())
         note = f"  (Automatic: {automatic})" if s.name in AUTOMATIC_SCHEDULES else ""
-        k = f"  | k-diffusion {s.k_function}" if s.k_function else ""
+        library = "A1111's own, on k-diffusion:" if s.k_options.get("own_function") else "k-diffusion"
+        k = f"  | {library} {s.k_function}" if s.k_function else ""
         diffusers = f"{s.scheduler} {extra}".rstrip() if s.scheduler else "(k-diffusion only)"
         print(f"{s.name:<{width}}  {diffusers}{note}{k}")
     print("\nnot available (no faithful implementation; the request is refused, naming these instead):")

@@ -129,7 +129,8 @@ SAMPLERS: dict[str, Sampler] = {
                 **_ANCESTRAL),
         # Restart sampling is A1111's own function (sdtrt.pipeline.ksampling.sample_restart); A1111 hands it no
         # setting (its s_noise stays 1) and adds its restarts' noise from each image's generator.
-        Sampler("Restart", None, aliases=("restart",), k_function="sample_restart", step_noise=True),
+        Sampler("Restart", None, aliases=("restart",), k_function="sample_restart", step_noise=True,
+                k_options={"own_function": True}),
         # As A1111 runs them whatever the checkpoint's scheduler config says (SD 1.x/2.x ship these; SDXL ships an
         # EulerDiscrete config without them): DDIM without clipping, PLMS without Runge-Kutta warm-up steps.
         Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}, aliases=("ddim",),
