@@ -86,6 +86,15 @@ def child_pid(parent: int, name: bytes) -> int | None:
     return None
 
 
+def answered(server, model: str) -> float:
+    """How many requests the Triton server has answered for ``model`` (its own metrics): work that reached it."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith(("nv_inference_request_success{", "nv_inference_request_failure{"))
+               and f'model="{model}"' in line)
+
+
 def raw_infer(server, fields: dict, protocol: str = "grpc", model: str = "txt2img"):
     """Send fields exactly as given (no client-side checks), the way curl or perf_analyzer would."""
     module, url = (grpcclient, server.url) if protocol == "grpc" else (httpclient, server.http_url)

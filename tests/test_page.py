@@ -8,13 +8,12 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from servers import CHROMIUM, first_answer, free_ports
+from servers import CHROMIUM, answered, first_answer, free_ports
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None,
                                 reason="Debian's chromium is not installed (scripts/test.sh installs it as root)")
@@ -42,11 +41,16 @@ def site(server, tmp_path_factory):
         proc.wait(30)
 
 
-@pytest.fixture
-def page(site, tmp_path, request):
+def open_page(site):
     page = site["browser"].new_page(viewport={"width": 1280, "height": 1100})
     page.goto(site["url"], wait_until="domcontentloaded")
     page.get_by_role("tab", name="txt2img").wait_for(timeout=60000)
+    return page
+
+
+@pytest.fixture
+def page(site, tmp_path, request):
+    page = open_page(site)
     yield page
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)  # kept for a failure's inspection
     if os.environ.get("SDTRT_PAGE_SHOTS"):
@@ -151,13 +155,18 @@ def test_png_info_sends_its_parameters_to_txt2img(page, tmp_path):
     assert page.get_by_label("number input for Clip skip").input_value() == "2"
 
 
-def test_interrupt_stops_a_running_generation_while_progress_and_preview_move(page):
+def start_a_long_generation(page, prompt: str) -> None:
+    """Minutes of steps (three batches of 150 at 512 px), running once its first batch shows progress."""
     tab = page.locator("#tab_txt2img")
-    tab.get_by_label("Prompt", exact=True).fill("a long one")
+    tab.get_by_label("Prompt", exact=True).fill(prompt)
     for label, value in (("Sampling steps", 150), ("Width", 512), ("Height", 512), ("Batch count", 3)):
         set_number(tab, label, value)
     page.locator("#txt2img_generate").click()
     wait_progress(page, "txt2img", "Batch 1 of 3, step", timeout=60000)
+
+
+def test_interrupt_stops_a_running_generation_while_progress_and_preview_move(page):
+    start_a_long_generation(page, "a long one")
     page.locator("#txt2img_preview img").wait_for(timeout=30000)  # the live preview, from the server's loop
     first = progress_text(page, "txt2img")
     page.wait_for_function("t => document.querySelector('#txt2img_progress .sdtrt-progress-text').innerText !== t",
@@ -169,32 +178,18 @@ def test_interrupt_stops_a_running_generation_while_progress_and_preview_move(pa
     assert page.locator("#txt2img_gallery button.thumbnail-item img").count() == 0
 
 
-def unet_calls(server) -> float:
-    """The U-Net calls the Triton server has answered (its own metrics): the denoising steps that ran."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
-               if line.startswith("nv_inference_request_success{") and 'model="default__unet"' in line)
-
-
 def test_closing_the_page_stops_its_generation_on_the_server(site, server):
     """A browser that goes away mid-generation leaves nothing running: the page interrupts its job, so the
     server's U-Net stops being called within seconds (the generation asked for minutes of steps)."""
-    page = site["browser"].new_page(viewport={"width": 1280, "height": 1100})
-    page.goto(site["url"], wait_until="domcontentloaded")
-    tab = page.locator("#tab_txt2img")
-    tab.get_by_label("Prompt", exact=True).fill("a long one, then gone")
-    for label, value in (("Sampling steps", 150), ("Width", 512), ("Height", 512), ("Batch count", 3)):
-        set_number(tab, label, value)
-    page.locator("#txt2img_generate").click()
-    wait_progress(page, "txt2img", "Batch 1 of 3, step", timeout=60000)
-    running = unet_calls(server)
+    page = open_page(site)
+    start_a_long_generation(page, "a long one, then gone")
+    running = answered(server, "default__unet")
     time.sleep(1.0)
-    assert unet_calls(server) > running  # its steps are running on the server
+    assert answered(server, "default__unet") > running  # its steps are running on the server
     page.close()
     deadline, quiet = time.monotonic() + 20, False
     while time.monotonic() < deadline and not quiet:
-        before = unet_calls(server)
+        before = answered(server, "default__unet")
         time.sleep(2.0)
-        quiet = unet_calls(server) == before
+        quiet = answered(server, "default__unet") == before
     assert quiet, "the server kept running the closed page's steps"

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from servers import CHROMIUM, first_answer, free_ports
+from servers import CHROMIUM, answered, first_answer, free_ports
 from sdtrt.contract.pictures import MAX_PICTURE_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,15 +174,6 @@ def output_text(message: dict) -> str:
     return json.dumps(message.get("output"))
 
 
-def served(server, model: str) -> float:
-    """How many requests the Triton server has answered for ``model`` (its own metrics): work that reached it."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
-               if line.startswith(("nv_inference_request_success{", "nv_inference_request_failure{"))
-               and f'model="{model}"' in line)
-
-
 def generate(page: Page, seed: int, **overrides) -> dict:
     fn, data = page.endpoint("txt2img_generate", "click", {"Prompt": "a lighthouse", "Sampling steps": 2, "Width": 64,
                                                             "Height": 64, "Seed": seed, **overrides})
@@ -236,7 +227,7 @@ def test_handlers_read_no_file_the_client_names(site, server):
         assert error_of(page.call(i2i_fn, data)) is not None, payload
 
     # counts and choices past what the controls offer are refused before any work starts (the server sees none)
-    saved, before = set((site["outputs"] / "txt2img-images").iterdir()), served(server, "txt2img")
+    saved, before = set((site["outputs"] / "txt2img-images").iterdir()), answered(server, "txt2img")
     for overrides in ({"Batch count": 100000000}, {"Batch count": 101}, {"Batch count": 0},
                       {"Stable Diffusion checkpoint": "not a model"}, {"Styles": ["not a style"]},
                       {"Sampling steps": 100000}, {"Width": 10**9}):
@@ -244,7 +235,7 @@ def test_handlers_read_no_file_the_client_names(site, server):
         message = generate(page, 5, **overrides)
         assert error_of(message) is not None, overrides
         assert time.monotonic() - start < 10, overrides
-    assert set((site["outputs"] / "txt2img-images").iterdir()) == saved and served(server, "txt2img") == before
+    assert set((site["outputs"] / "txt2img-images").iterdir()) == saved and answered(server, "txt2img") == before
 
 
 def test_files_of_the_outputs_folder_are_not_served(site, tmp_path):
@@ -396,7 +387,7 @@ def test_the_img2img_picture_is_bounded(site, server):
         other[fmt] = io.BytesIO()
         Image.new("RGB", (64, 64), (9, 9, 9)).save(other[fmt], format=fmt)
     folder = site["outputs"] / "img2img-images"
-    before, requests = (set(folder.glob("*")) if folder.exists() else set()), served(server, "img2img")
+    before, requests = (set(folder.glob("*")) if folder.exists() else set()), answered(server, "img2img")
     limit = f"at most {MAX_PICTURE_PIXELS:,} pixels"
     for name, content, words in (("big.png", big.getvalue(), limit), ("bomb.png", png_claiming(50000, 50000), limit),
                                  ("picture.bmp", other["BMP"].getvalue(), "a PNG, JPEG or WebP picture"),
@@ -412,7 +403,7 @@ def test_the_img2img_picture_is_bounded(site, server):
         assert error is not None and "init_image" in error and words in error, (name, error)
         assert time.monotonic() - start < 30 and str(site["uploads"]) not in error, (name, error)
     assert (set(folder.glob("*")) if folder.exists() else set()) == before  # no work was done
-    assert served(server, "img2img") == requests
+    assert answered(server, "img2img") == requests
     assert page.request("GET", "/")[0] == 200
 
 

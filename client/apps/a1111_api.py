@@ -165,16 +165,19 @@ class Gateway:
         """One claimed generation, answered in A1111's shape; released when it ends."""
         try:
             settings = self.settings(body, job.user) if settings is None else settings
-            result = self.generate(call, settings, job)
-            if body.save_images and self.outputs is not None:
-                self.save(job.kind, result)
-            spec = self.client.catalog.get(settings["model"])
-            return answer.generation_response(body, settings, result, spec, job, self.ignored_fields(body))
+            return self.answer(job, body, settings, self.generate(call, settings, job))
         finally:
             self.release(job)
 
+    def answer(self, job: Job, body: _Request, settings: dict[str, Any], result: Generation) -> dict[str, Any]:
+        """A finished request's pictures, saved as asked, in A1111's shape."""
+        if body.save_images and self.outputs is not None:
+            self.save(job.kind, result)
+        spec = self.client.catalog.get(settings["model"])
+        return answer.generation_response(body, settings, result, spec, job, self.ignored_fields(body))
+
     def run_script(self, job: Job, body: _Request, found: tuple[Script, list[Any]], init: list | None = None,
-                   mask: Any = None) -> dict[str, Any]:
+                   mask: Any = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """One claimed request with a script: the script's generations one after another, each a plain request
         of the same user (checked and translated as one), then its pictures; released when it ends."""
         script, args = found
@@ -189,20 +192,16 @@ class Gateway:
             def call(s: dict[str, Any], progress, control) -> Generation:
                 if pictures is None:
                     return call_txt2img(self.client, variant.n_iter, s, progress, control)
-                return self.client.img2img(s.pop("prompt"), pictures, mask, n_iter=variant.n_iter,
-                                           progress=progress, control=control, **s)
+                return call_img2img(self.client, variant.n_iter, s, (pictures, mask), progress, control)
 
             result = self.generate(call, settings, job, offset=finished)
             finished += variant.n_iter
             return result
 
         try:
-            settings = self.settings(body, job.user)  # the request's own fields, checked before anything starts
-            result = script.run(body, args, generate, init)
-            if body.save_images and self.outputs is not None:
-                self.save(job.kind, result)
-            spec = self.client.catalog.get(settings["model"])
-            return answer.generation_response(body, settings, result, spec, job, self.ignored_fields(body))
+            if settings is None:  # the request's own fields, checked before anything starts
+                settings = self.settings(body, job.user)
+            return self.answer(job, body, settings, script.run(body, args, generate, init))
         finally:
             self.release(job)
 
@@ -384,6 +383,14 @@ def call_txt2img(client: Client, n_iter: int, settings: dict[str, Any], progress
     return client.txt2img(n_iter=n_iter, progress=progress, control=control, **settings)
 
 
+def call_img2img(client: Client, n_iter: int, settings: dict[str, Any], pictures: tuple, progress,
+                 control) -> Generation:
+    """``pictures``: the init images and the mask."""
+    init, mask = pictures
+    return client.img2img(settings.pop("prompt"), init, mask, n_iter=n_iter, progress=progress, control=control,
+                          **settings)
+
+
 def run_img2img(gateway: Gateway, body: Img2ImgBody, job: Job, script: tuple[Script, list[Any]] | None = None
                 ) -> dict[str, Any]:
     """img2img: every bound checked before a picture is decoded, then the pictures, then the generation (or the
@@ -391,11 +398,10 @@ def run_img2img(gateway: Gateway, body: Img2ImgBody, job: Job, script: tuple[Scr
     settings = gateway.settings(body, job.user)
     init, mask = img2img_pictures(body, gateway.client.catalog.get(settings["model"]).field("batch_size").maximum)
     if script is not None:
-        return gateway.run_script(job, body, script, init, mask)
+        return gateway.run_script(job, body, script, init, mask, settings)
 
     def call(s: dict[str, Any], progress, control) -> Generation:
-        return gateway.client.img2img(s.pop("prompt"), init, mask, n_iter=body.n_iter, progress=progress,
-                                      control=control, **s)
+        return call_img2img(gateway.client, body.n_iter, s, (init, mask), progress, control)
 
     return gateway.run(job, body, call, settings)
 

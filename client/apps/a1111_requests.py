@@ -468,18 +468,25 @@ def hires_sampler(body: "Txt2ImgBody") -> dict[str, str]:
     """A1111's hr_sampler_name and hr_scheduler (its "Use same ..." or nothing: the first pass's) as sdtrt's."""
     settings = {}
     if body.hr_sampler_name not in (None, "", "Use same sampler"):
-        name = body.hr_sampler_name
-        settings["hr_sampler"] = next((s.name for s in SAMPLERS.values() if name in s.aliases), name)
+        settings["hr_sampler"] = sampler_named(body.hr_sampler_name)
     if body.hr_scheduler not in (None, "", "Use same scheduler"):
-        settings["hr_schedule_type"] = SCHEDULER_NAMES.get(body.hr_scheduler.lower().replace(" ", "_"),
-                                                           body.hr_scheduler)
+        settings["hr_schedule_type"] = schedule_named(body.hr_scheduler)
     return settings
+
+
+def sampler_named(name: str) -> str:
+    """sdtrt's sampler for an A1111 sampler name or alias (an unknown one as it is, for the check to name)."""
+    return next((s.name for s in SAMPLERS.values() if name in s.aliases), name)
+
+
+def schedule_named(name: str) -> str:
+    """sdtrt's schedule type for A1111's label or its API name ("sgm_uniform")."""
+    return SCHEDULER_NAMES.get(name.lower().replace(" ", "_"), name)
 
 
 def sampler_of(body: _Request) -> str:
     """sdtrt's sampler for A1111's name or alias (sampler_name, else the legacy sampler_index)."""
-    name = body.sampler_name or body.sampler_index
-    return next((s.name for s in SAMPLERS.values() if name in s.aliases), name)
+    return sampler_named(body.sampler_name or body.sampler_index)
 
 
 def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog) -> dict[str, Any]:
@@ -503,7 +510,7 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     if body.subseed == -1:  # resolved here, so that info can say which one (A1111's all_subseeds)
         settings["subseed"] = random.randint(0, MAX_SEED)
     if body.scheduler is not None:
-        settings["schedule_type"] = SCHEDULER_NAMES.get(body.scheduler.lower().replace(" ", "_"), body.scheduler)
+        settings["schedule_type"] = schedule_named(body.scheduler)
     if isinstance(body, Txt2ImgBody) and body.enable_hr and body.hr_upscaler is not None:
         settings["hr_upscaler"] = body.hr_upscaler
     if isinstance(body, Txt2ImgBody) and body.enable_hr:
