@@ -6,8 +6,10 @@ import contextlib
 import os
 import shutil
 import socket
+import collections
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,10 +47,23 @@ def triton_on(repo: Path, logs: Path):
         yield triton
 
 
+def _drain(proc: subprocess.Popen) -> collections.deque:
+    """Keep reading the process's piped output (its last lines kept), so that a chatty server never blocks on a
+    full pipe while a test talks to it."""
+    tail = getattr(proc, "output_tail", None)
+    if tail is None and proc.stdout is not None:
+        tail = proc.output_tail = collections.deque(maxlen=400)
+        proc.output_thread = threading.Thread(target=lambda: tail.extend(proc.stdout), daemon=True)
+        proc.output_thread.start()
+    return tail if tail is not None else collections.deque()
+
+
 def first_answer(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> int:
     """The HTTP status of the first answer ``url`` gives (an error status included) while the process ``proc``
-    that serves it starts; fails with the process's output if it exits or the time runs out."""
+    that serves it starts; fails with the process's output if it exits or the time runs out. The output is read
+    from then on (the last lines kept in ``proc.output_tail``)."""
     deadline = time.monotonic() + timeout
+    tail = _drain(proc)
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
@@ -58,8 +73,19 @@ def first_answer(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> int
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise AssertionError(f"{url} never answered: {proc.stdout.read() if proc.stdout else ''}") from None
+                proc.wait(10)
+                time.sleep(0.5)  # the last lines through the drain
+                raise AssertionError(f"{url} never answered: {''.join(tail)}") from None
             time.sleep(0.3)
+
+
+def output_of(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """What a process gave on its piped output once it has exited (after first_answer: its last 400 lines)."""
+    if getattr(proc, "output_tail", None) is None:
+        return proc.communicate(timeout=timeout)[0]
+    proc.wait(timeout)
+    proc.output_thread.join(timeout)
+    return "".join(proc.output_tail)
 
 
 def status(url: str) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from servers import first_answer, free_ports
+from servers import first_answer, free_ports, output_of
 from sdtrt.requests.infotext import parse_infotext
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -175,7 +175,7 @@ def test_api_auth_as_a1111s(server, tmp_path, monkeypatch):
             wrong.txt2img(prompt="a cat", seed=1, width=64, height=64)
     finally:
         proc.terminate()
-        output = proc.communicate(timeout=30)[0]
+        output = output_of(proc)
     assert "s3cret-pass" not in output and "hunter2" not in output and "HTTP basic auth" in output
 
 
