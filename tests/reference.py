@@ -177,6 +177,7 @@ class A1111Schedules:
         betas = torch.linspace(scheduler_config["beta_start"] ** 0.5, scheduler_config["beta_end"] ** 0.5,
                                scheduler_config["num_train_timesteps"], dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.alphas_cumprod = alphas_cumprod.float()  # as LatentDiffusion registers its buffer
         self.model_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # k-diffusion's DiscreteSchedule
         self.log_sigmas = self.model_sigmas.log()
         self.sigma_min, self.sigma_max = float(self.model_sigmas[0]), float(self.model_sigmas[-1])

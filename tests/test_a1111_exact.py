@@ -64,6 +64,24 @@ INFOTEXTS = {
         "Steps: 6, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 12, Size: 64x64, "
         "Denoising strength: 0.6, Hires upscale: 1.5, Hires upscaler: Latent, Hires prompt: a quiet street in rain, "
         "Hires negative prompt: sunshine, Version: v1.10.1"),
+    "DDIM": (
+        "a lighthouse in fog\nNegative prompt: sunshine\n"
+        "Steps: 10, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7, Seed: 21, Size: 64x64, Version: v1.10.1"),
+    "DDIM CFG++, NV, Clip skip 2": (
+        "a mountain village\nNegative prompt: blurry\n"
+        "Steps: 8, Sampler: DDIM CFG++, Schedule type: Automatic, CFG scale: 4, Seed: 33, Size: 64x80, Clip skip: 2, "
+        "RNG: NV, Version: v1.10.1"),
+    "DDIM with eta, NV, ENSD": (
+        "a stone bridge\nSteps: 7, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7.5, Seed: 45, Size: 64x64, "
+        "Eta DDIM: 0.6, RNG: NV, ENSD: 31337, Version: v1.10.1"),
+    "PLMS, hires": (
+        "a garden with a pond\nNegative prompt: people\n"
+        "Steps: 7, Sampler: PLMS, Schedule type: Automatic, CFG scale: 6, Seed: 17, Size: 64x64, "
+        "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 5, Hires upscaler: Latent, Version: v1.10.1"),
+    "Euler a, hires with DDIM CFG++": (
+        "a fishing boat\nSteps: 6, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 3, Size: 64x64, "
+        "RNG: NV, Denoising strength: 0.7, Hires upscale: 1.5, Hires upscaler: Latent, Hires sampler: DDIM CFG++, "
+        "Version: v1.10.1"),
     "Heun, Exponential, NV": (
         "a boat on a lake\nSteps: 6, Sampler: Heun, Schedule type: Exponential, CFG scale: 7, Seed: 99, "
         "Size: 80x64, RNG: NV, Version: v1.10.1"),
@@ -71,6 +89,8 @@ INFOTEXTS = {
 # A1111 1.10's k-diffusion function and Automatic schedule for the samplers above (sd_samplers_kdiffusion.py)
 A1111_SAMPLERS = {"DPM++ 2M": ("sample_dpmpp_2m", "Karras"), "Euler a": ("sample_euler_ancestral", "Uniform"),
                   "Heun": ("sample_heun", "Uniform")}
+# ... and its CompVis timestep samplers (sd_samplers_timesteps.py), which take no schedule type
+TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++", "PLMS")
 
 
 class ImageRng:
@@ -157,45 +177,116 @@ def a1111_hires_target(params: dict, width: int, height: int) -> tuple[tuple[int
     return to, ((to[0] - resize_x) // 8, (to[1] - resize_y) // 8)
 
 
+def compvis_timesteps(steps: int) -> torch.Tensor:
+    """CompVisSampler.get_timesteps (no penultimate sigma to discard for these samplers)."""
+    return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
+
+
+def a1111_timestep_sample(pipe, schedules: A1111Schedules, sampler: str, x, timesteps, cond, uncond, cfg, rng,
+                          eta: float = 0.0):
+    """CompVisSampler.launch_sampling: sd_samplers_timesteps_impl's ddim, ddim_cfgpp or plms on
+    CFGDenoiserTimesteps (CFG on the noise predictions, cond rows then uncond; CFG++'s scale multiplier 1 / 12.5 and
+    its last_noise_uncond) around CompVisTimestepsDenoiser."""
+    multiplier, last = (1 / 12.5 if sampler == "DDIM CFG++" else 1.0), {}
+    noise = TorchHijack(rng)
+
+    def model(x, t):
+        eps = pipe.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
+        c, u = eps.chunk(2)
+        last["uncond"] = torch.clone(u)
+        return u + (c - u) * (cfg * multiplier)
+
+    alphas_cumprod = schedules.alphas_cumprod
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
+    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    sigmas = eta * np.sqrt((1 - alphas_prev.numpy()) / (1 - alphas) * (1 - alphas / alphas_prev.numpy()))
+    s_in, s_x = x.new_ones((x.shape[0])), x.new_ones((x.shape[0], 1, 1, 1))
+
+    def x_prev_and_x0(x, e_t, index, sigma_t=0.0, direction=None):
+        a_t, a_prev = alphas[index].item() * s_x, alphas_prev[index].item() * s_x
+        pred_x0 = (x - sqrt_one_minus_alphas[index].item() * s_x * e_t) / a_t.sqrt()
+        dir_xt = (1. - a_prev - sigma_t ** 2).sqrt() * (e_t if direction is None else direction)
+        return a_prev.sqrt() * pred_x0 + dir_xt, pred_x0
+
+    old_eps = []
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        e_t = model(x, timesteps[index].item() * s_in)
+        if sampler != "PLMS":  # ddim, ddim_cfgpp
+            sigma_t = sigmas[index].item() * s_x
+            direction = last["uncond"] if sampler == "DDIM CFG++" else None
+            x = x_prev_and_x0(x, e_t, index, sigma_t, direction)[0] + sigma_t * noise.randn_like(x)
+            continue
+        if not old_eps:  # pseudo improved Euler
+            x_ahead, _ = x_prev_and_x0(x, e_t, index)
+            e_prime = (e_t + model(x_ahead, timesteps[max(index - 1, 0)].item() * s_in)) / 2
+        elif len(old_eps) == 1:
+            e_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x = x_prev_and_x0(x, e_prime, index)[0]
+        old_eps = (old_eps + [e_t])[-3:]
+    return x
+
+
+def a1111_hires_pass(pipe, schedules, params, latents, width, height, rng_args, texts, cfg):
+    """sample_hr_pass (Latent), then sample_img2img with the hires pass's own steps, prompts and sampler."""
+    strength, steps = float(params["Denoising strength"]), int(params["Steps"])
+    cond, uncond, clip_skip = texts
+    (to_x, to_y), (cut_x, cut_y) = a1111_hires_target(params, width, height)
+    latents = torch.nn.functional.interpolate(latents, size=(to_y // 8, to_x // 8), mode="bilinear",
+                                              antialias=False)
+    latents = latents[:, :, cut_y // 2:latents.shape[2] - (cut_y + 1) // 2,
+                      cut_x // 2:latents.shape[3] - (cut_x + 1) // 2]
+    hr_height, hr_width = latents.shape[2] * 8, latents.shape[3] * 8
+    hr_steps = int(params.get("Hires steps", 0)) or steps
+    total, t_enc = int(hr_steps / min(strength, 0.999)), hr_steps - 1
+    if "Hires prompt" in params:  # hr_c and hr_uc: the hires pass's own prompts
+        cond = a1111_text(pipe, params["Hires prompt"], clip_skip)
+    if "Hires negative prompt" in params:
+        uncond = a1111_text(pipe, params["Hires negative prompt"], clip_skip)
+    sampler = params.get("Hires sampler", params["Sampler"])  # p.hr_sampler_name, else the first pass's
+    rng = ImageRng(*rng_args)  # the second pass's own ImageRNG, at its size
+    noise = rng.next((4, hr_height // 8, hr_width // 8))[None]
+    if sampler in TIMESTEP_SAMPLERS:  # CompVisSampler.sample_img2img
+        timesteps = compvis_timesteps(total)
+        alpha = schedules.alphas_cumprod[timesteps[t_enc]]
+        xi = latents * torch.sqrt(alpha) + noise * torch.sqrt(1 - alpha)
+        return a1111_timestep_sample(pipe, schedules, sampler, xi, timesteps[:t_enc], cond, uncond, cfg, rng)
+    function, automatic = A1111_SAMPLERS[sampler]
+    label = params.get("Hires schedule type", params["Schedule type"])  # p.hr_scheduler, else the first pass's
+    sigma_sched = schedules.sigmas(automatic if label == "Automatic" else label, total)[total - t_enc - 1:]
+    xi = latents + noise * sigma_sched[0].float()
+    return a1111_sample(pipe, schedules, function, xi, sigma_sched, cond, uncond, cfg, rng)
+
+
 @torch.no_grad()
 def a1111_picture(pipe, infotext: str) -> np.ndarray:
     prompt, _, rest = infotext.partition("\n")
     negative = rest.split("\n")[0].removeprefix("Negative prompt: ") if rest.startswith("Negative prompt: ") else ""
     params = dict(p.split(": ", 1) for p in infotext.rsplit("\n", 1)[-1].split(", "))
-    function, automatic = A1111_SAMPLERS[params["Sampler"]]
-    schedule = automatic if params["Schedule type"] == "Automatic" else params["Schedule type"]
     steps, cfg, seed = int(params["Steps"]), float(params["CFG scale"]), int(params["Seed"])
     width, height = (int(v) for v in params["Size"].split("x"))
     clip_skip, nv, ensd = int(params.get("Clip skip", 1)), params.get("RNG") == "NV", int(params.get("ENSD", 0))
     schedules = A1111Schedules(pipe.scheduler.config)
     cond, uncond = a1111_text(pipe, prompt, clip_skip), a1111_text(pipe, negative, clip_skip)
 
-    sigmas = schedules.sigmas(schedule, steps)
     rng = ImageRng(seed, nv, ensd)
-    x = rng.next((4, height // 8, width // 8))[None] * sigmas[0].float()
-    latents = a1111_sample(pipe, schedules, function, x, sigmas, cond, uncond, cfg, rng)
-    if "Hires upscale" in params or "Hires resize" in params:  # sample_hr_pass (Latent), then sample_img2img
-        strength = float(params["Denoising strength"])
-        (to_x, to_y), (cut_x, cut_y) = a1111_hires_target(params, width, height)
-        latents = torch.nn.functional.interpolate(latents, size=(to_y // 8, to_x // 8), mode="bilinear",
-                                                  antialias=False)
-        latents = latents[:, :, cut_y // 2:latents.shape[2] - (cut_y + 1) // 2,
-                          cut_x // 2:latents.shape[3] - (cut_x + 1) // 2]
-        hr_height, hr_width = latents.shape[2] * 8, latents.shape[3] * 8
-        hr_steps = int(params.get("Hires steps", 0)) or steps
-        total, t_enc = int(hr_steps / min(strength, 0.999)), hr_steps - 1
-        if "Hires prompt" in params:  # hr_c and hr_uc: the hires pass's own prompts
-            cond = a1111_text(pipe, params["Hires prompt"], clip_skip)
-        if "Hires negative prompt" in params:
-            uncond = a1111_text(pipe, params["Hires negative prompt"], clip_skip)
-        if "Hires sampler" in params:  # p.hr_sampler_name, with p.hr_scheduler (else the first pass's scheduler)
-            function, automatic = A1111_SAMPLERS[params["Hires sampler"]]
-            label = params.get("Hires schedule type", params["Schedule type"])
-            schedule = automatic if label == "Automatic" else label
-        sigma_sched = schedules.sigmas(schedule, total)[total - t_enc - 1:]
-        rng = ImageRng(seed, nv, ensd)  # the second pass's own ImageRNG, at its size
-        xi = latents + rng.next((4, hr_height // 8, hr_width // 8))[None] * sigma_sched[0].float()
-        latents = a1111_sample(pipe, schedules, function, xi, sigma_sched, cond, uncond, cfg, rng)
+    x = rng.next((4, height // 8, width // 8))[None]
+    if params["Sampler"] in TIMESTEP_SAMPLERS:
+        latents = a1111_timestep_sample(pipe, schedules, params["Sampler"], x, compvis_timesteps(steps), cond, uncond,
+                                        cfg, rng, eta=float(params.get("Eta DDIM", 0.0)))
+    else:
+        function, automatic = A1111_SAMPLERS[params["Sampler"]]
+        sigmas = schedules.sigmas(automatic if params["Schedule type"] == "Automatic" else params["Schedule type"],
+                                  steps)
+        latents = a1111_sample(pipe, schedules, function, x * sigmas[0].float(), sigmas, cond, uncond, cfg, rng)
+    if "Hires upscale" in params or "Hires resize" in params:
+        latents = a1111_hires_pass(pipe, schedules, params, latents, width, height, (seed, nv, ensd),
+                                   (cond, uncond, clip_skip), cfg)
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     image = torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)[0]
     return (255.0 * image.permute(1, 2, 0).numpy()).astype(np.uint8)[None]
@@ -231,10 +322,10 @@ def test_an_a1111_infotext_gives_a1111s_picture_through_the_gateway(name, server
     assert f"Seed: {INFOTEXTS[name].split('Seed: ')[1].split(',')[0]}" in info["infotexts"][0]
 
 
-def test_the_diffusers_path_is_not_a1111s_where_they_differ(local_pipeline, expected):
-    """Without the mode, the hires pass runs diffusers' img2img steps: another picture (this is what the mode
-    changes, so the tests above can fail)."""
-    name = "DPM++ 2M Karras, NV, ENSD, Clip skip 2, hires"
+@pytest.mark.parametrize("name", ["DPM++ 2M Karras, NV, ENSD, Clip skip 2, hires", "PLMS, hires"])
+def test_the_diffusers_path_is_not_a1111s_where_they_differ(name, local_pipeline, expected):
+    """Without the mode, the hires pass runs diffusers' img2img steps (PLMS on diffusers' timesteps): another
+    picture (this is what the mode changes, so the tests above can fail)."""
     request = request_from(INFOTEXTS[name])
     plain = local_pipeline.txt2img(Txt2ImgRequest(**{**request.as_dict(), "k_diffusion": False}))
     assert max_diff(plain.images, expected[name]) > MAX_PIXEL_DIFF

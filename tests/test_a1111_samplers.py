@@ -18,7 +18,7 @@ from reference import (
 from sdtrt.client import Client
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.requests.request import Txt2ImgRequest
-from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES, UNAVAILABLE, make_scheduler, schedule_table, set_timesteps
+from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES, make_scheduler, schedule_table, set_timesteps
 
 NAMED = [t for t in SCHEDULE_TYPES if t != "Automatic"]
 
@@ -102,21 +102,16 @@ def test_a_schedule_the_diffusers_class_cannot_follow_runs_on_k_diffusion(local_
             == local_pipeline.txt2img(Txt2ImgRequest(k_diffusion=True, **settings)).images).all()
 
 
-@pytest.mark.parametrize("name", [*UNAVAILABLE, "DDIM CFG++ Karras"])
-def test_unavailable_sampler_is_refused_naming_the_nearest(name, local_pipeline):
-    with pytest.raises(InvalidRequest) as exc:
-        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler=name, width=64, height=64))
-    base = name.removesuffix(" Karras")
-    assert exc.value.field == "sampler" and "not available" in str(exc.value)
-    for nearest in UNAVAILABLE[base][1]:
-        assert repr(nearest) in str(exc.value) and nearest in SAMPLERS
-
-
-def test_unavailable_sampler_is_refused_by_the_server_which_keeps_serving(server):
+def test_every_a1111_1_10_sampler_is_served_and_an_unknown_one_is_refused_by_name(server):
+    """A1111 1.10's sampler list (sd_samplers_kdiffusion, sd_samplers_timesteps, sd_samplers_lcm): none refused."""
+    a1111 = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
+             "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++",
+             "PLMS", "UniPC", "LCM"]
+    assert set(a1111) <= set(SAMPLERS)
     client = Client(server.url)
-    with pytest.raises(Exception, match="Nearest: 'DDIM'"):
-        client.txt2img("x", sampler="DDIM CFG++", steps=2, width=64, height=64)
-    assert client.txt2img("x", sampler="DPM++ 3M SDE", steps=2, width=64, height=64).images.shape[0] == 1
+    with pytest.raises(Exception, match=r"sampler must be one of: .*'DDIM CFG\+\+'"):
+        client.txt2img("x", sampler="DDIM CFG+", steps=2, width=64, height=64)
+    assert client.txt2img("x", sampler="DDIM CFG++", steps=2, width=64, height=64).images.shape[0] == 1
 
 
 def test_lcm_steps_are_capped_at_its_original_schedule(local_pipeline):

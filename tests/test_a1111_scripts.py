@@ -18,6 +18,7 @@ from PIL import Image
 from reference import sample_picture
 from sdtrt.client import Client
 from sdtrt.client.apps.a1111_api import create_app
+from sdtrt.client.apps.a1111_scripts import SCRIPTS
 from sdtrt.requests.grids import combine_tiles, split_tiles, tile_starts
 from sdtrt.requests.infotext import parse_infotext
 
@@ -134,7 +135,8 @@ def test_xyz_plot_by_a1111s_axis_indices_and_by_name(api, direct):
                                                   "script_args": ["Sampler", "", ["Euler", "DDIM"]] + [0, "", []] * 2
                                                   + [False, True]})
     _, *cells = pictures(by_name)
-    ddim = direct.txt2img("a boat", seed=9, steps=2, guidance_scale=7, width=64, height=64, sampler="DDIM")
+    ddim = direct.txt2img("a boat", seed=9, steps=2, guidance_scale=7, width=64, height=64, sampler="DDIM",
+                          k_diffusion=True)  # (the gateway runs A1111's DDIM)
     assert len(cells) == 2 and np.array_equal(np.asarray(cells[1]), ddim.images[0])
 
 
@@ -188,3 +190,18 @@ def test_sd_upscale_redraws_each_tile_and_blends_them_as_a1111(api, direct):
     assert np.abs(np.asarray(result).astype(np.float64) - expected).max() <= 1.0  # Pillow's mask rounding
     _, _, params = parse_infotext(result.info["parameters"])
     assert params["SD upscale upscaler"] == "Lanczos" and params["SD upscale overlap"] == "16"
+
+
+def test_script_info_describes_each_script_and_its_arguments(server):
+    """/sdapi/v1/script-info as A1111's ScriptInfo: each tab's scripts, each argument's label, default and range."""
+    api = TestClient(create_app(Client(server.url)))
+    info = api.get("/sdapi/v1/script-info").json()
+    names = {(i["name"], i["is_img2img"]) for i in info}
+    scripts = api.get("/sdapi/v1/scripts").json()
+    assert names == {(n, False) for n in scripts["txt2img"]} | {(n, True) for n in scripts["img2img"]}
+    loopback = next(i for i in info if i["name"] == "loopback")
+    assert loopback["args"][0] == {"label": "Loops", "value": 4, "minimum": 1, "maximum": 32, "step": 1,
+                                   "choices": None}
+    xyz = next(i for i in info if i["name"] == "x/y/z plot" and not i["is_img2img"])
+    assert len(xyz["args"]) == 18 and xyz["args"][16]["label"] == "Grid margins (px)"
+    assert all(len(i["args"]) == len(SCRIPTS[i["name"]].defaults) for i in info)

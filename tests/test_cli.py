@@ -104,7 +104,7 @@ def test_samplers_lists_the_table(capsys):
     code, out, _ = run(capsys, "samplers")
     assert code == 0
     assert "Euler a" in out and "EulerAncestralDiscreteScheduler" in out
-    table, unavailable, k_note, schedules = out.split("\n\n")
+    table, k_note, schedules = out.split("\n\n")
     rows = {line.split("  ")[0]: line.split() for line in table.splitlines()}
     assert rows["DPM++ 2M Karras"][-6:] == ["DPMSolverMultistepScheduler", "use_karras_sigmas=True",
                                            "timestep_spacing=linspace", "|", "k-diffusion", "sample_dpmpp_2m"]
@@ -113,16 +113,17 @@ def test_samplers_lists_the_table(capsys):
     assert rows["Euler"][-4:] == ["EulerDiscreteScheduler", "|", "k-diffusion", "sample_euler"]
     assert rows["DPM++ 3M SDE"][-7:] == ["(k-diffusion", "only)", "(Automatic:", "Exponential)", "|", "k-diffusion",
                                          "sample_dpmpp_3m_sde"]
-    assert rows["DDIM"][-3:] == ["DDIMScheduler", "clip_sample=False", "set_alpha_to_one=False"]
-    assert len(rows) == 28
-    assert "DDIM CFG++" in unavailable and "use DDIM" in unavailable and "Restart" not in unavailable
+    assert rows["DDIM"][-8:] == ["DDIMScheduler", "clip_sample=False", "set_alpha_to_one=False", "|", "A1111's", "own",
+                                 "timesteps:", "ddim"]
+    assert rows["DDIM CFG++"][-7:] == ["own", "only)", "|", "A1111's", "own", "timesteps:", "ddim_cfgpp"]
+    assert len(rows) == 29
     assert "--k-diffusion" in k_note
-    assert "SGM Uniform      timestep_spacing=trailing; with 27 of 28 samplers" in schedules
-    assert "Align Your Steps A1111's sigma list, given to diffusers as custom sigmas; with 24 of 28" in schedules
+    assert "SGM Uniform      timestep_spacing=trailing; with 27 of 29 samplers" in schedules
+    assert "Align Your Steps A1111's sigma list, given to diffusers as custom sigmas; with 24 of 29" in schedules
 
 
-def test_an_a1111_sampler_sdtrt_refuses_is_named_with_the_nearest(capsys, tmp_path):
+def test_a_sampler_sdtrt_does_not_know_is_refused_naming_the_ones_it_has(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        run(capsys, "txt2img", "x", "--sampler", "DDIM CFG++", "--local", str(tmp_path))
+        run(capsys, "txt2img", "x", "--sampler", "DDIM CFG+", "--local", str(tmp_path))
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "'DDIM CFG++' is not available" in err and "'DDIM'" in err
+    assert exit_.value.code == 2 and "'DDIM CFG+'" in err and "'DDIM CFG++'" in err

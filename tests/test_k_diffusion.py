@@ -288,10 +288,10 @@ def test_an_unset_eta_is_the_samplers_default(local_pipeline):
             == local_pipeline.txt2img(Txt2ImgRequest(**settings)).images).all()
 
 
-def test_uncond_skipping_with_a_sampler_k_diffusion_lacks_is_refused(local_pipeline):
+def test_uncond_skipping_with_a_sampler_only_diffusers_runs_is_refused(local_pipeline):
     with pytest.raises(InvalidRequest) as exc:
-        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="DDIM", s_min_uncond=2.0, width=64, height=64))
-    assert exc.value.field == "s_min_uncond" and "'Euler a'" in str(exc.value)
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="UniPC", s_min_uncond=2.0, width=64, height=64))
+    assert exc.value.field == "s_min_uncond" and "'Euler a'" in str(exc.value) and "'DDIM'" in str(exc.value)
 
 
 def test_a_k_diffusion_sampler_served_matches_the_local_runner(server, local_pipeline):

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from reference import sample_mask, sample_picture
-from servers import CHROMIUM, first_answer, free_ports, page_generates
+from servers import CHROMIUM, first_answer, free_ports, output_of, page_generates
 from sdtrt.client import Client
 from sdtrt.client.apps.a1111_api import create_app
 from sdtrt.requests.infotext import parse_infotext
@@ -92,6 +92,21 @@ def test_fields_sdtrt_cannot_honour_are_refused_by_name(api, field, value):
     assert response.json()["detail"][0]["loc"] == ["body", field]
 
 
+def test_a_refiner_or_hires_checkpoint_that_is_the_requests_own_model_is_no_switch(api):
+    """A1111 does not switch to a refiner or hires checkpoint it already runs on: the same picture as without."""
+    model = api.get("/sdapi/v1/sd-models").json()[0]["title"]
+    common = {"prompt": "a red barn", "steps": 3, "width": 64, "height": 64, "seed": 4, "enable_hr": True,
+              "hr_scale": 1.5, "denoising_strength": 0.5, "sampler_name": "Euler a"}
+    plain = api.post("/sdapi/v1/txt2img", json=common)
+    same = api.post("/sdapi/v1/txt2img", json={**common, "hr_checkpoint_name": model, "refiner_checkpoint": model,
+                                              "refiner_switch_at": 0.5})
+    assert plain.status_code == same.status_code == 200, same.text[:500]
+    assert plain.json()["images"] == same.json()["images"]
+    other = api.post("/sdapi/v1/txt2img", json={**common, "refiner_checkpoint": "sd_xl_refiner_1.0.safetensors"})
+    assert other.status_code == 422 and other.json()["detail"][0]["loc"] == ["body", "refiner_checkpoint"]
+    assert "not one of this server's models" in other.text
+
+
 def test_values_that_change_nothing_are_accepted_as_a1111_accepts_them(api):
     """What webuiapi sends by default: eta 1 (what ancestral samplers use; ignored by deterministic ones), s_tmax
     0 without churn (A1111's "no limit"), image_cfg_scale on a model that is not instruct-pix2pix, nulls meaning the default, and
@@ -153,7 +168,7 @@ def test_info_endpoints(api, server):
     samplers = api.get("/sdapi/v1/samplers").json()
     assert {"name": "Euler a", "aliases": ["k_euler_a", "k_euler_ancestral"], "options": {}} in samplers
     names = {s["name"] for s in samplers}
-    assert len(samplers) == 28 and "Restart" in names and "DDIM CFG++" not in names  # refused ones not listed
+    assert len(samplers) == 29 and "Restart" in names and "DDIM CFG++" in names
     schedulers = api.get("/sdapi/v1/schedulers").json()
     assert [s["label"] for s in schedulers] == ["Automatic", "Uniform", "Karras", "Exponential", "Polyexponential",
                                                 "SGM Uniform", "KL Optimal", "Align Your Steps", "Simple", "Normal",
@@ -282,7 +297,7 @@ def test_gradio_page_with_auth_asks_for_a_login(server, tmp_path):
         assert opener.open(f"{base}/config", timeout=10).status == 200
     finally:
         proc.terminate()
-        output = proc.communicate(timeout=30)[0]
+        output = output_of(proc)
     assert "pa55word" not in output
 
 

@@ -46,7 +46,7 @@ from sdtrt.client.apps.a1111_requests import (
     translate,
     updated_options,
 )
-from sdtrt.client.apps.a1111_scripts import Script, find_script, script_titles
+from sdtrt.client.apps.a1111_scripts import Script, find_script, script_info, script_titles
 from sdtrt.client.apps.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard, server_failure
 from sdtrt.client.apps.web_guard import logged as log_failure
 from sdtrt.client.client import Client, ServerError, ServerRefused, ServerUnavailable
@@ -464,9 +464,9 @@ def add_info_routes(app: FastAPI, gateway: Gateway, metrics_url: str | None, fla
     fixed = {"samplers": answer.sampler_list, "schedulers": answer.scheduler_list,
              "latent-upscale-modes": answer.latent_upscale_modes, "upscalers": answer.upscaler_list,
              "scripts": lambda: {"txt2img": script_titles(TXT2IMG), "img2img": script_titles(IMG2IMG)},
+             "script-info": script_info,
              # What sdtrt has none of, said as A1111 says it: empty lists (clients that list them first keep working)
-             **{path: lambda: [] for path in ("hypernetworks", "face-restorers", "realesrgan-models", "script-info",
-                                        "extensions")},
+             **{path: lambda: [] for path in ("hypernetworks", "face-restorers", "realesrgan-models", "extensions")},
              "sd-models": lambda: answer.sd_model_list(client.catalog),
              "sd-vae": lambda: answer.vae_list(client.catalog),
              "prompt-styles": lambda: answer.style_list(gateway.styles()),

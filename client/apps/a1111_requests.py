@@ -198,18 +198,28 @@ class ExtrasSingleImageBody(BaseModel):
 # field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
 # fields are checked where they are read)
 UNSUPPORTED = {
-    "restore_faces": (None, False),
-    "refiner_checkpoint": (None, "", "None"),
-    "refiner_switch_at": (None,), "alwayson_scripts": ({},),
-    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "restore_faces": (None, False), "alwayson_scripts": ({},),
     "firstpass_image": (None,), "mask_round": (True,), "latent_mask": (None,),
 }
-
-
 # What sdtrt lacks of A1111 for now, and where it is coming from: said in the refusal.
 NOT_YET = {
     "restore_faces": "face restoration (GFPGAN, CodeFormer) comes with the upscalers and face restorers",
+    "alwayson_scripts": "always-on scripts come with ControlNet, the first of them",
 }
+
+
+def other_checkpoints(body: "_Request", catalog: Catalog) -> dict[str, Any]:
+    """A1111's refiner and hires checkpoint (by title, name, file name or hash) as sdtrt's model names; their
+    "none" values as none."""
+    settings: dict[str, Any] = {}
+    for name, field, unset in (("refiner_checkpoint", "refiner_checkpoint", (None, "", "None")),
+                               ("hr_checkpoint_name", "hr_checkpoint", (None, "", "Use same checkpoint"))):
+        value = getattr(body, name, None)
+        if value not in unset:
+            settings[field] = find_model(catalog, value, name)
+    if settings.get("refiner_checkpoint") and body.refiner_switch_at is not None:
+        settings["refiner_switch_at"] = body.refiner_switch_at
+    return settings
 
 
 def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +227,8 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
     (``options``: A1111's sampler options, defaults filled)."""
     settings = {name: options[name] if getattr(body, name) is None else getattr(body, name)
                 for name in SIGMA_OPTIONS}
-    eta_option = "eta_ddim" if sampler == "DDIM" else "eta_ancestral"
+    timesteps = sampler in SAMPLERS and SAMPLERS[sampler].t_function is not None  # A1111's CompVis samplers
+    eta_option = "eta_ddim" if timesteps else "eta_ancestral"
     eta = options[eta_option] if body.eta is None else body.eta
     default = SAMPLERS[sampler].eta if sampler in SAMPLERS else None
     if default is not None and eta != default:  # else the sampler's own (-1), and no "Eta" in the infotext
@@ -324,13 +335,13 @@ def sampler_options(mine: UserOptions) -> dict[str, Any]:
     return {name: mine.sampler.get(name, a1111_defaults()[name]) for name in SAMPLER_OPTIONS}
 
 
-def find_model(catalog: Catalog, value: Any, where: str) -> str:
+def find_model(catalog: Catalog, value: Any, field: str) -> str:
     """A1111 names a checkpoint by title, name, file name or hash; sdtrt by its key in the repository."""
     for key, spec in catalog.models.items():
         if value in (key, spec.title, spec.name, spec.model_hash, f"{spec.name}.safetensors"):
             return key
     titles = ", ".join(repr(spec.title) for spec in catalog.models.values())
-    raise refuse(f"{where}.sd_model_checkpoint", f"not one of this server's models: {titles}")
+    raise refuse(field, f"not one of this server's models: {titles}")
 
 
 def read_options(options: dict[str, Any], where: str, catalog: Catalog) -> OptionChanges:
@@ -340,7 +351,7 @@ def read_options(options: dict[str, Any], where: str, catalog: Catalog) -> Optio
     changes = OptionChanges()
     for key, value in options.items():
         if key == "sd_model_checkpoint":
-            changes = replace(changes, model=find_model(catalog, value, where))
+            changes = replace(changes, model=find_model(catalog, value, f"{where}.sd_model_checkpoint"))
         elif key == "CLIP_stop_at_last_layers":
             changes = replace(changes, clip_skip=value)
         elif key == "randn_source":
@@ -505,8 +516,9 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     if settings.get("denoising_strength") is None or (isinstance(body, Txt2ImgBody) and not body.enable_hr):
         settings.pop("denoising_strength")  # (A1111 ignores it for txt2img without hires fix)
     settings["sampler"] = sampler_of(body)
-    # A1111's code paths (the A1111-exact mode): every sampler k-diffusion has runs on it as A1111 runs it
-    settings["k_diffusion"] = settings["sampler"] in SAMPLERS and SAMPLERS[settings["sampler"]].k_function is not None
+    # A1111's code paths (the A1111-exact mode): every sampler k-diffusion has runs on it as A1111 runs it, DDIM
+    # and PLMS on A1111's own timesteps (the others have no such path: the setting changes nothing for them)
+    settings["k_diffusion"] = True
     if body.subseed == -1:  # resolved here, so that info can say which one (A1111's all_subseeds)
         settings["subseed"] = random.randint(0, MAX_SEED)
     if body.scheduler is not None:
@@ -521,6 +533,7 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings["clip_skip"] = changes.clip_skip if changes.clip_skip is not None else mine.clip_skip
     settings["randn_source"] = changes.randn_source or mine.randn_source
     settings["model"] = changes.model or catalog.get(mine.model).key
+    settings.update(other_checkpoints(body, catalog))
     settings["tiling"] = tiling_of(body, mine)
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):

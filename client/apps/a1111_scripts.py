@@ -162,7 +162,7 @@ AXES = (
     Axis("Image CFG Scale", float, "image_cfg_scale", (IMG2IMG,)),
     Axis("Prompt S/R", str, "prompt", labelled=False), Axis("Prompt order", why=ABSENT),
     Axis("Sampler", str, "sampler_name", (TXT2IMG,), labelled=False),
-    Axis("Hires sampler", tabs=(TXT2IMG,), why="hires fix uses the first pass' sampler in sdtrt"),
+    Axis("Hires sampler", str, "hr_sampler_name", (TXT2IMG,), labelled=False),
     Axis("Sampler", str, "sampler_name", (IMG2IMG,), labelled=False),
     Axis("Checkpoint name", str, "options.sd_model_checkpoint", labelled=False),
     Axis("Negative Guidance minimum sigma", float, "s_min_uncond"), Axis("Sigma Churn", float, "s_churn"),
@@ -171,7 +171,7 @@ AXES = (
     Axis("Schedule max sigma", why=ABSENT), Axis("Schedule rho", why=ABSENT),
     Axis("Beta schedule alpha", why=ABSENT), Axis("Beta schedule beta", why=ABSENT), Axis("Eta", float, "eta"),
     Axis("Clip skip", int, "options.CLIP_stop_at_last_layers"), Axis("Denoising", float, "denoising_strength"),
-    Axis("Initial noise multiplier", why=ABSENT), Axis("Extra noise", why=ABSENT),
+    Axis("Initial noise multiplier", float, "initial_noise_multiplier"), Axis("Extra noise", why=ABSENT),
     Axis("Hires upscaler", str, "hr_upscaler", (TXT2IMG,)),
     Axis("Cond. Image Mask Weight", tabs=(IMG2IMG,), why=ABSENT), Axis("VAE", why=ABSENT),
     Axis("Styles", str, "styles"), Axis("UniPC Order", why=ABSENT),
@@ -464,19 +464,62 @@ def sd_upscale(body: _Request, args: list[Any], generate: Generate, init: list[I
 
 
 @dataclass(frozen=True)
+class Arg:
+    """One of a script's arguments as A1111's /sdapi/v1/script-info describes it (its UI control)."""
+
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Script:
     title: str
     tabs: tuple[str, ...]
     defaults: tuple[Any, ...]  # A1111's UI defaults, in script_args' order
     run: Callable[[_Request, list[Any], Generate, "list[Image.Image] | None"], ScriptRun]
+    args: tuple[Arg, ...] = ()  # what each default is, in the same order
+
+
+def _xyz_args() -> tuple[Arg, ...]:
+    axis = ("Type", "Values", "Values (dropdown)")
+    args = [Arg(f"{name} {part}") for name in "XYZ" for part in axis]
+    flags = ("Draw legend", "Include Sub Images", "Include Sub Grids", "Keep -1 for seeds", "Vary seeds for X",
+             "Vary seeds for Y", "Vary seeds for Z")
+    return (*args, *(Arg(label) for label in flags), Arg("Grid margins (px)", 0, 500, 2), Arg("Use text inputs"))
 
 
 SCRIPTS = {s.title.lower(): s for s in (
-    Script("Prompt matrix", (TXT2IMG, IMG2IMG), (False, False, "positive", "comma", 0), prompt_matrix),
-    Script("X/Y/Z plot", (TXT2IMG, IMG2IMG), tuple(XYZ_DEFAULTS), xyz_plot),
-    Script("Loopback", (IMG2IMG,), (4, 0.5, "Linear", "None"), loopback),
-    Script("SD upscale", (IMG2IMG,), (None, 64, 0, 2.0), sd_upscale),
+    Script("Prompt matrix", (TXT2IMG, IMG2IMG), (False, False, "positive", "comma", 0), prompt_matrix,
+           (Arg("Put variable parts at start of prompt"), Arg("Use different seed for each picture"),
+            Arg("Select prompt", choices=("positive", "negative")),
+            Arg("Select joining char", choices=("comma", "space")), Arg("Grid margins (px)", 0, 500, 2))),
+    Script("X/Y/Z plot", (TXT2IMG, IMG2IMG), tuple(XYZ_DEFAULTS), xyz_plot, _xyz_args()),
+    Script("Loopback", (IMG2IMG,), (4, 0.5, "Linear", "None"), loopback,
+           (Arg("Loops", 1, 32, 1), Arg("Final denoising strength", 0, 1, 0.01),
+            Arg("Denoising strength curve", choices=("Aggressive", "Linear", "Lazy")),
+            Arg("Append interrogated prompt at each iteration", choices=("None",)))),
+    Script("SD upscale", (IMG2IMG,), (None, 64, 0, 2.0), sd_upscale,
+           (Arg("Will upscale the image by the selected scale factor; use width and height sliders to set tile "
+                "size"), Arg("Tile overlap", 0, 256, 16), Arg("Upscaler", choices=tuple(EXTRAS_UPSCALERS)),
+            Arg("Scale Factor", 1.0, 4.0, 0.05))),
 )}
+
+
+def script_info() -> list[dict[str, Any]]:
+    """/sdapi/v1/script-info: each tab's scripts with their arguments' labels, defaults and ranges, as A1111's
+    ScriptInfo lists them (txt2img's, then img2img's)."""
+    info = []
+    for tab in (TXT2IMG, IMG2IMG):
+        for name in script_titles(tab):
+            script = SCRIPTS[name]
+            args = [{"label": a.label, "value": value, "minimum": a.minimum, "maximum": a.maximum, "step": a.step,
+                     "choices": list(a.choices) if a.choices is not None else None}
+                    for a, value in zip(script.args, script.defaults)]
+            info.append({"name": name, "is_alwayson": False, "is_img2img": tab == IMG2IMG, "args": args})
+    return info
 
 
 def script_titles(tab: str) -> list[str]:

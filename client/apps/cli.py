@@ -27,7 +27,6 @@ from sdtrt.contract.samplers import (
     CONFIG_SCHEDULES,
     SAMPLERS,
     SCHEDULE_TYPES,
-    UNAVAILABLE,
     schedule_detail,
     schedule_table,
 )
@@ -555,7 +554,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         schedules = load_spec(args.repo).schedules
     else:
         schedules = schedule_table()
-    width = max(len(n) for n in [*SAMPLERS, *UNAVAILABLE])
+    width = max(len(n) for n in SAMPLERS)
     DEFAULT = "Automatic"
     for s in SAMPLERS.values():
         automatic = AUTOMATIC_SCHEDULES.get(s.name, DEFAULT) if s.schedule == DEFAULT else s.schedule
@@ -564,13 +563,13 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         note = f"  (Automatic: {automatic})" if s.name in AUTOMATIC_SCHEDULES else ""
         library = "A1111's own, on k-diffusion:" if s.k_options.get("own_function") else "k-diffusion"
         k = f"  | {library} {s.k_function}" if s.k_function else ""
-        diffusers = f"{s.scheduler} {extra}".rstrip() if s.scheduler else "(k-diffusion only)"
+        k += f"  | A1111's own timesteps: {s.t_function}" if s.t_function else ""
+        only = "(k-diffusion only)" if s.k_function else "(A1111's own only)"
+        diffusers = f"{s.scheduler} {extra}".rstrip() if s.scheduler else only
         print(f"{s.name:<{width}}  {diffusers}{note}{k}")
-    print("\nnot available (no faithful implementation; the request is refused, naming these instead):")
-    for name, (why, nearest) in UNAVAILABLE.items():
-        print(f"  {name:<{width}}  use {', '.join(nearest)}: {why}")
     print("\nA k-diffusion sampler runs on k-diffusion (as A1111) with --k-diffusion, with a schedule type its "
-          "diffusers class cannot follow, or with an A1111 setting only k-diffusion takes (--eta, --s-churn, ...).")
+          "diffusers class cannot follow, or with an A1111 setting only k-diffusion takes (--eta, --s-churn, ...); "
+          "DDIM and PLMS run A1111's own timestep functions with --k-diffusion on the Automatic schedule.")
     print("\nschedule types (--schedule-type; 'Automatic': A1111's choice for the sampler, else its own):")
     for name in SCHEDULE_TYPES:
         usable = [s for s, sampler in SAMPLERS.items() if sampler.k_function or name in schedules.get(s, ())]

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtrt.contract.errors import InvalidRequest, UsageError
+from sdtrt.contract.errors import UsageError
 from sdtrt.contract.outputs import read_infotext, save_png
-from sdtrt.contract.samplers import check_available
 from sdtrt.contract.spec import DEFAULT_PORTS, load_spec
 from sdtrt.requests.fields import BY_NAME
 from sdtrt.requests.generation import batch_count, concatenate, settings_from_infotext
@@ -56,18 +55,8 @@ def add_field_flags(parser: argparse.ArgumentParser, request_type: type, spec: "
             group.add_argument(flag(name), dest=name, action="store_true", default=None, help=_help(name, spec))
             continue
         kind = int if f.dtype.startswith("int") else float if f.dtype.startswith("float") else str
-        if name == "sampler":
-            kind = _sampler_name  # an A1111 sampler sdtrt refuses: its reason and the nearest, not argparse's list
         extra = {"choices": list(f.choices), "metavar": "NAME"} if f.choices else {}
         group.add_argument(flag(name), dest=name, type=kind, default=None, help=_help(name, spec), **extra)
-
-
-def _sampler_name(value: str) -> str:
-    try:
-        check_available(value)
-    except InvalidRequest as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
 
 
 def spec_for_help(argv: list[str]) -> "ModelSpec | None":

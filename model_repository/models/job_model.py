@@ -146,7 +146,8 @@ class JobModel(PerRequestModel):
         pictures, their seeds and their infotexts (written from the same plan)."""
         start = time.perf_counter()
         plan = self.plan(request)
-        images, seeds = jobs.run(plan, self.networks(request, plan), self.on_step, self.stage)
+        images, seeds = jobs.run(plan, self.networks(request, plan), self.on_step, self.stage,
+                                 lambda other: self.networks(request, other))
         self.done(request, plan, start)
         texts = np.array([text.encode("utf-8") for text in infotexts(plan)], dtype=np.object_)
         return pb_utils.InferenceResponse([
@@ -194,7 +195,7 @@ class JobModel(PerRequestModel):
         self.current.preview = spec.latent_preview
         values = {name: scalar(request, name) for name in self.fields}
         pictures = {name: optional_input(request, name) for name in self.job.pictures}
-        plan = plan_request(self.job.request_type(**values), spec, **pictures)
+        plan = plan_request(self.job.request_type(**values), spec, **pictures, others=self.catalog.get)
         self.current.labels = {"model": spec.key, "sampler": plan.request.sampler}
         return plan
 

@@ -38,6 +38,7 @@ class Sampler:
     k_function: str | None = None  # the k_diffusion.sampling function A1111 runs it with; None: not a k sampler
     k_params: tuple[str, ...] = ()  # the settings A1111 hands that function (its sampler_extra_params), eta aside
     k_options: dict[str, Any] = field(default_factory=dict)  # A1111's options: discard_penultimate, brownian, ...
+    t_function: str | None = None  # A1111's own timestep sampler it runs as (sdtrt.pipeline.timesteps); None: none
 
 
 # A1111 schedule type -> the diffusers config that gives it. A1111 (k-diffusion) spans Karras, Exponential and Beta
@@ -63,6 +64,8 @@ SCHEDULE_TYPES: tuple[str, ...] = ("Automatic", "Uniform", "Karras", "Exponentia
                                    "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
 assert set(SCHEDULE_TYPES) == set(CONFIG_SCHEDULES) | set(SIGMA_SCHEDULES)
 DEFAULT_SCHEDULE = "Automatic"
+# A1111's own timestep samplers take no schedule type: they run on its timesteps (A1111 ignores the setting).
+TIMESTEP_SCHEDULES = (DEFAULT_SCHEDULE,)
 # The rho of the schedules that have one, as A1111's /schedulers reports (k-diffusion's defaults).
 DEFAULT_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
 
@@ -132,10 +135,14 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("Restart", None, aliases=("restart",), k_function="sample_restart", step_noise=True,
                 k_options={"own_function": True}),
         # As A1111 runs them whatever the checkpoint's scheduler config says (SD 1.x/2.x ship these; SDXL ships an
-        # EulerDiscrete config without them): DDIM without clipping, PLMS without Runge-Kutta warm-up steps.
+        # EulerDiscrete config without them): DDIM without clipping, PLMS without Runge-Kutta warm-up steps. A1111's
+        # own timestep functions run them in the A1111-exact mode (its timesteps differ from diffusers' spacing).
         Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}, aliases=("ddim",),
-                eta=ETA_DDIM),
-        Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms",)),
+                eta=ETA_DDIM, t_function="ddim"),
+        # DDIM with CFG++ (Chung et al. 2024): the guided prediction's x0, re-noised along the unconditional
+        # prediction, at A1111's CFG scale / 12.5. A1111's own function, in no library.
+        Sampler("DDIM CFG++", None, aliases=("ddim_cfgpp",), eta=ETA_DDIM, t_function="ddim_cfgpp"),
+        Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms",), t_function="plms"),
         Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
         # The LCM authors' scheduler (for LCM-distilled models and LCM LoRAs). It spreads the steps over LCM's 50
         # original timesteps as diffusers does (A1111 spaces them evenly in its own way). Its re-noising between
@@ -143,14 +150,6 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("LCM", "LCMScheduler", max_steps=50, aliases=("k_lcm",), step_noise=True),  # its steps are picked from LCM's 50 original ones
     ]
 }
-
-# A1111 samplers that neither diffusers nor k-diffusion implements (A1111's own code): the reason, and the
-# samplers to use instead. Refused by name, never swapped for something else silently.
-UNAVAILABLE: dict[str, tuple[str, tuple[str, ...]]] = {
-    "DDIM CFG++": ("CFG++ (guidance on the denoised estimate, re-noised with the unconditional prediction) is "
-                   "A1111's own code, in no library", ("DDIM",)),
-}
-LEGACY_SUFFIXES = (" Karras", " Exponential")  # A1111's old combined names: "DPM++ 3M SDE Karras"
 
 DEFAULT_SAMPLER = "Euler a"
 # What A1111 (1.9+) runs for "Automatic": its table gives these samplers a schedule of their own; the others
@@ -164,16 +163,6 @@ def draws_step_noise(name: str) -> bool:
 
 def sampler_names() -> tuple[str, ...]:
     return tuple(SAMPLERS)
-
-
-def check_available(name: str) -> None:
-    """A1111 samplers sdtrt does not run are refused with the reason and the nearest ones it does run."""
-    base = next((name[: -len(s)] for s in LEGACY_SUFFIXES if name.endswith(s) and name[: -len(s)] in UNAVAILABLE),
-                name)
-    if base in UNAVAILABLE:
-        why, nearest = UNAVAILABLE[base]
-        raise InvalidRequest("sampler", name, f"one sdtrt runs; {base!r} is not available: {why}. Nearest: "
-                                              + ", ".join(repr(n) for n in nearest))
 
 
 _IMPORT_LOCK = threading.Lock()
@@ -229,7 +218,7 @@ def supported_schedules(name: str, base_config: dict[str, Any] | None = None) ->
     everyone else reads. Where the diffusers class cannot follow a schedule, k-diffusion runs the sampler
     (``runs_on_k_diffusion``), so every schedule type works with every k-diffusion sampler."""
     if SAMPLERS[name].scheduler is None:
-        return SCHEDULE_TYPES
+        return SCHEDULE_TYPES if SAMPLERS[name].k_function else TIMESTEP_SCHEDULES
     return tuple(t for t in SCHEDULE_TYPES if _follows(name, t, base_config or {}))
 
 
@@ -285,6 +274,19 @@ def runs_on_k_diffusion(name: str, schedule: str, schedules: dict[str, list[str]
     return schedule not in schedules.get(name, ()) or not _diffusers_honours(sampler, settings)
 
 
+def runs_on_a1111_timesteps(name: str, schedule: str, settings: SamplerSettings = SamplerSettings()) -> bool:
+    """Whether a request's sampler runs as A1111's own timestep function (DDIM, DDIM CFG++, PLMS on A1111's
+    timesteps and CFG): when no library has it, and on the "Automatic" schedule when asked (A1111-exact), with NGMS
+    (A1111 skips the uncond by timestep) or with an eta whose noise is NV's (diffusers draws torch's)."""
+    sampler = SAMPLERS[name]
+    if sampler.t_function is None:
+        return False
+    if sampler.scheduler is None:
+        return True
+    nv_noise = settings.randn_source == "NV" and settings.eta_for(sampler) > 0
+    return schedule == DEFAULT_SCHEDULE and (settings.k_diffusion or settings.s_min_uncond > 0 or nv_noise)
+
+
 def schedule_table(base_config: dict[str, Any] | None = None) -> dict[str, list[str]]:
     """Sampler -> the schedule types it accepts, for the spec (``base_config``: the checkpoint's scheduler)."""
     return {name: list(supported_schedules(name, base_config)) for name in SAMPLERS}
@@ -294,7 +296,6 @@ def resolve(name: str, schedule_type: str, schedules: dict[str, list[str]]) -> t
     """(sampler, effective schedule type) checked against ``schedules`` (the spec's table, for the samplers only
     diffusers runs; a k-diffusion sampler takes every schedule type, as its function takes any sigma list); an
     explicit schedule type wins over a combined name's."""
-    check_available(name)
     try:
         sampler = SAMPLERS[name]
     except KeyError:

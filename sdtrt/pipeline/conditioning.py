@@ -86,10 +86,9 @@ def guided(guidance_scale: float, subprompts: int) -> bool:
 
 
 def unet_conditioning(spec: ModelSpec, uncond: Conditioning, conds: tuple[Conditioning, ...], images: int,
-                      guidance_scale: float, width: int, height: int, device: torch.device) -> Conditioning:
+                      with_uncond: bool, width: int, height: int, device: torch.device) -> Conditioning:
     """The U-Net's conditioning inputs for ``images`` images at ``width`` x ``height``: [uncond x N, cond_1 x N,
-    ..., cond_K x N] with guidance (K: the AND subprompts), [cond x N] without."""
-    with_uncond = guided(guidance_scale, len(conds))
+    ..., cond_K x N] ``with_uncond`` (K: the AND subprompts; ``Guidance.with_uncond``), [cond x N] without."""
     rows = {name: torch.cat(([uncond[name]] * images if with_uncond else []) + [c[name] for c in conds for _ in range(images)])
             for name in conds[0]}
     names = {t.name for t in spec.component("unet").inputs}

@@ -15,6 +15,7 @@ from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.samplers import set_timesteps, step_kwargs
 from sdtrt.pipeline.conditioning import guided as with_uncond
 from sdtrt.pipeline.ksampling import KSchedule
+from sdtrt.pipeline.timesteps import CFGPP_SCALE, TSchedule
 from sdtrt.requests.fields import MAX_STEPS
 
 
@@ -34,8 +35,9 @@ def prepare_latents(scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Te
 def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torch.device | None = None,
                        second_pass: bool = False) -> torch.Tensor:
     """img2img's schedule (diffusers' get_timesteps): only the last int(steps * strength) steps are run (a
-    k-diffusion sampler counts them as A1111 does, which tells img2img from a hires fix's ``second_pass``)."""
-    if isinstance(scheduler, KSchedule):
+    k-diffusion sampler and A1111's timestep ones count them as A1111 does, which tells img2img from a hires fix's
+    ``second_pass``)."""
+    if isinstance(scheduler, (KSchedule, TSchedule)):
         return scheduler.strength_timesteps(steps, strength, device, second_pass)
     set_timesteps(scheduler, steps, device)
     # A1111's DDIM schedule may run a step more than asked: the strength is a share of the steps it runs
@@ -68,6 +70,11 @@ class Guidance:
     cond_weights: tuple[float, ...] = (1.0,)
     rescale: float = 0.0  # diffusers' guidance_rescale
     min_uncond_sigma: float = 0.0
+    always_uncond: bool = False  # the uncond runs at any scale (CFG++ steps along it)
+
+    @property
+    def with_uncond(self) -> bool:
+        return self.always_uncond or with_uncond(self.scale, len(self.cond_weights))
 
     def combine(self, uncond: torch.Tensor, conds: list[torch.Tensor], scale: float | None = None) -> torch.Tensor:
         scale = self.scale if scale is None else scale
@@ -108,11 +115,13 @@ def denoise(
     conditioning as the steps go)."""
     if isinstance(run.scheduler, KSchedule):
         return k_denoise(run, unet, latents, context, guidance, on_step, inpainting)
+    if isinstance(run.scheduler, TSchedule):
+        return t_denoise(run, unet, latents, context, guidance, on_step, inpainting)
     scheduler, generators = run.scheduler, run.generators
-    guidance_scale, cond_weights = guidance.scale, guidance.cond_weights
+    cond_weights = guidance.cond_weights
     unet_extra, after_step = inpainting.unet_extra, inpainting.after_step
     timesteps = run.timesteps
-    guided = with_uncond(guidance_scale, len(cond_weights))
+    guided = guidance.with_uncond
     copies = len(cond_weights) + 1 if guided else 1
     extra = step_kwargs(scheduler, generators, run.eta)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
@@ -160,7 +169,7 @@ def k_denoise(
     inpainting keeps the picture outside the mask in every denoised estimate and in the result."""
     schedule: KSchedule = run.scheduler
     n, sigmas = latents.shape[0], schedule.sigmas[schedule.begin:]
-    copies = len(guidance.cond_weights) + 1 if with_uncond(guidance.scale, len(guidance.cond_weights)) else 1
+    copies = len(guidance.cond_weights) + 1 if guidance.with_uncond else 1
     extra = None if inpainting.unet_extra is None else torch.cat([inpainting.unet_extra] * copies)
     state = {"step": 0, "calls": 0, "rows": 0}
 
@@ -205,6 +214,60 @@ def k_denoise(
     with schedule.noise_like(run.generators):
         latents = schedule.function(model, latents, callback=callback, disable=True,
                                     **schedule.arguments(latents, run.generators))
+    if inpainting.keep is not None:
+        picture, mask = inpainting.keep
+        latents = picture * (1 - mask) + mask * latents
+    return latents
+
+
+def t_denoise(
+    run: Pass,
+    unet: UNet,
+    latents: torch.Tensor,
+    context: dict[str, torch.Tensor] | Callable[[int], dict[str, torch.Tensor]],
+    guidance: Guidance,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    inpainting: Inpainting = Inpainting(),
+) -> torch.Tensor:
+    """``denoise`` for A1111's own timestep samplers (``run.scheduler`` a TSchedule): its function drives the
+    U-Net through A1111's CFG denoiser, on noise predictions. As A1111's does, the denoiser counts its calls for
+    prompt editing, compares NGMS's threshold with the timestep, blends an ordinary U-Net's inpainting picture into
+    its input (not into the sampler's latents) and, for CFG++, scales the guidance by 1 / 12.5."""
+    schedule: TSchedule = run.scheduler
+    n, total = latents.shape[0], len(schedule.timesteps)
+    copies = len(guidance.cond_weights) + 1 if guidance.with_uncond else 1
+    extra = None if inpainting.unet_extra is None else torch.cat([inpainting.unet_extra] * copies)
+    scale = guidance.scale * (CFGPP_SCALE if schedule.cfgpp else 1.0)
+    calls = [0]
+
+    def model(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if inpainting.keep is not None:
+            picture, mask = inpainting.keep
+            x = picture * (1 - mask) + mask * x
+        ctx = context(calls[0]) if callable(context) else context
+        skip = copies > 1 and guidance.min_uncond_sigma > 0 and calls[0] % 2 == 1 and t < guidance.min_uncond_sigma
+        calls[0] += 1
+        k, start = (copies - 1, n) if skip else (copies, 0)  # the uncond's rows come first
+        sample = torch.cat([x] * k)
+        if extra is not None:
+            sample = torch.cat([sample, extra[start:]], dim=1)
+        timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=x.device)
+        eps = schedule.eps(unet(sample, timestep, _rows(ctx, start) if start else ctx), torch.cat([x] * k), t)
+        if copies == 1:
+            return eps, eps
+        parts = list(eps.chunk(k))
+        uncond, conds = (parts[0], parts) if skip else (parts[0], parts[1:])  # skipped: the cond stands in
+        guided = guidance.combine(uncond, conds, 1.0 if skip else scale)
+        if guidance.rescale > 0:
+            guided = _rescaled(guidance, guided, conds[0])
+        return guided, uncond
+
+    def callback(i: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
+        if on_step is not None:
+            on_step(i + 1, total, pred_x0)
+
+    with schedule.noise_like(run.generators):
+        latents = schedule.function(model, latents, callback=callback, **schedule.arguments())
     if inpainting.keep is not None:
         picture, mask = inpainting.keep
         latents = picture * (1 - mask) + mask * latents

@@ -23,12 +23,14 @@ from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HIRES_UPSCALERS, upscale_image, upscale_latents
-from sdtrt.contract.samplers import SamplerSettings, make_scheduler, resolve, runs_on_k_diffusion
+from sdtrt.contract.samplers import (SamplerSettings, make_scheduler, resolve, runs_on_a1111_timesteps,
+                                    runs_on_k_diffusion)
 from sdtrt.contract.seeds import NoiseDraw, image_seeds, initial_noise, make_generators
 from sdtrt.contract.spec import ModelSpec
 from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, scheduled_conditioning, unet_conditioning
 from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.pipeline.ksampling import KSchedule, NvStepNoise
+from sdtrt.pipeline.timesteps import TRAINING_STEPS, TSchedule
 from sdtrt.pipeline.vae import sample_latents
 from sdtrt.requests.img2img import LATENT_FILLS, finish_images, to_model_input
 from sdtrt.requests.plan import Plan, TextPair
@@ -56,18 +58,19 @@ def _no_stage(name: str) -> ContextManager:
     return contextlib.nullcontext()
 
 
-def run(plan: Plan, nets: Networks, on_step: OnStep | None = None, stage: Stage = _no_stage) -> tuple[np.ndarray, list[int]]:
+def run(plan: Plan, nets: Networks, on_step: OnStep | None = None, stage: Stage = _no_stage,
+        others: Callable[[Plan], Networks] | None = None) -> tuple[np.ndarray, list[int]]:
     """A plan, run: its texts encoded, its passes denoised, its latents decoded -> (uint8 pictures, each one's
-    seed). The served job models and the in-process runner both run requests through here."""
+    seed). The served job models and the in-process runner both run requests through here; ``others`` gives the
+    networks of a model taking over part of the request (the plan's refiner or hires checkpoint)."""
     with stage("text"):
         prompts = encode_prompts(plan, nets)
+        takeover = _takeover(plan, others)
     with stage("denoise"):
-        if plan.img2img:
-            latents = img2img_latents(plan, prompts, nets, on_step)
-        else:
-            latents = txt2img_latents(plan, prompts, nets, on_step)
+        job = img2img_latents if plan.img2img else txt2img_latents
+        latents = job(plan, prompts, nets, on_step, takeover)
     with stage("decode"):
-        pictures = nets.vae_decode(latents)
+        pictures = (takeover.decoder or nets).vae_decode(latents)
         if plan.images is not None:
             pictures = finish_images(pictures, plan.images, plan.spec.vae_scale_factor)
     return pictures, list(plan.seeds)
@@ -89,7 +92,81 @@ def encode_prompts(plan: Plan, nets: Networks) -> Prompts:
     return Prompts(scheduled_conditioning(plan.first.prompts, encoded), hires)
 
 
-def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, guidance_scale: float, width: int,
+@dataclass
+class Model:
+    """Another model's part in a request (A1111's refiner or hires checkpoint): the request planned on it, its
+    networks and its conditioning."""
+
+    plan: Plan
+    nets: Networks
+    prompts: Prompts
+
+
+@dataclass
+class Takeover:
+    """The models taking over part of a request, and whose VAE decodes: the last one that ran, as A1111 decodes
+    with the checkpoint it has loaded (None: the request's own)."""
+
+    refiner: Model | None = None
+    hires: Model | None = None
+    decoder: Networks | None = None
+
+
+def _takeover(plan: Plan, others: Callable[[Plan], Networks] | None) -> Takeover:
+    def model(other: Plan | None) -> Model | None:
+        if other is None:
+            return None
+        if others is None:
+            raise ValueError(f"the plan names another model ({other.spec.key}) and no networks were given for it")
+        nets = others(other)
+        return Model(other, nets, encode_prompts(other, nets))
+
+    return Takeover(model(plan.refiner), model(plan.hires_model))
+
+
+class SwitchingUNet:
+    """The U-Net A1111's refiner gives the sampler: the request's model's until the share of sampling done, by
+    noise level ((999 - the nearest training timestep) / 1000, A1111's apply_refiner), reaches ``switch_at``, the
+    refiner's from then on (A1111 loads it once and stays on it), each with its own conditioning."""
+
+    def __init__(self, own: UNet, refiner: UNet, switch_at: float, on_switch: Callable[[], None]):
+        self.own, self.refiner, self.switch_at, self.on_switch = own, refiner, switch_at, on_switch
+        self.switched = False
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
+        done = (TRAINING_STEPS - 1 - round(float(timestep.reshape(-1).max()))) / TRAINING_STEPS
+        if not self.switched and done >= self.switch_at:
+            self.switched = True
+            self.on_switch()
+        if self.switched:
+            return self.refiner(sample, timestep, {k[len(REFINER):]: v for k, v in context.items()
+                                                   if k.startswith(REFINER)})
+        return self.own(sample, timestep, {k: v for k, v in context.items() if not k.startswith(REFINER)})
+
+
+REFINER = "refiner/"  # the refiner's conditioning beside the model's in the loop's context, under this prefix
+
+
+def _with_refiner(plan: Plan, takeover: Takeover, first_pass: bool, unet: UNet,
+                  context: Callable[[int], Conditioning], size: tuple[int, int], with_uncond: bool,
+                  device: torch.device) -> tuple[UNet, Callable[[int], Conditioning]]:
+    """The pass's U-Net and conditioning, with the refiner's where it takes over in this pass."""
+    refiner = takeover.refiner
+    if refiner is None or plan.refines_first_pass != first_pass:
+        return unet, context
+    prompts = refiner.prompts.first if first_pass else refiner.prompts.hires
+    theirs = step_contexts(refiner.plan.spec, prompts, plan.request.batch_size, with_uncond, *size, device)
+
+    def switched() -> None:
+        takeover.decoder = refiner.nets
+
+    def both(step: int) -> Conditioning:
+        return {**context(step), **{REFINER + k: v for k, v in theirs(step).items()}}
+
+    return SwitchingUNet(unet, refiner.nets.unet, plan.request.refiner_switch_at, switched), both
+
+
+def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, with_uncond: bool, width: int,
                   height: int, device: torch.device) -> Callable[[int], Conditioning]:
     """The U-Net's conditioning for each 0-based step, built once per schedule entry."""
     built: dict[int, Conditioning] = {}
@@ -98,7 +175,7 @@ def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, 
         index = prompts.index(step)
         if index not in built:
             _, uncond, conds = prompts.entries[index]
-            built[index] = unet_conditioning(spec, uncond, conds, images, guidance_scale, width, height, device)
+            built[index] = unet_conditioning(spec, uncond, conds, images, with_uncond, width, height, device)
         return built[index]
 
     return at
@@ -132,7 +209,9 @@ def _pass(plan: Plan, request: Txt2ImgRequest | None = None) -> Pass:
     spec, request, seeds = plan.spec, request or plan.request, list(plan.seeds)
     settings = sampler_settings(request)
     sampler, schedule = resolve(request.sampler, request.schedule_type, spec.schedules)
-    if runs_on_k_diffusion(request.sampler, schedule, spec.schedules, settings):
+    if runs_on_a1111_timesteps(request.sampler, schedule, settings):
+        scheduler = TSchedule(sampler, spec.scheduler_config, settings, seeds)
+    elif runs_on_k_diffusion(request.sampler, schedule, spec.schedules, settings):
         scheduler = KSchedule(sampler, schedule, spec.scheduler_config, settings, seeds, spec.align_your_steps)
     else:
         scheduler = make_scheduler(request.sampler, spec.scheduler_config, request.schedule_type, spec.schedules,
@@ -148,20 +227,22 @@ def _step_noise(plan: Plan, run: Pass) -> None:
     request, delta = plan.request, plan.request.eta_noise_seed_delta
     if delta:
         run.generators[:] = make_generators([seed + delta for seed in plan.seeds])
-    if request.randn_source == "NV" and isinstance(run.scheduler, KSchedule):
+    if request.randn_source == "NV" and isinstance(run.scheduler, (KSchedule, TSchedule)):
         resized = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
         seeds = [seed + delta for seed in plan.seeds]
         run.scheduler.nv_noise = NvStepNoise(seeds, 0 if delta or resized else 1)
 
 
-def _guidance(plan: Plan, prompts: ScheduledConditioning) -> Guidance:
+def _guidance(plan: Plan, prompts: ScheduledConditioning, run: Pass) -> Guidance:
     request = plan.request
-    return Guidance(request.guidance_scale, prompts.weights, request.guidance_rescale, request.s_min_uncond)
+    cfgpp = isinstance(run.scheduler, TSchedule) and run.scheduler.cfgpp
+    return Guidance(request.guidance_scale, prompts.weights, request.guidance_rescale, request.s_min_uncond, cfgpp)
 
 
-def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnStep | None = None) -> torch.Tensor:
+def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnStep | None = None,
+                    takeover: Takeover | None = None) -> torch.Tensor:
     """A txt2img plan's final latents, divided by the VAE scaling factor."""
-    spec, request, first = plan.spec, plan.request, plan.first
+    spec, request, first, takeover = plan.spec, plan.request, plan.first, takeover or Takeover()
     if unet_channels(spec) != spec.latent_channels:
         raise InvalidRequest("init_image", None, "an init image and a mask: this is an inpainting model "
                              f"({unet_channels(spec)}-channel U-Net); use img2img")
@@ -169,20 +250,27 @@ def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     noise = _noise(plan, run.generators, first.width, first.height, nets.device)
     _step_noise(plan, run)
     latents = prepare_latents(run.scheduler, noise, first.steps)
-    context = step_contexts(spec, prompts.first, request.batch_size, request.guidance_scale, first.width,
+    guidance = _guidance(plan, prompts.first, run)
+    context = step_contexts(spec, prompts.first, request.batch_size, guidance.with_uncond, first.width,
                             first.height, nets.device)
-    latents = denoise(run, nets.unet, latents, context, _guidance(plan, prompts.first), on_step)
+    unet, context = _with_refiner(plan, takeover, True, nets.unet, context, (first.width, first.height),
+                                  guidance.with_uncond, nets.device)
+    latents = denoise(run, unet, latents, context, guidance, on_step)
     if plan.hires is not None:
-        latents = hires_pass(plan, latents, prompts.hires, nets, on_step)
+        latents = hires_pass(plan, latents, prompts.hires, nets, on_step, takeover)
     return latents / spec.vae_scaling_factor
 
 
 def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning, nets: Networks,
-               on_step: OnStep | None) -> torch.Tensor:
+               on_step: OnStep | None, takeover: Takeover | None = None) -> torch.Tensor:
     """Upscale the first pass and redraw it: an img2img pass with fresh generators from the same seeds (as A1111
     re-seeds its second pass), ``hr_second_pass_steps`` steps and the denoising strength, conditioned on the
-    upscaled size (SDXL's time ids, as A1111 sends them)."""
-    spec, request, second = plan.spec, plan.request, plan.hires
+    upscaled size (SDXL's time ids, as A1111 sends them); on the hires checkpoint where one is named (the first
+    pass decoded by the request's model, encoded by that one, as A1111 swaps models between the passes)."""
+    spec, request, second, takeover = plan.spec, plan.request, plan.hires, takeover or Takeover()
+    runner = nets
+    if takeover.hires is not None:
+        runner, prompts, takeover.decoder = takeover.hires.nets, takeover.hires.prompts.hires, takeover.hires.nets
     upscaler = HIRES_UPSCALERS[request.hr_upscaler]
     f, width, height = spec.vae_scale_factor, second.width, second.height
     size = hires_target(request, spec)  # the upscale, then (A1111's "Resize width/height to") its crop
@@ -194,7 +282,7 @@ def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning
     else:
         pictures = nets.vae_decode(latents / spec.vae_scaling_factor)
         resized = [upscale_image(Image.fromarray(p), upscaler, up_width, up_height) for p in pictures]
-        init = sample_latents(nets.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
+        init = sample_latents(runner.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
     init = size.crop(init, f)
     timesteps = strength_timesteps(scheduler, second.steps, request.denoising_strength, init.device,
                                    second_pass=True)
@@ -203,9 +291,13 @@ def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning
     noise = _noise(plan, generators, width, height, init.device)
     _step_noise(plan, run)
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
-    context = step_contexts(spec, prompts, request.batch_size, request.guidance_scale, width, height, nets.device)
+    guidance = _guidance(plan, prompts, run)
+    runner_spec = takeover.hires.plan.spec if takeover.hires is not None else spec  # (its SDXL time ids)
+    context = step_contexts(runner_spec, prompts, request.batch_size, guidance.with_uncond, width, height, nets.device)
+    unet, context = _with_refiner(plan, takeover, False, runner.unet, context, (width, height), guidance.with_uncond,
+                                  nets.device)
     run.timesteps = timesteps
-    return denoise(run, nets.unet, latents, context, _guidance(plan, prompts), on_step)
+    return denoise(run, unet, latents, context, guidance, on_step)
 
 
 def _fill_latents(latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, fill: str) -> torch.Tensor:
@@ -216,8 +308,10 @@ def _fill_latents(latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor
     return latents * (1 - cells) + replacement * cells
 
 
-def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnStep | None = None) -> torch.Tensor:
+def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnStep | None = None,
+                    takeover: Takeover | None = None) -> torch.Tensor:
     """img2img (no mask) or inpainting (mask): the plan's final latents, divided by the VAE scaling factor."""
+    takeover = takeover or Takeover()
     spec, request, n = plan.spec, plan.request, plan.request.batch_size
     run = _pass(plan)
     generators, scheduler = run.generators, run.scheduler
@@ -260,8 +354,9 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
 
             keep = (image_latents, mask)
 
-    context = step_contexts(spec, prompts.first, n, request.guidance_scale, request.width, request.height,
-                            nets.device)
-    latents = denoise(run, nets.unet, latents, context, _guidance(plan, prompts.first), on_step,
-                      Inpainting(unet_extra, after_step, keep))
+    guidance = _guidance(plan, prompts.first, run)
+    context = step_contexts(spec, prompts.first, n, guidance.with_uncond, request.width, request.height, nets.device)
+    unet, context = _with_refiner(plan, takeover, True, nets.unet, context, (request.width, request.height),
+                                  guidance.with_uncond, nets.device)
+    latents = denoise(run, unet, latents, context, guidance, on_step, Inpainting(unet_extra, after_step, keep))
     return latents / spec.vae_scaling_factor

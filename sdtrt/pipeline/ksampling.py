@@ -141,7 +141,7 @@ def sample_restart(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra
 A1111_FUNCTIONS: dict[str, Callable] = {"sample_restart": sample_restart}
 
 
-class _ThreadNoise:
+class ThreadNoise:
     def __init__(self, draw: Callable[[torch.Tensor], torch.Tensor]):
         self.draw = draw
 
@@ -262,7 +262,7 @@ class KSchedule:
     def noise_like(self, generators: Sequence[torch.Generator]):
         """While sampling: k-diffusion's own ``torch.randn_like`` calls (sigma churn) draw from the images'
         generators (or their NV numbers), in this thread only."""
-        return _ThreadNoise(self.nv_noise or image_noise(generators))
+        return ThreadNoise(self.nv_noise or image_noise(generators))
 
     def add_noise(self, init: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return init + noise * self.sigmas[int(timesteps.reshape(-1)[0])]

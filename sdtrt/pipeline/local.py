@@ -39,7 +39,9 @@ class LocalPipeline:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.repo = Path(repo_dir)
+        self.engine = (threads, backend, precision)
         self.spec: ModelSpec = load_spec(self.repo, model)
+        self.others: dict[str, LocalPipeline] = {}  # the repository's other models, as a request names them
         self.tokenizer = load_tokenizer(self.repo / self.spec.tokenizer, self.spec.text_max_length)
         self.nets: dict[str, Runner] = {}
         if backend == "tensorrt":
@@ -63,9 +65,19 @@ class LocalPipeline:
         """The networks for one request, with the LoRAs its prompts name."""
         return LocalNetworks(self, RequestLoras(self.lora_library, list(plan.loras)), plan.request.tiling)
 
+    def other(self, name: str) -> "LocalPipeline":
+        """Another model of the repository (a refiner or hires checkpoint), loaded once, on the same engine."""
+        if name == self.spec.key:
+            return self
+        if name not in self.others:
+            load_spec(self.repo, name)  # an unknown name: InvalidRequest naming the models there
+            threads, backend, precision = self.engine
+            self.others[name] = LocalPipeline(self.repo, threads, backend, name, precision)
+        return self.others[name]
+
     def plan(self, request: Txt2ImgRequest, init_image: np.ndarray | None = None,
              mask: np.ndarray | None = None) -> Plan:
-        return plan_request(request, self.spec, init_image, mask)
+        return plan_request(request, self.spec, init_image, mask, others=lambda name: self.other(name).spec)
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) of the request's prompts taken as they are (their first step's texts)."""
@@ -82,7 +94,8 @@ class LocalPipeline:
 
     def generate(self, plan: Plan, on_step: OnStep | None = None) -> Generation:
         """A plan run as the served job models run it, with its infotexts."""
-        images, seeds = jobs.run(plan, self.networks(plan), on_step)
+        images, seeds = jobs.run(plan, self.networks(plan), on_step,
+                                 others=lambda other: self.other(other.spec.key).networks(other))
         return Generation(images, seeds, infotexts(plan))
 
 

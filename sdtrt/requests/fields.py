@@ -93,6 +93,8 @@ def _size(what: str) -> dict[str, Any]:
                 multiple_of=lambda m: m.size_multiple, help=f"image {what} in pixels")
 
 
+MAX_MODEL_NAME = 256  # a model's name in the repository (a folder name)
+
 FIELDS: tuple[RequestField, ...] = (
     RequestField("prompt", "string", "", "what to draw", max_length=lambda m: m.max_prompt_chars,
                  a1111="prompt", a1111_as_is=True, a1111_default="", flag="PROMPT"),  # the CLI's positional argument
@@ -127,14 +129,14 @@ FIELDS: tuple[RequestField, ...] = (
     _setting("s_noise", "float32", "the step noise's multiplier (A1111's sigma noise)", minimum=0.0,
              maximum=1.1, a1111="s_noise", infotext="Sigma noise"),
     _setting("s_min_uncond", "float32", "below this sigma, every other U-Net call skips the negative "
-             "prompt (A1111's Negative Guidance minimum sigma; k-diffusion samplers)", minimum=0.0, maximum=15.0,
+             "prompt (A1111's Negative Guidance minimum sigma; k-diffusion samplers, and DDIM and PLMS by timestep)", minimum=0.0, maximum=15.0,
              a1111="s_min_uncond", infotext="NGMS"),
     _setting("eta_noise_seed_delta", "int64", "ENSD: the step noise is drawn from seed + this (A1111's "
              "Eta noise seed delta; NovelAI's 31337)", minimum=0, maximum=MAX_SEED,
              a1111="override_settings.eta_noise_seed_delta", infotext="ENSD"),
-    _setting("k_diffusion", "bool", "run the sampler with k-diffusion's function on A1111's sigmas, as "
-             "A1111 does (samplers diffusers lacks, schedules its class cannot follow and the settings above "
-             "always do)"),
+    _setting("k_diffusion", "bool", "A1111-exact: run the sampler as A1111 does, with k-diffusion's function "
+             "on A1111's sigmas, or DDIM and PLMS with A1111's own on its timesteps (samplers no library has, "
+             "schedules a diffusers class cannot follow and the settings above always do)"),
     RequestField("width", "int32", **_size("width"), a1111="width", a1111_as_is=True, a1111_default=512, label="Width"),
     RequestField("height", "int32", **_size("height"), a1111="height", a1111_as_is=True, a1111_default=512,
                  label="Height"),
@@ -186,6 +188,17 @@ FIELDS: tuple[RequestField, ...] = (
                  "'Resize height to'); with both, the first pass covers them and the rest is cropped",
                  minimum=0, maximum=lambda m: m.max_size, shown_in=(TXT2IMG,), a1111="hr_resize_y",
                  a1111_as_is=True, a1111_default=0, label="Resize height to"),
+    RequestField("hr_checkpoint", "string", "", "hires fix: the model of this server that runs the second pass "
+                 "(A1111's 'Hires checkpoint'; same latent space as the request's); empty = the request's",
+                 max_length=MAX_MODEL_NAME, shown_in=(TXT2IMG,), a1111="hr_checkpoint_name",
+                 infotext="Hires checkpoint", label="Hires checkpoint"),
+    RequestField("refiner_checkpoint", "string", "", "A1111's Refiner: the model of this server (same latent space "
+                 "as the request's) that takes over the sampling at refiner_switch_at (with the hires fix, in its "
+                 "second pass); empty = none", max_length=MAX_MODEL_NAME, a1111="refiner_checkpoint",
+                 infotext="Refiner", label="Refiner"),
+    RequestField("refiner_switch_at", "float32", 0.8, "the share of the sampling done when the refiner takes over, "
+                 "by noise level as A1111 counts it: (999 - timestep) / 1000", minimum=0.0, maximum=1.0,
+                 a1111="refiner_switch_at", infotext="Refiner switch at", label="Switch at"),
     RequestField("tiling", "bool", False, "seamless tiling (A1111's 'Tiling'): the U-Net and VAE pad circularly, so "
                  "the picture wraps at its edges; needs a model exported with --tiling", a1111="tiling",
                  infotext="Tiling", label="Tiling"),

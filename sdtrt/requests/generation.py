@@ -8,7 +8,7 @@ from typing import Iterator
 import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.contract.samplers import resolve
+from sdtrt.contract.samplers import SAMPLERS, resolve
 from sdtrt.contract.seeds import image_seeds
 from sdtrt.contract.spec import ModelSpec
 from sdtrt.requests.fields import INFOTEXT_FIELDS
@@ -67,6 +67,10 @@ def infotexts(plan: Plan) -> list[str]:
             "Hires resize": f"{request.hr_resize_x}x{request.hr_resize_y}" if hires and resized else None,
             "Hires steps": request.hr_second_pass_steps if hires and request.hr_second_pass_steps else None,
             "Hires upscaler": request.hr_upscaler if hires else None,
+            "Hires checkpoint": request.hr_checkpoint if plan.hires_model is not None else None,
+            # (A1111 writes these when the refiner takes over; sdtrt when one is named that can)
+            "Refiner": request.refiner_checkpoint if plan.refiner is not None else None,
+            "Refiner switch at": request.refiner_switch_at if plan.refiner is not None else None,
             "RNG": request.randn_source,  # A1111 writes it for every source but its default, GPU
             # As A1111 lists the LoRAs it applied (fused at export, then the prompts' tags) and the embeddings the
             # prompts used: name, then the first 12 digits of A1111's hash of the file.
@@ -74,6 +78,8 @@ def infotexts(plan: Plan) -> list[str]:
             "TI hashes": ", ".join(f"{name}: {model.embeddings[name]['sha256'][:12]}" for name in embeddings) or None,
         }
         params.update({k: v for k, v in changed.items() if k not in params})
+        if SAMPLERS[request.sampler].t_function and "Eta" in params:  # A1111's CompVis samplers' own key
+            params["Eta DDIM"] = params.pop("Eta")
         texts.append(build_infotext(request.prompt, request.negative_prompt, params))
     return texts
 
@@ -95,6 +101,8 @@ def settings_from_infotext(text: str) -> dict[str, object]:
     for key, value in params.items():
         if key in INFOTEXT_FIELDS:
             settings[INFOTEXT_FIELDS[key]] = value
+    if "Eta DDIM" in params:  # A1111's DDIM, PLMS and DDIM CFG++ write their eta so
+        settings["eta"] = params["Eta DDIM"]
     if "Size" in params:
         width, _, height = params["Size"].partition("x")
         settings.update(width=width, height=height)

@@ -13,8 +13,8 @@ no client, so the job model plans what it receives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -70,6 +70,15 @@ class Plan:
     first: PassPlan
     hires: PassPlan | None = None  # txt2img's hires fix: the second pass, at the upscaled size
     images: "ImageInputs | None" = None  # img2img's picture and mask, prepared at the request's size
+    # Other models of the server taking over part of the request, each the request planned on that model
+    refiner: "Plan | None" = None  # A1111's refiner: takes over the sampling at refiner_switch_at
+    hires_model: "Plan | None" = None  # A1111's hires checkpoint: runs the hires fix's second pass
+
+    @property
+    def refines_first_pass(self) -> bool:
+        """Whether the refiner takes over in the first pass (A1111's hires_fix_refiner_pass "second pass": with
+        the hires fix, in the second)."""
+        return self.refiner is not None and self.hires is None
 
     @property
     def img2img(self) -> bool:
@@ -157,9 +166,13 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     return checked
 
 
+Specs = Callable[[str], ModelSpec]  # another model of the server by name (the catalog's)
+
+
 def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarray | None = None,
-                 mask: np.ndarray | None = None) -> Plan:
-    """The request checked, its seeds picked and its prompts read, once; img2img's picture (and mask) prepared."""
+                 mask: np.ndarray | None = None, others: Specs | None = None) -> Plan:
+    """The request checked, its seeds picked and its prompts read, once; img2img's picture (and mask) prepared;
+    a refiner or hires checkpoint planned on its own model (``others``)."""
     checked = resolve_seeds(check_fields(request, spec))
     passes = _passes(checked, spec)
     prompts = _read_prompts(checked, spec, passes)
@@ -173,8 +186,43 @@ def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarra
         images = prepare_images(init_image, mask, checked, spec.vae_scale_factor)
     seeds = tuple(image_seeds(checked.seed, checked.batch_size, checked.subseed_strength > 0))
     embeddings = tuple(used_embeddings("\n".join(f"{one.prompt}\n{one.negative}" for one in passes), spec.embeddings))
+    takeover = {}
+    for field, name in (("refiner", "refiner_checkpoint"), ("hires_model", "hr_checkpoint")):
+        other = _other_model(checked, spec, name, others)
+        if other is not None and (field == "refiner" or len(planned) > 1):
+            alone = replace(checked, refiner_checkpoint="", hr_checkpoint="")  # its own plan takes over no further
+            takeover[field] = plan_request(alone, other, init_image, mask)
     return Plan(spec, checked, seeds, prompts.loras, embeddings, tuple(texts), planned[0],
-                planned[1] if len(planned) > 1 else None, images)
+                planned[1] if len(planned) > 1 else None, images, **takeover)
+
+
+# What another model must share with the request's to take over its latents mid-way (A1111 swaps the weights and
+# keeps sampling): the latent space, the U-Net's inputs, the noise schedule and what the U-Net predicts.
+_SHARED = ("latent_channels", "vae_scale_factor", "vae_scaling_factor")
+_SHARED_SCHEDULE = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type")
+
+
+def _other_model(request: Txt2ImgRequest, spec: ModelSpec, field: str, others: Specs | None) -> ModelSpec | None:
+    """The model a refiner or hires checkpoint field names, checked to fit; None for none or the request's own
+    (A1111 does not switch to the checkpoint it runs)."""
+    name = getattr(request, field)
+    if name in ("", spec.key):
+        return None
+    if others is None:
+        raise InvalidRequest(field, name, "'' here: only a server's job, which has its models, runs another one")
+    try:
+        other = others(name)
+    except InvalidRequest as exc:
+        raise InvalidRequest(field, name, exc.allowed) from None
+    mine, theirs = spec.component("unet").input("sample").shape[1], other.component("unet").input("sample").shape[1]
+    differs = [k for k in _SHARED if getattr(spec, k) != getattr(other, k)]
+    differs += [k for k in _SHARED_SCHEDULE if spec.scheduler_config.get(k) != other.scheduler_config.get(k)]
+    if mine != theirs:
+        differs.append("U-Net input channels")
+    if differs:
+        raise InvalidRequest(field, name, f"a model in {spec.key!r}'s latent space with its noise schedule "
+                                          f"({other.key!r} differs in {', '.join(differs)})")
+    return other
 
 
 def _schedule(one: _Pass, prompts: _Prompts, texts: dict[TextPair, int]) -> PromptSchedule:

@@ -15,7 +15,7 @@ import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HiresSize, hires_size
-from sdtrt.contract.samplers import SAMPLERS, check_available, draws_step_noise, resolve
+from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, draws_step_noise, resolve
 from sdtrt.contract.seeds import resolve_seed
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec, ModelSpec
 from sdtrt.requests.fields import ModelLimits, fields_of, request_table
@@ -101,8 +101,6 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     values = {}
     for name, value in request.as_dict().items():
         field = spec.field(name)
-        if name == "sampler" and value is not None:
-            check_available(value)  # an A1111 sampler sdtrt does not run: say why and what to use
         values[name] = check_value(field, field.default if value is None else value)
     resolve(values["sampler"], values["schedule_type"], spec.schedules)  # not every sampler follows every schedule
     checked = type(request)(**values)
@@ -134,13 +132,16 @@ def check_sampler_steps(request: Txt2ImgRequest) -> None:
 
 
 def check_sampler_settings(request: Txt2ImgRequest) -> None:
-    """A1111's uncond skipping lives in k-diffusion's denoiser: the samplers only diffusers runs do not take it."""
+    """A1111's uncond skipping lives in its CFG denoisers: k-diffusion's, and its own timestep samplers' on their
+    timesteps; the samplers only diffusers runs do not take it."""
     sampler = SAMPLERS[request.sampler]
-    if request.s_min_uncond > 0 and sampler.k_function is None:
-        k_samplers = ", ".join(repr(name) for name, s in SAMPLERS.items() if s.k_function and s.schedule == "Automatic")
+    a1111_timesteps = sampler.t_function is not None and request.schedule_type == DEFAULT_SCHEDULE
+    if request.s_min_uncond > 0 and sampler.k_function is None and not a1111_timesteps:
+        takers = [name for name, s in SAMPLERS.items() if (s.k_function or s.t_function) and s.schedule == "Automatic"]
         raise InvalidRequest("s_min_uncond", request.s_min_uncond,
-                             f"0 with sampler {request.sampler!r} (sdtrt skips the uncond with the k-diffusion "
-                             f"samplers: {k_samplers})")
+                             f"0 with sampler {request.sampler!r} and schedule type {request.schedule_type!r} (sdtrt "
+                             "skips the uncond with the k-diffusion samplers and, on the Automatic schedule, "
+                             f"A1111's own timestep ones: {', '.join(repr(n) for n in takers)})")
 
 
 def check_randn_source(request: Txt2ImgRequest) -> None:

@@ -1,0 +1,115 @@
+"""A1111's own timestep samplers (DDIM, DDIM CFG++, PLMS) against A1111's code path on a network whose cond and
+uncond predictions differ strongly, so that every term of the update shows (the default model's guidance is weak:
+its pictures are in tests/test_a1111_exact.py). The reference is tests/test_a1111_exact.py's restatement of
+A1111 1.10's sd_samplers_timesteps_impl and CFGDenoiserTimesteps; sdtrt's loop (sdtrt.pipeline.denoise) drives the
+same network with its TSchedule."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from reference import A1111Schedules
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.samplers import SAMPLERS, SamplerSettings, runs_on_a1111_timesteps
+from sdtrt.pipeline.conditioning import CONTEXT_INPUT
+from sdtrt.pipeline.denoise import Guidance, Pass, denoise, prepare_latents
+from sdtrt.pipeline.timesteps import TSchedule, a1111_timesteps
+from sdtrt.requests.request import Txt2ImgRequest
+from test_a1111_exact import ImageRng, a1111_timestep_sample, compvis_timesteps
+
+CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+ALPHAS = A1111Schedules(CONFIG).alphas_cumprod
+
+
+def network(sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """A noise prediction that depends on the sample, the timestep and (strongly) the text context, and keeps the
+    samples bounded as a trained one does (mostly the noise a sample at that level holds)."""
+    text = context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+    noise = torch.sqrt(1 - ALPHAS[timestep.long()]).reshape(-1, 1, 1, 1)
+    return 0.9 * noise * sample + 0.2 * torch.sin(2.0 * sample) + text
+
+
+def sdtrt_unet(sample, timestep, context):
+    return network(sample, timestep, context[CONTEXT_INPUT])
+
+
+class A1111Pipe:
+    """What the reference calls: ``pipe.unet(x, t, encoder_hidden_states=...).sample``."""
+
+    @staticmethod
+    def unet(x, t, encoder_hidden_states):
+        return types.SimpleNamespace(sample=network(x, t.float(), encoder_hidden_states))
+
+
+COND, UNCOND = torch.full((1, 4, 8), 0.4), torch.full((1, 4, 8), -0.3)
+
+
+@pytest.mark.parametrize("sampler,eta,steps", [("DDIM", 0.0, 10), ("DDIM", 0.7, 7), ("DDIM CFG++", 0.0, 8),
+                                               ("DDIM CFG++", 0.5, 6), ("PLMS", 0.0, 9), ("PLMS", 0.0, 3)])
+def test_a1111_timestep_samplers_as_a1111_runs_them(sampler, eta, steps):
+    cfg, seed = 6.0, 11
+    rng = ImageRng(seed, False, 0)
+    x = rng.next((4, 6, 6))[None]
+    expected = a1111_timestep_sample(A1111Pipe, A1111Schedules(CONFIG), sampler, x.clone(), compvis_timesteps(steps),
+                                     COND, UNCOND, cfg, rng, eta=eta)
+
+    schedule = TSchedule(SAMPLERS[sampler], CONFIG, SamplerSettings(eta=eta), [seed])
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn((4, 6, 6), generator=generator)[None]  # the starting noise, then the step noise goes on
+    run = Pass(schedule, [generator])
+    latents = prepare_latents(schedule, start, steps)
+    guidance = Guidance(cfg, always_uncond=schedule.cfgpp)
+    result = denoise(run, sdtrt_unet, latents, {CONTEXT_INPUT: torch.cat([UNCOND, COND])}, guidance)
+    assert torch.allclose(result, expected, atol=1e-4), float((result - expected).abs().max())
+    assert (result - x).abs().max() > 0.1  # it did sample
+
+
+def test_cfgpp_steps_along_the_unconditional_prediction():
+    """DDIM CFG++ is not DDIM at CFG / 12.5 (which the test above could otherwise not tell apart)."""
+    def run(sampler: str, cfg: float) -> torch.Tensor:
+        schedule = TSchedule(SAMPLERS[sampler], CONFIG, SamplerSettings(), [1])
+        latents = prepare_latents(schedule, torch.ones(1, 4, 6, 6), 8)
+        return denoise(Pass(schedule, [torch.Generator()]), sdtrt_unet, latents,
+                       {CONTEXT_INPUT: torch.cat([UNCOND, COND])}, Guidance(cfg, always_uncond=True))
+
+    assert (run("DDIM CFG++", 10.0) - run("DDIM", 10.0 / 12.5)).abs().max() > 0.05
+
+
+def test_a1111s_timesteps_and_img2img_steps():
+    """CompVisSampler.get_timesteps and setup_img2img_steps, from A1111's numbers: 20 steps are 1, 51, ..., 951
+    (19 model calls); img2img at strength 0.5 runs the first 10 and adds its noise at the 11th; a hires pass of 6
+    steps at 0.55 stretches the schedule to int(6 / 0.55) = 10 steps and keeps 5."""
+    assert a1111_timesteps(20).tolist() == list(range(1, 1000, 50)) and a1111_timesteps(3).tolist() == [1, 334, 667, 999]
+    schedule = TSchedule(SAMPLERS["DDIM"], CONFIG, SamplerSettings(), [1])
+    assert len(schedule.strength_timesteps(20, 0.5)) == 9 and schedule.noise_level == 501
+    assert schedule.run_timesteps.tolist() == list(range(1, 500, 50))
+    assert len(schedule.strength_timesteps(6, 0.55, second_pass=True)) == 4 and schedule.noise_level == 501
+
+
+def test_which_path_runs_a_timestep_sampler():
+    assert runs_on_a1111_timesteps("DDIM CFG++", "Automatic")  # no library has it
+    assert not runs_on_a1111_timesteps("DDIM", "Automatic")  # diffusers' DDIMScheduler by default
+    assert runs_on_a1111_timesteps("DDIM", "Automatic", SamplerSettings(k_diffusion=True))  # A1111-exact
+    assert runs_on_a1111_timesteps("PLMS", "Automatic", SamplerSettings(s_min_uncond=5.0))  # A1111's NGMS
+    assert runs_on_a1111_timesteps("DDIM", "Automatic", SamplerSettings(eta=0.5, randn_source="NV"))
+    assert not runs_on_a1111_timesteps("DDIM", "SGM Uniform", SamplerSettings(k_diffusion=True))
+    assert not runs_on_a1111_timesteps("UniPC", "Automatic", SamplerSettings(k_diffusion=True))
+
+
+def test_ddim_cfgpp_runs_and_its_infotext_reads_back(local_pipeline):
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a red fox", sampler="DDIM CFG++", steps=6, eta=0.4,
+                                                   width=64, height=64, seed=5))
+    assert result.images.std() > 1.0
+    assert "Sampler: DDIM CFG++" in result.infotexts[0] and "Eta DDIM: 0.4" in result.infotexts[0]
+
+
+def test_ddim_cfgpp_takes_only_a1111s_timesteps(local_pipeline):
+    with pytest.raises(InvalidRequest) as exc:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="DDIM CFG++", schedule_type="Karras", width=64,
+                                              height=64))
+    assert exc.value.field == "schedule_type" and "'Automatic'" in str(exc.value)
