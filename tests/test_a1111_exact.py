@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,6 +83,16 @@ INFOTEXTS = {
         "a fishing boat\nSteps: 6, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 3, Size: 64x64, "
         "RNG: NV, Denoising strength: 0.7, Hires upscale: 1.5, Hires upscaler: Latent, Hires sampler: DDIM CFG++, "
         "Version: v1.10.1"),
+    "Euler a, emphasis, a two-chunk prompt and a one-chunk negative": (
+        "a (majestic lighthouse:1.3) on a rocky cliff at dusk, waves crashing below, seagulls circling, warm light in the windows, dramatic clouds, (oil painting:0.8), highly detailed, soft rim light, long exposure, misty sea, golden hour glow, tall grass on the cliff edge, a narrow path leading up, old stone walls, moss, lichen, weathered wood, rusty railings, distant ships, calm horizon, stars appearing, crescent moon, reflections on wet rocks, fine brush strokes, muted palette, cinematic composition, wide angle view\nNegative prompt: blurry, (low quality:1.2)\n"
+        "Steps: 6, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 77, Size: 64x64, Version: v1.10.1"),
+    "DPM++ 2M, the same texts padded to one length (Pad conds)": (
+        "a (majestic lighthouse:1.3) on a rocky cliff at dusk, waves crashing below, seagulls circling, warm light in the windows, dramatic clouds, (oil painting:0.8), highly detailed, soft rim light, long exposure, misty sea, golden hour glow, tall grass on the cliff edge, a narrow path leading up, old stone walls, moss, lichen, weathered wood, rusty railings, distant ships, calm horizon, stars appearing, crescent moon, reflections on wet rocks, fine brush strokes, muted palette, cinematic composition, wide angle view\nNegative prompt: blurry, (low quality:1.2)\n"
+        "Steps: 6, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 78, Size: 64x64, Pad conds: True, "
+        "Version: v1.10.1"),
+    "DDIM, a two-chunk prompt": (
+        "a (majestic lighthouse:1.3) on a rocky cliff at dusk, waves crashing below, seagulls circling, warm light in the windows, dramatic clouds, (oil painting:0.8), highly detailed, soft rim light, long exposure, misty sea, golden hour glow, tall grass on the cliff edge, a narrow path leading up, old stone walls, moss, lichen, weathered wood, rusty railings, distant ships, calm horizon, stars appearing, crescent moon, reflections on wet rocks, fine brush strokes, muted palette, cinematic composition, wide angle view\nSteps: 6, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7, Seed: 79, Size: 64x64, "
+        "Version: v1.10.1"),
     "Heun, Exponential, NV": (
         "a boat on a lake\nSteps: 6, Sampler: Heun, Schedule type: Exponential, CFG scale: 7, Seed: 99, "
         "Size: 80x64, RNG: NV, Version: v1.10.1"),
@@ -127,28 +138,81 @@ class TorchHijack:
         return self.rng.next(tuple(x.shape[1:]))[None]
 
 
+def a1111_fragments(text: str) -> list[tuple[str, float]]:
+    """parse_prompt_attention for the forms these infotexts use: plain text and ``(text:weight)``."""
+    parts = []
+    for plain, inner, weight in re.findall(r"([^(]+)|\(([^:()]+):([\d.]+)\)", text):
+        parts.append((plain, 1.0) if plain else (inner, float(weight)))
+    return parts
+
+
 def a1111_text(pipe, text: str, clip_skip: int) -> torch.Tensor:
-    """FrozenCLIPEmbedderWithCustomWords for a text of one chunk without emphasis (its weights are all 1, so
-    the mean restoring changes nothing)."""
+    """FrozenCLIPEmbedderWithCustomWords: each fragment tokenized by itself, 75-token chunks (one that fills up
+    within 20 tokens after a comma is cut there, the rest moved on), [BOS] + tokens + [EOS] padding, each chunk
+    encoded, weighted and brought back to its mean (Clip skip: the hidden state that many layers from the end,
+    then the final layer norm), the chunks side by side."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    tokens = tokenizer(text, truncation=False, add_special_tokens=False)["input_ids"]
-    ids = [tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] * (76 - len(tokens))
-    out = encoder(torch.tensor([ids]), output_hidden_states=True)
-    if clip_skip <= 1:
-        return out.last_hidden_state
-    norm = getattr(encoder, "text_model", encoder).final_layer_norm  # (transformers 5: on the model itself)
-    return norm(out.hidden_states[-clip_skip])
+    comma = tokenizer.get_vocab()[","+"</w>"]
+    chunks, tokens, weights, last_comma = [], [], [], -1
+
+    def next_chunk():
+        nonlocal tokens, weights, last_comma
+        pad = 75 - len(tokens)
+        chunks.append(([tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] * (pad + 1),
+                       [1.0] + weights + [1.0] * (pad + 1)))
+        tokens, weights, last_comma = [], [], -1
+
+    for fragment, weight in a1111_fragments(text):
+        for token in tokenizer(fragment, truncation=False, add_special_tokens=False)["input_ids"]:
+            if token == comma:
+                last_comma = len(tokens)
+            elif len(tokens) == 75 and last_comma != -1 and len(tokens) - last_comma <= 20:
+                moved = (tokens[last_comma + 1:], weights[last_comma + 1:])
+                tokens, weights = tokens[:last_comma + 1], weights[:last_comma + 1]
+                next_chunk()
+                tokens, weights = list(moved[0]), list(moved[1])
+            if len(tokens) == 75:
+                next_chunk()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not chunks:
+        next_chunk()
+    zs = []
+    for ids, multipliers in chunks:
+        out = encoder(torch.tensor([ids]), output_hidden_states=True)
+        if clip_skip <= 1:
+            z = out.last_hidden_state
+        else:
+            norm = getattr(encoder, "text_model", encoder).final_layer_norm  # (transformers 5: on the model itself)
+            z = norm(out.hidden_states[-clip_skip])
+        original_mean = z.mean()
+        z = z * torch.tensor(multipliers).reshape(1, -1, 1)
+        zs.append(z * (original_mean / z.mean()))
+    return torch.hstack(zs)
 
 
-def a1111_sample(pipe, schedules: A1111Schedules, function: str, x, sigmas, cond, uncond, cfg, rng):
+def a1111_eps(pipe, x_in, t_in, cond, uncond, pad: bool):
+    """CFGDenoiser's U-Net calls, cond rows then uncond: one call when the texts are as long (or padded with the
+    empty prompt's encoding, pad_cond_uncond), else one each (A1111's default)."""
+    if cond.shape[1] != uncond.shape[1] and pad:
+        empty = a1111_text(pipe, "", 1)
+        longer = max(cond.shape[1], uncond.shape[1])
+        cond, uncond = (torch.cat([c] + [empty] * ((longer - c.shape[1]) // 77), dim=1) for c in (cond, uncond))
+    if cond.shape[1] == uncond.shape[1]:
+        return pipe.unet(x_in, t_in, encoder_hidden_states=torch.cat([cond, uncond])).sample
+    n = len(x_in) // 2
+    return torch.cat([pipe.unet(x_in[:n], t_in[:n], encoder_hidden_states=cond).sample,
+                      pipe.unet(x_in[n:], t_in[n:], encoder_hidden_states=uncond).sample])
+
+
+def a1111_sample(pipe, schedules: A1111Schedules, function: str, x, sigmas, cond, uncond, cfg, rng, pad=False):
     """KDiffusionSampler.launch_sampling: k-diffusion's function on the CFG denoiser around the CompVis one."""
     sampling = k_sampling()
 
     def model(x, sigma, **_):
         x_in, s_in = torch.cat([x, x]), torch.cat([sigma, sigma])
         t = torch.stack([schedules.sigma_to_t(float(s)).reshape(()) for s in s_in]).float()
-        eps = pipe.unet(x_in / (s_in ** 2 + 1).sqrt().reshape(-1, 1, 1, 1), t,
-                        encoder_hidden_states=torch.cat([cond, uncond])).sample
+        eps = a1111_eps(pipe, x_in / (s_in ** 2 + 1).sqrt().reshape(-1, 1, 1, 1), t, cond, uncond, pad)
         c, u = (x_in - eps * s_in.reshape(-1, 1, 1, 1)).chunk(2)
         return u + (c - u) * cfg
 
@@ -191,7 +255,7 @@ def a1111_timestep_sample(pipe, schedules: A1111Schedules, sampler: str, x, time
     noise = TorchHijack(rng)
 
     def model(x, t):
-        eps = pipe.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
+        eps = a1111_eps(pipe, torch.cat([x, x]), torch.cat([t, t]), cond, uncond, False)
         c, u = eps.chunk(2)
         last["uncond"] = torch.clone(u)
         return u + (c - u) * (cfg * multiplier)
@@ -283,7 +347,8 @@ def a1111_picture(pipe, infotext: str) -> np.ndarray:
         function, automatic = A1111_SAMPLERS[params["Sampler"]]
         sigmas = schedules.sigmas(automatic if params["Schedule type"] == "Automatic" else params["Schedule type"],
                                   steps)
-        latents = a1111_sample(pipe, schedules, function, x * sigmas[0].float(), sigmas, cond, uncond, cfg, rng)
+        latents = a1111_sample(pipe, schedules, function, x * sigmas[0].float(), sigmas, cond, uncond, cfg, rng,
+                               pad=params.get("Pad conds") == "True")
     if "Hires upscale" in params or "Hires resize" in params:
         latents = a1111_hires_pass(pipe, schedules, params, latents, width, height, (seed, nv, ensd),
                                    (cond, uncond, clip_skip), cfg)

@@ -59,7 +59,8 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
                    "s_min_uncond": "s_min_uncond"}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
-OPTIONS_KEPT_AND_READ = ("tiling",)  # kept with the options sdtrt has no use for, and read when a request runs
+# kept with the options sdtrt has no use for, and read when a request runs
+OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
@@ -67,6 +68,8 @@ OPTIONS_FIXED = {
     "sd_vae": ("Automatic", "None"), "img2img_fix_steps": (False,),
     "emphasis": ("Original",), "sd_noise_schedule": ("Default",), "skip_early_cond": (0, 0.0),
     "beta_dist_alpha": (0.6,), "beta_dist_beta": (0.6,), "s_min_uncond_all": (False,), "sdxl_clip_l_skip": (False,),
+    "pad_cond_uncond_v0": (False,), "refiner_switch_by_sample_steps": (False,),
+    "hires_fix_refiner_pass": ("second pass",),
 }
 
 
@@ -454,10 +457,12 @@ def with_infotext(body: _Request) -> _Request:
         raise refuse(".".join(map(str, error["loc"])), f"from the infotext: {error['msg']}") from None
 
 
-def tiling_of(body: _Request, mine: UserOptions) -> bool:
-    """A1111's Tiling: the request's, else the override's or the user's tiling option (A1111's opts.tiling)."""
-    for where, value in (("tiling", body.tiling), ("override_settings.tiling", (body.override_settings or {}).get(
-            "tiling")), ("options.tiling", mine.options.get("tiling"))):
+def option_flag(body: _Request, mine: UserOptions, option: str, field: str | None = None) -> bool:
+    """An A1111 on/off setting as A1111 reads it: the request's ``field`` (where it has one), else the
+    override's or the user's ``option`` (A1111's p.tiling and opts.tiling, opts.pad_cond_uncond)."""
+    request = getattr(body, field) if field else None
+    for where, value in ((field, request), (f"override_settings.{option}", (body.override_settings or {}).get(
+            option)), (f"options.{option}", mine.options.get(option))):
         if value is not None:
             if not isinstance(value, bool):
                 raise refuse(where, f"true or false (got {str(value)[:80]!r})")
@@ -534,7 +539,8 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings["randn_source"] = changes.randn_source or mine.randn_source
     settings["model"] = changes.model or catalog.get(mine.model).key
     settings.update(other_checkpoints(body, catalog))
-    settings["tiling"] = tiling_of(body, mine)
+    settings["tiling"] = option_flag(body, mine, "tiling", "tiling")
+    settings["pad_conds"] = option_flag(body, mine, "pad_cond_uncond")
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))

@@ -14,13 +14,14 @@ import torch
 
 from sdtrt.contract.spec import ModelSpec
 from sdtrt.requests.plan import PromptSchedule
-from sdtrt.requests.prompts import apply_weights
+from sdtrt.requests.prompts import CHUNK_TOKENS, apply_weights, text_chunks
 
 CONTEXT_INPUT = "encoder_hidden_states"
 TEXT_OUTPUT = "text_embeddings"
 POOLED_OUTPUT = "pooled_embeddings"  # the text encoder's pooled output (SDXL)
 POOLED_INPUT = "text_embeds"  # ... as the U-Net takes it
 TIME_IDS = "time_ids"
+TEXT_LENGTH = "text_length"  # each row's own context length (its text's chunks x 77): not a U-Net input
 
 Conditioning = dict[str, torch.Tensor]
 
@@ -31,6 +32,8 @@ def prompt_conditioning(outputs: dict[str, np.ndarray], weights: np.ndarray) -> 
     chunk, as A1111 takes it."""
     uncond, cond = torch.from_numpy(apply_weights(outputs[TEXT_OUTPUT], weights)).split(1)
     u, c = {CONTEXT_INPUT: uncond}, {CONTEXT_INPUT: cond}
+    for side, chunks in zip((u, c), text_chunks(weights)):
+        side[TEXT_LENGTH] = torch.tensor([chunks * (CHUNK_TOKENS + 2)])
     if POOLED_OUTPUT in outputs:
         pooled = torch.from_numpy(np.ascontiguousarray(outputs[POOLED_OUTPUT], dtype=np.float32))
         k = len(pooled) // 2
@@ -75,6 +78,8 @@ def _same_length(pairs: list[tuple[Conditioning, Conditioning]]) -> tuple[Condit
         if context.shape[1] < length:
             tail = context[:, -1:].expand(-1, length - context.shape[1], -1)
             cond = {**cond, CONTEXT_INPUT: torch.cat([context, tail], dim=1)}
+        if len(pairs) > 1:  # stacked: the subprompts share one length, A1111's
+            cond = {**cond, TEXT_LENGTH: torch.tensor([length])}
         conds.append(cond)
     return uncond, tuple(conds)
 

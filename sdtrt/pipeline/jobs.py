@@ -27,7 +27,8 @@ from sdtrt.contract.samplers import (SamplerSettings, make_scheduler, resolve, r
                                     runs_on_k_diffusion)
 from sdtrt.contract.seeds import NoiseDraw, image_seeds, initial_noise, make_generators
 from sdtrt.contract.spec import ModelSpec
-from sdtrt.pipeline.conditioning import Conditioning, ScheduledConditioning, scheduled_conditioning, unet_conditioning
+from sdtrt.pipeline.conditioning import (CONTEXT_INPUT, TEXT_LENGTH, Conditioning, ScheduledConditioning,
+                                         scheduled_conditioning, unet_conditioning)
 from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.pipeline.ksampling import KSchedule, NvStepNoise
 from sdtrt.pipeline.timesteps import TRAINING_STEPS, TSchedule
@@ -147,6 +148,35 @@ class SwitchingUNet:
 REFINER = "refiner/"  # the refiner's conditioning beside the model's in the loop's context, under this prefix
 
 
+class TextLengths:
+    """A U-Net that takes each row's text at its own length, as A1111 does without "Pad prompt/negative prompt
+    to be same length" (its default): rows whose texts have different lengths go through it in separate calls,
+    each with its context cut to that length, instead of one call with the shorter text padded by empty chunks."""
+
+    def __init__(self, unet: UNet):
+        self.unet = unet
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
+        lengths = context.get(TEXT_LENGTH)
+        if lengths is None or bool((lengths == context[CONTEXT_INPUT].shape[1]).all()):
+            return self.unet(sample, timestep, context)
+        out: torch.Tensor | None = None
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().flatten().to(sample.device)
+            part = {k: v[rows.to(v.device)][:, :length] if k == CONTEXT_INPUT else v[rows.to(v.device)]
+                    for k, v in context.items()}
+            answer = self.unet(sample[rows], timestep[rows], part)
+            if out is None:
+                out = answer.new_empty((sample.shape[0], *answer.shape[1:]))
+            out[rows] = answer
+        return out
+
+
+def model_unet(plan: Plan, nets: Networks) -> UNet:
+    """A model's U-Net as the request takes its texts: padded to one length, or each at its own."""
+    return nets.unet if plan.request.pad_conds else TextLengths(nets.unet)
+
+
 def _with_refiner(plan: Plan, takeover: Takeover, first_pass: bool, unet: UNet,
                   context: Callable[[int], Conditioning], size: tuple[int, int], with_uncond: bool,
                   device: torch.device) -> tuple[UNet, Callable[[int], Conditioning]]:
@@ -163,7 +193,7 @@ def _with_refiner(plan: Plan, takeover: Takeover, first_pass: bool, unet: UNet,
     def both(step: int) -> Conditioning:
         return {**context(step), **{REFINER + k: v for k, v in theirs(step).items()}}
 
-    return SwitchingUNet(unet, refiner.nets.unet, plan.request.refiner_switch_at, switched), both
+    return SwitchingUNet(unet, model_unet(plan, refiner.nets), plan.request.refiner_switch_at, switched), both
 
 
 def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, with_uncond: bool, width: int,
@@ -253,8 +283,8 @@ def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     guidance = _guidance(plan, prompts.first, run)
     context = step_contexts(spec, prompts.first, request.batch_size, guidance.with_uncond, first.width,
                             first.height, nets.device)
-    unet, context = _with_refiner(plan, takeover, True, nets.unet, context, (first.width, first.height),
-                                  guidance.with_uncond, nets.device)
+    unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets), context,
+                                  (first.width, first.height), guidance.with_uncond, nets.device)
     latents = denoise(run, unet, latents, context, guidance, on_step)
     if plan.hires is not None:
         latents = hires_pass(plan, latents, prompts.hires, nets, on_step, takeover)
@@ -294,8 +324,8 @@ def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning
     guidance = _guidance(plan, prompts, run)
     runner_spec = takeover.hires.plan.spec if takeover.hires is not None else spec  # (its SDXL time ids)
     context = step_contexts(runner_spec, prompts, request.batch_size, guidance.with_uncond, width, height, nets.device)
-    unet, context = _with_refiner(plan, takeover, False, runner.unet, context, (width, height), guidance.with_uncond,
-                                  nets.device)
+    unet, context = _with_refiner(plan, takeover, False, model_unet(plan, runner), context, (width, height),
+                                  guidance.with_uncond, nets.device)
     run.timesteps = timesteps
     return denoise(run, unet, latents, context, guidance, on_step)
 
@@ -356,7 +386,7 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
 
     guidance = _guidance(plan, prompts.first, run)
     context = step_contexts(spec, prompts.first, n, guidance.with_uncond, request.width, request.height, nets.device)
-    unet, context = _with_refiner(plan, takeover, True, nets.unet, context, (request.width, request.height),
-                                  guidance.with_uncond, nets.device)
+    unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets), context,
+                                  (request.width, request.height), guidance.with_uncond, nets.device)
     latents = denoise(run, unet, latents, context, guidance, on_step, Inpainting(unet_extra, after_step, keep))
     return latents / spec.vae_scaling_factor

@@ -188,6 +188,10 @@ FIELDS: tuple[RequestField, ...] = (
                  "'Resize height to'); with both, the first pass covers them and the rest is cropped",
                  minimum=0, maximum=lambda m: m.max_size, shown_in=(TXT2IMG,), a1111="hr_resize_y",
                  a1111_as_is=True, a1111_default=0, label="Resize height to"),
+    RequestField("pad_conds", "bool", False, "run a prompt and negative prompt of different lengths through the "
+                 "U-Net in one call, the shorter padded with empty chunks (A1111's 'Pad prompt/negative prompt to be "
+                 "same length'); off: separately, each at its own length (A1111's default)",
+                 a1111="override_settings.pad_cond_uncond", infotext="Pad conds"),
     RequestField("hr_checkpoint", "string", "", "hires fix: the model of this server that runs the second pass "
                  "(A1111's 'Hires checkpoint'; same latent space as the request's); empty = the request's",
                  max_length=MAX_MODEL_NAME, shown_in=(TXT2IMG,), a1111="hr_checkpoint_name",

@@ -12,8 +12,11 @@ What A1111 does, and so what sdtrt does:
     what it was before weighting. The chunks are concatenated: 120 tokens -> 2 chunks -> 154 positions.
   * ``<lora:...>`` tags are removed before tokenizing (sdtrt/requests/extra_networks.py applies them); a registered
     embedding's name becomes its vectors, each counting as a token.
-  * The prompt and the negative prompt are padded to the same number of chunks with chunks of the empty
-    prompt, so that both go through the U-Net in one batch.
+  * The prompt and the negative prompt are encoded side by side, the shorter padded with chunks of the empty
+    prompt. Those chunks are weighted PADDING_WEIGHT throughout: a constant weight is undone by the mean
+    restore (their encoding is the empty prompt's, bit for bit), and it tells them from the text's own chunks,
+    so that the U-Net can take each text at its own length (A1111's default) or padded (its "Pad prompt/negative
+    prompt to be same length").
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from sdtrt.requests.extra_networks import EmbeddingTable
 
 CHUNK_TOKENS = 75  # tokens per chunk between BOS and EOS
+PADDING_WEIGHT = 2.0  # the weight of every position of a padding chunk (a power of two: undone exactly)
 COMMA_BACKTRACK = 20  # A1111's "pad from the last comma within n tokens" default
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK = ("BREAK", -1.0)
@@ -262,7 +266,8 @@ def pair_chunks(tokenizer, negative: Chunks, prompt: Chunks, hidden: int = 0) ->
 
     def padded(c: Chunks) -> tuple[np.ndarray, np.ndarray]:
         extra = k - len(c.ids)
-        return (np.concatenate([c.ids] + [empty.ids] * extra), np.concatenate([c.weights] + [empty.weights] * extra))
+        padding = np.full_like(empty.weights, PADDING_WEIGHT)
+        return (np.concatenate([c.ids] + [empty.ids] * extra), np.concatenate([c.weights] + [padding] * extra))
 
     (neg_ids, neg_w), (pos_ids, pos_w) = padded(negative), padded(prompt)
     vectors = np.zeros((2 * k, CHUNK_TOKENS + 2, hidden), dtype=np.float32)
@@ -292,6 +297,13 @@ def prompt_rows(tokenizer, prompt: str, negative_prompt: str, max_chunks: int) -
     """Token ids and weights [2k, 77] for the text encoder (no embeddings)."""
     rows = text_rows(tokenizer, prompt, negative_prompt, max_chunks, 0)
     return rows.ids, rows.weights
+
+
+def text_chunks(weights: np.ndarray) -> tuple[int, int]:
+    """(the negative prompt's chunks, the prompt's) of a pair's [2k, 77] weights, their padding left out."""
+    k = len(weights) // 2
+    own = weights[:, 0] != PADDING_WEIGHT  # a text's own chunk weighs its start 1
+    return int(own[:k].sum()), int(own[k:].sum())
 
 
 def apply_weights(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
