@@ -29,6 +29,7 @@ from sdtrt.contract.spec import (
     INFOTEXTS,
     IMG2IMG,
     INIT_IMAGE,
+    LATENT_MASK,
     MASK,
     MODEL,
     PROGRESS,
@@ -448,11 +449,12 @@ class Client:
                 control: JobControl | None = None, **settings: Any) -> Generation:
         """Redraw ``init_image`` (PIL image or H x W x 3 uint8 array); with ``mask`` (white = repaint), inpaint.
         Settings as for txt2img plus denoising_strength, resize_mode, mask_blur, inpaint_full_res(_padding),
-        inpainting_fill.
+        inpainting_fill, mask_round; ``latent_mask=`` another mask for the latents' blending (A1111's).
 
         A list of several init images works as in A1111: at most ``batch_size`` of them, and the batch becomes one
         picture per init image (image i from init i, with seed + i)."""
         spec = self.model_spec(model)
+        latent_mask = settings.pop("latent_mask", None)  # a picture beside the fields
         request = self.request(prompt, Img2ImgRequest, model=spec.key, **settings)
         inits = list(init_image) if isinstance(init_image, (list, tuple)) else [init_image]
         if not inits or len(inits) > request.batch_size:
@@ -461,7 +463,7 @@ class Client:
                                  f"the batch, so at most {request.batch_size} here")
         if len(inits) > 1:
             request = replace(request, batch_size=len(inits))
-        pictures = [_pictures(init, mask) for init in inits]
+        pictures = [_pictures(init, mask, latent_mask) for init in inits]
         return self._batches(IMG2IMG, spec, request, pictures, n_iter, progress, control)
 
     async def atxt2img(self, prompt: str, n_iter: int = 1, model: str | None = None, **settings: Any) -> Generation:
@@ -475,8 +477,9 @@ class Client:
                        **settings: Any) -> Generation:
         await self._acatalog()
         spec = self.model_spec(model)
+        latent_mask = settings.pop("latent_mask", None)  # a picture beside the fields
         request = self.request(prompt, Img2ImgRequest, model=spec.key, **settings)
-        images = _pictures(init_image, mask)
+        images = _pictures(init_image, mask, latent_mask)
         return concatenate([await self._agenerate(IMG2IMG, spec, r, images) for r in batch_count(request, n_iter)])
 
     async def _acatalog(self) -> None:
@@ -496,8 +499,8 @@ class Client:
         self.close()
 
 
-def _pictures(init_image: Any, mask: Any) -> dict[str, np.ndarray]:
-    """PIL images or arrays -> the uint8 arrays the img2img model takes (RGB H x W x 3, mask H x W)."""
+def _pictures(init_image: Any, mask: Any, latent_mask: Any = None) -> dict[str, np.ndarray]:
+    """PIL images or arrays -> the uint8 arrays the img2img model takes (RGB H x W x 3, masks H x W)."""
     def array(picture: Any, mode: str) -> np.ndarray:
         if isinstance(picture, Image.Image):
             picture = picture.convert(mode)
@@ -506,4 +509,6 @@ def _pictures(init_image: Any, mask: Any) -> dict[str, np.ndarray]:
     images = {INIT_IMAGE: array(init_image, "RGB")}
     if mask is not None:
         images[MASK] = array(mask, "L")
+    if latent_mask is not None:
+        images[LATENT_MASK] = array(latent_mask, "L")
     return images

@@ -26,6 +26,7 @@ from sdtrt.contract.spec import (
     IMG2IMG,
     INFOTEXTS,
     INIT_IMAGE,
+    LATENT_MASK,
     MASK,
     MODEL,
     PROGRESS,
@@ -219,7 +220,8 @@ class Job:
     pictures: tuple[str, ...] = ()  # the uint8 pictures it takes beside them (the plan prepares them)
 
 
-JOBS = {job.name: job for job in (Job(TXT2IMG, Txt2ImgRequest), Job(IMG2IMG, Img2ImgRequest, (INIT_IMAGE, MASK)))}
+JOBS = {job.name: job for job in (Job(TXT2IMG, Txt2ImgRequest),
+                                  Job(IMG2IMG, Img2ImgRequest, (INIT_IMAGE, MASK, LATENT_MASK)))}
 
 
 def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
@@ -252,8 +254,9 @@ def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelC
     if job.request_type is Img2ImgRequest:
         _tensor(config.input, INIT_IMAGE, "uint8", [-1, -1, 3])
         config.input[-1].optional = True  # checked by the model, which names it (Triton's own message would not)
-        _tensor(config.input, MASK, "uint8", [-1, -1])
-        config.input[-1].optional = True
+        for mask in (MASK, LATENT_MASK):
+            _tensor(config.input, mask, "uint8", [-1, -1])
+            config.input[-1].optional = True
     channels = spec.component("vae_decoder").outputs[0].shape[1]
     _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
     _tensor(config.output, SEEDS, "int64", [-1])

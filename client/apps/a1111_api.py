@@ -177,7 +177,7 @@ class Gateway:
         return answer.generation_response(body, settings, result, spec, job, self.ignored_fields(body))
 
     def run_script(self, job: Job, body: _Request, found: tuple[Script, list[Any]], init: list | None = None,
-                   mask: Any = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                   masks: tuple = (None, None), settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """One claimed request with a script: the script's generations one after another, each a plain request
         of the same user (checked and translated as one), then its pictures; released when it ends."""
         script, args = found
@@ -192,7 +192,7 @@ class Gateway:
             def call(s: dict[str, Any], progress, control) -> Generation:
                 if pictures is None:
                     return call_txt2img(self.client, variant.n_iter, s, progress, control)
-                return call_img2img(self.client, variant.n_iter, s, (pictures, mask), progress, control)
+                return call_img2img(self.client, variant.n_iter, s, (pictures, *masks), progress, control)
 
             result = self.generate(call, settings, job, offset=finished)
             finished += variant.n_iter
@@ -385,10 +385,10 @@ def call_txt2img(client: Client, n_iter: int, settings: dict[str, Any], progress
 
 def call_img2img(client: Client, n_iter: int, settings: dict[str, Any], pictures: tuple, progress,
                  control) -> Generation:
-    """``pictures``: the init images and the mask."""
-    init, mask = pictures
+    """``pictures``: the init images, the mask and the latent mask."""
+    init, mask, latent_mask = pictures
     return client.img2img(settings.pop("prompt"), init, mask, n_iter=n_iter, progress=progress, control=control,
-                          **settings)
+                          latent_mask=latent_mask, **settings)
 
 
 def run_img2img(gateway: Gateway, body: Img2ImgBody, job: Job, script: tuple[Script, list[Any]] | None = None
@@ -396,12 +396,12 @@ def run_img2img(gateway: Gateway, body: Img2ImgBody, job: Job, script: tuple[Scr
     """img2img: every bound checked before a picture is decoded, then the pictures, then the generation (or the
     script's generations)."""
     settings = gateway.settings(body, job.user)
-    init, mask = img2img_pictures(body, gateway.client.catalog.get(settings["model"]).field("batch_size").maximum)
+    init, *masks = img2img_pictures(body, gateway.client.catalog.get(settings["model"]).field("batch_size").maximum)
     if script is not None:
-        return gateway.run_script(job, body, script, init, mask, settings)
+        return gateway.run_script(job, body, script, init, tuple(masks), settings)
 
     def call(s: dict[str, Any], progress, control) -> Generation:
-        return call_img2img(gateway.client, body.n_iter, s, (init, mask), progress, control)
+        return call_img2img(gateway.client, body.n_iter, s, (init, *masks), progress, control)
 
     return gateway.run(job, body, call, settings)
 

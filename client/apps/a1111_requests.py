@@ -202,7 +202,7 @@ class ExtrasSingleImageBody(BaseModel):
 # fields are checked where they are read)
 UNSUPPORTED = {
     "restore_faces": (None, False), "alwayson_scripts": ({},),
-    "firstpass_image": (None,), "mask_round": (True,), "latent_mask": (None,),
+    "firstpass_image": (None,),
 }
 # What sdtrt lacks of A1111 for now, and where it is coming from: said in the refusal.
 NOT_YET = {
@@ -215,11 +215,11 @@ def other_checkpoints(body: "_Request", catalog: Catalog) -> dict[str, Any]:
     """A1111's refiner and hires checkpoint (by title, name, file name or hash) as sdtrt's model names; their
     "none" values as none."""
     settings: dict[str, Any] = {}
-    for name, field, unset in (("refiner_checkpoint", "refiner_checkpoint", (None, "", "None")),
-                               ("hr_checkpoint_name", "hr_checkpoint", (None, "", "Use same checkpoint"))):
+    for name, target, unset in (("refiner_checkpoint", "refiner_checkpoint", (None, "", "None")),
+                                ("hr_checkpoint_name", "hr_checkpoint", (None, "", "Use same checkpoint"))):
         value = getattr(body, name, None)
         if value not in unset:
-            settings[field] = find_model(catalog, value, name)
+            settings[target] = find_model(catalog, value, name)
     if settings.get("refiner_checkpoint") and body.refiner_switch_at is not None:
         settings["refiner_switch_at"] = body.refiner_switch_at
     return settings
@@ -563,9 +563,10 @@ def img2img_settings(body: Img2ImgBody) -> dict[str, Any]:
     return settings
 
 
-def img2img_pictures(body: Img2ImgBody, max_batch: int) -> tuple[list[Image.Image], Image.Image | None]:
-    """The init pictures (one for the whole batch, or one per image of it, as A1111) and the mask (white:
-    repaint), decoded within sdtrt.contract.pictures' bounds once everything else was checked."""
+def img2img_pictures(body: Img2ImgBody, max_batch: int
+                     ) -> tuple[list[Image.Image], Image.Image | None, Image.Image | None]:
+    """The init pictures (one for the whole batch, or one per image of it, as A1111), the mask (white: repaint)
+    and the latent mask, decoded within sdtrt.contract.pictures' bounds once everything else was checked."""
     most = min(max(body.batch_size, 1), max_batch)
     if len(body.init_images) > most:
         raise refuse("init_images", f"1 to {most} pictures (at most batch_size: A1111 redraws one per image of "
@@ -574,7 +575,8 @@ def img2img_pictures(body: Img2ImgBody, max_batch: int) -> tuple[list[Image.Imag
     mask = decode_image(body.mask, "mask", "L") if body.mask else None
     if mask is not None and body.inpainting_mask_invert:
         mask = Image.fromarray(255 - np.asarray(mask))
-    return init, mask
+    latent_mask = decode_image(body.latent_mask, "latent_mask", "L") if body.latent_mask else None
+    return init, mask, latent_mask
 
 
 def extras_job(body: ExtrasSingleImageBody) -> ExtrasUpscale:

@@ -52,7 +52,8 @@ def add_field_flags(parser: argparse.ArgumentParser, request_type: type, spec: "
             continue
         f = BY_NAME[name]  # its type and choices; its defaults and limits are the model's (_help)
         if f.dtype == "bool":
-            group.add_argument(flag(name), dest=name, action="store_true", default=None, help=_help(name, spec))
+            group.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=_help(name, spec))  # (--no-NAME: a field that defaults to true)
             continue
         kind = int if f.dtype.startswith("int") else float if f.dtype.startswith("float") else str
         extra = {"choices": list(f.choices), "metavar": "NAME"} if f.choices else {}
@@ -116,6 +117,8 @@ def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--init-image", type=Path, required=True, metavar="FILE", help="the picture to start from")
     p.add_argument("--mask", type=Path, default=None, metavar="FILE", help="inpainting mask: white = repaint")
+    p.add_argument("--latent-mask", type=Path, default=None, metavar="FILE",
+                   help="inpainting: another mask for the latents' blending, taken as it is (A1111's latent_mask)")
     add_field_flags(p, Img2ImgRequest, spec)
     add_target_flags(p)
     p.set_defaults(func=cmd_img2img)
@@ -327,7 +330,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
         with Image.open(path) as im:
             return im.convert(mode)
 
-    images = (picture(args.init_image, "RGB"), picture(args.mask, "L"))
+    images = (picture(args.init_image, "RGB"), picture(args.mask, "L"), picture(args.latent_mask, "L"))
     return _save(_run(args, "img2img", args.prompt, _settings(args, Img2ImgRequest), images), args.out)
 
 
@@ -340,7 +343,9 @@ def _run(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, An
     with Client(args.url, protocol=args.protocol) as client:
         if job == "txt2img":
             return client.txt2img(prompt, n_iter=args.n_iter, model=args.model, **settings)
-        return client.img2img(prompt, *images, n_iter=args.n_iter, model=args.model, **settings)
+        init, mask, latent_mask = images
+        return client.img2img(prompt, init, mask, n_iter=args.n_iter, model=args.model, latent_mask=latent_mask,
+                              **settings)
 
 
 def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, Any], images):
@@ -360,8 +365,9 @@ def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[s
 
         if job == "txt2img":
             return concatenate([pipeline.txt2img(r, on_step=on_step) for r in batches])
-        arrays = [None if im is None else np.asarray(im) for im in images]
-        return concatenate([pipeline.img2img(r, *arrays, on_step=on_step) for r in batches])
+        init, mask, latent_mask = [None if im is None else np.asarray(im) for im in images]
+        return concatenate([pipeline.img2img(r, init, mask, on_step=on_step, latent_mask=latent_mask)
+                            for r in batches])
 
 
 def cmd_png_info(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ SPEC_VERSION = 11  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 8: a request read once into a plan: the tokenizer takes a text's weighted pieces, the jobs return the infotexts
 # 9: A1111's sampler settings (eta, sigma churn, s_noise, NGMS, ENSD) and k_diffusion; k-diffusion-only samplers
 # 10: tiling (A1111's seamless Tiling: the U-Net's and VAE's tiling variants, exported with --tiling)
-# 11: DDIM CFG++ and A1111's own timestep samplers (DDIM, PLMS) in the A1111-exact mode
+# 11: DDIM CFG++ and A1111's own timestep samplers (DDIM, PLMS) in the A1111-exact mode; the refiner and hires
+# checkpoint; pad_conds; mask_round and img2img's latent_mask input
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
@@ -53,6 +54,7 @@ TXT2IMG = "txt2img"  # also carries the spec itself, as its config parameter SPE
 IMG2IMG = "img2img"
 INIT_IMAGE = "init_image"  # img2img: [H, W, 3] uint8
 MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img2img
+LATENT_MASK = "latent_mask"  # inpainting: [H, W] uint8, the latents' own mask (A1111's latent_mask); absent: the mask
 IMAGES = "images"  # out: [N, H, W, 3] uint8
 SEEDS = "seeds"  # out: [N] int64, the seed of each image
 INFOTEXTS = "infotexts"  # out: [N] string, the A1111 infotext of each image, written from the plan the job ran

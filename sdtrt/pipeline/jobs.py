@@ -33,7 +33,7 @@ from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, pr
 from sdtrt.pipeline.ksampling import KSchedule, NvStepNoise
 from sdtrt.pipeline.timesteps import TRAINING_STEPS, TSchedule
 from sdtrt.pipeline.vae import sample_latents
-from sdtrt.requests.img2img import LATENT_FILLS, finish_images, to_model_input
+from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs, finish_images, to_model_input
 from sdtrt.requests.plan import Plan, TextPair
 from sdtrt.requests.request import Txt2ImgRequest, hires_request, hires_target
 
@@ -330,10 +330,17 @@ def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning
     return denoise(run, unet, latents, context, guidance, on_step)
 
 
-def _fill_latents(latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor, fill: str) -> torch.Tensor:
-    """A1111's latent "Masked content": the masked latent cells (the mask at latent size, rounded) start from the
-    seed's noise ("latent noise") or from zeros ("latent nothing") instead of the picture's latents."""
-    cells = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).round()
+def _latent_mask(inputs: ImageInputs, size: tuple[int, int]) -> torch.Tensor:
+    """The mask the latents blend by, at their ``size``: A1111's latent mask where the request asks for it
+    (its own picture, or the mask unrounded), else the binarized mask's cells."""
+    if inputs.blend is not None:
+        return inputs.blend
+    return torch.nn.functional.interpolate(inputs.mask, size=size)
+
+
+def _fill_latents(latents: torch.Tensor, cells: torch.Tensor, noise: torch.Tensor, fill: str) -> torch.Tensor:
+    """A1111's latent "Masked content": the masked latent cells start from the seed's noise ("latent noise") or
+    from zeros ("latent nothing") instead of the picture's latents, by the latent mask."""
     replacement = noise if fill == "latent noise" else torch.zeros_like(latents)
     return latents * (1 - cells) + replacement * cells
 
@@ -359,7 +366,9 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     noise = _noise(plan, generators, request.width, request.height, nets.device)
     _step_noise(plan, run)
     if inpaint and image_latents is not None and request.inpainting_fill in LATENT_FILLS:
-        image_latents = _fill_latents(image_latents, inputs.mask, noise, request.inpainting_fill)
+        cells = _latent_mask(inputs, image_latents.shape[-2:])
+        image_latents = _fill_latents(image_latents, cells if inputs.blend is not None else cells.round(), noise,
+                                      request.inpainting_fill)
     start = noise * request.initial_noise_multiplier  # A1111's "Noise multiplier": the starting noise only
     if len(timesteps) == 0:  # strength 0: the init image's VAE round trip
         latents = image_latents
@@ -371,10 +380,11 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     unet_extra = after_step = keep = None
     if inpaint:
         h, w = latents.shape[-2:]
-        mask = torch.nn.functional.interpolate(inputs.mask, size=(h, w)).repeat(n, 1, 1, 1)
+        mask = _latent_mask(inputs, (h, w)).repeat(n, 1, 1, 1)
         masked = sample_latents(nets.vae_encode(inputs.masked), generators, spec.vae_scaling_factor)
-        if nine:
-            unet_extra = torch.cat([mask, masked], dim=1)
+        if nine:  # the inpainting U-Net's hint: the binarized mask
+            hint = torch.nn.functional.interpolate(inputs.mask, size=(h, w)).repeat(n, 1, 1, 1)
+            unet_extra = torch.cat([hint, masked], dim=1)
         else:
             def after_step(i: int, current: torch.Tensor) -> torch.Tensor:
                 proper = image_latents

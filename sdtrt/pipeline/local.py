@@ -76,8 +76,9 @@ class LocalPipeline:
         return self.others[name]
 
     def plan(self, request: Txt2ImgRequest, init_image: np.ndarray | None = None,
-             mask: np.ndarray | None = None) -> Plan:
-        return plan_request(request, self.spec, init_image, mask, others=lambda name: self.other(name).spec)
+             mask: np.ndarray | None = None, latent_mask: np.ndarray | None = None) -> Plan:
+        return plan_request(request, self.spec, init_image, mask, others=lambda name: self.other(name).spec,
+                            latent_mask=latent_mask)
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) of the request's prompts taken as they are (their first step's texts)."""
@@ -89,8 +90,8 @@ class LocalPipeline:
         return self.generate(self.plan(request), on_step)
 
     def img2img(self, request: Img2ImgRequest, init_image: np.ndarray, mask: np.ndarray | None = None,
-                on_step: OnStep | None = None) -> Generation:
-        return self.generate(self.plan(request, init_image, mask), on_step)
+                on_step: OnStep | None = None, latent_mask: np.ndarray | None = None) -> Generation:
+        return self.generate(self.plan(request, init_image, mask, latent_mask), on_step)
 
     def generate(self, plan: Plan, on_step: OnStep | None = None) -> Generation:
         """A plan run as the served job models run it, with its infotexts."""

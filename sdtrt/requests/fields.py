@@ -225,6 +225,9 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("mask_blur", "int32", 4, "inpainting: Gaussian blur radius of the mask, in pixels", minimum=0,
                  maximum=64, jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="mask_blur", infotext="Mask blur",
                  label="Mask blur"),
+    RequestField("mask_round", "bool", True, "inpainting: the latents blend by the mask rounded to 0 or 1 (A1111's "
+                 "default); off: by the blurred mask's own values, a soft blend (with an ordinary U-Net)",
+                 jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="mask_round", a1111_as_is=True, a1111_default=True),
     RequestField("inpaint_full_res", "bool", False,
                  "inpainting: redraw only the masked area, at full resolution (A1111's 'Only masked')",
                  jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="inpaint_full_res", a1111_as_is=True, a1111_default=True,

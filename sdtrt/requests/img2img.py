@@ -37,21 +37,33 @@ class ImageInputs:
     masked: torch.Tensor | None = None  # init with the repainted area zeroed (the inpainting U-Net's hint)
     overlay_mask: Image.Image | None = None  # the blurred mask at the target size
     crop: tuple[int, int, int, int] | None = None  # "Only masked": the region that was inpainted
+    blend: torch.Tensor | None = None  # [1, 1, h, w] at the latents' size: A1111's latent mask, where it is asked
+    # for (its own picture, or the mask unrounded); None: the mask, at the latents' size
 
     def to(self, device: "torch.device") -> "ImageInputs":
         """The same inputs with the tensors on ``device`` (the pictures stay PIL images)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, init=move(self.init), mask=move(self.mask), masked=move(self.masked))
+        return replace(self, init=move(self.init), mask=move(self.mask), masked=move(self.masked),
+                       blend=move(self.blend))
 
 
-def _processors(vae_scale_factor: int):
+def _processors(vae_scale_factor: int, binarize: bool = True):
     # diffusers only where pictures are prepared: requests load in a client-only install, which has none
     from diffusers.image_processor import VaeImageProcessor
 
     image = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
-    mask = VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_normalize=False, do_binarize=True,
+    mask = VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_normalize=False, do_binarize=binarize,
                              do_convert_grayscale=True)
     return image, mask
+
+
+def latent_blend(mask: Image.Image, size: tuple[int, int], rounded: bool) -> torch.Tensor:
+    """A1111's latent mask: the mask as RGB resized to the latents' ``size`` (w, h) with Pillow's default filter,
+    its red channel in [0, 1], rounded to 0 or 1 unless ``rounded`` is off -> [1, 1, h, w]."""
+    import torch  # only where pictures are prepared (as diffusers above): a client-only install has none
+
+    cells = np.asarray(mask.convert("RGB").resize(size), dtype=np.float32)[..., 0] / 255
+    return torch.from_numpy(np.around(cells) if rounded else cells)[None, None]
 
 
 def _pil(array: np.ndarray, mode: str, field: str) -> Image.Image:
@@ -88,9 +100,10 @@ def fill_masked_area(image: Image.Image, mask: Image.Image) -> Image.Image:
 
 
 def prepare_images(init_image: np.ndarray | None, mask: np.ndarray | None, request: Img2ImgRequest,
-                   vae_scale_factor: int) -> ImageInputs:
+                   vae_scale_factor: int, latent_mask: np.ndarray | None = None) -> ImageInputs:
     """The request's picture and mask at its size, as its resize mode, mask blur, "only masked" area (with its
-    padding) and masked content say, prepared as diffusers' pipelines prepare them."""
+    padding) and masked content say, prepared as diffusers' pipelines prepare them; A1111's own latent mask where
+    the request asks for one (``latent_mask``, or ``mask_round`` off)."""
     width, height, resize_mode, mask_blur = request.width, request.height, request.resize_mode, request.mask_blur
     inpaint_full_res, padding = request.inpaint_full_res, request.inpaint_full_res_padding
     inpainting_fill = request.inpainting_fill
@@ -100,6 +113,8 @@ def prepare_images(init_image: np.ndarray | None, mask: np.ndarray | None, reque
     mode = RESIZE_MODES[resize_mode]
     original = image_proc.resize(_pil(init_image, "RGB", "init_image"), height, width, resize_mode=mode)
     if mask is None:
+        if latent_mask is not None:
+            raise InvalidRequest("latent_mask", "<a picture>", "sent with a mask (it blends the mask's inpainting)")
         return ImageInputs(init=image_proc.preprocess(original, height, width), original=original)
 
     overlay_mask = mask_proc.resize(_pil(mask, "L", "mask"), height, width, resize_mode=mode)
@@ -113,8 +128,16 @@ def prepare_images(init_image: np.ndarray | None, mask: np.ndarray | None, reque
     start = fill_masked_area(original, overlay_mask) if inpainting_fill == "fill" else original
     init = image_proc.preprocess(start, height, width, crops_coords=crop, resize_mode=fit)
     binary = mask_proc.preprocess(overlay_mask, height, width, resize_mode=fit, crops_coords=crop)
+    blend = None
+    cells = (width // vae_scale_factor, height // vae_scale_factor)
+    if latent_mask is not None:  # A1111 takes it as sent: no blur, no resize to the request's size
+        blend = latent_blend(_pil(latent_mask, "L", "latent_mask"), cells, request.mask_round)
+    elif not request.mask_round:  # the mask the latents see, at the request's size, blurred and not binarized
+        soft = _processors(vae_scale_factor, binarize=False)[1].preprocess(overlay_mask, height, width,
+                                                                            resize_mode=fit, crops_coords=crop)
+        blend = latent_blend(Image.fromarray(np.around(soft[0, 0].numpy() * 255).astype(np.uint8)), cells, False)
     return ImageInputs(init=init, original=original, mask=binary, masked=init * (binary < 0.5),
-                       overlay_mask=overlay_mask, crop=crop)
+                       overlay_mask=overlay_mask, crop=crop, blend=blend)
 
 
 def finish_images(images: np.ndarray, inputs: ImageInputs, vae_scale_factor: int) -> np.ndarray:

@@ -170,7 +170,8 @@ Specs = Callable[[str], ModelSpec]  # another model of the server by name (the c
 
 
 def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarray | None = None,
-                 mask: np.ndarray | None = None, others: Specs | None = None) -> Plan:
+                 mask: np.ndarray | None = None, others: Specs | None = None,
+                 latent_mask: np.ndarray | None = None) -> Plan:
     """The request checked, its seeds picked and its prompts read, once; img2img's picture (and mask) prepared;
     a refiner or hires checkpoint planned on its own model (``others``)."""
     checked = resolve_seeds(check_fields(request, spec))
@@ -183,7 +184,7 @@ def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarra
         # diffusers' image processor only where pictures are prepared: a client-only install has none
         from sdtrt.requests.img2img import prepare_images
 
-        images = prepare_images(init_image, mask, checked, spec.vae_scale_factor)
+        images = prepare_images(init_image, mask, checked, spec.vae_scale_factor, latent_mask)
     seeds = tuple(image_seeds(checked.seed, checked.batch_size, checked.subseed_strength > 0))
     embeddings = tuple(used_embeddings("\n".join(f"{one.prompt}\n{one.negative}" for one in passes), spec.embeddings))
     takeover = {}
@@ -191,7 +192,7 @@ def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarra
         other = _other_model(checked, spec, name, others)
         if other is not None and (field == "refiner" or len(planned) > 1):
             alone = replace(checked, refiner_checkpoint="", hr_checkpoint="")  # its own plan takes over no further
-            takeover[field] = plan_request(alone, other, init_image, mask)
+            takeover[field] = plan_request(alone, other, init_image, mask, latent_mask=latent_mask)
     return Plan(spec, checked, seeds, prompts.loras, embeddings, tuple(texts), planned[0],
                 planned[1] if len(planned) > 1 else None, images, **takeover)
 
