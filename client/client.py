@@ -29,6 +29,7 @@ from sdtrt.contract.spec import (
     INFOTEXTS,
     IMG2IMG,
     INIT_IMAGE,
+    FIRSTPASS_IMAGE,
     LATENT_MASK,
     MASK,
     MODEL,
@@ -439,10 +440,13 @@ class Client:
         seed, steps, guidance_scale, sampler, schedule_type, width, height, batch_size, clip_skip, subseed,
         subseed_strength, enable_hr, hr_scale, hr_upscaler, ...). ``n_iter`` batches run one after another with
         continuing seeds (A1111's batch count); ``progress(done, n_iter)`` follows them; ``control`` (a
-        JobControl) can interrupt or skip from another thread."""
+        JobControl) can interrupt or skip from another thread. ``firstpass_image=`` (with enable_hr): the hires
+        fix starts from this picture instead of drawing its first pass (A1111's)."""
         spec = self.model_spec(model)
+        firstpass = settings.pop("firstpass_image", None)  # a picture beside the fields
         request = self.request(prompt, model=spec.key, **settings)
-        return self._batches(TXT2IMG, spec, request, {}, n_iter, progress, control)
+        images = {} if firstpass is None else {FIRSTPASS_IMAGE: _array(firstpass, "RGB")}
+        return self._batches(TXT2IMG, spec, request, images, n_iter, progress, control)
 
     def img2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1,
                 progress: Callable[[int, int], None] | None = None, model: str | None = None,
@@ -499,16 +503,18 @@ class Client:
         self.close()
 
 
-def _pictures(init_image: Any, mask: Any, latent_mask: Any = None) -> dict[str, np.ndarray]:
-    """PIL images or arrays -> the uint8 arrays the img2img model takes (RGB H x W x 3, masks H x W)."""
-    def array(picture: Any, mode: str) -> np.ndarray:
-        if isinstance(picture, Image.Image):
-            picture = picture.convert(mode)
-        return np.asarray(picture)
+def _array(picture: Any, mode: str) -> np.ndarray:
+    """A PIL image or array -> the uint8 array a job model takes (RGB H x W x 3, a mask H x W)."""
+    if isinstance(picture, Image.Image):
+        picture = picture.convert(mode)
+    return np.asarray(picture)
 
-    images = {INIT_IMAGE: array(init_image, "RGB")}
+
+def _pictures(init_image: Any, mask: Any, latent_mask: Any = None) -> dict[str, np.ndarray]:
+    """The img2img model's pictures: the init image, and the masks where given."""
+    images = {INIT_IMAGE: _array(init_image, "RGB")}
     if mask is not None:
-        images[MASK] = array(mask, "L")
+        images[MASK] = _array(mask, "L")
     if latent_mask is not None:
-        images[LATENT_MASK] = array(latent_mask, "L")
+        images[LATENT_MASK] = _array(latent_mask, "L")
     return images

@@ -26,6 +26,7 @@ from sdtrt.contract.spec import (
     IMG2IMG,
     INFOTEXTS,
     INIT_IMAGE,
+    FIRSTPASS_IMAGE,
     LATENT_MASK,
     MASK,
     MODEL,
@@ -220,8 +221,9 @@ class Job:
     pictures: tuple[str, ...] = ()  # the uint8 pictures it takes beside them (the plan prepares them)
 
 
-JOBS = {job.name: job for job in (Job(TXT2IMG, Txt2ImgRequest),
+JOBS = {job.name: job for job in (Job(TXT2IMG, Txt2ImgRequest, (FIRSTPASS_IMAGE,)),
                                   Job(IMG2IMG, Img2ImgRequest, (INIT_IMAGE, MASK, LATENT_MASK)))}
+PICTURE_DIMS = {INIT_IMAGE: [-1, -1, 3], FIRSTPASS_IMAGE: [-1, -1, 3], MASK: [-1, -1], LATENT_MASK: [-1, -1]}
 
 
 def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
@@ -251,12 +253,9 @@ def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelC
     for name in job_fields(job.request_type):
         _tensor(config.input, name, spec.field(name).dtype, [1])
         config.input[-1].optional = True
-    if job.request_type is Img2ImgRequest:
-        _tensor(config.input, INIT_IMAGE, "uint8", [-1, -1, 3])
+    for picture in job.pictures:
+        _tensor(config.input, picture, "uint8", PICTURE_DIMS[picture])
         config.input[-1].optional = True  # checked by the model, which names it (Triton's own message would not)
-        for mask in (MASK, LATENT_MASK):
-            _tensor(config.input, mask, "uint8", [-1, -1])
-            config.input[-1].optional = True
     channels = spec.component("vae_decoder").outputs[0].shape[1]
     _tensor(config.output, IMAGES, "uint8", [-1, -1, -1, channels])
     _tensor(config.output, SEEDS, "int64", [-1])

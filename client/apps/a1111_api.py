@@ -36,6 +36,7 @@ from sdtrt.client.apps.a1111_requests import (
     UserOptions,
     _Request,
     check_extras_size,
+    decode_image,
     extras_job,
     ignored_fields,
     img2img_pictures,
@@ -351,7 +352,7 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
         ignored(body, response)
         script = find_script(body, TXT2IMG)
         job = gateway.claim("txt2img", body, user)
-        call = functools.partial(call_txt2img, client, body.n_iter)
+        call = functools.partial(call_txt2img, client, body.n_iter, body=body)
         work = (lambda: gateway.run(job, body, call)) if script is None else \
             (lambda: gateway.run_script(job, body, script))
         return await until_disconnected(request, job, generations, work, gateway.release)
@@ -379,7 +380,11 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
         return answer.extras_response(result, chunks, done, body.show_extras_results)
 
 
-def call_txt2img(client: Client, n_iter: int, settings: dict[str, Any], progress, control) -> Generation:
+def call_txt2img(client: Client, n_iter: int, settings: dict[str, Any], progress, control,
+                 body: Txt2ImgBody | None = None) -> Generation:
+    """``body``: the request, for its firstpass_image (A1111 reads it only with the hires fix)."""
+    if body is not None and body.firstpass_image and body.enable_hr:
+        settings = {**settings, "firstpass_image": decode_image(body.firstpass_image, "firstpass_image", "RGB")}
     return client.txt2img(n_iter=n_iter, progress=progress, control=control, **settings)
 
 

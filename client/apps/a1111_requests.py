@@ -200,10 +200,7 @@ class ExtrasSingleImageBody(BaseModel):
 
 # field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
 # fields are checked where they are read)
-UNSUPPORTED = {
-    "restore_faces": (None, False), "alwayson_scripts": ({},),
-    "firstpass_image": (None,),
-}
+UNSUPPORTED = {"restore_faces": (None, False), "alwayson_scripts": ({},)}
 # What sdtrt lacks of A1111 for now, and where it is coming from: said in the refusal.
 NOT_YET = {
     "restore_faces": "face restoration (GFPGAN, CodeFormer) comes with the upscalers and face restorers",

@@ -108,6 +108,9 @@ def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
     p.add_argument("--from-png", type=Path, metavar="FILE",
                    help="take every setting from a PNG's A1111 infotext (flags given here override them)")
     add_field_flags(p, Txt2ImgRequest, spec)
+    p.add_argument("--firstpass-image", type=Path, default=None, metavar="FILE",
+                   help="with --enable-hr: start the hires fix from this picture (the first pass's size) instead of "
+                   "drawing the first pass (A1111's firstpass_image)")
     add_target_flags(p)
     p.set_defaults(func=cmd_txt2img)
 
@@ -315,22 +318,23 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
             print(f"settings from {args.from_png} (made with {model} [{model_hash}])", file=sys.stderr)
     if prompt is None:
         raise UsageError("give a prompt, or --from-png FILE")
-    return _save(_run(args, "txt2img", prompt, settings), args.out)
+    return _save(_run(args, "txt2img", prompt, settings, (_picture(args.firstpass_image, "RGB"),)), args.out)
 
 
-def cmd_img2img(args: argparse.Namespace) -> int:
+def _picture(path: Path | None, mode: str):
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist")
     # loaded when the command runs (see the module docstring)
     from PIL import Image
 
-    def picture(path: Path | None, mode: str):
-        if path is None:
-            return None
-        if not path.is_file():
-            raise UsageError(f"{path} does not exist")
-        with Image.open(path) as im:
-            return im.convert(mode)
+    with Image.open(path) as im:
+        return im.convert(mode)
 
-    images = (picture(args.init_image, "RGB"), picture(args.mask, "L"), picture(args.latent_mask, "L"))
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    images = (_picture(args.init_image, "RGB"), _picture(args.mask, "L"), _picture(args.latent_mask, "L"))
     return _save(_run(args, "img2img", args.prompt, _settings(args, Img2ImgRequest), images), args.out)
 
 
@@ -342,7 +346,8 @@ def _run(args: argparse.Namespace, job: str, prompt: str, settings: dict[str, An
 
     with Client(args.url, protocol=args.protocol) as client:
         if job == "txt2img":
-            return client.txt2img(prompt, n_iter=args.n_iter, model=args.model, **settings)
+            return client.txt2img(prompt, n_iter=args.n_iter, model=args.model, firstpass_image=images[0],
+                                  **settings)
         init, mask, latent_mask = images
         return client.img2img(prompt, init, mask, n_iter=args.n_iter, model=args.model, latent_mask=latent_mask,
                               **settings)
@@ -364,7 +369,8 @@ def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[s
             bar.update(1)
 
         if job == "txt2img":
-            return concatenate([pipeline.txt2img(r, on_step=on_step) for r in batches])
+            first = None if images[0] is None else np.asarray(images[0])
+            return concatenate([pipeline.txt2img(r, on_step=on_step, firstpass_image=first) for r in batches])
         init, mask, latent_mask = [None if im is None else np.asarray(im) for im in images]
         return concatenate([pipeline.img2img(r, init, mask, on_step=on_step, latent_mask=latent_mask)
                             for r in batches])

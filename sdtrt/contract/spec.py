@@ -54,6 +54,7 @@ TXT2IMG = "txt2img"  # also carries the spec itself, as its config parameter SPE
 IMG2IMG = "img2img"
 INIT_IMAGE = "init_image"  # img2img: [H, W, 3] uint8
 MASK = "mask"  # inpainting: [H, W] uint8, white = repaint; absent for plain img2img
+FIRSTPASS_IMAGE = "firstpass_image"  # txt2img with the hires fix: [H, W, 3] uint8, the first pass's picture
 LATENT_MASK = "latent_mask"  # inpainting: [H, W] uint8, the latents' own mask (A1111's latent_mask); absent: the mask
 IMAGES = "images"  # out: [N, H, W, 3] uint8
 SEEDS = "seeds"  # out: [N] int64, the seed of each image

@@ -276,6 +276,8 @@ def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     if unet_channels(spec) != spec.latent_channels:
         raise InvalidRequest("init_image", None, "an init image and a mask: this is an inpainting model "
                              f"({unet_channels(spec)}-channel U-Net); use img2img")
+    if plan.firstpass is not None:  # A1111's firstpass_image: the hires fix starts from a given picture
+        return hires_pass(plan, None, prompts.hires, nets, on_step, takeover) / spec.vae_scaling_factor
     run = _pass(plan)
     noise = _noise(plan, run.generators, first.width, first.height, nets.device)
     _step_noise(plan, run)
@@ -291,12 +293,13 @@ def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     return latents / spec.vae_scaling_factor
 
 
-def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning, nets: Networks,
+def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledConditioning, nets: Networks,
                on_step: OnStep | None, takeover: Takeover | None = None) -> torch.Tensor:
     """Upscale the first pass and redraw it: an img2img pass with fresh generators from the same seeds (as A1111
     re-seeds its second pass), ``hr_second_pass_steps`` steps and the denoising strength, conditioned on the
     upscaled size (SDXL's time ids, as A1111 sends them); on the hires checkpoint where one is named (the first
-    pass decoded by the request's model, encoded by that one, as A1111 swaps models between the passes)."""
+    pass decoded by the request's model, encoded by that one, as A1111 swaps models between the passes).
+    ``latents`` None: the first pass is the plan's picture (A1111's firstpass_image)."""
     spec, request, second, takeover = plan.spec, plan.request, plan.hires, takeover or Takeover()
     runner = nets
     if takeover.hires is not None:
@@ -307,10 +310,14 @@ def hires_pass(plan: Plan, latents: torch.Tensor, prompts: ScheduledConditioning
     up_width, up_height = size.upscale
     run = _pass(plan, hires_request(request))
     generators, scheduler = run.generators, run.scheduler
+    if latents is None and upscaler.latent_mode is not None:  # A1111 encodes the picture with the request's model
+        picture = to_model_input([Image.fromarray(plan.firstpass)] * request.batch_size, f).to(nets.device)
+        latents = sample_latents(nets.vae_encode(picture), make_generators(plan.seeds), spec.vae_scaling_factor)
     if upscaler.latent_mode is not None:
         init = upscale_latents(latents, upscaler, up_width // f, up_height // f)
     else:
-        pictures = nets.vae_decode(latents / spec.vae_scaling_factor)
+        pictures = [plan.firstpass] * request.batch_size if latents is None else \
+            nets.vae_decode(latents / spec.vae_scaling_factor)
         resized = [upscale_image(Image.fromarray(p), upscaler, up_width, up_height) for p in pictures]
         init = sample_latents(runner.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
     init = size.crop(init, f)

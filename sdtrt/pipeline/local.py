@@ -75,10 +75,10 @@ class LocalPipeline:
             self.others[name] = LocalPipeline(self.repo, threads, backend, name, precision)
         return self.others[name]
 
-    def plan(self, request: Txt2ImgRequest, init_image: np.ndarray | None = None,
-             mask: np.ndarray | None = None, latent_mask: np.ndarray | None = None) -> Plan:
+    def plan(self, request: Txt2ImgRequest, init_image: np.ndarray | None = None, mask: np.ndarray | None = None,
+             latent_mask: np.ndarray | None = None, firstpass_image: np.ndarray | None = None) -> Plan:
         return plan_request(request, self.spec, init_image, mask, others=lambda name: self.other(name).spec,
-                            latent_mask=latent_mask)
+                            latent_mask=latent_mask, firstpass_image=firstpass_image)
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) of the request's prompts taken as they are (their first step's texts)."""
@@ -86,8 +86,9 @@ class LocalPipeline:
         return self.networks(plan).encode_texts(plan.texts[0], plan.request.clip_skip)
 
     # --- the jobs --------------------------------------------------------------------------------------------
-    def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None) -> Generation:
-        return self.generate(self.plan(request), on_step)
+    def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None,
+                firstpass_image: np.ndarray | None = None) -> Generation:
+        return self.generate(self.plan(request, firstpass_image=firstpass_image), on_step)
 
     def img2img(self, request: Img2ImgRequest, init_image: np.ndarray, mask: np.ndarray | None = None,
                 on_step: OnStep | None = None, latent_mask: np.ndarray | None = None) -> Generation:

@@ -73,6 +73,7 @@ class Plan:
     # Other models of the server taking over part of the request, each the request planned on that model
     refiner: "Plan | None" = None  # A1111's refiner: takes over the sampling at refiner_switch_at
     hires_model: "Plan | None" = None  # A1111's hires checkpoint: runs the hires fix's second pass
+    firstpass: np.ndarray | None = None  # A1111's firstpass_image: [H, W, 3] uint8, the hires fix starts from it
 
     @property
     def refines_first_pass(self) -> bool:
@@ -171,9 +172,10 @@ Specs = Callable[[str], ModelSpec]  # another model of the server by name (the c
 
 def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarray | None = None,
                  mask: np.ndarray | None = None, others: Specs | None = None,
-                 latent_mask: np.ndarray | None = None) -> Plan:
-    """The request checked, its seeds picked and its prompts read, once; img2img's picture (and mask) prepared;
-    a refiner or hires checkpoint planned on its own model (``others``)."""
+                 latent_mask: np.ndarray | None = None, firstpass_image: np.ndarray | None = None) -> Plan:
+    """The request checked, its seeds picked and its prompts read, once; img2img's picture (and masks) prepared;
+    a refiner or hires checkpoint planned on its own model (``others``); txt2img's first pass given as a
+    picture (``firstpass_image``, with the hires fix)."""
     checked = resolve_seeds(check_fields(request, spec))
     passes = _passes(checked, spec)
     prompts = _read_prompts(checked, spec, passes)
@@ -193,8 +195,23 @@ def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarra
         if other is not None and (field == "refiner" or len(planned) > 1):
             alone = replace(checked, refiner_checkpoint="", hr_checkpoint="")  # its own plan takes over no further
             takeover[field] = plan_request(alone, other, init_image, mask, latent_mask=latent_mask)
+    firstpass = _first_pass_picture(firstpass_image, checked, len(planned) > 1)
     return Plan(spec, checked, seeds, prompts.loras, embeddings, tuple(texts), planned[0],
-                planned[1] if len(planned) > 1 else None, images, **takeover)
+                planned[1] if len(planned) > 1 else None, images, **takeover, firstpass=firstpass)
+
+
+def _first_pass_picture(picture: np.ndarray | None, request: Txt2ImgRequest, hires: bool) -> np.ndarray | None:
+    """A1111's firstpass_image, checked: an RGB picture of the request's size, for a hires fix to start from."""
+    if picture is None:
+        return None
+    size = f"{request.width}x{request.height}"
+    if not hires:
+        raise InvalidRequest("firstpass_image", "<a picture>", "sent with enable_hr (the hires fix starts from it)")
+    picture = np.asarray(picture)
+    if picture.dtype != np.uint8 or picture.shape != (request.height, request.width, 3):
+        raise InvalidRequest("firstpass_image", f"<{picture.dtype} array of shape {list(picture.shape)}>",
+                             f"a {size} RGB uint8 picture (the first pass's size, width x height)")
+    return picture
 
 
 # What another model must share with the request's to take over its latents mid-way (A1111 swaps the weights and
