@@ -474,8 +474,10 @@ class Client:
         """The asyncio form of :meth:`txt2img` (tritonclient's aio clients, one per call)."""
         await self._acatalog()
         spec = self.model_spec(model)
+        firstpass = settings.pop("firstpass_image", None)  # a picture beside the fields
         request = self.request(prompt, model=spec.key, **settings)
-        return concatenate([await self._agenerate(TXT2IMG, spec, r, {}) for r in batch_count(request, n_iter)])
+        images = {} if firstpass is None else {FIRSTPASS_IMAGE: _array(firstpass, "RGB")}
+        return concatenate([await self._agenerate(TXT2IMG, spec, r, images) for r in batch_count(request, n_iter)])
 
     async def aimg2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1, model: str | None = None,
                        **settings: Any) -> Generation:

@@ -217,8 +217,9 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None, *, allo
 
         kind = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
         if kind == "StableDiffusionXLImg2ImgPipeline":
-            raise UsageError(f"MODEL_DIR {str(path)!r} is an SDXL refiner: sdtrt does not serve A1111's Refiner (a "
-                             "second model for the last steps); export the SDXL base model and run without it")
+            raise UsageError(f"MODEL_DIR {str(path)!r} is an SDXL refiner: sdtrt does not serve A1111's Refiner "
+                             "checkpoint (an architecture of its own: one OpenCLIP, aesthetic scores); export the SDXL "
+                             "base model (a request's refiner_checkpoint may name another base model of the server)")
         pipe = _load(lambda sd, **kw: sd.from_pretrained(str(path), **kw), f"MODEL_DIR {str(path)!r}",
                      xl=kind.startswith("StableDiffusionXL"))
         if prediction_type:

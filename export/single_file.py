@@ -91,8 +91,9 @@ def detect(weights: Weights, prediction_type: str | None = None) -> Architecture
     """The architecture of a checkpoint, with a clear error for what sdtrt does not serve."""
     name = weights.path.name
     if weights.has(REFINER_OPEN_CLIP + "token_embedding.weight"):
-        raise UsageError(f"{name} is an SDXL refiner: sdtrt does not serve A1111's Refiner (a second model for the "
-                         "last steps); export the SDXL base model and run without it")
+        raise UsageError(f"{name} is an SDXL refiner: sdtrt does not serve A1111's Refiner checkpoint (an "
+                         "architecture of its own: one OpenCLIP, aesthetic scores); export the SDXL base model (a "
+                         "request's refiner_checkpoint may name another base model of the server)")
     if not weights.has(UNET + "input_blocks.0.0.weight"):
         raise UsageError(f"{name} is not a Stable Diffusion checkpoint: it has no U-Net ({UNET}*); "
                          f"its first keys are {sorted(weights.shapes)[:3]}")

@@ -17,6 +17,7 @@ from sdtrt.contract.samplers import SAMPLERS, SamplerSettings, runs_on_a1111_tim
 from sdtrt.pipeline.conditioning import CONTEXT_INPUT
 from sdtrt.pipeline.denoise import Guidance, Pass, denoise, prepare_latents
 from sdtrt.pipeline.timesteps import TSchedule, a1111_timesteps
+from sdtrt.requests.generation import settings_from_infotext
 from sdtrt.requests.request import Txt2ImgRequest
 from test_a1111_exact import ImageRng, a1111_timestep_sample, compvis_timesteps
 
@@ -106,6 +107,19 @@ def test_ddim_cfgpp_runs_and_its_infotext_reads_back(local_pipeline):
                                                    width=64, height=64, seed=5))
     assert result.images.std() > 1.0
     assert "Sampler: DDIM CFG++" in result.infotexts[0] and "Eta DDIM: 0.4" in result.infotexts[0]
+    read = settings_from_infotext(result.infotexts[0])
+    assert read["sampler"] == "DDIM CFG++" and float(read["eta"]) == 0.4
+
+
+def test_a_timestep_hires_sampler_ignores_the_first_passs_schedule_and_bounds_its_strength(local_pipeline):
+    """A1111 ignores the schedule type for its timestep samplers: DDIM CFG++ after DPM++ 2M Karras runs; a
+    strength so small that steps / strength exceeds A1111's 1000 timesteps is refused by name (A1111 fails)."""
+    settings = dict(prompt="x", sampler="DPM++ 2M", schedule_type="Karras", steps=3, width=64, height=64,
+                    enable_hr=True, hr_scale=1.5, hr_sampler="DDIM CFG++", hr_second_pass_steps=3)
+    assert local_pipeline.txt2img(Txt2ImgRequest(**settings, denoising_strength=0.5)).images.shape == (1, 96, 96, 3)
+    with pytest.raises(InvalidRequest) as exc:
+        local_pipeline.txt2img(Txt2ImgRequest(**settings, denoising_strength=0.002))
+    assert exc.value.field == "denoising_strength" and "at least 0.003" in str(exc.value)
 
 
 def test_ddim_cfgpp_takes_only_a1111s_timesteps(local_pipeline):

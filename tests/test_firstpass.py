@@ -36,6 +36,9 @@ def test_with_a_latent_upscaler_the_picture_is_encoded_first(local_pipeline):
     first = local_pipeline.txt2img(Txt2ImgRequest(**FIRST)).images[0]
     result = local_pipeline.txt2img(Txt2ImgRequest(**FIRST, **HIRES, batch_size=2), firstpass_image=first)
     assert result.images.shape == (2, 96, 96, 3) and result.images.std() > 1.0
+    grey = local_pipeline.txt2img(Txt2ImgRequest(**FIRST, **HIRES, batch_size=2),
+                                  firstpass_image=np.full_like(first, 128))
+    assert np.abs(grey.images.astype(int) - result.images).max() > 10  # it starts from the picture given
 
 
 @pytest.mark.parametrize("settings,picture,message", [

@@ -102,6 +102,8 @@ def test_a_refiner_or_hires_checkpoint_that_is_the_requests_own_model_is_no_swit
                                               "refiner_switch_at": 0.5})
     assert plain.status_code == same.status_code == 200, same.text[:500]
     assert plain.json()["images"] == same.json()["images"]
+    info = json.loads(same.json()["info"])["infotexts"][0]
+    assert "Refiner" not in info and "Hires checkpoint" not in info  # no switch planned
     other = api.post("/sdapi/v1/txt2img", json={**common, "refiner_checkpoint": "sd_xl_refiner_1.0.safetensors"})
     assert other.status_code == 422 and other.json()["detail"][0]["loc"] == ["body", "refiner_checkpoint"]
     assert "not one of this server's models" in other.text

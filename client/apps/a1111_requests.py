@@ -217,8 +217,8 @@ def other_checkpoints(body: "_Request", catalog: Catalog) -> dict[str, Any]:
         value = getattr(body, name, None)
         if value not in unset:
             settings[target] = find_model(catalog, value, name)
-    if settings.get("refiner_checkpoint") and body.refiner_switch_at is not None:
-        settings["refiner_switch_at"] = body.refiner_switch_at
+    if settings.get("refiner_checkpoint"):  # (A1111: none means from the first step)
+        settings["refiner_switch_at"] = 0.0 if body.refiner_switch_at is None else body.refiner_switch_at
     return settings
 
 

@@ -168,7 +168,7 @@ def sampler_names() -> tuple[str, ...]:
 _IMPORT_LOCK = threading.Lock()
 
 
-def _diffusers_class(name: str):
+def diffusers_class(name: str):
     # diffusers is heavy: imported on first use so that `sdtrt --help` stays fast. Its lazy module is not safe
     # to import from two threads at once (one sees a half-built module), hence the lock.
     with _IMPORT_LOCK:
@@ -179,7 +179,7 @@ def _diffusers_class(name: str):
 
 
 def _scheduler_class(sampler: Sampler):
-    return _diffusers_class(sampler.scheduler)
+    return diffusers_class(sampler.scheduler)
 
 
 @lru_cache(maxsize=None)
@@ -187,7 +187,7 @@ def _reads_spacing(class_name: str) -> bool:
     """Whether the class spaces its steps by ``timestep_spacing``: every class takes the setting, LCM's ignores it."""
     spaced = []
     for spacing in ("linspace", "trailing"):
-        scheduler = _diffusers_class(class_name).from_config({"timestep_spacing": spacing})
+        scheduler = diffusers_class(class_name).from_config({"timestep_spacing": spacing})
         scheduler.set_timesteps(10)
         spaced.append(scheduler.timesteps)
     return bool((spaced[0] != spaced[1]).any())

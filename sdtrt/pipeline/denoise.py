@@ -1,7 +1,8 @@
 """The denoising loop, kept visible, shared by the in-process reference runner and the Triton job models.
 
 The U-Net is whatever callable it is handed: an onnxruntime session in-process, a BLS call to the ``unet``
-Triton model when served. Uncond and cond go through the U-Net in ONE batched call, as in diffusers.
+Triton model when served. Uncond and cond go through the U-Net in ONE batched call, as in diffusers (the jobs'
+U-Net splits it where their texts have different lengths, as A1111 does: ``sdtrt.pipeline.jobs.TextLengths``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Guidance:
     """Classifier-free guidance: off at ``scale`` <= 1, as in diffusers. With several ``cond_weights`` (A1111's
     AND), each subprompt pulls away from the uncond by its weight: uncond + scale * sum(w_k * (cond_k - uncond)).
     ``min_uncond_sigma``: A1111's "NGMS", every other model call below that sigma skips the uncond (k-diffusion
-    samplers only)."""
+    samplers; A1111's timestep samplers compare it with the timestep)."""
 
     scale: float
     cond_weights: tuple[float, ...] = (1.0,)

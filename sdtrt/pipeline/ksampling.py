@@ -28,7 +28,7 @@ import torch
 
 from sdtrt.contract.errors import UsageError
 from sdtrt.contract.philox import nv_randn
-from sdtrt.contract.samplers import Sampler, SamplerSettings
+from sdtrt.contract.samplers import Sampler, SamplerSettings, diffusers_class
 from sdtrt.contract.schedules import ALIGN_YOUR_STEPS, SIGMA_SCHEDULES
 
 K_DIFFUSION = "k-diffusion==0.1.1.post1"  # as scripts/setup.sh installs it (with torchdiffeq, --no-deps)
@@ -196,7 +196,7 @@ class KSchedule:
 
     def __init__(self, sampler: Sampler, schedule: str, base_config: dict[str, Any], settings: SamplerSettings,
                  seeds: Sequence[int], align_your_steps: Sequence[float] = ()):
-        from diffusers import DDPMScheduler  # the checkpoint's training noise levels, from its own config
+        DDPMScheduler = diffusers_class("DDPMScheduler")  # the checkpoint's training noise levels (its config)
 
         self.sampling, external = k_diffusion()
         self.sampler, self.schedule, self.settings, self.seeds = sampler, schedule, settings, list(seeds)

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sdtrt.contract.samplers import Sampler, SamplerSettings
+from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.samplers import Sampler, SamplerSettings, diffusers_class
 from sdtrt.pipeline.ksampling import NvStepNoise, ThreadNoise, image_noise, k_diffusion
 
 TRAINING_STEPS = 1000
@@ -128,7 +129,7 @@ class TSchedule:
 
     def __init__(self, sampler: Sampler, base_config: dict[str, Any], settings: SamplerSettings,
                  seeds: Sequence[int]):
-        from diffusers import DDPMScheduler  # the checkpoint's training noise levels, from its own config
+        DDPMScheduler = diffusers_class("DDPMScheduler")  # the checkpoint's training noise levels (its config)
 
         self.sampler, self.settings, self.seeds = sampler, settings, list(seeds)
         self.function = T_FUNCTIONS[sampler.t_function]
@@ -160,6 +161,10 @@ class TSchedule:
         if kept <= 0:
             self.run_timesteps, self.timesteps = torch.zeros(0, dtype=torch.long), torch.zeros(0, device=device)
             return self.timesteps
+        if total > TRAINING_STEPS:  # A1111's timesteps are 1000 // steps apart: none left between them
+            raise InvalidRequest("denoising_strength", strength, f"at least {steps / TRAINING_STEPS:.3f} for "
+                                 f"{steps} hires steps with {self.sampler.name!r} (A1111 spaces its timesteps 1000 "
+                                 f"// (steps / strength) apart)")
         every = a1111_timesteps(total)
         self.noise_level = int(every[kept])
         self.run_timesteps = every[:kept]

@@ -158,8 +158,11 @@ def check_randn_source(request: Txt2ImgRequest) -> None:
 def hires_request(request: Txt2ImgRequest) -> Txt2ImgRequest:
     """The request as its hires pass runs it: A1111's "Hires sampler" and "Hires schedule type" where given, and
     the pass's own steps."""
-    return replace(request, sampler=request.hr_sampler or request.sampler,
-                               schedule_type=request.hr_schedule_type or request.schedule_type,
+    sampler = request.hr_sampler or request.sampler
+    # A1111's own timestep samplers ignore the schedule type: a first pass's does not carry over to them
+    inherited = DEFAULT_SCHEDULE if SAMPLERS[sampler].t_function and request.hr_sampler else request.schedule_type
+    return replace(request, sampler=sampler,
+                               schedule_type=request.hr_schedule_type or inherited,
                                steps=request.hr_second_pass_steps or request.steps, hr_second_pass_steps=0)
 
 
