@@ -77,6 +77,11 @@ class Guidance:
     def with_uncond(self) -> bool:
         return self.always_uncond or with_uncond(self.scale, len(self.cond_weights))
 
+    @property
+    def copies(self) -> int:
+        """The latents' copies in one U-Net call: the uncond's and each subprompt's, or the cond's alone."""
+        return len(self.cond_weights) + 1 if self.with_uncond else 1
+
     def combine(self, uncond: torch.Tensor, conds: list[torch.Tensor], scale: float | None = None) -> torch.Tensor:
         scale = self.scale if scale is None else scale
         return uncond + sum(w * scale * (cond - uncond) for w, cond in zip(self.cond_weights, conds))
@@ -100,6 +105,13 @@ class Inpainting:
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
     keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (the picture's latents, the mask): k-diffusion's way
 
+    def kept(self, latents: torch.Tensor) -> torch.Tensor:
+        """``latents`` with the picture's kept outside the mask (``keep``; unchanged without one)."""
+        if self.keep is None:
+            return latents
+        picture, mask = self.keep
+        return picture * (1 - mask) + mask * latents
+
 
 def denoise(
     run: Pass,
@@ -119,11 +131,10 @@ def denoise(
     if isinstance(run.scheduler, TSchedule):
         return t_denoise(run, unet, latents, context, guidance, on_step, inpainting)
     scheduler, generators = run.scheduler, run.generators
-    cond_weights = guidance.cond_weights
     unet_extra, after_step = inpainting.unet_extra, inpainting.after_step
     timesteps = run.timesteps
     guided = guidance.with_uncond
-    copies = len(cond_weights) + 1 if guided else 1
+    copies = guidance.copies
     extra = step_kwargs(scheduler, generators, run.eta)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     if unet_extra is not None:
@@ -170,7 +181,7 @@ def k_denoise(
     inpainting keeps the picture outside the mask in every denoised estimate and in the result."""
     schedule: KSchedule = run.scheduler
     n, sigmas = latents.shape[0], schedule.sigmas[schedule.begin:]
-    copies = len(guidance.cond_weights) + 1 if guidance.with_uncond else 1
+    copies = guidance.copies
     extra = None if inpainting.unet_extra is None else torch.cat([inpainting.unet_extra] * copies)
     state = {"step": 0, "calls": 0, "rows": 0}
 
@@ -202,10 +213,7 @@ def k_denoise(
                 s = sigma.reshape(-1, 1, 1, 1)
                 combined = x - s * _rescaled(guidance, (x - combined) / s, (x - conds[0]) / s)
             denoised = combined
-        if inpainting.keep is not None:
-            picture, mask = inpainting.keep
-            denoised = picture * (1 - mask) + mask * denoised
-        return denoised
+        return inpainting.kept(denoised)
 
     def callback(info: dict[str, Any]) -> None:
         state["step"] = info["i"] + 1
@@ -215,10 +223,7 @@ def k_denoise(
     with schedule.noise_like(run.generators):
         latents = schedule.function(model, latents, callback=callback, disable=True,
                                     **schedule.arguments(latents, run.generators))
-    if inpainting.keep is not None:
-        picture, mask = inpainting.keep
-        latents = picture * (1 - mask) + mask * latents
-    return latents
+    return inpainting.kept(latents)
 
 
 def t_denoise(
@@ -236,15 +241,13 @@ def t_denoise(
     its input (not into the sampler's latents) and, for CFG++, scales the guidance by 1 / 12.5."""
     schedule: TSchedule = run.scheduler
     n, total = latents.shape[0], len(schedule.timesteps)
-    copies = len(guidance.cond_weights) + 1 if guidance.with_uncond else 1
+    copies = guidance.copies
     extra = None if inpainting.unet_extra is None else torch.cat([inpainting.unet_extra] * copies)
     scale = guidance.scale * (CFGPP_SCALE if schedule.cfgpp else 1.0)
     calls = [0]
 
     def model(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if inpainting.keep is not None:
-            picture, mask = inpainting.keep
-            x = picture * (1 - mask) + mask * x
+        x = inpainting.kept(x)  # (the model's input only: the sampler's own latents stay as they are)
         ctx = context(calls[0]) if callable(context) else context
         skip = copies > 1 and guidance.min_uncond_sigma > 0 and calls[0] % 2 == 1 and t < guidance.min_uncond_sigma
         calls[0] += 1
@@ -269,7 +272,4 @@ def t_denoise(
 
     with schedule.noise_like(run.generators):
         latents = schedule.function(model, latents, callback=callback, **schedule.arguments())
-    if inpainting.keep is not None:
-        picture, mask = inpainting.keep
-        latents = picture * (1 - mask) + mask * latents
-    return latents
+    return inpainting.kept(latents)
