@@ -17,6 +17,7 @@ from PIL import Image
 
 from reference import sample_picture
 from sdtrt.client import Client
+from sdtrt.client.apps.a1111_alwayson import ALWAYSON
 from sdtrt.client.apps.a1111_api import create_app
 from sdtrt.client.apps.a1111_scripts import SCRIPTS
 from sdtrt.requests.grids import combine_tiles, split_tiles, tile_starts
@@ -90,8 +91,10 @@ def test_tiles_sit_where_a1111s_split_grid_puts_them_and_go_back_unchanged():
 
 def test_the_scripts_are_listed_and_one_sdtrt_lacks_is_refused_by_name(api):
     listed = api.get("/sdapi/v1/scripts").json()
-    assert listed == {"txt2img": ["prompt matrix", "x/y/z plot"],
-                      "img2img": ["prompt matrix", "x/y/z plot", "loopback", "sd upscale"]}
+    always = ["extra options", "Hypertile", "refiner", "sampler", "seed"]  # A1111's always-on ones follow
+    assert listed == {"txt2img": ["prompt matrix", "x/y/z plot", *always],
+                      "img2img": ["prompt matrix", "x/y/z plot", "loopback", "sd upscale", "extra options",
+                                  "Hypertile", "soft inpainting", "refiner", "sampler", "seed"]}
     refused = api.post("/sdapi/v1/txt2img", json={**BASE, "script_name": "Outpainting mk2"})
     assert refused.status_code == 422 and "prompt matrix, x/y/z plot" in refused.text
     refused = api.post("/sdapi/v1/txt2img", json={**BASE, "script_name": "loopback"})  # an img2img script
@@ -198,10 +201,18 @@ def test_script_info_describes_each_script_and_its_arguments(server):
     info = api.get("/sdapi/v1/script-info").json()
     names = {(i["name"], i["is_img2img"]) for i in info}
     scripts = api.get("/sdapi/v1/scripts").json()
-    assert names == {(n, False) for n in scripts["txt2img"]} | {(n, True) for n in scripts["img2img"]}
+    # (Hypertile has no controls: A1111 lists it, but has no ScriptInfo for it)
+    assert names == {(n, False) for n in scripts["txt2img"] if n != "Hypertile"} | \
+        {(n, True) for n in scripts["img2img"] if n != "Hypertile"}
     loopback = next(i for i in info if i["name"] == "loopback")
     assert loopback["args"][0] == {"label": "Loops", "value": 4, "minimum": 1, "maximum": 32, "step": 1,
                                    "choices": None}
     xyz = next(i for i in info if i["name"] == "x/y/z plot" and not i["is_img2img"])
     assert len(xyz["args"]) == 18 and xyz["args"][16]["label"] == "Grid margins (px)"
-    assert all(len(i["args"]) == len(SCRIPTS[i["name"]].defaults) for i in info)
+    assert all(len(i["args"]) == len((SCRIPTS.get(i["name"]) or ALWAYSON[i["name"]]).defaults) for i in info)
+    assert all(i["is_alwayson"] == (i["name"] in ALWAYSON) for i in info)
+    seed = next(i for i in info if i["name"] == "seed" and i["is_img2img"])
+    assert [a["label"] for a in seed["args"]] == ["Seed", "Extra", "Variation seed", "Variation strength",
+                                                   "Resize seed from width", "Resize seed from height"]
+    refiner = next(i for i in info if i["name"] == "refiner" and not i["is_img2img"])
+    assert refiner["args"][1]["choices"] == [m["title"] for m in api.get("/sdapi/v1/sd-models").json()]

@@ -47,6 +47,7 @@ from sdtrt.client.apps.a1111_requests import (
     translate,
     updated_options,
 )
+from sdtrt.client.apps.a1111_alwayson import alwayson_info, alwayson_settings, alwayson_titles, ignored_alwayson
 from sdtrt.client.apps.a1111_scripts import Script, find_script, script_info, script_titles
 from sdtrt.client.apps.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard, server_failure
 from sdtrt.client.apps.web_guard import logged as log_failure
@@ -140,10 +141,10 @@ class Gateway:
         return self.client.catalog.get(self.user(user).model)
 
     def settings(self, body: _Request, user: str = "") -> dict[str, Any]:
-        return translate(body, self.user(user), self.styles(), self.client.catalog)
+        return {**translate(body, self.user(user), self.styles(), self.client.catalog), **alwayson_settings(body)}
 
     def ignored_fields(self, body: _Request) -> list[str]:
-        return ignored_fields(body, self.styles())
+        return ignored_fields(body, self.styles()) + ignored_alwayson(body)
 
     # --- jobs ----------------------------------------------------------------------------------------------
     def claim(self, kind: str, body: _Request, user: str = "") -> Job:
@@ -468,8 +469,8 @@ def add_info_routes(app: FastAPI, gateway: Gateway, metrics_url: str | None, fla
     client = gateway.client
     fixed = {"samplers": answer.sampler_list, "schedulers": answer.scheduler_list,
              "latent-upscale-modes": answer.latent_upscale_modes, "upscalers": answer.upscaler_list,
-             "scripts": lambda: {"txt2img": script_titles(TXT2IMG), "img2img": script_titles(IMG2IMG)},
-             "script-info": script_info,
+             "scripts": lambda: {tab: script_titles(tab) + alwayson_titles(tab) for tab in (TXT2IMG, IMG2IMG)},
+             "script-info": lambda: script_info() + alwayson_info(client.catalog),
              # What sdtrt has none of, said as A1111 says it: empty lists (clients that list them first keep working)
              **{path: lambda: [] for path in ("hypernetworks", "face-restorers", "realesrgan-models", "extensions")},
              "sd-models": lambda: answer.sd_model_list(client.catalog),

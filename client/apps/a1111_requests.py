@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -60,7 +61,7 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
 # kept with the options sdtrt has no use for, and read when a request runs
-OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond")
+OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "enable_prompt_comments")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
@@ -70,6 +71,8 @@ OPTIONS_FIXED = {
     "beta_dist_alpha": (0.6,), "beta_dist_beta": (0.6,), "s_min_uncond_all": (False,), "sdxl_clip_l_skip": (False,),
     "pad_cond_uncond_v0": (False,), "refiner_switch_by_sample_steps": (False,),
     "hires_fix_refiner_pass": ("second pass",),
+    # Hypertile's tiled attention (an A1111 speed-up that changes the picture): sdtrt draws without it
+    "hypertile_enable_unet": (False,), "hypertile_enable_unet_secondpass": (False,), "hypertile_enable_vae": (False,),
 }
 
 
@@ -200,11 +203,10 @@ class ExtrasSingleImageBody(BaseModel):
 
 # field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
 # fields are checked where they are read)
-UNSUPPORTED = {"restore_faces": (None, False), "alwayson_scripts": ({},)}
+UNSUPPORTED = {"restore_faces": (None, False)}
 # What sdtrt lacks of A1111 for now, and where it is coming from: said in the refusal.
 NOT_YET = {
     "restore_faces": "face restoration (GFPGAN, CodeFormer) comes with the upscalers and face restorers",
-    "alwayson_scripts": "always-on scripts come with ControlNet, the first of them",
 }
 
 
@@ -454,9 +456,11 @@ def with_infotext(body: _Request) -> _Request:
         raise refuse(".".join(map(str, error["loc"])), f"from the infotext: {error['msg']}") from None
 
 
-def option_flag(body: _Request, mine: UserOptions, option: str, field: str | None = None) -> bool:
+def option_flag(body: _Request, mine: UserOptions, option: str, field: str | None = None, default: bool = False
+                ) -> bool:
     """An A1111 on/off setting as A1111 reads it: the request's ``field`` (where it has one), else the
-    override's or the user's ``option`` (A1111's p.tiling and opts.tiling, opts.pad_cond_uncond)."""
+    override's or the user's ``option`` (A1111's p.tiling and opts.tiling, opts.pad_cond_uncond), else A1111's
+    ``default``."""
     request = getattr(body, field) if field else None
     for where, value in ((field, request), (f"override_settings.{option}", (body.override_settings or {}).get(
             option)), (f"options.{option}", mine.options.get(option))):
@@ -464,7 +468,14 @@ def option_flag(body: _Request, mine: UserOptions, option: str, field: str | Non
             if not isinstance(value, bool):
                 raise refuse(where, f"true or false (got {str(value)[:80]!r})")
             return value
-    return False
+    return default
+
+
+def strip_comments(text: str) -> str:
+    """A prompt without its ``#`` comments, as A1111's Comments script leaves it: a line that is all comment,
+    then the rest of any line from a ``#``, each becomes a line break."""
+    text = re.sub(r"(^|\n)#[^\n]*(\n|$)", "\n", text)
+    return re.sub(r"#[^\n]*(\n|$)", "\n", text)
 
 
 def first_phase(body: "Txt2ImgBody") -> dict[str, int]:
@@ -515,6 +526,10 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     if body.styles:
         settings["prompt"], settings["negative_prompt"] = apply_styles(
             body.prompt, body.negative_prompt, [styles[name] for name in body.styles if name in styles])
+    if option_flag(body, mine, "enable_prompt_comments", default=True):  # (after styles, as A1111)
+        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+            if isinstance(settings.get(name), str):
+                settings[name] = strip_comments(settings[name])
     if settings.get("denoising_strength") is None or (isinstance(body, Txt2ImgBody) and not body.enable_hr):
         settings.pop("denoising_strength")  # (A1111 ignores it for txt2img without hires fix)
     settings["sampler"] = sampler_of(body)
