@@ -12,7 +12,7 @@ through the API:
   sdtrt does on every request (a1111_requests.translate), as A1111 does.
 - Extra options: the settings the user put in the UI (none by default): no arguments through the API.
 - Hypertile: no arguments; its options decide (sdtrt draws without it: a1111_requests.OPTIONS_FIXED).
-- Soft Inpainting (img2img): its arguments are sdtrt's ``soft_inpainting`` settings.
+- Soft Inpainting (img2img): its arguments are sdtrt's ``soft_inpainting`` fields (sdtrt.pipeline.soft_inpainting).
 - ControlNet (an extension): its own open issue, named in the refusal.
 """
 
@@ -65,12 +65,17 @@ SOFT_INPAINTING_ARGS = (
     Arg("Difference threshold", 0, 8, 0.25), Arg("Difference contrast", 0, 8, 0.25))
 
 
+SOFT_INPAINTING_FIELDS = ("schedule_bias", "preservation_strength", "transition_contrast_boost", "mask_influence",
+                          "difference_threshold", "difference_contrast")  # sdtrt's soft_inpainting_*, in order
+
+
 def soft_inpainting(args: list[Any]) -> dict[str, Any]:
-    """A1111's Soft Inpainting arguments (enabled, then its six settings in its UI's order) as sdtrt's."""
+    """A1111's Soft Inpainting arguments (enabled, then its six settings in its UI's order) as sdtrt's fields."""
     if not _checked_flag(args, 0, "Soft inpainting"):
         return {}
-    values = tuple(_checked_number(args, i, arg) for i, arg in enumerate(SOFT_INPAINTING_ARGS) if i)
-    raise refuse("alwayson_scripts.soft inpainting", f"soft inpainting {values} is not in sdtrt yet")
+    values = [_checked_number(args, i + 1, arg) for i, arg in enumerate(SOFT_INPAINTING_ARGS[1:])]
+    return {"soft_inpainting": True, **{f"soft_inpainting_{name}": value
+                                        for name, value in zip(SOFT_INPAINTING_FIELDS, values)}}
 
 
 def _sampler_args() -> tuple[Arg, ...]:

@@ -16,6 +16,7 @@ from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.samplers import set_timesteps, step_kwargs
 from sdtrt.pipeline.conditioning import guided as with_uncond
 from sdtrt.pipeline.ksampling import KSchedule
+from sdtrt.pipeline.soft_inpainting import SoftInpainting
 from sdtrt.pipeline.timesteps import CFGPP_SCALE, TSchedule
 from sdtrt.requests.fields import MAX_STEPS
 
@@ -104,12 +105,16 @@ class Inpainting:
     unet_extra: torch.Tensor | None = None
     after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
     keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (the picture's latents, the mask): k-diffusion's way
+    soft: SoftInpainting | None = None  # A1111's Soft Inpainting: how ``keep`` blends
 
-    def kept(self, latents: torch.Tensor) -> torch.Tensor:
-        """``latents`` with the picture's kept outside the mask (``keep``; unchanged without one)."""
+    def kept(self, latents: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+        """``latents`` with the picture's kept outside the mask (``keep``; unchanged without one), at noise level
+        ``sigma`` (None: the result, after the last step)."""
         if self.keep is None:
             return latents
         picture, mask = self.keep
+        if self.soft is not None:  # (A1111's Soft Inpainting leaves the result as sampled)
+            return latents if sigma is None else self.soft.blend(picture, latents, mask, sigma)
         return picture * (1 - mask) + mask * latents
 
 
@@ -213,7 +218,7 @@ def k_denoise(
                 s = sigma.reshape(-1, 1, 1, 1)
                 combined = x - s * _rescaled(guidance, (x - combined) / s, (x - conds[0]) / s)
             denoised = combined
-        return inpainting.kept(denoised)
+        return inpainting.kept(denoised, float(sigma[0]))
 
     def callback(info: dict[str, Any]) -> None:
         state["step"] = info["i"] + 1
@@ -247,7 +252,7 @@ def t_denoise(
     calls = [0]
 
     def model(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = inpainting.kept(x)  # (the model's input only: the sampler's own latents stay as they are)
+        x = inpainting.kept(x, t)  # (the model's input only: the sampler's own latents stay as they are)
         ctx = context(calls[0]) if callable(context) else context
         skip = copies > 1 and guidance.min_uncond_sigma > 0 and calls[0] % 2 == 1 and t < guidance.min_uncond_sigma
         calls[0] += 1

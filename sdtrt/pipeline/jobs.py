@@ -31,6 +31,7 @@ from sdtrt.pipeline.conditioning import (CONTEXT_INPUT, TEXT_LENGTH, Conditionin
                                          scheduled_conditioning, unet_conditioning)
 from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.pipeline.ksampling import KSchedule, NvStepNoise
+from sdtrt.pipeline.soft_inpainting import SoftInpainting
 from sdtrt.pipeline.timesteps import TRAINING_STEPS, TSchedule
 from sdtrt.pipeline.vae import sample_latents
 from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs, finish_images, to_model_input
@@ -73,7 +74,7 @@ def run(plan: Plan, nets: Networks, on_step: OnStep | None = None, stage: Stage 
     with stage("decode"):
         pictures = (takeover.decoder or nets).vae_decode(latents)
         if plan.images is not None:
-            pictures = finish_images(pictures, plan.images, plan.spec.vae_scale_factor)
+            pictures = finish_images(pictures, plan.images, plan.spec.vae_scale_factor, plan.images.soft_masks)
     return pictures, list(plan.seeds)
 
 
@@ -366,6 +367,11 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     if nine and not inpaint:
         raise InvalidRequest("mask", None, "a mask: this is an inpainting model (9-channel U-Net)")
     full_strength = request.denoising_strength == 1.0
+    soft = SoftInpainting.of(request) if inpaint else None
+    if soft is not None and (nine or not isinstance(scheduler, (KSchedule, TSchedule))):
+        raise InvalidRequest("soft_inpainting", True, "a sampler on A1111's code path (k_diffusion on, a "
+                             "k-diffusion or A1111 timestep sampler) and an ordinary U-Net, as A1111's Soft "
+                             "Inpainting blends in its sampler's denoiser")
 
     image_latents = None  # diffusers skips this VAE sample only for 9-channel inpainting at full strength
     if not (inpaint and nine and full_strength):
@@ -405,5 +411,7 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     context = step_contexts(spec, prompts.first, n, guidance.with_uncond, request.width, request.height, nets.device)
     unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets), context,
                                   (request.width, request.height), guidance.with_uncond, nets.device)
-    latents = denoise(run, unet, latents, context, guidance, on_step, Inpainting(unet_extra, after_step, keep))
+    latents = denoise(run, unet, latents, context, guidance, on_step, Inpainting(unet_extra, after_step, keep, soft))
+    if soft is not None:  # (read once the pictures are decoded: finish_images)
+        plan.images.soft_masks = soft.overlay_masks(keep[1], image_latents, latents, (request.width, request.height))
     return latents / spec.vae_scaling_factor

@@ -228,6 +228,20 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("mask_round", "bool", True, "inpainting: the latents blend by the mask rounded to 0 or 1 (A1111's "
                  "default); off: by the blurred mask's own values, a soft blend (with an ordinary U-Net)",
                  jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="mask_round", a1111_as_is=True, a1111_default=True),
+    RequestField("soft_inpainting", "bool", False, "inpainting: A1111's Soft Inpainting (its built-in extension): "
+                 "the picture's latents blend in by the mask at every step as the noise level says, and the result "
+                 "is pasted over the original where it changed (A1111's k-diffusion and timestep samplers)",
+                 jobs=(IMG2IMG,), shown_in=(IMG2IMG,), infotext="Soft inpainting enabled", label="Soft inpainting"),
+    *(RequestField(f"soft_inpainting_{name}", "float32", default, f"soft inpainting: {help}", minimum=low,
+                   maximum=high, jobs=(IMG2IMG,), shown_in=(IMG2IMG,), infotext=f"Soft inpainting {name.replace('_', ' ')}",
+                   label=name.replace("_", " ").capitalize())
+      for name, default, low, high, help in (
+          ("schedule_bias", 1.0, 0.0, 8.0, "when the original is preserved: the mask's power grows as sigma to this"),
+          ("preservation_strength", 0.5, 0.0, 8.0, "how strongly partly masked content is kept"),
+          ("transition_contrast_boost", 4.0, 1.0, 32.0, "the blend's magnitude power: contrast kept where it blends"),
+          ("mask_influence", 0.0, 0.0, 1.0, "how much the mask biases the difference threshold"),
+          ("difference_threshold", 0.5, 0.0, 8.0, "how much a region may change before the original stops showing"),
+          ("difference_contrast", 2.0, 0.0, 8.0, "how sharp the step between original and redrawn is"))),
     RequestField("inpaint_full_res", "bool", False,
                  "inpainting: redraw only the masked area, at full resolution (A1111's 'Only masked')",
                  jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="inpaint_full_res", a1111_as_is=True, a1111_default=True,

@@ -11,7 +11,7 @@ from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.samplers import SAMPLERS, resolve
 from sdtrt.contract.seeds import image_seeds
 from sdtrt.contract.spec import ModelSpec
-from sdtrt.requests.fields import INFOTEXT_FIELDS
+from sdtrt.requests.fields import BY_NAME, FIELDS, INFOTEXT_FIELDS
 from sdtrt.requests.infotext import build_infotext, parse_infotext
 from sdtrt.requests.plan import Plan
 from sdtrt.requests.request import Txt2ImgRequest
@@ -59,6 +59,7 @@ def infotexts(plan: Plan) -> list[str]:
             "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
             if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0 else None,
             "Resize mode": request.resize_mode if img2img and request.resize_mode != "Just resize" else None,
+            **soft_inpainting_params(request, inpaint),
             "Mask blur": request.mask_blur if inpaint else None,
             "Masked content": request.inpainting_fill if inpaint and request.inpainting_fill != "original" else None,
             "Inpaint area": "Only masked" if inpaint and request.inpaint_full_res else None,
@@ -82,6 +83,13 @@ def infotexts(plan: Plan) -> list[str]:
             params["Eta DDIM"] = params.pop("Eta")
         texts.append(build_infotext(request.prompt, request.negative_prompt, params))
     return texts
+
+
+def soft_inpainting_params(request: Txt2ImgRequest, inpaint: bool) -> dict[str, object]:
+    """A1111's Soft Inpainting writes all its settings when it acts (an inpainting request), none otherwise."""
+    names = [f.name for f in FIELDS if f.name.startswith("soft_inpainting")]
+    acts = inpaint and getattr(request, "soft_inpainting", False)
+    return {BY_NAME[name].infotext: getattr(request, name) if acts else None for name in names}
 
 
 def changed_fields(request: Txt2ImgRequest, model: ModelSpec) -> dict[str, object]:

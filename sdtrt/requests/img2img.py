@@ -39,6 +39,7 @@ class ImageInputs:
     crop: tuple[int, int, int, int] | None = None  # "Only masked": the region that was inpainted
     blend: torch.Tensor | None = None  # [1, 1, h, w] at the latents' size: A1111's latent mask, where it is asked
     # for (its own picture, or the mask unrounded); None: the mask, at the latents' size
+    soft_masks: list[Image.Image] | None = None  # Soft Inpainting's overlay masks, one per image, once sampled
 
     def to(self, device: "torch.device") -> "ImageInputs":
         """The same inputs with the tensors on ``device`` (the pictures stay PIL images)."""
@@ -130,9 +131,10 @@ def prepare_images(init_image: np.ndarray | None, mask: np.ndarray | None, reque
     binary = mask_proc.preprocess(overlay_mask, height, width, resize_mode=fit, crops_coords=crop)
     blend = None
     cells = (width // vae_scale_factor, height // vae_scale_factor)
+    rounded = request.mask_round and not request.soft_inpainting  # (A1111's Soft Inpainting turns rounding off)
     if latent_mask is not None:  # A1111 takes it as sent: no blur, no resize to the request's size
-        blend = latent_blend(_pil(latent_mask, "L", "latent_mask"), cells, request.mask_round)
-    elif not request.mask_round:  # the mask the latents see, at the request's size, blurred and not binarized
+        blend = latent_blend(_pil(latent_mask, "L", "latent_mask"), cells, rounded)
+    elif not rounded:  # the mask the latents see, at the request's size, blurred and not binarized
         soft = _processors(vae_scale_factor, binarize=False)[1].preprocess(overlay_mask, height, width,
                                                                             resize_mode=fit, crops_coords=crop)
         blend = latent_blend(Image.fromarray(np.around(soft[0, 0].numpy() * 255).astype(np.uint8)), cells, False)
@@ -140,15 +142,26 @@ def prepare_images(init_image: np.ndarray | None, mask: np.ndarray | None, reque
                        overlay_mask=overlay_mask, crop=crop, blend=blend)
 
 
-def finish_images(images: np.ndarray, inputs: ImageInputs, vae_scale_factor: int) -> np.ndarray:
+def finish_images(images: np.ndarray, inputs: ImageInputs, vae_scale_factor: int,
+                  masks: list[Image.Image] | None = None) -> np.ndarray:
     """Inpainting: paste the original pixels back outside the (blurred) mask, and an "only masked" result back
-    into its place, as A1111 (and diffusers' apply_overlay) do. img2img results pass through unchanged."""
+    into its place, as A1111 (and diffusers' apply_overlay) do. img2img results pass through unchanged.
+    ``masks``: one overlay mask per image at the generated size in place of the request's (Soft Inpainting's),
+    put into the crop's place on a black (keep the original) mask of the picture's size, as A1111's uncrop."""
     if inputs.overlay_mask is None:
         return images
     image_proc, _ = _processors(vae_scale_factor)
+    overlays = [inputs.overlay_mask] * len(images) if masks is None else masks
+    if masks is not None and inputs.crop is not None:
+        x, y, x2, y2 = inputs.crop
+        overlays = []
+        for mask in masks:
+            whole = Image.new("L", inputs.original.size)
+            whole.paste(image_proc.resize(mask, height=y2 - y, width=x2 - x, resize_mode="crop"), (x, y))
+            overlays.append(whole)
     return np.stack([
-        np.asarray(image_proc.apply_overlay(inputs.overlay_mask, inputs.original, Image.fromarray(im), inputs.crop))
-        for im in images
+        np.asarray(image_proc.apply_overlay(overlay, inputs.original, Image.fromarray(im), inputs.crop))
+        for overlay, im in zip(overlays, images)
     ])
 
 
