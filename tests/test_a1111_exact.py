@@ -83,6 +83,13 @@ INFOTEXTS = {
         "a fishing boat\nSteps: 6, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 3, Size: 64x64, "
         "RNG: NV, Denoising strength: 0.7, Hires upscale: 1.5, Hires upscaler: Latent, Hires sampler: DDIM CFG++, "
         "Version: v1.10.1"),
+    "UniPC": (
+        "a tower by the sea\nNegative prompt: haze\n"
+        "Steps: 9, Sampler: UniPC, Schedule type: Automatic, CFG scale: 7, Seed: 51, Size: 64x64, Version: v1.10.1"),
+    "UniPC, NV, hires": (
+        "a barn in a meadow\nSteps: 6, Sampler: UniPC, Schedule type: Automatic, CFG scale: 6, Seed: 52, "
+        "Size: 64x64, RNG: NV, Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 5, Hires upscaler: Latent, "
+        "Version: v1.10.1"),
     "Euler a, emphasis, a two-chunk prompt and a one-chunk negative": (
         "a (majestic lighthouse:1.3) on a rocky cliff at dusk, waves crashing below, seagulls circling, warm light in the windows, dramatic clouds, (oil painting:0.8), highly detailed, soft rim light, long exposure, misty sea, golden hour glow, tall grass on the cliff edge, a narrow path leading up, old stone walls, moss, lichen, weathered wood, rusty railings, distant ships, calm horizon, stars appearing, crescent moon, reflections on wet rocks, fine brush strokes, muted palette, cinematic composition, wide angle view\nNegative prompt: blurry, (low quality:1.2)\n"
         "Steps: 6, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 77, Size: 64x64, Version: v1.10.1"),
@@ -101,7 +108,7 @@ INFOTEXTS = {
 A1111_SAMPLERS = {"DPM++ 2M": ("sample_dpmpp_2m", "Karras"), "Euler a": ("sample_euler_ancestral", "Uniform"),
                   "Heun": ("sample_heun", "Uniform")}
 # ... and its CompVis timestep samplers (sd_samplers_timesteps.py), which take no schedule type
-TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++", "PLMS")
+TIMESTEP_SAMPLERS = ("DDIM", "DDIM CFG++", "PLMS", "UniPC")
 
 
 class ImageRng:
@@ -246,8 +253,81 @@ def compvis_timesteps(steps: int) -> torch.Tensor:
     return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
 
 
+def unipc_log_alpha(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """uni_pc.NoiseScheduleVP('discrete').marginal_log_mean_coeff: log alpha piecewise linear over t_n = (n + 1) / N
+    (interpolate_fn, extended past the ends by the outermost segments)."""
+    log_alphas = (0.5 * torch.log(alphas_cumprod)).double()
+    grid = torch.linspace(0., 1., len(log_alphas) + 1)[1:].double()
+    out = []
+    for value in t.reshape(-1).double():
+        k = int(torch.clamp(torch.searchsorted(grid, value), 1, len(grid) - 1))
+        out.append(log_alphas[k - 1] + (value - grid[k - 1]) * (log_alphas[k] - log_alphas[k - 1])
+                   / (grid[k] - grid[k - 1]))
+    return torch.stack(out).float()
+
+
+def a1111_unipc(eps_model, x, timesteps, alphas_cumprod, img2img: bool):
+    """sd_samplers_timesteps_impl.unipc with A1111's default options (variant bh1, order 3, time_uniform, lower
+    order final): uni_pc.UniPC.sample's multistep loop and multistep_uni_pc_bh_update (predict_x0), the model at
+    (t - 1 / N) x 1000 (UniPCCFG.get_model_input_time)."""
+    order, steps = 3, len(timesteps)
+    t_start = timesteps[-1] / 1000 + 1 / 1000 if img2img else 1.0
+    grid = torch.linspace(float(t_start), 1. / 1000, steps + 1)
+    log_alpha = lambda t: unipc_log_alpha(alphas_cumprod, t)  # noqa: E731
+    sigma = lambda t: torch.sqrt(1. - torch.exp(2. * log_alpha(t)))  # noqa: E731
+    lam = lambda t: log_alpha(t) - 0.5 * torch.log(1. - torch.exp(2. * log_alpha(t)))  # noqa: E731
+
+    def model_fn(x, t):  # data prediction from the guided noise prediction
+        noise = eps_model(x, (t - 1. / 1000) * 1000.)
+        return (x - sigma(t) * noise) / torch.exp(log_alpha(t))
+
+    def update(x, models, times, t, k, use_corrector):
+        h = lam(t) - lam(times[-1])
+        rks, d1s = [], []
+        for i in range(1, k):
+            rk = ((lam(times[-(i + 1)]) - lam(times[-1])) / h)[0]
+            rks.append(rk)
+            d1s.append((models[-(i + 1)] - models[-1]) / rk)
+        rks = torch.tensor(rks + [1.])
+        hh = -h[0]
+        h_phi_1, factorial = torch.expm1(hh), 1
+        h_phi_k, b_h, rows, b = h_phi_1 / hh - 1, hh, [], []
+        for i in range(1, k + 1):
+            rows.append(torch.pow(rks, i - 1))
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        r, b = torch.stack(rows), torch.tensor(b)
+        alpha_t = torch.exp(log_alpha(t))
+        x_t_ = sigma(t) / sigma(times[-1]) * x - alpha_t * h_phi_1 * models[-1]
+        pred = 0
+        if d1s:
+            d1s = torch.stack(d1s, dim=1)
+            rhos_p = torch.tensor([0.5]) if k == 2 else torch.linalg.solve(r[:-1, :-1], b[:-1])
+            pred = torch.einsum("k,bkchw->bchw", rhos_p, d1s)
+        x_t = x_t_ - alpha_t * b_h * pred
+        if not use_corrector:
+            return x_t, None
+        model_t = model_fn(x_t, t)
+        rhos_c = torch.tensor([0.5]) if k == 1 else torch.linalg.solve(r, b)
+        corr = torch.einsum("k,bkchw->bchw", rhos_c[:-1], d1s) if len(d1s) else 0
+        return x_t_ - alpha_t * b_h * (corr + rhos_c[-1] * (model_t - models[-1])), model_t
+
+    times, models = [grid[0].reshape(1)], [model_fn(x, grid[0].reshape(1))]
+    for init_order in range(1, order):
+        t = grid[init_order].reshape(1)
+        x, model_x = update(x, models, times, t, init_order, True)
+        models.append(model_x)
+        times.append(t)
+    for step in range(order, steps + 1):
+        t = grid[step].reshape(1)
+        x, model_x = update(x, models, times, t, min(order, steps + 1 - step), step != steps)
+        models, times = models[1:] + [model_x], times[1:] + [t]
+    return x
+
+
 def a1111_timestep_sample(pipe, schedules: A1111Schedules, sampler: str, x, timesteps, cond, uncond, cfg, rng,
-                          eta: float = 0.0):
+                          eta: float = 0.0, img2img: bool = False):
     """CompVisSampler.launch_sampling: sd_samplers_timesteps_impl's ddim, ddim_cfgpp or plms on
     CFGDenoiserTimesteps (CFG on the noise predictions, cond rows then uncond; CFG++'s scale multiplier 1 / 12.5 and
     its last_noise_uncond) around CompVisTimestepsDenoiser."""
@@ -261,6 +341,8 @@ def a1111_timestep_sample(pipe, schedules: A1111Schedules, sampler: str, x, time
         return u + (c - u) * (cfg * multiplier)
 
     alphas_cumprod = schedules.alphas_cumprod
+    if sampler == "UniPC":
+        return a1111_unipc(lambda x, t: model(x, t.expand(x.shape[0])), x, timesteps, alphas_cumprod, img2img)
     alphas = alphas_cumprod[timesteps]
     alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
     sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
@@ -319,7 +401,8 @@ def a1111_hires_pass(pipe, schedules, params, latents, width, height, rng_args, 
         timesteps = compvis_timesteps(total)
         alpha = schedules.alphas_cumprod[timesteps[t_enc]]
         xi = latents * torch.sqrt(alpha) + noise * torch.sqrt(1 - alpha)
-        return a1111_timestep_sample(pipe, schedules, sampler, xi, timesteps[:t_enc], cond, uncond, cfg, rng)
+        return a1111_timestep_sample(pipe, schedules, sampler, xi, timesteps[:t_enc], cond, uncond, cfg, rng,
+                                     img2img=True)
     function, automatic = A1111_SAMPLERS[sampler]
     label = params.get("Hires schedule type", params["Schedule type"])  # p.hr_scheduler, else the first pass's
     sigma_sched = schedules.sigmas(automatic if label == "Automatic" else label, total)[total - t_enc - 1:]
@@ -387,7 +470,7 @@ def test_an_a1111_infotext_gives_a1111s_picture_through_the_gateway(name, server
     assert f"Seed: {INFOTEXTS[name].split('Seed: ')[1].split(',')[0]}" in info["infotexts"][0]
 
 
-@pytest.mark.parametrize("name", ["DPM++ 2M Karras, NV, ENSD, Clip skip 2, hires", "PLMS, hires"])
+@pytest.mark.parametrize("name", ["DPM++ 2M Karras, NV, ENSD, Clip skip 2, hires", "PLMS, hires", "UniPC"])
 def test_the_diffusers_path_is_not_a1111s_where_they_differ(name, local_pipeline, expected):
     """Without the mode, the hires pass runs diffusers' img2img steps (PLMS on diffusers' timesteps): another
     picture (this is what the mode changes, so the tests above can fail)."""

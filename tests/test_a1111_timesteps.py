@@ -99,7 +99,8 @@ def test_which_path_runs_a_timestep_sampler():
     assert runs_on_a1111_timesteps("PLMS", "Automatic", SamplerSettings(s_min_uncond=5.0))  # A1111's NGMS
     assert runs_on_a1111_timesteps("DDIM", "Automatic", SamplerSettings(eta=0.5, randn_source="NV"))
     assert not runs_on_a1111_timesteps("DDIM", "SGM Uniform", SamplerSettings(k_diffusion=True))
-    assert not runs_on_a1111_timesteps("UniPC", "Automatic", SamplerSettings(k_diffusion=True))
+    assert runs_on_a1111_timesteps("UniPC", "Automatic", SamplerSettings(k_diffusion=True))  # A1111-exact
+    assert not runs_on_a1111_timesteps("UniPC", "Automatic")  # diffusers' UniPCMultistepScheduler by default
 
 
 def test_ddim_cfgpp_runs_and_its_infotext_reads_back(local_pipeline):
@@ -127,3 +128,19 @@ def test_ddim_cfgpp_takes_only_a1111s_timesteps(local_pipeline):
         local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="DDIM CFG++", schedule_type="Karras", width=64,
                                               height=64))
     assert exc.value.field == "schedule_type" and "'Automatic'" in str(exc.value)
+
+
+def test_unipc_on_a1111s_path_needs_its_order_of_steps(local_pipeline):
+    """A1111's UniPC (order 3) stops with an assertion below 3 steps: a 422 naming the field instead; diffusers'
+    UniPC (k_diffusion off) lowers its order and draws."""
+    with pytest.raises(InvalidRequest) as exc:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="UniPC", steps=2, width=64, height=64,
+                                              k_diffusion=True))
+    assert exc.value.field == "steps" and "at least 3" in str(exc.value)
+    assert local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="UniPC", steps=2, width=64,
+                                                 height=64)).images.shape[0] == 1
+    done = []
+    local_pipeline.generate(local_pipeline.plan(Txt2ImgRequest(prompt="x", sampler="UniPC", steps=5, width=64,
+                                                               height=64, k_diffusion=True)),
+                            on_step=lambda step, total, _: done.append((step, total)))
+    assert done == [(i, 5) for i in range(1, 6)]  # every step evaluates the U-Net once

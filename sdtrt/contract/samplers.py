@@ -143,7 +143,9 @@ SAMPLERS: dict[str, Sampler] = {
         # prediction, at A1111's CFG scale / 12.5. A1111's own function, in no library.
         Sampler("DDIM CFG++", None, aliases=("ddim_cfgpp",), eta=ETA_DDIM, t_function="ddim_cfgpp"),
         Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms",), t_function="plms"),
-        Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
+        # A1111 runs UniPC with its own copy of the UniPC authors' code on continuous time (fractional timesteps):
+        # diffusers' update on A1111's time grid in the A1111-exact mode (sdtrt.pipeline.timesteps.sample_unipc)
+        Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",), t_function="unipc"),
         # The LCM authors' scheduler (for LCM-distilled models and LCM LoRAs). It spreads the steps over LCM's 50
         # original timesteps as diffusers does (A1111 spaces them evenly in its own way). Its re-noising between
         # steps is step noise; it has no eta.

@@ -30,8 +30,9 @@ from sdtrt.pipeline.ksampling import NvStepNoise, ThreadNoise, image_noise, k_di
 TRAINING_STEPS = 1000
 CFGPP_SCALE = 1 / 12.5  # A1111 maps its CFG scale 0..12.5 onto CFG++'s guidance 0..1
 
-# The model a timestep function drives: (x, integer timestep) -> (guided noise prediction, unconditional one).
-EpsModel = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# The model a timestep function drives: (x, timestep) -> (guided noise prediction, unconditional one); UniPC's
+# timesteps are fractional.
+EpsModel = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (0-based step, x, predicted x0)
 
 
@@ -115,8 +116,54 @@ def sample_plms(model: EpsModel, x: torch.Tensor, timesteps: torch.Tensor, alpha
     return x
 
 
+# The UniPC settings A1111 1.10 runs by default (its options uni_pc_variant, uni_pc_order,
+# uni_pc_lower_order_final; uni_pc_skip_type "time_uniform")
+UNIPC_VARIANT, UNIPC_ORDER = "bh1", 3
+
+
+def _unipc_levels(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) at continuous times ``t`` as the UniPC authors' NoiseScheduleVP('discrete') has them: log
+    alpha linear between the training steps, step n at time (n + 1) / 1000."""
+    log_alphas = 0.5 * torch.log(alphas_cumprod)
+    grid = torch.linspace(0.0, 1.0, len(log_alphas) + 1)[1:]
+    right = torch.searchsorted(grid, t).clamp(1, len(grid) - 1)
+    left = right - 1
+    log_alpha = log_alphas[left] + (t - grid[left]) * (log_alphas[right] - log_alphas[left]) / (grid[right] - grid[left])
+    return torch.exp(log_alpha), torch.sqrt(1.0 - torch.exp(2.0 * log_alpha))
+
+
+def sample_unipc(model: EpsModel, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                 callback: Callback | None = None, img2img: bool = False) -> torch.Tensor:
+    """UniPC as A1111 runs it (sd_samplers_timesteps_impl.unipc): len(timesteps) steps evenly spaced in continuous
+    time from 1 (img2img: the last timestep's + 1, as A1111) to 1 / 1000, the U-Net at (t - 1 / 1000) x 1000 (no
+    rounding), multistep bh1 of order 3, lower orders for the last steps, no corrector after the last. The update
+    is diffusers' UniPCMultistepScheduler (the same predictor-corrector), its noise levels set to those times'."""
+    steps = len(timesteps)
+    start = float(timesteps[-1]) / TRAINING_STEPS + 1 / TRAINING_STEPS if img2img else 1.0
+    times = torch.linspace(start, 1 / TRAINING_STEPS, steps + 1)
+    alphas, sigmas = _unipc_levels(alphas_cumprod, times)
+    model_times = (times - 1 / TRAINING_STEPS) * TRAINING_STEPS
+    scheduler = diffusers_class("UniPCMultistepScheduler")(
+        solver_order=UNIPC_ORDER, solver_type=UNIPC_VARIANT, lower_order_final=True, predict_x0=True)
+    scheduler.set_timesteps(steps)
+    scheduler.sigmas = sigmas / alphas  # (diffusers' sigma: the noise-to-signal ratio, alpha = 1 / sqrt(1 + s^2))
+    scheduler.timesteps = model_times[:-1]
+    for i in range(steps):
+        t = float(model_times[i])
+        eps = model(x, t)[0]
+        pred_x0 = (x - sigmas[i] * eps) / alphas[i]
+        x = scheduler.step(eps, scheduler.timesteps[i], x, return_dict=False)[0]
+        if callback is not None:
+            callback(i, x, pred_x0)
+    return x
+
+
 T_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "ddim_cfgpp": sample_ddim_cfgpp,
-                                                       "plms": sample_plms}
+                                                       "plms": sample_plms, "unipc": sample_unipc}
+# The functions that evaluate the model at every timestep handed to them (DDIM and PLMS reach the first one but
+# never evaluate there) and take img2img's start from the timesteps
+EVERY_TIMESTEP = ("unipc",)
+
 
 
 class TSchedule:
@@ -139,14 +186,27 @@ class TSchedule:
         self.run_timesteps = self.timesteps = None
         self.noise_level = TRAINING_STEPS - 1  # the timestep img2img's noise is added at
         self.nv_noise: NvStepNoise | None = None  # the step noise when the request's source is NV
+        self.img2img = False  # strength_timesteps ran: the pass starts at its timesteps' level (UniPC)
 
     def set_timesteps(self, steps: int, device: torch.device | None = None) -> None:
-        self.run_timesteps = a1111_timesteps(steps)
-        self.timesteps = torch.arange(len(self.run_timesteps) - 1, device=device)
+        self.run_timesteps = self._checked(a1111_timesteps(steps), "steps")
+        self.timesteps = torch.arange(self._steps_run(len(self.run_timesteps)), device=device)
+
+    def _steps_run(self, timesteps: int) -> int:
+        every = self.sampler.t_function in EVERY_TIMESTEP
+        return timesteps if every else max(timesteps - 1, 0)
+
+    def _checked(self, timesteps: torch.Tensor, field: str) -> torch.Tensor:
+        """UniPC's timesteps, at least its order of them: A1111 stops with an assertion below that."""
+        if self.sampler.t_function == "unipc" and 0 < len(timesteps) < UNIPC_ORDER:
+            raise InvalidRequest(field, len(timesteps), f"at least {UNIPC_ORDER} steps for UniPC on A1111's code "
+                                 f"path (its order; img2img and the hires fix run denoising strength x steps of "
+                                 "them): more steps, or k_diffusion off for diffusers' UniPC")
+        return timesteps
 
     @property
     def num_inference_steps(self) -> int:
-        return len(self.run_timesteps) - 1
+        return self._steps_run(len(self.run_timesteps))
 
     def strength_timesteps(self, steps: int, strength: float, device: torch.device | None = None,
                            second_pass: bool = False) -> torch.Tensor:
@@ -167,8 +227,9 @@ class TSchedule:
                                  f"// (steps / strength) apart)")
         every = a1111_timesteps(total)
         self.noise_level = int(every[kept])
-        self.run_timesteps = every[:kept]
-        self.timesteps = torch.arange(max(kept - 1, 0), device=device)
+        self.run_timesteps = self._checked(every[:kept], "denoising_strength")
+        self.timesteps = torch.arange(self._steps_run(kept), device=device)
+        self.img2img = True
         return self.timesteps
 
     def add_noise(self, init: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -183,11 +244,13 @@ class TSchedule:
         CompVisTimestepsVDenoiser does)."""
         if not self.v_prediction:
             return output
-        alpha = self.alphas_cumprod[timestep]
+        alpha = self.alphas_cumprod[int(timestep)]  # (UniPC's fractional timesteps truncated, as A1111's)
         return torch.sqrt(alpha) * output + torch.sqrt(1 - alpha) * x
 
     def arguments(self) -> dict[str, Any]:
         arguments: dict[str, Any] = {"timesteps": self.run_timesteps, "alphas_cumprod": self.alphas_cumprod}
+        if self.sampler.t_function == "unipc":
+            arguments["img2img"] = self.img2img
         if self.sampler.eta is not None:
             arguments["eta"] = self.settings.eta_for(self.sampler)
         return arguments
