@@ -143,12 +143,36 @@ def test_xyz_plot_by_a1111s_axis_indices_and_by_name(api, direct):
     assert len(cells) == 2 and np.array_equal(np.asarray(cells[1]), ddim.images[0])
 
 
+def test_xyz_size_prompt_order_and_refiner_axes_as_a1111_applies_them(api, direct):
+    """xyz_grid.py's apply_size (WIDTHxHEIGHT), apply_order (the tokens where they first appear, put back in each
+    order) and the refiner's fields."""
+    prompt = "a red boat, a blue sky, a green sea"
+    args = ["Size", "64x64, 80x64", [], "Prompt order", "a red boat, a green sea", [], 0, "", [], False, True]
+    _, *cells = pictures(api.post("/sdapi/v1/txt2img", json={**BASE, "prompt": prompt, "seed": 3,
+                                                            "script_name": "X/Y/Z plot", "script_args": args}))
+    expected = [(64, prompt), (80, prompt), (64, "a green sea, a blue sky, a red boat"),
+                (80, "a green sea, a blue sky, a red boat")]
+    assert len(cells) == 4
+    for cell, (width, text) in zip(cells, expected):
+        plain = direct.txt2img(text, seed=3, steps=2, width=width, height=64, sampler="Euler", guidance_scale=7,
+                               k_diffusion=True)
+        assert np.array_equal(np.asarray(cell), plain.images[0]), (width, text)
+    model = api.get("/sdapi/v1/sd-models").json()[0]["title"]
+    args = ["Refiner checkpoint", "", ["None", model], "Refiner switch at", "0.5", [], 0, "", [], False, True]
+    response = api.post("/sdapi/v1/txt2img", json={**BASE, "seed": 3, "script_name": "X/Y/Z plot",
+                                                   "script_args": args})
+    assert len(pictures(response)) == 3
+    bad = api.post("/sdapi/v1/txt2img", json={**BASE, "script_name": "X/Y/Z plot",
+                                              "script_args": ["Size", "64 by 64", []]})
+    assert bad.status_code == 422 and "WIDTHxHEIGHT" in bad.text
+
+
 def test_a_script_is_bounded_before_it_starts_and_its_arguments_are_checked(api):
     too_big = api.post("/sdapi/v1/txt2img", json={**BASE, "script_name": "X/Y/Z plot",
                                                   "script_args": [1, "1-11", [], 1, "1-11", []]})
     assert too_big.status_code == 422 and "121 generations" in too_big.text
     missing = api.post("/sdapi/v1/txt2img", json={**BASE, "script_name": "X/Y/Z plot",
-                                                  "script_args": ["Prompt order", "a, b", []]})
+                                                  "script_args": ["Token merging ratio", "0.1, 0.2", []]})
     assert missing.status_code == 422 and "not available" in missing.text and "Steps" in missing.text
     init = b64(Image.fromarray(sample_picture(64, 64)))
     loop = api.post("/sdapi/v1/img2img", json={**BASE, "init_images": [init], "script_name": "Loopback",

@@ -160,7 +160,7 @@ AXES = (
     Axis("Var. strength", float, "subseed_strength"), Axis("Steps", int, "steps"),
     Axis("Hires steps", int, "hr_second_pass_steps", (TXT2IMG,)), Axis("CFG Scale", float, "cfg_scale"),
     Axis("Image CFG Scale", float, "image_cfg_scale", (IMG2IMG,)),
-    Axis("Prompt S/R", str, "prompt", labelled=False), Axis("Prompt order", why=ABSENT),
+    Axis("Prompt S/R", str, "prompt", labelled=False), Axis("Prompt order", tuple, "prompt order", labelled=False),
     Axis("Sampler", str, "sampler_name", (TXT2IMG,), labelled=False),
     Axis("Hires sampler", str, "hr_sampler_name", (TXT2IMG,), labelled=False),
     Axis("Sampler", str, "sampler_name", (IMG2IMG,), labelled=False),
@@ -178,9 +178,10 @@ AXES = (
     Axis("Face restore", why="face restoration comes with the upscalers and face restorers"),
     Axis("Token merging ratio", why=ABSENT), Axis("Token merging ratio high-res", why=ABSENT),
     Axis("Always discard next-to-last sigma", why=ABSENT), Axis("SGM noise multiplier", why=ABSENT),
-    Axis("Refiner checkpoint", why=ABSENT), Axis("Refiner switch at", why=ABSENT),
+    Axis("Refiner checkpoint", str, "refiner_checkpoint", labelled=False),
+    Axis("Refiner switch at", float, "refiner_switch_at"),
     Axis("RNG source", str, "options.randn_source", labelled=False), Axis("FP8 mode", why=ABSENT),
-    Axis("Size", why=ABSENT),
+    Axis("Size", str, "size"),
 )
 XYZ_DEFAULTS = [1, "", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, False]
 _INT_RANGE = re.compile(r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)\s*(?:\(\s*([+-]\s*\d+)\s*\)|\[\s*(\d+)\s*\])?\s*")
@@ -246,6 +247,11 @@ def axis_values(axis: Axis, text: Any, dropdown: Any, csv_mode: bool, i: int) ->
         raise refuse(f"script_args[{i + 1}]", f"{axis.label} values: at least one (comma-separated)")
     if axis.kind in (int, float):
         values = _expand(values, axis.kind)
+    if axis.kind is tuple:  # Prompt order: every order of the tokens
+        _bound(math.factorial(len(values)), f"a prompt order of {len(values)} tokens")
+        return list(itertools.permutations(values))
+    if axis.field == "size" and not all(re.fullmatch(r"\s*\d+\s*x\s*\d+\s*", v) for v in values):
+        raise refuse(f"script_args[{i + 1}]", f"Size values: WIDTHxHEIGHT, such as 512x768 (got {str(values)[:80]})")
     try:
         return [axis.kind(v) for v in values]
     except ValueError:
@@ -263,6 +269,11 @@ def apply_axis(body: _Request, axis: Axis, value: Any, values: list[Any]) -> _Re
                                         "negative prompt")
         return variant(body, prompt=body.prompt.replace(values[0], value),
                        negative_prompt=body.negative_prompt.replace(values[0], value))
+    if axis.field == "prompt order":
+        return variant(body, prompt=reordered(body.prompt, value))
+    if axis.field == "size":
+        width, height = (int(v) for v in value.lower().split("x"))
+        return variant(body, width=width, height=height)
     if axis.field == "styles":
         return variant(body, styles=[*(body.styles or []), *value.split(",")])
     if axis.field.startswith("options."):
@@ -271,9 +282,25 @@ def apply_axis(body: _Request, axis: Axis, value: Any, values: list[Any]) -> _Re
     return variant(body, **{axis.field: value})
 
 
+def reordered(prompt: str, tokens: tuple[str, ...]) -> str:
+    """A1111's Prompt order: the tokens taken out of the prompt where they first appear, in that order, and put
+    back in the order given."""
+    found = sorted((prompt.find(token), token) for token in tokens)
+    if found and found[0][0] < 0:
+        raise refuse("script_args", f"Prompt order did not find {found[0][1][:80]!r} in the prompt")
+    parts, rest = [], prompt
+    for _, token in found:
+        at = rest.find(token)
+        parts.append(rest[:at])
+        rest = rest[at + len(token):]
+    return "".join(part + token for part, token in zip(parts, tokens)) + rest
+
+
 def _cell_label(axis: Axis, value: Any) -> str:
     if axis.label == "Nothing":
         return ""
+    if isinstance(value, tuple):  # (A1111's format_value_join_list)
+        return ", ".join(value)
     shown = round(value, 8) if isinstance(value, float) else value
     return f"{axis.label}: {shown}" if axis.labelled else str(shown)
 
