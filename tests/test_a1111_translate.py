@@ -406,6 +406,17 @@ def test_tiling_is_the_requests_else_the_override_else_the_users_option(catalog)
                                                             {})
 
 
+def test_img2img_fix_steps_and_prompt_comments_are_read_from_the_override_else_the_users_option(catalog):
+    def settings(body: dict, options: dict | None = None) -> dict:
+        return translate(Img2ImgBody(init_images=["x"], **body), UserOptions(options=options or {}), {}, catalog)
+
+    assert settings({})["img2img_fix_steps"] is False
+    assert settings({"override_settings": {"img2img_fix_steps": True}})["img2img_fix_steps"] is True
+    assert settings({}, {"img2img_fix_steps": True})["img2img_fix_steps"] is True
+    assert settings({"prompt": "a cat # not a dog"})["prompt"] == "a cat \n"
+    assert settings({"prompt": "a cat # not a dog"}, {"enable_prompt_comments": False})["prompt"] == "a cat # not a dog"
+
+
 def test_the_hires_pass_takes_a1111s_sampler_scheduler_and_resize_fields(catalog):
     def hires(**body) -> dict:
         settings = translate(Txt2ImgBody(prompt="x", enable_hr=True, **body), UserOptions(), {}, catalog)

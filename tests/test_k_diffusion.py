@@ -257,6 +257,24 @@ def test_img2img_runs_a1111s_steps_of_the_schedule(sampler, local_pipeline, diff
     assert done[-1] == int(strength * steps) + 1  # A1111 runs one step more than diffusers' img2img
 
 
+def test_img2img_fix_steps_runs_the_steps_asked_of_a_stretched_schedule(local_pipeline, diffusers_pipe):
+    """A1111's option img2img_fix_steps (setup_img2img_steps): int(steps / strength) steps of schedule, the last
+    ``steps`` of them run; k_reference's own img2img of that schedule with a strength that keeps as many."""
+    from reference import sample_picture
+    from sdtrt.requests.request import Img2ImgRequest
+
+    picture, steps, strength = sample_picture(64, 64), 6, 0.6  # 10 steps of schedule, sigmas[4:]
+    expected = k_reference(diffusers_pipe, "Euler", 10, init=picture, strength=0.5)
+    request = Img2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps, width=64, height=64,
+                             sampler="Euler", k_diffusion=True, denoising_strength=strength, img2img_fix_steps=True)
+    done = []
+    result = local_pipeline.generate(local_pipeline.plan(request, init_image=picture),
+                                     on_step=lambda step, total, _: done.append(total))
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF and done[-1] == steps
+    plain = local_pipeline.img2img(Img2ImgRequest(**{**request.as_dict(), "img2img_fix_steps": False}), picture)
+    assert max_diff(plain.images, expected) > MAX_PIXEL_DIFF
+
+
 def test_img2img_noise_multiplier_scales_the_starting_noise_as_a1111s(local_pipeline, diffusers_pipe):
     """A1111's "Noise multiplier for img2img": its sample() multiplies the starting noise before
     sample_img2img adds it at the first sigma."""

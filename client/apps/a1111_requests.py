@@ -61,12 +61,12 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
 # kept with the options sdtrt has no use for, and read when a request runs
-OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "enable_prompt_comments")
+OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "enable_prompt_comments", "img2img_fix_steps")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
-    "sd_vae": ("Automatic", "None"), "img2img_fix_steps": (False,),
+    "sd_vae": ("Automatic", "None"),
     "emphasis": ("Original",), "sd_noise_schedule": ("Default",), "skip_early_cond": (0, 0.0),
     "beta_dist_alpha": (0.6,), "beta_dist_beta": (0.6,), "s_min_uncond_all": (False,), "sdxl_clip_l_skip": (False,),
     "pad_cond_uncond_v0": (False,), "refiner_switch_by_sample_steps": (False,),
@@ -556,6 +556,7 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))
+        settings["img2img_fix_steps"] = option_flag(body, mine, "img2img_fix_steps")
         multiplier = body.initial_noise_multiplier  # null: A1111's option of that name
         settings["initial_noise_multiplier"] = mine.options.get("initial_noise_multiplier", 1.0) \
             if multiplier is None else multiplier

@@ -206,7 +206,7 @@ def options_response(mine: UserOptions, spec: ModelSpec) -> dict[str, Any]:
     return {**a1111_defaults(), **mine.options, "sd_model_checkpoint": spec.title,
             "sd_checkpoint_hash": spec.source_hash, "CLIP_stop_at_last_layers": mine.clip_skip,
             "samples_format": "png", "enable_pnginfo": True,
-            "sd_vae": "Automatic", "randn_source": mine.randn_source, "img2img_fix_steps": False,
+            "sd_vae": "Automatic", "randn_source": mine.randn_source,
             **sampler_options(mine)}
 
 

@@ -41,6 +41,13 @@ def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torc
     ``second_pass``)."""
     if isinstance(scheduler, (KSchedule, TSchedule)):
         return scheduler.strength_timesteps(steps, strength, device, second_pass)
+    if second_pass and 0 < strength < 1:  # the last ``steps`` of a schedule for steps / strength
+        total = int(steps / strength)
+        set_timesteps(scheduler, total, device)
+        start = (total - steps) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        return scheduler.timesteps[start:]
     set_timesteps(scheduler, steps, device)
     # A1111's DDIM schedule may run a step more than asked: the strength is a share of the steps it runs
     steps = getattr(scheduler, "num_inference_steps", None) or steps

@@ -360,7 +360,8 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     spec, request, n = plan.spec, plan.request, plan.request.batch_size
     run = _pass(plan)
     generators, scheduler = run.generators, run.scheduler
-    timesteps = run.timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength, nets.device)
+    timesteps = run.timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength, nets.device,
+                                                   second_pass=bool(request.img2img_fix_steps))
     inputs = plan.images.to(nets.device)
     inpaint = inputs.mask is not None
     nine = unet_channels(spec) == spec.latent_channels * 2 + 1

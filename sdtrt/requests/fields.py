@@ -222,6 +222,10 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("initial_noise_multiplier", "float32", 1.0, "img2img: scale of the starting noise (A1111's "
                  "'Noise multiplier for img2img')", minimum=0.0, maximum=1.5, jobs=(IMG2IMG,), shown_in=(IMG2IMG,),
                  a1111="initial_noise_multiplier", infotext="Noise multiplier", label="Noise multiplier"),
+    RequestField("img2img_fix_steps", "bool", False, "img2img: run exactly `steps` steps, of a schedule stretched to "
+                 "steps / denoising strength (A1111's option 'With img2img, do exactly the amount of steps the slider "
+                 "specifies'; off: denoising strength x steps of `steps`)", jobs=(IMG2IMG,), shown_in=(IMG2IMG,),
+                 a1111="override_settings.img2img_fix_steps"),
     RequestField("mask_blur", "int32", 4, "inpainting: Gaussian blur radius of the mask, in pixels", minimum=0,
                  maximum=64, jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="mask_blur", infotext="Mask blur",
                  label="Mask blur"),
