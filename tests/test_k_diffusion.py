@@ -42,6 +42,7 @@ A1111_K = {
     "DPM adaptive": ("sample_dpm_adaptive", "Uniform", False, False, ("eta", "s_noise")),
     "Restart": ("sample_restart", "Karras", False, False, ()),  # A1111's own function: restart_reference below
 }
+SECOND_ORDER_A1111 = ("DPM++ SDE", "DPM++ 2S a", "Heun", "DPM2", "DPM2 a", "Restart")  # its second_order option
 PROMPT, NEGATIVE, SEED = "a small green square at the top left on a white background", "blurry", 11
 
 
@@ -100,7 +101,8 @@ class _NvRandn(_Randn):
 @torch.no_grad()
 def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str = "Automatic", eta: float = 1.0,
                 ensd: int = 0, s_min_uncond: float = 0.0, init: np.ndarray | None = None, strength: float = 0.0,
-                nv: bool = False, noise_multiplier: float = 1.0, **extra) -> np.ndarray:
+                nv: bool = False, noise_multiplier: float = 1.0, skip_early: float = 0.0, uncond_all: bool = False,
+                **extra) -> np.ndarray:
     """One 64x64 image as A1111 samples it with k-diffusion, on diffusers' U-Net and VAE; with ``init`` (a
     picture), img2img as A1111's sample_img2img runs it: of the schedule for ``steps``, the last
     int(strength * steps) + 1 steps, from the picture's latents plus noise at the first of them."""
@@ -127,7 +129,13 @@ def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str 
     calls = [0]
 
     def model(x, sigma, **_):  # A1111's CFGDenoiser around k-diffusion's CompVisDenoiser
-        skip = calls[0] % 2 == 1 and s_min_uncond > 0 and float(sigma[0]) < s_min_uncond
+        # A1111 1.10's CFGDenoiser: skip_early_cond over self.step / total_steps (launch_sampling's steps, twice
+        # for its second-order samplers), else NGMS every other call (or every call: s_min_uncond_all)
+        total = (steps if init is None else len(sigmas) - 1) * (2 if sampler in SECOND_ORDER_A1111 else 1)
+        if skip_early and calls[0] / total <= skip_early:
+            skip = True
+        else:
+            skip = (calls[0] % 2 == 1 or uncond_all) and s_min_uncond > 0 and float(sigma[0]) < s_min_uncond
         calls[0] += 1
         rows = 1 if skip else 2
         x_in, s_in = torch.cat([x] * rows), torch.cat([sigma] * rows)
@@ -229,6 +237,9 @@ def test_every_schedule_type_with_k_samplers(sampler, schedule, local_pipeline, 
      dict(s_churn=3.0, s_tmin=0.5, s_tmax=8.0, s_noise=1.05)),
     ("Euler a", dict(eta_noise_seed_delta=31337, k_diffusion=True), dict(ensd=31337)),
     ("DPM++ 2M", dict(s_min_uncond=4.0), dict(s_min_uncond=4.0)),
+    ("DPM++ 2M", dict(s_min_uncond=4.0, s_min_uncond_all=True), dict(s_min_uncond=4.0, uncond_all=True)),
+    ("Euler a", dict(skip_early_cond=0.3), dict(skip_early=0.3)),
+    ("Heun", dict(skip_early_cond=0.3), dict(skip_early=0.3)),
 ])
 def test_a1111s_sampler_settings_as_k_diffusion_takes_them(sampler, settings, reference, local_pipeline,
                                                            diffusers_pipe):

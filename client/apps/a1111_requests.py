@@ -57,18 +57,19 @@ A1111_NAME = A1111_NAMES | {"init_image": "init_images", "mask": "mask"}
 # them)
 SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_delta": "eta_noise_seed_delta",
                    "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise",
-                   "s_min_uncond": "s_min_uncond"}
+                   "s_min_uncond": "s_min_uncond", "skip_early_cond": "skip_early_cond"}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
 # kept with the options sdtrt has no use for, and read when a request runs
-OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "enable_prompt_comments", "img2img_fix_steps")
+OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "enable_prompt_comments", "img2img_fix_steps",
+                         "s_min_uncond_all")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
     "sd_vae": ("Automatic", "None"),
-    "emphasis": ("Original",), "sd_noise_schedule": ("Default",), "skip_early_cond": (0, 0.0),
-    "beta_dist_alpha": (0.6,), "beta_dist_beta": (0.6,), "s_min_uncond_all": (False,), "sdxl_clip_l_skip": (False,),
+    "emphasis": ("Original",), "sd_noise_schedule": ("Default",),
+    "beta_dist_alpha": (0.6,), "beta_dist_beta": (0.6,), "sdxl_clip_l_skip": (False,),
     "pad_cond_uncond_v0": (False,), "refiner_switch_by_sample_steps": (False,),
     "hires_fix_refiner_pass": ("second pass",),
     # Hypertile's tiled attention (an A1111 speed-up that changes the picture): sdtrt draws without it
@@ -236,6 +237,8 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
     if default is not None and eta != default:  # else the sampler's own (-1), and no "Eta" in the infotext
         settings["eta"] = eta
     settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
+    if options["skip_early_cond"]:
+        settings["skip_early_cond"] = options["skip_early_cond"]
     return settings
 
 
@@ -557,6 +560,8 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))
         settings["img2img_fix_steps"] = option_flag(body, mine, "img2img_fix_steps")
+    if option_flag(body, mine, "s_min_uncond_all"):
+        settings["s_min_uncond_all"] = True
         multiplier = body.initial_noise_multiplier  # null: A1111's option of that name
         settings["initial_noise_multiplier"] = mine.options.get("initial_noise_multiplier", 1.0) \
             if multiplier is None else multiplier

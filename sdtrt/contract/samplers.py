@@ -238,6 +238,7 @@ class SamplerSettings:
     s_tmax: float = 0.0
     s_noise: float = 1.0
     s_min_uncond: float = 0.0
+    skip_early_cond: float = 0.0
     eta_noise_seed_delta: int = 0
     k_diffusion: bool = False
     randn_source: str = "CPU"
@@ -259,7 +260,8 @@ def _diffusers_honours(sampler: Sampler, settings: SamplerSettings) -> bool:
     """Whether the diffusers class draws what A1111 does with these settings: only at the defaults of the
     settings A1111 hands the sampler's function (the others change nothing in A1111 either), and without
     A1111's uncond skipping, which is k-diffusion's denoiser's."""
-    return settings.k_arguments(sampler) == SamplerSettings().k_arguments(sampler) and settings.s_min_uncond == 0
+    return (settings.k_arguments(sampler) == SamplerSettings().k_arguments(sampler) and settings.s_min_uncond == 0
+            and settings.skip_early_cond == 0)
 
 
 def runs_on_k_diffusion(name: str, schedule: str, schedules: dict[str, list[str]],
@@ -286,7 +288,8 @@ def runs_on_a1111_timesteps(name: str, schedule: str, settings: SamplerSettings 
     if sampler.scheduler is None:
         return True
     nv_noise = settings.randn_source == "NV" and settings.eta_for(sampler) > 0
-    return schedule == DEFAULT_SCHEDULE and (settings.k_diffusion or settings.s_min_uncond > 0 or nv_noise)
+    skips = settings.s_min_uncond > 0 or settings.skip_early_cond > 0
+    return schedule == DEFAULT_SCHEDULE and (settings.k_diffusion or skips or nv_noise)
 
 
 def schedule_table(base_config: dict[str, Any] | None = None) -> dict[str, list[str]]:

@@ -35,13 +35,14 @@ def prepare_latents(scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Te
 
 
 def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torch.device | None = None,
-                       second_pass: bool = False) -> torch.Tensor:
+                       second_pass: bool = False, fix_steps: bool = False) -> torch.Tensor:
     """img2img's schedule (diffusers' get_timesteps): only the last int(steps * strength) steps are run (a
     k-diffusion sampler and A1111's timestep ones count them as A1111 does, which tells img2img from a hires fix's
-    ``second_pass``)."""
+    ``second_pass``). ``fix_steps``: A1111's img2img_fix_steps, counted as its second pass is, on every path (a
+    diffusers class runs the hires pass as diffusers' img2img does)."""
     if isinstance(scheduler, (KSchedule, TSchedule)):
-        return scheduler.strength_timesteps(steps, strength, device, second_pass)
-    if second_pass and 0 < strength < 1:  # the last ``steps`` of a schedule for steps / strength
+        return scheduler.strength_timesteps(steps, strength, device, second_pass or fix_steps)
+    if fix_steps and 0 < strength < 1:  # the last ``steps`` of a schedule for steps / strength
         total = int(steps / strength)
         set_timesteps(scheduler, total, device)
         start = (total - steps) * scheduler.order
@@ -80,6 +81,17 @@ class Guidance:
     rescale: float = 0.0  # diffusers' guidance_rescale
     min_uncond_sigma: float = 0.0
     always_uncond: bool = False  # the uncond runs at any scale (CFG++ steps along it)
+    min_uncond_all: bool = False  # NGMS on every call, not every other one
+    skip_early: float = 0.0  # A1111's skip_early_cond: calls / its step count up to this skip the uncond
+
+    def skips_uncond(self, call: int, total: int, level: float) -> bool:
+        """Whether A1111's CFG denoiser leaves the uncond out of its ``call``-th call (0-based) of ``total`` (its
+        sampler's steps, twice for second-order ones) at noise level ``level`` (sigma, or the timestep)."""
+        if self.copies == 1:
+            return False
+        if self.skip_early > 0 and call / total <= self.skip_early:
+            return True
+        return (call % 2 == 1 or self.min_uncond_all) and self.min_uncond_sigma > 0 and level < self.min_uncond_sigma
 
     @property
     def with_uncond(self) -> bool:
@@ -211,8 +223,7 @@ def k_denoise(
         if state["calls"] >= MAX_K_CALLS:  # DPM adaptive picks its own step count: its work is bounded here
             raise InvalidRequest("sampler", schedule.sampler.name, f"a sampler that needs at most {MAX_K_CALLS} "
                                  "U-Net calls; this one needed more for the request: use a fixed-step sampler")
-        skip = (copies > 1 and guidance.min_uncond_sigma > 0 and state["calls"] % 2 == 1
-                and float(sigma[0]) < guidance.min_uncond_sigma)
+        skip = guidance.skips_uncond(state["calls"], schedule.launch_steps, float(sigma[0]))
         state["calls"] += 1
         state["rows"] = n if skip else 0  # the uncond's rows come first: skipping it starts at the first cond's
         k = copies - 1 if skip else copies
@@ -261,7 +272,7 @@ def t_denoise(
     def model(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = inpainting.kept(x, t)  # (the model's input only: the sampler's own latents stay as they are)
         ctx = context(calls[0]) if callable(context) else context
-        skip = copies > 1 and guidance.min_uncond_sigma > 0 and calls[0] % 2 == 1 and t < guidance.min_uncond_sigma
+        skip = guidance.skips_uncond(calls[0], schedule.launch_steps, t)
         calls[0] += 1
         k, start = (copies - 1, n) if skip else (copies, 0)  # the uncond's rows come first
         sample = torch.cat([x] * k)

@@ -267,7 +267,8 @@ def _step_noise(plan: Plan, run: Pass) -> None:
 def _guidance(plan: Plan, prompts: ScheduledConditioning, run: Pass) -> Guidance:
     request = plan.request
     cfgpp = isinstance(run.scheduler, TSchedule) and run.scheduler.cfgpp
-    return Guidance(request.guidance_scale, prompts.weights, request.guidance_rescale, request.s_min_uncond, cfgpp)
+    return Guidance(request.guidance_scale, prompts.weights, request.guidance_rescale, request.s_min_uncond, cfgpp,
+                    bool(request.s_min_uncond_all), request.skip_early_cond or 0.0)
 
 
 def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnStep | None = None,
@@ -361,7 +362,7 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     run = _pass(plan)
     generators, scheduler = run.generators, run.scheduler
     timesteps = run.timesteps = strength_timesteps(scheduler, request.steps, request.denoising_strength, nets.device,
-                                                   second_pass=bool(request.img2img_fix_steps))
+                                                   fix_steps=bool(request.img2img_fix_steps))
     inputs = plan.images.to(nets.device)
     inpaint = inputs.mask is not None
     nine = unet_channels(spec) == spec.latent_channels * 2 + 1

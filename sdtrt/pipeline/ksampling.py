@@ -187,6 +187,11 @@ def _beta(steps: int, training: np.ndarray, alpha: float = 0.6, beta: float = 0.
     return np.append(training[0] + quantiles * (training[-1] - training[0]), 0.0)
 
 
+# A1111's samplers marked second_order (sd_samplers_kdiffusion.samplers_k_diffusion): two model calls a step
+SECOND_ORDER = frozenset({"sample_dpmpp_sde", "sample_dpmpp_2s_ancestral", "sample_heun", "sample_dpm_2",
+                          "sample_dpm_2_ancestral", "sample_restart"})
+
+
 class KSchedule:
     """One pass's k-diffusion sampler: the sigmas of its schedule type for a step count, and what the job code
     asks of a scheduler (``set_timesteps``, ``timesteps`` as indices into the sigmas, ``init_noise_sigma``,
@@ -241,6 +246,13 @@ class KSchedule:
     @property
     def init_noise_sigma(self) -> torch.Tensor:
         return self.sigmas[self.begin]
+
+    @property
+    def launch_steps(self) -> int:
+        """The step count A1111's CFG denoiser divides its calls by (skip_early_cond): the steps the pass runs,
+        twice for its second-order samplers."""
+        steps = len(self.sigmas) - 1 - self.begin
+        return steps * 2 if self.sampler.k_function in SECOND_ORDER else steps
 
     @property
     def num_inference_steps(self) -> int:

@@ -187,8 +187,10 @@ class TSchedule:
         self.noise_level = TRAINING_STEPS - 1  # the timestep img2img's noise is added at
         self.nv_noise: NvStepNoise | None = None  # the step noise when the request's source is NV
         self.img2img = False  # strength_timesteps ran: the pass starts at its timesteps' level (UniPC)
+        self.steps_asked = 0
 
     def set_timesteps(self, steps: int, device: torch.device | None = None) -> None:
+        self.steps_asked = steps
         self.run_timesteps = self._checked(a1111_timesteps(steps), "steps")
         self.timesteps = torch.arange(self._steps_run(len(self.run_timesteps)), device=device)
 
@@ -207,6 +209,13 @@ class TSchedule:
     @property
     def num_inference_steps(self) -> int:
         return self._steps_run(len(self.run_timesteps))
+
+    @property
+    def launch_steps(self) -> int:
+        """The step count A1111's CFG denoiser divides its calls by (skip_early_cond): the steps asked for, or
+        img2img's timesteps plus one (its launch_sampling(t_enc + 1))."""
+        return len(self.run_timesteps) + 1 if self.img2img else self.steps_asked
+
 
     def strength_timesteps(self, steps: int, strength: float, device: torch.device | None = None,
                            second_pass: bool = False) -> torch.Tensor:

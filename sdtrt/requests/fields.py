@@ -131,6 +131,12 @@ FIELDS: tuple[RequestField, ...] = (
     _setting("s_min_uncond", "float32", "below this sigma, every other U-Net call skips the negative "
              "prompt (A1111's Negative Guidance minimum sigma; k-diffusion samplers, and DDIM and PLMS by timestep)", minimum=0.0, maximum=15.0,
              a1111="s_min_uncond", infotext="NGMS"),
+    RequestField("s_min_uncond_all", "bool", False, "NGMS on every U-Net call below its sigma, not every other one "
+                 "(A1111's option 'Negative Guidance minimum sigma all steps')",
+                 a1111="override_settings.s_min_uncond_all", infotext="NGMS all steps"),
+    RequestField("skip_early_cond", "float32", 0.0, "the share of the first U-Net calls that skip the negative "
+                 "prompt (A1111's option 'Ignore negative prompt during early sampling'; its samplers)", minimum=0.0,
+                 maximum=1.0, a1111="override_settings.skip_early_cond", infotext="Skip Early CFG"),
     _setting("eta_noise_seed_delta", "int64", "ENSD: the step noise is drawn from seed + this (A1111's "
              "Eta noise seed delta; NovelAI's 31337)", minimum=0, maximum=MAX_SEED,
              a1111="override_settings.eta_noise_seed_delta", infotext="ENSD"),

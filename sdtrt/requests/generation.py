@@ -72,6 +72,8 @@ def infotexts(plan: Plan) -> list[str]:
             # (A1111 writes these when the refiner takes over; sdtrt when one is named that can)
             "Refiner": request.refiner_checkpoint if plan.refiner is not None else None,
             "Refiner switch at": request.refiner_switch_at if plan.refiner is not None else None,
+            # (A1111 writes it once NGMS has skipped a call on every step)
+            "NGMS all steps": True if request.s_min_uncond_all and request.s_min_uncond > 0 else None,
             "RNG": request.randn_source,  # A1111 writes it for every source but its default, GPU
             # As A1111 lists the LoRAs it applied (fused at export, then the prompts' tags) and the embeddings the
             # prompts used: name, then the first 12 digits of A1111's hash of the file.

@@ -136,12 +136,14 @@ def check_sampler_settings(request: Txt2ImgRequest) -> None:
     timesteps; the samplers only diffusers runs do not take it."""
     sampler = SAMPLERS[request.sampler]
     a1111_timesteps = sampler.t_function is not None and request.schedule_type == DEFAULT_SCHEDULE
-    if request.s_min_uncond > 0 and sampler.k_function is None and not a1111_timesteps:
-        takers = [name for name, s in SAMPLERS.items() if (s.k_function or s.t_function) and s.schedule == "Automatic"]
-        raise InvalidRequest("s_min_uncond", request.s_min_uncond,
-                             f"0 with sampler {request.sampler!r} and schedule type {request.schedule_type!r} (sdtrt "
-                             "skips the uncond with the k-diffusion samplers and, on the Automatic schedule, "
-                             f"A1111's own timestep ones: {', '.join(repr(n) for n in takers)})")
+    for name in ("s_min_uncond", "skip_early_cond"):
+        value = getattr(request, name, 0) or 0
+        if value > 0 and sampler.k_function is None and not a1111_timesteps:
+            takers = [n for n, s in SAMPLERS.items() if (s.k_function or s.t_function) and s.schedule == "Automatic"]
+            raise InvalidRequest(name, value,
+                                 f"0 with sampler {request.sampler!r} and schedule type {request.schedule_type!r} "
+                                 "(sdtrt skips the uncond with the k-diffusion samplers and, on the Automatic "
+                                 f"schedule, A1111's own timestep ones: {', '.join(repr(n) for n in takers)})")
 
 
 def check_randn_source(request: Txt2ImgRequest) -> None:
