@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from sdtrt.client.apps.a1111_requests import Img2ImgBody, _Request, refuse
-from sdtrt.client.apps.a1111_scripts import SCRIPTS, Arg
+from sdtrt.client.apps.a1111_scripts import SCRIPTS, Arg, _flag, _number
 from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, Catalog
+from sdtrt.requests.fields import BY_NAME
 
 # What A1111 users send that comes with another of sdtrt's open issues: said in the refusal.
 COMING = {"controlnet": "ControlNet comes with its own issue (sd-webui-controlnet's API, per-request units)"}
@@ -44,38 +45,24 @@ class AlwaysOn:
     has_ui: bool = True  # named by /sdapi/v1/scripts and described by script-info
 
 
-def _checked_flag(args: list[Any], i: int, label: str) -> bool:
-    if not isinstance(args[i], bool):
-        raise refuse(f"alwayson_scripts.soft inpainting.args[{i}]", f"{label}: true or false (got "
-                                                                   f"{str(args[i])[:80]!r})")
-    return args[i]
-
-
-def _checked_number(args: list[Any], i: int, arg: Arg) -> float:
-    value = args[i]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not arg.minimum <= value <= arg.maximum:
-        raise refuse(f"alwayson_scripts.soft inpainting.args[{i}]", f"{arg.label}: a number from {arg.minimum:g} "
-                                                                   f"to {arg.maximum:g} (got {str(value)[:80]!r})")
-    return float(value)
-
-
-SOFT_INPAINTING_ARGS = (
-    Arg("Soft inpainting"), Arg("Schedule bias", 0, 8, 0.1), Arg("Preservation strength", 0, 8, 0.05),
-    Arg("Transition contrast boost", 1, 32, 0.5), Arg("Mask influence", 0, 1, 0.05),
-    Arg("Difference threshold", 0, 8, 0.25), Arg("Difference contrast", 0, 8, 0.25))
-
-
-SOFT_INPAINTING_FIELDS = ("schedule_bias", "preservation_strength", "transition_contrast_boost", "mask_influence",
-                          "difference_threshold", "difference_contrast")  # sdtrt's soft_inpainting_*, in order
+# Soft Inpainting's settings: sdtrt's soft_inpainting_* fields (their labels, ranges and defaults are A1111's UI
+# sliders'), in its UI's order, with the sliders' steps
+SOFT_INPAINTING_FIELDS = tuple(f for f in BY_NAME if f.startswith("soft_inpainting_"))
+_STEPS = (0.1, 0.05, 0.5, 0.05, 0.25, 0.25)
+SOFT_INPAINTING_ARGS = (Arg(BY_NAME["soft_inpainting"].label), *(
+    Arg(BY_NAME[name].label, BY_NAME[name].minimum, BY_NAME[name].maximum, step)
+    for name, step in zip(SOFT_INPAINTING_FIELDS, _STEPS)))
+SOFT_INPAINTING_DEFAULTS = (False, *(BY_NAME[name].default for name in SOFT_INPAINTING_FIELDS))
+_SOFT_WHERE = "alwayson_scripts.soft inpainting.args"
 
 
 def soft_inpainting(args: list[Any]) -> dict[str, Any]:
     """A1111's Soft Inpainting arguments (enabled, then its six settings in its UI's order) as sdtrt's fields."""
-    if not _checked_flag(args, 0, "Soft inpainting"):
+    if not _flag(args, 0, SOFT_INPAINTING_ARGS[0].label, _SOFT_WHERE):
         return {}
-    values = [_checked_number(args, i + 1, arg) for i, arg in enumerate(SOFT_INPAINTING_ARGS[1:])]
-    return {"soft_inpainting": True, **{f"soft_inpainting_{name}": value
-                                        for name, value in zip(SOFT_INPAINTING_FIELDS, values)}}
+    return {"soft_inpainting": True, **{
+        name: _number(args, i + 1, arg.label, arg.minimum, arg.maximum, float, _SOFT_WHERE)
+        for i, (name, arg) in enumerate(zip(SOFT_INPAINTING_FIELDS, SOFT_INPAINTING_ARGS[1:]))}}
 
 
 def _sampler_args() -> tuple[Arg, ...]:
@@ -86,7 +73,7 @@ def _sampler_args() -> tuple[Arg, ...]:
 ALWAYSON = {s.title.lower(): s for s in (
     AlwaysOn("Extra options", (TXT2IMG, IMG2IMG)),
     AlwaysOn("Hypertile", (TXT2IMG, IMG2IMG), has_ui=False),
-    AlwaysOn("Soft Inpainting", (IMG2IMG,), SOFT_INPAINTING_ARGS, (False, 1, 0.5, 4, 0, 0.5, 2), soft_inpainting),
+    AlwaysOn("Soft Inpainting", (IMG2IMG,), SOFT_INPAINTING_ARGS, SOFT_INPAINTING_DEFAULTS, soft_inpainting),
     AlwaysOn("Comments", (TXT2IMG, IMG2IMG), has_ui=False),
     AlwaysOn("Refiner", (TXT2IMG, IMG2IMG), (Arg("Refiner"), Arg("Checkpoint"), Arg("Switch at", 0.01, 1, 0.01)),
              (False, "", 0.8)),

@@ -76,18 +76,20 @@ def _choice(args: Sequence[Any], i: int, name: str, choices: Sequence[str]) -> s
     return args[i]
 
 
-def _number(args: Sequence[Any], i: int, name: str, low: float, high: float, kind: type = int) -> Any:
+def _number(args: Sequence[Any], i: int, name: str, low: float, high: float, kind: type = int,
+            where: str = "script_args") -> Any:
+    """A script's numeric argument, checked (``where``: the request key its arguments sit under)."""
     value = args[i]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
             or (kind is int and value != int(value)):
-        raise refuse(f"script_args[{i}]", f"{name}: {'an integer' if kind is int else 'a number'} from {low:g} to "
-                                          f"{high:g} (got {str(value)[:80]!r})")
+        raise refuse(f"{where}[{i}]", f"{name}: {'an integer' if kind is int else 'a number'} from {low:g} to "
+                                      f"{high:g} (got {str(value)[:80]!r})")
     return kind(value)
 
 
-def _flag(args: Sequence[Any], i: int, name: str) -> bool:
+def _flag(args: Sequence[Any], i: int, name: str, where: str = "script_args") -> bool:
     if not isinstance(args[i], bool):
-        raise refuse(f"script_args[{i}]", f"{name}: true or false (got {str(args[i])[:80]!r})")
+        raise refuse(f"{where}[{i}]", f"{name}: true or false (got {str(args[i])[:80]!r})")
     return args[i]
 
 

@@ -42,17 +42,13 @@ def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torc
     diffusers class runs the hires pass as diffusers' img2img does)."""
     if isinstance(scheduler, (KSchedule, TSchedule)):
         return scheduler.strength_timesteps(steps, strength, device, second_pass or fix_steps)
-    if fix_steps and 0 < strength < 1:  # the last ``steps`` of a schedule for steps / strength
-        total = int(steps / strength)
-        set_timesteps(scheduler, total, device)
-        start = (total - steps) * scheduler.order
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        return scheduler.timesteps[start:]
-    set_timesteps(scheduler, steps, device)
+    fixed = fix_steps and 0 < strength < 1  # the last ``steps`` of a schedule for steps / strength
+    total = int(steps / strength) if fixed else steps
+    set_timesteps(scheduler, total, device)
     # A1111's DDIM schedule may run a step more than asked: the strength is a share of the steps it runs
-    steps = getattr(scheduler, "num_inference_steps", None) or steps
-    start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
+    total = getattr(scheduler, "num_inference_steps", None) or total
+    run = steps if fixed else min(int(total * strength), total)
+    start = max(total - run, 0) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]
