@@ -417,6 +417,20 @@ def test_img2img_fix_steps_and_prompt_comments_are_read_from_the_override_else_t
     assert settings({"prompt": "a cat # not a dog"}, {"enable_prompt_comments": False})["prompt"] == "a cat # not a dog"
 
 
+def test_the_noise_multiplier_is_img2imgs_and_ngms_all_steps_either_tabs(catalog):
+    def settings(body: dict, options: dict | None = None, tab=Img2ImgBody) -> dict:
+        extra = {"init_images": ["x"]} if tab is Img2ImgBody else {}
+        return translate(tab(prompt="x", **extra, **body), UserOptions(options=options or {}), {}, catalog)
+
+    assert settings({})["initial_noise_multiplier"] == 1.0
+    assert settings({"initial_noise_multiplier": 0.9})["initial_noise_multiplier"] == 0.9
+    assert settings({}, {"initial_noise_multiplier": 0.8})["initial_noise_multiplier"] == 0.8
+    ngms_all = {"override_settings": {"s_min_uncond_all": True}}
+    assert settings(ngms_all, tab=Txt2ImgBody)["s_min_uncond_all"] is True
+    assert "initial_noise_multiplier" not in settings(ngms_all, tab=Txt2ImgBody)
+    assert settings(ngms_all)["initial_noise_multiplier"] == 1.0
+
+
 def test_the_hires_pass_takes_a1111s_sampler_scheduler_and_resize_fields(catalog):
     def hires(**body) -> dict:
         settings = translate(Txt2ImgBody(prompt="x", enable_hr=True, **body), UserOptions(), {}, catalog)

@@ -560,11 +560,11 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))
         settings["img2img_fix_steps"] = option_flag(body, mine, "img2img_fix_steps")
-    if option_flag(body, mine, "s_min_uncond_all"):
-        settings["s_min_uncond_all"] = True
         multiplier = body.initial_noise_multiplier  # null: A1111's option of that name
         settings["initial_noise_multiplier"] = mine.options.get("initial_noise_multiplier", 1.0) \
             if multiplier is None else multiplier
+    if option_flag(body, mine, "s_min_uncond_all"):
+        settings["s_min_uncond_all"] = True
     return settings
 
 
