@@ -166,6 +166,18 @@ def diffusers_inpaint(pipe, image, mask, *, prompt, sampler, steps, cfg, strengt
 A1111_SIGMA_SCHEDULES = ("KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM")  # no diffusers setting
 
 
+def a1111_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """A1111's rescale_zero_terminal_snr_abar (modules/sd_models.py): Lin et al.'s Algorithm 1 on sqrt(abar), shifted
+    to end at 0 and scaled to keep its start, squared back; its last level then A1111's 4.8973451890853435e-08."""
+    root = alphas_cumprod.sqrt()
+    start, end = root[0].clone(), root[-1].clone()
+    root -= end
+    root *= start / (start - end)
+    rescaled = root ** 2
+    rescaled[-1] = 4.8973451890853435e-08
+    return rescaled
+
+
 class A1111Schedules:
     """A1111's schedule types (modules/sd_schedulers.py and k-diffusion's get_sigmas_*), restated from their
     published definitions with torch as A1111 computes them, for a model's training betas. ``sigmas(name, n)``
@@ -173,12 +185,18 @@ class A1111Schedules:
 
     AYS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]  # NVIDIA's AYS page
 
-    def __init__(self, scheduler_config):
+    def __init__(self, scheduler_config, zero_snr: bool = False, downcast: bool = False):
         betas = torch.linspace(scheduler_config["beta_start"] ** 0.5, scheduler_config["beta_end"] ** 0.5,
                                scheduler_config["num_train_timesteps"], dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         self.alphas_cumprod = alphas_cumprod.float()  # as LatentDiffusion registers its buffer
-        self.model_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # k-diffusion's DiscreteSchedule
+        if downcast or zero_snr:  # A1111's apply_alpha_schedule_override, in its order and dtype
+            if downcast:
+                self.alphas_cumprod = self.alphas_cumprod.half()
+            if zero_snr:
+                self.alphas_cumprod = a1111_zero_terminal_snr(self.alphas_cumprod)
+            alphas_cumprod = self.alphas_cumprod
+        self.model_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double()  # k-diffusion's DiscreteSchedule
         self.log_sigmas = self.model_sigmas.log()
         self.sigma_min, self.sigma_max = float(self.model_sigmas[0]), float(self.model_sigmas[-1])
 
@@ -195,17 +213,21 @@ class A1111Schedules:
         low, high, w = t.floor().long(), t.ceil().long(), t.frac()
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
-    def sigmas(self, name: str, n: int) -> torch.Tensor:
+    def sigmas(self, name: str, n: int, sigma_min: float = 0.0, sigma_max: float = 0.0, rho: float = 0.0,
+               alpha: float = 0.6, beta: float = 0.6, old_karras: bool = False) -> torch.Tensor:
+        """A1111's get_sigmas with its options: the range it hands the schedule (the model's, 0.1 to 10 with its
+        old Karras range, else sigma_min / sigma_max where set), rho (0: the schedule's), Beta's alpha and beta."""
         zero = torch.zeros(1, dtype=torch.float64)
-        smin, smax = self.sigma_min, self.sigma_max
+        smin, smax = (0.1, 10.0) if old_karras else (self.sigma_min, self.sigma_max)
+        smin, smax = sigma_min or smin, sigma_max or smax
         if name == "Uniform":
             return torch.cat([self.t_to_sigma(torch.linspace(len(self.model_sigmas) - 1, 0, n, dtype=torch.float64)),
                               zero])
         if name == "Karras":
-            ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-            return torch.cat([(smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7, zero])
-        if name in ("Exponential", "Polyexponential"):  # polyexponential at A1111's rho = 1
-            ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** 1.0
+            ramp, rho = torch.linspace(0, 1, n, dtype=torch.float64), rho or 7.0
+            return torch.cat([(smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho, zero])
+        if name in ("Exponential", "Polyexponential"):  # polyexponential at A1111's rho, 1 unless set
+            ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** ((rho or 1.0) if name == "Polyexponential" else 1)
             return torch.cat([torch.exp(ramp * (math.log(smax) - math.log(smin)) + math.log(smin)), zero])
         if name in ("SGM Uniform", "Normal"):
             start, end = self.sigma_to_t(smax), self.sigma_to_t(smin)
@@ -233,7 +255,7 @@ class A1111Schedules:
         if name == "Beta":
             from scipy import stats
 
-            ts = [stats.beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n)]
+            ts = [stats.beta.ppf(x, alpha, beta) for x in 1 - np.linspace(0, 1, n)]
             return torch.tensor([smin + x * (smax - smin) for x in ts] + [0.0], dtype=torch.float64)
         raise KeyError(name)
 

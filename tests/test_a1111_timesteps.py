@@ -144,3 +144,48 @@ def test_unipc_on_a1111s_path_needs_its_order_of_steps(local_pipeline):
                                                                height=64, k_diffusion=True)),
                             on_step=lambda step, total, _: done.append((step, total)))
     assert done == [(i, 5) for i in range(1, 6)]  # every step evaluates the U-Net once
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
+def test_zero_terminal_snr_and_the_extra_step_on_a1111s_timesteps(sampler):
+    """A1111's timestep samplers read its model's noise levels, which its Zero Terminal SNR option rescales, and take
+    always_discard_next_to_last_sigma as one step more (they have no sigma to discard)."""
+    cfg, seed, steps = 6.0, 11, 9
+    rng = ImageRng(seed, False, 0)
+    x = rng.next((4, 6, 6))[None]
+    schedules = A1111Schedules(CONFIG, zero_snr=True)
+    expected = a1111_timestep_sample(A1111Pipe, schedules, sampler, x.clone(), compvis_timesteps(steps + 1), COND,
+                                     UNCOND, cfg, rng)
+    settings = SamplerSettings(sd_noise_schedule="Zero Terminal SNR", always_discard_next_to_last_sigma=True)
+    assert runs_on_a1111_timesteps(sampler, "Automatic", settings)
+    schedule = TSchedule(SAMPLERS[sampler], CONFIG, settings, [seed])
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn((4, 6, 6), generator=generator)[None]
+    latents = prepare_latents(schedule, start, steps)
+    result = denoise(Pass(schedule, [generator]), sdtrt_unet, latents, {CONTEXT_INPUT: torch.cat([UNCOND, COND])},
+                     Guidance(cfg))
+    assert torch.allclose(result, expected, atol=1e-4), float((result - expected).abs().max())
+    plain = TSchedule(SAMPLERS[sampler], CONFIG, SamplerSettings(), [seed])
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn((4, 6, 6), generator=generator)[None]
+    other = denoise(Pass(plain, [generator]), sdtrt_unet, prepare_latents(plain, start, steps),
+                    {CONTEXT_INPUT: torch.cat([UNCOND, COND])}, Guidance(cfg))
+    assert (other - expected).abs().max() > 0.01
+
+
+def test_a1111s_schedule_options_are_refused_where_diffusers_runs_the_sampler(local_pipeline):
+    """LCM (and DDIM on a schedule type of diffusers') have no A1111 code path to take them."""
+    for sampler, schedule, field, value in (("LCM", "Automatic", "sd_noise_schedule", "Zero Terminal SNR"),
+                                            ("DDIM", "Uniform", "sigma_max", 5.0),
+                                            ("UniPC", "Beta", "beta_dist_alpha", 0.3)):
+        with pytest.raises(InvalidRequest) as exc:
+            local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler=sampler, schedule_type=schedule, width=64,
+                                                  height=64, **{field: value}))
+        assert exc.value.field == field and repr(sampler) in str(exc.value)
+    # A1111's timestep samplers ignore the sigma options, as A1111's do
+    plain = dict(prompt="x", sampler="DDIM", steps=3, width=64, height=64, seed=1)
+    assert (local_pipeline.txt2img(Txt2ImgRequest(sigma_max=5.0, **plain)).images
+            == local_pipeline.txt2img(Txt2ImgRequest(**plain)).images).all()
+    with pytest.raises(InvalidRequest) as exc:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sigma_min=5.0, sigma_max=2.0, width=64, height=64))
+    assert exc.value.field == "sigma_min" and "below sigma_max" in str(exc.value)

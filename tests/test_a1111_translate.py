@@ -234,6 +234,9 @@ def test_a1111s_names_become_sdtrts(catalog, given, wanted):
     ({"override_settings": {"sd_model_checkpoint": "no such model"}}, "override_settings.sd_model_checkpoint"),
     ({"n_iter": 10_000}, "n_iter"),
     ({"styles": ["s"] * 65}, "styles"),
+    ({"override_settings": {"beta_dist_alpha": 0.0}}, "override_settings.beta_dist_alpha"),
+    ({"override_settings": {"sd_noise_schedule": "Cosine"}}, "override_settings.sd_noise_schedule"),
+    ({"override_settings": {"sgm_noise_multiplier": "on"}}, "override_settings.sgm_noise_multiplier"),
 ])
 def test_what_would_change_the_picture_is_refused_by_name(catalog, given, field):
     with pytest.raises(HTTPException) as excinfo:
@@ -263,6 +266,27 @@ def test_sampler_settings_come_from_the_request_else_the_users_options(catalog):
     # the sampler's own eta stays unset, so that the infotext has no "Eta", as A1111's
     assert "eta" not in translate(Txt2ImgBody(prompt="x", sampler_name="Euler a", eta=1.0), UserOptions(), {}, catalog)
     assert "eta" not in translate(Txt2ImgBody(prompt="x", sampler_name="Euler", eta=0.5), UserOptions(), {}, catalog)
+
+
+def test_a1111s_schedule_options_reach_the_request_from_the_override_the_users_options_or_an_infotext(catalog):
+    overrides = {"sigma_min": 0.1, "sigma_max": 10, "rho": 5, "beta_dist_alpha": 0.4, "sgm_noise_multiplier": True,
+                 "sd_noise_schedule": "Zero Terminal SNR", "always_discard_next_to_last_sigma": True,
+                 "img2img_extra_noise": 0.3}
+    settings = translate(Txt2ImgBody(prompt="x", override_settings=overrides), UserOptions(), {}, catalog)
+    assert {k: settings[k] for k in overrides if k != "img2img_extra_noise"} == \
+        {k: v for k, v in overrides.items() if k != "img2img_extra_noise"}
+    assert "img2img_extra_noise" not in settings  # (img2img's and the hires pass's)
+    settings = translate(Img2ImgBody(init_images=["x"]), UserOptions(sampler={"img2img_extra_noise": 0.3},
+                                                                     options={"use_downcasted_alpha_bar": True}),
+                         {}, catalog)
+    assert settings["img2img_extra_noise"] == 0.3 and settings["use_downcasted_alpha_bar"] is True
+    plain = translate(Txt2ImgBody(prompt="x"), UserOptions(), {}, catalog)
+    assert not {"sigma_min", "beta_dist_alpha", "sd_noise_schedule", "sgm_noise_multiplier"} & set(plain)
+    infotext = ("a fox\nSteps: 5, Sampler: Euler, Schedule type: Beta, Seed: 3, Size: 64x64, Beta schedule alpha: 0.4, "
+                "Beta schedule beta: 0.6, Noise Schedule: Zero Terminal SNR, SGM noise multiplier: False")
+    settings = translate(Txt2ImgBody(infotext=infotext), UserOptions(), {}, catalog)
+    assert (settings["beta_dist_alpha"], settings["sd_noise_schedule"]) == (0.4, "Zero Terminal SNR")
+    assert "sgm_noise_multiplier" not in settings  # "False" is false
 
 
 def test_an_infotexts_settings_are_read_as_override_settings(catalog):

@@ -102,28 +102,36 @@ class _NvRandn(_Randn):
 def k_reference(pipe, sampler: str, steps: int, cfg: float = 7.0, schedule: str = "Automatic", eta: float = 1.0,
                 ensd: int = 0, s_min_uncond: float = 0.0, init: np.ndarray | None = None, strength: float = 0.0,
                 nv: bool = False, noise_multiplier: float = 1.0, skip_early: float = 0.0, uncond_all: bool = False,
-                **extra) -> np.ndarray:
+                options: dict | None = None, **extra) -> np.ndarray:
     """One 64x64 image as A1111 samples it with k-diffusion, on diffusers' U-Net and VAE; with ``init`` (a
     picture), img2img as A1111's sample_img2img runs it: of the schedule for ``steps``, the last
-    int(strength * steps) + 1 steps, from the picture's latents plus noise at the first of them."""
+    int(strength * steps) + 1 steps, from the picture's latents plus noise at the first of them. ``options``: A1111's
+    schedule and noise-level options (its get_sigmas, apply_alpha_schedule_override, sample and sample_img2img):
+    the range, rho, alpha and beta and old_karras of A1111Schedules.sigmas, zero_snr, downcast, discard, sgm,
+    extra_noise."""
     sampling = k_sampling()
     function, automatic, discard, brownian, takes = A1111_K[sampler]
-    a1111 = A1111Schedules(pipe.scheduler.config)
+    options = dict(options or {})
+    a1111 = A1111Schedules(pipe.scheduler.config, options.pop("zero_snr", False), options.pop("downcast", False))
+    discard = discard or options.pop("discard", False)
+    sgm, extra_noise = options.pop("sgm", False), options.pop("extra_noise", 0.0)
     n = steps + 1 if discard else steps
-    sigmas = a1111.sigmas(automatic if schedule == "Automatic" else schedule, n).float()
+    name = automatic if schedule == "Automatic" else schedule
+    sigmas = a1111.sigmas(name, n, **options).float()  # (Uniform: k-diffusion's get_sigmas, whatever the range)
     if discard:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
     generator = torch.Generator().manual_seed(SEED)
     if init is None and nv:  # A1111's ImageRNG: the starting noise is the generator's first draw
         x = torch.from_numpy(nv_randn(SEED, (1, 4, 8, 8))) * sigmas[0]
-    elif init is None:
-        x = torch.randn((1, 4, 8, 8), generator=generator) * sigmas[0]
+    elif init is None:  # (A1111's SGM noise multiplier: SGM's samplers' starting scale)
+        x = torch.randn((1, 4, 8, 8), generator=generator) * (torch.sqrt(1 + sigmas[0] ** 2) if sgm else sigmas[0])
     else:  # the picture's latents drawn as diffusers' img2img draws them (generator first), then the noise
         picture = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 127.5 - 1
         latents = pipe.vae.encode(picture).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
         schedule_sigmas, sigmas = sigmas, sigmas[steps - int(min(strength, 0.999) * steps) - 1:]
-        x = latents + torch.randn((1, 4, 8, 8), generator=generator) * noise_multiplier * sigmas[0]
+        noise = torch.randn((1, 4, 8, 8), generator=generator) * noise_multiplier
+        x = latents + noise * sigmas[0] + noise * extra_noise
     if ensd:
         generator = torch.Generator().manual_seed(SEED + ensd)
     calls = [0]
@@ -268,6 +276,76 @@ def test_img2img_runs_a1111s_steps_of_the_schedule(sampler, local_pipeline, diff
     assert done[-1] == int(strength * steps) + 1  # A1111 runs one step more than diffusers' img2img
 
 
+@pytest.mark.parametrize("sampler, schedule, settings, options", [
+    ("Euler", "Karras", dict(sigma_min=0.1, sigma_max=10.0, rho=5.0), dict(sigma_min=0.1, sigma_max=10.0, rho=5.0)),
+    ("Euler", "Beta", dict(beta_dist_alpha=0.4, beta_dist_beta=0.8), dict(alpha=0.4, beta=0.8)),
+    ("DPM++ 2M", "Automatic", dict(use_old_karras_scheduler_sigmas=True), dict(old_karras=True)),
+    ("Euler", "Normal", dict(sigma_max=8.0), dict(sigma_max=8.0)),
+    ("Euler", "KL Optimal", dict(sigma_max=5.0), dict(sigma_max=5.0)),
+    ("Euler", "Polyexponential", dict(rho=2.0), dict(rho=2.0)),
+    ("Euler a", "Automatic", dict(always_discard_next_to_last_sigma=True), dict(discard=True)),
+    ("Euler", "Karras", dict(sd_noise_schedule="Zero Terminal SNR"), dict(zero_snr=True)),
+])
+def test_a1111s_schedule_options_as_its_get_sigmas_takes_them(sampler, schedule, settings, options, local_pipeline,
+                                                              diffusers_pipe):
+    """A1111's options for its samplers' sigmas and noise levels, each against k_reference given the same option
+    (A1111Schedules restating A1111's get_sigmas and apply_alpha_schedule_override)."""
+    steps = 8
+    expected = k_reference(diffusers_pipe, sampler, steps, schedule=schedule, options=options)
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps,
+                                                   width=64, height=64, sampler=sampler, schedule_type=schedule,
+                                                   **settings))
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+    plain = sdtrt_image(local_pipeline, sampler, steps, schedule_type=schedule)
+    assert max_diff(plain, expected) > MAX_PIXEL_DIFF  # the option changed the picture
+
+
+def test_sgm_noise_multiplier_scales_txt2imgs_start(local_pipeline, diffusers_pipe):
+    """sqrt(1 + sigma^2) instead of sigma: visible where the schedule starts low (A1111's sigma_max option)."""
+    steps, low = 8, dict(sigma_max=1.5)
+    expected = k_reference(diffusers_pipe, "Euler", steps, schedule="Karras", options=dict(sgm=True, **low))
+    settings = dict(schedule_type="Karras", sigma_max=1.5)
+    result = local_pipeline.txt2img(Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps,
+                                                   width=64, height=64, sampler="Euler", sgm_noise_multiplier=True,
+                                                   **settings))
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+    assert max_diff(sdtrt_image(local_pipeline, "Euler", steps, **settings), expected) > MAX_PIXEL_DIFF
+    assert "SGM noise multiplier: True" in result.infotexts[0] and "Schedule max sigma: 1.5" in result.infotexts[0]
+
+
+def test_downcast_noise_levels_are_a1111s_fp16_ones(local_pipeline, diffusers_pipe):
+    """A1111's use_downcasted_alpha_bar computes its sigmas from fp16 noise levels: a rounding change, under the
+    picture tolerance, checked on the levels themselves too."""
+    from sdtrt.contract.samplers import SamplerSettings
+    from sdtrt.pipeline.ksampling import sampling_alphas_cumprod
+
+    config = diffusers_pipe.scheduler.config
+    downcast = sampling_alphas_cumprod(config, SamplerSettings(use_downcasted_alpha_bar=True))
+    exact = sampling_alphas_cumprod(config, SamplerSettings())
+    assert downcast.dtype == torch.float16 and torch.equal(downcast, exact.half())
+    assert 1e-4 < float(((downcast.float() - exact) / exact).abs().max()) < 1e-3
+    expected = k_reference(diffusers_pipe, "Euler a", 8, options=dict(downcast=True))
+    result = sdtrt_image(local_pipeline, "Euler a", 8, use_downcasted_alpha_bar=True)
+    assert max_diff(result, expected) <= MAX_PIXEL_DIFF
+
+
+def test_extra_noise_is_added_to_img2imgs_start_and_written(local_pipeline, diffusers_pipe):
+    """A1111's img2img_extra_noise: sample_img2img adds the same noise again, times the option."""
+    from reference import sample_picture
+    from sdtrt.requests.request import Img2ImgRequest
+
+    picture, steps, strength = sample_picture(64, 64), 10, 0.6
+    expected = k_reference(diffusers_pipe, "Euler", steps, init=picture, strength=strength,
+                           options=dict(extra_noise=0.5))
+    request = Img2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps, width=64, height=64,
+                             sampler="Euler", denoising_strength=strength, img2img_extra_noise=0.5)
+    result = local_pipeline.img2img(request, picture)
+    assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+    assert max_diff(result.images, k_reference(diffusers_pipe, "Euler", steps, init=picture,
+                                               strength=strength)) > MAX_PIXEL_DIFF
+    assert "Extra noise: 0.5" in result.infotexts[0]
+
+
 def test_img2img_fix_steps_runs_the_steps_asked_of_a_stretched_schedule(local_pipeline, diffusers_pipe):
     """A1111's option img2img_fix_steps (setup_img2img_steps): int(steps / strength) steps of schedule, the last
     ``steps`` of them run; k_reference's own img2img of that schedule with a strength that keeps as many."""
@@ -329,3 +407,14 @@ def test_a_k_diffusion_sampler_served_matches_the_local_runner(server, local_pip
     local = local_pipeline.txt2img(Txt2ImgRequest(prompt="a lighthouse", **settings))
     assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
     assert "Eta: 0.7" in served.infotexts[0] and "ENSD: 5" in served.infotexts[0]
+
+
+def test_a1111s_schedule_options_served_match_the_local_runner(server, local_pipeline):
+    settings = dict(sampler="Euler", schedule_type="Beta", steps=5, seed=4, width=64, height=64, beta_dist_alpha=0.4,
+                    sigma_max=9.0, sd_noise_schedule="Zero Terminal SNR", always_discard_next_to_last_sigma=True)
+    served = Client(server.url).txt2img("a lighthouse", **settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(prompt="a lighthouse", **settings))
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    for key in ("Beta schedule alpha: 0.4", "Schedule max sigma: 9", "Noise Schedule: Zero Terminal SNR",
+                "Discard penultimate sigma: True"):
+        assert key in served.infotexts[0], served.infotexts[0]

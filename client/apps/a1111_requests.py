@@ -29,10 +29,10 @@ from sdtrt.client.client import JobControl
 from sdtrt.contract.errors import ERROR_KINDS, InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 from sdtrt.contract.pictures import open_picture, picture_bytes_from_base64
-from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
+from sdtrt.contract.samplers import NOISE_SCHEDULES, SAMPLERS, SCHEDULE_TYPES
 from sdtrt.contract.seeds import MAX_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, Catalog, ModelSpec
-from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, BY_NAME, FIELDS
+from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, BY_NAME, FIELDS, RequestField
 from sdtrt.requests.generation import check_n_iter, settings_from_infotext
 from sdtrt.requests.infotext import check_infotext
 from sdtrt.requests.styles import apply_styles
@@ -57,19 +57,24 @@ A1111_NAME = A1111_NAMES | {"init_image": "init_images", "mask": "mask"}
 # them)
 SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_delta": "eta_noise_seed_delta",
                    "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise",
-                   "s_min_uncond": "s_min_uncond", "skip_early_cond": "skip_early_cond"}
+                   "s_min_uncond": "s_min_uncond", "skip_early_cond": "skip_early_cond",
+                   **{name: name for name in ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta",
+                                              "img2img_extra_noise")}}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
+SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta")  # request fields too
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
+# A1111's on/off options for its samplers, request fields of the same names
+SAMPLER_FLAGS = ("use_old_karras_scheduler_sigmas", "always_discard_next_to_last_sigma", "sgm_noise_multiplier",
+                 "use_downcasted_alpha_bar")
 # kept with the options sdtrt has no use for, and read when a request runs
 OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "enable_prompt_comments", "img2img_fix_steps",
-                         "s_min_uncond_all")
+                         "s_min_uncond_all", "sd_noise_schedule", *SAMPLER_FLAGS)
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
     "sd_vae": ("Automatic", "None"),
-    "emphasis": ("Original",), "sd_noise_schedule": ("Default",),
-    "beta_dist_alpha": (0.6,), "beta_dist_beta": (0.6,), "sdxl_clip_l_skip": (False,),
+    "emphasis": ("Original",), "sdxl_clip_l_skip": (False,),
     "pad_cond_uncond_v0": (False,), "refiner_switch_by_sample_steps": (False,),
     "hires_fix_refiner_pass": ("second pass",),
     # Hypertile's tiled attention (an A1111 speed-up that changes the picture): sdtrt draws without it
@@ -237,8 +242,27 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
     if default is not None and eta != default:  # else the sampler's own (-1), and no "Eta" in the infotext
         settings["eta"] = eta
     settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
-    if options["skip_early_cond"]:
-        settings["skip_early_cond"] = options["skip_early_cond"]
+    defaults = a1111_defaults()
+    for name in ("skip_early_cond", *SCHEDULE_OPTIONS):
+        if options[name] != defaults[name]:
+            settings[name] = options[name]
+    second_pass = isinstance(body, Img2ImgBody) or getattr(body, "enable_hr", False)
+    if options["img2img_extra_noise"] and second_pass:  # (img2img's and the hires pass's)
+        settings["img2img_extra_noise"] = options["img2img_extra_noise"]
+    return settings
+
+
+def noise_levels(body: "_Request", mine: UserOptions) -> dict[str, Any]:
+    """A1111's on/off sampler options and its noise schedule, from the override or the user's options."""
+    settings: dict[str, Any] = {name: True for name in SAMPLER_FLAGS if option_flag(body, mine, name)}
+    for where, value in (("override_settings", (body.override_settings or {}).get("sd_noise_schedule")),
+                         ("options", mine.options.get("sd_noise_schedule"))):
+        if value is not None:
+            if value not in NOISE_SCHEDULES:
+                raise refuse(f"{where}.sd_noise_schedule", f"one of {', '.join(map(repr, NOISE_SCHEDULES))} (got "
+                                                           f"{str(value)[:80]!r})")
+            settings["sd_noise_schedule"] = value
+            break
     return settings
 
 
@@ -446,7 +470,7 @@ def with_infotext(body: _Request) -> _Request:
         if name.startswith("override_settings."):
             field = BY_NAME[next(f for f, a in A1111_NAMES.items() if a == name)]
             try:
-                overrides[name.removeprefix("override_settings.")] = field.python_type(value)
+                overrides[name.removeprefix("override_settings.")] = _infotext_value(field, value)
             except ValueError:
                 raise refuse(name, f"the infotext's {field.infotext} {str(value)[:80]!r} is not a "
                                    f"{field.python_type.__name__}") from None
@@ -457,6 +481,15 @@ def with_infotext(body: _Request) -> _Request:
     except ValidationError as exc:  # a value the infotext holds that the field cannot take
         error = exc.errors()[0]
         raise refuse(".".join(map(str, error["loc"])), f"from the infotext: {error['msg']}") from None
+
+
+def _infotext_value(field: RequestField, text: Any) -> Any:
+    """An infotext's value as the field's type ("False" is false, as A1111 reads it)."""
+    if field.python_type is bool and isinstance(text, str):
+        if text.strip().lower() not in ("true", "false"):
+            raise ValueError(text)
+        return text.strip().lower() == "true"
+    return field.python_type(text)
 
 
 def option_flag(body: _Request, mine: UserOptions, option: str, field: str | None = None, default: bool = False
@@ -556,6 +589,7 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings.update(other_checkpoints(body, catalog))
     settings["tiling"] = option_flag(body, mine, "tiling", "tiling")
     settings["pad_conds"] = option_flag(body, mine, "pad_cond_uncond")
+    settings.update(noise_levels(body, mine))
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))

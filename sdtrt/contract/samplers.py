@@ -8,6 +8,7 @@ sends the schedule type separately ("scheduler": "Karras"), which ``schedule_typ
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 from dataclasses import dataclass, field
@@ -242,6 +243,33 @@ class SamplerSettings:
     eta_noise_seed_delta: int = 0
     k_diffusion: bool = False
     randn_source: str = "CPU"
+    # A1111's schedule options (its k-diffusion sampler's get_sigmas; 0: the model's range, the schedule's rho)
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
+    beta_dist_alpha: float = 0.6
+    beta_dist_beta: float = 0.6
+    use_old_karras_scheduler_sigmas: bool = False
+    always_discard_next_to_last_sigma: bool = False
+    sgm_noise_multiplier: bool = False
+    # A1111's noise levels (apply_alpha_schedule_override) and img2img's extra noise (its samplers' img2img)
+    sd_noise_schedule: str = "Default"
+    use_downcasted_alpha_bar: bool = False
+    img2img_extra_noise: float = 0.0
+
+    @classmethod
+    def of(cls, request: Any) -> "SamplerSettings":
+        """A request's settings for its sampler (the request fields of these names)."""
+        return cls(**{f.name: getattr(request, f.name) for f in dataclasses.fields(cls)})
+
+    def a1111_only(self, schedule: str, timesteps: bool = False) -> tuple[str, ...]:
+        """The settings, at other than A1111's defaults, that only A1111's code paths take: k-diffusion's
+        schedule options (the Beta ones with that schedule), or with ``timesteps`` those A1111's own timestep
+        samplers read (its noise levels, the extra step, extra noise; they ignore the sigma options)."""
+        names = TIMESTEP_OPTIONS if timesteps else SCHEDULE_OPTIONS + TIMESTEP_OPTIONS
+        if schedule != "Beta":
+            names = tuple(name for name in names if not name.startswith("beta_dist_"))
+        return tuple(name for name in names if getattr(self, name) != getattr(_DEFAULT_SETTINGS, name))
 
     def eta_for(self, sampler: Sampler) -> float:
         return (sampler.eta or 0.0) if self.eta < 0 else self.eta
@@ -254,6 +282,14 @@ class SamplerSettings:
         if sampler.eta is not None:
             arguments["eta"] = self.eta_for(sampler)
         return arguments
+
+
+_DEFAULT_SETTINGS = SamplerSettings()
+SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta",
+                    "use_old_karras_scheduler_sigmas", "sgm_noise_multiplier")
+TIMESTEP_OPTIONS = ("sd_noise_schedule", "use_downcasted_alpha_bar", "always_discard_next_to_last_sigma",
+                    "img2img_extra_noise")
+NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")  # A1111's sd_noise_schedule
 
 
 def _diffusers_honours(sampler: Sampler, settings: SamplerSettings) -> bool:
@@ -275,7 +311,8 @@ def runs_on_k_diffusion(name: str, schedule: str, schedules: dict[str, list[str]
         return False
     if sampler.scheduler is None or settings.k_diffusion or (settings.randn_source == "NV" and sampler.step_noise):
         return True
-    return schedule not in schedules.get(name, ()) or not _diffusers_honours(sampler, settings)
+    return (schedule not in schedules.get(name, ()) or not _diffusers_honours(sampler, settings)
+            or bool(settings.a1111_only(schedule)))
 
 
 def runs_on_a1111_timesteps(name: str, schedule: str, settings: SamplerSettings = SamplerSettings()) -> bool:
@@ -289,7 +326,8 @@ def runs_on_a1111_timesteps(name: str, schedule: str, settings: SamplerSettings 
         return True
     nv_noise = settings.randn_source == "NV" and settings.eta_for(sampler) > 0
     skips = settings.s_min_uncond > 0 or settings.skip_early_cond > 0
-    return schedule == DEFAULT_SCHEDULE and (settings.k_diffusion or skips or nv_noise)
+    levels = bool(settings.a1111_only(schedule, timesteps=True))
+    return schedule == DEFAULT_SCHEDULE and (settings.k_diffusion or skips or nv_noise or levels)
 
 
 def schedule_table(base_config: dict[str, Any] | None = None) -> dict[str, list[str]]:

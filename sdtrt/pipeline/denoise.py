@@ -31,7 +31,7 @@ def prepare_latents(scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Te
     """Set the schedule (on the noise's device, as diffusers' pipelines do) and scale the initial noise.
     init_noise_sigma is only right after set_timesteps."""
     set_timesteps(scheduler, steps, noise.device)
-    return noise * scheduler.init_noise_sigma
+    return noise * (scheduler.txt2img_noise_scale if isinstance(scheduler, KSchedule) else scheduler.init_noise_sigma)
 
 
 def strength_timesteps(scheduler: Any, steps: int, strength: float, device: torch.device | None = None,

@@ -13,7 +13,6 @@ onnxruntime sessions in-process, BLS calls to the Triton models when served; the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol
 
@@ -228,17 +227,12 @@ def _noise(plan: Plan, generators, width: int, height: int, device: torch.device
     return noise.to(device)
 
 
-def sampler_settings(request) -> SamplerSettings:
-    """The request's settings for its sampler (sdtrt.contract.samplers.SamplerSettings)."""
-    return SamplerSettings(**{f.name: getattr(request, f.name) for f in dataclasses.fields(SamplerSettings)})
-
-
 def _pass(plan: Plan, request: Txt2ImgRequest | None = None) -> Pass:
     """Fresh per-image generators and a fresh scheduler for one denoising pass (schedulers keep run state): the
     sampler's diffusers class, or its k-diffusion function where A1111's settings or schedule need it.
     ``request``: the pass's view of the plan's request (the hires pass's sampler), by default the request."""
     spec, request, seeds = plan.spec, request or plan.request, list(plan.seeds)
-    settings = sampler_settings(request)
+    settings = SamplerSettings.of(request)
     sampler, schedule = resolve(request.sampler, request.schedule_type, spec.schedules)
     if runs_on_a1111_timesteps(request.sampler, schedule, settings):
         scheduler = TSchedule(sampler, spec.scheduler_config, settings, seeds)
@@ -330,6 +324,8 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
     noise = _noise(plan, generators, width, height, init.device)
     _step_noise(plan, run)
     latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.batch_size))
+    if request.img2img_extra_noise > 0:  # (only A1111's code paths take it)
+        latents = latents + scheduler.extra_noise(noise)
     guidance = _guidance(plan, prompts, run)
     runner_spec = takeover.hires.plan.spec if takeover.hires is not None else spec  # (its SDXL time ids)
     context = step_contexts(runner_spec, prompts, request.batch_size, guidance.with_uncond, width, height, nets.device)
@@ -391,6 +387,8 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
         latents = start * scheduler.init_noise_sigma
     else:
         latents = scheduler.add_noise(image_latents, start, timesteps[:1].repeat(n))
+    if len(timesteps) and request.img2img_extra_noise > 0:  # (only A1111's code paths take it)
+        latents = latents + scheduler.extra_noise(start)
 
     unet_extra = after_step = keep = None
     if inpaint:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
 import threading
 import types
@@ -28,7 +29,7 @@ import torch
 
 from sdtrt.contract.errors import UsageError
 from sdtrt.contract.philox import nv_randn
-from sdtrt.contract.samplers import Sampler, SamplerSettings, diffusers_class
+from sdtrt.contract.samplers import DEFAULT_RHO, Sampler, SamplerSettings, diffusers_class
 from sdtrt.contract.schedules import ALIGN_YOUR_STEPS, SIGMA_SCHEDULES
 
 K_DIFFUSION = "k-diffusion==0.1.1.post1"  # as scripts/setup.sh installs it (with torchdiffeq, --no-deps)
@@ -177,14 +178,41 @@ class NvStepNoise:
         return torch.stack(rows).to(device=x.device, dtype=x.dtype)
 
 
-def _beta(steps: int, training: np.ndarray, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
-    """A1111's Beta schedule (its options' default alpha and beta, 0.6): the beta distribution's quantiles of
-    evenly spaced points, mapped linearly between the smallest and largest training sigma (``training``
-    ascending)."""
+def _beta(steps: int, low: float, high: float, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """A1111's Beta schedule (its options beta_dist_alpha and beta_dist_beta, 0.6 by default): the beta
+    distribution's quantiles of evenly spaced points, mapped linearly from ``low`` to ``high``."""
     from scipy import stats  # scipy only for this schedule (k-diffusion's sampling imports it anyway)
 
     quantiles = stats.beta.ppf(1 - np.linspace(0, 1, steps), alpha, beta)
-    return np.append(training[0] + quantiles * (training[-1] - training[0]), 0.0)
+    return np.append(low + quantiles * (high - low), 0.0)
+
+
+ZERO_TERMINAL_SNR = "Zero Terminal SNR"
+_LAST_ALPHA = 4.8973451890853435e-08  # where A1111 puts the last level of a zero-terminal-SNR schedule
+
+
+def _zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"): sqrt(alphas_cumprod)
+    shifted so that the last level is 0 and scaled so that the first keeps its value, the last then set just
+    above 0 (as A1111 does: an infinite sigma has no use to a sampler)."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    rescaled = ((root - last) * (first / (first - last))) ** 2
+    rescaled[-1] = _LAST_ALPHA
+    return rescaled
+
+
+def sampling_alphas_cumprod(base_config: dict[str, Any], settings: SamplerSettings) -> torch.Tensor:
+    """The checkpoint's noise levels (its scheduler config's) as A1111 samples with them: float32 as the model's
+    buffer, or cast to fp16 (use_downcasted_alpha_bar, for old seeds), then rescaled to zero terminal SNR where
+    the request's noise schedule says (A1111's apply_alpha_schedule_override, in that order and dtype)."""
+    DDPMScheduler = diffusers_class("DDPMScheduler")  # the checkpoint's training noise levels (its config)
+    alphas_cumprod = DDPMScheduler.from_config(base_config).alphas_cumprod.float()
+    if settings.use_downcasted_alpha_bar:
+        alphas_cumprod = alphas_cumprod.half()
+    if settings.sd_noise_schedule == ZERO_TERMINAL_SNR:
+        alphas_cumprod = _zero_terminal_snr(alphas_cumprod)
+    return alphas_cumprod
 
 
 # A1111's samplers marked second_order (sd_samplers_kdiffusion.samplers_k_diffusion): two model calls a step
@@ -201,12 +229,10 @@ class KSchedule:
 
     def __init__(self, sampler: Sampler, schedule: str, base_config: dict[str, Any], settings: SamplerSettings,
                  seeds: Sequence[int], align_your_steps: Sequence[float] = ()):
-        DDPMScheduler = diffusers_class("DDPMScheduler")  # the checkpoint's training noise levels (its config)
-
         self.sampling, external = k_diffusion()
         self.sampler, self.schedule, self.settings, self.seeds = sampler, schedule, settings, list(seeds)
         self.function = A1111_FUNCTIONS.get(sampler.k_function) or getattr(self.sampling, sampler.k_function)
-        alphas_cumprod = DDPMScheduler.from_config(base_config).alphas_cumprod.float()
+        alphas_cumprod = sampling_alphas_cumprod(base_config, settings)
         v = base_config.get("prediction_type") == "v_prediction"
         wrapper = external.DiscreteVDDPMDenoiser if v else external.DiscreteEpsDDPMDenoiser
         self.denoiser = wrapper(None, alphas_cumprod, quantize=False)  # the model is the loop's, set per pass
@@ -215,27 +241,55 @@ class KSchedule:
         self.begin = 0
         self.nv_noise: NvStepNoise | None = None  # the step noise when the request's source is NV
 
+    def _range(self) -> tuple[float, float]:
+        """The sigma range A1111 hands its schedule functions: the model's (or 0.1 to 10, its old Karras range),
+        unless the sigma_min / sigma_max options name another."""
+        model, settings = self.denoiser, self.settings
+        model_range = model.sigma_min.item(), model.sigma_max.item()
+        low, high = (0.1, 10.0) if settings.use_old_karras_scheduler_sigmas else model_range
+        if settings.sigma_min and settings.sigma_min != model_range[0]:
+            low = settings.sigma_min
+        if settings.sigma_max and settings.sigma_max != model_range[1]:
+            high = settings.sigma_max
+        return low, high
+
+    def _rho(self) -> float:
+        default = DEFAULT_RHO[self.schedule]
+        return self.settings.rho if self.settings.rho and self.settings.rho != default else default
+
     def _sigmas(self, n: int) -> torch.Tensor:
         sampling, model = self.sampling, self.denoiser
-        low, high = model.sigma_min.item(), model.sigma_max.item()
+        low, high = self._range()
         if self.schedule == "Karras":
-            return sampling.get_sigmas_karras(n, low, high)
+            return sampling.get_sigmas_karras(n, low, high, rho=self._rho())
         if self.schedule == "Exponential":
             return sampling.get_sigmas_exponential(n, low, high)
         if self.schedule == "Polyexponential":
-            return sampling.get_sigmas_polyexponential(n, low, high, rho=1.0)
-        if self.schedule == "SGM Uniform":  # A1111's: n + 1 evenly spaced timesteps, the last dropped
-            t = torch.linspace(model.sigma_to_t(torch.tensor(high)), model.sigma_to_t(torch.tensor(low)), n + 1)[:-1]
+            return sampling.get_sigmas_polyexponential(n, low, high, rho=self._rho())
+        if self.schedule in ("SGM Uniform", "Normal") and (self.schedule == "SGM Uniform" or self.ranged):
+            # A1111's: timesteps evenly spaced between the range's (SGM Uniform: n + 1 of them, the last dropped)
+            ends = model.sigma_to_t(torch.tensor(high)), model.sigma_to_t(torch.tensor(low))
+            t = torch.linspace(*ends, n + 1)[:-1] if self.schedule == "SGM Uniform" else torch.linspace(*ends, n)
             return sampling.append_zero(model.t_to_sigma(t))
+        if self.schedule == "KL Optimal" and self.ranged:  # evenly spaced in arctan(sigma), as schedules' own
+            frac = torch.arange(n + 1, dtype=torch.float64) / n
+            return torch.tan(frac * math.atan(low) + (1 - frac) * math.atan(high)).float()
         training = model.sigmas.double().numpy()
         if self.schedule == "Beta":
-            return torch.from_numpy(_beta(n, training)).float()
+            settings = self.settings
+            return torch.from_numpy(_beta(n, low, high, settings.beta_dist_alpha, settings.beta_dist_beta)).float()
         if self.schedule in SIGMA_SCHEDULES:
             return torch.from_numpy(SIGMA_SCHEDULES[self.schedule](n, training, self.align_your_steps)).float()
         return model.get_sigmas(n)  # Automatic (for samplers without one of their own) and Uniform
 
+    @property
+    def ranged(self) -> bool:
+        """Whether the request moved the schedule's sigma range off the model's."""
+        return self._range() != (self.denoiser.sigma_min.item(), self.denoiser.sigma_max.item())
+
     def set_timesteps(self, steps: int, device: torch.device | None = None) -> None:
-        discard = self.sampler.k_options.get("discard_penultimate", False)
+        discard = self.sampler.k_options.get("discard_penultimate", False) or \
+            self.settings.always_discard_next_to_last_sigma
         sigmas = self._sigmas(steps + 1 if discard else steps)
         if discard:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
@@ -246,6 +300,18 @@ class KSchedule:
     @property
     def init_noise_sigma(self) -> torch.Tensor:
         return self.sigmas[self.begin]
+
+    @property
+    def txt2img_noise_scale(self) -> torch.Tensor:
+        """What txt2img's noise is multiplied by: the first sigma, or with A1111's SGM noise multiplier
+        sqrt(1 + sigma^2), as SGM's (SDXL's reference code's) samplers start."""
+        sigma = self.sigmas[0]
+        return torch.sqrt(1.0 + sigma ** 2.0) if self.settings.sgm_noise_multiplier else sigma
+
+    def extra_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """A1111's extra noise for img2img and the hires pass, added to the noised picture: the same noise again,
+        times the option (k-diffusion's latents are in sigma units)."""
+        return noise * self.settings.img2img_extra_noise
 
     @property
     def launch_steps(self) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.samplers import Sampler, SamplerSettings, diffusers_class
-from sdtrt.pipeline.ksampling import NvStepNoise, ThreadNoise, image_noise, k_diffusion
+from sdtrt.pipeline.ksampling import NvStepNoise, ThreadNoise, image_noise, k_diffusion, sampling_alphas_cumprod
 
 TRAINING_STEPS = 1000
 CFGPP_SCALE = 1 / 12.5  # A1111 maps its CFG scale 0..12.5 onto CFG++'s guidance 0..1
@@ -176,11 +176,12 @@ class TSchedule:
 
     def __init__(self, sampler: Sampler, base_config: dict[str, Any], settings: SamplerSettings,
                  seeds: Sequence[int]):
-        DDPMScheduler = diffusers_class("DDPMScheduler")  # the checkpoint's training noise levels (its config)
-
         self.sampler, self.settings, self.seeds = sampler, settings, list(seeds)
         self.function = T_FUNCTIONS[sampler.t_function]
-        self.alphas_cumprod = DDPMScheduler.from_config(base_config).alphas_cumprod.float()
+        self.alphas_cumprod = sampling_alphas_cumprod(base_config, settings)
+        # A1111's always_discard_next_to_last_sigma asks its timestep samplers for one step more (and discards
+        # nothing: they have no sigmas)
+        self.extra_step = int(settings.always_discard_next_to_last_sigma)
         self.v_prediction = base_config.get("prediction_type") == "v_prediction"
         self.cfgpp = sampler.t_function == "ddim_cfgpp"
         self.run_timesteps = self.timesteps = None
@@ -191,7 +192,7 @@ class TSchedule:
 
     def set_timesteps(self, steps: int, device: torch.device | None = None) -> None:
         self.steps_asked = steps
-        self.run_timesteps = self._checked(a1111_timesteps(steps), "steps")
+        self.run_timesteps = self._checked(a1111_timesteps(steps + self.extra_step), "steps")
         self.timesteps = torch.arange(self._steps_run(len(self.run_timesteps)), device=device)
 
     def _steps_run(self, timesteps: int) -> int:
@@ -234,7 +235,7 @@ class TSchedule:
             raise InvalidRequest("denoising_strength", strength, f"at least {steps / TRAINING_STEPS:.3f} for "
                                  f"{steps} hires steps with {self.sampler.name!r} (A1111 spaces its timesteps 1000 "
                                  f"// (steps / strength) apart)")
-        every = a1111_timesteps(total)
+        every = a1111_timesteps(total + self.extra_step)
         self.noise_level = int(every[kept])
         self.run_timesteps = self._checked(every[:kept], "denoising_strength")
         self.timesteps = torch.arange(self._steps_run(kept), device=device)
@@ -244,6 +245,11 @@ class TSchedule:
     def add_noise(self, init: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         alpha = self.alphas_cumprod[self.noise_level]
         return init * torch.sqrt(alpha) + noise * torch.sqrt(1 - alpha)
+
+    def extra_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """A1111's extra noise for img2img and the hires pass: the same noise again, times the option, at the
+        picture's scale where the noise is added (its timestep samplers' latents are not in sigma units)."""
+        return noise * self.settings.img2img_extra_noise * torch.sqrt(self.alphas_cumprod[self.noise_level])
 
     def noise_like(self, generators: Sequence[torch.Generator]) -> ThreadNoise:
         return ThreadNoise(self.nv_noise or image_noise(generators))

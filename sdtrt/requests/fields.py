@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from sdtrt.contract.hires import DEFAULT_UPSCALER, HIRES_UPSCALERS
-from sdtrt.contract.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SCHEDULE_TYPES, SamplerSettings, sampler_names
+from sdtrt.contract.samplers import (DEFAULT_SAMPLER, DEFAULT_SCHEDULE, NOISE_SCHEDULES, SCHEDULE_TYPES,
+                                     SamplerSettings, sampler_names)
 from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
@@ -137,6 +138,37 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("skip_early_cond", "float32", 0.0, "the share of the first U-Net calls that skip the negative "
                  "prompt (A1111's option 'Ignore negative prompt during early sampling'; its samplers)", minimum=0.0,
                  maximum=1.0, a1111="override_settings.skip_early_cond", infotext="Skip Early CFG"),
+    # A1111's schedule and noise-level options: its k-diffusion samplers' (the noise levels and the extra step
+    # its timestep samplers' too); a sampler only diffusers runs takes none of them
+    _setting("sigma_min", "float32", "the schedule's lowest sigma, for the schedule types that span a range "
+             "(Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, Normal, Beta); 0 = the model's",
+             minimum=0.0, maximum=1000.0, a1111="override_settings.sigma_min", infotext="Schedule min sigma"),
+    _setting("sigma_max", "float32", "the schedule's highest sigma, as sigma_min; 0 = the model's", minimum=0.0,
+             maximum=1000.0, a1111="override_settings.sigma_max", infotext="Schedule max sigma"),
+    _setting("rho", "float32", "the Karras and Polyexponential schedules' rho; 0 = theirs (7 and 1)",
+             minimum=0.0, maximum=100.0, a1111="override_settings.rho", infotext="Schedule rho"),
+    _setting("beta_dist_alpha", "float32", "the Beta schedule's alpha (A1111's 'Beta scheduler - alpha')",
+             minimum=0.01, maximum=1.0, a1111="override_settings.beta_dist_alpha", infotext="Beta schedule alpha"),
+    _setting("beta_dist_beta", "float32", "the Beta schedule's beta (A1111's 'Beta scheduler - beta')",
+             minimum=0.01, maximum=1.0, a1111="override_settings.beta_dist_beta", infotext="Beta schedule beta"),
+    _setting("use_old_karras_scheduler_sigmas", "bool", "schedules span sigma 0.1 to 10, as A1111 before 1.6 "
+             "(its option 'Use old karras scheduler sigmas')",
+             a1111="override_settings.use_old_karras_scheduler_sigmas"),
+    _setting("always_discard_next_to_last_sigma", "bool", "run a step more and drop the next-to-last sigma, as "
+             "DPM2 does (A1111's option; its timestep samplers take the step and drop nothing)",
+             a1111="override_settings.always_discard_next_to_last_sigma", infotext="Discard penultimate sigma"),
+    _setting("sgm_noise_multiplier", "bool", "txt2img's noise times sqrt(1 + sigma^2) instead of sigma, as SGM's "
+             "(SDXL's reference) samplers start (A1111's 'SGM noise multiplier')",
+             a1111="override_settings.sgm_noise_multiplier", infotext="SGM noise multiplier"),
+    _setting("sd_noise_schedule", "string", "the model's noise levels: as trained, or rescaled to zero terminal "
+             "SNR (A1111's 'Noise schedule for sampling', for models trained so)", choices=NOISE_SCHEDULES,
+             a1111="override_settings.sd_noise_schedule", infotext="Noise Schedule"),
+    _setting("use_downcasted_alpha_bar", "bool", "the noise levels cast to fp16 first, as A1111 before 1.8 "
+             "(to reproduce old seeds)", a1111="override_settings.use_downcasted_alpha_bar",
+             infotext="Downcast alphas_cumprod"),
+    _setting("img2img_extra_noise", "float32", "img2img and the hires pass: the starting noise added once more, "
+             "times this (A1111's 'Extra noise multiplier for img2img and hires fix')", minimum=0.0, maximum=1.0,
+             a1111="override_settings.img2img_extra_noise", infotext="Extra noise"),
     _setting("eta_noise_seed_delta", "int64", "ENSD: the step noise is drawn from seed + this (A1111's "
              "Eta noise seed delta; NovelAI's 31337)", minimum=0, maximum=MAX_SEED,
              a1111="override_settings.eta_noise_seed_delta", infotext="ENSD"),

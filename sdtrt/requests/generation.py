@@ -8,13 +8,16 @@ from typing import Iterator
 import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.contract.samplers import SAMPLERS, resolve
+from sdtrt.contract.samplers import DEFAULT_RHO, DEFAULT_SCHEDULE, SAMPLERS, SamplerSettings, resolve
 from sdtrt.contract.seeds import image_seeds
 from sdtrt.contract.spec import ModelSpec
 from sdtrt.requests.fields import BY_NAME, FIELDS, INFOTEXT_FIELDS
 from sdtrt.requests.infotext import build_infotext, parse_infotext
 from sdtrt.requests.plan import Plan
-from sdtrt.requests.request import Txt2ImgRequest
+from sdtrt.requests.request import Txt2ImgRequest, hires_request
+
+# The schedule types A1111 hands its sigma range to that read it (sd_schedulers: the others ignore it)
+RANGED_SCHEDULES = ("Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Normal", "Beta")
 
 
 @dataclass
@@ -60,6 +63,7 @@ def infotexts(plan: Plan) -> list[str]:
             if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0 else None,
             "Resize mode": request.resize_mode if img2img and request.resize_mode != "Just resize" else None,
             **soft_inpainting_params(request, inpaint),
+            **schedule_option_params(request, model, img2img, hires),
             "Mask blur": request.mask_blur if inpaint else None,
             "Masked content": request.inpainting_fill if inpaint and request.inpainting_fill != "original" else None,
             "Inpaint area": "Only masked" if inpaint and request.inpaint_full_res else None,
@@ -85,6 +89,38 @@ def infotexts(plan: Plan) -> list[str]:
             params["Eta DDIM"] = params.pop("Eta")
         texts.append(build_infotext(request.prompt, request.negative_prompt, params))
     return texts
+
+
+def schedule_option_params(request: Txt2ImgRequest, model: ModelSpec, img2img: bool, hires: bool
+                           ) -> dict[str, object]:
+    """A1111's schedule and noise-level options as its samplers write them: each where it acted on a pass (the
+    sigma range on a schedule that spans one, rho on one that has it, Beta's parameters whenever Beta runs, the
+    extra noise on img2img and the hires pass, SGM's multiplier on txt2img's noise), none on diffusers' path."""
+    settings = SamplerSettings.of(request)
+    passes = [request, hires_request(request)] if hires else [request]
+    k_schedules = [resolve(p.sampler, p.schedule_type, model.schedules)[1] for p in passes
+                   if SAMPLERS[p.sampler].k_function]
+    on_timesteps = [p for p in passes if SAMPLERS[p.sampler].t_function and p.schedule_type == DEFAULT_SCHEDULE]
+    a1111 = bool(k_schedules or on_timesteps)
+    ranged = any(schedule in RANGED_SCHEDULES for schedule in k_schedules)
+    rho = next((DEFAULT_RHO[schedule] for schedule in k_schedules if schedule in DEFAULT_RHO), None)
+    beta = "Beta" in k_schedules
+    own_discard = all(SAMPLERS[p.sampler].k_options.get("discard_penultimate") for p in passes)
+    txt2img_k = not img2img and SAMPLERS[request.sampler].k_function is not None
+    return {
+        "Schedule min sigma": settings.sigma_min if ranged and settings.sigma_min else None,
+        "Schedule max sigma": settings.sigma_max if ranged and settings.sigma_max else None,
+        "Schedule rho": settings.rho if rho is not None and settings.rho not in (0, rho) else None,
+        "Beta schedule alpha": settings.beta_dist_alpha if beta else None,
+        "Beta schedule beta": settings.beta_dist_beta if beta else None,
+        "Discard penultimate sigma": True if settings.always_discard_next_to_last_sigma and a1111
+        and not own_discard else None,
+        "SGM noise multiplier": True if settings.sgm_noise_multiplier and txt2img_k else None,
+        "Noise Schedule": settings.sd_noise_schedule if settings.sd_noise_schedule != "Default" and a1111 else None,
+        "Downcast alphas_cumprod": True if settings.use_downcasted_alpha_bar and a1111 else None,
+        "Extra noise": settings.img2img_extra_noise if settings.img2img_extra_noise and (img2img or hires)
+        and a1111 else None,
+    }
 
 
 def soft_inpainting_params(request: Txt2ImgRequest, inpaint: bool) -> dict[str, object]:

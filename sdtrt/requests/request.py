@@ -15,7 +15,7 @@ import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HiresSize, hires_size
-from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, draws_step_noise, resolve
+from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, SamplerSettings, draws_step_noise, resolve
 from sdtrt.contract.seeds import resolve_seed
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec, ModelSpec
 from sdtrt.requests.fields import ModelLimits, fields_of, request_table
@@ -133,9 +133,20 @@ def check_sampler_steps(request: Txt2ImgRequest) -> None:
 
 def check_sampler_settings(request: Txt2ImgRequest) -> None:
     """A1111's uncond skipping lives in its CFG denoisers: k-diffusion's, and its own timestep samplers' on their
-    timesteps; the samplers only diffusers runs do not take it."""
+    timesteps; the samplers only diffusers runs do not take it. Nor do they take A1111's schedule and noise-level
+    options (A1111's timestep samplers take some: SamplerSettings.a1111_only)."""
     sampler = SAMPLERS[request.sampler]
     a1111_timesteps = sampler.t_function is not None and request.schedule_type == DEFAULT_SCHEDULE
+    settings = SamplerSettings.of(request)
+    if sampler.k_function is None and not a1111_timesteps and settings.a1111_only(request.schedule_type):
+        name = settings.a1111_only(request.schedule_type)[0]
+        raise InvalidRequest(name, getattr(request, name),
+                             f"{getattr(SamplerSettings(), name)!r} with sampler {request.sampler!r} and schedule "
+                             f"type {request.schedule_type!r}: A1111's samplers take it (the k-diffusion ones, "
+                             "and on the Automatic schedule its own timestep ones), diffusers' classes do not")
+    if settings.sigma_min and settings.sigma_max and settings.sigma_min >= settings.sigma_max:
+        raise InvalidRequest("sigma_min", settings.sigma_min, f"below sigma_max ({settings.sigma_max:g}), or 0 "
+                                                              "for the model's")
     for name in ("s_min_uncond", "skip_early_cond"):
         value = getattr(request, name, 0) or 0
         if value > 0 and sampler.k_function is None and not a1111_timesteps:
