@@ -237,6 +237,7 @@ def test_a1111s_names_become_sdtrts(catalog, given, wanted):
     ({"override_settings": {"beta_dist_alpha": 0.0}}, "override_settings.beta_dist_alpha"),
     ({"override_settings": {"sd_noise_schedule": "Cosine"}}, "override_settings.sd_noise_schedule"),
     ({"override_settings": {"sgm_noise_multiplier": "on"}}, "override_settings.sgm_noise_multiplier"),
+    ({"override_settings": {"emphasis": "Strong"}}, "override_settings.emphasis"),
 ])
 def test_what_would_change_the_picture_is_refused_by_name(catalog, given, field):
     with pytest.raises(HTTPException) as excinfo:
@@ -270,6 +271,7 @@ def test_sampler_settings_come_from_the_request_else_the_users_options(catalog):
 
 def test_a1111s_schedule_options_reach_the_request_from_the_override_the_users_options_or_an_infotext(catalog):
     overrides = {"sigma_min": 0.1, "sigma_max": 10, "rho": 5, "beta_dist_alpha": 0.4, "sgm_noise_multiplier": True,
+                 "emphasis": "No norm",
                  "sd_noise_schedule": "Zero Terminal SNR", "always_discard_next_to_last_sigma": True,
                  "img2img_extra_noise": 0.3}
     settings = translate(Txt2ImgBody(prompt="x", override_settings=overrides), UserOptions(), {}, catalog)

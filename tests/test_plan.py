@@ -40,13 +40,13 @@ def test_the_plan_holds_the_passes_their_schedules_and_each_text_pair_once(local
 
 def test_each_text_is_parsed_once_however_many_steps_and_passes_use_it(local_pipeline, monkeypatch):
     parsed = []
-    original = plan_module.parse_prompt_attention
+    original = plan_module.emphasis_pieces
 
-    def counting(text, field="prompt"):
+    def counting(text, field="prompt", emphasis="Original"):
         parsed.append(text)
-        return original(text, field)
+        return original(text, field, emphasis)
 
-    monkeypatch.setattr(plan_module, "parse_prompt_attention", counting)
+    monkeypatch.setattr(plan_module, "emphasis_pieces", counting)
     plan_request(Txt2ImgRequest(prompt="[cat|dog] on a sofa", negative_prompt="blurry", steps=30, width=64,
                                 height=64, enable_hr=True, hr_scale=1.5), local_pipeline.spec)
     assert sorted(parsed) == sorted(["cat on a sofa", "dog on a sofa", "blurry"])  # 60 steps, 3 texts

@@ -143,3 +143,58 @@ def test_plain_prompt_is_unchanged_by_weighting(local_pipeline, diffusers_pipe):
     result = local_pipeline.txt2img(Txt2ImgRequest(prompt="a red fox", negative_prompt="blurry", sampler="Euler",
                                                    steps=6, guidance_scale=7.0, seed=3, width=64, height=64))
     assert max_diff(result.images, expected) <= MAX_PIXEL_DIFF
+
+
+def _clip_row(pipe, tokenizer, ids: list[int], multipliers: list[float]) -> torch.Tensor:
+    """One chunk as A1111's tokenize_line pads it (BOS, the tokens, EOS to 77) through the torch text encoder,
+    times its multipliers (A1111's emphasis "No norm"; all 1 for Ignore and None)."""
+    fill = 77 - 1 - len(ids)
+    row = [tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id] * fill
+    with torch.no_grad():
+        z = pipe.text_encoder(torch.tensor([row])).last_hidden_state[0]
+    return z * torch.tensor([1.0] + multipliers + [1.0] * fill)[:, None]
+
+
+@pytest.mark.parametrize("emphasis", ["No norm", "Ignore", "None"])
+def test_emphasis_modes_weigh_as_a1111s(local_pipeline, diffusers_pipe, tokenizer, emphasis):
+    """A1111's sd_emphasis: No norm multiplies without restoring the mean, Ignore parses the brackets and weighs
+    nothing, None tokenizes the brackets as text (tokenize_line's [[line, 1.0]])."""
+    prompt = "a (red:1.5) fox"
+
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    if emphasis == "None":
+        ids, multipliers = tokens(prompt), [1.0] * len(tokens(prompt))
+    else:  # A1111 tokenizes each parsed piece on its own
+        pieces = [("a ", 1.0), ("red", 1.5 if emphasis == "No norm" else 1.0), (" fox", 1.0)]
+        ids = [t for text, _ in pieces for t in tokens(text)]
+        multipliers = [w for text, w in pieces for _ in tokens(text)]
+    expected = _clip_row(diffusers_pipe, tokenizer, ids, multipliers)
+    cond = local_pipeline.encode_prompts(Txt2ImgRequest(prompt=prompt, emphasis=emphasis))[1]["encoder_hidden_states"]
+    assert torch.abs(cond[0] - expected).max() < 1e-4
+    original = local_pipeline.encode_prompts(Txt2ImgRequest(prompt=prompt))[1]["encoder_hidden_states"]
+    assert torch.abs(original[0] - expected).max() > 1e-3
+
+
+def test_no_norm_leaves_the_padding_chunks_unweighted(local_pipeline, diffusers_pipe, tokenizer):
+    """The negative prompt padded to the prompt's chunks: its padding is the empty prompt's encoding as is."""
+    request = Txt2ImgRequest(prompt="(tree:1.3) " * 80, negative_prompt="", emphasis="No norm")
+    uncond = local_pipeline.encode_prompts(request)[0]["encoder_hidden_states"]
+    assert uncond.shape[1] == 2 * 77
+    empty = _clip_row(diffusers_pipe, tokenizer, [], [])
+    assert torch.abs(uncond[0, 77:] - empty).max() < 1e-4 and torch.abs(uncond[0, :77] - empty).max() < 1e-4
+
+
+def test_emphasis_served_matches_the_local_runner_and_is_written(server, local_pipeline):
+    from reference import max_diff as diff
+    from sdtrt.client import Client
+
+    settings = dict(steps=4, seed=5, width=64, height=64, emphasis="No norm", negative_prompt="[blurry]")
+    served = Client(server.url).txt2img("a ((lighthouse:1.4))", **settings)
+    local = local_pipeline.txt2img(Txt2ImgRequest(prompt="a ((lighthouse:1.4))", **settings))
+    assert diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    assert "Emphasis: No norm" in served.infotexts[0]
+    plain = local_pipeline.txt2img(Txt2ImgRequest(prompt="a lighthouse", steps=4, seed=5, width=64, height=64,
+                                                  emphasis="No norm"))
+    assert "Emphasis" not in plain.infotexts[0]  # (A1111 names it only where a text has brackets)

@@ -29,7 +29,7 @@ from sdtrt.client.client import JobControl
 from sdtrt.contract.errors import ERROR_KINDS, InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 from sdtrt.contract.pictures import open_picture, picture_bytes_from_base64
-from sdtrt.contract.samplers import NOISE_SCHEDULES, SAMPLERS, SCHEDULE_TYPES
+from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
 from sdtrt.contract.seeds import MAX_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, Catalog, ModelSpec
 from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, BY_NAME, FIELDS, RequestField
@@ -66,15 +66,16 @@ OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_so
 # A1111's on/off options for its samplers, request fields of the same names
 SAMPLER_FLAGS = ("use_old_karras_scheduler_sigmas", "always_discard_next_to_last_sigma", "sgm_noise_multiplier",
                  "use_downcasted_alpha_bar")
+CHOICE_OPTIONS = ("sd_noise_schedule", "emphasis")  # A1111's options that name a choice, request fields too
 # kept with the options sdtrt has no use for, and read when a request runs
 OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "enable_prompt_comments", "img2img_fix_steps",
-                         "s_min_uncond_all", "sd_noise_schedule", *SAMPLER_FLAGS)
+                         "s_min_uncond_all", *CHOICE_OPTIONS, *SAMPLER_FLAGS)
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
     "sd_vae": ("Automatic", "None"),
-    "emphasis": ("Original",), "sdxl_clip_l_skip": (False,),
+    "sdxl_clip_l_skip": (False,),
     "pad_cond_uncond_v0": (False,), "refiner_switch_by_sample_steps": (False,),
     "hires_fix_refiner_pass": ("second pass",),
     # Hypertile's tiled attention (an A1111 speed-up that changes the picture): sdtrt draws without it
@@ -252,17 +253,20 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
     return settings
 
 
-def noise_levels(body: "_Request", mine: UserOptions) -> dict[str, Any]:
-    """A1111's on/off sampler options and its noise schedule, from the override or the user's options."""
+def chosen_options(body: "_Request", mine: UserOptions) -> dict[str, Any]:
+    """A1111's on/off sampler options and its options that name a choice (the request fields of those names, whose
+    choices they take), from the override or the user's options."""
     settings: dict[str, Any] = {name: True for name in SAMPLER_FLAGS if option_flag(body, mine, name)}
-    for where, value in (("override_settings", (body.override_settings or {}).get("sd_noise_schedule")),
-                         ("options", mine.options.get("sd_noise_schedule"))):
-        if value is not None:
-            if value not in NOISE_SCHEDULES:
-                raise refuse(f"{where}.sd_noise_schedule", f"one of {', '.join(map(repr, NOISE_SCHEDULES))} (got "
-                                                           f"{str(value)[:80]!r})")
-            settings["sd_noise_schedule"] = value
-            break
+    for name in CHOICE_OPTIONS:
+        for where, value in (("override_settings", (body.override_settings or {}).get(name)),
+                             ("options", mine.options.get(name))):
+            if value is not None:
+                choices = BY_NAME[name].choices
+                if value not in choices:
+                    raise refuse(f"{where}.{name}", f"one of {', '.join(map(repr, choices))} (got "
+                                                    f"{str(value)[:80]!r})")
+                settings[name] = value
+                break
     return settings
 
 
@@ -589,7 +593,7 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings.update(other_checkpoints(body, catalog))
     settings["tiling"] = option_flag(body, mine, "tiling", "tiling")
     settings["pad_conds"] = option_flag(body, mine, "pad_cond_uncond")
-    settings.update(noise_levels(body, mine))
+    settings.update(chosen_options(body, mine))
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))

@@ -188,7 +188,8 @@ class BlsNetworks:
                             [TOKEN_IDS, TOKEN_WEIGHTS, CLIP_SKIP_ROWS, EMBEDDING_VECTORS], cpu)
         outputs = self._network("text_encoder", (tokens[TOKEN_IDS], tokens[CLIP_SKIP_ROWS],
                                                  tokens[EMBEDDING_VECTORS]), cpu)
-        return prompt_conditioning({k: v.numpy() for k, v in outputs.items()}, tokens[TOKEN_WEIGHTS].numpy())
+        return prompt_conditioning({k: v.numpy() for k, v in outputs.items()}, tokens[TOKEN_WEIGHTS].numpy(),
+                                   texts.normalize)
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
         outputs = self._network("unet", (sample, timestep, *unet_inputs(self.spec, context)), self.device)

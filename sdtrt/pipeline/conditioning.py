@@ -26,11 +26,12 @@ TEXT_LENGTH = "text_length"  # each row's own context length (its text's chunks 
 Conditioning = dict[str, torch.Tensor]
 
 
-def prompt_conditioning(outputs: dict[str, np.ndarray], weights: np.ndarray) -> tuple[Conditioning, Conditioning]:
+def prompt_conditioning(outputs: dict[str, np.ndarray], weights: np.ndarray, normalize: bool = True
+                        ) -> tuple[Conditioning, Conditioning]:
     """(uncond, cond) from the text encoder's outputs for the negative prompt's k chunk rows then the prompt's:
-    the A1111-weighted chunks side by side as the context, and (SDXL) the pooled output of each one's first
-    chunk, as A1111 takes it."""
-    uncond, cond = torch.from_numpy(apply_weights(outputs[TEXT_OUTPUT], weights)).split(1)
+    the A1111-weighted chunks side by side as the context (``normalize``: their means restored, A1111's emphasis
+    but "No norm"), and (SDXL) the pooled output of each one's first chunk, as A1111 takes it."""
+    uncond, cond = torch.from_numpy(apply_weights(outputs[TEXT_OUTPUT], weights, normalize)).split(1)
     u, c = {CONTEXT_INPUT: uncond}, {CONTEXT_INPUT: cond}
     for side, chunks in zip((u, c), text_chunks(weights)):
         side[TEXT_LENGTH] = torch.tensor([chunks * (CHUNK_TOKENS + 2)])

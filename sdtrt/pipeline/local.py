@@ -140,4 +140,4 @@ class LocalNetworks:
                           p.embeddings)
         outputs = self._run("text_encoder", rows.ids, np.full(len(rows.ids), clip_skip, dtype=np.int32),
                             rows.vectors)
-        return prompt_conditioning(outputs, rows.weights)
+        return prompt_conditioning(outputs, rows.weights, texts.normalize)

@@ -20,6 +20,7 @@ from sdtrt.contract.samplers import (DEFAULT_SAMPLER, DEFAULT_SCHEDULE, NOISE_SC
 from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
+from sdtrt.requests.prompts import EMPHASES
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
 RANDN_SOURCES = ("CPU", "NV")
@@ -185,6 +186,10 @@ FIELDS: tuple[RequestField, ...] = (
                  minimum=1, maximum=lambda m: min(12, m.clip_layers),
                  a1111="override_settings.CLIP_stop_at_last_layers", infotext="Clip skip", label="Clip skip",
                  quicksetting=True),
+    RequestField("emphasis", "string", "Original", "how (brackets) and [brackets] weigh the words: Original weights "
+                 "each 75-token chunk and restores its mean, 'No norm' only weights it, 'Ignore' drops the weights, "
+                 "'None' reads brackets as text (A1111's option 'Emphasis mode')", choices=EMPHASES,
+                 a1111="override_settings.emphasis", infotext="Emphasis"),
     RequestField("subseed", "int64", RANDOM_SEED, "variation seed of image 0 (image i uses subseed+i); -1 picks one",
                  minimum=RANDOM_SEED, maximum=MAX_SEED, a1111="subseed", a1111_as_is=True, a1111_default=-1,
                  infotext="Variation seed", label="Variation seed"),

@@ -57,6 +57,7 @@ def infotexts(plan: Plan) -> list[str]:
             "VAE": vae["name"] if vae else None,
             "Denoising strength": request.denoising_strength if img2img or hires else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+            "Emphasis": request.emphasis if request.emphasis != "Original" and _brackets(request) else None,
             "Variation seed": request.subseed + i if varied else None,
             "Variation seed strength": request.subseed_strength if varied else None,
             "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
@@ -89,6 +90,13 @@ def infotexts(plan: Plan) -> list[str]:
             params["Eta DDIM"] = params.pop("Eta")
         texts.append(build_infotext(request.prompt, request.negative_prompt, params))
     return texts
+
+
+def _brackets(request: Txt2ImgRequest) -> bool:
+    """Whether a text holds a bracket, which is when A1111 names a mode of emphasis but Original."""
+    texts = (request.prompt, request.negative_prompt, getattr(request, "hr_prompt", ""),
+             getattr(request, "hr_negative_prompt", ""))
+    return any("(" in text or "[" in text for text in texts)
 
 
 def schedule_option_params(request: Txt2ImgRequest, model: ModelSpec, img2img: bool, hires: bool

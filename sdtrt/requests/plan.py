@@ -23,7 +23,7 @@ from sdtrt.contract.seeds import image_seeds
 from sdtrt.contract.spec import LORA_RANK, UNET_BATCH, ModelSpec
 from sdtrt.requests.extra_networks import LoraTag, request_loras, strip_extra_networks, used_embeddings
 from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule, text_at
-from sdtrt.requests.prompts import Pieces, parse_prompt_attention
+from sdtrt.requests.prompts import Pieces, emphasis_pieces
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, check_fields, hires_target, resolve_seeds
 
 if TYPE_CHECKING:  # (the pictures are prepared with diffusers, only where a plan with pictures is made)
@@ -37,6 +37,7 @@ class TextPair:
 
     prompt: Pieces
     negative: Pieces
+    normalize: bool = True  # each chunk's mean restored after weighting (A1111's emphasis but "No norm")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class _Prompts:
     loras: tuple[LoraTag, ...]
     subprompts: dict[str, tuple[tuple[str, float], ...]]  # a pass's prompt -> its AND subprompts and weights
     pieces: dict[str, Pieces]  # a schedule's text (tags still in) -> its pieces (tags out)
+    normalize: bool = True  # (TextPair.normalize)
 
 
 def _read_prompts(request: Txt2ImgRequest, spec: ModelSpec, passes: list[_Pass]) -> _Prompts:
@@ -124,8 +126,9 @@ def _read_prompts(request: Txt2ImgRequest, spec: ModelSpec, passes: list[_Pass])
             for text in parts:
                 for _, scheduled in prompt_schedule(text, one.steps, one.first_steps):
                     if scheduled not in pieces:
-                        pieces[scheduled] = tuple(parse_prompt_attention(strip_extra_networks(scheduled), field))
-    return _Prompts(loras, subprompts, pieces)
+                        pieces[scheduled] = emphasis_pieces(strip_extra_networks(scheduled), field,
+                                                            request.emphasis)
+    return _Prompts(loras, subprompts, pieces, request.emphasis != "No norm")
 
 
 def check_subprompts(request: Txt2ImgRequest, spec: ModelSpec, subprompts: int, field: str = "prompt") -> None:
@@ -253,7 +256,8 @@ def _schedule(one: _Pass, prompts: _Prompts, texts: dict[TextPair, int]) -> Prom
     for last in sorted({step for schedule in positives + [negative] for step, _ in schedule}):
         indices = []
         for positive in positives:
-            pair = TextPair(prompts.pieces[text_at(positive, last)], prompts.pieces[text_at(negative, last)])
+            pair = TextPair(prompts.pieces[text_at(positive, last)], prompts.pieces[text_at(negative, last)],
+                            prompts.normalize)
             indices.append(texts.setdefault(pair, len(texts)))
         entries.append((last, tuple(indices)))
     return PromptSchedule(tuple(entries), tuple(weight for _, weight in subprompts))

@@ -73,6 +73,22 @@ def split_break(text: str) -> list[str]:
     return parts
 
 
+# A1111's emphasis modes (its option "emphasis", modules/sd_emphasis.py): Original weights each chunk and restores
+# its mean, "No norm" weights it only, "Ignore" parses the brackets but weighs nothing, "None" reads them as text.
+EMPHASES = ("Original", "No norm", "Ignore", "None")
+
+
+def emphasis_pieces(text: str, field: str, emphasis: str = "Original") -> Pieces:
+    """A text's pieces as A1111's emphasis mode has its tokenizer read them (tokenize_line): parsed, then weighed
+    1 where the mode ignores emphasis, or the whole text as one piece of weight 1 (BREAK too) where it has none."""
+    if emphasis == "None":
+        return ((text, 1.0),)
+    pieces = tuple(parse_prompt_attention(text, field))
+    if emphasis == "Ignore":
+        return tuple(piece if piece == BREAK else (piece[0], 1.0) for piece in pieces)
+    return pieces
+
+
 def parse_prompt_attention(text: str, field: str = "prompt") -> list[tuple[str, float]]:
     """A1111's parse: [(text, weight), ...] with equal neighbours merged; BREAK as ("BREAK", -1).
 
@@ -306,15 +322,19 @@ def text_chunks(weights: np.ndarray) -> tuple[int, int]:
     return int(own[:k].sum()), int(own[k:].sum())
 
 
-def apply_weights(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def apply_weights(embeddings: np.ndarray, weights: np.ndarray, normalize: bool = True) -> np.ndarray:
     """[2k, 77, H] chunk embeddings x [2k, 77] weights -> [2, 77k, H] (negative, prompt).
 
-    Each chunk is weighted token by token and rescaled to its original mean, as A1111 does per chunk.
+    Each chunk is weighted token by token and rescaled to its original mean, as A1111 does per chunk; without
+    ``normalize`` (A1111's emphasis "No norm") only weighted, the padding chunks left as they are.
     """
     rows = embeddings.shape[0]
     z = embeddings.astype(np.float32)
-    original_mean = z.mean(axis=(1, 2), keepdims=True)
-    z = z * weights[:, :, None]
-    z = z * (original_mean / z.mean(axis=(1, 2), keepdims=True))
+    if normalize:
+        original_mean = z.mean(axis=(1, 2), keepdims=True)
+        z = z * weights[:, :, None]
+        z = z * (original_mean / z.mean(axis=(1, 2), keepdims=True))
+    else:
+        z = z * np.where(weights[:, :1] == PADDING_WEIGHT, np.float32(1.0), weights)[:, :, None]
     k = rows // 2
     return z.reshape(2, k * z.shape[1], z.shape[2])
