@@ -97,6 +97,14 @@ INFOTEXTS = {
         "a (majestic lighthouse:1.3) on a rocky cliff at dusk, waves crashing below, seagulls circling, warm light in the windows, dramatic clouds, (oil painting:0.8), highly detailed, soft rim light, long exposure, misty sea, golden hour glow, tall grass on the cliff edge, a narrow path leading up, old stone walls, moss, lichen, weathered wood, rusty railings, distant ships, calm horizon, stars appearing, crescent moon, reflections on wet rocks, fine brush strokes, muted palette, cinematic composition, wide angle view\nNegative prompt: blurry, (low quality:1.2)\n"
         "Steps: 6, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 78, Size: 64x64, Pad conds: True, "
         "Version: v1.10.1"),
+    "Euler a, the negative prompt lengthened to the prompt's by its last vector (Pad conds v0)": (
+        "a (majestic lighthouse:1.3) on a rocky cliff at dusk, waves crashing below, seagulls circling, warm light in the windows, dramatic clouds, (oil painting:0.8), highly detailed, soft rim light, long exposure, misty sea, golden hour glow, tall grass on the cliff edge, a narrow path leading up, old stone walls, moss, lichen, weathered wood, rusty railings, distant ships, calm horizon, stars appearing, crescent moon, reflections on wet rocks, fine brush strokes, muted palette, cinematic composition, wide angle view\nNegative prompt: blurry, (low quality:1.2)\n"
+        "Steps: 6, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 79, Size: 64x64, Pad conds v0: True, "
+        "Version: v1.10.1"),
+    "Heun, the negative prompt cut to the prompt's length (Pad conds v0)": (
+        "a lighthouse at dusk\nNegative prompt: blurry, (low quality:1.2), a (majestic lighthouse:1.3) on a rocky cliff at dusk, waves crashing below, seagulls circling, warm light in the windows, dramatic clouds, (oil painting:0.8), highly detailed, soft rim light, long exposure, misty sea, golden hour glow, tall grass on the cliff edge, a narrow path leading up, old stone walls, moss, lichen, weathered wood, rusty railings\n"
+        "Steps: 6, Sampler: Heun, Schedule type: Automatic, CFG scale: 7, Seed: 80, Size: 64x64, Pad conds v0: True, "
+        "Version: v1.10.1"),
     "DDIM, a two-chunk prompt": (
         "a (majestic lighthouse:1.3) on a rocky cliff at dusk, waves crashing below, seagulls circling, warm light in the windows, dramatic clouds, (oil painting:0.8), highly detailed, soft rim light, long exposure, misty sea, golden hour glow, tall grass on the cliff edge, a narrow path leading up, old stone walls, moss, lichen, weathered wood, rusty railings, distant ships, calm horizon, stars appearing, crescent moon, reflections on wet rocks, fine brush strokes, muted palette, cinematic composition, wide angle view\nSteps: 6, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7, Seed: 79, Size: 64x64, "
         "Version: v1.10.1"),
@@ -198,10 +206,16 @@ def a1111_text(pipe, text: str, clip_skip: int) -> torch.Tensor:
     return torch.hstack(zs)
 
 
-def a1111_eps(pipe, x_in, t_in, cond, uncond, pad: bool):
+def a1111_eps(pipe, x_in, t_in, cond, uncond, pad: bool | str):
     """CFGDenoiser's U-Net calls, cond rows then uncond: one call when the texts are as long (or padded with the
-    empty prompt's encoding, pad_cond_uncond), else one each (A1111's default)."""
-    if cond.shape[1] != uncond.shape[1] and pad:
+    empty prompt's encoding, pad_cond_uncond; ``pad`` "v0": the uncond's last vector repeated to the cond's length,
+    or the uncond cut to it, pad_cond_uncond_v0), else one each (A1111's default)."""
+    if cond.shape[1] != uncond.shape[1] and pad == "v0":
+        if uncond.shape[1] < cond.shape[1]:
+            uncond = torch.hstack([uncond, uncond[:, -1:].repeat([1, cond.shape[1] - uncond.shape[1], 1])])
+        else:
+            uncond = uncond[:, :cond.shape[1]]
+    elif cond.shape[1] != uncond.shape[1] and pad:
         empty = a1111_text(pipe, "", 1)
         longer = max(cond.shape[1], uncond.shape[1])
         cond, uncond = (torch.cat([c] + [empty] * ((longer - c.shape[1]) // 77), dim=1) for c in (cond, uncond))
@@ -431,7 +445,7 @@ def a1111_picture(pipe, infotext: str) -> np.ndarray:
         sigmas = schedules.sigmas(automatic if params["Schedule type"] == "Automatic" else params["Schedule type"],
                                   steps)
         latents = a1111_sample(pipe, schedules, function, x * sigmas[0].float(), sigmas, cond, uncond, cfg, rng,
-                               pad=params.get("Pad conds") == "True")
+                               pad="v0" if params.get("Pad conds v0") == "True" else params.get("Pad conds") == "True")
     if "Hires upscale" in params or "Hires resize" in params:
         latents = a1111_hires_pass(pipe, schedules, params, latents, width, height, (seed, nv, ensd),
                                    (cond, uncond, clip_skip), cfg)
@@ -477,3 +491,10 @@ def test_the_diffusers_path_is_not_a1111s_where_they_differ(name, local_pipeline
     request = request_from(INFOTEXTS[name])
     plain = local_pipeline.txt2img(Txt2ImgRequest(**{**request.as_dict(), "k_diffusion": False}))
     assert max_diff(plain.images, expected[name]) > MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("name", [name for name in INFOTEXTS if "(Pad conds v0)" in name])
+def test_pad_conds_v0_changes_the_picture(name, diffusers_pipe, expected):
+    """The v0 pictures above are not A1111's default ones (each text at its own length): the reference can fail."""
+    default = a1111_picture(diffusers_pipe, INFOTEXTS[name].replace("Pad conds v0: True, ", ""))
+    assert max_diff(default, expected[name]) > MAX_PIXEL_DIFF

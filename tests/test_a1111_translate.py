@@ -238,6 +238,8 @@ def test_a1111s_names_become_sdtrts(catalog, given, wanted):
     ({"override_settings": {"sd_noise_schedule": "Cosine"}}, "override_settings.sd_noise_schedule"),
     ({"override_settings": {"sgm_noise_multiplier": "on"}}, "override_settings.sgm_noise_multiplier"),
     ({"override_settings": {"emphasis": "Strong"}}, "override_settings.emphasis"),
+    ({"override_settings": {"hires_fix_refiner_pass": "third pass"}}, "override_settings.hires_fix_refiner_pass"),
+    ({"override_settings": {"pad_cond_uncond_v0": 1}}, "override_settings.pad_cond_uncond_v0"),
 ])
 def test_what_would_change_the_picture_is_refused_by_name(catalog, given, field):
     with pytest.raises(HTTPException) as excinfo:
@@ -271,12 +273,15 @@ def test_sampler_settings_come_from_the_request_else_the_users_options(catalog):
 
 def test_a1111s_schedule_options_reach_the_request_from_the_override_the_users_options_or_an_infotext(catalog):
     overrides = {"sigma_min": 0.1, "sigma_max": 10, "rho": 5, "beta_dist_alpha": 0.4, "sgm_noise_multiplier": True,
-                 "emphasis": "No norm",
+                 "emphasis": "No norm", "pad_cond_uncond_v0": True, "refiner_switch_by_sample_steps": True,
+                 "hires_fix_refiner_pass": "both passes",
                  "sd_noise_schedule": "Zero Terminal SNR", "always_discard_next_to_last_sigma": True,
                  "img2img_extra_noise": 0.3}
     settings = translate(Txt2ImgBody(prompt="x", override_settings=overrides), UserOptions(), {}, catalog)
-    assert {k: settings[k] for k in overrides if k != "img2img_extra_noise"} == \
-        {k: v for k, v in overrides.items() if k != "img2img_extra_noise"}
+    renamed = {"pad_cond_uncond_v0": "pad_conds_v0", "refiner_switch_by_sample_steps": "refiner_switch_by_steps",
+               "hires_fix_refiner_pass": "hires_refiner_pass"}
+    assert {renamed.get(k, k): settings[renamed.get(k, k)] for k in overrides if k != "img2img_extra_noise"} == \
+        {renamed.get(k, k): v for k, v in overrides.items() if k != "img2img_extra_noise"}
     assert "img2img_extra_noise" not in settings  # (img2img's and the hires pass's)
     settings = translate(Img2ImgBody(init_images=["x"]), UserOptions(sampler={"img2img_extra_noise": 0.3},
                                                                      options={"use_downcasted_alpha_bar": True}),

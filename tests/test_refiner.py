@@ -89,18 +89,25 @@ def local(repo):
 
 @torch.no_grad()
 def a1111_refined(pipes, switch_at: float, hires_model: str | None = None, refiner: str | None = "refiner",
-                  hires: bool = False) -> np.ndarray:
-    """Euler a as A1111 runs it (REQUEST's settings), the denoiser's model swapped as apply_refiner swaps it."""
+                  hires: bool = False, mode: str = "second pass", by_steps: bool = False) -> np.ndarray:
+    """Euler a as A1111 runs it (REQUEST's settings), the denoiser's model swapped as apply_refiner swaps it: in
+    the passes hires_fix_refiner_pass (``mode``) allows, at the share of sampling done by noise level or, with
+    ``by_steps`` (refiner_switch_by_sample_steps), the denoiser's step / its total_steps; the second pass on the
+    hires checkpoint or the request's (A1111's reload_model_weights(info=hr_checkpoint_info))."""
     sampling, r = k_sampling(), REQUEST
     schedules = A1111Schedules(pipes["base"].scheduler.config)
     texts = {name: (a1111_text(p, r["prompt"], 1), a1111_text(p, r["negative_prompt"], 1)) for name, p in pipes.items()}
     state = {"model": "base"}
 
     def run(x, sigmas, rng, refine: bool):
+        calls = [0]
+
         def model(x, sigma, **_):
             t = schedules.sigma_to_t(float(sigma[0]))
             nearest = int(torch.argmin(torch.abs(schedules.model_sigmas - sigma.max())))  # apply_refiner's
-            if refine and refiner and (999 - nearest) / 1000 >= switch_at:
+            done = calls[0] / (len(sigmas) - 1) if by_steps else (999 - nearest) / 1000
+            calls[0] += 1
+            if refine and refiner and done >= switch_at:
                 state["model"] = refiner
             pipe, (cond, uncond) = pipes[state["model"]], texts[state["model"]]
             x_in, s_in = torch.cat([x, x]), torch.cat([sigma, sigma])
@@ -117,14 +124,16 @@ def a1111_refined(pipes, switch_at: float, hires_model: str | None = None, refin
 
     sigmas = schedules.sigmas("Uniform", r["steps"])
     rng = ImageRng(r["seed"], False, 0)
-    latents = run(rng.next((4, 8, 8))[None] * sigmas[0].float(), sigmas, rng, refine=not hires)
+    latents = run(rng.next((4, 8, 8))[None] * sigmas[0].float(), sigmas, rng,
+                  refine=not hires or mode != "second pass")
     if hires:  # Latent x1.5, strength 0.6, the second pass's own ImageRNG; the hires checkpoint loaded before it
         latents = torch.nn.functional.interpolate(latents, size=(12, 12), mode="bilinear", antialias=False)
-        state["model"] = hires_model or state["model"]
+        state["model"] = hires_model or "base"
         total, t_enc = int(r["steps"] / 0.6), r["steps"] - 1
         sigma_sched = schedules.sigmas("Uniform", total)[total - t_enc - 1:]
         rng = ImageRng(r["seed"], False, 0)
-        latents = run(latents + rng.next((4, 12, 12))[None] * sigma_sched[0].float(), sigma_sched, rng, refine=True)
+        latents = run(latents + rng.next((4, 12, 12))[None] * sigma_sched[0].float(), sigma_sched, rng,
+                      refine=mode != "first pass")
     pipe = pipes[state["model"]]
     image = torch.clamp((pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample + 1) / 2, 0, 1)[0]
     return (255.0 * image.permute(1, 2, 0).numpy()).astype(np.uint8)[None]
@@ -152,6 +161,26 @@ def test_a_refiner_that_never_takes_over_changes_nothing(local):
 def test_with_the_hires_fix_the_refiner_acts_in_the_second_pass(local, pipes):
     result = local.txt2img(Txt2ImgRequest(**REQUEST, **HIRES, refiner_checkpoint="refiner", refiner_switch_at=0.6))
     assert max_diff(result.images, a1111_refined(pipes, 0.6, hires=True)) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("mode", ["first pass", "both passes"])
+def test_the_hires_refiner_pass_option_picks_the_passes_it_acts_in(local, pipes, mode):
+    """A1111's hires_fix_refiner_pass: the first pass switches too; the second starts on the request's model."""
+    settings = dict(**REQUEST, **HIRES, refiner_checkpoint="refiner", refiner_switch_at=0.5, hires_refiner_pass=mode)
+    result = local.txt2img(Txt2ImgRequest(**settings))
+    assert max_diff(result.images, a1111_refined(pipes, 0.5, hires=True, mode=mode)) <= MAX_PIXEL_DIFF
+    assert max_diff(result.images, a1111_refined(pipes, 0.5, hires=True)) > MAX_PIXEL_DIFF
+    assert f"Hires refiner: {mode}, Refiner: refiner" in result.infotexts[0]
+
+
+def test_the_switch_counted_in_sampling_steps(local, pipes):
+    """A1111's refiner_switch_by_sample_steps: the denoiser's step / total_steps instead of the noise level."""
+    # 8 steps: by noise level the second call is 0.143 done and switches, by steps it is 1/8 and does not
+    result = local.txt2img(Txt2ImgRequest(**REQUEST, refiner_checkpoint="refiner", refiner_switch_at=0.14,
+                                          refiner_switch_by_steps=True))
+    assert max_diff(result.images, a1111_refined(pipes, 0.14, by_steps=True)) <= MAX_PIXEL_DIFF
+    assert max_diff(result.images, a1111_refined(pipes, 0.14)) > MAX_PIXEL_DIFF
+    assert "Refiner switch by sampling steps: True" in result.infotexts[0]
 
 
 def test_a_hires_checkpoint_runs_the_second_pass(local, pipes):

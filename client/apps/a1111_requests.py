@@ -66,18 +66,18 @@ OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_so
 # A1111's on/off options for its samplers, request fields of the same names
 SAMPLER_FLAGS = ("use_old_karras_scheduler_sigmas", "always_discard_next_to_last_sigma", "sgm_noise_multiplier",
                  "use_downcasted_alpha_bar")
-CHOICE_OPTIONS = ("sd_noise_schedule", "emphasis")  # A1111's options that name a choice, request fields too
+# A1111's options that name a choice -> the request fields that take them
+CHOICE_OPTIONS = {"sd_noise_schedule": "sd_noise_schedule", "emphasis": "emphasis",
+                  "hires_fix_refiner_pass": "hires_refiner_pass"}
 # kept with the options sdtrt has no use for, and read when a request runs
-OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "enable_prompt_comments", "img2img_fix_steps",
-                         "s_min_uncond_all", *CHOICE_OPTIONS, *SAMPLER_FLAGS)
+OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "pad_cond_uncond_v0", "enable_prompt_comments", "img2img_fix_steps",
+                         "s_min_uncond_all", *CHOICE_OPTIONS, *SAMPLER_FLAGS, "refiner_switch_by_sample_steps")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
     "sd_vae": ("Automatic", "None"),
     "sdxl_clip_l_skip": (False,),
-    "pad_cond_uncond_v0": (False,), "refiner_switch_by_sample_steps": (False,),
-    "hires_fix_refiner_pass": ("second pass",),
     # Hypertile's tiled attention (an A1111 speed-up that changes the picture): sdtrt draws without it
     "hypertile_enable_unet": (False,), "hypertile_enable_unet_secondpass": (False,), "hypertile_enable_vae": (False,),
 }
@@ -257,16 +257,18 @@ def chosen_options(body: "_Request", mine: UserOptions) -> dict[str, Any]:
     """A1111's on/off sampler options and its options that name a choice (the request fields of those names, whose
     choices they take), from the override or the user's options."""
     settings: dict[str, Any] = {name: True for name in SAMPLER_FLAGS if option_flag(body, mine, name)}
-    for name in CHOICE_OPTIONS:
+    for name, target in CHOICE_OPTIONS.items():
         for where, value in (("override_settings", (body.override_settings or {}).get(name)),
                              ("options", mine.options.get(name))):
             if value is not None:
-                choices = BY_NAME[name].choices
+                choices = BY_NAME[target].choices
                 if value not in choices:
                     raise refuse(f"{where}.{name}", f"one of {', '.join(map(repr, choices))} (got "
                                                     f"{str(value)[:80]!r})")
-                settings[name] = value
+                settings[target] = value
                 break
+    if option_flag(body, mine, "refiner_switch_by_sample_steps"):
+        settings["refiner_switch_by_steps"] = True
     return settings
 
 
@@ -593,6 +595,7 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings.update(other_checkpoints(body, catalog))
     settings["tiling"] = option_flag(body, mine, "tiling", "tiling")
     settings["pad_conds"] = option_flag(body, mine, "pad_cond_uncond")
+    settings["pad_conds_v0"] = option_flag(body, mine, "pad_cond_uncond_v0")
     settings.update(chosen_options(body, mine))
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):

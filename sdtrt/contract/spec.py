@@ -18,7 +18,7 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 13  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 14  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
@@ -29,6 +29,7 @@ SPEC_VERSION = 13  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # checkpoint; pad_conds; mask_round and img2img's latent_mask input
 # 12: soft inpainting, img2img_fix_steps, skip_early_cond and s_min_uncond_all; UniPC on A1111's timesteps
 # 13: A1111's schedule options (sigma range, rho, Beta's alpha and beta, ...), noise levels and extra noise
+# 14: emphasis, pad_conds_v0, refiner_switch_by_steps, hires_refiner_pass
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.

@@ -56,15 +56,29 @@ class ScheduledConditioning:
         return next((i for i, (last, _, _) in enumerate(self.entries) if step <= last), len(self.entries) - 1)
 
 
-def scheduled_conditioning(schedule: PromptSchedule, encoded: list[tuple[Conditioning, Conditioning]]
-                           ) -> ScheduledConditioning:
+def scheduled_conditioning(schedule: PromptSchedule, encoded: list[tuple[Conditioning, Conditioning]],
+                           pad_v0: bool = False) -> ScheduledConditioning:
     """A pass's schedule (sdtrt.requests.plan) with its texts' conditioning: ``encoded[i]`` is (uncond, cond) of the
-    plan's i-th text pair, each encoded once for the whole request."""
+    plan's i-th text pair, each encoded once for the whole request (``pad_v0``: the uncond fitted to the conds as
+    A1111's pad_cond_uncond_v0 does)."""
     entries = []
     for last, indices in schedule.entries:
         uncond, conds = _same_length([encoded[i] for i in indices])
-        entries.append((last, uncond, conds))
+        entries.append((last, _padded_v0(uncond, conds) if pad_v0 else uncond, conds))
     return ScheduledConditioning(entries, schedule.weights)
+
+
+def _padded_v0(uncond: Conditioning, conds: tuple[Conditioning, ...]) -> Conditioning:
+    """A1111's "Pad prompt/negative prompt (v0)" (before 1.7): the negative prompt's context at the prompt's
+    length, lengthened by repeating its last vector or cut short, so that both run in one U-Net call."""
+    target, own = int(conds[0][TEXT_LENGTH].reshape(-1)[0]), int(uncond[TEXT_LENGTH].reshape(-1)[0])
+    if own < target:
+        context = uncond[CONTEXT_INPUT].clone()
+        context[:, own:target] = context[:, own - 1:own]
+        return {**uncond, CONTEXT_INPUT: context, TEXT_LENGTH: torch.tensor([target])}
+    if own > target:
+        return {**uncond, TEXT_LENGTH: torch.tensor([target])}
+    return uncond
 
 
 def _same_length(pairs: list[tuple[Conditioning, Conditioning]]) -> tuple[Conditioning, tuple[Conditioning, ...]]:

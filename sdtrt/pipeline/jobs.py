@@ -89,8 +89,9 @@ class Prompts:
 def encode_prompts(plan: Plan, nets: Networks) -> Prompts:
     """Every text pair the plan's passes use, through the text encoder once each, then each pass's schedule."""
     encoded = [nets.encode_texts(texts, plan.request.clip_skip) for texts in plan.texts]
-    hires = scheduled_conditioning(plan.hires.prompts, encoded) if plan.hires is not None else None
-    return Prompts(scheduled_conditioning(plan.first.prompts, encoded), hires)
+    v0 = bool(plan.request.pad_conds_v0)
+    hires = scheduled_conditioning(plan.hires.prompts, encoded, v0) if plan.hires is not None else None
+    return Prompts(scheduled_conditioning(plan.first.prompts, encoded, v0), hires)
 
 
 @dataclass
@@ -127,15 +128,22 @@ def _takeover(plan: Plan, others: Callable[[Plan], Networks] | None) -> Takeover
 
 class SwitchingUNet:
     """The U-Net A1111's refiner gives the sampler: the request's model's until the share of sampling done, by
-    noise level ((999 - the nearest training timestep) / 1000, A1111's apply_refiner), reaches ``switch_at``, the
-    refiner's from then on (A1111 loads it once and stays on it), each with its own conditioning."""
+    noise level ((999 - the nearest training timestep) / 1000, A1111's apply_refiner) or with ``calls`` by the
+    denoiser's calls so far of that many (its option refiner_switch_by_sample_steps), reaches ``switch_at``, the
+    refiner's from then on (A1111 loads it once and stays on it for the pass), each with its own conditioning."""
 
-    def __init__(self, own: UNet, refiner: UNet, switch_at: float, on_switch: Callable[[], None]):
+    def __init__(self, own: UNet, refiner: UNet, switch_at: float, on_switch: Callable[[], None], calls: int = 0,
+                 nearest: Callable[[float], int] = round):
         self.own, self.refiner, self.switch_at, self.on_switch = own, refiner, switch_at, on_switch
         self.switched = False
+        self.calls, self.called, self.nearest = calls, 0, nearest
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
-        done = (TRAINING_STEPS - 1 - round(float(timestep.reshape(-1).max()))) / TRAINING_STEPS
+        if self.calls:
+            done = self.called / self.calls
+        else:
+            done = (TRAINING_STEPS - 1 - self.nearest(float(timestep.reshape(-1).max()))) / TRAINING_STEPS
+        self.called += 1
         if not self.switched and done >= self.switch_at:
             self.switched = True
             self.on_switch()
@@ -174,18 +182,24 @@ class TextLengths:
 
 def model_unet(plan: Plan, nets: Networks) -> UNet:
     """A model's U-Net as the request takes its texts: padded to one length, or each at its own."""
-    return nets.unet if plan.request.pad_conds else TextLengths(nets.unet)
+    padded = plan.request.pad_conds and not plan.request.pad_conds_v0  # (v0's lengths: A1111 tries it first)
+    return nets.unet if padded else TextLengths(nets.unet)
 
 
 def _with_refiner(plan: Plan, takeover: Takeover, first_pass: bool, unet: UNet,
                   context: Callable[[int], Conditioning], size: tuple[int, int], with_uncond: bool,
-                  device: torch.device) -> tuple[UNet, Callable[[int], Conditioning]]:
-    """The pass's U-Net and conditioning, with the refiner's where it takes over in this pass."""
+                  run: Pass) -> tuple[UNet, Callable[[int], Conditioning]]:
+    """The pass's U-Net and conditioning, with the refiner's where it may take over in this pass (``run``: the
+    pass, its schedule set)."""
     refiner = takeover.refiner
-    if refiner is None or plan.refines_first_pass != first_pass:
+    if refiner is None or not plan.refines(first_pass):
         return unet, context
     prompts = refiner.prompts.first if first_pass else refiner.prompts.hires
-    theirs = step_contexts(refiner.plan.spec, prompts, plan.request.batch_size, with_uncond, *size, device)
+    theirs = step_contexts(refiner.plan.spec, prompts, plan.request.batch_size, with_uncond, *size,
+                           refiner.nets.device)
+    # A1111's CFG denoiser's total_steps: its sampler's launch steps (a diffusers class: its U-Net calls)
+    calls = getattr(run.scheduler, "launch_steps", None) or len(run.scheduler.timesteps if run.timesteps is None
+                                                                 else run.timesteps)
 
     def switched() -> None:
         takeover.decoder = refiner.nets
@@ -193,7 +207,9 @@ def _with_refiner(plan: Plan, takeover: Takeover, first_pass: bool, unet: UNet,
     def both(step: int) -> Conditioning:
         return {**context(step), **{REFINER + k: v for k, v in theirs(step).items()}}
 
-    return SwitchingUNet(unet, model_unet(plan, refiner.nets), plan.request.refiner_switch_at, switched), both
+    return SwitchingUNet(unet, model_unet(plan, refiner.nets), plan.request.refiner_switch_at, switched,
+                         calls if plan.request.refiner_switch_by_steps else 0,
+                         getattr(run.scheduler, "nearest_timestep", round)), both
 
 
 def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, with_uncond: bool, width: int,
@@ -282,7 +298,7 @@ def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     context = step_contexts(spec, prompts.first, request.batch_size, guidance.with_uncond, first.width,
                             first.height, nets.device)
     unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets), context,
-                                  (first.width, first.height), guidance.with_uncond, nets.device)
+                                  (first.width, first.height), guidance.with_uncond, run)
     latents = denoise(run, unet, latents, context, guidance, on_step)
     if plan.hires is not None:
         latents = hires_pass(plan, latents, prompts.hires, nets, on_step, takeover)
@@ -297,7 +313,9 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
     pass decoded by the request's model, encoded by that one, as A1111 swaps models between the passes).
     ``latents`` None: the first pass is the plan's picture (A1111's firstpass_image)."""
     spec, request, second, takeover = plan.spec, plan.request, plan.hires, takeover or Takeover()
-    runner = nets
+    # A1111 decodes the first pass with the model it ended on (the refiner, where it took over), then reloads the
+    # request's checkpoint (or the hires one) for the second pass
+    runner, first_decoder, takeover.decoder = nets, takeover.decoder or nets, None
     if takeover.hires is not None:
         runner, prompts, takeover.decoder = takeover.hires.nets, takeover.hires.prompts.hires, takeover.hires.nets
     upscaler = HIRES_UPSCALERS[request.hr_upscaler]
@@ -313,7 +331,7 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
         init = upscale_latents(latents, upscaler, up_width // f, up_height // f)
     else:
         pictures = [plan.firstpass] * request.batch_size if latents is None else \
-            nets.vae_decode(latents / spec.vae_scaling_factor)
+            first_decoder.vae_decode(latents / spec.vae_scaling_factor)
         resized = [upscale_image(Image.fromarray(p), upscaler, up_width, up_height) for p in pictures]
         init = sample_latents(runner.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
     init = size.crop(init, f)
@@ -330,7 +348,7 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
     runner_spec = takeover.hires.plan.spec if takeover.hires is not None else spec  # (its SDXL time ids)
     context = step_contexts(runner_spec, prompts, request.batch_size, guidance.with_uncond, width, height, nets.device)
     unet, context = _with_refiner(plan, takeover, False, model_unet(plan, runner), context, (width, height),
-                                  guidance.with_uncond, nets.device)
+                                  guidance.with_uncond, run)
     run.timesteps = timesteps
     return denoise(run, unet, latents, context, guidance, on_step)
 
@@ -410,7 +428,7 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     guidance = _guidance(plan, prompts.first, run)
     context = step_contexts(spec, prompts.first, n, guidance.with_uncond, request.width, request.height, nets.device)
     unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets), context,
-                                  (request.width, request.height), guidance.with_uncond, nets.device)
+                                  (request.width, request.height), guidance.with_uncond, run)
     latents = denoise(run, unet, latents, context, guidance, on_step, Inpainting(unet_extra, after_step, keep, soft))
     if soft is not None:  # (read once the pictures are decoded: finish_images)
         plan.images.soft_masks = soft.overlay_masks(keep[1], image_latents, latents, (request.width, request.height))

@@ -282,6 +282,11 @@ class KSchedule:
             return torch.from_numpy(SIGMA_SCHEDULES[self.schedule](n, training, self.align_your_steps)).float()
         return model.get_sigmas(n)  # Automatic (for samplers without one of their own) and Uniform
 
+    def nearest_timestep(self, t: float) -> int:
+        """The training timestep whose sigma is nearest the fractional timestep ``t``'s (A1111's apply_refiner)."""
+        sigma = self.denoiser.t_to_sigma(torch.tensor(t, dtype=torch.float32))
+        return int(torch.argmin(torch.abs(self.denoiser.sigmas - sigma)))
+
     @property
     def ranged(self) -> bool:
         """Whether the request moved the schedule's sigma range off the model's."""

@@ -246,6 +246,11 @@ class TSchedule:
         alpha = self.alphas_cumprod[self.noise_level]
         return init * torch.sqrt(alpha) + noise * torch.sqrt(1 - alpha)
 
+    @staticmethod
+    def nearest_timestep(t: float) -> int:
+        """A1111's apply_refiner on its timestep samplers: the timestep, truncated (UniPC's are fractional)."""
+        return int(t)
+
     def extra_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """A1111's extra noise for img2img and the hires pass: the same noise again, times the option, at the
         picture's scale where the noise is added (its timestep samplers' latents are not in sigma units)."""

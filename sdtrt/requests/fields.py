@@ -96,6 +96,7 @@ def _size(what: str) -> dict[str, Any]:
 
 
 MAX_MODEL_NAME = 256  # a model's name in the repository (a folder name)
+HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")  # A1111's hires_fix_refiner_pass
 
 FIELDS: tuple[RequestField, ...] = (
     RequestField("prompt", "string", "", "what to draw", max_length=lambda m: m.max_prompt_chars,
@@ -235,6 +236,10 @@ FIELDS: tuple[RequestField, ...] = (
                  "U-Net in one call, the shorter padded with empty chunks (A1111's 'Pad prompt/negative prompt to be "
                  "same length'); off: separately, each at its own length (A1111's default)",
                  a1111="override_settings.pad_cond_uncond", infotext="Pad conds"),
+    RequestField("pad_conds_v0", "bool", False, "run a prompt and negative prompt of different lengths through the "
+                 "U-Net in one call at the prompt's length, the negative prompt cut short or lengthened by repeating "
+                 "its last vector (A1111's 'Pad prompt/negative prompt (v0)', before 1.7; wins over pad_conds)",
+                 a1111="override_settings.pad_cond_uncond_v0", infotext="Pad conds v0"),
     RequestField("hr_checkpoint", "string", "", "hires fix: the model of this server that runs the second pass "
                  "(A1111's 'Hires checkpoint'; same latent space as the request's); empty = the request's",
                  max_length=MAX_MODEL_NAME, shown_in=(TXT2IMG,), a1111="hr_checkpoint_name",
@@ -246,6 +251,14 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("refiner_switch_at", "float32", 0.8, "the share of the sampling done when the refiner takes over, "
                  "by noise level as A1111 counts it: (999 - timestep) / 1000", minimum=0.0, maximum=1.0,
                  a1111="refiner_switch_at", infotext="Refiner switch at", label="Switch at"),
+    RequestField("refiner_switch_by_steps", "bool", False, "count the refiner's switch point in sampler steps "
+                 "(the denoiser's calls so far) instead of noise level (A1111's option 'Refiner switch by sampling "
+                 "steps instead of model timesteps')", a1111="override_settings.refiner_switch_by_sample_steps",
+                 infotext="Refiner switch by sampling steps"),
+    RequestField("hires_refiner_pass", "string", "second pass", "with the hires fix, the pass(es) the refiner may "
+                 "take over in (A1111's option 'Hires fix: which pass to enable refiner for'); each starts on the "
+                 "request's model (the second on the hires checkpoint)", choices=HIRES_REFINER_PASSES,
+                 shown_in=(TXT2IMG,), a1111="override_settings.hires_fix_refiner_pass", infotext="Hires refiner"),
     RequestField("tiling", "bool", False, "seamless tiling (A1111's 'Tiling'): the U-Net and VAE pad circularly, so "
                  "the picture wraps at its edges; needs a model exported with --tiling", a1111="tiling",
                  infotext="Tiling", label="Tiling"),

@@ -75,8 +75,12 @@ def infotexts(plan: Plan) -> list[str]:
             "Hires upscaler": request.hr_upscaler if hires else None,
             "Hires checkpoint": request.hr_checkpoint if plan.hires_model is not None else None,
             # (A1111 writes these when the refiner takes over; sdtrt when one is named that can)
+            "Hires refiner": request.hires_refiner_pass if plan.refiner is not None and hires
+            and request.hires_refiner_pass != "second pass" else None,
             "Refiner": request.refiner_checkpoint if plan.refiner is not None else None,
             "Refiner switch at": request.refiner_switch_at if plan.refiner is not None else None,
+            "Refiner switch by sampling steps": True if plan.refiner is not None and request.refiner_switch_by_steps
+            else None,
             # (A1111 writes it once NGMS has skipped a call on every step)
             "NGMS all steps": True if request.s_min_uncond_all and request.s_min_uncond > 0 else None,
             "RNG": request.randn_source,  # A1111 writes it for every source but its default, GPU

@@ -76,11 +76,15 @@ class Plan:
     hires_model: "Plan | None" = None  # A1111's hires checkpoint: runs the hires fix's second pass
     firstpass: np.ndarray | None = None  # A1111's firstpass_image: [H, W, 3] uint8, the hires fix starts from it
 
-    @property
-    def refines_first_pass(self) -> bool:
-        """Whether the refiner takes over in the first pass (A1111's hires_fix_refiner_pass "second pass": with
-        the hires fix, in the second)."""
-        return self.refiner is not None and self.hires is None
+    def refines(self, first_pass: bool) -> bool:
+        """Whether the refiner may take over in the first pass or the hires fix's second (A1111's apply_refiner:
+        without the hires fix in the only pass, with it as hires_fix_refiner_pass says)."""
+        if self.refiner is None:
+            return False
+        if self.hires is None:
+            return first_pass
+        mode = self.request.hires_refiner_pass
+        return mode == "both passes" or (mode == "first pass") == first_pass
 
     @property
     def img2img(self) -> bool:
