@@ -61,6 +61,7 @@ from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.export.options import ExportOptions
 from sdtrt.export.tensorrt import EngineOptions, build_engines, refit_engine, refitted_filename
+from sdtrt.export.vaes import register_vaes
 from sdtrt.model_repository.build import write_model, write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_NETWORKS, lora_rank
@@ -145,10 +146,13 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: 
                       max_chunks=options.max_chunks, max_lora_rank=options.max_lora_rank if slots else 0)
 
     networks = descriptors(pipe, text_max_length, slots, options.tiling)
+    vae_networks, vaes = register_vaes(pipe, Path(options.vae_dir), options.allow_pickle, report) \
+        if options.vae_dir is not None else ([], {})
+    networks += vae_networks
     components = export_networks(networks, repo, key, dims, text_max_length, options.progress, report)
     pipe.tokenizer.save_pretrained(str(repo / tokenizer_dir(key)))
     spec = build_spec(ckpt, key, components, dims, options, native=native, text_max_length=text_max_length)
-    spec = replace(spec, extra={**spec.extra, "export_key": inputs}, **registered)
+    spec = replace(spec, extra={**spec.extra, "export_key": inputs}, vaes=vaes, **registered)
     if options.engines is not None:
         spec = build_engines(repo, spec, options.engines, report, options.progress)
     write_model(repo, spec, options.served)
@@ -195,7 +199,7 @@ def export_key(source_sha: str, **inputs) -> str:
     vae_sha = file_sha256(Path(vae), progress=False) if vae is not None and Path(vae).is_file() else vae
     config = inputs.pop("config")
     config_sha = folder_sha256(Path(config), progress=False) if config is not None else None
-    for folder in ("lora_dir", "embedding_dir"):  # their files' contents, not their names
+    for folder in ("lora_dir", "embedding_dir", "vae_dir"):  # their files' contents, not their names
         if inputs[folder] is not None and Path(inputs[folder]).is_dir():
             inputs[folder] = folder_sha256(Path(inputs[folder]), progress=False)
     record = {"source": source_sha, "loras": loras, "vae": vae_sha, "config": config_sha, "sdtrt": __version__,

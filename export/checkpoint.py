@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sdtrt.contract.errors import UsageError
@@ -161,34 +160,51 @@ def fuse_loras(ckpt: Checkpoint, loras: list[tuple[Path, float]], allow_pickle: 
     return replace(ckpt, sha256=h.hexdigest() if fused else ckpt.sha256, loras=tuple(fused))
 
 
-def override_vae(ckpt: Checkpoint, path: Path, report=print) -> Checkpoint:
-    """Load a VAE file in place of the checkpoint's (A1111's "SD VAE"): the original (LDM) layout, as
-    vae-ft-mse-840000-ema-pruned is, or diffusers'. It must have the checkpoint's VAE architecture."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        raise UsageError(f"--vae {path}: give an existing .safetensors VAE file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as exc:
-        raise UsageError(f"--vae {path}: not a readable .safetensors file ({exc})") from None
-    config = dict(ckpt.pipe.vae.config)
-    try:
-        if any(".down_blocks." in key for key in keys):  # diffusers' own layout
+VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # A1111's models/VAE files (pickled ones need --allow-pickle)
+_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
+
+def load_vae(path: Path, config: dict, allow_pickle: bool = False, what: str = "--vae") -> AutoencoderKL:
+    """A VAE file with the architecture ``config`` describes (the checkpoint's VAE's): the original (LDM) layout,
+    as vae-ft-mse-840000-ema-pruned is (a .pt / .ckpt read weights-only unless ``allow_pickle``), or diffusers'."""
+    if path.suffix not in VAE_SUFFIXES or not path.is_file():
+        raise UsageError(f"{what} {path}: give an existing VAE file ({', '.join(VAE_SUFFIXES)})")
+    if path.suffix == ".safetensors":
+        try:
+            weights = load_file(str(path))
+        except Exception as exc:
+            raise UsageError(f"{what} {path}: not a readable .safetensors file ({exc})") from None
+    else:
+        loaded = torch_load(path, allow_pickle, what)[0]
+        loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{what} {path}: not a VAE (no state dict in it)")
+        weights = {k.removeprefix("first_stage_model."): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        weights = {k: v for k, v in weights.items() if k.startswith(_VAE_PARTS)}
+    try:
+        if any(".down_blocks." in key for key in weights):  # diffusers' own layout
             vae = AutoencoderKL.from_config(config)
-            vae.load_state_dict(load_file(str(path)), strict=True)
-        elif any(key.startswith(("encoder.down.", "first_stage_model.encoder.down.")) for key in keys):
+            vae.load_state_dict(weights, strict=True)
+        elif any(key.startswith(("encoder.down.", "first_stage_model.encoder.down.")) for key in weights):
             with tempfile.TemporaryDirectory(prefix="sdtrt-vae-") as tmp:
                 (Path(tmp) / "config.json").write_text(json.dumps({k: v for k, v in config.items()
                                                                    if not k.startswith("_")}))
-                vae = AutoencoderKL.from_single_file(str(path), config=tmp, local_files_only=True, torch_dtype=torch.float32)
+                single = Path(tmp) / "vae.safetensors"  # (from_single_file reads a file: the weights as read)
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(single))
+                vae = AutoencoderKL.from_single_file(str(single), config=tmp, local_files_only=True,
+                                                     torch_dtype=torch.float32)
         else:
-            raise UsageError(f"--vae {path}: not a VAE (no encoder.down.* or encoder.down_blocks.* weights)")
+            raise UsageError(f"{what} {path}: not a VAE (no encoder.down.* or encoder.down_blocks.* weights)")
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"--vae {path} does not fit this checkpoint's VAE ({str(exc)[:300]})") from None
-    ckpt.pipe.vae = vae.to(torch.float32).eval()
+        raise UsageError(f"{what} {path} does not fit this checkpoint's VAE ({str(exc)[:300]})") from None
+    return vae.to(torch.float32).eval()
+
+
+def override_vae(ckpt: Checkpoint, path: Path, report=print, allow_pickle: bool = False) -> Checkpoint:
+    """Load a VAE file in place of the checkpoint's (A1111's "SD VAE" chosen for good): ``load_vae``."""
+    ckpt.pipe.vae = load_vae(path, dict(ckpt.pipe.vae.config), allow_pickle)
     report(f"VAE: {path.name} in place of the checkpoint's")
     return replace(ckpt, vae={"name": path.name, "sha256": file_sha256(path), "file": str(path.resolve())})
 

@@ -30,6 +30,7 @@ class ExportOptions:
     embedding_dir: str | Path | None = None
     max_lora_rank: int = ExportLimits.max_lora_rank
     vae: str | Path | None = None
+    vae_dir: str | Path | None = None  # VAEs requests may pick by file name (export/vaes.py)
     tiling: bool = False
     allow_pickle: bool = False
     prediction_type: str | None = None

@@ -195,9 +195,14 @@ def test_options_set_clip_skip_and_refuse_what_they_cannot(api):
     assert "Clip skip: 2" in json.loads(response.json()["info"])["infotexts"][0]
     refused = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "v1-5-pruned.safetensors"})
     assert refused.status_code == 422 and "not one of this server's models" in refused.text
-    for key, value in (("sd_vae", "vae-ft-mse"), ("emphasis", "No norm"), ("sd_noise_schedule", "Zero Terminal SNR")):
-        refused = api.post("/sdapi/v1/options", json={key: value})  # A1111 1.10 options sdtrt draws one way only
+    for key, value in (("sd_vae", "vae-ft-mse"), ("emphasis", "Strong"), ("sd_noise_schedule", "Cosine"),
+                       ("sgm_noise_multiplier", "yes"), ("hypertile_enable_unet", True)):
+        refused = api.post("/sdapi/v1/options", json={key: value})  # not a VAE of this server, not a choice, ...
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", f"options.{key}"]
+    assert api.post("/sdapi/v1/options", json={"emphasis": "No norm", "sd_vae": "None"}).status_code == 200
+    assert (api.get("/sdapi/v1/options").json()["emphasis"], api.get("/sdapi/v1/options").json()["sd_vae"]) == \
+        ("No norm", "None")
+    assert api.post("/sdapi/v1/options", json={"emphasis": "Original", "sd_vae": "Automatic"}).status_code == 200
     assert api.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1}).status_code == 200
     # the round trip scripts do: GET, edit, POST back; options sdtrt has no use for are kept
     options = api.get("/sdapi/v1/options").json()

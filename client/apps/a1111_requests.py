@@ -31,7 +31,7 @@ from sdtrt.contract.files import write_atomic
 from sdtrt.contract.pictures import open_picture, picture_bytes_from_base64
 from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
 from sdtrt.contract.seeds import MAX_SEED
-from sdtrt.contract.spec import IMG2IMG, TXT2IMG, Catalog, ModelSpec
+from sdtrt.contract.spec import IMG2IMG, OWN_VAE_NAMES, TXT2IMG, Catalog, ModelSpec
 from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, BY_NAME, FIELDS, RequestField
 from sdtrt.requests.generation import check_n_iter, settings_from_infotext
 from sdtrt.requests.infotext import check_infotext
@@ -71,12 +71,12 @@ CHOICE_OPTIONS = {"sd_noise_schedule": "sd_noise_schedule", "emphasis": "emphasi
                   "hires_fix_refiner_pass": "hires_refiner_pass"}
 # kept with the options sdtrt has no use for, and read when a request runs
 OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "pad_cond_uncond_v0", "enable_prompt_comments", "img2img_fix_steps",
-                         "s_min_uncond_all", *CHOICE_OPTIONS, *SAMPLER_FLAGS, "refiner_switch_by_sample_steps")
+                         "s_min_uncond_all", *CHOICE_OPTIONS, *SAMPLER_FLAGS, "refiner_switch_by_sample_steps",
+                         "sd_vae")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
-    "sd_vae": ("Automatic", "None"),
     "sdxl_clip_l_skip": (False,),
     # Hypertile's tiled attention (an A1111 speed-up that changes the picture): sdtrt draws without it
     "hypertile_enable_unet": (False,), "hypertile_enable_unet_secondpass": (False,), "hypertile_enable_vae": (False,),
@@ -352,6 +352,7 @@ class OptionChanges:
     model: str | None = None  # the model's key in the catalog
     randn_source: str | None = None
     sampler: dict[str, Any] = field(default_factory=dict)  # SAMPLER_OPTIONS set
+    vae: str | None = None  # sd_vae
 
 
 USER_OPTION_KEYS = ("clip_skip", "randn_source", "model", "sampler", "options")
@@ -379,6 +380,18 @@ def find_model(catalog: Catalog, value: Any, field: str) -> str:
     raise refuse(field, f"not one of this server's models: {titles}")
 
 
+def find_vae(catalog: Catalog, value: Any, field: str) -> str:
+    """A1111's sd_vae: Automatic, None, or a VAE file the server's models were exported with (by file name or
+    stem); whether the request's model has it is the model's own check."""
+    names = {name for spec in catalog.models.values() for name in spec.vaes}
+    names |= {spec.extra["vae"]["name"] for spec in catalog.models.values() if spec.extra.get("vae")}
+    if value in OWN_VAE_NAMES or value in names or value in {name.rsplit(".", 1)[0] for name in names}:
+        return value
+    listed = ", ".join(repr(n) for n in ("Automatic", "None", *sorted(names)))
+    raise refuse(field, f"one of this server's VAEs: {listed} (got {str(value)[:80]!r}; `sdtrt export ... --vaes "
+                        "DIR` registers a folder's)")
+
+
 def read_options(options: dict[str, Any], where: str, catalog: Catalog) -> OptionChanges:
     """Check A1111 options. Options that would change the picture to something sdtrt does not draw are refused by
     name; the rest are kept (``/options``) or ignored and listed (``override_settings``), as A1111 keeps options
@@ -401,6 +414,13 @@ def read_options(options: dict[str, Any], where: str, catalog: Catalog) -> Optio
                 raise refuse(f"{where}.{key}", f"a number from {low:g} to {allowed.maximum:g} "
                                                f"(got {str(value)[:80]!r})")
             changes = replace(changes, sampler={**changes.sampler, key: value})
+        elif key in CHOICE_OPTIONS and value not in BY_NAME[CHOICE_OPTIONS[key]].choices:
+            choices = ", ".join(repr(c) for c in BY_NAME[CHOICE_OPTIONS[key]].choices)
+            raise refuse(f"{where}.{key}", f"one of {choices} (got {str(value)[:80]!r})")
+        elif key == "sd_vae":
+            changes = replace(changes, vae=find_vae(catalog, value, f"{where}.sd_vae"))
+        elif key in OPTIONS_KEPT_AND_READ and key not in CHOICE_OPTIONS and not isinstance(value, bool):
+            raise refuse(f"{where}.{key}", f"true or false (got {str(value)[:80]!r})")
         elif key in OPTIONS_FIXED and value not in OPTIONS_FIXED[key]:
             allowed = ", ".join(repr(a) for a in OPTIONS_FIXED[key])
             raise refuse(f"{where}.{key}", f"not supported by sdtrt: it draws with {allowed}")
@@ -596,6 +616,9 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     settings["tiling"] = option_flag(body, mine, "tiling", "tiling")
     settings["pad_conds"] = option_flag(body, mine, "pad_cond_uncond")
     settings["pad_conds_v0"] = option_flag(body, mine, "pad_cond_uncond_v0")
+    vae = changes.vae if changes.vae is not None else mine.options.get("sd_vae")
+    if vae not in (None, *OWN_VAE_NAMES):
+        settings["vae"] = vae
     settings.update(chosen_options(body, mine))
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):

@@ -144,12 +144,15 @@ def embedding_list(spec: ModelSpec) -> dict[str, Any]:
 
 
 def vae_list(catalog: Catalog) -> list[dict[str, Any]]:
-    """The VAEs the server's models were exported with (``--vae``); each is part of its model's export."""
+    """The VAEs the server's models were exported with (``--vae``, each part of its model's export) and those
+    registered for requests to pick (``--vaes``), by A1111's name: the file's."""
     vaes = {}
     for spec in catalog.models.values():
         vae = spec.extra.get("vae") or {}
         if vae.get("name"):
             vaes[vae["name"]] = {"model_name": vae["name"], "filename": vae.get("file") or vae["name"]}
+        for name in spec.vaes:
+            vaes.setdefault(name, {"model_name": name, "filename": name})
     return list(vaes.values())
 
 
@@ -206,7 +209,7 @@ def options_response(mine: UserOptions, spec: ModelSpec) -> dict[str, Any]:
     return {**a1111_defaults(), **mine.options, "sd_model_checkpoint": spec.title,
             "sd_checkpoint_hash": spec.source_hash, "CLIP_stop_at_last_layers": mine.clip_skip,
             "samples_format": "png", "enable_pnginfo": True,
-            "sd_vae": "Automatic", "randn_source": mine.randn_source,
+            "randn_source": mine.randn_source,
             **sampler_options(mine)}
 
 

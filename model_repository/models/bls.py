@@ -111,12 +111,12 @@ class BlsNetworks:
 
     def __init__(self, spec: ModelSpec, request, device: torch.device = torch.device("cpu"),
                  loras: RequestLoras | None = None, batcher: StepBatcher | None = None, unet_rows: int = 0,
-                 tiling: bool = False):
+                 tiling: bool = False, vae: str = ""):
         """``batcher`` merges this request's U-Net calls with other loops' (up to ``unet_rows`` rows a call);
-        ``tiling``: run the networks' tiling variants."""
+        ``tiling``: run the networks' tiling variants; ``vae``: the registered VAE that encodes and decodes."""
         self.spec = spec
         self.request = request
-        self.tiling = tiling
+        self.tiling, self.vae = tiling, vae
         self.device = device
         self.loras = loras or no_loras()
         self.batcher = batcher
@@ -145,7 +145,7 @@ class BlsNetworks:
     def _network(self, name: str, inputs: tuple[torch.Tensor, ...], output_device: torch.device) -> dict[str, torch.Tensor]:
         """A network the request's LoRAs change runs as its LoRA variant, with their matrices as two more inputs."""
         lora = self.loras.inputs(name, len(inputs[0]), self.device)
-        variant = self.spec.network(name, self.tiling)
+        variant = self.spec.network(name, self.tiling, self.vae)
         if lora is None:
             return self._call(self.spec.component(variant), inputs, output_device)
         return self._call(self.spec.component(variant + LORA_SUFFIX), (*inputs, *lora), output_device)
@@ -197,7 +197,7 @@ class BlsNetworks:
 
     def _single(self, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A one-input, one-output network's answer (the VAE's), by the spec's tensor names."""
-        component = self.spec.component(self.spec.network(name, self.tiling))
+        component = self.spec.component(self.spec.network(name, self.tiling, self.vae))
         return self._call(component, (value,), device)[component.outputs[0].name]
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:

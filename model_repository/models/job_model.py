@@ -162,7 +162,8 @@ class JobModel(PerRequestModel):
         if spec.key not in self.lora_libraries:  # each LoRA file is read once per instance, when first used
             self.lora_libraries[spec.key] = LoraLibrary(self.repo, spec.loras)
         loras = RequestLoras(self.lora_libraries[spec.key], list(plan.loras))
-        return BlsNetworks(spec, request, self.device, loras, self.batcher, unet_rows(spec), plan.request.tiling)
+        return BlsNetworks(spec, request, self.device, loras, self.batcher, unet_rows(spec), plan.request.tiling,
+                           plan.request.vae)
 
     def warm_up(self) -> None:
         """Import every sampler's scheduler and run one step on this instance's device, so that no request pays

@@ -18,7 +18,7 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 14  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 15  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
@@ -30,11 +30,21 @@ SPEC_VERSION = 14  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 12: soft inpainting, img2img_fix_steps, skip_early_cond and s_min_uncond_all; UniPC on A1111's timesteps
 # 13: A1111's schedule options (sigma range, rho, Beta's alpha and beta, ...), noise levels and extra noise
 # 14: emphasis, pad_conds_v0, refiner_switch_by_steps, hires_refiner_pass
+# 15: VAEs registered at export (vaes, their encoder and decoder networks) and the request's vae
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
 TILING_NETWORKS = ("unet", "vae_decoder", "vae_encoder")
 TILING_SUFFIX = "_tiling"
+# A1111's "SD VAE": an export with --vaes DIR adds each VAE's encoder and decoder, named <network>_vae_<its slug>,
+# which a request naming that VAE runs (ModelSpec.vaes: name -> file, hashes, slug).
+VAE_NETWORKS = ("vae_decoder", "vae_encoder")
+# A1111's names for "the checkpoint's own VAE" (its sd_vae option), which run the export's VAE
+OWN_VAE_NAMES = ("", "Automatic", "None")
+
+
+def vae_component(network: str, slug: str) -> str:
+    return f"{network}_vae_{slug}"
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
@@ -217,6 +227,7 @@ class ModelSpec:
     # Registered at export, used per request: name -> file (relative to the repository), hashes, rank / vectors.
     loras: dict[str, dict[str, Any]] = field(default_factory=dict)
     embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vaes: dict[str, dict[str, Any]] = field(default_factory=dict)  # (VAE_NETWORKS)
     # Live previews: (latent channels + 1) x 3, latents -> RGB in [0, 1], fitted to the VAE (sdtrt.contract.previews)
     latent_preview: list[list[float]] = field(default_factory=list)
     spec_version: int = SPEC_VERSION
@@ -254,8 +265,11 @@ class ModelSpec:
         """Whether the export has the tiling variants (``sdtrt export --tiling``) that a ``tiling`` request runs."""
         return all(name + TILING_SUFFIX in self.components for name in TILING_NETWORKS)
 
-    def network(self, name: str, tiling: bool) -> str:
-        """The component a request runs for the network ``name``: its tiling variant when the request tiles."""
+    def network(self, name: str, tiling: bool, vae: str = "") -> str:
+        """The component a request runs for the network ``name``: its tiling variant when the request tiles, the
+        registered VAE's encoder or decoder when it names one (``vaes``; "": the export's)."""
+        if vae and name in VAE_NETWORKS:
+            return vae_component(name, self.vaes[vae]["slug"])
         return name + TILING_SUFFIX if tiling and name in TILING_NETWORKS else name
 
     def component(self, name: str) -> ComponentSpec:

@@ -63,7 +63,8 @@ class LocalPipeline:
 
     def networks(self, plan: Plan) -> "LocalNetworks":
         """The networks for one request, with the LoRAs its prompts name."""
-        return LocalNetworks(self, RequestLoras(self.lora_library, list(plan.loras)), plan.request.tiling)
+        return LocalNetworks(self, RequestLoras(self.lora_library, list(plan.loras)), plan.request.tiling,
+                             plan.request.vae)
 
     def other(self, name: str) -> "LocalPipeline":
         """Another model of the repository (a refiner or hires checkpoint), loaded once, on the same engine."""
@@ -107,18 +108,18 @@ class LocalNetworks:
 
     device = torch.device("cpu")
 
-    def __init__(self, pipeline: LocalPipeline, loras: RequestLoras, tiling: bool = False):
-        self.pipeline, self.loras, self.tiling = pipeline, loras, tiling
+    def __init__(self, pipeline: LocalPipeline, loras: RequestLoras, tiling: bool = False, vae: str = ""):
+        self.pipeline, self.loras, self.tiling, self.vae = pipeline, loras, tiling, vae
 
     def _run(self, name: str, *arrays: np.ndarray) -> dict[str, np.ndarray]:
         lora = self.loras.inputs(name, len(arrays[0]), self.device)
-        variant = self.pipeline.spec.network(name, self.tiling)
+        variant = self.pipeline.spec.network(name, self.tiling, self.vae)
         if lora is None:
             return self.pipeline.run(variant, *arrays)
         return self.pipeline.run(variant + LORA_SUFFIX, *arrays, *(m.numpy() for m in lora))
 
     def _single(self, name: str, array: np.ndarray) -> np.ndarray:
-        variant = self.pipeline.spec.network(name, self.tiling)
+        variant = self.pipeline.spec.network(name, self.tiling, self.vae)
         return self.pipeline.run(variant, array)[self.pipeline.spec.component(variant).outputs[0].name]
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:

@@ -262,6 +262,9 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("tiling", "bool", False, "seamless tiling (A1111's 'Tiling'): the U-Net and VAE pad circularly, so "
                  "the picture wraps at its edges; needs a model exported with --tiling", a1111="tiling",
                  infotext="Tiling", label="Tiling"),
+    RequestField("vae", "string", "", "the VAE that decodes (and encodes img2img's picture): one the model was "
+                 "exported with (--vaes DIR), by file name; empty, Automatic or None = the model's own (A1111's "
+                 "'SD VAE')", max_length=MAX_MODEL_NAME, a1111="override_settings.sd_vae", infotext="VAE"),
     RequestField("randn_source", "string", "CPU",
                  "where the starting noise comes from: CPU (torch's CPU generator, as diffusers and A1111's CPU "
                  "option) or NV (the numbers an NVIDIA GPU gives for the seed, as A1111's NV and GPU options)",

@@ -33,7 +33,7 @@ def infotexts(plan: Plan) -> list[str]:
     request, model, inpaint = plan.request, plan.spec, plan.inpaint
     img2img = plan.img2img
     hires = plan.hires is not None
-    vae = model.extra.get("vae")
+    vae = model.vaes[request.vae] if request.vae else model.extra.get("vae")  # (registered, or the export's)
     lora_hashes = [f"{lora['name']}: {lora['sha256'][:12]}" for lora in model.extra.get("loras", [])]  # fused
     lora_hashes += [f"{name}: {model.loras[name]['hash'][:12]}" for name in plan.lora_names]
     embeddings = plan.embeddings

@@ -17,7 +17,7 @@ from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HiresSize, hires_size
 from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, SamplerSettings, draws_step_noise, resolve
 from sdtrt.contract.seeds import resolve_seed
-from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec, ModelSpec
+from sdtrt.contract.spec import IMG2IMG, OWN_VAE_NAMES, TXT2IMG, FieldSpec, ModelSpec
 from sdtrt.requests.fields import ModelLimits, fields_of, request_table
 
 
@@ -107,6 +107,8 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     if checked.enable_hr:
         check_hires_size(checked, spec)
         check_hires_sampler(checked, spec)
+    if checked.vae:
+        checked = replace(checked, vae=registered_vae(spec, checked.vae, checked.tiling))
     if checked.tiling and not spec.tiles:
         raise InvalidRequest("tiling", True, f"false for model {spec.key!r}: it was exported without its tiling "
                              "networks; export it again with `sdtrt export ... --tiling`")
@@ -120,6 +122,23 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
             raise InvalidRequest(name, value, f"0 or -1 (off), or at least {spec.vae_scale_factor} pixels (one latent "
                                               f"cell), at most {spec.field(name).maximum:g}")
     return checked
+
+
+def registered_vae(spec: ModelSpec, name: str, tiling: bool = False) -> str:
+    """The VAE a request names, as the key of the model's registered ones (by file name or stem), "" for the
+    model's own (A1111's Automatic and None, or the file the export put in its place)."""
+    own = spec.extra.get("vae", {}).get("name")
+    if name in OWN_VAE_NAMES or name == own or (own and name == own.rsplit(".", 1)[0]):
+        return ""
+    found = next((key for key in spec.vaes if name in (key, key.rsplit(".", 1)[0])), None)
+    if found is None:
+        known = ", ".join(repr(key) for key in spec.vaes) or "none"
+        raise InvalidRequest("vae", name, f"one of the VAEs model {spec.key!r} was exported with ({known}), or "
+                                          "empty for its own; `sdtrt export ... --vaes DIR` adds a folder's")
+    if tiling:
+        raise InvalidRequest("vae", name, "empty (the model's own VAE) with tiling: the registered VAEs have no "
+                                          "tiling variants")
+    return found
 
 
 def check_sampler_steps(request: Txt2ImgRequest) -> None:
