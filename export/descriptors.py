@@ -114,7 +114,9 @@ class TextEncoder(torch.nn.Module):
 
 class DualTextEncoder(torch.nn.Module):
     """SDXL's two text encoders as one network: the same ids (and Clip skip) through both, their penultimate
-    layers side by side as the U-Net's context, and the second one's pooled projection."""
+    layers side by side as the U-Net's context, and the second one's pooled projection. A negative Clip skip -n
+    is A1111's sdxl_clip_l_skip: CLIP-L read at hidden_states[-n], OpenCLIP-G at its penultimate layer, as A1111
+    reads them (it applies Clip skip to nothing else of SDXL)."""
 
     def __init__(self, first: torch.nn.Module, second: torch.nn.Module, eos: int, pad: int):
         super().__init__()
@@ -123,8 +125,11 @@ class DualTextEncoder(torch.nn.Module):
         self.width = int(first.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor, vectors: torch.Tensor):
-        a = self.first(input_ids, clip_skip, vectors[..., :self.width])
-        b, pooled = self.second(input_ids, clip_skip, vectors[..., self.width:])
+        a1111 = clip_skip < 0  # (each encoder reads one layer below its skip: -n - 1 is hidden_states[-n])
+        first = torch.where(a1111, -clip_skip - 1, clip_skip)
+        second = torch.where(a1111, torch.ones_like(clip_skip), clip_skip)
+        a = self.first(input_ids, first, vectors[..., :self.width])
+        b, pooled = self.second(input_ids, second, vectors[..., self.width:])
         return torch.cat([a, b], dim=-1), pooled
 
 

@@ -481,3 +481,23 @@ def test_a1111s_legacy_first_phase_size_is_the_first_pass_and_a_half_one_is_refu
     with pytest.raises(HTTPException) as excinfo:
         translate(Txt2ImgBody(prompt="x", firstphase_width=64), UserOptions(), {}, catalog)
     assert excinfo.value.detail[0]["loc"] == ["body", "firstphase_height"]
+
+
+def test_clip_skip_reaches_sdxl_as_a1111_applies_it(catalog):
+    """A1111 applies Clip skip to SDXL only with its option sdxl_clip_l_skip (then to CLIP-L alone: the text
+    encoder's own test is tests/test_sdxl.py); SD 1.x takes it as it is."""
+    from dataclasses import replace as changed
+
+    from sdtrt.contract.spec import Catalog
+
+    spec = catalog.get()
+    text = spec.component("text_encoder")
+    pooled = changed(text.outputs[0], name="pooled_embeddings")
+    sdxl = changed(spec, components={**spec.components, "text_encoder": changed(text, outputs=(*text.outputs, pooled))})
+    xl = Catalog(spec.key, {spec.key: sdxl})
+    body = {"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    assert translate(Txt2ImgBody(**body), UserOptions(), {}, catalog)["clip_skip"] == 2
+    settings = translate(Txt2ImgBody(**body), UserOptions(), {}, xl)
+    assert (settings["clip_skip"], settings["sdxl_clip_l_skip"]) == (1, False)
+    settings = translate(Txt2ImgBody(**body), UserOptions(options={"sdxl_clip_l_skip": True}), {}, xl)
+    assert (settings["clip_skip"], settings["sdxl_clip_l_skip"]) == (2, True)

@@ -155,9 +155,9 @@ def test_each_distinct_text_is_encoded_once(local_pipeline):
         def __init__(self, nets):
             self.nets, self.calls = nets, []
 
-        def encode_texts(self, texts, clip_skip):
+        def encode_texts(self, texts, clip_skip, clip_l_skip=False):
             self.calls.append(texts)
-            return self.nets.encode_texts(texts, clip_skip)
+            return self.nets.encode_texts(texts, clip_skip, clip_l_skip)
 
     plan = local_pipeline.plan(Txt2ImgRequest(prompt="[cat|dog|fox]", negative_prompt="[ugly:plain:10]", steps=30,
                                               enable_hr=True, hr_scale=1.5, width=64, height=64))

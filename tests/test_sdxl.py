@@ -76,6 +76,29 @@ def test_in_process_matches_diffusers_sdxl(sdxl_repo, expected, sampler):
     assert max_diff(images, expected[sampler]) <= MAX_PIXEL_DIFF
 
 
+@pytest.mark.parametrize("skip", [1])  # (the tiny encoders have two layers: Clip skip 1 is all they allow)
+def test_clip_skip_as_diffusers_and_as_a1111s_clip_l_skip(sdxl_repo, sdxl_pipe, skip):
+    """clip_skip n: both encoders n - 1 below the penultimate layer (diffusers' encode_prompt clip_skip n - 1);
+    with sdxl_clip_l_skip, A1111's: CLIP-L at hidden_states[-n], OpenCLIP-G at its penultimate layer."""
+    import torch
+
+    from sdtrt.pipeline.local import LocalPipeline
+
+    local, prompt = LocalPipeline(sdxl_repo), "a red barn"
+    ours = local.encode_prompts(Txt2ImgRequest(prompt=prompt, clip_skip=skip))[1]["encoder_hidden_states"]
+    with torch.no_grad():
+        expected = sdxl_pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False,
+                                           clip_skip=skip - 1 if skip > 1 else None)[0]
+        assert torch.abs(ours - expected).max() < 1e-4
+        a1111 = local.encode_prompts(Txt2ImgRequest(prompt=prompt, clip_skip=skip, sdxl_clip_l_skip=True))
+        ids = [torch.tensor([t(prompt, padding="max_length", max_length=77).input_ids])
+               for t in (sdxl_pipe.tokenizer, sdxl_pipe.tokenizer_2)]
+        first = sdxl_pipe.text_encoder(ids[0], output_hidden_states=True).hidden_states[-skip]
+        second = sdxl_pipe.text_encoder_2(ids[1], output_hidden_states=True).hidden_states[-2]
+    assert torch.abs(a1111[1]["encoder_hidden_states"] - torch.cat([first, second], dim=-1)).max() < 1e-4
+    assert torch.abs(a1111[1]["encoder_hidden_states"] - expected).max() > 1e-3  # CLIP-L read elsewhere
+
+
 @pytest.mark.slow  # a second server on the SDXL export; in-process SDXL parity stays in the default suite
 def test_served_matches_diffusers_sdxl(sdxl_repo, expected, tmp_path):
     from sdtrt.model_repository.serving.server import TritonServer

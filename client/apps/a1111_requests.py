@@ -72,12 +72,11 @@ CHOICE_OPTIONS = {"sd_noise_schedule": "sd_noise_schedule", "emphasis": "emphasi
 # kept with the options sdtrt has no use for, and read when a request runs
 OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "pad_cond_uncond_v0", "enable_prompt_comments", "img2img_fix_steps",
                          "s_min_uncond_all", *CHOICE_OPTIONS, *SAMPLER_FLAGS, "refiner_switch_by_sample_steps",
-                         "sd_vae")
+                         "sd_vae", "sdxl_clip_l_skip")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
 OPTIONS_FIXED = {
-    "sdxl_clip_l_skip": (False,),
     # Hypertile's tiled attention (an A1111 speed-up that changes the picture): sdtrt draws without it
     "hypertile_enable_unet": (False,), "hypertile_enable_unet_secondpass": (False,), "hypertile_enable_vae": (False,),
 }
@@ -610,8 +609,11 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
         settings.update(first_phase(body))
     changes = read_options(body.override_settings or {}, "override_settings", catalog)
     settings["clip_skip"] = changes.clip_skip if changes.clip_skip is not None else mine.clip_skip
+    settings["sdxl_clip_l_skip"] = option_flag(body, mine, "sdxl_clip_l_skip")
     settings["randn_source"] = changes.randn_source or mine.randn_source
     settings["model"] = changes.model or catalog.get(mine.model).key
+    if catalog.get(settings["model"]).two_text_encoders and not settings["sdxl_clip_l_skip"]:
+        settings["clip_skip"] = 1  # A1111 applies Clip skip to SDXL only with that option, to CLIP-L
     settings.update(other_checkpoints(body, catalog))
     settings["tiling"] = option_flag(body, mine, "tiling", "tiling")
     settings["pad_conds"] = option_flag(body, mine, "pad_cond_uncond")

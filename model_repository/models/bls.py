@@ -170,7 +170,8 @@ class BlsNetworks:
         key = (model, output_device, tuple(tuple(v.shape[1:]) for v in values))
         return self.batcher.call(key, values, self.unet_rows, run)
 
-    def encode_texts(self, texts: TextPair, clip_skip: int) -> tuple[Conditioning, Conditioning]:
+    def encode_texts(self, texts: TextPair, clip_skip: int, clip_l_skip: bool = False
+                     ) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) conditioning: the tokenizer model (A1111 chunks and weights of the pair's pieces, as the
         plan parsed them), then the text encoder."""
         cpu = torch.device("cpu")
@@ -180,7 +181,8 @@ class BlsNetworks:
             pb_utils.Tensor(PIECE_WEIGHTS, np.array([weight for _, weight in pieces], dtype=np.float32)),
             pb_utils.Tensor(NEGATIVE_PIECES, np.array([len(texts.negative)], dtype=np.int32)),
         ]
-        settings = {"clip_skip": clip_skip}  # the request fields the tokenizer takes, by configs.TOKENIZER_FIELDS
+        # the request fields the tokenizer takes, by configs.TOKENIZER_FIELDS
+        settings = {"clip_skip": clip_skip, "sdxl_clip_l_skip": clip_l_skip}
         fields += [pb_utils.Tensor(name, np.array([settings[name]], dtype=self.spec.field(name).dtype))
                    for name in TOKENIZER_FIELDS]
         self._check_cancelled()

@@ -72,7 +72,8 @@ class TritonPythonModel(PerRequestModel):
             field, value = self.spec.field(name), scalar(request, name)
             values[name] = check_value(field, field.default if value is None else value)
         rows = self._rows(*self.pieces(request))
-        skip = np.full((len(rows.ids), 1), values["clip_skip"], dtype=np.int32)
+        skip = np.full((len(rows.ids), 1), self.spec.encoder_clip_skip(values["clip_skip"],
+                                                                      bool(values["sdxl_clip_l_skip"])), dtype=np.int32)
         return pb_utils.InferenceResponse([
             pb_utils.Tensor(TOKEN_IDS, rows.ids), pb_utils.Tensor(TOKEN_WEIGHTS, rows.weights),
             pb_utils.Tensor(CLIP_SKIP_ROWS, skip), pb_utils.Tensor(EMBEDDING_VECTORS, rows.vectors),

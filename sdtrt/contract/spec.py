@@ -18,7 +18,7 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 15  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 16  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
@@ -31,6 +31,7 @@ SPEC_VERSION = 15  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 13: A1111's schedule options (sigma range, rho, Beta's alpha and beta, ...), noise levels and extra noise
 # 14: emphasis, pad_conds_v0, refiner_switch_by_steps, hires_refiner_pass
 # 15: VAEs registered at export (vaes, their encoder and decoder networks) and the request's vae
+# 16: sdxl_clip_l_skip (SDXL's text encoder reads a negative Clip skip as A1111's CLIP-L-only skip)
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
@@ -264,6 +265,16 @@ class ModelSpec:
     def tiles(self) -> bool:
         """Whether the export has the tiling variants (``sdtrt export --tiling``) that a ``tiling`` request runs."""
         return all(name + TILING_SUFFIX in self.components for name in TILING_NETWORKS)
+
+    @property
+    def two_text_encoders(self) -> bool:
+        """SDXL's: the text encoder network gives a pooled output beside the context."""
+        return len(self.component("text_encoder").outputs) > 1
+
+    def encoder_clip_skip(self, clip_skip: int, clip_l_skip: bool = False) -> int:
+        """The text encoder's Clip skip input for a request: its Clip skip, or on SDXL (two encoders) with A1111's
+        sdxl_clip_l_skip its negative (CLIP-L alone skips: export/descriptors.py, DualTextEncoder)."""
+        return -clip_skip if clip_l_skip and self.two_text_encoders else clip_skip
 
     def network(self, name: str, tiling: bool, vae: str = "") -> str:
         """The component a request runs for the network ``name``: its tiling variant when the request tiles, the

@@ -51,7 +51,8 @@ class Networks(Protocol):
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents already divided by the VAE scaling factor -> uint8 pictures [N, H, W, 3]."""
 
-    def encode_texts(self, texts: TextPair, clip_skip: int) -> tuple[Conditioning, Conditioning]:
+    def encode_texts(self, texts: TextPair, clip_skip: int, clip_l_skip: bool = False
+                     ) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) of a plan's text pair: its negative prompt's pieces and its prompt's."""
 
 
@@ -88,7 +89,8 @@ class Prompts:
 
 def encode_prompts(plan: Plan, nets: Networks) -> Prompts:
     """Every text pair the plan's passes use, through the text encoder once each, then each pass's schedule."""
-    encoded = [nets.encode_texts(texts, plan.request.clip_skip) for texts in plan.texts]
+    request = plan.request
+    encoded = [nets.encode_texts(texts, request.clip_skip, request.sdxl_clip_l_skip) for texts in plan.texts]
     v0 = bool(plan.request.pad_conds_v0)
     hires = scheduled_conditioning(plan.hires.prompts, encoded, v0) if plan.hires is not None else None
     return Prompts(scheduled_conditioning(plan.first.prompts, encoded, v0), hires)

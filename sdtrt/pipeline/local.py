@@ -84,7 +84,8 @@ class LocalPipeline:
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) of the request's prompts taken as they are (their first step's texts)."""
         plan = self.plan(request)
-        return self.networks(plan).encode_texts(plan.texts[0], plan.request.clip_skip)
+        request = plan.request
+        return self.networks(plan).encode_texts(plan.texts[0], request.clip_skip, request.sdxl_clip_l_skip)
 
     # --- the jobs --------------------------------------------------------------------------------------------
     def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None,
@@ -133,12 +134,14 @@ class LocalNetworks:
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(self._single("vae_decoder", latents.numpy()))
 
-    def encode_texts(self, texts: TextPair, clip_skip: int) -> tuple[Conditioning, Conditioning]:
+    def encode_texts(self, texts: TextPair, clip_skip: int, clip_l_skip: bool = False
+                     ) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) conditioning: contexts [1, 77k, H] with A1111 weighting, chunking, embeddings and Clip
         skip (and SDXL's pooled embeddings)."""
         p = self.pipeline
         rows = piece_rows(p.tokenizer, texts.prompt, texts.negative, p.spec.max_chunks, p.spec.text_hidden_size,
                           p.embeddings)
-        outputs = self._run("text_encoder", rows.ids, np.full(len(rows.ids), clip_skip, dtype=np.int32),
+        skip = p.spec.encoder_clip_skip(clip_skip, clip_l_skip)
+        outputs = self._run("text_encoder", rows.ids, np.full(len(rows.ids), skip, dtype=np.int32),
                             rows.vectors)
         return prompt_conditioning(outputs, rows.weights, texts.normalize)

@@ -187,6 +187,9 @@ FIELDS: tuple[RequestField, ...] = (
                  minimum=1, maximum=lambda m: min(12, m.clip_layers),
                  a1111="override_settings.CLIP_stop_at_last_layers", infotext="Clip skip", label="Clip skip",
                  quicksetting=True),
+    RequestField("sdxl_clip_l_skip", "bool", False, "SDXL: Clip skip as A1111 applies it with its option 'Clip skip "
+                 "SDXL': CLIP-L's n-th layer from the end, OpenCLIP-G's penultimate (off: both encoders n - 1 below "
+                 "the penultimate, as diffusers)", a1111="override_settings.sdxl_clip_l_skip"),
     RequestField("emphasis", "string", "Original", "how (brackets) and [brackets] weigh the words: Original weights "
                  "each 75-token chunk and restores its mean, 'No norm' only weights it, 'Ignore' drops the weights, "
                  "'None' reads brackets as text (A1111's option 'Emphasis mode')", choices=EMPHASES,
