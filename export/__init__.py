@@ -27,6 +27,8 @@ from sdtrt.contract.spec import (
     ENGINES,
     SPEC_FILENAME,
     SPEC_VERSION,
+    UPSCALE_H,
+    UPSCALE_W,
     Catalog,
     ComponentSpec,
     ModelSpec,
@@ -61,6 +63,7 @@ from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.export.options import ExportOptions
 from sdtrt.export.tensorrt import EngineOptions, build_engines, refit_engine, refitted_filename
+from sdtrt.export.upscalers import TILE_DIMS, register_upscalers
 from sdtrt.export.vaes import register_vaes
 from sdtrt.model_repository.build import write_model, write_repository
 from sdtrt.model_repository.configs import ServingOptions
@@ -148,11 +151,16 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: 
     networks = descriptors(pipe, text_max_length, slots, options.tiling)
     vae_networks, vaes = register_vaes(pipe, Path(options.vae_dir), options.allow_pickle, report) \
         if options.vae_dir is not None else ([], {})
-    networks += vae_networks
+    upscaler_networks, upscalers = register_upscalers(Path(options.upscaler_dir), options.allow_pickle, report) \
+        if options.upscaler_dir is not None else ([], {})
+    networks += vae_networks + upscaler_networks
+    if upscalers:
+        dims = {**dims, **TILE_DIMS}
     components = export_networks(networks, repo, key, dims, text_max_length, options.progress, report)
     pipe.tokenizer.save_pretrained(str(repo / tokenizer_dir(key)))
-    spec = build_spec(ckpt, key, components, dims, options, native=native, text_max_length=text_max_length)
-    spec = replace(spec, extra={**spec.extra, "export_key": inputs}, vaes=vaes, **registered)
+    spec = build_spec(ckpt, key, components, dims, options, native=native, text_max_length=text_max_length,
+                      upscalers=tuple(upscalers))
+    spec = replace(spec, extra={**spec.extra, "export_key": inputs}, vaes=vaes, upscalers=upscalers, **registered)
     if options.engines is not None:
         spec = build_engines(repo, spec, options.engines, report, options.progress)
     write_model(repo, spec, options.served)
@@ -199,7 +207,7 @@ def export_key(source_sha: str, **inputs) -> str:
     vae_sha = file_sha256(Path(vae), progress=False) if vae is not None and Path(vae).is_file() else vae
     config = inputs.pop("config")
     config_sha = folder_sha256(Path(config), progress=False) if config is not None else None
-    for folder in ("lora_dir", "embedding_dir", "vae_dir"):  # their files' contents, not their names
+    for folder in ("lora_dir", "embedding_dir", "vae_dir", "upscaler_dir"):  # their files' contents, not names
         if inputs[folder] is not None and Path(inputs[folder]).is_dir():
             inputs[folder] = folder_sha256(Path(inputs[folder]), progress=False)
     record = {"source": source_sha, "loras": loras, "vae": vae_sha, "config": config_sha, "sdtrt": __version__,
@@ -312,9 +320,10 @@ def export_networks(descs, repo: Path, key: str, dims, text_max_length: int, pro
     (fast even for SD-sized weights) and an odd, non-square, 2-chunk one."""
     lo_h, lo_w = dims[LATENT_H].min, dims[LATENT_W].min
     check_dims = [
-        {BATCH: 1, TEXT_BATCH: 2, UNET_BATCH: 2, LATENT_H: lo_h, LATENT_W: lo_w + 1, CONTEXT: text_max_length},
+        {BATCH: 1, TEXT_BATCH: 2, UNET_BATCH: 2, LATENT_H: lo_h, LATENT_W: lo_w + 1, CONTEXT: text_max_length,
+         UPSCALE_H: 32, UPSCALE_W: 48},
         {BATCH: 2, TEXT_BATCH: 3, UNET_BATCH: 3, LATENT_H: lo_h + 2, LATENT_W: lo_w,
-         CONTEXT: min(2 * text_max_length, dims[CONTEXT].max)},
+         CONTEXT: min(2 * text_max_length, dims[CONTEXT].max), UPSCALE_H: 64, UPSCALE_W: 16},
     ]
     components = {}
     bar = tqdm(total=3 * len(descs), desc="export", unit="stage", disable=not progress)
@@ -410,7 +419,7 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
 
 
 def build_spec(ckpt: Checkpoint, key: str, components: dict, dims: dict, options: ExportOptions, *, native: int,
-               text_max_length: int) -> ModelSpec:
+               text_max_length: int, upscalers: tuple[str, ...] = ()) -> ModelSpec:
     """The model's spec, from its checkpoint, its exported networks and the (fitted) export options."""
     pipe = ckpt.pipe
     return ModelSpec(
@@ -429,7 +438,8 @@ def build_spec(ckpt: Checkpoint, key: str, components: dict, dims: dict, options
         dims=dims,
         components=components,
         request=request_fields(native, options.min_size, options.max_size, factor, options.max_batch,
-                               clip_layers=clip_skip_layers(pipe), max_prompt_chars=options.max_prompt_chars),
+                               clip_layers=clip_skip_layers(pipe), max_prompt_chars=options.max_prompt_chars,
+                               upscalers=upscalers),
         max_pixel_steps=options.max_pixel_steps,
         schedules=schedule_table(dict(pipe.scheduler.config)),
         align_your_steps=align_your_steps_levels(pipe),

@@ -31,6 +31,7 @@ class ExportOptions:
     max_lora_rank: int = ExportLimits.max_lora_rank
     vae: str | Path | None = None
     vae_dir: str | Path | None = None  # VAEs requests may pick by file name (export/vaes.py)
+    upscaler_dir: str | Path | None = None  # upscaler models for the hires fix and Extras (export/upscalers.py)
     tiling: bool = False
     allow_pickle: bool = False
     prediction_type: str | None = None

@@ -21,7 +21,9 @@ def _value(v: object) -> str:
 
 
 def _row(f: RequestField) -> str:
-    if f.choices:
+    if callable(f.choices):
+        allowed = "the model's names"
+    elif f.choices:
         allowed = ", ".join(f.choices) if len(f.choices) <= 6 else f"{len(f.choices)} names (`sdtrt samplers`)"
     else:
         bounds = [b for b in (_value(f.minimum), _value(f.maximum)) if b]

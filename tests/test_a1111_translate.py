@@ -361,7 +361,7 @@ def test_the_lists_have_a1111s_item_shapes(catalog):
     assert {"Euler a", "DPM++ 2M"} <= {s["name"] for s in answer.sampler_list()}
     schedulers = [SchedulerItem(**item) for item in answer.scheduler_list()]
     assert {"automatic", "karras", "sgm_uniform"} <= {s.name for s in schedulers}
-    for item in answer.upscaler_list():
+    for item in answer.upscaler_list(catalog):
         UpscalerItem(**item)
     assert [SDModelItem(**item).title for item in answer.sd_model_list(catalog)] == [
         s.title for s in catalog.models.values()]
@@ -501,3 +501,13 @@ def test_clip_skip_reaches_sdxl_as_a1111_applies_it(catalog):
     assert (settings["clip_skip"], settings["sdxl_clip_l_skip"]) == (1, False)
     settings = translate(Txt2ImgBody(**body), UserOptions(options={"sdxl_clip_l_skip": True}), {}, xl)
     assert (settings["clip_skip"], settings["sdxl_clip_l_skip"]) == (2, True)
+
+
+def test_a1111s_esrgan_tile_options_are_the_upscaler_models_tiles(catalog):
+    settings = translate(Txt2ImgBody(prompt="x", override_settings={"ESRGAN_tile": 256, "ESRGAN_tile_overlap": 16}),
+                         UserOptions(), {}, catalog)
+    assert (settings["upscaler_tile"], settings["upscaler_tile_overlap"]) == (256, 16)
+    assert "upscaler_tile" not in translate(Txt2ImgBody(prompt="x"), UserOptions(), {}, catalog)
+    with pytest.raises(HTTPException) as excinfo:
+        translate(Txt2ImgBody(prompt="x", override_settings={"ESRGAN_tile": 4096}), UserOptions(), {}, catalog)
+    assert refused(excinfo)[0] == "override_settings.ESRGAN_tile"

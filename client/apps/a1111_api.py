@@ -468,11 +468,13 @@ def add_info_routes(app: FastAPI, gateway: Gateway, metrics_url: str | None, fla
     again."""
     client = gateway.client
     fixed = {"samplers": answer.sampler_list, "schedulers": answer.scheduler_list,
-             "latent-upscale-modes": answer.latent_upscale_modes, "upscalers": answer.upscaler_list,
+             "latent-upscale-modes": answer.latent_upscale_modes,
+             "upscalers": lambda: answer.upscaler_list(client.catalog),
+             "realesrgan-models": lambda: answer.realesrgan_list(client.catalog),
              "scripts": lambda: {tab: script_titles(tab) + alwayson_titles(tab) for tab in (TXT2IMG, IMG2IMG)},
              "script-info": lambda: script_info() + alwayson_info(client.catalog),
              # What sdtrt has none of, said as A1111 says it: empty lists (clients that list them first keep working)
-             **{path: lambda: [] for path in ("hypernetworks", "face-restorers", "realesrgan-models", "extensions")},
+             **{path: lambda: [] for path in ("hypernetworks", "face-restorers", "extensions")},
              "sd-models": lambda: answer.sd_model_list(client.catalog),
              "sd-vae": lambda: answer.vae_list(client.catalog),
              "prompt-styles": lambda: answer.style_list(gateway.styles()),

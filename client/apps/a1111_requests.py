@@ -59,7 +59,9 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
                    "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise",
                    "s_min_uncond": "s_min_uncond", "skip_early_cond": "skip_early_cond",
                    **{name: name for name in ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta",
-                                              "img2img_extra_noise")}}
+                                              "img2img_extra_noise")},
+                   # (not the sampler's: the upscaler models' tiles, as A1111's ESRGAN-family upscalers take them)
+                   "ESRGAN_tile": "upscaler_tile", "ESRGAN_tile_overlap": "upscaler_tile_overlap"}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta")  # request fields too
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
@@ -243,9 +245,9 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
         settings["eta"] = eta
     settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
     defaults = a1111_defaults()
-    for name in ("skip_early_cond", *SCHEDULE_OPTIONS):
+    for name in ("skip_early_cond", *SCHEDULE_OPTIONS, "ESRGAN_tile", "ESRGAN_tile_overlap"):
         if options[name] != defaults[name]:
-            settings[name] = options[name]
+            settings[SAMPLER_OPTIONS[name]] = options[name]
     second_pass = isinstance(body, Img2ImgBody) or getattr(body, "enable_hr", False)
     if options["img2img_extra_noise"] and second_pass:  # (img2img's and the hires pass's)
         settings["img2img_extra_noise"] = options["img2img_extra_noise"]

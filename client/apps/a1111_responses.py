@@ -115,9 +115,22 @@ def latent_upscale_modes() -> list[dict[str, str]]:
     return [{"name": name} for name, u in HIRES_UPSCALERS.items() if u.latent_mode]
 
 
-def upscaler_list() -> list[dict[str, Any]]:
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for name, u in HIRES_UPSCALERS.items() if not u.latent_mode]
+def upscaler_list(catalog: Catalog) -> list[dict[str, Any]]:
+    """PIL's upscalers, then the upscaler models the server's models were exported with (--upscalers), by file
+    stem as A1111 names the files of its models/ESRGAN."""
+    plain = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+             for name, u in HIRES_UPSCALERS.items() if not u.latent_mode]
+    models = {name: {"name": name, "model_name": name, "model_path": entry["file"], "model_url": None,
+                     "scale": entry["scale"]}
+              for spec in catalog.models.values() for name, entry in spec.upscalers.items()}
+    return plain + list(models.values())
+
+
+def realesrgan_list(catalog: Catalog) -> list[dict[str, Any]]:
+    """The registered Real-ESRGAN models (A1111's models/RealESRGAN): the compact ones, and RRDB ones named so."""
+    return [{"name": name, "path": entry["file"], "scale": entry["scale"]}
+            for spec in catalog.models.values() for name, entry in spec.upscalers.items()
+            if entry["architecture"] == "RealESRGAN Compact" or "realesrgan" in name.lower().replace("-", "")]
 
 
 def sd_model_list(catalog: Catalog) -> list[dict[str, Any]]:

@@ -56,7 +56,8 @@ def add_field_flags(parser: argparse.ArgumentParser, request_type: type, spec: "
                                help=_help(name, spec))  # (--no-NAME: a field that defaults to true)
             continue
         kind = int if f.dtype.startswith("int") else float if f.dtype.startswith("float") else str
-        extra = {"choices": list(f.choices), "metavar": "NAME"} if f.choices else {}
+        choices = spec.field(name).choices if spec is not None else None if callable(f.choices) else f.choices
+        extra = {"choices": list(choices), "metavar": "NAME"} if choices else {}
         group.add_argument(flag(name), dest=name, type=kind, default=None, help=_help(name, spec), **extra)
 
 

@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 from sdtrt.contract.errors import Cancelled, InvalidRequest, RelayedInvalidRequest, Unavailable, invalid_field
 from sdtrt.contract.images import to_uint8
-from sdtrt.contract.spec import MODEL, ComponentSpec, ModelSpec
+from sdtrt.contract.spec import BATCH, MODEL, ComponentSpec, ModelSpec, upscaler_component
 from sdtrt.model_repository.configs import (
     CLIP_SKIP_ROWS,
     NEGATIVE_PIECES,
@@ -38,6 +38,7 @@ from sdtrt.model_repository.configs import (
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
+from sdtrt.requests.model_upscale import ModelUpscaler
 from sdtrt.requests.plan import TextPair
 
 # Every BLS call has a deadline: a stage that hangs (a stopped or deadlocked stub) must fail the request, not hold
@@ -207,3 +208,14 @@ class BlsNetworks:
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(self._single("vae_decoder", latents, torch.device("cpu")).numpy())
+
+    def upscaler(self, name: str) -> ModelUpscaler:
+        """A registered upscaler model, its tiles through its Triton model (each call checks for cancellation)."""
+        entry = self.spec.upscalers[name]
+        component = self.spec.component(upscaler_component(entry["slug"]))
+        cpu = torch.device("cpu")
+
+        def run(tiles: np.ndarray) -> np.ndarray:
+            return self._call(component, (torch.from_numpy(tiles),), cpu)[component.outputs[0].name].numpy()
+
+        return ModelUpscaler(run, entry["scale"], entry.get("multiple_of", 1), self.spec.dims[BATCH].max)

@@ -18,7 +18,7 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 16  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 17  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
@@ -32,6 +32,7 @@ SPEC_VERSION = 16  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 14: emphasis, pad_conds_v0, refiner_switch_by_steps, hires_refiner_pass
 # 15: VAEs registered at export (vaes, their encoder and decoder networks) and the request's vae
 # 16: sdxl_clip_l_skip (SDXL's text encoder reads a negative Clip skip as A1111's CLIP-L-only skip)
+# 17: upscaler models registered at export (upscalers, their networks and dims), hr_upscaler's choices per model
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
@@ -47,6 +48,13 @@ OWN_VAE_NAMES = ("", "Automatic", "None")
 def vae_component(network: str, slug: str) -> str:
     return f"{network}_vae_{slug}"
 
+
+# Upscaler models (A1111's models/ESRGAN, ...): an export with --upscalers DIR adds each as a network named
+# upscaler_<its slug>, a batch of picture tiles in, the tiles at the model's scale out (ModelSpec.upscalers: name
+# -> file, hashes, scale, architecture, slug).
+def upscaler_component(slug: str) -> str:
+    return f"upscaler_{slug}"
+
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
                "float16": "FP16", "float32": "FP32"}
@@ -61,6 +69,10 @@ CONTEXT = "context_length"  # text positions seen by the U-Net: 77 per 75-token 
 IMAGE_H = "image_height"  # pixels (VAE encoder input, VAE decoder output)
 IMAGE_W = "image_width"
 LORA_RANK = "lora_rank"  # summed rank of a request's LoRAs (padded), when the export registered LoRAs
+UPSCALE_H = "upscale_height"  # pixels of the tiles an upscaler model takes, when the export registered upscalers
+UPSCALE_W = "upscale_width"
+UPSCALED_H = "upscaled_height"  # ... and gives (its scale times theirs)
+UPSCALED_W = "upscaled_width"
 
 # The models users call, and their tensors beside the request fields (each field is a [1]-shaped input named
 # after it). Server, generator and clients all read these names from here.
@@ -229,6 +241,7 @@ class ModelSpec:
     loras: dict[str, dict[str, Any]] = field(default_factory=dict)
     embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
     vaes: dict[str, dict[str, Any]] = field(default_factory=dict)  # (VAE_NETWORKS)
+    upscalers: dict[str, dict[str, Any]] = field(default_factory=dict)  # (upscaler_component)
     # Live previews: (latent channels + 1) x 3, latents -> RGB in [0, 1], fitted to the VAE (sdtrt.contract.previews)
     latent_preview: list[list[float]] = field(default_factory=list)
     spec_version: int = SPEC_VERSION

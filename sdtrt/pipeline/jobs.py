@@ -34,6 +34,7 @@ from sdtrt.pipeline.soft_inpainting import SoftInpainting
 from sdtrt.pipeline.timesteps import TRAINING_STEPS, TSchedule
 from sdtrt.pipeline.vae import sample_latents
 from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs, finish_images, to_model_input
+from sdtrt.requests.model_upscale import ModelUpscaler, upscale_to
 from sdtrt.requests.plan import Plan, TextPair
 from sdtrt.requests.request import Txt2ImgRequest, hires_request, hires_target
 
@@ -50,6 +51,9 @@ class Networks(Protocol):
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents already divided by the VAE scaling factor -> uint8 pictures [N, H, W, 3]."""
+
+    def upscaler(self, name: str) -> ModelUpscaler:
+        """A registered upscaler model (the spec's ``upscalers``) with its network to run."""
 
     def encode_texts(self, texts: TextPair, clip_skip: int, clip_l_skip: bool = False
                      ) -> tuple[Conditioning, Conditioning]:
@@ -320,21 +324,22 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
     runner, first_decoder, takeover.decoder = nets, takeover.decoder or nets, None
     if takeover.hires is not None:
         runner, prompts, takeover.decoder = takeover.hires.nets, takeover.hires.prompts.hires, takeover.hires.nets
-    upscaler = HIRES_UPSCALERS[request.hr_upscaler]
+    upscaler = HIRES_UPSCALERS.get(request.hr_upscaler)  # None: an upscaler model of the export's
     f, width, height = spec.vae_scale_factor, second.width, second.height
     size = hires_target(request, spec)  # the upscale, then (A1111's "Resize width/height to") its crop
     up_width, up_height = size.upscale
     run = _pass(plan, hires_request(request))
     generators, scheduler = run.generators, run.scheduler
-    if latents is None and upscaler.latent_mode is not None:  # A1111 encodes the picture with the request's model
+    latent = upscaler is not None and upscaler.latent_mode is not None
+    if latents is None and latent:  # A1111 encodes the picture with the request's model
         picture = to_model_input([Image.fromarray(plan.firstpass)] * request.batch_size, f).to(nets.device)
         latents = sample_latents(nets.vae_encode(picture), make_generators(plan.seeds), spec.vae_scaling_factor)
-    if upscaler.latent_mode is not None:
+    if latent:
         init = upscale_latents(latents, upscaler, up_width // f, up_height // f)
     else:
         pictures = [plan.firstpass] * request.batch_size if latents is None else \
             first_decoder.vae_decode(latents / spec.vae_scaling_factor)
-        resized = [upscale_image(Image.fromarray(p), upscaler, up_width, up_height) for p in pictures]
+        resized = [_upscaled(Image.fromarray(p), request, nets, (up_width, up_height)) for p in pictures]
         init = sample_latents(runner.vae_encode(to_model_input(resized, f)), generators, spec.vae_scaling_factor)
     init = size.crop(init, f)
     timesteps = strength_timesteps(scheduler, second.steps, request.denoising_strength, init.device,
@@ -353,6 +358,16 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
                                   guidance.with_uncond, run)
     run.timesteps = timesteps
     return denoise(run, unet, latents, context, guidance, on_step)
+
+
+def _upscaled(picture: Image.Image, request: Txt2ImgRequest, nets: Networks, size: tuple[int, int]) -> Image.Image:
+    """The first pass's picture at the hires fix's upscaled size: PIL's resize, or an upscaler model tiled as
+    A1111 tiles it (its ESRGAN_tile options: the request's upscaler_tile fields)."""
+    upscaler = HIRES_UPSCALERS.get(request.hr_upscaler)
+    if upscaler is not None:
+        return upscale_image(picture, upscaler, *size)
+    return upscale_to(picture, nets.upscaler(request.hr_upscaler), *size, request.upscaler_tile,
+                      request.upscaler_tile_overlap)
 
 
 def _latent_mask(inputs: ImageInputs, size: tuple[int, int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from sdtrt.contract.images import to_uint8
-from sdtrt.contract.spec import ModelSpec, load_spec
+from sdtrt.contract.spec import BATCH, ModelSpec, load_spec, upscaler_component
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.pipeline.engines import check_engine_matches, manifest
 from sdtrt.pipeline import jobs
@@ -22,6 +22,7 @@ from sdtrt.pipeline.runners import CPU_ENGINES, Runner, TensorRtRunner, cpu_runn
 from sdtrt.pipeline.text import load_tokenizer
 from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras
 from sdtrt.requests.generation import Generation, infotexts
+from sdtrt.requests.model_upscale import ModelUpscaler
 from sdtrt.requests.plan import Plan, TextPair, plan_request
 from sdtrt.requests.prompts import piece_rows
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
@@ -133,6 +134,16 @@ class LocalNetworks:
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(self._single("vae_decoder", latents.numpy()))
+
+    def upscaler(self, name: str) -> ModelUpscaler:
+        spec = self.pipeline.spec
+        entry, component = spec.upscalers[name], upscaler_component(spec.upscalers[name]["slug"])
+        output = spec.component(component).outputs[0].name
+
+        def run(tiles: np.ndarray) -> np.ndarray:
+            return self.pipeline.run(component, tiles)[output]
+
+        return ModelUpscaler(run, entry["scale"], entry.get("multiple_of", 1), spec.dims[BATCH].max)
 
     def encode_texts(self, texts: TextPair, clip_skip: int, clip_l_skip: bool = False
                      ) -> tuple[Conditioning, Conditioning]:

@@ -20,6 +20,7 @@ from sdtrt.contract.samplers import (DEFAULT_SAMPLER, DEFAULT_SCHEDULE, NOISE_SC
 from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
+from sdtrt.requests.model_upscale import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_TILE
 from sdtrt.requests.prompts import EMPHASES
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
@@ -39,6 +40,7 @@ class ModelLimits:
     max_batch: int
     clip_layers: int = 12
     max_prompt_chars: int | None = None
+    upscalers: tuple[str, ...] = ()  # the upscaler models registered at export, by name
 
 
 # A fixed value, or one read from the model's limits at export.
@@ -54,7 +56,7 @@ class RequestField:
     minimum: FromModel = None
     maximum: FromModel = None
     multiple_of: FromModel = None
-    choices: tuple[str, ...] | None = None
+    choices: FromModel = None  # (a tuple of strings)
     max_length: FromModel = None
     jobs: tuple[str, ...] = BOTH  # the sdtrt requests that carry it
     shown_in: tuple[str, ...] = BOTH  # the A1111 tabs and API requests that have it (A1111's img2img: no hires fix)
@@ -81,7 +83,7 @@ class RequestField:
             return v(limits) if callable(v) else v
 
         return FieldSpec(self.name, self.dtype, value(self.default), self.help, minimum=value(self.minimum),
-                         maximum=value(self.maximum), multiple_of=value(self.multiple_of), choices=self.choices,
+                         maximum=value(self.maximum), multiple_of=value(self.multiple_of), choices=value(self.choices),
                          max_length=value(self.max_length))
 
 
@@ -209,8 +211,16 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("hr_scale", "float32", 2.0, "hires fix: upscale factor", minimum=1.0, maximum=4.0,
                  shown_in=(TXT2IMG,), a1111="hr_scale", a1111_as_is=True, a1111_default=2.0,
                  infotext="Hires upscale", label="Upscale by"),
-    RequestField("hr_upscaler", "string", DEFAULT_UPSCALER, "hires fix: upscaler", choices=tuple(HIRES_UPSCALERS),
+    RequestField("hr_upscaler", "string", DEFAULT_UPSCALER, "hires fix: upscaler (A1111's latent and PIL ones, and "
+                 "the upscaler models the model was exported with, --upscalers DIR)",
+                 choices=lambda m: (*HIRES_UPSCALERS, *m.upscalers),
                  shown_in=(TXT2IMG,), a1111="hr_upscaler", infotext="Hires upscaler", label="Upscaler"),
+    RequestField("upscaler_tile", "int32", DEFAULT_TILE, "an upscaler model's tile side in pixels; 0 = the whole "
+                 f"picture (up to {MAX_TILE}, larger ones tiled at that) (A1111's option ESRGAN_tile)", minimum=0,
+                 maximum=MAX_TILE, a1111="override_settings.ESRGAN_tile"),
+    RequestField("upscaler_tile_overlap", "int32", DEFAULT_OVERLAP, "pixels an upscaler model's tiles overlap "
+                 "(A1111's option ESRGAN_tile_overlap)", minimum=0, maximum=48,
+                 a1111="override_settings.ESRGAN_tile_overlap"),
     RequestField("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
                  minimum=0, maximum=MAX_STEPS, shown_in=(TXT2IMG,), a1111="hr_second_pass_steps", a1111_as_is=True,
                  a1111_default=0, infotext="Hires steps", label="Hires steps"),

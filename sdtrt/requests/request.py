@@ -47,11 +47,12 @@ def job_fields(request_type: type) -> tuple[str, ...]:
 
 def request_fields(
     native_size: int, min_size: int, max_size: int, size_multiple: int, max_batch: int, clip_layers: int = 12,
-    max_prompt_chars: int | None = None,
+    max_prompt_chars: int | None = None, upscalers: tuple[str, ...] = (),
 ) -> dict[str, FieldSpec]:
-    """The request table for one model; export stores it in the spec."""
+    """The request table for one model (``upscalers``: the upscaler models it was exported with); export stores
+    it in the spec."""
     return request_table(ModelLimits(native_size, min_size, max_size, size_multiple, max_batch, clip_layers,
-                                     max_prompt_chars))
+                                     max_prompt_chars, upscalers))
 
 
 def check_value(field: FieldSpec, value: Any) -> Any:

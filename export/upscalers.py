@@ -1,0 +1,154 @@
+"""Upscaler models (A1111's models/ESRGAN and models/RealESRGAN: ESRGAN, Real-ESRGAN and its compact SRVGG,
+SwinIR, ...), each exported as a network of the model it is registered with.
+
+The architecture, scale and widths are read from the weights by spandrel (what ComfyUI and Forge load them with):
+every file of the folder is registered under its stem, A1111's naming, or refused naming it. spandrel is installed
+without its dependencies (pyproject.toml's [tool.sdtrt] no-deps): its registry imports two torchvision functions
+for architectures sdtrt does not register (LaMa's rotate, RestoreFormer's normalize), and PyPI's torchvision is a
+CUDA build whose operators fail to load with a CPU torch; ``spandrel()`` imports it with a stand-in for that
+module, which the super-resolution architectures never call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from sdtrt.contract.errors import UsageError
+from sdtrt.contract.spec import (BATCH, UPSCALE_H, UPSCALE_W, UPSCALED_H, UPSCALED_W, DimRange, TensorSpec,
+                                upscaler_component)
+from sdtrt.export.checkpoint import file_sha256, torch_load
+from sdtrt.export.descriptors import Descriptor
+
+SPANDREL = "spandrel==0.4.2"  # as scripts/setup.sh installs it (--no-deps; einops is one of sdtrt's own)
+UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt")  # .pth / .pt read weights-only unless --allow-pickle
+MAX_UPSCALERS = 32
+MAX_TILE = 512  # A1111's ESRGAN_tile slider ends here; 0 (no tiling) runs tiles of this size instead
+# The tile sizes the networks take: from spandrel's smallest requirement to MAX_TILE, A1111's 192 the optimum
+TILE_DIMS = {UPSCALE_H: DimRange(16, 192, MAX_TILE), UPSCALE_W: DimRange(16, 192, MAX_TILE)}
+_LOCK = threading.Lock()
+# spandrel's architectures A1111 1.10 runs through upscale_with_model with its ESRGAN_tile options (ESRGAN and
+# Real-ESRGAN's RRDB, Real-ESRGAN's compact SRVGG, HAT), by spandrel id -> the name users know
+GRID_TILED = {"ESRGAN": "ESRGAN / Real-ESRGAN", "Compact": "Real-ESRGAN compact (SRVGG)", "HAT": "HAT"}
+
+
+def _torchvision_stand_in() -> dict[str, types.ModuleType]:
+    """torchvision.transforms.functional with the names spandrel's registry imports, which fail if called."""
+    if "torchvision" in sys.modules:
+        return {}
+
+    def missing(*_: Any, **__: Any) -> Any:
+        raise UsageError("this architecture needs torchvision, which sdtrt does not install (a CUDA build on PyPI)")
+
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.normalize = functional.rotate = missing
+    functional.InterpolationMode = types.SimpleNamespace(BILINEAR="bilinear", NEAREST="nearest")
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.functional = functional
+    package = types.ModuleType("torchvision")
+    package.transforms = transforms
+    return {"torchvision": package, "torchvision.transforms": transforms,
+            "torchvision.transforms.functional": functional}
+
+
+def spandrel() -> types.ModuleType:
+    """spandrel, imported once with the torchvision stand-in (removed again, so nothing else sees it)."""
+    with _LOCK:
+        if "spandrel" in sys.modules:
+            return sys.modules["spandrel"]
+        if importlib.util.find_spec("spandrel") is None:
+            raise UsageError(f"spandrel is not installed: scripts/setup.sh installs it (pip install --no-deps "
+                             f"{SPANDREL} einops)")
+        stand_ins = _torchvision_stand_in()
+        sys.modules.update(stand_ins)
+        try:
+            return importlib.import_module("spandrel")
+        finally:
+            for name in stand_ins:
+                sys.modules.pop(name, None)
+
+
+def upscaler_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "upscaler"
+
+
+def read_upscaler(path: Path, allow_pickle: bool = False) -> Any:
+    """spandrel's descriptor of the model in ``path`` (architecture, scale, the torch module), or UsageError naming
+    the file: not readable, not an architecture spandrel knows, or not an upscaler."""
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise UsageError(f"--upscalers {path}: not a readable .safetensors file ({exc})") from None
+    else:
+        state = torch_load(path, allow_pickle, "--upscalers")[0]
+    if not isinstance(state, dict):
+        raise UsageError(f"--upscalers {path}: no state dict in it")
+    try:
+        model = spandrel().ModelLoader().load_from_state_dict(state)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"--upscalers {path}: not an upscaler architecture spandrel knows ({str(exc)[:200]})") from None
+    if model.architecture.id not in GRID_TILED:
+        raise UsageError(f"--upscalers {path}: a {model.architecture.name} model; sdtrt registers "
+                         f"{', '.join(GRID_TILED.values())} (the architectures A1111 tiles by its ESRGAN_tile options)")
+    if model.purpose not in ("SR", "Restoration") or (model.input_channels, model.output_channels) != (3, 3):
+        raise UsageError(f"--upscalers {path}: a {model.architecture.name} {model.purpose} model "
+                         f"({model.input_channels} -> {model.output_channels} channels, x{model.scale}); sdtrt "
+                         "registers RGB upscaling models here")
+    return model
+
+
+class _Upscaler(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image)
+
+
+def upscaler_descriptor(model: Any, slug: str) -> Descriptor:
+    """The network: tiles [N, 3, h, w] (BGR in [0, 1], as A1111 feeds its upscalers) -> [N, 3, h * s, w * s]."""
+    def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        return (torch.rand(d[BATCH], 3, d[UPSCALE_H], d[UPSCALE_W]),)
+
+    return Descriptor(name=upscaler_component(slug), module=_Upscaler(model.model.eval()),
+                      inputs=(TensorSpec("image", "float32", (BATCH, 3, UPSCALE_H, UPSCALE_W)),),
+                      outputs=(TensorSpec("upscaled", "float32", (BATCH, 3, UPSCALED_H, UPSCALED_W)),),
+                      make_inputs=make_inputs, trace_dims={BATCH: 1, UPSCALE_H: 48, UPSCALE_W: 32})
+
+
+def register_upscalers(folder: Path, allow_pickle: bool, report=print) -> tuple[list[Descriptor], dict[str, dict]]:
+    """The folder's upscaler models as (the networks to export, the spec's ``upscalers``: stem -> file name,
+    sha256, architecture, scale, the size multiple its inputs need, slug), every file checked first."""
+    if not folder.is_dir():
+        raise UsageError(f"--upscalers {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in UPSCALER_SUFFIXES)
+    if not files:
+        raise UsageError(f"--upscalers {folder}: no upscaler files in it ({', '.join(UPSCALER_SUFFIXES)})")
+    if len(files) > MAX_UPSCALERS:
+        raise UsageError(f"--upscalers {folder}: {len(files)} files; at most {MAX_UPSCALERS} per model")
+    networks, registry, slugs = [], {}, {}
+    for path in files:
+        model = read_upscaler(path, allow_pickle)
+        slug = upscaler_slug(path.stem)
+        if slugs.setdefault(slug, path.name) != path.name or path.stem in registry:
+            raise UsageError(f"--upscalers {folder}: {slugs[slug]} and {path.name} would share the name "
+                             f"{path.stem!r} / {slug!r}; rename one")
+        networks.append(upscaler_descriptor(model, slug))
+        registry[path.stem] = {"file": path.name, "sha256": file_sha256(path, progress=False), "slug": slug,
+                               "architecture": model.architecture.name, "scale": int(model.scale),
+                               "multiple_of": int(model.size_requirements.multiple_of)}
+        report(f"upscaler {path.stem}: {model.architecture.name} x{model.scale}")
+    return networks, registry

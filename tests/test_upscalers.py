@@ -1,0 +1,273 @@
+"""Upscaler models (A1111's models/ESRGAN): registered at export by architecture, served as networks, tiled as
+A1111 tiles them, used by the hires fix.
+
+The models are random-weight ones written here in the layouts the loader claims, from the architectures' published
+definitions (BasicSR / Real-ESRGAN's RRDBNet, the original ESRGAN's "model.N" layout of the same network, and
+Real-ESRGAN's SRVGGNetCompact), restated below in torch; the reference output is that torch module on the picture,
+tiled by A1111 1.10's split_grid / combine_grid (restated here too) with its BGR in, 8-bit out conversion."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fastapi.testclient import TestClient
+from PIL import Image
+from safetensors.torch import save_file
+
+from reference import MAX_PIXEL_DIFF, max_diff, sample_picture
+from servers import triton_on
+from sdtrt.client import Client
+from sdtrt.client.apps.a1111_api import create_app
+from sdtrt.contract.errors import InvalidRequest, UsageError
+from sdtrt.pipeline.local import LocalPipeline
+from sdtrt.requests.request import Txt2ImgRequest
+
+
+class RDB(nn.Module):
+    """ESRGAN's residual dense block: five convolutions, each seeing all the features before it."""
+
+    def __init__(self, nf: int, gc: int = 32):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(nf, gc, 3, 1, 1), nn.Conv2d(nf + gc, gc, 3, 1, 1)
+        self.conv3, self.conv4 = nn.Conv2d(nf + 2 * gc, gc, 3, 1, 1), nn.Conv2d(nf + 3 * gc, gc, 3, 1, 1)
+        self.conv5 = nn.Conv2d(nf + 4 * gc, nf, 3, 1, 1)
+
+    def forward(self, x):
+        feats = [x]
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2))
+        return self.conv5(torch.cat(feats, 1)) * 0.2 + x
+
+
+class RRDB(nn.Module):
+    def __init__(self, nf: int):
+        super().__init__()
+        self.rdb1, self.rdb2, self.rdb3 = RDB(nf), RDB(nf), RDB(nf)
+
+    def forward(self, x):
+        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+
+
+class RRDBNet(nn.Module):
+    """Real-ESRGAN's RRDBNet (x4; x2 and x1 see the picture pixel-unshuffled by 2 and 4), upsampling twice."""
+
+    def __init__(self, scale: int = 4, nf: int = 8, blocks: int = 1):
+        super().__init__()
+        self.unshuffle = {4: 1, 2: 2, 1: 4}[scale]
+        self.conv_first = nn.Conv2d(3 * self.unshuffle ** 2, nf, 3, 1, 1)
+        self.body = nn.Sequential(*[RRDB(nf) for _ in range(blocks)])
+        self.conv_body, self.conv_up1, self.conv_up2 = (nn.Conv2d(nf, nf, 3, 1, 1) for _ in range(3))
+        self.conv_hr, self.conv_last = nn.Conv2d(nf, nf, 3, 1, 1), nn.Conv2d(nf, 3, 3, 1, 1)
+
+    def forward(self, x):
+        feat = F.pixel_unshuffle(x, self.unshuffle) if self.unshuffle > 1 else x
+        feat = self.conv_first(feat)
+        feat = feat + self.conv_body(self.body(feat))
+        for conv in (self.conv_up1, self.conv_up2):
+            feat = F.leaky_relu(conv(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
+
+
+def old_esrgan_layout(state: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:
+    """The original ESRGAN repository's keys for RRDBNet x4 (RRDB_ESRGAN_x4.pth): a sequential "model"."""
+    names = {"conv_first": "model.0", "conv_body": f"model.1.sub.{blocks}", "conv_up1": "model.3",
+             "conv_up2": "model.6", "conv_hr": "model.8", "conv_last": "model.10"}
+    out = {}
+    for key, value in state.items():
+        head, _, param = key.rpartition(".")
+        if head.startswith("body."):
+            _, block, rdb, conv = head.split(".")
+            out[f"model.1.sub.{block}.{rdb.upper()}.{conv}.0.{param}"] = value
+        else:
+            out[f"{names[head]}.{param}"] = value
+    return out
+
+
+class Compact(nn.Module):
+    """Real-ESRGAN's SRVGGNetCompact: convolutions with PReLU, a pixel shuffle, plus the nearest-upscaled input."""
+
+    def __init__(self, scale: int = 4, nf: int = 8, convs: int = 2):
+        super().__init__()
+        self.scale = scale
+        layers = [nn.Conv2d(3, nf, 3, 1, 1), nn.PReLU(nf)]
+        for _ in range(convs):
+            layers += [nn.Conv2d(nf, nf, 3, 1, 1), nn.PReLU(nf)]
+        self.body = nn.ModuleList(layers + [nn.Conv2d(nf, 3 * scale * scale, 3, 1, 1)])
+
+    def forward(self, x):
+        out = x
+        for layer in self.body:
+            out = layer(out)
+        return F.pixel_shuffle(out, self.scale) + F.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+
+def a1111_split_grid(image: Image.Image, tile: int, overlap: int):
+    """A1111's images.split_grid: rows of (y, [(x, tile)]), the last tile of each side flush with the end."""
+    w, h = image.size
+    cols, rows = math.ceil((w - overlap) / (tile - overlap)), math.ceil((h - overlap) / (tile - overlap))
+    dx = (w - tile) / (cols - 1) if cols > 1 else 0
+    dy = (h - tile) / (rows - 1) if rows > 1 else 0
+    grid = []
+    for row in range(rows):
+        y = min(int(row * dy), h - tile)
+        grid.append((y, [(min(int(col * dx), w - tile), image.crop((min(int(col * dx), w - tile), y,
+                                                                    min(int(col * dx), w - tile) + tile, y + tile)))
+                         for col in range(cols)]))
+    return grid
+
+
+def a1111_combine_grid(grid, tile: int, width: int, height: int, overlap: int) -> Image.Image:
+    """A1111's images.combine_grid: each tile fades in over the one before across the overlap."""
+    mask_w = Image.fromarray((np.arange(overlap, dtype=np.float32).reshape(1, overlap).repeat(tile, axis=0) * 255
+                              / overlap).astype(np.uint8), "L")
+    mask_h = Image.fromarray((np.arange(overlap, dtype=np.float32).reshape(overlap, 1).repeat(width, axis=1) * 255
+                              / overlap).astype(np.uint8), "L")
+    combined = Image.new("RGB", (width, height))
+    for y, row in grid:
+        line = Image.new("RGB", (width, tile))
+        for x, part in row:
+            if x == 0:
+                line.paste(part, (0, 0))
+                continue
+            line.paste(part.crop((0, 0, overlap, tile)), (x, 0), mask=mask_w)
+            line.paste(part.crop((overlap, 0, tile, tile)), (x + overlap, 0))
+        if y == 0:
+            combined.paste(line, (0, 0))
+            continue
+        combined.paste(line.crop((0, 0, width, overlap)), (0, y), mask=mask_h)
+        combined.paste(line.crop((0, overlap, width, tile)), (0, y + overlap))
+    return combined
+
+
+@torch.no_grad()
+def a1111_upscale(module: nn.Module, image: Image.Image, tile: int, overlap: int) -> Image.Image:
+    """A1111 1.10's upscale_with_model: each tile BGR in [0, 1] through the model, clamped, rounded, back to RGB."""
+    def patch(part: Image.Image) -> Image.Image:
+        bgr = np.ascontiguousarray(np.array(part.convert("RGB"))[:, :, ::-1].transpose(2, 0, 1)) / 255
+        out = module(torch.from_numpy(bgr)[None].float())[0].clamp(0, 1).numpy()
+        return Image.fromarray((255.0 * np.moveaxis(out, 0, 2)).round().astype(np.uint8)[:, :, ::-1])
+
+    if tile <= 0:
+        return patch(image)
+    grid = a1111_split_grid(image, tile, overlap)
+    out = [(y, [(x, patch(part)) for x, part in row]) for y, row in grid]
+    s = out[0][1][0][1].width // tile
+    scaled = [(y * s, [(x * s, part) for x, part in row]) for y, row in out]
+    return a1111_combine_grid(scaled, tile * s, image.width * s, image.height * s, overlap * s)
+
+
+MODELS = {}  # name -> (torch module, layout writer)
+
+
+@pytest.fixture(scope="module")
+def upscaler_folder(tmp_path_factory):
+    """A1111's models/ESRGAN with four random models: RRDBNet x4 (new and original layout), x2, compact x4."""
+    folder = tmp_path_factory.mktemp("ESRGAN")
+    torch.manual_seed(7)
+    models = {"4x-tiny-esrgan": RRDBNet(4), "4x-tiny-old": RRDBNet(4), "2x-tiny-esrgan": RRDBNet(2),
+              "4x-tiny-compact": Compact(4)}
+    for name, module in models.items():
+        module.eval()
+        state = {k: v.contiguous() for k, v in module.state_dict().items()}
+        if name == "4x-tiny-old":
+            torch.save(old_esrgan_layout(state, 1), str(folder / f"{name}.pth"))
+        else:
+            save_file(state, str(folder / f"{name}.safetensors"))
+    MODELS.update(models)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def repo(default_model, upscaler_folder, tmp_path_factory):
+    from sdtrt.export import export_model
+
+    out = tmp_path_factory.mktemp("upscaler-repo") / "repo"
+    export_model(default_model, out, progress=False, report=lambda *_: None, upscaler_dir=upscaler_folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(repo):
+    return LocalPipeline(repo)
+
+
+def test_each_file_is_registered_under_its_stem_with_its_architecture_and_scale(local):
+    registered = {name: (e["architecture"], e["scale"]) for name, e in local.spec.upscalers.items()}
+    assert registered == {"2x-tiny-esrgan": ("ESRGAN", 2), "4x-tiny-compact": ("RealESRGAN Compact", 4),
+                          "4x-tiny-esrgan": ("ESRGAN", 4), "4x-tiny-old": ("ESRGAN", 4)}
+    assert set(local.spec.upscalers) <= set(local.spec.field("hr_upscaler").choices)
+
+
+@pytest.mark.parametrize("name", ["4x-tiny-esrgan", "4x-tiny-old", "2x-tiny-esrgan", "4x-tiny-compact"])
+@pytest.mark.parametrize("tile, overlap", [(0, 0), (32, 8)])
+def test_the_network_tiled_as_a1111_tiles_it_gives_the_torch_modules_picture(local, name, tile, overlap):
+    from sdtrt.requests.model_upscale import upscale_once
+
+    picture = Image.fromarray(sample_picture(56, 40))
+    ours = upscale_once(picture, local.networks(local.plan(Txt2ImgRequest(prompt="x"))).upscaler(name), tile, overlap)
+    expected = a1111_upscale(MODELS[name], picture, tile, overlap)
+    assert ours.size == expected.size == (56 * local.spec.upscalers[name]["scale"], 40 * local.spec.upscalers[name]["scale"])
+    assert max_diff(np.asarray(ours)[None], np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
+
+
+def test_a_2x_model_runs_twice_for_a_4x_upscale_then_lanczos_to_the_size(local):
+    """A1111's Upscaler.upscale: the model until the picture covers the target, then Lanczos down to it."""
+    from sdtrt.requests.model_upscale import upscale_to
+
+    picture = Image.fromarray(sample_picture(40, 40))
+    model = local.networks(local.plan(Txt2ImgRequest(prompt="x"))).upscaler("2x-tiny-esrgan")
+    ours = upscale_to(picture, model, 120, 120, 0, 0)
+    twice = a1111_upscale(MODELS["2x-tiny-esrgan"], a1111_upscale(MODELS["2x-tiny-esrgan"], picture, 0, 0), 0, 0)
+    expected = twice.resize((120, 120), resample=Image.Resampling.LANCZOS)
+    assert max_diff(np.asarray(ours)[None], np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
+
+
+HIRES = dict(prompt="a castle on a hill", steps=4, seed=3, width=64, height=64, sampler="Euler a", enable_hr=True,
+             hr_scale=1.5, denoising_strength=0.5, upscaler_tile=32, upscaler_tile_overlap=8)
+
+
+def test_the_hires_fix_upscales_with_the_model_served_and_in_process(repo, local, tmp_path):
+    model = local.txt2img(Txt2ImgRequest(**HIRES, hr_upscaler="4x-tiny-compact"))
+    lanczos = local.txt2img(Txt2ImgRequest(**HIRES, hr_upscaler="Lanczos"))
+    assert model.images.shape == (1, 96, 96, 3) and max_diff(model.images, lanczos.images) > MAX_PIXEL_DIFF
+    assert "Hires upscaler: 4x-tiny-compact" in model.infotexts[0]
+    with triton_on(repo, tmp_path) as triton:
+        served = Client(triton.url).txt2img(HIRES["prompt"], **{k: v for k, v in HIRES.items() if k != "prompt"},
+                                            hr_upscaler="4x-tiny-compact")
+        assert max_diff(served.images, model.images) <= MAX_PIXEL_DIFF
+        api = TestClient(create_app(Client(triton.url)))
+        listed = {item["name"]: item["scale"] for item in api.get("/sdapi/v1/upscalers").json()}
+        assert {"Lanczos": 4, "4x-tiny-esrgan": 4, "2x-tiny-esrgan": 2, "4x-tiny-compact": 4} .items() <= listed.items()
+        assert [item["name"] for item in api.get("/sdapi/v1/realesrgan-models").json()] == ["4x-tiny-compact"]
+        body = {"prompt": HIRES["prompt"], "steps": 4, "seed": 3, "width": 64, "height": 64, "sampler_name": "Euler a",
+                "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_upscaler": "4x-tiny-compact",
+                "override_settings": {"ESRGAN_tile": 32, "ESRGAN_tile_overlap": 8}}
+        response = api.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text[:500]
+        info = json.loads(response.json()["info"])["infotexts"][0]
+        assert "Hires upscaler: 4x-tiny-compact" in info and "Size: 64x64" in info
+        picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
+        a1111 = local.txt2img(Txt2ImgRequest(**HIRES, hr_upscaler="4x-tiny-compact", k_diffusion=True))  # 32 px tiles
+        assert max_diff(picture[None], a1111.images) <= MAX_PIXEL_DIFF
+
+
+def test_an_unknown_upscaler_and_a_wrong_file_are_named(local, default_model, tmp_path):
+    from sdtrt.export import export_model
+
+    with pytest.raises(InvalidRequest) as exc:
+        local.txt2img(Txt2ImgRequest(**{**HIRES, "hr_upscaler": "4x-UltraSharp"}))
+    assert exc.value.field == "hr_upscaler" and "'4x-tiny-compact'" in str(exc.value)
+    folder = tmp_path / "ESRGAN"
+    folder.mkdir()
+    save_file({"weight": torch.zeros(3, 3)}, str(folder / "not-a-model.safetensors"))
+    with pytest.raises(UsageError, match="not-a-model.safetensors: not an upscaler architecture spandrel knows"):
+        export_model(default_model, tmp_path / "repo", progress=False, report=lambda *_: None, upscaler_dir=folder)
+    assert not (tmp_path / "repo").exists()
