@@ -24,6 +24,7 @@ from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest, SdtrtError
 from sdtrt.contract.spec import (
+    BATCH,
     DEFAULT_PORTS,
     IMAGES,
     INFOTEXTS,
@@ -44,8 +45,10 @@ from sdtrt.contract.spec import (
     WIRE_DTYPES,
     Catalog,
     ModelSpec,
+    upscaler_component,
 )
 from sdtrt.requests.generation import Generation, batch_count, concatenate, one_per_image
+from sdtrt.requests.model_upscale import ModelUpscaler
 from sdtrt.requests.plan import validate
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, pixel_steps, resolve_seeds
 
@@ -238,6 +241,34 @@ class Client:
             return self.catalog.get(model)
         except InvalidRequest:
             return self.refresh().get(model)
+
+    def upscalers(self) -> dict[str, ModelSpec]:
+        """The upscaler models the server's models were exported with (--upscalers), each with the model it is
+        one of (the first that has it)."""
+        found: dict[str, ModelSpec] = {}
+        for spec in self.catalog.models.values():
+            for name in spec.upscalers:
+                found.setdefault(name, spec)
+        return found
+
+    def upscaler(self, name: str) -> ModelUpscaler:
+        """A registered upscaler model whose network runs on the server: tiles in, upscaled tiles out."""
+        spec = self.upscalers()[name]
+        entry = spec.upscalers[name]
+        component = spec.component(upscaler_component(entry["slug"]))
+        module = _module(self.protocol)
+
+        def run(tiles: np.ndarray) -> np.ndarray:
+            inputs = [self._tensor(module, component.inputs[0].name, np.ascontiguousarray(tiles, np.float32),
+                                   WIRE_DTYPES["float32"])]
+            outputs = [module.InferRequestedOutput(component.outputs[0].name)]
+            try:
+                response = self._client().infer(spec.triton_name(component.name), inputs, outputs=outputs)
+            except Exception as exc:
+                raise self._error(exc) from None
+            return response.as_numpy(component.outputs[0].name)
+
+        return ModelUpscaler(run, entry["scale"], entry.get("multiple_of", 1), spec.dims[BATCH].max)
 
     def _fetch_catalog(self) -> Catalog:
         try:

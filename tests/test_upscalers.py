@@ -257,6 +257,51 @@ def test_the_hires_fix_upscales_with_the_model_served_and_in_process(repo, local
         picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
         a1111 = local.txt2img(Txt2ImgRequest(**HIRES, hr_upscaler="4x-tiny-compact", k_diffusion=True))  # 32 px tiles
         assert max_diff(picture[None], a1111.images) <= MAX_PIXEL_DIFF
+        extras_through_the_gateway(api)
+
+
+def _png(picture: Image.Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _picture(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))[None]
+
+
+def extras_through_the_gateway(api: TestClient) -> None:
+    """A1111's Extras with a model (its default 192 px tiles: a 40 px picture is one tile, black beyond it, as
+    A1111's split_grid cuts it), a second upscaler blended in, and the batch route."""
+    pictures = [Image.fromarray(sample_picture(40, 40)), Image.fromarray(sample_picture(48, 32))]
+    body = {"image": _png(pictures[0]), "upscaler_1": "4x-tiny-compact", "upscaling_resize": 2}
+    response = api.post("/sdapi/v1/extra-single-image", json=body)
+    assert response.status_code == 200, response.text[:500]
+    expected = a1111_upscale(MODELS["4x-tiny-compact"], pictures[0], 192, 8).resize((80, 80), Image.Resampling.LANCZOS)
+    assert max_diff(_picture(response.json()["image"]), np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
+    batch = {"imageList": [{"data": _png(p), "name": f"{i}.png"} for i, p in enumerate(pictures)],
+             "upscaler_1": "4x-tiny-compact", "upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.5,
+             "upscaling_resize": 2}
+    response = api.post("/sdapi/v1/extra-batch-images", json=batch)
+    assert response.status_code == 200, response.text[:500]
+    for picture, data in zip(pictures, response.json()["images"]):
+        size = (picture.width * 2, picture.height * 2)
+        model = a1111_upscale(MODELS["4x-tiny-compact"], picture, 192, 8).resize(size, Image.Resampling.LANCZOS)
+        expected = Image.blend(model, picture.resize(size, Image.Resampling.LANCZOS), 0.5)
+        assert max_diff(_picture(data), np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
+    refused = api.post("/sdapi/v1/extra-single-image", json={**body, "upscaler_1": "4x-UltraSharp"})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "upscaler_1"]
+    assert "'4x-tiny-compact'" in refused.text
+
+
+def test_a_model_pass_over_the_bounds_is_refused_before_it_runs():
+    """A 4x model on 3000 px for a 2x result: the result (6000 px) fits, the model's pass (12000 px) does not."""
+    from sdtrt.requests.upscale import ExtrasUpscale, check_upscale
+
+    check_upscale((3000, 3000), ExtrasUpscale("Lanczos", scale=2.0))
+    with pytest.raises(InvalidRequest) as exc:
+        check_upscale((3000, 3000), ExtrasUpscale("4x-model", scale=2.0), {"4x-model": 4})
+    assert exc.value.field == "upscaling_resize" and "12000x12000" in str(exc.value)
 
 
 def test_an_unknown_upscaler_and_a_wrong_file_are_named(local, default_model, tmp_path):

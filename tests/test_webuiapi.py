@@ -340,6 +340,15 @@ def test_extra_single_image_upscales_as_a1111(gateway):
         assert answer["status"] == 422 and answer["body"]["detail"][0]["loc"] == ["body", field], answer
 
 
+def test_extra_batch_images_through_webuiapi(gateway):
+    """webuiapi's extra_batch_images: each picture as extra-single-image upscales it."""
+    pictures = [gateway.txt2img(prompt="a house", seed=s, width=64, height=64).image for s in (3, 4)]
+    result = gateway.extra_batch_images(pictures, upscaler_1="Lanczos", upscaling_resize=1.5)
+    assert [image.size for image in result.images] == [(96, 96), (96, 96)]
+    single = gateway.extra_single_image(pictures[1], upscaler_1="Lanczos", upscaling_resize=1.5)
+    assert np.array_equal(np.asarray(result.images[1]), np.asarray(single.image))
+
+
 def big_picture() -> str:
     return encode(Image.new("RGB", (1100, 1100)))
 

@@ -29,6 +29,7 @@ from sdtrt import __version__
 from sdtrt.client.apps import a1111_responses as answer
 from sdtrt.client.apps.a1111_requests import (
     A1111_NAME,
+    ExtrasBatchBody,
     ExtrasSingleImageBody,
     Img2ImgBody,
     Job,
@@ -43,6 +44,7 @@ from sdtrt.client.apps.a1111_requests import (
     load_user_options,
     open_image,
     refuse,
+    sampler_options,
     save_user_options,
     translate,
     updated_options,
@@ -58,7 +60,7 @@ from sdtrt.contract.prometheus import scrape
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.styles import load_styles
-from sdtrt.requests.upscale import extras_upscale
+from sdtrt.requests.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
 
 log = logging.getLogger("sdtrt.gateway")
 
@@ -368,17 +370,48 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
                                         gateway.release)
 
     @app.post("/sdapi/v1/extra-single-image", tags=["generation"])
-    def extra_single_image(body: ExtrasSingleImageBody, response: Response) -> dict[str, Any]:
-        """A1111's Extras upscale with sdtrt's upscalers; the picture's infotext is kept and A1111's
-        ``postprocessing`` text says what was done."""
+    def extra_single_image(body: ExtrasSingleImageBody, response: Response,
+                           user: str = Depends(current_user)) -> dict[str, Any]:
+        """A1111's Extras upscale with sdtrt's upscalers (PIL's, and the upscaler models, run on the server);
+        the picture's infotext is kept and A1111's ``postprocessing`` text says what was done."""
         if body.model_extra:
             response.headers["X-Sdtrt-Ignored-Fields"] = header_list(sorted(body.model_extra))
-        job = extras_job(body)
+        job = extras_job(body, tuple(gateway.client.upscalers()))
         picture = open_image(body.image, "image")
-        check_extras_size(picture.size, job)
+        models = extras_models(gateway, job, user)
+        check_extras_size(picture.size, job, models and {n: m.scale for n, m in models.models.items()})
         chunks = {k: v for k, v in picture.info.items() if isinstance(k, str) and isinstance(v, str)}
-        result, done = extras_upscale(picture.convert("RGB"), job)
+        result, done = extras_upscale(picture.convert("RGB"), job, models)
         return answer.extras_response(result, chunks, done, body.show_extras_results)
+
+    @app.post("/sdapi/v1/extra-batch-images", tags=["generation"])
+    def extra_batch_images(body: ExtrasBatchBody, response: Response,
+                           user: str = Depends(current_user)) -> dict[str, Any]:
+        """A1111's Extras on several pictures: each upscaled as extra-single-image does, every size checked before
+        any picture is upscaled."""
+        if body.model_extra:
+            response.headers["X-Sdtrt-Ignored-Fields"] = header_list(sorted(body.model_extra))
+        job = extras_job(body, tuple(gateway.client.upscalers()))
+        models = extras_models(gateway, job, user)
+        pictures = [open_image(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
+        for picture in pictures:
+            check_extras_size(picture.size, job, models and {n: m.scale for n, m in models.models.items()})
+        results = []
+        for picture in pictures:
+            chunks = {k: v for k, v in picture.info.items() if isinstance(k, str) and isinstance(v, str)}
+            result, done = extras_upscale(picture.convert("RGB"), job, models)
+            results.append(answer.extras_response(result, chunks, done, body.show_extras_results))
+        return {"html_info": results[0]["html_info"], "images": [r["image"] for r in results]}
+
+
+def extras_models(gateway: Gateway, job: ExtrasUpscale, user: str) -> ModelUpscalers | None:
+    """The upscaler models an Extras job names, on the server, tiled by the user's ESRGAN_tile options."""
+    names = [name for name in (job.upscaler_1, job.upscaler_2) if name not in EXTRAS_UPSCALERS]
+    if not names:
+        return None
+    options = sampler_options(gateway.user(user))
+    return ModelUpscalers({name: gateway.client.upscaler(name) for name in names}, options["ESRGAN_tile"],
+                          options["ESRGAN_tile_overlap"])
 
 
 def call_txt2img(client: Client, n_iter: int, settings: dict[str, Any], progress, control,

@@ -188,12 +188,11 @@ class _Img2ImgBody(_Request):
 Img2ImgBody = create_model("Img2ImgBody", __base__=_Img2ImgBody, __module__=__name__, **as_is_fields(IMG2IMG))
 
 
-class ExtrasSingleImageBody(BaseModel):
+class ExtrasBody(BaseModel):
     """A1111's Extras on one picture; sdtrt has its upscalers (GET /sdapi/v1/upscalers), no face restoration."""
 
     model_config = ConfigDict(extra="allow")
 
-    image: str = Field("", description="base64 picture")
     resize_mode: int = Field(0, description="0: upscale by upscaling_resize; 1: to upscaling_resize_w x _h")
     show_extras_results: bool = True
     gfpgan_visibility: float = Field(0.0, description="not supported: refused unless 0")
@@ -207,6 +206,23 @@ class ExtrasSingleImageBody(BaseModel):
     upscaler_2: str = NO_UPSCALER
     extras_upscaler_2_visibility: float = 0.0
     upscale_first: bool = False
+
+
+class ExtrasSingleImageBody(ExtrasBody):
+    image: str = Field("", description="base64 picture")
+
+
+class ExtrasImage(BaseModel):
+    data: str = Field(..., description="base64 picture")
+    name: str = Field("", description="its file name (A1111 names the result after it)")
+
+
+MAX_EXTRAS_IMAGES = 16  # pictures one extra-batch-images request may upscale
+
+
+class ExtrasBatchBody(ExtrasBody):
+    imageList: list[ExtrasImage] = Field(default_factory=list, max_length=MAX_EXTRAS_IMAGES,
+                                         description=f"at most {MAX_EXTRAS_IMAGES} pictures")
 
 
 # field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
@@ -665,14 +681,16 @@ def img2img_pictures(body: Img2ImgBody, max_batch: int
     return init, mask, latent_mask
 
 
-def extras_job(body: ExtrasSingleImageBody) -> ExtrasUpscale:
-    """A1111's Extras request as sdtrt's upscale, its fields checked (the picture's size: check_extras_size)."""
+def extras_job(body: ExtrasSingleImageBody, models: tuple[str, ...] = ()) -> ExtrasUpscale:
+    """A1111's Extras request as sdtrt's upscale, its fields checked (the picture's size: check_extras_size;
+    ``models``: the server's upscaler models)."""
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         if getattr(body, name) != 0:
             raise refuse(name, "face restoration is not available in sdtrt: 0 only")
     for name in ("upscaler_1", "upscaler_2"):
-        if getattr(body, name) not in EXTRAS_UPSCALERS:
-            raise refuse(name, f"one of {', '.join(map(repr, EXTRAS_UPSCALERS))} (got {getattr(body, name)!r:.80})")
+        if getattr(body, name) not in EXTRAS_UPSCALERS and getattr(body, name) not in models:
+            raise refuse(name, f"one of {', '.join(map(repr, [*EXTRAS_UPSCALERS, *models]))} (got "
+                               f"{getattr(body, name)!r:.80})")
     if body.resize_mode not in (0, 1):
         raise refuse("resize_mode", "0 (by upscaling_resize) or 1 (to upscaling_resize_w x upscaling_resize_h)")
     if not 1 <= body.upscaling_resize <= 8:
@@ -682,16 +700,18 @@ def extras_job(body: ExtrasSingleImageBody) -> ExtrasUpscale:
             raise refuse(name, f"from 1 to {MAX_SIDE} (got {getattr(body, name)})")
     if not 0 <= body.extras_upscaler_2_visibility <= 1:
         raise refuse("extras_upscaler_2_visibility", f"from 0 to 1 (got {body.extras_upscaler_2_visibility:g})")
-    if not body.image:
+    if isinstance(body, ExtrasSingleImageBody) and not body.image:
         raise refuse("image", "a base64-encoded picture")
+    if isinstance(body, ExtrasBatchBody) and not body.imageList:
+        raise refuse("imageList", f"1 to {MAX_EXTRAS_IMAGES} pictures")
     return ExtrasUpscale(body.upscaler_1, body.upscaler_2, body.extras_upscaler_2_visibility, body.resize_mode,
                          body.upscaling_resize, body.upscaling_resize_w, body.upscaling_resize_h, body.upscaling_crop)
 
 
-def check_extras_size(size: tuple[int, int], job: ExtrasUpscale) -> None:
+def check_extras_size(size: tuple[int, int], job: ExtrasUpscale, models: dict[str, int] | None = None) -> None:
     """The upscale's result and every intermediate of a picture of ``size``, bounded before anything is
-    allocated."""
+    allocated (``models``: the upscaler models' scales)."""
     try:
-        check_upscale(size, job)
+        check_upscale(size, job, models)
     except InvalidRequest as exc:
         raise refuse(exc.field, str(exc)) from None

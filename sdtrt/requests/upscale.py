@@ -1,4 +1,5 @@
-"""A1111's Extras upscale (``/sdapi/v1/extra-single-image``) with the upscalers sdtrt has: PIL's.
+"""A1111's Extras upscale (``/sdapi/v1/extra-single-image``, ``extra-batch-images``) with the upscalers sdtrt has:
+PIL's, and the upscaler models a model was exported with (run by ``sdtrt.requests.model_upscale``).
 
 A1111's rules, kept so that the same request gives the same size: the size is the scale times the picture's,
 rounded down to a multiple of 8; "upscale to" scales by the larger of the two ratios and, with crop, centres the
@@ -23,6 +24,7 @@ from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HIRES_UPSCALERS
+from sdtrt.requests import model_upscale
 
 EXTRAS_UPSCALERS = {name: u for name, u in HIRES_UPSCALERS.items() if not u.latent_mode}
 NO_UPSCALER = "None"
@@ -97,13 +99,28 @@ def _cropped_in_full(job: ExtrasUpscale, image_size: tuple[int, int]) -> bool:
     return width * height <= MAX_INTERMEDIATE_PIXELS
 
 
-def check_upscale(image_size: tuple[int, int], job: ExtrasUpscale) -> None:
+def model_passes(size: tuple[int, int], scale: float, model_scale: int) -> list[tuple[int, int]]:
+    """The sizes an upscaler model's passes make of a picture of ``size`` for ``scale`` (A1111's Upscaler.upscale:
+    until it covers the target, three at the most)."""
+    dest = (int(size[0] * scale // 8 * 8), int(size[1] * scale // 8 * 8))
+    made = []
+    for i in range(3):
+        if size[0] >= dest[0] and size[1] >= dest[1] and (i > 0 or scale != 1) or model_scale == 1 and made:
+            break
+        size = (size[0] * model_scale, size[1] * model_scale)
+        made.append(size)
+    return made
+
+
+def check_upscale(image_size: tuple[int, int], job: ExtrasUpscale, models: dict[str, int] | None = None) -> None:
     """Refuse, before any pixel is made, an upscale whose result or intermediate picture would be over the bounds,
     naming A1111's field: ``upscaling_resize`` for resize mode 0, ``upscaling_resize_w`` / ``upscaling_resize_h``
-    (the one whose ratio decides the scale) for mode 1. Also refuses what the sizes cannot be worked out from."""
+    (the one whose ratio decides the scale) for mode 1. Also refuses what the sizes cannot be worked out from.
+    ``models``: the upscaler models a request may name, with their scales."""
+    models = models or {}
     for field, name in (("upscaler_1", job.upscaler_1), ("upscaler_2", job.upscaler_2)):
-        if name not in EXTRAS_UPSCALERS:
-            raise InvalidRequest(field, name, f"one of {', '.join(map(repr, EXTRAS_UPSCALERS))}")
+        if name not in EXTRAS_UPSCALERS and name not in models:
+            raise InvalidRequest(field, name, f"one of {', '.join(map(repr, [*EXTRAS_UPSCALERS, *models]))}")
     visibility = job.upscaler_2_visibility
     if not isinstance(visibility, (int, float)) or not 0 <= visibility <= 1:
         raise InvalidRequest("extras_upscaler_2_visibility", visibility, "a number from 0 to 1")
@@ -125,7 +142,8 @@ def check_upscale(image_size: tuple[int, int], job: ExtrasUpscale) -> None:
                         else ("upscaling_resize_h", job.height))
     crop = job.resize_mode == 1 and job.crop
     scale = target_scale(image_size, job)
-    if not crop and max(width, height) * scale > 2 * MAX_SIDE:  # before any int(): a huge float makes no int
+    if max(width, height) * scale > 2 * MAX_SIDE and (not crop or {job.upscaler_1, job.upscaler_2} & set(models)):
+        # (before any int(): a huge float makes no int; a model makes the whole picture even when cropped)
         raise InvalidRequest(field, value, f"a size whose result is {_LIMIT} (this makes about "
                              f"{width * scale:.6g}x{height * scale:.6g} from {width}x{height}{_how(job)})")
     scaled = scaled_size(image_size, job)
@@ -133,6 +151,12 @@ def check_upscale(image_size: tuple[int, int], job: ExtrasUpscale) -> None:
     if min(scaled) < 1:
         raise InvalidRequest(field, value, f"a size that scales the picture to at least 8 pixels a side (sizes are "
                              f"rounded down to a multiple of 8; this makes {made})")
+    for name in {job.upscaler_1, job.upscaler_2} & set(models):  # each model pass makes its whole picture
+        for made in model_passes(image_size, scale, models[name]):
+            if made[0] * made[1] > MAX_INTERMEDIATE_PIXELS:
+                raise InvalidRequest(field, value, f"a size whose upscaler {name!r} makes at most "
+                                     f"{MAX_INTERMEDIATE_PIXELS} pixels (its x{models[name]} passes make "
+                                     f"{made[0]}x{made[1]} from {width}x{height})")
     if crop:
         return  # the result is the target size; the scaled picture is made whole only within bounds
     if not _fits(scaled, MAX_UPSCALE_PIXELS):
@@ -150,9 +174,11 @@ def _how(job: ExtrasUpscale) -> str:
     return ""
 
 
-def upscale_by(image: Image.Image, name: str, scale: float) -> Image.Image:
-    """One upscaler, as A1111's Upscaler.upscale: its own resize to the scaled size, then Lanczos down to the
-    size rounded to a multiple of 8."""
+def upscale_by(image: Image.Image, name: str, scale: float, models: "ModelUpscalers | None" = None) -> Image.Image:
+    """One upscaler, as A1111's Upscaler.upscale: its own resize to the scaled size (a model's passes:
+    sdtrt.requests.model_upscale), then Lanczos down to the size rounded to a multiple of 8."""
+    if models is not None and name in models.models:
+        return model_upscale.upscale_by(image, models.models[name], scale, models.tile, models.overlap)
     (own_w, own_h), (width, height) = _scaled(image.size, scale)
     out = image.resize((own_w, own_h), resample=EXTRAS_UPSCALERS[name].resample)
     if out.size != (width, height):
@@ -205,9 +231,21 @@ def _upscale_part(image: Image.Image, name: str, scale: float, part: tuple[int, 
                         box=(left * sx - i_left, top * sy - i_top, right * sx - i_left, bottom * sy - i_top))
 
 
-def extras_upscale(image: Image.Image, job: ExtrasUpscale) -> tuple[Image.Image, dict[str, str]]:
-    """The upscaled picture and A1111's "Postprocess ..." infotext entries for it."""
-    check_upscale(image.size, job)
+@dataclass(frozen=True)
+class ModelUpscalers:
+    """The upscaler models an Extras request names, with A1111's tiling options for them (ESRGAN_tile)."""
+
+    models: dict[str, model_upscale.ModelUpscaler]
+    tile: int = model_upscale.DEFAULT_TILE
+    overlap: int = model_upscale.DEFAULT_OVERLAP
+
+
+def extras_upscale(image: Image.Image, job: ExtrasUpscale, models: ModelUpscalers | None = None
+                   ) -> tuple[Image.Image, dict[str, str]]:
+    """The upscaled picture and A1111's "Postprocess ..." infotext entries for it (``models``: the upscaler models
+    the job names, A1111's way in full: their passes make the whole picture, cropped or not)."""
+    scales = {name: m.scale for name, m in models.models.items()} if models is not None else {}
+    check_upscale(image.size, job, scales)
     if job.upscaler_1 == NO_UPSCALER:
         return image, {}
     scale = target_scale(image, job)
@@ -217,12 +255,12 @@ def extras_upscale(image: Image.Image, job: ExtrasUpscale) -> tuple[Image.Image,
     names = [job.upscaler_1] + ([job.upscaler_2] if job.upscaler_2 != NO_UPSCALER and job.upscaler_2_visibility > 0
                                 else [])
     crop = job.resize_mode == 1 and job.crop
-    if crop and not _cropped_in_full(job, image.size):
+    if crop and not _cropped_in_full(job, image.size) and not set(names) & set(scales):
         out = _cropped(image, job, names, scale)
     else:
-        out = upscale_by(image, names[0], scale)
+        out = upscale_by(image, names[0], scale, models)
         if len(names) > 1:
-            out = Image.blend(out, upscale_by(image, names[1], scale), job.upscaler_2_visibility)
+            out = Image.blend(out, upscale_by(image, names[1], scale, models), job.upscaler_2_visibility)
         if crop:
             canvas = Image.new("RGB", (job.width, job.height))
             canvas.paste(out, box=(job.width // 2 - out.width // 2, job.height // 2 - out.height // 2))
