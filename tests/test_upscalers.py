@@ -316,3 +316,15 @@ def test_an_unknown_upscaler_and_a_wrong_file_are_named(local, default_model, tm
     with pytest.raises(UsageError, match="not-a-model.safetensors: not an upscaler architecture spandrel knows"):
         export_model(default_model, tmp_path / "repo", progress=False, report=lambda *_: None, upscaler_dir=folder)
     assert not (tmp_path / "repo").exists()
+
+
+def test_a_tensorrt_engine_for_an_upscaler_spans_the_tile_sizes(local):
+    """The engine's profile (built on a GPU): a batch of tiles from 16 to 512 px a side, A1111's 192 the optimum."""
+    from sdtrt.contract.spec import upscaler_component
+    from sdtrt.export.tensorrt import EngineOptions, profile_shapes
+
+    spec = local.spec
+    component = spec.component(upscaler_component(spec.upscalers["4x-tiny-esrgan"]["slug"]))
+    batch = spec.dims["batch"]
+    assert profile_shapes(spec, component, EngineOptions()) == {
+        "image": [(batch.min, 3, 16, 16), (batch.opt, 3, 192, 192), (batch.max, 3, 512, 512)]}
