@@ -155,6 +155,18 @@ def test_png_info_sends_its_parameters_to_txt2img(page, tmp_path):
     assert page.get_by_label("number input for Clip skip").input_value() == "2"
 
 
+def test_the_extras_tab_upscales_a_picture(page, tmp_path):
+    """A1111's Extras tab: a picture, an upscaler (PIL's and the server's upscaler models), a scale."""
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "small.png")
+    page.get_by_role("tab", name="Extras").click()
+    page.locator("#extras_image input[type=file]").set_input_files(str(tmp_path / "small.png"))
+    page.locator("#extras_image img").first.wait_for(timeout=30000)
+    page.locator("#extras_generate").click()
+    page.wait_for_function("t => document.querySelector('#extras_info textarea')?.value.includes(t)",
+                           arg="Postprocess upscale by: 2, Postprocess upscaler: Lanczos", timeout=30000)
+    page.locator("#extras_result img").first.wait_for(timeout=30000)
+
+
 def start_a_long_generation(page, prompt: str) -> None:
     """Minutes of steps (three batches of 150 at 512 px), running once its first batch shows progress."""
     tab = page.locator("#tab_txt2img")

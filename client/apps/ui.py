@@ -45,6 +45,7 @@ from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_
 from sdtrt.requests.fields import LABELS, tab_fields
 from sdtrt.requests.generation import Generation, settings_from_infotext
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
+from sdtrt.requests.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
 
 log = logging.getLogger("sdtrt.page")
 
@@ -495,10 +496,48 @@ class Page:
                 for kind in ("txt2img", "img2img"):
                     with gr.Tab(kind, id=kind, elem_id=f"tab_{kind}"):
                         self.tabs[kind] = _generation_tab(self.spec, kind, list(self.styles))
+                with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
+                    self.extras_tab()
                 with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                     self.png_info_tab()
             self.wire()
         return demo
+
+    def extras_upscalers(self) -> list[str]:
+        """A1111's Extras upscalers: PIL's and the server's upscaler models."""
+        return [*EXTRAS_UPSCALERS, *self.client.upscalers()]
+
+    def extras_tab(self) -> None:
+        with gr.Row():
+            with gr.Column():
+                self.extras_image = gr.Image(label="Source", type="pil", sources=["upload", "clipboard"],
+                                             elem_id="extras_image")
+                self.extras_upscaler = gr.Dropdown(choices=self.extras_upscalers(), value="Lanczos", label="Upscaler 1",
+                                                   elem_id="extras_upscaler_1")
+                self.extras_scale = gr.Slider(1, 8, value=2, step=0.05, label="Scale by", elem_id="extras_scale")
+                self.extras_run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
+            with gr.Column():
+                self.extras_result = gr.Image(label="Result", type="pil", interactive=False, elem_id="extras_result")
+                self.extras_info = gr.Textbox(label="Postprocessing", interactive=False, elem_id="extras_info")
+
+    def extras_handler(self, picture: Any, upscaler: Any, scale: Any) -> tuple[Image.Image, str]:
+        """A1111's Extras upscale of the uploaded picture, bounded before any pixel is made."""
+        if not isinstance(picture, Image.Image):
+            raise _error("upload a picture to upscale")
+        if picture.width * picture.height > MAX_PICTURE_PIXELS:
+            raise _error(str(_too_many_pixels(f"<{picture.width}x{picture.height} picture>")))
+        names = self.extras_upscalers()
+        if upscaler not in names:
+            raise _error(f"unknown upscaler {echo(upscaler)}: choose one of {', '.join(names)}")
+        try:
+            scale = float(scale)
+            if not 1 <= scale <= 8:
+                raise InvalidRequest("upscaling_resize", scale, "from 1 to 8")
+            models = None if upscaler in EXTRAS_UPSCALERS else ModelUpscalers({upscaler: self.client.upscaler(upscaler)})
+            result, done = extras_upscale(picture.convert("RGB"), ExtrasUpscale(upscaler, scale=scale), models)
+        except (InvalidRequest, ValueError, TypeError) as exc:
+            raise _error(str(exc)) from None
+        return result, ", ".join(f"{k}: {v}" for k, v in done.items())
 
     def png_info_tab(self) -> None:
         with gr.Row():
@@ -520,6 +559,8 @@ class Page:
             tab.skip.click(_session_call(self.jobs.skip), inputs=None, outputs=None, concurrency_limit=None)
             tab.gallery.select(show_info, inputs=tab.infotexts, outputs=tab.info)
         self.png.change(png_info, inputs=self.png, outputs=self.png_text, preprocess=False)
+        self.extras_run.click(self.extras_handler, inputs=[self.extras_image, self.extras_upscaler, self.extras_scale],
+                              outputs=[self.extras_result, self.extras_info])
         t2i = self.tabs["txt2img"]
         self.send.click(self.send_to_txt2img, inputs=self.png_text,
                         outputs=[t2i.prompt, t2i.negative, *t2i.fields.values(), self.clip_skip, self.checkpoint,
