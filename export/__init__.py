@@ -34,7 +34,9 @@ from sdtrt.contract.spec import (
     ModelSpec,
     load_catalog,
     safe_name,
+    upscaler_component,
 )
+from sdtrt.contract.hires import HIRES_UPSCALERS
 from sdtrt.export.checkpoint import (
     Checkpoint,
     checkpoint_sha256,
@@ -65,7 +67,7 @@ from sdtrt.export.options import ExportOptions
 from sdtrt.export.tensorrt import EngineOptions, build_engines, refit_engine, refitted_filename
 from sdtrt.export.upscalers import TILE_DIMS, register_upscalers
 from sdtrt.export.vaes import register_vaes
-from sdtrt.model_repository.build import write_model, write_repository
+from sdtrt.model_repository.build import write_model, write_networks, write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_NETWORKS, lora_rank
 from sdtrt.requests.request import request_fields
@@ -115,6 +117,9 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions | No
     existing = current_catalog(out)
     if existing is not None:  # refused before the (long) export rather than after it
         check_serving(out, existing, key, options.backend)
+        prior = complete_export(out, key, base_key(source_sha, key, options), "export_base")
+        if prior is not None and options.upscaler_dir is not None and not prior.extra.get(ENGINES):
+            return add_upscalers(out, prior, inputs, options, report)  # only the upscaler folder changed
     # a full disk while a library writes its own files (the ONNX exporter, the tokenizer) is DiskFull too
     with no_space_is_disk_full(out), building(out) as work:
         spec = _export(model, work, key, inputs, source_sha, options, report)
@@ -131,6 +136,7 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions | No
 def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: ExportOptions, report) -> ModelSpec:
     """The export itself, into ``repo`` (a folder beside the repository, joined to it when everything is written):
     the networks, the tokenizer, the engines, this model's own Triton configs."""
+    base = base_key(source_sha, key, options)  # (of the options as given, as export_model computes it)
     ckpt = load_checkpoint(model, options.config, allow_pickle=options.allow_pickle,
                            prediction_type=options.prediction_type, report=report, sha256=source_sha)
     if options.vae is not None:
@@ -160,7 +166,8 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: 
     pipe.tokenizer.save_pretrained(str(repo / tokenizer_dir(key)))
     spec = build_spec(ckpt, key, components, dims, options, native=native, text_max_length=text_max_length,
                       upscalers=tuple(upscalers))
-    spec = replace(spec, extra={**spec.extra, "export_key": inputs}, vaes=vaes, upscalers=upscalers, **registered)
+    spec = replace(spec, extra={**spec.extra, "export_key": inputs, "export_base": base}, vaes=vaes,
+                   upscalers=upscalers, **registered)
     if options.engines is not None:
         spec = build_engines(repo, spec, options.engines, report, options.progress)
     write_model(repo, spec, options.served)
@@ -216,14 +223,21 @@ def export_key(source_sha: str, **inputs) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def complete_export(repo: Path, key: str, inputs: str) -> ModelSpec | None:
+def base_key(source_sha: str, key: str, options: ExportOptions) -> str:
+    """The export's key but for its upscaler folder: an export that differs from an earlier one only there adds
+    and removes upscaler networks (add_upscalers) instead of exporting again."""
+    return export_key(source_sha, **{**options.key_inputs(key), "upscaler_dir": None})
+
+
+def complete_export(repo: Path, key: str, inputs: str, field: str = "export_key") -> ModelSpec | None:
     """The model's spec if the repository holds a finished export of these ``inputs`` under ``key`` (its catalog
-    entry is written last, after every network and config is in place)."""
+    entry is written last, after every network and config is in place); ``field``: which key of the export to
+    compare (``export_base``: all but the upscaler folder)."""
     try:
         spec = load_catalog(repo).models.get(key)
     except UsageError:
         return None
-    if spec is None or spec.extra.get("export_key") != inputs:
+    if spec is None or spec.extra.get(field) != inputs:
         return None
     files = [repo / c.onnx for c in spec.components.values()]
     files += [repo / spec.triton_name(c.name) / "config.pbtxt" for c in spec.components.values()]
@@ -241,6 +255,34 @@ def building(final: Path):
         yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def add_upscalers(out: Path, spec: ModelSpec, inputs: str, options: ExportOptions, report) -> ModelSpec:
+    """An exported model with its upscaler folder read again: the new or changed files' networks exported and
+    joined, those of files gone removed, the rest as they are (a file dropped into the folder is served after
+    this and `sdtrt models load`, without a restart or a whole export)."""
+    networks, registry = register_upscalers(Path(options.upscaler_dir), options.allow_pickle, report)
+    wanted = {upscaler_component(entry["slug"]): entry for entry in registry.values()}
+    had = {upscaler_component(entry["slug"]): entry for entry in spec.upscalers.values()}
+    fresh = [desc for desc in networks
+             if desc.name not in spec.components or had.get(desc.name, {}).get("sha256") != wanted[desc.name]["sha256"]]
+    gone = [name for name in had if name not in wanted]
+    dims = {**spec.dims, **TILE_DIMS}
+    with no_space_is_disk_full(out), building(out) as work:
+        exported = export_networks(fresh, work, spec.key, dims, spec.text_max_length, options.progress, report)
+        components = {**{n: c for n, c in spec.components.items() if n not in gone}, **exported}
+        hires = spec.field("hr_upscaler")
+        request = {**spec.request, "hr_upscaler": replace(hires, choices=(*HIRES_UPSCALERS, *registry))}
+        spec = replace(spec, components=components, dims=dims, upscalers=registry, request=request,
+                       extra={**spec.extra, "export_key": inputs})
+        write_networks(work, spec, list(exported), options.served)
+        with repository_lock(out, report=report):
+            join_repository(work, out, spec, options.served, options.default)
+            for name in gone:
+                shutil.rmtree(out / spec.triton_name(name), ignore_errors=True)
+    report(f"{out}: {spec.key}'s upscalers: {', '.join(registry)} ({len(fresh)} exported, {len(gone)} removed); "
+           f"`sdtrt models load {spec.key}` serves them")
+    return spec
 
 
 def remove_leftovers(repo: Path, report) -> None:

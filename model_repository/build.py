@@ -13,6 +13,7 @@ from sdtrt.model_repository.configs import (
     ServingOptions,
     all_configs,
     model_configs,
+    network_config,
     to_pbtxt,
 )
 from sdtrt.model_repository.perf import PERF_INPUT, write_perf_inputs
@@ -53,6 +54,12 @@ def write_repository(repo: str | Path, catalog: Catalog | None = None,
 def write_model(repo: str | Path, spec: ModelSpec, options: ServingOptions = ServingOptions()) -> list[Path]:
     """One model's own Triton models (tokenizer, networks), as an export writes them before joining a repository."""
     return _write(Path(repo), model_configs(spec, options)) + write_perf_inputs(Path(repo), spec, default=False)
+
+
+def write_networks(repo: str | Path, spec: ModelSpec, names: list[str], options: ServingOptions = ServingOptions()
+                   ) -> list[Path]:
+    """Some of a model's networks' Triton configs: those an export adds to a model already served."""
+    return _write(Path(repo), [network_config(spec, spec.component(name), options) for name in names])
 
 
 def _write(root: Path, configs) -> list[Path]:

@@ -328,3 +328,38 @@ def test_a_tensorrt_engine_for_an_upscaler_spans_the_tile_sizes(local):
     batch = spec.dims["batch"]
     assert profile_shapes(spec, component, EngineOptions()) == {
         "image": [(batch.min, 3, 16, 16), (batch.opt, 3, 192, 192), (batch.max, 3, 512, 512)]}
+
+
+def test_a_file_dropped_into_the_folder_is_served_after_the_export_again_and_models_load(default_model, repo,
+                                                                                          upscaler_folder, tmp_path):
+    """The same export again, its folder changed: only the upscaler networks are exported (new ones) and removed
+    (files gone); the running server serves them after `sdtrt models load`, no restart."""
+    import shutil
+
+    from sdtrt.client.apps.cli import main as cli
+    from sdtrt.export import export_model
+
+    live, folder = tmp_path / "repo", tmp_path / "ESRGAN"
+    shutil.copytree(repo, live)
+    shutil.copytree(upscaler_folder, folder)
+    (folder / "2x-tiny-esrgan.safetensors").unlink()
+    torch.manual_seed(11)
+    save_file({k: v.contiguous() for k, v in Compact(4).state_dict().items()}, str(folder / "4x-new-compact.safetensors"))
+    key = LocalPipeline(live).spec.key
+    unet = live / f"{key}__unet" / "1" / "model.onnx"
+    before = unet.stat().st_mtime_ns
+    with triton_on(live, tmp_path / "logs") as triton:
+        client = Client(triton.url)
+        lines: list[str] = []
+        export_model(default_model, live, progress=False, report=lines.append, upscaler_dir=folder)
+        assert any("(1 exported, 1 removed)" in line for line in lines), lines[-3:]
+        assert unet.stat().st_mtime_ns == before  # the rest of the model as it was
+        assert "4x-new-compact" not in client.upscalers()  # the server reads its repository when told to
+        assert cli(["models", "load", key, "--url", triton.url]) == 0
+        client.refresh()
+        assert "4x-new-compact" in client.upscalers() and "2x-tiny-esrgan" not in client.upscalers()
+        settings = {**{k: v for k, v in HIRES.items() if k != "prompt"}, "hr_upscaler": "4x-new-compact"}
+        served = client.txt2img(HIRES["prompt"], **settings)
+    local = LocalPipeline(live).txt2img(Txt2ImgRequest(prompt=HIRES["prompt"], **settings))
+    assert max_diff(served.images, local.images) <= MAX_PIXEL_DIFF
+    assert not (live / f"{key}__upscaler_2x-tiny-esrgan").exists()
