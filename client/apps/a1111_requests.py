@@ -230,7 +230,7 @@ class ExtrasBatchBody(ExtrasBody):
 UNSUPPORTED = {"restore_faces": (None, False)}
 # What sdtrt lacks of A1111 for now, and where it is coming from: said in the refusal.
 NOT_YET = {
-    "restore_faces": "face restoration (GFPGAN, CodeFormer) comes with the upscalers and face restorers",
+    "restore_faces": "face restoration (GFPGAN, CodeFormer) is not served yet (the upscaler models are: --upscalers)",
 }
 
 

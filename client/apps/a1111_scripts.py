@@ -177,7 +177,7 @@ AXES = (
     Axis("Hires upscaler", str, "hr_upscaler", (TXT2IMG,)),
     Axis("Cond. Image Mask Weight", tabs=(IMG2IMG,), why=ABSENT), Axis("VAE", why=ABSENT),
     Axis("Styles", str, "styles"), Axis("UniPC Order", why=ABSENT),
-    Axis("Face restore", why="face restoration comes with the upscalers and face restorers"),
+    Axis("Face restore", why="face restoration (GFPGAN, CodeFormer) is not served yet"),
     Axis("Token merging ratio", why=ABSENT), Axis("Token merging ratio high-res", why=ABSENT),
     Axis("Always discard next-to-last sigma", why=ABSENT), Axis("SGM noise multiplier", why=ABSENT),
     Axis("Refiner checkpoint", str, "refiner_checkpoint", labelled=False),
