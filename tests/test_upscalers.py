@@ -258,6 +258,7 @@ def test_the_hires_fix_upscales_with_the_model_served_and_in_process(repo, local
         a1111 = local.txt2img(Txt2ImgRequest(**HIRES, hr_upscaler="4x-tiny-compact", k_diffusion=True))  # 32 px tiles
         assert max_diff(picture[None], a1111.images) <= MAX_PIXEL_DIFF
         extras_through_the_gateway(api)
+        sd_upscale_through_the_gateway(api)
 
 
 def _png(picture: Image.Image) -> str:
@@ -292,6 +293,25 @@ def extras_through_the_gateway(api: TestClient) -> None:
     refused = api.post("/sdapi/v1/extra-single-image", json={**body, "upscaler_1": "4x-UltraSharp"})
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "upscaler_1"]
     assert "'4x-tiny-compact'" in refused.text
+
+
+def sd_upscale_through_the_gateway(api: TestClient) -> None:
+    """A1111's SD upscale script with a model as its upscaler (by name, or by index after A1111's own)."""
+    source = _png(Image.fromarray(sample_picture(64, 64)))
+    body = {"prompt": "a castle", "seed": 20, "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
+            "init_images": [source], "denoising_strength": 0.4, "script_name": "SD upscale"}
+    runs = {}
+    for upscaler in ("4x-tiny-compact", "Lanczos"):
+        response = api.post("/sdapi/v1/img2img", json={**body, "script_args": [None, 16, upscaler, 2]})
+        assert response.status_code == 200, response.text[:500]
+        runs[upscaler] = response.json()
+    info = json.loads(runs["4x-tiny-compact"]["info"])["infotexts"][0]
+    assert "SD upscale upscaler: 4x-tiny-compact" in info
+    model, lanczos = (_picture(runs[u]["images"][0]) for u in ("4x-tiny-compact", "Lanczos"))
+    assert model.shape == lanczos.shape == (1, 128, 128, 3) and max_diff(model, lanczos) > MAX_PIXEL_DIFF
+    index = 3 + sorted(MODELS).index("4x-tiny-compact")  # None, Lanczos, Nearest, then the models
+    by_index = api.post("/sdapi/v1/img2img", json={**body, "script_args": [None, 16, index, 2]}).json()
+    assert (_picture(by_index["images"][0]) == model).all()
 
 
 def test_a_model_pass_over_the_bounds_is_refused_before_it_runs():

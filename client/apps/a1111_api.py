@@ -202,12 +202,19 @@ class Gateway:
             finished += variant.n_iter
             return result
 
+        generate.upscalers = lambda: self.upscaler_models(list(self.client.upscalers()), job.user)  # (Generate)
         try:
             if settings is None:  # the request's own fields, checked before anything starts
                 settings = self.settings(body, job.user)
             return self.answer(job, body, settings, script.run(body, args, generate, init))
         finally:
             self.release(job)
+
+    def upscaler_models(self, names: list[str], user: str) -> ModelUpscalers:
+        """The server's upscaler models ``names``, tiled by the user's ESRGAN_tile options."""
+        options = sampler_options(self.user(user))
+        return ModelUpscalers({name: self.client.upscaler(name) for name in names}, options["ESRGAN_tile"],
+                              options["ESRGAN_tile_overlap"])
 
     def generate(self, call: Call, settings: dict[str, Any], job: Job, offset: int = 0) -> Generation:
         """The server's answer, its errors as A1111's statuses naming A1111's fields (``offset``: the batches of
@@ -407,11 +414,7 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
 def extras_models(gateway: Gateway, job: ExtrasUpscale, user: str) -> ModelUpscalers | None:
     """The upscaler models an Extras job names, on the server, tiled by the user's ESRGAN_tile options."""
     names = [name for name in (job.upscaler_1, job.upscaler_2) if name not in EXTRAS_UPSCALERS]
-    if not names:
-        return None
-    options = sampler_options(gateway.user(user))
-    return ModelUpscalers({name: gateway.client.upscaler(name) for name in names}, options["ESRGAN_tile"],
-                          options["ESRGAN_tile_overlap"])
+    return gateway.upscaler_models(names, user) if names else None
 
 
 def call_txt2img(client: Client, n_iter: int, settings: dict[str, Any], progress, control,

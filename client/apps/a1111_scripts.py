@@ -18,7 +18,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,12 +28,14 @@ from sdtrt.client.apps.a1111_requests import (
     _Request,
     refuse,
 )
+from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.seeds import MAX_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.grids import Label, annotate_grid, combine_tiles, image_grid, split_tiles
 from sdtrt.requests.infotext import build_infotext, parse_infotext
-from sdtrt.requests.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, upscale_by
+from sdtrt.requests.upscale import (EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, ModelUpscalers,
+                                    check_upscale, upscale_by)
 
 # The generations one script request may start (each at most the model's batch size): a grid of 10 x 10 cells.
 MAX_SCRIPT_GENERATIONS = 100
@@ -41,7 +43,13 @@ MAX_AXIS_CHARS = 4096  # an axis' values as text
 
 # A generation of the script: an A1111 request (the script's variant of the one sent) and, for img2img, the
 # pictures it starts from -> the server's answer (the gateway's errors and statuses included).
-Generate = Callable[[_Request, "list[Image.Image] | None"], Generation]
+class Generate(Protocol):
+    """What a script may ask of the gateway: a generation (a plain request of the same user, with img2img's
+    pictures), and the server's upscaler models (SD upscale's upscaler)."""
+
+    def __call__(self, variant: _Request, pictures: "list[Image.Image] | None") -> Generation: ...
+
+    def upscalers(self) -> ModelUpscalers: ...
 
 
 @dataclass
@@ -445,7 +453,8 @@ def sd_upscale(body: _Request, args: list[Any], generate: Generate, init: list[I
     """Upscale the picture, cut it into tiles of the request's width x height overlapping by ``overlap``, redraw
     each tile with img2img (batch_size tiles at a time, the seed + 1 each batch), and blend them back."""
     overlap = _number(args, 1, "overlap", 0, 256)
-    names = list(EXTRAS_UPSCALERS)
+    models = generate.upscalers()
+    names = [*EXTRAS_UPSCALERS, *models.models]  # (A1111's order: its own, then the models)
     upscaler = args[2] if args[2] in names else None
     if upscaler is None:
         upscaler = names[_number(args, 2, f"upscaler_index (0 to {len(names) - 1}: {', '.join(names)})", 0,
@@ -461,7 +470,12 @@ def sd_upscale(body: _Request, args: list[Any], generate: Generate, init: list[I
     if upscaler != NO_UPSCALER and max(size) > MAX_SIDE:
         raise refuse("script_args[3]", f"scale_factor: the upscaled picture would be {size[0]}x{size[1]}; at most "
                                        f"{MAX_SIDE} a side")
-    big = upscale_by(picture, upscaler, scale) if upscaler != NO_UPSCALER else picture
+    if upscaler in models.models:  # a model's passes make their whole picture, each bounded before it runs
+        try:
+            check_upscale(picture.size, ExtrasUpscale(upscaler, scale=scale), {upscaler: models.models[upscaler].scale})
+        except InvalidRequest as exc:
+            raise refuse("script_args[3]", f"scale_factor: {exc}") from None
+    big = upscale_by(picture, upscaler, scale, models) if upscaler != NO_UPSCALER else picture
     if big.width < body.width or big.height < body.height:
         raise refuse("script_args[3]", f"scale_factor: the upscaled picture ({big.width}x{big.height}) is smaller "
                                        f"than a tile ({body.width}x{body.height}, the request's width and height)")
