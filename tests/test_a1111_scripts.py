@@ -143,6 +143,21 @@ def test_xyz_plot_by_a1111s_axis_indices_and_by_name(api, direct):
     assert len(cells) == 2 and np.array_equal(np.asarray(cells[1]), ddim.images[0])
 
 
+def test_xyz_schedule_option_axes_set_a1111s_options(api, direct):
+    """xyz_grid.py's option axes (apply_override): Schedule max sigma and the boolean SGM noise multiplier."""
+    args = ["Schedule max sigma", "5, 10", [], "SGM noise multiplier", "", ["False", "True"], 0, "", [], False, True]
+    _, *cells = pictures(api.post("/sdapi/v1/txt2img", json={**BASE, "prompt": "a boat", "seed": 5,
+                                                            "scheduler": "Karras", "script_name": "X/Y/Z plot",
+                                                            "script_args": args}))
+    assert len(cells) == 4
+    for cell, (sigma_max, sgm) in zip(cells, [(5, False), (10, False), (5, True), (10, True)]):
+        plain = direct.txt2img("a boat", seed=5, steps=2, width=64, height=64, sampler="Euler", guidance_scale=7,
+                               schedule_type="Karras", sigma_max=sigma_max, sgm_noise_multiplier=sgm, k_diffusion=True)
+        assert np.array_equal(np.asarray(cell), plain.images[0]), (sigma_max, sgm)
+        _, _, params = parse_infotext(cell.info["parameters"])
+        assert params["Schedule max sigma"] == str(sigma_max) and ("SGM noise multiplier" in params) == sgm
+
+
 def test_xyz_size_prompt_order_and_refiner_axes_as_a1111_applies_them(api, direct):
     """xyz_grid.py's apply_size (WIDTHxHEIGHT), apply_order (the tokens where they first appear, put back in each
     order) and the refiner's fields."""

@@ -156,7 +156,7 @@ class Axis:
     """One of A1111's X/Y/Z axis types: the A1111 request field (or option) its values set, and their type."""
 
     label: str
-    kind: type | None = None  # int, float, str; None: an axis sdtrt does not serve
+    kind: type | None = None  # int, float, str, bool; None: an axis sdtrt does not serve
     field: str | None = None  # the request field it sets; an ``override_settings`` key after "options."
     tabs: tuple[str, ...] = (TXT2IMG, IMG2IMG)
     labelled: bool = True  # "Steps: 20" over the column (False: the value alone)
@@ -177,17 +177,20 @@ AXES = (
     Axis("Checkpoint name", str, "options.sd_model_checkpoint", labelled=False),
     Axis("Negative Guidance minimum sigma", float, "s_min_uncond"), Axis("Sigma Churn", float, "s_churn"),
     Axis("Sigma min", float, "s_tmin"), Axis("Sigma max", float, "s_tmax"), Axis("Sigma noise", float, "s_noise"),
-    Axis("Schedule type", str, "scheduler"), Axis("Schedule min sigma", why=ABSENT),
-    Axis("Schedule max sigma", why=ABSENT), Axis("Schedule rho", why=ABSENT),
-    Axis("Beta schedule alpha", why=ABSENT), Axis("Beta schedule beta", why=ABSENT), Axis("Eta", float, "eta"),
+    Axis("Schedule type", str, "scheduler"), Axis("Schedule min sigma", float, "options.sigma_min"),
+    Axis("Schedule max sigma", float, "options.sigma_max"), Axis("Schedule rho", float, "options.rho"),
+    Axis("Beta schedule alpha", float, "options.beta_dist_alpha"),
+    Axis("Beta schedule beta", float, "options.beta_dist_beta"), Axis("Eta", float, "eta"),
     Axis("Clip skip", int, "options.CLIP_stop_at_last_layers"), Axis("Denoising", float, "denoising_strength"),
-    Axis("Initial noise multiplier", float, "initial_noise_multiplier"), Axis("Extra noise", why=ABSENT),
+    Axis("Initial noise multiplier", float, "initial_noise_multiplier"),
+    Axis("Extra noise", float, "options.img2img_extra_noise"),
     Axis("Hires upscaler", str, "hr_upscaler", (TXT2IMG,)),
-    Axis("Cond. Image Mask Weight", tabs=(IMG2IMG,), why=ABSENT), Axis("VAE", why=ABSENT),
+    Axis("Cond. Image Mask Weight", tabs=(IMG2IMG,), why=ABSENT), Axis("VAE", str, "options.sd_vae"),
     Axis("Styles", str, "styles"), Axis("UniPC Order", why=ABSENT),
     Axis("Face restore", why="face restoration (GFPGAN, CodeFormer) is not served yet"),
     Axis("Token merging ratio", why=ABSENT), Axis("Token merging ratio high-res", why=ABSENT),
-    Axis("Always discard next-to-last sigma", why=ABSENT), Axis("SGM noise multiplier", why=ABSENT),
+    Axis("Always discard next-to-last sigma", bool, "options.always_discard_next_to_last_sigma"),
+    Axis("SGM noise multiplier", bool, "options.sgm_noise_multiplier"),
     Axis("Refiner checkpoint", str, "refiner_checkpoint", labelled=False),
     Axis("Refiner switch at", float, "refiner_switch_at"),
     Axis("RNG source", str, "options.randn_source", labelled=False), Axis("FP8 mode", why=ABSENT),
@@ -262,6 +265,10 @@ def axis_values(axis: Axis, text: Any, dropdown: Any, csv_mode: bool, i: int) ->
         return list(itertools.permutations(values))
     if axis.field == "size" and not all(re.fullmatch(r"\s*\d+\s*x\s*\d+\s*", v) for v in values):
         raise refuse(f"script_args[{i + 1}]", f"Size values: WIDTHxHEIGHT, such as 512x768 (got {str(values)[:80]})")
+    if axis.kind is bool:  # A1111's boolean axes: its True / False choices
+        if not all(v.lower() in ("true", "false") for v in values):
+            raise refuse(f"script_args[{i + 1}]", f"{axis.label} values: True or False (got {str(values)[:80]})")
+        return [v.lower() == "true" for v in values]
     try:
         return [axis.kind(v) for v in values]
     except ValueError:
