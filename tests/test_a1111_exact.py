@@ -280,13 +280,32 @@ def unipc_log_alpha(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tens
     return torch.stack(out).float()
 
 
-def a1111_unipc(eps_model, x, timesteps, alphas_cumprod, img2img: bool):
-    """sd_samplers_timesteps_impl.unipc with A1111's default options (variant bh1, order 3, time_uniform, lower
-    order final): uni_pc.UniPC.sample's multistep loop and multistep_uni_pc_bh_update (predict_x0), the model at
-    (t - 1 / N) x 1000 (UniPCCFG.get_model_input_time)."""
-    order, steps = 3, len(timesteps)
+def unipc_grid(alphas_cumprod, t_start: float, steps: int, skip_type: str) -> torch.Tensor:
+    """uni_pc.UniPC.get_time_steps: time_uniform, time_quadratic (t_order 2) or logSNR (NoiseScheduleVP's
+    marginal_lambda at both ends, evenly spaced, inverse_lambda through the flipped log-alpha table)."""
+    t_0 = 1. / 1000
+    if skip_type == "time_quadratic":
+        return torch.linspace(t_start ** 0.5, t_0 ** 0.5, steps + 1).pow(2)
+    if skip_type == "time_uniform":
+        return torch.linspace(float(t_start), t_0, steps + 1)
+    ends = unipc_log_alpha(alphas_cumprod, torch.tensor([float(t_start), t_0]))
+    lam = (ends - 0.5 * torch.log(1. - torch.exp(2. * ends))).tolist()
+    lambdas = torch.linspace(lam[0], lam[1], steps + 1).double()
+    log_alpha = -0.5 * torch.logaddexp(torch.zeros(1, dtype=torch.float64), -2. * lambdas)
+    table = (0.5 * torch.log(alphas_cumprod)).double().numpy()[::-1]
+    times = torch.linspace(0., 1., len(alphas_cumprod) + 1)[1:].double().numpy()[::-1]
+    return torch.from_numpy(np.interp(log_alpha.numpy(), table, times)).float()
+
+
+def a1111_unipc(eps_model, x, timesteps, alphas_cumprod, img2img: bool, variant: str = "bh1", order: int = 3,
+                skip_type: str = "time_uniform", lower_order_final: bool = True):
+    """sd_samplers_timesteps_impl.unipc with A1111's UniPC options (its defaults: variant bh1, order 3,
+    time_uniform, lower order final): uni_pc.UniPC.sample's multistep loop and multistep_uni_pc_bh_update
+    (predict_x0; B(h) = h for bh1, e^h - 1 for bh2), the model at (t - 1 / N) x 1000
+    (UniPCCFG.get_model_input_time)."""
+    steps = len(timesteps)
     t_start = timesteps[-1] / 1000 + 1 / 1000 if img2img else 1.0
-    grid = torch.linspace(float(t_start), 1. / 1000, steps + 1)
+    grid = unipc_grid(alphas_cumprod, float(t_start), steps, skip_type)
     log_alpha = lambda t: unipc_log_alpha(alphas_cumprod, t)  # noqa: E731
     sigma = lambda t: torch.sqrt(1. - torch.exp(2. * log_alpha(t)))  # noqa: E731
     lam = lambda t: log_alpha(t) - 0.5 * torch.log(1. - torch.exp(2. * log_alpha(t)))  # noqa: E731
@@ -305,7 +324,7 @@ def a1111_unipc(eps_model, x, timesteps, alphas_cumprod, img2img: bool):
         rks = torch.tensor(rks + [1.])
         hh = -h[0]
         h_phi_1, factorial = torch.expm1(hh), 1
-        h_phi_k, b_h, rows, b = h_phi_1 / hh - 1, hh, [], []
+        h_phi_k, b_h, rows, b = h_phi_1 / hh - 1, hh if variant == "bh1" else torch.expm1(hh), [], []
         for i in range(1, k + 1):
             rows.append(torch.pow(rks, i - 1))
             b.append(h_phi_k * factorial / b_h)
@@ -335,13 +354,14 @@ def a1111_unipc(eps_model, x, timesteps, alphas_cumprod, img2img: bool):
         times.append(t)
     for step in range(order, steps + 1):
         t = grid[step].reshape(1)
-        x, model_x = update(x, models, times, t, min(order, steps + 1 - step), step != steps)
+        step_order = min(order, steps + 1 - step) if lower_order_final else order
+        x, model_x = update(x, models, times, t, step_order, step != steps)
         models, times = models[1:] + [model_x], times[1:] + [t]
     return x
 
 
 def a1111_timestep_sample(pipe, schedules: A1111Schedules, sampler: str, x, timesteps, cond, uncond, cfg, rng,
-                          eta: float = 0.0, img2img: bool = False):
+                          eta: float = 0.0, img2img: bool = False, unipc: dict | None = None):
     """CompVisSampler.launch_sampling: sd_samplers_timesteps_impl's ddim, ddim_cfgpp or plms on
     CFGDenoiserTimesteps (CFG on the noise predictions, cond rows then uncond; CFG++'s scale multiplier 1 / 12.5 and
     its last_noise_uncond) around CompVisTimestepsDenoiser."""
@@ -356,7 +376,8 @@ def a1111_timestep_sample(pipe, schedules: A1111Schedules, sampler: str, x, time
 
     alphas_cumprod = schedules.alphas_cumprod
     if sampler == "UniPC":
-        return a1111_unipc(lambda x, t: model(x, t.expand(x.shape[0])), x, timesteps, alphas_cumprod, img2img)
+        return a1111_unipc(lambda x, t: model(x, t.expand(x.shape[0])), x, timesteps, alphas_cumprod, img2img,
+                           **(unipc or {}))
     alphas = alphas_cumprod[timesteps]
     alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
     sqrt_one_minus_alphas = torch.sqrt(1 - alphas)

@@ -189,3 +189,39 @@ def test_a1111s_schedule_options_are_refused_where_diffusers_runs_the_sampler(lo
     with pytest.raises(InvalidRequest) as exc:
         local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sigma_min=5.0, sigma_max=2.0, width=64, height=64))
     assert exc.value.field == "sigma_min" and "below sigma_max" in str(exc.value)
+
+
+@pytest.mark.parametrize("variant, skip_type, order, lower_order_final", [
+    ("bh2", "time_uniform", 3, True), ("bh1", "logSNR", 2, True), ("bh1", "time_quadratic", 3, False),
+    ("bh2", "logSNR", 4, False),
+])
+def test_a1111s_unipc_options(variant, skip_type, order, lower_order_final):
+    """A1111's uni_pc options (variant, skip type, order, lower order final) against the UniPC authors' code path
+    as A1111 runs it (tests/test_a1111_exact.py's a1111_unipc)."""
+    cfg, seed, steps = 6.0, 11, 8
+    rng = ImageRng(seed, False, 0)
+    x = rng.next((4, 6, 6))[None]
+    options = dict(variant=variant, skip_type=skip_type, order=order, lower_order_final=lower_order_final)
+    expected = a1111_timestep_sample(A1111Pipe, A1111Schedules(CONFIG), "UniPC", x.clone(), compvis_timesteps(steps),
+                                     COND, UNCOND, cfg, rng, unipc=options)
+    settings = SamplerSettings(**{f"unipc_{k}": v for k, v in options.items()})
+    assert runs_on_a1111_timesteps("UniPC", "Automatic", settings)
+    schedule = TSchedule(SAMPLERS["UniPC"], CONFIG, settings, [seed])
+    start = torch.randn((4, 6, 6), generator=torch.Generator().manual_seed(seed))[None]
+    result = denoise(Pass(schedule, [torch.Generator()]), sdtrt_unet, prepare_latents(schedule, start, steps),
+                     {CONTEXT_INPUT: torch.cat([UNCOND, COND])}, Guidance(cfg))
+    assert torch.allclose(result, expected, atol=1e-4), float((result - expected).abs().max())
+    default = a1111_timestep_sample(A1111Pipe, A1111Schedules(CONFIG), "UniPC", x.clone(), compvis_timesteps(steps),
+                                    COND, UNCOND, cfg, ImageRng(seed, False, 0))
+    assert (default - expected).abs().max() > 1e-3  # the options change the picture
+
+
+def test_unipc_options_are_refused_where_a1111s_unipc_does_not_run(local_pipeline):
+    with pytest.raises(InvalidRequest) as exc:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="UniPC", schedule_type="Karras", unipc_order=2,
+                                              width=64, height=64))
+    assert exc.value.field == "unipc_order" and "Automatic" in str(exc.value)
+    with pytest.raises(InvalidRequest) as exc:
+        local_pipeline.txt2img(Txt2ImgRequest(prompt="x", sampler="UniPC", steps=3, unipc_order=5, width=64,
+                                              height=64))  # (3 steps are 4 of A1111's timesteps: 1000 // 3 apart)
+    assert exc.value.field == "steps" and "at least 5 steps" in str(exc.value)

@@ -503,6 +503,21 @@ def test_clip_skip_reaches_sdxl_as_a1111_applies_it(catalog):
     assert (settings["clip_skip"], settings["sdxl_clip_l_skip"]) == (2, True)
 
 
+def test_a1111s_unipc_options_reach_the_request(catalog):
+    overrides = {"uni_pc_variant": "bh2", "uni_pc_skip_type": "logSNR", "uni_pc_order": 2,
+                 "uni_pc_lower_order_final": False}
+    settings = translate(Txt2ImgBody(prompt="x", sampler_name="UniPC", override_settings=overrides), UserOptions(),
+                         {}, catalog)
+    assert {k: settings[k] for k in ("unipc_variant", "unipc_skip_type", "unipc_order", "unipc_lower_order_final")} \
+        == {"unipc_variant": "bh2", "unipc_skip_type": "logSNR", "unipc_order": 2, "unipc_lower_order_final": False}
+    plain = translate(Txt2ImgBody(prompt="x", sampler_name="UniPC"), UserOptions(), {}, catalog)
+    assert not {"unipc_variant", "unipc_order", "unipc_lower_order_final"} & set(plain)
+    with pytest.raises(HTTPException) as excinfo:  # (A1111's third variant: not diffusers', not served)
+        translate(Txt2ImgBody(prompt="x", override_settings={"uni_pc_variant": "vary_coeff"}), UserOptions(), {},
+                  catalog)
+    assert refused(excinfo)[0] == "override_settings.uni_pc_variant"
+
+
 def test_a1111s_esrgan_tile_options_are_the_upscaler_models_tiles(catalog):
     settings = translate(Txt2ImgBody(prompt="x", override_settings={"ESRGAN_tile": 256, "ESRGAN_tile_overlap": 16}),
                          UserOptions(), {}, catalog)

@@ -61,7 +61,8 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
                    **{name: name for name in ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta",
                                               "img2img_extra_noise")},
                    # (not the sampler's: the upscaler models' tiles, as A1111's ESRGAN-family upscalers take them)
-                   "ESRGAN_tile": "upscaler_tile", "ESRGAN_tile_overlap": "upscaler_tile_overlap"}
+                   "ESRGAN_tile": "upscaler_tile", "ESRGAN_tile_overlap": "upscaler_tile_overlap",
+                   "uni_pc_order": "unipc_order"}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta")  # request fields too
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
@@ -70,11 +71,12 @@ SAMPLER_FLAGS = ("use_old_karras_scheduler_sigmas", "always_discard_next_to_last
                  "use_downcasted_alpha_bar")
 # A1111's options that name a choice -> the request fields that take them
 CHOICE_OPTIONS = {"sd_noise_schedule": "sd_noise_schedule", "emphasis": "emphasis",
-                  "hires_fix_refiner_pass": "hires_refiner_pass"}
+                  "hires_fix_refiner_pass": "hires_refiner_pass", "uni_pc_variant": "unipc_variant",
+                  "uni_pc_skip_type": "unipc_skip_type"}
 # kept with the options sdtrt has no use for, and read when a request runs
 OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "pad_cond_uncond_v0", "enable_prompt_comments", "img2img_fix_steps",
                          "s_min_uncond_all", *CHOICE_OPTIONS, *SAMPLER_FLAGS, "refiner_switch_by_sample_steps",
-                         "sd_vae", "sdxl_clip_l_skip")
+                         "sd_vae", "sdxl_clip_l_skip", "uni_pc_lower_order_final")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
@@ -261,7 +263,7 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
         settings["eta"] = eta
     settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
     defaults = a1111_defaults()
-    for name in ("skip_early_cond", *SCHEDULE_OPTIONS, "ESRGAN_tile", "ESRGAN_tile_overlap"):
+    for name in ("skip_early_cond", *SCHEDULE_OPTIONS, "ESRGAN_tile", "ESRGAN_tile_overlap", "uni_pc_order"):
         if options[name] != defaults[name]:
             settings[SAMPLER_OPTIONS[name]] = options[name]
     second_pass = isinstance(body, Img2ImgBody) or getattr(body, "enable_hr", False)
@@ -286,6 +288,8 @@ def chosen_options(body: "_Request", mine: UserOptions) -> dict[str, Any]:
                 break
     if option_flag(body, mine, "refiner_switch_by_sample_steps"):
         settings["refiner_switch_by_steps"] = True
+    if not option_flag(body, mine, "uni_pc_lower_order_final", default=True):
+        settings["unipc_lower_order_final"] = False
     return settings
 
 

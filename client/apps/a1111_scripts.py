@@ -186,7 +186,7 @@ AXES = (
     Axis("Extra noise", float, "options.img2img_extra_noise"),
     Axis("Hires upscaler", str, "hr_upscaler", (TXT2IMG,)),
     Axis("Cond. Image Mask Weight", tabs=(IMG2IMG,), why=ABSENT), Axis("VAE", str, "options.sd_vae"),
-    Axis("Styles", str, "styles"), Axis("UniPC Order", why=ABSENT),
+    Axis("Styles", str, "styles"), Axis("UniPC Order", int, "options.uni_pc_order"),
     Axis("Face restore", why="face restoration (GFPGAN, CodeFormer) is not served yet"),
     Axis("Token merging ratio", why=ABSENT), Axis("Token merging ratio high-res", why=ABSENT),
     Axis("Always discard next-to-last sigma", bool, "options.always_discard_next_to_last_sigma"),

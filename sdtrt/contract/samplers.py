@@ -226,6 +226,22 @@ def supported_schedules(name: str, base_config: dict[str, Any] | None = None) ->
 
 
 @dataclass(frozen=True)
+class UniPcOptions:
+    """A1111's UniPC options (uni_pc_variant, uni_pc_skip_type, uni_pc_order, uni_pc_lower_order_final), its
+    defaults; its third variant, vary_coeff, is not diffusers' and not served."""
+
+    variant: str = "bh1"
+    skip_type: str = "time_uniform"
+    order: int = 3
+    lower_order_final: bool = True
+
+
+UNIPC_VARIANTS = ("bh1", "bh2")
+UNIPC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
+UNIPC_MAX_ORDER = 6  # (A1111's slider goes to 50; beyond a few orders the solve is ill-conditioned)
+
+
+@dataclass(frozen=True)
 class SamplerSettings:
     """A request's settings for its sampler, as A1111 takes them: ``eta`` (< 0: the sampler's own default, A1111's
     eta_ancestral 1 or eta_ddim 0), sigma churn and its range (``s_tmax`` 0: no upper bound), the noise multiplier,
@@ -256,6 +272,15 @@ class SamplerSettings:
     sd_noise_schedule: str = "Default"
     use_downcasted_alpha_bar: bool = False
     img2img_extra_noise: float = 0.0
+    # A1111's UniPC options (its own timestep UniPC: UniPcOptions)
+    unipc_variant: str = UniPcOptions.variant
+    unipc_skip_type: str = UniPcOptions.skip_type
+    unipc_order: int = UniPcOptions.order
+    unipc_lower_order_final: bool = UniPcOptions.lower_order_final
+
+    @property
+    def unipc(self) -> UniPcOptions:
+        return UniPcOptions(self.unipc_variant, self.unipc_skip_type, self.unipc_order, self.unipc_lower_order_final)
 
     @classmethod
     def of(cls, request: Any) -> "SamplerSettings":
@@ -327,7 +352,8 @@ def runs_on_a1111_timesteps(name: str, schedule: str, settings: SamplerSettings 
     nv_noise = settings.randn_source == "NV" and settings.eta_for(sampler) > 0
     skips = settings.s_min_uncond > 0 or settings.skip_early_cond > 0
     levels = bool(settings.a1111_only(schedule, timesteps=True))
-    return schedule == DEFAULT_SCHEDULE and (settings.k_diffusion or skips or nv_noise or levels)
+    unipc = sampler.t_function == "unipc" and settings.unipc != UniPcOptions()  # (A1111's own UniPC takes them)
+    return schedule == DEFAULT_SCHEDULE and (settings.k_diffusion or skips or nv_noise or levels or unipc)
 
 
 def schedule_table(base_config: dict[str, Any] | None = None) -> dict[str, list[str]]:

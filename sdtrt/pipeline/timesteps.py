@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.contract.samplers import Sampler, SamplerSettings, diffusers_class
+from sdtrt.contract.samplers import Sampler, SamplerSettings, UniPcOptions, diffusers_class
 from sdtrt.pipeline.ksampling import NvStepNoise, ThreadNoise, image_noise, k_diffusion, sampling_alphas_cumprod
 
 TRAINING_STEPS = 1000
@@ -116,9 +116,6 @@ def sample_plms(model: EpsModel, x: torch.Tensor, timesteps: torch.Tensor, alpha
     return x
 
 
-# The UniPC settings A1111 1.10 runs by default (its options uni_pc_variant, uni_pc_order,
-# uni_pc_lower_order_final; uni_pc_skip_type "time_uniform")
-UNIPC_VARIANT, UNIPC_ORDER = "bh1", 3
 
 
 def _unipc_levels(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,19 +129,42 @@ def _unipc_levels(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.
     return torch.exp(log_alpha), torch.sqrt(1.0 - torch.exp(2.0 * log_alpha))
 
 
+def _unipc_times(alphas_cumprod: torch.Tensor, start: float, steps: int, skip_type: str) -> torch.Tensor:
+    """The UniPC authors' get_time_steps from ``start`` to 1 / 1000: evenly spaced in time, in its square root
+    (time_quadratic), or in log-SNR (logSNR: lambda's inverse read off the discrete schedule, log alpha linear
+    between its steps)."""
+    end = 1 / TRAINING_STEPS
+    if skip_type == "time_quadratic":
+        return torch.linspace(start ** 0.5, end ** 0.5, steps + 1) ** 2
+    if skip_type != "logSNR":
+        return torch.linspace(start, end, steps + 1)
+    ends = torch.tensor([start, end])
+    alpha, sigma = _unipc_levels(alphas_cumprod, ends)
+    lambdas = torch.linspace(*(torch.log(alpha) - torch.log(sigma)).tolist(), steps + 1)
+    log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lambdas), -2.0 * lambdas)
+    table = (0.5 * torch.log(alphas_cumprod)).flip(0)  # ascending, as the times descend
+    grid = torch.linspace(0.0, 1.0, len(table) + 1)[1:].flip(0)
+    right = torch.searchsorted(table, log_alpha).clamp(1, len(table) - 1)
+    left = right - 1
+    return grid[left] + (log_alpha - table[left]) * (grid[right] - grid[left]) / (table[right] - table[left])
+
+
 def sample_unipc(model: EpsModel, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
-                 callback: Callback | None = None, img2img: bool = False) -> torch.Tensor:
-    """UniPC as A1111 runs it (sd_samplers_timesteps_impl.unipc): len(timesteps) steps evenly spaced in continuous
-    time from 1 (img2img: the last timestep's + 1, as A1111) to 1 / 1000, the U-Net at (t - 1 / 1000) x 1000 (no
-    rounding), multistep bh1 of order 3, lower orders for the last steps, no corrector after the last. The update
-    is diffusers' UniPCMultistepScheduler (the same predictor-corrector), its noise levels set to those times'."""
+                 callback: Callback | None = None, img2img: bool = False,
+                 options: UniPcOptions = UniPcOptions()) -> torch.Tensor:
+    """UniPC as A1111 runs it (sd_samplers_timesteps_impl.unipc): len(timesteps) steps from time 1 (img2img: the
+    last timestep's + 1, as A1111) to 1 / 1000, spaced by its skip type, the U-Net at (t - 1 / 1000) x 1000 (no
+    rounding), multistep of its variant and order (A1111's options: bh1, 3, time_uniform, lower orders for the last
+    steps), no corrector after the last. The update is diffusers' UniPCMultistepScheduler (the same
+    predictor-corrector), its noise levels set to those times'."""
     steps = len(timesteps)
     start = float(timesteps[-1]) / TRAINING_STEPS + 1 / TRAINING_STEPS if img2img else 1.0
-    times = torch.linspace(start, 1 / TRAINING_STEPS, steps + 1)
+    times = _unipc_times(alphas_cumprod.float(), start, steps, options.skip_type)
     alphas, sigmas = _unipc_levels(alphas_cumprod, times)
     model_times = (times - 1 / TRAINING_STEPS) * TRAINING_STEPS
     scheduler = diffusers_class("UniPCMultistepScheduler")(
-        solver_order=UNIPC_ORDER, solver_type=UNIPC_VARIANT, lower_order_final=True, predict_x0=True)
+        solver_order=options.order, solver_type=options.variant, lower_order_final=options.lower_order_final,
+        predict_x0=True)
     scheduler.set_timesteps(steps)
     scheduler.sigmas = sigmas / alphas  # (diffusers' sigma: the noise-to-signal ratio, alpha = 1 / sqrt(1 + s^2))
     scheduler.timesteps = model_times[:-1]
@@ -201,8 +221,9 @@ class TSchedule:
 
     def _checked(self, timesteps: torch.Tensor, field: str) -> torch.Tensor:
         """UniPC's timesteps, at least its order of them: A1111 stops with an assertion below that."""
-        if self.sampler.t_function == "unipc" and 0 < len(timesteps) < UNIPC_ORDER:
-            raise InvalidRequest(field, len(timesteps), f"at least {UNIPC_ORDER} steps for UniPC on A1111's code "
+        order = self.settings.unipc.order
+        if self.sampler.t_function == "unipc" and 0 < len(timesteps) < order:
+            raise InvalidRequest(field, len(timesteps), f"at least {order} steps for UniPC on A1111's code "
                                  f"path (its order; img2img and the hires fix run denoising strength x steps of "
                                  "them): more steps, or k_diffusion off for diffusers' UniPC")
         return timesteps
@@ -270,7 +291,7 @@ class TSchedule:
     def arguments(self) -> dict[str, Any]:
         arguments: dict[str, Any] = {"timesteps": self.run_timesteps, "alphas_cumprod": self.alphas_cumprod}
         if self.sampler.t_function == "unipc":
-            arguments["img2img"] = self.img2img
+            arguments["img2img"], arguments["options"] = self.img2img, self.settings.unipc
         if self.sampler.eta is not None:
             arguments["eta"] = self.settings.eta_for(self.sampler)
         return arguments

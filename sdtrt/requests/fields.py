@@ -16,7 +16,8 @@ from typing import Any, Callable, Union
 
 from sdtrt.contract.hires import DEFAULT_UPSCALER, HIRES_UPSCALERS
 from sdtrt.contract.samplers import (DEFAULT_SAMPLER, DEFAULT_SCHEDULE, NOISE_SCHEDULES, SCHEDULE_TYPES,
-                                     SamplerSettings, sampler_names)
+                                     UNIPC_MAX_ORDER, UNIPC_SKIP_TYPES, UNIPC_VARIANTS, SamplerSettings,
+                                     sampler_names)
 from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
@@ -173,6 +174,14 @@ FIELDS: tuple[RequestField, ...] = (
     _setting("img2img_extra_noise", "float32", "img2img and the hires pass: the starting noise added once more, "
              "times this (A1111's 'Extra noise multiplier for img2img and hires fix')", minimum=0.0, maximum=1.0,
              a1111="override_settings.img2img_extra_noise", infotext="Extra noise"),
+    _setting("unipc_variant", "string", "A1111's UniPC: its update's variant (its option 'UniPC variant'; "
+             "vary_coeff is not served)", choices=UNIPC_VARIANTS, a1111="override_settings.uni_pc_variant"),
+    _setting("unipc_skip_type", "string", "A1111's UniPC: how its steps are spaced (its option 'UniPC skip type')",
+             choices=UNIPC_SKIP_TYPES, a1111="override_settings.uni_pc_skip_type"),
+    _setting("unipc_order", "int32", "A1111's UniPC: its order, at most the steps it runs (its option 'UniPC "
+             "order')", minimum=1, maximum=UNIPC_MAX_ORDER, a1111="override_settings.uni_pc_order"),
+    _setting("unipc_lower_order_final", "bool", "A1111's UniPC: lower orders for the last steps (its option "
+             "'UniPC lower order final')", a1111="override_settings.uni_pc_lower_order_final"),
     _setting("eta_noise_seed_delta", "int64", "ENSD: the step noise is drawn from seed + this (A1111's "
              "Eta noise seed delta; NovelAI's 31337)", minimum=0, maximum=MAX_SEED,
              a1111="override_settings.eta_noise_seed_delta", infotext="ENSD"),

@@ -15,7 +15,7 @@ import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HiresSize, hires_size
-from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, SamplerSettings, draws_step_noise, resolve
+from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, SamplerSettings, UniPcOptions, draws_step_noise, resolve
 from sdtrt.contract.seeds import resolve_seed
 from sdtrt.contract.spec import IMG2IMG, OWN_VAE_NAMES, TXT2IMG, FieldSpec, ModelSpec
 from sdtrt.requests.fields import ModelLimits, fields_of, request_table
@@ -164,6 +164,11 @@ def check_sampler_settings(request: Txt2ImgRequest) -> None:
                              f"{getattr(SamplerSettings(), name)!r} with sampler {request.sampler!r} and schedule "
                              f"type {request.schedule_type!r}: A1111's samplers take it (the k-diffusion ones, "
                              "and on the Automatic schedule its own timestep ones), diffusers' classes do not")
+    if sampler.t_function == "unipc" and not a1111_timesteps and settings.unipc != UniPcOptions():
+        changed = next(f"unipc_{k}" for k, v in vars(settings.unipc).items() if getattr(UniPcOptions(), k) != v)
+        raise InvalidRequest(changed, getattr(request, changed), f"{getattr(UniPcOptions(), changed[6:])!r} with "
+                             f"schedule type {request.schedule_type!r}: A1111's own UniPC takes it, on the "
+                             "Automatic schedule")
     if settings.sigma_min and settings.sigma_max and settings.sigma_min >= settings.sigma_max:
         raise InvalidRequest("sigma_min", settings.sigma_min, f"below sigma_max ({settings.sigma_max:g}), or 0 "
                                                               "for the model's")
