@@ -75,7 +75,7 @@ MAX_PIXEL_DIFF = 2  # out of 255: the acceptance tolerance for every served/expo
 
 
 def diffusers_images(pipe, *, prompt, negative_prompt="", sampler, steps, cfg, seed, width, height, batch_size=1,
-                     schedule_type="Automatic", guidance_rescale=0.0):
+                     schedule_type="Automatic", guidance_rescale=0.0, **extra):
     """[N, H, W, 3] uint8 from diffusers, one call per image with generator seed+i (the README's seed contract)."""
     original = pipe.scheduler
     images = []
@@ -96,6 +96,7 @@ def diffusers_images(pipe, *, prompt, negative_prompt="", sampler, steps, cfg, s
             height=height,
             generator=torch.Generator("cpu").manual_seed(seed + i),
             output_type="np",
+            **extra,  # (a pipeline's own arguments, SDXL's crops_coords_top_left)
         ).images
         images.append((out[0] * 255).round().astype(np.uint8))
     pipe.scheduler = original

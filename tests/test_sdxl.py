@@ -99,6 +99,28 @@ def test_clip_skip_as_diffusers_and_as_a1111s_clip_l_skip(sdxl_repo, sdxl_pipe, 
     assert torch.abs(a1111[1]["encoder_hidden_states"] - expected).max() > 1e-3  # CLIP-L read elsewhere
 
 
+def test_the_crop_coordinates_reach_the_time_ids_as_diffusers_makes_them(sdxl_repo, sdxl_pipe, monkeypatch):
+    """A1111's sdxl_crop_top / sdxl_crop_left are SDXL's crop conditioning: the U-Net gets the time ids diffusers'
+    pipeline makes for crops_coords_top_left (the tiny model's picture barely shows them)."""
+    import torch
+
+    from sdtrt.pipeline.local import LocalNetworks, LocalPipeline
+
+    seen = []
+    unet = LocalNetworks.unet
+
+    def recording(self, sample, timestep, context):
+        seen.append(context["time_ids"])
+        return unet(self, sample, timestep, context)
+
+    monkeypatch.setattr(LocalNetworks, "unet", recording)
+    LocalPipeline(sdxl_repo).txt2img(Txt2ImgRequest(**{**SETTINGS, "steps": 2}, sampler="Euler", guidance_scale=7.0,
+                                                    sdxl_crop_top=48, sdxl_crop_left=16))
+    expected = sdxl_pipe._get_add_time_ids((64, 64), (48, 16), (64, 64), dtype=torch.float32,
+                                           text_encoder_projection_dim=sdxl_pipe.text_encoder_2.config.projection_dim)
+    assert seen and all(torch.equal(ids, expected.repeat(len(ids), 1)) for ids in seen)
+
+
 @pytest.mark.slow  # a second server on the SDXL export; in-process SDXL parity stays in the default suite
 def test_served_matches_diffusers_sdxl(sdxl_repo, expected, tmp_path):
     from sdtrt.model_repository.serving.server import TritonServer

@@ -106,14 +106,17 @@ def guided(guidance_scale: float, subprompts: int) -> bool:
 
 
 def unet_conditioning(spec: ModelSpec, uncond: Conditioning, conds: tuple[Conditioning, ...], images: int,
-                      with_uncond: bool, width: int, height: int, device: torch.device) -> Conditioning:
-    """The U-Net's conditioning inputs for ``images`` images at ``width`` x ``height``: [uncond x N, cond_1 x N,
-    ..., cond_K x N] ``with_uncond`` (K: the AND subprompts; ``Guidance.with_uncond``), [cond x N] without."""
+                      with_uncond: bool, size: tuple[int, int], device: torch.device,
+                      crop: tuple[int, int] = (0, 0)) -> Conditioning:
+    """The U-Net's conditioning inputs for ``images`` images of ``size`` (width, height): [uncond x N, cond_1 x N,
+    ..., cond_K x N] ``with_uncond`` (K: the AND subprompts; ``Guidance.with_uncond``), [cond x N] without; SDXL's
+    time ids with the crop's (top, left) as A1111's sdxl_crop_top / sdxl_crop_left give them."""
     rows = {name: torch.cat(([uncond[name]] * images if with_uncond else []) + [c[name] for c in conds for _ in range(images)])
             for name in conds[0]}
     names = {t.name for t in spec.component("unet").inputs}
     if TIME_IDS in names:
-        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+        (width, height), (top, left) = size, crop
+        ids = torch.tensor([[height, width, top, left, height, width]], dtype=torch.float32)
         rows[TIME_IDS] = ids.repeat(images * (len(conds) + with_uncond), 1)
     return {name: value.to(device) for name, value in rows.items()}
 

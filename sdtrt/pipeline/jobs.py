@@ -201,8 +201,7 @@ def _with_refiner(plan: Plan, takeover: Takeover, first_pass: bool, unet: UNet,
     if refiner is None or not plan.refines(first_pass):
         return unet, context
     prompts = refiner.prompts.first if first_pass else refiner.prompts.hires
-    theirs = step_contexts(refiner.plan.spec, prompts, plan.request.batch_size, with_uncond, *size,
-                           refiner.nets.device)
+    theirs = step_contexts(refiner.plan.spec, prompts, plan.request, with_uncond, size, refiner.nets.device)
     # A1111's CFG denoiser's total_steps: its sampler's launch steps (a diffusers class: its U-Net calls)
     calls = getattr(run.scheduler, "launch_steps", None) or len(run.scheduler.timesteps if run.timesteps is None
                                                                  else run.timesteps)
@@ -218,16 +217,18 @@ def _with_refiner(plan: Plan, takeover: Takeover, first_pass: bool, unet: UNet,
                          getattr(run.scheduler, "nearest_timestep", round)), both
 
 
-def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, images: int, with_uncond: bool, width: int,
-                  height: int, device: torch.device) -> Callable[[int], Conditioning]:
-    """The U-Net's conditioning for each 0-based step, built once per schedule entry."""
+def step_contexts(spec: ModelSpec, prompts: ScheduledConditioning, request: Txt2ImgRequest, with_uncond: bool,
+                  size: tuple[int, int], device: torch.device) -> Callable[[int], Conditioning]:
+    """The U-Net's conditioning for each 0-based step of the request's images at ``size``, built once per
+    schedule entry."""
     built: dict[int, Conditioning] = {}
+    crop = (request.sdxl_crop_top, request.sdxl_crop_left)
 
     def at(step: int) -> Conditioning:
         index = prompts.index(step)
         if index not in built:
             _, uncond, conds = prompts.entries[index]
-            built[index] = unet_conditioning(spec, uncond, conds, images, with_uncond, width, height, device)
+            built[index] = unet_conditioning(spec, uncond, conds, request.batch_size, with_uncond, size, device, crop)
         return built[index]
 
     return at
@@ -301,8 +302,8 @@ def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     _step_noise(plan, run)
     latents = prepare_latents(run.scheduler, noise, first.steps)
     guidance = _guidance(plan, prompts.first, run)
-    context = step_contexts(spec, prompts.first, request.batch_size, guidance.with_uncond, first.width,
-                            first.height, nets.device)
+    context = step_contexts(spec, prompts.first, request, guidance.with_uncond, (first.width, first.height),
+                            nets.device)
     unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets), context,
                                   (first.width, first.height), guidance.with_uncond, run)
     latents = denoise(run, unet, latents, context, guidance, on_step)
@@ -353,7 +354,7 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
         latents = latents + scheduler.extra_noise(noise)
     guidance = _guidance(plan, prompts, run)
     runner_spec = takeover.hires.plan.spec if takeover.hires is not None else spec  # (its SDXL time ids)
-    context = step_contexts(runner_spec, prompts, request.batch_size, guidance.with_uncond, width, height, nets.device)
+    context = step_contexts(runner_spec, prompts, request, guidance.with_uncond, (width, height), nets.device)
     unet, context = _with_refiner(plan, takeover, False, model_unet(plan, runner), context, (width, height),
                                   guidance.with_uncond, run)
     run.timesteps = timesteps
@@ -443,7 +444,8 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
             keep = (image_latents, mask)
 
     guidance = _guidance(plan, prompts.first, run)
-    context = step_contexts(spec, prompts.first, n, guidance.with_uncond, request.width, request.height, nets.device)
+    context = step_contexts(spec, prompts.first, request, guidance.with_uncond, (request.width, request.height),
+                            nets.device)
     unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets), context,
                                   (request.width, request.height), guidance.with_uncond, run)
     latents = denoise(run, unet, latents, context, guidance, on_step, Inpainting(unet_extra, after_step, keep, soft))

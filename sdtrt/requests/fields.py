@@ -99,6 +99,7 @@ def _size(what: str) -> dict[str, Any]:
 
 
 MAX_MODEL_NAME = 256  # a model's name in the repository (a folder name)
+MAX_CROP = 8192  # SDXL's crop coordinates, in pixels (A1111's options take any number)
 HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")  # A1111's hires_fix_refiner_pass
 
 FIELDS: tuple[RequestField, ...] = (
@@ -198,6 +199,11 @@ FIELDS: tuple[RequestField, ...] = (
                  minimum=1, maximum=lambda m: min(12, m.clip_layers),
                  a1111="override_settings.CLIP_stop_at_last_layers", infotext="Clip skip", label="Clip skip",
                  quicksetting=True),
+    RequestField("sdxl_crop_top", "int32", 0, "SDXL: the crop's top its time ids say the picture was cut at (A1111's "
+                 "option 'crop top coordinate')", minimum=0, maximum=MAX_CROP,
+                 a1111="override_settings.sdxl_crop_top"),
+    RequestField("sdxl_crop_left", "int32", 0, "SDXL: the crop's left, as sdxl_crop_top (A1111's 'crop left "
+                 "coordinate')", minimum=0, maximum=MAX_CROP, a1111="override_settings.sdxl_crop_left"),
     RequestField("sdxl_clip_l_skip", "bool", False, "SDXL: Clip skip as A1111 applies it with its option 'Clip skip "
                  "SDXL': CLIP-L's n-th layer from the end, OpenCLIP-G's penultimate (off: both encoders n - 1 below "
                  "the penultimate, as diffusers)", a1111="override_settings.sdxl_clip_l_skip"),
