@@ -351,13 +351,13 @@ def test_a_tensorrt_engine_for_an_upscaler_spans_the_tile_sizes(local):
 
 
 def test_a_file_dropped_into_the_folder_is_served_after_the_export_again_and_models_load(default_model, repo,
-                                                                                          upscaler_folder, tmp_path):
+                                                                                          upscaler_folder, tmp_path,
+                                                                                          capsys):
     """The same export again, its folder changed: only the upscaler networks are exported (new ones) and removed
     (files gone); the running server serves them after `sdtrt models load`, no restart."""
     import shutil
 
     from sdtrt.client.apps.cli import main as cli
-    from sdtrt.export import export_model
 
     live, folder = tmp_path / "repo", tmp_path / "ESRGAN"
     shutil.copytree(repo, live)
@@ -370,9 +370,10 @@ def test_a_file_dropped_into_the_folder_is_served_after_the_export_again_and_mod
     before = unet.stat().st_mtime_ns
     with triton_on(live, tmp_path / "logs") as triton:
         client = Client(triton.url)
-        lines: list[str] = []
-        export_model(default_model, live, progress=False, report=lines.append, upscaler_dir=folder)
-        assert any("(1 exported, 1 removed)" in line for line in lines), lines[-3:]
+        capsys.readouterr()
+        assert cli(["export", str(default_model), "--out", str(live), "--upscalers", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert "(1 exported, 1 removed)" in out, out[-500:]
         assert unet.stat().st_mtime_ns == before  # the rest of the model as it was
         assert "4x-new-compact" not in client.upscalers()  # the server reads its repository when told to
         assert cli(["models", "load", key, "--url", triton.url]) == 0
