@@ -52,10 +52,11 @@ def vae_folder(default_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def repo(default_model, vae_folder, tmp_path_factory):
-    from sdtrt.export import export_model
+    """The default model exported with `sdtrt export --vaes DIR` (the .pt read weights-only: no --allow-pickle)."""
+    from sdtrt.client.apps.cli import main as cli
 
     out = tmp_path_factory.mktemp("vae-repo") / "repo"
-    export_model(default_model, out, progress=False, report=lambda *_: None, vae_dir=vae_folder)
+    assert cli(["export", str(default_model), "--out", str(out), "--vaes", str(vae_folder)]) == 0
     return out
 
 
