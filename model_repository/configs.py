@@ -211,7 +211,7 @@ def progress_config() -> mc.ModelConfig:
 
 # Request fields the tokenizer takes (beside a text pair's pieces).
 TOKENIZER = "tokenizer"
-TOKENIZER_FIELDS = ("clip_skip", "sdxl_clip_l_skip")
+TOKENIZER_FIELDS = ("clip_skip", "sdxl_clip_l_skip", "comma_padding_backtrack")
 
 
 @dataclass(frozen=True)

@@ -161,9 +161,9 @@ def a1111_fragments(text: str) -> list[tuple[str, float]]:
     return parts
 
 
-def a1111_text(pipe, text: str, clip_skip: int) -> torch.Tensor:
+def a1111_text(pipe, text: str, clip_skip: int, backtrack: int = 20) -> torch.Tensor:
     """FrozenCLIPEmbedderWithCustomWords: each fragment tokenized by itself, 75-token chunks (one that fills up
-    within 20 tokens after a comma is cut there, the rest moved on), [BOS] + tokens + [EOS] padding, each chunk
+    within ``backtrack`` tokens after a comma is cut there, the rest moved on: comma_padding_backtrack, 20), [BOS] + tokens + [EOS] padding, each chunk
     encoded, weighted and brought back to its mean (Clip skip: the hidden state that many layers from the end,
     then the final layer norm), the chunks side by side."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
@@ -181,7 +181,7 @@ def a1111_text(pipe, text: str, clip_skip: int) -> torch.Tensor:
         for token in tokenizer(fragment, truncation=False, add_special_tokens=False)["input_ids"]:
             if token == comma:
                 last_comma = len(tokens)
-            elif len(tokens) == 75 and last_comma != -1 and len(tokens) - last_comma <= 20:
+            elif backtrack != 0 and len(tokens) == 75 and last_comma != -1 and len(tokens) - last_comma <= backtrack:
                 moved = (tokens[last_comma + 1:], weights[last_comma + 1:])
                 tokens, weights = tokens[:last_comma + 1], weights[:last_comma + 1]
                 next_chunk()

@@ -520,7 +520,9 @@ def test_a1111s_unipc_options_reach_the_request(catalog):
 
 def test_a1111s_esrgan_tile_options_are_the_upscaler_models_tiles(catalog):
     settings = translate(Txt2ImgBody(prompt="x", override_settings={"ESRGAN_tile": 256, "ESRGAN_tile_overlap": 16,
-                                                                    "sdxl_crop_top": 32}), UserOptions(), {}, catalog)
+                                                                    "sdxl_crop_top": 32, "comma_padding_backtrack": 0}),
+                         UserOptions(), {}, catalog)
+    assert settings["comma_padding_backtrack"] == 0
     assert (settings["upscaler_tile"], settings["upscaler_tile_overlap"]) == (256, 16)
     assert settings["sdxl_crop_top"] == 32 and "sdxl_crop_left" not in settings
     assert "upscaler_tile" not in translate(Txt2ImgBody(prompt="x"), UserOptions(), {}, catalog)

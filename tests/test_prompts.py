@@ -198,3 +198,25 @@ def test_emphasis_served_matches_the_local_runner_and_is_written(server, local_p
     plain = local_pipeline.txt2img(Txt2ImgRequest(prompt="a lighthouse", steps=4, seed=5, width=64, height=64,
                                                   emphasis="No norm"))
     assert "Emphasis" not in plain.infotexts[0]  # (A1111 names it only where a text has brackets)
+    long = dict(steps=2, seed=5, width=64, height=64, comma_padding_backtrack=0)  # the tokenizer model takes it
+    prompt = "red " * 70 + ", " + "blue " * 10
+    served = Client(server.url).txt2img(prompt, **long)
+    assert diff(served.images, local_pipeline.txt2img(Txt2ImgRequest(prompt=prompt, **long)).images) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("backtrack", [20, 3, 0])
+def test_comma_padding_backtrack_cuts_a_full_chunk_at_a_recent_comma_as_a1111(local_pipeline, diffusers_pipe,
+                                                                             backtrack):
+    """A1111's comma_padding_backtrack: the chunk that fills up 5 tokens after a comma is cut there with 20, not
+    with 3 (nor 0, which never cuts); against A1111's tokenize_line restated in tests/test_a1111_exact.py."""
+    from test_a1111_exact import a1111_text
+
+    prompt = "red " * 70 + ", " + "blue " * 10
+    request = Txt2ImgRequest(prompt=prompt, comma_padding_backtrack=backtrack)
+    cond = local_pipeline.encode_prompts(request)[1]["encoder_hidden_states"]
+    with torch.no_grad():
+        expected = a1111_text(diffusers_pipe, prompt, 1, backtrack)
+    assert cond.shape == expected.shape and torch.abs(cond - expected).max() < 1e-4
+    if backtrack != 20:
+        with torch.no_grad():
+            assert torch.abs(cond - a1111_text(diffusers_pipe, prompt, 1, 20)).max() > 1e-3

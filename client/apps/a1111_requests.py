@@ -62,7 +62,8 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
                                               "img2img_extra_noise")},
                    # (not the sampler's: the upscaler models' tiles, as A1111's ESRGAN-family upscalers take them)
                    "ESRGAN_tile": "upscaler_tile", "ESRGAN_tile_overlap": "upscaler_tile_overlap",
-                   "uni_pc_order": "unipc_order", "sdxl_crop_top": "sdxl_crop_top", "sdxl_crop_left": "sdxl_crop_left"}
+                   "uni_pc_order": "unipc_order", "sdxl_crop_top": "sdxl_crop_top", "sdxl_crop_left": "sdxl_crop_left",
+                   "comma_padding_backtrack": "comma_padding_backtrack"}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta")  # request fields too
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
@@ -264,7 +265,7 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
     settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
     defaults = a1111_defaults()
     for name in ("skip_early_cond", *SCHEDULE_OPTIONS, "ESRGAN_tile", "ESRGAN_tile_overlap", "uni_pc_order",
-                 "sdxl_crop_top", "sdxl_crop_left"):
+                 "sdxl_crop_top", "sdxl_crop_left", "comma_padding_backtrack"):
         if options[name] != defaults[name]:
             settings[SAMPLER_OPTIONS[name]] = options[name]
     second_pass = isinstance(body, Img2ImgBody) or getattr(body, "enable_hr", False)

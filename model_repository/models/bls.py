@@ -183,7 +183,8 @@ class BlsNetworks:
             pb_utils.Tensor(NEGATIVE_PIECES, np.array([len(texts.negative)], dtype=np.int32)),
         ]
         # the request fields the tokenizer takes, by configs.TOKENIZER_FIELDS
-        settings = {"clip_skip": clip_skip, "sdxl_clip_l_skip": clip_l_skip}
+        settings = {"clip_skip": clip_skip, "sdxl_clip_l_skip": clip_l_skip,
+                    "comma_padding_backtrack": texts.backtrack}
         fields += [pb_utils.Tensor(name, np.array([settings[name]], dtype=self.spec.field(name).dtype))
                    for name in TOKENIZER_FIELDS]
         self._check_cancelled()

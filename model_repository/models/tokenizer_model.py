@@ -27,7 +27,7 @@ from sdtrt.model_repository.configs import (
 from sdtrt.model_repository.models.triton_io import JsonLog, PerRequestModel, model_spec, optional_input, repo_root, scalar
 from sdtrt.pipeline.text import load_tokenizer
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, EmbeddingTable
-from sdtrt.requests.prompts import Pieces, attention_pieces, piece_rows
+from sdtrt.requests.prompts import COMMA_BACKTRACK, Pieces, attention_pieces, piece_rows
 from sdtrt.requests.request import check_value
 
 
@@ -43,9 +43,9 @@ class TritonPythonModel(PerRequestModel):
         self.log.info("ready", tokenizer=self.spec.tokenizer, max_chunks=self.spec.max_chunks,
                       embeddings=sorted(self.spec.embeddings))
 
-    def _rows(self, prompt: Pieces, negative: Pieces):
+    def _rows(self, prompt: Pieces, negative: Pieces, backtrack: int = COMMA_BACKTRACK):
         return piece_rows(self.tokenizer, prompt, negative, self.spec.max_chunks, self.spec.text_hidden_size,
-                          self.embeddings)
+                          self.embeddings, backtrack)
 
     def pieces(self, request) -> tuple[Pieces, Pieces]:
         """(prompt, negative prompt) pieces as the job model sent them, each input checked by name."""
@@ -71,7 +71,7 @@ class TritonPythonModel(PerRequestModel):
         for name in TOKENIZER_FIELDS:
             field, value = self.spec.field(name), scalar(request, name)
             values[name] = check_value(field, field.default if value is None else value)
-        rows = self._rows(*self.pieces(request))
+        rows = self._rows(*self.pieces(request), values["comma_padding_backtrack"])
         skip = np.full((len(rows.ids), 1), self.spec.encoder_clip_skip(values["clip_skip"],
                                                                       bool(values["sdxl_clip_l_skip"])), dtype=np.int32)
         return pb_utils.InferenceResponse([

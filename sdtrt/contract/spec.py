@@ -18,7 +18,7 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 19  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 20  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
@@ -35,6 +35,7 @@ SPEC_VERSION = 19  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 17: upscaler models registered at export (upscalers, their networks and dims), hr_upscaler's choices per model
 # 18: A1111's UniPC options (unipc_variant, unipc_skip_type, unipc_order, unipc_lower_order_final)
 # 19: sdxl_crop_top and sdxl_crop_left (SDXL's time ids)
+# 20: comma_padding_backtrack (the tokenizer takes it)
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.

@@ -151,7 +151,7 @@ class LocalNetworks:
         skip (and SDXL's pooled embeddings)."""
         p = self.pipeline
         rows = piece_rows(p.tokenizer, texts.prompt, texts.negative, p.spec.max_chunks, p.spec.text_hidden_size,
-                          p.embeddings)
+                          p.embeddings, texts.backtrack)
         skip = p.spec.encoder_clip_skip(clip_skip, clip_l_skip)
         outputs = self._run("text_encoder", rows.ids, np.full(len(rows.ids), skip, dtype=np.int32),
                             rows.vectors)

@@ -22,7 +22,7 @@ from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
 from sdtrt.requests.model_upscale import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_TILE
-from sdtrt.requests.prompts import EMPHASES
+from sdtrt.requests.prompts import COMMA_BACKTRACK, EMPHASES
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
 RANDN_SOURCES = ("CPU", "NV")
@@ -207,6 +207,9 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("sdxl_clip_l_skip", "bool", False, "SDXL: Clip skip as A1111 applies it with its option 'Clip skip "
                  "SDXL': CLIP-L's n-th layer from the end, OpenCLIP-G's penultimate (off: both encoders n - 1 below "
                  "the penultimate, as diffusers)", a1111="override_settings.sdxl_clip_l_skip"),
+    RequestField("comma_padding_backtrack", "int32", COMMA_BACKTRACK, "a 75-token chunk that fills up within this "
+                 "many tokens after a comma is cut at the comma (A1111's option 'Prompt word wrap length limit'; 0: "
+                 "never)", minimum=0, maximum=74, a1111="override_settings.comma_padding_backtrack"),
     RequestField("emphasis", "string", "Original", "how (brackets) and [brackets] weigh the words: Original weights "
                  "each 75-token chunk and restores its mean, 'No norm' only weights it, 'Ignore' drops the weights, "
                  "'None' reads brackets as text (A1111's option 'Emphasis mode')", choices=EMPHASES,

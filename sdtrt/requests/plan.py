@@ -23,7 +23,7 @@ from sdtrt.contract.seeds import image_seeds
 from sdtrt.contract.spec import LORA_RANK, UNET_BATCH, ModelSpec
 from sdtrt.requests.extra_networks import LoraTag, request_loras, strip_extra_networks, used_embeddings
 from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule, text_at
-from sdtrt.requests.prompts import Pieces, emphasis_pieces
+from sdtrt.requests.prompts import COMMA_BACKTRACK, Pieces, emphasis_pieces
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, check_fields, hires_target, resolve_seeds
 
 if TYPE_CHECKING:  # (the pictures are prepared with diffusers, only where a plan with pictures is made)
@@ -38,6 +38,7 @@ class TextPair:
     prompt: Pieces
     negative: Pieces
     normalize: bool = True  # each chunk's mean restored after weighting (A1111's emphasis but "No norm")
+    backtrack: int = COMMA_BACKTRACK  # a full chunk is cut at a comma this near its end (comma_padding_backtrack)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class _Prompts:
     subprompts: dict[str, tuple[tuple[str, float], ...]]  # a pass's prompt -> its AND subprompts and weights
     pieces: dict[str, Pieces]  # a schedule's text (tags still in) -> its pieces (tags out)
     normalize: bool = True  # (TextPair.normalize)
+    backtrack: int = COMMA_BACKTRACK  # (TextPair.backtrack)
 
 
 def _read_prompts(request: Txt2ImgRequest, spec: ModelSpec, passes: list[_Pass]) -> _Prompts:
@@ -132,7 +134,7 @@ def _read_prompts(request: Txt2ImgRequest, spec: ModelSpec, passes: list[_Pass])
                     if scheduled not in pieces:
                         pieces[scheduled] = emphasis_pieces(strip_extra_networks(scheduled), field,
                                                             request.emphasis)
-    return _Prompts(loras, subprompts, pieces, request.emphasis != "No norm")
+    return _Prompts(loras, subprompts, pieces, request.emphasis != "No norm", request.comma_padding_backtrack)
 
 
 def check_subprompts(request: Txt2ImgRequest, spec: ModelSpec, subprompts: int, field: str = "prompt") -> None:
@@ -261,7 +263,7 @@ def _schedule(one: _Pass, prompts: _Prompts, texts: dict[TextPair, int]) -> Prom
         indices = []
         for positive in positives:
             pair = TextPair(prompts.pieces[text_at(positive, last)], prompts.pieces[text_at(negative, last)],
-                            prompts.normalize)
+                            prompts.normalize, prompts.backtrack)
             indices.append(texts.setdefault(pair, len(texts)))
         entries.append((last, tuple(indices)))
     return PromptSchedule(tuple(entries), tuple(weight for _, weight in subprompts))

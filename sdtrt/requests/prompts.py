@@ -185,9 +185,10 @@ def chunk_prompt(tokenizer, text: str, max_chunks: int, field: str = "prompt",
 
 
 def chunk_pieces(tokenizer, parsed: Pieces, max_chunks: int, field: str = "prompt",
-                 embeddings: "EmbeddingTable | None" = None) -> Chunks:
+                 embeddings: "EmbeddingTable | None" = None, backtrack: int = COMMA_BACKTRACK) -> Chunks:
     """A parsed prompt's pieces as A1111's weighted 75-token chunks: an embedding's name becomes its vectors
-    (never split across two chunks), as in A1111. ``field`` names the prompt in errors."""
+    (never split across two chunks), as in A1111; a chunk that fills up within ``backtrack`` tokens after a comma
+    is cut there (A1111's comma_padding_backtrack; 0: never). ``field`` names the prompt in errors."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, pad_id(tokenizer)
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     texts = [t for t, w in parsed if (t, w) != BREAK]
@@ -219,7 +220,7 @@ def chunk_pieces(tokenizer, parsed: Pieces, max_chunks: int, field: str = "promp
             token = tokens[position]
             if token == comma:
                 last_comma = len(ids)
-            elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+            elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= backtrack:
                 cut = last_comma + 1  # move what follows the comma to the next chunk
                 moved = ids[cut:], weights[cut:], vecs[cut:]
                 ids, weights, vecs = ids[:cut], weights[:cut], vecs[:cut]
@@ -302,11 +303,11 @@ def text_rows(tokenizer, prompt: str, negative_prompt: str, max_chunks: int, hid
 
 
 def piece_rows(tokenizer, prompt: Pieces, negative: Pieces, max_chunks: int, hidden: int,
-               embeddings: "EmbeddingTable | None" = None) -> TextRows:
+               embeddings: "EmbeddingTable | None" = None, backtrack: int = COMMA_BACKTRACK) -> TextRows:
     """``text_rows`` of two texts already parsed (a plan's ``TextPair``)."""
-    negative_chunks = chunk_pieces(tokenizer, negative, max_chunks, "negative_prompt", embeddings)
-    return pair_chunks(tokenizer, negative_chunks, chunk_pieces(tokenizer, prompt, max_chunks, "prompt", embeddings),
-                       hidden)
+    negative_chunks = chunk_pieces(tokenizer, negative, max_chunks, "negative_prompt", embeddings, backtrack)
+    return pair_chunks(tokenizer, negative_chunks,
+                       chunk_pieces(tokenizer, prompt, max_chunks, "prompt", embeddings, backtrack), hidden)
 
 
 def prompt_rows(tokenizer, prompt: str, negative_prompt: str, max_chunks: int) -> tuple[np.ndarray, np.ndarray]:
