@@ -84,6 +84,25 @@ def test_img2img_and_inpainting_as_a1111_scripts_send_them(api, server):
     assert "init_images" not in response.json()["parameters"]
 
 
+def test_a_transparent_init_picture_is_flattened_on_the_background_option_as_a1111(api, server):
+    """A1111's images.flatten: an RGBA init picture's transparency filled with img2img_background_color."""
+    rgba = np.dstack([sample_picture(64, 64), np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))])
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    payload = {"init_images": [base64.b64encode(buffer.getvalue()).decode()], "prompt": "a red door", "steps": 3,
+               "seed": 9, "width": 64, "height": 64, "denoising_strength": 0.5}
+    for color in ("#ffffff", "#204080"):
+        assert api.post("/sdapi/v1/options", json={"img2img_background_color": color}).status_code == 200
+        response = api.post("/sdapi/v1/img2img", json=payload)
+        assert response.status_code == 200, response.text
+        flat = Image.new("RGBA", (64, 64), color)
+        flat.paste(Image.fromarray(rgba, "RGBA"), mask=Image.fromarray(rgba, "RGBA"))
+        direct = Client(server.url).img2img("a red door", np.asarray(flat.convert("RGB")), denoising_strength=0.5,
+                                            steps=3, seed=9, width=64, height=64, sampler="Euler", k_diffusion=True)
+        assert (np.asarray(decode(response.json()["images"][0])) == direct.images[0]).all(), color
+    assert api.post("/sdapi/v1/options", json={"img2img_background_color": "#ffffff"}).status_code == 200
+
+
 @pytest.mark.parametrize("field,value", [("restore_faces", True), ("tiling", True), ("script_name", "xyz plot"),
                                          ("hr_checkpoint_name", "another.safetensors"), ("alwayson_scripts", {"controlnet": {"args": []}})])
 def test_fields_sdtrt_cannot_honour_are_refused_by_name(api, field, value):

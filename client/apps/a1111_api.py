@@ -438,7 +438,9 @@ def run_img2img(gateway: Gateway, body: Img2ImgBody, job: Job, script: tuple[Scr
     """img2img: every bound checked before a picture is decoded, then the pictures, then the generation (or the
     script's generations)."""
     settings = gateway.settings(body, job.user)
-    init, *masks = img2img_pictures(body, gateway.client.catalog.get(settings["model"]).field("batch_size").maximum)
+    background = str(gateway.user(job.user).options.get("img2img_background_color", "#ffffff"))
+    init, *masks = img2img_pictures(body, gateway.client.catalog.get(settings["model"]).field("batch_size").maximum,
+                                    background)
     if script is not None:
         return gateway.run_script(job, body, script, init, tuple(masks), settings)
 

@@ -671,15 +671,30 @@ def img2img_settings(body: Img2ImgBody) -> dict[str, Any]:
     return settings
 
 
-def img2img_pictures(body: Img2ImgBody, max_batch: int
+def flatten(picture: Image.Image, background: str) -> Image.Image:
+    """A1111's images.flatten: an RGBA picture's transparency filled with ``background`` (its option
+    img2img_background_color), then RGB."""
+    if picture.mode == "RGBA":
+        filled = Image.new("RGBA", picture.size, background)
+        filled.paste(picture, mask=picture)
+        picture = filled
+    return picture.convert("RGB")
+
+
+def img2img_pictures(body: Img2ImgBody, max_batch: int, background: str = "#ffffff"
                      ) -> tuple[list[Image.Image], Image.Image | None, Image.Image | None]:
-    """The init pictures (one for the whole batch, or one per image of it, as A1111), the mask (white: repaint)
-    and the latent mask, decoded within sdtrt.contract.pictures' bounds once everything else was checked."""
+    """The init pictures (one for the whole batch, or one per image of it, as A1111; transparency filled with
+    ``background`` as A1111 flattens them), the mask (white: repaint) and the latent mask, decoded within
+    sdtrt.contract.pictures' bounds once everything else was checked."""
     most = min(max(body.batch_size, 1), max_batch)
     if len(body.init_images) > most:
         raise refuse("init_images", f"1 to {most} pictures (at most batch_size: A1111 redraws one per image of "
                                     f"the batch), got {len(body.init_images)}")
-    init = [decode_image(data, "init_images", "RGB") for data in body.init_images]
+    try:
+        init = [flatten(open_image(data, "init_images"), background) for data in body.init_images]
+    except ValueError:  # (a color PIL cannot read)
+        raise refuse("options.img2img_background_color",
+                     f"a color such as #ffffff (got {background[:80]!r})") from None
     mask = decode_image(body.mask, "mask", "L") if body.mask else None
     if mask is not None and body.inpainting_mask_invert:
         mask = Image.fromarray(255 - np.asarray(mask))
