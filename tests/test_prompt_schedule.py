@@ -258,3 +258,35 @@ def test_more_subprompts_than_one_unet_call_takes_are_refused_by_name(local_pipe
     with pytest.raises(InvalidRequest, match="AND subprompts") as caught:
         local_pipeline.txt2img(Txt2ImgRequest(prompt=prompt, steps=2, width=64, height=64))
     assert caught.value.field == "prompt"
+
+
+@pytest.mark.parametrize("subprompts, negative_chunks", [(("a cat", "a dog"), 2), (("a cat", "long"), 2),
+                                                         (("a cat", "long"), 1)])
+def test_and_stacks_the_subprompts_alone_as_a1111_however_long_the_negative_prompt(local_pipeline, diffusers_pipe,
+                                                                                    subprompts, negative_chunks):
+    """A1111's reconstruct_multicond_batch: the subprompts' conds stacked to the longest one's length, each one's
+    last vector repeated (stack_conds), the negative prompt at its own length; each text encoded as A1111 encodes
+    it (tests/test_a1111_exact.py's a1111_text)."""
+    import torch
+
+    from sdtrt.pipeline.conditioning import CONTEXT_INPUT, TEXT_LENGTH
+    from sdtrt.pipeline.jobs import encode_prompts
+    from sdtrt.requests.request import Txt2ImgRequest
+    from test_a1111_exact import a1111_text
+
+    long = ", ".join(["a tall red lighthouse"] * 20)  # 2 chunks
+    texts = [long if text == "long" else text for text in subprompts]
+    negative = ", ".join(["blurry, grainy, dark"] * (18 if negative_chunks == 2 else 1))
+    plan = local_pipeline.plan(Txt2ImgRequest(prompt=" AND ".join(texts), negative_prompt=negative, width=64,
+                                              height=64, steps=2))
+    _, uncond, conds = encode_prompts(plan, local_pipeline.networks(plan)).first.entries[0]
+    with torch.no_grad():
+        own = [a1111_text(diffusers_pipe, text, 1) for text in texts]
+        expected_uncond = a1111_text(diffusers_pipe, negative, 1)
+    stacked = max(c.shape[1] for c in own)
+    assert int(uncond[TEXT_LENGTH]) == expected_uncond.shape[1] == 77 * negative_chunks
+    assert torch.abs(uncond[CONTEXT_INPUT][:, :expected_uncond.shape[1]] - expected_uncond).max() < 1e-4
+    for cond, mine in zip(conds, own):
+        expected = torch.cat([mine, mine[:, -1:].expand(-1, stacked - mine.shape[1], -1)], dim=1)
+        assert int(cond[TEXT_LENGTH]) == stacked
+        assert torch.abs(cond[CONTEXT_INPUT][:, :stacked] - expected).max() < 1e-4

@@ -81,20 +81,28 @@ def _padded_v0(uncond: Conditioning, conds: tuple[Conditioning, ...]) -> Conditi
     return uncond
 
 
+def _own_length(side: Conditioning) -> int:
+    return int(side[TEXT_LENGTH].reshape(-1)[0])
+
+
 def _same_length(pairs: list[tuple[Conditioning, Conditioning]]) -> tuple[Conditioning, tuple[Conditioning, ...]]:
-    """One uncond and the subprompts' conds with contexts of one length: each pair is already padded to its
-    longer text; the uncond is the longest pair's, and shorter conds repeat their last vector (A1111's
-    stack_conds), so that the rows can share a U-Net call."""
+    """One uncond and the subprompts' conds with contexts of one width, so that the rows can share a U-Net call.
+    Each pair is padded to its longer text with the empty prompt's chunks; the uncond is the widest pair's. With
+    several subprompts (AND), A1111 stacks the conds alone (stack_conds): each text's own context, its last vector
+    repeated up to the longest subprompt's length (their one length), then the pair's empty chunks up to the
+    uncond's (what pad_cond_uncond adds, when asked)."""
     uncond = max((u for u, _ in pairs), key=lambda c: c[CONTEXT_INPUT].shape[1])
-    length = uncond[CONTEXT_INPUT].shape[1]
+    width = uncond[CONTEXT_INPUT].shape[1]
+    stacked = max(_own_length(cond) for _, cond in pairs) if len(pairs) > 1 else width
     conds = []
     for _, cond in pairs:
-        context = cond[CONTEXT_INPUT]
-        if context.shape[1] < length:
-            tail = context[:, -1:].expand(-1, length - context.shape[1], -1)
-            cond = {**cond, CONTEXT_INPUT: torch.cat([context, tail], dim=1)}
+        context, own = cond[CONTEXT_INPUT], (_own_length(cond) if len(pairs) > 1 else cond[CONTEXT_INPUT].shape[1])
+        parts = [context[:, :own], context[:, own - 1:own].expand(-1, stacked - own, -1)]
+        if width > stacked:  # (the empty chunks a longer negative prompt padded this pair with)
+            parts.append(context[:, stacked:width])
+        cond = {**cond, CONTEXT_INPUT: torch.cat(parts, dim=1)}
         if len(pairs) > 1:  # stacked: the subprompts share one length, A1111's
-            cond = {**cond, TEXT_LENGTH: torch.tensor([length])}
+            cond = {**cond, TEXT_LENGTH: torch.tensor([stacked])}
         conds.append(cond)
     return uncond, tuple(conds)
 
