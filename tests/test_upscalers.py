@@ -309,6 +309,9 @@ def sd_upscale_through_the_gateway(api: TestClient) -> None:
     assert "SD upscale upscaler: 4x-tiny-compact" in info
     model, lanczos = (_picture(runs[u]["images"][0]) for u in ("4x-tiny-compact", "Lanczos"))
     assert model.shape == lanczos.shape == (1, 128, 128, 3) and max_diff(model, lanczos) > MAX_PIXEL_DIFF
+    info = api.get("/sdapi/v1/script-info").json()
+    upscaler = next(a for i in info if i["name"] == "sd upscale" for a in i["args"] if a["label"] == "Upscaler")
+    assert upscaler["choices"] == ["None", "Lanczos", "Nearest", *sorted(MODELS)]  # what the index counts in
     index = 3 + sorted(MODELS).index("4x-tiny-compact")  # None, Lanczos, Nearest, then the models
     by_index = api.post("/sdapi/v1/img2img", json={**body, "script_args": [None, 16, index, 2]}).json()
     assert (_picture(by_index["images"][0]) == model).all()

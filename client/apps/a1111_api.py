@@ -510,7 +510,7 @@ def add_info_routes(app: FastAPI, gateway: Gateway, metrics_url: str | None, fla
              "upscalers": lambda: answer.upscaler_list(client.catalog),
              "realesrgan-models": lambda: answer.realesrgan_list(client.catalog),
              "scripts": lambda: {tab: script_titles(tab) + alwayson_titles(tab) for tab in (TXT2IMG, IMG2IMG)},
-             "script-info": lambda: script_info() + alwayson_info(client.catalog),
+             "script-info": lambda: script_info(list(client.upscalers())) + alwayson_info(client.catalog),
              # What sdtrt has none of, said as A1111 says it: empty lists (clients that list them first keep working)
              **{path: lambda: [] for path in ("hypernetworks", "face-restorers", "extensions")},
              "sd-models": lambda: answer.sd_model_list(client.catalog),

@@ -558,15 +558,17 @@ SCRIPTS = {s.title.lower(): s for s in (
 )}
 
 
-def script_info() -> list[dict[str, Any]]:
+def script_info(upscalers: Sequence[str] = ()) -> list[dict[str, Any]]:
     """/sdapi/v1/script-info: each tab's scripts with their arguments' labels, defaults and ranges, as A1111's
-    ScriptInfo lists them (txt2img's, then img2img's)."""
+    ScriptInfo lists them (txt2img's, then img2img's); an Upscaler argument's choices end with the server's
+    ``upscalers`` (its upscaler models), as A1111's list its own."""
     info = []
     for tab in (TXT2IMG, IMG2IMG):
         for name in script_titles(tab):
             script = SCRIPTS[name]
             args = [{"label": a.label, "value": value, "minimum": a.minimum, "maximum": a.maximum, "step": a.step,
-                     "choices": list(a.choices) if a.choices is not None else None}
+                     "choices": None if a.choices is None else
+                     [*a.choices, *upscalers] if a.label == "Upscaler" else list(a.choices)}
                     for a, value in zip(script.args, script.defaults)]
             info.append({"name": name, "is_alwayson": False, "is_img2img": tab == IMG2IMG, "args": args})
     return info
