@@ -160,6 +160,30 @@ def fuse_loras(ckpt: Checkpoint, loras: list[tuple[Path, float]], allow_pickle: 
     return replace(ckpt, sha256=h.hexdigest() if fused else ckpt.sha256, loras=tuple(fused))
 
 
+def read_weights(path: Path, allow_pickle: bool, what: str) -> Any:
+    """A weights file's contents: a .safetensors file's tensors, else what torch_load reads (weights only unless
+    ``allow_pickle``); UsageError naming ``what`` and the file when it cannot be read."""
+    if path.suffix != ".safetensors":
+        return torch_load(path, allow_pickle, what)[0]
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise UsageError(f"{what} {path}: not a readable .safetensors file ({exc})") from None
+
+
+def folder_files(folder: Path, suffixes: tuple[str, ...], what: str, kind: str, most: int) -> list[Path]:
+    """The files of a registered folder (``what``: its flag) with those suffixes, in name order: refused when the
+    folder is missing, holds none of ``kind``, or more than ``most``."""
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in suffixes)
+    if not files:
+        raise UsageError(f"{what} {folder}: no {kind} files in it ({', '.join(suffixes)})")
+    if len(files) > most:
+        raise UsageError(f"{what} {folder}: {len(files)} {kind} files; at most {most} per model")
+    return files
+
+
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # A1111's models/VAE files (pickled ones need --allow-pickle)
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
@@ -169,14 +193,9 @@ def load_vae(path: Path, config: dict, allow_pickle: bool = False, what: str = "
     as vae-ft-mse-840000-ema-pruned is (a .pt / .ckpt read weights-only unless ``allow_pickle``), or diffusers'."""
     if path.suffix not in VAE_SUFFIXES or not path.is_file():
         raise UsageError(f"{what} {path}: give an existing VAE file ({', '.join(VAE_SUFFIXES)})")
-    if path.suffix == ".safetensors":
-        try:
-            weights = load_file(str(path))
-        except Exception as exc:
-            raise UsageError(f"{what} {path}: not a readable .safetensors file ({exc})") from None
-    else:
-        loaded = torch_load(path, allow_pickle, what)[0]
-        loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    weights = read_weights(path, allow_pickle, what)
+    if path.suffix != ".safetensors":
+        loaded = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
         if not isinstance(loaded, dict):
             raise UsageError(f"{what} {path}: not a VAE (no state dict in it)")
         weights = {k.removeprefix("first_stage_model."): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}

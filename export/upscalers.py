@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from sdtrt.contract.errors import UsageError
 from sdtrt.contract.spec import (BATCH, UPSCALE_H, UPSCALE_W, UPSCALED_H, UPSCALED_W, DimRange, TensorSpec,
                                 upscaler_component)
-from sdtrt.export.checkpoint import file_sha256, torch_load
+from sdtrt.export.checkpoint import file_sha256, folder_files, read_weights
 from sdtrt.export.descriptors import Descriptor
+from sdtrt.pipeline.ksampling import torchvision_stand_in
 
 SPANDREL = "spandrel==0.4.2"  # as scripts/setup.sh installs it (--no-deps; einops is one of sdtrt's own)
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt")  # .pth / .pt read weights-only unless --allow-pickle
@@ -41,23 +41,8 @@ _LOCK = threading.Lock()
 GRID_TILED = {"ESRGAN": "ESRGAN / Real-ESRGAN", "Compact": "Real-ESRGAN compact (SRVGG)", "HAT": "HAT"}
 
 
-def _torchvision_stand_in() -> dict[str, types.ModuleType]:
-    """torchvision.transforms.functional with the names spandrel's registry imports, which fail if called."""
-    if "torchvision" in sys.modules:
-        return {}
-
-    def missing(*_: Any, **__: Any) -> Any:
-        raise UsageError("this architecture needs torchvision, which sdtrt does not install (a CUDA build on PyPI)")
-
-    functional = types.ModuleType("torchvision.transforms.functional")
-    functional.normalize = functional.rotate = missing
-    functional.InterpolationMode = types.SimpleNamespace(BILINEAR="bilinear", NEAREST="nearest")
-    transforms = types.ModuleType("torchvision.transforms")
-    transforms.functional = functional
-    package = types.ModuleType("torchvision")
-    package.transforms = transforms
-    return {"torchvision": package, "torchvision.transforms": transforms,
-            "torchvision.transforms.functional": functional}
+def _missing(*_: Any, **__: Any) -> Any:
+    raise UsageError("this architecture needs torchvision, which sdtrt does not install (a CUDA build on PyPI)")
 
 
 def spandrel() -> types.ModuleType:
@@ -68,7 +53,9 @@ def spandrel() -> types.ModuleType:
         if importlib.util.find_spec("spandrel") is None:
             raise UsageError(f"spandrel is not installed: scripts/setup.sh installs it (pip install --no-deps "
                              f"{SPANDREL} einops)")
-        stand_ins = _torchvision_stand_in()
+        stand_ins = torchvision_stand_in(  # what spandrel's LaMa and RestoreFormer import, failing if called
+            normalize=_missing, rotate=_missing,
+            InterpolationMode=types.SimpleNamespace(BILINEAR="bilinear", NEAREST="nearest"))
         sys.modules.update(stand_ins)
         try:
             return importlib.import_module("spandrel")
@@ -84,13 +71,7 @@ def upscaler_slug(name: str) -> str:
 def read_upscaler(path: Path, allow_pickle: bool = False) -> Any:
     """spandrel's descriptor of the model in ``path`` (architecture, scale, the torch module), or UsageError naming
     the file: not readable, not an architecture spandrel knows, or not an upscaler."""
-    if path.suffix == ".safetensors":
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise UsageError(f"--upscalers {path}: not a readable .safetensors file ({exc})") from None
-    else:
-        state = torch_load(path, allow_pickle, "--upscalers")[0]
+    state = read_weights(path, allow_pickle, "--upscalers")
     if not isinstance(state, dict):
         raise UsageError(f"--upscalers {path}: no state dict in it")
     try:
@@ -132,13 +113,7 @@ def upscaler_descriptor(model: Any, slug: str) -> Descriptor:
 def register_upscalers(folder: Path, allow_pickle: bool, report=print) -> tuple[list[Descriptor], dict[str, dict]]:
     """The folder's upscaler models as (the networks to export, the spec's ``upscalers``: stem -> file name,
     sha256, architecture, scale, the size multiple its inputs need, slug), every file checked first."""
-    if not folder.is_dir():
-        raise UsageError(f"--upscalers {folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in UPSCALER_SUFFIXES)
-    if not files:
-        raise UsageError(f"--upscalers {folder}: no upscaler files in it ({', '.join(UPSCALER_SUFFIXES)})")
-    if len(files) > MAX_UPSCALERS:
-        raise UsageError(f"--upscalers {folder}: {len(files)} files; at most {MAX_UPSCALERS} per model")
+    files = folder_files(folder, UPSCALER_SUFFIXES, "--upscalers", "upscaler", MAX_UPSCALERS)
     networks, registry, slugs = [], {}, {}
     for path in files:
         model = read_upscaler(path, allow_pickle)

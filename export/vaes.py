@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sdtrt.contract.errors import UsageError
 from sdtrt.contract.spec import vae_component
-from sdtrt.export.checkpoint import VAE_SUFFIXES, file_sha256, load_vae, torch_load
+from sdtrt.export.checkpoint import VAE_SUFFIXES, file_sha256, folder_files, load_vae, torch_load
 from sdtrt.export.descriptors import Descriptor, vae_decoder_descriptor, vae_encoder_descriptor
 from sdtrt.export.lora import PICKLE_SUFFIXES
 
@@ -30,13 +30,7 @@ def vae_slug(file_name: str) -> str:
 
 
 def _vae_files(folder: Path, allow_pickle: bool) -> list[Path]:
-    if not folder.is_dir():
-        raise UsageError(f"--vaes {folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in VAE_SUFFIXES)
-    if not files:
-        raise UsageError(f"--vaes {folder}: no VAE files in it ({', '.join(VAE_SUFFIXES)})")
-    if len(files) > MAX_VAES:
-        raise UsageError(f"--vaes {folder}: {len(files)} VAE files; at most {MAX_VAES} per model")
+    files = folder_files(folder, VAE_SUFFIXES, "--vaes", "VAE", MAX_VAES)
     slugs: dict[str, str] = {}
     for path in files:
         other = slugs.setdefault(vae_slug(path.name), path.name)

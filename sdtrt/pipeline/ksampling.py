@@ -53,11 +53,14 @@ class _TorchWithImageNoise(types.ModuleType):
         return draw(x) if draw is not None else torch.randn_like(x, *args, **kwargs)
 
 
-def _torchvision_stand_in() -> dict[str, types.ModuleType]:
-    """Empty modules for ``from torchvision.transforms import functional`` (k_diffusion.utils' image helpers)."""
+def torchvision_stand_in(**names: Any) -> dict[str, types.ModuleType]:
+    """Modules for ``from torchvision.transforms import functional`` (k_diffusion.utils' image helpers; spandrel's
+    registry imports ``names`` from it), for a library imported without torchvision; none where it is installed."""
     if "torchvision" in sys.modules:
         return {}
     functional = types.ModuleType("torchvision.transforms.functional")
+    for name, value in names.items():
+        setattr(functional, name, value)
     transforms = types.ModuleType("torchvision.transforms")
     transforms.functional = functional
     package = types.ModuleType("torchvision")
@@ -76,7 +79,7 @@ def k_diffusion() -> tuple[types.ModuleType, types.ModuleType]:
             raise UsageError(f"k-diffusion is not installed: scripts/setup.sh installs it (pip install --no-deps "
                              f"{K_DIFFUSION} torchdiffeq)")
         sys.modules.setdefault("k_diffusion", importlib.util.module_from_spec(spec))  # a package, not executed
-        stand_ins = _torchvision_stand_in()
+        stand_ins = torchvision_stand_in()
         sys.modules.update(stand_ins)
         try:
             sampling = importlib.import_module("k_diffusion.sampling")
