@@ -48,7 +48,7 @@ from sdtrt.contract.spec import (
     upscaler_component,
 )
 from sdtrt.requests.generation import Generation, batch_count, concatenate, one_per_image
-from sdtrt.requests.model_upscale import ModelUpscaler
+from sdtrt.postprocessing.model_upscale import ModelUpscaler
 from sdtrt.requests.plan import validate
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, pixel_steps, resolve_seeds
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sdtrt.contract.errors import UsageError
+from sdtrt.contract.hires import MAX_TILE
 from sdtrt.contract.spec import (BATCH, UPSCALE_H, UPSCALE_W, UPSCALED_H, UPSCALED_W, DimRange, TensorSpec,
                                 upscaler_component)
 from sdtrt.export.checkpoint import file_sha256, folder_files, read_weights
@@ -32,7 +33,6 @@ from sdtrt.pipeline.ksampling import torchvision_stand_in
 SPANDREL = "spandrel==0.4.2"  # as scripts/setup.sh installs it (--no-deps; einops is one of sdtrt's own)
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt")  # .pth / .pt read weights-only unless --allow-pickle
 MAX_UPSCALERS = 32
-MAX_TILE = 512  # A1111's ESRGAN_tile slider ends here; 0 (no tiling) runs tiles of this size instead
 # The tile sizes the networks take: from spandrel's smallest requirement to MAX_TILE, A1111's 192 the optimum
 TILE_DIMS = {UPSCALE_H: DimRange(16, 192, MAX_TILE), UPSCALE_W: DimRange(16, 192, MAX_TILE)}
 _LOCK = threading.Lock()

@@ -23,15 +23,16 @@ LAYERS: dict[str, tuple[int, str]] = {
     "sdtrt": (0, "the package root: its version; __main__ runs the CLI (checked as the applications)"),
     "sdtrt/contract": (0, "the spec, errors, samplers, seeds, files, images: what every layer reads"),
     "sdtrt/requests": (1, "a request's fields and validation, A1111's prompt syntax, styles, infotext"),
-    "sdtrt/pipeline": (2, "conditioning, the denoising loop, jobs, VAE, runners, the in-process runner"),
-    "model_repository": (3, "the repository generator: config.pbtxt, perf inputs, probes from the spec"),
-    "export": (4, "checkpoint -> ONNX -> engines, and the spec"),
-    "model_repository/models": (4, "the Triton models the generated repository loads"),
-    "client": (5, "the client library over tritonclient"),
-    "model_repository/serving": (5, "tritonserver's launcher, watchdog and healer"),
-    "client/apps": (6, "the sdtrt command, the A1111 gateway, the page"),
+    "sdtrt/postprocessing": (2, "a finished picture: upscaler models tiled, Extras' sizes, faces restored"),
+    "sdtrt/pipeline": (3, "conditioning, the denoising loop, jobs, VAE, runners, the in-process runner"),
+    "model_repository": (4, "the repository generator: config.pbtxt, perf inputs, probes from the spec"),
+    "export": (5, "checkpoint -> ONNX -> engines, and the spec"),
+    "model_repository/models": (5, "the Triton models the generated repository loads"),
+    "client": (6, "the client library over tritonclient"),
+    "model_repository/serving": (6, "tritonserver's launcher, watchdog and healer"),
+    "client/apps": (7, "the sdtrt command, the A1111 gateway, the page"),
 }
-THIN = {"sdtrt/contract", "sdtrt/requests", "client"}  # importable where only the client install is
+THIN = {"sdtrt/contract", "sdtrt/requests", "sdtrt/postprocessing", "client"}  # importable where only the client install is
 MAX_MODULES = 15
 HEAVY = {"torch", "diffusers", "transformers", "onnxruntime", "openvino", "onnx", "onnxscript", "tensorrt", "polygraphy", "peft",
          "accelerate", "safetensors", "triton_python_backend_utils"}

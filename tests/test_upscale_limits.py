@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtrt.requests import upscale
+from sdtrt.postprocessing import upscale
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.requests.upscale import (MAX_SIDE, MAX_UPSCALE_PIXELS, ExtrasUpscale, check_upscale, extras_upscale,
+from sdtrt.postprocessing.upscale import (MAX_SIDE, MAX_UPSCALE_PIXELS, ExtrasUpscale, check_upscale, extras_upscale,
                            intermediate_size, output_size)
 
 
@@ -101,7 +101,7 @@ def test_a_thin_picture_cropped_to_the_largest_size_stays_within_a_gigabyte():
         import json, re, sys
         import numpy as np
         from PIL import Image
-        from sdtrt.requests.upscale import ExtrasUpscale, extras_upscale
+        from sdtrt.postprocessing.upscale import ExtrasUpscale, extras_upscale
         picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8192, 64, 3), dtype=np.uint8))
         job = ExtrasUpscale(sys.argv[1], sys.argv[2], 0.5, resize_mode=1, width=8192, height=8192, crop=True)
         out, info = extras_upscale(picture, job)

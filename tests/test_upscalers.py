@@ -209,7 +209,7 @@ def test_each_file_is_registered_under_its_stem_with_its_architecture_and_scale(
 @pytest.mark.parametrize("name", ["4x-tiny-esrgan", "4x-tiny-old", "2x-tiny-esrgan", "4x-tiny-compact"])
 @pytest.mark.parametrize("tile, overlap", [(0, 0), (32, 8)])
 def test_the_network_tiled_as_a1111_tiles_it_gives_the_torch_modules_picture(local, name, tile, overlap):
-    from sdtrt.requests.model_upscale import upscale_once
+    from sdtrt.postprocessing.model_upscale import upscale_once
 
     picture = Image.fromarray(sample_picture(56, 40))
     ours = upscale_once(picture, local.networks(local.plan(Txt2ImgRequest(prompt="x"))).upscaler(name), tile, overlap)
@@ -220,7 +220,7 @@ def test_the_network_tiled_as_a1111_tiles_it_gives_the_torch_modules_picture(loc
 
 def test_a_2x_model_runs_twice_for_a_4x_upscale_then_lanczos_to_the_size(local):
     """A1111's Upscaler.upscale: the model until the picture covers the target, then Lanczos down to it."""
-    from sdtrt.requests.model_upscale import upscale_to
+    from sdtrt.postprocessing.model_upscale import upscale_to
 
     picture = Image.fromarray(sample_picture(40, 40))
     model = local.networks(local.plan(Txt2ImgRequest(prompt="x"))).upscaler("2x-tiny-esrgan")
@@ -319,7 +319,7 @@ def sd_upscale_through_the_gateway(api: TestClient) -> None:
 
 def test_a_model_pass_over_the_bounds_is_refused_before_it_runs():
     """A 4x model on 3000 px for a 2x result: the result (6000 px) fits, the model's pass (12000 px) does not."""
-    from sdtrt.requests.upscale import ExtrasUpscale, check_upscale
+    from sdtrt.postprocessing.upscale import ExtrasUpscale, check_upscale
 
     check_upscale((3000, 3000), ExtrasUpscale("Lanczos", scale=2.0))
     with pytest.raises(InvalidRequest) as exc:

@@ -60,7 +60,7 @@ from sdtrt.contract.prometheus import scrape
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.styles import load_styles
-from sdtrt.requests.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
+from sdtrt.postprocessing.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
 
 log = logging.getLogger("sdtrt.gateway")
 

@@ -36,7 +36,7 @@ from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, BY_NAME, FIELDS, Req
 from sdtrt.requests.generation import check_n_iter, settings_from_infotext
 from sdtrt.requests.infotext import check_infotext
 from sdtrt.requests.styles import apply_styles
-from sdtrt.requests.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, check_upscale
+from sdtrt.postprocessing.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, check_upscale
 
 # A1111's scheduler names (its API takes name or label) -> sdtrt schedule types
 SCHEDULER_NAMES = {label.lower().replace(" ", "_"): label for label in SCHEDULE_TYPES}  # A1111's names: "sgm_uniform"

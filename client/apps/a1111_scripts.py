@@ -34,7 +34,7 @@ from sdtrt.contract.spec import IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.grids import Label, annotate_grid, combine_tiles, image_grid, split_tiles
 from sdtrt.requests.infotext import build_infotext, parse_infotext
-from sdtrt.requests.upscale import (EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, ModelUpscalers,
+from sdtrt.postprocessing.upscale import (EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, ModelUpscalers,
                                     check_upscale, upscale_by)
 
 # The generations one script request may start (each at most the model's batch size): a grid of 10 x 10 cells.

@@ -45,7 +45,7 @@ from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_
 from sdtrt.requests.fields import LABELS, tab_fields
 from sdtrt.requests.generation import Generation, settings_from_infotext
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
-from sdtrt.requests.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
+from sdtrt.postprocessing.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
 
 log = logging.getLogger("sdtrt.page")
 

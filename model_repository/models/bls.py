@@ -38,7 +38,7 @@ from sdtrt.model_repository.configs import (
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
-from sdtrt.requests.model_upscale import ModelUpscaler
+from sdtrt.postprocessing.model_upscale import ModelUpscaler
 from sdtrt.requests.plan import TextPair
 
 # Every BLS call has a deadline: a stage that hangs (a stopped or deadlocked stub) must fail the request, not hold

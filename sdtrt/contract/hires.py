@@ -38,6 +38,9 @@ HIRES_UPSCALERS: dict[str, Upscaler] = {
     ]
 }
 DEFAULT_UPSCALER = "Latent"
+# An upscaler model's tiles (A1111's options ESRGAN_tile, ESRGAN_tile_overlap): the networks take tiles up to
+# MAX_TILE a side (A1111's slider ends there); 0, the whole picture, runs tiles of that size on larger ones
+MAX_TILE, DEFAULT_TILE, DEFAULT_OVERLAP = 512, 192, 8
 
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:

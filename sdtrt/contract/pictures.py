@@ -19,7 +19,7 @@ from sdtrt.contract.errors import InvalidRequest
 
 PICTURE_FORMATS = ("PNG", "JPEG", "WEBP")
 # 16.7 megapixels: a 4096 x 4096 picture, 48 MiB as RGB. Larger than any size the models draw (up to 1536 a side)
-# and than what hires fix or Extras start from; an upscale's own result is bounded separately (sdtrt.requests.upscale).
+# and than what hires fix or Extras start from; an upscale's own result is bounded separately (sdtrt.postprocessing.upscale).
 MAX_PICTURE_PIXELS = 4096 * 4096
 MAX_PICTURE_BYTES = 32 * 2**20  # an encoded picture (a 4096 x 4096 PNG of noise is ~48 MB; photos are far less)
 

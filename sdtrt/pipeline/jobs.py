@@ -34,7 +34,7 @@ from sdtrt.pipeline.soft_inpainting import SoftInpainting
 from sdtrt.pipeline.timesteps import TRAINING_STEPS, TSchedule
 from sdtrt.pipeline.vae import sample_latents
 from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs, finish_images, to_model_input
-from sdtrt.requests.model_upscale import ModelUpscaler, upscale_to
+from sdtrt.postprocessing.model_upscale import ModelUpscaler, upscale_to
 from sdtrt.requests.plan import Plan, TextPair
 from sdtrt.requests.request import Txt2ImgRequest, hires_request, hires_target
 

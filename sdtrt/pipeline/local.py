@@ -22,7 +22,7 @@ from sdtrt.pipeline.runners import CPU_ENGINES, Runner, TensorRtRunner, cpu_runn
 from sdtrt.pipeline.text import load_tokenizer
 from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras
 from sdtrt.requests.generation import Generation, infotexts
-from sdtrt.requests.model_upscale import ModelUpscaler
+from sdtrt.postprocessing.model_upscale import ModelUpscaler
 from sdtrt.requests.plan import Plan, TextPair, plan_request
 from sdtrt.requests.prompts import piece_rows
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest

@@ -21,7 +21,7 @@ from sdtrt.contract.samplers import (DEFAULT_SAMPLER, DEFAULT_SCHEDULE, NOISE_SC
 from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
-from sdtrt.requests.model_upscale import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_TILE
+from sdtrt.contract.hires import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_TILE
 from sdtrt.requests.prompts import COMMA_BACKTRACK, EMPHASES
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum

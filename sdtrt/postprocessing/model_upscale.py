@@ -22,11 +22,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from sdtrt.contract.hires import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_TILE
 from sdtrt.requests.grids import Tiles, combine_tiles, split_tiles
 
 Run = Callable[[np.ndarray], np.ndarray]  # [N, 3, h, w] float32 BGR in [0, 1] -> [N, 3, h * s, w * s]
-MAX_TILE = 512  # (export/upscalers.py's networks take tiles up to this side)
-DEFAULT_TILE, DEFAULT_OVERLAP = 192, 8  # A1111's ESRGAN_tile, ESRGAN_tile_overlap
 
 
 @dataclass(frozen=True)

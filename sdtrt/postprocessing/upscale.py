@@ -1,5 +1,5 @@
 """A1111's Extras upscale (``/sdapi/v1/extra-single-image``, ``extra-batch-images``) with the upscalers sdtrt has:
-PIL's, and the upscaler models a model was exported with (run by ``sdtrt.requests.model_upscale``).
+PIL's, and the upscaler models a model was exported with (run by ``sdtrt.postprocessing.model_upscale``).
 
 A1111's rules, kept so that the same request gives the same size: the size is the scale times the picture's,
 rounded down to a multiple of 8; "upscale to" scales by the larger of the two ratios and, with crop, centres the
@@ -24,7 +24,7 @@ from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.hires import HIRES_UPSCALERS
-from sdtrt.requests import model_upscale
+from sdtrt.postprocessing import model_upscale
 
 EXTRAS_UPSCALERS = {name: u for name, u in HIRES_UPSCALERS.items() if not u.latent_mode}
 NO_UPSCALER = "None"
@@ -176,7 +176,7 @@ def _how(job: ExtrasUpscale) -> str:
 
 def upscale_by(image: Image.Image, name: str, scale: float, models: "ModelUpscalers | None" = None) -> Image.Image:
     """One upscaler, as A1111's Upscaler.upscale: its own resize to the scaled size (a model's passes:
-    sdtrt.requests.model_upscale), then Lanczos down to the size rounded to a multiple of 8."""
+    sdtrt.postprocessing.model_upscale), then Lanczos down to the size rounded to a multiple of 8."""
     if models is not None and name in models.models:
         return model_upscale.upscale_by(image, models.models[name], scale, models.tile, models.overlap)
     (own_w, own_h), (width, height) = _scaled(image.size, scale)
