@@ -48,6 +48,7 @@ from sdtrt.contract.spec import (
     upscaler_component,
 )
 from sdtrt.requests.generation import Generation, batch_count, concatenate, one_per_image
+from sdtrt.postprocessing.faces import FaceNetworks, face_networks
 from sdtrt.postprocessing.model_upscale import ModelUpscaler
 from sdtrt.requests.plan import validate
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, pixel_steps, resolve_seeds
@@ -250,6 +251,35 @@ class Client:
             for name in spec.upscalers:
                 found.setdefault(name, spec)
         return found
+
+    def face_restorers(self) -> dict[str, ModelSpec]:
+        """The face restorers (GFPGAN, CodeFormer) the server's models were exported with (--face-restorers),
+        each with the model it is one of (the first that has it)."""
+        found: dict[str, ModelSpec] = {}
+        for spec in self.catalog.models.values():
+            for name in spec.face_restorers:
+                found.setdefault(name, spec)
+        return found
+
+    def face_networks(self, restorer: str, weight: float = 0.5) -> FaceNetworks:
+        """A registered face restorer with its face detector and parser, whose networks run on the server."""
+        spec = self.face_restorers()[restorer]
+        module = _module(self.protocol)
+
+        def run(name: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+            component = spec.component(name)
+            # (a per-row scalar, CodeFormer's weight, travels as [rows, 1]: model_repository.configs)
+            inputs = [self._tensor(module, t.name, np.ascontiguousarray(a.reshape(-1, 1) if len(t.shape) == 1 else a,
+                                                                        t.dtype), WIRE_DTYPES[t.dtype])
+                      for t, a in zip(component.inputs, arrays)]
+            outputs = [module.InferRequestedOutput(t.name) for t in component.outputs]
+            try:
+                response = self._client().infer(spec.triton_name(name), inputs, outputs=outputs)
+            except Exception as exc:
+                raise self._error(exc) from None
+            return {t.name: response.as_numpy(t.name) for t in component.outputs}
+
+        return face_networks(spec, restorer, weight, run)
 
     def upscaler(self, name: str) -> ModelUpscaler:
         """A registered upscaler model whose network runs on the server: tiles in, upscaled tiles out."""

@@ -65,6 +65,7 @@ from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.export.options import ExportOptions
 from sdtrt.export.tensorrt import EngineOptions, build_engines, refit_engine, refitted_filename
+from sdtrt.export.faces import DETECT_DIMS, register_face_restorers
 from sdtrt.export.upscalers import TILE_DIMS, register_upscalers
 from sdtrt.export.vaes import register_vaes
 from sdtrt.model_repository.build import write_model, write_networks, write_repository
@@ -159,15 +160,17 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: 
         if options.vae_dir is not None else ([], {})
     upscaler_networks, upscalers = register_upscalers(Path(options.upscaler_dir), options.allow_pickle, report) \
         if options.upscaler_dir is not None else ([], {})
-    networks += vae_networks + upscaler_networks
-    if upscalers:
-        dims = {**dims, **TILE_DIMS}
+    face_networks, face_restorers, face_helpers = register_face_restorers(
+        Path(options.face_restorer_dir), options.allow_pickle, report) if options.face_restorer_dir is not None \
+        else ([], {}, {})
+    networks += vae_networks + upscaler_networks + face_networks
+    dims = {**dims, **(TILE_DIMS if upscalers else {}), **(DETECT_DIMS if face_restorers else {})}
     components = export_networks(networks, repo, key, dims, text_max_length, options.progress, report)
     pipe.tokenizer.save_pretrained(str(repo / tokenizer_dir(key)))
     spec = build_spec(ckpt, key, components, dims, options, native=native, text_max_length=text_max_length,
-                      upscalers=tuple(upscalers))
-    spec = replace(spec, extra={**spec.extra, "export_key": inputs, "export_base": base}, vaes=vaes,
-                   upscalers=upscalers, **registered)
+                      registered={"upscalers": tuple(upscalers), "face_restorers": tuple(face_restorers)})
+    extra = {**spec.extra, "export_key": inputs, "export_base": base, **({"face_helpers": face_helpers} if face_helpers else {})}
+    spec = replace(spec, extra=extra, vaes=vaes, upscalers=upscalers, face_restorers=face_restorers, **registered)
     if options.engines is not None:
         spec = build_engines(repo, spec, options.engines, report, options.progress)
     write_model(repo, spec, options.served)
@@ -214,7 +217,7 @@ def export_key(source_sha: str, **inputs) -> str:
     vae_sha = file_sha256(Path(vae), progress=False) if vae is not None and Path(vae).is_file() else vae
     config = inputs.pop("config")
     config_sha = folder_sha256(Path(config), progress=False) if config is not None else None
-    for folder in ("lora_dir", "embedding_dir", "vae_dir", "upscaler_dir"):  # their files' contents, not names
+    for folder in ("lora_dir", "embedding_dir", "vae_dir", "upscaler_dir", "face_restorer_dir"):  # their files' contents, not names
         if inputs[folder] is not None and Path(inputs[folder]).is_dir():
             inputs[folder] = folder_sha256(Path(inputs[folder]), progress=False)
     record = {"source": source_sha, "loras": loras, "vae": vae_sha, "config": config_sha, "sdtrt": __version__,
@@ -461,8 +464,9 @@ def refit_repository(repo: str | Path, model: str | Path, *, name: str | None = 
 
 
 def build_spec(ckpt: Checkpoint, key: str, components: dict, dims: dict, options: ExportOptions, *, native: int,
-               text_max_length: int, upscalers: tuple[str, ...] = ()) -> ModelSpec:
-    """The model's spec, from its checkpoint, its exported networks and the (fitted) export options."""
+               text_max_length: int, registered: dict[str, tuple[str, ...]] | None = None) -> ModelSpec:
+    """The model's spec, from its checkpoint, its exported networks and the (fitted) export options
+    (``registered``: the names of its upscalers and face restorers, the request fields' choices)."""
     pipe = ckpt.pipe
     return ModelSpec(
         name=key,
@@ -481,7 +485,7 @@ def build_spec(ckpt: Checkpoint, key: str, components: dict, dims: dict, options
         components=components,
         request=request_fields(native, options.min_size, options.max_size, factor, options.max_batch,
                                clip_layers=clip_skip_layers(pipe), max_prompt_chars=options.max_prompt_chars,
-                               upscalers=upscalers),
+                               **(registered or {})),
         max_pixel_steps=options.max_pixel_steps,
         schedules=schedule_table(dict(pipe.scheduler.config)),
         align_your_steps=align_your_steps_levels(pipe),

@@ -32,6 +32,7 @@ class ExportOptions:
     vae: str | Path | None = None
     vae_dir: str | Path | None = None  # VAEs requests may pick by file name (export/vaes.py)
     upscaler_dir: str | Path | None = None  # upscaler models for the hires fix and Extras (export/upscalers.py)
+    face_restorer_dir: str | Path | None = None  # GFPGAN / CodeFormer and facexlib's detector, parser (export/faces.py)
     tiling: bool = False
     allow_pickle: bool = False
     prediction_type: str | None = None

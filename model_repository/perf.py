@@ -19,6 +19,8 @@ from sdtrt.contract.spec import (
     TEXT_BATCH,
     TXT2IMG,
     UNET_BATCH,
+    FACE_DETECT_H,
+    FACE_DETECT_W,
     UPSCALE_H,
     UPSCALE_W,
     ModelSpec,
@@ -59,7 +61,8 @@ def perf_inputs(spec: ModelSpec, default: bool = True) -> dict[str, dict[str, An
     size = native * spec.vae_scale_factor
     dims = {BATCH: 1, TEXT_BATCH: 1, UNET_BATCH: 1, LATENT_H: native, LATENT_W: native,
             CONTEXT: spec.text_max_length, IMAGE_H: size, IMAGE_W: size,
-            **{d: spec.dims[d].opt for d in (UPSCALE_H, UPSCALE_W) if d in spec.dims}}  # (an upscaler's tile)
+            # (an upscaler's tile, the face detector's picture)
+            **{d: spec.dims[d].opt for d in (UPSCALE_H, UPSCALE_W, FACE_DETECT_H, FACE_DETECT_W) if d in spec.dims}}
     img2img = {name: [fields[name]] for name in job_fields(Img2ImgRequest)}
     img2img[INIT_IMAGE] = {"content": [128] * (size * size * 3), "shape": [size, size, 3]}
 

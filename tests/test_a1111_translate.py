@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from sdtrt.client.apps import a1111_responses as answer
 from sdtrt.client.apps.a1111_requests import (
-    ExtrasSingleImageBody, Img2ImgBody, Job, Txt2ImgBody, UserOptions, extras_job, ignored_fields,
+    ExtrasSingleImageBody, Img2ImgBody, Job, Txt2ImgBody, UserOptions, extras_face_steps, extras_job, ignored_fields,
     load_user_options, save_user_options, translate, updated_options,
 )
 from sdtrt.contract.errors import UsageError
@@ -219,6 +219,9 @@ def test_numbered_choices_come_from_the_registry_by_number_and_from_an_infotext_
      {"clip_skip": 2, "randn_source": "NV"}),
     ({"enable_hr": True, "hr_upscaler": "Latent (nearest)", "denoising_strength": 0.4},
      {"hr_upscaler": "Latent (nearest)", "denoising_strength": 0.4}),
+    ({"restore_faces": True, "override_settings": {"face_restoration_model": "GFPGAN", "code_former_weight": 0.3}},
+     {"restore_faces": True, "face_restorer": "GFPGAN", "code_former_weight": 0.3}),
+    ({"override_settings": {"face_restoration": True}}, {"restore_faces": True}),
 ])
 def test_a1111s_names_become_sdtrts(catalog, given, wanted):
     settings = translate(Txt2ImgBody(prompt="x", **given), UserOptions(), {}, catalog)
@@ -227,7 +230,8 @@ def test_a1111s_names_become_sdtrts(catalog, given, wanted):
 
 @pytest.mark.parametrize("given, field", [
     ({"override_settings": {"tiling": "yes"}}, "override_settings.tiling"),
-    ({"restore_faces": True}, "restore_faces"),
+    ({"restore_faces": True, "override_settings": {"code_former_weight": 2}}, "override_settings.code_former_weight"),
+    ({"override_settings": {"face_restoration": "on"}}, "override_settings.face_restoration"),
     ({"override_settings": {"randn_source": "TPU"}}, "override_settings.randn_source"),
     ({"override_settings": {"eta_noise_seed_delta": -5}}, "override_settings.eta_noise_seed_delta"),
     ({"override_settings": {"s_churn": "lots"}}, "override_settings.s_churn"),
@@ -346,10 +350,18 @@ def test_a_users_options_are_kept_checked_and_used(catalog):
 def test_extras_requests_are_bounded_by_name():
     body = ExtrasSingleImageBody(image=png(), upscaler_1="Lanczos", upscaling_resize=2)
     assert extras_job(body).upscaler_1 == "Lanczos"
-    for given, field in [({"gfpgan_visibility": 0.5}, "gfpgan_visibility"), ({"upscaler_1": "ESRGAN_9x"}, "upscaler_1"),
-                         ({"upscaling_resize": 20}, "upscaling_resize"), ({"image": ""}, "image")]:
+    for given, field in [({"upscaler_1": "ESRGAN_9x"}, "upscaler_1"), ({"upscaling_resize": 20}, "upscaling_resize"),
+                         ({"image": ""}, "image")]:
         with pytest.raises(HTTPException) as excinfo:
             extras_job(ExtrasSingleImageBody(**{**body.model_dump(), **given}))
+        assert refused(excinfo)[0] == field
+    # the face steps: a restorer the server has, at a share from 0 to 1
+    assert extras_face_steps(ExtrasSingleImageBody(**{**body.model_dump(), "gfpgan_visibility": 0.5}),
+                             ("GFPGAN",)).restorers() == ["GFPGAN"]
+    for given, field in [({"gfpgan_visibility": 0.5}, "gfpgan_visibility"), ({"codeformer_weight": 1.5}, "codeformer_weight"),
+                         ({"codeformer_visibility": 0.2}, "codeformer_visibility")]:
+        with pytest.raises(HTTPException) as excinfo:
+            extras_face_steps(ExtrasSingleImageBody(**{**body.model_dump(), **given}), ())
         assert refused(excinfo)[0] == field
 
 

@@ -38,6 +38,7 @@ from sdtrt.client.apps.a1111_requests import (
     _Request,
     check_extras_size,
     decode_image,
+    extras_face_steps,
     extras_job,
     ignored_fields,
     img2img_pictures,
@@ -60,6 +61,7 @@ from sdtrt.contract.prometheus import scrape
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.styles import load_styles
+from sdtrt.postprocessing.faces import extras_faces
 from sdtrt.postprocessing.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
 
 log = logging.getLogger("sdtrt.gateway")
@@ -384,12 +386,14 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
         if body.model_extra:
             response.headers["X-Sdtrt-Ignored-Fields"] = header_list(sorted(body.model_extra))
         job = extras_job(body, tuple(gateway.client.upscalers()))
+        faces = extras_face_steps(body, tuple(gateway.client.face_restorers()))
         picture = open_image(body.image, "image")
         models = extras_models(gateway, job, user)
         check_extras_size(picture.size, job, models and {n: m.scale for n, m in models.models.items()})
         chunks = {k: v for k, v in picture.info.items() if isinstance(k, str) and isinstance(v, str)}
         result, done = extras_upscale(picture.convert("RGB"), job, models)
-        return answer.extras_response(result, chunks, done, body.show_extras_results)
+        result, faces_done = extras_faces(result, faces, gateway.client.face_networks)
+        return answer.extras_response(result, chunks, {**done, **faces_done}, body.show_extras_results)
 
     @app.post("/sdapi/v1/extra-batch-images", tags=["generation"])
     def extra_batch_images(body: ExtrasBatchBody, response: Response,
@@ -399,6 +403,7 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
         if body.model_extra:
             response.headers["X-Sdtrt-Ignored-Fields"] = header_list(sorted(body.model_extra))
         job = extras_job(body, tuple(gateway.client.upscalers()))
+        faces = extras_face_steps(body, tuple(gateway.client.face_restorers()))
         models = extras_models(gateway, job, user)
         pictures = [open_image(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
         for picture in pictures:
@@ -407,7 +412,8 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
         for picture in pictures:
             chunks = {k: v for k, v in picture.info.items() if isinstance(k, str) and isinstance(v, str)}
             result, done = extras_upscale(picture.convert("RGB"), job, models)
-            results.append(answer.extras_response(result, chunks, done, body.show_extras_results))
+            result, faces_done = extras_faces(result, faces, gateway.client.face_networks)
+            results.append(answer.extras_response(result, chunks, {**done, **faces_done}, body.show_extras_results))
         return {"html_info": results[0]["html_info"], "images": [r["image"] for r in results]}
 
 
@@ -512,7 +518,8 @@ def add_info_routes(app: FastAPI, gateway: Gateway, metrics_url: str | None, fla
              "scripts": lambda: {tab: script_titles(tab) + alwayson_titles(tab) for tab in (TXT2IMG, IMG2IMG)},
              "script-info": lambda: script_info(list(client.upscalers())) + alwayson_info(client.catalog),
              # What sdtrt has none of, said as A1111 says it: empty lists (clients that list them first keep working)
-             **{path: lambda: [] for path in ("hypernetworks", "face-restorers", "extensions")},
+             "face-restorers": lambda: answer.face_restorer_list(client.catalog),
+             **{path: lambda: [] for path in ("hypernetworks", "extensions")},
              "sd-models": lambda: answer.sd_model_list(client.catalog),
              "sd-vae": lambda: answer.vae_list(client.catalog),
              "prompt-styles": lambda: answer.style_list(gateway.styles()),

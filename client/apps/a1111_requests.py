@@ -36,6 +36,7 @@ from sdtrt.requests.fields import A1111_AS_IS, A1111_NAMES, BY_NAME, FIELDS, Req
 from sdtrt.requests.generation import check_n_iter, settings_from_infotext
 from sdtrt.requests.infotext import check_infotext
 from sdtrt.requests.styles import apply_styles
+from sdtrt.postprocessing.faces import ExtrasFaces
 from sdtrt.postprocessing.upscale import EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, check_upscale
 
 # A1111's scheduler names (its API takes name or label) -> sdtrt schedule types
@@ -77,7 +78,7 @@ CHOICE_OPTIONS = {"sd_noise_schedule": "sd_noise_schedule", "emphasis": "emphasi
 # kept with the options sdtrt has no use for, and read when a request runs
 OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "pad_cond_uncond_v0", "enable_prompt_comments", "img2img_fix_steps",
                          "s_min_uncond_all", *CHOICE_OPTIONS, *SAMPLER_FLAGS, "refiner_switch_by_sample_steps",
-                         "sd_vae", "sdxl_clip_l_skip", "uni_pc_lower_order_final")
+                         "sd_vae", "sdxl_clip_l_skip", "uni_pc_lower_order_final", "face_restoration")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
 # A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
@@ -127,7 +128,8 @@ class _RequestBase(BaseModel):
     sampler_index: str = Field("Euler", description="legacy name of sampler_name, used when that is absent")
     scheduler: str | None = Field(None, description="Automatic, Karras, Exponential or SGM Uniform")
     n_iter: int = 1
-    restore_faces: bool | None = Field(None, description="not supported: refused when true")
+    restore_faces: bool | None = Field(None, description="restore faces (a model exported with --face-restorers); "
+                                       "null: the face_restoration option")
     tiling: bool | None = Field(None, description="seamless tiling (a model exported with --tiling); null: the "
                                 "tiling option")
     do_not_save_samples: bool = False
@@ -192,15 +194,16 @@ Img2ImgBody = create_model("Img2ImgBody", __base__=_Img2ImgBody, __module__=__na
 
 
 class ExtrasBody(BaseModel):
-    """A1111's Extras on one picture; sdtrt has its upscalers (GET /sdapi/v1/upscalers), no face restoration."""
+    """A1111's Extras on one picture: sdtrt's upscalers (GET /sdapi/v1/upscalers), then its face restorers
+    (GET /sdapi/v1/face-restorers)."""
 
     model_config = ConfigDict(extra="allow")
 
     resize_mode: int = Field(0, description="0: upscale by upscaling_resize; 1: to upscaling_resize_w x _h")
     show_extras_results: bool = True
-    gfpgan_visibility: float = Field(0.0, description="not supported: refused unless 0")
-    codeformer_visibility: float = Field(0.0, description="not supported: refused unless 0")
-    codeformer_weight: float = 0.0
+    gfpgan_visibility: float = Field(0.0, description="GFPGAN's restored faces blended in at this share (0: off)")
+    codeformer_visibility: float = Field(0.0, description="CodeFormer's restored faces blended in at this share")
+    codeformer_weight: float = Field(0.0, description="CodeFormer's fidelity: 0 = the most change, 1 = the least")
     upscaling_resize: float = 2.0
     upscaling_resize_w: int = 512
     upscaling_resize_h: int = 512
@@ -228,13 +231,25 @@ class ExtrasBatchBody(ExtrasBody):
                                          description=f"at most {MAX_EXTRAS_IMAGES} pictures")
 
 
-# field -> the value(s) it may have; anything else is refused with 422 (the fields whose effect depends on other
-# fields are checked where they are read)
-UNSUPPORTED = {"restore_faces": (None, False)}
-# What sdtrt lacks of A1111 for now, and where it is coming from: said in the refusal.
-NOT_YET = {
-    "restore_faces": "face restoration (GFPGAN, CodeFormer) is not served yet (the upscaler models are: --upscalers)",
-}
+def face_settings(body: "_Request", mine: UserOptions) -> dict[str, Any]:
+    """A1111's Restore faces: the request's restore_faces, else the user's face_restoration option; with it the
+    face restoration model and CodeFormer's weight, from the override or the user's options (unset: the model's
+    CodeFormer, else its GFPGAN; A1111's 0.5)."""
+    if not option_flag(body, mine, "face_restoration", "restore_faces"):
+        return {}
+    settings: dict[str, Any] = {"restore_faces": True}
+    for option, target in (("face_restoration_model", "face_restorer"), ("code_former_weight", "code_former_weight")):
+        for where, value in ((f"override_settings.{option}", (body.override_settings or {}).get(option)),
+                             (f"options.{option}", mine.options.get(option))):
+            if value is None:
+                continue
+            kind = str if target == "face_restorer" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind) or (kind != str and not 0 <= value <= 1):
+                raise refuse(where, f"{'a face restorer name' if kind == str else 'a number from 0 to 1'} "
+                                    f"(got {str(value)[:80]!r})")
+            settings[target] = value
+            break
+    return settings
 
 
 def other_checkpoints(body: "_Request", catalog: Catalog) -> dict[str, Any]:
@@ -603,10 +618,6 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     arguments of Client.txt2img/img2img (the model's own limits are the client's to check)."""
     check_bounds(body)
     body = with_infotext(body)
-    for name, allowed in UNSUPPORTED.items():
-        if name in type(body).model_fields and getattr(body, name) not in allowed:
-            why = f" ({NOT_YET[name]})" if name in NOT_YET else ""
-            raise refuse(name, f"not supported by sdtrt{why} (allowed: {', '.join(repr(a) for a in allowed)})")
     settings = {A1111_AS_IS[k]: getattr(body, k) for k in A1111_AS_IS if k in type(body).model_fields}
     if body.styles:
         settings["prompt"], settings["negative_prompt"] = apply_styles(
@@ -646,6 +657,7 @@ def translate(body: _Request, mine: UserOptions, styles: dict, catalog: Catalog)
     if vae not in (None, *OWN_VAE_NAMES):
         settings["vae"] = vae
     settings.update(chosen_options(body, mine))
+    settings.update(face_settings(body, mine))
     settings.update(sampler_settings(body, settings["sampler"], {**sampler_options(mine), **changes.sampler}))
     if isinstance(body, Img2ImgBody):
         settings.update(img2img_settings(body))
@@ -705,9 +717,6 @@ def img2img_pictures(body: Img2ImgBody, max_batch: int, background: str = "#ffff
 def extras_job(body: ExtrasSingleImageBody, models: tuple[str, ...] = ()) -> ExtrasUpscale:
     """A1111's Extras request as sdtrt's upscale, its fields checked (the picture's size: check_extras_size;
     ``models``: the server's upscaler models)."""
-    for name in ("gfpgan_visibility", "codeformer_visibility"):
-        if getattr(body, name) != 0:
-            raise refuse(name, "face restoration is not available in sdtrt: 0 only")
     for name in ("upscaler_1", "upscaler_2"):
         if getattr(body, name) not in EXTRAS_UPSCALERS and getattr(body, name) not in models:
             raise refuse(name, f"one of {', '.join(map(repr, [*EXTRAS_UPSCALERS, *models]))} (got "
@@ -727,6 +736,20 @@ def extras_job(body: ExtrasSingleImageBody, models: tuple[str, ...] = ()) -> Ext
         raise refuse("imageList", f"1 to {MAX_EXTRAS_IMAGES} pictures")
     return ExtrasUpscale(body.upscaler_1, body.upscaler_2, body.extras_upscaler_2_visibility, body.resize_mode,
                          body.upscaling_resize, body.upscaling_resize_w, body.upscaling_resize_h, body.upscaling_crop)
+
+
+def extras_face_steps(body: ExtrasBody, restorers: tuple[str, ...]) -> ExtrasFaces:
+    """Extras' GFPGAN and CodeFormer steps, checked: shares from 0 to 1, a restorer the server has where one is on
+    (``restorers``: the server's face restorers)."""
+    for name in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"):
+        if not 0 <= getattr(body, name) <= 1:
+            raise refuse(name, f"from 0 to 1 (got {getattr(body, name):g})")
+    steps = ExtrasFaces(body.gfpgan_visibility, body.codeformer_visibility, body.codeformer_weight)
+    for restorer in steps.restorers():
+        if restorer not in restorers:
+            raise refuse(f"{restorer.lower()}_visibility", f"0: the server has no {restorer} (its face restorers: "
+                         f"{', '.join(restorers) or 'none'}; export with --face-restorers DIR)")
+    return steps
 
 
 def check_extras_size(size: tuple[int, int], job: ExtrasUpscale, models: dict[str, int] | None = None) -> None:

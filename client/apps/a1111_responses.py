@@ -133,6 +133,13 @@ def realesrgan_list(catalog: Catalog) -> list[dict[str, Any]]:
             if entry["architecture"] == "RealESRGAN Compact" or "realesrgan" in name.lower().replace("-", "")]
 
 
+def face_restorer_list(catalog: Catalog) -> list[dict[str, Any]]:
+    """The face restorers the server's models were exported with, in A1111's order (CodeFormer, GFPGAN); the
+    folder (cmd_dir) is the server's business."""
+    found = {name for spec in catalog.models.values() for name in spec.face_restorers}
+    return [{"name": name, "cmd_dir": None} for name in ("CodeFormer", "GFPGAN") if name in found]
+
+
 def sd_model_list(catalog: Catalog) -> list[dict[str, Any]]:
     """The server's models; ``filename`` is the checkpoint's file name (A1111 gives its path on the server's disk,
     which is nobody's business outside it)."""

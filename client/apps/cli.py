@@ -154,6 +154,10 @@ def _add_export(sub) -> None:
                    help="register every upscaler model in DIR (A1111's models/ESRGAN: ESRGAN, Real-ESRGAN incl. "
                    "compact, HAT; .safetensors, or .pth weights-only) under its file stem, for the hires fix's "
                    "hr_upscaler and Extras")
+    p.add_argument("--face-restorers", type=Path, default=None, metavar="DIR",
+                   help="register the face restorers in DIR (A1111's models/GFPGAN and models/Codeformer: a GFPGAN "
+                   "and/or a CodeFormer file, with facexlib's detection_Resnet50_Final and parsing_parsenet beside "
+                   "them), for restore_faces and Extras")
     p.add_argument("--tiling", action="store_true",
                    help="also export the U-Net and VAE with circular padding, for requests with tiling (A1111's "
                    "seamless 'Tiling'); adds their size to the export")
@@ -408,7 +412,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         name=args.name, default=args.default, config=args.config, loras=tuple(args.lora), lora_dir=args.loras,
         embedding_dir=args.embeddings, max_lora_rank=args.max_lora_rank, vae=args.vae, vae_dir=args.vaes,
-        upscaler_dir=args.upscalers, tiling=args.tiling,
+        upscaler_dir=args.upscalers, face_restorer_dir=args.face_restorers, tiling=args.tiling,
         allow_pickle=args.allow_pickle,
         prediction_type=args.prediction_type, max_batch=args.max_batch, min_size=args.min_size,
         max_size=args.max_size, max_chunks=args.max_chunks, max_pixel_steps=args.max_pixel_steps,

@@ -38,6 +38,7 @@ from sdtrt.model_repository.configs import (
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
+from sdtrt.postprocessing.faces import FaceNetworks, face_networks
 from sdtrt.postprocessing.model_upscale import ModelUpscaler
 from sdtrt.requests.plan import TextPair
 
@@ -209,6 +210,16 @@ class BlsNetworks:
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(self._single("vae_decoder", latents, torch.device("cpu")).numpy())
+
+    def face_networks(self, restorer: str, weight: float) -> FaceNetworks:
+        """The face networks, each call through its Triton model (and a check for cancellation)."""
+        cpu = torch.device("cpu")
+
+        def run(name: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+            outputs = self._call(self.spec.component(name), tuple(torch.from_numpy(a) for a in arrays), cpu)
+            return {key: value.numpy() for key, value in outputs.items()}
+
+        return face_networks(self.spec, restorer, weight, run)
 
     def upscaler(self, name: str) -> ModelUpscaler:
         """A registered upscaler model, its tiles through its Triton model (each call checks for cancellation)."""

@@ -18,7 +18,7 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 20  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 21  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
@@ -36,6 +36,8 @@ SPEC_VERSION = 20  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 18: A1111's UniPC options (unipc_variant, unipc_skip_type, unipc_order, unipc_lower_order_final)
 # 19: sdxl_crop_top and sdxl_crop_left (SDXL's time ids)
 # 20: comma_padding_backtrack (the tokenizer takes it)
+# 21: face restoration (face_restorers, the face detector, parser and restorer networks; restore_faces, face_restorer,
+# code_former_weight)
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
@@ -58,6 +60,18 @@ def vae_component(network: str, slug: str) -> str:
 def upscaler_component(slug: str) -> str:
     return f"upscaler_{slug}"
 
+
+# Face restoration (A1111's models/GFPGAN, models/Codeformer): an export with --face-restorers DIR adds facexlib's
+# face detector and face parser (the files A1111's face helper runs) and each restorer, named
+# face_restorer_<its slug> (ModelSpec.face_restorers: A1111's name, GFPGAN or CodeFormer -> file, hashes, slug).
+FACE_DETECTOR = "face_detector"
+FACE_PARSER = "face_parser"
+FACE_SIZE = 512  # the aligned face crop the parser and restorers take, as A1111's face helper cuts it
+
+
+def face_restorer_component(slug: str) -> str:
+    return f"face_restorer_{slug}"
+
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
                "float16": "FP16", "float32": "FP32"}
@@ -76,6 +90,10 @@ UPSCALE_H = "upscale_height"  # pixels of the tiles an upscaler model takes, whe
 UPSCALE_W = "upscale_width"
 UPSCALED_H = "upscaled_height"  # ... and gives (its scale times theirs)
 UPSCALED_W = "upscaled_width"
+FACE_DETECT_H = "face_detect_height"  # pixels of the picture the face detector takes (short side 640), when the
+FACE_DETECT_W = "face_detect_width"  # export registered face restorers
+FACE_BATCH = "face_batch"  # faces in a call: one (A1111 restores them one at a time), so Triton never batches them
+FACE_PRIORS = "face_priors"  # the detector's anchors: its outputs' rows, following its input's size
 
 # The models users call, and their tensors beside the request fields (each field is a [1]-shaped input named
 # after it). Server, generator and clients all read these names from here.
@@ -245,6 +263,7 @@ class ModelSpec:
     embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
     vaes: dict[str, dict[str, Any]] = field(default_factory=dict)  # (VAE_NETWORKS)
     upscalers: dict[str, dict[str, Any]] = field(default_factory=dict)  # (upscaler_component)
+    face_restorers: dict[str, dict[str, Any]] = field(default_factory=dict)  # (face_restorer_component)
     # Live previews: (latent channels + 1) x 3, latents -> RGB in [0, 1], fitted to the VAE (sdtrt.contract.previews)
     latent_preview: list[list[float]] = field(default_factory=list)
     spec_version: int = SPEC_VERSION

@@ -34,9 +34,10 @@ from sdtrt.pipeline.soft_inpainting import SoftInpainting
 from sdtrt.pipeline.timesteps import TRAINING_STEPS, TSchedule
 from sdtrt.pipeline.vae import sample_latents
 from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs, finish_images, to_model_input
+from sdtrt.postprocessing.faces import FaceNetworks, restore_faces
 from sdtrt.postprocessing.model_upscale import ModelUpscaler, upscale_to
 from sdtrt.requests.plan import Plan, TextPair
-from sdtrt.requests.request import Txt2ImgRequest, hires_request, hires_target
+from sdtrt.requests.request import Txt2ImgRequest, face_restorer, hires_request, hires_target
 
 OnStep = Callable[[int, int, torch.Tensor], None]  # (steps done, steps, latents now)
 Stage = Callable[[str], ContextManager]  # times (and, served, batches) one stage: "text", "denoise", "decode"
@@ -54,6 +55,9 @@ class Networks(Protocol):
 
     def upscaler(self, name: str) -> ModelUpscaler:
         """A registered upscaler model (the spec's ``upscalers``) with its network to run."""
+
+    def face_networks(self, restorer: str, weight: float) -> FaceNetworks:
+        """The face detector, parser and a registered restorer (the spec's ``face_restorers``) to run."""
 
     def encode_texts(self, texts: TextPair, clip_skip: int, clip_l_skip: bool = False
                      ) -> tuple[Conditioning, Conditioning]:
@@ -77,9 +81,18 @@ def run(plan: Plan, nets: Networks, on_step: OnStep | None = None, stage: Stage 
         latents = job(plan, prompts, nets, on_step, takeover)
     with stage("decode"):
         pictures = (takeover.decoder or nets).vae_decode(latents)
+        if plan.request.restore_faces:  # (A1111: before img2img's colour correction and overlay)
+            pictures = restore_pictures(pictures, plan, nets)
         if plan.images is not None:
             pictures = finish_images(pictures, plan.images, plan.spec.vae_scale_factor, plan.images.soft_masks)
     return pictures, list(plan.seeds)
+
+
+def restore_pictures(pictures: np.ndarray, plan: Plan, nets: Networks) -> np.ndarray:
+    """A1111's Restore faces on each decoded picture, by the request model's face restorer."""
+    request = plan.request
+    faces = nets.face_networks(face_restorer(plan.spec, request.face_restorer), request.code_former_weight)
+    return np.stack([np.asarray(restore_faces(Image.fromarray(p), faces)) for p in pictures])
 
 
 @dataclass

@@ -22,6 +22,7 @@ from sdtrt.pipeline.runners import CPU_ENGINES, Runner, TensorRtRunner, cpu_runn
 from sdtrt.pipeline.text import load_tokenizer
 from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras
 from sdtrt.requests.generation import Generation, infotexts
+from sdtrt.postprocessing.faces import FaceNetworks, face_networks
 from sdtrt.postprocessing.model_upscale import ModelUpscaler
 from sdtrt.requests.plan import Plan, TextPair, plan_request
 from sdtrt.requests.prompts import piece_rows
@@ -134,6 +135,9 @@ class LocalNetworks:
 
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(self._single("vae_decoder", latents.numpy()))
+
+    def face_networks(self, restorer: str, weight: float) -> FaceNetworks:
+        return face_networks(self.pipeline.spec, restorer, weight, lambda name, arrays: self.pipeline.run(name, *arrays))
 
     def upscaler(self, name: str) -> ModelUpscaler:
         spec = self.pipeline.spec

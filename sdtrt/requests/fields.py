@@ -42,6 +42,7 @@ class ModelLimits:
     clip_layers: int = 12
     max_prompt_chars: int | None = None
     upscalers: tuple[str, ...] = ()  # the upscaler models registered at export, by name
+    face_restorers: tuple[str, ...] = ()  # the face restorers registered at export (GFPGAN, CodeFormer)
 
 
 # A fixed value, or one read from the model's limits at export.
@@ -293,6 +294,15 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("tiling", "bool", False, "seamless tiling (A1111's 'Tiling'): the U-Net and VAE pad circularly, so "
                  "the picture wraps at its edges; needs a model exported with --tiling", a1111="tiling",
                  infotext="Tiling", label="Tiling"),
+    RequestField("restore_faces", "bool", False, "restore the faces of each picture once it is decoded, with "
+                 "face_restorer (A1111's 'Restore faces'); needs a model exported with --face-restorers DIR",
+                 a1111="restore_faces", label="Restore faces"),
+    RequestField("face_restorer", "string", "", "the face restorer restore_faces runs: one the model was exported "
+                 "with; empty = CodeFormer where it has it, else GFPGAN (A1111's option 'Face restoration model')",
+                 choices=lambda m: ("", *m.face_restorers), a1111="override_settings.face_restoration_model"),
+    RequestField("code_former_weight", "float32", 0.5, "CodeFormer's fidelity when it restores faces: 0 = the "
+                 "most change, 1 = the least (A1111's option 'CodeFormer weight')", minimum=0.0, maximum=1.0,
+                 a1111="override_settings.code_former_weight"),
     RequestField("vae", "string", "", "the VAE that decodes (and encodes img2img's picture): one the model was "
                  "exported with (--vaes DIR), by file name; empty, Automatic or None = the model's own (A1111's "
                  "'SD VAE')", max_length=MAX_MODEL_NAME, a1111="override_settings.sd_vae", infotext="VAE"),

@@ -14,7 +14,7 @@ from sdtrt.contract.spec import ModelSpec
 from sdtrt.requests.fields import BY_NAME, FIELDS, INFOTEXT_FIELDS
 from sdtrt.requests.infotext import build_infotext, parse_infotext
 from sdtrt.requests.plan import Plan
-from sdtrt.requests.request import Txt2ImgRequest, hires_request
+from sdtrt.requests.request import Txt2ImgRequest, face_restorer, hires_request
 
 # The schedule types A1111 hands its sigma range to that read it (sd_schedulers: the others ignore it)
 RANGED_SCHEDULES = ("Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Normal", "Beta")
@@ -50,6 +50,7 @@ def infotexts(plan: Plan) -> list[str]:
             "Schedule type": None if schedule == "Automatic" else schedule,
             "CFG scale": request.guidance_scale,
             "Seed": seed,
+            "Face restoration": face_restorer(model, request.face_restorer) if request.restore_faces else None,
             "Size": f"{request.width}x{request.height}",
             "Model hash": model.model_hash,
             "Model": model.name or model.model_name,

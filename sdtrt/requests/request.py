@@ -47,12 +47,12 @@ def job_fields(request_type: type) -> tuple[str, ...]:
 
 def request_fields(
     native_size: int, min_size: int, max_size: int, size_multiple: int, max_batch: int, clip_layers: int = 12,
-    max_prompt_chars: int | None = None, upscalers: tuple[str, ...] = (),
+    max_prompt_chars: int | None = None, **registered: tuple[str, ...],
 ) -> dict[str, FieldSpec]:
-    """The request table for one model (``upscalers``: the upscaler models it was exported with); export stores
-    it in the spec."""
+    """The request table for one model (``registered``: ModelLimits' upscalers and face_restorers, the models it
+    was exported with); export stores it in the spec."""
     return request_table(ModelLimits(native_size, min_size, max_size, size_multiple, max_batch, clip_layers,
-                                     max_prompt_chars, upscalers))
+                                     max_prompt_chars, **registered))
 
 
 def check_value(field: FieldSpec, value: Any) -> Any:
@@ -113,6 +113,9 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     if checked.tiling and not spec.tiles:
         raise InvalidRequest("tiling", True, f"false for model {spec.key!r}: it was exported without its tiling "
                              "networks; export it again with `sdtrt export ... --tiling`")
+    if checked.restore_faces and not spec.face_restorers:
+        raise InvalidRequest("restore_faces", True, f"false for model {spec.key!r}: it was exported without face "
+                             "restorers; export it again with `sdtrt export ... --face-restorers DIR`")
     check_pixel_steps(checked, spec)
     check_randn_source(checked)
     check_sampler_steps(checked)
@@ -123,6 +126,12 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
             raise InvalidRequest(name, value, f"0 or -1 (off), or at least {spec.vae_scale_factor} pixels (one latent "
                                               f"cell), at most {spec.field(name).maximum:g}")
     return checked
+
+
+def face_restorer(spec: ModelSpec, name: str) -> str:
+    """The restorer a request's face_restorer names: itself, or for "" CodeFormer where the model has it (A1111's
+    default), else its other one."""
+    return name or ("CodeFormer" if "CodeFormer" in spec.face_restorers else next(iter(spec.face_restorers), ""))
 
 
 def registered_vae(spec: ModelSpec, name: str, tiling: bool = False) -> str:
