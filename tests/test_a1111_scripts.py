@@ -255,3 +255,15 @@ def test_script_info_describes_each_script_and_its_arguments(server):
                                                    "Resize seed from width", "Resize seed from height"]
     refiner = next(i for i in info if i["name"] == "refiner" and not i["is_img2img"])
     assert refiner["args"][1]["choices"] == [m["title"] for m in api.get("/sdapi/v1/sd-models").json()]
+
+
+@pytest.mark.parametrize("value, restore, model", [("CodeFormer", True, "CodeFormer"), ("gfpgan", True, "GFPGAN"),
+                                                   ("yes", True, None), ("False", False, None)])
+def test_the_face_restore_axis_sets_restore_faces_as_a1111s_does(value, restore, model):
+    from sdtrt.client.apps.a1111_requests import Txt2ImgBody
+    from sdtrt.client.apps.a1111_scripts import AXES, apply_axis
+
+    axis = next(a for a in AXES if a.label == "Face restore")
+    body = apply_axis(Txt2ImgBody(prompt="x"), axis, value, [value])
+    assert body.restore_faces is restore
+    assert (body.override_settings or {}).get("face_restoration_model") == model

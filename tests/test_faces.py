@@ -326,3 +326,34 @@ def test_a_request_and_a_folder_that_cannot_restore_are_named(local, exported_re
     save_file({"conv.weight": torch.zeros(1, 1, 1, 1)}, str(only / "notes.safetensors"))
     with pytest.raises(UsageError, match="notes.safetensors: not a face restorer"):
         register_face_restorers(only, False, report=lambda *_: None)
+
+
+def test_the_resnet50_retinaface_builds_on_is_torchvisions(helpers):
+    """sdtrt gives facexlib torchvision's ResNet-50 and IntermediateLayerGetter (torchvision does not load here):
+    held to transformers' ResNet-50 (the same network under its own names), the detector's weights mapped."""
+    from transformers import ResNetConfig, ResNetModel
+
+    body = helpers["detector"].body
+    config = ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048],
+                          embedding_size=64, hidden_act="relu")
+    theirs = ResNetModel(config).eval()
+    names = {"conv1": "embedder.embedder.convolution", "bn1": "embedder.embedder.normalization"}
+    state = {}
+    for key, value in body.state_dict().items():
+        head, _, param = key.rpartition(".")
+        if head in names:
+            state[f"{names[head]}.{param}"] = value
+            continue
+        layer, block, part = head.split(".", 2)
+        stage = f"encoder.stages.{int(layer[-1]) - 1}.layers.{block}"
+        part = {"conv1": "layer.0.convolution", "bn1": "layer.0.normalization", "conv2": "layer.1.convolution",
+                "bn2": "layer.1.normalization", "conv3": "layer.2.convolution", "bn3": "layer.2.normalization",
+                "downsample.0": "shortcut.convolution", "downsample.1": "shortcut.normalization"}[part]
+        state[f"{stage}.{part}.{param}"] = value
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert not unexpected and all("num_batches_tracked" in k for k in missing), (missing, unexpected)
+    picture = torch.rand(1, 3, 96, 64) * 255
+    with torch.no_grad():
+        ours = list(body(picture).values())
+        stages = theirs(picture, output_hidden_states=True).hidden_states[2:]
+    assert len(ours) == 3 and all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) for a, b in zip(ours, stages))

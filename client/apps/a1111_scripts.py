@@ -187,7 +187,7 @@ AXES = (
     Axis("Hires upscaler", str, "hr_upscaler", (TXT2IMG,)),
     Axis("Cond. Image Mask Weight", tabs=(IMG2IMG,), why=ABSENT), Axis("VAE", str, "options.sd_vae"),
     Axis("Styles", str, "styles"), Axis("UniPC Order", int, "options.uni_pc_order"),
-    Axis("Face restore", why="face restoration (GFPGAN, CodeFormer) is not served yet"),
+    Axis("Face restore", str, "face restore"),
     Axis("Token merging ratio", why=ABSENT), Axis("Token merging ratio high-res", why=ABSENT),
     Axis("Always discard next-to-last sigma", bool, "options.always_discard_next_to_last_sigma"),
     Axis("SGM noise multiplier", bool, "options.sgm_noise_multiplier"),
@@ -293,6 +293,11 @@ def apply_axis(body: _Request, axis: Axis, value: Any, values: list[Any]) -> _Re
         return variant(body, width=width, height=height)
     if axis.field == "styles":
         return variant(body, styles=[*(body.styles or []), *value.split(",")])
+    if axis.field == "face restore":  # A1111's apply_face_restore: a restorer's name turns it on with that one
+        named = {"codeformer": "CodeFormer", "gfpgan": "GFPGAN"}.get(value.lower())
+        overrides = {**(body.override_settings or {}), **({"face_restoration_model": named} if named else {})}
+        return variant(body, restore_faces=named is not None or value.lower() in ("true", "yes", "y", "1"),
+                       override_settings=overrides)
     if axis.field.startswith("options."):
         return variant(body, override_settings={**(body.override_settings or {}),
                                                 axis.field.removeprefix("options."): value})
