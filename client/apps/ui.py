@@ -45,6 +45,7 @@ from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_
 from sdtrt.requests.fields import LABELS, tab_fields
 from sdtrt.requests.generation import Generation, settings_from_infotext
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
+from sdtrt.postprocessing.faces import ExtrasFaces, extras_faces
 from sdtrt.postprocessing.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
 
 log = logging.getLogger("sdtrt.page")
@@ -172,6 +173,16 @@ def _typed(spec, name: str, value: Any) -> Any:
     except (TypeError, ValueError, OverflowError):
         raise InvalidRequest(name, value, "a number") from None
     return value
+
+
+FACE_STEPS = ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight")
+
+
+def _share(value: Any, name: str) -> float:
+    """A face step's slider value: a number from 0 to 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise InvalidRequest(name, value, "a number from 0 to 1")
+    return float(value)
 
 
 def _whole(value: Any, name: str, lo: int, hi: int, label: str) -> int:
@@ -515,13 +526,20 @@ class Page:
                 self.extras_upscaler = gr.Dropdown(choices=self.extras_upscalers(), value="Lanczos", label="Upscaler 1",
                                                    elem_id="extras_upscaler_1")
                 self.extras_scale = gr.Slider(1, 8, value=2, step=0.05, label="Scale by", elem_id="extras_scale")
+                self.extras_faces = [  # A1111's GFPGAN and CodeFormer steps (the server's face restorers)
+                    gr.Slider(0, 1, value=0, step=0.001, label="GFPGAN visibility", elem_id="extras_gfpgan_visibility"),
+                    gr.Slider(0, 1, value=0, step=0.001, label="CodeFormer visibility",
+                              elem_id="extras_codeformer_visibility"),
+                    gr.Slider(0, 1, value=0, step=0.001, label="CodeFormer weight (0 = maximum effect, 1 = minimum "
+                              "effect)", elem_id="extras_codeformer_weight")]
                 self.extras_run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
             with gr.Column():
                 self.extras_result = gr.Image(label="Result", type="pil", interactive=False, elem_id="extras_result")
                 self.extras_info = gr.Textbox(label="Postprocessing", interactive=False, elem_id="extras_info")
 
-    def extras_handler(self, picture: Any, upscaler: Any, scale: Any) -> tuple[Image.Image, str]:
-        """A1111's Extras upscale of the uploaded picture, bounded before any pixel is made."""
+    def extras_handler(self, picture: Any, upscaler: Any, scale: Any, *faces: Any) -> tuple[Image.Image, str]:
+        """A1111's Extras upscale of the uploaded picture, bounded before any pixel is made, then its face steps
+        (``faces``: GFPGAN visibility, CodeFormer visibility and weight)."""
         if not isinstance(picture, Image.Image):
             raise _error("upload a picture to upscale")
         if picture.width * picture.height > MAX_PICTURE_PIXELS:
@@ -534,10 +552,17 @@ class Page:
             if not 1 <= scale <= 8:
                 raise InvalidRequest("upscaling_resize", scale, "from 1 to 8")
             models = None if upscaler in EXTRAS_UPSCALERS else ModelUpscalers({upscaler: self.client.upscaler(upscaler)})
+            steps = ExtrasFaces(*(_share(value, name) for value, name in zip(faces, FACE_STEPS)))
+            for name in steps.restorers():
+                if name not in self.client.face_restorers():
+                    field = f"{name.lower()}_visibility"
+                    raise InvalidRequest(field, getattr(steps, field), f"0: the server has no {name} (export "
+                                         "with --face-restorers)")
             result, done = extras_upscale(picture.convert("RGB"), ExtrasUpscale(upscaler, scale=scale), models)
+            result, faces_done = extras_faces(result, steps, self.client.face_networks)
         except (InvalidRequest, ValueError, TypeError) as exc:
             raise _error(str(exc)) from None
-        return result, ", ".join(f"{k}: {v}" for k, v in done.items())
+        return result, ", ".join(f"{k}: {v}" for k, v in {**done, **faces_done}.items())
 
     def png_info_tab(self) -> None:
         with gr.Row():
@@ -559,7 +584,8 @@ class Page:
             tab.skip.click(_session_call(self.jobs.skip), inputs=None, outputs=None, concurrency_limit=None)
             tab.gallery.select(show_info, inputs=tab.infotexts, outputs=tab.info)
         self.png.change(png_info, inputs=self.png, outputs=self.png_text, preprocess=False)
-        self.extras_run.click(self.extras_handler, inputs=[self.extras_image, self.extras_upscaler, self.extras_scale],
+        self.extras_run.click(self.extras_handler, inputs=[self.extras_image, self.extras_upscaler, self.extras_scale,
+                                                           *self.extras_faces],
                               outputs=[self.extras_result, self.extras_info])
         t2i = self.tabs["txt2img"]
         self.send.click(self.send_to_txt2img, inputs=self.png_text,

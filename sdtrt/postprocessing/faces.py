@@ -41,6 +41,9 @@ CROP_BORDER = (135, 133, 132)  # the grey outside the picture in a crop (BGR)
 # Face parsing's 19 classes -> kept (255) or not (0): background, neck, cloth and hat are not pasted
 MASK_COLOURS = np.array([0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0, 255, 0, 0, 0], np.float64)
 MASK_BLUR, MASK_SIGMA, MASK_EDGE = 101, 11, 10
+# Bounds A1111 does not have: the faces restored in one picture (each one a restorer call; a crowd's likeliest 32),
+# and the picture's size (the paste holds two float copies of it: 16 Mpixels are 768 MiB)
+MAX_FACES, MAX_FACE_PIXELS = 32, 4096 * 4096
 
 Detect = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # [1, 3, h, w] BGR 0..255 -> boxes
 # [1, P, 4], scores [1, P], landmarks [1, P, 10] (the anchors' raw offsets)
@@ -98,8 +101,9 @@ def detect_faces(picture: np.ndarray, detect: Detect, detect_range: tuple[int, i
     scale = min(h, w) / DETECT_SHORT_SIDE
     dh, dw = int(h / scale), int(w / scale)
     if not (detect_range[0] <= min(dh, dw) and max(dh, dw) <= detect_range[1]):
-        raise InvalidRequest(f"restore faces: a {w}x{h} picture is too narrow for the face detector (its sides "
-                             f"{dw}x{dh} at a short side of {DETECT_SHORT_SIDE}; at most {detect_range[1]})")
+        raise InvalidRequest("restore_faces", f"a {w}x{h} picture", f"false for a picture too narrow for the face "
+                             f"detector (at a short side of {DETECT_SHORT_SIDE} its sides are {dw}x{dh}; at most "
+                             f"{detect_range[1]})")
     resized = cv2.resize(picture, (dw, dh), interpolation=cv2.INTER_LANCZOS4).astype(np.float32)
     loc, scores, landmarks = detect(np.ascontiguousarray(resized.transpose(2, 0, 1)[None]))
     priors, (v0, v1) = anchors(dh, dw), VARIANCES
@@ -138,9 +142,24 @@ def _face_mask(restored: np.ndarray, parse: Net) -> np.ndarray:
     return cv2.resize(mask / 255.0, restored.shape[:2])
 
 
-def restore_faces(image: Image.Image, nets: FaceNetworks) -> Image.Image:
-    """The picture with each face the detector finds restored and pasted back (A1111's restore_with_face_helper)."""
+def _paste(result: np.ndarray, restored: np.ndarray, mask: np.ndarray, inverse: np.ndarray) -> None:
+    """facexlib's paste of one face, mask * face + (1 - mask) * picture, in place (the same sums, with one
+    picture-sized temporary instead of three). The warps span the whole picture, as facexlib's do: warping into
+    the face's box alone would round OpenCV's fixed-point coordinates differently."""
     cv2 = _cv2()
+    h, w = result.shape[:2]
+    soft = cv2.warpAffine(mask, inverse, (w, h), flags=cv2.INTER_AREA)[:, :, None]
+    result *= 1 - soft
+    result += soft * cv2.warpAffine(restored, inverse, (w, h))
+
+
+def restore_faces(image: Image.Image, nets: FaceNetworks) -> Image.Image:
+    """The picture with each face the detector finds restored and pasted back (A1111's restore_with_face_helper);
+    at most MAX_FACES of them, the likeliest first."""
+    cv2 = _cv2()
+    if image.width * image.height > MAX_FACE_PIXELS:
+        raise InvalidRequest("restore_faces", f"a {image.width}x{image.height} picture",
+                             f"false for a picture over {MAX_FACE_PIXELS} pixels (restore its faces before upscaling)")
     picture = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
     h, w = picture.shape[:2]
     affines = []
@@ -149,15 +168,12 @@ def restore_faces(image: Image.Image, nets: FaceNetworks) -> Image.Image:
             continue  # a side face, or one too small
         landmarks = np.array([[face[i], face[i + 1]] for i in range(5, 15, 2)])
         affines.append(cv2.estimateAffinePartial2D(landmarks, FACE_TEMPLATE, method=cv2.LMEDS)[0])
-    result = cv2.resize(picture, (w, h), interpolation=cv2.INTER_LANCZOS4)
-    for affine in affines:
+    result = cv2.resize(picture, (w, h), interpolation=cv2.INTER_LANCZOS4).astype(np.float64)
+    for affine in affines[:MAX_FACES]:
         crop = cv2.warpAffine(picture, affine, (FACE_SIZE, FACE_SIZE), borderMode=cv2.BORDER_CONSTANT,
                               borderValue=CROP_BORDER)
         restored = _from_net(np.asarray(nets.restore(_to_net(crop))))
-        inverse = cv2.invertAffineTransform(affine)
-        pasted = cv2.warpAffine(restored, inverse, (w, h))
-        mask = cv2.warpAffine(_face_mask(restored, nets.parse), inverse, (w, h), flags=cv2.INTER_AREA)[:, :, None]
-        result = mask * pasted + (1 - mask) * result
+        _paste(result, restored, _face_mask(restored, nets.parse), cv2.invertAffineTransform(affine))
     return Image.fromarray(np.ascontiguousarray(result.astype(np.uint8)[:, :, ::-1]))
 
 
