@@ -243,6 +243,15 @@ def test_each_file_is_registered_by_its_layout(local):
     assert local.spec.field("face_restorer").choices == ("", "GFPGAN", "CodeFormer")
     helpers = local.spec.extra["face_helpers"]
     assert helpers["detector"]["file"] == "detection_Resnet50_Final.safetensors"
+    # TensorRT: one face a call (Triton never batches them), the detector over every picture it may get
+    from sdtrt.export.tensorrt import EngineOptions, profile_shapes
+    from sdtrt.model_repository.configs import engine_batching
+
+    detector = profile_shapes(local.spec, local.spec.component("face_detector"), EngineOptions())
+    assert detector == {"image": [(1, 3, 256, 256), (1, 3, 640, 640), (1, 3, 4096, 4096)]}
+    codeformer = local.spec.component("face_restorer_codeformer")
+    profile = profile_shapes(local.spec, codeformer, EngineOptions())
+    assert profile["weight"] == [(1,), (1,), (1,)] and engine_batching(local.spec, codeformer, profile).max_batch_size == 0
 
 
 @slow
