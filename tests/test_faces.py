@@ -397,3 +397,11 @@ def test_a_picture_too_large_or_too_narrow_is_refused_before_a_network_runs():
         restore_faces(Image.new("RGB", (4097, 4096)), nets)
     with pytest.raises(InvalidRequest, match="too narrow for the face detector"):
         restore_faces(Image.new("RGB", (64, 1024)), nets)
+
+
+def test_an_infotext_with_face_restoration_asks_for_it_again():
+    from sdtrt.requests.generation import settings_from_infotext
+
+    settings = settings_from_infotext("a portrait\nSteps: 3, Seed: 5, Face restoration: GFPGAN, Size: 64x64")
+    assert settings["restore_faces"] is True and settings["face_restorer"] == "GFPGAN"
+    assert "restore_faces" not in settings_from_infotext("a portrait\nSteps: 3, Seed: 5, Size: 64x64")

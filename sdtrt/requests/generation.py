@@ -177,6 +177,8 @@ def settings_from_infotext(text: str) -> dict[str, object]:
         settings["randn_source"] = "NV"
     if params.get("Inpaint area") == "Only masked":
         settings["inpaint_full_res"] = True
+    if "Face restoration" in params:  # A1111 writes the restorer it ran
+        settings.update(restore_faces=True, face_restorer=params["Face restoration"])
     for key in ("Model", "Model hash"):
         if key in params:
             settings[key] = params[key]
