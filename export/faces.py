@@ -35,7 +35,7 @@ from sdtrt.export.descriptors import Descriptor
 from sdtrt.export.upscalers import UPSCALER_SUFFIXES, spandrel
 from sdtrt.pipeline.ksampling import torchvision_stand_in
 
-FACEXLIB, SPANDREL_EXTRA = "facexlib==0.3.0", "spandrel_extra_arches==0.2.0"  # (--no-deps, pyproject's no-deps)
+FACEXLIB, SPANDREL_EXTRA = "facexlib==0.3.0", "spandrel-extra-arches==0.2.0"  # (--no-deps, pyproject's no-deps)
 MAX_FACE_FILES = 8
 # The detector sees the picture with its short side at 640 pixels (A1111's get_face_landmarks_5(resize=640)), so
 # the long side is 640 times the picture's aspect ratio: up to 1:6.4 here
