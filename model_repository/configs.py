@@ -39,12 +39,13 @@ from sdtrt.contract.spec import (
     SPEC_PARAMETER,
     TXT2IMG,
     WIRE_DTYPES,
+    CPU_ENGINES,
+    CPU_PRECISIONS,
     Catalog,
     ComponentSpec,
     ModelSpec,
     TensorSpec,
 )
-from sdtrt.pipeline.runners import CPU_ENGINES, CPU_PRECISIONS
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
 

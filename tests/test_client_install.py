@@ -22,8 +22,13 @@ SERVER_SIDE = {"torch", "diffusers", "transformers", "onnxruntime", "onnx", "tok
 @pytest.mark.slow  # a fresh venv and a pip install: ~80 s
 def test_client_only_install_generates_from_a_real_server(server, tmp_path):
     source = tmp_path / "src"  # a copy: pip builds in the source tree, and the checkout stays as it is
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", "models", "repos", "outputs", "logs", "bench-work", ".*"))
+    anywhere = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:  # a run's own folders at the top, not model_repository/models
+        top = {"models", "repos", "outputs", "logs", "bench-work"} if Path(folder) == ROOT else set()
+        return set(anywhere(folder, names)) | (top & set(names))
+
+    shutil.copytree(ROOT, source, ignore=ignore)
     venv = tmp_path / "client-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"

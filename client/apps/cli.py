@@ -30,9 +30,8 @@ from sdtrt.contract.samplers import (
     schedule_detail,
     schedule_table,
 )
-from sdtrt.contract.spec import DEFAULT_PORTS, ENGINES, ExportLimits, load_catalog, load_spec
+from sdtrt.contract.spec import CPU_ENGINES, CPU_PRECISIONS, DEFAULT_PORTS, ENGINES, ExportLimits, load_catalog, load_spec
 from sdtrt.model_repository.configs import NETWORK_BACKENDS, ServingOptions
-from sdtrt.pipeline.runners import CPU_ENGINES, CPU_PRECISIONS
 
 HEALTH_PORT = 8003  # `sdtrt serve`'s own /livez and /readyz (sdtrt.model_repository.serving.health.HealthEndpoint)
 

@@ -116,6 +116,10 @@ SPEC_PARAMETER = "sdtrt_spec"
 ENGINES = "engines"  # ModelSpec.extra[ENGINES]: the TensorRT engine manifest, network -> file, GPU, TensorRT, profile
 MODEL = "model"  # the request input naming which of the repository's models to use (absent: the default)
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # tritonserver's own defaults
+# The engines the CPU runs networks on (sdtrt.pipeline.runners) and their precisions: here, so that the CLI and
+# the config generator read them on a client-only install, which has neither engine
+CPU_ENGINES = ("onnxruntime", "openvino")
+CPU_PRECISIONS = ("fp32", "bf16")
 
 # A dimension is either a fixed size or the name of a dynamic dimension listed in ModelSpec.dims.
 DimValue = Union[int, str]

@@ -21,10 +21,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from sdtrt.contract.spec import ComponentSpec
-
-CPU_ENGINES = ("onnxruntime", "openvino")
-CPU_PRECISIONS = ("fp32", "bf16")
+from sdtrt.contract.spec import CPU_ENGINES, CPU_PRECISIONS, ComponentSpec
 
 
 class Runner(Protocol):
