@@ -243,60 +243,50 @@ class Client:
         except InvalidRequest:
             return self.refresh().get(model)
 
-    def upscalers(self) -> dict[str, ModelSpec]:
-        """The upscaler models the server's models were exported with (--upscalers), each with the model it is
-        one of (the first that has it)."""
+    def _registered(self, kind: str) -> dict[str, ModelSpec]:
+        """The models of a spec registry (``upscalers``, ``face_restorers``) across the server's models, each with
+        the model it is one of (the first that has it)."""
         found: dict[str, ModelSpec] = {}
         for spec in self.catalog.models.values():
-            for name in spec.upscalers:
+            for name in getattr(spec, kind):
                 found.setdefault(name, spec)
         return found
 
+    def upscalers(self) -> dict[str, ModelSpec]:
+        """The upscaler models the server's models were exported with (--upscalers)."""
+        return self._registered("upscalers")
+
     def face_restorers(self) -> dict[str, ModelSpec]:
-        """The face restorers (GFPGAN, CodeFormer) the server's models were exported with (--face-restorers),
-        each with the model it is one of (the first that has it)."""
-        found: dict[str, ModelSpec] = {}
-        for spec in self.catalog.models.values():
-            for name in spec.face_restorers:
-                found.setdefault(name, spec)
-        return found
+        """The face restorers (GFPGAN, CodeFormer) the server's models were exported with (--face-restorers)."""
+        return self._registered("face_restorers")
+
+    def _network(self, spec: ModelSpec, name: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """One of a model's networks on the server: its inputs in the spec's order, its outputs by name."""
+        module, component = _module(self.protocol), spec.component(name)
+        # (a per-row scalar, such as CodeFormer's weight, travels as [rows, 1]: model_repository.configs)
+        inputs = [self._tensor(module, t.name, np.ascontiguousarray(a.reshape(-1, 1) if len(t.shape) == 1 else a,
+                                                                    t.dtype), WIRE_DTYPES[t.dtype])
+                  for t, a in zip(component.inputs, arrays)]
+        outputs = [module.InferRequestedOutput(t.name) for t in component.outputs]
+        try:
+            response = self._client().infer(spec.triton_name(name), inputs, outputs=outputs)
+        except Exception as exc:
+            raise self._error(exc) from None
+        return {t.name: response.as_numpy(t.name) for t in component.outputs}
 
     def face_networks(self, restorer: str, weight: float = 0.5) -> FaceNetworks:
         """A registered face restorer with its face detector and parser, whose networks run on the server."""
         spec = self.face_restorers()[restorer]
-        module = _module(self.protocol)
-
-        def run(name: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-            component = spec.component(name)
-            # (a per-row scalar, CodeFormer's weight, travels as [rows, 1]: model_repository.configs)
-            inputs = [self._tensor(module, t.name, np.ascontiguousarray(a.reshape(-1, 1) if len(t.shape) == 1 else a,
-                                                                        t.dtype), WIRE_DTYPES[t.dtype])
-                      for t, a in zip(component.inputs, arrays)]
-            outputs = [module.InferRequestedOutput(t.name) for t in component.outputs]
-            try:
-                response = self._client().infer(spec.triton_name(name), inputs, outputs=outputs)
-            except Exception as exc:
-                raise self._error(exc) from None
-            return {t.name: response.as_numpy(t.name) for t in component.outputs}
-
-        return face_networks(spec, restorer, weight, run)
+        return face_networks(spec, restorer, weight, lambda name, arrays: self._network(spec, name, arrays))
 
     def upscaler(self, name: str) -> ModelUpscaler:
         """A registered upscaler model whose network runs on the server: tiles in, upscaled tiles out."""
         spec = self.upscalers()[name]
         entry = spec.upscalers[name]
         component = spec.component(upscaler_component(entry["slug"]))
-        module = _module(self.protocol)
 
         def run(tiles: np.ndarray) -> np.ndarray:
-            inputs = [self._tensor(module, component.inputs[0].name, np.ascontiguousarray(tiles, np.float32),
-                                   WIRE_DTYPES["float32"])]
-            outputs = [module.InferRequestedOutput(component.outputs[0].name)]
-            try:
-                response = self._client().infer(spec.triton_name(component.name), inputs, outputs=outputs)
-            except Exception as exc:
-                raise self._error(exc) from None
-            return response.as_numpy(component.outputs[0].name)
+            return self._network(spec, component.name, [tiles])[component.outputs[0].name]
 
         return ModelUpscaler(run, entry["scale"], entry.get("multiple_of", 1), spec.dims[BATCH].max)
 

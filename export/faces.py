@@ -28,19 +28,18 @@ import torch
 from torch import nn
 
 from sdtrt.contract.errors import UsageError
-from sdtrt.contract.spec import (FACE_BATCH, FACE_DETECT_H, FACE_DETECT_W, FACE_DETECTOR, FACE_PARSER, FACE_PRIORS, FACE_SIZE,
-                                DimRange, TensorSpec, face_restorer_component)
+from sdtrt.contract.spec import (FACE_BATCH, FACE_DETECT_H, FACE_DETECT_SHORT_SIDE, FACE_DETECT_SIDES, FACE_DETECT_W,
+                                FACE_DETECTOR, FACE_PARSER, FACE_PRIORS, FACE_SIZE, DimRange, TensorSpec,
+                                face_restorer_component)
 from sdtrt.export.checkpoint import file_sha256, folder_files, read_weights
 from sdtrt.export.descriptors import Descriptor
 from sdtrt.export.upscalers import UPSCALER_SUFFIXES, spandrel
-from sdtrt.pipeline.ksampling import torchvision_stand_in
+from sdtrt.pipeline.ksampling import standing_in, torchvision_stand_in
 
 FACEXLIB, SPANDREL_EXTRA = "facexlib==0.3.0", "spandrel-extra-arches==0.2.0"  # (--no-deps, pyproject's no-deps)
 MAX_FACE_FILES = 8
-# The detector sees the picture with its short side at 640 pixels (A1111's get_face_landmarks_5(resize=640)), so
-# the long side is 640 times the picture's aspect ratio: up to 1:6.4 here
-DETECT_DIMS = {FACE_BATCH: DimRange(1, 1, 1), FACE_DETECT_H: DimRange(256, 640, 4096),
-               FACE_DETECT_W: DimRange(256, 640, 4096)}
+_SIDES = DimRange(FACE_DETECT_SIDES[0], FACE_DETECT_SHORT_SIDE, FACE_DETECT_SIDES[1])
+DETECT_DIMS = {FACE_BATCH: DimRange(1, 1, 1), FACE_DETECT_H: _SIDES, FACE_DETECT_W: _SIDES}
 BGR_MEAN = (104.0, 117.0, 123.0)  # RetinaFace's input mean (facexlib's mean_tensor), subtracted in the network
 RESTORERS = ("GFPGAN", "CodeFormer")  # spandrel's architecture ids, which are A1111's restorer names
 _LOCK = threading.Lock()
@@ -127,17 +126,12 @@ def facexlib_network(kind: str) -> nn.Module:
         if spec is None:
             raise UsageError(f"facexlib is not installed: scripts/setup.sh installs it (pip install --no-deps {FACEXLIB})")
         sys.modules.setdefault("facexlib", importlib.util.module_from_spec(spec))  # a package, not executed
-        stand_ins = _facexlib_stand_ins()
-        sys.modules.update(stand_ins)
-        try:
+        with standing_in(_facexlib_stand_ins()):
             if kind == "detector":
                 return importlib.import_module("facexlib.detection.retinaface").RetinaFace(
                     network_name="resnet50", half=False, device=torch.device("cpu"))
             return importlib.import_module("facexlib.parsing.parsenet").ParseNet(in_size=512, out_size=512,
                                                                                  parsing_ch=19)
-        finally:
-            for name in stand_ins:
-                sys.modules.pop(name, None)
 
 
 def _restorer_loader() -> Any:

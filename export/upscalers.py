@@ -28,7 +28,7 @@ from sdtrt.contract.spec import (BATCH, UPSCALE_H, UPSCALE_W, UPSCALED_H, UPSCAL
                                 upscaler_component)
 from sdtrt.export.checkpoint import file_sha256, folder_files, read_weights
 from sdtrt.export.descriptors import Descriptor
-from sdtrt.pipeline.ksampling import torchvision_stand_in
+from sdtrt.pipeline.ksampling import standing_in, torchvision_stand_in
 
 SPANDREL = "spandrel==0.4.2"  # as scripts/setup.sh installs it (--no-deps; einops is one of sdtrt's own)
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt")  # .pth / .pt read weights-only unless --allow-pickle
@@ -56,12 +56,8 @@ def spandrel() -> types.ModuleType:
         stand_ins = torchvision_stand_in(  # what spandrel's LaMa and RestoreFormer import, failing if called
             normalize=_missing, rotate=_missing,
             InterpolationMode=types.SimpleNamespace(BILINEAR="bilinear", NEAREST="nearest"))
-        sys.modules.update(stand_ins)
-        try:
+        with standing_in(stand_ins):
             return importlib.import_module("spandrel")
-        finally:
-            for name in stand_ins:
-                sys.modules.pop(name, None)
 
 
 def upscaler_slug(name: str) -> str:

@@ -19,12 +19,21 @@ def default_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def exported_repo(default_model, tmp_path_factory) -> Path:
+def export_default(default_model, tmp_path_factory):
+    """The default model exported quietly into a fresh folder named after ``name``, with export ``options``."""
     from sdtrt.export import export_model
 
-    out = tmp_path_factory.mktemp("repos") / "default"
-    export_model(default_model, out, progress=False, report=lambda *_: None)
-    return out
+    def export(name: str, leaf: str = "repo", **options) -> Path:
+        out = tmp_path_factory.mktemp(name) / leaf
+        export_model(default_model, out, progress=False, report=lambda *_: None, **options)
+        return out
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def exported_repo(export_default) -> Path:
+    return export_default("repos", "default")
 
 
 @pytest.fixture(scope="session")

@@ -111,12 +111,8 @@ def face_folder(modules, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repo(default_model, face_folder, tmp_path_factory):
-    from sdtrt.export import export_model
-
-    out = tmp_path_factory.mktemp("face-repo") / "repo"
-    export_model(default_model, out, progress=False, report=lambda *_: None, face_restorer_dir=face_folder)
-    return out
+def repo(export_default, face_folder):
+    return export_default("face-repo", face_restorer_dir=face_folder)
 
 
 @pytest.fixture(scope="module")

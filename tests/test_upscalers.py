@@ -186,12 +186,8 @@ def upscaler_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repo(default_model, upscaler_folder, tmp_path_factory):
-    from sdtrt.export import export_model
-
-    out = tmp_path_factory.mktemp("upscaler-repo") / "repo"
-    export_model(default_model, out, progress=False, report=lambda *_: None, upscaler_dir=upscaler_folder)
-    return out
+def repo(export_default, upscaler_folder):
+    return export_default("upscaler-repo", upscaler_dir=upscaler_folder)
 
 
 @pytest.fixture(scope="module")

@@ -243,9 +243,12 @@ def face_settings(body: "_Request", mine: UserOptions) -> dict[str, Any]:
                              (f"options.{option}", mine.options.get(option))):
             if value is None:
                 continue
-            kind = str if target == "face_restorer" else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kind) or (kind != str and not 0 <= value <= 1):
-                raise refuse(where, f"{'a face restorer name' if kind == str else 'a number from 0 to 1'} "
+            kind, limits = (str, None) if target == "face_restorer" else ((int, float), BY_NAME[target])
+            if isinstance(value, bool) or not isinstance(value, kind) or (
+                    limits is not None and not limits.minimum <= value <= limits.maximum):
+                wanted = "a face restorer name" if limits is None else \
+                    f"a number from {limits.minimum:g} to {limits.maximum:g}"
+                raise refuse(where, f"{wanted} "
                                     f"(got {str(value)[:80]!r})")
             settings[target] = value
             break
@@ -739,17 +742,12 @@ def extras_job(body: ExtrasSingleImageBody, models: tuple[str, ...] = ()) -> Ext
 
 
 def extras_face_steps(body: ExtrasBody, restorers: tuple[str, ...]) -> ExtrasFaces:
-    """Extras' GFPGAN and CodeFormer steps, checked: shares from 0 to 1, a restorer the server has where one is on
-    (``restorers``: the server's face restorers)."""
-    for name in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"):
-        if not 0 <= getattr(body, name) <= 1:
-            raise refuse(name, f"from 0 to 1 (got {getattr(body, name):g})")
-    steps = ExtrasFaces(body.gfpgan_visibility, body.codeformer_visibility, body.codeformer_weight)
-    for restorer in steps.restorers():
-        if restorer not in restorers:
-            raise refuse(f"{restorer.lower()}_visibility", f"0: the server has no {restorer} (its face restorers: "
-                         f"{', '.join(restorers) or 'none'}; export with --face-restorers DIR)")
-    return steps
+    """Extras' GFPGAN and CodeFormer steps, checked (``restorers``: the server's face restorers)."""
+    try:
+        return ExtrasFaces.checked(body.gfpgan_visibility, body.codeformer_visibility, body.codeformer_weight,
+                                   restorers)
+    except InvalidRequest as exc:
+        raise refuse(exc.field, str(exc)) from None
 
 
 def check_extras_size(size: tuple[int, int], job: ExtrasUpscale, models: dict[str, int] | None = None) -> None:

@@ -175,16 +175,6 @@ def _typed(spec, name: str, value: Any) -> Any:
     return value
 
 
-FACE_STEPS = ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight")
-
-
-def _share(value: Any, name: str) -> float:
-    """A face step's slider value: a number from 0 to 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise InvalidRequest(name, value, "a number from 0 to 1")
-    return float(value)
-
-
 def _whole(value: Any, name: str, lo: int, hi: int, label: str) -> int:
     """A count the browser sent (a slider's value), checked here: Gradio's own check is the component's, and a
     handler must not start work on a number only a slider's maximum stood in front of."""
@@ -552,12 +542,7 @@ class Page:
             if not 1 <= scale <= 8:
                 raise InvalidRequest("upscaling_resize", scale, "from 1 to 8")
             models = None if upscaler in EXTRAS_UPSCALERS else ModelUpscalers({upscaler: self.client.upscaler(upscaler)})
-            steps = ExtrasFaces(*(_share(value, name) for value, name in zip(faces, FACE_STEPS)))
-            for name in steps.restorers():
-                if name not in self.client.face_restorers():
-                    field = f"{name.lower()}_visibility"
-                    raise InvalidRequest(field, getattr(steps, field), f"0: the server has no {name} (export "
-                                         "with --face-restorers)")
+            steps = ExtrasFaces.checked(*faces, tuple(self.client.face_restorers()))
             result, done = extras_upscale(picture.convert("RGB"), ExtrasUpscale(upscaler, scale=scale), models)
             result, faces_done = extras_faces(result, steps, self.client.face_networks)
         except (InvalidRequest, ValueError, TypeError) as exc:

@@ -211,23 +211,21 @@ class BlsNetworks:
     def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
         return to_uint8(self._single("vae_decoder", latents, torch.device("cpu")).numpy())
 
+    def _numpy_call(self, name: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """A network on numpy arrays, its outputs on the CPU by name (the upscaler's and face networks' calls)."""
+        outputs = self._call(self.spec.component(name), tuple(torch.from_numpy(a) for a in arrays), torch.device("cpu"))
+        return {key: value.numpy() for key, value in outputs.items()}
+
     def face_networks(self, restorer: str, weight: float) -> FaceNetworks:
         """The face networks, each call through its Triton model (and a check for cancellation)."""
-        cpu = torch.device("cpu")
-
-        def run(name: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-            outputs = self._call(self.spec.component(name), tuple(torch.from_numpy(a) for a in arrays), cpu)
-            return {key: value.numpy() for key, value in outputs.items()}
-
-        return face_networks(self.spec, restorer, weight, run)
+        return face_networks(self.spec, restorer, weight, self._numpy_call)
 
     def upscaler(self, name: str) -> ModelUpscaler:
         """A registered upscaler model, its tiles through its Triton model (each call checks for cancellation)."""
         entry = self.spec.upscalers[name]
         component = self.spec.component(upscaler_component(entry["slug"]))
-        cpu = torch.device("cpu")
 
         def run(tiles: np.ndarray) -> np.ndarray:
-            return self._call(component, (torch.from_numpy(tiles),), cpu)[component.outputs[0].name].numpy()
+            return self._numpy_call(component.name, [tiles])[component.outputs[0].name]
 
         return ModelUpscaler(run, entry["scale"], entry.get("multiple_of", 1), self.spec.dims[BATCH].max)

@@ -67,6 +67,10 @@ def upscaler_component(slug: str) -> str:
 FACE_DETECTOR = "face_detector"
 FACE_PARSER = "face_parser"
 FACE_SIZE = 512  # the aligned face crop the parser and restorers take, as A1111's face helper cuts it
+# The sides of the picture the detector takes: A1111 gives it a short side of 640 (a little under, by rounding),
+# so the long side is 640 times the picture's aspect ratio, up to 1:6.4 here
+FACE_DETECT_SIDES = (256, 4096)
+FACE_DETECT_SHORT_SIDE = 640  # A1111's get_face_landmarks_5(resize=640)
 
 
 def face_restorer_component(slug: str) -> str:

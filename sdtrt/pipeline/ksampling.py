@@ -15,6 +15,7 @@ never calls.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -22,7 +23,7 @@ import math
 import sys
 import threading
 import types
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +70,18 @@ def torchvision_stand_in(**names: Any) -> dict[str, types.ModuleType]:
             "torchvision.transforms.functional": functional}
 
 
+@contextlib.contextmanager
+def standing_in(stand_ins: dict[str, types.ModuleType]) -> Iterator[None]:
+    """``stand_ins`` in sys.modules while a library is imported (or builds what needs them), then gone again, so
+    that nothing else takes them for the real modules."""
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name in stand_ins:
+            sys.modules.pop(name, None)
+
+
 def k_diffusion() -> tuple[types.ModuleType, types.ModuleType]:
     """k-diffusion's ``sampling`` and ``external`` modules, loaded once, without the package's ``__init__``."""
     with _LOCK:
@@ -79,14 +92,9 @@ def k_diffusion() -> tuple[types.ModuleType, types.ModuleType]:
             raise UsageError(f"k-diffusion is not installed: scripts/setup.sh installs it (pip install --no-deps "
                              f"{K_DIFFUSION} torchdiffeq)")
         sys.modules.setdefault("k_diffusion", importlib.util.module_from_spec(spec))  # a package, not executed
-        stand_ins = torchvision_stand_in()
-        sys.modules.update(stand_ins)
-        try:
+        with standing_in(torchvision_stand_in()):
             sampling = importlib.import_module("k_diffusion.sampling")
             external = importlib.import_module("k_diffusion.external")
-        finally:
-            for name in stand_ins:
-                sys.modules.pop(name, None)
         sampling.torch = _TorchWithImageNoise()
         return sampling, external
 

@@ -26,11 +26,10 @@ import numpy as np
 from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest, UsageError
-from sdtrt.contract.spec import (FACE_DETECT_H, FACE_DETECTOR, FACE_PARSER, FACE_SIZE, ModelSpec,
-                                face_restorer_component)
+from sdtrt.contract.spec import (FACE_DETECT_H, FACE_DETECT_SHORT_SIDE, FACE_DETECT_SIDES, FACE_DETECTOR, FACE_PARSER,
+                                FACE_SIZE, ModelSpec, face_restorer_component)
 
 OPENCV = "opencv-python-headless==4.11.0.86"
-DETECT_SHORT_SIDE = 640  # A1111's get_face_landmarks_5(resize=640)
 SCORE_THRESHOLD, NMS_IOU, MIN_EYE_DISTANCE = 0.97, 0.4, 5  # facexlib's 0.97, detect_faces' 0.4, A1111's 5
 # RetinaFace ResNet-50's anchors (facexlib's cfg_re50): sizes per feature map, its strides, the box variances
 ANCHOR_SIZES, ANCHOR_STEPS, VARIANCES = ((16, 32), (64, 128), (256, 512)), (8, 16, 32), (0.1, 0.2)
@@ -57,7 +56,7 @@ class FaceNetworks:
     detect: Detect
     parse: Net
     restore: Net
-    detect_range: tuple[int, int] = (256, 4096)  # the sides the detector takes (the export's face_detect dims)
+    detect_range: tuple[int, int] = FACE_DETECT_SIDES  # the sides the detector takes (the spec's face_detect dims)
 
 
 def _cv2() -> Any:
@@ -94,15 +93,15 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
-def detect_faces(picture: np.ndarray, detect: Detect, detect_range: tuple[int, int] = (256, 4096)) -> np.ndarray:
+def detect_faces(picture: np.ndarray, detect: Detect, detect_range: tuple[int, int] = FACE_DETECT_SIDES) -> np.ndarray:
     """Faces in a BGR uint8 picture as [F, 15] rows (box x1 y1 x2 y2, score, five landmarks x y), in its pixels."""
     cv2 = _cv2()
     h, w = picture.shape[:2]
-    scale = min(h, w) / DETECT_SHORT_SIDE
+    scale = min(h, w) / FACE_DETECT_SHORT_SIDE
     dh, dw = int(h / scale), int(w / scale)
     if not (detect_range[0] <= min(dh, dw) and max(dh, dw) <= detect_range[1]):
         raise InvalidRequest("restore_faces", f"a {w}x{h} picture", f"false for a picture too narrow for the face "
-                             f"detector (at a short side of {DETECT_SHORT_SIDE} its sides are {dw}x{dh}; at most "
+                             f"detector (at a short side of {FACE_DETECT_SHORT_SIDE} its sides are {dw}x{dh}; at most "
                              f"{detect_range[1]})")
     resized = cv2.resize(picture, (dw, dh), interpolation=cv2.INTER_LANCZOS4).astype(np.float32)
     loc, scores, landmarks = detect(np.ascontiguousarray(resized.transpose(2, 0, 1)[None]))
@@ -220,6 +219,24 @@ class ExtrasFaces:
     def restorers(self) -> list[str]:
         return [name for name, v in (("GFPGAN", self.gfpgan_visibility), ("CodeFormer", self.codeformer_visibility))
                 if v > 0]
+
+    @classmethod
+    def checked(cls, gfpgan_visibility: Any, codeformer_visibility: Any, codeformer_weight: Any,
+                registered: tuple[str, ...]) -> "ExtrasFaces":
+        """The steps, each share a number from 0 to 1 and each step that is on one of the ``registered``
+        restorers (the server's), or InvalidRequest naming A1111's field."""
+        values = {"gfpgan_visibility": gfpgan_visibility, "codeformer_visibility": codeformer_visibility,
+                  "codeformer_weight": codeformer_weight}
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise InvalidRequest(name, value, "a number from 0 to 1")
+        steps = cls(*(float(v) for v in values.values()))
+        for restorer in steps.restorers():
+            if restorer not in registered:
+                field = f"{restorer.lower()}_visibility"
+                raise InvalidRequest(field, values[field], f"0: the server has no {restorer} (its face restorers: "
+                                     f"{', '.join(registered) or 'none'}; export with --face-restorers DIR)")
+        return steps
 
 
 def extras_faces(image: Image.Image, steps: ExtrasFaces, networks: Callable[[str, float], FaceNetworks]
