@@ -155,14 +155,15 @@ def parse_prompt_attention(text: str, field: str = "prompt") -> list[tuple[str, 
     if not pieces:
         return [("", 1.0)]
     # A BREAK starts at -1 and gets its group's factors: -(1 * f1 * f2 ...), exactly, as rounding keeps signs.
-    out = [[part, -groups[g] if is_break else groups[g]] for part, g, is_break in pieces]
-    merged = [out[0]]
-    for piece in out[1:]:
-        if piece[1] == merged[-1][1]:
-            merged[-1][0] += piece[0]
+    # (each merged text's parts are joined once at the end: adding to a growing string copies it every time)
+    merged: list[tuple[list[str], float]] = []
+    for part, g, is_break in pieces:
+        weight = -groups[g] if is_break else groups[g]
+        if merged and merged[-1][1] == weight:
+            merged[-1][0].append(part)
         else:
-            merged.append(piece)
-    return [(t, w) for t, w in merged]
+            merged.append(([part], weight))
+    return [("".join(parts), w) for parts, w in merged]
 
 
 @dataclass
