@@ -24,7 +24,6 @@ from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest, SdtrtError
 from sdtrt.contract.spec import (
-    BATCH,
     DEFAULT_PORTS,
     IMAGES,
     INFOTEXTS,
@@ -45,11 +44,10 @@ from sdtrt.contract.spec import (
     WIRE_DTYPES,
     Catalog,
     ModelSpec,
-    upscaler_component,
 )
 from sdtrt.requests.generation import Generation, batch_count, concatenate, one_per_image
 from sdtrt.postprocessing.faces import FaceNetworks, face_networks
-from sdtrt.postprocessing.model_upscale import ModelUpscaler
+from sdtrt.postprocessing.model_upscale import ModelUpscaler, model_upscaler
 from sdtrt.requests.plan import validate
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, pixel_steps, resolve_seeds
 
@@ -282,13 +280,7 @@ class Client:
     def upscaler(self, name: str) -> ModelUpscaler:
         """A registered upscaler model whose network runs on the server: tiles in, upscaled tiles out."""
         spec = self.upscalers()[name]
-        entry = spec.upscalers[name]
-        component = spec.component(upscaler_component(entry["slug"]))
-
-        def run(tiles: np.ndarray) -> np.ndarray:
-            return self._network(spec, component.name, [tiles])[component.outputs[0].name]
-
-        return ModelUpscaler(run, entry["scale"], entry.get("multiple_of", 1), spec.dims[BATCH].max)
+        return model_upscaler(spec, name, lambda component, arrays: self._network(spec, component, arrays))
 
     def _fetch_catalog(self) -> Catalog:
         try:

@@ -25,6 +25,7 @@ from sdtrt.contract.files import copy_atomic, no_space_is_disk_full, repository_
 from sdtrt.contract.samplers import schedule_table
 from sdtrt.contract.spec import (
     ENGINES,
+    HYPERTILE,
     SPEC_FILENAME,
     SPEC_VERSION,
     UPSCALE_H,
@@ -34,9 +35,7 @@ from sdtrt.contract.spec import (
     ModelSpec,
     load_catalog,
     safe_name,
-    upscaler_component,
 )
-from sdtrt.contract.hires import HIRES_UPSCALERS
 from sdtrt.export.checkpoint import (
     Checkpoint,
     checkpoint_sha256,
@@ -65,8 +64,9 @@ from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.export.options import ExportOptions
 from sdtrt.export.tensorrt import EngineOptions, build_engines, refit_engine, refitted_filename
-from sdtrt.export.faces import DETECT_DIMS, register_face_restorers
-from sdtrt.export.upscalers import TILE_DIMS, register_upscalers
+from sdtrt.export.hypertile import hypertile_descriptors
+from sdtrt.export.postprocessing import FOLDERS as POSTPROCESSING_FOLDERS
+from sdtrt.export.postprocessing import of_spec, read_postprocessing
 from sdtrt.export.vaes import register_vaes
 from sdtrt.model_repository.build import write_model, write_networks, write_repository
 from sdtrt.model_repository.configs import ServingOptions
@@ -98,6 +98,9 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions | No
     requests that name no model get. ``options`` (ExportOptions; keyword ``changes`` replace its fields) say
     under which name, with which LoRAs, limits and engines."""
     options = replace(options or ExportOptions(), **changes)
+    if options.hypertile and options.engines is not None:
+        raise UsageError("--hypertile with --engines: the Hypertile variants run on onnxruntime (their tiles are "
+                         "shapes TensorRT would need as profile values); export one without the other")
     out = Path(out)
     with repository_lock(out, report=report):
         remove_leftovers(out, report)
@@ -119,8 +122,8 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions | No
     if existing is not None:  # refused before the (long) export rather than after it
         check_serving(out, existing, key, options.backend)
         prior = complete_export(out, key, base_key(source_sha, key, options), "export_base")
-        if prior is not None and options.upscaler_dir is not None and not prior.extra.get(ENGINES):
-            return add_upscalers(out, prior, inputs, options, report)  # only the upscaler folder changed
+        if prior is not None and not prior.extra.get(ENGINES):  # only the upscaler or face folder changed
+            return add_postprocessing(out, prior, inputs, options, report)
     # a full disk while a library writes its own files (the ONNX exporter, the tokenizer) is DiskFull too
     with no_space_is_disk_full(out), building(out) as work:
         spec = _export(model, work, key, inputs, source_sha, options, report)
@@ -156,21 +159,20 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: 
                       max_chunks=options.max_chunks, max_lora_rank=options.max_lora_rank if slots else 0)
 
     networks = descriptors(pipe, text_max_length, slots, options.tiling)
+    hypertiled, hypertile_layers = hypertile_descriptors(pipe, networks) if options.hypertile else ([], [])
+    networks += hypertiled
     vae_networks, vaes = register_vaes(pipe, Path(options.vae_dir), options.allow_pickle, report) \
         if options.vae_dir is not None else ([], {})
-    upscaler_networks, upscalers = register_upscalers(Path(options.upscaler_dir), options.allow_pickle, report) \
-        if options.upscaler_dir is not None else ([], {})
-    face_networks, face_restorers, face_helpers = register_face_restorers(
-        Path(options.face_restorer_dir), options.allow_pickle, report) if options.face_restorer_dir is not None \
-        else ([], {}, {})
-    networks += vae_networks + upscaler_networks + face_networks
-    dims = {**dims, **(TILE_DIMS if upscalers else {}), **(DETECT_DIMS if face_restorers else {})}
+    post = read_postprocessing(options, report)
+    networks += vae_networks + post.networks
+    dims = {**dims, **post.dims()}
     components = export_networks(networks, repo, key, dims, text_max_length, options.progress, report)
     pipe.tokenizer.save_pretrained(str(repo / tokenizer_dir(key)))
     spec = build_spec(ckpt, key, components, dims, options, native=native, text_max_length=text_max_length,
-                      registered={"upscalers": tuple(upscalers), "face_restorers": tuple(face_restorers)})
-    extra = {**spec.extra, "export_key": inputs, "export_base": base, **({"face_helpers": face_helpers} if face_helpers else {})}
-    spec = replace(spec, extra=extra, vaes=vaes, upscalers=upscalers, face_restorers=face_restorers, **registered)
+                      registered=post.registered())
+    spec = post.applied(spec)
+    extra = {**spec.extra, "export_key": inputs, "export_base": base, **({HYPERTILE: hypertile_layers} if hypertiled else {})}
+    spec = replace(spec, extra=extra, vaes=vaes, **registered)
     if options.engines is not None:
         spec = build_engines(repo, spec, options.engines, report, options.progress)
     write_model(repo, spec, options.served)
@@ -227,9 +229,9 @@ def export_key(source_sha: str, **inputs) -> str:
 
 
 def base_key(source_sha: str, key: str, options: ExportOptions) -> str:
-    """The export's key but for its upscaler folder: an export that differs from an earlier one only there adds
-    and removes upscaler networks (add_upscalers) instead of exporting again."""
-    return export_key(source_sha, **{**options.key_inputs(key), "upscaler_dir": None})
+    """The export's key but for its upscaler and face restorer folders: an export that differs from an earlier one
+    only there adds and removes those networks (add_postprocessing) instead of exporting again."""
+    return export_key(source_sha, **{**options.key_inputs(key), **dict.fromkeys(POSTPROCESSING_FOLDERS)})
 
 
 def complete_export(repo: Path, key: str, inputs: str, field: str = "export_key") -> ModelSpec | None:
@@ -260,31 +262,27 @@ def building(final: Path):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def add_upscalers(out: Path, spec: ModelSpec, inputs: str, options: ExportOptions, report) -> ModelSpec:
-    """An exported model with its upscaler folder read again: the new or changed files' networks exported and
-    joined, those of files gone removed, the rest as they are (a file dropped into the folder is served after
-    this and `sdtrt models load`, without a restart or a whole export)."""
-    networks, registry = register_upscalers(Path(options.upscaler_dir), options.allow_pickle, report)
-    wanted = {upscaler_component(entry["slug"]): entry for entry in registry.values()}
-    had = {upscaler_component(entry["slug"]): entry for entry in spec.upscalers.values()}
-    fresh = [desc for desc in networks
-             if desc.name not in spec.components or had.get(desc.name, {}).get("sha256") != wanted[desc.name]["sha256"]]
+def add_postprocessing(out: Path, spec: ModelSpec, inputs: str, options: ExportOptions, report) -> ModelSpec:
+    """An exported model with its upscaler and face restorer folders read again: the new or changed files'
+    networks exported and joined, those of files gone removed, the rest as they are (a file dropped into a folder
+    is served after this and `sdtrt models load`, without a restart or a whole export)."""
+    post = read_postprocessing(options, report)
+    wanted, had = post.files(), of_spec(spec).files()
+    fresh = [desc for desc in post.networks if desc.name not in spec.components or had.get(desc.name) != wanted[desc.name]]
     gone = [name for name in had if name not in wanted]
-    dims = {**spec.dims, **TILE_DIMS}
     with no_space_is_disk_full(out), building(out) as work:
-        exported = export_networks(fresh, work, spec.key, dims, spec.text_max_length, options.progress, report)
+        spec = post.applied(spec)
+        exported = export_networks(fresh, work, spec.key, spec.dims, spec.text_max_length, options.progress, report)
         components = {**{n: c for n, c in spec.components.items() if n not in gone}, **exported}
-        hires = spec.field("hr_upscaler")
-        request = {**spec.request, "hr_upscaler": replace(hires, choices=(*HIRES_UPSCALERS, *registry))}
-        spec = replace(spec, components=components, dims=dims, upscalers=registry, request=request,
-                       extra={**spec.extra, "export_key": inputs})
+        spec = replace(spec, components=components, extra={**spec.extra, "export_key": inputs})
         write_networks(work, spec, list(exported), options.served)
         with repository_lock(out, report=report):
             join_repository(work, out, spec, options.served, options.default)
             for name in gone:
                 shutil.rmtree(out / spec.triton_name(name), ignore_errors=True)
-    report(f"{out}: {spec.key}'s upscalers: {', '.join(registry)} ({len(fresh)} exported, {len(gone)} removed); "
-           f"`sdtrt models load {spec.key}` serves them")
+    names = [*post.upscalers, *post.face_restorers]
+    report(f"{out}: {spec.key}'s upscalers and face restorers: {', '.join(names) or 'none'} ({len(fresh)} "
+           f"exported, {len(gone)} removed); `sdtrt models load {spec.key}` serves them")
     return spec
 
 

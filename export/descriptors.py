@@ -21,6 +21,7 @@ from sdtrt.contract.spec import (  # noqa: F401  (the dim names are re-exported 
     LATENT_H,
     LATENT_W,
     LORA_RANK,
+    SINGLE,
     TEXT_BATCH,
     TILING_NETWORKS,
     TILING_SUFFIX,
@@ -49,6 +50,16 @@ class Descriptor:
         return {
             t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*self.inputs, *self.outputs)
         }
+
+
+class OnePerCall(Descriptor):
+    """A network whose ONNX graph takes one item a call (a face; a SwinIR tile): its batch dim, SINGLE, spans 1..1
+    (the configs give Triton a batch of at most one) and stays out of the graph's dynamic axes, as the exporter
+    cannot trace the batch through these architectures (StyleGAN2's modulated convolutions make kernels out of it,
+    SwinIR's window_reverse reads it as a number)."""
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {name: {i: d for i, d in axes.items() if d != SINGLE} for name, axes in super().dynamic_axes().items()}
 
 
 def final_layer_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:

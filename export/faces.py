@@ -28,18 +28,18 @@ import torch
 from torch import nn
 
 from sdtrt.contract.errors import UsageError
-from sdtrt.contract.spec import (FACE_BATCH, FACE_DETECT_H, FACE_DETECT_SHORT_SIDE, FACE_DETECT_SIDES, FACE_DETECT_W,
+from sdtrt.contract.spec import (FACE_DETECT_H, FACE_DETECT_SHORT_SIDE, FACE_DETECT_SIDES, FACE_DETECT_W, SINGLE,
                                 FACE_DETECTOR, FACE_PARSER, FACE_PRIORS, FACE_SIZE, DimRange, TensorSpec,
                                 face_restorer_component)
 from sdtrt.export.checkpoint import file_sha256, folder_files, read_weights
-from sdtrt.export.descriptors import Descriptor
+from sdtrt.export.descriptors import Descriptor, OnePerCall
 from sdtrt.export.upscalers import UPSCALER_SUFFIXES, spandrel
 from sdtrt.pipeline.ksampling import standing_in, torchvision_stand_in
 
 FACEXLIB, SPANDREL_EXTRA = "facexlib==0.3.0", "spandrel-extra-arches==0.2.0"  # (--no-deps, pyproject's no-deps)
 MAX_FACE_FILES = 8
 _SIDES = DimRange(FACE_DETECT_SIDES[0], FACE_DETECT_SHORT_SIDE, FACE_DETECT_SIDES[1])
-DETECT_DIMS = {FACE_BATCH: DimRange(1, 1, 1), FACE_DETECT_H: _SIDES, FACE_DETECT_W: _SIDES}
+DETECT_DIMS = {SINGLE: DimRange(1, 1, 1), FACE_DETECT_H: _SIDES, FACE_DETECT_W: _SIDES}
 BGR_MEAN = (104.0, 117.0, 123.0)  # RetinaFace's input mean (facexlib's mean_tensor), subtracted in the network
 RESTORERS = ("GFPGAN", "CodeFormer")  # spandrel's architecture ids, which are A1111's restorer names
 _LOCK = threading.Lock()
@@ -240,16 +240,7 @@ class _CodeFormer(nn.Module):
         return self.net(face, weight=weight, adain=True)[0]
 
 
-FACE = TensorSpec("face", "float32", (FACE_BATCH, 3, FACE_SIZE, FACE_SIZE))
-
-
-class _OneFace(Descriptor):
-    """A face network's ONNX graph takes one face: its batch dim, FACE_BATCH, spans 1..1 (the configs give Triton
-    a batch of at most one) and stays out of the graph's dynamic axes, as StyleGAN2's modulated convolutions make
-    kernels out of the batch, which the ONNX exporter cannot do for an unknown one."""
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {name: {i: d for i, d in axes.items() if d != FACE_BATCH} for name, axes in super().dynamic_axes().items()}
+FACE = TensorSpec("face", "float32", (SINGLE, 3, FACE_SIZE, FACE_SIZE))
 
 
 def _face(_: dict[str, int]) -> tuple[torch.Tensor, ...]:
@@ -261,21 +252,21 @@ def face_descriptor(kind: str, module: nn.Module, slug: str = "") -> Descriptor:
     if kind == "detector":
         def picture(d: dict[str, int]) -> tuple[torch.Tensor, ...]:  # (two sizes: the export checks at two batches)
             return (torch.rand(1, 3, d.get(FACE_DETECT_H, 256 + 64 * d.get("batch", 1)), d.get(FACE_DETECT_W, 320)) * 255,)
-        rows = (FACE_BATCH, FACE_PRIORS)
-        return _OneFace(FACE_DETECTOR, _Detector(module).eval(), (TensorSpec("image", "float32", (FACE_BATCH, 3, FACE_DETECT_H, FACE_DETECT_W)),),
+        rows = (SINGLE, FACE_PRIORS)
+        return OnePerCall(FACE_DETECTOR, _Detector(module).eval(), (TensorSpec("image", "float32", (SINGLE, 3, FACE_DETECT_H, FACE_DETECT_W)),),
                           (TensorSpec("boxes", "float32", (*rows, 4)), TensorSpec("scores", "float32", rows),
                            TensorSpec("landmarks", "float32", (*rows, 10))), picture,
                           {FACE_DETECT_H: 288, FACE_DETECT_W: 352})
     if kind == "parser":
-        return _OneFace(FACE_PARSER, _Parser(module).eval(), (FACE,),
-                          (TensorSpec("labels", "int32", (FACE_BATCH, FACE_SIZE, FACE_SIZE)),), _face, {})
-    restored = (TensorSpec("restored", "float32", (FACE_BATCH, 3, FACE_SIZE, FACE_SIZE)),)
+        return OnePerCall(FACE_PARSER, _Parser(module).eval(), (FACE,),
+                          (TensorSpec("labels", "int32", (SINGLE, FACE_SIZE, FACE_SIZE)),), _face, {})
+    restored = (TensorSpec("restored", "float32", (SINGLE, 3, FACE_SIZE, FACE_SIZE)),)
     if kind == "CodeFormer":
         def with_weight(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
             return (*_face(d), torch.rand(1) * 0.8 + 0.1)
-        return _OneFace(face_restorer_component(slug), _CodeFormer(module).eval(),
-                          (FACE, TensorSpec("weight", "float32", (FACE_BATCH,))), restored, with_weight, {})
-    return _OneFace(face_restorer_component(slug), _GFPGAN(module).eval(), (FACE,), restored, _face, {})
+        return OnePerCall(face_restorer_component(slug), _CodeFormer(module).eval(),
+                          (FACE, TensorSpec("weight", "float32", (SINGLE,))), restored, with_weight, {})
+    return OnePerCall(face_restorer_component(slug), _GFPGAN(module).eval(), (FACE,), restored, _face, {})
 
 
 def register_face_restorers(folder: Path, allow_pickle: bool, report=print) -> tuple[list[Descriptor], dict, dict]:

@@ -19,7 +19,8 @@ class ExportOptions:
     ``embedding_dir`` are folders whose LoRAs and embeddings requests may use by name, ``max_lora_rank`` the summed
     rank one request's LoRAs may have. ``max_pixel_steps`` (0: none) and ``max_prompt_chars`` are per-request
     ceilings, sized from max_size, max_batch and max_chunks by default (ExportLimits). ``tiling`` adds the U-Net's
-    and VAE's tiling variants (A1111's seamless Tiling) that requests with ``tiling`` run. With ``engines``, also
+    and VAE's tiling variants (A1111's seamless Tiling) that requests with ``tiling`` run; ``hypertile`` their
+    Hypertile variants (export/hypertile.py), which requests with the hypertile fields run. With ``engines``, also
     FP16 TensorRT engines, and the networks are served with them."""
 
     name: str | None = None
@@ -34,6 +35,7 @@ class ExportOptions:
     upscaler_dir: str | Path | None = None  # upscaler models for the hires fix and Extras (export/upscalers.py)
     face_restorer_dir: str | Path | None = None  # GFPGAN / CodeFormer and facexlib's detector, parser (export/faces.py)
     tiling: bool = False
+    hypertile: bool = False
     allow_pickle: bool = False
     prediction_type: str | None = None
     max_batch: int = ExportLimits.max_batch

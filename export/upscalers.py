@@ -1,5 +1,5 @@
-"""Upscaler models (A1111's models/ESRGAN and models/RealESRGAN: ESRGAN, Real-ESRGAN and its compact SRVGG,
-SwinIR, ...), each exported as a network of the model it is registered with.
+"""Upscaler models (A1111's models/ESRGAN, models/RealESRGAN and models/SwinIR: ESRGAN, Real-ESRGAN and its
+compact SRVGG, HAT, SwinIR), each exported as a network of the model it is registered with.
 
 The architecture, scale and widths are read from the weights by spandrel (what ComfyUI and Forge load them with):
 every file of the folder is registered under its stem, A1111's naming, or refused naming it. spandrel is installed
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import re
 import sys
 import threading
@@ -24,21 +25,26 @@ import torch
 
 from sdtrt.contract.errors import UsageError
 from sdtrt.contract.hires import MAX_TILE
-from sdtrt.contract.spec import (BATCH, UPSCALE_H, UPSCALE_W, UPSCALED_H, UPSCALED_W, DimRange, TensorSpec,
+from sdtrt.contract.spec import (BATCH, SINGLE, UPSCALE_H, UPSCALE_W, UPSCALED_H, UPSCALED_W, DimRange, TensorSpec,
                                 upscaler_component)
 from sdtrt.export.checkpoint import file_sha256, folder_files, read_weights
-from sdtrt.export.descriptors import Descriptor
+from sdtrt.export.descriptors import Descriptor, OnePerCall
 from sdtrt.pipeline.ksampling import standing_in, torchvision_stand_in
 
 SPANDREL = "spandrel==0.4.2"  # as scripts/setup.sh installs it (--no-deps; einops is one of sdtrt's own)
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt")  # .pth / .pt read weights-only unless --allow-pickle
 MAX_UPSCALERS = 32
 # The tile sizes the networks take: from spandrel's smallest requirement to MAX_TILE, A1111's 192 the optimum
-TILE_DIMS = {UPSCALE_H: DimRange(16, 192, MAX_TILE), UPSCALE_W: DimRange(16, 192, MAX_TILE)}
+TILE_DIMS = {UPSCALE_H: DimRange(16, 192, MAX_TILE), UPSCALE_W: DimRange(16, 192, MAX_TILE),
+             SINGLE: DimRange(1, 1, 1)}
 _LOCK = threading.Lock()
-# spandrel's architectures A1111 1.10 runs through upscale_with_model with its ESRGAN_tile options (ESRGAN and
-# Real-ESRGAN's RRDB, Real-ESRGAN's compact SRVGG, HAT), by spandrel id -> the name users know
-GRID_TILED = {"ESRGAN": "ESRGAN / Real-ESRGAN", "Compact": "Real-ESRGAN compact (SRVGG)", "HAT": "HAT"}
+# spandrel's architectures as A1111 1.10 tiles them, by spandrel id -> the name users know: "grid", through
+# upscale_with_model by its ESRGAN_tile options (ESRGAN and Real-ESRGAN's RRDB, Real-ESRGAN's compact SRVGG, HAT);
+# "swin", through its SwinIR script's tiled_upscale_2 by SWIN_tile (one tile a call: SwinIR's graph reads the
+# batch as a number)
+TILED = {"grid": {"ESRGAN": "ESRGAN / Real-ESRGAN", "Compact": "Real-ESRGAN compact (SRVGG)", "HAT": "HAT"},
+         "swin": {"SwinIR": "SwinIR"}}
+TILING = {arch: kind for kind, archs in TILED.items() for arch in archs}
 
 
 def _missing(*_: Any, **__: Any) -> Any:
@@ -76,9 +82,10 @@ def read_upscaler(path: Path, allow_pickle: bool = False) -> Any:
         raise
     except Exception as exc:
         raise UsageError(f"--upscalers {path}: not an upscaler architecture spandrel knows ({str(exc)[:200]})") from None
-    if model.architecture.id not in GRID_TILED:
+    if model.architecture.id not in TILING:
+        names = [name for archs in TILED.values() for name in archs.values()]
         raise UsageError(f"--upscalers {path}: a {model.architecture.name} model; sdtrt registers "
-                         f"{', '.join(GRID_TILED.values())} (the architectures A1111 tiles by its ESRGAN_tile options)")
+                         f"{', '.join(names)} (the architectures A1111 tiles by its ESRGAN_tile and SWIN_tile options)")
     if model.purpose not in ("SR", "Restoration") or (model.input_channels, model.output_channels) != (3, 3):
         raise UsageError(f"--upscalers {path}: a {model.architecture.name} {model.purpose} model "
                          f"({model.input_channels} -> {model.output_channels} channels, x{model.scale}); sdtrt "
@@ -95,20 +102,36 @@ class _Upscaler(torch.nn.Module):
         return self.model(image)
 
 
-def upscaler_descriptor(model: Any, slug: str) -> Descriptor:
-    """The network: tiles [N, 3, h, w] (BGR in [0, 1], as A1111 feeds its upscalers) -> [N, 3, h * s, w * s]."""
-    def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
-        return (torch.rand(d[BATCH], 3, d[UPSCALE_H], d[UPSCALE_W]),)
+def input_multiple(model: Any) -> int:
+    """The multiple of pixels a tile's sides must be for the network: spandrel's own requirement (pixel-unshuffle
+    models), and SwinIR's window, which its torch module pads to on its own but its traced graph cannot."""
+    multiple = int(model.size_requirements.multiple_of)
+    if TILING[model.architecture.id] == "swin":
+        multiple = math.lcm(multiple, int(model.model.window_size))
+    return multiple
 
-    return Descriptor(name=upscaler_component(slug), module=_Upscaler(model.model.eval()),
-                      inputs=(TensorSpec("image", "float32", (BATCH, 3, UPSCALE_H, UPSCALE_W)),),
-                      outputs=(TensorSpec("upscaled", "float32", (BATCH, 3, UPSCALED_H, UPSCALED_W)),),
-                      make_inputs=make_inputs, trace_dims={BATCH: 1, UPSCALE_H: 48, UPSCALE_W: 32})
+
+def upscaler_descriptor(model: Any, slug: str) -> Descriptor:
+    """The network: tiles [N, 3, h, w] (BGR in [0, 1], as A1111 feeds its upscalers) -> [N, 3, h * s, w * s];
+    a SwinIR takes one tile a call (N spans 1..1), its sides a multiple of its window."""
+    single, multiple = TILING[model.architecture.id] == "swin", input_multiple(model)
+    rows = SINGLE if single else BATCH
+
+    def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        h, w = (-(-d[dim] // multiple) * multiple for dim in (UPSCALE_H, UPSCALE_W))
+        return (torch.rand(1 if single else d[BATCH], 3, h, w),)
+
+    kind = OnePerCall if single else Descriptor
+    return kind(name=upscaler_component(slug), module=_Upscaler(model.model.eval()),
+                inputs=(TensorSpec("image", "float32", (rows, 3, UPSCALE_H, UPSCALE_W)),),
+                outputs=(TensorSpec("upscaled", "float32", (rows, 3, UPSCALED_H, UPSCALED_W)),),
+                make_inputs=make_inputs, trace_dims={BATCH: 1, UPSCALE_H: 48, UPSCALE_W: 32})
 
 
 def register_upscalers(folder: Path, allow_pickle: bool, report=print) -> tuple[list[Descriptor], dict[str, dict]]:
     """The folder's upscaler models as (the networks to export, the spec's ``upscalers``: stem -> file name,
-    sha256, architecture, scale, the size multiple its inputs need, slug), every file checked first."""
+    sha256, architecture, scale, the size multiple its inputs need, how A1111 tiles it (TILED), slug), every file
+    checked first."""
     files = folder_files(folder, UPSCALER_SUFFIXES, "--upscalers", "upscaler", MAX_UPSCALERS)
     networks, registry, slugs = [], {}, {}
     for path in files:
@@ -120,6 +143,6 @@ def register_upscalers(folder: Path, allow_pickle: bool, report=print) -> tuple[
         networks.append(upscaler_descriptor(model, slug))
         registry[path.stem] = {"file": path.name, "sha256": file_sha256(path, progress=False), "slug": slug,
                                "architecture": model.architecture.name, "scale": int(model.scale),
-                               "multiple_of": int(model.size_requirements.multiple_of)}
+                               "multiple_of": input_multiple(model), "tiling": TILING[model.architecture.id]}
         report(f"upscaler {path.stem}: {model.architecture.name} x{model.scale}")
     return networks, registry

@@ -113,7 +113,7 @@ def test_soft_inpainting_switched_off_is_a_plain_inpaint_and_its_arguments_are_c
     assert "Transition contrast boost" in message and "1 to 32" in message and "40" in message
 
 
-def test_hypertile_on_is_refused_by_name_not_ignored(api):
+def test_hypertile_on_a_model_without_its_networks_is_refused_by_name_not_ignored(api):
     loc, message = refusal(api.post("/sdapi/v1/txt2img", json={
         **BASE, "override_settings": {"hypertile_enable_unet": True}}))
-    assert loc[-1] == "override_settings.hypertile_enable_unet" and "False" in message
+    assert loc[-1] == "override_settings.hypertile_enable_unet" and "--hypertile" in message

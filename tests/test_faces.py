@@ -401,3 +401,30 @@ def test_an_infotext_with_face_restoration_asks_for_it_again():
     settings = settings_from_infotext("a portrait\nSteps: 3, Seed: 5, Face restoration: GFPGAN, Size: 64x64")
     assert settings["restore_faces"] is True and settings["face_restorer"] == "GFPGAN"
     assert "restore_faces" not in settings_from_infotext("a portrait\nSteps: 3, Seed: 5, Size: 64x64")
+
+
+@slow
+def test_a_face_file_removed_from_the_folder_goes_after_the_export_again(default_model, repo, face_folder, tmp_path):
+    """The same export again, its face folder changed: only the face networks are touched (CodeFormer's removed),
+    the rest of the model as it was; the restorer's choices follow."""
+    import shutil
+
+    from sdtrt.export import export_model
+
+    live, folder = tmp_path / "repo", tmp_path / "faces"
+    shutil.copytree(repo, live)
+    shutil.copytree(face_folder, folder)
+    (folder / "codeformer-v0.1.0.safetensors").unlink()
+    key = LocalPipeline(live).spec.key
+    unet = live / f"{key}__unet" / "1" / "model.onnx"
+    before = unet.stat().st_mtime_ns
+    said: list[str] = []
+    export_model(default_model, live, progress=False, report=said.append, face_restorer_dir=folder)
+    assert any("(0 exported, 1 removed)" in line for line in said), said[-3:]
+    assert unet.stat().st_mtime_ns == before
+    spec = LocalPipeline(live).spec
+    assert set(spec.face_restorers) == {"GFPGAN"} and "face_restorer_codeformer" not in spec.components
+    assert spec.field("face_restorer").choices == ("", "GFPGAN") and "face_helpers" in spec.extra
+    assert not (live / f"{key}__face_restorer_codeformer").exists()
+    restored = LocalPipeline(live).txt2img(Txt2ImgRequest(**REQUEST, restore_faces=True))  # GFPGAN now
+    assert "Face restoration: GFPGAN" in restored.infotexts[0]

@@ -1,10 +1,12 @@
-"""Upscaler models (A1111's models/ESRGAN): registered at export by architecture, served as networks, tiled as
-A1111 tiles them, used by the hires fix.
+"""Upscaler models (A1111's models/ESRGAN and models/SwinIR): registered at export by architecture, served as
+networks, tiled as A1111 tiles them, used by the hires fix.
 
 The models are random-weight ones written here in the layouts the loader claims, from the architectures' published
 definitions (BasicSR / Real-ESRGAN's RRDBNet, the original ESRGAN's "model.N" layout of the same network, and
 Real-ESRGAN's SRVGGNetCompact), restated below in torch; the reference output is that torch module on the picture,
-tiled by A1111 1.10's split_grid / combine_grid (restated here too) with its BGR in, 8-bit out conversion."""
+tiled by A1111 1.10's split_grid / combine_grid (restated here too) with its BGR in, 8-bit out conversion. The
+SwinIR is spandrel's own module (A1111 1.10 loads SwinIR files with spandrel), tiled by A1111's SwinIR script and
+its tiled_upscale_2, restated here in torch."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from servers import triton_on
 from sdtrt.client import Client
 from sdtrt.client.apps.a1111_api import create_app
 from sdtrt.contract.errors import InvalidRequest, UsageError
+from sdtrt.contract.hires import Tiling
 from sdtrt.pipeline.local import LocalPipeline
 from sdtrt.requests.request import Txt2ImgRequest
 
@@ -164,16 +167,58 @@ def a1111_upscale(module: nn.Module, image: Image.Image, tile: int, overlap: int
     return a1111_combine_grid(scaled, tile * s, image.width * s, image.height * s, overlap * s)
 
 
+@torch.no_grad()
+def a1111_swinir(module: nn.Module, image: Image.Image, tile: int, overlap: int, scale: int = 4) -> Image.Image:
+    """A1111 1.10's SwinIR upscale: BGR in [0, 1], mirrored to past the next multiple of 8, square tiles averaged
+    where they overlap (tiled_upscale_2), cut back, clamped, rounded."""
+    img = torch.from_numpy(np.moveaxis(np.array(image)[:, :, ::-1], 2, 0) / 255).float().unsqueeze(0)
+    _, _, h_old, w_old = img.size()
+    h_pad, w_pad = (h_old // 8 + 1) * 8 - h_old, (w_old // 8 + 1) * 8 - w_old
+    img = torch.cat([img, torch.flip(img, [2])], 2)[:, :, : h_old + h_pad, :]
+    img = torch.cat([img, torch.flip(img, [3])], 3)[:, :, :, : w_old + w_pad]
+    b, c, h, w = img.size()
+    tile = min(tile, h, w)
+    if tile <= 0:
+        output = module(img)
+    else:
+        stride = tile - overlap
+        h_idx = list(range(0, h - tile, stride)) + [h - tile]
+        w_idx = list(range(0, w - tile, stride)) + [w - tile]
+        result = torch.zeros(b, c, h * scale, w * scale)
+        weights = torch.zeros_like(result)
+        for y in h_idx:
+            for x in w_idx:
+                out = module(img[..., y: y + tile, x: x + tile])
+                result[..., y * scale: (y + tile) * scale, x * scale: (x + tile) * scale].add_(out)
+                weights[..., y * scale: (y + tile) * scale, x * scale: (x + tile) * scale].add_(torch.ones_like(out))
+        output = result.div_(weights)
+    output = output[..., : h_old * scale, : w_old * scale].squeeze().float().clamp_(0, 1).numpy()
+    output = np.transpose(output[[2, 1, 0], :, :], (1, 2, 0))
+    return Image.fromarray((output * 255.0).round().astype(np.uint8), "RGB")
+
+
+def tiny_swinir() -> nn.Module:
+    """A real-world SwinIR x4 as A1111's default (nearest+conv upsampler, 3conv), narrow and shallow."""
+    from sdtrt.export.upscalers import spandrel
+
+    spandrel()
+    from spandrel.architectures.SwinIR.__arch.SwinIR import SwinIR
+
+    return SwinIR(img_size=64, in_chans=3, embed_dim=24, depths=[2, 2], num_heads=[2, 2], window_size=8,
+                  mlp_ratio=2, upscale=4, img_range=1.0, upsampler="nearest+conv", resi_connection="3conv")
+
+
 MODELS = {}  # name -> (torch module, layout writer)
 
 
 @pytest.fixture(scope="module")
 def upscaler_folder(tmp_path_factory):
-    """A1111's models/ESRGAN with four random models: RRDBNet x4 (new and original layout), x2, compact x4."""
+    """A1111's models/ESRGAN with four random models: RRDBNet x4 (new and original layout), x2, compact x4; and a
+    SwinIR x4 (A1111's models/SwinIR; one folder here)."""
     folder = tmp_path_factory.mktemp("ESRGAN")
     torch.manual_seed(7)
     models = {"4x-tiny-esrgan": RRDBNet(4), "4x-tiny-old": RRDBNet(4), "2x-tiny-esrgan": RRDBNet(2),
-              "4x-tiny-compact": Compact(4)}
+              "4x-tiny-compact": Compact(4), "4x-tiny-swinir": tiny_swinir()}
     for name, module in models.items():
         module.eval()
         state = {k: v.contiguous() for k, v in module.state_dict().items()}
@@ -198,7 +243,10 @@ def local(repo):
 def test_each_file_is_registered_under_its_stem_with_its_architecture_and_scale(local):
     registered = {name: (e["architecture"], e["scale"]) for name, e in local.spec.upscalers.items()}
     assert registered == {"2x-tiny-esrgan": ("ESRGAN", 2), "4x-tiny-compact": ("RealESRGAN Compact", 4),
-                          "4x-tiny-esrgan": ("ESRGAN", 4), "4x-tiny-old": ("ESRGAN", 4)}
+                          "4x-tiny-esrgan": ("ESRGAN", 4), "4x-tiny-old": ("ESRGAN", 4),
+                          "4x-tiny-swinir": ("SwinIR", 4)}
+    assert {name: e["tiling"] for name, e in local.spec.upscalers.items()} == {
+        **{name: "grid" for name in registered if "swinir" not in name}, "4x-tiny-swinir": "swin"}
     assert set(local.spec.upscalers) <= set(local.spec.field("hr_upscaler").choices)
 
 
@@ -208,10 +256,40 @@ def test_the_network_tiled_as_a1111_tiles_it_gives_the_torch_modules_picture(loc
     from sdtrt.postprocessing.model_upscale import upscale_once
 
     picture = Image.fromarray(sample_picture(56, 40))
-    ours = upscale_once(picture, local.networks(local.plan(Txt2ImgRequest(prompt="x"))).upscaler(name), tile, overlap)
+    model = local.networks(local.plan(Txt2ImgRequest(prompt="x"))).upscaler(name)
+    ours = upscale_once(picture, model, Tiling(grid=(tile, overlap)))
     expected = a1111_upscale(MODELS[name], picture, tile, overlap)
     assert ours.size == expected.size == (56 * local.spec.upscalers[name]["scale"], 40 * local.spec.upscalers[name]["scale"])
     assert max_diff(np.asarray(ours)[None], np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("tile, overlap", [(0, 0), (32, 8), (24, 4), (20, 6)])
+def test_a_swinir_tiled_as_a1111s_swinir_script_tiles_it_gives_the_torch_modules_picture(local, tile, overlap):
+    """Mirrored to 64x48, then tiles of 32 (stepping 24), 24, and 20 (not a multiple of the window: the network's
+    input is reflect-padded to one and cut back, as the torch module pads itself); 0: the whole picture at once."""
+    from sdtrt.postprocessing.model_upscale import upscale_once
+
+    picture = Image.fromarray(sample_picture(56, 40))
+    model = local.networks(local.plan(Txt2ImgRequest(prompt="x"))).upscaler("4x-tiny-swinir")
+    assert (model.tiling, model.batch, model.multiple_of) == ("swin", 1, 8)
+    ours = upscale_once(picture, model, Tiling(grid=(16, 15), swin=(tile, overlap)))  # (the grid's: not read)
+    expected = a1111_swinir(MODELS["4x-tiny-swinir"].eval(), picture, tile, overlap)
+    assert ours.size == expected.size == (224, 160)
+    assert max_diff(np.asarray(ours)[None], np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
+
+
+def test_an_overlap_as_large_as_its_tile_is_refused_naming_both_fields(local):
+    with pytest.raises(InvalidRequest) as exc:
+        local.txt2img(Txt2ImgRequest(**{**HIRES, "hr_upscaler": "4x-tiny-swinir", "swinir_tile": 16,
+                                        "swinir_tile_overlap": 16}))
+    assert exc.value.field == "swinir_tile_overlap" and "below swinir_tile (16)" in str(exc.value)
+    with pytest.raises(InvalidRequest) as exc:
+        local.txt2img(Txt2ImgRequest(**{**HIRES, "hr_upscaler": "4x-tiny-compact", "upscaler_tile": 16,
+                                        "upscaler_tile_overlap": 40}))
+    assert exc.value.field == "upscaler_tile_overlap"
+    # another family's tiles are not read: no refusal for them
+    local.plan(Txt2ImgRequest(**{**HIRES, "hr_upscaler": "4x-tiny-compact", "swinir_tile": 16,
+                                 "swinir_tile_overlap": 16}))
 
 
 def test_a_2x_model_runs_twice_for_a_4x_upscale_then_lanczos_to_the_size(local):
@@ -220,7 +298,7 @@ def test_a_2x_model_runs_twice_for_a_4x_upscale_then_lanczos_to_the_size(local):
 
     picture = Image.fromarray(sample_picture(40, 40))
     model = local.networks(local.plan(Txt2ImgRequest(prompt="x"))).upscaler("2x-tiny-esrgan")
-    ours = upscale_to(picture, model, 120, 120, 0, 0)
+    ours = upscale_to(picture, model, 120, 120, Tiling(grid=(0, 0)))
     twice = a1111_upscale(MODELS["2x-tiny-esrgan"], a1111_upscale(MODELS["2x-tiny-esrgan"], picture, 0, 0), 0, 0)
     expected = twice.resize((120, 120), resample=Image.Resampling.LANCZOS)
     assert max_diff(np.asarray(ours)[None], np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
@@ -253,6 +331,14 @@ def test_the_hires_fix_upscales_with_the_model_served_and_in_process(repo, local
         picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
         a1111 = local.txt2img(Txt2ImgRequest(**HIRES, hr_upscaler="4x-tiny-compact", k_diffusion=True))  # 32 px tiles
         assert max_diff(picture[None], a1111.images) <= MAX_PIXEL_DIFF
+        swin = {**body, "hr_upscaler": "4x-tiny-swinir", "override_settings": {"SWIN_tile": 32, "SWIN_tile_overlap": 4}}
+        response = api.post("/sdapi/v1/txt2img", json=swin)
+        assert response.status_code == 200, response.text[:500]
+        picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
+        swinir = local.txt2img(Txt2ImgRequest(**HIRES, hr_upscaler="4x-tiny-swinir", swinir_tile=32,
+                                              swinir_tile_overlap=4, k_diffusion=True))
+        assert max_diff(picture[None], swinir.images) <= MAX_PIXEL_DIFF
+        assert max_diff(swinir.images, a1111.images) > MAX_PIXEL_DIFF  # (another upscaler's picture)
         extras_through_the_gateway(api)
         sd_upscale_through_the_gateway(api)
 
@@ -347,6 +433,8 @@ def test_a_tensorrt_engine_for_an_upscaler_spans_the_tile_sizes(local):
     batch = spec.dims["batch"]
     assert profile_shapes(spec, component, EngineOptions()) == {
         "image": [(batch.min, 3, 16, 16), (batch.opt, 3, 192, 192), (batch.max, 3, 512, 512)]}
+    swinir = spec.component(upscaler_component(spec.upscalers["4x-tiny-swinir"]["slug"]))  # one tile a call
+    assert profile_shapes(spec, swinir, EngineOptions()) == {"image": [(1, 3, 16, 16), (1, 3, 192, 192), (1, 3, 512, 512)]}
 
 
 def test_a_file_dropped_into_the_folder_is_served_after_the_export_again_and_models_load(default_model, repo,

@@ -215,7 +215,7 @@ def test_options_set_clip_skip_and_refuse_what_they_cannot(api):
     refused = api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "v1-5-pruned.safetensors"})
     assert refused.status_code == 422 and "not one of this server's models" in refused.text
     for key, value in (("sd_vae", "vae-ft-mse"), ("emphasis", "Strong"), ("sd_noise_schedule", "Cosine"),
-                       ("sgm_noise_multiplier", "yes"), ("hypertile_enable_unet", True)):
+                       ("sgm_noise_multiplier", "yes"), ("hypertile_swap_size_unet", 0)):
         refused = api.post("/sdapi/v1/options", json={key: value})  # not a VAE of this server, not a choice, ...
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", f"options.{key}"]
     assert api.post("/sdapi/v1/options", json={"emphasis": "No norm", "sd_vae": "None"}).status_code == 200

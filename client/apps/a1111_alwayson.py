@@ -11,7 +11,8 @@ through the API:
 - Comments: no arguments; it strips ``#`` comments from the prompts (option ``enable_prompt_comments``), which
   sdtrt does on every request (a1111_requests.translate), as A1111 does.
 - Extra options: the settings the user put in the UI (none by default): no arguments through the API.
-- Hypertile: no arguments; its options decide (sdtrt draws without it: a1111_requests.OPTIONS_FIXED).
+- Hypertile: no arguments; its options decide (hypertile_enable_unet, ...: request fields of the same names, served by
+  models exported with --hypertile).
 - Soft Inpainting (img2img): its arguments are sdtrt's ``soft_inpainting`` fields (sdtrt.pipeline.soft_inpainting).
 - ControlNet (an extension): its own open issue, named in the refusal.
 """

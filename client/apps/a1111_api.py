@@ -56,6 +56,7 @@ from sdtrt.client.apps.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard, se
 from sdtrt.client.apps.web_guard import logged as log_failure
 from sdtrt.client.client import Client, ServerError, ServerRefused, ServerUnavailable
 from sdtrt.contract.errors import ERROR_KINDS, DiskFull, InvalidRequest, echo, invalid_field
+from sdtrt.contract.hires import Tiling
 from sdtrt.contract.outputs import disk_full_summary, save_png
 from sdtrt.contract.prometheus import scrape
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG
@@ -213,10 +214,11 @@ class Gateway:
             self.release(job)
 
     def upscaler_models(self, names: list[str], user: str) -> ModelUpscalers:
-        """The server's upscaler models ``names``, tiled by the user's ESRGAN_tile options."""
+        """The server's upscaler models ``names``, tiled by the user's ESRGAN_tile and SWIN_tile options."""
         options = sampler_options(self.user(user))
-        return ModelUpscalers({name: self.client.upscaler(name) for name in names}, options["ESRGAN_tile"],
-                              options["ESRGAN_tile_overlap"])
+        tiling = Tiling((options["ESRGAN_tile"], options["ESRGAN_tile_overlap"]),
+                        (options["SWIN_tile"], options["SWIN_tile_overlap"]))
+        return ModelUpscalers({name: self.client.upscaler(name) for name in names}, tiling)
 
     def generate(self, call: Call, settings: dict[str, Any], job: Job, offset: int = 0) -> Generation:
         """The server's answer, its errors as A1111's statuses naming A1111's fields (``offset``: the batches of
@@ -418,7 +420,7 @@ def add_generation_routes(app: FastAPI, gateway: Gateway, generations: anyio.Cap
 
 
 def extras_models(gateway: Gateway, job: ExtrasUpscale, user: str) -> ModelUpscalers | None:
-    """The upscaler models an Extras job names, on the server, tiled by the user's ESRGAN_tile options."""
+    """The upscaler models an Extras job names, on the server, tiled by the user's ESRGAN_tile/SWIN_tile options."""
     names = [name for name in (job.upscaler_1, job.upscaler_2) if name not in EXTRAS_UPSCALERS]
     return gateway.upscaler_models(names, user) if names else None
 

@@ -61,16 +61,24 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
                    "s_min_uncond": "s_min_uncond", "skip_early_cond": "skip_early_cond",
                    **{name: name for name in ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta",
                                               "img2img_extra_noise")},
-                   # (not the sampler's: the upscaler models' tiles, as A1111's ESRGAN-family upscalers take them)
+                   # (not the sampler's: the upscaler models' tiles, as A1111's ESRGAN-family upscalers and its
+                   # SwinIR take them)
                    "ESRGAN_tile": "upscaler_tile", "ESRGAN_tile_overlap": "upscaler_tile_overlap",
+                   "SWIN_tile": "swinir_tile", "SWIN_tile_overlap": "swinir_tile_overlap",
                    "uni_pc_order": "unipc_order", "sdxl_crop_top": "sdxl_crop_top", "sdxl_crop_left": "sdxl_crop_left",
                    "comma_padding_backtrack": "comma_padding_backtrack"}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
+# Hypertile's numbers, request fields of the same names (its switches are among SAMPLER_FLAGS)
+HYPERTILE_OPTIONS = tuple(f"hypertile_{what}_{net}" for net in ("unet", "vae")
+                          for what in ("max_depth", "max_tile", "swap_size"))
+SAMPLER_OPTIONS.update({name: name for name in HYPERTILE_OPTIONS})
+TILE_OPTIONS = ("ESRGAN_tile", "ESRGAN_tile_overlap", "SWIN_tile", "SWIN_tile_overlap")
 SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta")  # request fields too
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
 # A1111's on/off options for its samplers, request fields of the same names
 SAMPLER_FLAGS = ("use_old_karras_scheduler_sigmas", "always_discard_next_to_last_sigma", "sgm_noise_multiplier",
-                 "use_downcasted_alpha_bar")
+                 "use_downcasted_alpha_bar", "hypertile_enable_unet", "hypertile_enable_unet_secondpass",
+                 "hypertile_enable_vae")
 # A1111's options that name a choice -> the request fields that take them
 CHOICE_OPTIONS = {"sd_noise_schedule": "sd_noise_schedule", "emphasis": "emphasis",
                   "hires_fix_refiner_pass": "hires_refiner_pass", "uni_pc_variant": "unipc_variant",
@@ -81,11 +89,9 @@ OPTIONS_KEPT_AND_READ = ("tiling", "pad_cond_uncond", "pad_cond_uncond_v0", "ena
                          "sd_vae", "sdxl_clip_l_skip", "uni_pc_lower_order_final", "face_restoration")
 # A1111's noise sources -> sdtrt's: its GPU source on an NVIDIA card gives NV's numbers
 RANDN_SOURCES = {"CPU": "CPU", "NV": "NV", "GPU": "NV"}
-# A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name.
-OPTIONS_FIXED = {
-    # Hypertile's tiled attention (an A1111 speed-up that changes the picture): sdtrt draws without it
-    "hypertile_enable_unet": (False,), "hypertile_enable_unet_secondpass": (False,), "hypertile_enable_vae": (False,),
-}
+# A1111 options that change the picture, with the values sdtrt draws with; other values are refused by name
+# (none now: Hypertile, the last, is served by models exported with --hypertile).
+OPTIONS_FIXED: dict[str, tuple] = {}
 
 
 # What one request may ask of the gateway, checked before any work starts (pictures: sdtrt.contract.pictures; the
@@ -282,7 +288,7 @@ def sampler_settings(body: "_Request", sampler: str, options: dict[str, Any]) ->
         settings["eta"] = eta
     settings["eta_noise_seed_delta"] = options["eta_noise_seed_delta"]
     defaults = a1111_defaults()
-    for name in ("skip_early_cond", *SCHEDULE_OPTIONS, "ESRGAN_tile", "ESRGAN_tile_overlap", "uni_pc_order",
+    for name in ("skip_early_cond", *SCHEDULE_OPTIONS, *TILE_OPTIONS, *HYPERTILE_OPTIONS, "uni_pc_order",
                  "sdxl_crop_top", "sdxl_crop_left", "comma_padding_backtrack"):
         if options[name] != defaults[name]:
             settings[SAMPLER_OPTIONS[name]] = options[name]

@@ -160,6 +160,9 @@ def _add_export(sub) -> None:
     p.add_argument("--tiling", action="store_true",
                    help="also export the U-Net and VAE with circular padding, for requests with tiling (A1111's "
                    "seamless 'Tiling'); adds their size to the export")
+    p.add_argument("--hypertile", action="store_true",
+                   help="also export the U-Net and VAE decoder whose attention layers take A1111's Hypertile tiles, "
+                   "for requests with hypertile_enable_unet / hypertile_enable_vae (onnxruntime only); adds their size")
     limits = p.add_argument_group("what a request may ask for (recorded in the spec)")
     limits.add_argument("--max-batch", type=int, default=ExportLimits.max_batch, help="most images per request")
     limits.add_argument("--min-size", type=int, default=ExportLimits.min_size, help="smallest width/height in pixels")
@@ -412,6 +415,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         name=args.name, default=args.default, config=args.config, loras=tuple(args.lora), lora_dir=args.loras,
         embedding_dir=args.embeddings, max_lora_rank=args.max_lora_rank, vae=args.vae, vae_dir=args.vaes,
         upscaler_dir=args.upscalers, face_restorer_dir=args.face_restorers, tiling=args.tiling,
+        hypertile=args.hypertile,
         allow_pickle=args.allow_pickle,
         prediction_type=args.prediction_type, max_batch=args.max_batch, min_size=args.min_size,
         max_size=args.max_size, max_chunks=args.max_chunks, max_pixel_steps=args.max_pixel_steps,

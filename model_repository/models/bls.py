@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 from sdtrt.contract.errors import Cancelled, InvalidRequest, RelayedInvalidRequest, Unavailable, invalid_field
 from sdtrt.contract.images import to_uint8
-from sdtrt.contract.spec import BATCH, MODEL, ComponentSpec, ModelSpec, upscaler_component
+from sdtrt.contract.spec import HYPERTILE_INPUT, HYPERTILE_SUFFIX, MODEL, ComponentSpec, ModelSpec
 from sdtrt.model_repository.configs import (
     CLIP_SKIP_ROWS,
     NEGATIVE_PIECES,
@@ -36,10 +36,10 @@ from sdtrt.model_repository.configs import (
     TOKENIZER_FIELDS,
 )
 from sdtrt.model_repository.models.step_batcher import StepBatcher
-from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
+from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs, unet_network
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
 from sdtrt.postprocessing.faces import FaceNetworks, face_networks
-from sdtrt.postprocessing.model_upscale import ModelUpscaler
+from sdtrt.postprocessing.model_upscale import ModelUpscaler, model_upscaler
 from sdtrt.requests.plan import TextPair
 
 # Every BLS call has a deadline: a stage that hangs (a stopped or deadlocked stub) must fail the request, not hold
@@ -170,6 +170,8 @@ class BlsNetworks:
         if self.batcher is None or not component.name.startswith("unet"):
             return run(values)
         key = (model, output_device, tuple(tuple(v.shape[1:]) for v in values))
+        if component.inputs[-1].name == HYPERTILE_INPUT:  # rows share one call's tiles: only equal draws merge
+            key += (tuple(values[-1][0].tolist()),)
         return self.batcher.call(key, values, self.unet_rows, run)
 
     def encode_texts(self, texts: TextPair, clip_skip: int, clip_l_skip: bool = False
@@ -197,8 +199,9 @@ class BlsNetworks:
                                    texts.normalize)
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
-        outputs = self._network("unet", (sample, timestep, *unet_inputs(self.spec, context)), self.device)
-        return outputs[self.spec.component("unet").outputs[0].name]
+        name = unet_network(context)
+        outputs = self._network(name, (sample, timestep, *unet_inputs(self.spec, context)), self.device)
+        return outputs[self.spec.component(name).outputs[0].name]
 
     def _single(self, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A one-input, one-output network's answer (the VAE's), by the spec's tensor names."""
@@ -208,8 +211,12 @@ class BlsNetworks:
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return self._single("vae_encoder", images, self.device)
 
-    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
-        return to_uint8(self._single("vae_decoder", latents, torch.device("cpu")).numpy())
+    def vae_decode(self, latents: torch.Tensor, hypertile: torch.Tensor | None = None) -> np.ndarray:
+        if hypertile is None:
+            return to_uint8(self._single("vae_decoder", latents, torch.device("cpu")).numpy())
+        component = self.spec.component("vae_decoder" + HYPERTILE_SUFFIX)
+        out = self._call(component, (latents, hypertile), torch.device("cpu"))
+        return to_uint8(out[component.outputs[0].name].numpy())
 
     def _numpy_call(self, name: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         """A network on numpy arrays, its outputs on the CPU by name (the upscaler's and face networks' calls)."""
@@ -222,10 +229,4 @@ class BlsNetworks:
 
     def upscaler(self, name: str) -> ModelUpscaler:
         """A registered upscaler model, its tiles through its Triton model (each call checks for cancellation)."""
-        entry = self.spec.upscalers[name]
-        component = self.spec.component(upscaler_component(entry["slug"]))
-
-        def run(tiles: np.ndarray) -> np.ndarray:
-            return self._numpy_call(component.name, [tiles])[component.outputs[0].name]
-
-        return ModelUpscaler(run, entry["scale"], entry.get("multiple_of", 1), self.spec.dims[BATCH].max)
+        return model_upscaler(self.spec, name, self._numpy_call)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from sdtrt.contract.errors import InvalidRequest
+
 if TYPE_CHECKING:
     import torch
 
@@ -38,9 +40,30 @@ HIRES_UPSCALERS: dict[str, Upscaler] = {
     ]
 }
 DEFAULT_UPSCALER = "Latent"
-# An upscaler model's tiles (A1111's options ESRGAN_tile, ESRGAN_tile_overlap): the networks take tiles up to
-# MAX_TILE a side (A1111's slider ends there); 0, the whole picture, runs tiles of that size on larger ones
-MAX_TILE, DEFAULT_TILE, DEFAULT_OVERLAP = 512, 192, 8
+# An upscaler model's tiles (A1111's options ESRGAN_tile, ESRGAN_tile_overlap; SWIN_tile, SWIN_tile_overlap for
+# SwinIR, the same defaults): the networks take tiles up to MAX_TILE a side (A1111's sliders end there); 0, the
+# whole picture, runs tiles of that size on larger ones
+MAX_TILE, DEFAULT_TILE, DEFAULT_OVERLAP, MAX_OVERLAP = 512, 192, 8, 48
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """A1111's tiling options for upscaler models, one pair per way of tiling: ``grid`` (ESRGAN_tile: the
+    ESRGAN family, cut and faded by its split_grid) and ``swin`` (SWIN_tile: SwinIR, tiles averaged where they
+    overlap). A pair is (tile side, overlap), each named by its request field for errors."""
+
+    grid: tuple[int, int] = (DEFAULT_TILE, DEFAULT_OVERLAP)
+    swin: tuple[int, int] = (DEFAULT_TILE, DEFAULT_OVERLAP)
+    fields = {"grid": ("upscaler_tile", "upscaler_tile_overlap"), "swin": ("swinir_tile", "swinir_tile_overlap")}
+
+    def of(self, kind: str) -> tuple[int, int]:
+        """(tile, overlap) for a model tiled by ``kind``; an overlap as large as its tile is refused by name (A1111
+        divides by zero there)."""
+        tile, overlap = getattr(self, kind)
+        if tile > 0 and overlap >= min(tile, MAX_TILE):
+            tile_field, overlap_field = self.fields[kind]
+            raise InvalidRequest(overlap_field, overlap, f"below {tile_field} ({tile}), from 0 to {MAX_OVERLAP}")
+        return tile, overlap
 
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 21  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 22  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
@@ -38,11 +38,19 @@ SPEC_VERSION = 21  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 20: comma_padding_backtrack (the tokenizer takes it)
 # 21: face restoration (face_restorers, the face detector, parser and restorer networks; restore_faces, face_restorer,
 # code_former_weight)
+# 22: SwinIR upscalers (an upscaler's tiling; the single dim, face_batch before; swinir_tile, swinir_tile_overlap);
+# Hypertile (the _hypertile variants, their layers in the extra; the hypertile_* fields)
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
 TILING_NETWORKS = ("unet", "vae_decoder", "vae_encoder")
 TILING_SUFFIX = "_tiling"
+# A1111's Hypertile: an export with --hypertile adds these networks' variants, named <network><HYPERTILE_SUFFIX>,
+# which take the tiles of their Hypertile layers as one more input (ModelSpec.extra[HYPERTILE]: the U-Net's layers).
+HYPERTILE_NETWORKS = ("unet", "vae_decoder")
+HYPERTILE_SUFFIX = "_hypertile"
+HYPERTILE_INPUT = "hypertile"
+HYPERTILE = "hypertile"
 # A1111's "SD VAE": an export with --vaes DIR adds each VAE's encoder and decoder, named <network>_vae_<its slug>,
 # which a request naming that VAE runs (ModelSpec.vaes: name -> file, hashes, slug).
 VAE_NETWORKS = ("vae_decoder", "vae_encoder")
@@ -96,7 +104,8 @@ UPSCALED_H = "upscaled_height"  # ... and gives (its scale times theirs)
 UPSCALED_W = "upscaled_width"
 FACE_DETECT_H = "face_detect_height"  # pixels of the picture the face detector takes (short side 640), when the
 FACE_DETECT_W = "face_detect_width"  # export registered face restorers
-FACE_BATCH = "face_batch"  # faces in a call: one (A1111 restores them one at a time), so Triton never batches them
+SINGLE = "single"  # one item a call (a face: A1111 restores them one at a time; a SwinIR tile), so Triton never
+# batches those networks: the dim spans 1..1 and stays out of their ONNX graphs' dynamic axes
 FACE_PRIORS = "face_priors"  # the detector's anchors: its outputs' rows, following its input's size
 
 # The models users call, and their tensors beside the request fields (each field is a [1]-shaped input named
@@ -308,6 +317,11 @@ class ModelSpec:
     def tiles(self) -> bool:
         """Whether the export has the tiling variants (``sdtrt export --tiling``) that a ``tiling`` request runs."""
         return all(name + TILING_SUFFIX in self.components for name in TILING_NETWORKS)
+
+    @property
+    def hypertiles(self) -> bool:
+        """Whether the export has the Hypertile variants (``sdtrt export --hypertile``)."""
+        return all(name + HYPERTILE_SUFFIX in self.components for name in HYPERTILE_NETWORKS)
 
     @property
     def two_text_encoders(self) -> bool:

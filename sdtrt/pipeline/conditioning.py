@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sdtrt.contract.spec import ModelSpec
+from sdtrt.contract.spec import HYPERTILE_INPUT, HYPERTILE_SUFFIX, ModelSpec
 from sdtrt.requests.plan import PromptSchedule
 from sdtrt.requests.prompts import CHUNK_TOKENS, apply_weights, text_chunks
 
@@ -129,6 +129,11 @@ def unet_conditioning(spec: ModelSpec, uncond: Conditioning, conds: tuple[Condit
     return {name: value.to(device) for name, value in rows.items()}
 
 
+def unet_network(conditioning: Conditioning) -> str:
+    """The U-Net network a call runs: its Hypertile variant where the conditioning carries the call's tiles."""
+    return "unet" + HYPERTILE_SUFFIX if HYPERTILE_INPUT in conditioning else "unet"
+
+
 def unet_inputs(spec: ModelSpec, conditioning: Conditioning) -> tuple[torch.Tensor, ...]:
     """The conditioning in the order of the U-Net's inputs after the sample and the timestep."""
-    return tuple(conditioning[t.name] for t in spec.component("unet").inputs[2:])
+    return tuple(conditioning[t.name] for t in spec.component(unet_network(conditioning)).inputs[2:])

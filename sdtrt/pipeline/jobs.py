@@ -36,8 +36,9 @@ from sdtrt.pipeline.vae import sample_latents
 from sdtrt.requests.img2img import LATENT_FILLS, ImageInputs, finish_images, to_model_input
 from sdtrt.postprocessing.faces import FaceNetworks, restore_faces
 from sdtrt.postprocessing.model_upscale import ModelUpscaler, upscale_to
+from sdtrt.requests.hypertile import HypertileNetworks, hypertiled
 from sdtrt.requests.plan import Plan, TextPair
-from sdtrt.requests.request import Txt2ImgRequest, face_restorer, hires_request, hires_target
+from sdtrt.requests.request import Txt2ImgRequest, face_restorer, hires_request, hires_target, request_tiling
 
 OnStep = Callable[[int, int, torch.Tensor], None]  # (steps done, steps, latents now)
 Stage = Callable[[str], ContextManager]  # times (and, served, batches) one stage: "text", "denoise", "decode"
@@ -50,8 +51,9 @@ class Networks(Protocol):
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [-1, 1] -> latent distribution parameters [N, 2C, H/8, W/8]."""
 
-    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents already divided by the VAE scaling factor -> uint8 pictures [N, H, W, 3]."""
+    def vae_decode(self, latents: torch.Tensor, hypertile: torch.Tensor | None = None) -> np.ndarray:
+        """Latents already divided by the VAE scaling factor -> uint8 pictures [N, H, W, 3] (``hypertile``: the
+        tiles of the decoder's Hypertile variant, sdtrt.requests.hypertile)."""
 
     def upscaler(self, name: str) -> ModelUpscaler:
         """A registered upscaler model (the spec's ``upscalers``) with its network to run."""
@@ -73,6 +75,7 @@ def run(plan: Plan, nets: Networks, on_step: OnStep | None = None, stage: Stage 
     """A plan, run: its texts encoded, its passes denoised, its latents decoded -> (uint8 pictures, each one's
     seed). The served job models and the in-process runner both run requests through here; ``others`` gives the
     networks of a model taking over part of the request (the plan's refiner or hires checkpoint)."""
+    nets = hypertiled(plan, nets)
     with stage("text"):
         prompts = encode_prompts(plan, nets)
         takeover = _takeover(plan, others)
@@ -188,7 +191,8 @@ class TextLengths:
         if lengths is None or bool((lengths == context[CONTEXT_INPUT].shape[1]).all()):
             return self.unet(sample, timestep, context)
         out: torch.Tensor | None = None
-        for length in lengths.unique().tolist():
+        # A1111's order: the conds' length (their rows come last), then the uncond's (which Hypertile's draws follow)
+        for length in dict.fromkeys(reversed(lengths.tolist())):
             rows = (lengths == length).nonzero().flatten().to(sample.device)
             part = {k: v[rows.to(v.device)][:, :length] if k == CONTEXT_INPUT else v[rows.to(v.device)]
                     for k, v in context.items()}
@@ -366,6 +370,8 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
     if request.img2img_extra_noise > 0:  # (only A1111's code paths take it)
         latents = latents + scheduler.extra_noise(noise)
     guidance = _guidance(plan, prompts, run)
+    if isinstance(runner, HypertileNetworks):  # (A1111's Hypertile configures the second pass here)
+        runner.draws.before_hires((up_width, up_height))
     runner_spec = takeover.hires.plan.spec if takeover.hires is not None else spec  # (its SDXL time ids)
     context = step_contexts(runner_spec, prompts, request, guidance.with_uncond, (width, height), nets.device)
     unet, context = _with_refiner(plan, takeover, False, model_unet(plan, runner), context, (width, height),
@@ -376,12 +382,11 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
 
 def _upscaled(picture: Image.Image, request: Txt2ImgRequest, nets: Networks, size: tuple[int, int]) -> Image.Image:
     """The first pass's picture at the hires fix's upscaled size: PIL's resize, or an upscaler model tiled as
-    A1111 tiles it (its ESRGAN_tile options: the request's upscaler_tile fields)."""
+    A1111 tiles it (its ESRGAN_tile and SWIN_tile options: the request's tiling fields)."""
     upscaler = HIRES_UPSCALERS.get(request.hr_upscaler)
     if upscaler is not None:
         return upscale_image(picture, upscaler, *size)
-    return upscale_to(picture, nets.upscaler(request.hr_upscaler), *size, request.upscaler_tile,
-                      request.upscaler_tile_overlap)
+    return upscale_to(picture, nets.upscaler(request.hr_upscaler), *size, request_tiling(request))
 
 
 def _latent_mask(inputs: ImageInputs, size: tuple[int, int]) -> torch.Tensor:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from sdtrt.contract.images import to_uint8
-from sdtrt.contract.spec import BATCH, ModelSpec, load_spec, upscaler_component
-from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs
+from sdtrt.contract.spec import HYPERTILE_SUFFIX, ModelSpec, load_spec
+from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs, unet_network
 from sdtrt.pipeline.engines import check_engine_matches, manifest
 from sdtrt.pipeline import jobs
 from sdtrt.pipeline.jobs import OnStep
@@ -23,7 +23,7 @@ from sdtrt.pipeline.text import load_tokenizer
 from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras
 from sdtrt.requests.generation import Generation, infotexts
 from sdtrt.postprocessing.faces import FaceNetworks, face_networks
-from sdtrt.postprocessing.model_upscale import ModelUpscaler
+from sdtrt.postprocessing.model_upscale import ModelUpscaler, model_upscaler
 from sdtrt.requests.plan import Plan, TextPair, plan_request
 from sdtrt.requests.prompts import piece_rows
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
@@ -127,27 +127,25 @@ class LocalNetworks:
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
         inputs = (sample, timestep, *unet_inputs(self.pipeline.spec, context))
-        outputs = self._run("unet", *(t.numpy() for t in inputs))
-        return torch.from_numpy(outputs[self.pipeline.spec.component("unet").outputs[0].name])
+        name = unet_network(context)
+        outputs = self._run(name, *(t.numpy() for t in inputs))
+        return torch.from_numpy(outputs[self.pipeline.spec.component(name).outputs[0].name])
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._single("vae_encoder", images.numpy()))
 
-    def vae_decode(self, latents: torch.Tensor) -> np.ndarray:
-        return to_uint8(self._single("vae_decoder", latents.numpy()))
+    def vae_decode(self, latents: torch.Tensor, hypertile: torch.Tensor | None = None) -> np.ndarray:
+        if hypertile is None:
+            return to_uint8(self._single("vae_decoder", latents.numpy()))
+        name = "vae_decoder" + HYPERTILE_SUFFIX
+        out = self.pipeline.run(name, latents.numpy(), hypertile.numpy())
+        return to_uint8(out[self.pipeline.spec.component(name).outputs[0].name])
 
     def face_networks(self, restorer: str, weight: float) -> FaceNetworks:
         return face_networks(self.pipeline.spec, restorer, weight, lambda name, arrays: self.pipeline.run(name, *arrays))
 
     def upscaler(self, name: str) -> ModelUpscaler:
-        spec = self.pipeline.spec
-        entry, component = spec.upscalers[name], upscaler_component(spec.upscalers[name]["slug"])
-        output = spec.component(component).outputs[0].name
-
-        def run(tiles: np.ndarray) -> np.ndarray:
-            return self.pipeline.run(component, tiles)[output]
-
-        return ModelUpscaler(run, entry["scale"], entry.get("multiple_of", 1), spec.dims[BATCH].max)
+        return model_upscaler(self.pipeline.spec, name, lambda component, arrays: self.pipeline.run(component, *arrays))
 
     def encode_texts(self, texts: TextPair, clip_skip: int, clip_l_skip: bool = False
                      ) -> tuple[Conditioning, Conditioning]:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.contract.hires import HIRES_UPSCALERS
+from sdtrt.contract.hires import HIRES_UPSCALERS, Tiling
 from sdtrt.postprocessing import model_upscale
 
 EXTRAS_UPSCALERS = {name: u for name, u in HIRES_UPSCALERS.items() if not u.latent_mode}
@@ -178,7 +178,7 @@ def upscale_by(image: Image.Image, name: str, scale: float, models: "ModelUpscal
     """One upscaler, as A1111's Upscaler.upscale: its own resize to the scaled size (a model's passes:
     sdtrt.postprocessing.model_upscale), then Lanczos down to the size rounded to a multiple of 8."""
     if models is not None and name in models.models:
-        return model_upscale.upscale_by(image, models.models[name], scale, models.tile, models.overlap)
+        return model_upscale.upscale_by(image, models.models[name], scale, models.tiling)
     (own_w, own_h), (width, height) = _scaled(image.size, scale)
     out = image.resize((own_w, own_h), resample=EXTRAS_UPSCALERS[name].resample)
     if out.size != (width, height):
@@ -233,11 +233,10 @@ def _upscale_part(image: Image.Image, name: str, scale: float, part: tuple[int, 
 
 @dataclass(frozen=True)
 class ModelUpscalers:
-    """The upscaler models an Extras request names, with A1111's tiling options for them (ESRGAN_tile)."""
+    """The upscaler models an Extras request names, with A1111's tiling options for them (ESRGAN_tile, SWIN_tile)."""
 
     models: dict[str, model_upscale.ModelUpscaler]
-    tile: int = model_upscale.DEFAULT_TILE
-    overlap: int = model_upscale.DEFAULT_OVERLAP
+    tiling: Tiling = Tiling()
 
 
 def extras_upscale(image: Image.Image, job: ExtrasUpscale, models: ModelUpscalers | None = None

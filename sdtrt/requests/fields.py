@@ -21,7 +21,7 @@ from sdtrt.contract.samplers import (DEFAULT_SAMPLER, DEFAULT_SCHEDULE, NOISE_SC
 from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
-from sdtrt.contract.hires import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_TILE
+from sdtrt.contract.hires import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_OVERLAP, MAX_TILE
 from sdtrt.requests.prompts import COMMA_BACKTRACK, EMPHASES
 
 MAX_STEPS = 150  # AUTOMATIC1111's slider maximum
@@ -93,6 +93,33 @@ def _setting(name: str, dtype: str, help: str, **facts: Any) -> RequestField:
     """A sampler setting: its default is SamplerSettings' (A1111's), defined with the samplers."""
     return RequestField(name, dtype, getattr(SamplerSettings(), name), help, **facts)
 
+
+def hypertile_fields() -> list[RequestField]:
+    """A1111's Hypertile options (extensions-builtin/hypertile), one field each, with its defaults and ranges
+    (a swap size of 0 fails in A1111: from 1 here)."""
+    doc = "(A1111's option hypertile_{}); needs a model exported with --hypertile"
+    fields = [
+        RequestField("hypertile_enable_unet", "bool", False, "Hypertile: the U-Net's self-attention layers attend within "
+                     "tiles drawn per call " + doc.format("enable_unet"), a1111="override_settings.hypertile_enable_unet"),
+        RequestField("hypertile_enable_unet_secondpass", "bool", False, "Hypertile for the hires fix's second pass "
+                     + doc.format("enable_unet_secondpass"), shown_in=(TXT2IMG,),
+                     a1111="override_settings.hypertile_enable_unet_secondpass"),
+        RequestField("hypertile_enable_vae", "bool", False, "Hypertile: the VAE decoder's middle attention attends within "
+                     "tiles drawn per image " + doc.format("enable_vae"), a1111="override_settings.hypertile_enable_vae"),
+    ]
+    for net, tile in (("unet", 256), ("vae", 128)):
+        fields += [
+            RequestField(f"hypertile_max_depth_{net}", "int32", 3, f"Hypertile: the deepest {net} layers that take "
+                         "part (0: the outermost only) " + doc.format(f"max_depth_{net}"), minimum=0, maximum=3,
+                         a1111=f"override_settings.hypertile_max_depth_{net}"),
+            RequestField(f"hypertile_max_tile_{net}", "int32", tile, f"Hypertile: the {net}'s largest tile side in "
+                         "pixels " + doc.format(f"max_tile_{net}"), minimum=0, maximum=512,
+                         a1111=f"override_settings.hypertile_max_tile_{net}"),
+            RequestField(f"hypertile_swap_size_{net}", "int32", 3, f"Hypertile: how many tile counts the {net} "
+                         "draws from " + doc.format(f"swap_size_{net}"), minimum=1, maximum=64,
+                         a1111=f"override_settings.hypertile_swap_size_{net}"),
+        ]
+    return fields
 
 def _size(what: str) -> dict[str, Any]:
     return dict(default=lambda m: m.native_size, minimum=lambda m: m.min_size, maximum=lambda m: m.max_size,
@@ -238,8 +265,14 @@ FIELDS: tuple[RequestField, ...] = (
                  f"picture (up to {MAX_TILE}, larger ones tiled at that) (A1111's option ESRGAN_tile)", minimum=0,
                  maximum=MAX_TILE, a1111="override_settings.ESRGAN_tile"),
     RequestField("upscaler_tile_overlap", "int32", DEFAULT_OVERLAP, "pixels an upscaler model's tiles overlap "
-                 "(A1111's option ESRGAN_tile_overlap)", minimum=0, maximum=48,
+                 "(A1111's option ESRGAN_tile_overlap)", minimum=0, maximum=MAX_OVERLAP,
                  a1111="override_settings.ESRGAN_tile_overlap"),
+    RequestField("swinir_tile", "int32", DEFAULT_TILE, "a SwinIR upscaler's tile side in pixels; 0 = the whole "
+                 f"picture (up to {MAX_TILE}, larger ones tiled at that) (A1111's option SWIN_tile)", minimum=0,
+                 maximum=MAX_TILE, a1111="override_settings.SWIN_tile"),
+    RequestField("swinir_tile_overlap", "int32", DEFAULT_OVERLAP, "pixels a SwinIR upscaler's tiles overlap "
+                 "(A1111's option SWIN_tile_overlap)", minimum=0, maximum=MAX_OVERLAP,
+                 a1111="override_settings.SWIN_tile_overlap"),
     RequestField("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
                  minimum=0, maximum=MAX_STEPS, shown_in=(TXT2IMG,), a1111="hr_second_pass_steps", a1111_as_is=True,
                  a1111_default=0, infotext="Hires steps", label="Hires steps"),
@@ -294,6 +327,7 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("tiling", "bool", False, "seamless tiling (A1111's 'Tiling'): the U-Net and VAE pad circularly, so "
                  "the picture wraps at its edges; needs a model exported with --tiling", a1111="tiling",
                  infotext="Tiling", label="Tiling"),
+    *hypertile_fields(),
     RequestField("restore_faces", "bool", False, "restore the faces of each picture once it is decoded, with "
                  "face_restorer (A1111's 'Restore faces'); needs a model exported with --face-restorers DIR",
                  a1111="restore_faces", label="Restore faces"),

@@ -21,6 +21,7 @@ import numpy as np
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.seeds import image_seeds
 from sdtrt.contract.spec import LORA_RANK, UNET_BATCH, ModelSpec
+from sdtrt.requests.hypertile import check_hypertile_loras
 from sdtrt.requests.extra_networks import LoraTag, request_loras, strip_extra_networks, used_embeddings
 from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule, text_at
 from sdtrt.requests.prompts import COMMA_BACKTRACK, Pieces, emphasis_pieces
@@ -172,7 +173,7 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     """A copy of the request with defaults filled in from the spec and every field checked, its prompts included
     (LoRA tags, AND subprompts, brackets): what a client checks before sending."""
     checked = check_fields(request, spec)
-    _read_prompts(checked, spec, _passes(checked, spec))
+    check_hypertile_loras(checked, _read_prompts(checked, spec, _passes(checked, spec)).loras)
     return checked
 
 
@@ -188,6 +189,7 @@ def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarra
     checked = resolve_seeds(check_fields(request, spec))
     passes = _passes(checked, spec)
     prompts = _read_prompts(checked, spec, passes)
+    check_hypertile_loras(checked, prompts.loras)
     texts: dict[TextPair, int] = {}
     planned = [PassPlan(one.width, one.height, one.steps, _schedule(one, prompts, texts)) for one in passes]
     images = None

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.contract.hires import HiresSize, hires_size
+from sdtrt.contract.hires import HiresSize, Tiling, hires_size
 from sdtrt.contract.samplers import DEFAULT_SCHEDULE, SAMPLERS, SamplerSettings, UniPcOptions, draws_step_noise, resolve
 from sdtrt.contract.seeds import resolve_seed
 from sdtrt.contract.spec import IMG2IMG, OWN_VAE_NAMES, TXT2IMG, FieldSpec, ModelSpec
 from sdtrt.requests.fields import ModelLimits, fields_of, request_table
+from sdtrt.requests.hypertile import asks_for_hypertile, check_hypertile
 
 
 def _request_class(name: str, doc: str, job: str, base: type | None = None) -> type:
@@ -108,6 +109,8 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     if checked.enable_hr:
         check_hires_size(checked, spec)
         check_hires_sampler(checked, spec)
+        if checked.hr_upscaler in spec.upscalers:
+            request_tiling(checked).of(spec.upscalers[checked.hr_upscaler].get("tiling", "grid"))
     if checked.vae:
         checked = replace(checked, vae=registered_vae(spec, checked.vae, checked.tiling))
     if checked.tiling and not spec.tiles:
@@ -116,6 +119,8 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     if checked.restore_faces and not spec.face_restorers:
         raise InvalidRequest("restore_faces", True, f"false for model {spec.key!r}: it was exported without face "
                              "restorers; export it again with `sdtrt export ... --face-restorers DIR`")
+    if asks_for_hypertile(checked):
+        check_hypertile(checked, spec)
     check_pixel_steps(checked, spec)
     check_randn_source(checked)
     check_sampler_steps(checked)
@@ -126,6 +131,12 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
             raise InvalidRequest(name, value, f"0 or -1 (off), or at least {spec.vae_scale_factor} pixels (one latent "
                                               f"cell), at most {spec.field(name).maximum:g}")
     return checked
+
+
+def request_tiling(request: Txt2ImgRequest) -> Tiling:
+    """A1111's tiling options for the request's upscaler models (its ESRGAN_tile and SWIN_tile fields)."""
+    return Tiling((request.upscaler_tile, request.upscaler_tile_overlap),
+                  (request.swinir_tile, request.swinir_tile_overlap))
 
 
 def face_restorer(spec: ModelSpec, name: str) -> str:
