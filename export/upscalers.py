@@ -1,5 +1,5 @@
-"""Upscaler models (A1111's models/ESRGAN, models/RealESRGAN and models/SwinIR: ESRGAN, Real-ESRGAN and its
-compact SRVGG, HAT, SwinIR), each exported as a network of the model it is registered with.
+"""Upscaler models (A1111's models/ESRGAN, models/RealESRGAN, models/DAT and models/SwinIR: ESRGAN, Real-ESRGAN and
+its compact SRVGG, HAT, DAT, SwinIR), each exported as a network of the model it is registered with.
 
 The architecture, scale and widths are read from the weights by spandrel (what ComfyUI and Forge load them with):
 every file of the folder is registered under its stem, A1111's naming, or refused naming it. spandrel is installed
@@ -40,11 +40,13 @@ TILE_DIMS = {UPSCALE_H: DimRange(16, 192, MAX_TILE), UPSCALE_W: DimRange(16, 192
 _LOCK = threading.Lock()
 # spandrel's architectures as A1111 1.10 tiles them, by spandrel id -> the name users know: "grid", through
 # upscale_with_model by its ESRGAN_tile options (ESRGAN and Real-ESRGAN's RRDB, Real-ESRGAN's compact SRVGG, HAT);
-# "swin", through its SwinIR script's tiled_upscale_2 by SWIN_tile (one tile a call: SwinIR's graph reads the
-# batch as a number)
+# "dat", the same by its DAT_tile options; "swin", through its SwinIR script's tiled_upscale_2 by SWIN_tile
 TILED = {"grid": {"ESRGAN": "ESRGAN / Real-ESRGAN", "Compact": "Real-ESRGAN compact (SRVGG)", "HAT": "HAT"},
-         "swin": {"SwinIR": "SwinIR"}}
+         "dat": {"DAT": "DAT"}, "swin": {"SwinIR": "SwinIR"}}
 TILING = {arch: kind for kind, archs in TILED.items() for arch in archs}
+# one tile a call: SwinIR's traced graph reads the batch as a number; DAT's gives batched tiles other values
+# (2e-4 apart, measured), and A1111 runs its tiles one by one
+SINGLE_TILE = ("SwinIR", "DAT")
 
 
 def _missing(*_: Any, **__: Any) -> Any:
@@ -85,7 +87,8 @@ def read_upscaler(path: Path, allow_pickle: bool = False) -> Any:
     if model.architecture.id not in TILING:
         names = [name for archs in TILED.values() for name in archs.values()]
         raise UsageError(f"--upscalers {path}: a {model.architecture.name} model; sdtrt registers "
-                         f"{', '.join(names)} (the architectures A1111 tiles by its ESRGAN_tile and SWIN_tile options)")
+                         f"{', '.join(names)} (the architectures A1111 tiles by its ESRGAN_tile, DAT_tile and SWIN_tile "
+                         "options)")
     if model.purpose not in ("SR", "Restoration") or (model.input_channels, model.output_channels) != (3, 3):
         raise UsageError(f"--upscalers {path}: a {model.architecture.name} {model.purpose} model "
                          f"({model.input_channels} -> {model.output_channels} channels, x{model.scale}); sdtrt "
@@ -113,8 +116,8 @@ def input_multiple(model: Any) -> int:
 
 def upscaler_descriptor(model: Any, slug: str) -> Descriptor:
     """The network: tiles [N, 3, h, w] (BGR in [0, 1], as A1111 feeds its upscalers) -> [N, 3, h * s, w * s];
-    a SwinIR takes one tile a call (N spans 1..1), its sides a multiple of its window."""
-    single, multiple = TILING[model.architecture.id] == "swin", input_multiple(model)
+    a SwinIR or DAT takes one tile a call (N spans 1..1), a SwinIR's sides a multiple of its window."""
+    single, multiple = model.architecture.id in SINGLE_TILE, input_multiple(model)
     rows = SINGLE if single else BATCH
 
     def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
@@ -122,7 +125,7 @@ def upscaler_descriptor(model: Any, slug: str) -> Descriptor:
         return (torch.rand(1 if single else d[BATCH], 3, h, w),)
 
     kind = OnePerCall if single else Descriptor
-    return kind(name=upscaler_component(slug), module=_Upscaler(model.model.eval()),
+    return kind(name=upscaler_component(slug), module=_Upscaler(model.model).eval(),
                 inputs=(TensorSpec("image", "float32", (rows, 3, UPSCALE_H, UPSCALE_W)),),
                 outputs=(TensorSpec("upscaled", "float32", (rows, 3, UPSCALED_H, UPSCALED_W)),),
                 make_inputs=make_inputs, trace_dims={BATCH: 1, UPSCALE_H: 48, UPSCALE_W: 32})

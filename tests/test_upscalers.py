@@ -208,6 +208,17 @@ def tiny_swinir() -> nn.Module:
                   mlp_ratio=2, upscale=4, img_range=1.0, upsampler="nearest+conv", resi_connection="3conv")
 
 
+def tiny_dat() -> nn.Module:
+    """A DAT x2 (spandrel's module, as A1111 1.10 loads DAT files), narrow and shallow."""
+    from sdtrt.export.upscalers import spandrel
+
+    spandrel()
+    from spandrel.architectures.DAT.__arch.DAT import DAT
+
+    return DAT(img_size=64, in_chans=3, embed_dim=64, split_size=[8, 16], depth=[1, 1], num_heads=[4, 4],
+               expansion_factor=2, upscale=2, resi_connection="1conv", upsampler="pixelshuffle")
+
+
 MODELS = {}  # name -> (torch module, layout writer)
 
 
@@ -218,7 +229,7 @@ def upscaler_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ESRGAN")
     torch.manual_seed(7)
     models = {"4x-tiny-esrgan": RRDBNet(4), "4x-tiny-old": RRDBNet(4), "2x-tiny-esrgan": RRDBNet(2),
-              "4x-tiny-compact": Compact(4), "4x-tiny-swinir": tiny_swinir()}
+              "4x-tiny-compact": Compact(4), "4x-tiny-swinir": tiny_swinir(), "2x-tiny-dat": tiny_dat()}
     for name, module in models.items():
         module.eval()
         state = {k: v.contiguous() for k, v in module.state_dict().items()}
@@ -244,20 +255,21 @@ def test_each_file_is_registered_under_its_stem_with_its_architecture_and_scale(
     registered = {name: (e["architecture"], e["scale"]) for name, e in local.spec.upscalers.items()}
     assert registered == {"2x-tiny-esrgan": ("ESRGAN", 2), "4x-tiny-compact": ("RealESRGAN Compact", 4),
                           "4x-tiny-esrgan": ("ESRGAN", 4), "4x-tiny-old": ("ESRGAN", 4),
-                          "4x-tiny-swinir": ("SwinIR", 4)}
+                          "4x-tiny-swinir": ("SwinIR", 4), "2x-tiny-dat": ("DAT", 2)}
     assert {name: e["tiling"] for name, e in local.spec.upscalers.items()} == {
-        **{name: "grid" for name in registered if "swinir" not in name}, "4x-tiny-swinir": "swin"}
+        **{name: "grid" for name in registered if "swinir" not in name and "dat" not in name},
+        "4x-tiny-swinir": "swin", "2x-tiny-dat": "dat"}
     assert set(local.spec.upscalers) <= set(local.spec.field("hr_upscaler").choices)
 
 
-@pytest.mark.parametrize("name", ["4x-tiny-esrgan", "4x-tiny-old", "2x-tiny-esrgan", "4x-tiny-compact"])
+@pytest.mark.parametrize("name", ["4x-tiny-esrgan", "4x-tiny-old", "2x-tiny-esrgan", "4x-tiny-compact", "2x-tiny-dat"])
 @pytest.mark.parametrize("tile, overlap", [(0, 0), (32, 8)])
 def test_the_network_tiled_as_a1111_tiles_it_gives_the_torch_modules_picture(local, name, tile, overlap):
     from sdtrt.postprocessing.model_upscale import upscale_once
 
     picture = Image.fromarray(sample_picture(56, 40))
     model = local.networks(local.plan(Txt2ImgRequest(prompt="x"))).upscaler(name)
-    ours = upscale_once(picture, model, Tiling(grid=(tile, overlap)))
+    ours = upscale_once(picture, model, Tiling(grid=(tile, overlap), dat=(tile, overlap)))
     expected = a1111_upscale(MODELS[name], picture, tile, overlap)
     assert ours.size == expected.size == (56 * local.spec.upscalers[name]["scale"], 40 * local.spec.upscalers[name]["scale"])
     assert max_diff(np.asarray(ours)[None], np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
@@ -435,6 +447,8 @@ def test_a_tensorrt_engine_for_an_upscaler_spans_the_tile_sizes(local):
         "image": [(batch.min, 3, 16, 16), (batch.opt, 3, 192, 192), (batch.max, 3, 512, 512)]}
     swinir = spec.component(upscaler_component(spec.upscalers["4x-tiny-swinir"]["slug"]))  # one tile a call
     assert profile_shapes(spec, swinir, EngineOptions()) == {"image": [(1, 3, 16, 16), (1, 3, 192, 192), (1, 3, 512, 512)]}
+    dat = spec.component(upscaler_component(spec.upscalers["2x-tiny-dat"]["slug"]))
+    assert profile_shapes(spec, dat, EngineOptions())["image"][2] == (1, 3, 512, 512)
 
 
 def test_a_file_dropped_into_the_folder_is_served_after_the_export_again_and_models_load(default_model, repo,

@@ -217,7 +217,8 @@ class Gateway:
         """The server's upscaler models ``names``, tiled by the user's ESRGAN_tile and SWIN_tile options."""
         options = sampler_options(self.user(user))
         tiling = Tiling((options["ESRGAN_tile"], options["ESRGAN_tile_overlap"]),
-                        (options["SWIN_tile"], options["SWIN_tile_overlap"]))
+                        (options["SWIN_tile"], options["SWIN_tile_overlap"]),
+                        (options["DAT_tile"], options["DAT_tile_overlap"]))
         return ModelUpscalers({name: self.client.upscaler(name) for name in names}, tiling)
 
     def generate(self, call: Call, settings: dict[str, Any], job: Job, offset: int = 0) -> Generation:

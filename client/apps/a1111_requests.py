@@ -65,6 +65,7 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
                    # SwinIR take them)
                    "ESRGAN_tile": "upscaler_tile", "ESRGAN_tile_overlap": "upscaler_tile_overlap",
                    "SWIN_tile": "swinir_tile", "SWIN_tile_overlap": "swinir_tile_overlap",
+                   "DAT_tile": "dat_tile", "DAT_tile_overlap": "dat_tile_overlap",
                    "uni_pc_order": "unipc_order", "sdxl_crop_top": "sdxl_crop_top", "sdxl_crop_left": "sdxl_crop_left",
                    "comma_padding_backtrack": "comma_padding_backtrack"}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
@@ -72,7 +73,7 @@ SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))
 HYPERTILE_OPTIONS = tuple(f"hypertile_{what}_{net}" for net in ("unet", "vae")
                           for what in ("max_depth", "max_tile", "swap_size"))
 SAMPLER_OPTIONS.update({name: name for name in HYPERTILE_OPTIONS})
-TILE_OPTIONS = ("ESRGAN_tile", "ESRGAN_tile_overlap", "SWIN_tile", "SWIN_tile_overlap")
+TILE_OPTIONS = ("ESRGAN_tile", "ESRGAN_tile_overlap", "SWIN_tile", "SWIN_tile_overlap", "DAT_tile", "DAT_tile_overlap")
 SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta")  # request fields too
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
 # A1111's on/off options for its samplers, request fields of the same names

@@ -40,8 +40,8 @@ HIRES_UPSCALERS: dict[str, Upscaler] = {
     ]
 }
 DEFAULT_UPSCALER = "Latent"
-# An upscaler model's tiles (A1111's options ESRGAN_tile, ESRGAN_tile_overlap; SWIN_tile, SWIN_tile_overlap for
-# SwinIR, the same defaults): the networks take tiles up to MAX_TILE a side (A1111's sliders end there); 0, the
+# An upscaler model's tiles (A1111's options ESRGAN_tile, ESRGAN_tile_overlap; DAT_tile and SWIN_tile and their
+# overlaps for DAT and SwinIR, the same defaults): the networks take tiles up to MAX_TILE a side (A1111's sliders end there); 0, the
 # whole picture, runs tiles of that size on larger ones
 MAX_TILE, DEFAULT_TILE, DEFAULT_OVERLAP, MAX_OVERLAP = 512, 192, 8, 48
 
@@ -49,12 +49,15 @@ MAX_TILE, DEFAULT_TILE, DEFAULT_OVERLAP, MAX_OVERLAP = 512, 192, 8, 48
 @dataclass(frozen=True)
 class Tiling:
     """A1111's tiling options for upscaler models, one pair per way of tiling: ``grid`` (ESRGAN_tile: the
-    ESRGAN family, cut and faded by its split_grid) and ``swin`` (SWIN_tile: SwinIR, tiles averaged where they
-    overlap). A pair is (tile side, overlap), each named by its request field for errors."""
+    ESRGAN family, cut and faded by its split_grid), ``dat`` (DAT_tile: DAT, the same way) and ``swin`` (SWIN_tile:
+    SwinIR, tiles averaged where they overlap). A pair is (tile side, overlap), each named by its request field for
+    errors."""
 
     grid: tuple[int, int] = (DEFAULT_TILE, DEFAULT_OVERLAP)
     swin: tuple[int, int] = (DEFAULT_TILE, DEFAULT_OVERLAP)
-    fields = {"grid": ("upscaler_tile", "upscaler_tile_overlap"), "swin": ("swinir_tile", "swinir_tile_overlap")}
+    dat: tuple[int, int] = (DEFAULT_TILE, DEFAULT_OVERLAP)
+    fields = {"grid": ("upscaler_tile", "upscaler_tile_overlap"), "swin": ("swinir_tile", "swinir_tile_overlap"),
+              "dat": ("dat_tile", "dat_tile_overlap")}
 
     def of(self, kind: str) -> tuple[int, int]:
         """(tile, overlap) for a model tiled by ``kind``; an overlap as large as its tile is refused by name (A1111

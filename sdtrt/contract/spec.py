@@ -38,7 +38,7 @@ SPEC_VERSION = 22  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 20: comma_padding_backtrack (the tokenizer takes it)
 # 21: face restoration (face_restorers, the face detector, parser and restorer networks; restore_faces, face_restorer,
 # code_former_weight)
-# 22: SwinIR upscalers (an upscaler's tiling; the single dim, face_batch before; swinir_tile, swinir_tile_overlap);
+# 22: SwinIR and DAT upscalers (an upscaler's tiling; the single dim, face_batch before; swinir_tile, dat_tile, ...);
 # Hypertile (the _hypertile variants, their layers in the extra; the hypertile_* fields)
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:

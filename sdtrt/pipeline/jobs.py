@@ -382,7 +382,7 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
 
 def _upscaled(picture: Image.Image, request: Txt2ImgRequest, nets: Networks, size: tuple[int, int]) -> Image.Image:
     """The first pass's picture at the hires fix's upscaled size: PIL's resize, or an upscaler model tiled as
-    A1111 tiles it (its ESRGAN_tile and SWIN_tile options: the request's tiling fields)."""
+    A1111 tiles it (its ESRGAN_tile, DAT_tile and SWIN_tile options: the request's tiling fields)."""
     upscaler = HIRES_UPSCALERS.get(request.hr_upscaler)
     if upscaler is not None:
         return upscale_image(picture, upscaler, *size)

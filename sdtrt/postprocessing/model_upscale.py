@@ -7,8 +7,8 @@ The network itself is a callable here (``Run``: a batch of tiles in, the tiles a
 runs it on Triton, the in-process runner on its own session, tests on a torch module.
 
 A1111's rules, kept so that the same request gives the same picture:
-  * The ESRGAN family ("grid"): tiles of ``tile`` pixels overlapping by ``overlap`` (its options ESRGAN_tile,
-    ESRGAN_tile_overlap), cut and blended as its SD upscale's grid (sdtrt.requests.grids); 0: the whole picture at
+  * The ESRGAN family ("grid") and DAT ("dat"): tiles of ``tile`` pixels overlapping by ``overlap`` (its options
+    ESRGAN_tile and ESRGAN_tile_overlap, DAT_tile and DAT_tile_overlap), cut and blended as its SD upscale's grid (sdtrt.requests.grids); 0: the whole picture at
     once. sdtrt caps a tile at MAX_TILE pixels a side (a whole picture larger than that is tiled at MAX_TILE), so
     that memory stays bounded.
   * SwinIR ("swin"): the picture mirrored past its bottom and right edges to the next multiple of 8 beyond them,
@@ -45,7 +45,7 @@ class ModelUpscaler:
     scale: int
     multiple_of: int = 1
     batch: int = 1  # tiles per network call
-    tiling: str = "grid"  # how A1111 tiles it: "grid" (ESRGAN_tile) or "swin" (SWIN_tile)
+    tiling: str = "grid"  # how A1111 tiles it: "grid" (ESRGAN_tile), "dat" (DAT_tile, the same way), "swin"
 
 
 def model_upscaler(spec: ModelSpec, name: str, call: Call) -> ModelUpscaler:

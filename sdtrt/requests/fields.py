@@ -267,6 +267,12 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("upscaler_tile_overlap", "int32", DEFAULT_OVERLAP, "pixels an upscaler model's tiles overlap "
                  "(A1111's option ESRGAN_tile_overlap)", minimum=0, maximum=MAX_OVERLAP,
                  a1111="override_settings.ESRGAN_tile_overlap"),
+    RequestField("dat_tile", "int32", DEFAULT_TILE, "a DAT upscaler's tile side in pixels; 0 = the whole "
+                 f"picture (up to {MAX_TILE}, larger ones tiled at that) (A1111's option DAT_tile)", minimum=0,
+                 maximum=MAX_TILE, a1111="override_settings.DAT_tile"),
+    RequestField("dat_tile_overlap", "int32", DEFAULT_OVERLAP, "pixels a DAT upscaler's tiles overlap "
+                 "(A1111's option DAT_tile_overlap)", minimum=0, maximum=MAX_OVERLAP,
+                 a1111="override_settings.DAT_tile_overlap"),
     RequestField("swinir_tile", "int32", DEFAULT_TILE, "a SwinIR upscaler's tile side in pixels; 0 = the whole "
                  f"picture (up to {MAX_TILE}, larger ones tiled at that) (A1111's option SWIN_tile)", minimum=0,
                  maximum=MAX_TILE, a1111="override_settings.SWIN_tile"),
