@@ -203,6 +203,9 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
                   report: Callable[[str], None] = print, progress: bool = True) -> ModelSpec:
     """Build (or reuse) an engine per network of ``spec``'s model under ``repo``; returns the spec those engines
     serve (``served_spec``), with the engine manifest in it (``extra["engines"]``)."""
+    if spec.hypertiles:  # (the same refusal as `sdtrt export --hypertile --engines`)
+        raise UsageError(f"{spec.key} has Hypertile variants, which run on onnxruntime (their tiles are shapes "
+                         "TensorRT would need as profile values): export it again without --hypertile for engines")
     spec = served_spec(spec, options)  # before building: refuses a static size or batch the export lacks
     trt = require_tensorrt()
     root = Path(repo)

@@ -302,3 +302,17 @@ def test_an_sdxl_unet_takes_a1111s_xl_layers(tmp_path):
         ("mid_block.attentions.0.transformer_blocks.0.attn1", 2, 1),
         ("up_blocks.0.attentions.0.transformer_blocks.0.attn1", 1, 1),
         ("up_blocks.0.attentions.1.transformer_blocks.0.attn1", 1, 1)]
+
+
+def test_engines_are_refused_for_an_export_with_the_variants(local, shapes_model, tmp_path):
+    """They would need the tiles as TensorRT profile values: refused at export, and when engines are built later."""
+    from sdtrt.contract.errors import UsageError
+    from sdtrt.export import export_model
+    from sdtrt.export.tensorrt import EngineOptions, build_engines
+
+    with pytest.raises(UsageError, match="--hypertile"):
+        build_engines(tmp_path, local.spec, EngineOptions())
+    with pytest.raises(UsageError, match="--hypertile with --engines"):
+        export_model(shapes_model, tmp_path / "repo", hypertile=True, engines=EngineOptions(), progress=False,
+                     report=lambda *_: None)
+    assert not (tmp_path / "repo").exists()
