@@ -117,3 +117,9 @@ def test_hypertile_on_a_model_without_its_networks_is_refused_by_name_not_ignore
     loc, message = refusal(api.post("/sdapi/v1/txt2img", json={
         **BASE, "override_settings": {"hypertile_enable_unet": True}}))
     assert loc[-1] == "override_settings.hypertile_enable_unet" and "--hypertile" in message
+
+
+def test_interrogate_answers_a1111s_route_with_a_refusal_naming_the_model(api):
+    loc, message = refusal(api.post("/sdapi/v1/interrogate", json={"image": b64png(sample_picture(64, 64)),
+                                                                    "model": "deepdanbooru"}))
+    assert loc[-1] == "model" and "'deepdanbooru'" in message and "interrogator" in message

@@ -543,6 +543,13 @@ def add_info_routes(app: FastAPI, gateway: Gateway, metrics_url: str | None, fla
     def embeddings(user: str = Depends(current_user)) -> dict[str, Any]:
         return answer.embedding_list(gateway.current(user))
 
+    @app.post("/sdapi/v1/interrogate", tags=["generation"])
+    def interrogate(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        """A1111's interrogators (CLIP, DeepBooru) are not served yet: a refusal naming the field, not a 404."""
+        model = str(body.get("model", "clip"))[:40]
+        raise refuse("model", f"an interrogator this server has: none yet (A1111's {model!r} runs BLIP and CLIP, "
+                              "or DeepBooru, which sdtrt does not export)")
+
     @app.post("/sdapi/v1/png-info", tags=["info"])
     def png_info_endpoint(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
         return answer.png_info_response(body.get("image"))
