@@ -94,6 +94,15 @@ def _setting(name: str, dtype: str, help: str, **facts: Any) -> RequestField:
     return RequestField(name, dtype, getattr(SamplerSettings(), name), help, **facts)
 
 
+def tile_fields(prefix: str, whose: str, option: str) -> list[RequestField]:
+    """An upscaler family's tile side and overlap (A1111's options ``option`` and ``option``_overlap)."""
+    return [RequestField(f"{prefix}_tile", "int32", DEFAULT_TILE, f"{whose} tile side in pixels; 0 = the whole "
+                         f"picture (up to {MAX_TILE}, larger ones tiled at that) (A1111's option {option})",
+                         minimum=0, maximum=MAX_TILE, a1111=f"override_settings.{option}"),
+            RequestField(f"{prefix}_tile_overlap", "int32", DEFAULT_OVERLAP, f"pixels {whose} tiles overlap "
+                         f"(A1111's option {option}_overlap)", minimum=0, maximum=MAX_OVERLAP,
+                         a1111=f"override_settings.{option}_overlap")]
+
 def hypertile_fields() -> list[RequestField]:
     """A1111's Hypertile options (extensions-builtin/hypertile), one field each, with its defaults and ranges
     (a swap size of 0 fails in A1111: from 1 here)."""
@@ -261,24 +270,9 @@ FIELDS: tuple[RequestField, ...] = (
                  "the upscaler models the model was exported with, --upscalers DIR)",
                  choices=lambda m: (*HIRES_UPSCALERS, *m.upscalers),
                  shown_in=(TXT2IMG,), a1111="hr_upscaler", infotext="Hires upscaler", label="Upscaler"),
-    RequestField("upscaler_tile", "int32", DEFAULT_TILE, "an upscaler model's tile side in pixels; 0 = the whole "
-                 f"picture (up to {MAX_TILE}, larger ones tiled at that) (A1111's option ESRGAN_tile)", minimum=0,
-                 maximum=MAX_TILE, a1111="override_settings.ESRGAN_tile"),
-    RequestField("upscaler_tile_overlap", "int32", DEFAULT_OVERLAP, "pixels an upscaler model's tiles overlap "
-                 "(A1111's option ESRGAN_tile_overlap)", minimum=0, maximum=MAX_OVERLAP,
-                 a1111="override_settings.ESRGAN_tile_overlap"),
-    RequestField("dat_tile", "int32", DEFAULT_TILE, "a DAT upscaler's tile side in pixels; 0 = the whole "
-                 f"picture (up to {MAX_TILE}, larger ones tiled at that) (A1111's option DAT_tile)", minimum=0,
-                 maximum=MAX_TILE, a1111="override_settings.DAT_tile"),
-    RequestField("dat_tile_overlap", "int32", DEFAULT_OVERLAP, "pixels a DAT upscaler's tiles overlap "
-                 "(A1111's option DAT_tile_overlap)", minimum=0, maximum=MAX_OVERLAP,
-                 a1111="override_settings.DAT_tile_overlap"),
-    RequestField("swinir_tile", "int32", DEFAULT_TILE, "a SwinIR upscaler's tile side in pixels; 0 = the whole "
-                 f"picture (up to {MAX_TILE}, larger ones tiled at that) (A1111's option SWIN_tile)", minimum=0,
-                 maximum=MAX_TILE, a1111="override_settings.SWIN_tile"),
-    RequestField("swinir_tile_overlap", "int32", DEFAULT_OVERLAP, "pixels a SwinIR upscaler's tiles overlap "
-                 "(A1111's option SWIN_tile_overlap)", minimum=0, maximum=MAX_OVERLAP,
-                 a1111="override_settings.SWIN_tile_overlap"),
+    *tile_fields("upscaler", "an upscaler model's", "ESRGAN_tile"),
+    *tile_fields("dat", "a DAT upscaler's", "DAT_tile"),
+    *tile_fields("swinir", "a SwinIR upscaler's", "SWIN_tile"),
     RequestField("hr_second_pass_steps", "int32", 0, "hires fix: steps of the second pass; 0 = the same as steps",
                  minimum=0, maximum=MAX_STEPS, shown_in=(TXT2IMG,), a1111="hr_second_pass_steps", a1111_as_is=True,
                  a1111_default=0, infotext="Hires steps", label="Hires steps"),
