@@ -384,6 +384,10 @@ def extras_through_the_gateway(api: TestClient) -> None:
         model = a1111_upscale(MODELS["4x-tiny-compact"], picture, 192, 8).resize(size, Image.Resampling.LANCZOS)
         expected = Image.blend(model, picture.resize(size, Image.Resampling.LANCZOS), 0.5)
         assert max_diff(_picture(data), np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
+    swinir = api.post("/sdapi/v1/extra-single-image", json={**body, "upscaler_1": "4x-tiny-swinir"})
+    assert swinir.status_code == 200, swinir.text[:500]  # (the user's SWIN_tile options: A1111's 192 and 8)
+    expected = a1111_swinir(MODELS["4x-tiny-swinir"].eval(), pictures[0], 192, 8).resize((80, 80), Image.Resampling.LANCZOS)
+    assert max_diff(_picture(swinir.json()["image"]), np.asarray(expected)[None]) <= MAX_PIXEL_DIFF
     refused = api.post("/sdapi/v1/extra-single-image", json={**body, "upscaler_1": "4x-UltraSharp"})
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "upscaler_1"]
     assert "'4x-tiny-compact'" in refused.text
