@@ -59,7 +59,6 @@ from sdtrt.export.descriptors import (
     descriptors,
     dim_ranges,
 )
-from sdtrt.export.latent_preview import fit_latent_preview
 from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
 from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.export.options import ExportOptions
@@ -67,7 +66,7 @@ from sdtrt.export.tensorrt import EngineOptions, build_engines, refit_engine, re
 from sdtrt.export.hypertile import hypertile_descriptors
 from sdtrt.export.postprocessing import FOLDERS as POSTPROCESSING_FOLDERS
 from sdtrt.export.postprocessing import of_spec, read_postprocessing
-from sdtrt.export.vaes import register_vaes
+from sdtrt.export.vaes import fit_latent_preview, register_vaes
 from sdtrt.model_repository.build import write_model, write_networks, write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_NETWORKS, lora_rank

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from sdtrt.export.latent_preview import fit_latent_preview, scenes
+from sdtrt.export.vaes import fit_latent_preview, scenes
 from sdtrt.contract.previews import grid, latent_preview
 
 
