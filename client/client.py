@@ -44,9 +44,11 @@ from sdtrt.contract.spec import (
     WIRE_DTYPES,
     Catalog,
     ModelSpec,
+    interrogator_component,
 )
 from sdtrt.requests.generation import Generation, batch_count, concatenate, one_per_image
 from sdtrt.postprocessing.faces import FaceNetworks, face_networks
+from sdtrt.postprocessing.interrogate import DEEPBOORU, DeepBooruOptions, deepbooru_tags
 from sdtrt.postprocessing.model_upscale import ModelUpscaler, model_upscaler
 from sdtrt.requests.plan import validate
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, pixel_steps, resolve_seeds
@@ -257,6 +259,25 @@ class Client:
     def face_restorers(self) -> dict[str, ModelSpec]:
         """The face restorers (GFPGAN, CodeFormer) the server's models were exported with (--face-restorers)."""
         return self._registered("face_restorers")
+
+    def interrogators(self) -> dict[str, ModelSpec]:
+        """The interrogators (deepdanbooru) the server's models were exported with (--interrogators)."""
+        return self._registered("interrogators")
+
+    def interrogate(self, image: Image.Image, model: str = DEEPBOORU,
+                    options: DeepBooruOptions = DeepBooruOptions()) -> str:
+        """A1111's interrogation of a picture on the server's networks: DeepBooru's caption."""
+        found = self.interrogators()
+        if model not in found:
+            have = ", ".join(repr(name) for name in found) or "none: export a model with --interrogators DIR"
+            raise InvalidRequest("model", model, f"an interrogator this server has ({have})")
+        spec = found[model]
+        component = spec.component(interrogator_component(model))
+
+        def run(array: np.ndarray) -> np.ndarray:
+            return self._network(spec, component.name, [array])[component.outputs[0].name]
+
+        return deepbooru_tags(image, run, spec.interrogators[model]["tags"], options)
 
     def _network(self, spec: ModelSpec, name: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         """One of a model's networks on the server: its inputs in the spec's order, its outputs by name."""

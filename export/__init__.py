@@ -218,7 +218,7 @@ def export_key(source_sha: str, **inputs) -> str:
     vae_sha = file_sha256(Path(vae), progress=False) if vae is not None and Path(vae).is_file() else vae
     config = inputs.pop("config")
     config_sha = folder_sha256(Path(config), progress=False) if config is not None else None
-    for folder in ("lora_dir", "embedding_dir", "vae_dir", "upscaler_dir", "face_restorer_dir"):  # their files' contents, not names
+    for folder in ("lora_dir", "embedding_dir", "vae_dir", *POSTPROCESSING_FOLDERS):  # their files' contents, not names
         if inputs[folder] is not None and Path(inputs[folder]).is_dir():
             inputs[folder] = folder_sha256(Path(inputs[folder]), progress=False)
     record = {"source": source_sha, "loras": loras, "vae": vae_sha, "config": config_sha, "sdtrt": __version__,
@@ -279,8 +279,8 @@ def add_postprocessing(out: Path, spec: ModelSpec, inputs: str, options: ExportO
             join_repository(work, out, spec, options.served, options.default)
             for name in gone:
                 shutil.rmtree(out / spec.triton_name(name), ignore_errors=True)
-    names = [*post.upscalers, *post.face_restorers]
-    report(f"{out}: {spec.key}'s upscalers and face restorers: {', '.join(names) or 'none'} ({len(fresh)} "
+    names = [*post.upscalers, *post.face_restorers, *post.interrogators]
+    report(f"{out}: {spec.key}'s upscalers, face restorers and interrogators: {', '.join(names) or 'none'} ({len(fresh)} "
            f"exported, {len(gone)} removed); `sdtrt models load {spec.key}` serves them")
     return spec
 

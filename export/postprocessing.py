@@ -1,6 +1,6 @@
-"""The networks a model is exported with for what A1111 does to a finished picture: its upscaler models
-(``--upscalers``, export/upscalers.py) and face restorers (``--face-restorers``, export/faces.py), read from their
-folders together. These folders are outside the model's own export key (``export_base``): an export that differs
+"""The networks a model is exported with for what A1111 does with a finished picture: its upscaler models
+(``--upscalers``, export/upscalers.py), face restorers (``--face-restorers``, export/faces.py) and interrogators
+(``--interrogators``, export/interrogators.py), read from their folders together. These folders are outside the model's own export key (``export_base``): an export that differs
 from an earlier one only there adds, replaces and removes these networks alone (sdtrt.export.add_postprocessing)."""
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdtrt.contract.hires import HIRES_UPSCALERS
-from sdtrt.contract.spec import FACE_DETECTOR, FACE_PARSER, DimRange, ModelSpec, face_restorer_component, upscaler_component
+from sdtrt.contract.spec import (FACE_DETECTOR, FACE_PARSER, SINGLE, DimRange, ModelSpec, face_restorer_component,
+                                interrogator_component, upscaler_component)
 from sdtrt.export.descriptors import Descriptor
 from sdtrt.export.faces import DETECT_DIMS, register_face_restorers
+from sdtrt.export.interrogators import register_interrogators
 from sdtrt.export.options import ExportOptions
 from sdtrt.export.upscalers import TILE_DIMS, register_upscalers
 
-FOLDERS = ("upscaler_dir", "face_restorer_dir")  # the export options they are read from
+FOLDERS = ("upscaler_dir", "face_restorer_dir", "interrogator_dir")  # the export options they are read from
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,11 @@ class Postprocessing:
     upscalers: dict[str, dict] = field(default_factory=dict)  # ModelSpec.upscalers
     face_restorers: dict[str, dict] = field(default_factory=dict)  # ModelSpec.face_restorers
     face_helpers: dict[str, dict] = field(default_factory=dict)  # spec.extra["face_helpers"]: detector, parser
+    interrogators: dict[str, dict] = field(default_factory=dict)  # ModelSpec.interrogators
 
     def dims(self) -> dict[str, DimRange]:
-        return {**(TILE_DIMS if self.upscalers else {}), **(DETECT_DIMS if self.face_restorers else {})}
+        return {**(TILE_DIMS if self.upscalers else {}), **(DETECT_DIMS if self.face_restorers else {}),
+                **({SINGLE: DimRange(1, 1, 1)} if self.interrogators else {})}
 
     def registered(self) -> dict[str, tuple[str, ...]]:
         """The names the request fields choose from (ModelLimits' upscalers and face_restorers)."""
@@ -38,6 +42,7 @@ class Postprocessing:
         """Each network's name -> the sha256 of the file it is made from (a changed file: a network to export)."""
         out = {upscaler_component(e["slug"]): e["sha256"] for e in self.upscalers.values()}
         out |= {face_restorer_component(e["slug"]): e["sha256"] for e in self.face_restorers.values()}
+        out |= {interrogator_component(name): e["sha256"] for name, e in self.interrogators.items()}
         helpers = {"detector": FACE_DETECTOR, "parser": FACE_PARSER}
         return out | {helpers[kind]: e["sha256"] for kind, e in self.face_helpers.items()}
 
@@ -48,13 +53,13 @@ class Postprocessing:
         request["face_restorer"] = replace(spec.field("face_restorer"), choices=("", *self.face_restorers))
         extra = {k: v for k, v in spec.extra.items() if k != "face_helpers"}
         extra |= {"face_helpers": self.face_helpers} if self.face_helpers else {}
-        return replace(spec, upscalers=self.upscalers, face_restorers=self.face_restorers, request=request,
-                       extra=extra, dims={**spec.dims, **self.dims()})
+        return replace(spec, upscalers=self.upscalers, face_restorers=self.face_restorers,
+                       interrogators=self.interrogators, request=request, extra=extra, dims={**spec.dims, **self.dims()})
 
 
 def of_spec(spec: ModelSpec) -> Postprocessing:
     """What an exported model was registered with (no networks: those are in its repository)."""
-    return Postprocessing([], spec.upscalers, spec.face_restorers, spec.extra.get("face_helpers", {}))
+    return Postprocessing([], spec.upscalers, spec.face_restorers, spec.extra.get("face_helpers", {}), spec.interrogators)
 
 
 def read_postprocessing(options: ExportOptions, report=print) -> Postprocessing:
@@ -68,4 +73,8 @@ def read_postprocessing(options: ExportOptions, report=print) -> Postprocessing:
         found, restorers, helpers = register_face_restorers(Path(options.face_restorer_dir), options.allow_pickle,
                                                             report)
         networks += found
-    return Postprocessing(networks, upscalers, restorers, helpers)
+    interrogators = {}
+    if options.interrogator_dir is not None:
+        found, interrogators = register_interrogators(Path(options.interrogator_dir), options.allow_pickle, report)
+        networks += found
+    return Postprocessing(networks, upscalers, restorers, helpers, interrogators)

@@ -23,6 +23,7 @@ import anyio
 import anyio.to_thread
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdtrt import __version__
@@ -36,6 +37,7 @@ from sdtrt.client.apps.a1111_requests import (
     Txt2ImgBody,
     UserOptions,
     _Request,
+    a1111_defaults,
     check_extras_size,
     decode_image,
     extras_face_steps,
@@ -63,6 +65,7 @@ from sdtrt.contract.spec import IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.styles import load_styles
 from sdtrt.postprocessing.faces import extras_faces
+from sdtrt.postprocessing.interrogate import DeepBooruOptions
 from sdtrt.postprocessing.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
 
 log = logging.getLogger("sdtrt.gateway")
@@ -206,12 +209,21 @@ class Gateway:
             return result
 
         generate.upscalers = lambda: self.upscaler_models(list(self.client.upscalers()), job.user)  # (Generate)
+        generate.interrogate = lambda picture, model: self.interrogate(picture, model, job.user)
         try:
             if settings is None:  # the request's own fields, checked before anything starts
                 settings = self.settings(body, job.user)
             return self.answer(job, body, settings, script.run(body, args, generate, init))
         finally:
             self.release(job)
+
+    def interrogate(self, picture: Image.Image, model: str, user: str) -> str:
+        """A1111's interrogator ``model`` on ``picture``, by the user's DeepBooru options (422 naming the field)."""
+        try:
+            return self.client.interrogate(picture, model, DeepBooruOptions.of({**a1111_defaults(),
+                                                                               **self.user(user).options}))
+        except InvalidRequest as exc:
+            raise refuse(exc.field, str(exc)) from None
 
     def upscaler_models(self, names: list[str], user: str) -> ModelUpscalers:
         """The server's upscaler models ``names``, tiled by the user's ESRGAN_tile and SWIN_tile options."""
@@ -544,11 +556,15 @@ def add_info_routes(app: FastAPI, gateway: Gateway, metrics_url: str | None, fla
         return answer.embedding_list(gateway.current(user))
 
     @app.post("/sdapi/v1/interrogate", tags=["generation"])
-    def interrogate(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
-        """A1111's interrogators (CLIP, DeepBooru) are not served yet: a refusal naming the field, not a 404."""
-        model = str(body.get("model", "clip"))[:40]
-        raise refuse("model", f"an interrogator this server has: none yet (A1111's {model!r} runs BLIP and CLIP, "
-                              "or DeepBooru, which sdtrt does not export)")
+    def interrogate(body: dict[str, Any] = Body(...), user: str = Depends(current_user)) -> dict[str, Any]:
+        """A1111's interrogation of a picture: DeepBooru's caption by the user's options (CLIP's, BLIP and CLIP,
+        is not exported yet: refused by name)."""
+        model = body.get("model", "clip")
+        if model == "clip":
+            raise refuse("model", "'deepdanbooru' (A1111's CLIP interrogator runs BLIP and CLIP, which sdtrt does "
+                                  "not export yet)")
+        return {"caption": gateway.interrogate(decode_image(body.get("image") or "", "image", "RGB"), str(model),
+                                               user)}
 
     @app.post("/sdapi/v1/png-info", tags=["info"])
     def png_info_endpoint(body: dict[str, Any] = Body(...)) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from sdtrt.contract.spec import IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.grids import Label, annotate_grid, combine_tiles, image_grid, split_tiles
 from sdtrt.requests.infotext import build_infotext, parse_infotext
+from sdtrt.postprocessing.interrogate import DEEPBOORU
 from sdtrt.postprocessing.upscale import (EXTRAS_UPSCALERS, MAX_SIDE, NO_UPSCALER, ExtrasUpscale, ModelUpscalers,
                                     check_upscale, upscale_by)
 
@@ -50,6 +51,8 @@ class Generate(Protocol):
     def __call__(self, variant: _Request, pictures: "list[Image.Image] | None") -> Generation: ...
 
     def upscalers(self) -> ModelUpscalers: ...
+
+    def interrogate(self, picture: Image.Image, model: str) -> str: ...
 
 
 @dataclass
@@ -415,9 +418,10 @@ def loopback(body: _Request, args: list[Any], generate: Generate, init: list[Ima
     loops = _number(args, 0, "loops", 1, 32)
     final = _number(args, 1, "final_denoising_strength", 0, 1, float)
     curve = _choice(args, 2, "denoising_curve", ("Aggressive", "Linear", "Lazy"))
-    if args[3] != "None":
-        raise refuse("script_args[3]", "append_interrogation: 'None' only (sdtrt has no CLIP or DeepBooru "
-                                       "interrogator)")
+    interrogation = _choice(args, 3, "append_interrogation", ("None", "CLIP", "DeepBooru"))
+    if interrogation == "CLIP":
+        raise refuse("script_args[3]", "append_interrogation: 'None' or 'DeepBooru' (A1111's CLIP interrogator runs "
+                                       "BLIP and CLIP, which sdtrt does not export yet)")
     batches = body.n_iter
     _bound(loops * batches, f"{loops} loops of {batches} batches")
     first = body.denoising_strength if body.denoising_strength is not None else 0.75
@@ -438,8 +442,12 @@ def loopback(body: _Request, args: list[Any], generate: Generate, init: list[Ima
         pictures, denoise, fill = init, first, body.inpainting_fill
         last = None
         for loop in range(loops):
+            prompt = {}
+            if interrogation == "DeepBooru":  # (A1111: the prompt sent, then the tags of this pass's picture)
+                tags = generate.interrogate(pictures[0], DEEPBOORU)
+                prompt = {"prompt": f"{body.prompt}, {tags}" if body.prompt else tags}
             one = generate(variant(body, seed=seed, denoising_strength=denoise, inpainting_fill=fill, n_iter=1,
-                                   batch_size=1), pictures)
+                                   batch_size=1, **prompt), pictures)
             if not len(one.images):
                 stopped = True
                 break
@@ -555,7 +563,7 @@ SCRIPTS = {s.title.lower(): s for s in (
     Script("Loopback", (IMG2IMG,), (4, 0.5, "Linear", "None"), loopback,
            (Arg("Loops", 1, 32, 1), Arg("Final denoising strength", 0, 1, 0.01),
             Arg("Denoising strength curve", choices=("Aggressive", "Linear", "Lazy")),
-            Arg("Append interrogated prompt at each iteration", choices=("None",)))),
+            Arg("Append interrogated prompt at each iteration", choices=("None", "DeepBooru")))),
     Script("SD upscale", (IMG2IMG,), (None, 64, 0, 2.0), sd_upscale,
            (Arg("Will upscale the image by the selected scale factor; use width and height sliders to set tile "
                 "size"), Arg("Tile overlap", 0, 256, 16), Arg("Upscaler", choices=tuple(EXTRAS_UPSCALERS)),

@@ -157,6 +157,9 @@ def _add_export(sub) -> None:
                    help="register the face restorers in DIR (A1111's models/GFPGAN and models/Codeformer: a GFPGAN "
                    "and/or a CodeFormer file, with facexlib's detection_Resnet50_Final and parsing_parsenet beside "
                    "them), for restore_faces and Extras")
+    p.add_argument("--interrogators", type=Path, default=None, metavar="DIR",
+                   help="register the interrogator in DIR (A1111's models/deepbooru: model-resnet_custom_v3.pt, "
+                   "pickled: with --allow-pickle), for /sdapi/v1/interrogate and Loopback")
     p.add_argument("--tiling", action="store_true",
                    help="also export the U-Net and VAE with circular padding, for requests with tiling (A1111's "
                    "seamless 'Tiling'); adds their size to the export")
@@ -415,6 +418,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         name=args.name, default=args.default, config=args.config, loras=tuple(args.lora), lora_dir=args.loras,
         embedding_dir=args.embeddings, max_lora_rank=args.max_lora_rank, vae=args.vae, vae_dir=args.vaes,
         upscaler_dir=args.upscalers, face_restorer_dir=args.face_restorers, tiling=args.tiling,
+        interrogator_dir=args.interrogators,
         hypertile=args.hypertile,
         allow_pickle=args.allow_pickle,
         prediction_type=args.prediction_type, max_batch=args.max_batch, min_size=args.min_size,

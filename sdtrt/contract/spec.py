@@ -39,7 +39,7 @@ SPEC_VERSION = 22  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 21: face restoration (face_restorers, the face detector, parser and restorer networks; restore_faces, face_restorer,
 # code_former_weight)
 # 22: SwinIR and DAT upscalers (an upscaler's tiling; the single dim, face_batch before; swinir_tile, dat_tile, ...);
-# Hypertile (the _hypertile variants, their layers in the extra; the hypertile_* fields)
+# Hypertile (the _hypertile variants, their layers in the extra; the hypertile_* fields); interrogators (DeepBooru)
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
@@ -79,6 +79,11 @@ FACE_SIZE = 512  # the aligned face crop the parser and restorers take, as A1111
 # so the long side is 640 times the picture's aspect ratio, up to 1:6.4 here
 FACE_DETECT_SIDES = (256, 4096)
 FACE_DETECT_SHORT_SIDE = 640  # A1111's get_face_landmarks_5(resize=640)
+
+
+def interrogator_component(name: str) -> str:
+    """An interrogator's network (A1111's /interrogate models: deepdanbooru), registered with --interrogators DIR."""
+    return f"interrogator_{name}"
 
 
 def face_restorer_component(slug: str) -> str:
@@ -281,6 +286,7 @@ class ModelSpec:
     vaes: dict[str, dict[str, Any]] = field(default_factory=dict)  # (VAE_NETWORKS)
     upscalers: dict[str, dict[str, Any]] = field(default_factory=dict)  # (upscaler_component)
     face_restorers: dict[str, dict[str, Any]] = field(default_factory=dict)  # (face_restorer_component)
+    interrogators: dict[str, dict[str, Any]] = field(default_factory=dict)  # (interrogator_component; DeepBooru's tags)
     # Live previews: (latent channels + 1) x 3, latents -> RGB in [0, 1], fitted to the VAE (sdtrt.contract.previews)
     latent_preview: list[list[float]] = field(default_factory=list)
     spec_version: int = SPEC_VERSION
