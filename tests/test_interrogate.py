@@ -178,3 +178,16 @@ def test_the_tags_are_written_as_a1111_writes_them():
 
     filled = VaeImageProcessor(resample="lanczos")._resize_and_fill(picture, 512, 512)
     assert seen[0].shape == (1, 512, 512, 3) and np.array_equal(seen[0][0], np.asarray(filled, np.float32) / 255)
+
+
+def test_its_tensorrt_profile_is_one_fixed_picture(repo):
+    """On a GPU the engine takes one 512 px picture (Triton never batches it)."""
+    from sdtrt.export.tensorrt import EngineOptions, profile_shapes
+    from sdtrt.model_repository.configs import engine_batching
+    from sdtrt.pipeline.local import LocalPipeline
+
+    spec = LocalPipeline(repo).spec
+    component = spec.component("interrogator_deepdanbooru")
+    profile = profile_shapes(spec, component, EngineOptions())
+    assert profile == {"image": [(1, 512, 512, 3)] * 3}
+    assert engine_batching(spec, component, profile).max_batch_size == 0
