@@ -158,8 +158,8 @@ def _add_export(sub) -> None:
                    "and/or a CodeFormer file, with facexlib's detection_Resnet50_Final and parsing_parsenet beside "
                    "them), for restore_faces and Extras")
     p.add_argument("--interrogators", type=Path, default=None, metavar="DIR",
-                   help="register the interrogator in DIR (A1111's models/deepbooru: model-resnet_custom_v3.pt, "
-                   "pickled: with --allow-pickle), for /sdapi/v1/interrogate and Loopback")
+                   help="register the interrogator in DIR (A1111's models/deepbooru: model-resnet_custom_v3.pt, read "
+                   "weights-only), for /sdapi/v1/interrogate and Loopback's DeepBooru")
     p.add_argument("--tiling", action="store_true",
                    help="also export the U-Net and VAE with circular padding, for requests with tiling (A1111's "
                    "seamless 'Tiling'); adds their size to the export")
