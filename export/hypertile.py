@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from sdtrt.contract.spec import HYPERTILE_INPUT, HYPERTILE_SUFFIX, TensorSpec
+from sdtrt.contract.spec import HYPERTILE_INPUT, HYPERTILE_NUMBERS, HYPERTILE_SUFFIX, TensorSpec
 from sdtrt.export.descriptors import Descriptor
 
 # A1111's layers as (ldm block, transformer blocks) by depth: SD 1.x / 2.x, and SDXL
@@ -76,13 +76,13 @@ def _tiled(forward, splits: torch.Tensor, index: int, spatial: bool):
     of its tokens), the rest found from the tokens, so that all ones (a warm-up's, a probe's) is one whole tile."""
     def run(hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if spatial:  # the VAE's: [b, c, h, w]
-            nh, nw = splits[0, 2 * index], splits[0, 2 * index + 1]
+            nh, nw = (splits[0, HYPERTILE_NUMBERS["vae_decoder"] * index + k] for k in range(2))
             b, c, h, w = hidden.shape
             hh, ww = h // nh, w // nw
             tiles = hidden.reshape(b, c, nh, hh, nw, ww).permute(0, 2, 4, 1, 3, 5).reshape(b * nh * nw, c, hh, ww)
             out = forward(tiles, *args, **kwargs)
             return out.reshape(b, nh, nw, c, hh, ww).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-        nh, nw, side = (splits[0, 3 * index + k] for k in range(3))
+        nh, nw, side = (splits[0, HYPERTILE_NUMBERS["unet"] * index + k] for k in range(3))
         b, n, c = hidden.shape  # the U-Net's: [b, tokens, c], read as (nh, side / nh, nw, (n / side) / nw)
         hh, ww = side // nh, n // side // nw
         tiles = hidden.reshape(b, nh, hh, nw, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, hh * ww, c)
@@ -114,7 +114,7 @@ class Hypertiled(torch.nn.Module):
 def with_hypertile(desc: Descriptor, layers: list[str], spatial: bool) -> Descriptor:
     """The Hypertile variant of a network: its inputs and HYPERTILE_INPUT ([rows, numbers a layer x layers],
     int64: 2 a layer for the VAE, 3 for the U-Net; its sample inputs all ones, every layer one tile)."""
-    rows, per_layer = desc.inputs[0].shape[0], 2 if spatial else 3
+    rows, per_layer = desc.inputs[0].shape[0], HYPERTILE_NUMBERS[desc.name]
 
     def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
         own = desc.make_inputs(d)

@@ -30,6 +30,8 @@ from sdtrt import __version__
 from sdtrt.client.apps import a1111_responses as answer
 from sdtrt.client.apps.a1111_requests import (
     A1111_NAME,
+    SAMPLER_OPTIONS,
+    TILE_OPTIONS,
     ExtrasBatchBody,
     ExtrasSingleImageBody,
     Img2ImgBody,
@@ -228,10 +230,8 @@ class Gateway:
     def upscaler_models(self, names: list[str], user: str) -> ModelUpscalers:
         """The server's upscaler models ``names``, tiled by the user's ESRGAN_tile and SWIN_tile options."""
         options = sampler_options(self.user(user))
-        tiling = Tiling((options["ESRGAN_tile"], options["ESRGAN_tile_overlap"]),
-                        (options["SWIN_tile"], options["SWIN_tile_overlap"]),
-                        (options["DAT_tile"], options["DAT_tile_overlap"]))
-        return ModelUpscalers({name: self.client.upscaler(name) for name in names}, tiling)
+        by_field = {SAMPLER_OPTIONS[name]: options[name] for name in TILE_OPTIONS}  # (A1111's option -> its field)
+        return ModelUpscalers({name: self.client.upscaler(name) for name in names}, Tiling.from_fields(by_field.__getitem__))
 
     def generate(self, call: Call, settings: dict[str, Any], job: Job, offset: int = 0) -> Generation:
         """The server's answer, its errors as A1111's statuses naming A1111's fields (``offset``: the batches of

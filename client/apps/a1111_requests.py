@@ -70,16 +70,15 @@ SAMPLER_OPTIONS = {"eta_ancestral": "eta", "eta_ddim": "eta", "eta_noise_seed_de
                    "comma_padding_backtrack": "comma_padding_backtrack"}
 SIGMA_OPTIONS = tuple(name for name in SAMPLER_OPTIONS if name.startswith("s_"))  # also request fields
 # Hypertile's numbers, request fields of the same names (its switches are among SAMPLER_FLAGS)
-HYPERTILE_OPTIONS = tuple(f"hypertile_{what}_{net}" for net in ("unet", "vae")
-                          for what in ("max_depth", "max_tile", "swap_size"))
+HYPERTILE_OPTIONS = tuple(f.name for f in FIELDS if f.name.startswith("hypertile_") and f.dtype != "bool")
+HYPERTILE_FLAGS = tuple(f.name for f in FIELDS if f.name.startswith("hypertile_") and f.dtype == "bool")
 SAMPLER_OPTIONS.update({name: name for name in HYPERTILE_OPTIONS})
 TILE_OPTIONS = ("ESRGAN_tile", "ESRGAN_tile_overlap", "SWIN_tile", "SWIN_tile_overlap", "DAT_tile", "DAT_tile_overlap")
 SCHEDULE_OPTIONS = ("sigma_min", "sigma_max", "rho", "beta_dist_alpha", "beta_dist_beta")  # request fields too
 OPTIONS_HONOURED = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "randn_source", *SAMPLER_OPTIONS)
 # A1111's on/off options for its samplers, request fields of the same names
 SAMPLER_FLAGS = ("use_old_karras_scheduler_sigmas", "always_discard_next_to_last_sigma", "sgm_noise_multiplier",
-                 "use_downcasted_alpha_bar", "hypertile_enable_unet", "hypertile_enable_unet_secondpass",
-                 "hypertile_enable_vae")
+                 "use_downcasted_alpha_bar", *HYPERTILE_FLAGS)
 # A1111's options that name a choice -> the request fields that take them
 CHOICE_OPTIONS = {"sd_noise_schedule": "sd_noise_schedule", "emphasis": "emphasis",
                   "hires_fix_refiner_pass": "hires_refiner_pass", "uni_pc_variant": "unipc_variant",

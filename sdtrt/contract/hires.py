@@ -7,7 +7,7 @@ round trip); the others decode the first pass, resize the picture with PIL, and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from PIL import Image
 
@@ -58,6 +58,11 @@ class Tiling:
     dat: tuple[int, int] = (DEFAULT_TILE, DEFAULT_OVERLAP)
     fields = {"grid": ("upscaler_tile", "upscaler_tile_overlap"), "swin": ("swinir_tile", "swinir_tile_overlap"),
               "dat": ("dat_tile", "dat_tile_overlap")}
+
+    @classmethod
+    def from_fields(cls, value: Callable[[str], int]) -> "Tiling":
+        """The options from each field's value (``value(field name)``: a request's, or the A1111 option's)."""
+        return cls(**{kind: (value(tile), value(overlap)) for kind, (tile, overlap) in cls.fields.items()})
 
     def of(self, kind: str) -> tuple[int, int]:
         """(tile, overlap) for a model tiled by ``kind``; an overlap as large as its tile is refused by name (A1111

@@ -50,6 +50,9 @@ TILING_SUFFIX = "_tiling"
 HYPERTILE_NETWORKS = ("unet", "vae_decoder")
 HYPERTILE_SUFFIX = "_hypertile"
 HYPERTILE_INPUT = "hypertile"
+# ... its numbers a layer (sdtrt.requests.hypertile draws them): the U-Net's tiles down, across and A1111's first
+# side of the layer's tokens; the VAE decoder's tiles down and across
+HYPERTILE_NUMBERS = {"unet": 3, "vae_decoder": 2}
 HYPERTILE = "hypertile"
 # A1111's "SD VAE": an export with --vaes DIR adds each VAE's encoder and decoder, named <network>_vae_<its slug>,
 # which a request naming that VAE runs (ModelSpec.vaes: name -> file, hashes, slug).

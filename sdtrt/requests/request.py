@@ -135,8 +135,7 @@ def check_fields(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
 
 def request_tiling(request: Txt2ImgRequest) -> Tiling:
     """A1111's tiling options for the request's upscaler models (its ESRGAN_tile, SWIN_tile, DAT_tile fields)."""
-    return Tiling((request.upscaler_tile, request.upscaler_tile_overlap),
-                  (request.swinir_tile, request.swinir_tile_overlap), (request.dat_tile, request.dat_tile_overlap))
+    return Tiling.from_fields(lambda name: getattr(request, name))
 
 
 def face_restorer(spec: ModelSpec, name: str) -> str:
