@@ -135,6 +135,10 @@ def test_the_caption_is_a1111s_and_loopback_appends_it(repo, state, tmp_path):
                                                filter_tags="tree, red eyes")
         refused = api.post("/sdapi/v1/interrogate", json={"image": _png(wide), "model": "clip"})
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "model"]
+        for bad in ({"model": "deepdanbooru"}, {"image": "not base64!", "model": "deepdanbooru"}):
+            refused = api.post("/sdapi/v1/interrogate", json=bad)
+            assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "image"], refused.text
+        assert api.post("/sdapi/v1/interrogate", json={"image": _png(tall), "model": "deepdanbooru"}).status_code == 200
         body = {"prompt": "a castle", "seed": 5, "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
                 "init_images": [_png(wide.resize((64, 64)))], "denoising_strength": 0.5, "script_name": "loopback",
                 "script_args": [2, 0.4, "Linear", "DeepBooru"]}
