@@ -36,7 +36,7 @@ from sdtrt.contract.spec import (
     load_catalog,
     safe_name,
 )
-from sdtrt.export.checkpoint import (
+from sdtrt.export.networks.checkpoint import (
     Checkpoint,
     checkpoint_sha256,
     file_sha256,
@@ -46,7 +46,7 @@ from sdtrt.export.checkpoint import (
     override_vae,
     parse_lora,
 )
-from sdtrt.export.descriptors import (
+from sdtrt.export.networks.descriptors import (
     BATCH,
     CONTEXT,
     LATENT_H,
@@ -59,8 +59,8 @@ from sdtrt.export.descriptors import (
     descriptors,
     dim_ranges,
 )
-from sdtrt.export.lora import lora_slots, register_embeddings, register_loras
-from sdtrt.export.onnx_export import check_onnx, export_onnx, verify_onnx
+from sdtrt.export.networks.lora import lora_slots, register_embeddings, register_loras
+from sdtrt.export.networks.onnx_export import check_onnx, export_onnx, verify_onnx
 from sdtrt.export.options import ExportOptions
 from sdtrt.export.tensorrt import EngineOptions, build_engines, refit_engine, refitted_filename
 from sdtrt.export.hypertile import hypertile_descriptors

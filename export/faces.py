@@ -31,8 +31,8 @@ from sdtrt.contract.errors import UsageError
 from sdtrt.contract.spec import (FACE_DETECT_H, FACE_DETECT_SHORT_SIDE, FACE_DETECT_SIDES, FACE_DETECT_W, SINGLE,
                                 FACE_DETECTOR, FACE_PARSER, FACE_PRIORS, FACE_SIZE, DimRange, TensorSpec,
                                 face_restorer_component)
-from sdtrt.export.checkpoint import file_sha256, folder_files, read_weights
-from sdtrt.export.descriptors import Descriptor, OnePerCall
+from sdtrt.export.networks.checkpoint import file_sha256, folder_files, read_weights
+from sdtrt.export.networks.descriptors import Descriptor, OnePerCall
 from sdtrt.export.upscalers import UPSCALER_SUFFIXES, spandrel
 from sdtrt.pipeline.ksampling import standing_in, torchvision_stand_in
 

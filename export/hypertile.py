@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from sdtrt.contract.spec import HYPERTILE_INPUT, HYPERTILE_NUMBERS, HYPERTILE_SUFFIX, TensorSpec
-from sdtrt.export.descriptors import Descriptor
+from sdtrt.export.networks.descriptors import Descriptor
 
 # A1111's layers as (ldm block, transformer blocks) by depth: SD 1.x / 2.x, and SDXL
 _SD_DEPTHS = {0: ["input_blocks.1", "input_blocks.2", "output_blocks.9", "output_blocks.10", "output_blocks.11"],

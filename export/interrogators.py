@@ -16,8 +16,8 @@ from torch import nn
 
 from sdtrt.contract.errors import UsageError
 from sdtrt.contract.spec import SINGLE, TensorSpec, interrogator_component
-from sdtrt.export.checkpoint import file_sha256, folder_files, read_weights
-from sdtrt.export.descriptors import Descriptor, OnePerCall
+from sdtrt.export.networks.checkpoint import file_sha256, folder_files, read_weights
+from sdtrt.export.networks.descriptors import Descriptor, OnePerCall
 from sdtrt.postprocessing.interrogate import DEEPBOORU, DEEPBOORU_SIZE
 
 INTERROGATOR_SUFFIXES = (".pt", ".pth", ".safetensors")

@@ -11,7 +11,7 @@ from pathlib import Path
 from sdtrt.contract.hires import HIRES_UPSCALERS
 from sdtrt.contract.spec import (FACE_DETECTOR, FACE_PARSER, SINGLE, DimRange, ModelSpec, face_restorer_component,
                                 interrogator_component, upscaler_component)
-from sdtrt.export.descriptors import Descriptor
+from sdtrt.export.networks.descriptors import Descriptor
 from sdtrt.export.faces import DETECT_DIMS, register_face_restorers
 from sdtrt.export.interrogators import register_interrogators
 from sdtrt.export.options import ExportOptions

@@ -27,8 +27,8 @@ from sdtrt.contract.errors import UsageError
 from sdtrt.contract.hires import MAX_TILE
 from sdtrt.contract.spec import (BATCH, SINGLE, UPSCALE_H, UPSCALE_W, UPSCALED_H, UPSCALED_W, DimRange, TensorSpec,
                                 upscaler_component)
-from sdtrt.export.checkpoint import file_sha256, folder_files, read_weights
-from sdtrt.export.descriptors import Descriptor, OnePerCall
+from sdtrt.export.networks.checkpoint import file_sha256, folder_files, read_weights
+from sdtrt.export.networks.descriptors import Descriptor, OnePerCall
 from sdtrt.pipeline.ksampling import standing_in, torchvision_stand_in
 
 SPANDREL = "spandrel==0.4.2"  # as scripts/setup.sh installs it (--no-deps; einops is one of sdtrt's own)

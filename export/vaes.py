@@ -26,9 +26,9 @@ import torch
 
 from sdtrt.contract.errors import UsageError
 from sdtrt.contract.spec import vae_component
-from sdtrt.export.checkpoint import VAE_SUFFIXES, file_sha256, folder_files, load_vae, torch_load
-from sdtrt.export.descriptors import Descriptor, vae_decoder_descriptor, vae_encoder_descriptor
-from sdtrt.export.lora import PICKLE_SUFFIXES
+from sdtrt.export.networks.checkpoint import VAE_SUFFIXES, file_sha256, folder_files, load_vae, torch_load
+from sdtrt.export.networks.descriptors import Descriptor, vae_decoder_descriptor, vae_encoder_descriptor
+from sdtrt.export.networks.lora import PICKLE_SUFFIXES
 
 MAX_VAES = 32  # VAE files one export registers (each adds two networks to serve)
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
+from sdtrt.export.networks.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
 from sdtrt.contract.spec import SPEC_FILENAME, SPEC_VERSION, load_spec
 
 SHAPES = [  # square, non-square, odd latent sizes, two prompt chunks, several images

@@ -190,7 +190,7 @@ def test_kohya_format_registers_as_the_same_lora(default_model, files, repo, tmp
     from diffusers import StableDiffusionPipeline
     from safetensors.numpy import load_file
 
-    from sdtrt.export.lora import lora_slots, register_loras
+    from sdtrt.export.networks.lora import lora_slots, register_loras
     from sdtrt.contract.spec import load_spec
 
     to_kohya(files[0] / "test.safetensors", tmp_path / "kohya", alpha=2.0)  # rank 4, alpha 2, as made

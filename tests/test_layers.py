@@ -26,6 +26,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "sdtrt/postprocessing": (2, "a finished picture: upscaler models tiled, Extras' sizes, faces restored"),
     "sdtrt/pipeline": (3, "conditioning, the denoising loop, jobs, VAE, runners, the in-process runner"),
     "model_repository": (4, "the repository generator: config.pbtxt, perf inputs, probes from the spec"),
+    "export/networks": (4, "a network as ONNX sees it: checkpoints read, LoRA slots, descriptors, the ONNX export"),
     "export": (5, "checkpoint -> ONNX -> engines, and the spec"),
     "model_repository/models": (5, "the Triton models the generated repository loads"),
     "client": (6, "the client library over tritonclient"),

@@ -83,7 +83,7 @@ def test_a_pickled_lora_of_tensors_fuses_without_allow_pickle_and_one_that_needs
     from safetensors.torch import load_file
 
     from sdtrt.contract.errors import UsageError
-    from sdtrt.export.checkpoint import fuse_loras, load_checkpoint
+    from sdtrt.export.networks.checkpoint import fuse_loras, load_checkpoint
 
     kohya = to_kohya(lora_file, tmp_path / "kohya", alpha=2.0)  # its alpha in its tensors, as .pt LoRAs have it
     tensors = load_file(str(kohya))
@@ -108,7 +108,7 @@ def test_a_pickled_lora_of_tensors_fuses_without_allow_pickle_and_one_that_needs
 
 def test_a_pickled_embedding_reads_weights_only_unless_trusted(tmp_path):
     from sdtrt.contract.errors import UsageError
-    from sdtrt.export.lora import read_embedding, register_embeddings
+    from sdtrt.export.networks.lora import read_embedding, register_embeddings
 
     vectors = torch.randn(2, 32)
     folder = tmp_path / "embeddings"

@@ -8,7 +8,7 @@ import torch
 
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff, reference_scheduler
 from sdtrt.contract.errors import InvalidRequest
-from sdtrt.export.descriptors import final_layer_norm
+from sdtrt.export.networks.descriptors import final_layer_norm
 from sdtrt.requests.prompts import chunk_prompt, parse_prompt_attention, prompt_rows
 from sdtrt.requests.request import Txt2ImgRequest
 

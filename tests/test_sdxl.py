@@ -25,7 +25,7 @@ def sdxl_model(tmp_path_factory):
 def sdxl_repo(sdxl_model, tmp_path_factory):
     """The folder, and the same model as an original-layout single file ("tiny-xl"), in one repository."""
     from sdtrt.export import export_model
-    from sdtrt.export.ldm import to_single_file
+    from sdtrt.export.networks.ldm import to_single_file
 
     out = tmp_path_factory.mktemp("repos") / "sdxl"
     export_model(sdxl_model, out, progress=False, report=lambda *_: None)
@@ -230,7 +230,7 @@ def test_sdxl_single_file_exports_and_matches_diffusers(sdxl_model, sdxl_pipe, t
     import copy
 
     from sdtrt.export import export_model
-    from sdtrt.export.ldm import to_single_file
+    from sdtrt.export.networks.ldm import to_single_file
     from sdtrt.pipeline.local import LocalPipeline
 
     path = to_single_file(sdxl_model, tmp_path / "tiny-xl.safetensors", dtype="float16")

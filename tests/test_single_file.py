@@ -41,7 +41,7 @@ def sha256(path) -> str:
 @pytest.fixture(scope="module")
 def ldm_files(default_model, tmp_path_factory):
     """The default model in the original single-file layout, written by sdtrt's own converter."""
-    from sdtrt.export.ldm import to_single_file
+    from sdtrt.export.networks.ldm import to_single_file
 
     folder = tmp_path_factory.mktemp("single")
     return {dtype: to_single_file(default_model, folder / f"tiny-{dtype}.safetensors", dtype=dtype)
@@ -101,7 +101,7 @@ def test_sd2_v_prediction_file_and_folder_match_diffusers(sd2_model, tmp_path):
     as diffusers' SD 2.x tokenizer pads: the reference runs as it comes."""
     from diffusers import StableDiffusionPipeline
 
-    from sdtrt.export.ldm import to_single_file
+    from sdtrt.export.networks.ldm import to_single_file
 
     path = to_single_file(sd2_model, tmp_path / "tiny-sd2-v.safetensors", open_clip=True)
     spec, lines = export(path, tmp_path / "file", prediction_type="v_prediction")
@@ -214,7 +214,7 @@ def test_a_refused_ckpt_runs_none_of_its_code(tmp_path):
 def test_an_sd15_shaped_single_file_exports_without_config(tmp_path):
     """Full size, random weights (v1-5-pruned's shapes: fp16, 2 GB): the export a user runs on their own file."""
     from sdtrt.pipeline.default_model import build_default_model
-    from sdtrt.export.ldm import to_single_file
+    from sdtrt.export.networks.ldm import to_single_file
 
     folder = build_default_model(tmp_path / "sd15", size="sd15")
     path = to_single_file(folder, tmp_path / "v1-5-pruned-shaped.safetensors", dtype="float16")
@@ -232,7 +232,7 @@ def other_vae(default_model, tmp_path_factory):
     prefix, like vae-ft-mse-840000-ema-pruned) and in diffusers' layout."""
     from diffusers import AutoencoderKL
 
-    from sdtrt.export.ldm import VAE, vae_to_ldm
+    from sdtrt.export.networks.ldm import VAE, vae_to_ldm
 
     folder = tmp_path_factory.mktemp("vae")
     base = AutoencoderKL.from_pretrained(str(default_model / "vae"), local_files_only=True)

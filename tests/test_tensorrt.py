@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from loras import make_lora
 from sdtrt.contract.errors import UsageError
-from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
+from sdtrt.export.networks.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
 from sdtrt.export.tensorrt import EngineOptions, engine_filename, profile_shapes
 from sdtrt.model_repository.build import write_repository
 from sdtrt.model_repository.configs import ServingOptions, all_configs, network_config
@@ -647,7 +647,7 @@ def test_refit_a_b_a_changes_the_output_and_restores_it_bit_exactly(default_mode
     """A -> B -> A: refitting a LoRA changes the U-Net engine's output, refitting the plain weights back gives
     the very bytes the engine gave before (refit replaces weights; nothing else about the engine changes)."""
     from sdtrt.export import export_model, refit_repository
-    from sdtrt.export.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
+    from sdtrt.export.networks.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
     from sdtrt.export.tensorrt import EngineOptions
     from sdtrt.pipeline.local import LocalPipeline
     lora = make_lora(default_model, tmp_path)

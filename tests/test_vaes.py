@@ -35,7 +35,7 @@ def vae_folder(default_model, tmp_path_factory):
     """Two VAEs of the default model's architecture (other weights) in LDM layout: A1111's models/VAE."""
     from diffusers import AutoencoderKL
 
-    from sdtrt.export.ldm import VAE, vae_to_ldm
+    from sdtrt.export.networks.ldm import VAE, vae_to_ldm
 
     folder = tmp_path_factory.mktemp("VAE")
     base = AutoencoderKL.from_pretrained(str(default_model / "vae"), local_files_only=True)

@@ -1,6 +1,6 @@
 """The Stable Diffusion families sdtrt serves, as facts the project writes down (never fetched): what a
 checkpoint's weights cannot say about itself. A single file's sizes are read from its weights
-(``sdtrt.export.single_file``); these fill in the rest.
+(``sdtrt.export.networks.single_file``); these fill in the rest.
 
 * SD 1.x: OpenAI's CLIP ViT-L text encoder (head size 64, quick-GELU), 8 attention heads in every U-Net
   transformer, 512 px native, epsilon prediction, PNDM scaled-linear betas as shipped with v1-5.

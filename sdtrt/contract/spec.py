@@ -96,7 +96,7 @@ def face_restorer_component(slug: str) -> str:
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
                "float16": "FP16", "float32": "FP32"}
 
-# Names of the dynamic dimensions (their ranges are ModelSpec.dims; export/descriptors.py uses them in shapes).
+# Names of the dynamic dimensions (their ranges are ModelSpec.dims; export/networks/descriptors.py uses them in shapes).
 BATCH = "batch"  # images in a request (VAE batch)
 TEXT_BATCH = "text_batch"  # CLIP rows: 75-token chunks of the negative prompt and the prompt
 UNET_BATCH = "unet_batch"  # U-Net rows: 2x images with guidance (uncond + cond), from several requests when batched
@@ -339,7 +339,7 @@ class ModelSpec:
 
     def encoder_clip_skip(self, clip_skip: int, clip_l_skip: bool = False) -> int:
         """The text encoder's Clip skip input for a request: its Clip skip, or on SDXL (two encoders) with A1111's
-        sdxl_clip_l_skip its negative (CLIP-L alone skips: export/descriptors.py, DualTextEncoder)."""
+        sdxl_clip_l_skip its negative (CLIP-L alone skips: export/networks/descriptors.py, DualTextEncoder)."""
         return -clip_skip if clip_l_skip and self.two_text_encoders else clip_skip
 
     def network(self, name: str, tiling: bool, vae: str = "") -> str:

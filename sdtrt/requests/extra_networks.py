@@ -1,7 +1,7 @@
 """A1111's extra networks in prompts, served per request: ``<lora:name:weight>`` tags and embeddings by name.
 
 LoRAs. ``sdtrt export --loras DIR`` registers each LoRA file as two packed matrices per network it changes
-(``sdtrt.export.lora``): ``down`` [r, D_in] and ``up`` [r, D_out], where D_in / D_out are the inputs / outputs of
+(``sdtrt.export.networks.lora``): ``down`` [r, D_in] and ``up`` [r, D_out], where D_in / D_out are the inputs / outputs of
 every layer the export gave a LoRA slot, laid end to end, and ``up`` already carries the file's alpha / rank.
 A request's LoRAs are those matrices stacked along the rank (the sum of low-rank deltas is one delta of the summed
 rank), each ``up`` times the tag's weight, padded to a multiple of ``RANK_STEP`` so that requests with different
@@ -11,7 +11,7 @@ row: nothing is patched into weights, so concurrent requests never see each othe
 Embeddings. A registered embedding is used by writing its name, as in A1111: the prompt's tokens are matched
 against each name's tokens; a match becomes that embedding's vectors, marked in the token ids with
 ``EMBEDDING_MARK`` and carried beside them (``EMBEDDING_VECTORS``); the text encoder takes the vector wherever the mark
-is (``sdtrt.export.descriptors.TextEncoder``).
+is (``sdtrt.export.networks.descriptors.TextEncoder``).
 """
 
 from __future__ import annotations

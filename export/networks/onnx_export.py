@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 
 from sdtrt.contract.errors import SdtrtError
-from sdtrt.export.descriptors import OPSET, Descriptor
+from sdtrt.export.networks.descriptors import OPSET, Descriptor
 
 # fp32 onnxruntime vs fp32 torch: differences come from op ordering only (~1e-6 relative).
 TOLERANCE = 1e-3

@@ -20,11 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdtrt.contract.errors import UsageError
-from sdtrt.export.checkpoint import file_sha256, lora_tensors, torch_load
+from sdtrt.export.networks.checkpoint import file_sha256, lora_tensors, torch_load
 from sdtrt.requests.extra_networks import LORA_NETWORKS
 
 LORA_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")  # read by sdtrt.export.checkpoint.torch_load: weights only unless trusted
+PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")  # read by sdtrt.export.networks.checkpoint.torch_load: weights only unless trusted
 
 
 @dataclass(frozen=True)

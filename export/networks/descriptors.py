@@ -29,7 +29,7 @@ from sdtrt.contract.spec import (  # noqa: F401  (the dim names are re-exported 
     DimRange,
     TensorSpec,
 )
-from sdtrt.export.lora import WithLoraSlots, slot_width
+from sdtrt.export.networks.lora import WithLoraSlots, slot_width
 from sdtrt.pipeline.conditioning import CONTEXT_INPUT, POOLED_INPUT, POOLED_OUTPUT, TEXT_OUTPUT, TIME_IDS
 from sdtrt.requests.extra_networks import EMBEDDING_MARK, EMBEDDING_VECTORS, LORA_DOWN, LORA_SUFFIX, LORA_UP
 
@@ -240,7 +240,7 @@ def align_your_steps_levels(pipe) -> list[float]:
 def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None, tiling: bool = False) -> list[Descriptor]:
     """The networks of a Stable Diffusion pipeline (SD 1.x/2.x, or SDXL with its second text encoder and the U-Net's
     added conditions), in pipeline order; with ``tiling``, also the tiling variants of the U-Net and VAE; with
-    ``lora_slots`` (network -> its slots, ``sdtrt.export.lora``), also the LoRA variants of those networks (and of
+    ``lora_slots`` (network -> its slots, ``sdtrt.export.networks.lora``), also the LoRA variants of those networks (and of
     their tiling variants)."""
     plain = [text_encoder_descriptor(pipe, text_max_length), unet_descriptor(pipe, text_max_length),
              vae_decoder_descriptor(pipe), vae_encoder_descriptor(pipe)]

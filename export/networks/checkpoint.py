@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sdtrt.contract.errors import UsageError
-from sdtrt.export.single_file import load_single_file
+from sdtrt.export.networks.single_file import load_single_file
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -233,7 +233,7 @@ def load_checkpoint(model: str | Path, config: str | Path | None = None, *, allo
     """Load a StableDiffusionPipeline without touching the network.
 
     ``model`` is a diffusers folder (with model_index.json) or a single ``.safetensors`` file (``.ckpt`` with
-    ``allow_pickle``), whose architecture is read from its weights (``sdtrt.export.single_file``); ``config``, a
+    ``allow_pickle``), whose architecture is read from its weights (``sdtrt.export.networks.single_file``); ``config``, a
     local diffusers folder of the same architecture, overrides that. ``prediction_type`` overrides the family's
     (or, for SD 2.x, the weights' own answer to A1111's v-prediction test). ``sha256``: the checkpoint's, when the
     caller hashed it already.

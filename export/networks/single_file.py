@@ -63,7 +63,7 @@ def read_weights(path: Path, allow_pickle: bool = False) -> Weights:
             raise UsageError(f"{path}: not a readable .safetensors file ({exc}); is it complete?") from None
     if path.suffix == ".ckpt":
         # checkpoint.py imports this module: importing it back at the top would be circular
-        from sdtrt.export.checkpoint import torch_load
+        from sdtrt.export.networks.checkpoint import torch_load
 
         data, needed = torch_load(path, allow_pickle, "checkpoint")
         while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):  # as diffusers unwraps it
@@ -252,7 +252,7 @@ def load_single_file(path: Path, config: Path | None, *, allow_pickle: bool, pre
                      load):
     """The pipeline of a single-file checkpoint, offline: its architecture read from the weights (or ``config``,
     a diffusers folder), said in one line. ``load(open_pipeline, what)`` is the caller's loader. A ``.ckpt`` is read
-    weights-only (``sdtrt.export.checkpoint.torch_load``) before diffusers sees it; one that needed pickle goes to
+    weights-only (``sdtrt.export.networks.checkpoint.torch_load``) before diffusers sees it; one that needed pickle goes to
     diffusers as a temporary ``.safetensors`` of its tensors."""
     what = repr(str(path))
     weights = read_weights(path, allow_pickle) if config is None or path.suffix == ".ckpt" else None
