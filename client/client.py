@@ -42,11 +42,20 @@ from sdtrt.contract.spec import (
     SPEC_PARAMETER,
     TXT2IMG,
     WIRE_DTYPES,
+    BLIP_DECODER,
+    BLIP_VISION,
+    CAPTION_TOKENS,
+    CLIP_IMAGE,
+    CLIP_INTERROGATOR,
+    CLIP_TEXT,
+    CLIP_TEXTS_A_CALL,
     Catalog,
     ModelSpec,
     interrogator_component,
 )
 from sdtrt.requests.generation import Generation, batch_count, concatenate, one_per_image
+from sdtrt.postprocessing.clip_interrogate import (CachedFeatures, ClipInterrogatorOptions, ClipNetworks,
+                                                   clip_interrogate)
 from sdtrt.postprocessing.faces import FaceNetworks, face_networks
 from sdtrt.postprocessing.interrogate import DEEPBOORU, DeepBooruOptions, deepbooru_tags
 from sdtrt.postprocessing.model_upscale import ModelUpscaler, model_upscaler
@@ -158,6 +167,7 @@ class Client:
         # and the job's progress must be asked of the server that runs it (progress lives in its memory).
         self._job_connections: dict[str, Any] = {}
         self._job_lock = threading.Lock()
+        self._clip_texts: dict[tuple[str, str], CachedFeatures] = {}  # (model, its CLIP text network's hash)
 
     # --- connections -------------------------------------------------------------------------------------------
     def _client(self):
@@ -264,20 +274,36 @@ class Client:
         """The interrogators (deepdanbooru) the server's models were exported with (--interrogators)."""
         return self._registered("interrogators")
 
-    def interrogate(self, image: Image.Image, model: str = DEEPBOORU,
-                    options: DeepBooruOptions = DeepBooruOptions()) -> str:
-        """A1111's interrogation of a picture on the server's networks: DeepBooru's caption."""
+    def interrogate(self, image: Image.Image, model: str = DEEPBOORU, options: dict[str, Any] | None = None) -> str:
+        """A1111's interrogation of a picture on the server's networks: DeepBooru's tags, or the CLIP interrogator's
+        BLIP caption and CLIP-ranked lines, by A1111's options (``options``: its keys; missing ones its defaults)."""
         found = self.interrogators()
         if model not in found:
             have = ", ".join(repr(name) for name in found) or "none: export a model with --interrogators DIR"
             raise InvalidRequest("model", model, f"an interrogator this server has ({have})")
-        spec = found[model]
+        spec, options = found[model], options or {}
+        if model == CLIP_INTERROGATOR:
+            entry = spec.interrogators[model]
+            checked = ClipInterrogatorOptions.of(options, spec.dims[CAPTION_TOKENS].max)
+            return clip_interrogate(image, self._clip_networks(spec), entry, checked)
         component = spec.component(interrogator_component(model))
 
         def run(array: np.ndarray) -> np.ndarray:
             return self._network(spec, component.name, [array])[component.outputs[0].name]
 
-        return deepbooru_tags(image, run, spec.interrogators[model]["tags"], options)
+        return deepbooru_tags(image, run, spec.interrogators[model]["tags"], DeepBooruOptions.of(options))
+
+    def _clip_networks(self, spec: ModelSpec) -> ClipNetworks:
+        """The CLIP interrogator's networks on the server; CLIP's text features kept once computed (per model)."""
+        def network(name: str) -> Callable[..., np.ndarray]:
+            component = spec.component(interrogator_component(name))
+            return lambda *arrays: self._network(spec, component.name, list(arrays))[component.outputs[0].name]
+
+        text = interrogator_component(CLIP_TEXT)
+        with self._job_lock:
+            key = (spec.key, spec.interrogators[CLIP_INTERROGATOR]["networks"][text])
+            texts = self._clip_texts.setdefault(key, CachedFeatures(network(CLIP_TEXT), CLIP_TEXTS_A_CALL))
+        return ClipNetworks(network(BLIP_VISION), network(BLIP_DECODER), network(CLIP_IMAGE), texts)
 
     def _network(self, spec: ModelSpec, name: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         """One of a model's networks on the server: its inputs in the spec's order, its outputs by name."""

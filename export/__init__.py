@@ -24,6 +24,9 @@ from sdtrt.contract.errors import UsageError
 from sdtrt.contract.files import copy_atomic, no_space_is_disk_full, repository_lock, writer_gone
 from sdtrt.contract.samplers import schedule_table
 from sdtrt.contract.spec import (
+    CAPTION_ROWS,
+    CAPTION_TOKENS,
+    CLIP_TEXTS,
     ENGINES,
     HYPERTILE,
     SPEC_FILENAME,
@@ -367,6 +370,9 @@ def export_networks(descs, repo: Path, key: str, dims, text_max_length: int, pro
         {BATCH: 2, TEXT_BATCH: 3, UNET_BATCH: 3, LATENT_H: lo_h + 2, LATENT_W: lo_w,
          CONTEXT: min(2 * text_max_length, dims[CONTEXT].max), UPSCALE_H: 64, UPSCALE_W: 16},
     ]
+    for sizes, caption in zip(check_dims, ({CAPTION_ROWS: 1, CAPTION_TOKENS: 4, CLIP_TEXTS: 1},
+                                           {CAPTION_ROWS: 3, CAPTION_TOKENS: 9, CLIP_TEXTS: 5})):
+        sizes.update(caption)
     components = {}
     bar = tqdm(total=3 * len(descs), desc="export", unit="stage", disable=not progress)
     for desc in descs:

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdtrt.contract.errors import UsageError
-from sdtrt.contract.spec import SINGLE, TensorSpec, interrogator_component
-from sdtrt.export.networks.checkpoint import file_sha256, folder_files, read_weights
+from sdtrt.contract.spec import CLIP_INTERROGATOR, SINGLE, TensorSpec, interrogator_component
+from sdtrt.export.clip_interrogator import (is_blip, is_clip, read_interrogator_file,
+                                           register_clip_interrogator)
+from sdtrt.export.networks.checkpoint import file_sha256, folder_files
 from sdtrt.export.networks.descriptors import Descriptor, OnePerCall
 from sdtrt.postprocessing.interrogate import DEEPBOORU, DEEPBOORU_SIZE
 
@@ -57,12 +59,12 @@ class DeepDanbooru(nn.Module):
         return torch.sigmoid(self.convs[CONVS - 1](x).mean(dim=(2, 3)))
 
 
-def read_deepbooru(path: Path, allow_pickle: bool) -> tuple[DeepDanbooru, list[str]]:
-    """The network and tags of a DeepBooru file, or UsageError naming it."""
-    state = read_weights(path, allow_pickle, "--interrogators")
-    if not isinstance(state, dict) or any(f"n_Conv_{i}.weight" not in state for i in range(CONVS)):
-        raise UsageError(f"--interrogators {path}: not A1111's DeepBooru model (model-resnet_custom_v3.pt: "
-                         f"n_Conv_0 ... n_Conv_{CONVS - 1} and its tags)")
+def is_deepbooru(state: object) -> bool:
+    return isinstance(state, dict) and all(f"n_Conv_{i}.weight" in state for i in range(CONVS))
+
+
+def read_deepbooru(path: Path, state: dict) -> tuple[DeepDanbooru, list[str]]:
+    """The network and tags of a DeepBooru file's contents, or UsageError naming it."""
     tags = state.get("tags")
     head = state[f"n_Conv_{CONVS - 1}.weight"].shape[0]
     if not isinstance(tags, (list, tuple)) or len(tags) != head or not all(isinstance(t, str) for t in tags):
@@ -83,13 +85,36 @@ def deepbooru_descriptor(module: nn.Module, tags: int) -> Descriptor:
 
 
 def register_interrogators(folder: Path, allow_pickle: bool, report=print) -> tuple[list[Descriptor], dict]:
-    """The folder's interrogators as (their networks, the spec's ``interrogators``: A1111's name -> file, sha256,
-    tags): a DeepBooru file (the one A1111 reads from models/deepbooru)."""
+    """The folder's interrogators as (their networks, the spec's ``interrogators``: A1111's name -> its entry):
+    DeepBooru (the file A1111 reads from models/deepbooru) and the CLIP interrogator (BLIP's and CLIP's files with
+    BLIP's vocab.txt and the interrogate/ categories: export/clip_interrogator.py), each file known by its keys."""
     files = folder_files(folder, INTERROGATOR_SUFFIXES, "--interrogators", "interrogator", 4)
-    if len(files) > 1:
-        raise UsageError(f"--interrogators {folder}: {', '.join(p.name for p in files)}; A1111 runs one DeepBooru "
-                         "file: keep one")
-    module, tags = read_deepbooru(files[0], allow_pickle)
-    report(f"interrogator {DEEPBOORU}: {files[0].name}, {len(tags)} tags")
-    entry = {"file": files[0].name, "sha256": file_sha256(files[0], progress=False), "tags": tags}
-    return [deepbooru_descriptor(module, len(tags))], {DEEPBOORU: entry}
+    kinds: dict[str, list[tuple[Path, dict]]] = {"DeepBooru": [], "BLIP": [], "CLIP": []}
+    for path in files:
+        state = read_interrogator_file(path, allow_pickle)
+        kind = next((k for k, test in (("DeepBooru", is_deepbooru), ("BLIP", is_blip), ("CLIP", is_clip))
+                     if test(state)), None)
+        if kind is None:
+            raise UsageError(f"--interrogators {path}: neither A1111's DeepBooru (model-resnet_custom_v3.pt), BLIP's "
+                             "captioner (model_base_caption_capfilt_large.pth) nor openai's CLIP (ViT-L-14.pt)")
+        kinds[kind].append((path, state))
+    for kind, found in kinds.items():
+        if len(found) > 1:
+            raise UsageError(f"--interrogators {folder}: {', '.join(p.name for p, _ in found)} are all {kind}: keep one")
+    if bool(kinds["BLIP"]) != bool(kinds["CLIP"]):
+        have, lacking = ("BLIP", "CLIP") if kinds["BLIP"] else ("CLIP", "BLIP")
+        raise UsageError(f"--interrogators {folder}: A1111's CLIP interrogator needs both BLIP and CLIP; it has "
+                         f"{have} ({kinds[have][0][0].name}) but no {lacking} file")
+    networks, entries = [], {}
+    for path, state in kinds["DeepBooru"]:
+        module, tags = read_deepbooru(path, state)
+        report(f"interrogator {DEEPBOORU}: {path.name}, {len(tags)} tags")
+        entries[DEEPBOORU] = {"file": path.name, "sha256": file_sha256(path, progress=False), "tags": tags}
+        networks.append(deepbooru_descriptor(module, len(tags)))
+    if kinds["BLIP"]:
+        found, entry = register_clip_interrogator(folder, *kinds["BLIP"][0], *kinds["CLIP"][0])
+        counts = ", ".join(f"{c['name']} ({len(c['lines'])})" for c in entry["categories"]) or "no categories"
+        report(f"interrogator {CLIP_INTERROGATOR}: {entry['file']} and {entry['clip_file']}; {counts}")
+        networks += found
+        entries[CLIP_INTERROGATOR] = entry
+    return networks, entries

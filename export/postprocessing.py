@@ -9,8 +9,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdtrt.contract.hires import HIRES_UPSCALERS
-from sdtrt.contract.spec import (FACE_DETECTOR, FACE_PARSER, SINGLE, DimRange, ModelSpec, face_restorer_component,
-                                interrogator_component, upscaler_component)
+from sdtrt.contract.spec import (CAPTION_BEAMS, CAPTION_ROWS, CAPTION_TOKENS, CLIP_INTERROGATOR, CLIP_TEXTS,
+                                 CLIP_TEXTS_A_CALL, FACE_DETECTOR, FACE_PARSER, SINGLE, DimRange, ModelSpec,
+                                 face_restorer_component, interrogator_component, upscaler_component)
 from sdtrt.export.networks.descriptors import Descriptor
 from sdtrt.export.faces import DETECT_DIMS, register_face_restorers
 from sdtrt.export.interrogators import register_interrogators
@@ -31,8 +32,12 @@ class Postprocessing:
     interrogators: dict[str, dict] = field(default_factory=dict)  # ModelSpec.interrogators
 
     def dims(self) -> dict[str, DimRange]:
+        clip = self.interrogators.get(CLIP_INTERROGATOR)
+        caption = {CAPTION_ROWS: DimRange(CAPTION_BEAMS[0], 1, CAPTION_BEAMS[1]),
+                   CAPTION_TOKENS: DimRange(1, 24, clip["caption_tokens"]),
+                   CLIP_TEXTS: DimRange(1, CLIP_TEXTS_A_CALL // 2, CLIP_TEXTS_A_CALL)} if clip else {}
         return {**(TILE_DIMS if self.upscalers else {}), **(DETECT_DIMS if self.face_restorers else {}),
-                **({SINGLE: DimRange(1, 1, 1)} if self.interrogators else {})}
+                **({SINGLE: DimRange(1, 1, 1)} if self.interrogators else {}), **caption}
 
     def registered(self) -> dict[str, tuple[str, ...]]:
         """The names the request fields choose from (ModelLimits' upscalers and face_restorers)."""
@@ -42,7 +47,8 @@ class Postprocessing:
         """Each network's name -> the sha256 of the file it is made from (a changed file: a network to export)."""
         out = {upscaler_component(e["slug"]): e["sha256"] for e in self.upscalers.values()}
         out |= {face_restorer_component(e["slug"]): e["sha256"] for e in self.face_restorers.values()}
-        out |= {interrogator_component(name): e["sha256"] for name, e in self.interrogators.items()}
+        for name, entry in self.interrogators.items():  # one network a file, or the file's networks and theirs
+            out |= entry.get("networks", {interrogator_component(name): entry["sha256"]})
         helpers = {"detector": FACE_DETECTOR, "parser": FACE_PARSER}
         return out | {helpers[kind]: e["sha256"] for kind, e in self.face_helpers.items()}
 

@@ -121,6 +121,11 @@ class Batching:
     pinned: dict[str, int]
 
 
+def leads_with_batch(component: ComponentSpec) -> bool:
+    """Whether every input of a network leads with the same dim, one Triton can gather rows along."""
+    return len({t.shape[0] for t in component.inputs}) == 1
+
+
 def engine_batching(spec: ModelSpec, component: ComponentSpec, profile: dict[str, list[list[int]]]) -> Batching:
     """Read from a TensorRT engine's optimisation profile (``{input: [min, opt, max] shapes}``, as the engine
     manifest records it): a dim is pinned where min == max. The batch limit is what Triton's TensorRT backend
@@ -131,7 +136,7 @@ def engine_batching(spec: ModelSpec, component: ComponentSpec, profile: dict[str
         lo, _, hi = profile[tensor.name]
         pinned.update({d: lo[i] for i, d in enumerate(tensor.shape) if isinstance(d, str) and lo[i] == hi[i]})
     batch_dim = component.inputs[0].shape[0]
-    if batch_dim in pinned:
+    if batch_dim in pinned or not leads_with_batch(component):
         return Batching(0, pinned)
     return Batching(min(profile[t.name][2][0] for t in component.inputs), pinned)
 
@@ -146,9 +151,13 @@ def engine_entry(spec: ModelSpec, component: ComponentSpec) -> dict:
 
 
 def network_batching(spec: ModelSpec, component: ComponentSpec, options: ServingOptions) -> Batching:
-    """onnxruntime takes the spec's whole batch range; a TensorRT engine what its profile was built for."""
+    """onnxruntime takes the spec's whole batch range; a TensorRT engine what its profile was built for. A network
+    whose inputs lead with different dims (BLIP's decoder: a caption's beams, and the one picture's tokens they all
+    read) has no batch Triton could gather rows of: it takes full shapes (max_batch_size 0)."""
     if options.backend == "tensorrt":
         return engine_batching(spec, component, engine_entry(spec, component)["profile"])
+    if not leads_with_batch(component):
+        return Batching(0, {})
     return Batching(spec.dims[component.inputs[0].shape[0]].max, {})
 
 

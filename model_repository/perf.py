@@ -25,7 +25,8 @@ from sdtrt.contract.spec import (
     UPSCALE_W,
     ModelSpec,
 )
-from sdtrt.model_repository.configs import NEGATIVE_PIECES, PIECE_TEXTS, PIECE_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS
+from sdtrt.model_repository.configs import (NEGATIVE_PIECES, PIECE_TEXTS, PIECE_WEIGHTS, TOKENIZER, TOKENIZER_FIELDS,
+                                           leads_with_batch)
 from sdtrt.requests.extra_networks import LORA_SUFFIX
 from sdtrt.requests.prompts import attention_pieces
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
@@ -68,8 +69,11 @@ def perf_inputs(spec: ModelSpec, default: bool = True) -> dict[str, dict[str, An
 
     def network(name: str) -> dict[str, Any]:
         data = {}
-        for tensor in spec.component(name).inputs:
-            shape = [d if isinstance(d, int) else dims[d] for d in tensor.shape[1:]] or [1]
+        component = spec.component(name)
+        for tensor in component.inputs:
+            # (a network Triton does not batch takes its whole shape; a dim of its own at the spec's best size)
+            shown = tensor.shape[1:] if leads_with_batch(component) else tensor.shape
+            shape = [d if isinstance(d, int) else dims.get(d, spec.dims[d].opt) for d in shown] or [1]
             data[tensor.name] = _zeros(shape)
             if tensor.name == "input_ids":  # BOS, EOS, then padding
                 data[tensor.name]["content"] = [49406, 49407] + [49407] * (len(data[tensor.name]["content"]) - 2)

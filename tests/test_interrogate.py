@@ -158,7 +158,7 @@ def test_a_wrong_file_is_named(default_model, tmp_path):
     folder = tmp_path / "deepbooru"
     folder.mkdir()
     torch.save({"weight": torch.zeros(2)}, str(folder / "model.pt"))
-    with pytest.raises(UsageError, match="model.pt: not A1111's DeepBooru model"):
+    with pytest.raises(UsageError, match="model.pt: neither A1111's DeepBooru"):
         export_model(default_model, tmp_path / "repo", progress=False, report=lambda *_: None, interrogator_dir=folder)
 
 

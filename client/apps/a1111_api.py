@@ -67,7 +67,6 @@ from sdtrt.contract.spec import IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.styles import load_styles
 from sdtrt.postprocessing.faces import extras_faces
-from sdtrt.postprocessing.interrogate import DeepBooruOptions
 from sdtrt.postprocessing.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
 
 log = logging.getLogger("sdtrt.gateway")
@@ -220,10 +219,9 @@ class Gateway:
             self.release(job)
 
     def interrogate(self, picture: Image.Image, model: str, user: str) -> str:
-        """A1111's interrogator ``model`` on ``picture``, by the user's DeepBooru options (422 naming the field)."""
+        """A1111's interrogator ``model`` on ``picture``, by the user's options (422 naming the field)."""
         try:
-            return self.client.interrogate(picture, model, DeepBooruOptions.of({**a1111_defaults(),
-                                                                               **self.user(user).options}))
+            return self.client.interrogate(picture, model, {**a1111_defaults(), **self.user(user).options})
         except InvalidRequest as exc:
             raise refuse(exc.field, str(exc)) from None
 
@@ -557,12 +555,9 @@ def add_info_routes(app: FastAPI, gateway: Gateway, metrics_url: str | None, fla
 
     @app.post("/sdapi/v1/interrogate", tags=["generation"])
     def interrogate(body: dict[str, Any] = Body(...), user: str = Depends(current_user)) -> dict[str, Any]:
-        """A1111's interrogation of a picture: DeepBooru's caption by the user's options (CLIP's, BLIP and CLIP,
-        is not exported yet: refused by name)."""
+        """A1111's interrogation of a picture by the user's options: the CLIP interrogator's (BLIP's caption and
+        CLIP's best lines of each category) or DeepBooru's tags."""
         model = body.get("model", "clip")
-        if model == "clip":
-            raise refuse("model", "'deepdanbooru' (A1111's CLIP interrogator runs BLIP and CLIP, which sdtrt does "
-                                  "not export yet)")
         return {"caption": gateway.interrogate(decode_image(body.get("image") or "", "image", "RGB"), str(model),
                                                user)}
 

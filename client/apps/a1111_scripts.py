@@ -30,7 +30,7 @@ from sdtrt.client.apps.a1111_requests import (
 )
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.seeds import MAX_SEED
-from sdtrt.contract.spec import IMG2IMG, TXT2IMG
+from sdtrt.contract.spec import CLIP_INTERROGATOR, IMG2IMG, TXT2IMG
 from sdtrt.requests.generation import Generation
 from sdtrt.requests.grids import Label, annotate_grid, combine_tiles, image_grid, split_tiles
 from sdtrt.requests.infotext import build_infotext, parse_infotext
@@ -412,6 +412,9 @@ def _xyz_pictures(cells: dict, axes: list[Axis], values: list[list[Any]], args: 
 
 
 # --- Loopback ------------------------------------------------------------------------------------------------
+LOOPBACK_INTERROGATORS = {"CLIP": CLIP_INTERROGATOR, "DeepBooru": DEEPBOORU}  # "Append interrogated prompt"
+
+
 def loopback(body: _Request, args: list[Any], generate: Generate, init: list[Image.Image] | None) -> ScriptRun:
     """img2img again on its own output ``loops`` times, the denoising strength moving to the final one along
     the curve, the seed + 1 each pass; with several batches, each starts from the picture sent."""
@@ -419,9 +422,6 @@ def loopback(body: _Request, args: list[Any], generate: Generate, init: list[Ima
     final = _number(args, 1, "final_denoising_strength", 0, 1, float)
     curve = _choice(args, 2, "denoising_curve", ("Aggressive", "Linear", "Lazy"))
     interrogation = _choice(args, 3, "append_interrogation", ("None", "CLIP", "DeepBooru"))
-    if interrogation == "CLIP":
-        raise refuse("script_args[3]", "append_interrogation: 'None' or 'DeepBooru' (A1111's CLIP interrogator runs "
-                                       "BLIP and CLIP, which sdtrt does not export yet)")
     batches = body.n_iter
     _bound(loops * batches, f"{loops} loops of {batches} batches")
     first = body.denoising_strength if body.denoising_strength is not None else 0.75
@@ -443,8 +443,8 @@ def loopback(body: _Request, args: list[Any], generate: Generate, init: list[Ima
         last = None
         for loop in range(loops):
             prompt = {}
-            if interrogation == "DeepBooru":  # (A1111: the prompt sent, then the tags of this pass's picture)
-                tags = generate.interrogate(pictures[0], DEEPBOORU)
+            if interrogation != "None":  # (A1111: the prompt sent, then the interrogation of this pass's picture)
+                tags = generate.interrogate(pictures[0], LOOPBACK_INTERROGATORS[interrogation])
                 prompt = {"prompt": f"{body.prompt}, {tags}" if body.prompt else tags}
             one = generate(variant(body, seed=seed, denoising_strength=denoise, inpainting_fill=fill, n_iter=1,
                                    batch_size=1, **prompt), pictures)

@@ -158,8 +158,10 @@ def _add_export(sub) -> None:
                    "and/or a CodeFormer file, with facexlib's detection_Resnet50_Final and parsing_parsenet beside "
                    "them), for restore_faces and Extras")
     p.add_argument("--interrogators", type=Path, default=None, metavar="DIR",
-                   help="register the interrogator in DIR (A1111's models/deepbooru: model-resnet_custom_v3.pt, read "
-                   "weights-only), for /sdapi/v1/interrogate and Loopback's DeepBooru")
+                   help="register the interrogators in DIR, for /sdapi/v1/interrogate and Loopback: DeepBooru "
+                   "(A1111's model-resnet_custom_v3.pt, read weights-only) and/or the CLIP interrogator (BLIP's "
+                   "model_base_caption_capfilt_large.pth with bert-base-uncased's vocab.txt, openai's ViT-L-14.pt "
+                   "(TorchScript: needs --allow-pickle), and A1111's category lists in DIR/interrogate/*.txt)")
     p.add_argument("--tiling", action="store_true",
                    help="also export the U-Net and VAE with circular padding, for requests with tiling (A1111's "
                    "seamless 'Tiling'); adds their size to the export")

@@ -18,7 +18,7 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 22  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 23  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
@@ -40,6 +40,7 @@ SPEC_VERSION = 22  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # code_former_weight)
 # 22: SwinIR and DAT upscalers (an upscaler's tiling; the single dim, face_batch before; swinir_tile, dat_tile, ...);
 # Hypertile (the _hypertile variants, their layers in the extra; the hypertile_* fields); interrogators (DeepBooru)
+# 23: the CLIP interrogator (BLIP and CLIP networks, the caption and CLIP-text dims); export/networks/ (module paths)
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
@@ -89,6 +90,17 @@ def interrogator_component(name: str) -> str:
     return f"interrogator_{name}"
 
 
+# A1111's CLIP interrogator (/interrogate's "clip"): BLIP captions the picture, CLIP ranks category lines against it.
+# Its four networks (interrogator_component of each): BLIP's ViT, BLIP's text decoder (the next token's logits),
+# CLIP's image features and CLIP's text features (of the export's category lines, by row: their tokens are in it).
+CLIP_INTERROGATOR = "clip"
+BLIP_VISION, BLIP_DECODER, CLIP_IMAGE, CLIP_TEXT = "blip_vision", "blip_decoder", "clip_image", "clip_text"
+# A1111's limits for BLIP's caption (its interrogate_clip_* sliders): beams, and the caption's length in tokens
+CAPTION_BEAMS = (1, 16)
+CAPTION_LENGTH = (1, 256)
+CLIP_TEXTS_A_CALL = 128
+
+
 def face_restorer_component(slug: str) -> str:
     return f"face_restorer_{slug}"
 
@@ -115,6 +127,9 @@ FACE_DETECT_W = "face_detect_width"  # export registered face restorers
 SINGLE = "single"  # one item a call (a face: A1111 restores them one at a time; a SwinIR tile), so Triton never
 # batches those networks: the dim spans 1..1 and stays out of their ONNX graphs' dynamic axes
 FACE_PRIORS = "face_priors"  # the detector's anchors: its outputs' rows, following its input's size
+CAPTION_ROWS = "caption_rows"  # BLIP's captions decoded together: A1111's beams (interrogate_clip_num_beams)
+CAPTION_TOKENS = "caption_tokens"  # a caption's tokens so far, the prompt's included
+CLIP_TEXTS = "clip_texts"  # category lines CLIP encodes in one call (the CLIP interrogator's ranking)
 
 # The models users call, and their tensors beside the request fields (each field is a [1]-shaped input named
 # after it). Server, generator and clients all read these names from here.

@@ -20,7 +20,6 @@ from PIL import Image
 
 DEEPBOORU = "deepdanbooru"  # A1111's name for it (/interrogate's model), and its network's
 DEEPBOORU_SIZE = 512
-INTERROGATORS = ("clip", DEEPBOORU)  # A1111's /interrogate models
 Run = Callable[[np.ndarray], np.ndarray]  # [1, 512, 512, 3] float32 in [0, 1] -> [1, tags]
 _SPECIAL = re.compile(r"([\\()])")
 
