@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from sdtrt.contract.errors import UsageError
 from sdtrt.contract.spec import HYPERTILE_INPUT, HYPERTILE_NUMBERS, HYPERTILE_SUFFIX, TensorSpec
 from sdtrt.export.networks.descriptors import Descriptor
 
@@ -131,7 +132,8 @@ def hypertile_descriptors(pipe, plain: list[Descriptor]) -> tuple[list[Descripto
     by_name = {desc.name: desc for desc in plain}
     layers = unet_layers(pipe.unet)
     if not layers or VAE_LAYER not in dict(pipe.vae.named_modules()):
-        raise ValueError("this U-Net or VAE has none of A1111's Hypertile layers")
+        raise UsageError("--hypertile: this checkpoint's U-Net or VAE has none of A1111's Hypertile layers (its "
+                         "attention blocks by their SD 1.x/2.x/XL names); export it without --hypertile")
 
     unet = with_hypertile(by_name["unet"], [f"unet.{name}" for name, _, _ in layers], spatial=False)
     vae = with_hypertile(by_name["vae_decoder"], [f"vae.{VAE_LAYER}"], spatial=True)

@@ -229,6 +229,10 @@ def test_the_caption_and_the_ranked_lines_are_a1111s(repo, folder, models, tmp_p
             assert response.json() == {"caption": expected}, (response.json(), expected)
             captions.append(expected.split(", ")[0])
         assert captions[0] != captions[1] and all(len(c) > 10 for c in captions), captions  # (the picture counts)
+        from sdtrt.client.apps.ui import Page  # (the page's Interrogate CLIP button: the picture's caption)
+
+        page = Page(client, tmp_path / "outputs", None)
+        assert page.interrogate_handler("clip", {"background": np.asarray(tall), "layers": []}) == expected
         options = {"interrogate_return_ranks": True, "interrogate_clip_dict_limit": 3,
                    "interrogate_clip_skip_categories": ["movements"], "interrogate_clip_min_length": 6,
                    "interrogate_clip_max_length": 12}

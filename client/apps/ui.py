@@ -16,6 +16,7 @@ served: the gallery's pictures are handed to Gradio, which serves its own copies
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
@@ -39,7 +40,7 @@ from starlette.middleware import Middleware
 from sdtrt.client.apps.web_guard import HEALTH_PATH, cross_site, server_failure
 from sdtrt.client.apps.web_guard import header as _header
 from sdtrt.client.client import Client, JobControl, Progress, ServerError, ServerRefused
-from sdtrt.contract.errors import DiskFull, InvalidRequest, echo
+from sdtrt.contract.errors import DiskFull, InvalidRequest, SdtrtError, echo
 from sdtrt.contract.outputs import disk_full_summary, save_png
 from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture, restrict_pillow
 from sdtrt.requests.fields import LABELS, tab_fields
@@ -235,6 +236,7 @@ class Tab:
     picture: Any = None  # img2img: the picture, with the inpainting mask drawn on it
     hires: Any = None  # txt2img: the Hires. fix accordion
     variation: Any = None  # the Variation seed accordion
+    interrogate: dict = field(default_factory=dict)  # img2img: interrogator -> its button (A1111's two)
 
     @property
     def inputs(self) -> list:
@@ -245,7 +247,17 @@ class Tab:
         return [self.gallery, self.preview, self.progress, self.info, self.last_seeds, self.infotexts]
 
 
-def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
+INTERROGATE_BUTTONS = {"clip": "Interrogate CLIP", "deepdanbooru": "Interrogate DeepBooru"}  # A1111's img2img tab
+
+
+def _interrogate_buttons(interrogators: tuple[str, ...]) -> dict[str, Any]:
+    """A1111's Interrogate CLIP / DeepBooru buttons, shown for the interrogators the server has."""
+    with gr.Row():
+        return {model: gr.Button(label, size="sm", visible=model in interrogators, elem_id=f"interrogate_{model}")
+                for model, label in INTERROGATE_BUTTONS.items()}
+
+
+def _generation_tab(spec, kind: str, styles: list[str], interrogators: tuple[str, ...] = ()) -> Tab:
     picture = hires = None
     with gr.Row():
         with gr.Column(scale=4):
@@ -259,6 +271,7 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
             with gr.Row():
                 interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{kind}_interrupt")
                 skip = gr.Button("Skip", size="sm", elem_id=f"{kind}_skip")
+            interrogate = _interrogate_buttons(interrogators) if kind == "img2img" else {}
     fields: dict[str, Any] = {}
 
     def row(*names: str) -> None:  # request fields side by side
@@ -322,7 +335,7 @@ def _generation_tab(spec, kind: str, styles: list[str]) -> Tab:
     # keep the order the handlers read them in
     fields = {name: fields[name] for name in tab_fields(kind)}
     return Tab(prompt, negative, style_picker, n_iter, fields, generate, interrupt, skip, gallery, preview, progress,
-               info, last_seeds, infotexts, picture, hires, variation)
+               info, last_seeds, infotexts, picture, hires, variation, interrogate)
 
 
 def _too_many_pixels(value: str) -> InvalidRequest:
@@ -496,7 +509,8 @@ class Page:
             with gr.Tabs() as self.tab_strip:
                 for kind in ("txt2img", "img2img"):
                     with gr.Tab(kind, id=kind, elem_id=f"tab_{kind}"):
-                        self.tabs[kind] = _generation_tab(self.spec, kind, list(self.styles))
+                        self.tabs[kind] = _generation_tab(self.spec, kind, list(self.styles),
+                                                          tuple(self.client.interrogators()))
                 with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
                     self.extras_tab()
                 with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
@@ -568,6 +582,9 @@ class Page:
             tab.interrupt.click(_session_call(self.jobs.interrupt), inputs=None, outputs=None, concurrency_limit=None)
             tab.skip.click(_session_call(self.jobs.skip), inputs=None, outputs=None, concurrency_limit=None)
             tab.gallery.select(show_info, inputs=tab.infotexts, outputs=tab.info)
+            for model, button in tab.interrogate.items():
+                button.click(functools.partial(self.interrogate_handler, model), inputs=tab.picture,
+                             outputs=tab.prompt)
         self.png.change(png_info, inputs=self.png, outputs=self.png_text, preprocess=False)
         self.extras_run.click(self.extras_handler, inputs=[self.extras_image, self.extras_upscaler, self.extras_scale,
                                                            *self.extras_faces],
@@ -578,6 +595,15 @@ class Page:
                                  t2i.hires, t2i.variation, self.tab_strip])
 
     # --- events ----------------------------------------------------------------------------------------
+    def interrogate_handler(self, model: str, picture: Any) -> str:
+        """A1111's Interrogate buttons: the img2img picture's interrogation becomes the prompt (A1111's
+        defaults for the interrogators' options: the page has no settings tab)."""
+        try:
+            image, _ = _mask_and_picture(picture)
+            return self.client.interrogate(Image.fromarray(image), model)
+        except SdtrtError as exc:
+            raise _error(exc) from None
+
     def refresh_models(self):
         self.client.refresh()
         return gr.update(choices=list(self.titles()))
