@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
-import sys
+import threading
 import types
 import zipfile
 from pathlib import Path
@@ -28,14 +27,14 @@ from torch import nn
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
 from sdtrt.contract.errors import UsageError
-from sdtrt.contract.spec import (BLIP_DECODER, BLIP_VISION, CAPTION_ROWS, CAPTION_TOKENS, CLIP_IMAGE, CLIP_TEXT,
-                                 CLIP_TEXTS, SINGLE, TensorSpec, interrogator_component)
+from sdtrt.contract.spec import (BLIP_DECODER, BLIP_VISION, CAPTION_LENGTH, CAPTION_ROWS, CAPTION_TOKENS,
+                                 CLIP_IMAGE, CLIP_TEXT, CLIP_TEXTS, SINGLE, TensorSpec, interrogator_component)
 from sdtrt.export.networks.checkpoint import file_sha256, read_weights
 from sdtrt.export.networks.descriptors import Descriptor, OnePerCall
-from sdtrt.pipeline.ksampling import standing_in
+from sdtrt.pipeline.ksampling import unexecuted_package
 from sdtrt.postprocessing.clip_interrogate import BLIP_PROMPT, category_topn
 
-CONTEXT = 77  # openai CLIP's context length (clip.tokenize's default)
+_LOCK = threading.Lock()
 VOCAB_FILE, CATEGORIES = "vocab.txt", "interrogate"
 _BLIP_PARTS = ("visual_encoder.pos_embed", "visual_encoder.patch_embed.proj.weight",
                "text_decoder.bert.embeddings.word_embeddings.weight", "text_decoder.cls.predictions.decoder.weight")
@@ -82,15 +81,9 @@ def read_interrogator_file(path: Path, allow_pickle: bool) -> object:
 def openai_clip() -> tuple[types.ModuleType, types.ModuleType]:
     """openai CLIP's ``model`` and ``simple_tokenizer`` modules (clip-anytorch), without the package's __init__,
     whose preprocessing imports torchvision."""
-    if "clip.model" not in sys.modules:
-        spec = importlib.util.find_spec("clip")
-        if spec is None:
-            raise UsageError("openai's CLIP code is not installed: scripts/setup.sh installs it (pip install "
-                             "--no-deps clip-anytorch==2.6.0 ftfy)")
-        with standing_in({"clip": importlib.util.module_from_spec(spec)}):  # a package, not executed
-            model, tokenizer = (importlib.import_module(f"clip.{name}") for name in ("model", "simple_tokenizer"))
-        sys.modules.update({"clip.model": model, "clip.simple_tokenizer": tokenizer})
-    return sys.modules["clip.model"], sys.modules["clip.simple_tokenizer"]
+    with _LOCK:
+        unexecuted_package("clip", "clip-anytorch==2.6.0 ftfy", "openai's CLIP code (clip-anytorch)")
+        return importlib.import_module("clip.model"), importlib.import_module("clip.simple_tokenizer")
 
 
 def blip_model(state: dict[str, torch.Tensor], path: Path) -> BlipForConditionalGeneration:
@@ -152,15 +145,16 @@ def read_categories(folder: Path) -> list[dict]:
     return found
 
 
-def clip_tokens(lines: list[str]) -> torch.Tensor:
-    """clip.tokenize(lines, truncate=True): [start] + BPE + [end], cut to 77 with the end kept, zero padded."""
+def clip_tokens(lines: list[str], context: int) -> torch.Tensor:
+    """clip.tokenize(lines, context, truncate=True): [start] + BPE + [end], cut to the model's context (77) with
+    the end kept, zero padded."""
     tokenizer = openai_clip()[1].SimpleTokenizer()
     start, end = tokenizer.encoder["<|startoftext|>"], tokenizer.encoder["<|endoftext|>"]
-    table = torch.zeros(max(1, len(lines)), CONTEXT, dtype=torch.int32)
+    table = torch.zeros(max(1, len(lines)), context, dtype=torch.int32)
     for row, line in enumerate(lines):
         tokens = [start, *tokenizer.encode(line), end]
-        if len(tokens) > CONTEXT:
-            tokens = tokens[:CONTEXT - 1] + [end]
+        if len(tokens) > context:
+            tokens = tokens[:context - 1] + [end]
         table[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
     return table
 
@@ -252,5 +246,5 @@ def register_clip_interrogator(folder: Path, blip_path: Path, blip_state: dict, 
              "categories": categories, **blip_words(folder, blip.config.text_config.vocab_size),
              "networks": {interrogator_component(BLIP_VISION): blip_sha, interrogator_component(BLIP_DECODER): blip_sha,
                           interrogator_component(CLIP_IMAGE): clip_sha, interrogator_component(CLIP_TEXT): texts},
-             "caption_tokens": min(256, blip.config.text_config.max_position_embeddings)}
-    return clip_descriptors(blip, clip, clip_tokens(lines)), entry
+             "caption_tokens": min(CAPTION_LENGTH[1], blip.config.text_config.max_position_embeddings)}
+    return clip_descriptors(blip, clip, clip_tokens(lines, clip.context_length)), entry

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 import threading
 import types
 from collections import OrderedDict
@@ -34,7 +33,7 @@ from sdtrt.contract.spec import (FACE_DETECT_H, FACE_DETECT_SHORT_SIDE, FACE_DET
 from sdtrt.export.networks.checkpoint import file_sha256, folder_files, read_weights
 from sdtrt.export.networks.descriptors import Descriptor, OnePerCall
 from sdtrt.export.upscalers import UPSCALER_SUFFIXES, spandrel
-from sdtrt.pipeline.ksampling import standing_in, torchvision_stand_in
+from sdtrt.pipeline.ksampling import standing_in, torchvision_stand_in, unexecuted_package
 
 FACEXLIB, SPANDREL_EXTRA = "facexlib==0.3.0", "spandrel-extra-arches==0.2.0"  # (--no-deps, pyproject's no-deps)
 MAX_FACE_FILES = 8
@@ -122,10 +121,7 @@ def _facexlib_stand_ins() -> dict[str, types.ModuleType]:
 def facexlib_network(kind: str) -> nn.Module:
     """facexlib's RetinaFace (ResNet-50) or ParseNet, built as A1111's face helper builds them (not loaded)."""
     with _LOCK:
-        spec = importlib.util.find_spec("facexlib")
-        if spec is None:
-            raise UsageError(f"facexlib is not installed: scripts/setup.sh installs it (pip install --no-deps {FACEXLIB})")
-        sys.modules.setdefault("facexlib", importlib.util.module_from_spec(spec))  # a package, not executed
+        unexecuted_package("facexlib", FACEXLIB)
         with standing_in(_facexlib_stand_ins()):
             if kind == "detector":
                 return importlib.import_module("facexlib.detection.retinaface").RetinaFace(

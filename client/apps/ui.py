@@ -42,11 +42,13 @@ from sdtrt.client.apps.web_guard import header as _header
 from sdtrt.client.client import Client, JobControl, Progress, ServerError, ServerRefused
 from sdtrt.contract.errors import DiskFull, InvalidRequest, SdtrtError, echo
 from sdtrt.contract.outputs import disk_full_summary, save_png
+from sdtrt.contract.spec import CLIP_INTERROGATOR
 from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture, restrict_pillow
 from sdtrt.requests.fields import LABELS, tab_fields
 from sdtrt.requests.generation import Generation, settings_from_infotext
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
 from sdtrt.postprocessing.faces import ExtrasFaces, extras_faces
+from sdtrt.postprocessing.interrogate import DEEPBOORU
 from sdtrt.postprocessing.upscale import EXTRAS_UPSCALERS, ExtrasUpscale, ModelUpscalers, extras_upscale
 
 log = logging.getLogger("sdtrt.page")
@@ -247,7 +249,7 @@ class Tab:
         return [self.gallery, self.preview, self.progress, self.info, self.last_seeds, self.infotexts]
 
 
-INTERROGATE_BUTTONS = {"clip": "Interrogate CLIP", "deepdanbooru": "Interrogate DeepBooru"}  # A1111's img2img tab
+INTERROGATE_BUTTONS = {CLIP_INTERROGATOR: "Interrogate CLIP", DEEPBOORU: "Interrogate DeepBooru"}  # A1111's img2img
 
 
 def _interrogate_buttons(interrogators: tuple[str, ...]) -> dict[str, Any]:

@@ -70,6 +70,17 @@ def torchvision_stand_in(**names: Any) -> dict[str, types.ModuleType]:
             "torchvision.transforms.functional": functional}
 
 
+def unexecuted_package(module: str, install: str, name: str | None = None) -> None:
+    """``module`` in sys.modules as its package with its __init__ not run, so that its submodules import alone (a
+    library whose __init__ imports what sdtrt lacks: torchvision, trackers); UsageError saying how to install it
+    (``install``: pip's words) where it is missing."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise UsageError(f"{name or module} is not installed: scripts/setup.sh installs it (pip install --no-deps "
+                         f"{install})")
+    sys.modules.setdefault(module, importlib.util.module_from_spec(spec))
+
+
 @contextlib.contextmanager
 def standing_in(stand_ins: dict[str, types.ModuleType]) -> Iterator[None]:
     """``stand_ins`` in sys.modules while a library is imported (or builds what needs them), then gone again, so
@@ -87,11 +98,7 @@ def k_diffusion() -> tuple[types.ModuleType, types.ModuleType]:
     with _LOCK:
         if "k_diffusion.external" in sys.modules:
             return sys.modules["k_diffusion.sampling"], sys.modules["k_diffusion.external"]
-        spec = importlib.util.find_spec("k_diffusion")
-        if spec is None:
-            raise UsageError(f"k-diffusion is not installed: scripts/setup.sh installs it (pip install --no-deps "
-                             f"{K_DIFFUSION} torchdiffeq)")
-        sys.modules.setdefault("k_diffusion", importlib.util.module_from_spec(spec))  # a package, not executed
+        unexecuted_package("k_diffusion", f"{K_DIFFUSION} torchdiffeq", "k-diffusion")
         with standing_in(torchvision_stand_in()):
             sampling = importlib.import_module("k_diffusion.sampling")
             external = importlib.import_module("k_diffusion.external")
