@@ -304,7 +304,8 @@ class ModelSpec:
     vaes: dict[str, dict[str, Any]] = field(default_factory=dict)  # (VAE_NETWORKS)
     upscalers: dict[str, dict[str, Any]] = field(default_factory=dict)  # (upscaler_component)
     face_restorers: dict[str, dict[str, Any]] = field(default_factory=dict)  # (face_restorer_component)
-    interrogators: dict[str, dict[str, Any]] = field(default_factory=dict)  # by A1111 name (DeepBooru: its tags; clip: export/clip_interrogator.py)
+    # by A1111's name: DeepBooru's tags; the CLIP interrogator's words and category lines (export/clip_interrogator.py)
+    interrogators: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Live previews: (latent channels + 1) x 3, latents -> RGB in [0, 1], fitted to the VAE (sdtrt.contract.previews)
     latent_preview: list[list[float]] = field(default_factory=list)
     spec_version: int = SPEC_VERSION
