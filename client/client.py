@@ -25,6 +25,8 @@ from PIL import Image
 from sdtrt.contract.errors import InvalidRequest, SdtrtError
 from sdtrt.contract.spec import (
     DEFAULT_PORTS,
+    controlnet_image,
+    controlnet_mask,
     IMAGES,
     INFOTEXTS,
     IMG2IMG,
@@ -534,9 +536,10 @@ class Client:
         fix starts from this picture instead of drawing its first pass (A1111's)."""
         spec = self.model_spec(model)
         firstpass = settings.pop("firstpass_image", None)  # a picture beside the fields
+        controls = control_inputs(settings)
         request = self.request(prompt, model=spec.key, **settings)
         images = {} if firstpass is None else {FIRSTPASS_IMAGE: _array(firstpass, "RGB")}
-        return self._batches(TXT2IMG, spec, request, images, n_iter, progress, control)
+        return self._batches(TXT2IMG, spec, request, {**images, **controls}, n_iter, progress, control)
 
     def img2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1,
                 progress: Callable[[int, int], None] | None = None, model: str | None = None,
@@ -549,6 +552,7 @@ class Client:
         picture per init image (image i from init i, with seed + i)."""
         spec = self.model_spec(model)
         latent_mask = settings.pop("latent_mask", None)  # a picture beside the fields
+        controls = control_inputs(settings)
         request = self.request(prompt, Img2ImgRequest, model=spec.key, **settings)
         inits = list(init_image) if isinstance(init_image, (list, tuple)) else [init_image]
         if not inits or len(inits) > request.batch_size:
@@ -557,7 +561,7 @@ class Client:
                                  f"the batch, so at most {request.batch_size} here")
         if len(inits) > 1:
             request = replace(request, batch_size=len(inits))
-        pictures = [_pictures(init, mask, latent_mask) for init in inits]
+        pictures = [{**_pictures(init, mask, latent_mask), **controls} for init in inits]
         return self._batches(IMG2IMG, spec, request, pictures, n_iter, progress, control)
 
     async def atxt2img(self, prompt: str, n_iter: int = 1, model: str | None = None, **settings: Any) -> Generation:
@@ -565,8 +569,9 @@ class Client:
         await self._acatalog()
         spec = self.model_spec(model)
         firstpass = settings.pop("firstpass_image", None)  # a picture beside the fields
+        controls = control_inputs(settings)
         request = self.request(prompt, model=spec.key, **settings)
-        images = {} if firstpass is None else {FIRSTPASS_IMAGE: _array(firstpass, "RGB")}
+        images = {**({} if firstpass is None else {FIRSTPASS_IMAGE: _array(firstpass, "RGB")}), **controls}
         return concatenate([await self._agenerate(TXT2IMG, spec, r, images) for r in batch_count(request, n_iter)])
 
     async def aimg2img(self, prompt: str, init_image: Any, mask: Any = None, n_iter: int = 1, model: str | None = None,
@@ -574,8 +579,9 @@ class Client:
         await self._acatalog()
         spec = self.model_spec(model)
         latent_mask = settings.pop("latent_mask", None)  # a picture beside the fields
+        controls = control_inputs(settings)
         request = self.request(prompt, Img2ImgRequest, model=spec.key, **settings)
-        images = _pictures(init_image, mask, latent_mask)
+        images = {**_pictures(init_image, mask, latent_mask), **controls}
         return concatenate([await self._agenerate(IMG2IMG, spec, r, images) for r in batch_count(request, n_iter)])
 
     async def _acatalog(self) -> None:
@@ -600,6 +606,26 @@ def _array(picture: Any, mode: str) -> np.ndarray:
     if isinstance(picture, Image.Image):
         picture = picture.convert(mode)
     return np.asarray(picture)
+
+
+def control_inputs(settings: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``settings``' ControlNet units (``controlnet=``: a list of dicts of sd-webui-controlnet's unit settings, each
+    with its ``image`` and optional ``mask``, a PIL image or array) taken out: their settings become the
+    ``controlnet_units`` field, their pictures the job's inputs (returned by name)."""
+    units = settings.pop("controlnet", None)
+    if not units:
+        return {}
+    own, pictures = [], {}
+    for index, unit in enumerate(units):
+        unit = dict(unit)
+        image, mask = unit.pop("image", None), unit.pop("mask", None)
+        if image is not None:
+            pictures[controlnet_image(index)] = _array(image, "RGB")
+        if mask is not None:
+            pictures[controlnet_mask(index)] = _array(mask, "L")
+        own.append(unit)
+    settings["controlnet_units"] = json.dumps(own)
+    return pictures
 
 
 def _pictures(init_image: Any, mask: Any, latent_mask: Any = None) -> dict[str, np.ndarray]:

@@ -70,6 +70,8 @@ from sdtrt.export.hypertile import hypertile_descriptors
 from sdtrt.export.postprocessing import FOLDERS as POSTPROCESSING_FOLDERS
 from sdtrt.export.postprocessing import of_spec, read_postprocessing
 from sdtrt.export.vaes import fit_latent_preview, register_vaes
+from sdtrt.export.controlnets import register_controlnets
+from sdtrt.export.networks.controlnet import residual_dims, residual_specs
 from sdtrt.model_repository.build import write_model, write_networks, write_repository
 from sdtrt.model_repository.configs import ServingOptions
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_NETWORKS, lora_rank
@@ -160,7 +162,15 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: 
                       max_size=options.max_size, vae_scale_factor=factor, text_max_length=text_max_length,
                       max_chunks=options.max_chunks, max_lora_rank=options.max_lora_rank if slots else 0)
 
-    networks = descriptors(pipe, text_max_length, slots, options.tiling)
+    residuals = residual_specs(dict(pipe.unet.config)) if options.controlnet_dir is not None else ()
+    networks = descriptors(pipe, text_max_length, slots, options.tiling, residuals)
+    controlnets: dict = {}
+    if residuals:
+        unet = next(desc for desc in networks if desc.name == "unet")
+        controlnet_networks, controlnets = register_controlnets(pipe, unet, Path(options.controlnet_dir),
+                                                                options.allow_pickle, report)
+        networks += controlnet_networks
+        dims = {**dims, **residual_dims(dict(pipe.unet.config), dims)}
     hypertiled, hypertile_layers = hypertile_descriptors(pipe, networks) if options.hypertile else ([], [])
     networks += hypertiled
     vae_networks, vaes = register_vaes(pipe, Path(options.vae_dir), options.allow_pickle, report) \
@@ -174,7 +184,7 @@ def _export(model, repo: Path, key: str, inputs: str, source_sha: str, options: 
                       registered=post.registered())
     spec = post.applied(spec)
     extra = {**spec.extra, "export_key": inputs, "export_base": base, **({HYPERTILE: hypertile_layers} if hypertiled else {})}
-    spec = replace(spec, extra=extra, vaes=vaes, **registered)
+    spec = replace(spec, extra=extra, vaes=vaes, controlnets=controlnets, **registered)
     if options.engines is not None:
         spec = build_engines(repo, spec, options.engines, report, options.progress)
     write_model(repo, spec, options.served)

@@ -35,6 +35,7 @@ class ExportOptions:
     upscaler_dir: str | Path | None = None  # upscaler models for the hires fix and Extras (export/upscalers.py)
     face_restorer_dir: str | Path | None = None  # GFPGAN / CodeFormer and facexlib's detector, parser (export/faces.py)
     interrogator_dir: str | Path | None = None  # A1111's DeepBooru file, for /interrogate (export/interrogators.py)
+    controlnet_dir: str | Path | None = None  # ControlNets requests' units may select (export/controlnets.py)
     tiling: bool = False
     hypertile: bool = False
     allow_pickle: bool = False

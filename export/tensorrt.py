@@ -48,6 +48,7 @@ from sdtrt.contract.spec import (
     UNET_BATCH,
     ComponentSpec,
     ModelSpec,
+    dim_factor,
 )
 from sdtrt.pipeline.engines import gpu_name, require_tensorrt
 from sdtrt.requests.extra_networks import LORA_SUFFIX
@@ -99,6 +100,10 @@ def profile_shapes(spec: ModelSpec, component: ComponentSpec, options: EngineOpt
             if not lo <= value <= hi:
                 raise UsageError(f"--static-size {width}x{height} is outside the export's sizes ({spec.field('width').allowed()})")
             ranges[name] = (value, value, value)
+    for name in ranges:  # a scaled dim (ControlNet residuals) follows its latent dim's pinned range
+        base, factor = dim_factor(name)
+        if factor > 1:
+            ranges[name] = tuple(-(-v // factor) for v in ranges[base])
     if options.static_batch is not None:
         n = options.static_batch
         for name, (least, most) in STATIC_BATCH_ROWS.get(network_of(component.name), {}).items():

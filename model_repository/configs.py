@@ -41,10 +41,13 @@ from sdtrt.contract.spec import (
     WIRE_DTYPES,
     CPU_ENGINES,
     CPU_PRECISIONS,
+    MAX_CONTROLNET_UNITS,
     Catalog,
     ComponentSpec,
     ModelSpec,
     TensorSpec,
+    controlnet_image,
+    controlnet_mask,
 )
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest, job_fields
@@ -234,6 +237,10 @@ class Job:
 JOBS = {job.name: job for job in (Job(TXT2IMG, Txt2ImgRequest, (FIRSTPASS_IMAGE,)),
                                   Job(IMG2IMG, Img2ImgRequest, (INIT_IMAGE, MASK, LATENT_MASK)))}
 PICTURE_DIMS = {INIT_IMAGE: [-1, -1, 3], FIRSTPASS_IMAGE: [-1, -1, 3], MASK: [-1, -1], LATENT_MASK: [-1, -1]}
+# Every job's ControlNet units' pictures and masks (sdtrt.requests.controlnet): optional, one of each per unit
+CONTROL_PICTURES = tuple(name for unit in range(MAX_CONTROLNET_UNITS)
+                         for name in (controlnet_image(unit), controlnet_mask(unit)))
+PICTURE_DIMS.update({name: [-1, -1, 3] if name.startswith("controlnet_image") else [-1, -1] for name in CONTROL_PICTURES})
 
 
 def tokenizer_config(spec: ModelSpec) -> mc.ModelConfig:
@@ -263,7 +270,7 @@ def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelC
     for name in job_fields(job.request_type):
         _tensor(config.input, name, spec.field(name).dtype, [1])
         config.input[-1].optional = True
-    for picture in job.pictures:
+    for picture in job.pictures + CONTROL_PICTURES:
         _tensor(config.input, picture, "uint8", PICTURE_DIMS[picture])
         config.input[-1].optional = True  # checked by the model, which names it (Triton's own message would not)
     channels = spec.component("vae_decoder").outputs[0].shape[1]

@@ -113,6 +113,36 @@ def _backend_flag(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python", help=help)
 
 
+def _registered_folder_flags(p: argparse.ArgumentParser) -> None:
+    """The export's folders of models that requests pick by name, and the variants they run."""
+    p.add_argument("--vaes", type=Path, default=None, metavar="DIR",
+                   help="register every VAE in DIR (A1111's models/VAE: .safetensors, or .pt/.ckpt weights-only) for "
+                   "requests to pick by file name (A1111's 'SD VAE'); each adds its encoder and decoder")
+    p.add_argument("--upscalers", type=Path, default=None, metavar="DIR",
+                   help="register every upscaler model in DIR (A1111's models/ESRGAN: ESRGAN, Real-ESRGAN incl. "
+                   "compact, HAT; .safetensors, or .pth weights-only) under its file stem, for the hires fix's "
+                   "hr_upscaler and Extras")
+    p.add_argument("--face-restorers", type=Path, default=None, metavar="DIR",
+                   help="register the face restorers in DIR (A1111's models/GFPGAN and models/Codeformer: a GFPGAN "
+                   "and/or a CodeFormer file, with facexlib's detection_Resnet50_Final and parsing_parsenet beside "
+                   "them), for restore_faces and Extras")
+    p.add_argument("--controlnets", type=Path, default=None, metavar="DIR",
+                   help="register the ControlNets in DIR (A1111's single files such as control_v11p_sd15_canny.pth, "
+                        "diffusers folders), each selected by a request's ControlNet unit under its file name; the "
+                        "U-Net then takes their residuals")
+    p.add_argument("--interrogators", type=Path, default=None, metavar="DIR",
+                   help="register the interrogators in DIR, for /sdapi/v1/interrogate and Loopback: DeepBooru "
+                   "(A1111's model-resnet_custom_v3.pt, read weights-only) and/or the CLIP interrogator (BLIP's "
+                   "model_base_caption_capfilt_large.pth with bert-base-uncased's vocab.txt, openai's ViT-L-14.pt "
+                   "(TorchScript: needs --allow-pickle), and A1111's category lists in DIR/interrogate/*.txt)")
+    p.add_argument("--tiling", action="store_true",
+                   help="also export the U-Net and VAE with circular padding, for requests with tiling (A1111's "
+                   "seamless 'Tiling'); adds their size to the export")
+    p.add_argument("--hypertile", action="store_true",
+                   help="also export the U-Net and VAE decoder whose attention layers take A1111's Hypertile tiles, "
+                   "for requests with hypertile_enable_unet / hypertile_enable_vae (onnxruntime only); adds their size")
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX and write the model spec",
                        description="Export the text encoder, U-Net and VAE encoder and decoder of a Stable Diffusion "
@@ -146,28 +176,7 @@ def _add_export(sub) -> None:
     p.add_argument("--vae", type=Path, default=None, metavar="FILE",
                    help="a VAE .safetensors to use in place of the checkpoint's (e.g. vae-ft-mse-840000-ema-pruned); "
                    "the infotext names it as A1111 does")
-    p.add_argument("--vaes", type=Path, default=None, metavar="DIR",
-                   help="register every VAE in DIR (A1111's models/VAE: .safetensors, or .pt/.ckpt weights-only) for "
-                   "requests to pick by file name (A1111's 'SD VAE'); each adds its encoder and decoder")
-    p.add_argument("--upscalers", type=Path, default=None, metavar="DIR",
-                   help="register every upscaler model in DIR (A1111's models/ESRGAN: ESRGAN, Real-ESRGAN incl. "
-                   "compact, HAT; .safetensors, or .pth weights-only) under its file stem, for the hires fix's "
-                   "hr_upscaler and Extras")
-    p.add_argument("--face-restorers", type=Path, default=None, metavar="DIR",
-                   help="register the face restorers in DIR (A1111's models/GFPGAN and models/Codeformer: a GFPGAN "
-                   "and/or a CodeFormer file, with facexlib's detection_Resnet50_Final and parsing_parsenet beside "
-                   "them), for restore_faces and Extras")
-    p.add_argument("--interrogators", type=Path, default=None, metavar="DIR",
-                   help="register the interrogators in DIR, for /sdapi/v1/interrogate and Loopback: DeepBooru "
-                   "(A1111's model-resnet_custom_v3.pt, read weights-only) and/or the CLIP interrogator (BLIP's "
-                   "model_base_caption_capfilt_large.pth with bert-base-uncased's vocab.txt, openai's ViT-L-14.pt "
-                   "(TorchScript: needs --allow-pickle), and A1111's category lists in DIR/interrogate/*.txt)")
-    p.add_argument("--tiling", action="store_true",
-                   help="also export the U-Net and VAE with circular padding, for requests with tiling (A1111's "
-                   "seamless 'Tiling'); adds their size to the export")
-    p.add_argument("--hypertile", action="store_true",
-                   help="also export the U-Net and VAE decoder whose attention layers take A1111's Hypertile tiles, "
-                   "for requests with hypertile_enable_unet / hypertile_enable_vae (onnxruntime only); adds their size")
+    _registered_folder_flags(p)
     limits = p.add_argument_group("what a request may ask for (recorded in the spec)")
     limits.add_argument("--max-batch", type=int, default=ExportLimits.max_batch, help="most images per request")
     limits.add_argument("--min-size", type=int, default=ExportLimits.min_size, help="smallest width/height in pixels")
@@ -421,6 +430,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         embedding_dir=args.embeddings, max_lora_rank=args.max_lora_rank, vae=args.vae, vae_dir=args.vaes,
         upscaler_dir=args.upscalers, face_restorer_dir=args.face_restorers, tiling=args.tiling,
         interrogator_dir=args.interrogators,
+        controlnet_dir=args.controlnets,
         hypertile=args.hypertile,
         allow_pickle=args.allow_pickle,
         prediction_type=args.prediction_type, max_batch=args.max_batch, min_size=args.min_size,

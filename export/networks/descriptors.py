@@ -28,6 +28,7 @@ from sdtrt.contract.spec import (  # noqa: F401  (the dim names are re-exported 
     UNET_BATCH,
     DimRange,
     TensorSpec,
+    dim_factor,
 )
 from sdtrt.export.networks.lora import WithLoraSlots, slot_width
 from sdtrt.pipeline.conditioning import CONTEXT_INPUT, POOLED_INPUT, POOLED_OUTPUT, TEXT_OUTPUT, TIME_IDS
@@ -145,15 +146,20 @@ class DualTextEncoder(torch.nn.Module):
 
 
 class UNet(torch.nn.Module):
-    """The U-Net; SDXL's also takes its added conditions (pooled text embedding, size/crop time ids)."""
+    """The U-Net; SDXL's also takes its added conditions (pooled text embedding, size/crop time ids); with
+    ControlNets, their residuals (``residuals`` of them: the skip connections', then the middle block's)."""
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, added: int = 0, residuals: int = 0):
         super().__init__()
-        self.unet = unet
+        self.unet, self.added, self.residuals = unet, added, residuals
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *added: torch.Tensor) -> torch.Tensor:
+                *rest: torch.Tensor) -> torch.Tensor:
+        added, residuals = rest[:self.added], rest[self.added:self.added + self.residuals]
         extra = {"added_cond_kwargs": dict(zip(ADDED_CONDITIONS, added))} if added else {}
+        if residuals:
+            extra.update(down_block_additional_residuals=tuple(residuals[:-1]),
+                         mid_block_additional_residual=residuals[-1])
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **extra)[0]
 
 
@@ -237,12 +243,13 @@ def align_your_steps_levels(pipe) -> list[float]:
     return list(ALIGN_YOUR_STEPS["sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"])
 
 
-def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None, tiling: bool = False) -> list[Descriptor]:
+def descriptors(pipe, text_max_length: int, lora_slots: dict | None = None, tiling: bool = False,
+                residuals: tuple[TensorSpec, ...] = ()) -> list[Descriptor]:
     """The networks of a Stable Diffusion pipeline (SD 1.x/2.x, or SDXL with its second text encoder and the U-Net's
     added conditions), in pipeline order; with ``tiling``, also the tiling variants of the U-Net and VAE; with
     ``lora_slots`` (network -> its slots, ``sdtrt.export.networks.lora``), also the LoRA variants of those networks (and of
-    their tiling variants)."""
-    plain = [text_encoder_descriptor(pipe, text_max_length), unet_descriptor(pipe, text_max_length),
+    their tiling variants); with ControlNets' ``residuals``, every U-Net variant takes them."""
+    plain = [text_encoder_descriptor(pipe, text_max_length), unet_descriptor(pipe, text_max_length, residuals),
              vae_decoder_descriptor(pipe), vae_encoder_descriptor(pipe)]
     tiled = [with_tiling(desc) for desc in plain if tiling and desc.name in TILING_NETWORKS]
     lora = [with_lora(desc, getattr(pipe, network), lora_slots[network])
@@ -293,9 +300,9 @@ def text_encoder_descriptor(pipe, text_max_length: int) -> Descriptor:
     )
 
 
-def unet_descriptor(pipe, text_max_length: int) -> Descriptor:
-    """The U-Net: latents, timestep and context in (SDXL: also the pooled text and the time ids), the noise
-    prediction out."""
+def unet_descriptor(pipe, text_max_length: int, residuals: tuple[TensorSpec, ...] = ()) -> Descriptor:
+    """The U-Net: latents, timestep and context in (SDXL: also the pooled text and the time ids; with ControlNets,
+    their ``residuals``), the noise prediction out."""
     latent_channels = pipe.vae.config.latent_channels
     unet_channels = pipe.unet.config.in_channels  # 9 for inpainting U-Nets: latents + mask + masked-image latents
     cross = pipe.unet.config.cross_attention_dim
@@ -304,26 +311,30 @@ def unet_descriptor(pipe, text_max_length: int) -> Descriptor:
     pooled = int(second.config.projection_dim) if second is not None else 0
 
     def make_inputs(d: dict[str, int]) -> tuple[torch.Tensor, ...]:
-        n = d[UNET_BATCH]
+        n, h, w = d[UNET_BATCH], d[LATENT_H], d[LATENT_W]
         plain = (
-            torch.randn(n, unet_channels, d[LATENT_H], d[LATENT_W]),
+            torch.randn(n, unet_channels, h, w),
             torch.rand(n) * 999.0,
             torch.randn(n, d[CONTEXT], cross),
         )
-        if not added:
-            return plain
-        return (*plain, torch.randn(n, pooled), torch.randint(0, 1024, (n, 6)).float())
+        if added:
+            plain += (torch.randn(n, pooled), torch.randint(0, 1024, (n, 6)).float())
+        # each residual as small as its level's latents: LATENT_H/f rounded up (the downsamplers' sizes)
+        return plain + tuple(torch.randn(n, r.shape[1], *(-(-size // dim_factor(str(d_))[1])
+                                                          for size, d_ in zip((h, w), r.shape[2:]))) * 0.1
+                             for r in residuals)
 
     added_inputs = (TensorSpec(POOLED_INPUT, "float32", (UNET_BATCH, pooled)),
                     TensorSpec(TIME_IDS, "float32", (UNET_BATCH, 6))) if added else ()
     return Descriptor(
         name="unet",
-        module=UNet(pipe.unet),
+        module=UNet(pipe.unet, len(added_inputs), len(residuals)),
         inputs=(
             TensorSpec("sample", "float32", (UNET_BATCH, unet_channels, LATENT_H, LATENT_W)),
             TensorSpec("timestep", "float32", (UNET_BATCH,)),
             TensorSpec(CONTEXT_INPUT, "float32", (UNET_BATCH, CONTEXT, cross)),
             *added_inputs,
+            *residuals,
         ),
         outputs=(TensorSpec("noise_pred", "float32", (UNET_BATCH, latent_channels, LATENT_H, LATENT_W)),),
         make_inputs=make_inputs,

@@ -140,6 +140,43 @@ def open_clip_to_ldm(state: dict[str, Any], layers: int, prefix: str = OPEN_CLIP
     return {prefix + key: value for key, value in out.items()}
 
 
+def controlnet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers ControlNet's weights in the original layout (``input_blocks``, ``zero_convs``,
+    ``input_hint_block``, ``middle_block_out``), as lllyasviel's files have them."""
+    encoder = {k: v for k, v in state.items() if not k.startswith(("controlnet_", "mid_block"))}
+    levels = len(config["block_out_channels"])
+    # the U-Net's own mapping for the encoder half; its decoder and output layers are absent here
+    placed: dict[str, Any] = {}
+    _move(placed, encoder, "conv_in", "input_blocks.0.0")
+    _move(placed, encoder, "time_embedding.linear_1", "time_embed.0")
+    _move(placed, encoder, "time_embedding.linear_2", "time_embed.2")
+    _move(placed, encoder, "add_embedding.linear_1", "label_emb.0.0")
+    _move(placed, encoder, "add_embedding.linear_2", "label_emb.0.2")
+    block = 1
+    for i in range(levels):
+        for j in range(config["layers_per_block"]):
+            _move(placed, encoder, f"down_blocks.{i}.resnets.{j}", f"input_blocks.{block}.0", _RESNET)
+            _move(placed, encoder, f"down_blocks.{i}.attentions.{j}", f"input_blocks.{block}.1")
+            block += 1
+        if i < levels - 1:
+            _move(placed, encoder, f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{block}.0.op")
+            block += 1
+    _move(placed, state, "mid_block.resnets.0", "middle_block.0", _RESNET)
+    _move(placed, state, "mid_block.attentions.0", "middle_block.1")
+    _move(placed, state, "mid_block.resnets.1", "middle_block.2", _RESNET)
+    for i in range(block):
+        _move(placed, state, f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0")
+    _move(placed, state, "controlnet_mid_block", "middle_block_out.0")
+    hint = ["controlnet_cond_embedding.conv_in"]
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
+    hint += [f"controlnet_cond_embedding.blocks.{i}" for i in blocks] + ["controlnet_cond_embedding.conv_out"]
+    for index, name in enumerate(hint):  # (LDM's Sequential has a SiLU between the convolutions)
+        _move(placed, state, name, f"input_hint_block.{2 * index}")
+    if len(placed) != len(state):
+        raise ValueError(f"{len(state) - len(placed)} ControlNet weights have no place in the original layout")
+    return placed
+
+
 def to_single_file(model_dir: str | Path, out: str | Path, dtype: str = "float32", open_clip: bool = False) -> Path:
     """Write a diffusers Stable Diffusion folder as one original-layout ``.safetensors`` (``dtype``: float32 or
     float16); ``open_clip`` writes the text encoder in SD 2.x's OpenCLIP layout."""

@@ -110,7 +110,7 @@ def detect(weights: Weights, prediction_type: str | None = None) -> Architecture
         family, text = arch.SD2, _open_clip_config(weights, OPEN_CLIP, arch.SD2)
     else:
         raise UsageError(f"{name}: no text encoder this sdtrt knows (SD 1.x CLIP or SD 2.x OpenCLIP)")
-    unet = _unet_config(weights, family, extra.get("text_encoder_2", {}).get("projection_dim"))
+    unet = ldm_unet_config(weights, family, extra.get("text_encoder_2", {}).get("projection_dim"))
     vae = _vae_config(weights, family)
     prediction = prediction_type or family.prediction_type
     unet.update(family.unet_for(prediction))
@@ -119,11 +119,12 @@ def detect(weights: Weights, prediction_type: str | None = None) -> Architecture
                          "scheduler": {**family.scheduler, "prediction_type": prediction}})
 
 
-def _unet_config(w: Weights, family: arch.Family, pooled: int | None = None) -> dict[str, Any]:
-    channels, in_channels = w.shape(UNET + "input_blocks.0.0.weight")[:2]
+def ldm_unet_config(w: Weights, family: arch.Family, pooled: int | None = None, prefix: str = UNET) -> dict[str, Any]:
+    """A U-Net's diffusers config from its LDM keys under ``prefix`` (a ControlNet's: its encoder half, no prefix)."""
+    channels, in_channels = w.shape(prefix + "input_blocks.0.0.weight")[:2]
     levels: list[dict[str, Any]] = [{"resnets": 0, "channels": channels, "attention": False, "depth": 1}]
-    for i in range(1, w.count(re.escape(UNET) + r"input_blocks\.(\d+)\.") + 1):
-        block = f"{UNET}input_blocks.{i}."
+    for i in range(1, w.count(re.escape(prefix) + r"input_blocks\.(\d+)\.") + 1):
+        block = f"{prefix}input_blocks.{i}."
         if w.has(block + "0.op.weight"):
             levels.append({"resnets": 0, "channels": channels, "attention": False, "depth": 1})
         elif w.has(block + "0.out_layers.3.weight"):
@@ -135,15 +136,15 @@ def _unet_config(w: Weights, family: arch.Family, pooled: int | None = None) -> 
     per_level = {level["resnets"] for level in levels}
     if len(per_level) != 1:
         raise UsageError(f"{w.path.name}: U-Net levels with {sorted(per_level)} blocks each; not an SD 1.x/2.x U-Net")
-    attn_k = next((shape for key, shape in w.shapes.items() if key.startswith(UNET) and key.endswith("attn2.to_k.weight")),
+    attn_k = next((shape for key, shape in w.shapes.items() if key.startswith(prefix) and key.endswith("attn2.to_k.weight")),
                    None)
-    proj_in = next((shape for key, shape in w.shapes.items() if key.startswith(UNET) and key.endswith("proj_in.weight")),
+    proj_in = next((shape for key, shape in w.shapes.items() if key.startswith(prefix) and key.endswith("proj_in.weight")),
                    None)
     block_out = [level["channels"] for level in levels]
     return {
         "sample_size": family.sample_size,
         "in_channels": in_channels,
-        "out_channels": w.shape(UNET + "out.2.weight")[0],
+        "out_channels": (w.shape(prefix + "out.2.weight") or (in_channels,))[0],
         "block_out_channels": block_out,
         "layers_per_block": per_level.pop(),
         "down_block_types": ["CrossAttnDownBlock2D" if lv["attention"] else "DownBlock2D" for lv in levels],
@@ -151,16 +152,17 @@ def _unet_config(w: Weights, family: arch.Family, pooled: int | None = None) -> 
         "cross_attention_dim": attn_k[1] if attn_k else 768,
         "use_linear_projection": proj_in is not None and len(proj_in) == 2,
         "attention_head_dim": family.unet_heads(block_out),
-        **_added_conditions(w, levels, pooled),
+        **_added_conditions(w, levels, pooled, prefix),
     }
 
 
-def _added_conditions(w: Weights, levels: list[dict[str, Any]], pooled: int | None) -> dict[str, Any]:
+def _added_conditions(w: Weights, levels: list[dict[str, Any]], pooled: int | None, prefix: str = UNET
+                      ) -> dict[str, Any]:
     """SDXL's U-Net: transformer depth per level, and the embedding of its added conditions (the pooled text
     embedding and 6 time ids, each embedded ``addition_time_embed_dim`` wide) read from ``label_emb``'s width."""
     if pooled is None:
         return {}
-    added = w.shape(UNET + "label_emb.0.0.weight")[1]
+    added = w.shape(prefix + "label_emb.0.0.weight")[1]
     return {
         "transformer_layers_per_block": [level["depth"] for level in levels],
         "addition_embed_type": "text_time",

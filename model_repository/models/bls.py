@@ -200,8 +200,13 @@ class BlsNetworks:
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
         name = unet_network(context)
-        outputs = self._network(name, (sample, timestep, *unet_inputs(self.spec, context)), self.device)
+        outputs = self._network(name, (sample, timestep, *unet_inputs(self.spec, context, sample)), self.device)
         return outputs[self.spec.component(name).outputs[0].name]
+
+    def controlnet(self, network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One ControlNet's residuals for the U-Net call's rows (``inputs`` by the network's input names)."""
+        component = self.spec.component(network)
+        return self._call(component, tuple(inputs[t.name] for t in component.inputs), self.device)
 
     def _single(self, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A one-input, one-output network's answer (the VAE's), by the spec's tensor names."""

@@ -31,7 +31,7 @@ from sdtrt.contract.spec import (
     ModelSpec,
     load_catalog,
 )
-from sdtrt.model_repository.configs import LOOPS_PARAMETER, engine_batching
+from sdtrt.model_repository.configs import CONTROL_PICTURES, LOOPS_PARAMETER, engine_batching
 from sdtrt.model_repository.models.bls import BlsNetworks, exec_within
 from sdtrt.model_repository.models.metrics import Metrics
 from sdtrt.model_repository.models.step_batcher import StepBatcher
@@ -196,7 +196,9 @@ class JobModel(PerRequestModel):
         self.current.preview = spec.latent_preview
         values = {name: scalar(request, name) for name in self.fields}
         pictures = {name: optional_input(request, name) for name in self.job.pictures}
-        plan = plan_request(self.job.request_type(**values), spec, **pictures, others=self.catalog.get)
+        controls = {name: optional_input(request, name) for name in CONTROL_PICTURES}
+        plan = plan_request(self.job.request_type(**values), spec, **pictures, others=self.catalog.get,
+                            control_pictures=controls)
         self.current.labels = {"model": spec.key, "sampler": plan.request.sampler}
         return plan
 

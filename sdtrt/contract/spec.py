@@ -18,7 +18,7 @@ from sdtrt.contract.errors import InvalidRequest, UsageError
 from sdtrt.contract.files import write_atomic
 
 SPEC_FILENAME = "sdtrt_spec.json"  # at a repository's root: every model's spec, and which one is the default
-SPEC_VERSION = 23  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
+SPEC_VERSION = 24  # 2: per-request ceilings, the sampler x schedule table; 3: several models per repository;
 # 4: LoRAs and embeddings per request (the text encoder takes embedding vectors); 5: randn_source (A1111's NV noise), seed_resize_from_w/h;
 # 6: every A1111 schedule type in the sampler x schedule table, the family's Align Your Steps levels; inpainting_fill;
 # 7: guidance_rescale (diffusers' CFG rescale)
@@ -41,6 +41,8 @@ SPEC_VERSION = 23  # 2: per-request ceilings, the sampler x schedule table; 3: s
 # 22: SwinIR and DAT upscalers (an upscaler's tiling; the single dim, face_batch before; swinir_tile, dat_tile, ...);
 # Hypertile (the _hypertile variants, their layers in the extra; the hypertile_* fields); interrogators (DeepBooru)
 # 23: the CLIP interrogator (BLIP and CLIP networks, the caption and CLIP-text dims); export/networks/ (module paths)
+# 24: ControlNet (controlnets, their networks, the U-Net's residual inputs and their scaled latent dims;
+# controlnet_units and the units' pictures)
 
 # A1111's "Tiling" pads every convolution of the U-Net and the VAE circularly, so the picture wraps at its edges:
 # an export with --tiling adds these networks' variants, named <network><TILING_SUFFIX>, which a tiling request runs.
@@ -103,6 +105,59 @@ CLIP_TEXTS_A_CALL = 128
 
 def face_restorer_component(slug: str) -> str:
     return f"face_restorer_{slug}"
+
+
+# ControlNet (A1111's sd-webui-controlnet): an export with --controlnets DIR adds each ControlNet as a network named
+# controlnet_<its slug> (ModelSpec.controlnets: A1111's model name -> file, hashes, slug). It takes the U-Net's
+# inputs, the unit's control picture (CONTROL_HINT, [rows, 3, H, W] in [0, 1]) and a scale per row and residual
+# (CONTROL_SCALES: the unit's weight, control mode and guidance folded in), and gives the residuals the U-Net adds to
+# its skip connections and its middle block. With ControlNets every U-Net variant takes those residuals as inputs
+# (zeros when no unit is active at a step), so that one U-Net serves requests with and without units.
+def controlnet_component(slug: str) -> str:
+    return f"controlnet_{slug}"
+
+
+CONTROL_HINT = "controlnet_cond"
+CONTROL_SCALES = "control_scales"
+MID_RESIDUAL = "mid_block_residual"
+
+
+def down_residual(index: int) -> str:
+    return f"down_block_residual_{index}"
+
+
+def is_residual(name: str) -> bool:
+    """Whether a U-Net input is a ControlNet residual."""
+    return name == MID_RESIDUAL or name.startswith("down_block_residual_")
+
+
+def controlnet_image(unit: int) -> str:
+    """The job input carrying the ``unit``-th ControlNet unit's picture ([H, W, 3] uint8)."""
+    return f"controlnet_image_{unit}"
+
+
+def controlnet_mask(unit: int) -> str:
+    """... and its mask ([H, W] uint8, white = the area the unit's inpaint preprocessors repaint)."""
+    return f"controlnet_mask_{unit}"
+
+
+MAX_CONTROLNET_UNITS = 3  # A1111's control_net_unit_count default: the units one request may enable
+
+
+def scaled_dim(dim: str, factor: int) -> str:
+    """A dim ``factor`` times smaller than ``dim``, rounded up (a stride-2 convolution's output, repeated): the
+    U-Net's lower levels, where the ControlNet residuals of those levels live."""
+    return f"{dim}/{factor}"
+
+
+def dim_factor(name: str) -> tuple[str, int]:
+    """(the dim a scaled dim follows, its factor); (name, 1) for a dim of its own."""
+    base, _, factor = name.partition("/")
+    return base, int(factor) if factor else 1
+
+
+def scaled_range(base: "DimRange", factor: int) -> "DimRange":
+    return DimRange(-(-base.min // factor), -(-base.opt // factor), -(-base.max // factor))
 
 # Spec dtypes (numpy names, plus "string") -> Triton wire datatypes. Configs, clients and tests all map through this.
 WIRE_DTYPES = {"string": "BYTES", "bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64",
@@ -304,6 +359,7 @@ class ModelSpec:
     vaes: dict[str, dict[str, Any]] = field(default_factory=dict)  # (VAE_NETWORKS)
     upscalers: dict[str, dict[str, Any]] = field(default_factory=dict)  # (upscaler_component)
     face_restorers: dict[str, dict[str, Any]] = field(default_factory=dict)  # (face_restorer_component)
+    controlnets: dict[str, dict[str, Any]] = field(default_factory=dict)  # (controlnet_component)
     # by A1111's name: DeepBooru's tags; the CLIP interrogator's words and category lines (export/clip_interrogator.py)
     interrogators: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Live previews: (latent channels + 1) x 3, latents -> RGB in [0, 1], fitted to the VAE (sdtrt.contract.previews)
@@ -333,6 +389,15 @@ class ModelSpec:
     def max_chunks(self) -> int:
         """Longest prompt, in 75-token chunks: the U-Net's context length range allows this many."""
         return self.dims[CONTEXT].max // self.text_max_length
+
+    def controlnet(self, name: str) -> dict[str, Any]:
+        """A registered ControlNet by A1111's model name: "stem [hash]" or the stem alone (as the extension takes it)."""
+        stem = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", name)
+        for entry in self.controlnets.values():
+            if name in (entry["title"], entry["name"]) or stem == entry["name"]:
+                return entry
+        allowed = ", ".join(repr(e["title"]) for e in self.controlnets.values()) or "none: export with --controlnets DIR"
+        raise InvalidRequest("controlnet model", name, f"one of this model's ControlNets: {allowed}")
 
     def smallest_shape(self, tensor: TensorSpec) -> list[int]:
         """A tensor's shape at the smallest size every dynamic dim allows (warm-ups, the watchdog's probes)."""

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sdtrt.contract.spec import HYPERTILE_INPUT, HYPERTILE_SUFFIX, ModelSpec
+from sdtrt.contract.spec import (CONTROL_HINT, CONTROL_SCALES, HYPERTILE_INPUT, HYPERTILE_SUFFIX, ModelSpec, TensorSpec,
+                                 dim_factor, is_residual)
+from sdtrt.requests.controlnet import control_hint
 from sdtrt.requests.plan import PromptSchedule
 from sdtrt.requests.prompts import CHUNK_TOKENS, apply_weights, text_chunks
 
@@ -22,6 +24,7 @@ POOLED_OUTPUT = "pooled_embeddings"  # the text encoder's pooled output (SDXL)
 POOLED_INPUT = "text_embeds"  # ... as the U-Net takes it
 TIME_IDS = "time_ids"
 TEXT_LENGTH = "text_length"  # each row's own context length (its text's chunks x 77): not a U-Net input
+COND_MARK = "cond_mark"  # each row's kind: 0 for the uncond's, 1 for a cond's (ControlNet's CFG injection): not one
 
 Conditioning = dict[str, torch.Tensor]
 
@@ -121,6 +124,7 @@ def unet_conditioning(spec: ModelSpec, uncond: Conditioning, conds: tuple[Condit
     time ids with the crop's (top, left) as A1111's sdxl_crop_top / sdxl_crop_left give them."""
     rows = {name: torch.cat(([uncond[name]] * images if with_uncond else []) + [c[name] for c in conds for _ in range(images)])
             for name in conds[0]}
+    rows[COND_MARK] = torch.tensor([0.0] * images * with_uncond + [1.0] * images * len(conds))
     names = {t.name for t in spec.component("unet").inputs}
     if TIME_IDS in names:
         (width, height), (top, left) = size, crop
@@ -134,6 +138,74 @@ def unet_network(conditioning: Conditioning) -> str:
     return "unet" + HYPERTILE_SUFFIX if HYPERTILE_INPUT in conditioning else "unet"
 
 
-def unet_inputs(spec: ModelSpec, conditioning: Conditioning) -> tuple[torch.Tensor, ...]:
-    """The conditioning in the order of the U-Net's inputs after the sample and the timestep."""
-    return tuple(conditioning[t.name] for t in spec.component(unet_network(conditioning)).inputs[2:])
+def unet_inputs(spec: ModelSpec, conditioning: Conditioning, sample: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The conditioning in the order of the U-Net's inputs after the sample and the timestep; a U-Net exported with
+    ControlNets takes their residuals, zeros when no unit is active (``sdtrt.pipeline.control``)."""
+    inputs = []
+    for t in spec.component(unet_network(conditioning)).inputs[2:]:
+        value = conditioning.get(t.name)
+        if value is None and is_residual(t.name):
+            value = zero_residual(t, sample)
+        inputs.append(value if value is not None else conditioning[t.name])
+    return tuple(inputs)
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}  # (shape, device) -> zeros: read only, by every call that has no unit
+
+
+def zero_residual(tensor: TensorSpec, sample: torch.Tensor) -> torch.Tensor:
+    """A residual of zeros for ``sample``'s rows and size (its level's size: the latents' over its dims' factor)."""
+    rows, (h, w) = sample.shape[0], sample.shape[2:]
+    shape = (rows, int(tensor.shape[1]), *(-(-size // dim_factor(str(dim))[1]) for size, dim in zip((h, w), tensor.shape[2:])))
+    key = (shape, sample.device)
+    if key not in _ZEROS:
+        if len(_ZEROS) > 64:  # (a server sees a bounded set of sizes; an unbounded one is not kept)
+            _ZEROS.clear()
+        _ZEROS[key] = torch.zeros(shape, dtype=torch.float32, device=sample.device)
+    return _ZEROS[key]
+
+
+class ControlledUNet:
+    """The U-Net steered by a request's ControlNet units (sdtrt.requests.controlnet): each call runs the units
+    whose guidance window holds the pass's current step, each ControlNet on the call's own rows (the U-Net's input
+    latents, timestep and conditioning, the unit's control map at the pass's size), and gives the U-Net the sum of
+    their residuals, each scaled by the unit's weight and control mode; a call with no active unit runs the U-Net
+    alone (its residual inputs zeros: ``unet_inputs``). ``steps``: the pass's steps; ``steered`` wraps the pass's
+    conditioning so that each step's is asked for with its step number, which the windows follow."""
+
+    def __init__(self, unet, nets, spec: ModelSpec, units: tuple, size: tuple[int, int], steps: int):
+        self.unet, self.nets, self.spec, self.units, self.steps = unet, nets, spec, units, steps
+        self.step = 0
+        width, height = size
+        self.hints = [torch.from_numpy(control_hint(unit, width, height))[None].to(nets.device) for unit in units]
+
+    def steered(self, context):
+        """The pass's conditioning (a callable of the step), noting each step it is asked for."""
+        def at(step: int) -> Conditioning:
+            self.step = step
+            return context(step)
+
+        return at
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
+        active = [(unit, hint) for unit, hint in zip(self.units, self.hints) if unit.active(self.step, self.steps)]
+        if not active:
+            return self.unet(sample, timestep, context)
+        summed: dict[str, torch.Tensor] = {}
+        for unit, hint in active:
+            outputs = self.nets.controlnet(unit.network, self._inputs(unit, hint, sample, timestep, context))
+            for name, value in outputs.items():
+                summed[name] = summed[name] + value if name in summed else value
+        return self.unet(sample, timestep, {**context, **summed})
+
+    def _inputs(self, unit, hint: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor,
+                context: Conditioning) -> dict[str, torch.Tensor]:
+        component = self.spec.component(unit.network)
+        channels = int(component.inputs[0].shape[1])  # (an inpainting U-Net's extra channels are not the ControlNet's)
+        residuals = len(component.outputs)
+        rows = sample.shape[0]
+        scales = torch.tensor(unit.scales(residuals), dtype=torch.float32, device=sample.device).repeat(rows, 1)
+        if not unit.uncond_too:  # the uncond rows get none of this unit (its CFG injection)
+            scales = scales * context[COND_MARK].to(sample.device)[:, None]
+        return {**context, component.inputs[0].name: sample[:, :channels], component.inputs[1].name: timestep,
+                CONTROL_HINT: hint.expand(rows, -1, -1, -1), CONTROL_SCALES: scales}

@@ -26,8 +26,8 @@ from sdtrt.contract.samplers import (SamplerSettings, make_scheduler, resolve, r
                                     runs_on_k_diffusion)
 from sdtrt.contract.seeds import NoiseDraw, image_seeds, initial_noise, make_generators
 from sdtrt.contract.spec import ModelSpec
-from sdtrt.pipeline.conditioning import (CONTEXT_INPUT, TEXT_LENGTH, Conditioning, ScheduledConditioning,
-                                         scheduled_conditioning, unet_conditioning)
+from sdtrt.pipeline.conditioning import (CONTEXT_INPUT, TEXT_LENGTH, Conditioning, ControlledUNet,
+                                         ScheduledConditioning, scheduled_conditioning, unet_conditioning)
 from sdtrt.pipeline.denoise import Guidance, Inpainting, Pass, UNet, denoise, prepare_latents, strength_timesteps
 from sdtrt.pipeline.ksampling import KSchedule, NvStepNoise
 from sdtrt.pipeline.soft_inpainting import SoftInpainting
@@ -64,6 +64,9 @@ class Networks(Protocol):
     def encode_texts(self, texts: TextPair, clip_skip: int, clip_l_skip: bool = False
                      ) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) of a plan's text pair: its negative prompt's pieces and its prompt's."""
+
+    def controlnet(self, network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A registered ControlNet's residuals (the spec's ``controlnets``), its inputs by name."""
 
 
 def _no_stage(name: str) -> ContextManager:
@@ -203,10 +206,25 @@ class TextLengths:
         return out
 
 
-def model_unet(plan: Plan, nets: Networks) -> UNet:
-    """A model's U-Net as the request takes its texts: padded to one length, or each at its own."""
+def model_unet(plan: Plan, nets: Networks, control: ControlledUNet | None = None) -> UNet:
+    """A model's U-Net as the request takes its texts: padded to one length, or each at its own; steered by the
+    request's ControlNet units where it has some (``control``)."""
     padded = plan.request.pad_conds and not plan.request.pad_conds_v0  # (v0's lengths: A1111 tries it first)
-    return nets.unet if padded else TextLengths(nets.unet)
+    unet = nets.unet if control is None else control
+    return unet if padded else TextLengths(unet)
+
+
+def _control(plan: Plan, nets: Networks, size: tuple[int, int], run: Pass,
+             context: Callable[[int], Conditioning]) -> tuple[ControlledUNet | None, Callable[[int], Conditioning]]:
+    """The pass's ControlNet units around the model's U-Net (None without units), and its conditioning noting the
+    steps they follow; the pass's steps are its sampler's (a k-diffusion sampler's launch steps, else the
+    scheduler's timesteps it runs)."""
+    if not plan.controls:
+        return None, context
+    steps = getattr(run.scheduler, "launch_steps", None) or len(run.scheduler.timesteps if run.timesteps is None
+                                                                 else run.timesteps)
+    control = ControlledUNet(nets.unet, nets, plan.spec, plan.controls, size, steps)
+    return control, control.steered(context)
 
 
 def _with_refiner(plan: Plan, takeover: Takeover, first_pass: bool, unet: UNet,
@@ -321,7 +339,8 @@ def txt2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     guidance = _guidance(plan, prompts.first, run)
     context = step_contexts(spec, prompts.first, request, guidance.with_uncond, (first.width, first.height),
                             nets.device)
-    unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets), context,
+    control, context = _control(plan, nets, (first.width, first.height), run, context)
+    unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets, control), context,
                                   (first.width, first.height), guidance.with_uncond, run)
     latents = denoise(run, unet, latents, context, guidance, on_step)
     if plan.hires is not None:
@@ -374,9 +393,12 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
         runner.draws.before_hires((up_width, up_height))
     runner_spec = takeover.hires.plan.spec if takeover.hires is not None else spec  # (its SDXL time ids)
     context = step_contexts(runner_spec, prompts, request, guidance.with_uncond, (width, height), nets.device)
-    unet, context = _with_refiner(plan, takeover, False, model_unet(plan, runner), context, (width, height),
-                                  guidance.with_uncond, run)
     run.timesteps = timesteps
+    control = None
+    if runner is nets:  # (the units steer the request's own model: a hires checkpoint has not its ControlNets)
+        control, context = _control(plan, nets, (width, height), run, context)
+    unet, context = _with_refiner(plan, takeover, False, model_unet(plan, runner, control), context, (width, height),
+                                  guidance.with_uncond, run)
     return denoise(run, unet, latents, context, guidance, on_step)
 
 
@@ -464,7 +486,8 @@ def img2img_latents(plan: Plan, prompts: Prompts, nets: Networks, on_step: OnSte
     guidance = _guidance(plan, prompts.first, run)
     context = step_contexts(spec, prompts.first, request, guidance.with_uncond, (request.width, request.height),
                             nets.device)
-    unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets), context,
+    control, context = _control(plan, nets, (request.width, request.height), run, context)
+    unet, context = _with_refiner(plan, takeover, True, model_unet(plan, nets, control), context,
                                   (request.width, request.height), guidance.with_uncond, run)
     latents = denoise(run, unet, latents, context, guidance, on_step, Inpainting(unet_extra, after_step, keep, soft))
     if soft is not None:  # (read once the pictures are decoded: finish_images)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from sdtrt.contract.images import to_uint8
-from sdtrt.contract.spec import HYPERTILE_SUFFIX, ModelSpec, load_spec
+from sdtrt.contract.spec import HYPERTILE_SUFFIX, ModelSpec, controlnet_image, load_spec
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs, unet_network
 from sdtrt.pipeline.engines import check_engine_matches, manifest
 from sdtrt.pipeline import jobs
@@ -79,9 +79,12 @@ class LocalPipeline:
         return self.others[name]
 
     def plan(self, request: Txt2ImgRequest, init_image: np.ndarray | None = None, mask: np.ndarray | None = None,
-             latent_mask: np.ndarray | None = None, firstpass_image: np.ndarray | None = None) -> Plan:
+             latent_mask: np.ndarray | None = None, firstpass_image: np.ndarray | None = None,
+             control_images: list[np.ndarray | None] | None = None) -> Plan:
+        """``control_images``: each ControlNet unit's picture, in the units' order (sdtrt.requests.controlnet)."""
+        pictures = {controlnet_image(i): picture for i, picture in enumerate(control_images or [])}
         return plan_request(request, self.spec, init_image, mask, others=lambda name: self.other(name).spec,
-                            latent_mask=latent_mask, firstpass_image=firstpass_image)
+                            latent_mask=latent_mask, firstpass_image=firstpass_image, control_pictures=pictures)
 
     def encode_prompts(self, request: Txt2ImgRequest) -> tuple[Conditioning, Conditioning]:
         """(uncond, cond) of the request's prompts taken as they are (their first step's texts)."""
@@ -91,12 +94,16 @@ class LocalPipeline:
 
     # --- the jobs --------------------------------------------------------------------------------------------
     def txt2img(self, request: Txt2ImgRequest, on_step: OnStep | None = None,
-                firstpass_image: np.ndarray | None = None) -> Generation:
-        return self.generate(self.plan(request, firstpass_image=firstpass_image), on_step)
+                firstpass_image: np.ndarray | None = None,
+                control_images: list[np.ndarray | None] | None = None) -> Generation:
+        return self.generate(self.plan(request, firstpass_image=firstpass_image, control_images=control_images),
+                             on_step)
 
     def img2img(self, request: Img2ImgRequest, init_image: np.ndarray, mask: np.ndarray | None = None,
-                on_step: OnStep | None = None, latent_mask: np.ndarray | None = None) -> Generation:
-        return self.generate(self.plan(request, init_image, mask, latent_mask), on_step)
+                on_step: OnStep | None = None, latent_mask: np.ndarray | None = None,
+                control_images: list[np.ndarray | None] | None = None) -> Generation:
+        return self.generate(self.plan(request, init_image, mask, latent_mask, control_images=control_images),
+                             on_step)
 
     def generate(self, plan: Plan, on_step: OnStep | None = None) -> Generation:
         """A plan run as the served job models run it, with its infotexts."""
@@ -126,10 +133,15 @@ class LocalNetworks:
         return self.pipeline.run(variant, array)[self.pipeline.spec.component(variant).outputs[0].name]
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: Conditioning) -> torch.Tensor:
-        inputs = (sample, timestep, *unet_inputs(self.pipeline.spec, context))
+        inputs = (sample, timestep, *unet_inputs(self.pipeline.spec, context, sample))
         name = unet_network(context)
         outputs = self._run(name, *(t.numpy() for t in inputs))
         return torch.from_numpy(outputs[self.pipeline.spec.component(name).outputs[0].name])
+
+    def controlnet(self, network: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        component = self.pipeline.spec.component(network)
+        outputs = self.pipeline.run(network, *(inputs[t.name].numpy() for t in component.inputs))
+        return {name: torch.from_numpy(value) for name, value in outputs.items()}
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._single("vae_encoder", images.numpy()))

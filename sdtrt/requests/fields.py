@@ -20,6 +20,7 @@ from sdtrt.contract.samplers import (DEFAULT_SAMPLER, DEFAULT_SCHEDULE, NOISE_SC
                                      sampler_names)
 from sdtrt.contract.seeds import MAX_SEED, RANDOM_SEED
 from sdtrt.contract.spec import IMG2IMG, TXT2IMG, FieldSpec
+from sdtrt.requests.controlnet import MAX_UNITS_JSON
 from sdtrt.requests.img2img import INPAINTING_FILLS, RESIZE_MODES
 from sdtrt.contract.hires import DEFAULT_OVERLAP, DEFAULT_TILE, MAX_OVERLAP, MAX_TILE
 from sdtrt.requests.prompts import COMMA_BACKTRACK, EMPHASES
@@ -350,6 +351,11 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("seed_resize_from_h", "int32", 0, "draw the seed's noise as for this height, centred in the image "
                  "(A1111's 'Resize seed from height'); 0 or -1: off", minimum=-1, maximum=lambda m: m.max_size,
                  a1111="seed_resize_from_h", a1111_as_is=True, a1111_default=-1, label="Resize seed from height"),
+    RequestField("controlnet_units", "string", "", "ControlNet: the request's units as a JSON list of "
+                 "sd-webui-controlnet's unit settings (model, module, weight, guidance_start, guidance_end, "
+                 "control_mode, resize_mode, pixel_perfect, processor_res, threshold_a, threshold_b, enabled); unit "
+                 "i's picture is the job input controlnet_image_<i>; empty = none (A1111: "
+                 "alwayson_scripts.controlnet.args)", max_length=MAX_UNITS_JSON, flag="--controlnet-units"),
     RequestField("resize_mode", "string", "Just resize", "img2img: how the init image is fitted to width x height",
                  choices=tuple(RESIZE_MODES), jobs=(IMG2IMG,), shown_in=(IMG2IMG,), a1111="resize_mode",
                  a1111_numbered=True, infotext="Resize mode", label="Resize mode"),

@@ -11,6 +11,7 @@ from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.samplers import DEFAULT_RHO, DEFAULT_SCHEDULE, SAMPLERS, SamplerSettings, resolve
 from sdtrt.contract.seeds import image_seeds
 from sdtrt.contract.spec import ModelSpec
+from sdtrt.requests.controlnet import infotext_entries
 from sdtrt.requests.fields import BY_NAME, FIELDS, INFOTEXT_FIELDS
 from sdtrt.requests.infotext import build_infotext, parse_infotext
 from sdtrt.requests.plan import Plan
@@ -40,6 +41,7 @@ def infotexts(plan: Plan) -> list[str]:
     # A1111 (1.9+) names the schedule it ran, Automatic's choice included ("DPM++ 2M" on Automatic: Karras)
     _, schedule = resolve(request.sampler, request.schedule_type, model.schedules)
     changed = changed_fields(request, model)  # the same for every image
+    control_entries = infotext_entries(plan.controls)
     texts = []
     for i, seed in enumerate(plan.seeds):
         varied = request.subseed_strength > 0
@@ -89,6 +91,7 @@ def infotexts(plan: Plan) -> list[str]:
             # prompts used: name, then the first 12 digits of A1111's hash of the file.
             "Lora hashes": ", ".join(lora_hashes) or None,
             "TI hashes": ", ".join(f"{name}: {model.embeddings[name]['sha256'][:12]}" for name in embeddings) or None,
+            **control_entries,  # (sd-webui-controlnet's, among the extensions' params)
         }
         params.update({k: v for k, v in changed.items() if k not in params})
         if SAMPLERS[request.sampler].t_function and "Eta" in params:  # A1111's CompVis samplers' own key

@@ -20,7 +20,8 @@ import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.seeds import image_seeds
-from sdtrt.contract.spec import LORA_RANK, UNET_BATCH, ModelSpec
+from sdtrt.contract.spec import LORA_RANK, MAX_CONTROLNET_UNITS, UNET_BATCH, ModelSpec, controlnet_image, controlnet_mask
+from sdtrt.requests.controlnet import PlannedUnit, check_units, plan_units
 from sdtrt.requests.hypertile import check_hypertile_loras
 from sdtrt.requests.extra_networks import LoraTag, request_loras, strip_extra_networks, used_embeddings
 from sdtrt.requests.prompt_schedule import composable_prompts, prompt_schedule, text_at
@@ -77,6 +78,7 @@ class Plan:
     refiner: "Plan | None" = None  # A1111's refiner: takes over the sampling at refiner_switch_at
     hires_model: "Plan | None" = None  # A1111's hires checkpoint: runs the hires fix's second pass
     firstpass: np.ndarray | None = None  # A1111's firstpass_image: [H, W, 3] uint8, the hires fix starts from it
+    controls: tuple[PlannedUnit, ...] = ()  # the enabled ControlNet units, their control maps made
 
     def refines(self, first_pass: bool) -> bool:
         """Whether the refiner may take over in the first pass or the hires fix's second (A1111's apply_refiner:
@@ -174,6 +176,7 @@ def validate(request: Txt2ImgRequest, spec: ModelSpec) -> Txt2ImgRequest:
     (LoRA tags, AND subprompts, brackets): what a client checks before sending."""
     checked = check_fields(request, spec)
     check_hypertile_loras(checked, _read_prompts(checked, spec, _passes(checked, spec)).loras)
+    check_units(checked.controlnet_units, spec)
     return checked
 
 
@@ -182,10 +185,12 @@ Specs = Callable[[str], ModelSpec]  # another model of the server by name (the c
 
 def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarray | None = None,
                  mask: np.ndarray | None = None, others: Specs | None = None,
-                 latent_mask: np.ndarray | None = None, firstpass_image: np.ndarray | None = None) -> Plan:
+                 latent_mask: np.ndarray | None = None, firstpass_image: np.ndarray | None = None,
+                 control_pictures: dict[str, np.ndarray | None] | None = None) -> Plan:
     """The request checked, its seeds picked and its prompts read, once; img2img's picture (and masks) prepared;
     a refiner or hires checkpoint planned on its own model (``others``); txt2img's first pass given as a
-    picture (``firstpass_image``, with the hires fix)."""
+    picture (``firstpass_image``, with the hires fix); the ControlNet units' maps made from their pictures
+    (``control_pictures``, by job input name; an img2img unit without one takes the init image, as A1111's does)."""
     checked = resolve_seeds(check_fields(request, spec))
     passes = _passes(checked, spec)
     prompts = _read_prompts(checked, spec, passes)
@@ -204,11 +209,24 @@ def plan_request(request: Txt2ImgRequest, spec: ModelSpec, init_image: np.ndarra
     for field, name in (("refiner", "refiner_checkpoint"), ("hires_model", "hr_checkpoint")):
         other = _other_model(checked, spec, name, others)
         if other is not None and (field == "refiner" or len(planned) > 1):
-            alone = replace(checked, refiner_checkpoint="", hr_checkpoint="")  # its own plan takes over no further
+            # its own plan takes over no further (and the ControlNets are the request's model's)
+            alone = replace(checked, refiner_checkpoint="", hr_checkpoint="", controlnet_units="")
             takeover[field] = plan_request(alone, other, init_image, mask, latent_mask=latent_mask)
     firstpass = _first_pass_picture(firstpass_image, checked, len(planned) > 1)
+    controls = _controls(checked, spec, control_pictures or {}, init_image)
     return Plan(spec, checked, seeds, prompts.loras, embeddings, tuple(texts), planned[0],
-                planned[1] if len(planned) > 1 else None, images, **takeover, firstpass=firstpass)
+                planned[1] if len(planned) > 1 else None, images, **takeover, firstpass=firstpass, controls=controls)
+
+
+def _controls(request: Txt2ImgRequest, spec: ModelSpec, pictures: dict[str, np.ndarray | None],
+              init_image: np.ndarray | None) -> tuple[PlannedUnit, ...]:
+    if not request.controlnet_units:
+        return ()
+    own = [pictures.get(controlnet_image(i)) for i in range(MAX_CONTROLNET_UNITS)]
+    if isinstance(request, Img2ImgRequest) and init_image is not None:
+        own = [init_image if p is None else p for p in own]
+    masks = [pictures.get(controlnet_mask(i)) for i in range(MAX_CONTROLNET_UNITS)]
+    return plan_units(request.controlnet_units, spec, own, masks, (request.width, request.height))
 
 
 def _first_pass_picture(picture: np.ndarray | None, request: Txt2ImgRequest, hires: bool) -> np.ndarray | None:

@@ -1,0 +1,227 @@
+"""sd-webui-controlnet's preprocessors that need no model file, and how a control map fits the generation's size.
+
+Each preprocessor takes the unit's picture (uint8 [H, W, 3]) at its processor resolution (the short side, the
+picture padded to multiples of 64 by its edge pixels while it runs, as the extension's ``resize_image_with_pad``
+does) and gives the control map. ``resize_map`` fits a map to a pass's size by the unit's resize mode, with the
+extension's "high quality" resize: nearest for maps of a few colours (segmentation), area when shrinking, cubic
+when growing, and binary maps (edges, scribbles) thresholded again after the resize. The preprocessors that need a
+model (openpose, depth, ...) are not served: a unit naming one is refused naming it.
+
+OpenCV does the pixel work, as in the extension; it is imported only where a map is made (a client's install
+checks units without it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from sdtrt.contract.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from sdtrt.requests.controlnet import ControlUnit
+
+
+def _cv2():
+    # OpenCV only where a control map is made (the job's plan, the gateway's /controlnet/detect)
+    import cv2
+
+    return cv2
+
+
+def hwc3(picture: np.ndarray) -> np.ndarray:
+    """A picture as 3 uint8 channels (grey repeated; RGBA over white, as the extension's HWC3)."""
+    x = picture if picture.ndim == 3 else picture[:, :, None]
+    if x.shape[2] == 1:
+        return np.concatenate([x, x, x], axis=2)
+    if x.shape[2] == 4:
+        colour, alpha = x[:, :, :3].astype(np.float32), x[:, :, 3:4].astype(np.float32) / 255.0
+        return (colour * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+    return x
+
+
+def _pad64(size: int) -> int:
+    return int(np.ceil(float(size) / 64.0) * 64 - size)
+
+
+def resize_with_pad(picture: np.ndarray, resolution: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """The picture with its short side at ``resolution`` (cubic up, area down), padded on the bottom and right to
+    multiples of 64 by its edge pixels; and the function that takes the padding off a map of it."""
+    cv2 = _cv2()
+    img = hwc3(picture)
+    h, w = img.shape[:2]
+    k = float(resolution) / float(min(h, w))
+    th, tw = int(np.round(h * k)), int(np.round(w * k))
+    img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    padded = np.pad(img, [[0, _pad64(th)], [0, _pad64(tw)], [0, 0]], mode="edge")
+    return np.ascontiguousarray(padded), lambda x: np.ascontiguousarray(x[:th, :tw])
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """One preprocessor: what it does, and its sliders' defaults (the extension's threshold_a/threshold_b)."""
+
+    run: Callable[[np.ndarray, int, float, float], np.ndarray] | None  # (picture, resolution, a, b) -> map
+    resolution: int = 512
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    ranges: tuple[tuple[float, float] | None, tuple[float, float] | None] = (None, None)
+
+
+def _canny(picture: np.ndarray, res: int, low: float, high: float) -> np.ndarray:
+    img, unpad = resize_with_pad(picture, res)
+    return unpad(_cv2().Canny(img, int(low), int(high)))
+
+
+def _invert(picture: np.ndarray, res: int, a: float, b: float) -> np.ndarray:
+    return 255 - hwc3(picture)
+
+
+def _binary(picture: np.ndarray, res: int, threshold: float, b: float) -> np.ndarray:
+    """White where the picture is dark: Otsu's threshold at 0 (the slider's default), else the slider's."""
+    cv2 = _cv2()
+    img, unpad = resize_with_pad(picture, res)
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    if int(threshold) in (0, 255):
+        _, out = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)
+    else:
+        _, out = cv2.threshold(grey, int(threshold), 255, cv2.THRESH_BINARY_INV)
+    return unpad(out)
+
+
+def _blur(picture: np.ndarray, res: int, sigma: float, b: float) -> np.ndarray:
+    img, unpad = resize_with_pad(picture, res)
+    return unpad(_cv2().GaussianBlur(img, (0, 0), float(sigma)))
+
+
+def _tile_resample(picture: np.ndarray, res: int, down: float, b: float) -> np.ndarray:
+    """The picture made ``down`` times smaller (area), as the tile ControlNet reads it."""
+    cv2 = _cv2()
+    img = hwc3(picture)
+    if down < 1.1:
+        return img
+    h, w = img.shape[:2]
+    return cv2.resize(img, (int(float(w) / float(down)), int(float(h) / float(down))), interpolation=cv2.INTER_AREA)
+
+
+def _scribble_xdog(picture: np.ndarray, res: int, threshold: float, b: float) -> np.ndarray:
+    """A difference of Gaussians, thresholded: white lines on black."""
+    cv2 = _cv2()
+    img, unpad = resize_with_pad(picture, res)
+    g1 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.5)
+    g2 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 5.0)
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    out = np.zeros_like(img, dtype=np.uint8)
+    out[2 * (255 - dog) > threshold] = 255
+    return unpad(out)
+
+
+def _lineart_standard(picture: np.ndarray, res: int, gaussian: float, intensity: float) -> np.ndarray:
+    """Lines where the picture is darker than its blur ("lineart_standard (from white bg & black line)")."""
+    cv2 = _cv2()
+    img, unpad = resize_with_pad(picture, res)
+    x = img.astype(np.float32)
+    g = cv2.GaussianBlur(x, (0, 0), float(gaussian))
+    intensity_map = np.min(g - x, axis=2).clip(0, 255)
+    intensity_map /= max(16.0, float(np.median(intensity_map[intensity_map > float(intensity)])) if
+                         (intensity_map > float(intensity)).any() else 16.0)
+    return unpad((intensity_map * 255.0).clip(0, 255).astype(np.uint8))
+
+
+PREPROCESSORS: dict[str, Preprocessor] = {
+    "none": Preprocessor(None),
+    "invert": Preprocessor(_invert),
+    "canny": Preprocessor(_canny, 512, 100.0, 200.0, ((1, 255), (1, 255))),
+    "binary": Preprocessor(_binary, 512, 0.0, None, ((0, 255), None)),
+    "blur_gaussian": Preprocessor(_blur, 512, 9.0, None, ((0.01, 64.0), None)),
+    "tile_resample": Preprocessor(_tile_resample, 512, 1.0, None, ((1.0, 8.0), None)),
+    "scribble_xdog": Preprocessor(_scribble_xdog, 512, 32.0, None, ((1, 64), None)),
+    "lineart_standard": Preprocessor(_lineart_standard, 512, 6.0, 8.0, ((0, 100), (0, 16))),
+}
+
+
+def _threshold(unit: "ControlUnit", index: int, value: float, default: float | None,
+               limits: tuple[float, float] | None) -> float:
+    if value == -1 or default is None:
+        return default if default is not None else value
+    if limits is not None and not limits[0] <= value <= limits[1]:
+        field = "threshold_a" if index == 0 else "threshold_b"
+        raise InvalidRequest(f"controlnet unit {field}", value, f"for {unit.module}: from {limits[0]:g} to "
+                             f"{limits[1]:g} (-1: its default {default:g})")
+    return value
+
+
+def pixel_perfect_resolution(picture: np.ndarray, width: int, height: int, resize_mode: str) -> int:
+    """The extension's "Pixel Perfect": the processor resolution at which the map lands at the generation's size
+    (the picture's short side, scaled as the resize mode scales it)."""
+    h, w = picture.shape[:2]
+    k0, k1 = float(height) / float(h), float(width) / float(w)
+    k = min(k0, k1) if resize_mode == "Resize and Fill" else max(k0, k1)
+    return int(np.round(k * float(min(h, w))))
+
+
+def preprocess(unit: "ControlUnit", picture: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
+    """The unit's control map of its picture (uint8 [H, W, 3]) for a generation of ``size`` (width, height)."""
+    pre = PREPROCESSORS[unit.module]
+    if pre.run is None:
+        return hwc3(picture)
+    if unit.pixel_perfect:
+        res = pixel_perfect_resolution(picture, *size, unit.resize_mode)
+    else:
+        res = pre.resolution if unit.processor_res == -1 else unit.processor_res
+    a = _threshold(unit, 0, unit.threshold_a, pre.threshold_a, pre.ranges[0])
+    b = _threshold(unit, 1, unit.threshold_b, pre.threshold_b, pre.ranges[1])
+    return hwc3(pre.run(picture, res, a, b))
+
+
+def _unique_colours(x: np.ndarray) -> int:
+    return len(np.unique(x.reshape(-1, x.shape[2]), axis=0))
+
+
+def high_quality_resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The extension's resize of a control map to ``size`` (width, height)."""
+    cv2 = _cv2()
+    width, height = size
+    if (width, height) == (x.shape[1], x.shape[0]):
+        return x
+    smaller = width * height < x.shape[0] * x.shape[1]
+    colours = _unique_colours(x)
+    binary = colours == 2 and int(x.min()) < 16 and int(x.max()) > 240
+    if 2 < colours < 200:
+        interpolation = cv2.INTER_NEAREST
+    elif smaller:
+        interpolation = cv2.INTER_AREA
+    else:
+        interpolation = cv2.INTER_CUBIC
+    y = cv2.resize(x, (width, height), interpolation=interpolation)
+    if binary:
+        grey = np.mean(y.astype(np.float32), axis=2).clip(0, 255).astype(np.uint8)
+        _, grey = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        y = np.stack([grey] * 3, axis=2)
+    return y
+
+
+def resize_map(detected: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
+    """A control map fitted to ``width`` x ``height``: stretched ("Just Resize"), scaled to cover and cropped at the
+    centre ("Crop and Resize"), or scaled to fit inside and the rest filled with its border's median colour
+    ("Resize and Fill")."""
+    if mode == "Just Resize":
+        return high_quality_resize(detected, (width, height))
+    old_h, old_w = float(detected.shape[0]), float(detected.shape[1])
+    k0, k1 = float(height) / old_h, float(width) / old_w
+    if mode == "Resize and Fill":
+        k = min(k0, k1)
+        borders = np.concatenate([detected[0, :, :], detected[-1, :, :], detected[:, 0, :], detected[:, -1, :]], axis=0)
+        background = np.tile(np.median(borders, axis=0).astype(detected.dtype)[None, None], [height, width, 1])
+        fitted = high_quality_resize(detected, (int(np.round(old_w * k)), int(np.round(old_h * k))))
+        new_h, new_w = fitted.shape[:2]
+        top, left = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
+        background[top:top + new_h, left:left + new_w] = fitted
+        return background
+    k = max(k0, k1)
+    fitted = high_quality_resize(detected, (int(np.round(old_w * k)), int(np.round(old_h * k))))
+    new_h, new_w = fitted.shape[:2]
+    top, left = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
+    return np.ascontiguousarray(fitted[top:top + height, left:left + width])

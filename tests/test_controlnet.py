@@ -1,0 +1,308 @@
+"""ControlNet (A1111's sd-webui-controlnet): ControlNets registered at export (``--controlnets DIR``), run each step
+by the served loop for the units a request enables, their residuals passed to the U-Net.
+
+The references are diffusers' own: StableDiffusionControlNetPipeline (and its multi-ControlNet form) with the
+ControlNets loaded by diffusers from the same files, on the same weights, seed and control picture. The files are
+random ControlNets of the default model's U-Net in the layouts A1111's models folder holds: the original layout
+(lllyasviel's ``control_*`` files: .safetensors, and a .pth read weights-only), written from the diffusers model by
+the test's own key map, and a diffusers folder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff, sample_picture
+from servers import triton_on
+from sdtrt.client import Client, ServerRefused
+from sdtrt.contract.errors import InvalidRequest, UsageError
+from sdtrt.pipeline.local import LocalPipeline
+from sdtrt.requests.controlnet import ControlUnit, units_json
+from sdtrt.requests.request import Txt2ImgRequest
+
+REQUEST = dict(prompt="a red house by a lake", negative_prompt="blur", sampler="Euler", steps=6, seed=11, width=64,
+               height=64, guidance_scale=7.0)
+CANNY, DEPTH, OLD = "control_v11p_sd15_canny", "control_sd15_depth", "control_sd15_scribble"
+
+
+def _ldm_keys(state: dict, config: dict) -> dict:
+    """The original layout of a diffusers ControlNet, restated here from lllyasviel's cldm code (not sdtrt's map):
+    its U-Net encoder half under LDM names, zero_convs.i.0, input_hint_block.(2k), middle_block_out.0."""
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+              "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    places = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "controlnet_mid_block": "middle_block_out.0",
+              "mid_block.attentions.0": "middle_block.1"}
+    block = 1
+    for i in range(len(config["block_out_channels"])):
+        for j in range(config["layers_per_block"]):
+            places[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{block}.0"
+            places[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{block}.1"
+            block += 1
+        if i < len(config["block_out_channels"]) - 1:
+            places[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{block}.0.op"
+            block += 1
+    for i in range(block):
+        places[f"controlnet_down_blocks.{i}"] = f"zero_convs.{i}.0"
+    hint = sorted({int(k.split(".")[2]) for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
+    for index, name in enumerate(["conv_in", *[f"blocks.{i}" for i in hint], "conv_out"]):
+        places[f"controlnet_cond_embedding.{name}"] = f"input_hint_block.{2 * index}"
+    out = {}
+    for key, value in state.items():
+        for old, new in sorted(places.items(), key=lambda p: -len(p[0])):
+            if key.startswith(old + "."):
+                rest = key[len(old) + 1:]
+                for before, after in resnet.items():
+                    if new.endswith((".0", "middle_block.0", "middle_block.2")) and rest.startswith(before + ".") \
+                            and "resnets" in old:
+                        rest = after + rest[len(before):]
+                out[f"{new}.{rest}"] = value
+                break
+        else:
+            for k in (0, 1):
+                if key.startswith(f"mid_block.resnets.{k}."):
+                    rest = key[len(f"mid_block.resnets.{k}."):]
+                    first = rest.split(".")[0]
+                    rest = resnet.get(first, first) + rest[len(first):]
+                    out[f"middle_block.{2 * k}.{rest}"] = value
+                    break
+            else:
+                raise AssertionError(f"no original-layout place for {key}")
+    return out
+
+
+def _controlnet(unet, seed: int):
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 64))
+    with torch.no_grad():  # (from_unet zeroes the residual convolutions: random ones make the test see them)
+        for p in controlnet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return controlnet.eval()
+
+
+@pytest.fixture(scope="module")
+def controlnets(default_model, tmp_path_factory):
+    """Three ControlNets of the default model: canny in the original layout (.safetensors), depth as a diffusers
+    folder, scribble in the original layout with the first releases' ``control_model.`` prefix, as a .pth; and
+    the config folder diffusers needs beside a single file, offline."""
+    from diffusers import UNet2DConditionModel
+
+    folder, config = tmp_path_factory.mktemp("ControlNet"), tmp_path_factory.mktemp("controlnet-config")
+    unet = UNet2DConditionModel.from_pretrained(str(default_model / "unet"), local_files_only=True)
+    models = {CANNY: _controlnet(unet, 1), DEPTH: _controlnet(unet, 2), OLD: _controlnet(unet, 3)}
+    canny = _ldm_keys(models[CANNY].state_dict(), dict(models[CANNY].config))
+    save_file({k: v.contiguous() for k, v in canny.items()}, str(folder / f"{CANNY}.safetensors"))
+    models[DEPTH].save_pretrained(str(folder / DEPTH))
+    old = _ldm_keys(models[OLD].state_dict(), dict(models[OLD].config))
+    torch.save({"state_dict": {f"control_model.{k}": v for k, v in old.items()}}, str(folder / f"{OLD}.pth"))
+    models[CANNY].save_config(str(config))
+    return folder, config
+
+
+@pytest.fixture(scope="module")
+def repo(default_model, controlnets, tmp_path_factory):
+    """The default model exported with `sdtrt export --controlnets DIR` (the .pth read weights-only)."""
+    from sdtrt.client.apps.cli import main as cli
+
+    out = tmp_path_factory.mktemp("controlnet-repo") / "repo"
+    assert cli(["export", str(default_model), "--out", str(out), "--controlnets", str(controlnets[0])]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(repo) -> LocalPipeline:
+    return LocalPipeline(repo)
+
+
+FILES = {CANNY: f"{CANNY}.safetensors", DEPTH: DEPTH, OLD: f"{OLD}.pth"}
+
+
+def _diffusers_controlnet(controlnets, name):
+    """The ControlNet as diffusers itself loads its file (its own single-file conversion) or folder."""
+    from diffusers import ControlNetModel
+
+    folder, config = controlnets
+    path = folder / FILES[name]
+    if path.is_dir():
+        return ControlNetModel.from_pretrained(str(path), local_files_only=True)
+    return ControlNetModel.from_single_file(str(path), config=str(config), local_files_only=True,
+                                            torch_dtype=torch.float32)
+
+
+def _pipe(default_model, controlnet):
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(str(default_model), local_files_only=True, dtype=torch.float32)
+    parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+REFERENCE = dict(prompt=REQUEST["prompt"], negative_prompt=REQUEST["negative_prompt"], sampler=REQUEST["sampler"],
+                 steps=REQUEST["steps"], cfg=REQUEST["guidance_scale"], seed=REQUEST["seed"], width=64, height=64)
+
+
+def _units(*units: ControlUnit) -> str:
+    return units_json(list(units))
+
+
+def _a1111_window(start: float, end: float, steps: int) -> tuple[float, float]:
+    """diffusers' control_guidance_start/end that run the steps sd-webui-controlnet runs: it steers step i while
+    A1111's sampling step (i - 1, the last finished one; 0 at first) over the steps lies in [start, end], diffusers
+    while i / steps >= start' and (i + 1) / steps <= end'."""
+    active = [i for i in range(steps) if start <= max(i - 1, 0) / steps <= end]
+    assert active and active == list(range(active[0], active[-1] + 1))
+    return (active[0] - 0.5) / steps if active[0] else 0.0, min((active[-1] + 1.5) / steps, 1.0)
+
+
+@pytest.mark.parametrize("name, weight", [(CANNY, 0.8), (DEPTH, 1.0), (OLD, 1.3)])
+def test_one_unit_draws_diffusers_controlnet_picture(default_model, controlnets, local, name, weight):
+    picture = sample_picture(64, 64)
+    pipe = _pipe(default_model, _diffusers_controlnet(controlnets, name))
+    expected = diffusers_images(pipe, image=Image.fromarray(picture), controlnet_conditioning_scale=weight, **REFERENCE)
+    got = local.txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=_units(ControlUnit(model=name, weight=weight))),
+                        control_images=[picture])
+    assert max_diff(got.images, expected) <= MAX_PIXEL_DIFF
+    assert max_diff(got.images, local.txt2img(Txt2ImgRequest(**REQUEST)).images) > 10  # (the unit steers it)
+
+
+def test_two_units_and_a_guidance_window_draw_multi_controlnet_pictures(default_model, controlnets, local):
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    first, second = sample_picture(64, 64), sample_picture(64, 64)[::-1].copy()
+    pipe = _pipe(default_model, MultiControlNetModel([_diffusers_controlnet(controlnets, CANNY),
+                                                      _diffusers_controlnet(controlnets, DEPTH)]))
+    window = (0.0, 0.34)  # A1111 steers steps 0-3 of 6 (its sampling step 2 is 0.33); i / steps <= 0.34 would be 0-2
+
+    def reference(start: float, end: float) -> np.ndarray:
+        return diffusers_images(pipe, image=[Image.fromarray(first), Image.fromarray(second)],
+                                controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, start],
+                                control_guidance_end=[1.0, end], **REFERENCE)
+
+    units = _units(ControlUnit(model=CANNY, weight=0.7),
+                   ControlUnit(model=f"{DEPTH} [00000000]", weight=1.2, guidance_start=window[0],
+                               guidance_end=window[1]))
+    got = local.txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=units), control_images=[first, second])
+    assert max_diff(got.images, reference(*_a1111_window(*window, REQUEST["steps"]))) <= MAX_PIXEL_DIFF
+    # a step more or less shows: the window is A1111's, not diffusers' own rule on the same numbers
+    assert max_diff(got.images, reference(*window)) > MAX_PIXEL_DIFF
+
+
+def test_a_disabled_unit_and_an_export_with_controlnets_draw_the_plain_picture(local, exported_repo):
+    picture = sample_picture(64, 64)
+    plain = local.txt2img(Txt2ImgRequest(**REQUEST))
+    disabled = local.txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=_units(ControlUnit(model=CANNY, enabled=False),
+                                                                                ControlUnit(model="None"))),
+                             control_images=[picture])
+    assert np.array_equal(disabled.images, plain.images)
+    assert "ControlNet" not in disabled.infotexts[0]
+    # the U-Net's zero residuals: the same picture as the model exported without ControlNets
+    assert max_diff(plain.images, LocalPipeline(exported_repo).txt2img(Txt2ImgRequest(**REQUEST)).images) <= 1
+
+
+@pytest.fixture(scope="module")
+def served(repo, tmp_path_factory):
+    with triton_on(repo, tmp_path_factory.mktemp("controlnet-logs")) as server:
+        yield server
+
+
+def test_served_units_draw_the_in_process_pictures_and_write_the_extensions_infotext(served, local):
+    picture = sample_picture(64, 64)
+    unit = ControlUnit(model=CANNY, weight=0.9, control_mode="ControlNet is more important")
+    expected = local.txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=_units(unit)), control_images=[picture])
+    for url, protocol in ((served.url, "grpc"), (served.http_url, "http")):
+        with Client(url, protocol=protocol) as client:
+            got = client.txt2img(controlnet=[{"model": CANNY, "image": Image.fromarray(picture), "weight": 0.9,
+                                              "control_mode": "ControlNet is more important"}], **REQUEST)
+        assert max_diff(got.images, expected.images) <= MAX_PIXEL_DIFF
+    assert got.infotexts == expected.infotexts
+    title = local.spec.controlnet(CANNY)["title"]
+    assert f'ControlNet 0: "Module: none, Model: {title}, Weight: 0.9' in got.infotexts[0]
+
+
+def test_control_modes_scale_the_residuals_as_the_extension_does(local, controlnets):
+    picture = sample_picture(64, 64)
+    pictures = {}
+    for mode in ("Balanced", "My prompt is more important", "ControlNet is more important"):
+        units = _units(ControlUnit(model=CANNY, control_mode=mode))
+        pictures[mode] = local.txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=units), control_images=[picture])
+    plain = local.txt2img(Txt2ImgRequest(**REQUEST)).images
+    assert len({pictures[m].images.tobytes() for m in pictures}) == 3
+    for mode, generation in pictures.items():
+        assert max_diff(generation.images, plain) > 0, mode
+
+
+@pytest.mark.parametrize("units, pictures, field", [
+    ([ControlUnit(model="control_v11p_sd15_openpose")], 1, "controlnet_units[0].model"),
+    ([ControlUnit(model=CANNY, weight=2.5)], 1, "controlnet_units[0].weight"),
+    ([ControlUnit(model=CANNY, module="openpose")], 1, "controlnet_units[0].module"),
+    ([ControlUnit(model=CANNY, guidance_start=0.8, guidance_end=0.2)], 1, "controlnet_units[0].guidance_end"),
+    ([ControlUnit(model=CANNY)] * 4, 4, "controlnet_units"),
+    ([ControlUnit(model=CANNY)], 0, "controlnet_image_0"),
+])
+def test_bad_units_are_refused_naming_the_field(local, units, pictures, field):
+    with pytest.raises(InvalidRequest) as info:
+        local.txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=_units(*units)),
+                      control_images=[sample_picture(64, 64)] * pictures)
+    assert info.value.field == field
+
+
+def test_a_served_bad_unit_is_a_clear_error_and_the_server_keeps_serving(served):
+    with Client(served.url) as client:
+        with pytest.raises(ServerRefused, match="controlnet_image_0.*an RGB uint8 picture"):  # (the job's check)
+            client.txt2img(controlnet=[{"model": CANNY, "image": np.zeros((0, 64, 3), np.uint8)}], **REQUEST)
+        with pytest.raises(InvalidRequest, match="controlnet_units.0..model"):  # (the client's, before sending)
+            client.txt2img(controlnet=[{"model": "nope", "image": np.zeros((8, 8, 3), np.uint8)}], **REQUEST)
+        with pytest.raises(InvalidRequest, match="controlnet_units"):
+            client.txt2img(controlnet_units="[{not json", **REQUEST)
+        assert client.txt2img(**REQUEST).images.shape == (1, 64, 64, 3)
+
+
+def test_export_refuses_a_controlnet_of_another_family_naming_both(default_model, tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from sdtrt.export import export_model
+
+    unet = UNet2DConditionModel.from_pretrained(str(default_model / "unet"), local_files_only=True)
+    other = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 64))
+    config = {**dict(other.config), "cross_attention_dim": 1024}  # an SD 2.x-wide text context
+    foreign = ControlNetModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    folder = tmp_path / "ControlNet"
+    folder.mkdir()
+    state = _ldm_keys(foreign.state_dict(), dict(foreign.config))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "control_sd21_canny.safetensors"))
+    with pytest.raises(UsageError, match=r"control_sd21_canny.safetensors is an SD 2.x ControlNet .*1024-wide"):
+        export_model(default_model, tmp_path / "repo", progress=False, report=lambda *_: None, controlnet_dir=folder)
+    (folder / "control_sd21_canny.safetensors").unlink()
+    save_file({"adapter.body.0.resnets.0.block1.weight": torch.zeros(1)}, str(folder / "t2iadapter_canny.safetensors"))
+    with pytest.raises(UsageError, match="t2iadapter_canny.safetensors is a T2I-Adapter"):
+        export_model(default_model, tmp_path / "repo", progress=False, report=lambda *_: None, controlnet_dir=folder)
+
+
+def test_tensorrt_profiles_give_each_residual_its_levels_size(local):
+    from sdtrt.export.tensorrt import EngineOptions, profile_shapes
+
+    spec = local.spec
+    unet = spec.component("unet")
+    for options in (EngineOptions(), EngineOptions(static_size=(72, 64))):
+        shapes = profile_shapes(spec, unet, options)
+        for pick in range(3):  # min, opt, max: each residual follows the sample's latent size, rounded up per level
+            _, _, h, w = shapes["sample"][pick]
+            for tensor in unet.inputs:
+                if tensor.name.startswith(("down_block_residual", "mid_block_residual")):
+                    rows, channels, rh, rw = shapes[tensor.name][pick]
+                    dim = str(tensor.shape[2])
+                    factor = int(dim.split("/")[1]) if "/" in dim else 1
+                    assert (rh, rw) == (-(-h // factor), -(-w // factor)), tensor.name
+                    assert rows == shapes["sample"][pick][0] and channels == tensor.shape[1]
+        assert shapes["mid_block_residual"][0][2] < shapes["sample"][0][2]
+    controlnet = spec.component(spec.controlnet(CANNY)["network"])
+    assert [t.name for t in controlnet.outputs] == [t.name for t in unet.inputs if "residual" in t.name]
