@@ -306,3 +306,79 @@ def test_tensorrt_profiles_give_each_residual_its_levels_size(local):
         assert shapes["mid_block_residual"][0][2] < shapes["sample"][0][2]
     controlnet = spec.component(spec.controlnet(CANNY)["network"])
     assert [t.name for t in controlnet.outputs] == [t.name for t in unet.inputs if "residual" in t.name]
+
+
+@pytest.fixture(scope="module")
+def gateway(served, tmp_path_factory):
+    """`sdtrt api` over the served model, as A1111 with sd-webui-controlnet answers (real HTTP)."""
+    import subprocess
+    import sys
+
+    from servers import first_answer, free_ports
+
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "api", "--url", served.url, "--port", str(port),
+                             "--out", str(tmp_path_factory.mktemp("controlnet-outputs"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert first_answer(f"http://127.0.0.1:{port}/controlnet/version", proc) == 200
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_webuiapis_controlnet_units_draw_the_served_picture(gateway, local):
+    webuiapi = pytest.importorskip("webuiapi")
+
+    host, port = gateway.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    picture = Image.fromarray(sample_picture(64, 64))
+    title = local.spec.controlnet(CANNY)["title"]
+    units = [webuiapi.ControlNetUnit(image=picture, model=title, weight=0.8, resize_mode="Just Resize"),
+             webuiapi.ControlNetUnit(image=picture, model=DEPTH, enabled=False)]
+    result = api.txt2img(prompt=REQUEST["prompt"], negative_prompt=REQUEST["negative_prompt"], seed=REQUEST["seed"],
+                         steps=REQUEST["steps"], cfg_scale=REQUEST["guidance_scale"], width=64, height=64,
+                         sampler_name="Euler", controlnet_units=units)
+    unit = ControlUnit(model=CANNY, weight=0.8, resize_mode="Just Resize", processor_res=512, threshold_a=64,
+                       threshold_b=64)
+    # (the gateway runs A1111's own code paths: k-diffusion's Euler)
+    expected = local.txt2img(Txt2ImgRequest(**REQUEST, k_diffusion=True, controlnet_units=_units(unit)),
+                             control_images=[np.asarray(picture)])
+    assert result.info["infotexts"][0] == expected.infotexts[0]
+    assert max_diff(np.asarray(result.image.convert("RGB"))[None], expected.images) <= MAX_PIXEL_DIFF
+    assert f'ControlNet 0: "Module: none, Model: {title}, Weight: 0.8, Resize Mode: Just Resize' in \
+        result.info["infotexts"][0]
+
+
+def test_the_extensions_routes_list_and_detect(gateway, local):
+    import base64
+    import io
+
+    import cv2
+    import httpx
+
+    with httpx.Client(base_url=gateway, timeout=60) as http:
+        assert http.get("/controlnet/version").json() == {"version": 2}
+        assert http.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
+        models = http.get("/controlnet/model_list", params={"update": True}).json()["model_list"]
+        assert models[0] == "None" and set(models[1:]) == {e["title"] for e in local.spec.controlnets.values()}
+        modules = http.get("/controlnet/module_list").json()
+        assert {"none", "canny", "invert"} <= set(modules["module_list"])
+        assert modules["module_detail"]["canny"]["sliders"][1]["value"] == 100
+        picture = sample_picture(96, 64)
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, format="PNG")
+        sent = base64.b64encode(buffer.getvalue()).decode()
+        answer = http.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": [sent],
+                                                       "controlnet_processor_res": 64, "controlnet_threshold_a": 50,
+                                                       "controlnet_threshold_b": 150}).json()
+        edges = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))))
+        # the extension's canny: OpenCV's on the picture at the processor resolution (its short side)
+        assert np.array_equal(edges[..., 0], cv2.Canny(picture, 50, 150)) and answer["info"] == "Success"
+        refused = http.post("/controlnet/detect", json={"controlnet_module": "openpose",
+                                                        "controlnet_input_images": [sent]})
+        assert refused.status_code == 422 and "openpose" in refused.text
+        bad = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64,
+                                                   "alwayson_scripts": {"ControlNet": {"args": [
+                                                       {"model": "control_nope", "image": sent}]}}})
+        assert bad.status_code == 422
+        assert bad.json()["detail"][0]["loc"] == ["body", "alwayson_scripts.controlnet.args.0.model"]

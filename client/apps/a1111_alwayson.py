@@ -14,7 +14,9 @@ through the API:
 - Hypertile: no arguments; its options decide (hypertile_enable_unet, ...: request fields of the same names, served by
   models exported with --hypertile).
 - Soft Inpainting (img2img): its arguments are sdtrt's ``soft_inpainting`` fields (sdtrt.pipeline.soft_inpainting).
-- ControlNet (an extension): its own open issue, named in the refusal.
+- ControlNet (sd-webui-controlnet, an extension A1111 users add): its units (``args``: one ControlNetUnit object
+  each) are the request's ControlNet units (client/apps/a1111_controlnet.py), for the models exported with
+  --controlnets.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from sdtrt.client.apps.a1111_controlnet import controlnet_settings, ignored_unit_fields
 from sdtrt.client.apps.a1111_requests import Img2ImgBody, _Request, refuse
 from sdtrt.client.apps.a1111_scripts import SCRIPTS, Arg, _flag, _number
 from sdtrt.contract.samplers import SAMPLERS, SCHEDULE_TYPES
@@ -29,7 +32,7 @@ from sdtrt.contract.spec import IMG2IMG, TXT2IMG, Catalog
 from sdtrt.requests.fields import BY_NAME
 
 # What A1111 users send that comes with another of sdtrt's open issues: said in the refusal.
-COMING = {"controlnet": "ControlNet comes with its own issue (sd-webui-controlnet's API, per-request units)"}
+COMING: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class AlwaysOn:
     defaults: tuple[Any, ...] = ()
     read: Callable[[list[Any]], dict[str, Any]] | None = None
     has_ui: bool = True  # named by /sdapi/v1/scripts and described by script-info
+    variadic: bool = False  # its args are its units, as many as sent (ControlNet's), not positions in its UI
 
 
 # Soft Inpainting's settings: sdtrt's soft_inpainting_* fields (their labels, ranges and defaults are A1111's UI
@@ -76,6 +80,7 @@ ALWAYSON = {s.title.lower(): s for s in (
     AlwaysOn("Hypertile", (TXT2IMG, IMG2IMG), has_ui=False),
     AlwaysOn("Soft Inpainting", (IMG2IMG,), SOFT_INPAINTING_ARGS, SOFT_INPAINTING_DEFAULTS, soft_inpainting),
     AlwaysOn("Comments", (TXT2IMG, IMG2IMG), has_ui=False),
+    AlwaysOn("ControlNet", (TXT2IMG, IMG2IMG), read=controlnet_settings, has_ui=False, variadic=True),
     AlwaysOn("Refiner", (TXT2IMG, IMG2IMG), (Arg("Refiner"), Arg("Checkpoint"), Arg("Switch at", 0.01, 1, 0.01)),
              (False, "", 0.8)),
     AlwaysOn("Sampler", (TXT2IMG, IMG2IMG), _sampler_args(), (20, "DPM++ 2M", SCHEDULE_TYPES[0])),
@@ -110,6 +115,9 @@ def _named(body: _Request) -> list[tuple[AlwaysOn, list[Any]]]:
         args = value.get("args", []) if isinstance(value, dict) else None
         if not isinstance(args, list):
             raise refuse(where, 'an object {"args": [...]} (the script\'s arguments in its UI\'s order)')
+        if script.variadic:
+            found.append((script, args))
+            continue
         given = args[:len(script.defaults)]
         found.append((script, given + list(script.defaults[len(given):])))
     return found
@@ -127,9 +135,13 @@ def alwayson_settings(body: _Request) -> dict[str, Any]:
 def ignored_alwayson(body: _Request) -> list[str]:
     """The always-on scripts named with arguments that change nothing through A1111's API (Refiner, Seed,
     Sampler: the request's fields decide)."""
-    return [f"alwayson_scripts.{name}" for name, value in body.alwayson_scripts.items()
-            if (s := ALWAYSON.get(str(name).lower())) is not None and s.read is None and s.args
-            and isinstance(value, dict) and value.get("args")]
+    ignored = [f"alwayson_scripts.{name}" for name, value in body.alwayson_scripts.items()
+               if (s := ALWAYSON.get(str(name).lower())) is not None and s.read is None and s.args
+               and isinstance(value, dict) and value.get("args")]
+    for name, value in body.alwayson_scripts.items():
+        if str(name).lower() == "controlnet" and isinstance(value, dict) and isinstance(value.get("args"), list):
+            ignored += ignored_unit_fields(value["args"])
+    return ignored
 
 
 def alwayson_titles(tab: str) -> list[str]:

@@ -54,6 +54,7 @@ from sdtrt.client.apps.a1111_requests import (
     translate,
     updated_options,
 )
+from sdtrt.client.apps.a1111_controlnet import add_controlnet_routes, a1111_unit_field
 from sdtrt.client.apps.a1111_alwayson import alwayson_info, alwayson_settings, alwayson_titles, ignored_alwayson
 from sdtrt.client.apps.a1111_scripts import Script, find_script, script_info, script_titles
 from sdtrt.client.apps.web_guard import DEFAULT_MAX_BODY, USER_KEY, WebGuard, server_failure
@@ -240,10 +241,10 @@ class Gateway:
         try:
             return call(dict(settings), progress, job.control)  # (img2img pops the prompt)
         except InvalidRequest as exc:
-            raise refuse(A1111_NAME.get(exc.field, exc.field), str(exc)) from None
+            raise refuse(a1111_field(exc.field), str(exc)) from None
         except ServerRefused as exc:  # a check only the server could make: its words, as the gateway's own
             field = invalid_field(str(exc)) or "request"
-            raise refuse(A1111_NAME.get(field, field), str(exc)) from None
+            raise refuse(a1111_field(field), str(exc)) from None
         # (the server unavailable or failed: add_error_handlers answers, without the client's words)
 
     def save(self, kind: str, result: Generation) -> None:
@@ -331,21 +332,27 @@ def create_app(client: Client, outputs: Path | None = None, auth: dict[str, str]
     add_generation_routes(app, gateway, anyio.CapacityLimiter(limits.max_generations))
     add_control_routes(app, gateway)
     add_info_routes(app, gateway, metrics_url, flags)
+    add_controlnet_routes(app, lambda: client.catalog)
     return app
+
+
+def a1111_field(field: str) -> str:
+    """A refused field by A1111's name for it (a ControlNet unit's: where the extension's args hold it)."""
+    return a1111_unit_field(field) or A1111_NAME.get(field, field)
 
 
 def add_error_handlers(app: FastAPI) -> None:
     """Every error in A1111's shape; an unexpected one says only its id (the details stay in the log)."""
     @app.exception_handler(InvalidRequest)
     async def invalid(_, exc: InvalidRequest):
-        detail = [{"loc": ["body", A1111_NAME.get(exc.field, exc.field)], "msg": str(exc), "type": "value_error"}]
+        detail = [{"loc": ["body", a1111_field(exc.field)], "msg": str(exc), "type": "value_error"}]
         return answer.a1111_error(gateway_status(exc), "InvalidRequest", detail, str(exc))
 
     @app.exception_handler(ServerError)  # from any route: a generation, or the models read when the server is down
     async def server_failed(_, exc: ServerError):
         if isinstance(exc, ServerRefused):  # its words name the field, as the gateway's own refusals do
             field = invalid_field(str(exc)) or "request"
-            detail = [{"loc": ["body", A1111_NAME.get(field, field)], "msg": str(exc), "type": "value_error"}]
+            detail = [{"loc": ["body", a1111_field(field)], "msg": str(exc), "type": "value_error"}]
             return answer.a1111_error(gateway_status(exc), "InvalidRequest", detail, str(exc))
         text = server_failure(exc, log)  # the client's words name the server's address: the log's alone
         retry = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServerUnavailable) else None
