@@ -382,3 +382,22 @@ def test_the_extensions_routes_list_and_detect(gateway, local):
                                                        {"model": "control_nope", "image": sent}]}}})
         assert bad.status_code == 422
         assert bad.json()["detail"][0]["loc"] == ["body", "alwayson_scripts.controlnet.args.0.model"]
+
+
+def test_the_cli_takes_controlnet_units_locally_and_served(repo, served, local, tmp_path):
+    from sdtrt.client.apps.cli import main as cli
+
+    picture = sample_picture(64, 64)
+    png = tmp_path / "edges.png"
+    Image.fromarray(picture).save(png)
+    unit = ControlUnit(model=CANNY, weight=0.8, guidance_end=0.6, control_mode="My prompt is more important")
+    expected = local.txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=_units(unit)), control_images=[picture])
+    flags = ["txt2img", REQUEST["prompt"], "--negative-prompt", REQUEST["negative_prompt"], "--sampler", "Euler",
+             "--steps", "6", "--seed", "11", "--width", "64", "--height", "64", "--cfg-scale", "7",
+             "--controlnet", f"{CANNY}:{png}:0.8,guidance_end=0.6,control_mode=My prompt is more important"]
+    for where, folder in ((["--local", str(repo)], "local"), (["--url", served.url], "served")):
+        assert cli([*flags, *where, "--out", str(tmp_path / folder)]) == 0
+        with Image.open(tmp_path / folder / "00001-11.png") as im:
+            assert max_diff(np.asarray(im.convert("RGB"))[None], expected.images) <= MAX_PIXEL_DIFF
+            assert "Guidance End: 0.6" in im.info["parameters"]
+    assert cli([*flags[:-1], f"{CANNY}", "--local", str(repo), "--out", str(tmp_path)]) == 2  # no picture: said

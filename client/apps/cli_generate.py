@@ -112,6 +112,7 @@ def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
     p.add_argument("--firstpass-image", type=Path, default=None, metavar="FILE",
                    help="with --enable-hr: start the hires fix from this picture (the first pass's size) instead of "
                    "drawing the first pass (A1111's firstpass_image)")
+    _controlnet_flag(p)
     add_target_flags(p)
     p.set_defaults(func=cmd_txt2img)
 
@@ -124,6 +125,7 @@ def add_commands(sub, spec: "ModelSpec | None" = None) -> None:
     p.add_argument("--latent-mask", type=Path, default=None, metavar="FILE",
                    help="inpainting: another mask for the latents' blending, taken as it is (A1111's latent_mask)")
     add_field_flags(p, Img2ImgRequest, spec)
+    _controlnet_flag(p)
     add_target_flags(p)
     p.set_defaults(func=cmd_img2img)
 
@@ -286,9 +288,61 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _controlnet_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--controlnet", action="append", default=[], metavar="NAME:IMAGE[:WEIGHT][,KEY=VALUE...]",
+                   help="a ControlNet unit (repeatable, at most 3): the model's ControlNet NAME (its file stem, as "
+                   "`sdtrt models` lists them) steered by the control picture IMAGE at WEIGHT (default 1); more of "
+                   "sd-webui-controlnet's unit settings after commas, e.g. ,module=canny,guidance_end=0.6,"
+                   "control_mode=ControlNet is more important")
+
+
+def controlnet_units(texts: list[str]) -> list[dict[str, Any]]:
+    """The units of the --controlnet flags, each with its picture loaded (``image``)."""
+    units = []
+    for text in texts:
+        head, *pairs = text.split(",")
+        name, _, rest = head.partition(":")
+        path, weight = rest, None
+        if ":" in rest:
+            before, _, last = rest.rpartition(":")
+            try:
+                path, weight = before, float(last)
+            except ValueError:
+                pass
+        if not name or not path:
+            raise UsageError(f"--controlnet {text!r}: give NAME:IMAGE[:WEIGHT], e.g. control_v11p_sd15_canny:edges.png")
+        unit: dict[str, Any] = {"model": name, "image": _picture(Path(path), "RGB")}
+        if weight is not None:
+            unit["weight"] = weight
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise UsageError(f"--controlnet {text!r}: {pair!r} is not KEY=VALUE")
+            unit[key.strip()] = _setting_value(value.strip())
+        units.append(unit)
+    return units
+
+
+def _setting_value(value: str) -> Any:
+    """A unit setting from the command line: true/false, a number, or the text as it is."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _settings(args: argparse.Namespace, request_type: type) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in job_fields(request_type)
-            if name != "prompt" and getattr(args, name, None) is not None}
+    settings = {name: getattr(args, name) for name in job_fields(request_type)
+                if name != "prompt" and getattr(args, name, None) is not None}
+    if getattr(args, "controlnet", None):
+        if "controlnet_units" in settings:
+            raise UsageError("--controlnet and --controlnet-units: give the units one way")
+        settings["controlnet"] = controlnet_units(args.controlnet)
+    return settings
 
 
 def _infotext(path: Path) -> str:
@@ -362,6 +416,11 @@ def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[s
     from sdtrt.pipeline.local import LocalPipeline
 
     request_type = Txt2ImgRequest if job == "txt2img" else Img2ImgRequest
+    units = settings.pop("controlnet", None) or []
+    controls = [None if u.get("image") is None else np.asarray(u["image"]) for u in units]
+    if units:
+        settings["controlnet_units"] = json.dumps([{k: v for k, v in u.items() if k not in ("image", "mask")}
+                                                   for u in units])
     request = validate(request_type(prompt=prompt, **settings), load_spec(args.local, args.model))  # fail first
     batches = batch_count(resolve_seeds(request), args.n_iter)
     pipeline = LocalPipeline(args.local, model=args.model)
@@ -371,10 +430,11 @@ def _run_local(args: argparse.Namespace, job: str, prompt: str, settings: dict[s
 
         if job == "txt2img":
             first = None if images[0] is None else np.asarray(images[0])
-            return concatenate([pipeline.txt2img(r, on_step=on_step, firstpass_image=first) for r in batches])
+            return concatenate([pipeline.txt2img(r, on_step=on_step, firstpass_image=first, control_images=controls)
+                                for r in batches])
         init, mask, latent_mask = [None if im is None else np.asarray(im) for im in images]
-        return concatenate([pipeline.img2img(r, init, mask, on_step=on_step, latent_mask=latent_mask)
-                            for r in batches])
+        return concatenate([pipeline.img2img(r, init, mask, on_step=on_step, latent_mask=latent_mask,
+                                             control_images=controls) for r in batches])
 
 
 def cmd_png_info(args: argparse.Namespace) -> int:
