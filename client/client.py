@@ -264,6 +264,11 @@ class Client:
                 found.setdefault(name, spec)
         return found
 
+    def controlnets(self) -> list[str]:
+        """The ControlNets of the server's models by A1111's name ("stem [hash]"), each once, in order."""
+        return list(dict.fromkeys(entry["title"] for spec in self.catalog.models.values()
+                                  for entry in spec.controlnets.values()))
+
     def upscalers(self) -> dict[str, ModelSpec]:
         """The upscaler models the server's models were exported with (--upscalers)."""
         return self._registered("upscalers")

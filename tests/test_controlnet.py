@@ -401,3 +401,58 @@ def test_the_cli_takes_controlnet_units_locally_and_served(repo, served, local, 
             assert max_diff(np.asarray(im.convert("RGB"))[None], expected.images) <= MAX_PIXEL_DIFF
             assert "Guidance End: 0.6" in im.info["parameters"]
     assert cli([*flags[:-1], f"{CANNY}", "--local", str(repo), "--out", str(tmp_path)]) == 2  # no picture: said
+
+
+@pytest.mark.skipif(__import__("servers").CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_the_pages_controlnet_panel_steers_its_picture(served, local, tmp_path):
+    import subprocess
+    import sys
+
+    from playwright.sync_api import sync_playwright
+
+    from servers import CHROMIUM, first_answer, free_ports
+    from sdtrt.requests.generation import settings_from_infotext
+
+    picture = sample_picture(64, 64)
+    Image.fromarray(picture).save(tmp_path / "control.png")
+    (port,) = free_ports(1)
+    out = tmp_path / "outputs"
+    proc = subprocess.Popen([sys.executable, "-m", "sdtrt", "ui", "--url", served.url, "--port", str(port),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert first_answer(f"http://127.0.0.1:{port}/", proc) == 200
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            tab = page.locator("#tab_txt2img")
+            tab.wait_for(timeout=60000)
+            tab.get_by_label("Prompt", exact=True).fill(REQUEST["prompt"])
+            for label, value in (("Sampling steps", 4), ("Width", 64), ("Height", 64)):
+                box = tab.get_by_label(f"number input for {label}")
+                box.fill(str(value))
+                box.press("Enter")
+            tab.get_by_label("Seed", exact=True).fill("5")
+            page.locator("#txt2img_controlnet").get_by_text("ControlNet").first.click()
+            page.locator("#txt2img_controlnet_enable input").check()
+            page.locator("#txt2img_controlnet_image input[type=file]").set_input_files(str(tmp_path / "control.png"))
+            page.locator("#txt2img_controlnet_image img").first.wait_for(timeout=30000)
+            page.locator("#txt2img_generate").click()
+            page.wait_for_function("() => (document.querySelector('#txt2img_progress')?.innerText || '')"
+                                   ".includes('Done')", timeout=120000)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    (saved,) = (out / "txt2img-images").iterdir()
+    with Image.open(saved) as im:
+        shown, text = np.asarray(im.convert("RGB")), im.info["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: ' in text
+    settings = settings_from_infotext(text)
+    model = text.split("Model: ")[2].split(",")[0]
+    fields = {k: v for k, v in settings.items() if k in Txt2ImgRequest.__dataclass_fields__}
+    unit = ControlUnit(model=model)
+    expected = local.txt2img(Txt2ImgRequest(**{**fields, "controlnet_units": _units(unit)}), control_images=[picture])
+    assert max_diff(shown[None], expected.images) <= MAX_PIXEL_DIFF
+    assert model in {entry["title"] for entry in local.spec.controlnets.values()}  # (the panel's first model)
+    assert max_diff(shown[None], local.txt2img(Txt2ImgRequest(**fields)).images) > 3  # (and the unit steered it)

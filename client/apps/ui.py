@@ -44,6 +44,9 @@ from sdtrt.contract.errors import DiskFull, InvalidRequest, SdtrtError, echo
 from sdtrt.contract.outputs import disk_full_summary, save_png
 from sdtrt.contract.spec import CLIP_INTERROGATOR
 from sdtrt.contract.pictures import MAX_PICTURE_BYTES, MAX_PICTURE_PIXELS, open_picture, restrict_pillow
+from sdtrt.requests.controlnet import CONTROL_MODES
+from sdtrt.requests.controlnet import RESIZE_MODES as CONTROLNET_RESIZE_MODES
+from sdtrt.requests.preprocessors import PREPROCESSORS
 from sdtrt.requests.fields import LABELS, tab_fields
 from sdtrt.requests.generation import Generation, settings_from_infotext
 from sdtrt.requests.styles import DEFAULT_STYLES_FILE, apply_styles, load_styles
@@ -239,10 +242,12 @@ class Tab:
     hires: Any = None  # txt2img: the Hires. fix accordion
     variation: Any = None  # the Variation seed accordion
     interrogate: dict = field(default_factory=dict)  # img2img: interrogator -> its button (A1111's two)
+    controlnet: dict = field(default_factory=dict)  # the ControlNet panel's controls (CONTROLNET_CONTROLS)
 
     @property
     def inputs(self) -> list:
-        return [self.prompt, self.negative, self.styles, self.n_iter, *self.fields.values()]
+        return [self.prompt, self.negative, self.styles, self.n_iter, *self.controlnet.values(),
+                *self.fields.values()]
 
     @property
     def outputs(self) -> list:
@@ -259,7 +264,35 @@ def _interrogate_buttons(interrogators: tuple[str, ...]) -> dict[str, Any]:
                 for model, label in INTERROGATE_BUTTONS.items()}
 
 
-def _generation_tab(spec, kind: str, styles: list[str], interrogators: tuple[str, ...] = ()) -> Tab:
+# The ControlNet panel's controls, in the order the handlers read them (one unit, as the extension's first tab)
+CONTROLNET_CONTROLS = ("enabled", "image", "model", "module", "weight", "guidance_start", "guidance_end",
+                       "control_mode", "resize_mode", "pixel_perfect")
+
+
+def _controlnet_panel(kind: str, models: list[str]) -> dict[str, Any]:
+    """sd-webui-controlnet's unit panel (its first unit), shown when the server has ControlNets."""
+    with gr.Accordion("ControlNet", open=False, visible=bool(models), elem_id=f"{kind}_controlnet"):
+        controls = {"enabled": gr.Checkbox(False, label="Enable", elem_id=f"{kind}_controlnet_enable"),
+                    "image": gr.Image(label="Control picture", type="numpy", sources=["upload", "clipboard"],
+                                      elem_id=f"{kind}_controlnet_image", height=256)}
+        with gr.Row():
+            controls["model"] = gr.Dropdown(choices=models, value=models[0] if models else None, label="Model",
+                                            elem_id=f"{kind}_controlnet_model")
+            controls["module"] = gr.Dropdown(choices=list(PREPROCESSORS), value="none", label="Preprocessor",
+                                             elem_id=f"{kind}_controlnet_module")
+        controls["weight"] = gr.Slider(0, 2, value=1, step=0.05, label="Control Weight")
+        with gr.Row():
+            controls["guidance_start"] = gr.Slider(0, 1, value=0, step=0.01, label="Starting Control Step")
+            controls["guidance_end"] = gr.Slider(0, 1, value=1, step=0.01, label="Ending Control Step")
+        controls["control_mode"] = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control Mode")
+        controls["resize_mode"] = gr.Radio(list(CONTROLNET_RESIZE_MODES), value="Crop and Resize",
+                                           label="Resize Mode")
+        controls["pixel_perfect"] = gr.Checkbox(False, label="Pixel Perfect")
+    return controls
+
+
+def _generation_tab(spec, kind: str, styles: list[str], interrogators: tuple[str, ...] = (),
+                    controlnets: list[str] | None = None) -> Tab:
     picture = hires = None
     with gr.Row():
         with gr.Column(scale=4):
@@ -318,6 +351,7 @@ def _generation_tab(spec, kind: str, styles: list[str], interrogators: tuple[str
             with gr.Accordion("Variation seed", open=False) as variation:
                 row("subseed", "subseed_strength")
                 row("seed_resize_from_w", "seed_resize_from_h")
+            controlnet = _controlnet_panel(kind, controlnets or [])
             unplaced = [name for name in tab_fields(kind) if name not in fields]
             if unplaced:  # a field the layout above does not place yet still gets its control
                 with gr.Accordion("Other settings", open=False):
@@ -330,14 +364,13 @@ def _generation_tab(spec, kind: str, styles: list[str], interrogators: tuple[str
             gallery = gr.Gallery(label="Output", columns=2, height="auto", format="png", elem_id=f"{kind}_gallery")
             info = gr.Textbox(label="Generation parameters (A1111 infotext)", lines=4, interactive=False,
                               elem_id=f"{kind}_info")
-    last_seeds = gr.State([])
-    infotexts = gr.State([])
+    last_seeds, infotexts = gr.State([]), gr.State([])
     random_seed.click(lambda: -1, outputs=fields["seed"])
     reuse_seed.click(lambda seeds: seeds[0] if seeds else -1, inputs=last_seeds, outputs=fields["seed"])
     # keep the order the handlers read them in
     fields = {name: fields[name] for name in tab_fields(kind)}
     return Tab(prompt, negative, style_picker, n_iter, fields, generate, interrupt, skip, gallery, preview, progress,
-               info, last_seeds, infotexts, picture, hires, variation, interrogate)
+               info, last_seeds, infotexts, picture, hires, variation, interrogate, controlnet)
 
 
 def _too_many_pixels(value: str) -> InvalidRequest:
@@ -462,13 +495,15 @@ class Sent:
     n_iter: Any
     values: tuple  # the tab's request fields, in its order
     picture: Any = None  # img2img: the sketch/upload with its mask
+    controlnet: tuple = ()  # the ControlNet panel's values (CONTROLNET_CONTROLS)
 
     @classmethod
     def of(cls, kind: str, inputs: tuple) -> "Sent":
         model_title, clip, *rest = inputs
         picture = rest.pop(0) if kind == "img2img" else None
         prompt, negative, chosen, n_iter, *values = rest
-        return cls(kind, model_title, clip, prompt, negative, chosen, n_iter, tuple(values), picture)
+        unit, values = values[:len(CONTROLNET_CONTROLS)], values[len(CONTROLNET_CONTROLS):]
+        return cls(kind, model_title, clip, prompt, negative, chosen, n_iter, tuple(values), picture, tuple(unit))
 
 
 @dataclass(frozen=True)
@@ -482,6 +517,27 @@ class Checked:
     n_iter: int
     fields: dict[str, Any]
     init_and_mask: tuple | None
+    controlnet: tuple = ()  # the unit the ControlNet panel enables, with its picture (none: not enabled)
+
+
+def controlnet_unit(values: tuple, models: list[str]) -> tuple:
+    """The ControlNet panel's unit, checked (nothing: the panel is not enabled): a model the server has, a
+    picture; the rest is the client's to check (InvalidRequest naming the setting)."""
+    unit = dict(zip(CONTROLNET_CONTROLS, values))
+    if not unit.get("enabled"):
+        return ()
+    if unit.get("model") not in models:
+        raise InvalidRequest("ControlNet model", unit.get("model"), "one of the server's ControlNets: " +
+                             (", ".join(models) or "none (export with --controlnets DIR)"))
+    picture = unit.pop("image")
+    if not isinstance(picture, np.ndarray) or picture.ndim != 3:
+        raise InvalidRequest("Control picture", None, "a picture: upload one for the ControlNet unit")
+    if picture.shape[0] * picture.shape[1] > MAX_PICTURE_PIXELS:
+        raise _too_many_pixels(f"<{picture.shape[1]}x{picture.shape[0]} picture>")
+    unit.pop("enabled")
+    return ({**unit, "weight": float(unit["weight"]), "guidance_start": float(unit["guidance_start"]),
+             "guidance_end": float(unit["guidance_end"]), "pixel_perfect": bool(unit["pixel_perfect"]),
+             "image": np.ascontiguousarray(picture[..., :3], dtype=np.uint8)},)
 
 
 class Page:
@@ -512,7 +568,8 @@ class Page:
                 for kind in ("txt2img", "img2img"):
                     with gr.Tab(kind, id=kind, elem_id=f"tab_{kind}"):
                         self.tabs[kind] = _generation_tab(self.spec, kind, list(self.styles),
-                                                          tuple(self.client.interrogators()))
+                                                          tuple(self.client.interrogators()),
+                                                          self.client.controlnets())
                 with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
                     self.extras_tab()
                 with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
@@ -632,10 +689,11 @@ class Page:
             fields = {name: _typed(self.spec, name, value) for name, value in zip(names, sent.values)}
             clip = _typed(self.spec, "clip_skip", sent.clip)
             init_and_mask = _mask_and_picture(sent.picture) if sent.kind == "img2img" else None
+            unit = controlnet_unit(sent.controlnet, self.client.controlnets())
         except InvalidRequest as exc:
             raise _error(str(exc)) from None
         prompt, negative = apply_styles(sent.prompt or "", sent.negative or "", [self.styles[s] for s in chosen])
-        return Checked(models[sent.model_title], int(clip), prompt, negative, count, fields, init_and_mask)
+        return Checked(models[sent.model_title], int(clip), prompt, negative, count, fields, init_and_mask, unit)
 
     def run(self, request: gr.Request, sent: Sent):
         """One generation, its progress shown while it runs; stopped if the page goes away."""
@@ -672,7 +730,7 @@ class Page:
     def work(self, kind: str, job: Checked, control: JobControl) -> Callable:
         """The client call that runs ``job``, given the callback that follows its batches."""
         common = dict(model=job.model, negative_prompt=job.negative, clip_skip=job.clip_skip, control=control,
-                      n_iter=job.n_iter, **job.fields)
+                      n_iter=job.n_iter, **job.fields, **({"controlnet": list(job.controlnet)} if job.controlnet else {}))
         if kind == "txt2img":
             return lambda on_batch: self.client.txt2img(job.prompt, progress=on_batch, **common)
         init, mask = job.init_and_mask
