@@ -456,3 +456,120 @@ def test_the_pages_controlnet_panel_steers_its_picture(served, local, tmp_path):
     assert max_diff(shown[None], expected.images) <= MAX_PIXEL_DIFF
     assert model in {entry["title"] for entry in local.spec.controlnets.values()}  # (the panel's first model)
     assert max_diff(shown[None], local.txt2img(Txt2ImgRequest(**fields)).images) > 3  # (and the unit steered it)
+
+
+# --- the preprocessors and the resize modes, against the extension's code restated with OpenCV -------------------
+
+def _ext_pad(img, res):
+    """The extension's resize_image_with_pad, restated: short side to res (cubic up, area down), edge-padded to 64s."""
+    import cv2
+
+    h, w = img.shape[:2]
+    k = res / min(h, w)
+    th, tw = int(np.round(h * k)), int(np.round(w * k))
+    out = cv2.resize(img, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    pad = lambda n: int(np.ceil(n / 64) * 64 - n)  # noqa: E731
+    return np.pad(out, [[0, pad(th)], [0, pad(tw)], [0, 0]], mode="edge"), (th, tw)
+
+
+def _ext_reference(module, img, res, a):
+    import cv2
+
+    padded, (th, tw) = _ext_pad(img, res)
+    crop = lambda x: x[:th, :tw]  # noqa: E731
+    if module == "canny":
+        return np.stack([crop(cv2.Canny(padded, 100, 200))] * 3, axis=2)
+    if module == "invert":
+        return 255 - img
+    if module == "threshold":
+        return np.stack([crop(np.where(padded.min(axis=2) > a, 255, 0).astype(np.uint8))] * 3, axis=2)
+    if module == "blur_gaussian":
+        return cv2.GaussianBlur(crop(padded), (0, 0), a)
+    if module == "scribble_xdog":
+        f = padded.astype(np.float32)
+        dog = (255 - np.min(cv2.GaussianBlur(f, (0, 0), 5.0) - cv2.GaussianBlur(f, (0, 0), 0.5), axis=2))
+        dog = dog.clip(0, 255).astype(np.uint8)
+        return crop(np.where((2 * (255 - dog) > a)[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2))
+    if module == "tile_resample":
+        return cv2.resize(img, (int(img.shape[1] / a), int(img.shape[0] / a)), interpolation=cv2.INTER_AREA)
+    if module == "lineart_standard":
+        f = padded.astype(np.float32)
+        v = np.min(cv2.GaussianBlur(f, (0, 0), 6.0) - f, axis=2).clip(0, 255)
+        v /= max(16, np.median(v[v > 8]))
+        return np.stack([crop((v * 127).clip(0, 255).astype(np.uint8))] * 3, axis=2)
+    raise AssertionError(module)
+
+
+@pytest.mark.parametrize("module, res, a", [("canny", 96, -1), ("invert", 512, -1), ("threshold", 80, 100),
+                                            ("blur_gaussian", 72, 3.0), ("scribble_xdog", 128, 20),
+                                            ("tile_resample", 512, 2.5), ("lineart_standard", 100, -1)])
+def test_each_preprocessor_makes_the_extensions_map(module, res, a):
+    from sdtrt.requests.preprocessors import preprocess
+
+    picture = sample_picture(120, 80)
+    unit = ControlUnit(model=CANNY, module=module, processor_res=res, threshold_a=a)
+    got = preprocess(unit, picture, None, (64, 64))
+    expected = _ext_reference(module, picture, res, a if a != -1 else None)
+    assert got.dtype == np.uint8 and got.shape == expected.shape and np.array_equal(got, expected), module
+
+
+def test_pixel_perfect_reads_the_resolution_from_the_generations_size():
+    from sdtrt.requests.preprocessors import pixel_perfect_resolution, preprocess
+
+    picture = sample_picture(120, 80)  # 120 x 80 to 64 x 96: covering scales by 1.2, fitting by 0.533
+    assert pixel_perfect_resolution(picture, 64, 96, "Crop and Resize") == 96
+    assert pixel_perfect_resolution(picture, 64, 96, "Resize and Fill") == 43
+    unit = ControlUnit(model=CANNY, module="canny", pixel_perfect=True, processor_res=512)
+    assert preprocess(unit, picture, None, (64, 96)).shape[:2] == (96, 144)
+
+
+def _ext_resize(x, w, h, mode):
+    """The extension's detectmap_proc for maps of many colours or a few (not its binary-edge path), restated."""
+    import cv2
+
+    def hq(m, size):
+        if m.shape[:2] == (size[1], size[0]):
+            return m
+        colours = len(np.unique(m.reshape(-1, 3), axis=0))
+        smaller = size[0] * size[1] < m.shape[0] * m.shape[1]
+        how = cv2.INTER_NEAREST if 2 < colours < 200 else cv2.INTER_AREA if smaller else cv2.INTER_CUBIC
+        return cv2.resize(m, size, interpolation=how)
+
+    if mode == "Just Resize":
+        return hq(x, (w, h))
+    k0, k1 = h / x.shape[0], w / x.shape[1]
+    if mode == "Resize and Fill":
+        k = min(k0, k1)
+        border = np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]]), axis=0).astype(np.uint8)
+        out = np.tile(border[None, None], [h, w, 1])
+        m = hq(x, (int(np.round(x.shape[1] * k)), int(np.round(x.shape[0] * k))))
+        top, left = max(0, (h - m.shape[0]) // 2), max(0, (w - m.shape[1]) // 2)
+        out[top:top + m.shape[0], left:left + m.shape[1]] = m
+        return out
+    k = max(k0, k1)
+    m = hq(x, (int(np.round(x.shape[1] * k)), int(np.round(x.shape[0] * k))))
+    top, left = max(0, (m.shape[0] - h) // 2), max(0, (m.shape[1] - w) // 2)
+    return m[top:top + h, left:left + w]
+
+
+@pytest.mark.parametrize("mode", ["Just Resize", "Crop and Resize", "Resize and Fill"])
+def test_resize_modes_fit_the_map_as_the_extension_does(mode):
+    from sdtrt.requests.preprocessors import resize_map
+
+    smooth = sample_picture(120, 80)
+    few = (smooth // 86 * 86).astype(np.uint8)  # a segmentation-like map: 27 colours at the most
+    for picture, (w, h) in ((smooth, (64, 96)), (smooth, (240, 160)), (few, (96, 64))):
+        assert np.array_equal(resize_map(picture, w, h, mode), _ext_resize(picture, w, h, mode)), (mode, w, h)
+
+
+def test_binary_edges_stay_thin_and_binary_when_resized():
+    import cv2
+
+    from sdtrt.requests.preprocessors import resize_map
+
+    edges = np.stack([cv2.Canny(sample_picture(120, 80), 100, 200)] * 3, axis=2)
+    for w, h in ((240, 160), (60, 40)):
+        out = resize_map(edges, w, h, "Just Resize")
+        assert out.shape == (h, w, 3) and set(np.unique(out)) <= {0, 255}
+        opened = cv2.dilate(cv2.erode(out, np.ones((3, 3), np.uint8)), np.ones((3, 3), np.uint8))
+        assert (opened < out).sum() * 2 > (out > 127).sum()  # still one pixel wide, as the extension keeps them

@@ -79,21 +79,17 @@ def _invert(picture: np.ndarray, res: int, a: float, b: float) -> np.ndarray:
     return 255 - hwc3(picture)
 
 
-def _binary(picture: np.ndarray, res: int, threshold: float, b: float) -> np.ndarray:
-    """White where the picture is dark: Otsu's threshold at 0 (the slider's default), else the slider's."""
-    cv2 = _cv2()
+def _threshold(picture: np.ndarray, res: int, level: float, b: float) -> np.ndarray:
+    """White where every channel is brighter than the level."""
     img, unpad = resize_with_pad(picture, res)
-    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    if int(threshold) in (0, 255):
-        _, out = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)
-    else:
-        _, out = cv2.threshold(grey, int(threshold), 255, cv2.THRESH_BINARY_INV)
+    out = np.zeros_like(img, dtype=np.uint8)
+    out[np.min(img, axis=2) > level] = 255
     return unpad(out)
 
 
 def _blur(picture: np.ndarray, res: int, sigma: float, b: float) -> np.ndarray:
     img, unpad = resize_with_pad(picture, res)
-    return unpad(_cv2().GaussianBlur(img, (0, 0), float(sigma)))
+    return _cv2().GaussianBlur(unpad(img), (0, 0), float(sigma))  # (the padding off first, as the extension)
 
 
 def _tile_resample(picture: np.ndarray, res: int, down: float, b: float) -> np.ndarray:
@@ -118,31 +114,31 @@ def _scribble_xdog(picture: np.ndarray, res: int, threshold: float, b: float) ->
     return unpad(out)
 
 
-def _lineart_standard(picture: np.ndarray, res: int, gaussian: float, intensity: float) -> np.ndarray:
-    """Lines where the picture is darker than its blur ("lineart_standard (from white bg & black line)")."""
+def _lineart_standard(picture: np.ndarray, res: int, a: float, b: float) -> np.ndarray:
+    """Lines where the picture is darker than its blur ("lineart_standard (from white bg & black line)"), scaled by
+    the median of the clear ones."""
     cv2 = _cv2()
     img, unpad = resize_with_pad(picture, res)
     x = img.astype(np.float32)
-    g = cv2.GaussianBlur(x, (0, 0), float(gaussian))
-    intensity_map = np.min(g - x, axis=2).clip(0, 255)
-    intensity_map /= max(16.0, float(np.median(intensity_map[intensity_map > float(intensity)])) if
-                         (intensity_map > float(intensity)).any() else 16.0)
-    return unpad((intensity_map * 255.0).clip(0, 255).astype(np.uint8))
+    intensity = np.min(cv2.GaussianBlur(x, (0, 0), 6.0) - x, axis=2).clip(0, 255)
+    clear = intensity[intensity > 8]
+    intensity /= max(16.0, float(np.median(clear)) if clear.size else 16.0)
+    return unpad((intensity * 127).clip(0, 255).astype(np.uint8))
 
 
 PREPROCESSORS: dict[str, Preprocessor] = {
     "none": Preprocessor(None),
     "invert": Preprocessor(_invert),
     "canny": Preprocessor(_canny, 512, 100.0, 200.0, ((1, 255), (1, 255))),
-    "binary": Preprocessor(_binary, 512, 0.0, None, ((0, 255), None)),
+    "threshold": Preprocessor(_threshold, 512, 127.0, None, ((0, 255), None)),
     "blur_gaussian": Preprocessor(_blur, 512, 9.0, None, ((0.01, 64.0), None)),
     "tile_resample": Preprocessor(_tile_resample, 512, 1.0, None, ((1.0, 8.0), None)),
     "scribble_xdog": Preprocessor(_scribble_xdog, 512, 32.0, None, ((1, 64), None)),
-    "lineart_standard": Preprocessor(_lineart_standard, 512, 6.0, 8.0, ((0, 100), (0, 16))),
+    "lineart_standard": Preprocessor(_lineart_standard),
 }
 
 
-def _threshold(unit: "ControlUnit", index: int, value: float, default: float | None,
+def _slider(unit: "ControlUnit", index: int, value: float, default: float | None,
                limits: tuple[float, float] | None) -> float:
     if value == -1 or default is None:
         return default if default is not None else value
@@ -171,8 +167,8 @@ def preprocess(unit: "ControlUnit", picture: np.ndarray, mask: np.ndarray | None
         res = pixel_perfect_resolution(picture, *size, unit.resize_mode)
     else:
         res = pre.resolution if unit.processor_res == -1 else unit.processor_res
-    a = _threshold(unit, 0, unit.threshold_a, pre.threshold_a, pre.ranges[0])
-    b = _threshold(unit, 1, unit.threshold_b, pre.threshold_b, pre.ranges[1])
+    a = _slider(unit, 0, unit.threshold_a, pre.threshold_a, pre.ranges[0])
+    b = _slider(unit, 1, unit.threshold_b, pre.threshold_b, pre.ranges[1])
     return hwc3(pre.run(picture, res, a, b))
 
 
@@ -180,15 +176,63 @@ def _unique_colours(x: np.ndarray) -> int:
     return len(np.unique(x.reshape(-1, x.shape[2]), axis=0))
 
 
+def _rotations(*kernels: list[list[int]]) -> list[np.ndarray]:
+    """Each 3x3 hit-or-miss kernel (1: set, -1: clear, 0: either) in its four rotations, rotation by rotation."""
+    return [np.rot90(np.array(k, dtype=np.int32), turn) for turn in range(4) for k in kernels]
+
+
+# lvmin's edge thinning (the extension's lvminthin.py): peel the pixels these patterns find until none is left,
+# then prune the spurs' ends
+_THINNING = _rotations([[-1, -1, -1], [0, 1, 0], [1, 1, 1]], [[0, -1, -1], [1, 1, -1], [0, 1, 0]])
+_PRUNING = _rotations([[-1, -1, -1], [-1, 1, -1], [0, 0, -1]], [[-1, -1, -1], [-1, 1, -1], [-1, 0, 0]])
+
+
+def _peel(x: np.ndarray, kernels: list[np.ndarray]) -> bool:
+    """Clear, in place, the pixels each pattern matches in turn; whether any was."""
+    cv2, changed = _cv2(), False
+    for kernel in kernels:
+        hits = np.where(cv2.morphologyEx(x, cv2.MORPH_HITMISS, kernel) > 127)
+        x[hits] = 0
+        changed |= hits[0].shape[0] > 0
+    return changed
+
+
+def thin_edges(x: np.ndarray, prune: bool) -> np.ndarray:
+    """Binary edges thinned to one pixel (at most 32 rounds), spurs pruned when the map grew."""
+    for _ in range(32):
+        if not _peel(x, _THINNING):
+            break
+    if prune:
+        _peel(x, _PRUNING)
+    return x
+
+
+def edge_nms(x: np.ndarray) -> np.ndarray:
+    """A pixel kept where it is the largest of its line in some direction (horizontal, vertical, both diagonals)."""
+    cv2 = _cv2()
+    lines = [np.array(k, dtype=np.uint8) for k in ([[0, 0, 0], [1, 1, 1], [0, 0, 0]], [[0, 1, 0], [0, 1, 0], [0, 1, 0]],
+                                                    [[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 0, 1], [0, 1, 0], [1, 0, 0]])]
+    y = np.zeros_like(x)
+    for line in lines:
+        np.putmask(y, cv2.dilate(x, kernel=line) == x, x)
+    return y
+
+
 def high_quality_resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The extension's resize of a control map to ``size`` (width, height)."""
+    """The extension's resize of a control map to ``size`` (width, height): nearest for maps of a few colours,
+    area when shrinking, cubic when growing; a black-and-white map thresholded again (Otsu), its one-pixel edges
+    kept one pixel wide."""
     cv2 = _cv2()
     width, height = size
     if (width, height) == (x.shape[1], x.shape[0]):
         return x
-    smaller = width * height < x.shape[0] * x.shape[1]
+    smaller, bigger = width * height < x.shape[0] * x.shape[1], width * height > x.shape[0] * x.shape[1]
     colours = _unique_colours(x)
     binary = colours == 2 and int(x.min()) < 16 and int(x.max()) > 240
+    one_pixel = False
+    if binary:
+        opened = cv2.dilate(cv2.erode(x, np.ones((3, 3), np.uint8)), np.ones((3, 3), np.uint8))
+        one_pixel = np.where(opened < x)[0].shape[0] * 2 > np.where(x > 127)[0].shape[0]
     if 2 < colours < 200:
         interpolation = cv2.INTER_NEAREST
     elif smaller:
@@ -198,7 +242,11 @@ def high_quality_resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     y = cv2.resize(x, (width, height), interpolation=interpolation)
     if binary:
         grey = np.mean(y.astype(np.float32), axis=2).clip(0, 255).astype(np.uint8)
+        if one_pixel:
+            grey = edge_nms(grey)
         _, grey = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        if one_pixel:
+            grey = thin_edges(grey, bigger)
         y = np.stack([grey] * 3, axis=2)
     return y
 
