@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from reference import MAX_PIXEL_DIFF, diffusers_images, max_diff, sample_picture
 from servers import triton_on
@@ -279,7 +279,7 @@ def test_export_refuses_a_controlnet_of_another_family_naming_both(default_model
     folder.mkdir()
     state = _ldm_keys(foreign.state_dict(), dict(foreign.config))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "control_sd21_canny.safetensors"))
-    with pytest.raises(UsageError, match=r"control_sd21_canny.safetensors is an SD 2.x ControlNet .*1024-wide"):
+    with pytest.raises(UsageError, match=r"control_sd21_canny.safetensors \(SD 2.x ControlNet\) does not fit .*1024-wide"):
         export_model(default_model, tmp_path / "repo", progress=False, report=lambda *_: None, controlnet_dir=folder)
     (folder / "control_sd21_canny.safetensors").unlink()
     save_file({"adapter.body.0.resnets.0.block1.weight": torch.zeros(1)}, str(folder / "t2iadapter_canny.safetensors"))
@@ -573,3 +573,35 @@ def test_binary_edges_stay_thin_and_binary_when_resized():
         assert out.shape == (h, w, 3) and set(np.unique(out)) <= {0, 255}
         opened = cv2.dilate(cv2.erode(out, np.ones((3, 3), np.uint8)), np.ones((3, 3), np.uint8))
         assert (opened < out).sum() * 2 > (out > 127).sum()  # still one pixel wide, as the extension keeps them
+
+
+def test_sdxl_controlnet_in_diffusers_layout_draws_diffusers_sdxl_controlnet_picture(controlnets, tmp_path_factory):
+    """An SDXL ControlNet as civitai holds them (diffusers' layout in one file), against diffusers' SDXL ControlNet
+    pipeline; an SD 1.x ControlNet given to the SDXL model is refused naming both."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+
+    from sdtrt.export import export_model
+    from sdtrt.pipeline.default_model import build_default_model
+
+    model = build_default_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
+    base = StableDiffusionXLPipeline.from_pretrained(str(model), local_files_only=True, dtype=torch.float32)
+    controlnet = _controlnet(base.unet, 4)
+    folder = tmp_path_factory.mktemp("ControlNet-XL")
+    save_file({k: v.contiguous() for k, v in controlnet.state_dict().items()},
+              str(folder / "diffusers_xl_canny_mid.safetensors"))
+    repo = tmp_path_factory.mktemp("controlnet-xl") / "repo"
+    export_model(model, repo, progress=False, report=lambda *_: None, controlnet_dir=folder)
+    parts = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    reference = ControlNetModel.from_config(controlnet.config)  # (the file's weights, read by safetensors)
+    reference.load_state_dict(load_file(str(folder / "diffusers_xl_canny_mid.safetensors")))
+    pipe = StableDiffusionXLControlNetPipeline(**{k: v for k, v in base.components.items() if k in parts},
+                                               controlnet=reference.eval())
+    pipe.set_progress_bar_config(disable=True)
+    picture = sample_picture(64, 64)
+    expected = diffusers_images(pipe, image=Image.fromarray(picture), controlnet_conditioning_scale=0.9, **REFERENCE)
+    got = LocalPipeline(repo).txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=_units(
+        ControlUnit(model="diffusers_xl_canny_mid", weight=0.9))), control_images=[picture])
+    assert max_diff(got.images, expected) <= MAX_PIXEL_DIFF
+    with pytest.raises(UsageError, match=rf"{DEPTH} \(32-wide text context ControlNet\) does not fit .*text_time"):
+        export_model(model, tmp_path_factory.mktemp("refused") / "repo", progress=False, report=lambda *_: None,
+                     controlnet_dir=controlnets[0])

@@ -76,13 +76,18 @@ def _fits(weights: Weights, kind: str, unet_config: dict[str, Any]) -> str | Non
     return "; ".join(differs) or None
 
 
-def family_name(weights: Weights) -> str:
-    """A ControlNet's family, by its text context's width and SDXL's added conditions (for the refusal's words)."""
-    if weights.has("label_emb.0.0.weight") or weights.has("add_embedding.linear_1.weight") or \
-            weights.has(LDM_PREFIX + "label_emb.0.0.weight"):
+def family_name(added: bool, cross: int | None) -> str:
+    """A ControlNet's family, by SDXL's added conditions and its text context's width (for the refusal's words)."""
+    if added:
         return "SDXL"
+    return {768: "SD 1.x", 1024: "SD 2.x"}.get(cross, f"{cross}-wide text context")
+
+
+def _weights_family(weights: Weights) -> str:
+    added = any(weights.has(k) for k in ("label_emb.0.0.weight", "add_embedding.linear_1.weight",
+                                          LDM_PREFIX + "label_emb.0.0.weight"))
     cross = next((s[1] for k, s in weights.shapes.items() if k.endswith("attn2.to_k.weight")), None)
-    return {768: "SD 1.x", 1024: "SD 2.x"}.get(cross, f"unknown ({cross}-wide context)")
+    return family_name(added, cross)
 
 
 def _hint_widths(state: dict[str, torch.Tensor], kind: str) -> tuple[int, list[int]]:
@@ -114,13 +119,15 @@ def load_controlnet(path: Path, weights: Weights | None, state: dict[str, torch.
         model = ControlNetModel.from_pretrained(str(path), local_files_only=True)
         why = _folder_fits(dict(model.config), dict(unet.config))
         if why is not None:
-            raise UsageError(f"--controlnets: {path.name} is a ControlNet that does not fit the checkpoint's U-Net "
+            family = family_name(model.config.get("addition_embed_type") == "text_time",
+                                 model.config.get("cross_attention_dim"))
+            raise UsageError(f"--controlnets: {path.name} ({family} ControlNet) does not fit the checkpoint's U-Net "
                              f"({why}); use a ControlNet of the checkpoint's family")
         return model.float().eval()
     kind = layout(weights)
     why = _fits(weights, kind, dict(unet.config))
     if why is not None:
-        raise UsageError(f"--controlnets: {path.name} is an {family_name(weights)} ControlNet that does not fit the "
+        raise UsageError(f"--controlnets: {path.name} ({_weights_family(weights)} ControlNet) does not fit the "
                          f"checkpoint's U-Net ({why}); use a ControlNet of the checkpoint's family")
     if kind == "ldm":
         state = _ldm_state(state)
