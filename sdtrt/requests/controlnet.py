@@ -83,8 +83,9 @@ def _checked(index: int, data: Any) -> ControlUnit:
         if getattr(unit, name) not in choices:
             raise InvalidRequest(_where(index, name), getattr(unit, name), "one of: " + ", ".join(map(repr, choices)))
     if unit.module not in PREPROCESSORS:
-        raise InvalidRequest(_where(index, "module"), unit.module, "one of the preprocessors: " +
-                             ", ".join(PREPROCESSORS))
+        raise InvalidRequest(_where(index, "module"), unit.module, "one of the preprocessors that need no model "
+                             f"file ({', '.join(PREPROCESSORS)}); a model's (openpose, depth, ...) is not served: "
+                             "send its map with module none")
     if unit.processor_res != -1 and not PROCESSOR_RES[0] <= unit.processor_res <= PROCESSOR_RES[1]:
         raise InvalidRequest(_where(index, "processor_res"), unit.processor_res,
                              f"-1 (the preprocessor's default) or from {PROCESSOR_RES[0]} to {PROCESSOR_RES[1]}")
