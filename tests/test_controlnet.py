@@ -605,3 +605,32 @@ def test_sdxl_controlnet_in_diffusers_layout_draws_diffusers_sdxl_controlnet_pic
     with pytest.raises(UsageError, match=rf"{DEPTH} \(32-wide text context ControlNet\) does not fit .*text_time"):
         export_model(model, tmp_path_factory.mktemp("refused") / "repo", progress=False, report=lambda *_: None,
                      controlnet_dir=controlnets[0])
+
+
+def test_img2img_with_a_unit_draws_diffusers_controlnet_img2img_picture(default_model, controlnets, local):
+    """img2img: the unit steers the steps the strength leaves (its window over them), with diffusers'
+    StableDiffusionControlNetImg2ImgPipeline as the reference; a unit without a picture takes the init image."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from reference import _run_per_image
+    from sdtrt.requests.request import Img2ImgRequest
+
+    init, control = sample_picture(64, 64), sample_picture(64, 64)[:, ::-1].copy()
+    parts = _pipe(default_model, _diffusers_controlnet(controlnets, CANNY)).components
+    pipe = StableDiffusionControlNetImg2ImgPipeline(**parts)
+
+    def reference(picture):
+        def call(generator, _):
+            out = pipe(REQUEST["prompt"], negative_prompt=REQUEST["negative_prompt"], image=Image.fromarray(init),
+                       control_image=Image.fromarray(picture), strength=0.6, num_inference_steps=REQUEST["steps"],
+                       guidance_scale=REQUEST["guidance_scale"], controlnet_conditioning_scale=0.9,
+                       generator=generator, output_type="np").images[0]
+            return (out * 255).round().astype(np.uint8)
+
+        return _run_per_image(pipe, REQUEST["sampler"], REQUEST["seed"], 1, call)
+
+    request = Img2ImgRequest(**REQUEST, denoising_strength=0.6,
+                             controlnet_units=_units(ControlUnit(model=CANNY, weight=0.9)))
+    got = local.img2img(request, init, control_images=[control])
+    assert max_diff(got.images, reference(control)) <= MAX_PIXEL_DIFF
+    assert max_diff(local.img2img(request, init).images, reference(init)) <= MAX_PIXEL_DIFF
