@@ -71,7 +71,7 @@ def test_the_ui_only_scripts_arguments_change_nothing_and_are_named_as_ignored(a
     ({"Prompts from file": {"args": []}}, ["not found", "Refiner", "Seed"]),
     ({"soft inpainting": {"args": []}}, ["not found"]),  # an img2img script, named in txt2img
     ({"x/y/z plot": {"args": []}}, ["selectable", "script_name"]),
-    ({"controlnet": {"args": [{"model": "control_v11p_sd15_canny"}]}}, ["ControlNets", "--controlnets"]),
+    ({"controlnet": {"args": [{"enabled": True, "model": "control_v11p_sd15_canny"}]}}, ["ControlNets", "--controlnets"]),
     ({"seed": {"args": 5}}, ['"args"']),
     ({"seed": [1, 2]}, ['"args"']),
 ])

@@ -188,7 +188,7 @@ def test_two_units_and_a_guidance_window_draw_multi_controlnet_pictures(default_
                                 control_guidance_end=[1.0, end], **REFERENCE)
 
     units = _units(ControlUnit(model=CANNY, weight=0.7),
-                   ControlUnit(model=f"{DEPTH} [00000000]", weight=1.2, guidance_start=window[0],
+                   ControlUnit(model=local.spec.controlnet(DEPTH)["title"], weight=1.2, guidance_start=window[0],
                                guidance_end=window[1]))
     got = local.txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=units), control_images=[first, second])
     assert max_diff(got.images, reference(*_a1111_window(*window, REQUEST["steps"]))) <= MAX_PIXEL_DIFF
@@ -200,7 +200,7 @@ def test_a_disabled_unit_and_an_export_with_controlnets_draw_the_plain_picture(l
     picture = sample_picture(64, 64)
     plain = local.txt2img(Txt2ImgRequest(**REQUEST))
     disabled = local.txt2img(Txt2ImgRequest(**REQUEST, controlnet_units=_units(ControlUnit(model=CANNY, enabled=False),
-                                                                                ControlUnit(model="None"))),
+                                                                                ControlUnit(model="None", enabled=False))),
                              control_images=[picture])
     assert np.array_equal(disabled.images, plain.images)
     assert "ControlNet" not in disabled.infotexts[0]
@@ -247,6 +247,8 @@ def test_control_modes_scale_the_residuals_as_the_extension_does(local, controln
     ([ControlUnit(model=CANNY, guidance_start=0.8, guidance_end=0.2)], 1, "controlnet_units[0].guidance_end"),
     ([ControlUnit(model=CANNY)] * 4, 4, "controlnet_units"),
     ([ControlUnit(model=CANNY)], 0, "controlnet_image_0"),
+    ([ControlUnit(model="None")], 1, "controlnet_units[0].model"),  # (enabled, without a ControlNet)
+    ([ControlUnit(model=f"{CANNY} [00000000]")], 1, "controlnet_units[0].model"),  # (a wrong hash finds none)
 ])
 def test_bad_units_are_refused_naming_the_field(local, units, pictures, field):
     with pytest.raises(InvalidRequest) as info:
@@ -357,7 +359,7 @@ def test_the_extensions_routes_list_and_detect(gateway, local):
     import httpx
 
     with httpx.Client(base_url=gateway, timeout=60) as http:
-        assert http.get("/controlnet/version").json() == {"version": 2}
+        assert http.get("/controlnet/version").json() == {"version": 3}
         assert http.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
         models = http.get("/controlnet/model_list", params={"update": True}).json()["model_list"]
         assert models[0] == "None" and set(models[1:]) == {e["title"] for e in local.spec.controlnets.values()}
@@ -379,7 +381,7 @@ def test_the_extensions_routes_list_and_detect(gateway, local):
         assert refused.status_code == 422 and "openpose" in refused.text
         bad = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64,
                                                    "alwayson_scripts": {"ControlNet": {"args": [
-                                                       {"model": "control_nope", "image": sent}]}}})
+                                                       {"enabled": True, "model": "control_nope", "image": sent}]}}})
         assert bad.status_code == 422
         assert bad.json()["detail"][0]["loc"] == ["body", "alwayson_scripts.controlnet.args.0.model"]
 
@@ -634,3 +636,18 @@ def test_img2img_with_a_unit_draws_diffusers_controlnet_img2img_picture(default_
     got = local.img2img(request, init, control_images=[control])
     assert max_diff(got.images, reference(control)) <= MAX_PIXEL_DIFF
     assert max_diff(local.img2img(request, init).images, reference(init)) <= MAX_PIXEL_DIFF
+
+
+def test_the_extensions_bound_check_soft_scales_and_hr_option():
+    from sdtrt.requests.controlnet import PlannedUnit
+    from sdtrt.requests.preprocessors import bounded
+
+    canny = bounded(ControlUnit(model=CANNY, module="canny", processor_res=-1, threshold_a=300, threshold_b=50))
+    assert (canny.processor_res, canny.threshold_a, canny.threshold_b) == (512, 100, 50)  # out of range: defaults
+    none = bounded(ControlUnit(model=CANNY))
+    assert (none.processor_res, none.threshold_a, none.threshold_b) == (512, 0.5, 0.5)  # (its hidden sliders)
+    soft = PlannedUnit(ControlUnit(model=CANNY, weight=0.5, control_mode="My prompt is more important"), "", "",
+                       np.zeros((8, 8, 3), np.uint8))
+    assert soft.scales(13)[-1] == 0.5 and soft.scales(10)[-1] == pytest.approx(0.5 * 0.825 ** 3)  # SDXL's 10
+    low = PlannedUnit(ControlUnit(model=CANNY, hr_option="Low res only"), "", "", np.zeros((8, 8, 3), np.uint8))
+    assert low.steers(None) and low.steers(False) and not low.steers(True)

@@ -24,6 +24,7 @@ from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
 from sdtrt.contract.samplers import SAMPLERS
 from sdtrt.requests.request import job_fields
 from sdtrt.contract.spec import FIRSTPASS_IMAGE, MODEL, WIRE_DTYPES, load_spec
+from sdtrt.model_repository.configs import CONTROL_PICTURES
 
 MODELS = ["default__tokenizer", "default__text_encoder", "default__unet", "default__vae_decoder", "default__vae_encoder",
           "txt2img", "img2img"]
@@ -45,7 +46,8 @@ def test_health_and_metadata(server, exported_repo):
     meta = grpc.get_model_metadata("txt2img", as_json=True)
     inputs = {i["name"]: i["datatype"] for i in meta["inputs"]}
     expected = {name: WIRE_DTYPES[spec.field(name).dtype] for name in job_fields(Txt2ImgRequest)}
-    assert inputs == {**expected, MODEL: "BYTES", FIRSTPASS_IMAGE: "UINT8"}  # the choice of model, a first pass
+    controls = {name: "UINT8" for name in CONTROL_PICTURES}  # the ControlNet units' pictures and masks
+    assert inputs == {**expected, MODEL: "BYTES", FIRSTPASS_IMAGE: "UINT8", **controls}  # the model, a first pass
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"images": "UINT8", "seeds": "INT64", "infotexts": "BYTES"}
     unet = http.get_model_metadata("default__unet")
     assert [i["name"] for i in unet["inputs"]] == [t.name for t in spec.component("unet").inputs]

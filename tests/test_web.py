@@ -104,7 +104,7 @@ def test_a_transparent_init_picture_is_flattened_on_the_background_option_as_a11
 
 
 @pytest.mark.parametrize("field,value", [("restore_faces", True), ("tiling", True), ("script_name", "xyz plot"),
-                                         ("hr_checkpoint_name", "another.safetensors"), ("alwayson_scripts", {"controlnet": {"args": []}})])
+                                         ("hr_checkpoint_name", "another.safetensors")])
 def test_fields_sdtrt_cannot_honour_are_refused_by_name(api, field, value):
     response = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Euler a", field: value})
     assert response.status_code == 422

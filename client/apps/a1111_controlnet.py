@@ -20,20 +20,19 @@ from fastapi import Body, FastAPI, HTTPException
 
 from sdtrt.client.apps.a1111_requests import open_image, refuse
 from sdtrt.client.apps.a1111_responses import encode_png
-from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.spec import MAX_CONTROLNET_UNITS, Catalog
 from sdtrt.requests.controlnet import CONTROL_MODES, RESIZE_MODES, ControlUnit
-from sdtrt.requests.preprocessors import PREPROCESSORS, preprocess
+from sdtrt.requests.preprocessors import HIDDEN, PREPROCESSORS, preprocess
 
-API_VERSION = 2  # the extension's external_code.get_api_version()
+API_VERSION = 3  # the extension's external_code.get_api_version() (v1.1.455); its modes' numbers are read too
 WHERE = "alwayson_scripts.controlnet.args"
 # The old names of the modes (the extension's ResizeMode and ControlMode still read them)
 RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shrink to Fit)": "Resize and Fill",
                   "Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
 SETTINGS = ("module", "model", "weight", "guidance_start", "guidance_end", "pixel_perfect", "processor_res",
-            "threshold_a", "threshold_b", "enabled")
+            "threshold_a", "threshold_b", "hr_option")
 # Fields of the extension's unit that change nothing here at their defaults; any other value is said to be ignored
-PASSIVE = {"low_vram": False, "lowvram": False, "save_detected_map": True, "hr_option": "Both",
+PASSIVE = {"low_vram": False, "lowvram": False, "save_detected_map": True,
            "batch_images": "", "input_mode": "simple", "use_preview_as_input": False, "generated_image": None,
            "advanced_weighting": None, "effective_region_mask": None, "inpaint_crop_input_image": False,
            "animatediff_batch": False, "batch_modifiers": [], "batch_image_files": [], "batch_keyframe_idx": None,
@@ -72,6 +71,9 @@ def read_unit(unit: Any, index: int) -> dict[str, Any]:
     if not isinstance(unit, dict):
         raise refuse(field, "a ControlNet unit: an object of the extension's ControlNetUnit fields")
     out: dict[str, Any] = {name: unit[name] for name in SETTINGS if name in unit and unit[name] is not None}
+    out["enabled"] = bool(unit.get("enabled", False))  # (the extension's default: a unit must say it is enabled)
+    if unit.get("guidance") is not None and "guidance_end" not in out:  # (its old name)
+        out["guidance_end"] = unit["guidance"]
     if "resize_mode" in unit:
         out["resize_mode"] = _mode(unit["resize_mode"], RESIZE_MODES, f"{field}.resize_mode", RESIZE_ALIASES)
     if "control_mode" in unit:
@@ -85,7 +87,7 @@ def read_unit(unit: Any, index: int) -> dict[str, Any]:
 def controlnet_settings(args: list[Any]) -> dict[str, Any]:
     """The ``controlnet`` setting (the client library's units with their pictures) of the extension's args."""
     units = [read_unit(unit, i) for i, unit in enumerate(args)]
-    enabled = [u for u in units if u.get("enabled", True) and u.get("model", "None") not in ("None", "")]
+    enabled = [u for u in units if u["enabled"]]
     if len(enabled) > MAX_CONTROLNET_UNITS:
         raise refuse(WHERE, f"at most {MAX_CONTROLNET_UNITS} enabled units (A1111's control_net_unit_count), got "
                             f"{len(enabled)}")
@@ -97,7 +99,7 @@ def controlnet_settings(args: list[Any]) -> dict[str, Any]:
     return {"controlnet": units} if units else {}
 
 
-KNOWN = {*SETTINGS, "resize_mode", "control_mode", "image", "input_image", "mask", "mask_image"}
+KNOWN = {*SETTINGS, "enabled", "guidance", "resize_mode", "control_mode", "image", "input_image", "mask", "mask_image"}
 
 
 def ignored_unit_fields(args: list[Any]) -> list[str]:
@@ -126,16 +128,15 @@ def model_list(catalog: Catalog) -> list[str]:
 
 
 def module_detail() -> dict[str, Any]:
-    """The extension's module_detail: each preprocessor's sliders (resolution, threshold_a, threshold_b)."""
+    """The extension's module_detail: each preprocessor's shown sliders (resolution, threshold_a, threshold_b)."""
     detail = {}
     for name, pre in PREPROCESSORS.items():
         sliders: list[dict[str, Any]] = []
-        if pre.run is not None:
-            sliders.append({"name": "Resolution", "value": pre.resolution, "min": 64, "max": 2048, "step": 8})
-        for value, limits, label in ((pre.threshold_a, pre.ranges[0], "Threshold A"),
-                                     (pre.threshold_b, pre.ranges[1], "Threshold B")):
-            if value is not None and limits is not None:
-                sliders.append({"name": label, "value": value, "min": limits[0], "max": limits[1]})
+        for label, slider in zip(("Resolution", *pre.labels), pre.sliders):
+            if slider != HIDDEN and (label != "Resolution" or pre.run is not None):
+                lo, hi, value = slider
+                sliders.append({"name": label or "Threshold", "value": value, "min": lo, "max": hi,
+                                "step": 8 if label == "Resolution" else (1 if isinstance(value, int) else 0.01)})
         detail[name] = {"model_free": True, "sliders": sliders}
     return detail
 
@@ -156,11 +157,7 @@ def detect(body: dict[str, Any]) -> dict[str, Any]:
     out = []
     for i, data in enumerate(images):
         picture = np.asarray(open_image(str(data), f"controlnet_input_images.{i}").convert("RGB"))
-        try:
-            detected = preprocess(unit, picture, None, (picture.shape[1], picture.shape[0]))
-        except InvalidRequest as exc:
-            raise refuse("controlnet_threshold_a", str(exc)) from None
-        out.append(encode_png(detected))
+        out.append(encode_png(preprocess(unit, picture, None, (picture.shape[1], picture.shape[0]))))
     return {"images": out, "info": "Success"}
 
 

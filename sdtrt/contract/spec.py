@@ -391,13 +391,18 @@ class ModelSpec:
         return self.dims[CONTEXT].max // self.text_max_length
 
     def controlnet(self, name: str) -> dict[str, Any]:
-        """A registered ControlNet by A1111's model name: "stem [hash]" or the stem alone (as the extension takes it)."""
-        stem = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", name)
-        for entry in self.controlnets.values():
-            if name in (entry["title"], entry["name"]) or stem == entry["name"]:
-                return entry
-        allowed = ", ".join(repr(e["title"]) for e in self.controlnets.values()) or "none: export with --controlnets DIR"
-        raise InvalidRequest("controlnet model", name, f"one of this model's ControlNets: {allowed}")
+        """A registered ControlNet by A1111's model name, found as the extension finds it: its title ("stem
+        [hash]"), else its stem (any case), else the shortest stem holding the name; a wrong hash finds none."""
+        entries = list(self.controlnets.values())
+        found = next((e for e in entries if name == e["title"]), None)
+        if found is None and not re.search(r"\[[0-9a-fA-F]+\]$", name):
+            search = name.lower()
+            found = next((e for e in entries if e["name"].lower() == search), None) or \
+                min((e for e in entries if search in e["name"].lower()), key=lambda e: len(e["name"]), default=None)
+        if found is None:
+            allowed = ", ".join(repr(e["title"]) for e in entries) or "none: export with --controlnets DIR"
+            raise InvalidRequest("controlnet model", name, f"one of this model's ControlNets: {allowed}")
+        return found
 
     def smallest_shape(self, tensor: TensorSpec) -> list[int]:
         """A tensor's shape at the smallest size every dynamic dim allows (warm-ups, the watchdog's probes)."""

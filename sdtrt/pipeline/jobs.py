@@ -215,15 +215,18 @@ def model_unet(plan: Plan, nets: Networks, control: ControlledUNet | None = None
 
 
 def _control(plan: Plan, nets: Networks, size: tuple[int, int], run: Pass,
-             context: Callable[[int], Conditioning]) -> tuple[ControlledUNet | None, Callable[[int], Conditioning]]:
+             context: Callable[[int], Conditioning], second_pass: bool = False
+             ) -> tuple[ControlledUNet | None, Callable[[int], Conditioning]]:
     """The pass's ControlNet units around the model's U-Net (None without units), and its conditioning noting the
     steps they follow; the pass's steps are its sampler's (a k-diffusion sampler's launch steps, else the
-    scheduler's timesteps it runs)."""
-    if not plan.controls:
+    scheduler's timesteps it runs). With the hires fix, each unit steers the passes its hr_option names."""
+    hires = None if plan.hires is None else second_pass
+    units = tuple(unit for unit in plan.controls if unit.steers(hires))
+    if not units:
         return None, context
     steps = getattr(run.scheduler, "launch_steps", None) or len(run.scheduler.timesteps if run.timesteps is None
                                                                  else run.timesteps)
-    control = ControlledUNet(nets.unet, nets, plan.spec, plan.controls, size, steps)
+    control = ControlledUNet(nets.unet, nets, plan.spec, units, size, steps)
     return control, control.steered(context)
 
 
@@ -396,7 +399,7 @@ def hires_pass(plan: Plan, latents: torch.Tensor | None, prompts: ScheduledCondi
     run.timesteps = timesteps
     control = None
     if runner is nets:  # (the units steer the request's own model: a hires checkpoint has not its ControlNets)
-        control, context = _control(plan, nets, (width, height), run, context)
+        control, context = _control(plan, nets, (width, height), run, context, second_pass=True)
     unet, context = _with_refiner(plan, takeover, False, model_unet(plan, runner, control), context, (width, height),
                                   guidance.with_uncond, run)
     return denoise(run, unet, latents, context, guidance, on_step)

@@ -19,13 +19,15 @@ import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
 from sdtrt.contract.spec import MAX_CONTROLNET_UNITS, ModelSpec
-from sdtrt.requests.preprocessors import PREPROCESSORS, preprocess, resize_map
+from sdtrt.requests.preprocessors import PREPROCESSORS, bounded, preprocess, resize_map
 
 FIELD = "controlnet_units"
 MAX_UNITS_JSON = 16384  # characters of the field: every unit's settings, no pictures
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
-SOFT_INJECTION = 0.825  # "My prompt is more important": residual i of 13 scaled by this ** (12 - i)
+SOFT_INJECTION = 0.825  # "My prompt is more important": residual i scaled by this ** (12 - i) (SDXL's 10: the first 10)
+HR_OPTIONS = ("Both", "Low res only", "High res only")
+MAX_UNIT_SLOTS = 10  # units one request may list (the extension's largest control_net_unit_count); 3 enabled
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,10 @@ class ControlUnit:
     threshold_a: float = -1.0  # -1: the preprocessor's default
     threshold_b: float = -1.0
     enabled: bool = True
+    hr_option: str = "Both"  # with the hires fix: the passes it steers (Both, Low res only, High res only)
 
 
 _LIMITS = {"weight": (0.0, 2.0), "guidance_start": (0.0, 1.0), "guidance_end": (0.0, 1.0)}
-PROCESSOR_RES = (64, 2048)
 
 
 def _where(index: int, name: str) -> str:
@@ -79,17 +81,17 @@ def _checked(index: int, data: Any) -> ControlUnit:
     if unit.guidance_start > unit.guidance_end:
         raise InvalidRequest(_where(index, "guidance_end"), unit.guidance_end,
                              f"a number from guidance_start ({unit.guidance_start:g}) to 1")
-    for name, choices in (("control_mode", CONTROL_MODES), ("resize_mode", RESIZE_MODES)):
+    for name, choices in (("control_mode", CONTROL_MODES), ("resize_mode", RESIZE_MODES), ("hr_option", HR_OPTIONS)):
         if getattr(unit, name) not in choices:
             raise InvalidRequest(_where(index, name), getattr(unit, name), "one of: " + ", ".join(map(repr, choices)))
     if unit.module not in PREPROCESSORS:
         raise InvalidRequest(_where(index, "module"), unit.module, "one of the preprocessors that need no model "
                              f"file ({', '.join(PREPROCESSORS)}); a model's (openpose, depth, ...) is not served: "
                              "send its map with module none")
-    if unit.processor_res != -1 and not PROCESSOR_RES[0] <= unit.processor_res <= PROCESSOR_RES[1]:
-        raise InvalidRequest(_where(index, "processor_res"), unit.processor_res,
-                             f"-1 (the preprocessor's default) or from {PROCESSOR_RES[0]} to {PROCESSOR_RES[1]}")
-    return unit
+    if unit.enabled and unit.model in ("None", ""):
+        raise InvalidRequest(_where(index, "model"), unit.model, "a ControlNet for an enabled unit (the extension's "
+                             "\"You have not selected any ControlNet Model\")")
+    return bounded(unit)  # (the extension puts out-of-range sliders back to their defaults)
 
 
 def read_units(text: str) -> tuple[ControlUnit, ...]:
@@ -104,10 +106,12 @@ def read_units(text: str) -> tuple[ControlUnit, ...]:
         raise InvalidRequest(FIELD, text[:40], f"a JSON list of units ({exc.msg} at {exc.pos})") from None
     if not isinstance(data, list):
         raise InvalidRequest(FIELD, text[:40], "a JSON list of units")
+    if len(data) > MAX_UNIT_SLOTS:
+        raise InvalidRequest(FIELD, f"<{len(data)} units>", f"at most {MAX_UNIT_SLOTS} units")
     units = tuple(_checked(i, unit) for i, unit in enumerate(data))
-    if len(units) > MAX_CONTROLNET_UNITS:
-        raise InvalidRequest(FIELD, f"<{len(units)} units>", f"at most {MAX_CONTROLNET_UNITS} units "
-                             "(A1111's control_net_unit_count)")
+    if sum(u.enabled for u in units) > MAX_CONTROLNET_UNITS:
+        raise InvalidRequest(FIELD, f"<{sum(u.enabled for u in units)} enabled units>", f"at most "
+                             f"{MAX_CONTROLNET_UNITS} enabled units (A1111's control_net_unit_count)")
     return units
 
 
@@ -115,7 +119,7 @@ def check_units(text: str, spec: ModelSpec) -> tuple[ControlUnit, ...]:
     """The units read and their ControlNets looked up (what a client checks before sending: no pictures)."""
     units = read_units(text)
     for index, unit in enumerate(units):
-        if unit.enabled and unit.model not in ("None", ""):
+        if unit.enabled:
             try:
                 spec.controlnet(unit.model)
             except InvalidRequest as exc:
@@ -141,15 +145,23 @@ class PlannedUnit:
 
     def scales(self, residuals: int) -> tuple[float, ...]:
         """Each residual's scale for the cond rows: the weight, and with a control mode other than Balanced the
-        extension's soft injection (the deepest residual at full weight, each shallower one 0.825 times the next)."""
+        extension's soft injection: its 13 scales for SD 1.x's residuals (the middle block's at full weight, each
+        one before 0.825 times the next), the first of them for a U-Net with fewer (SDXL's 10)."""
         if self.unit.control_mode == CONTROL_MODES[0]:
             return (self.unit.weight,) * residuals
-        return tuple(self.unit.weight * SOFT_INJECTION ** float(residuals - 1 - i) for i in range(residuals))
+        return tuple(self.unit.weight * SOFT_INJECTION ** float(12 - i) for i in range(residuals))
 
     @property
     def uncond_too(self) -> bool:
         """Whether the uncond rows get the residuals too ("ControlNet is more important": only the conds)."""
         return self.unit.control_mode != CONTROL_MODES[2]
+
+    def steers(self, hires: bool | None) -> bool:
+        """Whether the unit steers a pass by its hr_option (``hires``: None without the hires fix, else whether the
+        pass is its second)."""
+        if hires is None:
+            return True
+        return self.unit.hr_option == "Both" or (self.unit.hr_option == "High res only") == hires
 
     def active(self, step: int, steps: int) -> bool:
         """The extension's guidance window: the unit steers the calls of the 0-based ``step`` of ``steps`` while
@@ -167,7 +179,7 @@ def plan_units(text: str, spec: ModelSpec, pictures: list[np.ndarray | None], ma
     ``size`` (width, height)."""
     planned = []
     for index, unit in enumerate(read_units(text)):
-        if not unit.enabled or unit.model in ("None", ""):
+        if not unit.enabled:
             continue
         try:
             entry = spec.controlnet(unit.model)
@@ -202,11 +214,11 @@ def infotext_entries(units: tuple[PlannedUnit, ...]) -> dict[str, str]:
     out = {}
     for i, planned in enumerate(units):
         u = planned.unit
-        parts = [("Module", u.module), ("Model", planned.title), ("Weight", f"{u.weight:g}"),
-                 ("Resize Mode", u.resize_mode), ("Processor Res", str(u.processor_res)),
-                 ("Threshold A", f"{u.threshold_a:g}"), ("Threshold B", f"{u.threshold_b:g}"),
-                 ("Guidance Start", f"{u.guidance_start:g}"), ("Guidance End", f"{u.guidance_end:g}"),
-                 ("Pixel Perfect", str(u.pixel_perfect)), ("Control Mode", u.control_mode)]
+        # (Python's own str() of each value, as the extension writes them: 1.0, 512, 0.5, False)
+        parts = [("Module", u.module), ("Model", planned.title), ("Weight", u.weight), ("Resize Mode", u.resize_mode),
+                 ("Processor Res", u.processor_res), ("Threshold A", u.threshold_a), ("Threshold B", u.threshold_b),
+                 ("Guidance Start", u.guidance_start), ("Guidance End", u.guidance_end),
+                 ("Pixel Perfect", u.pixel_perfect), ("Control Mode", u.control_mode)]
         out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in parts)  # (quoted by build_infotext)
     return out
 

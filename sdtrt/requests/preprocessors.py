@@ -13,12 +13,11 @@ checks units without it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from sdtrt.contract.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from sdtrt.requests.controlnet import ControlUnit
@@ -59,15 +58,25 @@ def resize_with_pad(picture: np.ndarray, resolution: int) -> tuple[np.ndarray, C
     return np.ascontiguousarray(padded), lambda x: np.ascontiguousarray(x[:th, :tw])
 
 
+Slider = tuple[float, float, float]  # (minimum, maximum, default), as the extension's PreprocessorParameter
+HIDDEN: Slider = (0, 1, 0.5)  # the extension's slider a preprocessor does not show (its bound check still runs)
+RESOLUTION: Slider = (64, 2048, 512)
+
+
 @dataclass(frozen=True)
 class Preprocessor:
-    """One preprocessor: what it does, and its sliders' defaults (the extension's threshold_a/threshold_b)."""
+    """One preprocessor: what it does, and its sliders (processor_res, threshold_a, threshold_b) as the extension
+    bounds them: a value outside a slider's range becomes its default (of the default's own type)."""
 
     run: Callable[[np.ndarray, int, float, float], np.ndarray] | None  # (picture, resolution, a, b) -> map
-    resolution: int = 512
-    threshold_a: float | None = None
-    threshold_b: float | None = None
-    ranges: tuple[tuple[float, float] | None, tuple[float, float] | None] = (None, None)
+    labels: tuple[str, str] = ("", "")  # the thresholds' slider labels (shown ones), for /controlnet/module_list
+    resolution: Slider = RESOLUTION
+    threshold_a: Slider = HIDDEN
+    threshold_b: Slider = HIDDEN
+
+    @property
+    def sliders(self) -> tuple[Slider, Slider, Slider]:
+        return self.resolution, self.threshold_a, self.threshold_b
 
 
 def _canny(picture: np.ndarray, res: int, low: float, high: float) -> np.ndarray:
@@ -126,27 +135,26 @@ def _lineart_standard(picture: np.ndarray, res: int, a: float, b: float) -> np.n
     return unpad((intensity * 127).clip(0, 255).astype(np.uint8))
 
 
-PREPROCESSORS: dict[str, Preprocessor] = {
+PREPROCESSORS: dict[str, Preprocessor] = {  # (the legacy ones all get the default resolution slider: its quirk)
     "none": Preprocessor(None),
-    "invert": Preprocessor(_invert),
-    "canny": Preprocessor(_canny, 512, 100.0, 200.0, ((1, 255), (1, 255))),
-    "threshold": Preprocessor(_threshold, 512, 127.0, None, ((0, 255), None)),
-    "blur_gaussian": Preprocessor(_blur, 512, 9.0, None, ((0.01, 64.0), None)),
-    "tile_resample": Preprocessor(_tile_resample, 512, 1.0, None, ((1.0, 8.0), None)),
-    "scribble_xdog": Preprocessor(_scribble_xdog, 512, 32.0, None, ((1, 64), None)),
+    "invert": Preprocessor(_invert, resolution=HIDDEN),
+    "canny": Preprocessor(_canny, ("Low Threshold", "High Threshold"), RESOLUTION, (1, 255, 100), (1, 255, 200)),
+    "threshold": Preprocessor(_threshold, ("Binarization Threshold", ""), RESOLUTION, (0, 255, 127)),
+    "blur_gaussian": Preprocessor(_blur, ("Sigma", ""), RESOLUTION, (0.01, 64.0, 9.0)),
+    "tile_resample": Preprocessor(_tile_resample, ("Down Sampling Rate", ""), RESOLUTION, (1.0, 8.0, 1.0)),
+    "scribble_xdog": Preprocessor(_scribble_xdog, ("XDoG Threshold", ""), RESOLUTION, (1, 64, 32)),
     "lineart_standard": Preprocessor(_lineart_standard),
 }
 
 
-def _slider(unit: "ControlUnit", index: int, value: float, default: float | None,
-               limits: tuple[float, float] | None) -> float:
-    if value == -1 or default is None:
-        return default if default is not None else value
-    if limits is not None and not limits[0] <= value <= limits[1]:
-        field = "threshold_a" if index == 0 else "threshold_b"
-        raise InvalidRequest(f"controlnet unit {field}", value, f"for {unit.module}: from {limits[0]:g} to "
-                             f"{limits[1]:g} (-1: its default {default:g})")
-    return value
+def bounded(unit: "ControlUnit") -> "ControlUnit":
+    """The unit with its processor resolution and thresholds as the extension's bound check leaves them: each
+    within its preprocessor's slider, else that slider's default (-1, the API's default, always becomes it)."""
+    pre = PREPROCESSORS[unit.module]
+    values = []
+    for value, (lo, hi, default) in zip((unit.processor_res, unit.threshold_a, unit.threshold_b), pre.sliders):
+        values.append(value if lo <= value <= hi else default)
+    return replace(unit, processor_res=values[0], threshold_a=values[1], threshold_b=values[2])
 
 
 def pixel_perfect_resolution(picture: np.ndarray, width: int, height: int, resize_mode: str) -> int:
@@ -163,13 +171,9 @@ def preprocess(unit: "ControlUnit", picture: np.ndarray, mask: np.ndarray | None
     pre = PREPROCESSORS[unit.module]
     if pre.run is None:
         return hwc3(picture)
-    if unit.pixel_perfect:
-        res = pixel_perfect_resolution(picture, *size, unit.resize_mode)
-    else:
-        res = pre.resolution if unit.processor_res == -1 else unit.processor_res
-    a = _slider(unit, 0, unit.threshold_a, pre.threshold_a, pre.ranges[0])
-    b = _slider(unit, 1, unit.threshold_b, pre.threshold_b, pre.ranges[1])
-    return hwc3(pre.run(picture, res, a, b))
+    unit = bounded(unit)
+    res = pixel_perfect_resolution(picture, *size, unit.resize_mode) if unit.pixel_perfect else int(unit.processor_res)
+    return hwc3(pre.run(picture, res, unit.threshold_a, unit.threshold_b))
 
 
 def _unique_colours(x: np.ndarray) -> int:
