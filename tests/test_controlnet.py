@@ -339,7 +339,8 @@ def test_webuiapis_controlnet_units_draw_the_served_picture(gateway, local):
              webuiapi.ControlNetUnit(image=picture, model=DEPTH, enabled=False)]
     result = api.txt2img(prompt=REQUEST["prompt"], negative_prompt=REQUEST["negative_prompt"], seed=REQUEST["seed"],
                          steps=REQUEST["steps"], cfg_scale=REQUEST["guidance_scale"], width=64, height=64,
-                         sampler_name="Euler", controlnet_units=units)
+                         sampler_name="Euler", controlnet_units=units,
+                         alwayson_scripts={})  # (webuiapi writes the units into its default dict otherwise)
     unit = ControlUnit(model=CANNY, weight=0.8, resize_mode="Just Resize", processor_res=512, threshold_a=64,
                        threshold_b=64)
     # (the gateway runs A1111's own code paths: k-diffusion's Euler)
