@@ -261,6 +261,8 @@ def test_a_served_bad_unit_is_a_clear_error_and_the_server_keeps_serving(served)
     with Client(served.url) as client:
         with pytest.raises(ServerRefused, match="controlnet_image_0.*an RGB uint8 picture"):  # (the job's check)
             client.txt2img(controlnet=[{"model": CANNY, "image": np.zeros((0, 64, 3), np.uint8)}], **REQUEST)
+        with pytest.raises(ServerRefused, match="controlnet_image_0.*long side is at most 8x"):  # (work bounded)
+            client.txt2img(controlnet=[{"model": CANNY, "image": np.zeros((8, 100, 3), np.uint8)}], **REQUEST)
         with pytest.raises(InvalidRequest, match="controlnet_units.0..model"):  # (the client's, before sending)
             client.txt2img(controlnet=[{"model": "nope", "image": np.zeros((8, 8, 3), np.uint8)}], **REQUEST)
         with pytest.raises(InvalidRequest, match="controlnet_units"):

@@ -151,9 +151,13 @@ def detect(body: dict[str, Any]) -> dict[str, Any]:
         raise HTTPException(422, detail="No image selected")
     if len(images) > 8:
         raise refuse("controlnet_input_images", f"at most 8 pictures a call, got {len(images)}")
-    unit = ControlUnit(module=module, processor_res=int(body.get("controlnet_processor_res", -1)),
-                       threshold_a=float(body.get("controlnet_threshold_a", -1)),
-                       threshold_b=float(body.get("controlnet_threshold_b", -1)))
+    try:
+        unit = ControlUnit(module=module, processor_res=int(body.get("controlnet_processor_res", -1)),
+                           threshold_a=float(body.get("controlnet_threshold_a", -1)),
+                           threshold_b=float(body.get("controlnet_threshold_b", -1)))
+    except (TypeError, ValueError):
+        raise refuse("controlnet_processor_res", "numbers: controlnet_processor_res (an integer), "
+                                                 "controlnet_threshold_a and _b") from None
     out = []
     for i, data in enumerate(images):
         picture = np.asarray(open_image(str(data), f"controlnet_input_images.{i}").convert("RGB"))

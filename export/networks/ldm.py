@@ -45,18 +45,17 @@ def _all_placed(out: dict, state: dict, what: str) -> None:
                          "layout: not a Stable Diffusion 1.x/2.x architecture")
 
 
-def unet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    layers = config["layers_per_block"]
-    levels = len(config["block_out_channels"])
+def _encoder_to_ldm(out: dict, state: dict[str, Any], config: dict[str, Any]) -> int:
+    """The encoder half a U-Net and its ControlNets share (embeddings, input blocks, middle block), into ``out``;
+    the number of input blocks."""
     _move(out, state, "conv_in", "input_blocks.0.0")
     _move(out, state, "time_embedding.linear_1", "time_embed.0")
     _move(out, state, "time_embedding.linear_2", "time_embed.2")
     _move(out, state, "add_embedding.linear_1", "label_emb.0.0")  # SDXL's added conditions
     _move(out, state, "add_embedding.linear_2", "label_emb.0.2")
-    block = 1
+    block, levels = 1, len(config["block_out_channels"])
     for i in range(levels):
-        for j in range(layers):
+        for j in range(config["layers_per_block"]):
             _move(out, state, f"down_blocks.{i}.resnets.{j}", f"input_blocks.{block}.0", _RESNET)
             _move(out, state, f"down_blocks.{i}.attentions.{j}", f"input_blocks.{block}.1")
             block += 1
@@ -66,6 +65,14 @@ def unet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
     _move(out, state, "mid_block.resnets.0", "middle_block.0", _RESNET)
     _move(out, state, "mid_block.attentions.0", "middle_block.1")
     _move(out, state, "mid_block.resnets.1", "middle_block.2", _RESNET)
+    return block
+
+
+def unet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    layers = config["layers_per_block"]
+    levels = len(config["block_out_channels"])
+    _encoder_to_ldm(out, state, config)
     block = 0
     for i in range(levels):
         for j in range(layers + 1):
@@ -143,27 +150,8 @@ def open_clip_to_ldm(state: dict[str, Any], layers: int, prefix: str = OPEN_CLIP
 def controlnet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """A diffusers ControlNet's weights in the original layout (``input_blocks``, ``zero_convs``,
     ``input_hint_block``, ``middle_block_out``), as lllyasviel's files have them."""
-    encoder = {k: v for k, v in state.items() if not k.startswith(("controlnet_", "mid_block"))}
-    levels = len(config["block_out_channels"])
-    # the U-Net's own mapping for the encoder half; its decoder and output layers are absent here
     placed: dict[str, Any] = {}
-    _move(placed, encoder, "conv_in", "input_blocks.0.0")
-    _move(placed, encoder, "time_embedding.linear_1", "time_embed.0")
-    _move(placed, encoder, "time_embedding.linear_2", "time_embed.2")
-    _move(placed, encoder, "add_embedding.linear_1", "label_emb.0.0")
-    _move(placed, encoder, "add_embedding.linear_2", "label_emb.0.2")
-    block = 1
-    for i in range(levels):
-        for j in range(config["layers_per_block"]):
-            _move(placed, encoder, f"down_blocks.{i}.resnets.{j}", f"input_blocks.{block}.0", _RESNET)
-            _move(placed, encoder, f"down_blocks.{i}.attentions.{j}", f"input_blocks.{block}.1")
-            block += 1
-        if i < levels - 1:
-            _move(placed, encoder, f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{block}.0.op")
-            block += 1
-    _move(placed, state, "mid_block.resnets.0", "middle_block.0", _RESNET)
-    _move(placed, state, "mid_block.attentions.0", "middle_block.1")
-    _move(placed, state, "mid_block.resnets.1", "middle_block.2", _RESNET)
+    block = _encoder_to_ldm(placed, {k: v for k, v in state.items() if not k.startswith("controlnet_")}, config)
     for i in range(block):
         _move(placed, state, f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0")
     _move(placed, state, "controlnet_mid_block", "middle_block_out.0")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sdtrt.contract.errors import InvalidRequest
+from sdtrt.contract.pictures import MAX_PICTURE_PIXELS
 from sdtrt.contract.spec import MAX_CONTROLNET_UNITS, ModelSpec
 from sdtrt.requests.preprocessors import PREPROCESSORS, bounded, preprocess, resize_map
 
@@ -194,11 +195,18 @@ def plan_units(text: str, spec: ModelSpec, pictures: list[np.ndarray | None], ma
     return tuple(planned)
 
 
+MAX_ASPECT = 8  # a control picture's long side over its short side: its map at the processor resolution is bounded
+
+
 def _rgb(picture: np.ndarray, index: int) -> np.ndarray:
     picture = np.asarray(picture)
+    shown = f"<{picture.dtype} array of shape {list(picture.shape)}>"
     if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] not in (3, 4) or min(picture.shape[:2]) < 1:
-        raise InvalidRequest(f"controlnet_image_{index}", f"<{picture.dtype} array of shape {list(picture.shape)}>",
-                             "an RGB uint8 picture [H, W, 3]")
+        raise InvalidRequest(f"controlnet_image_{index}", shown, "an RGB uint8 picture [H, W, 3]")
+    h, w = picture.shape[:2]
+    if h * w > MAX_PICTURE_PIXELS or max(h, w) > MAX_ASPECT * min(h, w):
+        raise InvalidRequest(f"controlnet_image_{index}", shown, f"a picture of at most {MAX_PICTURE_PIXELS:,} pixels "
+                             f"whose long side is at most {MAX_ASPECT}x its short side")
     return picture[..., :3]
 
 
