@@ -147,7 +147,7 @@ def engine_filename(component: str, gpu: str, trt_version: str, shapes: dict, fp
     # "typing" and the conversion are in the key so that an engine of another build recipe (the weakly typed FP16
     # engines of an older sdtrt, another version of the FP16 conversion) never passes for this one.
     key = json.dumps({"shapes": shapes, "fp16": fp16, "refit": refittable, "level": level, "typing": "strong",
-                      "fp16_conversion": FP16_CONVERSION if fp16 else None}, sort_keys=True)
+                      "fp16_conversion": FP16_CONVERSION if fp16 else None, "tf32": not fp16}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{component}.{_slug(gpu)}.trt{trt_version}.{digest}.plan"
 
@@ -158,12 +158,14 @@ def fp16_onnx_path(onnx_path: Path) -> Path:
 
 
 def engine_loaders(onnx_path: Path, shapes: dict, *, refittable: bool, level: int, timing_cache: Path,
-                   memory_pool_limits: dict | None = None):
+                   memory_pool_limits: dict | None = None, tf32: bool = False):
     """polygraphy's (network, config) loaders for one build; nothing runs until the engine is built, so this needs
     no TensorRT. The network is strongly typed (its precision is its ONNX's) and the config sets no precision flag:
     the one recipe TensorRT 11 has, and TensorRT 10 builds it the same way. The parser keeps its default flags
-    (TensorRT's native InstanceNormalization is the default on 10 and 11), TF32 stays off (polygraphy's default, as
-    the FP32 engines were built before), so the FP32 parts compute in FP32."""
+    (TensorRT's native InstanceNormalization is the default on 10 and 11). ``tf32``: the FP32 engines' matrix
+    products and convolutions may use TF32 tensor cores (FP32's range, 10-bit mantissas; TensorRT's own default,
+    which polygraphy clears unless asked): an FP32 engine is FP32 for its range (the SDXL VAE overflows FP16), not
+    its last bits. The FP16 engines keep it off, so their FP32 islands (norms, softmax) stay exact."""
     # polygraphy and TensorRT only on a GPU install (sdtrt[gpu]); the rest of export runs without
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile
 
@@ -172,7 +174,7 @@ def engine_loaders(onnx_path: Path, shapes: dict, *, refittable: bool, level: in
         profile.add(name, min=lo, opt=opt, max=hi)
     config = CreateConfig(profiles=[profile], refittable=refittable, builder_optimization_level=level,
                           load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
-                          memory_pool_limits=memory_pool_limits)
+                          memory_pool_limits=memory_pool_limits, tf32=tf32)
     return NetworkFromOnnxPath(str(onnx_path), strongly_typed=True), config
 
 
@@ -197,7 +199,7 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, *, fp16: bool
             stale.unlink(missing_ok=True)
     limits = {trt.MemoryPoolType.WORKSPACE: int(workspace_gib * (1 << 30))} if workspace_gib else None
     network, config = engine_loaders(source, shapes, refittable=refittable, level=level, timing_cache=timing_cache,
-                                     memory_pool_limits=limits)
+                                     memory_pool_limits=limits, tf32=not fp16)
     engine = engine_bytes_from_network(network, config=config, save_timing_cache=str(timing_cache))
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(engine_path, bytes(engine))  # a server loading the folder never reads half an engine
@@ -231,7 +233,7 @@ def build_engines(repo: str | Path, spec: ModelSpec, options: EngineOptions = En
             build_engine(root / component.onnx, path, shapes, fp16=fp16, refittable=options.refittable,
                          level=options.optimization_level, timing_cache=root / TIMING_CACHE,
                          workspace_gib=options.workspace_gib)
-        manifest[name] = {"file": filename, "gpu": gpu, "tensorrt": trt.__version__, "fp16": fp16,
+        manifest[name] = {"file": filename, "gpu": gpu, "tensorrt": trt.__version__, "fp16": fp16, "tf32": not fp16,
                           "fp16_conversion": FP16_CONVERSION if fp16 else None, "refittable": options.refittable,
                           "profile": {k: [list(s) for s in v] for k, v in shapes.items()}, "options": asdict(options)}
     return replace(spec, extra={**spec.extra, ENGINES: manifest})

@@ -77,6 +77,9 @@ class ServingOptions:
     # fp32 is about as fast, bf16 about 2x faster where the CPU has bfloat16 (benchmarks/cpu_bench.py).
     cpu_engine: str = "onnxruntime"
     cpu_precision: str = "fp32"
+    # Triton's onnxruntime backend on the GPUs (its CUDA execution provider) instead of the CPU: `sdtrt serve` sets it
+    # where a GPU is visible (--device auto).
+    gpu: bool = False
 
     def __post_init__(self):
         if self.backend not in NETWORK_BACKENDS:
@@ -86,6 +89,9 @@ class ServingOptions:
                              f"{', '.join(CPU_PRECISIONS)}, got {self.cpu_engine} {self.cpu_precision}")
         if self.cpu_engine == "onnxruntime" and self.cpu_precision != "fp32":
             raise UsageError(f"onnxruntime runs fp32 only: {self.cpu_precision} needs --cpu-engine openvino")
+        if self.gpu and self.backend == "python":
+            raise UsageError("the python backend runs its networks on the CPU: --device gpu needs --backend onnxruntime "
+                             "(Triton's, CUDA) or tensorrt (build-engines)")
 
 
 LOOPS_PARAMETER = "loops"  # the job models' config parameter: scheduler_instances
@@ -203,8 +209,10 @@ def network_config(spec: ModelSpec, component: ComponentSpec, options: ServingOp
 
 
 def device_kind(options: ServingOptions) -> int:
-    """TensorRT engines and the loops that feed them run on the GPU; everything else on the CPU."""
-    return mc.ModelInstanceGroup.KIND_GPU if options.backend == "tensorrt" else mc.ModelInstanceGroup.KIND_CPU
+    """TensorRT engines, onnxruntime's networks on a GPU server, and the loops that feed them run on the GPU;
+    everything else on the CPU (the python backend's engines are CPU engines)."""
+    on_gpu = options.backend == "tensorrt" or (options.backend == "onnxruntime" and options.gpu)
+    return mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
 
 
 def progress_config() -> mc.ModelConfig:

@@ -53,3 +53,16 @@ def test_sd15_shapes_have_sd15_parameter_counts():
         vae = AutoencoderKL(**configs["vae"])
     millions = [round(sum(p.numel() for p in m.parameters()) / 1e6) for m in (unet, text, vae)]
     assert millions == [860, 123, 84]  # SD 1.5's U-Net, CLIP ViT-L/14 text model, VAE
+
+
+def test_init_default_writes_the_trained_controlnet_beside_the_model(tmp_path):
+    """`sdtrt init-default --controlnets DIR` copies the shipped canny ControlNet (a whole file, by its temporary
+    name and a rename); it belongs to the shapes model, so another size is refused naming why."""
+    from sdtrt.client.apps.cli import main as cli
+    from sdtrt.pipeline.default_model import SHAPES_CONTROLNET_WEIGHTS
+
+    folder = tmp_path / "ControlNet"
+    assert cli(["init-default", "--out", str(tmp_path / "shapes"), "--controlnets", str(folder)]) == 0
+    assert [p.name for p in folder.iterdir()] == ["shapes_canny.safetensors"]
+    assert (folder / "shapes_canny.safetensors").read_bytes() == SHAPES_CONTROLNET_WEIGHTS.read_bytes()
+    assert cli(["init-default", "--out", str(tmp_path / "tiny"), "--size", "tiny", "--controlnets", str(folder)]) == 2

@@ -18,9 +18,9 @@ from sdtrt.contract.errors import UsageError
 from sdtrt.export.networks.descriptors import BATCH, CONTEXT, LATENT_H, LATENT_W, TEXT_BATCH, UNET_BATCH, descriptors
 from sdtrt.export.tensorrt import EngineOptions, engine_filename, profile_shapes
 from sdtrt.model_repository.build import write_repository
-from sdtrt.model_repository.configs import ServingOptions, all_configs, network_config
+from sdtrt.model_repository.configs import JOBS, ServingOptions, all_configs, job_config, network_config
 from sdtrt.requests.request import Txt2ImgRequest
-from sdtrt.contract.spec import ENGINES, Catalog, load_spec
+from sdtrt.contract.spec import ENGINES, TXT2IMG, Catalog, load_spec
 
 
 def has_gpu() -> bool:
@@ -83,6 +83,29 @@ def with_engines(spec, manifest):
     from dataclasses import replace
 
     return replace(spec, extra={**spec.extra, ENGINES: manifest})
+
+
+def test_onnxruntime_runs_on_the_gpus_of_a_gpu_server(exported_repo):
+    """Triton's onnxruntime backend with its networks (and the loops feeding them) on the GPUs when serving on a GPU
+    machine; the CLI's --device says where, auto asking torch; the python backend's CPU engines refuse it."""
+    from sdtrt.client.apps.cli import build_parser, serving_options
+
+    spec = load_spec(exported_repo)
+    catalog = Catalog(spec.key, {spec.key: spec})
+    for gpu, kind in ((True, mc.ModelInstanceGroup.KIND_GPU), (False, mc.ModelInstanceGroup.KIND_CPU)):
+        options = ServingOptions(backend="onnxruntime", gpu=gpu)
+        assert network_config(spec, spec.component("unet"), options).instance_group[0].kind == kind
+        assert job_config(catalog, JOBS[TXT2IMG], options).instance_group[0].kind == kind
+    with pytest.raises(UsageError, match="python backend runs its networks on the CPU"):
+        ServingOptions(backend="python", gpu=True)
+
+    def gpu(*flags: str) -> bool:
+        return serving_options(build_parser().parse_args(["configs", str(exported_repo), *flags]))["gpu"]
+
+    assert gpu("--backend", "onnxruntime", "--device", "gpu") and not gpu("--backend", "onnxruntime", "--device", "cpu")
+    assert gpu("--backend", "onnxruntime") is torch.cuda.is_available() and not gpu()
+    with pytest.raises(UsageError, match="--device gpu .* needs --backend onnxruntime"):
+        gpu("--device", "gpu")
 
 
 def test_tensorrt_configs_from_the_same_generator(exported_repo, tmp_path):
@@ -472,6 +495,10 @@ def test_engine_build_asks_for_a_strongly_typed_network_and_no_precision_flag(ex
     assert network.path == str(tmp_path / "model_fp16.onnx")
     assert not (config.fp16 or config.bf16 or config.int8 or config.fp8 or config.tf32)
     assert config.precision_constraints is None and config.calibrator is None
+    # an FP32 engine (build_engine asks for it when the network is not FP16) may use TF32, and only it
+    _, fp32 = engine_loaders(tmp_path / "model.onnx", shapes, refittable=False, level=3,
+                             timing_cache=tmp_path / "trt_timing.cache", tf32=True)
+    assert fp32.tf32 and not (fp32.fp16 or fp32.bf16 or fp32.int8 or fp32.fp8)
     assert config.refittable and config.builder_optimization_level == 4 and config.timing_cache_path is None
     (profile,) = config.profiles
     assert {name: [tuple(s) for s in (profile[name].min, profile[name].opt, profile[name].max)] for name in profile} \

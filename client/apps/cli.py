@@ -66,7 +66,7 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
 def serving_options(args: argparse.Namespace) -> dict:
     return {"scheduler_instances": args.scheduler_instances, "max_queue": args.max_queue,
             "unet_queue_delay_us": args.unet_queue_delay_us, "cpu_engine": args.cpu_engine,
-            "cpu_precision": args.cpu_precision}
+            "cpu_precision": args.cpu_precision, "gpu": _onnxruntime_gpu(args)}
 
 
 def build_parser(spec=None) -> argparse.ArgumentParser:
@@ -106,11 +106,33 @@ def _add_init_default(sub) -> None:
                    help="shapes (the default for SD 1.x): trained, draws what the prompt says; tiny (the default "
                    "with --inpainting or --family sd2): random weights, seconds on a CPU; sd15: SD 1.5's real "
                    "shapes, random weights, for GPU benchmarks without a checkpoint (~4 GB)")
+    p.add_argument("--controlnets", type=Path, default=None, metavar="DIR",
+                   help="also write the shapes model's trained canny ControlNet (shapes_canny.safetensors) into DIR, "
+                   "for `sdtrt export ... --controlnets DIR`")
     p.set_defaults(func=cmd_init_default)
 
 
 def _backend_flag(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--backend", choices=[b for b in NETWORK_BACKENDS if b != "tensorrt"], default="python", help=help)
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="with --backend onnxruntime: where Triton runs the networks (auto: the GPUs when this machine "
+                   "has one, as torch sees it; the python backend always runs them on the CPU)")
+
+
+def _onnxruntime_gpu(args: argparse.Namespace) -> bool:
+    """Whether Triton's onnxruntime backend runs the networks on the GPUs (--device)."""
+    backend, device = getattr(args, "backend", "python"), getattr(args, "device", "auto")
+    if backend != "onnxruntime":
+        if device == "gpu":
+            raise UsageError("--device gpu runs Triton's onnxruntime backend on the GPUs: it needs --backend "
+                             "onnxruntime (TensorRT engines: sdtrt build-engines)")
+        return False
+    if device != "auto":
+        return device == "gpu"
+    # loaded when asked: the server install's torch (a CPU build answers False)
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _registered_folder_flags(p: argparse.ArgumentParser) -> None:
@@ -337,14 +359,18 @@ def _add_samplers(sub) -> None:
 
 def cmd_init_default(args: argparse.Namespace) -> int:
     # loaded when the command runs (see the module docstring)
-    from sdtrt.pipeline.default_model import build_default_model
+    from sdtrt.pipeline.default_model import build_default_model, write_default_controlnet
 
     size = args.size or ("tiny" if args.inpainting or args.family != "sd1" else "shapes")
     if size == "shapes" and (args.inpainting or args.family != "sd1"):
         raise UsageError("--size shapes is trained as an SD 1.x text-to-image model: it has no --inpainting or "
                          "--family sd2 variant; use --size tiny for those")
+    if args.controlnets and size != "shapes":
+        raise UsageError("--controlnets: the trained ControlNet belongs to the shapes model (--size shapes)")
     path = build_default_model(args.out, args.clip_bpe, inpainting=args.inpainting, size=size, family=args.family)
     print(f"default model written to {path}")
+    if args.controlnets:
+        print(f"its canny ControlNet written to {write_default_controlnet(args.controlnets)}")
     return 0
 
 

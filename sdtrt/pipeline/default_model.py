@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -110,6 +111,11 @@ HALF_SD15_SHAPES = {
     "vae": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2),
 }
 SIZES = ("tiny", "half", "sd15", "shapes")
+# The shapes model's canny ControlNet (scripts/train_default_controlnet.py): its hint encoder narrower than
+# diffusers' default (16, 32, 96, 256), which would be as large as the rest of this small ControlNet.
+SHAPES_CONTROLNET_CONFIG = {"conditioning_embedding_out_channels": (16, 32, 64, 64)}
+SHAPES_CONTROLNET_WEIGHTS = Path(__file__).parent / "weights" / "shapes_canny.safetensors"
+
 # The trained weights of the "shapes" model, as scripts/train_default_model.py wrote them (float16, a few MB).
 SHAPES_WEIGHTS = Path(__file__).parent / "weights" / "shapes.safetensors"
 
@@ -273,3 +279,16 @@ def weights_digest(model_dir: str | Path) -> dict[str, str]:
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*.safetensors"))
     }
+
+
+def write_default_controlnet(folder: str | Path, weights: Path = SHAPES_CONTROLNET_WEIGHTS) -> Path:
+    """Copy the shapes model's canny ControlNet (diffusers' layout, one file) into ``folder``; returns its path.
+    Written to a temporary name and renamed, so an export never reads half a file."""
+    if not weights.is_file():
+        raise UsageError(f"{weights} is missing: train it with scripts/train_default_controlnet.py --out {weights}")
+    out = Path(folder) / weights.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.copyfile(weights, partial)
+    partial.replace(out)
+    return out
