@@ -39,7 +39,7 @@ from sdtrt.contract.spec import (
     SPEC_PARAMETER,
     TXT2IMG,
     WIRE_DTYPES,
-    CPU_ENGINES,
+    SERVED_CPU_ENGINES,
     CPU_PRECISIONS,
     MAX_CONTROLNET_UNITS,
     Catalog,
@@ -74,7 +74,9 @@ class ServingOptions:
     unet_queue_delay_us: int = 0
     network_instances: int = 1
     # The python backend's CPU engine (sdtrt.pipeline.runners): onnxruntime computes as diffusers does (fp32); OpenVINO
-    # fp32 is about as fast, bf16 about 2x faster where the CPU has bfloat16 (benchmarks/cpu_bench.py).
+    # fp32 computes the same, faster on some CPUs and not on others; bf16 about 2x faster where the CPU has bfloat16
+    # (benchmarks/cpu_bench.py). "auto" (the CLI's default) measures them per network at its first start. The
+    # library's default stays onnxruntime, the reference the tests hold pictures to.
     cpu_engine: str = "onnxruntime"
     cpu_precision: str = "fp32"
     # Triton's onnxruntime backend on the GPUs (its CUDA execution provider) instead of the CPU: `sdtrt serve` sets it
@@ -84,8 +86,8 @@ class ServingOptions:
     def __post_init__(self):
         if self.backend not in NETWORK_BACKENDS:
             raise UsageError(f"backend must be one of {', '.join(NETWORK_BACKENDS)}, got {self.backend!r}")
-        if self.cpu_engine not in CPU_ENGINES or self.cpu_precision not in CPU_PRECISIONS:
-            raise UsageError(f"the CPU engine must be one of {', '.join(CPU_ENGINES)} and its precision one of "
+        if self.cpu_engine not in SERVED_CPU_ENGINES or self.cpu_precision not in CPU_PRECISIONS:
+            raise UsageError(f"the CPU engine must be one of {', '.join(SERVED_CPU_ENGINES)} and its precision one of "
                              f"{', '.join(CPU_PRECISIONS)}, got {self.cpu_engine} {self.cpu_precision}")
         if self.cpu_engine == "onnxruntime" and self.cpu_precision != "fp32":
             raise UsageError(f"onnxruntime runs fp32 only: {self.cpu_precision} needs --cpu-engine openvino")

@@ -83,3 +83,60 @@ def test_a_stale_model_goes_with_its_openvino_cache(tmp_path):
     (mine / "1" / "weights.bin").write_bytes(b"user data")
     remove_stale_models(tmp_path, current=set())
     assert not folder.exists() and (mine / "1" / "weights.bin").exists()
+
+
+def test_auto_measures_the_engines_here_and_keeps_its_choice(exported_repo, tmp_path):
+    """``auto``: each fp32 engine timed on this machine at the export's optimal shapes, the fastest chosen (the
+    timings say which), its outputs onnxruntime's; the choice is kept beside the network and read back, and an
+    ONNX file that changed is measured again. bf16 is a candidate only when asked for and native here."""
+    from sdtrt.pipeline.runners import (FP32_AGREEMENT, auto_candidates, choose_cpu_engine, cpu_has_bf16, cpu_runner,
+                                        typical_feed)
+
+    spec = load_spec(exported_repo)
+    unet = spec.component("unet")
+    folder = tmp_path / "repo" / "default__unet" / "1"
+    folder.mkdir(parents=True)
+    onnx = folder / "model.onnx"
+    shutil.copy(exported_repo / unet.onnx, onnx)
+    feed = typical_feed(spec, unet)
+    latent = spec.field("width").default // 8
+    assert feed["sample"].shape == (2, 4, latent, latent)  # (a request at the default size, with guidance)
+    record = folder / "cpu_engine.json"
+    runner, choice = choose_cpu_engine(onnx, unet, feed, auto_candidates(False), record)
+    assert choice.measured and set(choice.seconds) == {"onnxruntime fp32", "openvino fp32"} and not choice.refused
+    assert choice.label == min(choice.seconds, key=choice.seconds.get)
+    want = cpu_runner(onnx, unet).outputs(feed)["noise_pred"]
+    assert np.abs(runner.outputs(feed)["noise_pred"] - want).max() <= FP32_AGREEMENT * max(1, np.abs(want).max())
+    assert record.is_file() and not list(folder.glob("*.partial"))
+
+    again, kept = choose_cpu_engine(onnx, unet, feed, auto_candidates(False), record)
+    assert not kept.measured and kept.label == choice.label and kept.seconds == choice.seconds
+    onnx.write_bytes(onnx.read_bytes())  # (a re-export: another modification time)
+    _, remeasured = choose_cpu_engine(onnx, unet, feed, auto_candidates(False), record)
+    assert remeasured.measured
+    assert auto_candidates(True) == ([("openvino", "bf16")] if cpu_has_bf16() else []) + auto_candidates(False)
+
+
+def test_served_auto_engines_draw_onnxruntimes_picture_and_say_what_they_run(exported_repo, onnxruntime_images,
+                                                                             tmp_path):
+    """Exported with the CLI's default (--cpu-engine auto), every network measures at its first start and keeps
+    its choice; the picture is onnxruntime's; `sdtrt serve` prints what each network runs."""
+    from servers import free_ports
+
+    from sdtrt.client.apps.cli import cpu_engine_report
+    from sdtrt.model_repository.build import write_repository
+    from sdtrt.model_repository.serving.server import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    write_repository(repo, None, ServingOptions(cpu_engine="auto"))
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=tmp_path / "log") as server:
+        request = dict(REQUEST)
+        served = Client(server.url).txt2img(request.pop("prompt"), **request).images
+    assert np.abs(served.astype(int) - onnxruntime_images).max() <= 1
+    spec = load_spec(repo)
+    for name in spec.components:
+        assert (repo / spec.triton_name(name) / "1" / "cpu_engine.json").is_file(), name
+    report = cpu_engine_report(repo)
+    assert len(report) == len(spec.components) and all("onnxruntime fp32" in line for line in report), report

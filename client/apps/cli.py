@@ -7,6 +7,7 @@ commands run on a client-only install and every command starts quickly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,8 @@ from sdtrt.contract.samplers import (
     schedule_detail,
     schedule_table,
 )
-from sdtrt.contract.spec import CPU_ENGINES, CPU_PRECISIONS, DEFAULT_PORTS, ENGINES, ExportLimits, load_catalog, load_spec
+from sdtrt.contract.spec import (CPU_AUTO, CPU_CHOICE_FILE, CPU_FAST_ENV, CPU_PRECISIONS, DEFAULT_PORTS, ENGINES,
+                                 SERVED_CPU_ENGINES, ExportLimits, load_catalog, load_spec)
 from sdtrt.model_repository.configs import NETWORK_BACKENDS, ServingOptions
 
 HEALTH_PORT = 8003  # `sdtrt serve`'s own /livez and /readyz (sdtrt.model_repository.serving.health.HealthEndpoint)
@@ -56,11 +58,13 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
                         "request; steps queued while the U-Net runs are merged anyway)")
 
 
-    p.add_argument("--cpu-engine", choices=CPU_ENGINES, default=ServingOptions.cpu_engine,
-                   help="with --backend python: what runs the networks on the CPU")
+    p.add_argument("--cpu-engine", choices=SERVED_CPU_ENGINES, default=CPU_AUTO,
+                   help="with --backend python: what runs the networks on the CPU; auto: the faster of onnxruntime "
+                   "and OpenVINO fp32 on this machine, measured per network at its first start (the pictures are "
+                   "the same); `sdtrt serve --fast` lets it take bf16 too")
     p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default=ServingOptions.cpu_precision,
-                   help="with --cpu-engine openvino: bf16 is ~2x faster where the CPU has bfloat16 (AVX512-BF16, "
-                        "AMX), with pictures a little off fp32's, as FP16 engines are on a GPU")
+                   help="with --cpu-engine openvino or auto: bf16 is ~2x faster where the CPU has bfloat16 "
+                        "(AVX512-BF16, AMX), with pictures a little off fp32's, as FP16 engines are on a GPU")
 
 
 def serving_options(args: argparse.Namespace) -> dict:
@@ -282,6 +286,10 @@ def _add_serve(sub) -> None:
                    help="a tritonserver binary (default: $SDTRT_TRITONSERVER, else the one in the nvidia-pytriton wheel)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for the models to load (default: %(default)s)")
+    p.add_argument("--fast", action="store_true",
+                   help="CPU: let networks exported with --cpu-engine auto (the default) run in bf16 where this CPU "
+                   "has it natively (AVX512-BF16, AMX) and it is faster: ~2x, pictures a little off fp32's (PSNR in "
+                   "benchmarks/RESULTS.md); the engines each network runs are printed once the server is ready")
     _control_key_flag(p, "the secret Triton's model-control, shared-memory, logging and trace APIs want (created with "
                          "a random key if missing; default: $SDTRT_CONTROL_KEY, else $SDTRT_CONTROL_KEY_FILE, else "
                          "the file control-key in sdtrt's cache folder). Inference, health and metadata stay open")
@@ -468,6 +476,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cpu_engine_report(repo: Path) -> list[str]:
+    """What each network exported with ``--cpu-engine auto`` runs on, as its first start measured it."""
+    lines = []
+    for record in sorted(Path(repo).glob(f"*/*/{CPU_CHOICE_FILE}")):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            choice = json.loads(record.read_text())["choice"]
+            timings = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in choice["seconds"].items())
+            lines.append(f"cpu engine: {record.parent.parent.name} runs {choice['engine']} {choice['precision']} "
+                         f"(measured here: {timings})")
+    return lines
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     # loaded when the command runs (see the module docstring)
     from sdtrt.model_repository.serving.control import resolve_key
@@ -500,7 +520,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     probe_timeout=args.probe_timeout)
     # bound before tritonserver starts: a taken port fails the command at once, not after the models load
     health = HealthEndpoint(healer, args.host, args.health_port) if args.health_port else None
+    if args.fast:  # the stubs inherit this environment (read by the networks' `auto` choice)
+        os.environ[CPU_FAST_ENV] = "1"
     server.start(timeout=args.timeout)
+    for line in cpu_engine_report(args.model_repository):
+        print(line, flush=True)
     healer.start()
     if health is not None:
         health.start()

@@ -12,6 +12,7 @@ to the request that sent it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import triton_python_backend_utils as pb_utils
 
 from sdtrt.model_repository.models.metrics import Metrics
 from sdtrt.model_repository.models.triton_io import JsonLog, error_response, model_part, model_spec
-from sdtrt.pipeline.runners import OnnxRuntimeRunner, cpu_runner
+from sdtrt.contract.spec import CPU_AUTO, CPU_CHOICE_FILE, CPU_FAST_ENV
+from sdtrt.pipeline.runners import OnnxRuntimeRunner, auto_candidates, choose_cpu_engine, cpu_runner, typical_feed
 
 
 class TritonPythonModel:
@@ -33,7 +35,9 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         path = folder / parameters["onnx_file"]
         engine, precision = parameters.get("engine", "onnxruntime"), parameters.get("precision", "fp32")
-        if engine == "onnxruntime":
+        if engine == CPU_AUTO:
+            engine, precision = self._chosen(spec, path, folder, precision)
+        elif engine == "onnxruntime":
             # CUDA when this onnxruntime has it (onnxruntime-gpu on a GPU box), else the CPU.
             self.runner = OnnxRuntimeRunner(path, self.component, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         else:
@@ -44,6 +48,19 @@ class TritonPythonModel:
         self._warm_up(spec)
         self.log.info("ready", onnx=str(path), engine=engine, precision=precision,
                       inputs=[t.name for t in self.component.inputs])
+
+    def _chosen(self, spec, path: Path, folder: Path, precision: str) -> tuple[str, str]:
+        """``auto``: the fastest CPU engine for this network on this machine (measured at the first start, then
+        read back from ``cpu_engine.json`` beside it); bf16 candidates when the config or `sdtrt serve --fast`
+        (SDTRT_CPU_FAST) asks for them."""
+        bf16 = precision == "bf16" or os.environ.get(CPU_FAST_ENV, "") == "1"
+        writable = _writable(folder / "openvino_cache")
+        record = folder / CPU_CHOICE_FILE if writable is not None else None
+        self.runner, choice = choose_cpu_engine(path, self.component, typical_feed(spec, self.component),
+                                                auto_candidates(bf16), record, cache_dir=writable)
+        self.log.info("cpu_engine_chosen", engine=choice.engine, precision=choice.precision, seconds=choice.seconds,
+                      refused=choice.refused, measured=choice.measured)
+        return choice.engine, choice.precision
 
     def _warm_up(self, spec) -> None:
         """One run at the smallest shapes: onnxruntime's first run sets up kernels and memory (~1 s)."""

@@ -211,6 +211,12 @@ DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # tritonserver's 
 # the config generator read them on a client-only install, which has neither engine
 CPU_ENGINES = ("onnxruntime", "openvino")
 CPU_PRECISIONS = ("fp32", "bf16")
+# A served network's CPU engine picked by measurement at its first start (sdtrt.pipeline.runners.choose_cpu_engine):
+# the fastest of the engines that compute what onnxruntime computes (and with bf16 asked, the bf16 ones too)
+CPU_AUTO = "auto"
+SERVED_CPU_ENGINES = (CPU_AUTO, *CPU_ENGINES)
+CPU_CHOICE_FILE = "cpu_engine.json"  # beside a served network's ONNX: what ``auto`` chose there, and the timings
+CPU_FAST_ENV = "SDTRT_CPU_FAST"  # "1" (`sdtrt serve --fast`): ``auto`` also measures bf16 where the CPU has it
 
 # A dimension is either a fixed size or the name of a dynamic dimension listed in ModelSpec.dims.
 DimValue = Union[int, str]
@@ -403,6 +409,11 @@ class ModelSpec:
             allowed = ", ".join(repr(e["title"]) for e in entries) or "none: export with --controlnets DIR"
             raise InvalidRequest("controlnet model", name, f"one of this model's ControlNets: {allowed}")
         return found
+
+    def typical_shape(self, tensor: TensorSpec) -> list[int]:
+        """A tensor's shape at the export's optimal sizes (a request at the default size, with guidance): what an
+        engine is measured at."""
+        return [d if isinstance(d, int) else self.dims[d].opt for d in tensor.shape]
 
     def smallest_shape(self, tensor: TensorSpec) -> list[int]:
         """A tensor's shape at the smallest size every dynamic dim allows (warm-ups, the watchdog's probes)."""

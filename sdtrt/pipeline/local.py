@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from sdtrt.contract.images import to_uint8
-from sdtrt.contract.spec import HYPERTILE_SUFFIX, ModelSpec, controlnet_image, load_spec
+from sdtrt.contract.spec import CPU_AUTO, HYPERTILE_SUFFIX, ModelSpec, controlnet_image, load_spec
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs, unet_network
 from sdtrt.pipeline.engines import check_engine_matches, manifest
 from sdtrt.pipeline import jobs
 from sdtrt.pipeline.jobs import OnStep
-from sdtrt.pipeline.runners import CPU_ENGINES, Runner, TensorRtRunner, cpu_runner
+from sdtrt.pipeline.runners import (CPU_ENGINES, Runner, TensorRtRunner, auto_candidates, choose_cpu_engine,
+                                    cpu_runner, typical_feed)
 from sdtrt.pipeline.text import load_tokenizer
 from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras
 from sdtrt.requests.generation import Generation, infotexts
@@ -28,7 +29,7 @@ from sdtrt.requests.plan import Plan, TextPair, plan_request
 from sdtrt.requests.prompts import piece_rows
 from sdtrt.requests.request import Img2ImgRequest, Txt2ImgRequest
 
-BACKENDS = (*CPU_ENGINES, "tensorrt")
+BACKENDS = (*CPU_ENGINES, CPU_AUTO, "tensorrt")
 
 
 class LocalPipeline:
@@ -52,6 +53,12 @@ class LocalPipeline:
                 check_engine_matches(engines[name], name)
                 path = self.repo / self.spec.triton_name(name) / "1" / engines[name]["file"]
                 self.nets[name] = TensorRtRunner(path, component)
+        elif backend == CPU_AUTO:  # each network on the engine measured fastest here (as served networks choose)
+            self.choices = {}
+            for name, c in self.spec.components.items():
+                self.nets[name], self.choices[name] = choose_cpu_engine(
+                    self.repo / c.onnx, c, typical_feed(self.spec, c), auto_candidates(precision == "bf16"),
+                    threads=threads)
         else:
             self.nets = {name: cpu_runner(self.repo / c.onnx, c, backend, precision, threads)
                          for name, c in self.spec.components.items()}

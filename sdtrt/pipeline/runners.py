@@ -9,19 +9,28 @@ CPU settings, measured on 2 cores (benchmarks/cpu_bench.py, RESULTS.md):
     The denoising loop runs between network calls, in this process or another; spinning workers take its core
     (~2x end-to-end latency served, ~20% in-process).
   * OpenVINO: the ``LATENCY`` hint (one stream with every core: a lone request's step as fast as it can be);
-    ``fp32`` computes as onnxruntime does (same pictures, about the same speed), ``bf16`` runs the networks in
-    bfloat16 where the CPU has it natively (AVX512-BF16, AMX), about 2x faster, as FP16 engines are on a GPU.
+    ``fp32`` computes as onnxruntime does (same pictures), ``bf16`` runs the networks in bfloat16 where the CPU has
+    it natively (AVX512-BF16, AMX), about 2x faster, as FP16 engines are on a GPU.
+  * Which fp32 engine is faster depends on the CPU (the same benchmark gave onnxruntime ~= PyTorch on a Xeon, and
+    OpenVINO ahead of both on an EPYC): the served default (``auto``) measures them on the machine, per network, at
+    its first start (``choose_cpu_engine``) and keeps the choice beside the network.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from sdtrt.contract.spec import CPU_ENGINES, CPU_PRECISIONS, ComponentSpec
+from sdtrt.contract.spec import CPU_ENGINES, CPU_PRECISIONS, ComponentSpec, ModelSpec
 
 
 class Runner(Protocol):
@@ -101,3 +110,155 @@ def cpu_runner(path: Path, component: ComponentSpec, engine: str = "onnxruntime"
     if engine == "openvino":
         return OpenVinoRunner(path, component, precision, threads, cache_dir)
     raise ValueError(f"CPU engine must be one of {CPU_ENGINES}, got {engine!r}")
+
+
+# --- the CPU engine picked by measurement (``auto``) ------------------------------------------------------------
+
+# An fp32 engine must give onnxruntime's outputs (the pictures' reference) within this, relative to their scale:
+# OpenVINO's f32 is ~1e-6 off; a candidate further off is not chosen, whatever its speed.
+FP32_AGREEMENT = 1e-3
+CHOICE_FORMAT = 1  # the choice file's layout; another one is measured again
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """This CPU's model name and the features the engines' speed depends on."""
+    name, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == (platform.processor() or platform.machine()):
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return name, sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (elsewhere OpenVINO's bf16 is emulated: slower, not faster)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_description()[1]))
+
+
+def auto_candidates(bf16: bool) -> list[tuple[str, str]]:
+    """The (engine, precision) pairs ``auto`` measures: the fp32 engines, and OpenVINO bf16 when bf16 is asked for
+    (``sdtrt serve --fast``) and the CPU has it natively."""
+    fp32 = [("onnxruntime", "fp32"), ("openvino", "fp32")]
+    return [("openvino", "bf16"), *fp32] if bf16 and cpu_has_bf16() else fp32
+
+
+def typical_feed(spec: ModelSpec, component: ComponentSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs at the export's optimal shapes: floats from a fixed seed, integers 1 (valid token ids and counts)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for tensor in component.inputs:
+        shape = spec.typical_shape(tensor)
+        if np.issubdtype(np.dtype(tensor.dtype), np.floating):
+            feed[tensor.name] = rng.standard_normal(shape).astype(tensor.dtype)
+        else:
+            feed[tensor.name] = np.ones(shape, dtype=tensor.dtype)
+    return feed
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    engine: str
+    precision: str
+    seconds: dict[str, float]  # "engine precision" -> median seconds per call at the typical shapes
+    refused: dict[str, str] = field(default_factory=dict)  # candidates not chosen whatever their speed, and why
+    measured: bool = True  # False: read back from the choice file of an earlier start
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} {self.precision}"
+
+
+def _choice_key(path: Path, feed: dict[str, np.ndarray], candidates: list[tuple[str, str]], threads: int) -> dict:
+    stat = path.stat()
+    return {"format": CHOICE_FORMAT, "cpu": cpu_description()[0], "cores": os.cpu_count(), "threads": threads,
+            "onnx": [stat.st_size, stat.st_mtime_ns], "shapes": {k: list(v.shape) for k, v in feed.items()},
+            "candidates": [" ".join(c) for c in candidates]}
+
+
+def _agrees(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> str:
+    """'' when ``got`` matches ``want`` within FP32_AGREEMENT, else how far off it is."""
+    for name, value in want.items():
+        scale = max(1.0, float(np.abs(value).max()))
+        error = float(np.abs(got[name].astype(np.float64) - value).max())
+        if not error <= FP32_AGREEMENT * scale:
+            return f"{name} off onnxruntime's by {error:.3g} (allowed {FP32_AGREEMENT * scale:.3g})"
+    return ""
+
+
+def choose_cpu_engine(path: Path, component: ComponentSpec, feed: dict[str, np.ndarray],
+                      candidates: list[tuple[str, str]], record: Path | None = None, threads: int = 0,
+                      cache_dir: Path | None = None, repeats: int = 2) -> tuple["Runner", EngineChoice]:
+    """The fastest candidate on this machine for the network ``path``, measured on ``feed`` (the best of
+    ``repeats`` calls each, after one untimed: the first start of an SD 1.5 export on a CPU takes a minute or two
+    more); fp32 candidates must agree with onnxruntime (the first candidate that is it). The choice is kept in
+    ``record`` (written by a temporary name and a rename) and read back while this CPU, the ONNX file, the shapes
+    and the candidates stay the same; networks measuring at once take turns (a lock beside ``record``'s model
+    folder), so that one's timing is not another's load. Returns the chosen runner, built once."""
+    def make(engine: str, precision: str) -> Runner:
+        return cpu_runner(path, component, engine, precision, threads, cache_dir)
+
+    key = _choice_key(path, feed, candidates, threads)
+    with _measuring_lock(record):
+        return _choose(make, key, feed, candidates, record, repeats)
+
+
+@contextlib.contextmanager
+def _measuring_lock(record: Path | None):
+    """One measurement at a time among the networks of a repository (its folder: ``record``'s grandparent's
+    parent, i.e. REPO/<model>/<version>/cpu_engine.json -> REPO)."""
+    if record is None:
+        yield
+        return
+    # fcntl: POSIX only, as the server is
+    import fcntl
+
+    lock = record.parent.parent.parent / ".cpu-engine.lock"
+    try:
+        handle = open(lock, "a")
+    except OSError:  # a read-only repository: nothing is written, nothing to take turns for
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _choose(make, key: dict, feed: dict[str, np.ndarray], candidates: list[tuple[str, str]], record: Path | None,
+            repeats: int) -> tuple["Runner", EngineChoice]:
+    if record is not None and record.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            kept = json.loads(record.read_text())
+            if kept["key"] == key:
+                choice = EngineChoice(**{**kept["choice"], "measured": False})
+                return make(choice.engine, choice.precision), choice
+    seconds, refused, best, reference = {}, {}, None, None
+    for engine, precision in candidates:
+        runner = make(engine, precision)
+        outputs = runner.outputs(feed)
+        if engine == "onnxruntime" and reference is None:
+            reference = outputs
+        elif precision == "fp32" and reference is not None and (why := _agrees(outputs, reference)):
+            refused[f"{engine} {precision}"] = why
+            continue
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner.outputs(feed)
+            times.append(time.perf_counter() - start)
+        seconds[f"{engine} {precision}"] = round(min(times), 6)
+        if best is None or seconds[f"{engine} {precision}"] < seconds[f"{best[0]} {best[1]}"]:
+            best = (engine, precision, runner)
+        del runner  # (the loser's memory goes before the next candidate loads)
+    engine, precision, runner = best
+    choice = EngineChoice(engine, precision, seconds, refused)
+    if record is not None:
+        with contextlib.suppress(OSError):  # a read-only repository measures at every start
+            partial = record.with_name(record.name + ".partial")
+            kept = asdict(choice)
+            kept.pop("measured")
+            partial.write_text(json.dumps({"key": key, "choice": kept}, indent=1))
+            partial.replace(record)
+    return runner, choice
