@@ -82,6 +82,10 @@ class ServingOptions:
     # Triton's onnxruntime backend on the GPUs (its CUDA execution provider) instead of the CPU: `sdtrt serve` sets it
     # where a GPU is visible (--device auto).
     gpu: bool = False
+    # Where a loop's per-step networks (U-Net, ControlNets) run: "bls" (calls to their Triton models) or
+    # "in_process" (in the job model's own process, no round trip per step; python backend only, and each job
+    # instance holds its own copy: model_repository/models/loop_networks.py)
+    loop_networks: str = "bls"
 
     def __post_init__(self):
         if self.backend not in NETWORK_BACKENDS:
@@ -91,12 +95,20 @@ class ServingOptions:
                              f"{', '.join(CPU_PRECISIONS)}, got {self.cpu_engine} {self.cpu_precision}")
         if self.cpu_engine == "onnxruntime" and self.cpu_precision != "fp32":
             raise UsageError(f"onnxruntime runs fp32 only: {self.cpu_precision} needs --cpu-engine openvino")
+        if self.loop_networks not in LOOP_NETWORKS:
+            raise UsageError(f"loop_networks must be one of {', '.join(LOOP_NETWORKS)}, got {self.loop_networks!r}")
+        if self.loop_networks == IN_PROCESS and self.backend != "python":
+            raise UsageError("in-process loop networks run the python backend's CPU engines: they need --backend "
+                             f"python, not {self.backend}")
         if self.gpu and self.backend == "python":
             raise UsageError("the python backend runs its networks on the CPU: --device gpu needs --backend onnxruntime "
                              "(Triton's, CUDA) or tensorrt (build-engines)")
 
 
 LOOPS_PARAMETER = "loops"  # the job models' config parameter: scheduler_instances
+LOOP_NETWORKS_PARAMETER = "loop_networks"  # theirs too: ServingOptions.loop_networks (with engine, precision)
+IN_PROCESS = "in_process"
+LOOP_NETWORKS = ("bls", IN_PROCESS)
 
 # The tokenizer's outputs, named once here for the tokenizer model and the job models that call it.
 TOKEN_IDS = "token_ids"  # [2k, 77]: the negative prompt's k chunks, then the prompt's k chunks
@@ -293,6 +305,10 @@ def job_config(catalog: Catalog, job: Job, options: ServingOptions) -> mc.ModelC
     # GPU instance (one per GPU) and the latents stay on the device between U-Net calls.
     config.instance_group.add(count=1, kind=device_kind(options))
     config.parameters[LOOPS_PARAMETER].string_value = str(options.scheduler_instances)
+    config.parameters[LOOP_NETWORKS_PARAMETER].string_value = options.loop_networks
+    if options.loop_networks == IN_PROCESS:  # the engine the network models run, for the same choice here
+        config.parameters["engine"].string_value = options.cpu_engine
+        config.parameters["precision"].string_value = options.cpu_precision
     # One request per execution (max_batch_size 0); the batcher is here for its queue policy: requests wait while
     # every loop is busy, a bounded number of them, then Triton's UNAVAILABLE ("Exceeds maximum queue size",
     # HTTP 503) instead of an ever longer queue.

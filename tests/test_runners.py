@@ -140,3 +140,36 @@ def test_served_auto_engines_draw_onnxruntimes_picture_and_say_what_they_run(exp
         assert (repo / spec.triton_name(name) / "1" / "cpu_engine.json").is_file(), name
     report = cpu_engine_report(repo)
     assert len(report) == len(spec.components) and all("onnxruntime fp32" in line for line in report), report
+
+
+def test_in_process_loop_networks_draw_the_same_picture_without_a_bls_call_a_step(exported_repo, onnxruntime_images,
+                                                                                 tmp_path):
+    """--loop-networks in-process: the loop's U-Net steps run in the job model's own process (the same engine on
+    the same ONNX), so Triton's U-Net model is never called (its inference count stays 0) while the text encoder
+    and the VAE still are; the picture is the BLS path's. Other backends refuse it, naming why."""
+    import re
+    import urllib.request
+
+    from servers import free_ports
+
+    from sdtrt.model_repository.build import write_repository
+    from sdtrt.model_repository.serving.server import TritonServer
+
+    with pytest.raises(UsageError, match="in-process loop networks run the python backend"):
+        ServingOptions(backend="onnxruntime", loop_networks="in_process")
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    write_repository(repo, None, ServingOptions(loop_networks="in_process"))
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=tmp_path / "log") as server:
+        request = dict(REQUEST)
+        served = Client(server.url).txt2img(request.pop("prompt"), **request).images
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+
+    def count(model: str) -> int:
+        found = re.search(rf'nv_inference_count{{model="{model}",version="1"}} (\d+)', text)
+        assert found, model
+        return int(found.group(1))
+
+    assert np.abs(served.astype(int) - onnxruntime_images).max() <= 1
+    assert count("default__unet") == 0 and count("default__text_encoder") >= 1 and count("default__vae_decoder") >= 1

@@ -62,6 +62,10 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
                    help="with --backend python: what runs the networks on the CPU; auto: the faster of onnxruntime "
                    "and OpenVINO fp32 on this machine, measured per network at its first start (the pictures are "
                    "the same); `sdtrt serve --fast` lets it take bf16 too")
+    p.add_argument("--loop-networks", choices=["bls", "in-process"], default="bls",
+                   help="with --backend python: where the loops' per-step networks (U-Net, ControlNets) run: bls "
+                   "(their Triton models) or in-process (the job model's own process: no round trip per step; each "
+                   "job instance holds its own copy of them)")
     p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default=ServingOptions.cpu_precision,
                    help="with --cpu-engine openvino or auto: bf16 is ~2x faster where the CPU has bfloat16 "
                         "(AVX512-BF16, AMX), with pictures a little off fp32's, as FP16 engines are on a GPU")
@@ -70,7 +74,8 @@ def add_serving_args(p: argparse.ArgumentParser) -> None:
 def serving_options(args: argparse.Namespace) -> dict:
     return {"scheduler_instances": args.scheduler_instances, "max_queue": args.max_queue,
             "unet_queue_delay_us": args.unet_queue_delay_us, "cpu_engine": args.cpu_engine,
-            "cpu_precision": args.cpu_precision, "gpu": _onnxruntime_gpu(args)}
+            "cpu_precision": args.cpu_precision, "gpu": _onnxruntime_gpu(args),
+            "loop_networks": args.loop_networks.replace("-", "_")}
 
 
 def build_parser(spec=None) -> argparse.ArgumentParser:

@@ -15,8 +15,10 @@ pictures, which become PNGs. Without that request a ``tensorrt_plan`` model answ
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ from sdtrt.model_repository.configs import (
     TOKENIZER,
     TOKENIZER_FIELDS,
 )
+from sdtrt.model_repository.models.loop_networks import LoopNetworks
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs, unet_network
 from sdtrt.requests.extra_networks import EMBEDDING_VECTORS, LORA_SUFFIX, RequestLoras, no_loras
@@ -51,6 +54,10 @@ from sdtrt.requests.plan import TextPair
 CALL_TIMEOUT_FLOOR_S = float(os.environ.get("SDTRT_CALL_TIMEOUT_S", 60.0))
 CALL_TIMEOUT_SPAN_S = 240.0
 _CALLERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="bls")  # shared by the loops of one stub
+# A request's cancellation is a round trip to the Triton process (``is_cancelled()``); asked at most this often
+# instead of before every network call: a GPU step is ~10 ms, and a cancelled request still stops within a step or
+# a few (benchmarks/overhead_trace.py measures what a call costs).
+CANCEL_CHECK_S = 0.05
 
 
 def call_deadline(spec: ModelSpec, component: ComponentSpec | None, inputs: tuple = ()) -> float:
@@ -107,24 +114,41 @@ def from_triton(tensor: "pb_utils.Tensor") -> torch.Tensor:
     return torch.from_dlpack(tensor)
 
 
+@dataclass(frozen=True)
+class StepCalls:
+    """How a loop's per-step network calls are made: ``batcher`` merges them with other loops' (up to ``rows``
+    rows a call); ``local`` runs them in this process instead of through BLS (loop_networks.py)."""
+
+    batcher: StepBatcher | None = None
+    rows: int = 0
+    local: LoopNetworks | None = None
+
+
 class BlsNetworks:
     """One request's view of the networks. Every call first checks whether the client has gone (cancelled, or
-    its connection closed): the job model holds the client's own request, so that is seen within one step."""
+    its connection closed): the job model holds the client's own request, so that is seen within a step or a few
+    (asked at most every CANCEL_CHECK_S)."""
 
     def __init__(self, spec: ModelSpec, request, device: torch.device = torch.device("cpu"),
-                 loras: RequestLoras | None = None, batcher: StepBatcher | None = None, unet_rows: int = 0,
-                 tiling: bool = False, vae: str = ""):
-        """``batcher`` merges this request's U-Net calls with other loops' (up to ``unet_rows`` rows a call);
+                 loras: RequestLoras | None = None, steps: StepCalls = StepCalls(), tiling: bool = False,
+                 vae: str = ""):
+        """``steps``: how the per-step calls go (merged with other loops', in this process or not);
         ``tiling``: run the networks' tiling variants; ``vae``: the registered VAE that encodes and decodes."""
+        self.local = steps.local
         self.spec = spec
         self.request = request
         self.tiling, self.vae = tiling, vae
         self.device = device
         self.loras = loras or no_loras()
-        self.batcher = batcher
-        self.unet_rows = unet_rows
+        self.batcher = steps.batcher
+        self.unet_rows = steps.rows
+        self._asked = float("-inf")  # when is_cancelled() was last asked (time.monotonic())
 
     def _check_cancelled(self) -> None:
+        now = time.monotonic()
+        if now - self._asked < CANCEL_CHECK_S:
+            return
+        self._asked = now
         if self.request.is_cancelled():
             raise Cancelled("request cancelled by the client")
 
@@ -164,6 +188,8 @@ class BlsNetworks:
         model, outputs = self.spec.triton_name(component.name), [t.name for t in component.outputs]
 
         def run(tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            if self.local is not None and self.local.runs(component):
+                return {k: v.to(output_device) for k, v in self.local.run(self.spec, component, tensors).items()}
             triton = [to_triton(spec.name, value) for spec, value in zip(component.inputs, tensors)]
             return self._exec(model, triton, outputs, output_device, call_deadline(self.spec, component, tuple(tensors)))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +32,10 @@ from sdtrt.contract.spec import (
     ModelSpec,
     load_catalog,
 )
-from sdtrt.model_repository.configs import CONTROL_PICTURES, LOOPS_PARAMETER, engine_batching
-from sdtrt.model_repository.models.bls import BlsNetworks, exec_within
+from sdtrt.model_repository.configs import (CONTROL_PICTURES, IN_PROCESS, LOOP_NETWORKS_PARAMETER, LOOPS_PARAMETER,
+                                            engine_batching)
+from sdtrt.model_repository.models.bls import BlsNetworks, StepCalls, exec_within
+from sdtrt.model_repository.models.loop_networks import LoopNetworks
 from sdtrt.model_repository.models.metrics import Metrics
 from sdtrt.model_repository.models.step_batcher import StepBatcher
 from sdtrt.model_repository.models.triton_io import JsonLog, PerRequestModel, optional_input, repo_root, scalar
@@ -117,9 +120,15 @@ class JobModel(PerRequestModel):
         if args.get("model_instance_kind") == "GPU" and self.device.type == "cpu":
             self.log.warn("no_cuda", reason="a GPU instance, but this torch has no CUDA: the loop runs on the CPU")
         torch.set_num_threads(1)  # the loop's own math is small; leave the cores to the networks
+        parameters = {k: v["string_value"] for k, v in config["parameters"].items()}
+        self.local = None
+        if parameters.get(LOOP_NETWORKS_PARAMETER) == IN_PROCESS:
+            self.local = LoopNetworks(self.repo, parameters.get("engine", "onnxruntime"),
+                                      parameters.get("precision", "fp32"), dict(os.environ))
         self.warm_up()
         self.log.info("ready", instance=args.get("model_instance_name"), device=str(self.device), loops=self.loops,
-                      models=list(self.catalog.models), default=self.catalog.default)
+                      models=list(self.catalog.models), default=self.catalog.default,
+                      loop_networks=IN_PROCESS if self.local is not None else "bls")
 
     def execute(self, requests):
         for request in requests:
@@ -162,8 +171,8 @@ class JobModel(PerRequestModel):
         if spec.key not in self.lora_libraries:  # each LoRA file is read once per instance, when first used
             self.lora_libraries[spec.key] = LoraLibrary(self.repo, spec.loras)
         loras = RequestLoras(self.lora_libraries[spec.key], list(plan.loras))
-        return BlsNetworks(spec, request, self.device, loras, self.batcher, unet_rows(spec), plan.request.tiling,
-                           plan.request.vae)
+        steps = StepCalls(self.batcher, unet_rows(spec), self.local)
+        return BlsNetworks(spec, request, self.device, loras, steps, plan.request.tiling, plan.request.vae)
 
     def warm_up(self) -> None:
         """Import every sampler's scheduler and run one step on this instance's device, so that no request pays
