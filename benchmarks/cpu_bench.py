@@ -10,7 +10,10 @@ start), ``auto:bf16`` what `sdtrt serve --fast` runs. ``--model tiny`` is the em
 half`` is SD 1.5's layout at half its widths (an SD-shaped model whose cost per step is a quarter of SD 1.5's).
 Writes the "cpu-<model>" section of benchmarks/RESULTS.md: served time over diffusers' (targets: fp32 faster
 than diffusers at <= 2/255 of its picture; bf16 at most 0.45x with PSNR >= 30 dB), served over in-process with the
-same engine (the serving overhead), and each picture's difference from diffusers'.
+same engine (the serving overhead), and each picture's difference from diffusers'. Every engine is held twice at
+once (in-process and served): with ``--model half`` the four default engines need more than 24 GB, so measure
+``--engines auto:fp32,auto:bf16`` there (what ``auto`` chose between, with both engines' timings, is listed; the
+in-process runner reads the served networks' choice).
 """
 
 from __future__ import annotations
@@ -85,11 +88,12 @@ def main() -> None:
             copy = work / f"repo-{engine}-{precision}"
             shutil.copytree(repo, copy)
             write_repository(copy, None, ServingOptions(cpu_engine=engine, cpu_precision=precision))
-            local = LocalPipeline(copy, backend=engine, precision=precision)
-            runs[f"{label} in-process"] = lambda local=local: local.txt2img(Txt2ImgRequest(prompt, **settings)).images[0]
             ports = dict(http_port=18000 + 10 * i, grpc_port=18001 + 10 * i, metrics_port=18002 + 10 * i)
+            # (the server first: auto measures there, and the in-process runner reads the same choice back)
             server = stack.enter_context(TritonServer(copy, log_file=work / f"triton-{engine}-{precision}.log", **ports))
             chosen[label] = cpu_engine_report(copy)
+            local = LocalPipeline(copy, backend=engine, precision=precision)
+            runs[f"{label} in-process"] = lambda local=local: local.txt2img(Txt2ImgRequest(prompt, **settings)).images[0]
             client = Client(server.url)
             runs[f"{label} served"] = lambda client=client: client.txt2img(prompt, **settings).images[0]
         pictures = {name: run() for name, run in runs.items()}  # (the warm-up round)

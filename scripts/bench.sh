@@ -15,8 +15,8 @@ while read -r bench args; do
   # shellcheck disable=SC2086
   python "benchmarks/$bench.py" $args
 done <<'RUNS'
-cpu_bench --model tiny
-cpu_bench --model half --size 256 --steps 10 --repeats 2
+cpu_bench --model tiny --size 256 --steps 20
+cpu_bench --model half --size 256 --steps 20 --repeats 2 --engines auto:fp32,auto:bf16
 overhead_trace --model tiny
 overhead_trace --model half --size 256 --steps 10 --repeats 2
 batching_bench

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from sdtrt.contract.images import to_uint8
-from sdtrt.contract.spec import CPU_AUTO, HYPERTILE_SUFFIX, ModelSpec, controlnet_image, load_spec
+from sdtrt.contract.spec import CPU_AUTO, CPU_CHOICE_FILE, HYPERTILE_SUFFIX, ModelSpec, controlnet_image, load_spec
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs, unet_network
 from sdtrt.pipeline.engines import check_engine_matches, manifest
 from sdtrt.pipeline import jobs
@@ -53,12 +53,13 @@ class LocalPipeline:
                 check_engine_matches(engines[name], name)
                 path = self.repo / self.spec.triton_name(name) / "1" / engines[name]["file"]
                 self.nets[name] = TensorRtRunner(path, component)
-        elif backend == CPU_AUTO:  # each network on the engine measured fastest here (as served networks choose)
+        elif backend == CPU_AUTO:  # each network on the engine measured fastest here: the served networks' choice
             self.choices = {}
             for name, c in self.spec.components.items():
+                path = self.repo / c.onnx
                 self.nets[name], self.choices[name] = choose_cpu_engine(
-                    self.repo / c.onnx, c, typical_feed(self.spec, c), auto_candidates(precision == "bf16"),
-                    threads=threads)
+                    path, c, typical_feed(self.spec, c), auto_candidates(precision == "bf16"),
+                    path.parent / CPU_CHOICE_FILE, threads=threads)
         else:
             self.nets = {name: cpu_runner(self.repo / c.onnx, c, backend, precision, threads)
                          for name, c in self.spec.components.items()}
