@@ -486,6 +486,8 @@ def cpu_engine_report(repo: Path) -> list[str]:
     lines = []
     for record in sorted(Path(repo).glob(f"*/*/{CPU_CHOICE_FILE}")):
         with contextlib.suppress(OSError, ValueError, KeyError):
+            if f'string_value: "{CPU_AUTO}"' not in (record.parent.parent / "config.pbtxt").read_text():
+                continue  # (a choice left from before `sdtrt configs` named an engine)
             choice = json.loads(record.read_text())["choice"]
             timings = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in choice["seconds"].items())
             lines.append(f"cpu engine: {record.parent.parent.name} runs {choice['engine']} {choice['precision']} "
