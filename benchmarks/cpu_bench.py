@@ -39,12 +39,10 @@ ENGINES = "auto:fp32,onnxruntime:fp32,openvino:fp32,auto:bf16"
 
 def cpu_flags() -> str:
     """The CPU features the engines' speed depends on (bf16 runs natively only with them)."""
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none of AVX2/AVX-512"
+    # (imported after sys.path is set up, as the benchmark's other sdtrt imports)
+    from sdtrt.pipeline.runners import cpu_description
+
+    return ", ".join(cpu_description()[1]) or "none of AVX2/AVX-512"
 
 
 def main() -> None:

@@ -117,23 +117,33 @@ def test_auto_measures_the_engines_here_and_keeps_its_choice(exported_repo, tmp_
     assert auto_candidates(True) == ([("openvino", "bf16")] if cpu_has_bf16() else []) + auto_candidates(False)
 
 
+def _served(exported_repo, repo, options: ServingOptions) -> tuple[np.ndarray, str]:
+    """REQUEST's pictures from a copy of the export configured with ``options``, served, and the server's
+    Prometheus metrics after it."""
+    import urllib.request
+
+    from servers import free_ports
+
+    from sdtrt.model_repository.build import write_repository
+    from sdtrt.model_repository.serving.server import TritonServer
+
+    shutil.copytree(exported_repo, repo)
+    write_repository(repo, None, options)
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=repo.parent / "log") as server:
+        request = dict(REQUEST)
+        images = Client(server.url).txt2img(request.pop("prompt"), **request).images
+        return images, urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+
+
 def test_served_auto_engines_draw_onnxruntimes_picture_and_say_what_they_run(exported_repo, onnxruntime_images,
                                                                              tmp_path):
     """Exported with the CLI's default (--cpu-engine auto), every network measures at its first start and keeps
     its choice; the picture is onnxruntime's; `sdtrt serve` prints what each network runs."""
-    from servers import free_ports
-
     from sdtrt.client.apps.cli import cpu_engine_report
-    from sdtrt.model_repository.build import write_repository
-    from sdtrt.model_repository.serving.server import TritonServer
 
     repo = tmp_path / "repo"
-    shutil.copytree(exported_repo, repo)
-    write_repository(repo, None, ServingOptions(cpu_engine="auto"))
-    http, grpc, metrics = free_ports(3)
-    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=tmp_path / "log") as server:
-        request = dict(REQUEST)
-        served = Client(server.url).txt2img(request.pop("prompt"), **request).images
+    served, _ = _served(exported_repo, repo, ServingOptions(cpu_engine="auto"))
     assert np.abs(served.astype(int) - onnxruntime_images).max() <= 1
     spec = load_spec(repo)
     for name in spec.components:
@@ -148,23 +158,10 @@ def test_in_process_loop_networks_draw_the_same_picture_without_a_bls_call_a_ste
     the same ONNX), so Triton's U-Net model is never called (its inference count stays 0) while the text encoder
     and the VAE still are; the picture is the BLS path's. Other backends refuse it, naming why."""
     import re
-    import urllib.request
-
-    from servers import free_ports
-
-    from sdtrt.model_repository.build import write_repository
-    from sdtrt.model_repository.serving.server import TritonServer
 
     with pytest.raises(UsageError, match="in-process loop networks run the python backend"):
         ServingOptions(backend="onnxruntime", loop_networks="in_process")
-    repo = tmp_path / "repo"
-    shutil.copytree(exported_repo, repo)
-    write_repository(repo, None, ServingOptions(loop_networks="in_process"))
-    http, grpc, metrics = free_ports(3)
-    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=tmp_path / "log") as server:
-        request = dict(REQUEST)
-        served = Client(server.url).txt2img(request.pop("prompt"), **request).images
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+    served, text = _served(exported_repo, tmp_path / "repo", ServingOptions(loop_networks="in_process"))
 
     def count(model: str) -> int:
         found = re.search(rf'nv_inference_count{{model="{model}",version="1"}} (\d+)', text)

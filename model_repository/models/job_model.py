@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -124,7 +123,7 @@ class JobModel(PerRequestModel):
         self.local = None
         if parameters.get(LOOP_NETWORKS_PARAMETER) == IN_PROCESS:
             self.local = LoopNetworks(self.repo, parameters.get("engine", "onnxruntime"),
-                                      parameters.get("precision", "fp32"), dict(os.environ))
+                                      parameters.get("precision", "fp32"))
         self.warm_up()
         self.log.info("ready", instance=args.get("model_instance_name"), device=str(self.device), loops=self.loops,
                       models=list(self.catalog.models), default=self.catalog.default,

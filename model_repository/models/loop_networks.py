@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdtrt.contract.spec import CPU_AUTO, CPU_CHOICE_FILE, CPU_FAST_ENV, ComponentSpec, ModelSpec
-from sdtrt.pipeline.runners import Runner, auto_candidates, choose_cpu_engine, cpu_runner, typical_feed
+from sdtrt.contract.spec import CPU_AUTO, ComponentSpec, ModelSpec
+from sdtrt.pipeline.runners import Runner, auto_runner, cpu_runner
 
 STEP_NETWORKS = ("unet", "controlnet")  # the components (by name prefix) a loop calls every step
 
@@ -28,9 +28,8 @@ class LoopNetworks:
     """Per (model, network): a CPU engine on its ONNX, built on first use, one call at a time (an OpenVINO infer
     request is not thread-safe; the loops' calls are merged before they get here anyway)."""
 
-    def __init__(self, repo: Path, engine: str, precision: str, environ: dict[str, str]):
+    def __init__(self, repo: Path, engine: str, precision: str):
         self.repo, self.engine, self.precision = repo, engine, precision
-        self.bf16 = precision == "bf16" or environ.get(CPU_FAST_ENV, "") == "1"
         self._runners: dict[tuple[str, str], tuple[Runner, threading.Lock]] = {}
         self._guard = threading.Lock()
         self.chosen: dict[str, str] = {}  # network -> "engine precision", for the job's log
@@ -47,9 +46,7 @@ class LoopNetworks:
                 cache = path.parent / "openvino_cache"
                 cache = cache if cache.is_dir() else None
                 if self.engine == CPU_AUTO:
-                    runner, choice = choose_cpu_engine(path, component, typical_feed(spec, component),
-                                                       auto_candidates(self.bf16), path.parent / CPU_CHOICE_FILE,
-                                                       cache_dir=cache)
+                    runner, choice = auto_runner(spec, component, path, self.precision, cache_dir=cache)
                     self.chosen[spec.triton_name(component.name)] = choice.label
                 else:
                     runner = cpu_runner(path, component, self.engine, self.precision, cache_dir=cache)

@@ -12,7 +12,6 @@ to the request that sent it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,8 +20,8 @@ import triton_python_backend_utils as pb_utils
 
 from sdtrt.model_repository.models.metrics import Metrics
 from sdtrt.model_repository.models.triton_io import JsonLog, error_response, model_part, model_spec
-from sdtrt.contract.spec import CPU_AUTO, CPU_CHOICE_FILE, CPU_FAST_ENV
-from sdtrt.pipeline.runners import OnnxRuntimeRunner, auto_candidates, choose_cpu_engine, cpu_runner, typical_feed
+from sdtrt.contract.spec import CPU_AUTO
+from sdtrt.pipeline.runners import OnnxRuntimeRunner, auto_runner, cpu_runner
 
 
 class TritonPythonModel:
@@ -51,13 +50,9 @@ class TritonPythonModel:
 
     def _chosen(self, spec, path: Path, folder: Path, precision: str) -> tuple[str, str]:
         """``auto``: the fastest CPU engine for this network on this machine (measured at the first start, then
-        read back from ``cpu_engine.json`` beside it); bf16 candidates when the config or `sdtrt serve --fast`
-        (SDTRT_CPU_FAST) asks for them."""
-        bf16 = precision == "bf16" or os.environ.get(CPU_FAST_ENV, "") == "1"
-        writable = _writable(folder / "openvino_cache")
-        record = folder / CPU_CHOICE_FILE if writable is not None else None
-        self.runner, choice = choose_cpu_engine(path, self.component, typical_feed(spec, self.component),
-                                                auto_candidates(bf16), record, cache_dir=writable)
+        read back from ``cpu_engine.json`` beside it; runners.auto_runner)."""
+        self.runner, choice = auto_runner(spec, self.component, path, precision,
+                                          cache_dir=_writable(folder / "openvino_cache"))
         self.log.info("cpu_engine_chosen", engine=choice.engine, precision=choice.precision, seconds=choice.seconds,
                       refused=choice.refused, measured=choice.measured)
         return choice.engine, choice.precision

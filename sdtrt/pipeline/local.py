@@ -13,13 +13,12 @@ import numpy as np
 import torch
 
 from sdtrt.contract.images import to_uint8
-from sdtrt.contract.spec import CPU_AUTO, CPU_CHOICE_FILE, HYPERTILE_SUFFIX, ModelSpec, controlnet_image, load_spec
+from sdtrt.contract.spec import CPU_AUTO, HYPERTILE_SUFFIX, ModelSpec, controlnet_image, load_spec
 from sdtrt.pipeline.conditioning import Conditioning, prompt_conditioning, unet_inputs, unet_network
 from sdtrt.pipeline.engines import check_engine_matches, manifest
 from sdtrt.pipeline import jobs
 from sdtrt.pipeline.jobs import OnStep
-from sdtrt.pipeline.runners import (CPU_ENGINES, Runner, TensorRtRunner, auto_candidates, choose_cpu_engine,
-                                    cpu_runner, typical_feed)
+from sdtrt.pipeline.runners import CPU_ENGINES, Runner, TensorRtRunner, auto_runner, cpu_runner
 from sdtrt.pipeline.text import load_tokenizer
 from sdtrt.requests.extra_networks import LORA_SUFFIX, EmbeddingTable, LoraLibrary, RequestLoras
 from sdtrt.requests.generation import Generation, infotexts
@@ -56,10 +55,7 @@ class LocalPipeline:
         elif backend == CPU_AUTO:  # each network on the engine measured fastest here: the served networks' choice
             self.choices = {}
             for name, c in self.spec.components.items():
-                path = self.repo / c.onnx
-                self.nets[name], self.choices[name] = choose_cpu_engine(
-                    path, c, typical_feed(self.spec, c), auto_candidates(precision == "bf16"),
-                    path.parent / CPU_CHOICE_FILE, threads=threads)
+                self.nets[name], self.choices[name] = auto_runner(self.spec, c, self.repo / c.onnx, precision, threads)
         else:
             self.nets = {name: cpu_runner(self.repo / c.onnx, c, backend, precision, threads)
                          for name, c in self.spec.components.items()}

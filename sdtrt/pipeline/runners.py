@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from sdtrt.contract.spec import CPU_ENGINES, CPU_PRECISIONS, ComponentSpec, ModelSpec
+from sdtrt.contract.spec import CPU_CHOICE_FILE, CPU_ENGINES, CPU_FAST_ENV, CPU_PRECISIONS, ComponentSpec, ModelSpec
 
 
 class Runner(Protocol):
@@ -204,6 +204,16 @@ def choose_cpu_engine(path: Path, component: ComponentSpec, feed: dict[str, np.n
     key = _choice_key(path, feed, candidates, threads)
     with _measuring_lock(record):
         return _choose(make, key, feed, candidates, record, repeats)
+
+
+def auto_runner(spec: ModelSpec, component: ComponentSpec, path: Path, precision: str = "fp32", threads: int = 0,
+                cache_dir: Path | None = None) -> tuple["Runner", EngineChoice]:
+    """``auto`` for one exported network: its choice kept beside its ONNX (``CPU_CHOICE_FILE``), measured at the
+    export's optimal shapes, with bf16 candidates when ``precision`` or `sdtrt serve --fast` (``CPU_FAST_ENV``)
+    asks for them. The served network, the loop's in-process networks and LocalPipeline share this choice."""
+    bf16 = precision == "bf16" or os.environ.get(CPU_FAST_ENV, "") == "1"
+    return choose_cpu_engine(path, component, typical_feed(spec, component), auto_candidates(bf16),
+                             path.parent / CPU_CHOICE_FILE, threads, cache_dir)
 
 
 @contextlib.contextmanager
