@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -245,7 +244,9 @@ def _choose(make, key: dict, feed: dict[str, np.ndarray], candidates: list[tuple
             if kept["key"] == key:
                 choice = EngineChoice(**{**kept["choice"], "measured": False})
                 return make(choice.engine, choice.precision), choice
-    measured = _apart(lambda: _measure(make, feed, candidates, repeats))
+    # In this process: a child forked from a Triton stub (a threaded process) hung measuring in the demo's server,
+    # so the losers' memory (their arenas at the measured shapes) may stay until the allocator hands it back.
+    measured = _measure(make, feed, candidates, repeats)
     seconds, refused = measured["seconds"], measured["refused"]
     engine, precision = min(seconds, key=seconds.get).split(" ")
     choice = EngineChoice(engine, precision, seconds, refused)
@@ -277,37 +278,3 @@ def _measure(make, feed: dict[str, np.ndarray], candidates: list[tuple[str, str]
         seconds[f"{engine} {precision}"] = round(min(times), 6)
         del runner  # (before the next candidate loads)
     return {"seconds": seconds, "refused": refused}
-
-
-def _apart(measure) -> dict:
-    """``measure()``'s JSON-able result, computed in a forked child that then exits: the candidates' memory (their
-    weights, their arenas at the measured shapes, which allocators do not hand back) never stays in the serving
-    process (measured: an SD-shaped U-Net's stub at 5.5 GB after measuring in-process, vs the engine's own share).
-    In this process where fork is missing, or where OpenVINO already runs here: a child forked after its thread
-    pool started computes on one thread (measured: 2x slower, which would bias the choice)."""
-    if not hasattr(os, "fork") or "openvino" in sys.modules:
-        return measure()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: measure, write, leave without running the parent's exit handlers
-        status = 0
-        try:
-            os.close(read)
-            try:
-                data = json.dumps({"result": measure()}).encode()
-            except BaseException as exc:  # the parent raises it
-                data = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
-            with os.fdopen(write, "wb") as out:
-                out.write(data)
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(write)
-    with os.fdopen(read, "rb") as source:
-        data = source.read()
-    os.waitpid(pid, 0)
-    answer = json.loads(data or b'{"error": "the measuring process died"}')
-    if "error" in answer:
-        raise RuntimeError(f"measuring the CPU engines failed: {answer['error']}")
-    return answer["result"]
